@@ -1,0 +1,191 @@
+"""Command line: ``softprompt <command>``. Each command parses, builds configs, calls ONE
+library function and prints. Defaults come from the config dataclasses (``config.py``).
+
+User mistakes (``UserError``) print one line and exit 2; Ctrl-C exits 130 and leaves the last
+checkpoint usable by ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from softprompt.config import DataConfig, GenerateConfig, PromptConfig, TrainConfig, UserError, parse_verbalizer
+
+
+def _default(cls, name):
+    return cls.__dataclass_fields__[name].default
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="smollm2-135m (default, embedded) or a local transformers folder")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--task", help="a task recipe under tasks/ (sst2, trec, agnews) or a recipe .json file")
+    g.add_argument("--data", help="training file: .csv, .tsv, .jsonl or '<label> <text>' lines")
+    g.add_argument("--eval-data", help="evaluation file (default: a seeded 10%% dev split of --data)")
+    g.add_argument("--data-root", help="where task recipes find their files (default $SOFTPROMPT_DATA or ../shared/data)")
+    g.add_argument("--text-column", help="language modelling on this column")
+    g.add_argument("--template", help='input template, e.g. "Review: {text}\\nSentiment:"')
+    g.add_argument("--target-column", help="column with the target (input -> target mode)")
+    g.add_argument("--verbalizer", help='label words, e.g. "0=negative,1=positive"')
+    g.add_argument("--limit", type=int, help="use only the first K training rows")
+    g.add_argument("--eval-limit", type=int, help="use only the first K evaluation rows")
+    g.add_argument("--max-length", type=int, default=None, help=f"tokens per row (default {_default(DataConfig, 'max_length')})")
+
+
+def data_config(a) -> DataConfig:
+    if a.data_root:
+        os.environ["SOFTPROMPT_DATA"] = a.data_root
+    if not a.task and not a.data:
+        raise UserError("give --data PATH (csv, tsv, jsonl) or --task NAME")
+    kw = dict(path=a.data, eval_path=a.eval_data, text_column=a.text_column, template=_unescape(a.template),
+              target_column=a.target_column, verbalizer=parse_verbalizer(a.verbalizer), limit=a.limit,
+              eval_limit=a.eval_limit)
+    if a.max_length is not None:
+        kw["max_length"] = a.max_length
+    if not a.task and not a.text_column and not a.template:
+        raise UserError("say what to learn: --text-column C, or --template TPL --target-column C")
+    if a.task:  # the recipe fills what the user did not give
+        return DataConfig(**{k: v for k, v in kw.items() if v is not None})
+    return DataConfig(**kw)
+
+
+def _unescape(text: str | None) -> str | None:
+    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prompt and training")
+    g.add_argument("--name", help="name of the prompt in the store (default: task or data file name)")
+    g.add_argument("--num-virtual-tokens", type=int, default=_default(PromptConfig, "num_virtual_tokens"), help="N (default %(default)s)")
+    g.add_argument("--init", default=_default(PromptConfig, "init"), help="random | text | vocab | labels | prompt:NAME (default %(default)s)")
+    g.add_argument("--init-text", help="text for --init text")
+    for name in ("lr", "epochs", "steps", "batch_size", "grad_accum", "seed", "patience", "warmup_ratio", "weight_decay"):
+        f = TrainConfig.__dataclass_fields__[name]
+        typ = float if name in ("lr", "warmup_ratio", "weight_decay") else int
+        g.add_argument("--" + name.replace("_", "-"), type=typ, default=f.default, help=f"(default {f.default})")
+    g.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint of --name")
+    g.add_argument("--force", action="store_true", help="accept a prompt:NAME init from another base model")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_train(a) -> int:
+    from softprompt import models
+    from softprompt.train import train
+
+    dcfg = data_config(a)
+    pcfg = PromptConfig(num_virtual_tokens=a.num_virtual_tokens, init=a.init, init_text=a.init_text)
+    tcfg = TrainConfig(lr=a.lr, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
+                       seed=a.seed, patience=a.patience, warmup_ratio=a.warmup_ratio, weight_decay=a.weight_decay)
+    name = a.name or (a.task if a.task else os.path.splitext(os.path.basename(a.data))[0])
+    lm = models.load(a.model)
+    res = train(lm, dcfg, pcfg, tcfg, name=name, task=a.task, resume=a.resume, progress=not a.quiet, force=a.force)
+    print_summary(res)
+    return 0 if res.stopped != "non-finite loss" else 1
+
+
+def print_summary(res) -> None:
+    print(f"\nprompt      {res.name}  ({res.prompt.shape[0]} x {res.prompt.shape[1]}, {res.prompt.numel():,} trainable parameters)")
+    print(f"data        {res.n_train} training rows, {res.n_eval} evaluation rows")
+    print(f"training    {len(res.history)} steps in {res.train_time_s:.1f}s, {res.stopped}")
+    for e in res.epochs:
+        extra = "".join(f"  {k[5:]} {v:.4f}" for k, v in e.items() if k.startswith("eval_") and k != "eval_score")
+        print(f"  epoch {e['epoch']:>3}  train loss {e['train_loss']:.4f}{extra}")
+    if res.best:
+        print("kept        the best epoch on the evaluation set")
+    if res.path:
+        print(f"saved       {res.path}")
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    for name in ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed"):
+        f = GenerateConfig.__dataclass_fields__[name]
+        typ = int if name in ("max_new_tokens", "seed") else float
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=f.default, help=f"(default {f.default})")
+
+
+def gen_config(a) -> GenerateConfig:
+    return GenerateConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                          repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+def cmd_generate(a) -> int:
+    from softprompt import engine, models, store
+
+    cfg = gen_config(a)
+    lm = models.load(a.model)
+    prompt = None
+    if a.prompt:
+        sp = store.load_prompt(a.prompt)
+        store.check_compatible(sp, lm.fingerprint, force=a.force)
+        prompt = sp.embeddings
+    g = engine.generate(lm, prompt, a.text, cfg)
+    print(g.text)
+    return 0
+
+
+def cmd_quickstart(a) -> int:
+    from softprompt.quickstart import run
+
+    run(data_root=a.data_root, print_fn=print, recommended=not a.skip_recommended)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning for frozen language models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a soft prompt")
+    add_model_args(t)
+    add_data_args(t)
+    add_train_args(t)
+    t.set_defaults(func=cmd_train)
+    g = sub.add_parser("generate", help="generate text with a stored prompt or the plain model")
+    add_model_args(g)
+    g.add_argument("--prompt", help="name of a stored prompt (default: the plain model)")
+    g.add_argument("--force", action="store_true", help="use a prompt trained on another base model")
+    add_generate_args(g)
+    g.add_argument("text", help="the input text")
+    g.set_defaults(func=cmd_generate)
+    q = sub.add_parser("quickstart", help="the walk-through: base vs tuned generation on the default model")
+    q.add_argument("--data-root", help="data sets folder (default $SOFTPROMPT_DATA or ../shared/data)")
+    q.add_argument("--skip-recommended", action="store_true", help="skip the second run with recommended settings")
+    q.set_defaults(func=cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    try:
+        return a.func(a)
+    except UserError as e:
+        print(f"softprompt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nsoftprompt: interrupted; the last epoch checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "accelerate", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - logging tweaks must never break the CLI
+        pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,322 @@
+"""Reading user data, templates, verbalizers, tokenisation and length-bucketed batches.
+
+Readers turn a file into rows (``dict[str, str]``); ``build_examples`` turns rows into token
+ids and labels. Two modes:
+
+* language modelling (``text_column``): every token of the text is a target;
+* input -> target (``template`` + ``target_column`` [+ ``verbalizer``]): the template filled
+  with the row is the input, the (verbalized) target follows, and only target tokens carry
+  labels (-100 elsewhere).
+
+Every mistake in the data is a ``UserError`` naming the file, row or column.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from softprompt.config import DataConfig, UserError, data_root
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where there is no target
+    source_len: int  # tokens of input before the target
+    label: str | None = None  # the class value, in classification mode
+    source_text: str = ""  # the filled template (input -> target mode)
+
+
+# ---------------------------------------------------------------- readers
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line} is not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+
+
+def _read_delimited(path: Path, text: str, delimiter: str, columns) -> list[dict[str, str]]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows = [r for r in reader if r]
+    if not rows:
+        return []
+    header = list(columns) if columns else rows.pop(0)
+    out = []
+    for i, r in enumerate(rows, start=1 if columns else 2):
+        if len(r) != len(header):
+            raise UserError(f"{path}: row {i} has {len(r)} fields, the header has {len(header)}")
+        out.append(dict(zip(header, r)))
+    return out
+
+
+def _read_jsonl(path: Path, text: str) -> list[dict[str, str]]:
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}: line {i} is not a JSON object")
+        out.append({k: v if isinstance(v, str) else json.dumps(v) for k, v in obj.items()})
+    return out
+
+
+def _read_label_lines(path: Path, text: str) -> list[dict[str, str]]:
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        label, sep, rest = line.strip().partition(" ")
+        if not sep:
+            raise UserError(f"{path}: line {i} is not '<label> <text>'")
+        out.append({"label": label, "text": rest})
+    return out
+
+
+def read_rows(path: str | Path, columns=None) -> list[dict[str, str]]:
+    """Read csv, tsv, jsonl/json, or ``<label> <text>`` lines (any other extension)."""
+    path = Path(path)
+    text = _read_text(path)
+    ext = path.suffix.lower()
+    if ext == ".csv":
+        rows = _read_delimited(path, text, ",", columns)
+    elif ext == ".tsv":
+        rows = _read_delimited(path, text, "\t", columns)
+    elif ext in (".jsonl", ".json"):
+        rows = _read_jsonl(path, text)
+    else:
+        rows = _read_label_lines(path, text)
+    if not rows:
+        raise UserError(f"{path}: no data rows")
+    return rows
+
+
+def _derive(rows: list[dict[str, str]], derive: dict[str, str] | None) -> list[dict[str, str]]:
+    for name, tpl in (derive or {}).items():
+        for r in rows:
+            r[name] = tpl.format_map(r)
+    return rows
+
+
+# ---------------------------------------------------------------- templates and examples
+
+
+def template_fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def check_columns(path, rows: list[dict[str, str]], cfg: DataConfig) -> None:
+    have = list(rows[0])
+    need: list[tuple[str, str]] = []
+    if cfg.mode == "lm":
+        need.append(("--text-column", cfg.text_column or ""))
+    else:
+        need += [(f"column '{f}' named in --template", f) for f in template_fields(cfg.template or "")]
+        need.append(("--target-column", cfg.target_column or ""))
+    for what, col in need:
+        if col not in have:
+            raise UserError(f"{path}: {what} {col!r} is not a column; columns are: {', '.join(have)}")
+
+
+def target_text(source: str, word: str) -> str:
+    """Label words follow the input after one space unless the input already ends in space."""
+    return word if (not source or source[-1].isspace()) else " " + word
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _lm_example(tokenizer, row, cfg: DataConfig) -> tuple[Example, bool]:
+    ids = _encode(tokenizer, row[cfg.text_column])
+    cut = len(ids) > cfg.max_length
+    ids = ids[: cfg.max_length]
+    return Example(input_ids=ids, labels=list(ids), source_len=0), cut
+
+
+def resolve_target(row, cfg: DataConfig, path, index: int) -> tuple[str, str | None]:
+    """(target word, class value or None) for one row."""
+    value = row[cfg.target_column].strip()
+    if cfg.label_map:
+        value = cfg.label_map.get(value, value)
+    if cfg.verbalizer is None:
+        return value, None
+    if value not in cfg.verbalizer:
+        raise UserError(
+            f"{path}: row {index}: label {value!r} is not in the verbalizer "
+            f"(known: {', '.join(cfg.verbalizer)})"
+        )
+    return cfg.verbalizer[value], value
+
+
+def _target_example(tokenizer, row, cfg: DataConfig, path, index: int) -> tuple[Example, bool]:
+    source = cfg.template.format_map(row)
+    word, label = resolve_target(row, cfg, path, index)
+    src = _encode(tokenizer, source)
+    tgt = _encode(tokenizer, target_text(source, word))
+    if label is None and tokenizer.eos_token_id is not None:
+        tgt = tgt + [tokenizer.eos_token_id]  # generation targets learn to stop
+    room = cfg.max_length - len(tgt)
+    cut = len(src) > room
+    if cut:
+        src = src[-room:] if room > 0 else []  # keep the end of the input: it cues the answer
+        tgt = tgt[: cfg.max_length - len(src)]
+    ex = Example(input_ids=src + tgt, labels=[IGNORE] * len(src) + tgt, source_len=len(src), label=label,
+                 source_text=source)
+    return ex, cut
+
+
+def build_examples(tokenizer, rows, cfg: DataConfig, path="data") -> list[Example]:
+    check_columns(path, rows, cfg)
+    out, cut = [], 0
+    for i, row in enumerate(rows, 1):
+        if cfg.mode == "lm":
+            ex, c = _lm_example(tokenizer, row, cfg)
+        else:
+            ex, c = _target_example(tokenizer, row, cfg, path, i)
+        if not ex.input_ids:
+            continue
+        out.append(ex)
+        cut += c
+    if cut:
+        log.warning("%s: %d of %d rows were longer than --max-length %d and were truncated", path, cut, len(rows), cfg.max_length)
+    if not out:
+        raise UserError(f"{path}: no usable rows (all empty after tokenisation)")
+    return out
+
+
+# ---------------------------------------------------------------- task recipes
+
+
+def task_path(task: str) -> Path:
+    p = Path(task)
+    if p.suffix == ".json" and p.is_file():
+        return p
+    p = TASKS_DIR / f"{task}.json"
+    if not p.is_file():
+        known = sorted(q.stem for q in TASKS_DIR.glob("*.json"))
+        raise UserError(f"unknown --task {task!r}; known tasks: {', '.join(known)}")
+    return p
+
+
+def load_task(task: str) -> dict:
+    return json.loads(task_path(task).read_text())
+
+
+def task_data_config(task: str, **overrides) -> tuple[DataConfig, dict]:
+    """The DataConfig of a recipe (files resolved under the data root) and the raw recipe."""
+    recipe = load_task(task)
+    root = data_root()
+    fields = {k: v for k, v in recipe.items() if k in DataConfig.__dataclass_fields__}
+    fields["path"] = str(root / recipe["train"]["path"])
+    fields["columns"] = tuple(recipe["train"]["columns"]) if recipe["train"].get("columns") else None
+    fields["derive"] = recipe["train"].get("derive")
+    fields["label_map"] = recipe["train"].get("label_map")
+    fields["eval_path"] = None
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return DataConfig(**fields), recipe
+
+
+def split_spec(recipe: dict, split: str) -> dict | None:
+    return recipe.get(split)
+
+
+def load_split(tokenizer, cfg: DataConfig, spec: dict | None, root: Path | None = None, limit=None):
+    """Rows of a recipe split spec ({path, columns, derive, label_map}) as examples."""
+    root = root or data_root()
+    path = root / spec["path"]
+    rows = _derive(read_rows(path, spec.get("columns")), spec.get("derive"))
+    if limit:
+        rows = rows[:limit]
+    sub = DataConfig(**{**cfg.to_dict(), "label_map": spec.get("label_map"), "columns": None, "derive": None,
+                        "limit": None, "eval_limit": None})
+    return build_examples(tokenizer, rows, sub, path)
+
+
+# ---------------------------------------------------------------- loading train / eval sets
+
+
+def load_file(tokenizer, cfg: DataConfig, path: str, limit: int | None) -> list[Example]:
+    rows = _derive(read_rows(path, cfg.columns), cfg.derive)
+    if limit:
+        rows = rows[:limit]
+    return build_examples(tokenizer, rows, cfg, path)
+
+
+def load_train_eval(tokenizer, cfg: DataConfig, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """Training examples and evaluation examples (eval file, or a seeded dev split of train)."""
+    if not cfg.path:
+        raise UserError("no training data: give --data PATH or --task NAME")
+    train = load_file(tokenizer, cfg, cfg.path, cfg.limit)
+    if cfg.eval_path:
+        return train, load_file(tokenizer, cfg, cfg.eval_path, cfg.eval_limit)
+    return split_dev(train, cfg, seed)
+
+
+def split_dev(train: list[Example], cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example]]:
+    """Carve a seeded dev split (``dev_fraction`` of train) off the training examples."""
+    n_dev = int(len(train) * cfg.dev_fraction)
+    if n_dev == 0 or len(train) - n_dev < 1:
+        return train, []
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    dev = [train[i] for i in order[:n_dev]]
+    keep = sorted(order[n_dev:])
+    return [train[i] for i in keep], dev[: cfg.eval_limit] if cfg.eval_limit else dev
+
+
+# ---------------------------------------------------------------- batches
+
+
+def bucketed_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffle, then sort by length inside windows of 50 batches, then shuffle the batches.
+
+    Deterministic in (seed, epoch), which is what makes resumed training equal uninterrupted.
+    """
+    rng = random.Random(f"{seed}:{epoch}")
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s : s + window], key=lambda i: len(examples[i].input_ids))
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row: input_ids, attention_mask, labels, all (B, T)."""
+    T = max(len(e.input_ids) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

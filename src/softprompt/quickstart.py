@@ -1,0 +1,74 @@
+"""The walk-through (``softprompt quickstart``): base vs tuned generation on the default model.
+
+The classic prompt-tuning walk-through (PEFT's documentation example): 4 virtual tokens,
+random init, lr 5e-3, 5 epochs on the ``prompt`` column of the first 50 rows of
+awesome-chatgpt-prompts, then generate for "I want you to act as a logistician. ". A second
+run uses the project's recommended settings so the difference is visible.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from softprompt.config import DataConfig, GenerateConfig, PromptConfig, TrainConfig, UserError, data_root
+
+INPUT = "I want you to act as a logistician. "
+GEN = GenerateConfig(max_new_tokens=100, repetition_penalty=1.5)
+# the walk-through as it is usually written
+CLASSIC = (PromptConfig(num_virtual_tokens=4, init="random"),
+           TrainConfig(lr=5e-3, epochs=5, batch_size=8, patience=None, warmup_ratio=0.0, max_grad_norm=0.0))
+# the project's recommended settings for language modelling (see docs/tuning.md)
+RECOMMENDED = (PromptConfig(num_virtual_tokens=20, init="vocab"),
+               TrainConfig(lr=0.1, epochs=5, batch_size=8, patience=None))
+
+
+def walkthrough_data(root: Path | None = None) -> DataConfig:
+    path = (root or data_root()) / "awesome-chatgpt-prompts" / "prompts.csv"
+    if not path.is_file():
+        raise UserError(f"walk-through data not found: {path} (set --data-root or $SOFTPROMPT_DATA)")
+    return DataConfig(path=str(path), text_column="prompt", limit=50, max_length=256, dev_fraction=0.0)
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    if not values:
+        return ""
+    bars = "▁▂▃▄▅▆▇█"
+    step = max(1, len(values) // width)
+    pts = [sum(values[i : i + step]) / len(values[i : i + step]) for i in range(0, len(values), step)]
+    lo, hi = min(pts), max(pts)
+    return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in pts)
+
+
+def _tune(lm, data, prompt_cfg, train_cfg, name, print_fn):
+    from softprompt import engine
+    from softprompt.train import train
+
+    res = train(lm, data, prompt_cfg, train_cfg, name=name, progress=True)
+    losses = [h["loss"] for h in res.history]
+    gen = engine.generate(lm, res.prompt, INPUT, GEN)
+    print_fn(f"\n== tuned: {name}  (N={prompt_cfg.num_virtual_tokens}, init {prompt_cfg.init}, lr {train_cfg.lr}, "
+             f"{len(losses)} steps in {res.train_time_s:.1f}s)")
+    print_fn(f"loss  {losses[0]:.3f} {sparkline(losses)} {losses[-1]:.3f}   (epoch means: "
+             + ", ".join(f"{e['train_loss']:.3f}" for e in res.epochs) + ")")
+    print_fn(f"saved {res.path}")
+    print_fn(f"--- generation with the tuned prompt ---\n{INPUT}{gen.text}")
+    return res
+
+
+def run(data_root: str | None = None, print_fn=print, recommended: bool = True) -> dict:
+    from softprompt import engine, models
+
+    if data_root:
+        os.environ["SOFTPROMPT_DATA"] = data_root
+    data = walkthrough_data()
+    lm = models.load(None)
+    print_fn(f"model {lm.name}: {sum(p.numel() for p in lm.model.parameters()):,} frozen parameters ({lm.path})")
+    base = engine.generate(lm, None, INPUT, GEN)
+    print_fn(f"--- generation with the plain model ---\n{INPUT}{base.text}")
+    out = {"base": base.text, "classic": _tune(lm, data, *CLASSIC, "quickstart", print_fn)}
+    if recommended:
+        out["recommended"] = _tune(lm, data, *RECOMMENDED, "quickstart-recommended", print_fn)
+        a, b = out["classic"].final_train_loss, out["recommended"].final_train_loss
+        print_fn(f"\nfinal training loss: walk-through settings {a:.3f}, recommended settings {b:.3f}")
+    return out

@@ -1,0 +1,188 @@
+"""Prompt directories and the prompt store.
+
+A saved prompt is a directory that PEFT itself loads as a prompt-tuning adapter:
+
+    adapter_config.json          peft_type PROMPT_TUNING, task_type CAUSAL_LM, N, H, ...
+    adapter_model.safetensors    {"prompt_embeddings": (N, H) float32}
+    softprompt.json              our metadata: base model identity and fingerprint, template,
+                                 verbalizer, training config, seed, metrics, versions
+
+Every write goes to a temporary directory beside the target and is renamed into place, so a
+reader never sees half a prompt. Names are letters, digits and ``.-_`` (no path traversal).
+Checkpoints for ``--resume`` use the same rule: safetensors for tensors, JSON for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from softprompt.config import UserError, home
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+PROMPT_KEY = "prompt_embeddings"
+META = "softprompt.json"
+
+
+def prompts_dir() -> Path:
+    return home() / "prompts"
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name or "") or ".." in name:
+        raise UserError(f"invalid prompt name {name!r}: use letters, digits, '.', '-', '_' (max 128)")
+    return name
+
+
+def prompt_path(name: str) -> Path:
+    return prompts_dir() / check_name(name)
+
+
+@dataclass
+class StoredPrompt:
+    name: str
+    path: Path
+    embeddings: torch.Tensor  # (N, H) float32
+    meta: dict
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+def adapter_config(n: int, h: int, model_path: str, model_config=None, init: str = "RANDOM") -> dict:
+    """The adapter_config.json that PEFT's PromptTuningConfig writes for a causal LM."""
+    cfg = model_config
+    return {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": n,
+        "token_dim": h,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+        "num_layers": getattr(cfg, "num_hidden_layers", None),
+        "prompt_tuning_init": init,
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+        "tokenizer_kwargs": None,
+        "base_model_name_or_path": str(model_path),
+        "revision": None,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "auto_mapping": None,
+    }
+
+
+def write_dir_atomic(target: Path, files: dict[str, bytes | dict], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write files (bytes, or dicts as JSON) and one safetensors file into ``target`` atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        for fname, content in files.items():
+            data = json.dumps(content, indent=2, sort_keys=True).encode() if isinstance(content, dict) else content
+            (tmp / fname).write_bytes(data)
+        if tensors:
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"))
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def save_prompt(path: Path, embeddings: torch.Tensor, meta: dict, model_path: str = "", model_config=None) -> Path:
+    n, h = embeddings.shape
+    files = {"adapter_config.json": adapter_config(n, h, model_path, model_config), META: meta}
+    return write_dir_atomic(Path(path), files, {PROMPT_KEY: embeddings})
+
+
+def read_prompt_dir(path: Path, name: str | None = None) -> StoredPrompt:
+    """Load a prompt directory (ours or a PEFT prompt-tuning adapter); clear errors if broken."""
+    path = Path(path)
+    name = name or path.name
+    cfg_file, st_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not path.is_dir():
+        raise UserError(f"prompt {name!r} not found ({path})")
+    for f in (cfg_file, st_file):
+        if not f.is_file():
+            raise UserError(f"prompt {name!r} is incomplete: {f.name} is missing in {path}")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"prompt {name!r}: {cfg_file} is not valid JSON (corrupted?)") from None
+    if cfg.get("peft_type") != "PROMPT_TUNING":
+        raise UserError(f"prompt {name!r}: {cfg_file.name} is a {cfg.get('peft_type')} adapter, not PROMPT_TUNING")
+    try:
+        tensors = load_file(str(st_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"prompt {name!r}: {st_file} is unreadable (corrupted or truncated: {e})") from None
+    if PROMPT_KEY not in tensors:
+        raise UserError(f"prompt {name!r}: {st_file.name} has no {PROMPT_KEY!r} tensor")
+    emb = tensors[PROMPT_KEY].float()
+    if emb.dim() != 2:
+        raise UserError(f"prompt {name!r}: {PROMPT_KEY} has shape {tuple(emb.shape)}, expected (N, H)")
+    meta = {}
+    if (path / META).is_file():
+        try:
+            meta = json.loads((path / META).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"prompt {name!r}: {path / META} is not valid JSON (corrupted?)") from None
+    return StoredPrompt(name=name, path=path, embeddings=emb, meta=meta)
+
+
+def load_prompt(name: str) -> StoredPrompt:
+    return read_prompt_dir(prompt_path(name), name)
+
+
+def list_prompts() -> list[str]:
+    root = prompts_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_RE.match(p.name))
+
+
+def check_compatible(stored: StoredPrompt, fingerprint: dict, force: bool = False) -> None:
+    """Refuse a prompt trained on another base model (``force`` still needs equal H)."""
+    h = fingerprint["hidden_size"]
+    if stored.embeddings.shape[1] != h:
+        raise UserError(
+            f"prompt {stored.name!r} has hidden size {stored.embeddings.shape[1]}, the model has {h}; it was trained for another model"
+        )
+    theirs = stored.meta.get("base_model", {}).get("fingerprint")
+    if theirs and not force and theirs != fingerprint:
+        diff = [k for k in fingerprint if theirs.get(k) != fingerprint[k]]
+        raise UserError(
+            f"prompt {stored.name!r} was trained on another base model (differs in {', '.join(diff)}); use --force to load it anyway"
+        )
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    write_dir_atomic(Path(path), {"state.json": state}, tensors)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        return None
+    try:
+        return load_file(str(path / "adapter_model.safetensors")), json.loads((path / "state.json").read_text())
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint {path} is unreadable ({e}); delete it to start over") from None

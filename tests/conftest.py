@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny models built in-process (no network, ever) and an isolated store.
+
+``tiny_model_dir(arch)`` writes a real transformers folder (config, weights, a byte-level BPE
+tokenizer trained here on a few sentences), so the same loading code as for real models runs.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPUS = [
+    "the movie was good and the actors were great",
+    "the movie was bad and the plot was boring",
+    "a wonderful film with a great story",
+    "a terrible film with a boring story",
+    "what is the capital of france",
+    "who wrote the book about the sea",
+    "positive negative yes no good bad",
+    "I want you to act as a logistician.",
+]
+
+
+def build_tokenizer(out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 5, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_model(arch: str, vocab: int, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=True)
+        return LlamaForCausalLM(cfg)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=1)
+        return GPT2LMHeadModel(cfg)
+    if arch == "t5":
+        cfg = T5Config(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                       pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        return T5ForConditionalGeneration(cfg)
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: arch ('llama', 'gpt2', 't5') -> folder with a tiny random model + tokenizer."""
+    made: dict[str, Path] = {}
+
+    def make(arch: str = "llama") -> Path:
+        if arch not in made:
+            out = tmp_path_factory.mktemp(f"tiny-{arch}")
+            tok = build_tokenizer(out)
+            build_model(arch, len(tok)).save_pretrained(out)
+            made[arch] = out
+        return made[arch]
+
+    return make
+
+
+@pytest.fixture
+def sp_home(tmp_path, monkeypatch):
+    """An empty $SOFTPROMPT_HOME for the test (the prompt store lives inside)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("SOFTPROMPT_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def tiny_lm(tiny_model_dir, sp_home):
+    from softprompt import models
+
+    return models.load(str(tiny_model_dir("llama")))
+
+
+@pytest.fixture
+def toy_csv(tmp_path) -> Path:
+    """A separable two-class toy task: 'good' rows are 1, 'bad' rows are 0."""
+    p = tmp_path / "toy.csv"
+    with p.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(48):
+            good = i % 2 == 1
+            w.writerow([f"the movie was {'good and great' if good else 'bad and boring'}", "1" if good else "0"])
+    return p

@@ -142,6 +142,8 @@ def fit(
         method.load_state({k[6:]: v for k, v in tensors.items() if k.startswith("state.")})
         _load_opt_state(opt, tensors)
         sched.load_state_dict(st["scheduler"])
+        for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+            group["lr"] = lr  # the scheduler's state does not carry the optimiser's current lr
         res.state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         res.history, res.epochs, res.train_time_s = st["history"], st["epochs"], st["train_time_s"]
         start_epoch, step, best_score, bad, res.best = st["epoch"], st["step"], st["best_score"], st["bad"], st["best"]
@@ -154,6 +156,7 @@ def fit(
         losses, step = _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar)
         res.train_time_s += time.perf_counter() - t0
         if res.stopped != "completed":
+            res.state = method.state() if evaluate is None else res.state  # the failing step was not applied
             break
         row = {"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / max(1, len(losses))}
         if evaluate is not None:

@@ -137,6 +137,118 @@ def cmd_quickstart(a) -> int:
     return 0
 
 
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    from softprompt.evaluate import EvalConfig
+
+    add_model_args(p)
+    p.add_argument("--prompt", help="stored prompt name, or a,b,c for an ensemble (default: the plain model)")
+    p.add_argument("--task", help="a task recipe under tasks/ (sst2, trec, agnews) or a recipe .json file")
+    p.add_argument("--split", choices=("eval", "test"), default=_default(EvalConfig, "split"),
+                   help="which split of the task recipe (default %(default)s)")
+    p.add_argument("--data", help="evaluation file: .csv, .tsv, .jsonl or '<label> <text>' lines")
+    p.add_argument("--data-root", help="where task recipes find their files (default $SOFTPROMPT_DATA or ../shared/data)")
+    p.add_argument("--template", help="input template (default: the prompt's stored one, then the task's)")
+    p.add_argument("--target-column", help="column with the target")
+    p.add_argument("--text-column", help="language-modelling evaluation on this column (loss, perplexity)")
+    p.add_argument("--verbalizer", help='label words, e.g. "0=negative,1=positive" (classification)')
+    p.add_argument("--limit", type=int, help="evaluate only the first K examples")
+    p.add_argument("--max-length", type=int, help="tokens per example")
+    p.add_argument("--length-normalize", action="store_true", help="divide label log-likelihoods by their token count")
+    p.add_argument("--batch-size", type=int, default=_default(EvalConfig, "batch_size"), help="rows per forward (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=_default(EvalConfig, "max_new_tokens"),
+                   help="exact match: generation budget per example (default %(default)s)")
+    p.add_argument("--force", action="store_true", help="use prompts trained on another base model (same hidden size)")
+
+
+def cmd_eval(a) -> int:
+    from softprompt import engine, evaluate, models, store
+
+    if a.data_root:
+        os.environ["SOFTPROMPT_DATA"] = a.data_root
+    prompts = tuple(store.check_name(p.strip()) for p in a.prompt.split(",")) if a.prompt else ()
+    ecfg = evaluate.EvalConfig(prompts=prompts, task=a.task, split=a.split, limit=a.limit,
+                               length_normalize=a.length_normalize, batch_size=a.batch_size,
+                               max_new_tokens=a.max_new_tokens)
+    overrides = dict(path=a.data, template=_unescape(a.template), target_column=a.target_column,
+                     text_column=a.text_column, verbalizer=parse_verbalizer(a.verbalizer), max_length=a.max_length)
+    if not a.task and not a.data:
+        raise UserError("give --data PATH or --task NAME to evaluate on")
+    lm = models.load(a.model)
+    eng = engine.Engine(lm, engine.EngineConfig(force=a.force, max_batch_rows=a.batch_size))
+    res = evaluate.evaluate(eng, ecfg, overrides)
+    print_eval(res)
+    return 0
+
+
+def print_eval(res: dict) -> None:
+    print(f"evaluated   {', '.join(res['prompts'])} on {res['data']} ({res['n']} examples, {res['seconds']}s)")
+    for key in ("accuracy", "exact_match", "loss", "perplexity"):
+        if key in res:
+            print(f"{key:<11} {res[key]:.4f}")
+    if "confusion" in res:
+        print("confusion   rows = gold, columns = predicted: " + ", ".join(res["labels"]))
+        for label, row in zip(res["labels"], res["confusion"]):
+            print(f"  {label:>10} " + " ".join(f"{v:6d}" for v in row))
+    ens = res.get("ensemble")
+    if ens:
+        members = ", ".join(f"{k} {v:.4f}" for k, v in ens["members"].items())
+        print(f"ensemble    mean probability {ens['mean_probability']['accuracy']:.4f}, "
+              f"majority vote {ens['majority_vote']['accuracy']:.4f} (members: {members})")
+    print(json.dumps(res, sort_keys=True))
+
+
+def cmd_prompts(a) -> int:
+    from softprompt import store
+
+    if a.action == "list":
+        names = store.list_prompts()
+        if not names:
+            print(f"no prompts in {store.prompts_dir()}")
+        for name in names:
+            s = store.prompt_summary(name)
+            if s["status"] != "ok":
+                print(f"{name:<28} BROKEN  {s['error']}")
+                continue
+            acc = f"acc {s['accuracy']:.3f}" if s.get("accuracy") is not None else ""
+            print(f"{name:<28} N={s['num_virtual_tokens']:<4} H={s['hidden_size']:<5} task={s['task'] or '-':<8} "
+                  f"base={s['base_model'] or 'unknown'} {acc}".rstrip())
+    elif a.action == "show":
+        store.check_name(a.name)
+        if not store.prompt_path(a.name).is_dir():
+            raise UserError(f"prompt {a.name!r} not found ({store.prompt_path(a.name)})")
+        print(json.dumps(store.prompt_summary(a.name), indent=2, sort_keys=True))
+    elif a.action == "rm":
+        print(f"removed {store.remove_prompt(a.name)}")
+    elif a.action == "export":
+        print(f"exported {a.name} to {store.export_prompt(a.name, a.dir)}")
+    elif a.action == "import":
+        fp, model_name = None, None
+        if a.model:
+            from softprompt import models
+
+            lm = models.load(a.model)
+            fp, model_name = lm.fingerprint, lm.name
+        sp = store.import_prompt(a.dir, name=a.name, fingerprint=fp, model_name=model_name)
+        print(f"imported {sp.name} ({sp.num_virtual_tokens} x {sp.embeddings.shape[1]}) into {sp.path}")
+    return 0
+
+
+def add_prompts_parser(sub) -> None:
+    r = sub.add_parser("prompts", help="the prompt registry: list | show | rm | export | import")
+    acts = r.add_subparsers(dest="action", required=True)
+    acts.add_parser("list", help="stored prompts (broken ones are marked, not fatal)")
+    for act, text in (("show", "one prompt's metadata"), ("rm", "delete a stored prompt")):
+        acts.add_parser(act, help=text).add_argument("name")
+    e = acts.add_parser("export", help="copy a prompt to a directory (a PEFT prompt-tuning adapter)")
+    e.add_argument("name")
+    e.add_argument("dir")
+    i = acts.add_parser("import", help="add a prompt directory (ours or a PEFT prompt-tuning adapter)")
+    i.add_argument("dir")
+    i.add_argument("--name", help="name in the store (default: the directory's name)")
+    i.add_argument("--model", help="base model it was trained on: its fingerprint is recorded and checked")
+    r.set_defaults(func=cmd_prompts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning for frozen language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -157,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data-root", help="data sets folder (default $SOFTPROMPT_DATA or ../shared/data)")
     q.add_argument("--skip-recommended", action="store_true", help="skip the second run with recommended settings")
     q.set_defaults(func=cmd_quickstart)
+    ev = sub.add_parser("eval", help="evaluate the plain model, a prompt or an ensemble (last line: JSON)")
+    add_eval_args(ev)
+    ev.set_defaults(func=cmd_eval)
+    add_prompts_parser(sub)
     return p
 
 

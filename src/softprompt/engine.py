@@ -1,22 +1,89 @@
-"""Inference: our own decode loop with a key/value cache, the prompt's prefix computed once.
+"""Inference: one frozen model, a bank of soft prompts, mixed-task batches, our own decode loop.
 
-No ``generate()`` monkeypatching: the loop calls the decoder through its public arguments
-(``inputs_embeds``, ``attention_mask``, ``position_ids``, ``past_key_values``). The soft
-prompt's keys/values are computed once (``forward.prefix_cache``), then the input is prefilled
-on top of them, then one token at a time.
+``Engine`` holds the model and a ``PromptBank`` (prompts by name, loaded lazily from the store,
+an LRU bound on how many stay resident, fingerprint-checked). ``Engine.generate`` and
+``Engine.score`` take lists of requests, each naming its prompt (or none) and, for generation,
+its own ``GenerateConfig``; all of them run as one batch (chunks of ``max_batch_rows``).
+
+Decoder-only layout of row i (prompt length N_i, T_i input tokens), built per layer:
+
+    cache columns  [pad x (maxN - N_i)][prefix keys/values of prompt i]    (B, kv, maxN, d)
+    token block    [pad x (maxT - T_i)][tokens of row i]                   (B, maxT)
+
+Pads carry attention_mask 0; position ids start at 0 at the first virtual token (tokens of row
+i sit at N_i, N_i+1, ...), so each row computes exactly ``[its prompt][its tokens]``. The
+prefix keys/values do not depend on the input (causal attention, prompt first), so they are
+computed once per prompt (``forward.prefix_cache``) and kept in a byte-bounded LRU. With
+``use_prefix_cache=False`` the reference path runs ``[pad][P_i][x_i]`` through the whole model.
+
+Rows that finish (EOS or their max_new_tokens) leave the batch: their rows are dropped from
+the cache, and key columns that are padding for every remaining row are cut off. Everything
+goes through public arguments (``inputs_embeds``, ``attention_mask``, ``position_ids``,
+``past_key_values``); nothing in transformers is patched. Encoder-decoder models put the prompt
+in front of the encoder input (``seq2seq.py``); they have no prefix cache.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from softprompt import seq2seq, store
 from softprompt.config import GenerateConfig, UserError
 from softprompt.forward import embed, prefix_cache
+
+log = logging.getLogger(__name__)
+ANON = "<tensor>"  # bank name of the prompt tensor handed to the module-level generate()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_resident_prompts: int = 64  # prompts kept in memory (LRU); the rest reload from the store
+    prefix_cache_mb: float = 256.0  # bound on the per-prompt key/value prefix cache (LRU), MiB
+    max_batch_rows: int = 64  # rows per forward; longer request lists run in chunks
+    use_prefix_cache: bool = True  # False = reference path: [pad][P][x] through the whole model
+    force: bool = False  # accept prompts trained on another base model (equal H still required)
+
+    def __post_init__(self) -> None:
+        if self.max_resident_prompts < 1 or self.max_batch_rows < 1 or self.prefix_cache_mb < 0:
+            raise UserError("engine limits must be positive")
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    text: str
+    prompt: str | None = None  # a name in the bank/store; None = the plain model
+    config: GenerateConfig = field(default_factory=GenerateConfig)
+    token_ids: tuple[int, ...] | None = None  # already tokenised input; replaces ``text``
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    text: str  # the context
+    targets: tuple[str, ...]  # continuations to score (tokenised separately from the context)
+    prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    """``ScoreRequest`` at token level."""
+
+    context: tuple[int, ...]
+    targets: tuple[tuple[int, ...], ...]
+    prompt: str | None = None
+
+
+@dataclass
+class ScoreResult:
+    logprobs: list[float]  # summed log-probability of each target
+    n_tokens: list[int]  # tokens of each target
 
 
 @dataclass
@@ -26,7 +93,12 @@ class Generation:
     prompt_tokens: int  # real input tokens
     virtual_tokens: int  # N of the soft prompt (0 for the plain model)
     finish_reason: str  # "stop" (EOS) or "length"
-    seconds: float
+    seconds: float  # wall time of the batch that produced it
+    prompt: str | None = None  # the prompt's name
+    logits: torch.Tensor | None = field(default=None, repr=False)  # (steps, V) raw, if asked for
+
+
+# ---------------------------------------------------------------- sampling
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -57,45 +129,426 @@ def pick_token(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerateConfig, ge
     return int(torch.multinomial(F.softmax(logits, -1), 1, generator=gen))
 
 
+# ---------------------------------------------------------------- prompt bank and prefix cache
+
+
+@dataclass
+class PrefixKV:
+    """A prompt's keys/values in every layer and its last hidden state (input-independent)."""
+
+    keys: torch.Tensor  # (layers, kv, N, d)
+    values: torch.Tensor  # (layers, kv, N, d)
+    last: torch.Tensor  # (H,) hidden state of the last virtual token: predicts the first token
+
+    @property
+    def n(self) -> int:
+        return int(self.keys.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.last))
+
+
+def compute_prefix(model, embeddings: torch.Tensor) -> PrefixKV:
+    cache, last = prefix_cache(model, embeddings.to(model.dtype))
+    keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (layers, kv, N, d)
+    values = torch.stack([layer.values[0] for layer in cache.layers])
+    return PrefixKV(keys, values, last)
+
+
+class PromptBank:
+    """Prompts by name: pinned in-memory ones, plus store prompts loaded lazily (LRU-bounded).
+
+    A store prompt is re-read when its file changes on disk (checked by mtime and size on every
+    lookup), so ``prompts rm`` or a retrain is seen by a long-running engine. ``get`` returns a
+    version key that changes whenever the tensor does; the prefix cache is keyed by it.
+    """
+
+    def __init__(self, fingerprint: dict, max_resident: int = 64, force: bool = False):
+        self.fingerprint, self.max_resident, self.force = fingerprint, max_resident, force
+        self._pinned: dict[str, tuple[store.StoredPrompt, tuple]] = {}
+        self._resident: OrderedDict[str, tuple[store.StoredPrompt, tuple]] = OrderedDict()
+        self._adds = 0
+
+    def add(self, name: str, embeddings: torch.Tensor, meta: dict | None = None) -> None:
+        """Register an in-memory (N, H) prompt under ``name`` (never evicted)."""
+        h = self.fingerprint["hidden_size"]
+        if embeddings.dim() != 2 or embeddings.shape[1] != h:
+            raise UserError(f"prompt {name!r} has shape {tuple(embeddings.shape)}; the model needs (N, {h})")
+        self._adds += 1
+        sp = store.StoredPrompt(name=name, path=store.prompts_dir(), embeddings=embeddings.detach().float(), meta=meta or {})
+        self._pinned[name] = (sp, ("pinned", self._adds))
+
+    def get(self, name: str) -> tuple[store.StoredPrompt, tuple]:
+        if name in self._pinned:
+            return self._pinned[name]
+        path = store.prompt_path(name)
+        stamp = _stamp(path)
+        hit = self._resident.get(name)
+        if hit is not None and hit[1] == stamp:
+            self._resident.move_to_end(name)
+            return hit
+        self._resident.pop(name, None)
+        sp = store.read_prompt_dir(path, name)  # UserError naming the file if missing or broken
+        store.check_compatible(sp, self.fingerprint, force=self.force)
+        self._resident[name] = (sp, stamp)
+        while len(self._resident) > self.max_resident:
+            self._resident.popitem(last=False)
+        return self._resident[name]
+
+    def resident(self) -> list[str]:
+        return list(self._pinned) + list(self._resident)
+
+    def nbytes(self) -> int:
+        items = list(self._pinned.values()) + list(self._resident.values())
+        return sum(sp.embeddings.numel() * sp.embeddings.element_size() for sp, _ in items)
+
+
+def _stamp(path) -> tuple:
+    try:
+        st = os.stat(path / "adapter_model.safetensors")
+        return (st.st_mtime_ns, st.st_size)
+    except OSError:
+        return ("missing",)
+
+
+class PrefixCache:
+    """LRU of ``PrefixKV`` by (name, version), bounded in bytes (the newest entry always stays)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, PrefixKV] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple, compute) -> PrefixKV:
+        if key in self._items:
+            self.hits += 1
+            self._items.move_to_end(key)
+            return self._items[key]
+        self.misses += 1
+        kv = compute()
+        self._items[key] = kv
+        while len(self._items) > 1 and self.nbytes > self.max_bytes:
+            self._items.popitem(last=False)
+        return kv
+
+    @property
+    def nbytes(self) -> int:
+        return sum(kv.nbytes for kv in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# ---------------------------------------------------------------- decoder-only batch state
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and mask, each row right-aligned."""
+    T = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, T - len(s) :] = 1
+    return ids, mask
+
+
+def batch_prefix(prefixes: list[PrefixKV | None], config) -> tuple[DynamicCache, torch.Tensor]:
+    """Per-row prefix keys/values right-aligned into one cache: layers (B, kv, maxN, d), mask (B, maxN)."""
+    B = len(prefixes)
+    maxN = max((p.n for p in prefixes if p is not None), default=0)
+    mask = torch.zeros(B, maxN, dtype=torch.long)
+    if maxN == 0:
+        return DynamicCache(config=config), mask
+    ref = next(p for p in prefixes if p is not None)
+    L, kv, _, d = ref.keys.shape
+    keys = ref.keys.new_zeros(L, B, kv, maxN, d)
+    values = ref.values.new_zeros(L, B, kv, maxN, d)
+    for i, p in enumerate(prefixes):
+        if p is not None:
+            keys[:, i, :, maxN - p.n :] = p.keys
+            values[:, i, :, maxN - p.n :] = p.values
+            mask[i, maxN - p.n :] = 1
+    return DynamicCache(ddp_cache_data=list(zip(keys.unbind(0), values.unbind(0))), config=config), mask
+
+
+class DecoderState:
+    """Cache, attention mask (B, L) and next position (B,) of a decoder-only batch."""
+
+    def __init__(self, model, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor):
+        self.model, self.cache, self.mask, self.next_pos = model, cache, mask, next_pos
+
+    def hidden(self, ids: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:
+        """Run (B, C) tokens after the cache (``tmask`` 0 = right padding); hidden (B, C, H)."""
+        pos = self.next_pos[:, None] + (tmask.cumsum(1) - 1).clamp(min=0)  # (B, C); pads: any value
+        self.mask = torch.cat([self.mask, tmask], 1)
+        out = self.model.base_model(inputs_embeds=embed(self.model, ids), attention_mask=self.mask,
+                                    position_ids=pos, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.next_pos = self.next_pos + tmask.sum(1)
+        return out.last_hidden_state
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,), return next-token logits (B, V)."""
+        h = self.hidden(tokens[:, None], torch.ones(tokens.shape[0], 1, dtype=torch.long))
+        return self.model.get_output_embeddings()(h[:, -1])
+
+    def take(self, rows: list[int]) -> None:
+        """Keep (or repeat) ``rows``; drop key columns that are padding for every kept row.
+
+        Exact: positions are explicit and masked columns contribute nothing to attention.
+        """
+        idx = torch.tensor(rows, dtype=torch.long)
+        mask = self.mask[idx]
+        cols = mask.any(0).nonzero()[:, 0]  # (L',)
+        if cols.numel() == mask.shape[1]:
+            cols = slice(None)
+        layers = [(ly.keys[idx][:, :, cols], ly.values[idx][:, :, cols]) for ly in self.cache.layers]
+        self.cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
+        self.mask, self.next_pos = mask[:, cols], self.next_pos[idx]
+
+
+# ---------------------------------------------------------------- the engine
+
+
+@dataclass
+class _Row:
+    ids: list[int]
+    prompt: str | None
+    emb: torch.Tensor | None  # (N, H)
+    version: tuple | None
+
+    @property
+    def n(self) -> int:
+        return 0 if self.emb is None else int(self.emb.shape[0])
+
+
+class Engine:
+    """One frozen model (``models.LoadedModel``) serving many prompts in mixed batches."""
+
+    def __init__(self, lm, cfg: EngineConfig | None = None):
+        self.lm, self.cfg = lm, cfg or EngineConfig()
+        self.bank = PromptBank(lm.fingerprint, self.cfg.max_resident_prompts, self.cfg.force)
+        self.prefixes = PrefixCache(int(self.cfg.prefix_cache_mb * 2**20))
+        tok = lm.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.eos_id = tok.eos_token_id
+
+    @property
+    def model(self):
+        return self.lm.model
+
+    def add_prompt(self, name: str, embeddings: torch.Tensor, meta: dict | None = None) -> None:
+        self.bank.add(name, embeddings, meta)
+
+    def encode(self, text: str) -> list[int]:
+        return self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _rows(self, items: list[tuple[list[int], str | None]]) -> list[_Row]:
+        """Resolve every prompt before any compute: a bad name fails the call, not half of it."""
+        rows = []
+        for ids, name in items:
+            emb, version = None, None
+            if name is not None:
+                sp, version = self.bank.get(name)
+                emb = sp.embeddings
+            if not ids and emb is None:
+                raise UserError("empty input text: give some text to continue (or a prompt)")
+            rows.append(_Row(list(ids), name, emb, version))
+        return rows
+
+    def _prefix(self, row: _Row) -> PrefixKV | None:
+        if row.emb is None:
+            return None
+        return self.prefixes.get((row.prompt, row.version), lambda: compute_prefix(self.model, row.emb))
+
+    # ------------------------------------------------ prefill
+
+    def _prefill(self, rows: list[_Row]):
+        """Decoder-only: run every row's [prompt][tokens]; (state, final hidden (B, H))."""
+        if self.cfg.use_prefix_cache:
+            return self._prefill_cached(rows)
+        return self._prefill_naive(rows)
+
+    def _prefill_cached(self, rows: list[_Row]):
+        model = self.model
+        prefixes = [self._prefix(r) for r in rows]
+        cache, pmask = batch_prefix(prefixes, model.config)
+        ids, tmask = left_pad([r.ids for r in rows], self.pad_id)  # (B, maxT)
+        n = torch.tensor([r.n for r in rows])
+        state = DecoderState(model, cache, pmask, n)
+        h = state.hidden(ids, tmask) if ids.shape[1] else None  # (B, maxT, H)
+        last = [h[i, -1] if r.ids else prefixes[i].last for i, r in enumerate(rows)]
+        return state, torch.stack(last)
+
+    def _prefill_naive(self, rows: list[_Row]):
+        model = self.model
+        seqs = []
+        for r in rows:
+            x = embed(model, torch.tensor(r.ids, dtype=torch.long))  # (T, H)
+            seqs.append(x if r.emb is None else torch.cat([r.emb.to(x.dtype), x]))  # (N+T, H)
+        L, H = max(s.shape[0] for s in seqs), seqs[0].shape[1]
+        x = seqs[0].new_zeros(len(rows), L, H)
+        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            x[i, L - s.shape[0] :], mask[i, L - s.shape[0] :] = s, 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)  # 0 at the first real (virtual) token
+        out = model.base_model(inputs_embeds=x, attention_mask=mask, position_ids=pos,
+                               past_key_values=DynamicCache(config=model.config), use_cache=True)
+        state = DecoderState(model, out.past_key_values, mask, mask.sum(1))
+        return state, out.last_hidden_state[:, -1]
+
+    def _start(self, rows: list[_Row]):
+        """(state with .step/.take, first next-token logits (B, V))."""
+        if self.lm.is_encoder_decoder:
+            hidden, mask = seq2seq.encode(self.model, [r.emb for r in rows], [r.ids for r in rows])
+            state = seq2seq.Seq2SeqState(self.model, hidden, mask)
+            return state, state.step(state.start_tokens())
+        state, last = self._prefill(rows)
+        return state, self.model.get_output_embeddings()(last)
+
+    # ------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, requests: list[GenerateRequest], return_logits: bool = False) -> list[Generation]:
+        """Generate for every request in one mixed batch (chunks of ``max_batch_rows``)."""
+        rows = self._rows([(list(r.token_ids) if r.token_ids is not None else self.encode(r.text), r.prompt)
+                           for r in requests])
+        out: list[Generation | None] = [None] * len(rows)
+        for chunk in self._chunks(rows):
+            gens = self._generate_chunk([rows[i] for i in chunk], [requests[i].config for i in chunk], return_logits)
+            for i, g in zip(chunk, gens):
+                out[i] = g
+        return out  # type: ignore[return-value]
+
+    def _chunks(self, rows: list[_Row]) -> list[list[int]]:
+        """Row indices sorted by length (less padding), cut into batches."""
+        order = sorted(range(len(rows)), key=lambda i: rows[i].n + len(rows[i].ids))
+        size = self.cfg.max_batch_rows
+        return [order[s : s + size] for s in range(0, len(order), size)]
+
+    def _generate_chunk(self, rows: list[_Row], cfgs: list[GenerateConfig], return_logits: bool) -> list[Generation]:
+        t0 = time.perf_counter()
+        B = len(rows)
+        state, logits = self._start(rows)
+        gens = [torch.Generator().manual_seed(c.seed) for c in cfgs]
+        seen = [list(r.ids) for r in rows]
+        outs: list[list[int]] = [[] for _ in range(B)]
+        steps: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        finish = ["length"] * B
+        alive = list(range(B))  # original row of each state row
+        while alive:
+            picks = self._pick(logits, [cfgs[i] for i in alive], [seen[i] for i in alive], [gens[i] for i in alive])
+            keep, feed = [], []
+            for j, (i, t) in enumerate(zip(alive, picks)):
+                if return_logits:
+                    steps[i].append(logits[j].float().clone())
+                if t == self.eos_id:
+                    finish[i] = "stop"
+                    continue
+                outs[i].append(t)
+                seen[i].append(t)
+                if len(outs[i]) < cfgs[i].max_new_tokens:
+                    keep.append(j)
+                    feed.append(t)
+            if not keep:
+                break
+            if len(keep) < len(alive):  # finished rows stop costing work
+                state.take(keep)
+                alive = [alive[j] for j in keep]
+            logits = state.step(torch.tensor(feed, dtype=torch.long))
+        dt = time.perf_counter() - t0
+        tok = self.lm.tokenizer
+        return [Generation(text=tok.decode(outs[i], skip_special_tokens=True), token_ids=outs[i],
+                           prompt_tokens=len(r.ids), virtual_tokens=r.n, finish_reason=finish[i], seconds=dt,
+                           prompt=r.prompt if r.prompt != ANON else None,
+                           logits=torch.stack(steps[i]) if return_logits else None)
+                for i, r in enumerate(rows)]
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, cfgs, seen, gens) -> list[int]:
+        """Next token per row; plain greedy rows in one argmax, the others one by one."""
+        plain = [c.temperature == 0 and c.repetition_penalty == 1.0 for c in cfgs]
+        out = logits.float().argmax(-1).tolist() if any(plain) else [0] * len(cfgs)
+        for j, c in enumerate(cfgs):
+            if not plain[j]:
+                out[j] = pick_token(logits[j], torch.tensor(seen[j], dtype=torch.long), c, gens[j])
+        return out
+
+    # ------------------------------------------------ scoring
+
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        """Log-likelihood of each target after its context, under each request's prompt."""
+        return self.score_rows([ScoreRow(tuple(self.encode(r.text)), tuple(tuple(self.encode(t)) for t in r.targets),
+                                         r.prompt) for r in requests])
+
+    @torch.no_grad()
+    def score_rows(self, requests: list[ScoreRow]) -> list[ScoreResult]:
+        for r in requests:
+            if not r.targets or any(len(t) == 0 for t in r.targets):
+                raise UserError("every score target must be non-empty text")
+        rows = self._rows([(list(r.context), r.prompt) for r in requests])
+        out: list[ScoreResult | None] = [None] * len(rows)
+        for chunk in self._chunks(rows):
+            lps = self._score_chunk([rows[i] for i in chunk], [requests[i].targets for i in chunk])
+            for i, lp in zip(chunk, lps):
+                out[i] = ScoreResult(logprobs=lp, n_tokens=[len(t) for t in requests[i].targets])
+        return out  # type: ignore[return-value]
+
+    def _score_chunk(self, rows: list[_Row], targets: list[tuple[tuple[int, ...], ...]]) -> list[list[float]]:
+        if self.lm.is_encoder_decoder:
+            hidden, mask = seq2seq.encode(self.model, [r.emb for r in rows], [r.ids for r in rows])
+            idx = [i for i, ts in enumerate(targets) for _ in ts]
+            flat = [list(t) for ts in targets for t in ts]
+            lp = seq2seq.target_logprobs(self.model, hidden[idx], mask[idx], flat).tolist()
+            return _unflatten(lp, targets)
+        head = self.model.get_output_embeddings()
+        state, last = self._prefill(rows)
+        first = F.log_softmax(head(last).float(), -1)  # (B, V): predicts every target's first token
+        scores = [[float(first[i, t[0]]) for t in ts] for i, ts in enumerate(targets)]
+        longer = [(i, k) for i, ts in enumerate(targets) for k, t in enumerate(ts) if len(t) > 1]
+        if longer:  # the rest of each target runs on top of a copy of its row's cache
+            state.take([i for i, _ in longer])
+            rest = [list(targets[i][k]) for i, k in longer]
+            C = max(len(t) for t in rest) - 1
+            feed = torch.full((len(rest), C), self.pad_id, dtype=torch.long)
+            fmask = torch.zeros(len(rest), C, dtype=torch.long)
+            for j, t in enumerate(rest):
+                feed[j, : len(t) - 1], fmask[j, : len(t) - 1] = torch.tensor(t[:-1]), 1
+            h = state.hidden(feed, fmask)  # (M, C, H); position c predicts token c+1
+            sel = fmask.bool()
+            gold = torch.tensor([tok for t in rest for tok in t[1:]])
+            lp = F.log_softmax(head(h[sel]).float(), -1).gather(-1, gold[:, None])[:, 0]
+            per = torch.zeros(len(rest)).index_add_(0, sel.nonzero()[:, 0], lp)
+            for (i, k), v in zip(longer, per.tolist()):
+                scores[i][k] += v
+        return scores
+
+    # ------------------------------------------------ bookkeeping
+
+    def stats(self) -> dict:
+        model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return {"resident_prompts": self.bank.resident(), "prompt_bytes": self.bank.nbytes(),
+                "prefix_cache": {"entries": len(self.prefixes), "bytes": self.prefixes.nbytes,
+                                 "max_bytes": self.prefixes.max_bytes, "hits": self.prefixes.hits,
+                                 "misses": self.prefixes.misses},
+                "model_bytes": model_bytes}
+
+
+def _unflatten(flat: list[float], targets) -> list[list[float]]:
+    out, s = [], 0
+    for ts in targets:
+        out.append(flat[s : s + len(ts)])
+        s += len(ts)
+    return out
+
+
 @torch.no_grad()
 def generate(lm, prompt: torch.Tensor | None, text: str, cfg: GenerateConfig) -> Generation:
     """Generate a continuation of ``text`` under ``prompt`` (None = the plain model)."""
-    t0 = time.perf_counter()
-    model, tok = lm.model, lm.tokenizer
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    N = 0 if prompt is None else prompt.shape[0]
-    if not ids and prompt is None:
-        raise UserError("empty input text: give some text to continue")
-    head = model.get_output_embeddings()
+    eng = Engine(lm)
     if prompt is not None:
-        cache, last = prefix_cache(model, prompt.to(model.dtype))
-    else:
-        cache, last = DynamicCache(config=model.config), None
-    gen = torch.Generator().manual_seed(cfg.seed)
-    seen = list(ids)
-    pos, logits = N, head(last) if last is not None else None
-    feed = ids
-    out: list[int] = []
-    finish = "length"
-    while True:
-        if feed:
-            T = len(feed)
-            h = model.base_model(
-                inputs_embeds=embed(model, torch.tensor([feed])),
-                attention_mask=torch.ones(1, pos + T, dtype=torch.long),
-                position_ids=torch.arange(pos, pos + T).unsqueeze(0),
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state  # (1, T, H)
-            pos, logits = pos + T, head(h[0, -1])
-        nxt = pick_token(logits, torch.tensor(seen, dtype=torch.long), cfg, gen)
-        if nxt == tok.eos_token_id:
-            finish = "stop"
-            break
-        out.append(nxt)
-        seen.append(nxt)
-        if len(out) >= cfg.max_new_tokens:
-            break
-        feed = [nxt]
-    return Generation(text=tok.decode(out, skip_special_tokens=True), token_ids=out, prompt_tokens=len(ids),
-                      virtual_tokens=N, finish_reason=finish, seconds=time.perf_counter() - t0)
+        eng.add_prompt(ANON, prompt)
+    return eng.generate([GenerateRequest(text, ANON if prompt is not None else None, cfg)])[0]

@@ -1,19 +1,32 @@
 """Metrics: classification by label-word scoring, exact match, loss and perplexity.
 
 Classification compares the log-likelihood of every label word's full token sequence after
-the input (optionally divided by its token count), never just the first token. The scorer is a
-function ``score(batch) -> (B,)`` of summed target log-probabilities, so the same code serves
-training-time evaluation, the engine and any method (prompt, LoRA, full fine-tuning).
+the input (optionally divided by its token count), never just the first token. Two ways in:
+
+* a scorer ``score(batch) -> (B,)`` of summed target log-probabilities (``classify_metrics``),
+  which serves training-time evaluation and any method (prompt, LoRA, full fine-tuning);
+* the inference engine (``evaluate``, behind ``softprompt eval``): every example x prompt is a
+  row of one mixed batch, each row scores all label words on one copy of its context; several
+  prompts form an ensemble (mean of label probabilities, and majority vote).
+
+Data defaults come, in order, from the user's flags, the first prompt's stored metadata
+(template, verbalizer, target/text column), and the task recipe.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from softprompt import data as D
+from softprompt.config import DataConfig, GenerateConfig, UserError
+
+log = logging.getLogger(__name__)
 
 Scorer = Callable[[dict], torch.Tensor]
 
@@ -62,3 +75,180 @@ def classify_metrics(score: Scorer, tokenizer, examples, verbalizer: dict[str, s
 
 def loss_metrics(mean_loss: float) -> dict:
     return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0))}
+
+
+# ---------------------------------------------------------------- evaluation through the engine
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    prompts: tuple[str, ...] = ()  # stored prompt names; () = the plain model; several = ensemble
+    task: str | None = None  # a task recipe (tasks/*.json); its split is evaluated
+    split: str = "test"  # eval | test: which split of the recipe
+    limit: int | None = None  # evaluate only the first K examples
+    length_normalize: bool = False  # divide each label's log-likelihood by its token count
+    batch_size: int = 32  # rows per forward
+    max_new_tokens: int = 32  # exact match: generation budget per example (capped at target + 4)
+
+    def __post_init__(self) -> None:
+        if self.split not in ("eval", "test"):
+            raise UserError(f"--split must be eval or test, got {self.split!r}")
+        if self.limit is not None and self.limit <= 0:
+            raise UserError(f"--limit must be positive, got {self.limit}")
+        if self.batch_size <= 0 or self.max_new_tokens <= 0:
+            raise UserError("--batch-size and --max-new-tokens must be positive")
+
+
+META_FIELDS = ("template", "target_column", "verbalizer", "text_column")
+
+
+def data_config(engine, ecfg: EvalConfig, user: dict) -> tuple[DataConfig, dict | None]:
+    """(DataConfig, recipe or None): user flags > first prompt's metadata > task recipe."""
+    user = {k: v for k, v in user.items() if v is not None}
+    if not ecfg.task and not user.get("path"):
+        raise UserError("give --data PATH or --task NAME to evaluate on")
+    if ecfg.prompts and "template" not in user and "text_column" not in user:
+        meta = engine.bank.get(ecfg.prompts[0])[0].meta
+        stored = {k: meta.get(k) for k in META_FIELDS if meta.get(k)}
+        if stored.get("template") and stored.get("target_column"):
+            stored.pop("text_column", None)
+        elif ecfg.task:  # a language-modelling prompt on a task: the recipe's template rules
+            stored = {}
+        for other in ecfg.prompts[1:]:
+            m = engine.bank.get(other)[0].meta
+            if any(m.get(k) and m.get(k) != stored.get(k) for k in META_FIELDS):
+                log.warning("prompt %r was trained with other data settings than %r; using %r's", other,
+                            ecfg.prompts[0], ecfg.prompts[0])
+        user = {**stored, **user}
+    if ecfg.task:
+        cfg, recipe = D.task_data_config(ecfg.task, **user)
+        return cfg, recipe
+    if not user.get("template") and not user.get("text_column"):
+        raise UserError("say what to evaluate: --template TPL --target-column C (or --text-column C), "
+                        "or a --prompt whose stored metadata has them")
+    return DataConfig(**user), None
+
+
+def load_examples(tokenizer, cfg: DataConfig, recipe: dict | None, ecfg: EvalConfig,
+                  path: str | None = None) -> list[D.Example]:
+    """The recipe's split, or ``path`` (a data file; with a task, the recipe gives only settings)."""
+    if recipe is None or path:
+        return D.load_file(tokenizer, cfg, path or cfg.path, ecfg.limit)
+    spec = D.split_spec(recipe, ecfg.split)
+    if spec is None:
+        have = [k for k in ("eval", "test") if recipe.get(k)]
+        raise UserError(f"task {ecfg.task!r} has no {ecfg.split!r} split; it has: {', '.join(have) or 'none'}")
+    return D.load_split(tokenizer, cfg, spec, limit=ecfg.limit)
+
+
+def label_targets(tokenizer, ex: D.Example, words: list[str]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(tokenizer(D.target_text(ex.source_text, w), add_special_tokens=False)["input_ids"])
+                 for w in words)
+
+
+def engine_label_scores(engine, examples: list[D.Example], words: list[str], prompts: list[str | None],
+                        normalize: bool = False) -> torch.Tensor:
+    """(K prompts, n examples, L labels) label log-likelihoods, all K x n rows in one mixed batch."""
+    from softprompt.engine import ScoreRow
+
+    tok = engine.lm.tokenizer
+    targets = [label_targets(tok, ex, words) for ex in examples]
+    rows = [ScoreRow(tuple(ex.input_ids[: ex.source_len]), t, p) for p in prompts for ex, t in zip(examples, targets)]
+    res = engine.score_rows(rows)
+    lp = torch.tensor([r.logprobs for r in res], dtype=torch.float64)  # (K*n, L)
+    if normalize:
+        lp = lp / torch.tensor([r.n_tokens for r in res], dtype=torch.float64)
+    return lp.view(len(prompts), len(examples), len(words))
+
+
+def ensemble_probs(scores: torch.Tensor) -> torch.Tensor:
+    """(K, n, L) label scores -> (K, n, L) probabilities over the labels, per prompt."""
+    return scores.softmax(-1)
+
+
+def _report(pred: list[int], gold: list[int], n_labels: int) -> dict:
+    conf = [[0] * n_labels for _ in range(n_labels)]
+    for g, p in zip(gold, pred):
+        conf[g][p] += 1
+    return {"accuracy": sum(g == p for g, p in zip(gold, pred)) / max(1, len(gold)), "confusion": conf}
+
+
+def classification_report(scores: torch.Tensor, examples, labels: list[str], names: list[str]) -> dict:
+    """Metrics of (K, n, L) scores; K > 1 adds the ensemble (mean probability and majority vote)."""
+    gold = [labels.index(e.label) for e in examples]
+    probs = ensemble_probs(scores)  # (K, n, L)
+    mean = probs.mean(0)  # (n, L)
+    out = {"n": len(examples), **_report(mean.argmax(-1).tolist(), gold, len(labels)), "labels": labels}
+    if scores.shape[0] > 1:
+        votes = torch.nn.functional.one_hot(scores.argmax(-1), len(labels)).sum(0).double()  # (n, L)
+        vote_pred = (votes + 0.5 * mean).argmax(-1).tolist()  # ties broken by mean probability
+        out["ensemble"] = {
+            "mean_probability": _report(mean.argmax(-1).tolist(), gold, len(labels)),
+            "majority_vote": _report(vote_pred, gold, len(labels)),
+            "members": {n: _report(scores[k].argmax(-1).tolist(), gold, len(labels))["accuracy"]
+                        for k, n in enumerate(names)},
+        }
+    return out
+
+
+def generation_report(engine, examples: list[D.Example], prompt: str | None, max_new_tokens: int) -> dict:
+    """exact_match (greedy, first line, stripped), loss and perplexity of the target tokens."""
+    from softprompt.engine import ScoreRow
+
+    tok = engine.lm.tokenizer
+    rows, gen_idx = [], []
+    for i, ex in enumerate(examples):
+        ctx, tgt = list(ex.input_ids[: ex.source_len]), list(ex.input_ids[ex.source_len :])
+        if not ctx and prompt is None:  # the plain model cannot predict a text's first token
+            ctx, tgt = tgt[:1], tgt[1:]
+        if tgt:
+            rows.append(ScoreRow(tuple(ctx), (tuple(tgt),), prompt))
+            gen_idx.append(i)
+    if not rows:
+        raise UserError("no example has a target token to score")
+    res = engine.score_rows(rows)
+    n_tok = sum(r.n_tokens[0] for r in res)
+    loss = -sum(r.logprobs[0] for r in res) / n_tok
+    out = {"n": len(examples), **loss_metrics(loss), "target_tokens": n_tok}
+    if all(ex.source_len > 0 for ex in examples):  # input -> target mode: exact match
+        out["exact_match"] = _exact_match(engine, examples, prompt, max_new_tokens, tok)
+    return out
+
+
+def _exact_match(engine, examples, prompt, max_new_tokens, tok) -> float:
+    from softprompt.engine import GenerateRequest
+
+    reqs, golds = [], []
+    for ex in examples:
+        tgt = ex.input_ids[ex.source_len :]
+        golds.append(tok.decode(tgt, skip_special_tokens=True).strip())
+        cfg = GenerateConfig(max_new_tokens=min(max_new_tokens, len(tgt) + 4))
+        reqs.append(GenerateRequest("", prompt, cfg, token_ids=tuple(ex.input_ids[: ex.source_len])))
+    gens = engine.generate(reqs)
+    hits = sum(g.text.strip().split("\n")[0].strip() == gold for g, gold in zip(gens, golds))
+    return hits / max(1, len(examples))
+
+
+def evaluate(engine, ecfg: EvalConfig, data_overrides: dict) -> dict:
+    """``softprompt eval``: metrics of the plain model, one prompt, or an ensemble of prompts."""
+    t0 = time.perf_counter()
+    cfg, recipe = data_config(engine, ecfg, data_overrides)
+    path = data_overrides.get("path")
+    examples = load_examples(engine.lm.tokenizer, cfg, recipe, ecfg, path)
+    recipe = None if path else recipe
+    prompts: list[str | None] = list(ecfg.prompts) or [None]
+    names = [p or "plain" for p in prompts]
+    if cfg.verbalizer:
+        labels = list(cfg.verbalizer)
+        scores = engine_label_scores(engine, examples, [cfg.verbalizer[k] for k in labels], prompts,
+                                     ecfg.length_normalize)
+        out = classification_report(scores, examples, labels, names)
+    else:
+        if len(prompts) > 1:
+            raise UserError("prompt ensembles need a classification task (a --verbalizer)")
+        out = generation_report(engine, examples, prompts[0], ecfg.max_new_tokens)
+    out.update({"prompts": names, "task": ecfg.task, "split": ecfg.split if recipe else None,
+                "data": cfg.path if recipe is None else (recipe.get(ecfg.split) or {}).get("path"),
+                "template": cfg.template, "length_normalize": ecfg.length_normalize,
+                "seconds": round(time.perf_counter() - t0, 2)})
+    return out

@@ -118,6 +118,10 @@ def supports_prefix(model) -> bool:
 
 def prompt_loss(model, prompt, batch: dict, fast: bool = True) -> torch.Tensor:
     args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    if getattr(model.config, "is_encoder_decoder", False):  # T5 family: see seq2seq.py
+        from softprompt.seq2seq import seq2seq_loss
+
+        return seq2seq_loss(model, prompt, batch)
     if fast and supports_prefix(model):
         return prefix_loss(model, prompt, *args)
     return naive_loss(model, prompt, *args)
@@ -126,6 +130,10 @@ def prompt_loss(model, prompt, batch: dict, fast: bool = True) -> torch.Tensor:
 @torch.no_grad()
 def sequence_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels) -> torch.Tensor:
     """Per-row summed log-probability of the labelled tokens, (B,). Right-padded rows."""
+    if getattr(model.config, "is_encoder_decoder", False):  # T5 family: see seq2seq.py
+        from softprompt.seq2seq import seq2seq_logprobs
+
+        return seq2seq_logprobs(model, prompt, input_ids, attention_mask, labels)
     if prompt is None:
         hidden = model.base_model(
             inputs_embeds=embed(model, input_ids), attention_mask=attention_mask, use_cache=False

@@ -186,3 +186,95 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
         return load_file(str(path / "adapter_model.safetensors")), json.loads((path / "state.json").read_text())
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
         raise UserError(f"checkpoint {path} is unreadable ({e}); delete it to start over") from None
+
+
+# ---------------------------------------------------------------- registry: list, show, rm, export, import
+
+
+def prompt_summary(name: str) -> dict:
+    """One registry entry for ``prompts list``/``show``; a broken prompt is reported, not raised."""
+    path = prompt_path(name)
+    try:
+        sp = read_prompt_dir(path, name)
+    except UserError as e:
+        return {"name": name, "status": "broken", "error": str(e), "path": str(path)}
+    meta = sp.meta
+    base = meta.get("base_model") or {}
+    best = (meta.get("metrics") or {}).get("best_eval") or {}
+    return {
+        "name": name, "status": "ok", "path": str(path),
+        "num_virtual_tokens": sp.num_virtual_tokens, "hidden_size": int(sp.embeddings.shape[1]),
+        "base_model": base.get("name"), "fingerprint": base.get("fingerprint"),
+        "task": meta.get("task"), "mode": meta.get("mode"), "template": meta.get("template"),
+        "target_column": meta.get("target_column"), "text_column": meta.get("text_column"),
+        "verbalizer": meta.get("verbalizer"), "accuracy": best.get("accuracy"),
+        "created": meta.get("created"), "imported_from": meta.get("imported_from"),
+        "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+    }
+
+
+def remove_prompt(name: str) -> Path:
+    """Delete a stored prompt (broken ones too): renamed aside first, so it vanishes at once."""
+    path = prompt_path(name)
+    if not path.is_dir():
+        raise UserError(f"prompt {name!r} not found ({path})")
+    trash = path.with_name(f".{path.name}.rm-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    return path
+
+
+def export_prompt(name: str, dest: Path) -> Path:
+    """Copy a stored prompt to ``dest`` (a new or empty directory): a PEFT adapter directory."""
+    sp = load_prompt(name)  # refuses a broken prompt with its reason
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UserError(f"export target {dest} exists and is not an empty directory")
+    files = {f.name: f.read_bytes() for f in sp.path.iterdir() if f.is_file() and f.name != "adapter_model.safetensors"}
+    if dest.is_dir():
+        dest.rmdir()
+    return write_dir_atomic(dest, files, {PROMPT_KEY: sp.embeddings})
+
+
+def import_prompt(src: Path, name: str | None = None, fingerprint: dict | None = None,
+                  model_name: str | None = None, overwrite: bool = False) -> StoredPrompt:
+    """Copy a prompt directory (ours, or a PEFT prompt-tuning adapter) into the store.
+
+    A PEFT adapter has no ``softprompt.json``: one is written with what is known. Without a
+    model (``fingerprint`` None) the base model is unknown and no fingerprint check happens
+    later; with one, the hidden size must agree and its fingerprint is recorded.
+    """
+    src = Path(src)
+    name = check_name(name or src.name)
+    sp = read_prompt_dir(src, name)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    subs = cfg.get("num_transformer_submodules") or 1
+    if subs != 1 or cfg.get("task_type") not in (None, "CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        raise UserError(f"{src}: a {cfg.get('task_type')} adapter with {subs} prompt blocks is not supported "
+                        "(only a single prompt in front of the input)")
+    n_cfg = cfg.get("num_virtual_tokens")
+    if n_cfg is not None and int(n_cfg) != sp.num_virtual_tokens:
+        raise UserError(f"{src}: adapter_config.json says {n_cfg} virtual tokens, the tensor has {sp.num_virtual_tokens}")
+    target = prompt_path(name)
+    if target.exists() and not overwrite:
+        raise UserError(f"prompt {name!r} already exists; remove it first or import under --name")
+    meta = dict(sp.meta) if sp.meta else _imported_meta(cfg)
+    meta["imported_from"] = str(src.resolve())
+    if fingerprint is not None:
+        if fingerprint["hidden_size"] != sp.embeddings.shape[1]:
+            raise UserError(f"{src}: prompt has hidden size {sp.embeddings.shape[1]}, the model has {fingerprint['hidden_size']}")
+        if not (meta.get("base_model") or {}).get("fingerprint"):
+            meta["base_model"] = {"name": model_name, "path": model_name, "fingerprint": fingerprint}
+    files = {"adapter_config.json": cfg, META: meta}
+    write_dir_atomic(target, files, {PROMPT_KEY: sp.embeddings})
+    return load_prompt(name)
+
+
+def _imported_meta(cfg: dict) -> dict:
+    return {
+        "format": 1,
+        "base_model": {"name": cfg.get("base_model_name_or_path"), "path": cfg.get("base_model_name_or_path"),
+                       "fingerprint": None},
+        "task": None, "mode": None, "template": None, "text_column": None, "target_column": None,
+        "verbalizer": None, "source": "peft", "peft_config": cfg,
+    }

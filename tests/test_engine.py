@@ -1,0 +1,172 @@
+"""The inference engine: mixed-task batches equal single-task runs, padding and the prefix cache
+change nothing, finished rows leave the batch, and the prompt bank / prefix cache stay bounded.
+
+Every equality is relational (mixed vs single, cached vs uncached, ours vs ``model.generate``);
+the tolerance 1e-5 on float32 logits is the acceptance bar of issue 3.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt import engine, forward, models, store
+from softprompt.config import GenerateConfig, UserError
+from softprompt.engine import Engine, EngineConfig, GenerateRequest, ScoreRequest
+
+TEXTS = ["the movie was", "a wonderful film with a great story", "who wrote the book", "positive negative"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # tiny ops on 2 threads are slower, and the CI box is shared
+
+
+def make_engine(lm, cfg: EngineConfig | None = None, sizes=(3, 5, 8)) -> Engine:
+    eng = Engine(lm, cfg)
+    g = torch.Generator().manual_seed(7)
+    for k, n in enumerate(sizes):  # prompts of different N, at the scale of the embeddings
+        eng.add_prompt(f"p{k}", torch.randn(n, lm.hidden_size, generator=g))
+    return eng
+
+
+def mixed_requests() -> list[GenerateRequest]:
+    greedy = [GenerateConfig(max_new_tokens=n) for n in (3, 7, 5, 9)]  # rows finish at different steps
+    sample = GenerateConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3)
+    penal = GenerateConfig(max_new_tokens=6, repetition_penalty=1.3)
+    return [GenerateRequest(TEXTS[0], "p0", greedy[0]), GenerateRequest(TEXTS[1], "p1", greedy[1]),
+            GenerateRequest(TEXTS[2], None, greedy[2]), GenerateRequest(TEXTS[3], "p2", greedy[3]),
+            GenerateRequest(TEXTS[2], "p2", sample), GenerateRequest(TEXTS[0], None, penal),
+            GenerateRequest("", "p1", greedy[1])]  # a prompt and no text at all
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def lm(request, tiny_model_dir, sp_home):
+    return models.load(str(tiny_model_dir(request.param)))
+
+
+def test_tasks_differ_then_mixed_batch_equals_single_runs(lm):
+    eng = make_engine(lm)
+    # first: the tasks really differ (else "mixed == single" would prove nothing)
+    same_text = [GenerateRequest(TEXTS[0], p, GenerateConfig(max_new_tokens=1)) for p in ("p0", "p1", "p2", None)]
+    firsts = [g.logits[0] for g in eng.generate(same_text, return_logits=True)]
+    for a in range(len(firsts)):
+        for b in range(a + 1, len(firsts)):
+            assert (firsts[a] - firsts[b]).abs().max() > 1e-2
+    reqs = mixed_requests()
+    mixed = eng.generate(reqs, return_logits=True)
+    for r, m in zip(reqs, mixed):
+        single = eng.generate([r], return_logits=True)[0]
+        assert m.token_ids == single.token_ids
+        assert m.logits.shape == single.logits.shape
+        torch.testing.assert_close(m.logits, single.logits, atol=1e-5, rtol=0)
+        assert m.prompt == r.prompt and m.virtual_tokens == (0 if r.prompt is None else eng.bank.get(r.prompt)[0].num_virtual_tokens)
+
+
+def test_cached_prefix_equals_uncached(lm):
+    cached = make_engine(lm)
+    naive = make_engine(lm, EngineConfig(use_prefix_cache=False))
+    reqs = mixed_requests()
+    for a, b in zip(cached.generate(reqs, return_logits=True), naive.generate(reqs, return_logits=True)):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+    assert cached.stats()["prefix_cache"]["entries"] == 3 and naive.stats()["prefix_cache"]["entries"] == 0
+
+
+def test_left_padded_plain_batch_equals_unpadded_runs_and_hf_generate(lm):
+    eng = Engine(lm)
+    n = 6
+    reqs = [GenerateRequest(t, None, GenerateConfig(max_new_tokens=n)) for t in TEXTS]
+    batch = eng.generate(reqs, return_logits=True)
+    for t, g in zip(TEXTS, batch):
+        ids = torch.tensor([lm.tokenizer(t, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():  # unpadded single forward, no cache: the first step's logits
+            ref = lm.model(input_ids=ids).logits[0, -1]
+            hf = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                   pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=lm.tokenizer.eos_token_id)
+        torch.testing.assert_close(g.logits[0], ref, atol=1e-5, rtol=0)
+        assert g.token_ids == hf[0, ids.shape[1]:].tolist()[: len(g.token_ids)]
+
+
+def test_module_generate_keeps_its_contract(lm):
+    eng = make_engine(lm)
+    p = eng.bank.get("p1")[0].embeddings
+    cfg = GenerateConfig(max_new_tokens=5)
+    g = engine.generate(lm, p, TEXTS[0], cfg)
+    assert isinstance(g, engine.Generation) and g.virtual_tokens == 5 and g.prompt is None
+    assert g.token_ids == eng.generate([GenerateRequest(TEXTS[0], "p1", cfg)])[0].token_ids
+    assert g.finish_reason in ("stop", "length") and g.prompt_tokens == len(lm.tokenizer(TEXTS[0])["input_ids"])
+    with pytest.raises(UserError, match="empty input"):
+        engine.generate(lm, None, "", cfg)
+
+
+def test_finished_rows_leave_the_batch(lm):
+    eng = make_engine(lm)
+    rows = eng._rows([(lm.tokenizer(t)["input_ids"], p) for t, p in zip(TEXTS, ["p2", None, "p0", "p1"])])
+    state, _ = eng._prefill(rows)
+    width = state.mask.shape[1]
+    state.take([0, 2, 3])  # row 1 (no prompt, the longest text) finished
+    assert len(state.cache.layers[0].keys) == 3 and state.mask.shape[0] == 3
+    assert state.mask.shape[1] < width and bool(state.mask.any(0).all())  # all-pad columns cut
+    assert state.cache.layers[0].keys.shape[2] == state.mask.shape[1]
+
+
+def test_mixed_scores_equal_single_and_the_training_scorer(lm):
+    eng = make_engine(lm)
+    reqs = [ScoreRequest(TEXTS[0], (" good", " bad and boring"), "p0"), ScoreRequest(TEXTS[2], (" the sea",), None),
+            ScoreRequest(TEXTS[1], (" great", " yes"), "p2")]
+    mixed = eng.score(reqs)
+    for r, m in zip(reqs, mixed):
+        single = eng.score([r])[0]
+        torch.testing.assert_close(torch.tensor(m.logprobs), torch.tensor(single.logprobs), atol=1e-5, rtol=0)
+        # an independent path: forward.sequence_logprobs on a right-padded [context][target] batch
+        tok = lm.tokenizer
+        ctx = tok(r.text, add_special_tokens=False)["input_ids"]
+        for target, lp in zip(r.targets, m.logprobs):
+            tgt = tok(target, add_special_tokens=False)["input_ids"]
+            batch = {"input_ids": torch.tensor([ctx + tgt]), "attention_mask": torch.ones(1, len(ctx + tgt), dtype=torch.long),
+                     "labels": torch.tensor([[-100] * len(ctx) + tgt])}
+            prompt = eng.bank.get(r.prompt)[0].embeddings if r.prompt else None
+            ref = forward.sequence_logprobs(lm.model, prompt, **batch)[0]
+            assert abs(float(ref) - lp) < 1e-4
+
+
+def test_prefix_cache_is_bounded_in_bytes_and_reused(tiny_lm):
+    eng = make_engine(tiny_lm, sizes=(4, 4, 4))
+    per = engine.compute_prefix(tiny_lm.model, eng.bank.get("p0")[0].embeddings).nbytes
+    eng.prefixes.max_bytes = 2 * per  # room for two prefixes
+    for p in ("p0", "p1", "p0", "p2"):
+        eng.generate([GenerateRequest(TEXTS[0], p, GenerateConfig(max_new_tokens=1))])
+    st = eng.stats()["prefix_cache"]
+    assert st["entries"] == 2 and st["bytes"] == 2 * per <= st["max_bytes"]
+    assert st["hits"] == 1 and st["misses"] == 3
+
+
+def test_bank_loads_lazily_keeps_an_lru_bound_and_sees_changes(tiny_lm):
+    g = torch.Generator().manual_seed(0)
+    for k in range(3):
+        store.save_prompt(store.prompt_path(f"s{k}"), torch.randn(4, tiny_lm.hidden_size, generator=g),
+                          {"base_model": {"fingerprint": tiny_lm.fingerprint}})
+    eng = Engine(tiny_lm, EngineConfig(max_resident_prompts=2))
+    assert eng.bank.resident() == []
+    cfg = GenerateConfig(max_new_tokens=2)
+    before = eng.generate([GenerateRequest(TEXTS[0], f"s{k}", cfg) for k in range(3)], return_logits=True)
+    assert len(eng.bank.resident()) == 2
+    store.save_prompt(store.prompt_path("s0"), torch.randn(6, tiny_lm.hidden_size, generator=g), {})
+    after = eng.generate([GenerateRequest(TEXTS[0], "s0", cfg)], return_logits=True)[0]
+    assert after.virtual_tokens == 6 and not torch.allclose(after.logits[0], before[0].logits[0])
+
+
+def test_bad_requests_are_user_errors(tiny_lm):
+    eng = make_engine(tiny_lm)
+    with pytest.raises(UserError, match="empty input"):
+        eng.generate([GenerateRequest("", None)])
+    with pytest.raises(UserError, match="not found"):
+        eng.generate([GenerateRequest("x", "nope")])
+    with pytest.raises(UserError, match="invalid prompt name"):
+        eng.generate([GenerateRequest("x", "../etc")])
+    with pytest.raises(UserError, match="shape"):
+        eng.add_prompt("wrong", torch.zeros(3, tiny_lm.hidden_size + 1))
+    with pytest.raises(UserError, match="non-empty"):
+        eng.score([ScoreRequest("x", ("",))])
+    assert eng.generate([GenerateRequest("x", "p0", GenerateConfig(max_new_tokens=1))])[0].token_ids

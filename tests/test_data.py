@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 
 from softprompt import data as D
 from softprompt.config import DataConfig, UserError
@@ -100,7 +99,7 @@ def test_utf8_bom_is_accepted(tmp_path):
 def test_lm_mode_every_token_is_a_target(tok):
     cfg = DataConfig(text_column="text")
     exs = D.build_examples(tok, ROWS, cfg)
-    for ex, r in zip(exs, ROWS):
+    for ex, r in zip(exs, ROWS, strict=True):
         assert ex.input_ids == encode(tok, r["text"])
         assert ex.labels == ex.input_ids and ex.source_len == 0
 
@@ -109,7 +108,7 @@ def test_target_mode_labels_only_on_the_target(tok):
     verb = {"0": "negative", "1": "positive"}
     cfg = DataConfig(template="Review: {text}\nSentiment:", target_column="label", verbalizer=verb)
     exs = D.build_examples(tok, ROWS, cfg)
-    for ex, r in zip(exs, ROWS):
+    for ex, r in zip(exs, ROWS, strict=True):
         source = f"Review: {r['text']}\nSentiment:"
         src, tgt = encode(tok, source), encode(tok, " " + verb[r["label"]])
         assert ex.input_ids == src + tgt  # classification: no EOS after the label word
@@ -118,20 +117,25 @@ def test_target_mode_labels_only_on_the_target(tok):
 
 
 def test_generation_targets_end_with_eos(tok):
-    cfg = DataConfig(template="Q: {text}\nA: ", target_column="label")  # no verbalizer: free text target
+    # no verbalizer: a free-text target
+    cfg = DataConfig(template="Q: {text}\nA: ", target_column="label")
     ex = D.build_examples(tok, ROWS[:1], cfg)[0]
     tgt = encode(tok, "1") + [tok.eos_token_id]  # the template ends in a space: no extra space
-    assert ex.labels[-len(tgt):] == tgt and ex.label is None
+    assert ex.labels[-len(tgt) :] == tgt and ex.label is None
     assert all(t == D.IGNORE for t in ex.labels[: -len(tgt)])
 
 
 def test_label_map_then_verbalizer(tok):
     rows = [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}]
-    cfg = DataConfig(template="{text}", target_column="label", verbalizer={"0": "bad", "1": "good"},
-                     label_map={"pos": "1", "neg": "0"})
+    cfg = DataConfig(
+        template="{text}",
+        target_column="label",
+        verbalizer={"0": "bad", "1": "good"},
+        label_map={"pos": "1", "neg": "0"},
+    )
     exs = D.build_examples(tok, rows, cfg)
     assert [e.label for e in exs] == ["1", "0"]
-    assert exs[0].input_ids[exs[0].source_len:] == encode(tok, " good")
+    assert exs[0].input_ids[exs[0].source_len :] == encode(tok, " good")
 
 
 def test_label_not_in_verbalizer_names_the_row(tok):
@@ -143,7 +147,10 @@ def test_label_not_in_verbalizer_names_the_row(tok):
 @pytest.mark.parametrize(
     "cfg, match",
     [
-        (DataConfig(text_column="body"), "--text-column 'body' is not a column; columns are: text, label"),
+        (
+            DataConfig(text_column="body"),
+            "--text-column 'body' is not a column; columns are: text, label",
+        ),
         (DataConfig(template="{text} {title}", target_column="label"), "'title'"),
         (DataConfig(template="{text}", target_column="gold"), "--target-column 'gold'"),
     ],
@@ -154,7 +161,9 @@ def test_missing_columns(tok, cfg, match):
 
 
 def test_truncation_is_counted_and_warned(tok, caplog):
-    long_rows = [{"text": "the movie was good and the actors were great " * 3}] * 2 + [{"text": "a"}]
+    long_rows = [{"text": "the movie was good and the actors were great " * 3}] * 2 + [
+        {"text": "a"}
+    ]
     cfg = DataConfig(text_column="text", max_length=8)
     with caplog.at_level(logging.WARNING, logger="softprompt.data"):
         exs = D.build_examples(tok, long_rows, cfg, path="long.csv")
@@ -166,14 +175,18 @@ def test_truncation_is_counted_and_warned(tok, caplog):
 
 def test_target_truncation_keeps_the_end_of_the_input_and_the_target(tok):
     row = {"text": "the movie was good and the actors were great " * 3, "label": "1"}
-    cfg = DataConfig(template="{text} Sentiment:", target_column="label",
-                     verbalizer={"0": "negative", "1": "positive"}, max_length=10)
+    cfg = DataConfig(
+        template="{text} Sentiment:",
+        target_column="label",
+        verbalizer={"0": "negative", "1": "positive"},
+        max_length=10,
+    )
     ex = D.build_examples(tok, [row], cfg)[0]
     full = encode(tok, row["text"] + " Sentiment:")
     tgt = encode(tok, " positive")
     assert len(ex.input_ids) == 10
-    assert ex.input_ids[-len(tgt):] == tgt
-    assert ex.input_ids[: ex.source_len] == full[-ex.source_len:]
+    assert ex.input_ids[-len(tgt) :] == tgt
+    assert ex.input_ids[: ex.source_len] == full[-ex.source_len :]
 
 
 def test_no_truncation_no_warning(tok, caplog):
@@ -198,14 +211,20 @@ def test_dev_split_is_seeded_and_disjoint():
 
 
 def test_limit_and_eval_file(tok, toy_csv):
-    tr, ev = D.load_train_eval(tok, DataConfig(path=str(toy_csv), text_column="text", limit=10, dev_fraction=0.0))
+    tr, ev = D.load_train_eval(
+        tok, DataConfig(path=str(toy_csv), text_column="text", limit=10, dev_fraction=0.0)
+    )
     assert len(tr) == 10 and ev == []
-    tr, ev = D.load_train_eval(tok, DataConfig(path=str(toy_csv), eval_path=str(toy_csv), text_column="text", eval_limit=7))
+    tr, ev = D.load_train_eval(
+        tok, DataConfig(path=str(toy_csv), eval_path=str(toy_csv), text_column="text", eval_limit=7)
+    )
     assert len(tr) == 48 and len(ev) == 7
 
 
 def test_bucketed_batches_cover_every_row_once_and_are_deterministic(tok, toy_csv):
-    exs, _ = D.load_train_eval(tok, DataConfig(path=str(toy_csv), text_column="text", dev_fraction=0.0))
+    exs, _ = D.load_train_eval(
+        tok, DataConfig(path=str(toy_csv), text_column="text", dev_fraction=0.0)
+    )
     b0 = D.bucketed_batches(exs, 5, seed=0, epoch=0)
     assert sorted(i for b in b0 for i in b) == list(range(len(exs)))
     assert all(len(b) <= 5 for b in b0)
@@ -214,8 +233,11 @@ def test_bucketed_batches_cover_every_row_once_and_are_deterministic(tok, toy_cs
 
 
 def test_collate_right_pads(tok):
-    exs = D.build_examples(tok, ROWS, DataConfig(template="{text}", target_column="label",
-                                                  verbalizer={"0": "no", "1": "yes"}))
+    exs = D.build_examples(
+        tok,
+        ROWS,
+        DataConfig(template="{text}", target_column="label", verbalizer={"0": "no", "1": "yes"}),
+    )
     b = D.collate(exs, pad_id=tok.pad_token_id)
     T = max(len(e.input_ids) for e in exs)
     assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape == (3, T)
@@ -232,7 +254,9 @@ def test_unknown_task_lists_known_tasks():
         D.task_path("no-such-task")
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "sst2").is_dir(), reason="shared data sets not present at /work/shared/data")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "sst2").is_dir(), reason="shared data sets not present at /work/shared/data"
+)
 def test_sst2_recipe_resolves(tok, monkeypatch):
     monkeypatch.setenv("SOFTPROMPT_DATA", str(SHARED_DATA))
     cfg, recipe = D.task_data_config("sst2")
@@ -244,7 +268,7 @@ def test_sst2_recipe_resolves(tok, monkeypatch):
     assert {e.label for e in train} <= {"0", "1"} and len({e.label for e in train}) == 2
     for e in train:
         assert e.source_text.startswith("Review: ") and e.source_text.endswith("\nSentiment:")
-        assert e.labels[e.source_len:] in (encode(tok, " negative"), encode(tok, " positive"))
+        assert e.labels[e.source_len :] in (encode(tok, " negative"), encode(tok, " positive"))
     # a user option overrides the recipe
     cfg2, _ = D.task_data_config("sst2", limit=5, max_length=64)
     assert cfg2.limit == 5 and cfg2.max_length == 64

@@ -128,7 +128,9 @@ def naive_row_logprobs(model, prompt, input_ids, attention_mask, labels) -> torc
         x = torch.cat([prompt.unsqueeze(0).expand(B, -1, -1), x], 1)
         attention_mask = torch.cat([attention_mask.new_ones(B, n), attention_mask], 1)
     with torch.no_grad():
-        logp = F.log_softmax(model(inputs_embeds=x, attention_mask=attention_mask).logits.float(), -1)
+        logp = F.log_softmax(
+            model(inputs_embeds=x, attention_mask=attention_mask).logits.float(), -1
+        )
     out = torch.zeros(B)
     for b in range(B):
         for t in range(T):
@@ -165,6 +167,8 @@ def test_prefix_forward_does_not_touch_base_weights_grads(lms):
     lm = lms["llama"]
     batch = make_batch(lm.tokenizer, "mixed")
     p = scaled_prompt(lm).requires_grad_(True)
-    FW.prefix_loss(lm.model, p, batch["input_ids"], batch["attention_mask"], batch["labels"]).backward()
+    FW.prefix_loss(
+        lm.model, p, batch["input_ids"], batch["attention_mask"], batch["labels"]
+    ).backward()
     assert p.grad is not None and p.grad.norm() > 0
     assert all(q.grad is None and not q.requires_grad for q in lm.model.parameters())

@@ -71,7 +71,12 @@ def test_labels_init_starts_with_mean_label_word_embeddings(tiny_lm):
 
 
 def test_labels_init_through_train_uses_the_verbalizer(tiny_lm, toy_csv):
-    d = DataConfig(path=str(toy_csv), template="{text}", target_column="label", verbalizer={"0": "bad", "1": "good"})
+    d = DataConfig(
+        path=str(toy_csv),
+        template="{text}",
+        target_column="label",
+        verbalizer={"0": "bad", "1": "good"},
+    )
     p = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4, init="labels"), d, seed=0)
     emb = embedding_matrix(tiny_lm.model).float()
     assert torch.allclose(p[0], emb[token_ids(tiny_lm.tokenizer, " bad")].mean(0))
@@ -86,29 +91,49 @@ def _save(name: str, prompt: torch.Tensor, lm, fingerprint: dict | None = None) 
 def test_prompt_init_copies_a_stored_prompt(tiny_lm):
     src = torch.randn(5, tiny_lm.hidden_size)
     _save("source", src, tiny_lm)
-    same = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=5, init="prompt:source"), DataConfig(), 0)
+    same = TR.initial_prompt(
+        tiny_lm, PromptConfig(num_virtual_tokens=5, init="prompt:source"), DataConfig(), 0
+    )
     assert torch.equal(same, src)
     same[0, 0] += 1  # a copy, not a view of the stored tensor
-    again = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=5, init="prompt:source"), DataConfig(), 0)
+    again = TR.initial_prompt(
+        tiny_lm, PromptConfig(num_virtual_tokens=5, init="prompt:source"), DataConfig(), 0
+    )
     assert torch.equal(again, src)
-    shorter = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=3, init="prompt:source"), DataConfig(), 0)
+    shorter = TR.initial_prompt(
+        tiny_lm, PromptConfig(num_virtual_tokens=3, init="prompt:source"), DataConfig(), 0
+    )
     assert torch.equal(shorter, src[:3])
-    longer = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=8, init="prompt:source"), DataConfig(), 0)
+    longer = TR.initial_prompt(
+        tiny_lm, PromptConfig(num_virtual_tokens=8, init="prompt:source"), DataConfig(), 0
+    )
     assert longer.shape == (8, tiny_lm.hidden_size) and torch.equal(longer[:5], src)
 
 
 def test_prompt_init_refuses_other_models(tiny_lm):
     _save("wide", torch.randn(4, tiny_lm.hidden_size + 1), tiny_lm)
     with pytest.raises(UserError, match="hidden size"):
-        TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:wide"), DataConfig(), 0)
+        TR.initial_prompt(
+            tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:wide"), DataConfig(), 0
+        )
     other = {**tiny_lm.fingerprint, "embedding_sha256": "0" * 16}
     _save("foreign", torch.randn(4, tiny_lm.hidden_size), tiny_lm, fingerprint=other)
     with pytest.raises(UserError, match="--force"):
-        TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:foreign"), DataConfig(), 0)
-    forced = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:foreign"), DataConfig(), 0, force=True)
+        TR.initial_prompt(
+            tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:foreign"), DataConfig(), 0
+        )
+    forced = TR.initial_prompt(
+        tiny_lm,
+        PromptConfig(num_virtual_tokens=4, init="prompt:foreign"),
+        DataConfig(),
+        0,
+        force=True,
+    )
     assert torch.equal(forced, store.load_prompt("foreign").embeddings)
     with pytest.raises(UserError, match="not found"):
-        TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:missing"), DataConfig(), 0)
+        TR.initial_prompt(
+            tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:missing"), DataConfig(), 0
+        )
 
 
 def test_bad_init_choices_are_user_errors(tiny_lm):

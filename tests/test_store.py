@@ -16,7 +16,7 @@ from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 def naive_logits(model, prompt, input_ids, attention_mask):
     """softprompt's reference forward: [P][x] through the whole model."""
     B, N = input_ids.shape[0], prompt.shape[0]
-    x = torch.cat([prompt.unsqueeze(0).expand(B, -1, -1), FW.embed(model, input_ids)], 1)  # (B, N+T, H)
+    x = torch.cat([prompt.unsqueeze(0).expand(B, -1, -1), FW.embed(model, input_ids)], 1)
     mask = torch.cat([attention_mask.new_ones(B, N), attention_mask], 1)
     with torch.no_grad():
         return model(inputs_embeds=x, attention_mask=mask).logits  # (B, N+T, V)
@@ -31,17 +31,28 @@ def test_saved_prompt_loads_in_peft_with_same_logits(tiny_model_dir, sp_home, to
     from softprompt import models
 
     lm = models.load(str(tiny_model_dir(arch)))
-    res = TR.train(lm, DataConfig(path=str(toy_csv), text_column="text", limit=8, dev_fraction=0.0),
-                   PromptConfig(num_virtual_tokens=3), TrainConfig(epochs=1, batch_size=4), name=f"peft-{arch}")
+    res = TR.train(
+        lm,
+        DataConfig(path=str(toy_csv), text_column="text", limit=8, dev_fraction=0.0),
+        PromptConfig(num_virtual_tokens=3),
+        TrainConfig(epochs=1, batch_size=4),
+        name=f"peft-{arch}",
+    )
     assert res.path == store.prompt_path(f"peft-{arch}")
-    assert {p.name for p in res.path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", store.META}
+    assert {p.name for p in res.path.iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        store.META,
+    }
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir(arch)), local_files_only=True)
     peft_model = PeftModel.from_pretrained(base, str(res.path))
     peft_model.eval()
     assert torch.equal(peft_model.get_prompt_embedding_to_save("default").float(), res.prompt)
 
-    enc = lm.tokenizer(["the movie was good and great", "a bad film"], padding=True, return_tensors="pt")
+    enc = lm.tokenizer(
+        ["the movie was good and great", "a bad film"], padding=True, return_tensors="pt"
+    )
     assert enc["attention_mask"].sum(1).tolist()[0] != enc["attention_mask"].sum(1).tolist()[1]
     with torch.no_grad():
         got = peft_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
@@ -120,7 +131,10 @@ def test_failed_write_keeps_the_old_prompt(sp_home, monkeypatch):
 @pytest.mark.parametrize(
     "damage, match",
     [
-        (lambda p: (p / "adapter_model.safetensors").unlink(), "adapter_model.safetensors is missing"),
+        (
+            lambda p: (p / "adapter_model.safetensors").unlink(),
+            "adapter_model.safetensors is missing",
+        ),
         (lambda p: (p / "adapter_config.json").write_text("{not json"), "not valid JSON"),
         (lambda p: (p / "adapter_config.json").write_text('{"peft_type": "LORA"}'), "LORA adapter"),
         (lambda p: (p / "adapter_model.safetensors").write_bytes(b"\x00\x01garbage"), "unreadable"),
@@ -145,12 +159,18 @@ def test_truncated_safetensors_is_a_user_error(tmp_path):
 
 def test_check_compatible(tiny_lm):
     fp = tiny_lm.fingerprint
-    ok = store.StoredPrompt("ok", None, torch.zeros(2, fp["hidden_size"]), {"base_model": {"fingerprint": fp}})
+    ok = store.StoredPrompt(
+        "ok", None, torch.zeros(2, fp["hidden_size"]), {"base_model": {"fingerprint": fp}}
+    )
     store.check_compatible(ok, fp)
     unknown = store.StoredPrompt("unknown", None, torch.zeros(2, fp["hidden_size"]), {})
     store.check_compatible(unknown, fp)  # no recorded base model: nothing to compare
-    other = store.StoredPrompt("other", None, torch.zeros(2, fp["hidden_size"]),
-                               {"base_model": {"fingerprint": {**fp, "vocab_size": 7}}})
+    other = store.StoredPrompt(
+        "other",
+        None,
+        torch.zeros(2, fp["hidden_size"]),
+        {"base_model": {"fingerprint": {**fp, "vocab_size": 7}}},
+    )
     with pytest.raises(UserError, match="vocab_size"):
         store.check_compatible(other, fp)
     store.check_compatible(other, fp, force=True)

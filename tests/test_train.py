@@ -19,7 +19,9 @@ VERB = {"0": "negative", "1": "positive"}
 
 
 def target_cfg(csv, **kw) -> DataConfig:
-    return DataConfig(path=str(csv), template="{text}", target_column="label", verbalizer=VERB, **kw)
+    return DataConfig(
+        path=str(csv), template="{text}", target_column="label", verbalizer=VERB, **kw
+    )
 
 
 def sharpen(lm, factor: float = 10.0):
@@ -35,8 +37,13 @@ def sharpen(lm, factor: float = 10.0):
 
 def test_base_weights_unchanged_bit_for_bit(tiny_lm, toy_csv):
     before = {k: v.detach().clone() for k, v in tiny_lm.model.state_dict().items()}
-    res = TR.train(tiny_lm, target_cfg(toy_csv, limit=24), PromptConfig(num_virtual_tokens=4),
-                   TrainConfig(epochs=1, batch_size=8, lr=0.3), name="weights")
+    res = TR.train(
+        tiny_lm,
+        target_cfg(toy_csv, limit=24),
+        PromptConfig(num_virtual_tokens=4),
+        TrainConfig(epochs=1, batch_size=8, lr=0.3),
+        name="weights",
+    )
     assert res.stopped == "completed" and len(res.history) >= 2
     init = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4), target_cfg(toy_csv), 0)
     assert not torch.equal(res.prompt, init)  # the prompt did move
@@ -59,7 +66,9 @@ def test_loss_goes_down_and_accuracy_goes_up(tiny_lm, toy_csv):
 
     def quality(prompt):
         scorer = lambda b: sequence_logprobs(lm.model, prompt, **b)  # noqa: E731
-        scores = E.label_scores(scorer, lm.tokenizer, probe, list(VERB.values()), lm.tokenizer.pad_token_id)
+        scores = E.label_scores(
+            scorer, lm.tokenizer, probe, list(VERB.values()), lm.tokenizer.pad_token_id
+        )
         gold = torch.tensor([int(e.label) for e in probe])
         margin = (scores.gather(1, gold[:, None]) - scores.gather(1, 1 - gold[:, None])).mean()
         acc = E.accuracy_report(scores, probe, list(VERB))["accuracy"]
@@ -80,9 +89,13 @@ def test_loss_goes_down_lm_mode_plain_tiny_model(tiny_lm, tmp_path):
     """LM mode on one repeated sentence with the unmodified tiny model."""
     p = tmp_path / "rep.csv"
     p.write_text("text\n" + "the movie was good and the actors were great\n" * 16)
-    res = TR.train(tiny_lm, DataConfig(path=str(p), text_column="text", dev_fraction=0.0),
-                   PromptConfig(num_virtual_tokens=4), TrainConfig(epochs=4, batch_size=8, lr=0.3, patience=None),
-                   save=False)
+    res = TR.train(
+        tiny_lm,
+        DataConfig(path=str(p), text_column="text", dev_fraction=0.0),
+        PromptConfig(num_virtual_tokens=4),
+        TrainConfig(epochs=4, batch_size=8, lr=0.3, patience=None),
+        save=False,
+    )
     losses = [e["train_loss"] for e in res.epochs]
     # near-uniform model (ln 320 = 5.77): the prompt can only move the loss a little; observed ~0.1
     assert losses[-1] < losses[0] - 0.05
@@ -112,7 +125,14 @@ def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch):
     assert ckpt is not None and ckpt[1]["epoch"] == 2
 
     with pytest.raises(UserError, match="differ"):
-        TR.train(tiny_lm, cfg, pcfg, TrainConfig(epochs=4, batch_size=8, lr=0.2, patience=2), name="part", resume=True)
+        TR.train(
+            tiny_lm,
+            cfg,
+            pcfg,
+            TrainConfig(epochs=4, batch_size=8, lr=0.2, patience=2),
+            name="part",
+            resume=True,
+        )
     resumed = TR.train(tiny_lm, cfg, pcfg, tcfg, name="part", resume=True)
 
     assert resumed.stopped == full.stopped
@@ -125,8 +145,14 @@ def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch):
 
 def test_resume_without_checkpoint_is_a_user_error(tiny_lm, toy_csv):
     with pytest.raises(UserError, match="no checkpoint"):
-        TR.train(tiny_lm, target_cfg(toy_csv, limit=8), PromptConfig(num_virtual_tokens=2),
-                 TrainConfig(epochs=1), name="never", resume=True)
+        TR.train(
+            tiny_lm,
+            target_cfg(toy_csv, limit=8),
+            PromptConfig(num_virtual_tokens=2),
+            TrainConfig(epochs=1),
+            name="never",
+            resume=True,
+        )
     assert store.list_prompts() == []
 
 
@@ -142,8 +168,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_prompt(tiny_lm, toy_csv, monk
 
     monkeypatch.setattr(TR.PromptMethod, "loss", nan_on_third_call)
     # no eval set, so every loss call is a training step; 48 rows / 8 = 6 steps in epoch 1
-    res = TR.train(tiny_lm, target_cfg(toy_csv, dev_fraction=0.0), PromptConfig(num_virtual_tokens=4),
-                   TrainConfig(epochs=2, batch_size=8, lr=0.3), name="nan")
+    res = TR.train(
+        tiny_lm,
+        target_cfg(toy_csv, dev_fraction=0.0),
+        PromptConfig(num_virtual_tokens=4),
+        TrainConfig(epochs=2, batch_size=8, lr=0.3),
+        name="nan",
+    )
     assert res.stopped == "non-finite loss"
     assert len(seen) == 3 and len(res.history) == 2
     assert not torch.equal(seen[2], seen[0])  # two good steps moved the prompt
@@ -154,26 +185,55 @@ def test_non_finite_loss_stops_and_keeps_last_good_prompt(tiny_lm, toy_csv, monk
     assert store.load_prompt("nan").meta["metrics"]["stopped"] == "non-finite loss"
 
 
+def test_non_finite_loss_with_eval_keeps_the_best_evaluated_prompt(tiny_lm, toy_csv, monkeypatch):
+    seen: list[torch.Tensor] = []
+    real = TR.PromptMethod.loss
+
+    def nan_on_first_step_of_epoch_2(self, batch):
+        if torch.is_grad_enabled():  # training calls only; evaluation runs without grad
+            seen.append(self.prompt.detach().clone())
+            if len(seen) == 7:  # 44 train rows / 8 = 6 steps per epoch
+                return torch.tensor(float("inf"))
+        return real(self, batch)
+
+    monkeypatch.setattr(TR.PromptMethod, "loss", nan_on_first_step_of_epoch_2)
+    res = TR.train(
+        tiny_lm,
+        target_cfg(toy_csv),
+        PromptConfig(num_virtual_tokens=4),
+        TrainConfig(epochs=3, batch_size=8, lr=0.3),
+        save=False,
+    )
+    assert res.stopped == "non-finite loss" and res.n_eval == 4
+    assert len(res.epochs) == 1 and res.best is not None and len(res.history) == 6
+    # end of epoch 1: the best evaluated state, and the one right before the bad step
+    assert torch.equal(res.prompt, seen[6])
+
+
 def test_fast_and_naive_forward_train_alike(tiny_lm, toy_csv):
     """TrainConfig.fast_forward only changes speed: a few steps give the same prompt."""
     cfg = target_cfg(toy_csv, limit=16, dev_fraction=0.0)
     pcfg = PromptConfig(num_virtual_tokens=4)
-    fast = TR.train(tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, fast_forward=True), save=False)
-    naive = TR.train(tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, fast_forward=False), save=False)
+    fast = TR.train(
+        tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, fast_forward=True), save=False
+    )
+    naive = TR.train(
+        tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, fast_forward=False), save=False
+    )
     init = TR.initial_prompt(tiny_lm, pcfg, cfg, 0)
     moved = float((fast.prompt - init).norm())
     assert moved > 0
     assert float((fast.prompt - naive.prompt).norm()) < 1e-3 * moved
-    for a, b in zip(fast.history, naive.history):
+    for a, b in zip(fast.history, naive.history, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(b["loss"])
 
 
-def test_grad_accum_equals_bigger_batch(tiny_lm, toy_csv):
-    """grad_accum=2 x batch 4 gives the same step count and nearly the same prompt as batch 8
-    when every row has the same number of targets (the toy labels are one token each)."""
+def test_grad_accum_groups_micro_batches_into_one_step(tiny_lm, toy_csv):
+    """grad_accum=2 halves the optimiser steps and each step sees both micro-batches' tokens."""
     cfg = target_cfg(toy_csv, limit=16, dev_fraction=0.0)
     pcfg = PromptConfig(num_virtual_tokens=4)
-    a = TR.train(tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=8, grad_accum=1), save=False)
+    a = TR.train(tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, grad_accum=1), save=False)
     b = TR.train(tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, grad_accum=2), save=False)
-    assert len(a.history) == len(b.history) == 2
-    assert all(h["tokens"] > 0 for h in b.history)
+    assert len(a.history) == 4 and len(b.history) == 2
+    assert sum(h["tokens"] for h in a.history) == sum(h["tokens"] for h in b.history) > 0
+    assert not torch.equal(a.prompt, b.prompt)

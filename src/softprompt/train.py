@@ -142,7 +142,7 @@ def fit(
         method.load_state({k[6:]: v for k, v in tensors.items() if k.startswith("state.")})
         _load_opt_state(opt, tensors)
         sched.load_state_dict(st["scheduler"])
-        for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+        for group, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
             group["lr"] = lr  # the scheduler's state does not carry the optimiser's current lr
         res.state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         res.history, res.epochs, res.train_time_s = st["history"], st["epochs"], st["train_time_s"]

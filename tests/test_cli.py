@@ -155,15 +155,11 @@ CASES = {
 
 
 HETEROGENEOUS = b'{"text": "a good movie", "label": "1"}\n{"review": "a bad movie", "label": "0"}\n'
-# Known bugs: these inputs currently end in a traceback instead of one line and exit code 2.
-# Strict xfail on the current exception: once fixed, the case passes and pytest reports XPASS as
-# a failure, so the case moves into CASES above.
-KNOWN_BUGS = {
+# Inputs that once ended in a traceback: heterogeneous rows and malformed templates.
+CASES_MORE = {
     "jsonl row without the text column": (
         lambda tmp, csv: ["--data", write(tmp / "h.jsonl", HETEROGENEOUS), "--text-column", "text"],
         "row 2",
-        "data.check_columns looks at the first row only; a later row without the column -> KeyError",
-        KeyError,
     ),
     "jsonl row without a template column": (
         lambda tmp, csv: [
@@ -175,39 +171,24 @@ KNOWN_BUGS = {
             "label",
         ],
         "row 2",
-        "data.check_columns looks at the first row only; template.format_map -> KeyError",
-        KeyError,
     ),
     "template with a positional field": (
         lambda tmp, csv: ["--data", csv, "--template", "Review: {}", "--target-column", "label"],
         "--template",
-        "an empty {} placeholder passes check_columns; format_map raises ValueError",
-        ValueError,
     ),
     "template with an unclosed brace": (
         lambda tmp, csv: ["--data", csv, "--template", "Review: {text", "--target-column", "label"],
         "--template",
-        "string.Formatter().parse raises ValueError in data.template_fields",
-        ValueError,
     ),
 }
 
 
-@pytest.mark.parametrize(
-    "case",
-    list(CASES)
-    + [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                strict=True, reason=KNOWN_BUGS[name][2], raises=KNOWN_BUGS[name][3]
-            ),
-        )
-        for name in KNOWN_BUGS
-    ],
-)
+CASES.update(CASES_MORE)
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_train_user_errors(capsys, sp_home, tiny, toy_csv, tmp_path, case):
-    make, match = CASES[case] if case in CASES else KNOWN_BUGS[case][:2]
+    make, match = CASES[case]
     assert_user_error(
         capsys, sp_home, ["train", "--model", tiny, "--quiet", *make(tmp_path, str(toy_csv))], match
     )
@@ -294,11 +275,6 @@ def test_ctrl_c_exits_130_and_resume_continues(capsys, sp_home, tiny, toy_csv, m
     assert resumed.meta["epochs"] == straight.meta["epochs"] and len(straight.meta["epochs"]) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="train.fit copies the checkpoint's (4, H) prompt into an (8, H) parameter: RuntimeError traceback",
-)
 def test_resume_with_other_prompt_shape_is_a_user_error(
     capsys, sp_home, tiny, toy_csv, monkeypatch
 ):

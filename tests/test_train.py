@@ -143,10 +143,6 @@ def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch):
     assert torch.equal(store.load_prompt("part").embeddings, store.load_prompt("full").embeddings)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the checkpoint does not record that the run early-stopped; --resume trains on past the stop",
-)
 def test_resuming_an_early_stopped_run_changes_nothing(tiny_lm, toy_csv, monkeypatch):
     def scripted_evaluator(*args, **kwargs):
         calls = {"n": 0}

@@ -124,7 +124,16 @@ def _derive(rows: list[dict[str, str]], derive: dict[str, str] | None) -> list[d
 
 
 def template_fields(template: str) -> list[str]:
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    """Column names a template uses; a malformed template is a UserError."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise UserError(f"--template {template!r} is malformed ({e}); use {{column}} placeholders") from None
+    fields = [f for _, f, _, _ in parts if f is not None]
+    bad = [f for f in fields if not f or f.isdigit()]
+    if bad:
+        raise UserError(f"--template {template!r}: name the column in every {{}} placeholder")
+    return fields
 
 
 def check_columns(path, rows: list[dict[str, str]], cfg: DataConfig) -> None:
@@ -138,6 +147,10 @@ def check_columns(path, rows: list[dict[str, str]], cfg: DataConfig) -> None:
     for what, col in need:
         if col not in have:
             raise UserError(f"{path}: {what} {col!r} is not a column; columns are: {', '.join(have)}")
+    for i, row in enumerate(rows, 1):
+        for _, col in need:
+            if col not in row:
+                raise UserError(f"{path}: row {i} has no {col!r} field")
 
 
 def target_text(source: str, word: str) -> str:

@@ -133,21 +133,7 @@ def fit(
     res = FitResult(state=method.state())
     start_epoch, step, best_score, bad = 0, 0, None, 0
     if resume and checkpoint is not None:
-        loaded = store.load_checkpoint(checkpoint)
-        if loaded is None:
-            raise UserError(f"--resume: no checkpoint in {checkpoint}")
-        tensors, st = loaded
-        if st["config"] != cfg.to_dict():
-            raise UserError("--resume: the training options differ from the checkpoint's; use the same options")
-        method.load_state({k[6:]: v for k, v in tensors.items() if k.startswith("state.")})
-        _load_opt_state(opt, tensors)
-        sched.load_state_dict(st["scheduler"])
-        for group, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
-            group["lr"] = lr  # the scheduler's state does not carry the optimiser's current lr
-        res.state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-        res.history, res.epochs, res.train_time_s = st["history"], st["epochs"], st["train_time_s"]
-        start_epoch, step, best_score, bad, res.best = st["epoch"], st["step"], st["best_score"], st["bad"], st["best"]
-        log.info("resumed from %s at epoch %d, step %d", checkpoint, start_epoch, step)
+        start_epoch, step, best_score, bad = _resume(checkpoint, method, opt, sched, cfg, res)
     bar = _progress(total, step, progress)
     for epoch in range(start_epoch, n_epochs):
         if step >= total or res.stopped != "completed":
@@ -177,6 +163,30 @@ def fit(
     if bar is not None:
         bar.close()
     return res
+
+
+def _resume(checkpoint: Path, method, opt, sched, cfg: TrainConfig, res: FitResult) -> tuple[int, int, float | None, int]:
+    """Restore method, optimiser, scheduler and result from an epoch checkpoint."""
+    loaded = store.load_checkpoint(checkpoint)
+    if loaded is None:
+        raise UserError(f"--resume: no checkpoint in {checkpoint}")
+    tensors, st = loaded
+    if st["config"] != cfg.to_dict():
+        raise UserError("--resume: the training options differ from the checkpoint's; use the same options")
+    saved = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
+    current = method.state()
+    if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in current):
+        raise UserError("--resume: the checkpoint's prompt has another shape (different --num-virtual-tokens or model); use the same options")
+    method.load_state(saved)
+    _load_opt_state(opt, tensors)
+    sched.load_state_dict(st["scheduler"])
+    for group, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
+        group["lr"] = lr  # the scheduler's state does not carry the optimiser's current lr
+    res.state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    res.history, res.epochs, res.train_time_s = st["history"], st["epochs"], st["train_time_s"]
+    res.best, res.stopped = st["best"], st.get("stopped", "completed")
+    log.info("resumed from %s at epoch %d, step %d", checkpoint, st["epoch"], st["step"])
+    return st["epoch"], st["step"], st["best_score"], st["bad"]
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -229,7 +239,7 @@ def _save_ckpt(path, method, opt, sched, res, cfg, epoch, step, best_score, bad)
     state = {
         "config": cfg.to_dict(), "scheduler": sched.state_dict(), "epoch": epoch, "step": step,
         "best_score": best_score, "bad": bad, "best": res.best, "history": res.history,
-        "epochs": res.epochs, "train_time_s": res.train_time_s,
+        "epochs": res.epochs, "train_time_s": res.train_time_s, "stopped": res.stopped,
     }
     store.save_checkpoint(path, tensors, state)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import engine, forward, models, store
+from softprompt import bank, engine, forward, models, store
 from softprompt.config import GenerateConfig, UserError
 from softprompt.engine import Engine, EngineConfig, GenerateRequest, ScoreRequest
 
@@ -133,7 +133,7 @@ def test_mixed_scores_equal_single_and_the_training_scorer(lm):
 
 def test_prefix_cache_is_bounded_in_bytes_and_reused(tiny_lm):
     eng = make_engine(tiny_lm, sizes=(4, 4, 4))
-    per = engine.compute_prefix(tiny_lm.model, eng.bank.get("p0")[0].embeddings).nbytes
+    per = bank.compute_prefix(tiny_lm.model, eng.bank.get("p0")[0].embeddings).nbytes
     eng.prefixes.max_bytes = 2 * per  # room for two prefixes
     for p in ("p0", "p1", "p0", "p2"):
         eng.generate([GenerateRequest(TEXTS[0], p, GenerateConfig(max_new_tokens=1))])

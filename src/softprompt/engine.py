@@ -1,7 +1,8 @@
 """Inference: one frozen model, a bank of soft prompts, mixed-task batches, our own decode loop.
 
-``Engine`` holds the model and a ``PromptBank`` (prompts by name, loaded lazily from the store,
-an LRU bound on how many stay resident, fingerprint-checked). ``Engine.generate`` and
+``Engine`` holds the model, a ``bank.PromptBank`` (prompts by name, loaded lazily from the store,
+an LRU bound on how many stay resident, fingerprint-checked) and a ``bank.PrefixCache``
+(per-prompt keys/values, byte-bounded LRU). ``Engine.generate`` and
 ``Engine.score`` take lists of requests, each naming its prompt (or none) and, for generation,
 its own ``GenerateConfig``; all of them run as one batch (chunks of ``max_batch_rows``).
 
@@ -13,7 +14,7 @@ Decoder-only layout of row i (prompt length N_i, T_i input tokens), built per la
 Pads carry attention_mask 0; position ids start at 0 at the first virtual token (tokens of row
 i sit at N_i, N_i+1, ...), so each row computes exactly ``[its prompt][its tokens]``. The
 prefix keys/values do not depend on the input (causal attention, prompt first), so they are
-computed once per prompt (``forward.prefix_cache``) and kept in a byte-bounded LRU. With
+computed once per prompt and reused by every request. With
 ``use_prefix_cache=False`` the reference path runs ``[pad][P_i][x_i]`` through the whole model.
 
 Rows that finish (EOS or their max_new_tokens) leave the batch: their rows are dropped from
@@ -26,18 +27,17 @@ in front of the encoder input (``seq2seq.py``); they have no prefix cache.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from softprompt import seq2seq, store
+from softprompt import seq2seq
+from softprompt.bank import PrefixCache, PrefixKV, PromptBank, compute_prefix
 from softprompt.config import GenerateConfig, UserError
-from softprompt.forward import embed, prefix_cache
+from softprompt.forward import embed
 
 log = logging.getLogger(__name__)
 ANON = "<tensor>"  # bank name of the prompt tensor handed to the module-level generate()
@@ -127,117 +127,6 @@ def pick_token(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerateConfig, ge
         return int(logits.argmax())
     logits = top_p_filter(logits / cfg.temperature, cfg.top_p)
     return int(torch.multinomial(F.softmax(logits, -1), 1, generator=gen))
-
-
-# ---------------------------------------------------------------- prompt bank and prefix cache
-
-
-@dataclass
-class PrefixKV:
-    """A prompt's keys/values in every layer and its last hidden state (input-independent)."""
-
-    keys: torch.Tensor  # (layers, kv, N, d)
-    values: torch.Tensor  # (layers, kv, N, d)
-    last: torch.Tensor  # (H,) hidden state of the last virtual token: predicts the first token
-
-    @property
-    def n(self) -> int:
-        return int(self.keys.shape[2])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.last))
-
-
-def compute_prefix(model, embeddings: torch.Tensor) -> PrefixKV:
-    cache, last = prefix_cache(model, embeddings.to(model.dtype))
-    keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (layers, kv, N, d)
-    values = torch.stack([layer.values[0] for layer in cache.layers])
-    return PrefixKV(keys, values, last)
-
-
-class PromptBank:
-    """Prompts by name: pinned in-memory ones, plus store prompts loaded lazily (LRU-bounded).
-
-    A store prompt is re-read when its file changes on disk (checked by mtime and size on every
-    lookup), so ``prompts rm`` or a retrain is seen by a long-running engine. ``get`` returns a
-    version key that changes whenever the tensor does; the prefix cache is keyed by it.
-    """
-
-    def __init__(self, fingerprint: dict, max_resident: int = 64, force: bool = False):
-        self.fingerprint, self.max_resident, self.force = fingerprint, max_resident, force
-        self._pinned: dict[str, tuple[store.StoredPrompt, tuple]] = {}
-        self._resident: OrderedDict[str, tuple[store.StoredPrompt, tuple]] = OrderedDict()
-        self._adds = 0
-
-    def add(self, name: str, embeddings: torch.Tensor, meta: dict | None = None) -> None:
-        """Register an in-memory (N, H) prompt under ``name`` (never evicted)."""
-        h = self.fingerprint["hidden_size"]
-        if embeddings.dim() != 2 or embeddings.shape[1] != h:
-            raise UserError(f"prompt {name!r} has shape {tuple(embeddings.shape)}; the model needs (N, {h})")
-        self._adds += 1
-        sp = store.StoredPrompt(name=name, path=store.prompts_dir(), embeddings=embeddings.detach().float(), meta=meta or {})
-        self._pinned[name] = (sp, ("pinned", self._adds))
-
-    def get(self, name: str) -> tuple[store.StoredPrompt, tuple]:
-        if name in self._pinned:
-            return self._pinned[name]
-        path = store.prompt_path(name)
-        stamp = _stamp(path)
-        hit = self._resident.get(name)
-        if hit is not None and hit[1] == stamp:
-            self._resident.move_to_end(name)
-            return hit
-        self._resident.pop(name, None)
-        sp = store.read_prompt_dir(path, name)  # UserError naming the file if missing or broken
-        store.check_compatible(sp, self.fingerprint, force=self.force)
-        self._resident[name] = (sp, stamp)
-        while len(self._resident) > self.max_resident:
-            self._resident.popitem(last=False)
-        return self._resident[name]
-
-    def resident(self) -> list[str]:
-        return list(self._pinned) + list(self._resident)
-
-    def nbytes(self) -> int:
-        items = list(self._pinned.values()) + list(self._resident.values())
-        return sum(sp.embeddings.numel() * sp.embeddings.element_size() for sp, _ in items)
-
-
-def _stamp(path) -> tuple:
-    try:
-        st = os.stat(path / "adapter_model.safetensors")
-        return (st.st_mtime_ns, st.st_size)
-    except OSError:
-        return ("missing",)
-
-
-class PrefixCache:
-    """LRU of ``PrefixKV`` by (name, version), bounded in bytes (the newest entry always stays)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple, PrefixKV] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def get(self, key: tuple, compute) -> PrefixKV:
-        if key in self._items:
-            self.hits += 1
-            self._items.move_to_end(key)
-            return self._items[key]
-        self.misses += 1
-        kv = compute()
-        self._items[key] = kv
-        while len(self._items) > 1 and self.nbytes > self.max_bytes:
-            self._items.popitem(last=False)
-        return kv
-
-    @property
-    def nbytes(self) -> int:
-        return sum(kv.nbytes for kv in self._items.values())
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 # ---------------------------------------------------------------- decoder-only batch state
@@ -432,6 +321,7 @@ class Engine:
     def _generate_chunk(self, rows: list[_Row], cfgs: list[GenerateConfig], return_logits: bool) -> list[Generation]:
         t0 = time.perf_counter()
         B = len(rows)
+        log.debug("generate: %d rows, %d distinct prompts", B, len({r.prompt for r in rows}))
         state, logits = self._start(rows)
         gens = [torch.Generator().manual_seed(c.seed) for c in cfgs]
         seen = [list(r.ids) for r in rows]
@@ -552,3 +442,125 @@ def generate(lm, prompt: torch.Tensor | None, text: str, cfg: GenerateConfig) ->
     if prompt is not None:
         eng.add_prompt(ANON, prompt)
     return eng.generate([GenerateRequest(text, ANON if prompt is not None else None, cfg)])[0]
+
+
+# ---------------------------------------------------------------- step-wise decoding (continuous batching)
+
+
+def merge_states(a: DecoderState, b: DecoderState) -> DecoderState:
+    """Stack two decoder-only batches: key columns right-aligned, the narrower one left-padded.
+
+    Exact: the added columns have attention mask 0 and positions are explicit (``next_pos``).
+    """
+    La, Lb = a.mask.shape[1], b.mask.shape[1]
+    L = max(La, Lb)
+
+    def pad(t: torch.Tensor, n: int) -> torch.Tensor:  # (B, kv, n, d) -> (B, kv, L, d)
+        return t if n == L else torch.cat([t.new_zeros(*t.shape[:2], L - n, t.shape[3]), t], 2)
+
+    layers = [(torch.cat([pad(x.keys, La), pad(y.keys, Lb)]), torch.cat([pad(x.values, La), pad(y.values, Lb)]))
+              for x, y in zip(a.cache.layers, b.cache.layers, strict=True)]
+    mask = torch.cat([F.pad(a.mask, (L - La, 0)), F.pad(b.mask, (L - Lb, 0))])  # (Ba+Bb, L)
+    cache = DynamicCache(ddp_cache_data=layers, config=a.model.config)
+    return DecoderState(a.model, cache, mask, torch.cat([a.next_pos, b.next_pos]))
+
+
+@dataclass
+class StepEvent:
+    rid: int  # the id ``StepBatch.add`` gave the row
+    token: int | None  # the new token; None when the row ended on EOS
+    finish_reason: str | None  # "stop" (EOS) or "length" when the row left the batch, else None
+
+
+@dataclass
+class _Live:
+    rid: int
+    cfg: GenerateConfig
+    seen: list[int]  # input + generated tokens (repetition penalty)
+    gen: torch.Generator
+    n_out: int = 0
+
+
+class StepBatch:
+    """Iteration-level scheduling: rows join (``add``) and leave (finish, ``cancel``) between steps.
+
+    ``step`` picks one token for every live row with the same rules as ``Engine.generate``
+    (per-row config and seeded generator), so a row's tokens do not depend on when it joined or
+    on its neighbours. New decoder-only rows are prefilled together and stacked onto the running
+    cache (``merge_states``). Encoder-decoder batches (T5: decoder positions are implicit) only
+    take new rows while empty (``can_join``). Not thread-safe: one thread drives it.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.state = None
+        self.logits: torch.Tensor | None = None  # (B, V) next-token logits of the live rows
+        self.live: list[_Live] = []
+        self._ids = 0
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    @property
+    def can_join(self) -> bool:
+        return not self.live or not self.engine.lm.is_encoder_decoder
+
+    @torch.no_grad()
+    def add(self, requests: list[GenerateRequest]) -> list[int]:
+        """Prefill ``requests`` (one forward) and join them; returns their row ids."""
+        if not requests:
+            return []
+        if not self.can_join:
+            raise RuntimeError("an encoder-decoder batch takes new rows only while empty")
+        eng = self.engine
+        rows = eng._rows([(list(r.token_ids) if r.token_ids is not None else eng.encode(r.text), r.prompt)
+                          for r in requests])  # a bad prompt fails here, before any compute
+        state, logits = eng._start(rows)
+        if self.live:
+            self.state, self.logits = merge_states(self.state, state), torch.cat([self.logits, logits])
+        else:
+            self.state, self.logits = state, logits
+        ids = list(range(self._ids, self._ids + len(rows)))
+        self._ids += len(rows)
+        self.live += [_Live(i, r.config, list(row.ids), torch.Generator().manual_seed(r.config.seed))
+                      for i, r, row in zip(ids, requests, rows, strict=True)]
+        return ids
+
+    @torch.no_grad()
+    def step(self) -> list[StepEvent]:
+        """One token for every live row; finished rows leave; the rest advance one position."""
+        if not self.live:
+            return []
+        live = self.live
+        picks = self.engine._pick(self.logits, [r.cfg for r in live], [r.seen for r in live], [r.gen for r in live])
+        events, keep, feed = [], [], []
+        for j, (r, t) in enumerate(zip(live, picks, strict=True)):
+            if t == self.engine.eos_id:
+                events.append(StepEvent(r.rid, None, "stop"))
+                continue
+            r.seen.append(t)
+            r.n_out += 1
+            done = r.n_out >= r.cfg.max_new_tokens
+            events.append(StepEvent(r.rid, t, "length" if done else None))
+            if not done:
+                keep.append(j)
+                feed.append(t)
+        self._keep(keep)
+        if self.live:
+            self.logits = self.state.step(torch.tensor(feed, dtype=torch.long))
+        return events
+
+    def cancel(self, rids) -> None:
+        """Drop rows (client gone, stop string hit); the others are unaffected."""
+        drop = set(rids)
+        self._keep([j for j, r in enumerate(self.live) if r.rid not in drop])
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.live):
+            return
+        self.live = [self.live[j] for j in keep]
+        if keep:
+            self.state.take(keep)
+            self.logits = self.logits[keep]
+        else:
+            self.state = self.logits = None

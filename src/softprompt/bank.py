@@ -1,0 +1,131 @@
+"""The prompt bank and the per-prompt prefix cache, used by the inference engine.
+
+* ``PromptBank``: prompts by name. In-memory prompts (``add``) are pinned; store prompts are
+  loaded on first use, checked against the model's fingerprint (``store.check_compatible``),
+  kept in an LRU of at most ``max_resident`` entries, and re-read when their file changes on
+  disk. A missing or broken prompt is a ``UserError`` naming the file; it never poisons the
+  bank for the other prompts.
+* ``PrefixCache``: for decoder-only models a prompt's keys/values in every layer do not depend
+  on the input (causal attention, prompt first), so they are computed once per prompt version
+  (``forward.prefix_cache``) and kept in an LRU bounded in bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from softprompt import store
+from softprompt.config import UserError
+from softprompt.forward import prefix_cache
+
+
+@dataclass
+class PrefixKV:
+    """A prompt's keys/values in every layer and its last hidden state (input-independent)."""
+
+    keys: torch.Tensor  # (layers, kv, N, d)
+    values: torch.Tensor  # (layers, kv, N, d)
+    last: torch.Tensor  # (H,) hidden state of the last virtual token: predicts the first token
+
+    @property
+    def n(self) -> int:
+        return int(self.keys.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.last))
+
+
+def compute_prefix(model, embeddings: torch.Tensor) -> PrefixKV:
+    cache, last = prefix_cache(model, embeddings.to(model.dtype))
+    keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (layers, kv, N, d)
+    values = torch.stack([layer.values[0] for layer in cache.layers])
+    return PrefixKV(keys, values, last)
+
+
+class PromptBank:
+    """Prompts by name: pinned in-memory ones, plus store prompts loaded lazily (LRU-bounded).
+
+    A store prompt is re-read when its file changes on disk (checked by mtime and size on every
+    lookup), so ``prompts rm`` or a retrain is seen by a long-running engine. ``get`` returns a
+    version key that changes whenever the tensor does; the prefix cache is keyed by it.
+    """
+
+    def __init__(self, fingerprint: dict, max_resident: int = 64, force: bool = False):
+        self.fingerprint, self.max_resident, self.force = fingerprint, max_resident, force
+        self._pinned: dict[str, tuple[store.StoredPrompt, tuple]] = {}
+        self._resident: OrderedDict[str, tuple[store.StoredPrompt, tuple]] = OrderedDict()
+        self._adds = 0
+
+    def add(self, name: str, embeddings: torch.Tensor, meta: dict | None = None) -> None:
+        """Register an in-memory (N, H) prompt under ``name`` (never evicted)."""
+        h = self.fingerprint["hidden_size"]
+        if embeddings.dim() != 2 or embeddings.shape[1] != h:
+            raise UserError(f"prompt {name!r} has shape {tuple(embeddings.shape)}; the model needs (N, {h})")
+        self._adds += 1
+        sp = store.StoredPrompt(name=name, path=store.prompts_dir(), embeddings=embeddings.detach().float(), meta=meta or {})
+        self._pinned[name] = (sp, ("pinned", self._adds))
+
+    def get(self, name: str) -> tuple[store.StoredPrompt, tuple]:
+        if name in self._pinned:
+            return self._pinned[name]
+        path = store.prompt_path(name)
+        stamp = _stamp(path)
+        hit = self._resident.get(name)
+        if hit is not None and hit[1] == stamp:
+            self._resident.move_to_end(name)
+            return hit
+        self._resident.pop(name, None)
+        sp = store.read_prompt_dir(path, name)  # UserError naming the file if missing or broken
+        store.check_compatible(sp, self.fingerprint, force=self.force)
+        self._resident[name] = (sp, stamp)
+        while len(self._resident) > self.max_resident:
+            self._resident.popitem(last=False)
+        return self._resident[name]
+
+    def resident(self) -> list[str]:
+        return list(self._pinned) + list(self._resident)
+
+    def nbytes(self) -> int:
+        items = list(self._pinned.values()) + list(self._resident.values())
+        return sum(sp.embeddings.numel() * sp.embeddings.element_size() for sp, _ in items)
+
+
+def _stamp(path) -> tuple:
+    try:
+        st = os.stat(path / "adapter_model.safetensors")
+        return (st.st_mtime_ns, st.st_size)
+    except OSError:
+        return ("missing",)
+
+
+class PrefixCache:
+    """LRU of ``PrefixKV`` by (name, version), bounded in bytes (the newest entry always stays)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, PrefixKV] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple, compute) -> PrefixKV:
+        if key in self._items:
+            self.hits += 1
+            self._items.move_to_end(key)
+            return self._items[key]
+        self.misses += 1
+        kv = compute()
+        self._items[key] = kv
+        while len(self._items) > 1 and self.nbytes > self.max_bytes:
+            self._items.popitem(last=False)
+        return kv
+
+    @property
+    def nbytes(self) -> int:
+        return sum(kv.nbytes for kv in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)

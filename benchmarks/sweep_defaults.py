@@ -26,8 +26,8 @@ from softprompt.config import DataConfig, PromptConfig, TrainConfig  # noqa: E40
 from softprompt.quickstart import walkthrough_data  # noqa: E402
 from softprompt.train import train  # noqa: E402
 
-CLS_GRID = [(0.03, "random"), (0.3, "random"), (0.03, "labels"), (0.3, "labels"), (0.3, "vocab")]
-LM_GRID = [(4, "random", 5e-3), (4, "random", 0.1), (20, "vocab", 0.03), (20, "vocab", 0.1)]
+CLS_GRID = [(0.03, "random"), (0.3, "labels"), (0.3, "random"), (0.03, "labels"), (0.3, "vocab")]
+LM_GRID = [(20, "vocab", 0.1), (4, "random", 5e-3), (4, "random", 0.1), (20, "vocab", 0.03)]
 
 
 def sst2_config(train_rows: int, eval_rows: int) -> DataConfig:
@@ -38,31 +38,49 @@ def sst2_config(train_rows: int, eval_rows: int) -> DataConfig:
                          "eval_path": str(Path(cfg.path).with_name("dev.txt"))})
 
 
+def _done(args, task: str) -> list[dict]:
+    """Rows already measured (the sweep appends each row to --rows as it finishes)."""
+    path = Path(args.rows)
+    if not path.is_file():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["task"] == task]
+
+
+def _record(args, row: dict) -> None:
+    with open(args.rows, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
 def run_cls(lm, args) -> list[dict]:
     data = sst2_config(args.train_rows, args.eval_rows)
-    rows = []
+    rows = _done(args, "sst2")
     for lr, init in CLS_GRID:
+        if any(r["lr"] == lr and r["init"] == init for r in rows):
+            continue
         t0 = time.time()
         res = train(lm, data, PromptConfig(num_virtual_tokens=20, init=init),
                     TrainConfig(lr=lr, epochs=args.cls_epochs, batch_size=16, patience=None, seed=0), save=False)
         acc = [e.get("eval_accuracy") for e in res.epochs]
         rows.append({"task": "sst2", "N": 20, "init": init, "lr": lr, "dev_accuracy_per_epoch": acc,
                      "best_dev_accuracy": max(acc), "final_train_loss": res.final_train_loss, "seconds": time.time() - t0})
-        print(json.dumps(rows[-1]), flush=True)
+        _record(args, rows[-1])
     return rows
 
 
 def run_lm(lm, args) -> list[dict]:
     data = walkthrough_data(ROOT.parent / "shared" / "data")
-    rows = []
+    rows = _done(args, "walkthrough-lm")
     for n, init, lr in LM_GRID:
+        if any(r["lr"] == lr and r["init"] == init and r["N"] == n for r in rows):
+            continue
         t0 = time.time()
         res = train(lm, data, PromptConfig(num_virtual_tokens=n, init=init),
                     TrainConfig(lr=lr, epochs=5, batch_size=8, patience=None, seed=0), save=False)
         rows.append({"task": "walkthrough-lm", "N": n, "init": init, "lr": lr,
                      "epoch_train_loss": [e["train_loss"] for e in res.epochs],
                      "final_train_loss": res.final_train_loss, "seconds": time.time() - t0})
-        print(json.dumps(rows[-1]), flush=True)
+        _record(args, rows[-1])
     return rows
 
 
@@ -91,11 +109,14 @@ def main() -> None:
     p.add_argument("--eval-rows", type=int, default=100)
     p.add_argument("--cls-epochs", type=int, default=3)
     p.add_argument("--only", choices=["cls", "lm"], default=None)
+    p.add_argument("--rows", default=str(ROOT / "benchmarks" / "results" / "sweep_defaults.rows.jsonl"),
+                   help="JSONL of measured rows; finished configurations are skipped on a re-run")
+    p.add_argument("--report-only", action="store_true", help="write the report from --rows without training")
     args = p.parse_args()
     torch.set_num_threads(2)
-    lm = models.load()
-    rows_cls = run_cls(lm, args) if args.only != "lm" else []
-    rows_lm = run_lm(lm, args) if args.only != "cls" else []
+    lm = None if args.report_only else models.load()
+    rows_cls = (_done(args, "sst2") if args.report_only else run_cls(lm, args)) if args.only != "lm" else []
+    rows_lm = (_done(args, "walkthrough-lm") if args.report_only else run_lm(lm, args)) if args.only != "cls" else []
     write(rows_cls, rows_lm, args)
 
 

@@ -72,7 +72,7 @@ class DataConfig(_JsonMixin):
 @dataclass(frozen=True)
 class PromptConfig(_JsonMixin):
     num_virtual_tokens: int = 20  # N: virtual tokens in the soft prompt
-    init: str = "vocab"  # random | text | vocab | labels | prompt:<name> | transfer
+    init: str = "random"  # random | text | vocab | labels | prompt:<name> (best measured, docs/tuning.md)
     init_text: str | None = None  # text for init=text
 
     def __post_init__(self) -> None:
@@ -90,7 +90,7 @@ class PromptConfig(_JsonMixin):
 
 @dataclass(frozen=True)
 class TrainConfig(_JsonMixin):
-    lr: float = 0.3  # AdamW learning rate for the prompt (found by the sweep in docs/)
+    lr: float = 0.03  # AdamW learning rate for the prompt (best measured, docs/tuning.md)
     epochs: int = 3  # passes over the training data (ignored when steps is set)
     steps: int | None = None  # optimiser steps in total; overrides epochs
     batch_size: int = 8  # rows per micro-batch

@@ -154,11 +154,21 @@ def engine_label_scores(engine, examples: list[D.Example], words: list[str], pro
     tok = engine.lm.tokenizer
     targets = [label_targets(tok, ex, words) for ex in examples]
     rows = [ScoreRow(tuple(ex.input_ids[: ex.source_len]), t, p) for p in prompts for ex, t in zip(examples, targets)]
-    res = engine.score_rows(rows)
+    res = score_in_blocks(engine, rows)
     lp = torch.tensor([r.logprobs for r in res], dtype=torch.float64)  # (K*n, L)
     if normalize:
         lp = lp / torch.tensor([r.n_tokens for r in res], dtype=torch.float64)
     return lp.view(len(prompts), len(examples), len(words))
+
+
+def score_in_blocks(engine, rows: list, block: int = 512) -> list:
+    """``engine.score_rows`` in blocks, logging progress (a full test set takes minutes on CPU)."""
+    out = []
+    for s in range(0, len(rows), block):
+        out += engine.score_rows(rows[s : s + block])
+        if len(rows) > block:
+            log.info("scored %d/%d rows", len(out), len(rows))
+    return out
 
 
 def ensemble_probs(scores: torch.Tensor) -> torch.Tensor:
@@ -206,7 +216,7 @@ def generation_report(engine, examples: list[D.Example], prompt: str | None, max
             gen_idx.append(i)
     if not rows:
         raise UserError("no example has a target token to score")
-    res = engine.score_rows(rows)
+    res = score_in_blocks(engine, rows)
     n_tok = sum(r.n_tokens[0] for r in res)
     loss = -sum(r.logprobs[0] for r in res) / n_tok
     out = {"n": len(examples), **loss_metrics(loss), "target_tokens": n_tok}

@@ -249,6 +249,36 @@ def add_prompts_parser(sub) -> None:
     r.set_defaults(func=cmd_prompts)
 
 
+def add_serve_parser(sub) -> None:
+    """``softprompt serve``: one flag per ``server.ServerConfig`` field, plus --model and --force."""
+    import dataclasses
+
+    from softprompt.server import ServerConfig
+
+    s = sub.add_parser("serve", help="HTTP server: OpenAI-compatible API, classify, prompt registry, web page")
+    add_model_args(s)
+    helps = ServerConfig.field_help()
+    for f in dataclasses.fields(ServerConfig):
+        flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
+        if f.name == "api_key":
+            s.add_argument(flag, default=os.environ.get("SOFTPROMPT_API_KEY"), help=text + " (default $SOFTPROMPT_API_KEY)")
+            continue
+        typ = str if f.name in ("host", "model_id") else type(f.default)
+        s.add_argument(flag, type=typ, default=f.default, help=f"{text} (default {f.default})")
+    s.add_argument("--force", action="store_true", help="serve prompts trained on another base model (same H)")
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(a) -> int:
+    import dataclasses
+
+    from softprompt import server
+
+    cfg = server.ServerConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(server.ServerConfig)})
+    server.serve(cfg, a.model, force=a.force)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning for frozen language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -273,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(ev)
     ev.set_defaults(func=cmd_eval)
     add_prompts_parser(sub)
+    add_serve_parser(sub)
     return p
 
 

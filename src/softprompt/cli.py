@@ -249,6 +249,132 @@ def add_prompts_parser(sub) -> None:
     r.set_defaults(func=cmd_prompts)
 
 
+def add_compare_parser(sub) -> None:
+    from softprompt.compare import METHODS, CompareConfig
+
+    c = sub.add_parser("compare", help="compare hand-written prompts, prompt tuning, LoRA and full fine-tuning")
+    add_model_args(c)
+    g = c.add_argument_group("data (a classification task)")
+    g.add_argument("--task", help="a task recipe under tasks/ (sst2, trec, agnews, rte, boolq, cb) or a recipe .json file")
+    g.add_argument("--data", help="training file (.csv, .tsv, .jsonl or '<label> <text>' lines); dev is carved from it")
+    g.add_argument("--eval-data", help="test file for --data (default: a seeded 20%% carved from --data)")
+    g.add_argument("--data-root", help="where task recipes find their files (default $SOFTPROMPT_DATA or ../shared/data)")
+    g.add_argument("--template", help='input template, e.g. "Review: {text}\\nSentiment:"')
+    g.add_argument("--target-column", help="column with the label")
+    g.add_argument("--verbalizer", help='label words, e.g. "0=negative,1=positive"')
+    g.add_argument("--max-length", type=int, help="tokens per row")
+    g.add_argument("--limit", type=int, help="read only the first K training rows")
+    d = CompareConfig()
+    r = c.add_argument_group("comparison")
+    r.add_argument("--methods", default=",".join(METHODS), help="comma list from %(default)s")
+    r.add_argument("--train-sizes", default="all", help="training examples per run, e.g. 32,128,512,all (default %(default)s)")
+    r.add_argument("--seeds", default="0", help="run seeds, e.g. 0,1,2 (default %(default)s)")
+    r.add_argument("--budget", type=int, help=f"optimiser steps per training run, all methods (default: epochs, at least {d.min_steps})")
+    r.add_argument("--epochs", type=int, default=_default(TrainConfig, "epochs"), help="epochs per run without --budget (default %(default)s)")
+    r.add_argument("--lr", action="append", metavar="METHOD=LR[/LR...]", help="learning rates to sweep for a method (repeatable); "
+                   + "; ".join(f"{k} {'/'.join(f'{v:g}' for v in vs)}" for k, vs in d.lr_sweep.items()) + " by default")
+    r.add_argument("--num-virtual-tokens", type=int, default=_default(PromptConfig, "num_virtual_tokens"), help="N (default %(default)s)")
+    r.add_argument("--init", default=_default(PromptConfig, "init"), help="prompt init: random | vocab | labels (default %(default)s)")
+    r.add_argument("--eval-limit", type=int, default=d.eval_limit, help="dev rows, seeded sample (default %(default)s)")
+    r.add_argument("--test-limit", type=int, help="test rows, seeded sample (default: all)")
+    r.add_argument("--few-shot-tokens", type=int, default=d.few_shot_tokens, help="few-shot context budget (default %(default)s)")
+    r.add_argument("--latency-requests", type=int, default=d.latency_requests, help="requests timed (default %(default)s)")
+    r.add_argument("--quick", action="store_true", help="smoke test: one lr per method, 3 steps, a few rows")
+    o = c.add_argument_group("output")
+    o.add_argument("--out", default="compare-results", help="folder for compare_<tag>.json/.md/.png (default %(default)s)")
+    o.add_argument("--tag", help="result name (default: the task or data file name)")
+    o.add_argument("--notes", help="a Markdown file with a hand-written reading of the numbers, put into the report")
+    o.add_argument("--report", help="no runs: render result JSON files (comma list) into <out>/comparison.md and plots")
+    o.add_argument("--quiet", action="store_true", help="no progress display")
+    c.set_defaults(func=cmd_compare, text_column=None, compare_parser=c)
+
+
+def _command_line(a) -> str:
+    """The command as the user could retype it: the subcommand and every non-default option."""
+    import shlex
+
+    parts = ["softprompt", "compare"]
+    for act in a.compare_parser._actions:
+        if not act.option_strings or act.dest == "help":
+            continue
+        v = getattr(a, act.dest, None)
+        if v is None or v is False or v == act.default:
+            continue
+        for item in v if isinstance(v, list) else [v]:
+            parts += [act.option_strings[-1]] + ([] if item is True else [str(item)])
+    return shlex.join(parts)
+
+
+def _int_list(text: str, what: str, allow_all: bool = False) -> tuple:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if allow_all and part == "all":
+            out.append(None)
+        elif part.lstrip("-").isdigit():
+            out.append(int(part))
+        else:
+            raise UserError(f"{what}: {part!r} is not an integer{' or all' if allow_all else ''}")
+    return tuple(out)
+
+
+def compare_config(a):
+    from softprompt.compare import CompareConfig, quick
+
+    sweep = dict(CompareConfig().lr_sweep)
+    for item in a.lr or []:
+        method, sep, lrs = item.partition("=")
+        try:
+            sweep[method.strip()] = tuple(float(x) for x in lrs.split("/"))
+        except ValueError:
+            raise UserError(f"--lr {item!r}: expected METHOD=LR[/LR...], e.g. lora=1e-3/3e-4") from None
+        if not sep or method.strip() not in sweep:
+            raise UserError(f"--lr {item!r}: METHOD must be one of {', '.join(sweep)}")
+    cfg = CompareConfig(methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()),
+                        train_sizes=_int_list(a.train_sizes, "--train-sizes", allow_all=True),
+                        seeds=_int_list(a.seeds, "--seeds"), lr_sweep=sweep, budget=a.budget,
+                        eval_limit=a.eval_limit, test_limit=a.test_limit, few_shot_tokens=a.few_shot_tokens,
+                        latency_requests=a.latency_requests)
+    return quick(cfg) if a.quick else cfg
+
+
+def cmd_compare(a) -> int:
+    from pathlib import Path
+
+    from softprompt import compare, compare_report, models
+
+    notes = None
+    if a.notes:
+        if not os.path.isfile(a.notes):
+            raise UserError(f"--notes: no such file {a.notes}")
+        notes = open(a.notes, encoding="utf-8").read()
+    out, command = Path(a.out), _command_line(a)
+    if a.report:
+        docs = [compare_report.read_json(p.strip()) for p in a.report.split(",") if p.strip()]
+        print(f"wrote {compare_report.write_report(docs, out, 'comparison', command, notes)}")
+        return 0
+    ccfg = compare_config(a)
+    dcfg = data_config(a)
+    if dcfg.verbalizer is None and not a.task:
+        raise UserError("compare needs a classification task: give --verbalizer (and --template, --target-column)")
+    tcfg = TrainConfig(epochs=a.epochs)
+    pcfg = PromptConfig(num_virtual_tokens=a.num_virtual_tokens, init=a.init)
+
+    def say(msg: str) -> None:
+        if not a.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    lm = models.load(a.model)
+    doc = compare.run(lm, dcfg, a.task, ccfg, tcfg, pcfg, progress=not a.quiet, say=say)
+    tag = doc["tag"] = a.tag or doc["task"]
+    doc["command"] = command
+    path = compare_report.write_json(doc, out / f"compare_{tag}.json")
+    md = compare_report.write_report([doc], out, f"compare_{tag}", command, notes)
+    print("\n".join(compare_report.table(doc)))
+    print(f"wrote {path} and {md}")
+    return 0
+
+
 def add_serve_parser(sub) -> None:
     """``softprompt serve``: one flag per ``server.ServerConfig`` field, plus --model and --force."""
     import dataclasses
@@ -304,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
     add_prompts_parser(sub)
     add_serve_parser(sub)
+    add_compare_parser(sub)
     return p
 
 

@@ -1,0 +1,461 @@
+"""The method comparison: hand-written prompts vs prompt tuning vs LoRA vs full fine-tuning.
+
+Fairness is by construction: every trained method runs through ``train.fit`` (same loop,
+schedule, batch order for a seed, step budget) and every method is scored by
+``evaluate.classify_metrics`` (the same label scoring); all methods see the same training set
+for a (size, seed), the same dev set (early stopping, learning rate and template choice) and
+the same test set (``compare_data.py``). Each trained method gets a small learning-rate sweep
+and keeps the lr best on dev, so no method loses for a bad lr.
+
+Invariants: the shared frozen model is never modified (LoRA and full fine-tuning train private
+deep copies, see ``methods.py``; checked by a digest after the runs); every random choice is
+seeded and the seeds are recorded. ``compare_report.py`` turns the result into JSON, Markdown
+and plots.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from softprompt import compare_data as CD
+from softprompt import evaluate as E
+from softprompt import methods as M
+from softprompt import train as TR
+from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError, _JsonMixin
+
+METHODS = ("zero-shot", "few-shot", "prompt-tuning", "lora", "full")
+TRAINED = ("prompt-tuning", "lora", "full")
+# learning rates tried per trained method, the kept one best on dev (ties keep the first);
+# prompt tuning starts at TrainConfig's default (measured, docs/tuning.md); LoRA and full
+# fine-tuning bracket the usual values for small decoder models
+LR_SWEEP = {
+    "prompt-tuning": tuple(dict.fromkeys((TrainConfig().lr, 0.1, 0.3))),
+    "lora": (1e-3, 3e-4, 3e-3),
+    "full": (3e-5, 1e-5, 1e-4),
+}
+# can one forward serve rows of different tasks (in this implementation)?
+MIXED_BATCH = {
+    "zero-shot": True,
+    "few-shot": True,
+    "prompt-tuning": True,
+    "lora": False,
+    "full": False,
+}
+
+
+@dataclass(frozen=True)
+class CompareConfig(_JsonMixin):
+    methods: tuple[str, ...] = METHODS  # which methods, in this order
+    train_sizes: tuple[int | None, ...] = (None,)  # examples per run; None = the pool
+    seeds: tuple[int, ...] = (0,)  # run seeds: training set, batch order, init, demos
+    lr_sweep: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(LR_SWEEP))
+    budget: int | None = None  # optimiser steps per training run; None = epochs, >= min_steps
+    min_steps: int = 50  # small training sets still get this many steps (more epochs)
+    eval_limit: int | None = 200  # dev rows (seeded sample): early stopping, lr, template
+    test_limit: int | None = None  # test rows (seeded sample); None = the whole test set
+    dev_fraction: float = 0.1  # share of train carved out as dev when there is no dev file
+    data_seed: int = 0  # seeds dev/test carving and sampling (fixed across run seeds)
+    few_shot_tokens: int = 1024  # context for demonstrations + query (capped by the model)
+    few_shot_max_k: int = 32  # at most this many demonstrations
+    latency_requests: int = 20  # single requests timed for the latency figure
+    serve_tasks: int = 10  # K in "bytes to serve K tasks"
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise UserError(
+                f"--methods: unknown {', '.join(bad) or '(none given)'}; "
+                f"choose from {', '.join(METHODS)}"
+            )
+        if not self.train_sizes or any(n is not None and n <= 0 for n in self.train_sizes):
+            raise UserError("--train-sizes must be positive integers or 'all'")
+        if not self.seeds:
+            raise UserError("--seeds needs at least one seed")
+        for m in TRAINED:
+            if m in self.methods and not self.lr_sweep.get(m):
+                raise UserError(f"no learning rate to try for {m}")
+        for name in ("budget", "eval_limit", "test_limit", "latency_requests", "serve_tasks"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+
+
+def quick(cfg: CompareConfig) -> CompareConfig:
+    """``--quick``: the whole pipeline at smoke-test size (one lr each, a few steps and rows)."""
+    return replace(
+        cfg,
+        lr_sweep={m: v[:1] for m, v in cfg.lr_sweep.items()},
+        budget=cfg.budget or 3,
+        eval_limit=min(cfg.eval_limit or 8, 8),
+        test_limit=min(cfg.test_limit or 16, 16),
+        latency_requests=2,
+        few_shot_tokens=min(cfg.few_shot_tokens, 128),
+        few_shot_max_k=4,
+    )
+
+
+# ---------------------------------------------------------------- measurements
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled every 10 ms from /proc/self/statm
+    (Linux); elsewhere the growth of ru_maxrss, which only sees new process-wide peaks."""
+
+    def __enter__(self):
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def latency_ms(
+    score, tokenizer, examples, verbalizer: dict[str, str], pad_id: int, n: int
+) -> float:
+    """Median wall time to classify one request (its label words scored as one batch)."""
+    words = list(verbalizer.values())
+    times = []
+    for ex in [examples[0]] + examples[:n]:  # the first call warms up and is not counted
+        t0 = time.perf_counter()
+        E.label_scores(score, tokenizer, [ex], words, pad_id, batch_size=len(words))
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times[1:])
+
+
+def weights_digest(model) -> str:
+    """sha256 over every tensor of the state dict, bit for bit."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- one comparison's shared state
+
+
+@dataclass
+class Context:
+    lm: object  # models.LoadedModel: the shared frozen model
+    splits: CD.Splits
+    ccfg: CompareConfig
+    tcfg: TrainConfig
+    pcfg: PromptConfig
+    say: Callable[[str], None]
+    progress: bool = False  # the training loop's progress bar
+    hand_cfg: DataConfig | None = None  # the task's data settings with the best hand template
+    tried: list[dict] = field(default_factory=list)  # every hand template's dev accuracy
+    base_bytes: int = 0  # the shared model's weights file
+
+    @property
+    def pad(self) -> int:
+        return self.lm.tokenizer.pad_token_id
+
+    def accuracy(self, score, examples, cfg: DataConfig) -> dict:
+        tok, bs = self.lm.tokenizer, self.tcfg.eval_batch_size
+        return E.classify_metrics(score, tok, examples, cfg.verbalizer, self.pad, bs)
+
+    def latency(self, score, test, cfg: DataConfig) -> float:
+        n = self.ccfg.latency_requests
+        return latency_ms(score, self.lm.tokenizer, test, cfg.verbalizer, self.pad, n)
+
+
+# ---------------------------------------------------------------- hand-written prompts
+
+
+def choose_template(ctx: Context) -> None:
+    """The hand-written template best on dev with the plain model (zero-shot, first on ties)."""
+    scorer = M.HandPrompt(ctx.lm.model).score
+    for tpl in ctx.splits.candidates:
+        cfg = replace(ctx.splits.cfg, template=tpl)
+        dev = ctx.splits.examples(cfg)[1]
+        acc = ctx.accuracy(scorer, dev, cfg)["accuracy"] if dev else 0.0
+        ctx.say(f"template {tpl!r}: zero-shot dev accuracy {acc:.4f}")
+        ctx.tried.append({"template": tpl, "dev_accuracy": acc})
+    best = max(ctx.tried, key=lambda t: t["dev_accuracy"])
+    ctx.hand_cfg = replace(ctx.splits.cfg, template=best["template"])
+
+
+def few_shot_budget(ctx: Context, examples, cfg: DataConfig) -> int:
+    """Tokens left for demonstrations: the context minus the longest query and label word."""
+    mc, tok = ctx.lm.model.config, ctx.lm.tokenizer
+    ctx_len = (
+        getattr(mc, "max_position_embeddings", None)
+        or getattr(mc, "n_positions", None)
+        or ctx.ccfg.few_shot_tokens
+    )
+    words = [
+        len(tok(" " + w, add_special_tokens=False)["input_ids"]) for w in cfg.verbalizer.values()
+    ]
+    return (
+        min(ctx.ccfg.few_shot_tokens, ctx_len)
+        - max(e.source_len for e in examples)
+        - max(words)
+        - 1
+    )
+
+
+def run_hand(ctx: Context, method: str, train_idx: list[int], seed: int) -> dict:
+    """Zero-shot or few-shot with the chosen template; few-shot draws its demonstrations from
+    the run's training set."""
+    cfg = ctx.hand_cfg
+    pool, dev, test = ctx.splits.examples(cfg)
+    out: dict = {"template": cfg.template, "n_train": 0}
+    hp = M.HandPrompt(ctx.lm.model)
+    if method == "few-shot":
+        budget = max(0, few_shot_budget(ctx, dev + test, cfg))
+        demos = [pool[i] for i in train_idx]
+        ids, text, k = M.choose_demos(
+            ctx.lm.tokenizer, demos, cfg.verbalizer, budget, seed, ctx.ccfg.few_shot_max_k
+        )
+        hp = M.HandPrompt(ctx.lm.model, ids, text)
+        out.update(
+            {
+                "k": k,
+                "demo_tokens": len(ids),
+                "demo_budget_tokens": budget,
+                "n_train": len(train_idx),
+            }
+        )
+    with PeakMemory() as mem:
+        res = ctx.accuracy(hp.score, test, cfg)
+    dev_acc = next(t["dev_accuracy"] for t in ctx.tried if t["template"] == cfg.template)
+    dev_acc = dev_acc if method == "zero-shot" else None  # few-shot makes no choice on dev
+    out.update(
+        {
+            "test_accuracy": res["accuracy"],
+            "confusion": res["confusion"],
+            "dev_accuracy": dev_acc,
+            "trainable_params": 0,
+            "train_time_s": 0.0,
+            "peak_mem_mb": mem.delta_mb,
+            "task_bytes": len((cfg.template + hp.text + str(cfg.verbalizer)).encode()),
+            "latency_ms": ctx.latency(hp.score, test, cfg),
+        }
+    )
+    return out
+
+
+# ---------------------------------------------------------------- trained methods
+
+
+def make_method(ctx: Context, method: str, seed: int):
+    torch.manual_seed(seed)
+    if method == "prompt-tuning":
+        prompt = TR.initial_prompt(ctx.lm, ctx.pcfg, ctx.splits.cfg, seed)
+        return TR.PromptMethod(ctx.lm.model, prompt, fast=ctx.tcfg.fast_forward)
+    if method == "lora":
+        return M.LoraMethod(ctx.lm.model)
+    return M.FullMethod(ctx.lm.model)
+
+
+def trainable(method) -> int:
+    if isinstance(method, TR.PromptMethod):
+        return method.prompt.numel()  # N * H
+    return method.trainable_parameters()
+
+
+def save_task(ctx: Context, method, tmp: Path) -> int:
+    """Bytes of the real saved artifact of one task: prompt / adapter / model weights file."""
+    if isinstance(method, TR.PromptMethod):
+        from softprompt import store
+
+        d = store.save_prompt(
+            tmp / "prompt", method.prompt.detach(), {}, str(ctx.lm.path), ctx.lm.model.config
+        )
+        return (d / "adapter_model.safetensors").stat().st_size
+    return method.save(tmp / "artifact")
+
+
+def steps_for(ctx: Context, n_train: int) -> int:
+    if ctx.ccfg.budget:
+        return ctx.ccfg.budget
+    n_batches = -(-n_train // ctx.tcfg.batch_size)
+    return max(TR.plan_steps(n_batches, ctx.tcfg)[0], ctx.ccfg.min_steps)
+
+
+def sweep_lr(ctx: Context, method: str, train, seed: int):
+    """``train.fit`` once per lr; (kept method with its best state loaded, its row, all rows)."""
+    dev = ctx.splits.examples()[1]
+    base = replace(ctx.tcfg, seed=seed, steps=steps_for(ctx, len(train)))
+    rows, best = [], None
+    for lr in ctx.ccfg.lr_sweep[method]:
+        ctx.say(f"lr={lr:g}: {base.steps} steps on {len(train)} examples")
+        cfg = replace(base, lr=lr)
+        m = make_method(ctx, method, seed)
+        ev = TR.make_evaluator(m, ctx.lm.tokenizer, dev, ctx.splits.cfg, cfg, ctx.pad)
+        with PeakMemory() as mem:
+            res = TR.fit(m, train, cfg, ctx.pad, ev, progress=ctx.progress)
+        score = res.best["score"] if res.best else -res.final_train_loss
+        row = {
+            "lr": lr,
+            "dev_score": score,
+            "dev_accuracy": (res.best or {}).get("accuracy"),
+            "steps": len(res.history),
+            "train_time_s": res.train_time_s,
+            "stopped": res.stopped,
+            "peak_mem_mb": mem.delta_mb,
+            "final_train_loss": res.final_train_loss,
+        }
+        rows.append(row)
+        if best is None or score > best[0] + 1e-12:  # ties keep the earlier (default) lr
+            best = (score, m, res.state, row)
+        del m, ev, res
+        gc.collect()
+    _, m, state, row = best
+    m.load_state(state)
+    return m, row, rows
+
+
+def run_trained(ctx: Context, method: str, train, seed: int) -> dict:
+    """The lr sweep through ``train.fit``; the kept state is scored on test and saved once."""
+    test = ctx.splits.examples()[2]
+    m, row, rows = sweep_lr(ctx, method, train, seed)
+    res = ctx.accuracy(m.score, test, ctx.splits.cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        task_bytes = save_task(ctx, m, Path(tmp))
+    out = {
+        "template": ctx.splits.cfg.template,
+        "n_train": len(train),
+        "lr": row["lr"],
+        "sweep": rows,
+        "test_accuracy": res["accuracy"],
+        "confusion": res["confusion"],
+        "dev_accuracy": row["dev_accuracy"],
+        "trainable_params": trainable(m),
+        "task_bytes": task_bytes,
+        "train_time_s": row["train_time_s"],
+        "sweep_time_s": sum(r["train_time_s"] for r in rows),
+        "peak_mem_mb": row["peak_mem_mb"],
+        "steps": row["steps"],
+        "stopped": row["stopped"],
+        "latency_ms": ctx.latency(m.score, test, ctx.splits.cfg),
+    }
+    del m
+    gc.collect()
+    return out
+
+
+# ---------------------------------------------------------------- the whole comparison
+
+
+def plan(ccfg: CompareConfig) -> list[tuple[int | None, int, str]]:
+    """(train size, seed, method) runs; zero-shot needs no training data, so it runs once."""
+    first = (ccfg.train_sizes[0], ccfg.seeds[0])
+    return [
+        (n, s, m)
+        for n in ccfg.train_sizes
+        for s in ccfg.seeds
+        for m in ccfg.methods
+        if m != "zero-shot" or (n, s) == first
+    ]
+
+
+def run_one(ctx: Context, n: int | None, seed: int, method: str) -> dict:
+    pool = ctx.splits.examples()[0]
+    idx = CD.train_indices(len(pool), n, seed)
+    t0 = time.perf_counter()
+    if method in TRAINED:
+        r = run_trained(ctx, method, [pool[i] for i in idx], seed)
+    else:
+        r = run_hand(ctx, method, idx, seed)
+    K = ctx.ccfg.serve_tasks
+    serve = K * r["task_bytes"] if method == "full" else ctx.base_bytes + K * r["task_bytes"]
+    r.update(
+        {
+            "method": method,
+            "train_size": n,
+            "seed": None if method == "zero-shot" else seed,
+            "mixed_task_batch": MIXED_BATCH[method],
+            "serve_bytes": serve,
+            "wall_s": time.perf_counter() - t0,
+        }
+    )
+    return r
+
+
+def run(
+    lm,
+    data_cfg: DataConfig,
+    task: str | None,
+    ccfg: CompareConfig,
+    tcfg: TrainConfig | None = None,
+    pcfg: PromptConfig | None = None,
+    progress: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> dict:
+    """Every method x train size x seed; the result document (``compare_report.document``)."""
+    from softprompt import compare_report as R
+
+    t_start = time.perf_counter()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    splits = CD.load_splits(
+        lm.tokenizer,
+        data_cfg,
+        task,
+        eval_limit=ccfg.eval_limit,
+        test_limit=ccfg.test_limit,
+        dev_fraction=ccfg.dev_fraction,
+        data_seed=ccfg.data_seed,
+    )
+    ctx = Context(
+        lm,
+        splits,
+        ccfg,
+        tcfg or TrainConfig(),
+        pcfg or PromptConfig(),
+        say or (lambda _: None),
+        progress,
+    )
+    before = weights_digest(lm.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx.base_bytes = M.save_weights(lm.model, Path(tmp))
+    ctx.hand_cfg = splits.cfg
+    if {"zero-shot", "few-shot"} & set(ccfg.methods):
+        choose_template(ctx)
+    runs, jobs, outer = [], plan(ccfg), ctx.say
+    for i, (n, seed, method) in enumerate(jobs, 1):
+        head = f"[{i}/{len(jobs)} {time.perf_counter() - t_start:.0f}s] {method} n={n or 'all'} seed={seed}"
+        ctx.say = lambda msg, head=head: outer(f"{head}: {msg}")
+        ctx.say("start")
+        runs.append(run_one(ctx, n, seed, method))
+        ctx.say(f"test accuracy {runs[-1]['test_accuracy']:.4f} ({runs[-1]['wall_s']:.0f}s)")
+    ctx.say = outer
+    unchanged = weights_digest(lm.model) == before
+    if not unchanged:  # a bug, never a user error: the comparison would be unfair
+        raise RuntimeError("the shared base model changed during the comparison")
+    return R.document(ctx, task, runs, time.perf_counter() - t_start, load_start, unchanged)

@@ -1,0 +1,462 @@
+"""The comparison's outputs: the result document (JSON), its Markdown report and PNG plots.
+
+A result document records everything needed to trust and redo a run: command, git revision,
+versions, machine load, seeds, data files with sha256, configs, every run (lr sweep included)
+and a summary per (method, training size). The report is rendered from one or more documents
+only, so ``docs/comparison.md`` is always what the command produced. matplotlib is an optional
+extra (``softprompt[plots]``), imported only to draw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from softprompt.config import UserError
+
+SCHEMA = "softprompt.compare/1"
+REPO = Path(__file__).resolve().parents[2]
+PLOTS = (
+    ("params", "accuracy vs trainable parameters"),
+    ("time", "accuracy vs training time"),
+    ("size", "accuracy vs training examples"),
+)
+COLORS = {
+    "zero-shot": "tab:gray",
+    "few-shot": "tab:brown",
+    "prompt-tuning": "tab:blue",
+    "lora": "tab:orange",
+    "full": "tab:red",
+}
+MEASURES = """\
+How each column is measured:
+- **test acc.**: label scoring (the summed log-likelihood of each label word's tokens after the
+  input, `evaluate.classify_metrics`), the same function and test rows for every method; mean
+  and sample standard deviation over seeds (`±0` with one seed).
+- **lr**: each trained method runs `train.fit` once per learning rate of its sweep, with the same
+  training rows, batch order (seeded), step budget, schedule and early stopping on the same dev
+  set; the lr whose kept state is best on dev is the one scored on test.
+- **trainable params**: prompt = N x H; LoRA = `peft`'s `get_nb_trainable_parameters()`;
+  full = every parameter (tied embeddings once).
+- **bytes / task**: the size of the real saved file: the prompt's `adapter_model.safetensors`,
+  the LoRA `adapter_model.safetensors` (`save_pretrained`), the full model's safetensors weights;
+  for hand-written prompts, the template, demonstrations and verbalizer as UTF-8 text.
+- **bytes, K tasks**: one shared base model plus K per-task artifacts; full fine-tuning needs K models.
+- **train time**: `train.fit`'s wall time of the training steps for the kept lr (the dev
+  evaluation after each epoch is not counted; the whole sweep's total is in the JSON).
+- **peak mem**: peak resident memory above the level at the start of `train.fit` for the kept
+  lr (for hand-written prompts: of the test scoring), sampled every 10 ms from
+  `/proc/self/statm`: activations, gradients, AdamW state. LoRA and full fine-tuning also hold
+  a private copy of the model (the model's bytes, above), made before this measurement starts.
+- **latency**: median wall time to classify one request alone (its label words scored in one
+  batch, batch size = number of labels), no prefix cache: the few-shot demonstrations and the
+  soft prompt's prefix are recomputed per request (the engine caches them per task).
+- **mixed-task batch**: whether one forward can serve rows of different tasks in this
+  implementation: prompts and templates are per-row data; LoRA (unmerged, one adapter active
+  per forward here) and full fine-tuning (one model per task) cannot.
+"""
+
+
+# ---------------------------------------------------------------- the document
+
+
+def git_revision() -> dict:
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "revision": git("rev-parse", "HEAD"),
+        "dirty": bool(status) if status is not None else None,
+    }
+
+
+def versions() -> dict:
+    import transformers
+
+    from softprompt import __version__
+
+    out = {
+        "softprompt": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import peft
+
+        out["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def targets(summary: list[dict], total_s: float) -> list[dict]:
+    """The issue's goals, recorded (never asserted), at each training size with prompt tuning."""
+    by = {(r["method"], r["n_train"]): r["accuracy_mean"] for r in summary}
+    zero = by.get(("zero-shot", 0))
+    out = []
+    for (method, n), acc in sorted(by.items(), key=lambda kv: kv[0][1]):
+        if method != "prompt-tuning":
+            continue
+        best_hand = max([v for v in (zero, by.get(("few-shot", n))) if v is not None], default=None)
+        if best_hand is not None:
+            gap = 100 * (acc - best_hand)
+            out.append(
+                {
+                    "target": f"prompt tuning >= best hand-written prompt + 10 points (n={n})",
+                    "value": round(gap, 2),
+                    "met": gap >= 10,
+                }
+            )
+        if ("full", n) in by:
+            gap = 100 * (by[("full", n)] - acc)
+            out.append(
+                {
+                    "target": f"prompt tuning within 3 points of full fine-tuning (n={n})",
+                    "value": round(gap, 2),
+                    "met": gap <= 3,
+                }
+            )
+    out.append(
+        {
+            "target": "this run's wall time < 2 hours (seconds; the goal is for the whole SST-2 comparison)",
+            "value": round(total_s, 1),
+            "met": total_s < 7200,
+        }
+    )
+    return out
+
+
+def document(
+    ctx, task: str | None, runs: list[dict], total_s: float, load_start, unchanged: bool
+) -> dict:
+    """The result of one comparison (``ctx`` is ``compare.Context``)."""
+    from softprompt.methods import unique_parameters
+
+    summary, lm, cfg = summarize(runs), ctx.lm, ctx.splits.cfg
+    loadavg = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "schema": SCHEMA,
+        "task": task or Path(cfg.path or "data").stem,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git": git_revision(),
+        "versions": versions(),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_start": load_start,
+            "loadavg_end": loadavg,
+        },
+        "model": {
+            "name": lm.name,
+            "fingerprint": lm.fingerprint,
+            "parameters": unique_parameters(lm.model),
+            "bytes": ctx.base_bytes,
+        },
+        "seeds": list(ctx.ccfg.seeds),
+        "config": ctx.ccfg.to_dict(),
+        "train_config": ctx.tcfg.to_dict(),
+        "prompt_config": ctx.pcfg.to_dict(),
+        "data": {
+            **ctx.splits.info,
+            "template": cfg.template,
+            "verbalizer": cfg.verbalizer,
+            "hand_templates": ctx.tried,
+        },
+        "runs": runs,
+        "summary": summary,
+        "targets": targets(summary, total_s),
+        "total_time_s": total_s,
+        "base_model_unchanged": unchanged,
+    }
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (method, training examples): test accuracy mean and spread over seeds, the
+    mean of everything else."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["n_train"]), []).append(r)
+    out = []
+    for (method, n), rs in groups.items():
+        accs = [r["test_accuracy"] for r in rs]
+        row = {
+            "method": method,
+            "n_train": n,
+            "seeds": [r["seed"] for r in rs],
+            "accuracy_mean": statistics.mean(accs),
+            "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "accuracy_min": min(accs),
+            "accuracy_max": max(accs),
+            "mixed_task_batch": rs[0]["mixed_task_batch"],
+            "lrs": sorted({r["lr"] for r in rs if r.get("lr") is not None}),
+        }
+        for key in (
+            "trainable_params",
+            "task_bytes",
+            "serve_bytes",
+            "train_time_s",
+            "sweep_time_s",
+            "peak_mem_mb",
+            "latency_ms",
+            "k",
+            "steps",
+        ):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            if vals:
+                row[key] = statistics.mean(vals)
+        out.append(row)
+    return out
+
+
+def write_json(doc: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)  # never a half-written result
+    return path
+
+
+def read_json(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--report: no such result file {p}") from None
+    except json.JSONDecodeError:
+        raise UserError(f"--report: {p} is not valid JSON") from None
+    if doc.get("schema") != SCHEMA:
+        raise UserError(f"--report: {p} is not a compare result ({SCHEMA})")
+    return doc
+
+
+# ---------------------------------------------------------------- Markdown
+
+
+def _name(doc: dict) -> str:
+    """The run's tag (its file is compare_<tag>.json), or its task."""
+    return doc.get("tag") or doc["task"]
+
+
+def _num(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e4 else f"{int(n):,}"
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _secs(s: float) -> str:
+    return "-" if not s else f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
+
+
+def table(doc: dict) -> list[str]:
+    k = doc["config"]["serve_tasks"]
+    lines = [
+        f"| method | train ex. | test acc. | seeds | lr | trainable params | bytes / task | bytes, {k} tasks "
+        "| train time | peak mem | latency / request | mixed-task batch | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---|",
+    ]
+    for r in doc["summary"]:
+        notes = f"k = {r['k']:.0f} demonstrations" if r.get("k") is not None else ""
+        if r.get("steps"):
+            notes = f"{r['steps']:.0f} steps"
+        lr = ", ".join(f"{v:g}" for v in r["lrs"]) or "-"
+        seeds = len([s for s in r["seeds"] if s is not None]) or "-"
+        lines.append(
+            f"| {r['method']} | {r['n_train']} | {100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} | {seeds} "
+            f"| {lr} | {_num(r['trainable_params'])} | {_bytes(r['task_bytes'])} | {_bytes(r['serve_bytes'])} "
+            f"| {_secs(r.get('train_time_s', 0))} | {r['peak_mem_mb']:.0f} MB | {r['latency_ms']:.0f} ms "
+            f"| {'yes' if r['mixed_task_batch'] else 'no'} | {notes} |"
+        )
+    return lines
+
+
+def _details(doc: dict) -> list[str]:
+    out = []
+    if doc["data"]["hand_templates"]:
+        out += [
+            "",
+            "Hand-written templates (zero-shot dev accuracy; the best is used by zero-shot "
+            "and few-shot; trained methods use the task's own template, the first):",
+            "",
+        ]
+    for t in doc["data"]["hand_templates"]:
+        out.append(f"- `{json.dumps(t['template'])[1:-1]}`: {100 * t['dev_accuracy']:.1f}")
+    sweeps = [r for r in doc["runs"] if r.get("sweep")]
+    if sweeps:
+        out += [
+            "",
+            "Learning-rate sweeps (dev accuracy of the kept state; the kept lr in bold):",
+            "",
+            "| method | train ex. | seed | lr | dev acc. | steps | stopped | train time |",
+            "|---|---:|---:|---:|---:|---:|---|---:|",
+        ]
+        for r in sweeps:
+            for s in r["sweep"]:
+                lr = f"**{s['lr']:g}**" if s["lr"] == r["lr"] else f"{s['lr']:g}"
+                acc = "-" if s["dev_accuracy"] is None else f"{100 * s['dev_accuracy']:.1f}"
+                out.append(
+                    f"| {r['method']} | {r['n_train']} | {r['seed']} | {lr} | {acc} | {s['steps']} "
+                    f"| {s['stopped']} | {_secs(s['train_time_s'])} |"
+                )
+    return out
+
+
+def section(doc: dict) -> list[str]:
+    d, m, c = doc["data"], doc["model"], doc["config"]
+    load = doc["machine"].get("loadavg_start")
+    files = "; ".join(
+        f"`{Path(p).parent.name}/{Path(p).name}` sha256 `{h[:12]}`" for p, h in d["files"].items()
+    )
+    out = [
+        f"## {_name(doc)}",
+        "",
+        f"- command: `{doc.get('command', '?')}`",
+        f"- model: {m['name']} ({_num(m['parameters'])} parameters, {_bytes(m['bytes'])} of float32 weights); "
+        f"git {str(doc['git']['revision'])[:10]}{' (dirty)' if doc['git']['dirty'] else ''}; {doc['created']}",
+        f"- machine: {doc['machine']['cpus']} CPUs, {doc['machine']['torch_threads']} torch threads, load average "
+        f"at start {', '.join(f'{x:.1f}' for x in load) if load else '?'} (shared machine); whole run "
+        f"{doc['total_time_s'] / 60:.1f} min",
+        f"- data: {files}",
+        f"- training pool {d['pool']} rows; dev {d['dev']} rows ({d['dev_source']}); test {d['test']} rows "
+        f"({d['test_source']}{', seeded sample of ' + str(d['test_sampled_from']) if d['test'] < d['test_sampled_from'] else ''}); "
+        f"data seed {d['data_seed']}; run seeds {', '.join(map(str, doc['seeds']))}",
+        f"- budget: {c['budget'] or 'TrainConfig epochs, at least ' + str(c['min_steps'])} optimiser steps per run; "
+        f"lr sweeps {', '.join(f'{k} ' + '/'.join(f'{v:g}' for v in vs) for k, vs in c['lr_sweep'].items() if k in c['methods'])}; "
+        f"prompt N={doc['prompt_config']['num_virtual_tokens']}, init {doc['prompt_config']['init']}",
+        "",
+    ]
+    out += table(doc)
+    out += ["", "Targets (recorded, not asserted):", ""]
+    out += [
+        f"- {t['target']}: {t['value']} -> {'met' if t['met'] else 'not met'}"
+        for t in targets(doc["summary"], doc["total_time_s"])  # current wording, from the numbers
+    ]
+    out += _details(doc)
+    return out + [""]
+
+
+def markdown(docs: list[dict], command: str, notes: str | None, plots: list[str]) -> str:
+    out = [
+        "# Prompt engineering vs prompt tuning vs LoRA vs full fine-tuning",
+        "",
+        f"Generated by `{command}` from {', '.join('`compare_' + _name(d) + '.json`' for d in docs)}; do not edit "
+        "by hand (rerun the command). ",
+        "",
+    ]
+    if notes:
+        out += ["## What the numbers say", "", notes.strip(), ""]
+    for d in docs:
+        out += section(d)
+    if plots:
+        out += ["## Plots", ""] + [f"![{title}]({name})" for name, title in plots] + [""]
+    return "\n".join(out + ["## Method", "", MEASURES])
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _x(r: dict, kind: str) -> float:
+    if kind == "params":
+        return max(1.0, r["trainable_params"])
+    if kind == "time":
+        return r.get("train_time_s") or 0.0
+    return max(1, r["n_train"])
+
+
+def plot(docs: list[dict], out: Path, stem: str) -> list[tuple[str, str]]:
+    """Three PNGs (one panel per task); [(file name, title)]."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plots need matplotlib: pip install 'softprompt[plots]'") from None
+    made = []
+    for kind, title in PLOTS:
+        fig, axes = plt.subplots(1, len(docs), figsize=(5.2 * len(docs), 4), squeeze=False)
+        for ax, doc in zip(axes[0], docs, strict=True):
+            _panel(ax, doc, kind)
+        fig.suptitle(title)
+        fig.tight_layout()
+        name = f"{stem}_{kind}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append((name, title))
+    return made
+
+
+def _panel(ax, doc: dict, kind: str) -> None:
+    rows = doc["summary"]
+    largest = max(r["n_train"] for r in rows)
+    for method in COLORS:
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["n_train"])
+        if not rs:
+            continue
+        if kind == "size" and method == "zero-shot":
+            ax.axhline(100 * rs[0]["accuracy_mean"], color=COLORS[method], ls="--", label=method)
+            continue
+        if kind != "size":
+            rs = [r for r in rs if r["n_train"] in (largest, 0)]
+        xs = [_x(r, kind) for r in rs]
+        ys = [100 * r["accuracy_mean"] for r in rs]
+        es = [100 * r["accuracy_std"] for r in rs]
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=es,
+            marker="o",
+            capsize=3,
+            color=COLORS[method],
+            label=method,
+            ls="-" if kind == "size" else "none",
+        )
+    if kind in ("params", "size"):
+        ax.set_xscale("log")
+    if kind == "size":
+        from matplotlib.ticker import ScalarFormatter
+
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel(
+        {
+            "params": "trainable parameters (log; 0 drawn at 1)",
+            "time": "training time (s)",
+            "size": "training examples (log)",
+        }[kind]
+    )
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{_name(doc)} (n={largest})" if kind != "size" else _name(doc))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def write_report(
+    docs: list[dict], out: Path, stem: str, command: str, notes: str | None = None
+) -> Path:
+    """``out/<stem>.md`` and ``out/<stem>_{params,time,size}.png``, from result documents only."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot(docs, out, stem)
+    path = out / f"{stem}.md"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(markdown(docs, command, notes, plots))
+    os.replace(tmp, path)
+    return path

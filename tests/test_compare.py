@@ -1,0 +1,277 @@
+"""The comparison harness: every method end to end (``--quick``), the report's structure, the
+trainable-parameter counts, the shared base model untouched, fixed dev/test sets, the few-shot
+prefix path equal to plain concatenation, and the SuperGLUE 32-shot recipes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from softprompt import compare as C
+from softprompt import compare_data as CD
+from softprompt import compare_report as R
+from softprompt import data as D
+from softprompt import methods as M
+from softprompt import models
+from softprompt.cli import main
+from softprompt.config import DataConfig, PromptConfig, UserError, data_root
+from softprompt.forward import sequence_logprobs
+
+VERB = {"0": "negative", "1": "positive"}
+N = 4  # virtual tokens in these tests
+
+
+def toy_cfg(csv) -> DataConfig:
+    return DataConfig(path=str(csv), template="{text}", target_column="label", verbalizer=VERB)
+
+
+def lora_expected(model) -> int:
+    """LoRA rank 8 adds r * (in + out) per adapted linear layer (A: r x in, B: out x r)."""
+    total = 0
+    for name, mod in model.named_modules():
+        if name.rsplit(".", 1)[-1] in M.lora_targets(model):
+            w = mod.weight  # Linear: (out, in); GPT-2 Conv1D: (in, out)
+            total += M.LORA_RANK * (w.shape[0] + w.shape[1])
+    return total
+
+
+def test_every_method_end_to_end_base_unchanged(tiny_lm, toy_csv, tmp_path):
+    before = {k: v.detach().clone() for k, v in tiny_lm.model.state_dict().items()}
+    ccfg = C.quick(C.CompareConfig())
+    doc = C.run(
+        tiny_lm,
+        toy_cfg(toy_csv),
+        None,
+        ccfg,
+        pcfg=PromptConfig(num_virtual_tokens=N, init="labels"),
+    )
+    # the shared model is unchanged bit for bit, still frozen and in eval mode
+    after = tiny_lm.model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert (
+        all(not p.requires_grad for p in tiny_lm.model.parameters()) and not tiny_lm.model.training
+    )
+    assert doc["base_model_unchanged"] is True
+
+    runs = {r["method"]: r for r in doc["runs"]}
+    assert list(runs) == list(C.METHODS)
+    H = tiny_lm.hidden_size
+    assert runs["prompt-tuning"]["trainable_params"] == N * H
+    assert runs["lora"]["trainable_params"] == lora_expected(tiny_lm.model)
+    assert runs["full"]["trainable_params"] == sum(p.numel() for p in tiny_lm.model.parameters())
+    assert runs["zero-shot"]["trainable_params"] == runs["few-shot"]["trainable_params"] == 0
+    # storage: the prompt file holds N*H float32 plus a small safetensors header; serving K tasks
+    assert N * H * 4 < runs["prompt-tuning"]["task_bytes"] < N * H * 4 + 256
+    base = doc["model"]["bytes"]
+    assert runs["full"]["task_bytes"] == base and runs["full"]["serve_bytes"] == 10 * base
+    assert runs["lora"]["serve_bytes"] == base + 10 * runs["lora"]["task_bytes"]
+    assert (
+        runs["prompt-tuning"]["serve_bytes"]
+        < runs["lora"]["serve_bytes"]
+        < runs["full"]["serve_bytes"]
+    )
+    assert [runs[m]["mixed_task_batch"] for m in C.METHODS] == [True, True, True, False, False]
+    assert runs["few-shot"]["k"] >= 1
+    for m in C.METHODS:
+        r = runs[m]
+        assert 0 <= r["test_accuracy"] <= 1 and r["latency_ms"] > 0 and r["peak_mem_mb"] >= 0
+        if m in C.TRAINED:
+            assert (
+                r["steps"] == ccfg.budget
+                and r["train_time_s"] > 0
+                and [s["lr"] for s in r["sweep"]] == [r["lr"]]
+            )
+
+    # the document: JSON round trip, keys, Markdown table rows, plots
+    doc["command"] = "softprompt compare --quick"
+    path = R.write_json(doc, tmp_path / "compare_toy.json")
+    back = R.read_json(path)
+    for key in (
+        "git",
+        "versions",
+        "seeds",
+        "data",
+        "runs",
+        "summary",
+        "targets",
+        "config",
+        "model",
+        "machine",
+    ):
+        assert key in back, key
+    assert list(back["data"]["files"].values()) == [CD.sha256(toy_csv)]
+    assert back["seeds"] == [0] and "revision" in back["git"] and "torch" in back["versions"]
+    md = R.write_report(
+        [back], tmp_path, "compare_toy", back["command"], notes="A hand-written note."
+    )
+    text = md.read_text()
+    rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith("| method")
+    ]
+    for m in C.METHODS:
+        assert any(line.startswith(f"| {m} |") for line in rows), m
+    assert "A hand-written note." in text and back["command"] in text
+    for kind, _ in R.PLOTS:
+        png = tmp_path / f"compare_toy_{kind}.png"
+        assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lora_and_full_counts_on_gpt2(tiny_model_dir, sp_home):
+    lm = models.load(str(tiny_model_dir("gpt2")))
+    lora = M.LoraMethod(lm.model)
+    assert M.lora_targets(lm.model) == ["c_attn"]
+    assert (
+        lora.trainable_parameters()
+        == lora_expected(lm.model)
+        == sum(p.numel() for p in lora.parameters())
+    )
+    full = M.FullMethod(lm.model)
+    assert full.trainable_parameters() == M.unique_parameters(lm.model)
+    assert all(not p.requires_grad for p in lm.model.parameters())  # the copies are private
+
+
+def test_cli_compare_sizes_seeds_and_report(tiny_model_dir, sp_home, toy_csv, tmp_path):
+    out = tmp_path / "out"
+    args = [
+        "compare",
+        "--model",
+        str(tiny_model_dir("llama")),
+        "--data",
+        str(toy_csv),
+        "--template",
+        "{text}",
+        "--target-column",
+        "label",
+        "--verbalizer",
+        "0=negative,1=positive",
+        "--methods",
+        "zero-shot,prompt-tuning",
+        "--train-sizes",
+        "8,all",
+        "--seeds",
+        "0,1",
+        "--num-virtual-tokens",
+        str(N),
+        "--quick",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    doc = json.loads((out / "compare_toy.json").read_text())
+    sizes = sorted({(r["method"], r["n_train"]) for r in doc["runs"]})
+    assert sizes == [("prompt-tuning", 8), ("prompt-tuning", doc["data"]["pool"]), ("zero-shot", 0)]
+    assert sorted(r["seed"] for r in doc["runs"] if r["method"] == "prompt-tuning") == [0, 0, 1, 1]
+    assert doc["command"].startswith("softprompt compare --model") and "--quick" in doc["command"]
+    assert (out / "compare_toy.md").is_file()
+    notes = tmp_path / "notes.md"
+    notes.write_text("What we see.")
+    assert (
+        main(
+            [
+                "compare",
+                "--report",
+                str(out / "compare_toy.json"),
+                "--notes",
+                str(notes),
+                "--out",
+                str(tmp_path / "docs"),
+            ]
+        )
+        == 0
+    )
+    text = (tmp_path / "docs" / "comparison.md").read_text()
+    assert "What we see." in text and "--report " in text
+    assert (tmp_path / "docs" / "comparison_params.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--methods", "zero-shot,magic"], "unknown magic"),
+        (["--lr", "lora:1e-3"], "METHOD=LR"),
+        (["--train-sizes", "32,lots"], "not an integer"),
+    ],
+)
+def test_cli_user_errors(tiny_model_dir, sp_home, toy_csv, tmp_path, capsys, bad, message):
+    args = [
+        "compare",
+        "--model",
+        str(tiny_model_dir("llama")),
+        "--data",
+        str(toy_csv),
+        "--template",
+        "{text}",
+        "--target-column",
+        "label",
+        "--verbalizer",
+        "0=negative,1=positive",
+        "--out",
+        str(tmp_path),
+        *bad,
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_splits_fixed_and_train_sets_nested(tiny_lm, toy_csv):
+    s = CD.load_splits(tiny_lm.tokenizer, toy_cfg(toy_csv), None)
+    pool, dev, test = s.examples()
+    assert len(pool) + len(dev) + len(test) == 48 and dev and test
+    small, big = CD.train_indices(len(pool), 8, 3), CD.train_indices(len(pool), 16, 3)
+    assert set(small) < set(big) and small != CD.train_indices(len(pool), 8, 4)
+    # another template re-tokenises the same rows: same labels in the same order
+    _, dev2, test2 = s.examples(
+        DataConfig(**{**toy_cfg(toy_csv).to_dict(), "template": "Review: {text}"})
+    )
+    assert [e.label for e in dev2] == [e.label for e in dev] and [e.label for e in test2] == [
+        e.label for e in test
+    ]
+    assert dev2[0].input_ids != dev[0].input_ids
+
+
+def test_few_shot_prefix_equals_concatenation(tiny_lm, toy_csv):
+    cfg = toy_cfg(toy_csv)
+    ex = D.load_file(tiny_lm.tokenizer, cfg, str(toy_csv), None)
+    ids, text, k = M.choose_demos(tiny_lm.tokenizer, ex[:12], VERB, budget=60, seed=0, max_k=8)
+    assert 2 <= k <= 8 and len(ids) <= 60 and text.count("\n\n") == k
+    assert {"negative", "positive"} <= set(text.split())  # both classes shown
+    assert M.choose_demos(tiny_lm.tokenizer, ex[:12], VERB, 60, 0, 8)[0] == ids  # seeded
+    batch = D.collate(ex[12:16], tiny_lm.tokenizer.pad_token_id)
+    fast = M.HandPrompt(tiny_lm.model, ids, text).score(batch)
+    cat = [
+        D.Example(ids + e.input_ids, [D.IGNORE] * len(ids) + e.labels, len(ids) + e.source_len)
+        for e in ex[12:16]
+    ]
+    slow = sequence_logprobs(tiny_lm.model, None, **D.collate(cat, tiny_lm.tokenizer.pad_token_id))
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_compare_needs_a_verbalizer(tiny_lm, toy_csv):
+    cfg = DataConfig(path=str(toy_csv), template="{text}", target_column="label")
+    with pytest.raises(UserError, match="verbalizer"):
+        CD.load_splits(tiny_lm.tokenizer, cfg, None)
+
+
+@pytest.mark.skipif(
+    not (data_root() / "superglue-32shot").is_dir(), reason="shared data not present"
+)
+@pytest.mark.parametrize("task, n_labels", [("rte", 2), ("boolq", 2), ("cb", 3)])
+def test_superglue_recipes_match_their_files(tiny_lm, task, n_labels):
+    cfg, recipe = D.task_data_config(task)
+    assert len(cfg.verbalizer) == n_labels
+    for split in ("train", "eval", "test"):
+        rows = D.read_rows(data_root() / recipe[split]["path"])
+        assert {r["label"] for r in rows} == set(cfg.verbalizer), (
+            task,
+            split,
+        )  # every label has a word
+        assert all(f in rows[0] for f in D.template_fields(cfg.template))
+    train = D.load_split(tiny_lm.tokenizer, cfg, recipe["train"])
+    assert len(train) == 32 and all(len(e.input_ids) <= cfg.max_length for e in train)

@@ -1,0 +1,229 @@
+"""Shared helpers for the benchmark scripts: paths, data, models, machine info, result files.
+
+Nothing here measures anything; the scripts do. Two kinds of model:
+
+* the real default model (``softprompt.models.load``), for the numbers we report;
+* ``--quick``: a tiny random Llama (H=64, 2 layers) with an in-process byte-level tokenizer,
+  built without touching the disk or the network, so that a smoke test runs in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+if str(REPO / "src") not in sys.path:  # the package may not be pip-installed yet
+    sys.path.insert(0, str(REPO / "src"))
+
+import torch  # noqa: E402
+
+THREADS = 2
+SEED = 0
+IGNORE = -100
+Example = tuple[list[int], list[int]]  # (input_ids, labels with IGNORE where no target)
+
+
+# ---------------------------------------------------------------- data
+
+
+def data_root() -> Path:
+    """``$SOFTPROMPT_DATA``, else ``../shared/data`` next to the repository root."""
+    env = os.environ.get("SOFTPROMPT_DATA")
+    return Path(env) if env else (REPO.parent / "shared" / "data").resolve()
+
+
+def read_label_lines(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
+    """``<label> <sentence>`` lines -> [(label, sentence)]."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            label, text = line.split(" ", 1)
+            rows.append((label, text.strip()))
+    return rows[:limit] if limit else rows
+
+
+def read_csv_column(path: Path, column: str, limit: int | None = None) -> list[str]:
+    with path.open(newline="", encoding="utf-8") as f:
+        values = [row[column] for row in csv.DictReader(f)]
+    return values[:limit] if limit else values
+
+
+def synthetic_sentences(n: int, seed: int = SEED) -> list[str]:
+    """Stand-in text for ``--quick`` runs on machines without the shared data folder."""
+    rng = random.Random(seed)
+    words = "a the film movie good bad great dull plot actor story slow fun moving".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(n)]
+
+
+def target_example(tokenizer, source: str, target: str, max_length: int) -> Example:
+    """Input -> target row: labels only on the target tokens; the source is cut from the left."""
+    src = tokenizer(source, add_special_tokens=False)["input_ids"]
+    tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
+    src = src[-(max_length - len(tgt)) :]
+    return src + tgt, [IGNORE] * len(src) + tgt
+
+
+def bucketed_batches(examples: list[Example], batch_size: int, seed: int = SEED) -> list[list[int]]:
+    """Shuffle, sort by length inside windows of 50 batches, then shuffle the batches."""
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    window, batches = batch_size * 50, []
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s : s + window], key=lambda i: len(examples[i][0]))
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row: input_ids, attention_mask, labels, all (B, T)."""
+    B, T = len(examples), max(len(ids) for ids, _ in examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, : len(x)], mask[i, : len(x)], labels[i, : len(y)] = torch.tensor(x), 1, torch.tensor(y)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------- models
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in memory (256 byte tokens + <eos>, pad = eos)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<eos>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_llama(vocab_size: int, seed: int = SEED) -> torch.nn.Module:
+    """A random 2-layer Llama, H=64, frozen and in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_lm(quick: bool):
+    """A ``softprompt.models.LoadedModel``: the default model, or the tiny one for ``--quick``."""
+    from softprompt import models
+
+    if not quick:
+        return models.load(models.DEFAULT_MODEL)
+    tok = byte_tokenizer()
+    model = tiny_llama(len(tok))
+    return models.LoadedModel(model=model, tokenizer=tok, name="tiny-llama", path=Path("tiny-llama-in-memory"),
+                              fingerprint=models.fingerprint(model))
+
+
+def separate_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An independent copy (PEFT wraps the model it is given; keep that away from ours)."""
+    return copy.deepcopy(model)
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def machine_info() -> dict[str, Any]:
+    import peft
+    import transformers
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo() if ln.startswith("model name")), "")
+    return {
+        "cpu": cpu or platform.processor(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "mean": statistics.fmean(values),
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[_fmt(c) for c in row] for row in rows]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells]) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e-2 and value != 0 else f"{value:,.2f}"
+    return str(value)
+
+
+def write_results(name: str, payload: dict, markdown: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    js.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    md.write_text(markdown)
+    return js, md
+
+
+class CpuClock:
+    """Wall and process CPU time of a block; ``utilisation`` near 1.0 means no other process
+    took our cores (2 busy threads on 2 cores), about 0.5 means we ran on one core's worth."""
+
+    def __enter__(self) -> CpuClock:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall_s = time.perf_counter() - self._wall
+        self.cpu_s = time.process_time() - self._cpu
+
+    @property
+    def utilisation(self) -> float:
+        return self.cpu_s / max(1e-9, self.wall_s * torch.get_num_threads())
+
+
+def out_dir(requested: Path | None, quick: bool) -> Path:
+    """Where results go: as asked, else the results folder, or a temp folder for ``--quick``."""
+    if requested is not None:
+        return requested
+    return Path(tempfile.mkdtemp(prefix="sp-bench-quick-")) if quick else RESULTS
+
+
+def setup_torch(quick: bool = False, seed: int = SEED, threads: int | None = None) -> None:
+    """2 threads for real runs; 1 for ``--quick``: tiny ops on 2 threads crawl (~25x slower)
+    when another process holds one of the 2 cores, as OpenMP barriers wait for a time slice."""
+    torch.set_num_threads(threads or (1 if quick else THREADS))
+    torch.manual_seed(seed)

@@ -198,21 +198,74 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: Path = RESUL
     return js, md
 
 
-class CpuClock:
-    """Wall and process CPU time of a block; ``utilisation`` near 1.0 means no other process
-    took our cores (2 busy threads on 2 cores), about 0.5 means we ran on one core's worth."""
+# ---------------------------------------------------------------- a shared machine
 
-    def __enter__(self) -> CpuClock:
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+def _busy_s() -> float:
+    """CPU seconds all processes spent busy (not idle/iowait), from /proc/stat."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return 0.0
+    return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class Meter:
+    """Wall time, our CPU time and the CPU other processes used during a block.
+
+    ``foreign_cores`` (CPU seconds of other processes / wall seconds) is ~0 when we had the
+    machine to ourselves; timings taken while it is high are not worth keeping: two torch
+    threads on two cores slow down many times over when another process holds a core."""
+
+    def __enter__(self) -> Meter:
+        self._t, self._cpu, self._busy = time.perf_counter(), time.process_time(), _busy_s()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.wall_s = time.perf_counter() - self._wall
+        self.wall_s = time.perf_counter() - self._t
         self.cpu_s = time.process_time() - self._cpu
+        foreign = _busy_s() - self._busy - self.cpu_s
+        self.foreign_cores = max(0.0, foreign) / max(1e-9, self.wall_s)
 
     @property
     def utilisation(self) -> float:
         return self.cpu_s / max(1e-9, self.wall_s * torch.get_num_threads())
+
+
+QUIET_CORES = 0.1  # other processes' average load (in cores) we still call quiet
+
+
+def wait_for_quiet(max_wait_s: float, window_s: float = 2.0) -> float:
+    """Sleep until other processes use < QUIET_CORES over a window; returns seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_wait_s:
+        with Meter() as m:
+            time.sleep(window_s)
+        if m.foreign_cores < QUIET_CORES:
+            break
+    return time.perf_counter() - t0
+
+
+class QuietGate:
+    """Before each measurement wait for a quiet machine, within a total waiting budget; a
+    measurement taken under load is redone (at most ``retries`` times) while budget is left."""
+
+    def __init__(self, budget_s: float, retries: int = 3):
+        self.budget_s, self.retries = budget_s, retries
+        self.waited_s, self.discarded = 0.0, 0
+
+    def wait(self) -> None:
+        if self.budget_s > self.waited_s:
+            self.waited_s += wait_for_quiet(self.budget_s - self.waited_s)
+
+    def accept(self, foreign_cores: float, attempt: int) -> bool:
+        ok = foreign_cores < QUIET_CORES or attempt >= self.retries or self.waited_s >= self.budget_s
+        self.discarded += not ok
+        return ok
+
+    def report(self) -> dict:
+        return {"budget_s": self.budget_s, "waited_s": self.waited_s, "discarded": self.discarded,
+                "quiet_threshold_cores": QUIET_CORES}
 
 
 def out_dir(requested: Path | None, quick: bool) -> Path:

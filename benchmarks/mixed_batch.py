@@ -202,7 +202,7 @@ def report(a, info, lm, times, cold, correctness, tokens) -> None:
           + f"({'met' if payload['target_met'] else 'missed'}).\n\n"
           + f"Correctness ({correctness['new_tokens']} greedy tokens per request, ordinary EOS handling, all "
           + f"{correctness['requests']} requests): softprompt's mixed batch gives the same tokens as PEFT one "
-          + f"request at a time (unpadded, the exact [P][x] reference) for "
+          + "request at a time (unpadded, the exact [P][x] reference) for "
           + f"{correctness['softprompt_mixed_vs_peft_single_identical']:.0%} of the requests, as PEFT grouped "
           + f"(left-padded) for {correctness['softprompt_mixed_vs_peft_grouped_identical']:.0%}; PEFT grouped "
           + f"equals PEFT single for {correctness['peft_grouped_vs_peft_single_identical']:.0%}.\n")

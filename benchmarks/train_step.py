@@ -167,23 +167,38 @@ def sanity_check(peft: PeftStepper, ours: SoftpromptStepper, model, batch: dict)
             "grad_rel_diff": ((gp - go).norm() / gp.norm()).item()}
 
 
-def time_rounds(steppers: dict[str, Stepper], batches: list[dict], warmup: int) -> dict:
-    """One step per method per round on the round's batch; rotate the order; drop warm-up."""
-    names = list(steppers)
-    times = {k: [] for k in names}
-    losses = {k: [] for k in names}
-    for r, batch in enumerate(batches):
-        order = names[r % len(names) :] + names[: r % len(names)]
+def run_round(steppers: dict[str, Stepper], order: list[str], batch: dict) -> tuple[dict, dict, float]:
+    """One step of each method in ``order``: (seconds, losses, other processes' load in cores)."""
+    times, losses = {}, {}
+    with common.Meter() as meter:
         for name in order:
             t0 = time.perf_counter()
-            loss = steppers[name].step(batch)
-            dt = time.perf_counter() - t0
-            losses[name].append(loss)
+            losses[name] = steppers[name].step(batch)
+            times[name] = time.perf_counter() - t0
+    return times, losses, meter.foreign_cores
+
+
+def time_rounds(steppers: dict[str, Stepper], batches: list[dict], warmup: int, gate: common.QuietGate) -> dict:
+    """Rounds on the same batch, order rotated; a measured round run under load is redone."""
+    names = list(steppers)
+    out = {"times": {k: [] for k in names}, "losses": {k: [] for k in names}, "foreign_cores": []}
+    for r, batch in enumerate(batches):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for attempt in range(gate.retries + 1):
             if r >= warmup:
-                times[name].append(dt)
-        print(f"round {r + 1}/{len(batches)} T={batch['input_ids'].shape[1]} "
-              + " ".join(f"{k}={times[k][-1] if r >= warmup else 0:.2f}s" for k in names), flush=True)
-    return {"times": times, "losses": losses}
+                gate.wait()
+            times, losses, foreign = run_round(steppers, order, batch)
+            for k in names:
+                out["losses"][k].append(losses[k])
+            if r < warmup or gate.accept(foreign, attempt):
+                break
+        if r >= warmup:
+            out["foreign_cores"].append(foreign)
+            for k in names:
+                out["times"][k].append(times[k])
+        print(f"round {r + 1}/{len(batches)} T={batch['input_ids'].shape[1]} load={foreign:.2f} "
+              + " ".join(f"{k}={times[k]:.2f}s" for k in names), flush=True)
+    return out
 
 
 # ---------------------------------------------------------------- peak memory (fresh process each)
@@ -304,6 +319,9 @@ Machine: {mach}.
 
 {table}
 {ratios}
+Rounds start only once other processes use < {common.QUIET_CORES} core (from `/proc/stat`); a measured
+round during which they loaded the machine is redone (quiet gate: {res['machine'].get('quiet_gate')};
+max other-process load in the kept rounds: {res['machine'].get('max_foreign_cores_in_kept_rounds', 0):.2f} cores).
 Epoch time = steps per epoch x median step time. "Paired median" = median over rounds of the
 per-round ratio (same batch for both methods), which cancels batch-length differences.
 
@@ -331,7 +349,8 @@ def build_steppers(lm, prompts: dict[int, torch.Tensor]) -> dict[str, Stepper]:
     return steppers
 
 
-def run(quick: bool, warmup: int, measured: int, memory: bool, threads: int | None = None) -> dict:
+def run(quick: bool, warmup: int, measured: int, memory: bool, threads: int | None = None,
+        max_wait_s: float = 0.0) -> dict:
     common.setup_torch(quick, threads=threads)
     machine = common.machine_info()
     lm = common.load_lm(quick)
@@ -343,9 +362,11 @@ def run(quick: bool, warmup: int, measured: int, memory: bool, threads: int | No
     steppers = build_steppers(lm, {n: initial_prompt(lm.model, n) for n in SIZES})
     sanity = {n: sanity_check(steppers[f"peft_n{n}"], steppers[f"softprompt_n{n}"], lm.model, batches[0]) for n in SIZES}
     print(f"sanity: {sanity}", flush=True)
-    with common.CpuClock() as clock:
-        timing = time_rounds(steppers, batches, warmup)
-    machine["cpu_utilisation_during_timing"] = clock.utilisation
+    gate = common.QuietGate(max_wait_s)
+    with common.Meter() as meter:
+        timing = time_rounds(steppers, batches, warmup, gate)
+    machine.update(cpu_utilisation_during_timing=meter.utilisation, quiet_gate=gate.report(),
+                   max_foreign_cores_in_kept_rounds=max(timing["foreign_cores"]))
     machine["loadavg_after_timing"] = os.getloadavg()
     res = {
         "benchmark": "train_step", "quick": quick, "seed": common.SEED, "model": lm.name,
@@ -370,13 +391,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 3; 1 with --quick)")
     ap.add_argument("--steps", type=int, default=None, help="measured rounds (default 20; 3 with --quick)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --quick)")
+    ap.add_argument("--max-wait", type=float, default=None,
+                    help="seconds in all to wait for other processes to go quiet (default 3600; 0 with --quick)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--out", type=Path, default=None,
                     help="results folder (default benchmarks/results; a temp folder with --quick)")
     a = ap.parse_args(argv)
     warmup = a.warmup if a.warmup is not None else (1 if a.quick else 3)
     steps = a.steps if a.steps is not None else (3 if a.quick else 20)
-    res = run(a.quick, warmup, steps, not a.no_memory, a.threads)
+    max_wait = a.max_wait if a.max_wait is not None else (0.0 if a.quick else 3600.0)
+    res = run(a.quick, warmup, steps, not a.no_memory, a.threads, max_wait)
     name = "train_step_quick" if a.quick else "train_step"
     js, md = common.write_results(name, res, markdown(res), common.out_dir(a.out, a.quick))
     print(f"wrote {js} and {md}")

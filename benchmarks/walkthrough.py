@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,6 +61,21 @@ def loss_summary(step_losses: list[float], epochs: int) -> dict:
             "epoch_mean_losses": per_epoch, "step_losses": step_losses}
 
 
+def timing(meter: common.Meter) -> dict:
+    return {"train_time_s": meter.wall_s, "cpu_utilisation": meter.utilisation,
+            "foreign_cores": meter.foreign_cores}
+
+
+def gated(run: Callable[[], dict], gate: common.QuietGate) -> dict:
+    """Start a side when the machine is quiet; redo it if other processes loaded it meanwhile."""
+    for attempt in range(gate.retries + 1):
+        gate.wait()
+        res = run()
+        if gate.accept(res["foreign_cores"], attempt):
+            break
+    return {**res, "attempts": attempt + 1}
+
+
 # ---------------------------------------------------------------- PEFT + Trainer
 
 
@@ -81,10 +97,10 @@ def peft_trainer(model, tokenizer, texts: list[str], max_length: int, epochs: in
 def run_peft(lm, texts: list[str], max_length: int, epochs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="sp-bench-peft-") as out_dir:
         trainer = peft_trainer(common.separate_copy(lm.model), lm.tokenizer, texts, max_length, epochs, out_dir)
-        with common.CpuClock() as clock:
+        with common.Meter() as meter:
             out = trainer.train()
     steps = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {"train_time_s": clock.wall_s, "cpu_utilisation": clock.utilisation, "trainer_train_loss": out.training_loss,
+    return {**timing(meter), "trainer_train_loss": out.training_loss,
             "batch_size_used": trainer._train_batch_size, **loss_summary(steps, epochs)}
 
 
@@ -100,10 +116,10 @@ def run_softprompt(lm, csv_path: Path, max_length: int, epochs: int) -> dict:
                           dev_fraction=0.0)
     prompt_cfg = PromptConfig(num_virtual_tokens=N_VIRTUAL, init="random")
     train_cfg = TrainConfig(lr=LR, epochs=epochs, batch_size=BATCH, seed=common.SEED, patience=None)
-    with common.CpuClock() as clock:
+    with common.Meter() as meter:
         res = train(lm, data_cfg, prompt_cfg, train_cfg, name=None)
     steps = [h["loss"] for h in res.history]
-    return {"train_time_s": clock.wall_s, "cpu_utilisation": clock.utilisation, "fit_time_s": res.train_time_s, "final_train_loss": res.final_train_loss,
+    return {**timing(meter), "fit_time_s": res.train_time_s, "final_train_loss": res.final_train_loss,
             "train_config": train_cfg.to_dict(), **loss_summary(steps, epochs)}
 
 
@@ -127,7 +143,7 @@ def _num(x: float | None) -> str:
 
 def markdown(res: dict) -> str:
     sides = {k: res[k] for k in ("peft", "softprompt") if k in res}
-    keys = ["train_time_s", "cpu_utilisation", "steps", "mean_loss_all_steps", "last_epoch_mean_loss", "last_step_loss"]
+    keys = ["train_time_s", "cpu_utilisation", "foreign_cores", "attempts", "steps", "mean_loss_all_steps", "last_epoch_mean_loss", "last_step_loss"]
     table = common.md_table(["", *sides], [[k, *(s[k] for s in sides.values())] for k in keys])
     cmp = res.get("comparison")
     cmp_md = common.md_table(["metric", "value"], [[k, v] for k, v in cmp.items()]) if cmp else "(one side only)\n"
@@ -139,6 +155,9 @@ Model: {res['model']}. Data: `prompt` column, first {ROWS} rows of `{res['data']
 modelling on every token, max_length {res['config']['max_length']}. N={N_VIRTUAL} virtual tokens,
 random init, lr {LR}, {res['config']['epochs']} epochs, batch {BATCH}, seed {res['seed']}.
 Machine: {mach}.
+
+Each side starts only once other processes use < {common.QUIET_CORES} core (from `/proc/stat`), and is
+redone if they loaded the machine while it ran (`foreign_cores`: their mean load in cores).
 
 {table}
 PEFT: `trainer.train()` wall time; Trainer's reported mean training loss (all steps):
@@ -155,32 +174,44 @@ length-bucketed batches. Both clip gradients at 1.0 and predict every token, inc
 """
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny random Llama, one epoch (smoke test)")
     ap.add_argument("--only", choices=["peft", "softprompt", "both"], default="both")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --quick)")
+    ap.add_argument("--max-wait", type=float, default=None,
+                    help="seconds in all to wait for other processes to go quiet (default 3600; 0 with --quick)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results folder (default benchmarks/results; a temp folder with --quick)")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> dict:
     common.setup_torch(a.quick, threads=a.threads)
-    max_length = QUICK["max_length"] if a.quick else MAX_LENGTH
-    epochs = QUICK["epochs"] if a.quick else EPOCHS
-    lm = common.load_lm(a.quick)
-    path = prompts_csv(a.quick)
+    max_length, epochs = (QUICK["max_length"], QUICK["epochs"]) if a.quick else (MAX_LENGTH, EPOCHS)
+    lm, path = common.load_lm(a.quick), prompts_csv(a.quick)
     res = {"benchmark": "walkthrough", "quick": a.quick, "seed": common.SEED, "model": lm.name, "data": str(path),
            "config": {"rows": ROWS, "max_length": max_length, "epochs": epochs, "lr": LR, "batch_size": BATCH,
                       "num_virtual_tokens": N_VIRTUAL},
            "machine": common.machine_info(), "targets": TARGETS}
-    if a.only in ("peft", "both"):
-        res["peft"] = run_peft(lm, common.read_csv_column(path, "prompt", ROWS), max_length, epochs)
-        print(f"peft: {res['peft']['train_time_s']:.1f}s loss {res['peft']['trainer_train_loss']:.4f}", flush=True)
-    if a.only in ("softprompt", "both"):
-        res["softprompt"] = run_softprompt(lm, path, max_length, epochs)
-        print(f"softprompt: {res['softprompt']['train_time_s']:.1f}s loss {res['softprompt']['final_train_loss']:.4f}")
+    gate = common.QuietGate(a.max_wait if a.max_wait is not None else (0.0 if a.quick else 3600.0), retries=2)
+    texts = common.read_csv_column(path, "prompt", ROWS)
+    sides = {"peft": lambda: run_peft(lm, texts, max_length, epochs),
+             "softprompt": lambda: run_softprompt(lm, path, max_length, epochs)}
+    for side, fn in sides.items():
+        if a.only in (side, "both"):
+            res[side] = gated(fn, gate)
+            print(f"{side}: {res[side]['train_time_s']:.1f}s last-epoch loss {res[side]['last_epoch_mean_loss']:.4f} "
+                  f"(other processes' load {res[side]['foreign_cores']:.2f} cores)", flush=True)
+    res["machine"].update(quiet_gate=gate.report(), loadavg_at_end=os.getloadavg())
     if "peft" in res and "softprompt" in res:
         res["comparison"] = compare(res["peft"], res["softprompt"])
-    res["machine"]["loadavg_at_end"] = os.getloadavg()
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    res = run(a)
     name = "walkthrough_quick" if a.quick else "walkthrough"
     js, md = common.write_results(name, res, markdown(res), common.out_dir(a.out, a.quick))
     print(f"wrote {js} and {md}")

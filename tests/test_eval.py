@@ -68,7 +68,7 @@ def test_engine_classification_agrees_with_training_scorer(tiny_lm, toy_csv):
     for name in ("a", None):
         scores = E.engine_label_scores(eng, exs, list(VERB.values()), [name])[0]
         prompt = eng.bank.get(name)[0].embeddings if name else None
-        ref = E.label_scores(lambda b: forward.sequence_logprobs(tiny_lm.model, prompt, **b), tiny_lm.tokenizer,
+        ref = E.label_scores(lambda b: forward.sequence_logprobs(tiny_lm.model, prompt, **b), tiny_lm.tokenizer,  # noqa: B023 - called within this iteration
                              exs, list(VERB.values()), tiny_lm.tokenizer.pad_token_id)
         torch.testing.assert_close(scores.float(), ref, atol=1e-4, rtol=0)
     norm = E.engine_label_scores(eng, exs, ["bad", "good and great"], [None], normalize=True)[0]

@@ -13,7 +13,14 @@ import logging
 import os
 import sys
 
-from softprompt.config import DataConfig, GenerateConfig, PromptConfig, TrainConfig, UserError, parse_verbalizer
+from softprompt.config import (
+    DataConfig,
+    GenerateConfig,
+    PromptConfig,
+    TrainConfig,
+    UserError,
+    parse_verbalizer,
+)
 
 
 def _default(cls, name):

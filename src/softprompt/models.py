@@ -147,7 +147,7 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 def load(name: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a frozen model and tokenizer by name or folder. Never touches the network."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     canon, path = resolve(name)
     config = AutoConfig.from_pretrained(path, local_files_only=True)

@@ -11,7 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from softprompt.config import DataConfig, GenerateConfig, PromptConfig, TrainConfig, UserError, data_root
+from softprompt.config import (
+    DataConfig,
+    GenerateConfig,
+    PromptConfig,
+    TrainConfig,
+    UserError,
+    data_root,
+)
 
 INPUT = "I want you to act as a logistician. "
 GEN = GenerateConfig(max_new_tokens=100, repetition_penalty=1.5)

@@ -438,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompts_parser(sub)
     add_serve_parser(sub)
     add_compare_parser(sub)
+    from softprompt import cli_tasks  # train-multitask, continual, inspect
+
+    cli_tasks.add_parsers(sub)
     return p
 
 

@@ -7,6 +7,7 @@ tokenizer trained here on a few sentences), so the same loading code as for real
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,30 @@ def toy_csv(tmp_path) -> Path:
             good = i % 2 == 1
             w.writerow([f"the movie was {'good and great' if good else 'bad and boring'}", "1" if good else "0"])
     return p
+
+
+def write_toy_task(folder: Path, name: str, rows: list[tuple[str, str]], template: str, verbalizer: dict) -> Path:
+    """A task recipe (.json) over a CSV of (text, label) rows; dev is carved from train."""
+    data = folder / f"{name}.csv"
+    with data.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    recipe = {"train": {"path": str(data)}, "template": template, "target_column": "label",
+              "verbalizer": verbalizer, "max_length": 32, "dev_fraction": 0.25}
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(recipe))
+    return path
+
+
+@pytest.fixture
+def toy_tasks(tmp_path) -> dict[str, Path]:
+    """Three small classification tasks with different templates and label words."""
+    mood = [(f"the film was {'good and great' if i % 2 else 'bad and boring'} {i}", str(i % 2)) for i in range(40)]
+    pets = [(f"my {'cat' if i % 2 else 'dog'} sleeps {i}", str(i % 2)) for i in range(40)]
+    size = [(f"a {'big' if i % 2 else 'small'} house {i}", str(i % 2)) for i in range(40)]
+    return {
+        "mood": write_toy_task(tmp_path, "mood", mood, "Review: {text}\nSentiment:", {"0": "negative", "1": "positive"}),
+        "pets": write_toy_task(tmp_path, "pets", pets, "Text: {text}\nAnimal:", {"0": "dog", "1": "cat"}),
+        "size": write_toy_task(tmp_path, "size", size, "{text}\nSize:", {"0": "small", "1": "big"}),
+    }

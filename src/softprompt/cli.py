@@ -71,7 +71,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompt and training")
     g.add_argument("--name", help="name of the prompt in the store (default: task or data file name)")
     g.add_argument("--num-virtual-tokens", type=int, default=_default(PromptConfig, "num_virtual_tokens"), help="N (default %(default)s)")
-    g.add_argument("--init", default=_default(PromptConfig, "init"), help="random | text | vocab | labels | prompt:NAME (default %(default)s)")
+    g.add_argument("--init", default=_default(PromptConfig, "init"), help="random | text | vocab | labels | transfer (the best-suited stored prompt) | prompt:NAME (default %(default)s)")
     g.add_argument("--init-text", help="text for --init text")
     for name in ("lr", "epochs", "steps", "batch_size", "grad_accum", "seed", "patience", "warmup_ratio", "weight_decay"):
         f = TrainConfig.__dataclass_fields__[name]

@@ -72,7 +72,7 @@ class DataConfig(_JsonMixin):
 @dataclass(frozen=True)
 class PromptConfig(_JsonMixin):
     num_virtual_tokens: int = 20  # N: virtual tokens in the soft prompt
-    init: str = "random"  # random | text | vocab | labels | prompt:<name> (best measured, docs/tuning.md)
+    init: str = "random"  # random | text | vocab | labels | transfer | prompt:<name> (best measured, docs/tuning.md)
     init_text: str | None = None  # text for init=text
 
     def __post_init__(self) -> None:
@@ -80,7 +80,7 @@ class PromptConfig(_JsonMixin):
             self.num_virtual_tokens > 0,
             f"--num-virtual-tokens must be positive, got {self.num_virtual_tokens}",
         )
-        kinds = ("random", "text", "vocab", "labels")
+        kinds = ("random", "text", "vocab", "labels", "transfer")
         _check(
             self.init in kinds or self.init.startswith("prompt:"),
             f"--init must be one of {', '.join(kinds)} or prompt:NAME, got {self.init!r}",

@@ -38,6 +38,7 @@ class Example:
     source_len: int  # tokens of input before the target
     label: str | None = None  # the class value, in classification mode
     source_text: str = ""  # the filled template (input -> target mode)
+    task: int | None = None  # index of the example's task in a multitask mix
 
 
 # ---------------------------------------------------------------- readers
@@ -84,14 +85,19 @@ def _read_jsonl(path: Path, text: str) -> list[dict[str, str]]:
 
 
 def _read_label_lines(path: Path, text: str) -> list[dict[str, str]]:
-    out = []
+    out, empty = [], []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         label, sep, rest = line.strip().partition(" ")
+        if not sep and label.isdigit():  # a label with no text (CR has two): nothing to learn from
+            empty.append(i)
+            continue
         if not sep:
             raise UserError(f"{path}: line {i} is not '<label> <text>'")
         out.append({"label": label, "text": rest})
+    if empty:
+        log.warning("%s: skipped %d line(s) with a label but no text (first: line %d)", path, len(empty), empty[0])
     return out
 
 
@@ -252,6 +258,23 @@ def task_data_config(task: str, **overrides) -> tuple[DataConfig, dict]:
     return DataConfig(**fields), recipe
 
 
+def carve(rows: list[dict[str, str]], spec: dict | None, path) -> list[dict[str, str]]:
+    """A seeded train/test split of a file that has none (MR, CR, Subj, MPQA).
+
+    ``spec`` = ``{"seed": 0, "test_fraction": 0.2, "part": "train" | "test"}``; the two parts
+    are disjoint and together are the whole file, in file order.
+    """
+    if not spec:
+        return rows
+    part, frac = spec.get("part"), float(spec.get("test_fraction", 0.2))
+    if part not in ("train", "test") or not 0 < frac < 1:
+        raise UserError(f"{path}: recipe 'carve' needs part train|test and 0 < test_fraction < 1, got {spec}")
+    order = list(range(len(rows)))
+    random.Random(int(spec.get("seed", 0))).shuffle(order)
+    held = set(order[: int(len(rows) * frac)])
+    return [r for i, r in enumerate(rows) if (i in held) == (part == "test")]
+
+
 def split_spec(recipe: dict, split: str) -> dict | None:
     return recipe.get(split)
 
@@ -260,7 +283,7 @@ def load_split(tokenizer, cfg: DataConfig, spec: dict | None, root: Path | None 
     """Rows of a recipe split spec ({path, columns, derive, label_map}) as examples."""
     root = root or data_root()
     path = root / spec["path"]
-    rows = _derive(read_rows(path, spec.get("columns")), spec.get("derive"))
+    rows = carve(_derive(read_rows(path, spec.get("columns")), spec.get("derive")), spec.get("carve"), path)
     if limit:
         rows = rows[:limit]
     sub = DataConfig(**{**cfg.to_dict(), "label_map": spec.get("label_map"), "columns": None, "derive": None,
@@ -332,4 +355,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         mask[i, :n] = 1
         labels[i, :n] = torch.tensor(e.labels)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if all(e.task is not None for e in examples):
+        out["task_ids"] = torch.tensor([e.task for e in examples], dtype=torch.long)  # (B,)
+    return out

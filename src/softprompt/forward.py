@@ -29,12 +29,14 @@ def embed(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def naive_loss(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels) -> torch.Tensor:
-    """Reference path: [P][x] for every row, full forward, full logits."""
+    """Reference path: [P][x] for every row, full forward, full logits. ``prompt`` is (N, H),
+    shared by every row, or (B, N, H), one per row."""
     x = embed(model, input_ids)  # (B, T, H)
     B = x.shape[0]
     if prompt is not None:
-        N = prompt.shape[0]
-        x = torch.cat([prompt.to(x.dtype).unsqueeze(0).expand(B, -1, -1), x], dim=1)  # (B, N+T, H)
+        N = prompt.shape[-2]
+        rows = prompt if prompt.dim() == 3 else prompt.unsqueeze(0).expand(B, -1, -1)  # (B, N, H)
+        x = torch.cat([rows.to(x.dtype), x], dim=1)  # (B, N+T, H)
         attention_mask = torch.cat([attention_mask.new_ones(B, N), attention_mask], dim=1)
         labels = torch.cat([labels.new_full((B, N), IGNORE), labels], dim=1)
     logits = model(inputs_embeds=x, attention_mask=attention_mask, use_cache=False).logits
@@ -81,24 +83,62 @@ def prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache=None):
     return out.last_hidden_state  # (B, T, H)
 
 
+def _shifted_ce_sum(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of labels[:, 1:] predicted from hidden[:, :-1], and the count."""
+    tgt = labels[:, 1:]  # (B, T-1); position t predicts labels[t+1]
+    sel = tgt != IGNORE
+    h = hidden[:, :-1][sel]  # (M, H): only positions with a target get logits
+    total = F.cross_entropy(model.get_output_embeddings()(h).float(), tgt[sel], reduction="sum")
+    return total, sel.sum()
+
+
 def prefix_loss(model, prompt: torch.Tensor, input_ids, attention_mask, labels) -> torch.Tensor:
     """Fast exact path: shared prefix, logits only at labelled positions."""
     cache, last = prefix_cache(model, prompt)
     hidden = prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache)  # (B, T, H)
-    head = model.get_output_embeddings()
-    # position t predicts labels[t+1]; select only positions with a target
-    tgt = labels[:, 1:]  # (B, T-1)
-    sel = tgt != IGNORE
-    h = hidden[:, :-1][sel]  # (M, H)
-    total = F.cross_entropy(head(h).float(), tgt[sel], reduction="sum")
-    count = sel.sum()
+    total, count = _shifted_ce_sum(model, hidden, labels)
     first = labels[:, 0]  # (B,) predicted by the last virtual token
     has_first = first != IGNORE
     if has_first.any():
-        logp = F.log_softmax(head(last).float(), dim=-1)  # (V,), computed once for all rows
+        logp = F.log_softmax(model.get_output_embeddings()(last).float(), dim=-1)  # (V,), once for all rows
         total = total - logp[first[has_first]].sum()
         count = count + has_first.sum()
     return total / count.clamp(min=1)
+
+
+def mixed_prefix_loss(model, prompts: torch.Tensor, task_ids: torch.Tensor, input_ids, attention_mask, labels,
+                      reduction: str = "mean") -> torch.Tensor:
+    """Rows of different tasks in one batch: row b is prompted by ``prompts[task_ids[b]]``.
+
+    ``prompts`` (K, N, H) run through the decoder once each (batch K); the per-row prefix is a
+    gather of their keys/values, so gradients reach every task's prompt. Exact: the same as
+    ``naive_loss`` with per-row prompts (tests/test_multitask.py). ``reduction`` "sum" gives
+    the summed target cross-entropy, "mean" divides by the number of target tokens.
+    """
+    K, N, _ = prompts.shape
+    B, T = input_ids.shape
+    out = model.base_model(
+        inputs_embeds=prompts,
+        attention_mask=torch.ones(K, N, dtype=torch.long, device=prompts.device),
+        past_key_values=DynamicCache(config=model.config),
+        use_cache=True,
+    )
+    layers = [(layer.keys.index_select(0, task_ids), layer.values.index_select(0, task_ids))
+              for layer in out.past_key_values.layers]  # each (B, kv, N, d)
+    mask = torch.cat([attention_mask.new_ones(B, N), attention_mask], dim=1)  # (B, N+T)
+    pos = torch.arange(N, N + T, device=input_ids.device).unsqueeze(0).expand(B, -1)  # (B, T)
+    hidden = model.base_model(
+        inputs_embeds=embed(model, input_ids), attention_mask=mask, position_ids=pos,
+        past_key_values=DynamicCache(ddp_cache_data=layers, config=model.config), use_cache=True,
+    ).last_hidden_state  # (B, T, H)
+    total, count = _shifted_ce_sum(model, hidden, labels)
+    first = labels[:, 0]
+    has = first != IGNORE
+    if has.any():
+        logp = F.log_softmax(model.get_output_embeddings()(out.last_hidden_state[:, -1]).float(), dim=-1)  # (K, V)
+        total = total - logp[task_ids[has], first[has]].sum()
+        count = count + has.sum()
+    return total if reduction == "sum" else total / count.clamp(min=1)
 
 
 def plain_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:

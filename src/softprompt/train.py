@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -380,12 +380,20 @@ def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = N
         store.check_name(name)
     tok = lm.tokenizer
     train_ex, eval_ex, data_cfg = load_task_or_data(tok, data_cfg, task, train_cfg.seed)
+    ranking = None
+    if prompt_cfg.init == "transfer":  # SPoT-style: the stored prompt that suits this data best
+        from softprompt.transfer import rank_sources
+
+        ranking = rank_sources(lm, train_ex, exclude={name} if name else set(), force=force)
+        prompt_cfg = replace(prompt_cfg, init=f"prompt:{ranking[0]['name']}")
     method = PromptMethod(lm.model, initial_prompt(lm, prompt_cfg, data_cfg, train_cfg.seed, force), fast=train_cfg.fast_forward)
     evaluator = make_evaluator(method, tok, eval_ex, data_cfg, train_cfg, tok.pad_token_id)
     ckpt = runs_dir(name) / "checkpoint" if (save and name) else None
     res = fit(method, train_ex, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress)
     prompt = res.state["prompt"]
     meta = prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, res, task)
+    if ranking is not None:
+        meta["transfer"] = {"source": ranking[0]["name"], "ranking": ranking}
     path = None
     if save and name:
         path = store.save_prompt(store.prompt_path(name), prompt, meta, str(lm.path), lm.model.config)

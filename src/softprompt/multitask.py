@@ -1,0 +1,208 @@
+"""Multitask prompt tuning: one shared prompt, a rank-one modulation per task, mixed-task batches.
+
+Multitask Prompt Tuning (Wang et al. 2023): task k's prompt is the shared prompt ``P*`` (N, H)
+times, element-wise, a rank-one matrix ``u_k v_k^T`` (u_k: N, v_k: H)::
+
+    P_k = P* * (u_k v_k^T)        # (N, H); u, v start at ones, so every P_k starts as P*
+
+Training batches mix rows of every task (``data.bucketed_batches`` shuffles the pooled
+examples; each row carries its task index), and ``forward.mixed_prefix_loss`` prompts each row
+with its own task's prompt in the same forward: the K prompts' keys/values are computed once
+(batch K) and gathered per row. Gradients reach ``P*`` from every task, ``u_k, v_k`` from
+task k only. Training runs through the one loop, ``train.fit``.
+
+What is stored: ``<name>`` is the shared prompt ``P*`` (the starting point for a new task:
+``softprompt train --task NEW --init prompt:<name>``) and ``<name>-<task>`` is each task's
+``P_k``, an ordinary prompt with that task's template and label words, served like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from softprompt import data as D
+from softprompt import evaluate as E
+from softprompt import store
+from softprompt import train as TR
+from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError, _JsonMixin
+from softprompt.forward import mixed_prefix_loss, naive_loss, sequence_logprobs, supports_prefix
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MultitaskConfig(_JsonMixin):
+    tasks: tuple[str, ...] = ()  # task recipes (names under tasks/ or .json files), >= 2
+    per_task: int | None = 256  # training examples per task (seeded sample); None = all of them
+    eval_per_task: int = 64  # dev rows per task; the mean dev accuracy picks the kept epoch
+
+    def __post_init__(self) -> None:
+        if len(self.tasks) < 2:
+            raise UserError(f"--tasks needs at least two tasks, got {len(self.tasks)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise UserError("--tasks lists a task twice")
+        if self.per_task is not None and self.per_task <= 0 or self.eval_per_task <= 0:
+            raise UserError("--per-task and --eval-per-task must be positive")
+
+
+# ---------------------------------------------------------------- data: one task at a time
+
+
+@dataclass
+class TaskData:
+    name: str  # short name (recipe file stem)
+    cfg: DataConfig  # the recipe's data settings (template, verbalizer, ...)
+    train: list[D.Example]
+    dev: list[D.Example]
+    recipe: dict
+
+
+def task_name(task: str) -> str:
+    return Path(task).stem if task.endswith(".json") else task
+
+
+def sample(examples: list, n: int | None, seed: int) -> list:
+    """A seeded sample of ``n`` items in their original order (all of them when n is None)."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
+def load_task(tokenizer, task: str, n_train: int | None, n_dev: int, seed: int, index: int | None = None) -> TaskData:
+    """A task's training sample and dev sample; examples tagged with ``index`` (their task id)."""
+    train, dev, cfg = TR.load_task_or_data(tokenizer, DataConfig(), task, seed)
+    if not cfg.verbalizer:
+        raise UserError(f"task {task!r} has no verbalizer (label words); multitask and continual need classification tasks")
+    train, dev = sample(train, n_train, seed), sample(dev, n_dev, seed)
+    if not train or not dev:
+        raise UserError(f"task {task!r}: needs training and dev rows, got {len(train)} and {len(dev)}")
+    if index is not None:
+        train = [dataclasses.replace(e, task=index) for e in train]
+    return TaskData(task_name(task), cfg, train, dev, D.load_task(task))
+
+
+def load_test(tokenizer, td: TaskData, limit: int | None, seed: int) -> list[D.Example]:
+    """The task's test split (its dev split when it has none), a seeded sample of ``limit`` rows."""
+    spec = td.recipe.get("test") or td.recipe.get("eval")
+    if spec is None:
+        return td.dev
+    return sample(D.load_split(tokenizer, td.cfg, spec), limit, seed)
+
+
+def accuracy(model, prompt: torch.Tensor | None, tokenizer, examples, cfg: DataConfig, batch_size: int = 16,
+             scorer=None) -> tuple[float, torch.Tensor]:
+    """(accuracy, label scores (n, labels)) of ``examples`` under ``prompt`` (None: no prompt)."""
+    score = scorer or (lambda b: sequence_logprobs(model, prompt, **b))
+    words = list(cfg.verbalizer.values())
+    scores = E.label_scores(score, tokenizer, examples, words, tokenizer.pad_token_id, batch_size)
+    labels = list(cfg.verbalizer)
+    gold = torch.tensor([labels.index(e.label) for e in examples])
+    return float((scores.argmax(-1) == gold).float().mean()), scores
+
+
+# ---------------------------------------------------------------- the method
+
+
+class MultitaskMethod:
+    """Trainable: the shared prompt (N, H) and each task's u (N,) and v (H,)."""
+
+    def __init__(self, model, shared: torch.Tensor, n_tasks: int, fast: bool = True):
+        self.model, self.fast = model, fast
+        N, H = shared.shape
+        self.shared = torch.nn.Parameter(shared.detach().clone().float())  # (N, H)
+        self.u = torch.nn.Parameter(torch.ones(n_tasks, N))  # (K, N)
+        self.v = torch.nn.Parameter(torch.ones(n_tasks, H))  # (K, H)
+
+    def prompts(self) -> torch.Tensor:
+        return self.shared.unsqueeze(0) * (self.u.unsqueeze(2) * self.v.unsqueeze(1))  # (K, N, H)
+
+    def parameters(self):
+        return [self.shared, self.u, self.v]
+
+    def loss(self, batch):
+        ids = batch["task_ids"]  # (B,)
+        args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        if self.fast and supports_prefix(self.model):
+            return mixed_prefix_loss(self.model, self.prompts(), ids, *args)
+        return naive_loss(self.model, self.prompts()[ids], *args)
+
+    def state(self):
+        return {"shared": self.shared.detach().clone(), "u": self.u.detach().clone(), "v": self.v.detach().clone()}
+
+    def load_state(self, state):
+        with torch.no_grad():
+            for k, p in (("shared", self.shared), ("u", self.u), ("v", self.v)):
+                p.copy_(state[k])
+
+
+def make_evaluator(method: MultitaskMethod, tokenizer, tasks: list[TaskData], batch_size: int):
+    """Each task's dev accuracy under its own prompt; ``score`` is their mean."""
+
+    @torch.no_grad()
+    def run() -> dict:
+        prompts = method.prompts().detach()
+        out = {f"acc_{td.name}": accuracy(method.model, prompts[k], tokenizer, td.dev, td.cfg, batch_size)[0]
+               for k, td in enumerate(tasks)}
+        out["score"] = out["accuracy"] = sum(out.values()) / len(tasks)
+        return out
+
+    return run
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@dataclass
+class MultitaskResult:
+    name: str
+    tasks: list[str]
+    shared: torch.Tensor  # (N, H)
+    prompts: dict[str, torch.Tensor]  # task name -> (N, H)
+    paths: dict[str, Path]  # stored prompt name -> folder
+    fit: TR.FitResult
+    n_train: dict[str, int]
+
+
+def train_multitask(lm, mcfg: MultitaskConfig, prompt_cfg: PromptConfig, train_cfg: TrainConfig, name: str,
+                    resume: bool = False, progress: bool = False, save: bool = True, force: bool = False) -> MultitaskResult:
+    """Train the shared prompt and the task modulations on a mix of tasks; store every prompt."""
+    torch.manual_seed(train_cfg.seed)
+    names = [task_name(t) for t in mcfg.tasks]
+    for n in [name] + [f"{name}-{t}" for t in names]:
+        store.check_name(n)
+    tok = lm.tokenizer
+    tasks = [load_task(tok, t, mcfg.per_task, mcfg.eval_per_task, train_cfg.seed, k) for k, t in enumerate(mcfg.tasks)]
+    mix = [e for td in tasks for e in td.train]
+    if prompt_cfg.init == "labels":
+        raise UserError("--init labels needs one task's label words; use random, vocab, text or prompt:NAME for a mix")
+    shared = TR.initial_prompt(lm, prompt_cfg, DataConfig(), train_cfg.seed, force)
+    method = MultitaskMethod(lm.model, shared, len(tasks), fast=train_cfg.fast_forward)
+    evaluator = make_evaluator(method, tok, tasks, train_cfg.eval_batch_size)
+    ckpt = TR.runs_dir(name) / "checkpoint" if save else None
+    res = TR.fit(method, mix, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress)
+    method.load_state(res.state)
+    prompts = {td.name: p for td, p in zip(tasks, method.prompts().detach(), strict=True)}
+    paths = _save_all(lm, name, tasks, prompts, method.shared.detach(), prompt_cfg, train_cfg, res, mcfg) if save else {}
+    return MultitaskResult(name, names, method.shared.detach().clone(), prompts, paths, res,
+                           {td.name: len(td.train) for td in tasks})
+
+
+def _save_all(lm, name, tasks, prompts, shared, prompt_cfg, train_cfg, res, mcfg) -> dict[str, Path]:
+    info = {"shared": name, "tasks": [td.name for td in tasks], "config": mcfg.to_dict(),
+            "style": "MPT: P_k = P_shared * (u_k v_k^T)"}
+    meta = TR.prompt_metadata(lm, DataConfig(), prompt_cfg, train_cfg, res, None)
+    meta.update(kind="multitask-shared", multitask=info)
+    paths = {name: store.save_prompt(store.prompt_path(name), shared, meta, str(lm.path), lm.model.config)}
+    for td in tasks:
+        meta = TR.prompt_metadata(lm, td.cfg, prompt_cfg, train_cfg, res, td.name)
+        meta.update(kind="multitask-task", multitask=info)
+        pname = f"{name}-{td.name}"
+        paths[pname] = store.save_prompt(store.prompt_path(pname), prompts[td.name], meta, str(lm.path), lm.model.config)
+    return paths

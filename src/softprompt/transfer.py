@@ -1,0 +1,71 @@
+"""Prompt transfer: start a new task from the stored prompt that suits it best (``--init transfer``).
+
+Ranking follows SPoT's evaluation-based metric (Vu et al. 2022): every compatible stored prompt
+(same base model, same H) is scored by the mean target loss it gives on a sample of the new
+task's training examples, with no training at all. Lower is better; the best prompt becomes
+the initial prompt (cut or extended to N, as ``--init prompt:NAME``). SPoT found this ranking
+more reliable than comparing prompt embeddings, and it costs one forward pass per prompt over
+a few dozen rows.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from softprompt import data as D
+from softprompt import store
+from softprompt.config import UserError
+from softprompt.forward import prompt_loss
+
+log = logging.getLogger(__name__)
+
+RANK_ROWS = 32  # new-task rows each candidate is scored on
+
+
+@torch.no_grad()
+def mean_loss(model, prompt: torch.Tensor, examples: list[D.Example], pad_id: int, batch_size: int = 16) -> float:
+    """Target-token-weighted mean cross-entropy of ``examples`` under ``prompt``."""
+    total, count = 0.0, 0
+    for s in range(0, len(examples), batch_size):
+        batch = D.collate(examples[s : s + batch_size], pad_id)
+        n = int((batch["labels"][:, 1:] != D.IGNORE).sum()) + int((batch["labels"][:, 0] != D.IGNORE).sum())
+        total += prompt_loss(model, prompt, batch).item() * n
+        count += n
+    return total / max(1, count)
+
+
+def candidates(lm, exclude: set[str] = frozenset(), force: bool = False) -> dict[str, torch.Tensor]:
+    """Stored prompts usable on this model: name -> (N, H). Broken or foreign ones are skipped."""
+    H = lm.model.get_input_embeddings().weight.shape[1]
+    out = {}
+    for name in store.list_prompts():
+        if name in exclude:
+            continue
+        try:
+            sp = store.load_prompt(name)
+            store.check_compatible(sp, lm.fingerprint, force=force)
+        except UserError as e:
+            log.debug("transfer: skipping %s (%s)", name, e)
+            continue
+        if sp.embeddings.shape[1] == H:
+            out[name] = sp.embeddings.float()
+    return out
+
+
+def rank_sources(lm, examples: list[D.Example], exclude: set[str] = frozenset(), rows: int = RANK_ROWS,
+                 force: bool = False) -> list[dict]:
+    """Stored prompts ordered best first: ``[{"name", "loss"}, ...]`` on the first ``rows`` examples."""
+    if not examples:
+        raise UserError("--init transfer: the new task has no training examples to rank prompts with")
+    pool = candidates(lm, exclude, force)
+    if not pool:
+        raise UserError("--init transfer: no stored prompt for this base model to transfer from; "
+                        "train one first or use another --init")
+    sample = examples[:rows]
+    pad = lm.tokenizer.pad_token_id
+    ranked = [{"name": n, "loss": mean_loss(lm.model, p, sample, pad)} for n, p in pool.items()]
+    ranked.sort(key=lambda r: r["loss"])
+    log.info("transfer ranking: %s", ", ".join(f"{r['name']} {r['loss']:.3f}" for r in ranked[:5]))
+    return ranked

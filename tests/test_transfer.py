@@ -1,0 +1,43 @@
+"""Prompt transfer (--init transfer): the ranking picks the prompt trained on the same data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt import store
+from softprompt import train as TR
+from softprompt import transfer as TF
+from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
+
+
+def _train(lm, task, name, init="random", seed=0):
+    return TR.train(lm, DataConfig(), PromptConfig(num_virtual_tokens=4, init=init),
+                    TrainConfig(epochs=3, lr=0.3, seed=seed, patience=None), name=name, task=str(task))
+
+
+def test_transfer_picks_the_prompt_trained_on_the_same_data(tiny_lm, toy_tasks):
+    _train(tiny_lm, toy_tasks["pets"], "pets-src")
+    _train(tiny_lm, toy_tasks["mood"], "mood-src")
+    _train(tiny_lm, toy_tasks["size"], "size-src")
+    res = _train(tiny_lm, toy_tasks["mood"], "mood-new", init="transfer", seed=1)
+    ranking = res.meta["transfer"]["ranking"]
+    assert res.meta["transfer"]["source"] == "mood-src"
+    assert [r["name"] for r in ranking][0] == "mood-src" and len(ranking) == 3  # itself excluded
+    assert ranking[0]["loss"] < ranking[1]["loss"] - 0.05, ranking
+    assert res.meta["prompt"]["init"] == "prompt:mood-src"  # recorded as what it really was
+
+
+def test_transfer_starts_from_the_chosen_prompt(tiny_lm, toy_tasks):
+    src = _train(tiny_lm, toy_tasks["mood"], "src")
+    train_ex, _, _ = TR.load_task_or_data(tiny_lm.tokenizer, DataConfig(), str(toy_tasks["mood"]), 0)
+    assert TF.rank_sources(tiny_lm, train_ex)[0]["name"] == "src"
+    init = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:src"), DataConfig(), 0)
+    assert torch.equal(init, store.load_prompt("src").embeddings.float())
+    assert torch.equal(init, src.prompt)
+
+
+def test_transfer_without_stored_prompts_is_a_user_error(tiny_lm, toy_tasks):
+    with pytest.raises(UserError, match="no stored prompt"):
+        _train(tiny_lm, toy_tasks["mood"], "lonely", init="transfer")
+    assert "lonely" not in store.list_prompts()  # nothing half-written

@@ -135,3 +135,16 @@ def toy_tasks(tmp_path) -> dict[str, Path]:
         "pets": write_toy_task(tmp_path, "pets", pets, "Text: {text}\nAnimal:", {"0": "dog", "1": "cat"}),
         "size": write_toy_task(tmp_path, "size", size, "{text}\nSize:", {"0": "small", "1": "big"}),
     }
+
+
+def sharpen(lm, factor: float = 10.0):
+    """Scale every weight matrix of the tiny random model: its 0.02-std init gives near-uniform
+    logits that no prompt can move much; scaled, prompt tuning can actually learn a toy task."""
+    from softprompt import models
+
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            if p.dim() == 2:
+                p.mul_(factor)
+    lm.fingerprint = models.fingerprint(lm.model)
+    return lm

@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import sharpen
 
 from softprompt import data as D
 from softprompt import evaluate as E
-from softprompt import models, store
+from softprompt import store
 from softprompt import train as TR
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import sequence_logprobs
@@ -22,17 +23,6 @@ def target_cfg(csv, **kw) -> DataConfig:
     return DataConfig(
         path=str(csv), template="{text}", target_column="label", verbalizer=VERB, **kw
     )
-
-
-def sharpen(lm, factor: float = 10.0):
-    """Scale every weight matrix of the tiny random model: its 0.02-std init gives near-uniform
-    logits that no prompt can move much; scaled, prompt tuning can actually learn the toy task."""
-    with torch.no_grad():
-        for p in lm.model.parameters():
-            if p.dim() == 2:
-                p.mul_(factor)
-    lm.fingerprint = models.fingerprint(lm.model)
-    return lm
 
 
 def test_base_weights_unchanged_bit_for_bit(tiny_lm, toy_csv):

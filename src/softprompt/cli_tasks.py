@@ -6,6 +6,106 @@ prints. Kept apart from ``cli.py`` so that each file stays readable top to botto
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from softprompt.cli import _default, add_model_args
+from softprompt.config import PromptConfig, TrainConfig, UserError
+
+
+def _names(text: str, what: str) -> tuple[str, ...]:
+    out = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not out:
+        raise UserError(f"{what} needs a comma-separated list")
+    return out
+
+
+def _train_flags(p, lr: float | None = None) -> None:
+    g = p.add_argument_group("prompt and training")
+    g.add_argument("--num-virtual-tokens", type=int, default=_default(PromptConfig, "num_virtual_tokens"), help="N (default %(default)s)")
+    g.add_argument("--init", default="vocab", help="random | text | vocab | prompt:NAME (default %(default)s)")
+    g.add_argument("--init-text", help="text for --init text")
+    for name in ("lr", "epochs", "steps", "batch_size", "seed", "patience"):
+        default = lr if (name == "lr" and lr is not None) else _default(TrainConfig, name)
+        g.add_argument("--" + name.replace("_", "-"), type=float if name == "lr" else int, default=default, help=f"(default {default})")
+    g.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def _configs(a) -> tuple[PromptConfig, TrainConfig]:
+    pcfg = PromptConfig(num_virtual_tokens=a.num_virtual_tokens, init=a.init, init_text=a.init_text)
+    tcfg = TrainConfig(lr=a.lr, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, seed=a.seed, patience=a.patience)
+    return pcfg, tcfg
+
+
+# ---------------------------------------------------------------- train-multitask
+
+
+def cmd_train_multitask(a) -> int:
+    from softprompt import models
+    from softprompt import multitask as MT
+
+    mcfg = MT.MultitaskConfig(tasks=_names(a.tasks, "--tasks"), per_task=None if a.per_task == 0 else a.per_task,
+                              eval_per_task=a.eval_per_task)
+    pcfg, tcfg = _configs(a)
+    res = MT.train_multitask(models.load(a.model), mcfg, pcfg, tcfg, a.name, resume=a.resume, progress=not a.quiet)
+    print(f"\nmultitask   {', '.join(res.tasks)}  ({sum(res.n_train.values())} training rows, mixed batches)")
+    print(f"training    {len(res.fit.history)} steps in {res.fit.train_time_s:.1f}s, {res.fit.stopped}")
+    for e in res.fit.epochs:
+        accs = "  ".join(f"{k[9:]} {v:.3f}" for k, v in e.items() if k.startswith("eval_acc_"))
+        print(f"  epoch {e['epoch']:>3}  train loss {e['train_loss']:.4f}  dev {accs}")
+    for name, path in res.paths.items():
+        print(f"saved       {name:<24} {path}")
+    print(f"new task    softprompt train --task NEW --init prompt:{a.name}")
+    return 0
+
+
+def add_multitask_parser(sub) -> None:
+    m = sub.add_parser("train-multitask", help="one shared prompt + a rank-one modulation per task, mixed-task batches")
+    add_model_args(m)
+    m.add_argument("--tasks", required=True, help="comma list of task recipes, e.g. sst2,trec,agnews")
+    m.add_argument("--name", default="multitask", help="store name of the shared prompt; tasks get NAME-TASK (default %(default)s)")
+    m.add_argument("--per-task", type=int, default=256, help="training rows per task, seeded sample; 0 = all (default %(default)s)")
+    m.add_argument("--eval-per-task", type=int, default=64, help="dev rows per task (default %(default)s)")
+    m.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint of --name")
+    _train_flags(m)
+    m.set_defaults(func=cmd_train_multitask)
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def cmd_inspect(a) -> int:
+    from softprompt import interpret as I
+    from softprompt import models
+
+    against = list(_names(a.against, "--against")) if a.against else None
+    report = I.inspect_prompt(models.load(a.model), a.name, against, a.top_k, a.eval_limit, not a.no_importance)
+    print("\n".join(I.table(report)))
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if "similarity" in report:
+            report["similarity"]["png"] = str(I.heatmap(report["similarity"]["names"], report["similarity"]["matrix"],
+                                                        out / f"inspect_{a.name}.png"))
+        path = out / f"inspect_{a.name}.json"
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"\nwrote {path}")
+    return 0
+
+
+def add_inspect_parser(sub) -> None:
+    i = sub.add_parser("inspect", help="look inside a stored prompt: nearest tokens, norms, similarity, token importance")
+    add_model_args(i)
+    i.add_argument("name", help="stored prompt")
+    i.add_argument("--against", help="comma list of other stored prompts to compare with (similarity matrix)")
+    i.add_argument("--top-k", type=int, default=5, help="nearest vocabulary tokens per virtual token (default %(default)s)")
+    i.add_argument("--eval-limit", type=int, default=64, help="evaluation rows for token importance (default %(default)s)")
+    i.add_argument("--no-importance", action="store_true", help="skip the ablation (needs no data)")
+    i.add_argument("--out", help="folder for inspect_NAME.json and, with --against, inspect_NAME.png")
+    i.set_defaults(func=cmd_inspect)
+
 
 def add_parsers(sub) -> None:
     """Register this module's subcommands on ``sub`` (argparse sub-parsers)."""
+    add_multitask_parser(sub)
+    add_inspect_parser(sub)

@@ -1,0 +1,173 @@
+"""Seeing inside a soft prompt: nearest vocabulary tokens, norms, similarity, token importance.
+
+* **Nearest tokens**: for each virtual token, the vocabulary embeddings closest by cosine
+  (Lester et al. 2021 read learned prompts this way; a prompt initialised from a text starts
+  exactly on that text's tokens, cosine 1).
+* **Norm** of each virtual token next to the vocabulary's typical norm: trained prompts often
+  drift far from the embedding manifold, which nearest tokens alone would hide.
+* **Similarity** between stored prompts: cosine of their mean virtual tokens (SPoT's "average
+  tokens" measure; works across different N), as a matrix and a PNG heatmap.
+* **Importance** of each virtual token: the drop in the evaluation metric when that token is
+  replaced by the mean vocabulary embedding (accuracy for classification prompts, loss for
+  language-modelling ones).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from softprompt import data as D
+from softprompt import evaluate as E
+from softprompt import store
+from softprompt.config import UserError
+from softprompt.forward import sequence_logprobs
+from softprompt.prompt import embedding_matrix
+from softprompt.transfer import mean_loss
+
+log = logging.getLogger(__name__)
+
+
+def nearest_tokens(model, tokenizer, prompt: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+    """Per virtual token, the ``k`` vocabulary tokens with the highest cosine similarity."""
+    emb = F.normalize(embedding_matrix(model).float(), dim=-1)  # (V, H)
+    sims = F.normalize(prompt.float(), dim=-1) @ emb.T  # (N, V)
+    top = sims.topk(k, dim=-1)
+    return [[(tokenizer.convert_ids_to_tokens(int(i)), float(s)) for s, i in zip(vals, ids, strict=True)]
+            for vals, ids in zip(top.values, top.indices, strict=True)]
+
+
+def norms(prompt: torch.Tensor) -> list[float]:
+    return prompt.float().norm(dim=-1).tolist()  # (N,)
+
+
+def similarity(prompts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(P, P) cosine similarity of each prompt's mean virtual token."""
+    means = F.normalize(torch.stack([p.float().mean(0) for p in prompts.values()]), dim=-1)  # (P, H)
+    return means @ means.T
+
+
+@torch.no_grad()
+def importance(model, tokenizer, prompt: torch.Tensor, examples: list[D.Example], verbalizer: dict | None,
+               batch_size: int = 16) -> tuple[str, float, list[float]]:
+    """(metric name, metric with the whole prompt, drop per virtual token when it is ablated)."""
+    fill = embedding_matrix(model).float().mean(0)  # (H,): the mean vocabulary embedding
+    pad = tokenizer.pad_token_id
+
+    def metric(p: torch.Tensor) -> float:
+        if verbalizer:
+            score = lambda b: sequence_logprobs(model, p, **b)  # noqa: E731
+            return E.classify_metrics(score, tokenizer, examples, verbalizer, pad, batch_size)["accuracy"]
+        return -mean_loss(model, p, examples, pad, batch_size)  # higher is better
+
+    base = metric(prompt)
+    drops = []
+    for i in range(prompt.shape[0]):
+        ablated = prompt.float().clone()
+        ablated[i] = fill
+        drops.append(base - metric(ablated))
+    return ("accuracy" if verbalizer else "-loss"), base, drops
+
+
+def eval_examples(tokenizer, meta: dict, limit: int) -> tuple[list[D.Example], dict | None]:
+    """The evaluation rows a stored prompt's metadata points at (its task's dev split)."""
+    from softprompt import train as TR
+    from softprompt.config import DataConfig
+
+    data = meta.get("data") or {}
+    if meta.get("task"):
+        try:
+            _, dev, cfg = TR.load_task_or_data(tokenizer, DataConfig(), meta["task"], int(meta.get("seed") or 0))
+        except UserError as e:
+            raise UserError(f"importance: cannot load the prompt's task {meta['task']!r} ({e}); use --no-importance") from None
+    elif data.get("path"):
+        cfg = DataConfig.from_dict({**data, "columns": tuple(data["columns"]) if data.get("columns") else None})
+        _, dev = D.load_train_eval(tokenizer, cfg, int(meta.get("seed") or 0))
+    else:
+        raise UserError("importance: the prompt's metadata names no task or data file; use --no-importance")
+    if not dev:
+        raise UserError("importance: the prompt's task has no evaluation rows; use --no-importance")
+    return dev[:limit], cfg.verbalizer
+
+
+def inspect_prompt(lm, name: str, against: list[str] | None = None, top_k: int = 5, eval_limit: int = 64,
+                   with_importance: bool = True) -> dict:
+    """The JSON report of one stored prompt (see the module docstring)."""
+    sp = store.load_prompt(name)
+    prompt = sp.embeddings.float()
+    if prompt.shape[1] != embedding_matrix(lm.model).shape[1]:
+        raise UserError(f"prompt {name!r} has hidden size {prompt.shape[1]}, the model has {embedding_matrix(lm.model).shape[1]}")
+    vocab_norm = embedding_matrix(lm.model).float().norm(dim=-1)
+    near = nearest_tokens(lm.model, lm.tokenizer, prompt, top_k)
+    report = {
+        "name": name, "shape": list(prompt.shape), "task": sp.meta.get("task"),
+        "vocab_norm": {"mean": float(vocab_norm.mean()), "std": float(vocab_norm.std())},
+        "tokens": [{"index": i, "norm": n, "nearest": [{"token": t, "cosine": c} for t, c in nn]}
+                   for i, (n, nn) in enumerate(zip(norms(prompt), near, strict=True))],
+    }
+    names = [name] + [a for a in (against or []) if a != name]
+    if len(names) > 1:
+        sims = similarity({n: store.load_prompt(n).embeddings for n in names})
+        report["similarity"] = {"names": names, "matrix": sims.tolist()}
+    if with_importance:
+        examples, verbalizer = eval_examples(lm.tokenizer, sp.meta, eval_limit)
+        metric, base, drops = importance(lm.model, lm.tokenizer, prompt, examples, verbalizer)
+        report["importance"] = {"metric": metric, "full_prompt": base, "rows": len(examples), "drop": drops}
+        for t, d in zip(report["tokens"], drops, strict=True):
+            t["importance"] = d
+    return report
+
+
+def heatmap(names: list[str], matrix: list[list[float]], path: Path) -> Path:
+    """Write the similarity matrix as a PNG heatmap."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("the heatmap needs matplotlib: pip install 'softprompt[plots]'") from None
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.6 * n))
+    im = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="cosine of mean virtual tokens")
+    ax.set_title("prompt similarity")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def table(report: dict) -> list[str]:
+    """The report as terminal lines."""
+    vn = report["vocab_norm"]
+    out = [f"prompt {report['name']}  {report['shape'][0]} x {report['shape'][1]}  task {report['task'] or '-'}",
+           f"vocabulary embedding norm {vn['mean']:.3f} +- {vn['std']:.3f}", ""]
+    has_imp = "importance" in report
+    head = f"{'tok':>4} {'norm':>7} " + (f"{'drop':>7} " if has_imp else "") + "nearest vocabulary tokens (cosine)"
+    out += [head, "-" * len(head)]
+    for t in report["tokens"]:
+        near = "  ".join(f"{n['token']!r} {n['cosine']:.2f}" for n in t["nearest"])
+        imp = f"{t['importance']:>+7.3f} " if has_imp else ""
+        out.append(f"{t['index']:>4} {t['norm']:>7.3f} {imp}{near}")
+    if has_imp:
+        imp = report["importance"]
+        out += ["", f"{imp['metric']} with the whole prompt: {imp['full_prompt']:.4f} on {imp['rows']} rows; "
+                f"drop = that minus the metric with the token replaced by the mean embedding"]
+    if "similarity" in report:
+        names, m = report["similarity"]["names"], report["similarity"]["matrix"]
+        w = max(len(n) for n in names)
+        out += ["", "similarity (cosine of mean virtual tokens)", " " * (w + 1) + " ".join(f"{n[:7]:>7}" for n in names)]
+        out += [f"{n:<{w}} " + " ".join(f"{v:>7.2f}" for v in row) for n, row in zip(names, m, strict=True)]
+    return out

@@ -1,0 +1,70 @@
+"""inspect: nearest tokens of a text-initialised prompt are that text's tokens; similarity,
+importance and the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from softprompt import interpret as I
+from softprompt import store
+from softprompt import train as TR
+from softprompt.cli import main
+from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
+from softprompt.prompt import make_prompt, token_ids
+
+TEXT = "classify the sentiment of this review"
+
+
+def test_nearest_tokens_of_a_text_init_are_the_texts_tokens(tiny_lm):
+    p = make_prompt(tiny_lm.model, tiny_lm.tokenizer, 6, "text", text=TEXT)
+    ids = token_ids(tiny_lm.tokenizer, TEXT)
+    want = tiny_lm.tokenizer.convert_ids_to_tokens((ids * 2)[:6])
+    near = I.nearest_tokens(tiny_lm.model, tiny_lm.tokenizer, p, k=3)
+    assert [n[0][0] for n in near] == want
+    assert all(abs(n[0][1] - 1.0) < 1e-5 for n in near)
+    assert all(n[1][1] < n[0][1] for n in near)  # the runner-up is strictly less similar
+
+
+def test_similarity_is_symmetric_with_unit_diagonal():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 8, generator=g), torch.randn(6, 8, generator=g)
+    m = I.similarity({"a": a, "b": b, "a2": a * 3, "neg": -a})
+    assert torch.allclose(m, m.T) and torch.allclose(m.diag(), torch.ones(4), atol=1e-6)
+    assert abs(m[0, 2] - 1) < 1e-6 and abs(m[0, 3] + 1) < 1e-6  # scale-free, sign-aware
+
+
+def test_importance_is_zero_for_a_token_already_at_the_fill_value(tiny_lm, toy_csv):
+    cfg = DataConfig(path=str(toy_csv), template="{text}", target_column="label", verbalizer={"0": "negative", "1": "positive"})
+    _, dev, _ = TR.load_task_or_data(tiny_lm.tokenizer, cfg, None, 0)
+    p = torch.randn(3, tiny_lm.model.config.hidden_size) * 5
+    p[1] = tiny_lm.model.get_input_embeddings().weight.float().mean(0)
+    metric, base, drops = I.importance(tiny_lm.model, tiny_lm.tokenizer, p, dev, None)
+    assert metric == "-loss" and drops[1] == 0.0 and drops[0] != 0.0 and drops[2] != 0.0
+    metric, base, drops = I.importance(tiny_lm.model, tiny_lm.tokenizer, p, dev, cfg.verbalizer)
+    assert metric == "accuracy" and 0 <= base <= 1 and drops[1] == 0.0
+
+
+def test_inspect_command_table_json_and_heatmap(tiny_lm, toy_csv, tmp_path, capsys, tiny_model_dir):
+    cfg = DataConfig(path=str(toy_csv), template="{text}", target_column="label", verbalizer={"0": "negative", "1": "positive"})
+    for name, init in (("a", "text"), ("b", "random")):
+        TR.train(tiny_lm, cfg, PromptConfig(num_virtual_tokens=4, init=init, init_text=TEXT if init == "text" else None),
+                 TrainConfig(epochs=1, lr=0.01), name=name)
+    model = str(tiny_model_dir("llama"))
+    assert main(["inspect", "a", "--model", model, "--against", "b", "--eval-limit", "8", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "nearest vocabulary tokens" in out and "similarity" in out
+    report = json.loads((tmp_path / "out" / "inspect_a.json").read_text())
+    assert len(report["tokens"]) == 4 and len(report["importance"]["drop"]) == 4
+    assert report["similarity"]["names"] == ["a", "b"]
+    assert (tmp_path / "out" / "inspect_a.png").stat().st_size > 1000
+    assert main(["inspect", "nope", "--model", model]) == 2
+
+
+def test_importance_needs_data_in_the_metadata(tiny_lm):
+    store.save_prompt(store.prompt_path("bare"), torch.randn(2, tiny_lm.model.config.hidden_size), {"format": 1})
+    with pytest.raises(UserError, match="no-importance"):
+        I.inspect_prompt(tiny_lm, "bare")
+    assert "importance" not in I.inspect_prompt(tiny_lm, "bare", with_importance=False)

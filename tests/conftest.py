@@ -118,7 +118,7 @@ def write_toy_task(folder: Path, name: str, rows: list[tuple[str, str]], templat
         w.writerow(["text", "label"])
         w.writerows(rows)
     recipe = {"train": {"path": str(data)}, "template": template, "target_column": "label",
-              "verbalizer": verbalizer, "max_length": 32, "dev_fraction": 0.25}
+              "verbalizer": verbalizer, "max_length": 64, "dev_fraction": 0.25}
     path = folder / f"{name}.json"
     path.write_text(json.dumps(recipe))
     return path

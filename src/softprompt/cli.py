@@ -31,6 +31,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="smollm2-135m (default, embedded) or a local transformers folder")
 
 
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:K (under torchrun, cuda = this process's GPU) (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the frozen model's dtype; a trained prompt stays float32 (default %(default)s)")
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--task", help="a task recipe under tasks/ (sst2, trec, agnews) or a recipe .json file")
@@ -80,20 +86,30 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint of --name")
     g.add_argument("--force", action="store_true", help="accept a prompt:NAME init from another base model")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun / accelerate launch: shard the frozen model's layers over the processes (FSDP)")
 
 
 def cmd_train(a) -> int:
-    from softprompt import models
+    from softprompt import distributed, models
     from softprompt.train import train
 
+    if not distributed.is_main():  # one rank of torchrun / accelerate launch: rank 0 reports
+        logging.getLogger().setLevel(logging.WARNING)
+        a.quiet = True
     dcfg = data_config(a)
     pcfg = PromptConfig(num_virtual_tokens=a.num_virtual_tokens, init=a.init, init_text=a.init_text)
     tcfg = TrainConfig(lr=a.lr, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
                        seed=a.seed, patience=a.patience, warmup_ratio=a.warmup_ratio, weight_decay=a.weight_decay)
     name = a.name or (a.task if a.task else os.path.splitext(os.path.basename(a.data))[0])
-    lm = models.load(a.model)
-    res = train(lm, dcfg, pcfg, tcfg, name=name, task=a.task, resume=a.resume, progress=not a.quiet, force=a.force)
-    print_summary(res)
+    lm = models.load(a.model, a.dtype, a.device)
+    try:
+        res = train(lm, dcfg, pcfg, tcfg, name=name, task=a.task, resume=a.resume, progress=not a.quiet,
+                    force=a.force, fsdp=a.fsdp)
+    finally:
+        distributed.teardown()
+    if distributed.is_main():
+        print_summary(res)
     return 0 if res.stopped != "non-finite loss" else 1
 
 
@@ -126,7 +142,7 @@ def cmd_generate(a) -> int:
     from softprompt import engine, models, store
 
     cfg = gen_config(a)
-    lm = models.load(a.model)
+    lm = models.load(a.model, a.dtype, a.device)
     prompt = None
     if a.prompt:
         sp = store.load_prompt(a.prompt)
@@ -148,6 +164,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     from softprompt.evaluate import EvalConfig
 
     add_model_args(p)
+    add_device_args(p)
     p.add_argument("--prompt", help="stored prompt name, or a,b,c for an ensemble (default: the plain model)")
     p.add_argument("--task", help="a task recipe under tasks/ (sst2, trec, agnews) or a recipe .json file")
     p.add_argument("--split", choices=("eval", "test"), default=_default(EvalConfig, "split"),
@@ -180,7 +197,7 @@ def cmd_eval(a) -> int:
                      text_column=a.text_column, verbalizer=parse_verbalizer(a.verbalizer), max_length=a.max_length)
     if not a.task and not a.data:
         raise UserError("give --data PATH or --task NAME to evaluate on")
-    lm = models.load(a.model)
+    lm = models.load(a.model, a.dtype, a.device)
     eng = engine.Engine(lm, engine.EngineConfig(force=a.force, max_batch_rows=a.batch_size))
     res = evaluate.evaluate(eng, ecfg, overrides)
     print_eval(res)
@@ -300,7 +317,7 @@ def _command_line(a) -> str:
     """The command as the user could retype it: the subcommand and every non-default option."""
     import shlex
 
-    parts = ["softprompt", "compare"]
+    parts = ["softprompt", a.command]
     for act in a.compare_parser._actions:
         if not act.option_strings or act.dest == "help":
             continue
@@ -399,6 +416,12 @@ def add_serve_parser(sub) -> None:
         typ = str if f.name in ("host", "model_id") else type(f.default)
         s.add_argument(flag, type=typ, default=f.default, help=f"{text} (default {f.default})")
     s.add_argument("--force", action="store_true", help="serve prompts trained on another base model (same H)")
+    add_device_args(s)
+    r = s.add_argument_group("Ray Serve (pip install 'softprompt[ray]'; docs/scaling.md)")
+    r.add_argument("--ray", action="store_true", help="serve the same app over Ray Serve replicas")
+    r.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each with the model loaded once (default %(default)s)")
+    r.add_argument("--ray-address", default=None,
+                   help="an existing Ray cluster ('auto' after 'ray start --head', or ray://HOST:10001); default: start one here")
     s.set_defaults(func=cmd_serve)
 
 
@@ -408,7 +431,13 @@ def cmd_serve(a) -> int:
     from softprompt import server
 
     cfg = server.ServerConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(server.ServerConfig)})
-    server.serve(cfg, a.model, force=a.force)
+    if a.ray:
+        from softprompt import ray_serve
+
+        ray_serve.serve(cfg, a.model, replicas=a.replicas, address=a.ray_address, force=a.force,
+                        device=a.device, dtype=a.dtype)
+        return 0
+    server.serve(cfg, a.model, force=a.force, device=a.device, dtype=a.dtype)
     return 0
 
 
@@ -416,8 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning for frozen language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a soft prompt")
+    t = sub.add_parser("train", help="train a soft prompt (several processes: torchrun -m softprompt train ...)")
     add_model_args(t)
+    add_device_args(t)
     add_data_args(t)
     add_train_args(t)
     t.set_defaults(func=cmd_train)
@@ -425,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(g)
     g.add_argument("--prompt", help="name of a stored prompt (default: the plain model)")
     g.add_argument("--force", action="store_true", help="use a prompt trained on another base model")
+    add_device_args(g)
     add_generate_args(g)
     g.add_argument("text", help="the input text")
     g.set_defaults(func=cmd_generate)

@@ -108,4 +108,55 @@ def add_inspect_parser(sub) -> None:
 def add_parsers(sub) -> None:
     """Register this module's subcommands on ``sub`` (argparse sub-parsers)."""
     add_multitask_parser(sub)
+    add_continual_parser(sub)
     add_inspect_parser(sub)
+
+
+# ---------------------------------------------------------------- continual
+
+
+def cmd_continual(a) -> int:
+    from softprompt import continual as C
+    from softprompt import models
+    from softprompt.cli import _command_line
+
+    ccfg = C.ContinualConfig(tasks=_names(a.tasks, "--tasks"), methods=_names(a.methods, "--methods"),
+                             per_task=None if a.per_task == 0 else a.per_task,
+                             test_per_task=None if a.test_per_task == 0 else a.test_per_task,
+                             steps=a.stage_steps, lr_full=a.lr_full)
+    pcfg, tcfg = _configs(a)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = C.run(models.load(a.model), ccfg, pcfg, tcfg, say=(lambda m: None) if a.quiet else print)
+    command = _command_line(a)
+    doc["command"] = command
+    stem = out / f"continual_{a.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    md = C.markdown(doc, command)
+    try:
+        C.plot(doc, stem.with_suffix(".png"))
+        md += f"\n![accuracy per task across stages]({stem.name}.png)\n"
+    except ImportError:
+        print("(no plot: pip install 'softprompt[plots]')")
+    stem.with_suffix(".md").write_text(md)
+    print("\n" + md)
+    print(f"wrote {stem}.json, .md and .png")
+    return 0
+
+
+def add_continual_parser(sub) -> None:
+    from softprompt.continual import METHODS, ContinualConfig
+
+    d = {k: _default(ContinualConfig, k) for k in ("methods", "per_task", "test_per_task", "steps", "lr_full")}
+    c = sub.add_parser("continual", help="learn tasks one after another; accuracy matrix and forgetting per method")
+    add_model_args(c)
+    c.add_argument("--tasks", required=True, help="comma list of task recipes in learning order, e.g. sst2,trec,subj,agnews,cr")
+    c.add_argument("--methods", default=",".join(d["methods"]), help=f"comma list from {','.join(METHODS)} (default %(default)s)")
+    c.add_argument("--per-task", type=int, default=d["per_task"], help="training rows per task; 0 = all (default %(default)s)")
+    c.add_argument("--test-per-task", type=int, default=d["test_per_task"], help="test rows per task; 0 = all (default %(default)s)")
+    c.add_argument("--stage-steps", type=int, default=d["steps"], help="optimiser steps per stage (default %(default)s)")
+    c.add_argument("--lr-full", type=float, default=d["lr_full"], help="full fine-tuning lr (default %(default)s)")
+    c.add_argument("--out", default="continual-results", help="folder for continual_TAG.json/.md/.png (default %(default)s)")
+    c.add_argument("--tag", default="run", help="result name (default %(default)s)")
+    _train_flags(c)
+    c.set_defaults(func=cmd_continual, compare_parser=c)  # compare_parser: what _command_line reads

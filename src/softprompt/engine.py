@@ -148,10 +148,10 @@ def batch_prefix(prefixes: list[PrefixKV | None], config) -> tuple[DynamicCache,
     """Per-row prefix keys/values right-aligned into one cache: layers (B, kv, maxN, d), mask (B, maxN)."""
     B = len(prefixes)
     maxN = max((p.n for p in prefixes if p is not None), default=0)
-    mask = torch.zeros(B, maxN, dtype=torch.long)
+    ref = next((p for p in prefixes if p is not None), None)
+    mask = torch.zeros(B, maxN, dtype=torch.long, device=None if ref is None else ref.keys.device)
     if maxN == 0:
         return DynamicCache(config=config), mask
-    ref = next(p for p in prefixes if p is not None)
     L, kv, _, d = ref.keys.shape
     keys = ref.keys.new_zeros(L, B, kv, maxN, d)
     values = ref.values.new_zeros(L, B, kv, maxN, d)
@@ -181,7 +181,7 @@ class DecoderState:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,), return next-token logits (B, V)."""
-        h = self.hidden(tokens[:, None], torch.ones(tokens.shape[0], 1, dtype=torch.long))
+        h = self.hidden(tokens[:, None], torch.ones(tokens.shape[0], 1, dtype=torch.long, device=tokens.device))
         return self.model.get_output_embeddings()(h[:, -1])
 
     def take(self, rows: list[int]) -> None:
@@ -189,7 +189,7 @@ class DecoderState:
 
         Exact: positions are explicit and masked columns contribute nothing to attention.
         """
-        idx = torch.tensor(rows, dtype=torch.long)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         mask = self.mask[idx]
         cols = mask.any(0).nonzero()[:, 0]  # (L',)
         if cols.numel() == mask.shape[1]:
@@ -219,6 +219,7 @@ class Engine:
 
     def __init__(self, lm, cfg: EngineConfig | None = None):
         self.lm, self.cfg = lm, cfg or EngineConfig()
+        self.device = next(lm.model.parameters()).device  # inputs go here; sampling stays on the CPU
         self.bank = PromptBank(lm.fingerprint, self.cfg.max_resident_prompts, self.cfg.force)
         self.prefixes = PrefixCache(int(self.cfg.prefix_cache_mb * 2**20))
         tok = lm.tokenizer
@@ -251,7 +252,11 @@ class Engine:
     def _prefix(self, row: _Row) -> PrefixKV | None:
         if row.emb is None:
             return None
-        return self.prefixes.get((row.prompt, row.version), lambda: compute_prefix(self.model, row.emb))
+        return self.prefixes.get((row.prompt, row.version), lambda: compute_prefix(self.model, row.emb.to(self.device)))
+
+    def tensor(self, data, dtype=torch.long) -> torch.Tensor:
+        """A tensor on the model's device."""
+        return torch.as_tensor(data, dtype=dtype).to(self.device)
 
     # ------------------------------------------------ prefill
 
@@ -265,9 +270,8 @@ class Engine:
         model = self.model
         prefixes = [self._prefix(r) for r in rows]
         cache, pmask = batch_prefix(prefixes, model.config)
-        ids, tmask = left_pad([r.ids for r in rows], self.pad_id)  # (B, maxT)
-        n = torch.tensor([r.n for r in rows])
-        state = DecoderState(model, cache, pmask, n)
+        ids, tmask = (t.to(self.device) for t in left_pad([r.ids for r in rows], self.pad_id))  # (B, maxT)
+        state = DecoderState(model, cache, pmask.to(self.device), self.tensor([r.n for r in rows]))
         h = state.hidden(ids, tmask) if ids.shape[1] else None  # (B, maxT, H)
         last = [h[i, -1] if r.ids else prefixes[i].last for i, r in enumerate(rows)]
         return state, torch.stack(last)
@@ -276,11 +280,11 @@ class Engine:
         model = self.model
         seqs = []
         for r in rows:
-            x = embed(model, torch.tensor(r.ids, dtype=torch.long))  # (T, H)
-            seqs.append(x if r.emb is None else torch.cat([r.emb.to(x.dtype), x]))  # (N+T, H)
+            x = embed(model, self.tensor(r.ids))  # (T, H)
+            seqs.append(x if r.emb is None else torch.cat([r.emb.to(x.device, x.dtype), x]))  # (N+T, H)
         L, H = max(s.shape[0] for s in seqs), seqs[0].shape[1]
         x = seqs[0].new_zeros(len(rows), L, H)
-        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        mask = torch.zeros(len(rows), L, dtype=torch.long, device=self.device)
         for i, s in enumerate(seqs):
             x[i, L - s.shape[0] :], mask[i, L - s.shape[0] :] = s, 1
         pos = (mask.cumsum(1) - 1).clamp(min=0)  # 0 at the first real (virtual) token
@@ -348,7 +352,7 @@ class Engine:
             if len(keep) < len(alive):  # finished rows stop costing work
                 state.take(keep)
                 alive = [alive[j] for j in keep]
-            logits = state.step(torch.tensor(feed, dtype=torch.long))
+            logits = state.step(self.tensor(feed))
         dt = time.perf_counter() - t0
         tok = self.lm.tokenizer
         return [Generation(text=tok.decode(outs[i], skip_special_tokens=True), token_ids=outs[i],
@@ -364,7 +368,7 @@ class Engine:
         out = logits.float().argmax(-1).tolist() if any(plain) else [0] * len(cfgs)
         for j, c in enumerate(cfgs):
             if not plain[j]:
-                out[j] = pick_token(logits[j], torch.tensor(seen[j], dtype=torch.long), c, gens[j])
+                out[j] = pick_token(logits[j].cpu(), torch.tensor(seen[j], dtype=torch.long), c, gens[j])
         return out
 
     # ------------------------------------------------ scoring
@@ -407,11 +411,12 @@ class Engine:
             fmask = torch.zeros(len(rest), C, dtype=torch.long)
             for j, t in enumerate(rest):
                 feed[j, : len(t) - 1], fmask[j, : len(t) - 1] = torch.tensor(t[:-1]), 1
+            feed, fmask = feed.to(self.device), fmask.to(self.device)
             h = state.hidden(feed, fmask)  # (M, C, H); position c predicts token c+1
             sel = fmask.bool()
-            gold = torch.tensor([tok for t in rest for tok in t[1:]])
+            gold = self.tensor([tok for t in rest for tok in t[1:]])
             lp = F.log_softmax(head(h[sel]).float(), -1).gather(-1, gold[:, None])[:, 0]
-            per = torch.zeros(len(rest)).index_add_(0, sel.nonzero()[:, 0], lp)
+            per = torch.zeros(len(rest), device=self.device).index_add_(0, sel.nonzero()[:, 0], lp)
             for (i, k), v in zip(longer, per.tolist()):
                 scores[i][k] += v
         return scores
@@ -547,7 +552,7 @@ class StepBatch:
                 feed.append(t)
         self._keep(keep)
         if self.live:
-            self.logits = self.state.step(torch.tensor(feed, dtype=torch.long))
+            self.logits = self.state.step(self.engine.tensor(feed))
         return events
 
     def cancel(self, rids) -> None:

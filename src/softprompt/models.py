@@ -127,7 +127,7 @@ def resolve(name: str | None) -> tuple[str, Path]:
 def fingerprint(model: torch.nn.Module) -> dict:
     """Identity of a base model that a prompt depends on: shapes and a hash of the embeddings."""
     emb = model.get_input_embeddings().weight.detach()
-    sample = emb[:: max(1, emb.shape[0] // 4096)].float().contiguous()  # (<=4096, H), cheap to hash
+    sample = emb[:: max(1, emb.shape[0] // 4096)].float().cpu().contiguous()  # (<=4096, H), cheap to hash
     digest = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
     return {
         "model_type": model.config.model_type,
@@ -145,16 +145,56 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load(name: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a frozen model and tokenizer by name or folder. Never touches the network."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``--dtype`` (float32 | bfloat16 | float16) -> torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """``--device`` (cpu | cuda | cuda:K) -> torch device; under torchrun ``cuda`` means this
+    process's GPU (``cuda:$LOCAL_RANK``)."""
+    if device is None or isinstance(device, torch.device):
+        return device or torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: expected cpu, cuda or cuda:K") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is visible to this torch ({torch.__version__})")
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    elif dev.type != "cpu":
+        raise UserError(f"--device {device!r}: expected cpu, cuda or cuda:K")
+    return dev
+
+
+def load(name: str | None = None, dtype: str | torch.dtype | None = torch.float32,
+         device: str | torch.device | None = None) -> LoadedModel:
+    """Load a frozen model and tokenizer by name or folder. Never touches the network.
+
+    The weights are read in float32 and fingerprinted before any cast to ``dtype`` (so a prompt
+    trained in float32 matches the same model loaded in bfloat16), then moved to ``device``.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    dtype, device = parse_dtype(dtype), parse_device(device)
     canon, path = resolve(name)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    model = cls.from_pretrained(path, local_files_only=True, dtype=dtype)
+    model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     freeze(model)
-    return LoadedModel(model=model, tokenizer=tok, name=canon, path=path, fingerprint=fingerprint(model))
+    fp = fingerprint(model)
+    if dtype != torch.float32 or device.type != "cpu":
+        model.to(device=device, dtype=dtype)
+    return LoadedModel(model=model, tokenizer=tok, name=canon, path=path, fingerprint=fp)

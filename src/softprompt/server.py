@@ -730,7 +730,8 @@ def json_logging(level: int = logging.INFO) -> None:
         logging.getLogger(name).propagate = True
 
 
-def serve(cfg: ServerConfig, model: str | None = None, force: bool = False) -> None:
+def serve(cfg: ServerConfig, model: str | None = None, force: bool = False, device: str | None = None,
+          dtype: str | None = None) -> None:
     """Load the model once and serve until SIGINT/SIGTERM (in-flight requests finish first)."""
     try:
         import uvicorn
@@ -741,7 +742,7 @@ def serve(cfg: ServerConfig, model: str | None = None, force: bool = False) -> N
 
     json_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    lm = models.load(model)
+    lm = models.load(model, dtype, device)
     engine = Engine(lm, EngineConfig(max_batch_rows=cfg.max_batch_rows, force=force))
     app = create_app(engine, cfg)
     log.info("listening", extra={"fields": {"url": f"http://{cfg.host}:{cfg.port}/", "auth": bool(cfg.api_key)}})

@@ -22,8 +22,10 @@ from typing import Protocol
 import torch
 
 from softprompt import data as D
-from softprompt import store
-from softprompt.config import TrainConfig, UserError
+from softprompt import distributed, store
+from softprompt.checkpoint import restore as _resume
+from softprompt.checkpoint import save as _save_ckpt
+from softprompt.config import TrainConfig
 from softprompt.forward import prompt_loss, sequence_logprobs
 
 log = logging.getLogger(__name__)
@@ -41,24 +43,32 @@ class PromptMethod:
 
     def __init__(self, model, prompt: torch.Tensor, fast: bool = True):
         self.model = model
-        self.prompt = torch.nn.Parameter(prompt.detach().clone().float())
+        device = next(model.parameters()).device  # the prompt lives with the model, in float32
+        self.prompt = torch.nn.Parameter(prompt.detach().clone().float().to(device))
         self.fast = fast
 
     def parameters(self):
         return [self.prompt]
 
+    def _cast(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The prompt in the model's dtype (autograd keeps the float32 master), the batch on its device."""
+        p = self.prompt if self.model.dtype == self.prompt.dtype else self.prompt.to(self.model.dtype)
+        return p, {k: v.to(self.prompt.device) for k, v in batch.items()}
+
     def loss(self, batch):
-        return prompt_loss(self.model, self.prompt, batch, fast=self.fast)
+        prompt, batch = self._cast(batch)
+        return prompt_loss(self.model, prompt, batch, fast=self.fast)
 
     def state(self):
-        return {"prompt": self.prompt.detach().clone()}
+        return {"prompt": self.prompt.detach().cpu().clone()}
 
     def load_state(self, state):
         with torch.no_grad():
             self.prompt.copy_(state["prompt"])
 
     def score(self, batch) -> torch.Tensor:
-        return sequence_logprobs(self.model, self.prompt.detach(), **batch)
+        prompt, batch = self._cast(batch)
+        return sequence_logprobs(self.model, prompt.detach(), **batch).cpu()
 
 
 @dataclass
@@ -94,23 +104,6 @@ def plan_steps(n_batches: int, cfg: TrainConfig) -> tuple[int, int]:
     return per_epoch * cfg.epochs, cfg.epochs
 
 
-def _opt_state(opt) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            out[f"opt.{i}.{k}"] = torch.as_tensor(v).float()
-    return out
-
-
-def _load_opt_state(opt, tensors: dict[str, torch.Tensor]) -> None:
-    sd = opt.state_dict()
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, i, k = key.split(".", 2)
-            sd["state"].setdefault(int(i), {})[k] = v
-    opt.load_state_dict(sd)
-
-
 def _better(score: float, best: float | None) -> bool:
     return best is None or score > best + 1e-9
 
@@ -124,8 +117,13 @@ def fit(
     checkpoint: Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    dist: distributed.Dist | None = None,
 ) -> FitResult:
-    """Train ``method`` on ``examples``; evaluate and checkpoint after each epoch."""
+    """Train ``method`` on ``examples``; evaluate and checkpoint after each epoch.
+
+    ``dist``: data-parallel over a process group (``distributed.py``); each rank trains on its
+    rows of every batch, the trainable gradients are summed, only rank 0 writes checkpoints.
+    """
     params = method.parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_batches = len(D.bucketed_batches(examples, cfg.batch_size, cfg.seed, 0))
@@ -135,12 +133,14 @@ def fit(
     start_epoch, step, best_score, bad = 0, 0, None, 0
     if resume and checkpoint is not None:
         start_epoch, step, best_score, bad = _resume(checkpoint, method, opt, sched, cfg, res)
+    if dist is not None:
+        dist.broadcast(params)
     bar = _progress(total, step, progress)
     for epoch in range(start_epoch, n_epochs):
         if step >= total or res.stopped != "completed":
             break
         t0 = time.perf_counter()
-        losses, step = _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar)
+        losses, step = _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist)
         res.train_time_s += time.perf_counter() - t0
         if res.stopped != "completed":
             res.state = method.state() if evaluate is None else res.state  # the failing step was not applied
@@ -159,35 +159,11 @@ def fit(
         log.info("epoch %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
         if cfg.patience is not None and evaluate is not None and bad >= cfg.patience:
             res.stopped = "early-stopped"
-        if checkpoint is not None:
+        if checkpoint is not None and (dist is None or dist.is_main):
             _save_ckpt(checkpoint, method, opt, sched, res, cfg, epoch + 1, step, best_score, bad)
     if bar is not None:
         bar.close()
     return res
-
-
-def _resume(checkpoint: Path, method, opt, sched, cfg: TrainConfig, res: FitResult) -> tuple[int, int, float | None, int]:
-    """Restore method, optimiser, scheduler and result from an epoch checkpoint."""
-    loaded = store.load_checkpoint(checkpoint)
-    if loaded is None:
-        raise UserError(f"--resume: no checkpoint in {checkpoint}")
-    tensors, st = loaded
-    if st["config"] != cfg.to_dict():
-        raise UserError("--resume: the training options differ from the checkpoint's; use the same options")
-    saved = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
-    current = method.state()
-    if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in current):
-        raise UserError("--resume: the checkpoint's prompt has another shape (different --num-virtual-tokens or model); use the same options")
-    method.load_state(saved)
-    _load_opt_state(opt, tensors)
-    sched.load_state_dict(st["scheduler"])
-    for group, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
-        group["lr"] = lr  # the scheduler's state does not carry the optimiser's current lr
-    res.state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-    res.history, res.epochs, res.train_time_s = st["history"], st["epochs"], st["train_time_s"]
-    res.best, res.stopped = st["best"], st.get("stopped", "completed")
-    log.info("resumed from %s at epoch %d, step %d", checkpoint, st["epoch"], st["step"])
-    return st["epoch"], st["step"], st["best_score"], st["bad"]
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -198,7 +174,7 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar):
+def _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist=None):
     batches = D.bucketed_batches(examples, cfg.batch_size, cfg.seed, epoch)
     losses: list[float] = []
     params = method.parameters()
@@ -208,16 +184,18 @@ def _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, re
         t0, tokens, step_loss = time.perf_counter(), 0, 0.0
         group = batches[g : g + cfg.grad_accum]
         for idx in group:
-            batch = D.collate([examples[i] for i in idx], pad_id)
-            loss = method.loss(batch)
-            if not torch.isfinite(loss):
-                log.error("non-finite loss at step %d; stopping and keeping the last good state", step + 1)
-                opt.zero_grad(set_to_none=True)
-                res.stopped = "non-finite loss"
-                return losses, step
+            rows, w = (idx, 1.0) if dist is None else dist.shard(examples, idx)
+            batch = D.collate([examples[i] for i in rows], pad_id)
+            loss = method.loss(batch) if w == 1.0 else method.loss(batch) * w  # w: this rank's token share
+            if not torch.isfinite(loss) and dist is None:  # distributed: decided after the all-reduce
+                return _non_finite(opt, res, losses, step)
             (loss / len(group)).backward()
             step_loss += loss.item() / len(group)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum()) if w else 0
+        if dist is not None:
+            step_loss, tokens = dist.all_reduce(params, step_loss, tokens)
+            if not math.isfinite(step_loss):
+                return _non_finite(opt, res, losses, step)
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
@@ -233,16 +211,11 @@ def _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, re
     return losses, step
 
 
-def _save_ckpt(path, method, opt, sched, res, cfg, epoch, step, best_score, bad):
-    tensors = {f"state.{k}": v for k, v in method.state().items()}
-    tensors.update({f"best.{k}": v for k, v in res.state.items()})
-    tensors.update(_opt_state(opt))
-    state = {
-        "config": cfg.to_dict(), "scheduler": sched.state_dict(), "epoch": epoch, "step": step,
-        "best_score": best_score, "bad": bad, "best": res.best, "history": res.history,
-        "epochs": res.epochs, "train_time_s": res.train_time_s, "stopped": res.stopped,
-    }
-    store.save_checkpoint(path, tensors, state)
+def _non_finite(opt, res: FitResult, losses: list[float], step: int) -> tuple[list[float], int]:
+    log.error("non-finite loss at step %d; stopping and keeping the last good state", step + 1)
+    opt.zero_grad(set_to_none=True)
+    res.stopped = "non-finite loss"
+    return losses, step
 
 
 # ---------------------------------------------------------------- evaluation during training
@@ -373,9 +346,16 @@ def runs_dir(name: str) -> Path:
 
 
 def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = None, task: str | None = None,
-          resume: bool = False, save: bool = True, progress: bool = False, force: bool = False) -> TrainResult:
-    """Prompt tuning end to end: data -> init -> fit -> save. Nothing is written on bad input."""
+          resume: bool = False, save: bool = True, progress: bool = False, force: bool = False,
+          fsdp: bool = False) -> TrainResult:
+    """Prompt tuning end to end: data -> init -> fit -> save. Nothing is written on bad input.
+
+    Under ``torchrun`` / ``accelerate launch`` this is one rank of a data-parallel run
+    (``distributed.py``; ``fsdp`` shards the frozen model): only rank 0 saves.
+    """
     torch.manual_seed(train_cfg.seed)
+    dist = distributed.setup(lm, fsdp)  # None unless launched by torchrun / accelerate launch
+    main = dist is None or dist.is_main
     if name is not None:
         store.check_name(name)
     tok = lm.tokenizer
@@ -386,16 +366,19 @@ def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = N
 
         ranking = rank_sources(lm, train_ex, exclude={name} if name else set(), force=force)
         prompt_cfg = replace(prompt_cfg, init=f"prompt:{ranking[0]['name']}")
-    method = PromptMethod(lm.model, initial_prompt(lm, prompt_cfg, data_cfg, train_cfg.seed, force), fast=train_cfg.fast_forward)
+    fast = train_cfg.fast_forward and not fsdp  # FSDP: one forward per layer (distributed.shard_model)
+    method = PromptMethod(lm.model, initial_prompt(lm, prompt_cfg, data_cfg, train_cfg.seed, force), fast=fast)
     evaluator = make_evaluator(method, tok, eval_ex, data_cfg, train_cfg, tok.pad_token_id)
     ckpt = runs_dir(name) / "checkpoint" if (save and name) else None
-    res = fit(method, train_ex, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress)
+    res = fit(method, train_ex, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress and main, dist)
     prompt = res.state["prompt"]
     meta = prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, res, task)
     if ranking is not None:
         meta["transfer"] = {"source": ranking[0]["name"], "ranking": ranking}
+    if dist is not None:
+        meta["distributed"] = {"world_size": dist.world, "fsdp": dist.fsdp}
     path = None
-    if save and name:
+    if save and name and main:
         path = store.save_prompt(store.prompt_path(name), prompt, meta, str(lm.path), lm.model.config)
     return TrainResult(name=name or "", prompt=prompt, path=path, history=res.history, epochs=res.epochs,
                        train_time_s=res.train_time_s, final_train_loss=res.final_train_loss, best=res.best,

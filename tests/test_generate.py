@@ -13,6 +13,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import sharpen
 
 from softprompt import engine, models
 from softprompt.config import GenerateConfig, UserError
@@ -20,15 +21,6 @@ from softprompt.forward import embed
 from softprompt.prompt import make_prompt
 
 TEXT = "the movie was good and"
-
-
-def sharpen(lm, factor: float = 10.0):
-    with torch.no_grad():
-        for p in lm.model.parameters():
-            if p.dim() == 2:
-                p.mul_(factor)
-    lm.fingerprint = models.fingerprint(lm.model)
-    return lm
 
 
 @pytest.fixture(scope="module")

@@ -355,6 +355,7 @@ def build_app(server_cfg=None, model: str | None = None, replicas: int = 1, forc
     env = {k: v for k, v in {**_forwarded_env(), **(env or {})}.items() if v is not None}
     opts = {"runtime_env": {"env_vars": env}} if env else {}
     log_app = serve.deployment(PromptLog, name="PromptLog", num_replicas=1, max_ongoing_requests=1000,
+                               logging_config={"enable_access_log": False},  # polled 5x a second per replica
                                ray_actor_options={"num_cpus": 0, **opts}).bind()
     rep = serve.deployment(Replica, name="Replica", num_replicas=replicas, health_check_period_s=2,
                            max_ongoing_requests=max_ongoing_requests or cfg.max_batch_rows,
@@ -392,7 +393,13 @@ def start(server_cfg, address: str | None = None, **kw) -> None:
 
 def serve_forever(server_cfg, model: str | None = None, replicas: int = 1, address: str | None = None,
                   force: bool = False, device: str | None = None, dtype: str | None = None) -> None:
-    """``softprompt serve --ray``: deploy, then wait; Ctrl-C removes the app (and a Ray we started)."""
+    """``softprompt serve --ray``: deploy, then wait; Ctrl-C or SIGTERM removes the app (and a Ray we started)."""
+    import signal
+
+    def stop(*_) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # SIGTERM (a service manager, kill) ends it like Ctrl-C
     start(server_cfg, address, model=model, replicas=replicas, force=force, device=device, dtype=dtype)
     try:
         while True:

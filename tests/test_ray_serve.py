@@ -54,7 +54,9 @@ def cluster(lm, home, tiny_model_dir):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app(ServerConfig(model_id="tiny"), str(tiny_model_dir("llama")), replicas=2,
-                    replica_cpus=1, isolated_store=True, max_ongoing_requests=2, env={"SOFTPROMPT_HOME": str(home)})
+                    replica_cpus=1, isolated_store=True, max_ongoing_requests=2,
+                    # how long Ray's router waits for a busy replica that has the prompt (default 1 s)
+                    env={"SOFTPROMPT_HOME": str(home), "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "0.1"})
     serve.run(app, name=APP, route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}"
@@ -135,7 +137,7 @@ def test_a_prompt_sticks_to_one_replica_until_it_is_busy(cluster, lm):
     assert len({served_by("tiny") for _ in range(12)}) == 2  # the plain model: no affinity
     # under load (max_ongoing_requests=2 per replica here) the same prompt spills to the other one
     with ThreadPoolExecutor(8) as pool:
-        busy = set(pool.map(lambda _: served_by("aff0", 24), range(8)))
+        busy = set(pool.map(lambda _: served_by("aff0", 128), range(12)))
     assert len(busy) == 2
 
 

@@ -69,6 +69,14 @@ def test_forgetting_definition():
     assert C.forgetting(m) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.5)) / 2)
 
 
+def test_worst_drop_sees_a_fall_that_the_last_stage_hides():
+    # task 0 falls from 0.9 to 0.5 at stage 2, then a similar task brings it back to 0.9
+    m = [[0.9, None, None], [0.5, 0.8, None], [0.9, 0.8, 0.7]]
+    assert C.forgetting(m) == pytest.approx(0.0)
+    assert C.worst_drop(m) == pytest.approx(0.4)
+    assert C.worst_drop([[0.9]]) is None and C.forgetting([[0.9]]) is None
+
+
 def test_continual_command_writes_json_markdown_png(tiny_model_dir, sp_home, toy_tasks, tmp_path):
     out = tmp_path / "cl"
     args = ["continual", "--model", str(tiny_model_dir("llama")), "--tasks", ",".join(_tasks(toy_tasks)[:2]),
@@ -83,3 +91,21 @@ def test_continual_command_writes_json_markdown_png(tiny_model_dir, sp_home, toy
     with pytest.raises(UserError, match="unknown"):
         C.ContinualConfig(tasks=("a", "b"), methods=("lora",))
     assert main(["continual", "--tasks", "sst2"]) == 2
+    assert main(["continual"]) == 2  # neither --tasks nor --report
+
+
+def test_continual_report_renders_again_without_running(tmp_path):
+    doc = {"tasks": ["a", "b"], "n_train": [8, 8], "n_test": [4, 4], "command": "softprompt continual --tasks a,b",
+           "config": {"steps": 1, "lr_full": 1e-3}, "prompt_config": {"num_virtual_tokens": 2, "init": "vocab"},
+           "train_config": {"lr": 0.1, "seed": 0}, "model": {"name": "toy"}, "git": {"revision": "abc"},
+           "created": "now", "total_time_s": 6.0, "base_model_unchanged": True,
+           "results": [{"method": "full", "matrix": [[1.0, None], [0.25, 0.75]], "average_accuracy": 0.5,
+                        "forgetting": 0.75, "bit_identical": False, "max_abs_score_change": 2.0,
+                        "trainable_parameters": 100}]}
+    f = tmp_path / "continual_x.json"
+    f.write_text(json.dumps(doc))
+    assert main(["continual", "--report", str(f)]) == 0
+    md = (tmp_path / "continual_x.md").read_text()
+    assert "| full | 100 | 50.0 | 75.0 points | 75.0 points | no (max change 2) |" in md
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["continual", "--report", str(tmp_path / "bad.json")]) == 2

@@ -120,6 +120,10 @@ def cmd_continual(a) -> int:
     from softprompt import models
     from softprompt.cli import _command_line
 
+    if a.report:
+        return _continual_report(Path(a.report))
+    if not a.tasks:
+        raise UserError("continual needs --tasks A,B,... (or --report FILE to re-render a result)")
     ccfg = C.ContinualConfig(tasks=_names(a.tasks, "--tasks"), methods=_names(a.methods, "--methods"),
                              per_task=None if a.per_task == 0 else a.per_task,
                              test_per_task=None if a.test_per_task == 0 else a.test_per_task,
@@ -128,11 +132,26 @@ def cmd_continual(a) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = C.run(models.load(a.model), ccfg, pcfg, tcfg, say=(lambda m: None) if a.quiet else print)
-    command = _command_line(a)
-    doc["command"] = command
+    doc["command"] = _command_line(a)
     stem = out / f"continual_{a.tag}"
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
-    md = C.markdown(doc, command)
+    return _continual_write(doc, stem)
+
+
+def _continual_report(path: Path) -> int:
+    """``continual --report FILE``: Markdown and plot again from a result file, no runs."""
+    try:
+        doc = json.loads(path.read_text())
+        doc["results"], doc["command"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"--report {path}: not a continual result file ({e})") from None
+    return _continual_write(doc, path.with_suffix(""))
+
+
+def _continual_write(doc: dict, stem: Path) -> int:
+    from softprompt import continual as C
+
+    md = C.markdown(doc, doc["command"])
     try:
         C.plot(doc, stem.with_suffix(".png"))
         md += f"\n![accuracy per task across stages]({stem.name}.png)\n"
@@ -150,7 +169,8 @@ def add_continual_parser(sub) -> None:
     d = {k: _default(ContinualConfig, k) for k in ("methods", "per_task", "test_per_task", "steps", "lr_full")}
     c = sub.add_parser("continual", help="learn tasks one after another; accuracy matrix and forgetting per method")
     add_model_args(c)
-    c.add_argument("--tasks", required=True, help="comma list of task recipes in learning order, e.g. sst2,trec,subj,agnews,cr")
+    c.add_argument("--tasks", help="comma list of task recipes in learning order, e.g. sst2,trec,subj,agnews,cr")
+    c.add_argument("--report", metavar="FILE", help="no runs: write the Markdown and plot again from a continual_*.json")
     c.add_argument("--methods", default=",".join(d["methods"]), help=f"comma list from {','.join(METHODS)} (default %(default)s)")
     c.add_argument("--per-task", type=int, default=d["per_task"], help="training rows per task; 0 = all (default %(default)s)")
     c.add_argument("--test-per-task", type=int, default=d["test_per_task"], help="test rows per task; 0 = all (default %(default)s)")

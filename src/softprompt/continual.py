@@ -126,6 +126,16 @@ def forgetting(matrix: list[list[float | None]]) -> float | None:
     return sum(drops) / len(drops)
 
 
+def worst_drop(matrix: list[list[float | None]]) -> float | None:
+    """The largest fall of any earlier task below its accuracy when it was learned, at any later
+    stage. ``forgetting`` looks at the last stage only, so a task that drops and then recovers
+    (a later, similar task re-teaching it) is invisible there; this shows it."""
+    T = len(matrix)
+    if T < 2:
+        return None
+    return max(matrix[j][j] - matrix[i][j] for j in range(T - 1) for i in range(j + 1, T))
+
+
 def run_method(kind: str, lm, tasks: list[_Task], pcfg, tcfg, ccfg, say=log.info) -> dict:
     learner = _Learner(kind, lm, pcfg, tcfg, ccfg)
     T = len(tasks)
@@ -150,7 +160,7 @@ def run_method(kind: str, lm, tasks: list[_Task], pcfg, tcfg, ccfg, say=log.info
     final = matrix[-1]
     return {
         "method": kind, "matrix": matrix, "stages": stages,
-        "average_accuracy": sum(final) / T, "forgetting": forgetting(matrix),
+        "average_accuracy": sum(final) / T, "forgetting": forgetting(matrix), "worst_drop": worst_drop(matrix),
         "bit_identical": identical, "max_abs_score_change": max_change,
         "trainable_parameters": learner.full.trainable_parameters() if learner.full else pcfg.num_virtual_tokens * lm.model.config.hidden_size,
     }
@@ -200,6 +210,10 @@ def _cell(v: float | None) -> str:
     return "" if v is None else f"{100 * v:.1f}"
 
 
+def _points(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f} points"
+
+
 def markdown(doc: dict, command: str) -> str:
     tasks = doc["tasks"]
     out = [f"# Continual learning over {len(tasks)} tasks", "",
@@ -211,12 +225,16 @@ def markdown(doc: dict, command: str) -> str:
            f"- model {doc['model']['name']}; git {(doc['git'].get('revision') or '?')[:10]}"
            f"{' (dirty)' if doc['git'].get('dirty') else ''}; {doc['created']}; whole run {doc['total_time_s'] / 60:.1f} min",
            f"- frozen base model unchanged after the prompt methods: {'yes' if doc['base_model_unchanged'] else 'NO'}", "",
-           "| method | trainable params | average accuracy after the last stage | forgetting | earlier tasks' scores bit-identical |",
-           "|---|---:|---:|---:|:---:|"]
+           "| method | trainable params | average accuracy after the last stage | forgetting | worst drop of an earlier task | earlier tasks' scores bit-identical |",
+           "|---|---:|---:|---:|---:|:---:|"]
     for r in doc["results"]:
         same = "yes" if r["bit_identical"] else f"no (max change {r['max_abs_score_change']:.3g})"
+        drop = worst_drop(r["matrix"])  # recomputed: older result files lack the field
         out.append(f"| {r['method']} | {r['trainable_parameters']:,} | {_cell(r['average_accuracy'])} | "
-                   f"{100 * r['forgetting']:.1f} points | {same} |")
+                   f"{_points(r['forgetting'])} | {_points(drop)} | {same} |")
+    out += ["", "Forgetting: for each earlier task, its best accuracy before the last stage minus its "
+            "accuracy after it, averaged (Chaudhry et al. 2018). Worst drop: the largest fall of any earlier "
+            "task below its accuracy when it was learned, at any later stage."]
     for r in doc["results"]:
         out += ["", f"**{r['method']}**: test accuracy (%) after each stage (rows) on each task (columns)", "",
                 "| after stage | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
@@ -237,7 +255,7 @@ def plot(doc: dict, path) -> None:
         for j, name in enumerate(tasks):
             xs = [i + 1 for i in range(len(tasks)) if r["matrix"][i][j] is not None]
             ax.plot(xs, [100 * r["matrix"][i - 1][j] for i in xs], marker="o", label=name)
-        ax.set_title(f"{r['method']} (forgetting {100 * r['forgetting']:.1f} pts)")
+        ax.set_title(f"{r['method']} (forgetting {_points(r['forgetting'])})")
         ax.set_xlabel("after stage")
         ax.set_xticks(range(1, len(tasks) + 1))
         ax.grid(alpha=0.3)

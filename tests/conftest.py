@@ -8,10 +8,24 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def _keep_data_root():
+    """``--data-root`` sets $SOFTPROMPT_DATA for the CLI's process; a test that passes it must
+    not change where later tests find the real data sets."""
+    before = os.environ.get("SOFTPROMPT_DATA")
+    yield
+    if before is None:
+        os.environ.pop("SOFTPROMPT_DATA", None)
+    else:
+        os.environ["SOFTPROMPT_DATA"] = before
+
 
 CORPUS = [
     "the movie was good and the actors were great",

@@ -243,14 +243,16 @@ def test_few_shot_prefix_equals_concatenation(tiny_lm, toy_csv):
     assert 2 <= k <= 8 and len(ids) <= 60 and text.count("\n\n") == k
     assert {"negative", "positive"} <= set(text.split())  # both classes shown
     assert M.choose_demos(tiny_lm.tokenizer, ex[:12], VERB, 60, 0, 8)[0] == ids  # seeded
-    batch = D.collate(ex[12:16], tiny_lm.tokenizer.pad_token_id)
-    fast = M.HandPrompt(tiny_lm.model, ids, text).score(batch)
-    cat = [
-        D.Example(ids + e.input_ids, [D.IGNORE] * len(ids) + e.labels, len(ids) + e.source_len)
-        for e in ex[12:16]
-    ]
-    slow = sequence_logprobs(tiny_lm.model, None, **D.collate(cat, tiny_lm.tokenizer.pad_token_id))
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    hp = M.HandPrompt(tiny_lm.model, ids, text)
+    for rows in (ex[12:16], ex[16:19]):  # the second batch reuses the demonstrations' cached keys/values
+        fast = hp.score(D.collate(rows, tiny_lm.tokenizer.pad_token_id))
+        cat = [
+            D.Example(ids + e.input_ids, [D.IGNORE] * len(ids) + e.labels, len(ids) + e.source_len)
+            for e in rows
+        ]
+        slow = sequence_logprobs(tiny_lm.model, None, **D.collate(cat, tiny_lm.tokenizer.pad_token_id))
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    assert hp._kv is not None
 
 
 def test_compare_needs_a_verbalizer(tiny_lm, toy_csv):

@@ -156,3 +156,42 @@ def test_split_flag_is_validated_by_config():
     with pytest.raises(Exception, match="eval or test"):
         E.EvalConfig(split="train")
 
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+def test_single_token_label_fast_path_equals_one_row_per_label(arch, tiny_model_dir, sp_home, toy_csv):
+    """One row per example with all label words read off one distribution == one row per
+    (example, label word), with and without a prompt, on decoder-only and encoder-decoder models."""
+    from softprompt import models
+
+    lm = models.load(str(tiny_model_dir(arch)))
+    exs = examples(lm, toy_csv)
+    words = list(VERB.values())
+    assert E.single_token_choices(lm.tokenizer, exs, words) is not None  # the fast path applies
+    prompt = torch.randn(3, lm.hidden_size, generator=torch.Generator().manual_seed(1))
+    for p in (None, prompt):
+        rows: list[int] = []
+
+        def score(b, p=p, rows=rows):
+            rows.append(b["input_ids"].shape[0])
+            return forward.sequence_logprobs(lm.model, p, **b)
+
+        fast = E.label_scores(score, lm.tokenizer, exs, words, lm.tokenizer.pad_token_id, batch_size=5)
+        n_fast, rows[:] = sum(rows), []
+        slow = E.label_scores(score, lm.tokenizer, exs, words, lm.tokenizer.pad_token_id, batch_size=5, fast=False)
+        assert n_fast == len(exs) and sum(rows) == len(exs) * len(words)
+        assert not torch.equal(slow[:, 0], slow[:, 1])  # the labels score differently
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_token_label_words_take_the_row_per_label_path(tiny_lm, toy_csv):
+    exs = examples(tiny_lm, toy_csv)
+    words = ["bad", "good and great"]
+    assert E.single_token_choices(tiny_lm.tokenizer, exs, words) is None
+    score = lambda b: forward.sequence_logprobs(tiny_lm.model, None, **b)  # noqa: E731
+    got = E.label_scores(score, tiny_lm.tokenizer, exs, words, tiny_lm.tokenizer.pad_token_id)
+    ref = E.label_scores(score, tiny_lm.tokenizer, exs, words, tiny_lm.tokenizer.pad_token_id, fast=False)
+    assert torch.equal(got, ref)
+    batch = D.collate(E.candidate_examples(tiny_lm.tokenizer, exs[0], ["good and great"]), 0)
+    with pytest.raises(ValueError, match="one labelled position"):
+        forward.sequence_logprobs(tiny_lm.model, None, **batch, choices=torch.tensor([[5, 6]]))

@@ -42,8 +42,21 @@ def candidate_examples(tokenizer, ex: D.Example, words: list[str]) -> list[D.Exa
 
 
 def label_scores(score: Scorer, tokenizer, examples: list[D.Example], words: list[str], pad_id: int,
-                 batch_size: int = 16, normalize: bool = False) -> torch.Tensor:
-    """(n_examples, n_labels) log-likelihood of each label word, batched over all candidates."""
+                 batch_size: int = 16, normalize: bool = False, fast: bool = True) -> torch.Tensor:
+    """(n_examples, n_labels) log-likelihood of each label word, batched over all candidates.
+
+    Fast path, exact (tests/test_eval.py): when every label word is one token after every input,
+    all label words are read off one distribution, so each example is one row instead of one row
+    per label word (the scorer gets ``choices``, see ``forward.sequence_logprobs``). ``fast=False``
+    scores every (example, label word) as its own row, the reference.
+    """
+    single = single_token_choices(tokenizer, examples, words) if fast else None
+    if single is not None:
+        out = []
+        for s in range(0, len(examples), batch_size):
+            rows, choices = single[0][s : s + batch_size], single[1][s : s + batch_size]
+            out.append(score({**D.collate(rows, pad_id), "choices": choices}))
+        return torch.cat(out).view(len(examples), len(words))
     cands = [c for ex in examples for c in candidate_examples(tokenizer, ex, words)]
     out = []
     for s in range(0, len(cands), batch_size):
@@ -53,6 +66,20 @@ def label_scores(score: Scorer, tokenizer, examples: list[D.Example], words: lis
             lp = lp / torch.tensor([sum(1 for t in c.labels if t != D.IGNORE) for c in chunk], dtype=lp.dtype)
         out.append(lp)
     return torch.cat(out).view(len(examples), len(words))
+
+
+def single_token_choices(tokenizer, examples: list[D.Example], words: list[str]):
+    """(one row per example, (n, L) label token ids) when every label word is a single token after
+    every input (which then has at least one token), else None."""
+    rows, choices = [], []
+    for ex in examples:
+        ids = [tokenizer(D.target_text(ex.source_text, w), add_special_tokens=False)["input_ids"] for w in words]
+        if ex.source_len < 1 or any(len(t) != 1 for t in ids):
+            return None
+        src = ex.input_ids[: ex.source_len]
+        rows.append(D.Example(input_ids=src + ids[0], labels=[D.IGNORE] * len(src) + ids[0], source_len=len(src)))
+        choices.append([t[0] for t in ids])
+    return rows, torch.tensor(choices, dtype=torch.long)
 
 
 def accuracy_report(scores: torch.Tensor, examples: list[D.Example], labels: list[str]) -> dict:

@@ -167,28 +167,47 @@ def prompt_loss(model, prompt, batch: dict, fast: bool = True) -> torch.Tensor:
     return naive_loss(model, prompt, *args)
 
 
+def choice_logprobs(logp: torch.Tensor, rows: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
+    """(B, L) log-probabilities of ``choices`` (B, L) from ``logp`` (M, V), the distributions at
+    the labelled positions of rows ``rows`` (M,): each row must have exactly one."""
+    if rows.numel() != choices.shape[0] or not torch.equal(rows, torch.arange(choices.shape[0], device=rows.device)):
+        raise ValueError("choices need exactly one labelled position per row")
+    return logp.gather(-1, choices.to(logp.device))
+
+
 @torch.no_grad()
-def sequence_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels) -> torch.Tensor:
-    """Per-row summed log-probability of the labelled tokens, (B,). Right-padded rows."""
+def sequence_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels,
+                      choices: torch.Tensor | None = None, prefix=None) -> torch.Tensor:
+    """Per-row summed log-probability of the labelled tokens, (B,). Right-padded rows.
+
+    With ``choices`` (B, L) token ids, each row having one labelled token after its first
+    position: (B, L), the log-probability of every choice at that position. One forward then
+    scores L single-token label words, where scoring them one by one takes L rows. ``prefix`` is
+    ``prefix_cache(model, prompt)`` computed once by a caller that scores many batches under a
+    fixed prompt (decoder-only; it is what this function would compute itself).
+    """
     if getattr(model.config, "is_encoder_decoder", False):  # T5 family: see seq2seq.py
         from softprompt.seq2seq import seq2seq_logprobs
 
-        return seq2seq_logprobs(model, prompt, input_ids, attention_mask, labels)
+        return seq2seq_logprobs(model, prompt, input_ids, attention_mask, labels, choices)
     if prompt is None:
         hidden = model.base_model(
             inputs_embeds=embed(model, input_ids), attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
         first_lp = None
     else:
-        cache, last = prefix_cache(model, prompt)
+        cache, last = prefix if prefix is not None else prefix_cache(model, prompt)
         hidden = prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache)
         first_lp = F.log_softmax(model.get_output_embeddings()(last).float(), dim=-1)  # (V,)
     head = model.get_output_embeddings()
     tgt = labels[:, 1:]
     sel = tgt != IGNORE
-    lp = F.log_softmax(head(hidden[:, :-1][sel]).float(), dim=-1).gather(-1, tgt[sel].unsqueeze(-1))[:, 0]
-    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     rows = sel.nonzero()[:, 0]
+    logp = F.log_softmax(head(hidden[:, :-1][sel]).float(), dim=-1)  # (M, V)
+    if choices is not None:
+        return choice_logprobs(logp, rows, choices)
+    lp = logp.gather(-1, tgt[sel].unsqueeze(-1))[:, 0]
+    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     out.index_add_(0, rows, lp)
     if first_lp is not None:
         first = labels[:, 0]

@@ -12,7 +12,8 @@ same weights before and after. All methods stay in eval mode (no dropout), like 
 
 Few-shot demonstrations are a fixed token prefix, shared by every row: they are scored through
 the same shared-prefix path as a soft prompt (their token embeddings as the ``(N, H)`` prefix),
-which equals running the concatenated tokens (tested) while computing the prefix once per batch.
+which equals running the concatenated tokens (tested) while computing the prefix's keys/values
+once for all batches.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from softprompt import data as D
 from softprompt.config import UserError
-from softprompt.forward import embed, plain_loss, sequence_logprobs
+from softprompt.forward import embed, plain_loss, prefix_cache, sequence_logprobs, supports_prefix
 
 LORA_RANK = 8
 LORA_ALPHA = 16  # scale alpha / r = 2, the common choice (peft's default alpha is 8)
@@ -169,9 +170,13 @@ class HandPrompt:
         self.prefix = (
             embed(model, torch.tensor(self.demo_ids)).detach() if self.demo_ids else None
         )  # (N, H)
+        self._kv = None  # the demonstrations' keys/values, computed on first use
 
     def score(self, batch) -> torch.Tensor:
-        return sequence_logprobs(self.model, self.prefix, **batch)
+        if self.prefix is not None and self._kv is None and supports_prefix(self.model):
+            with torch.no_grad():  # the model is frozen: the demonstrations' keys/values never change
+                self._kv = prefix_cache(self.model, self.prefix)
+        return sequence_logprobs(self.model, self.prefix, **batch, prefix=self._kv)
 
 
 def demo_text(ex: D.Example, word: str) -> str:

@@ -59,17 +59,25 @@ def right_pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
-def target_logprobs(model, enc_hidden, enc_mask, targets: list[list[int]]) -> torch.Tensor:
-    """Summed log-probability of each row's target token sequence, (B,)."""
+def target_logprobs(model, enc_hidden, enc_mask, targets: list[list[int]],
+                    choices: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed log-probability of each row's target token sequence, (B,); with ``choices``
+    (B, L) and one-token targets, each choice's log-probability (B, L)."""
+    from softprompt.forward import choice_logprobs
+
     labels = right_pad(targets, IGNORE)  # (B, C)
     dec = torch.cat([labels.new_full((labels.shape[0], 1), _start_id(model)), labels[:, :-1]], 1)
     dec = dec.masked_fill(dec == IGNORE, model.config.pad_token_id)
     logits = model(encoder_outputs=(enc_hidden,), attention_mask=enc_mask, decoder_input_ids=dec,
                    use_cache=False).logits  # (B, C, V)
     sel = labels != IGNORE
-    lp = F.log_softmax(logits[sel].float(), -1).gather(-1, labels[sel].unsqueeze(-1))[:, 0]
+    rows = sel.nonzero()[:, 0]
+    logp = F.log_softmax(logits[sel].float(), -1)  # (M, V)
+    if choices is not None:
+        return choice_logprobs(logp, rows, choices)
+    lp = logp.gather(-1, labels[sel].unsqueeze(-1))[:, 0]
     out = torch.zeros(labels.shape[0])
-    return out.index_add_(0, sel.nonzero()[:, 0], lp)
+    return out.index_add_(0, rows, lp)
 
 
 def split_batch(batch: dict) -> tuple[list[list[int]], list[list[int]]]:
@@ -93,11 +101,12 @@ def seq2seq_loss(model, prompt: torch.Tensor | None, batch: dict) -> torch.Tenso
 
 
 @torch.no_grad()
-def seq2seq_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels) -> torch.Tensor:
+def seq2seq_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels,
+                     choices: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row summed log-probability of the target tokens, (B,) (cf. forward.sequence_logprobs)."""
     src, tgt = split_batch({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
     hidden, mask = encode(model, [prompt] * len(src), src)
-    return target_logprobs(model, hidden, mask, tgt)
+    return target_logprobs(model, hidden, mask, tgt, choices)
 
 
 class Seq2SeqState:

@@ -277,3 +277,33 @@ def test_superglue_recipes_match_their_files(tiny_lm, task, n_labels):
         assert all(f in rows[0] for f in D.template_fields(cfg.template))
     train = D.load_split(tiny_lm.tokenizer, cfg, recipe["train"])
     assert len(train) == 32 and all(len(e.input_ids) <= cfg.max_length for e in train)
+
+
+def test_interrupted_comparison_resumes_without_redoing_finished_runs(tiny_lm, toy_csv, tmp_path, monkeypatch):
+    ccfg = C.quick(C.CompareConfig(methods=("zero-shot", "prompt-tuning", "lora"), seeds=(0, 1)))
+    pcfg, cfg = PromptConfig(num_virtual_tokens=N), toy_cfg(toy_csv)
+    whole = C.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg)  # uninterrupted, no journal
+    journal = tmp_path / "compare_toy.runs.jsonl"
+    real, calls = C.run_one, []
+
+    def run_one(ctx, n, seed, method):
+        calls.append((method, seed))
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # Ctrl-C in the fourth run
+        return real(ctx, n, seed, method)
+
+    monkeypatch.setattr(C, "run_one", run_one)
+    with pytest.raises(KeyboardInterrupt):
+        C.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal)
+    assert len(journal.read_text().splitlines()) == 1 + 3  # settings + three finished runs
+    with pytest.raises(UserError, match="--resume"):  # never silently started again
+        C.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal)
+    with pytest.raises(UserError, match="other settings"):
+        C.run(tiny_lm, cfg, None, C.quick(C.CompareConfig(methods=("zero-shot",))), pcfg=pcfg, journal=journal, resume=True)
+    calls.clear()
+    resumed = C.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal, resume=True)
+    assert calls == [("prompt-tuning", 1), ("lora", 1)]  # only the unfinished runs ran
+    key = lambda r: (r["method"], r["seed"])  # noqa: E731
+    got = {key(r): r["test_accuracy"] for r in resumed["runs"]}
+    assert got == {key(r): r["test_accuracy"] for r in whole["runs"]}
+    assert [key(r) for r in resumed["runs"]] == [key(r) for r in whole["runs"]]

@@ -310,6 +310,8 @@ def add_compare_parser(sub) -> None:
     o.add_argument("--notes", help="a Markdown file with a hand-written reading of the numbers, put into the report")
     o.add_argument("--report", help="no runs: render result JSON files (comma list) into <out>/comparison.md and plots")
     o.add_argument("--quiet", action="store_true", help="no progress display")
+    o.add_argument("--resume", action="store_true", help="continue an interrupted comparison: runs already "
+                   "finished (recorded in <out>/compare_<tag>.runs.jsonl) are not run again")
     c.set_defaults(func=cmd_compare, text_column=None, compare_parser=c)
 
 
@@ -389,10 +391,12 @@ def cmd_compare(a) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     lm = models.load(a.model)
-    doc = compare.run(lm, dcfg, a.task, ccfg, tcfg, pcfg, progress=not a.quiet, say=say)
-    tag = doc["tag"] = a.tag or doc["task"]
-    doc["command"] = command
+    tag = a.tag or compare_report.task_name(a.task, dcfg)
+    journal = out / f"compare_{tag}.runs.jsonl"
+    doc = compare.run(lm, dcfg, a.task, ccfg, tcfg, pcfg, progress=not a.quiet, say=say, journal=journal, resume=a.resume)
+    doc["tag"], doc["command"] = tag, command
     path = compare_report.write_json(doc, out / f"compare_{tag}.json")
+    journal.unlink()  # the result is written: the finished runs are in it
     md = compare_report.write_report([doc], out, f"compare_{tag}", command, notes)
     print("\n".join(compare_report.table(doc)))
     print(f"wrote {path} and {md}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import os
 import statistics
 import tempfile
@@ -408,6 +409,50 @@ def run_one(ctx: Context, n: int | None, seed: int, method: str) -> dict:
     return r
 
 
+class Journal:
+    """Finished runs of one comparison, one JSON line each, so an interrupted comparison (hours
+    on a CPU) continues where it stopped (``--resume``) instead of starting again.
+
+    The first line is the comparison's settings; a journal written for other settings is never
+    mixed in. Each line is appended and flushed whole, so a kill loses at most the run under way.
+    """
+
+    def __init__(self, path: Path, settings: dict, resume: bool):
+        self.path, self.done = path, {}
+        head = json.dumps({"settings": settings}, sort_keys=True, default=str)
+        if path.exists():
+            lines = path.read_text().splitlines()
+            if not resume:
+                raise UserError(
+                    f"{path} holds {max(0, len(lines) - 1)} finished runs of an interrupted comparison: "
+                    "add --resume to continue it, or delete the file to start again"
+                )
+            if not lines or lines[0] != head:
+                raise UserError(
+                    f"--resume: {path} was written for other settings (model, data or options); "
+                    "rerun with the same options, or delete the file to start again"
+                )
+            for line in lines[1:]:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: that run is done again
+                self.done[self.key(r["train_size"], r["seed"], r["method"])] = r
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(head + "\n")
+
+    @staticmethod
+    def key(n: int | None, seed: int | None, method: str) -> str:
+        return f"{method}/{n}/{None if method == 'zero-shot' else seed}"
+
+    def add(self, r: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(r, sort_keys=True, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def run(
     lm,
     data_cfg: DataConfig,
@@ -417,8 +462,11 @@ def run(
     pcfg: PromptConfig | None = None,
     progress: bool = False,
     say: Callable[[str], None] | None = None,
+    journal: Path | None = None,
+    resume: bool = False,
 ) -> dict:
-    """Every method x train size x seed; the result document (``compare_report.document``)."""
+    """Every method x train size x seed; the result document (``compare_report.document``).
+    With ``journal``, finished runs are recorded there and, with ``resume``, taken from it."""
     from softprompt import compare_report as R
 
     t_start = time.perf_counter()
@@ -447,13 +495,26 @@ def run(
     ctx.hand_cfg = splits.cfg
     if {"zero-shot", "few-shot"} & set(ccfg.methods):
         choose_template(ctx)
+    book = None
+    if journal is not None:
+        settings = {"model": lm.fingerprint, "task": task, "data": data_cfg.to_dict(), "compare": ccfg.to_dict(),
+                    "train": ctx.tcfg.to_dict(), "prompt": ctx.pcfg.to_dict()}
+        book = Journal(journal, settings, resume)
+        if book.done:
+            ctx.say(f"resuming: {len(book.done)} finished runs taken from {journal}")
     runs, jobs, outer = [], plan(ccfg), ctx.say
     for i, (n, seed, method) in enumerate(jobs, 1):
         head = f"[{i}/{len(jobs)} {time.perf_counter() - t_start:.0f}s] {method} n={n or 'all'} seed={seed}"
         ctx.say = lambda msg, head=head: outer(f"{head}: {msg}")
-        ctx.say("start")
-        runs.append(run_one(ctx, n, seed, method))
-        ctx.say(f"test accuracy {runs[-1]['test_accuracy']:.4f} ({runs[-1]['wall_s']:.0f}s)")
+        done = book.done.get(Journal.key(n, seed, method)) if book else None
+        if done is None:
+            ctx.say("start")
+            runs.append(run_one(ctx, n, seed, method))
+            if book:
+                book.add(runs[-1])
+        else:
+            runs.append(done)
+        ctx.say(f"test accuracy {runs[-1]['test_accuracy']:.4f} ({runs[-1]['wall_s']:.0f}s{', from the journal' if done else ''})")
     ctx.say = outer
     unchanged = weights_digest(lm.model) == before
     if not unchanged:  # a bug, never a user error: the comparison would be unfair

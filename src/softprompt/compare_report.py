@@ -140,6 +140,11 @@ def targets(summary: list[dict], total_s: float) -> list[dict]:
     return out
 
 
+def task_name(task: str | None, cfg) -> str:
+    """The task recipe's name, or the training file's stem: the default result tag."""
+    return task or Path(cfg.path or "data").stem
+
+
 def document(
     ctx, task: str | None, runs: list[dict], total_s: float, load_start, unchanged: bool
 ) -> dict:
@@ -150,7 +155,7 @@ def document(
     loadavg = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "schema": SCHEMA,
-        "task": task or Path(cfg.path or "data").stem,
+        "task": task_name(task, cfg),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git": git_revision(),
         "versions": versions(),

@@ -104,3 +104,25 @@ def test_training_lowers_the_loss_and_eval_runs(t5, toy_csv, capsys):
     out = capsys.readouterr().out
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["n"] == 8
     assert store.load_prompt("t5toy").meta["template"] == TEMPLATE
+
+
+def test_saved_t5_prompt_is_a_seq2seq_peft_adapter_with_our_scores(t5, tiny_model_dir, toy_csv):
+    """A T5 prompt is written as a SEQ_2_SEQ_LM adapter; PEFT puts it in front of the encoder
+    input, as we do, so PEFT's loss on one row equals ours."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import T5ForConditionalGeneration
+
+    p = rand_prompt(t5, 4)
+    path = store.save_prompt(store.prompt_path("t5p"), p, {}, str(tiny_model_dir("t5")), t5.model.config)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_2_SEQ_LM" and cfg["num_transformer_submodules"] == 1
+    base = T5ForConditionalGeneration.from_pretrained(str(tiny_model_dir("t5")), local_files_only=True)
+    peft_model = PeftModel.from_pretrained(base, str(path)).eval()
+    batch = toy_batch(t5, toy_csv, n=2)
+    ours = sequence_logprobs(t5.model, p, **batch)
+    for i, (src, tgt) in enumerate(zip(*seq2seq.split_batch(batch))):
+        with torch.no_grad():
+            out = peft_model(input_ids=torch.tensor([src]), attention_mask=torch.ones(1, len(src), dtype=torch.long),
+                             labels=torch.tensor([tgt]))
+        assert ours[i].item() == pytest.approx(-out.loss.item() * len(tgt), abs=1e-4)

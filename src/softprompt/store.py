@@ -2,7 +2,7 @@
 
 A saved prompt is a directory that PEFT itself loads as a prompt-tuning adapter:
 
-    adapter_config.json          peft_type PROMPT_TUNING, task_type CAUSAL_LM, N, H, ...
+    adapter_config.json          peft_type PROMPT_TUNING, task_type CAUSAL_LM (T5: SEQ_2_SEQ_LM), N, H, ...
     adapter_model.safetensors    {"prompt_embeddings": (N, H) float32}
     softprompt.json              our metadata: base model identity and fingerprint, template,
                                  verbalizer, training config, seed, metrics, versions
@@ -60,11 +60,14 @@ class StoredPrompt:
 
 
 def adapter_config(n: int, h: int, model_path: str, model_config=None, init: str = "RANDOM") -> dict:
-    """The adapter_config.json that PEFT's PromptTuningConfig writes for a causal LM."""
+    """The adapter_config.json that PEFT's PromptTuningConfig writes: a causal LM, or for an
+    encoder-decoder (T5) a SEQ_2_SEQ_LM adapter whose one prompt block goes in front of the
+    encoder input, where softprompt puts it (``seq2seq.py``)."""
     cfg = model_config
+    seq2seq = bool(getattr(cfg, "is_encoder_decoder", False))
     return {
         "peft_type": "PROMPT_TUNING",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
         "num_virtual_tokens": n,
         "token_dim": h,
         "num_transformer_submodules": 1,

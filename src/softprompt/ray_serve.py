@@ -236,7 +236,7 @@ class Replica:
 
     def _apply(self, name: str, files: dict | None) -> None:
         from softprompt import store
-        from softprompt.server import install_prompt
+        from softprompt.uploads import install_prompt
 
         path = store.prompt_path(name)
         if files is None:
@@ -250,7 +250,7 @@ class Replica:
 
 def _read_prompt(name: str) -> dict[str, bytes]:
     from softprompt import store
-    from softprompt.server import PROMPT_FILES
+    from softprompt.uploads import PROMPT_FILES
 
     path = store.prompt_path(name)
     return {f: (path / f).read_bytes() for f in PROMPT_FILES if (path / f).is_file()}

@@ -23,20 +23,25 @@ code}}``; no request can stop the worker. Top-level imports are light (the CLI i
 """
 
 import hmac
-import io
 import json
 import logging
 import math
 import os
 import random
-import string
-import tempfile
 import time
 import uuid
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from softprompt.api_requests import (
+    RowText,
+    bad,
+    num,
+    prompt_list,
+    refuse_unsupported,
+    render_source,
+    stop_list,
+)
 from softprompt.batching import (
     ApiError,
     ClientGone,
@@ -47,9 +52,9 @@ from softprompt.batching import (
     resolve_prompt,
 )
 from softprompt.config import UserError
+from softprompt.uploads import install_prompt, prompt_info
 
 log = logging.getLogger(__name__)
-PROMPT_FILES = ("adapter_config.json", "adapter_model.safetensors", "softprompt.json")
 
 
 @dataclass(frozen=True)
@@ -89,185 +94,6 @@ class ServerConfig:
 
         found = re.findall(r"^\s+(\w+): .*?  # (.+)$", inspect.getsource(cls), re.M)
         return dict(found)
-
-
-# ---------------------------------------------------------------- request parsing
-
-
-def _bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
-    return ApiError(400, message, param=param, code=code)
-
-
-def _num(body: dict, key: str, default, lo: float, hi: float, integer: bool = False):
-    v = body.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise _bad(f"'{key}' must be {'an integer' if integer else 'a number'}, got {json.dumps(v)[:40]}", key)
-    if not lo <= v <= hi:
-        raise _bad(f"'{key}' must be between {lo} and {hi}, got {v}", key)
-    return v
-
-
-def _prompts(body: dict) -> list[str | list[int]]:
-    """OpenAI ``prompt``: a string, a list of strings, a token list, or a list of token lists."""
-    p = body.get("prompt")
-    if isinstance(p, str):
-        return [p]
-    if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
-        return p
-    if isinstance(p, list) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
-        return [p]
-    if isinstance(p, list) and p and all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in p):
-        return p
-    raise _bad("'prompt' must be a string, a list of strings or a list of token ids", "prompt", "invalid_type")
-
-
-def _stops(body: dict) -> list[str]:
-    s = body.get("stop")
-    stops = [] if s is None else [s] if isinstance(s, str) else s
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) and x for x in stops):
-        raise _bad("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
-    return stops
-
-
-def _unsupported(body: dict) -> None:
-    for key, ok in (("logprobs", lambda v: v in (None, 0)), ("suffix", lambda v: v in (None, "")),
-                    ("best_of", lambda v: v in (None, 1)), ("frequency_penalty", lambda v: v in (None, 0)),
-                    ("presence_penalty", lambda v: v in (None, 0)), ("logit_bias", lambda v: not v)):
-        if not ok(body.get(key)):
-            hint = " (use the extension 'repetition_penalty')" if key.endswith("_penalty") else ""
-            raise _bad(f"'{key}' is not supported by this server{hint}", key, "unsupported_parameter")
-
-
-def render_source(template: str | None, x, i: int) -> str:
-    """Fill the prompt's template with one classify input (a string, or an object of fields)."""
-    param = f"inputs[{i}]"
-    if template is None:
-        if not isinstance(x, str):
-            raise _bad("this prompt has no template: inputs must be strings", param)
-        return x
-    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
-    if isinstance(x, str):
-        if len(set(fields)) > 1:
-            raise _bad(f"the template needs the fields {sorted(set(fields))}: send objects", param)
-        x = {fields[0]: x} if fields else {}
-    if not isinstance(x, dict):
-        raise _bad("inputs must be strings or objects of template fields", param)
-    try:
-        return template.format_map({k: str(v) for k, v in x.items()})
-    except (KeyError, IndexError, ValueError) as e:
-        raise _bad(f"cannot fill the template {template!r}: missing or bad field {e}", param) from None
-
-
-class RowText:
-    """One choice's text, decoded as tokens arrive; stop strings cut it and end the row."""
-
-    def __init__(self, tokenizer, stops: list[str]):
-        self.tok, self.stops = tokenizer, stops
-        self.ids: list[int] = []
-        self.text, self.sent, self.finish = "", 0, None
-
-    def add(self, token: int | None, finish: str | None) -> None:
-        if self.finish:  # already ended on a stop string; tokens in flight are dropped
-            return
-        if token is not None:
-            self.ids.append(token)
-            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
-            hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
-            if hits:
-                self.text, self.finish = self.text[: min(hits)], "stop"
-                return
-        self.finish = finish
-
-    def delta(self) -> str:
-        """New text safe to send: holds back a partial UTF-8 character and a possible stop prefix."""
-        end = len(self.text)
-        if not self.finish:
-            while end > self.sent and self.text[end - 1] == "\ufffd":
-                end -= 1
-            for s in self.stops:
-                for n in range(min(len(s) - 1, end), 0, -1):
-                    if self.text[end - n : end] == s[:n]:
-                        end -= n
-                        break
-        end = max(end, self.sent)
-        out, self.sent = self.text[self.sent : end], end
-        return out
-
-
-# ---------------------------------------------------------------- prompt uploads
-
-
-def _unzip(data: bytes, dest: Path, limit: int) -> None:
-    """Extract the prompt files of a zip (flat, or inside one folder); refuse unsafe archives."""
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
-        raise _bad("the upload is not a zip archive of a prompt directory", "body", "invalid_upload") from None
-    infos = [i for i in zf.infolist() if not i.is_dir()]
-    if len(infos) > 32:
-        raise _bad(f"the zip has {len(infos)} files; a prompt directory has 3", "body", "invalid_upload")
-    total = 0
-    for info in infos:
-        parts = PurePosixPath(info.filename).parts
-        if info.filename.startswith(("/", "\\")) or ".." in parts or len(parts) > 2:
-            raise _bad(f"unsafe path in the zip: {info.filename!r}", "body", "invalid_upload")
-        if parts[-1] not in PROMPT_FILES:
-            continue
-        if (dest / parts[-1]).exists():
-            raise _bad(f"the zip holds {parts[-1]} twice", "body", "invalid_upload")
-        with zf.open(info) as src:
-            content = src.read(limit + 1)
-        total += len(content)
-        if total > limit:
-            raise ApiError(413, f"the unpacked upload is larger than {limit} bytes", code="upload_too_large")
-        (dest / parts[-1]).write_bytes(content)
-
-
-def install_prompt(name: str, files: dict[str, bytes], lm, force: bool, limit: int) -> bool:
-    """Validate an uploaded prompt (files or a zip) and move it into the store atomically.
-
-    Returns True if it replaced an existing prompt. Nothing becomes visible unless the directory
-    reads as a prompt, fits the model (hidden size, fingerprint) and the store write succeeds.
-    """
-    from softprompt import store
-
-    with tempfile.TemporaryDirectory(prefix="sp-upload-") as tmp:
-        d = Path(tmp) / name
-        d.mkdir()
-        for fname, content in files.items():
-            if content[:4] == b"PK\x03\x04":
-                _unzip(content, d, limit)
-            elif fname in PROMPT_FILES:
-                (d / fname).write_bytes(content)
-            else:
-                raise _bad(f"unexpected file {fname!r}: send a zip, or the files {', '.join(PROMPT_FILES)}",
-                           "body", "invalid_upload")
-        try:
-            sp = store.read_prompt_dir(d, name)
-            store.check_compatible(sp, lm.fingerprint, force=force)
-            existed = store.prompt_path(name).is_dir()
-            store.import_prompt(d, name=name, fingerprint=lm.fingerprint, model_name=lm.name, overwrite=True)
-        except UserError as e:
-            raise ApiError(422, str(e).replace(str(d), "upload"), param="body", code="invalid_prompt") from None
-    return existed
-
-
-def prompt_info(name: str) -> dict:
-    """Registry entry for the API: the store summary (minus server paths) plus training metrics."""
-    from softprompt import store
-
-    s = store.prompt_summary(name)
-    path = Path(s.pop("path"))
-    s.pop("imported_from", None)
-    try:
-        meta = json.loads((path / store.META).read_text())
-        s["metrics"] = meta.get("metrics")
-    except (OSError, ValueError):
-        s["metrics"] = None
-    s["id"], s["object"] = name, "prompt"
-    return s
 
 
 # ---------------------------------------------------------------- the app
@@ -336,7 +162,7 @@ def create_app(engine, config: ServerConfig | None = None):
     async def on_invalid(request, e):
         first = (e.errors() or [{}])[0]
         param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        return error(_bad(f"invalid request: {first.get('msg', 'bad value')}", param))
+        return error(bad(f"invalid request: {first.get('msg', 'bad value')}", param))
 
     @app.exception_handler(Exception)
     async def on_crash(request, e):
@@ -348,16 +174,16 @@ def create_app(engine, config: ServerConfig | None = None):
         try:
             body = json.loads(raw)
         except UnicodeDecodeError:
-            raise _bad("the request body is not UTF-8 JSON", None, "invalid_json") from None
+            raise bad("the request body is not UTF-8 JSON", None, "invalid_json") from None
         except json.JSONDecodeError as e:
-            raise _bad(f"the request body is not valid JSON: {e.msg} at position {e.pos}", None, "invalid_json") from None
+            raise bad(f"the request body is not valid JSON: {e.msg} at position {e.pos}", None, "invalid_json") from None
         if not isinstance(body, dict):
-            raise _bad("the request body must be a JSON object", None, "invalid_json")
+            raise bad("the request body must be a JSON object", None, "invalid_json")
         return body
 
     def prompt_of(model, param: str = "model") -> str | None:
         if not isinstance(model, str) or not model:
-            raise _bad(f"'{param}' must be a prompt name or the plain model's id (GET /v1/models)", param, "invalid_type")
+            raise bad(f"'{param}' must be a prompt name or the plain model's id (GET /v1/models)", param, "invalid_type")
         if model == base_id:
             return None
         try:
@@ -368,7 +194,7 @@ def create_app(engine, config: ServerConfig | None = None):
     def encode(text: str, param: str) -> list[int]:
         ids = engine.encode(text)
         if len(ids) > cfg.max_prompt_tokens:
-            raise _bad(f"'{param}' has {len(ids)} tokens; this server takes at most {cfg.max_prompt_tokens}",
+            raise bad(f"'{param}' has {len(ids)} tokens; this server takes at most {cfg.max_prompt_tokens}",
                        param, "context_length_exceeded")
         return ids
 
@@ -428,31 +254,31 @@ def create_app(engine, config: ServerConfig | None = None):
     async def completions(request: Request):
         body = await read_json(request)
         prompt = prompt_of(body.get("model"))
-        _unsupported(body)
-        prompts = _prompts(body)
-        n = _num(body, "n", 1, 1, cfg.max_rows, integer=True)
+        refuse_unsupported(body)
+        prompts = prompt_list(body)
+        n = num(body, "n", 1, 1, cfg.max_rows, integer=True)
         if len(prompts) * n > cfg.max_rows:
-            raise _bad(f"{len(prompts)} prompts x n={n} is more than {cfg.max_rows} rows", "n")
-        max_tokens = _num(body, "max_tokens", 16, 1, 1 << 30, integer=True)
+            raise bad(f"{len(prompts)} prompts x n={n} is more than {cfg.max_rows} rows", "n")
+        max_tokens = num(body, "max_tokens", 16, 1, 1 << 30, integer=True)
         if max_tokens > cfg.max_tokens:
-            raise _bad(f"'max_tokens' is {max_tokens}; this server allows at most {cfg.max_tokens}",
+            raise bad(f"'max_tokens' is {max_tokens}; this server allows at most {cfg.max_tokens}",
                        "max_tokens", "max_tokens_exceeded")
-        seed = _num(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
+        seed = num(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
         seed = random.getrandbits(31) if seed is None else seed
-        gcfg = dict(max_new_tokens=max_tokens, temperature=_num(body, "temperature", 1.0, 0, 2),
-                    top_p=_num(body, "top_p", 1.0, 1e-9, 1), repetition_penalty=_num(body, "repetition_penalty", 1.0, 0.01, 10))
-        stops, stream, echo = _stops(body), bool(body.get("stream")), bool(body.get("echo"))
+        gcfg = dict(max_new_tokens=max_tokens, temperature=num(body, "temperature", 1.0, 0, 2),
+                    top_p=num(body, "top_p", 1.0, 1e-9, 1), repetition_penalty=num(body, "repetition_penalty", 1.0, 0.01, 10))
+        stops, stream, echo = stop_list(body), bool(body.get("stream")), bool(body.get("echo"))
         ids = []
         for i, p in enumerate(prompts):
             param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             if isinstance(p, str):
                 ids.append(encode(p, param))
             elif any(not 0 <= t < vocab for t in p) or len(p) > cfg.max_prompt_tokens:
-                raise _bad(f"'{param}': token ids must be in [0, {vocab}), at most {cfg.max_prompt_tokens}", param)
+                raise bad(f"'{param}': token ids must be in [0, {vocab}), at most {cfg.max_prompt_tokens}", param)
             else:
                 ids.append(list(p))
             if not ids[-1] and prompt is None:
-                raise _bad(f"'{param}' is empty: the plain model needs some text to continue", param)
+                raise bad(f"'{param}' is empty: the plain model needs some text to continue", param)
         rows = [GenerateRequest("", prompt, GenerateConfig(seed=(seed + c) % 2**63, **gcfg), token_ids=tuple(x))
                 for x in ids for c in range(n)]
         texts = [RowText(tok, stops) for _ in rows]
@@ -536,15 +362,15 @@ def create_app(engine, config: ServerConfig | None = None):
         inputs = body.get("inputs", body.get("input"))
         inputs = [inputs] if isinstance(inputs, (str, dict)) else inputs
         if not isinstance(inputs, list) or not inputs or len(inputs) > cfg.max_rows:
-            raise _bad(f"'inputs' must be a list of 1 to {cfg.max_rows} strings or objects", "inputs")
+            raise bad(f"'inputs' must be a list of 1 to {cfg.max_rows} strings or objects", "inputs")
         t_over, v_over = body.get("template"), body.get("verbalizer")
         if t_over is not None and not isinstance(t_over, str):
-            raise _bad("'template' must be a string", "template")
+            raise bad("'template' must be a string", "template")
         if isinstance(v_over, list):
             v_over = {w: w for w in v_over}
         if v_over is not None and (not isinstance(v_over, dict) or not v_over or
                                    not all(isinstance(w, str) and w for w in v_over.values())):
-            raise _bad("'verbalizer' must map labels to non-empty label words", "verbalizer")
+            raise bad("'verbalizer' must map labels to non-empty label words", "verbalizer")
         normalize = bool(body.get("length_normalize", False))
 
         def prepare(eng):  # runs in the worker: the prompt's metadata comes from the bank
@@ -552,7 +378,7 @@ def create_app(engine, config: ServerConfig | None = None):
             template = t_over if t_over is not None else meta.get("template")
             verbalizer = v_over or meta.get("verbalizer")
             if not verbalizer:
-                raise _bad(f"{model!r} has no verbalizer (it was not trained to classify); "
+                raise bad(f"{model!r} has no verbalizer (it was not trained to classify); "
                            'send "verbalizer": {"label": "word", ...}', "verbalizer", "no_verbalizer")
             labels = list(verbalizer)
             rows = []
@@ -592,7 +418,7 @@ def create_app(engine, config: ServerConfig | None = None):
         try:
             return store.check_name(name)
         except UserError as e:
-            raise _bad(str(e), "name", "invalid_name") from None
+            raise bad(str(e), "name", "invalid_name") from None
 
     def info_or_404(name: str) -> dict:
         if not store.prompt_path(check_name(name)).is_dir():
@@ -612,7 +438,7 @@ def create_app(engine, config: ServerConfig | None = None):
     async def prompts_put(name: str, request: Request):
         check_name(name)
         if name == base_id:
-            raise _bad(f"{name!r} is the plain model's id; pick another name", "name", "invalid_name")
+            raise bad(f"{name!r} is the plain model's id; pick another name", "name", "invalid_name")
         raw = await request.body()
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             form = await request.form(max_files=8, max_fields=8, max_part_size=cfg.max_upload_bytes)
@@ -620,7 +446,7 @@ def create_app(engine, config: ServerConfig | None = None):
         else:
             files = {"upload.zip": raw}
         if not files or not any(files.values()):
-            raise _bad("empty upload: send the prompt directory as a zip body or as multipart files", "body", "invalid_upload")
+            raise bad("empty upload: send the prompt directory as a zip body or as multipart files", "body", "invalid_upload")
         replaced = await run_in_threadpool(install_prompt, name, files, engine.lm, engine.cfg.force, cfg.max_upload_bytes)
         info = await run_in_threadpool(prompt_info, name)
         return JSONResponse({**info, "replaced": replaced}, status_code=200 if replaced else 201)

@@ -38,8 +38,9 @@ COLORS = {
 MEASURES = """\
 How each column is measured:
 - **test acc.**: label scoring (the summed log-likelihood of each label word's tokens after the
-  input, `evaluate.classify_metrics`), the same function and test rows for every method; mean
-  and sample standard deviation over seeds (`±0` with one seed).
+  input, `evaluate.classify_metrics`; single-token label words are read off one distribution,
+  exactly), the same function and test rows for every method; mean and sample standard
+  deviation over seeds (`±0` with one seed).
 - **lr**: each trained method runs `train.fit` once per learning rate of its sweep, with the same
   training rows, batch order (seeded), step budget, schedule and early stopping on the same dev
   set; the lr whose kept state is best on dev is the one scored on test.
@@ -55,9 +56,10 @@ How each column is measured:
   lr (for hand-written prompts: of the test scoring), sampled every 10 ms from
   `/proc/self/statm`: activations, gradients, AdamW state. LoRA and full fine-tuning also hold
   a private copy of the model (the model's bytes, above), made before this measurement starts.
-- **latency**: median wall time to classify one request alone (its label words scored in one
-  batch, batch size = number of labels), no prefix cache: the few-shot demonstrations and the
-  soft prompt's prefix are recomputed per request (the engine caches them per task).
+- **latency**: median wall time to classify one request alone (one row when every label word
+  is a single token, else one row per label word), no prefix cache for the soft prompt: its
+  prefix is recomputed per request (the engine caches it per task); few-shot demonstrations'
+  keys/values are computed once per run.
 - **mixed-task batch**: whether one forward can serve rows of different tasks in this
   implementation: prompts and templates are per-row data; LoRA (unmerged, one adapter active
   per forward here) and full fine-tuning (one model per task) cannot.

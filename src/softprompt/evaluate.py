@@ -73,11 +73,11 @@ def single_token_choices(tokenizer, examples: list[D.Example], words: list[str])
     every input (which then has at least one token), else None."""
     rows, choices = [], []
     for ex in examples:
-        ids = [tokenizer(D.target_text(ex.source_text, w), add_special_tokens=False)["input_ids"] for w in words]
+        ids = label_targets(tokenizer, ex, words)
         if ex.source_len < 1 or any(len(t) != 1 for t in ids):
             return None
         src = ex.input_ids[: ex.source_len]
-        rows.append(D.Example(input_ids=src + ids[0], labels=[D.IGNORE] * len(src) + ids[0], source_len=len(src)))
+        rows.append(D.Example(input_ids=src + [ids[0][0]], labels=[D.IGNORE] * len(src) + [ids[0][0]], source_len=len(src)))
         choices.append([t[0] for t in ids])
     return rows, torch.tensor(choices, dtype=torch.long)
 

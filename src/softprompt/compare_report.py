@@ -399,10 +399,14 @@ def plot(docs: list[dict], out: Path, stem: str) -> list[tuple[str, str]]:
     except ImportError:
         raise UserError("plots need matplotlib: pip install 'softprompt[plots]'") from None
     made = []
+    cols = min(3, len(docs))  # panels wrap after three tasks
+    rows = -(-len(docs) // cols)
     for kind, title in PLOTS:
-        fig, axes = plt.subplots(1, len(docs), figsize=(5.2 * len(docs), 4), squeeze=False)
-        for ax, doc in zip(axes[0], docs, strict=True):
+        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4 * rows), squeeze=False)
+        for ax, doc in zip(axes.flat, docs):
             _panel(ax, doc, kind)
+        for ax in list(axes.flat)[len(docs) :]:
+            ax.set_visible(False)
         fig.suptitle(title)
         fig.tight_layout()
         name = f"{stem}_{kind}.png"

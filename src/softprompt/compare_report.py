@@ -444,9 +444,11 @@ def _panel(ax, doc: dict, kind: str) -> None:
     if kind in ("params", "size"):
         ax.set_xscale("log")
     if kind == "size":
-        from matplotlib.ticker import ScalarFormatter
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
 
+        ax.set_xticks(sorted({max(1, r["n_train"]) for r in rows if r["method"] != "zero-shot"}))
         ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())  # only the measured sizes are labelled
     ax.set_xlabel(
         {
             "params": "trainable parameters (log; 0 drawn at 1)",

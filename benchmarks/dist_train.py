@@ -8,7 +8,7 @@ Configurations, run interleaved (one round each, in this order, ``--rounds`` tim
 * ``1 proc x 2 threads``: the same with 2 torch threads (what one process can get from 2 cores);
 * ``2 procs x 1 thread``: ``torchrun --nproc-per-node 2``, each rank 1 thread, gloo all-reduce.
 
-Each run is this script launched as a worker (``--worker``), calling ``softprompt.train.train``
+Each run is this script launched as a worker (``--worker``), calling ``softprompt.training.tune.train``
 with the same options; the worker records the training time (``train_time_s``: the optimiser
 steps, without loading and evaluation), the tokens processed, and, under torch.distributed, the
 time spent inside the one all-reduce per step and its payload (``Dist.bytes_per_step``).
@@ -39,9 +39,10 @@ def worker(a) -> None:
     """One training run (one rank of it under torchrun); rank 0 appends a JSON line to --result."""
     import torch
 
-    from softprompt import distributed, models
-    from softprompt import train as TR
+    from softprompt import models
     from softprompt.config import DataConfig, PromptConfig, TrainConfig
+    from softprompt.training import distributed
+    from softprompt.training import tune as TR
 
     torch.set_num_threads(a.threads)
     reduce_s = [0.0]

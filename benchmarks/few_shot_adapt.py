@@ -37,10 +37,10 @@ sys.path.insert(0, str(REPO / "src"))
 import torch  # noqa: E402
 
 from softprompt import models  # noqa: E402
-from softprompt import multitask as MT  # noqa: E402
-from softprompt import train as TR  # noqa: E402
-from softprompt import transfer as TF  # noqa: E402
 from softprompt.config import PromptConfig, TrainConfig  # noqa: E402
+from softprompt.training import multitask as MT  # noqa: E402
+from softprompt.training import transfer as TF  # noqa: E402
+from softprompt.training import tune as TR  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 INITS = ("vocab", "multitask", "transfer")

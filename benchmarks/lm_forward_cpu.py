@@ -25,7 +25,7 @@ from common import machine_info, md_table, write_results  # noqa: E402
 from softprompt import data as D  # noqa: E402
 from softprompt import forward as fw  # noqa: E402
 from softprompt import models  # noqa: E402
-from softprompt.quickstart import walkthrough_data  # noqa: E402
+from softprompt.cli.quickstart import walkthrough_data  # noqa: E402
 
 
 def step_cpu(fn, model, prompt, batch) -> float:

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from softprompt import store  # noqa: E402
 from softprompt.config import GenerateConfig  # noqa: E402
-from softprompt.engine import Engine, EngineConfig, GenerateRequest  # noqa: E402
+from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest  # noqa: E402
 from softprompt.prompt import init_random  # noqa: E402
 
 TASKS, PER_TASK, NEW_TOKENS, N = 8, 4, 32, 20

@@ -5,7 +5,7 @@ alternating one-sentence classification and 32-token greedy generation, closed l
 requests in flight). Three servers, measured one after the other in one run:
 
 * ``single``: ``softprompt serve`` in a subprocess (1 torch thread, batching on);
-* ``ray x1`` / ``ray x2``: ``softprompt.ray_serve.build_app`` on a local Ray cluster started
+* ``ray x1`` / ``ray x2``: ``softprompt.serve.ray_serve.build_app`` on a local Ray cluster started
   here, 1 then 2 replicas (each 1 torch thread, batching on), behind Serve's HTTP proxy and our
   ingress (prompt affinity through Ray's multiplexed routing).
 
@@ -42,8 +42,8 @@ def free_port() -> int:
 def deploy(model: str, replicas: int, home: Path, port: int) -> str:
     from ray import serve
 
-    from softprompt.ray_serve import APP, build_app
-    from softprompt.server import ServerConfig
+    from softprompt.serve.app import ServerConfig
+    from softprompt.serve.ray_serve import APP, build_app
 
     cfg = ServerConfig(max_batch_rows=32, max_queue=4096, max_wait_ms=5)
     serve.run(build_app(cfg, model, replicas=replicas, replica_cpus=1,

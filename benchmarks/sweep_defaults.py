@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from softprompt import models  # noqa: E402
+from softprompt.cli.quickstart import walkthrough_data  # noqa: E402
 from softprompt.config import DataConfig, PromptConfig, TrainConfig  # noqa: E402
-from softprompt.quickstart import walkthrough_data  # noqa: E402
-from softprompt.train import train  # noqa: E402
+from softprompt.training.tune import train  # noqa: E402
 
 CLS_GRID = [(0.03, "random"), (0.3, "labels"), (0.3, "random"), (0.03, "labels"), (0.3, "vocab")]
 LM_GRID = [(20, "vocab", 0.1), (4, "random", 5e-3), (4, "random", 0.1), (20, "vocab", 0.03)]

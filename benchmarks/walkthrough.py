@@ -7,7 +7,7 @@ random init, lr 5e-3, 5 epochs, batch 8, seed 0.
 * PEFT: ``get_peft_model(PromptTuningConfig(CAUSAL_LM, RANDOM, 4))`` + ``transformers.Trainer``
   with ``DataCollatorForLanguageModeling(mlm=False)`` and ``auto_find_batch_size=True``;
   timed around ``trainer.train()`` only.
-* softprompt: ``softprompt.train.train`` (see ``run_softprompt``); timed around the call.
+* softprompt: ``softprompt.training.tune.train`` (see ``run_softprompt``); timed around the call.
 
     python benchmarks/walkthrough.py                 # both sides, ~3-4 min on 2 cores
     python benchmarks/walkthrough.py --only peft     # the PEFT half only
@@ -108,9 +108,9 @@ def run_peft(lm, texts: list[str], max_length: int, epochs: int) -> dict:
 
 
 def run_softprompt(lm, csv_path: Path, max_length: int, epochs: int) -> dict:
-    """softprompt.train.train on the same rows; dev_fraction=0 so it trains on all 50 rows as PEFT does."""
+    """softprompt.training.tune.train on the same rows; dev_fraction=0 so it trains on all 50 rows as PEFT does."""
     from softprompt.config import DataConfig, PromptConfig, TrainConfig
-    from softprompt.train import train
+    from softprompt.training.tune import train
 
     data_cfg = DataConfig(path=str(csv_path), text_column="prompt", limit=ROWS, max_length=max_length,
                           dev_fraction=0.0)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from softprompt import cli, store
-from softprompt import train as TR
 from softprompt.config import home
+from softprompt.training import tune as TR
 
 OUTER_HOME = home()  # the user's home before the tests isolate it (only read, never written)
 

@@ -9,15 +9,15 @@ import json
 import pytest
 import torch
 
-from softprompt import compare as C
-from softprompt import compare_data as CD
-from softprompt import compare_report as R
 from softprompt import data as D
-from softprompt import methods as M
 from softprompt import models
 from softprompt.cli import main
 from softprompt.config import DataConfig, PromptConfig, UserError, data_root
+from softprompt.experiments import compare as C
+from softprompt.experiments import compare_data as CD
+from softprompt.experiments import compare_report as R
 from softprompt.forward import sequence_logprobs
+from softprompt.training import methods as M
 
 VERB = {"0": "negative", "1": "positive"}
 N = 4  # virtual tokens in these tests

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from softprompt import continual as C
-from softprompt import multitask as MT
 from softprompt.cli import main
 from softprompt.config import PromptConfig, TrainConfig, UserError
+from softprompt.experiments import continual as C
+from softprompt.training import multitask as MT
 
 
 def _tasks(toy_tasks):

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from softprompt import cli, models
-from softprompt import train as TR
 from softprompt.config import DataConfig, GenerateConfig, PromptConfig, TrainConfig
-from softprompt.engine import Engine, GenerateRequest, ScoreRequest
+from softprompt.inference.engine import Engine, GenerateRequest, ScoreRequest
+from softprompt.training import tune as TR
 
 VERB = {"0": "negative", "1": "positive"}
 

@@ -133,7 +133,7 @@ def test_fsdp_without_a_launcher_is_a_user_error(tiny_model_dir, tmp_path):
 def test_shard_weights_rebuild_the_global_mean():
     """Unit check of the sharding rule: token-weighted local means sum to the global mean."""
     from softprompt.data import Example
-    from softprompt.distributed import Dist
+    from softprompt.training.distributed import Dist
 
     ex = [Example(input_ids=[1] * 4, labels=[-100] * (4 - k) + [7] * k, source_len=4 - k) for k in (1, 2, 3)]
     idx = [0, 1, 2]

@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import bank, engine, forward, models, store
+from softprompt import forward, models, store
 from softprompt.config import GenerateConfig, UserError
-from softprompt.engine import Engine, EngineConfig, GenerateRequest, ScoreRequest
+from softprompt.inference import bank, engine
+from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest, ScoreRequest
 
 TEXTS = ["the movie was", "a wonderful film with a great story", "who wrote the book", "positive negative"]
 

@@ -16,7 +16,7 @@ from softprompt import cli, forward, store
 from softprompt import data as D
 from softprompt import evaluate as E
 from softprompt.config import DataConfig
-from softprompt.engine import Engine
+from softprompt.inference.engine import Engine
 
 TEMPLATE = "Review: {text}\nSentiment:"
 VERB = {"0": "bad", "1": "good"}

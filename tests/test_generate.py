@@ -15,9 +15,10 @@ import pytest
 import torch
 from conftest import sharpen
 
-from softprompt import engine, models
+from softprompt import models
 from softprompt.config import GenerateConfig, UserError
 from softprompt.forward import embed
+from softprompt.inference import engine
 from softprompt.prompt import make_prompt
 
 TEXT = "the movie was good and"

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from softprompt import interpret as I
 from softprompt import store
-from softprompt import train as TR
 from softprompt.cli import main
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
+from softprompt.experiments import interpret as I
 from softprompt.prompt import make_prompt, token_ids
+from softprompt.training import tune as TR
 
 TEXT = "classify the sentiment of this review"
 

@@ -8,10 +8,10 @@ import torch
 
 from softprompt import data as D
 from softprompt import models, store
-from softprompt import multitask as MT
 from softprompt.config import PromptConfig, TrainConfig, UserError
-from softprompt.engine import Engine, ScoreRequest
 from softprompt.forward import mixed_prefix_loss, naive_loss, prefix_loss
+from softprompt.inference.engine import Engine, ScoreRequest
+from softprompt.training import multitask as MT
 
 
 def _batch(lm, seed: int = 0):

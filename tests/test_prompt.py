@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from softprompt import store
-from softprompt import train as TR
 from softprompt.config import DataConfig, PromptConfig, UserError
 from softprompt.prompt import COMMON_VOCAB, embedding_matrix, make_prompt, token_ids
+from softprompt.training import tune as TR
 
 
 def test_random_init_is_scaled_like_the_embeddings(tiny_lm):

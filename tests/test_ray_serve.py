@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from softprompt import store
-from softprompt.server import ServerConfig
+from softprompt.serve.app import ServerConfig
 
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
@@ -46,7 +46,7 @@ def cluster(lm, home, tiny_model_dir):
     """A local Ray cluster; Serve's proxy on a free port; the app with 2 replicas."""
     from ray import serve
 
-    from softprompt.ray_serve import APP, build_app
+    from softprompt.serve.ray_serve import APP, build_app
 
     torch.set_num_threads(1)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
@@ -84,7 +84,7 @@ def replica_pids() -> set[int]:
     """Process ids of the live replicas (calls without a prompt spread over all of them)."""
     from ray import serve
 
-    from softprompt.ray_serve import APP
+    from softprompt.serve.ray_serve import APP
 
     h = serve.get_deployment_handle("Replica", APP)
     return {h.pid.remote().result(timeout_s=60) for _ in range(30)}
@@ -93,7 +93,7 @@ def replica_pids() -> set[int]:
 def running_replicas() -> int:
     from ray import serve
 
-    from softprompt.ray_serve import APP
+    from softprompt.serve.ray_serve import APP
 
     return serve.status().applications[APP].deployments["Replica"].replica_states.get("RUNNING", 0)
 

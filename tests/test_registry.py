@@ -13,7 +13,7 @@ import torch
 
 from softprompt import cli, models, store
 from softprompt.config import GenerateConfig, UserError
-from softprompt.engine import Engine, EngineConfig, GenerateRequest
+from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest
 
 TEXT = "the movie was"
 

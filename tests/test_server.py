@@ -25,7 +25,13 @@ import torch
 
 from softprompt import models, store
 from softprompt.config import GenerateConfig
-from softprompt.engine import Engine, EngineConfig, GenerateRequest, ScoreRequest, StepBatch
+from softprompt.inference.engine import (
+    Engine,
+    EngineConfig,
+    GenerateRequest,
+    ScoreRequest,
+    StepBatch,
+)
 
 TEXTS = ["the movie was", "a wonderful film with a great story", "who wrote the book", "positive negative"]
 TEMPLATE = "Review: {text}\nSentiment:"
@@ -113,7 +119,7 @@ def running(lm, **kw):
     """A real uvicorn server in a thread on a free loopback port; yields (base_url, app, server)."""
     import uvicorn
 
-    from softprompt.server import ServerConfig, create_app
+    from softprompt.serve.app import ServerConfig, create_app
 
     app = create_app(Engine(lm, EngineConfig(max_batch_rows=kw.get("max_batch_rows", 32))),
                      ServerConfig(model_id="tiny", **kw))

@@ -9,8 +9,8 @@ import torch
 
 from softprompt import forward as FW
 from softprompt import store
-from softprompt import train as TR
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
+from softprompt.training import tune as TR
 
 
 def naive_logits(model, prompt, input_ids, attention_mask):

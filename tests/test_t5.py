@@ -13,11 +13,12 @@ import json
 import pytest
 import torch
 
-from softprompt import cli, models, seq2seq, store, train
+from softprompt import cli, models, store
 from softprompt import data as D
 from softprompt.config import DataConfig, GenerateConfig, PromptConfig, TrainConfig
-from softprompt.engine import Engine, GenerateRequest, ScoreRequest
-from softprompt.forward import prompt_loss, sequence_logprobs
+from softprompt.forward import prompt_loss, seq2seq, sequence_logprobs
+from softprompt.inference.engine import Engine, GenerateRequest, ScoreRequest
+from softprompt.training import tune as train
 
 TEMPLATE = "Review: {text}\nSentiment:"
 

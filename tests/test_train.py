@@ -12,9 +12,9 @@ from conftest import sharpen
 from softprompt import data as D
 from softprompt import evaluate as E
 from softprompt import store
-from softprompt import train as TR
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import sequence_logprobs
+from softprompt.training import tune as TR
 
 VERB = {"0": "negative", "1": "positive"}
 

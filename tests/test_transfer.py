@@ -7,9 +7,9 @@ import torch
 from conftest import sharpen
 
 from softprompt import store
-from softprompt import train as TR
-from softprompt import transfer as TF
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
+from softprompt.training import transfer as TF
+from softprompt.training import tune as TR
 
 
 def _train(lm, task, name, init="random", seed=0):

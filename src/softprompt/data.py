@@ -28,7 +28,7 @@ from softprompt.config import DataConfig, UserError, data_root
 
 log = logging.getLogger(__name__)
 IGNORE = -100
-TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
 @dataclass

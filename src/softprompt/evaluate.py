@@ -176,7 +176,7 @@ def label_targets(tokenizer, ex: D.Example, words: list[str]) -> tuple[tuple[int
 def engine_label_scores(engine, examples: list[D.Example], words: list[str], prompts: list[str | None],
                         normalize: bool = False) -> torch.Tensor:
     """(K prompts, n examples, L labels) label log-likelihoods, all K x n rows in one mixed batch."""
-    from softprompt.engine import ScoreRow
+    from softprompt.inference.engine import ScoreRow
 
     tok = engine.lm.tokenizer
     targets = [label_targets(tok, ex, words) for ex in examples]
@@ -230,7 +230,7 @@ def classification_report(scores: torch.Tensor, examples, labels: list[str], nam
 
 def generation_report(engine, examples: list[D.Example], prompt: str | None, max_new_tokens: int) -> dict:
     """exact_match (greedy, first line, stripped), loss and perplexity of the target tokens."""
-    from softprompt.engine import ScoreRow
+    from softprompt.inference.engine import ScoreRow
 
     tok = engine.lm.tokenizer
     rows, gen_idx = [], []
@@ -253,7 +253,7 @@ def generation_report(engine, examples: list[D.Example], prompt: str | None, max
 
 
 def _exact_match(engine, examples, prompt, max_new_tokens, tok) -> float:
-    from softprompt.engine import GenerateRequest
+    from softprompt.inference.engine import GenerateRequest
 
     reqs, golds = [], []
     for ex in examples:

@@ -21,8 +21,8 @@ import torch
 
 from softprompt.config import UserError
 
-SCHEMA = "softprompt.compare/1"
-REPO = Path(__file__).resolve().parents[2]
+SCHEMA = "softprompt.experiments.compare/1"
+REPO = Path(__file__).resolve().parent  # git runs here: the checkout, if any, that holds this file
 PLOTS = (
     ("params", "accuracy vs trainable parameters"),
     ("time", "accuracy vs training time"),
@@ -151,7 +151,7 @@ def document(
     ctx, task: str | None, runs: list[dict], total_s: float, load_start, unchanged: bool
 ) -> dict:
     """The result of one comparison (``ctx`` is ``compare.Context``)."""
-    from softprompt.methods import unique_parameters
+    from softprompt.training.methods import unique_parameters
 
     summary, lm, cfg = summarize(runs), ctx.lm, ctx.splits.cfg
     loadavg = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -36,7 +36,7 @@ LORA_TARGETS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("c_attn",), ("q", "k"
 def model_loss(model, batch: dict) -> torch.Tensor:
     """Mean target cross-entropy of the model alone (no prompt), for any architecture."""
     if getattr(model.config, "is_encoder_decoder", False):
-        from softprompt.seq2seq import seq2seq_loss
+        from softprompt.forward.seq2seq import seq2seq_loss
 
         return seq2seq_loss(model, None, batch)
     return plain_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])

@@ -121,7 +121,7 @@ def load_splits(
     """The pool, dev and test of a task (recipe) or of user data (``data_cfg``)."""
     recipe: dict = {}
     if task:
-        from softprompt.train import _overrides
+        from softprompt.training.tune import _overrides
 
         data_cfg, recipe = D.task_data_config(task, **_overrides(data_cfg))
     if not data_cfg.verbalizer:

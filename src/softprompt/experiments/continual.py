@@ -23,11 +23,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from softprompt import methods as M
-from softprompt import multitask as MT
-from softprompt import train as TR
 from softprompt.config import PromptConfig, TrainConfig, UserError, _JsonMixin
 from softprompt.forward import prompt_loss, sequence_logprobs
+from softprompt.training import methods as M
+from softprompt.training import multitask as MT
+from softprompt.training import tune as TR
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def run_method(kind: str, lm, tasks: list[_Task], pcfg, tcfg, ccfg, say=log.info
 
 def run(lm, ccfg: ContinualConfig, pcfg: PromptConfig, tcfg: TrainConfig, say=log.info) -> dict:
     """Every method over the task sequence; the result document (see ``continual_report``)."""
-    from softprompt.compare import weights_digest
+    from softprompt.experiments.compare import weights_digest
 
     tok = lm.tokenizer
     tasks = []
@@ -179,7 +179,7 @@ def run(lm, ccfg: ContinualConfig, pcfg: PromptConfig, tcfg: TrainConfig, say=lo
     t0 = time.perf_counter()
     results = [run_method(kind, lm, tasks, pcfg, tcfg, ccfg, say) for kind in ccfg.methods]
     return {
-        "schema": "softprompt.continual/1",
+        "schema": "softprompt.experiments.continual/1",
         "tasks": [t.data.name for t in tasks],
         "n_train": [len(t.data.train) for t in tasks], "n_test": [len(t.test) for t in tasks],
         "config": ccfg.to_dict(), "prompt_config": pcfg.to_dict(), "train_config": tcfg.to_dict(),
@@ -193,7 +193,7 @@ def provenance(lm) -> dict:
     import os
     import platform
 
-    from softprompt.compare_report import git_revision, versions
+    from softprompt.experiments.compare_report import git_revision, versions
 
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git": git_revision(), "versions": versions(),

@@ -91,8 +91,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(a) -> int:
-    from softprompt import distributed, models
-    from softprompt.train import train
+    from softprompt import models
+    from softprompt.training import distributed
+    from softprompt.training.tune import train
 
     if not distributed.is_main():  # one rank of torchrun / accelerate launch: rank 0 reports
         logging.getLogger().setLevel(logging.WARNING)
@@ -139,7 +140,8 @@ def gen_config(a) -> GenerateConfig:
 
 
 def cmd_generate(a) -> int:
-    from softprompt import engine, models, store
+    from softprompt import models, store
+    from softprompt.inference import engine
 
     cfg = gen_config(a)
     lm = models.load(a.model, a.dtype, a.device)
@@ -154,7 +156,7 @@ def cmd_generate(a) -> int:
 
 
 def cmd_quickstart(a) -> int:
-    from softprompt.quickstart import run
+    from softprompt.cli.quickstart import run
 
     run(data_root=a.data_root, print_fn=print, recommended=not a.skip_recommended)
     return 0
@@ -185,7 +187,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(a) -> int:
-    from softprompt import engine, evaluate, models, store
+    from softprompt import evaluate, models, store
+    from softprompt.inference import engine
 
     if a.data_root:
         os.environ["SOFTPROMPT_DATA"] = a.data_root
@@ -274,7 +277,7 @@ def add_prompts_parser(sub) -> None:
 
 
 def add_compare_parser(sub) -> None:
-    from softprompt.compare import METHODS, CompareConfig
+    from softprompt.experiments.compare import METHODS, CompareConfig
 
     c = sub.add_parser("compare", help="compare hand-written prompts, prompt tuning, LoRA and full fine-tuning")
     add_model_args(c)
@@ -345,7 +348,7 @@ def _int_list(text: str, what: str, allow_all: bool = False) -> tuple:
 
 
 def compare_config(a):
-    from softprompt.compare import CompareConfig, quick
+    from softprompt.experiments.compare import CompareConfig, quick
 
     sweep = dict(CompareConfig().lr_sweep)
     for item in a.lr or []:
@@ -367,7 +370,8 @@ def compare_config(a):
 def cmd_compare(a) -> int:
     from pathlib import Path
 
-    from softprompt import compare, compare_report, models
+    from softprompt import models
+    from softprompt.experiments import compare, compare_report
 
     notes = None
     if a.notes:
@@ -407,7 +411,7 @@ def add_serve_parser(sub) -> None:
     """``softprompt serve``: one flag per ``server.ServerConfig`` field, plus --model and --force."""
     import dataclasses
 
-    from softprompt.server import ServerConfig
+    from softprompt.serve.app import ServerConfig
 
     s = sub.add_parser("serve", help="HTTP server: OpenAI-compatible API, classify, prompt registry, web page")
     add_model_args(s)
@@ -432,11 +436,11 @@ def add_serve_parser(sub) -> None:
 def cmd_serve(a) -> int:
     import dataclasses
 
-    from softprompt import server
+    from softprompt.serve import app as server
 
     cfg = server.ServerConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(server.ServerConfig)})
     if a.ray:
-        from softprompt import ray_serve
+        from softprompt.serve import ray_serve
 
         ray_serve.serve_forever(cfg, a.model, replicas=a.replicas, address=a.ray_address, force=a.force,
                         device=a.device, dtype=a.dtype)
@@ -473,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompts_parser(sub)
     add_serve_parser(sub)
     add_compare_parser(sub)
-    from softprompt import cli_tasks  # train-multitask, continual, inspect
+    from softprompt.cli import experiments as cli_tasks  # train-multitask, continual, inspect
 
     cli_tasks.add_parsers(sub)
     return p

@@ -48,8 +48,8 @@ def sparkline(values: list[float], width: int = 60) -> str:
 
 
 def _tune(lm, data, prompt_cfg, train_cfg, name, print_fn):
-    from softprompt import engine
-    from softprompt.train import train
+    from softprompt.inference import engine
+    from softprompt.training.tune import train
 
     res = train(lm, data, prompt_cfg, train_cfg, name=name, progress=True)
     losses = [h["loss"] for h in res.history]
@@ -64,7 +64,8 @@ def _tune(lm, data, prompt_cfg, train_cfg, name, print_fn):
 
 
 def run(data_root: str | None = None, print_fn=print, recommended: bool = True) -> dict:
-    from softprompt import engine, models
+    from softprompt import models
+    from softprompt.inference import engine
 
     if data_root:
         os.environ["SOFTPROMPT_DATA"] = data_root

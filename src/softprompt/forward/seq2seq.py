@@ -63,7 +63,7 @@ def target_logprobs(model, enc_hidden, enc_mask, targets: list[list[int]],
                     choices: torch.Tensor | None = None) -> torch.Tensor:
     """Summed log-probability of each row's target token sequence, (B,); with ``choices``
     (B, L) and one-token targets, each choice's log-probability (B, L)."""
-    from softprompt.forward import choice_logprobs
+    from softprompt.forward.decoder import choice_logprobs
 
     labels = right_pad(targets, IGNORE)  # (B, C)
     dec = torch.cat([labels.new_full((labels.shape[0], 1), _start_id(model)), labels[:, :-1]], 1)

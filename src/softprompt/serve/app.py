@@ -33,7 +33,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from softprompt.api_requests import (
+from softprompt.config import UserError
+from softprompt.serve.protocol import (
     RowText,
     bad,
     num,
@@ -42,7 +43,7 @@ from softprompt.api_requests import (
     render_source,
     stop_list,
 )
-from softprompt.batching import (
+from softprompt.serve.scheduler import (
     ApiError,
     ClientGone,
     EventReader,
@@ -51,8 +52,7 @@ from softprompt.batching import (
     Scheduler,
     resolve_prompt,
 )
-from softprompt.config import UserError
-from softprompt.uploads import install_prompt, prompt_info
+from softprompt.serve.uploads import install_prompt, prompt_info
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def create_app(engine, config: ServerConfig | None = None):
     from softprompt import store
     from softprompt.config import GenerateConfig
     from softprompt.data import target_text
-    from softprompt.engine import GenerateRequest, ScoreRow
+    from softprompt.inference.engine import GenerateRequest, ScoreRow
 
     cfg = config or ServerConfig()
     base_id = cfg.model_id or str(engine.lm.name)
@@ -129,7 +129,7 @@ def create_app(engine, config: ServerConfig | None = None):
     vocab = len(tok)
     metrics = Metrics()
     sched = Scheduler(engine, metrics, cfg.max_batch_rows, cfg.max_wait_ms, cfg.max_queue, cfg.join_every)
-    web = Path(__file__).parent / "web"
+    web = Path(__file__).resolve().parents[1] / "web"
     started = int(time.time())
 
     @asynccontextmanager
@@ -564,7 +564,7 @@ def serve(cfg: ServerConfig, model: str | None = None, force: bool = False, devi
     except ImportError:
         raise UserError("the server needs its extra: pip install 'softprompt[serve]'") from None
     from softprompt import models
-    from softprompt.engine import Engine, EngineConfig
+    from softprompt.inference.engine import Engine, EngineConfig
 
     json_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -151,20 +151,10 @@ def plain_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
     return F.cross_entropy(model.get_output_embeddings()(hidden[:, :-1][sel]).float(), tgt[sel])
 
 
-def supports_prefix(model) -> bool:
-    """The prefix path needs a decoder-only model whose base accepts a key/value cache."""
-    return not getattr(model.config, "is_encoder_decoder", False)
-
-
 def prompt_loss(model, prompt, batch: dict, fast: bool = True) -> torch.Tensor:
+    """Decoder-only loss under a shared prompt: the fast prefix path, or the naive reference."""
     args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-    if getattr(model.config, "is_encoder_decoder", False):  # T5 family: see seq2seq.py
-        from softprompt.seq2seq import seq2seq_loss
-
-        return seq2seq_loss(model, prompt, batch)
-    if fast and supports_prefix(model):
-        return prefix_loss(model, prompt, *args)
-    return naive_loss(model, prompt, *args)
+    return prefix_loss(model, prompt, *args) if fast else naive_loss(model, prompt, *args)
 
 
 def choice_logprobs(logp: torch.Tensor, rows: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
@@ -186,10 +176,6 @@ def sequence_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_m
     ``prefix_cache(model, prompt)`` computed once by a caller that scores many batches under a
     fixed prompt (decoder-only; it is what this function would compute itself).
     """
-    if getattr(model.config, "is_encoder_decoder", False):  # T5 family: see seq2seq.py
-        from softprompt.seq2seq import seq2seq_logprobs
-
-        return seq2seq_logprobs(model, prompt, input_ids, attention_mask, labels, choices)
     if prompt is None:
         hidden = model.base_model(
             inputs_embeds=embed(model, input_ids), attention_mask=attention_mask, use_cache=False

@@ -22,11 +22,12 @@ from typing import Protocol
 import torch
 
 from softprompt import data as D
-from softprompt import distributed, store
-from softprompt.checkpoint import restore as _resume
-from softprompt.checkpoint import save as _save_ckpt
+from softprompt import store
 from softprompt.config import TrainConfig
 from softprompt.forward import prompt_loss, sequence_logprobs
+from softprompt.training import distributed
+from softprompt.training.checkpoint import restore as _resume
+from softprompt.training.checkpoint import save as _save_ckpt
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +363,7 @@ def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = N
     train_ex, eval_ex, data_cfg = load_task_or_data(tok, data_cfg, task, train_cfg.seed)
     ranking = None
     if prompt_cfg.init == "transfer":  # SPoT-style: the stored prompt that suits this data best
-        from softprompt.transfer import rank_sources
+        from softprompt.training.transfer import rank_sources
 
         ranking = rank_sources(lm, train_ex, exclude={name} if name else set(), force=force)
         prompt_cfg = replace(prompt_cfg, init=f"prompt:{ranking[0]['name']}")

@@ -29,9 +29,9 @@ import torch
 from softprompt import data as D
 from softprompt import evaluate as E
 from softprompt import store
-from softprompt import train as TR
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError, _JsonMixin
 from softprompt.forward import mixed_prefix_loss, naive_loss, sequence_logprobs, supports_prefix
+from softprompt.training import tune as TR
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ def _configs(a) -> tuple[PromptConfig, TrainConfig]:
 
 def cmd_train_multitask(a) -> int:
     from softprompt import models
-    from softprompt import multitask as MT
+    from softprompt.training import multitask as MT
 
     mcfg = MT.MultitaskConfig(tasks=_names(a.tasks, "--tasks"), per_task=None if a.per_task == 0 else a.per_task,
                               eval_per_task=a.eval_per_task)
@@ -75,8 +75,8 @@ def add_multitask_parser(sub) -> None:
 
 
 def cmd_inspect(a) -> int:
-    from softprompt import interpret as I
     from softprompt import models
+    from softprompt.experiments import interpret as I
 
     against = list(_names(a.against, "--against")) if a.against else None
     report = I.inspect_prompt(models.load(a.model), a.name, against, a.top_k, a.eval_limit, not a.no_importance)
@@ -116,9 +116,9 @@ def add_parsers(sub) -> None:
 
 
 def cmd_continual(a) -> int:
-    from softprompt import continual as C
     from softprompt import models
     from softprompt.cli import _command_line
+    from softprompt.experiments import continual as C
 
     if a.report:
         return _continual_report(Path(a.report))
@@ -149,7 +149,7 @@ def _continual_report(path: Path) -> int:
 
 
 def _continual_write(doc: dict, stem: Path) -> int:
-    from softprompt import continual as C
+    from softprompt.experiments import continual as C
 
     md = C.markdown(doc, doc["command"])
     try:
@@ -164,7 +164,7 @@ def _continual_write(doc: dict, stem: Path) -> int:
 
 
 def add_continual_parser(sub) -> None:
-    from softprompt.continual import METHODS, ContinualConfig
+    from softprompt.experiments.continual import METHODS, ContinualConfig
 
     d = {k: _default(ContinualConfig, k) for k in ("methods", "per_task", "test_per_task", "steps", "lr_full")}
     c = sub.add_parser("continual", help="learn tasks one after another; accuracy matrix and forgetting per method")

@@ -160,8 +160,8 @@ class Replica:
         import torch
 
         from softprompt import models
-        from softprompt.engine import Engine, EngineConfig
-        from softprompt.server import ServerConfig, create_app
+        from softprompt.inference.engine import Engine, EngineConfig
+        from softprompt.serve.app import ServerConfig, create_app
 
         torch.set_num_threads(max(1, threads))
         self.id = serve.get_replica_context().replica_id.unique_id
@@ -236,7 +236,7 @@ class Replica:
 
     def _apply(self, name: str, files: dict | None) -> None:
         from softprompt import store
-        from softprompt.uploads import install_prompt
+        from softprompt.serve.uploads import install_prompt
 
         path = store.prompt_path(name)
         if files is None:
@@ -250,7 +250,7 @@ class Replica:
 
 def _read_prompt(name: str) -> dict[str, bytes]:
     from softprompt import store
-    from softprompt.uploads import PROMPT_FILES
+    from softprompt.serve.uploads import PROMPT_FILES
 
     path = store.prompt_path(name)
     return {f: (path / f).read_bytes() for f in PROMPT_FILES if (path / f).is_file()}
@@ -349,7 +349,7 @@ def build_app(server_cfg=None, model: str | None = None, replicas: int = 1, forc
     """The Serve application: ``serve.run(build_app(...))`` or ``softprompt serve --ray``."""
     import dataclasses
 
-    from softprompt.server import ServerConfig
+    from softprompt.serve.app import ServerConfig
 
     cfg = server_cfg or ServerConfig()
     env = {k: v for k, v in {**_forwarded_env(), **(env or {})}.items() if v is not None}
@@ -368,8 +368,8 @@ def build_app(server_cfg=None, model: str | None = None, replicas: int = 1, forc
 
 
 def app_builder(args: dict):
-    """For ``serve run softprompt.ray_serve:app_builder model=... replicas=2`` on a cluster."""
-    from softprompt.server import ServerConfig
+    """For ``serve run softprompt.serve.ray_serve:app_builder model=... replicas=2`` on a cluster."""
+    from softprompt.serve.app import ServerConfig
 
     return build_app(ServerConfig(), args.get("model"), int(args.get("replicas", 1)),
                      device=args.get("device"), dtype=args.get("dtype"),

@@ -173,7 +173,7 @@ class Scheduler:
 
     def __init__(self, engine, metrics: Metrics, max_batch_rows: int = 32, max_wait_ms: float = 5.0,
                  max_queue: int = 256, join_every: int = 4):
-        from softprompt.engine import StepBatch
+        from softprompt.inference.engine import StepBatch
 
         self.engine, self.metrics = engine, metrics
         self.max_batch_rows, self.max_wait_ms, self.max_queue = max_batch_rows, max_wait_ms, max_queue
@@ -232,7 +232,7 @@ class Scheduler:
                 err = ApiError(500, "internal error while running the batch", "server_error", code="internal_error")
                 for job in {j for j, _ in self.rows.values()} | set(jobs):
                     job.fail(err)
-                from softprompt.engine import StepBatch
+                from softprompt.inference.engine import StepBatch
 
                 self.batch, self.rows = StepBatch(self.engine), {}
 

@@ -11,9 +11,9 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from softprompt.api_requests import bad
-from softprompt.batching import ApiError
 from softprompt.config import UserError
+from softprompt.serve.protocol import bad
+from softprompt.serve.scheduler import ApiError
 
 PROMPT_FILES = ("adapter_config.json", "adapter_model.safetensors", "softprompt.json")
 

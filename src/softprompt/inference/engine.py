@@ -34,10 +34,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from softprompt import seq2seq
-from softprompt.bank import PrefixCache, PrefixKV, PromptBank, compute_prefix
 from softprompt.config import GenerateConfig, UserError
-from softprompt.forward import embed
+from softprompt.forward import embed, seq2seq
+from softprompt.inference.bank import PrefixCache, PrefixKV, PromptBank, compute_prefix
 
 log = logging.getLogger(__name__)
 ANON = "<tensor>"  # bank name of the prompt tensor handed to the module-level generate()

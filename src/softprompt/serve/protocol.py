@@ -8,7 +8,7 @@ Pure functions over request bodies: no FastAPI, no engine, so each check is test
 import json
 import string
 
-from softprompt.batching import ApiError
+from softprompt.serve.scheduler import ApiError
 
 
 def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:

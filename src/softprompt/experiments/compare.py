@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from softprompt import compare_data as CD
 from softprompt import evaluate as E
-from softprompt import methods as M
-from softprompt import train as TR
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError, _JsonMixin
+from softprompt.experiments import compare_data as CD
+from softprompt.training import methods as M
+from softprompt.training import tune as TR
 
 METHODS = ("zero-shot", "few-shot", "prompt-tuning", "lora", "full")
 TRAINED = ("prompt-tuning", "lora", "full")
@@ -467,7 +467,7 @@ def run(
 ) -> dict:
     """Every method x train size x seed; the result document (``compare_report.document``).
     With ``journal``, finished runs are recorded there and, with ``resume``, taken from it."""
-    from softprompt import compare_report as R
+    from softprompt.experiments import compare_report as R
 
     t_start = time.perf_counter()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -26,7 +26,7 @@ from softprompt import store
 from softprompt.config import UserError
 from softprompt.forward import sequence_logprobs
 from softprompt.prompt import embedding_matrix
-from softprompt.transfer import mean_loss
+from softprompt.training.transfer import mean_loss
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ def importance(model, tokenizer, prompt: torch.Tensor, examples: list[D.Example]
 
 def eval_examples(tokenizer, meta: dict, limit: int) -> tuple[list[D.Example], dict | None]:
     """The evaluation rows a stored prompt's metadata points at (its task's dev split)."""
-    from softprompt import train as TR
     from softprompt.config import DataConfig
+    from softprompt.training import tune as TR
 
     data = meta.get("data") or {}
     if meta.get("task"):

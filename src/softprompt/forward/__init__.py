@@ -1,0 +1,55 @@
+"""The prompted forward pass: losses and log-probabilities of a batch under a soft prompt.
+
+``decoder`` holds the decoder-only paths (the naive reference, the shared-prefix fast path,
+mixed-task batches, sequence scoring); ``seq2seq`` the encoder-decoder (T5) paths. This module
+only dispatches on the model's kind, so neither of them imports the other's dispatch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from softprompt.forward import decoder, seq2seq
+from softprompt.forward.decoder import (
+    choice_logprobs,
+    embed,
+    expand_cache,
+    mixed_prefix_loss,
+    naive_loss,
+    plain_loss,
+    prefix_cache,
+    prefix_forward_hidden,
+    prefix_loss,
+)
+
+__all__ = [
+    "choice_logprobs", "embed", "expand_cache", "is_seq2seq", "mixed_prefix_loss", "naive_loss",
+    "plain_loss", "prefix_cache", "prefix_forward_hidden", "prefix_loss", "prompt_loss",
+    "sequence_logprobs", "supports_prefix",
+]
+
+
+def is_seq2seq(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def supports_prefix(model) -> bool:
+    """The prefix path needs a decoder-only model whose base accepts a key/value cache."""
+    return not is_seq2seq(model)
+
+
+def prompt_loss(model, prompt, batch: dict, fast: bool = True) -> torch.Tensor:
+    """Mean target cross-entropy of ``batch`` under ``prompt`` (N, H): T5 family through
+    ``seq2seq``, decoder-only through the exact prefix path (``fast``) or the naive reference."""
+    if is_seq2seq(model):
+        return seq2seq.seq2seq_loss(model, prompt, batch)
+    return decoder.prompt_loss(model, prompt, batch, fast=fast)
+
+
+def sequence_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels,
+                      choices: torch.Tensor | None = None, prefix=None) -> torch.Tensor:
+    """Per-row summed log-probability of the labelled tokens (B,), or (B, L) with ``choices``;
+    see ``decoder.sequence_logprobs``."""
+    if is_seq2seq(model):
+        return seq2seq.seq2seq_logprobs(model, prompt, input_ids, attention_mask, labels, choices)
+    return decoder.sequence_logprobs(model, prompt, input_ids, attention_mask, labels, choices, prefix)

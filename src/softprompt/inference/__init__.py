@@ -1,0 +1,2 @@
+"""Inference: the prompt bank and prefix cache, key/value batching, sampling and the mixed-task
+``Engine`` with its one decode loop."""

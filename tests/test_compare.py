@@ -12,11 +12,19 @@ import torch
 from softprompt import data as D
 from softprompt import models
 from softprompt.cli import main
-from softprompt.config import DataConfig, PromptConfig, UserError, data_root
+from softprompt.config import (
+    COMPARE_METHODS,
+    COMPARE_TRAINED,
+    DataConfig,
+    PromptConfig,
+    UserError,
+    data_root,
+)
 from softprompt.experiments import compare as C
 from softprompt.experiments import compare_data as CD
 from softprompt.experiments import compare_report as R
 from softprompt.forward import sequence_logprobs
+from softprompt.provenance import write_json
 from softprompt.training import methods as M
 
 VERB = {"0": "negative", "1": "positive"}
@@ -57,7 +65,7 @@ def test_every_method_end_to_end_base_unchanged(tiny_lm, toy_csv, tmp_path):
     assert doc["base_model_unchanged"] is True
 
     runs = {r["method"]: r for r in doc["runs"]}
-    assert list(runs) == list(C.METHODS)
+    assert list(runs) == list(COMPARE_METHODS)
     H = tiny_lm.hidden_size
     assert runs["prompt-tuning"]["trainable_params"] == N * H
     assert runs["lora"]["trainable_params"] == lora_expected(tiny_lm.model)
@@ -73,12 +81,12 @@ def test_every_method_end_to_end_base_unchanged(tiny_lm, toy_csv, tmp_path):
         < runs["lora"]["serve_bytes"]
         < runs["full"]["serve_bytes"]
     )
-    assert [runs[m]["mixed_task_batch"] for m in C.METHODS] == [True, True, True, False, False]
+    assert [runs[m]["mixed_task_batch"] for m in COMPARE_METHODS] == [True, True, True, False, False]
     assert runs["few-shot"]["k"] >= 1
-    for m in C.METHODS:
+    for m in COMPARE_METHODS:
         r = runs[m]
         assert 0 <= r["test_accuracy"] <= 1 and r["latency_ms"] > 0 and r["peak_mem_mb"] >= 0
-        if m in C.TRAINED:
+        if m in COMPARE_TRAINED:
             assert (
                 r["steps"] == ccfg.budget
                 and r["train_time_s"] > 0
@@ -87,7 +95,7 @@ def test_every_method_end_to_end_base_unchanged(tiny_lm, toy_csv, tmp_path):
 
     # the document: JSON round trip, keys, Markdown table rows, plots
     doc["command"] = "softprompt compare --quick"
-    path = R.write_json(doc, tmp_path / "compare_toy.json")
+    path = write_json(doc, tmp_path / "compare_toy.json")
     back = R.read_json(path)
     for key in (
         "git",
@@ -113,7 +121,7 @@ def test_every_method_end_to_end_base_unchanged(tiny_lm, toy_csv, tmp_path):
         for line in text.splitlines()
         if line.startswith("| ") and not line.startswith("| method")
     ]
-    for m in C.METHODS:
+    for m in COMPARE_METHODS:
         assert any(line.startswith(f"| {m} |") for line in rows), m
     assert "A hand-written note." in text and back["command"] in text
     for kind, _ in R.PLOTS:

@@ -14,6 +14,8 @@ from softprompt import evaluate as E
 from softprompt import store
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import sequence_logprobs
+from softprompt.training import loop as LP
+from softprompt.training import methods as M
 from softprompt.training import tune as TR
 
 VERB = {"0": "negative", "1": "positive"}
@@ -99,17 +101,17 @@ def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch):
     full = TR.train(tiny_lm, cfg, pcfg, tcfg, name="full")
     assert full.stopped == "completed" and len(full.epochs) == 4 and full.n_eval > 0
 
-    real = TR._run_epoch
+    real = LP._run_epoch
 
     def ctrl_c_on_third_epoch(*args):
         if args[6] == 2:  # epoch index
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(TR, "_run_epoch", ctrl_c_on_third_epoch)
+    monkeypatch.setattr(LP, "_run_epoch", ctrl_c_on_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         TR.train(tiny_lm, cfg, pcfg, tcfg, name="part")
-    monkeypatch.setattr(TR, "_run_epoch", real)
+    monkeypatch.setattr(LP, "_run_epoch", real)
     assert "part" not in store.list_prompts()  # nothing half-written in the store
     ckpt = store.load_checkpoint(TR.runs_dir("part") / "checkpoint")
     assert ckpt is not None and ckpt[1]["epoch"] == 2
@@ -168,7 +170,7 @@ def test_resume_without_checkpoint_is_a_user_error(tiny_lm, toy_csv):
 
 def test_non_finite_loss_stops_and_keeps_last_good_prompt(tiny_lm, toy_csv, monkeypatch):
     seen: list[torch.Tensor] = []
-    real = TR.PromptMethod.loss
+    real = M.PromptMethod.loss
 
     def nan_on_third_call(self, batch):
         seen.append(self.prompt.detach().clone())
@@ -176,7 +178,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_prompt(tiny_lm, toy_csv, monk
             return torch.tensor(float("nan"))
         return real(self, batch)
 
-    monkeypatch.setattr(TR.PromptMethod, "loss", nan_on_third_call)
+    monkeypatch.setattr(M.PromptMethod, "loss", nan_on_third_call)
     # no eval set, so every loss call is a training step; 48 rows / 8 = 6 steps in epoch 1
     res = TR.train(
         tiny_lm,
@@ -197,7 +199,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_prompt(tiny_lm, toy_csv, monk
 
 def test_non_finite_loss_with_eval_keeps_the_best_evaluated_prompt(tiny_lm, toy_csv, monkeypatch):
     seen: list[torch.Tensor] = []
-    real = TR.PromptMethod.loss
+    real = M.PromptMethod.loss
 
     def nan_on_first_step_of_epoch_2(self, batch):
         if torch.is_grad_enabled():  # training calls only; evaluation runs without grad
@@ -206,7 +208,7 @@ def test_non_finite_loss_with_eval_keeps_the_best_evaluated_prompt(tiny_lm, toy_
                 return torch.tensor(float("inf"))
         return real(self, batch)
 
-    monkeypatch.setattr(TR.PromptMethod, "loss", nan_on_first_step_of_epoch_2)
+    monkeypatch.setattr(M.PromptMethod, "loss", nan_on_first_step_of_epoch_2)
     res = TR.train(
         tiny_lm,
         target_cfg(toy_csv),

@@ -1,8 +1,9 @@
-"""Small frozen configuration dataclasses, one per concern.
+"""Small frozen configuration dataclasses, one per concern: every config of the project lives here.
 
-Every field has its default here and nowhere else; ``__post_init__`` validates, and every
-config round-trips through JSON (``to_dict`` / ``from_dict``). The CLI derives its flags from
-these classes, so a default changed here changes everywhere.
+Every field has its default and its one-line help (the comment after it) here and nowhere else;
+``__post_init__`` validates, and every config round-trips through JSON (``to_dict`` /
+``from_dict``). The CLI builds its flags from these fields and comments (``cli/flags.py``), so a
+default changed here changes everywhere and the CLI defines none of its own.
 """
 
 from __future__ import annotations
@@ -24,13 +25,25 @@ def _check(ok: bool, message: str) -> None:
 
 
 class _JsonMixin:
+    """JSON round trip: ``to_dict`` gives plain lists and dicts; ``from_dict`` turns the lists of
+    tuple-typed fields back into tuples (so a config read from a result file equals the one that
+    wrote it) and ignores keys it does not know."""
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[arg-type]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in data.items() if k in names})
+        kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: _tupled(v, kinds[k]) for k, v in data.items() if k in kinds})
+
+
+def _tupled(value: Any, annotation: str) -> Any:
+    if isinstance(value, list) and annotation.startswith("tuple"):
+        return tuple(value)
+    if isinstance(value, dict) and annotation.startswith("dict[str, tuple"):
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    return value
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,177 @@ class GenerateConfig(_JsonMixin):
         _check(self.repetition_penalty > 0, "--repetition-penalty must be positive")
 
 
+# ---------------------------------------------------------------- inference and serving
+
+
+@dataclass(frozen=True)
+class EngineConfig(_JsonMixin):
+    max_resident_prompts: int = 64  # prompts kept in memory (LRU); the rest reload from the store
+    prefix_cache_mb: float = 256.0  # bound on the per-prompt key/value prefix cache (LRU), MiB
+    max_batch_rows: int = 64  # rows per forward; longer request lists run in chunks
+    use_prefix_cache: bool = True  # False = reference path: [pad][P][x] through the whole model
+    force: bool = False  # accept prompts trained on another base model (equal H still required)
+
+    def __post_init__(self) -> None:
+        if self.max_resident_prompts < 1 or self.max_batch_rows < 1 or self.prefix_cache_mb < 0:
+            raise UserError("engine limits must be positive")
+
+
+@dataclass(frozen=True)
+class EvalConfig(_JsonMixin):
+    prompts: tuple[str, ...] = ()  # stored prompt names; () = the plain model; several = ensemble
+    task: str | None = None  # a task recipe (tasks/*.json); its split is evaluated
+    split: str = "test"  # eval | test: which split of the recipe
+    limit: int | None = None  # evaluate only the first K examples
+    length_normalize: bool = False  # divide each label's log-likelihood by its token count
+    batch_size: int = 32  # rows per forward
+    max_new_tokens: int = 32  # exact match: generation budget per example (capped at target + 4)
+
+    def __post_init__(self) -> None:
+        if self.split not in ("eval", "test"):
+            raise UserError(f"--split must be eval or test, got {self.split!r}")
+        if self.limit is not None and self.limit <= 0:
+            raise UserError(f"--limit must be positive, got {self.limit}")
+        if self.batch_size <= 0 or self.max_new_tokens <= 0:
+            raise UserError("--batch-size and --max-new-tokens must be positive")
+
+
+@dataclass(frozen=True)
+class ServerConfig(_JsonMixin):
+    host: str = "127.0.0.1"  # bind address (loopback unless you mean to expose it)
+    port: int = 8000  # TCP port
+    api_key: str | None = None  # require "Authorization: Bearer KEY" on /v1/* and /metrics
+    model_id: str | None = None  # id of the plain model in /v1/models (default: the model's name)
+    max_batch_rows: int = 32  # rows per engine forward, across requests and prompts; 1 = no batching
+    max_wait_ms: float = 5.0  # an idle worker waits this long for more requests to batch together
+    join_every: int = 4  # while rows decode, waiting requests join every this many steps (1 = each step)
+    max_queue: int = 256  # requests waiting for the worker; beyond it: 429 + Retry-After
+    max_body_bytes: int = 1 << 20  # JSON request bodies
+    max_upload_bytes: int = 64 << 20  # prompt uploads (PUT /v1/prompts/NAME), unpacked size too
+    max_prompt_tokens: int = 2048  # input tokens per row
+    max_tokens: int = 512  # largest max_tokens a request may ask for
+    max_rows: int = 64  # rows per request: prompts x n, or classify inputs
+    request_timeout_s: float = 300.0  # a request still running after this gets 504 and is cancelled
+    shutdown_timeout_s: float = 30.0  # graceful shutdown: time in-flight requests get to finish
+
+    def __post_init__(self) -> None:
+        ints = ("port", "max_batch_rows", "join_every", "max_queue", "max_body_bytes", "max_upload_bytes",
+                "max_prompt_tokens", "max_tokens", "max_rows")
+        for name in ints:
+            if getattr(self, name) < (0 if name == "port" else 1):
+                raise UserError(f"--{name.replace('_', '-')} must be positive")
+        if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.shutdown_timeout_s < 0:
+            raise UserError("--max-wait-ms, --request-timeout-s and --shutdown-timeout-s must be positive")
+        if self.api_key is not None and not self.api_key.strip():
+            raise UserError("--api-key must not be empty")
+
+
+# ---------------------------------------------------------------- experiments
+
+COMPARE_METHODS = ("zero-shot", "few-shot", "prompt-tuning", "lora", "full")
+COMPARE_TRAINED = ("prompt-tuning", "lora", "full")
+# learning rates tried per trained method, the kept one best on dev (ties keep the first);
+# prompt tuning starts at TrainConfig's default (measured, docs/tuning.md); LoRA and full
+# fine-tuning bracket the usual values for small decoder models
+COMPARE_LR_SWEEP = {
+    "prompt-tuning": tuple(dict.fromkeys((TrainConfig.lr, 0.1, 0.3))),
+    "lora": (1e-3, 3e-4, 3e-3),
+    "full": (3e-5, 1e-5, 1e-4),
+}
+# can one forward serve rows of different tasks (in this implementation)?
+COMPARE_MIXED_BATCH = {
+    "zero-shot": True,
+    "few-shot": True,
+    "prompt-tuning": True,
+    "lora": False,
+    "full": False,
+}
+
+
+@dataclass(frozen=True)
+class CompareConfig(_JsonMixin):
+    methods: tuple[str, ...] = COMPARE_METHODS  # which methods, in this order
+    train_sizes: tuple[int | None, ...] = (None,)  # examples per run; None = the pool
+    seeds: tuple[int, ...] = (0,)  # run seeds: training set, batch order, init, demos
+    lr_sweep: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(COMPARE_LR_SWEEP))
+    budget: int | None = None  # optimiser steps per training run; None = epochs, >= min_steps
+    min_steps: int = 50  # small training sets still get this many steps (more epochs)
+    eval_limit: int | None = 200  # dev rows (seeded sample): early stopping, lr, template
+    test_limit: int | None = None  # test rows (seeded sample); None = the whole test set
+    dev_fraction: float = 0.1  # share of train carved out as dev when there is no dev file
+    data_seed: int = 0  # seeds dev/test carving and sampling (fixed across run seeds)
+    few_shot_tokens: int = 1024  # context for demonstrations + query (capped by the model)
+    few_shot_max_k: int = 32  # at most this many demonstrations
+    latency_requests: int = 20  # single requests timed for the latency figure
+    serve_tasks: int = 10  # K in "bytes to serve K tasks"
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in COMPARE_METHODS]
+        if bad or not self.methods:
+            raise UserError(
+                f"--methods: unknown {', '.join(bad) or '(none given)'}; "
+                f"choose from {', '.join(COMPARE_METHODS)}"
+            )
+        if not self.train_sizes or any(n is not None and n <= 0 for n in self.train_sizes):
+            raise UserError("--train-sizes must be positive integers or 'all'")
+        if not self.seeds:
+            raise UserError("--seeds needs at least one seed")
+        for m in COMPARE_TRAINED:
+            if m in self.methods and not self.lr_sweep.get(m):
+                raise UserError(f"no learning rate to try for {m}")
+        for name in ("budget", "eval_limit", "test_limit", "latency_requests", "serve_tasks"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+
+
+@dataclass(frozen=True)
+class MultitaskConfig(_JsonMixin):
+    tasks: tuple[str, ...] = ()  # task recipes (names under tasks/ or .json files), >= 2
+    per_task: int | None = 256  # training examples per task (seeded sample); None = all of them
+    eval_per_task: int = 64  # dev rows per task; the mean dev accuracy picks the kept epoch
+
+    def __post_init__(self) -> None:
+        if len(self.tasks) < 2:
+            raise UserError(f"--tasks needs at least two tasks, got {len(self.tasks)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise UserError("--tasks lists a task twice")
+        if self.per_task is not None and self.per_task <= 0 or self.eval_per_task <= 0:
+            raise UserError("--per-task and --eval-per-task must be positive")
+
+
+CONTINUAL_METHODS = ("prompt", "progressive", "full")
+
+
+@dataclass(frozen=True)
+class ContinualConfig(_JsonMixin):
+    tasks: tuple[str, ...] = ()  # the task sequence (recipes), >= 2
+    methods: tuple[str, ...] = ("prompt", "full")  # from CONTINUAL_METHODS
+    per_task: int | None = 256  # training rows per task (seeded sample); None = all
+    test_per_task: int | None = 200  # test rows per task (seeded sample); None = all
+    steps: int = 32  # optimiser steps per stage, every method
+    lr_full: float = 3e-5  # full fine-tuning's lr (prompts use TrainConfig.lr)
+
+    def __post_init__(self) -> None:
+        if len(self.tasks) < 2 or len(set(self.tasks)) != len(self.tasks):
+            raise UserError("--tasks needs at least two different tasks")
+        bad = [m for m in self.methods if m not in CONTINUAL_METHODS]
+        if bad or not self.methods:
+            raise UserError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(CONTINUAL_METHODS)}")
+        if self.steps <= 0 or (self.per_task is not None and self.per_task <= 0):
+            raise UserError("--steps and --per-task must be positive")
+
+
+@dataclass(frozen=True)
+class InspectConfig(_JsonMixin):
+    top_k: int = 5  # nearest vocabulary tokens per virtual token
+    eval_limit: int = 64  # evaluation rows for token importance
+    importance: bool = True  # the ablation of each virtual token (needs the prompt's task data)
+
+    def __post_init__(self) -> None:
+        _check(self.top_k > 0 and self.eval_limit > 0, "--top-k and --eval-limit must be positive")
+
+
 def home() -> Path:
     """Root of caches and the prompt store: ``$SOFTPROMPT_HOME`` or ``~/.cache/softprompt``."""
     return Path(os.environ.get("SOFTPROMPT_HOME", Path.home() / ".cache" / "softprompt"))
@@ -147,16 +331,3 @@ def parse_verbalizer(text: str | None) -> dict[str, str] | None:
         _check(bool(sep and key.strip() and word.strip()), f"bad --verbalizer entry {part!r}; expected LABEL=WORD")
         out[key.strip()] = word.strip()
     return out
-
-
-__all__ = [
-    "DataConfig",
-    "GenerateConfig",
-    "PromptConfig",
-    "TrainConfig",
-    "UserError",
-    "data_root",
-    "field",
-    "home",
-    "parse_verbalizer",
-]

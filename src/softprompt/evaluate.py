@@ -19,12 +19,11 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from softprompt import data as D
-from softprompt.config import DataConfig, GenerateConfig, UserError
+from softprompt.config import DataConfig, EvalConfig, GenerateConfig, UserError
 
 log = logging.getLogger(__name__)
 
@@ -105,25 +104,6 @@ def loss_metrics(mean_loss: float) -> dict:
 
 
 # ---------------------------------------------------------------- evaluation through the engine
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    prompts: tuple[str, ...] = ()  # stored prompt names; () = the plain model; several = ensemble
-    task: str | None = None  # a task recipe (tasks/*.json); its split is evaluated
-    split: str = "test"  # eval | test: which split of the recipe
-    limit: int | None = None  # evaluate only the first K examples
-    length_normalize: bool = False  # divide each label's log-likelihood by its token count
-    batch_size: int = 32  # rows per forward
-    max_new_tokens: int = 32  # exact match: generation budget per example (capped at target + 4)
-
-    def __post_init__(self) -> None:
-        if self.split not in ("eval", "test"):
-            raise UserError(f"--split must be eval or test, got {self.split!r}")
-        if self.limit is not None and self.limit <= 0:
-            raise UserError(f"--limit must be positive, got {self.limit}")
-        if self.batch_size <= 0 or self.max_new_tokens <= 0:
-            raise UserError("--batch-size and --max-new-tokens must be positive")
 
 
 META_FIELDS = ("template", "target_column", "verbalizer", "text_column")

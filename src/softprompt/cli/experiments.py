@@ -1,52 +1,149 @@
-"""Command line for many tasks over time: ``train-multitask``, ``continual``, ``inspect``.
+"""The experiment commands: ``compare``, ``train-multitask``, ``continual``, ``inspect``.
 
-Same rules as ``cli.py``: each command parses, builds configs, calls ONE library function and
-prints. Kept apart from ``cli.py`` so that each file stays readable top to bottom.
+Same rules as ``commands.py``: each command parses, builds configs from the flags (defaults in
+``config.py``), calls ONE library function and prints.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
-from softprompt.cli import _default, add_model_args
-from softprompt.config import PromptConfig, TrainConfig, UserError
+from softprompt.cli.flags import (
+    add_data_flags,
+    add_flags,
+    add_model_flags,
+    add_prompt_train_flags,
+    command_line,
+    data_config,
+    from_args,
+    names,
+    prompt_train_configs,
+)
+from softprompt.config import (
+    CompareConfig,
+    ContinualConfig,
+    InspectConfig,
+    MultitaskConfig,
+    PromptConfig,
+    TrainConfig,
+    UserError,
+)
+
+# ---------------------------------------------------------------- compare
+
+COMPARE_DATA = ("path", "eval_path", "template", "target_column", "verbalizer", "max_length", "limit")
 
 
-def _names(text: str, what: str) -> tuple[str, ...]:
-    out = tuple(t.strip() for t in text.split(",") if t.strip())
-    if not out:
-        raise UserError(f"{what} needs a comma-separated list")
-    return out
+def add_compare_parser(sub) -> None:
+    c = sub.add_parser("compare", help="compare hand-written prompts, prompt tuning, LoRA and full fine-tuning")
+    add_model_flags(c)
+    add_data_flags(c, COMPARE_DATA, "data (a classification task)",
+                   helps={"path": "training file (.csv, .tsv, .jsonl or '<label> <text>' lines); dev is carved from it",
+                          "eval_path": "test file for --data (default: a seeded 20% carved from --data)"})
+    r = c.add_argument_group("comparison")
+    add_flags(r, CompareConfig, skip=("lr_sweep",))
+    sweep = CompareConfig().lr_sweep
+    r.add_argument("--lr", action="append", metavar="METHOD=LR[/LR...]", help="learning rates to sweep for a method (repeatable); "
+                   + "; ".join(f"{k} {'/'.join(f'{v:g}' for v in vs)}" for k, vs in sweep.items()) + " by default")
+    add_flags(r, TrainConfig, only=("epochs",), helps={"epochs": "epochs per run without --budget"})
+    add_flags(r, PromptConfig, only=("num_virtual_tokens", "init"))
+    r.add_argument("--quick", action="store_true", help="smoke test: one lr per method, 3 steps, a few rows")
+    o = c.add_argument_group("output")
+    o.add_argument("--out", default="compare-results", help="folder for compare_<tag>.json/.md/.png (default %(default)s)")
+    o.add_argument("--tag", help="result name (default: the task or data file name)")
+    o.add_argument("--notes", help="a Markdown file with a hand-written reading of the numbers, put into the report")
+    o.add_argument("--report", help="no runs: render result JSON files (comma list) into <out>/comparison.md and plots")
+    o.add_argument("--quiet", action="store_true", help="no progress display")
+    o.add_argument("--resume", action="store_true", help="continue an interrupted comparison: runs already "
+                   "finished (recorded in <out>/compare_<tag>.runs.jsonl) are not run again")
+    c.set_defaults(func=cmd_compare, text_column=None, parser=c)
 
 
-def _train_flags(p, lr: float | None = None) -> None:
-    g = p.add_argument_group("prompt and training")
-    g.add_argument("--num-virtual-tokens", type=int, default=_default(PromptConfig, "num_virtual_tokens"), help="N (default %(default)s)")
-    g.add_argument("--init", default="vocab", help="random | text | vocab | prompt:NAME (default %(default)s)")
-    g.add_argument("--init-text", help="text for --init text")
-    for name in ("lr", "epochs", "steps", "batch_size", "seed", "patience"):
-        default = lr if (name == "lr" and lr is not None) else _default(TrainConfig, name)
-        g.add_argument("--" + name.replace("_", "-"), type=float if name == "lr" else int, default=default, help=f"(default {default})")
-    g.add_argument("--quiet", action="store_true", help="no progress display")
+def compare_config(a) -> CompareConfig:
+    from softprompt.experiments.compare import quick
+
+    sweep = dict(CompareConfig().lr_sweep)
+    for item in a.lr or []:
+        method, sep, lrs = item.partition("=")
+        try:
+            sweep[method.strip()] = tuple(float(x) for x in lrs.split("/"))
+        except ValueError:
+            raise UserError(f"--lr {item!r}: expected METHOD=LR[/LR...], e.g. lora=1e-3/3e-4") from None
+        if not sep or method.strip() not in sweep:
+            raise UserError(f"--lr {item!r}: METHOD must be one of {', '.join(sweep)}")
+    cfg = from_args(CompareConfig, a, lr_sweep=sweep)
+    return quick(cfg) if a.quick else cfg
 
 
-def _configs(a) -> tuple[PromptConfig, TrainConfig]:
-    pcfg = PromptConfig(num_virtual_tokens=a.num_virtual_tokens, init=a.init, init_text=a.init_text)
-    tcfg = TrainConfig(lr=a.lr, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, seed=a.seed, patience=a.patience)
-    return pcfg, tcfg
+def cmd_compare(a) -> int:
+    from softprompt import models
+    from softprompt.experiments import compare, compare_report
+    from softprompt.provenance import write_json
+
+    notes = None
+    if a.notes:
+        if not os.path.isfile(a.notes):
+            raise UserError(f"--notes: no such file {a.notes}")
+        notes = open(a.notes, encoding="utf-8").read()
+    out, command = Path(a.out), command_line(a)
+    if a.report:
+        docs = [compare_report.read_json(p.strip()) for p in a.report.split(",") if p.strip()]
+        print(f"wrote {compare_report.write_report(docs, out, 'comparison', command, notes)}")
+        return 0
+    ccfg = compare_config(a)
+    dcfg = data_config(a)
+    if dcfg.verbalizer is None and not a.task:
+        raise UserError("compare needs a classification task: give --verbalizer (and --template, --target-column)")
+    tcfg, pcfg = from_args(TrainConfig, a, ("epochs",)), from_args(PromptConfig, a, ("num_virtual_tokens", "init"))
+
+    def say(msg: str) -> None:
+        if not a.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    lm = models.load(a.model)
+    tag = a.tag or compare_report.task_name(a.task, dcfg)
+    journal = out / f"compare_{tag}.runs.jsonl"
+    doc = compare.run(lm, dcfg, a.task, ccfg, tcfg, pcfg, progress=not a.quiet, say=say, journal=journal, resume=a.resume)
+    doc["tag"], doc["command"] = tag, command
+    path = write_json(doc, out / f"compare_{tag}.json")
+    journal.unlink()  # the result is written: the finished runs are in it
+    md = compare_report.write_report([doc], out, f"compare_{tag}", command, notes)
+    print("\n".join(compare_report.table(doc)))
+    print(f"wrote {path} and {md}")
+    return 0
 
 
 # ---------------------------------------------------------------- train-multitask
+
+MANY_TASK_TRAIN = ("lr", "epochs", "steps", "batch_size", "seed", "patience")
+
+
+def _all_if_zero(v: int | None) -> int | None:
+    return None if v == 0 else v
+
+
+def add_multitask_parser(sub) -> None:
+    m = sub.add_parser("train-multitask", help="one shared prompt + a rank-one modulation per task, mixed-task batches")
+    add_model_flags(m)
+    add_flags(m, MultitaskConfig, helps={"per_task": "training rows per task, seeded sample; 0 = all"})
+    m.add_argument("--name", default="multitask", help="store name of the shared prompt; tasks get NAME-TASK (default %(default)s)")
+    m.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint of --name")
+    add_prompt_train_flags(m, MANY_TASK_TRAIN)
+    m.set_defaults(func=cmd_train_multitask)
 
 
 def cmd_train_multitask(a) -> int:
     from softprompt import models
     from softprompt.training import multitask as MT
 
-    mcfg = MT.MultitaskConfig(tasks=_names(a.tasks, "--tasks"), per_task=None if a.per_task == 0 else a.per_task,
-                              eval_per_task=a.eval_per_task)
-    pcfg, tcfg = _configs(a)
+    if not a.tasks:
+        raise UserError("train-multitask needs --tasks A,B,...")
+    extra = {"per_task": _all_if_zero(a.per_task)} if a.per_task is not None else {}
+    mcfg = from_args(MultitaskConfig, a, **extra)
+    pcfg, tcfg = prompt_train_configs(a)
     res = MT.train_multitask(models.load(a.model), mcfg, pcfg, tcfg, a.name, resume=a.resume, progress=not a.quiet)
     print(f"\nmultitask   {', '.join(res.tasks)}  ({sum(res.n_train.values())} training rows, mixed batches)")
     print(f"training    {len(res.fit.history)} steps in {res.fit.train_time_s:.1f}s, {res.fit.stopped}")
@@ -59,82 +156,38 @@ def cmd_train_multitask(a) -> int:
     return 0
 
 
-def add_multitask_parser(sub) -> None:
-    m = sub.add_parser("train-multitask", help="one shared prompt + a rank-one modulation per task, mixed-task batches")
-    add_model_args(m)
-    m.add_argument("--tasks", required=True, help="comma list of task recipes, e.g. sst2,trec,agnews")
-    m.add_argument("--name", default="multitask", help="store name of the shared prompt; tasks get NAME-TASK (default %(default)s)")
-    m.add_argument("--per-task", type=int, default=256, help="training rows per task, seeded sample; 0 = all (default %(default)s)")
-    m.add_argument("--eval-per-task", type=int, default=64, help="dev rows per task (default %(default)s)")
-    m.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint of --name")
-    _train_flags(m)
-    m.set_defaults(func=cmd_train_multitask)
-
-
-# ---------------------------------------------------------------- inspect
-
-
-def cmd_inspect(a) -> int:
-    from softprompt import models
-    from softprompt.experiments import interpret as I
-
-    against = list(_names(a.against, "--against")) if a.against else None
-    report = I.inspect_prompt(models.load(a.model), a.name, against, a.top_k, a.eval_limit, not a.no_importance)
-    print("\n".join(I.table(report)))
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        if "similarity" in report:
-            report["similarity"]["png"] = str(I.heatmap(report["similarity"]["names"], report["similarity"]["matrix"],
-                                                        out / f"inspect_{a.name}.png"))
-        path = out / f"inspect_{a.name}.json"
-        path.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"\nwrote {path}")
-    return 0
-
-
-def add_inspect_parser(sub) -> None:
-    i = sub.add_parser("inspect", help="look inside a stored prompt: nearest tokens, norms, similarity, token importance")
-    add_model_args(i)
-    i.add_argument("name", help="stored prompt")
-    i.add_argument("--against", help="comma list of other stored prompts to compare with (similarity matrix)")
-    i.add_argument("--top-k", type=int, default=5, help="nearest vocabulary tokens per virtual token (default %(default)s)")
-    i.add_argument("--eval-limit", type=int, default=64, help="evaluation rows for token importance (default %(default)s)")
-    i.add_argument("--no-importance", action="store_true", help="skip the ablation (needs no data)")
-    i.add_argument("--out", help="folder for inspect_NAME.json and, with --against, inspect_NAME.png")
-    i.set_defaults(func=cmd_inspect)
-
-
-def add_parsers(sub) -> None:
-    """Register this module's subcommands on ``sub`` (argparse sub-parsers)."""
-    add_multitask_parser(sub)
-    add_continual_parser(sub)
-    add_inspect_parser(sub)
-
-
 # ---------------------------------------------------------------- continual
+
+
+def add_continual_parser(sub) -> None:
+    c = sub.add_parser("continual", help="learn tasks one after another; accuracy matrix and forgetting per method")
+    add_model_flags(c)
+    add_flags(c, ContinualConfig, rename={"steps": "stage-steps"},
+              helps={"per_task": "training rows per task; 0 = all", "test_per_task": "test rows per task; 0 = all"})
+    c.add_argument("--report", metavar="FILE", help="no runs: write the Markdown and plot again from a continual_*.json")
+    c.add_argument("--out", default="continual-results", help="folder for continual_TAG.json/.md/.png (default %(default)s)")
+    c.add_argument("--tag", default="run", help="result name (default %(default)s)")
+    add_prompt_train_flags(c, tuple(f for f in MANY_TASK_TRAIN if f != "steps"))
+    c.set_defaults(func=cmd_continual, parser=c)
 
 
 def cmd_continual(a) -> int:
     from softprompt import models
-    from softprompt.cli import _command_line
     from softprompt.experiments import continual as C
+    from softprompt.provenance import write_json
 
     if a.report:
         return _continual_report(Path(a.report))
     if not a.tasks:
         raise UserError("continual needs --tasks A,B,... (or --report FILE to re-render a result)")
-    ccfg = C.ContinualConfig(tasks=_names(a.tasks, "--tasks"), methods=_names(a.methods, "--methods"),
-                             per_task=None if a.per_task == 0 else a.per_task,
-                             test_per_task=None if a.test_per_task == 0 else a.test_per_task,
-                             steps=a.stage_steps, lr_full=a.lr_full)
-    pcfg, tcfg = _configs(a)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    extra = {k: _all_if_zero(getattr(a, k)) for k in ("per_task", "test_per_task") if getattr(a, k) is not None}
+    ccfg = from_args(ContinualConfig, a, **extra)
+    pcfg = from_args(PromptConfig, a, ("num_virtual_tokens", "init", "init_text"))
+    tcfg = from_args(TrainConfig, a, ("lr", "epochs", "batch_size", "seed", "patience"))
     doc = C.run(models.load(a.model), ccfg, pcfg, tcfg, say=(lambda m: None) if a.quiet else print)
-    doc["command"] = _command_line(a)
-    stem = out / f"continual_{a.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    doc["command"] = command_line(a)
+    stem = Path(a.out) / f"continual_{a.tag}"
+    write_json(doc, stem.with_suffix(".json"))
     return _continual_write(doc, stem)
 
 
@@ -150,6 +203,7 @@ def _continual_report(path: Path) -> int:
 
 def _continual_write(doc: dict, stem: Path) -> int:
     from softprompt.experiments import continual as C
+    from softprompt.provenance import atomic_write
 
     md = C.markdown(doc, doc["command"])
     try:
@@ -157,26 +211,47 @@ def _continual_write(doc: dict, stem: Path) -> int:
         md += f"\n![accuracy per task across stages]({stem.name}.png)\n"
     except ImportError:
         print("(no plot: pip install 'softprompt[plots]')")
-    stem.with_suffix(".md").write_text(md)
+    atomic_write(stem.with_suffix(".md"), md)
     print("\n" + md)
     print(f"wrote {stem}.json, .md and .png")
     return 0
 
 
-def add_continual_parser(sub) -> None:
-    from softprompt.experiments.continual import METHODS, ContinualConfig
+# ---------------------------------------------------------------- inspect
 
-    d = {k: _default(ContinualConfig, k) for k in ("methods", "per_task", "test_per_task", "steps", "lr_full")}
-    c = sub.add_parser("continual", help="learn tasks one after another; accuracy matrix and forgetting per method")
-    add_model_args(c)
-    c.add_argument("--tasks", help="comma list of task recipes in learning order, e.g. sst2,trec,subj,agnews,cr")
-    c.add_argument("--report", metavar="FILE", help="no runs: write the Markdown and plot again from a continual_*.json")
-    c.add_argument("--methods", default=",".join(d["methods"]), help=f"comma list from {','.join(METHODS)} (default %(default)s)")
-    c.add_argument("--per-task", type=int, default=d["per_task"], help="training rows per task; 0 = all (default %(default)s)")
-    c.add_argument("--test-per-task", type=int, default=d["test_per_task"], help="test rows per task; 0 = all (default %(default)s)")
-    c.add_argument("--stage-steps", type=int, default=d["steps"], help="optimiser steps per stage (default %(default)s)")
-    c.add_argument("--lr-full", type=float, default=d["lr_full"], help="full fine-tuning lr (default %(default)s)")
-    c.add_argument("--out", default="continual-results", help="folder for continual_TAG.json/.md/.png (default %(default)s)")
-    c.add_argument("--tag", default="run", help="result name (default %(default)s)")
-    _train_flags(c)
-    c.set_defaults(func=cmd_continual, compare_parser=c)  # compare_parser: what _command_line reads
+
+def add_inspect_parser(sub) -> None:
+    i = sub.add_parser("inspect", help="look inside a stored prompt: nearest tokens, norms, similarity, token importance")
+    add_model_flags(i)
+    i.add_argument("name", help="stored prompt")
+    i.add_argument("--against", help="comma list of other stored prompts to compare with (similarity matrix)")
+    add_flags(i, InspectConfig)
+    i.add_argument("--out", help="folder for inspect_NAME.json and, with --against, inspect_NAME.png")
+    i.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(a) -> int:
+    from softprompt import models
+    from softprompt.experiments import interpret as I
+    from softprompt.provenance import write_json
+
+    cfg = from_args(InspectConfig, a)
+    against = list(names(a.against, "--against")) if a.against else None
+    report = I.inspect_prompt(models.load(a.model), a.name, against, cfg.top_k, cfg.eval_limit, cfg.importance)
+    print("\n".join(I.table(report)))
+    if a.out:
+        out = Path(a.out)
+        if "similarity" in report:
+            out.mkdir(parents=True, exist_ok=True)
+            report["similarity"]["png"] = str(I.heatmap(report["similarity"]["names"], report["similarity"]["matrix"],
+                                                        out / f"inspect_{a.name}.png"))
+        print(f"\nwrote {write_json(report, out / f'inspect_{a.name}.json')}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Register this module's subcommands on ``sub`` (argparse sub-parsers)."""
+    add_compare_parser(sub)
+    add_multitask_parser(sub)
+    add_continual_parser(sub)
+    add_inspect_parser(sub)

@@ -8,7 +8,6 @@ run uses the project's recommended settings so the difference is visible.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from softprompt.config import (
@@ -63,12 +62,10 @@ def _tune(lm, data, prompt_cfg, train_cfg, name, print_fn):
     return res
 
 
-def run(data_root: str | None = None, print_fn=print, recommended: bool = True) -> dict:
+def run(print_fn=print, recommended: bool = True) -> dict:
     from softprompt import models
     from softprompt.inference import engine
 
-    if data_root:
-        os.environ["SOFTPROMPT_DATA"] = data_root
     data = walkthrough_data()
     lm = models.load(None)
     print_fn(f"model {lm.name}: {sum(p.numel() for p in lm.model.parameters()):,} frozen parameters ({lm.path})")

@@ -30,66 +30,23 @@ from pathlib import Path
 import torch
 
 from softprompt import evaluate as E
-from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError, _JsonMixin
+from softprompt.config import (
+    COMPARE_MIXED_BATCH as MIXED_BATCH,
+)
+from softprompt.config import (
+    COMPARE_TRAINED as TRAINED,
+)
+from softprompt.config import (
+    CompareConfig,
+    DataConfig,
+    PromptConfig,
+    TrainConfig,
+    UserError,
+)
 from softprompt.experiments import compare_data as CD
 from softprompt.training import methods as M
 from softprompt.training import tune as TR
-
-METHODS = ("zero-shot", "few-shot", "prompt-tuning", "lora", "full")
-TRAINED = ("prompt-tuning", "lora", "full")
-# learning rates tried per trained method, the kept one best on dev (ties keep the first);
-# prompt tuning starts at TrainConfig's default (measured, docs/tuning.md); LoRA and full
-# fine-tuning bracket the usual values for small decoder models
-LR_SWEEP = {
-    "prompt-tuning": tuple(dict.fromkeys((TrainConfig().lr, 0.1, 0.3))),
-    "lora": (1e-3, 3e-4, 3e-3),
-    "full": (3e-5, 1e-5, 1e-4),
-}
-# can one forward serve rows of different tasks (in this implementation)?
-MIXED_BATCH = {
-    "zero-shot": True,
-    "few-shot": True,
-    "prompt-tuning": True,
-    "lora": False,
-    "full": False,
-}
-
-
-@dataclass(frozen=True)
-class CompareConfig(_JsonMixin):
-    methods: tuple[str, ...] = METHODS  # which methods, in this order
-    train_sizes: tuple[int | None, ...] = (None,)  # examples per run; None = the pool
-    seeds: tuple[int, ...] = (0,)  # run seeds: training set, batch order, init, demos
-    lr_sweep: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(LR_SWEEP))
-    budget: int | None = None  # optimiser steps per training run; None = epochs, >= min_steps
-    min_steps: int = 50  # small training sets still get this many steps (more epochs)
-    eval_limit: int | None = 200  # dev rows (seeded sample): early stopping, lr, template
-    test_limit: int | None = None  # test rows (seeded sample); None = the whole test set
-    dev_fraction: float = 0.1  # share of train carved out as dev when there is no dev file
-    data_seed: int = 0  # seeds dev/test carving and sampling (fixed across run seeds)
-    few_shot_tokens: int = 1024  # context for demonstrations + query (capped by the model)
-    few_shot_max_k: int = 32  # at most this many demonstrations
-    latency_requests: int = 20  # single requests timed for the latency figure
-    serve_tasks: int = 10  # K in "bytes to serve K tasks"
-
-    def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise UserError(
-                f"--methods: unknown {', '.join(bad) or '(none given)'}; "
-                f"choose from {', '.join(METHODS)}"
-            )
-        if not self.train_sizes or any(n is not None and n <= 0 for n in self.train_sizes):
-            raise UserError("--train-sizes must be positive integers or 'all'")
-        if not self.seeds:
-            raise UserError("--seeds needs at least one seed")
-        for m in TRAINED:
-            if m in self.methods and not self.lr_sweep.get(m):
-                raise UserError(f"no learning rate to try for {m}")
-        for name in ("budget", "eval_limit", "test_limit", "latency_requests", "serve_tasks"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+from softprompt.training.loop import fit, plan_steps
 
 
 def quick(cfg: CompareConfig) -> CompareConfig:
@@ -278,35 +235,17 @@ def make_method(ctx: Context, method: str, seed: int):
     torch.manual_seed(seed)
     if method == "prompt-tuning":
         prompt = TR.initial_prompt(ctx.lm, ctx.pcfg, ctx.splits.cfg, seed)
-        return TR.PromptMethod(ctx.lm.model, prompt, fast=ctx.tcfg.fast_forward)
+        return M.PromptMethod(ctx.lm.model, prompt, fast=ctx.tcfg.fast_forward)
     if method == "lora":
         return M.LoraMethod(ctx.lm.model)
     return M.FullMethod(ctx.lm.model)
-
-
-def trainable(method) -> int:
-    if isinstance(method, TR.PromptMethod):
-        return method.prompt.numel()  # N * H
-    return method.trainable_parameters()
-
-
-def save_task(ctx: Context, method, tmp: Path) -> int:
-    """Bytes of the real saved artifact of one task: prompt / adapter / model weights file."""
-    if isinstance(method, TR.PromptMethod):
-        from softprompt import store
-
-        d = store.save_prompt(
-            tmp / "prompt", method.prompt.detach(), {}, str(ctx.lm.path), ctx.lm.model.config
-        )
-        return (d / "adapter_model.safetensors").stat().st_size
-    return method.save(tmp / "artifact")
 
 
 def steps_for(ctx: Context, n_train: int) -> int:
     if ctx.ccfg.budget:
         return ctx.ccfg.budget
     n_batches = -(-n_train // ctx.tcfg.batch_size)
-    return max(TR.plan_steps(n_batches, ctx.tcfg)[0], ctx.ccfg.min_steps)
+    return max(plan_steps(n_batches, ctx.tcfg)[0], ctx.ccfg.min_steps)
 
 
 def sweep_lr(ctx: Context, method: str, train, seed: int):
@@ -320,7 +259,7 @@ def sweep_lr(ctx: Context, method: str, train, seed: int):
         m = make_method(ctx, method, seed)
         ev = TR.make_evaluator(m, ctx.lm.tokenizer, dev, ctx.splits.cfg, cfg, ctx.pad)
         with PeakMemory() as mem:
-            res = TR.fit(m, train, cfg, ctx.pad, ev, progress=ctx.progress)
+            res = fit(m, train, cfg, ctx.pad, ev, progress=ctx.progress)
         score = res.best["score"] if res.best else -res.final_train_loss
         row = {
             "lr": lr,
@@ -348,7 +287,7 @@ def run_trained(ctx: Context, method: str, train, seed: int) -> dict:
     m, row, rows = sweep_lr(ctx, method, train, seed)
     res = ctx.accuracy(m.score, test, ctx.splits.cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        task_bytes = save_task(ctx, m, Path(tmp))
+        task_bytes = m.save(Path(tmp) / "artifact")  # bytes of the real saved artifact of one task
     out = {
         "template": ctx.splits.cfg.template,
         "n_train": len(train),
@@ -357,7 +296,7 @@ def run_trained(ctx: Context, method: str, train, seed: int) -> dict:
         "test_accuracy": res["accuracy"],
         "confusion": res["confusion"],
         "dev_accuracy": row["dev_accuracy"],
-        "trainable_params": trainable(m),
+        "trainable_params": m.trainable_parameters(),
         "task_bytes": task_bytes,
         "train_time_s": row["train_time_s"],
         "sweep_time_s": sum(r["train_time_s"] for r in rows),

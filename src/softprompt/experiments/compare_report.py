@@ -10,19 +10,20 @@ extra (``softprompt[plots]``), imported only to draw.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
-import subprocess
-import time
 from pathlib import Path
 
-import torch
-
 from softprompt.config import UserError
+from softprompt.provenance import (
+    atomic_write,
+    git_revision,
+    machine,
+    pyplot,
+    stamp,
+    versions,
+)
 
 SCHEMA = "softprompt.experiments.compare/1"
-REPO = Path(__file__).resolve().parent  # git runs here: the checkout, if any, that holds this file
 PLOTS = (
     ("params", "accuracy vs trainable parameters"),
     ("time", "accuracy vs training time"),
@@ -67,42 +68,6 @@ How each column is measured:
 
 
 # ---------------------------------------------------------------- the document
-
-
-def git_revision() -> dict:
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(
-                ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "revision": git("rev-parse", "HEAD"),
-        "dirty": bool(status) if status is not None else None,
-    }
-
-
-def versions() -> dict:
-    import transformers
-
-    from softprompt import __version__
-
-    out = {
-        "softprompt": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        import peft
-
-        out["peft"] = peft.__version__
-    except ImportError:
-        pass
-    return out
 
 
 def targets(summary: list[dict], total_s: float) -> list[dict]:
@@ -154,20 +119,13 @@ def document(
     from softprompt.training.methods import unique_parameters
 
     summary, lm, cfg = summarize(runs), ctx.lm, ctx.splits.cfg
-    loadavg = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "schema": SCHEMA,
         "task": task_name(task, cfg),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": stamp(),
         "git": git_revision(),
         "versions": versions(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "loadavg_start": load_start,
-            "loadavg_end": loadavg,
-        },
+        "machine": machine(loadavg_start=load_start),
         "model": {
             "name": lm.name,
             "fingerprint": lm.fingerprint,
@@ -228,14 +186,6 @@ def summarize(runs: list[dict]) -> list[dict]:
                 row[key] = statistics.mean(vals)
         out.append(row)
     return out
-
-
-def write_json(doc: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)  # never a half-written result
-    return path
 
 
 def read_json(path: str | Path) -> dict:
@@ -391,13 +341,7 @@ def _x(r: dict, kind: str) -> float:
 
 def plot(docs: list[dict], out: Path, stem: str) -> list[tuple[str, str]]:
     """Three PNGs (one panel per task); [(file name, title)]."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plots need matplotlib: pip install 'softprompt[plots]'") from None
+    plt = pyplot()
     made = []
     cols = min(3, len(docs))  # panels wrap after three tasks
     rows = -(-len(docs) // cols)
@@ -468,8 +412,4 @@ def write_report(
     """``out/<stem>.md`` and ``out/<stem>_{params,time,size}.png``, from result documents only."""
     out.mkdir(parents=True, exist_ok=True)
     plots = plot(docs, out, stem)
-    path = out / f"{stem}.md"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(markdown(docs, command, notes, plots))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(out / f"{stem}.md", markdown(docs, command, notes, plots))

@@ -23,58 +23,22 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from softprompt.config import PromptConfig, TrainConfig, UserError, _JsonMixin
-from softprompt.forward import prompt_loss, sequence_logprobs
+from softprompt.config import (
+    CONTINUAL_METHODS,
+    ContinualConfig,
+    PromptConfig,
+    TrainConfig,
+)
+from softprompt.forward import sequence_logprobs
 from softprompt.training import methods as M
 from softprompt.training import multitask as MT
 from softprompt.training import tune as TR
+from softprompt.training.loop import fit
+from softprompt.training.methods import ProgressiveMethod
 
 log = logging.getLogger(__name__)
 
-METHODS = ("prompt", "progressive", "full")
-
-
-@dataclass(frozen=True)
-class ContinualConfig(_JsonMixin):
-    tasks: tuple[str, ...] = ()  # the task sequence (recipes), >= 2
-    methods: tuple[str, ...] = ("prompt", "full")  # from METHODS
-    per_task: int | None = 256  # training rows per task (seeded sample); None = all
-    test_per_task: int | None = 200  # test rows per task (seeded sample); None = all
-    steps: int = 32  # optimiser steps per stage, every method
-    lr_full: float = 3e-5  # full fine-tuning's lr (prompts use TrainConfig.lr)
-
-    def __post_init__(self) -> None:
-        if len(self.tasks) < 2 or len(set(self.tasks)) != len(self.tasks):
-            raise UserError("--tasks needs at least two different tasks")
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise UserError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(METHODS)}")
-        if self.steps <= 0 or (self.per_task is not None and self.per_task <= 0):
-            raise UserError("--steps and --per-task must be positive")
-
-
-class ProgressiveMethod:
-    """Trainable: the new task's prompt (N, H), placed after the frozen earlier prompts (M, H)."""
-
-    def __init__(self, model, frozen: torch.Tensor | None, new: torch.Tensor):
-        self.model, self.frozen = model, frozen
-        self.prompt = torch.nn.Parameter(new.detach().clone().float())
-
-    def full_prompt(self) -> torch.Tensor:
-        return self.prompt if self.frozen is None else torch.cat([self.frozen, self.prompt])  # (M+N, H)
-
-    def parameters(self):
-        return [self.prompt]
-
-    def loss(self, batch):
-        return prompt_loss(self.model, self.full_prompt(), batch)
-
-    def state(self):
-        return {"prompt": self.prompt.detach().clone()}
-
-    def load_state(self, state):
-        with torch.no_grad():
-            self.prompt.copy_(state["prompt"])
+METHODS = CONTINUAL_METHODS
 
 
 @dataclass
@@ -103,7 +67,7 @@ class _Learner:
             init = TR.initial_prompt(self.lm, self.pcfg, task.data.cfg, self.tcfg.seed + i)
             frozen = self.prompts[-1] if (self.kind == "progressive" and self.prompts) else None
             method = ProgressiveMethod(self.lm.model, frozen, init)
-        res = TR.fit(method, task.data.train, cfg, self.lm.tokenizer.pad_token_id, None, progress=False)
+        res = fit(method, task.data.train, cfg, self.lm.tokenizer.pad_token_id, None, progress=False)
         method.load_state(res.state)
         if self.full is None:
             self.prompts.append(method.full_prompt().detach().clone())
@@ -190,17 +154,10 @@ def run(lm, ccfg: ContinualConfig, pcfg: PromptConfig, tcfg: TrainConfig, say=lo
 
 def provenance(lm) -> dict:
     """Revision, versions, machine and model: what every result document records."""
-    import os
-    import platform
+    from softprompt.provenance import git_revision, machine, stamp, versions
 
-    from softprompt.experiments.compare_report import git_revision, versions
-
-    return {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git": git_revision(), "versions": versions(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
-        "model": {"name": lm.name, "fingerprint": lm.fingerprint},
-    }
+    return {"created": stamp(), "git": git_revision(), "versions": versions(), "machine": machine(),
+            "model": {"name": lm.name, "fingerprint": lm.fingerprint}}
 
 
 # ---------------------------------------------------------------- report
@@ -244,11 +201,9 @@ def markdown(doc: dict, command: str) -> str:
 
 def plot(doc: dict, path) -> None:
     """Accuracy of every task across stages, one panel per method."""
-    import matplotlib
+    from softprompt.provenance import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tasks, res = doc["tasks"], doc["results"]
     fig, axes = plt.subplots(1, len(res), figsize=(4.2 * len(res), 3.4), sharey=True, squeeze=False)
     for ax, r in zip(axes[0], res, strict=True):

@@ -123,13 +123,9 @@ def inspect_prompt(lm, name: str, against: list[str] | None = None, top_k: int =
 
 def heatmap(names: list[str], matrix: list[list[float]], path: Path) -> Path:
     """Write the similarity matrix as a PNG heatmap."""
-    try:
-        import matplotlib
+    from softprompt.provenance import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("the heatmap needs matplotlib: pip install 'softprompt[plots]'") from None
+    plt = pyplot()
     n = len(names)
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.6 * n))
     im = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")

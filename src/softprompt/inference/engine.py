@@ -34,25 +34,12 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from softprompt.config import GenerateConfig, UserError
+from softprompt.config import EngineConfig, GenerateConfig, UserError
 from softprompt.forward import embed, seq2seq
 from softprompt.inference.bank import PrefixCache, PrefixKV, PromptBank, compute_prefix
 
 log = logging.getLogger(__name__)
 ANON = "<tensor>"  # bank name of the prompt tensor handed to the module-level generate()
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_resident_prompts: int = 64  # prompts kept in memory (LRU); the rest reload from the store
-    prefix_cache_mb: float = 256.0  # bound on the per-prompt key/value prefix cache (LRU), MiB
-    max_batch_rows: int = 64  # rows per forward; longer request lists run in chunks
-    use_prefix_cache: bool = True  # False = reference path: [pad][P][x] through the whole model
-    force: bool = False  # accept prompts trained on another base model (equal H still required)
-
-    def __post_init__(self) -> None:
-        if self.max_resident_prompts < 1 or self.max_batch_rows < 1 or self.prefix_cache_mb < 0:
-            raise UserError("engine limits must be positive")
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,9 @@ import os
 import random
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
-from softprompt.config import UserError
+from softprompt.config import ServerConfig, UserError
 from softprompt.serve.protocol import (
     RowText,
     bad,
@@ -55,45 +54,6 @@ from softprompt.serve.scheduler import (
 from softprompt.serve.uploads import install_prompt, prompt_info
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"  # bind address (loopback unless you mean to expose it)
-    port: int = 8000  # TCP port
-    api_key: str | None = None  # require "Authorization: Bearer KEY" on /v1/* and /metrics
-    model_id: str | None = None  # id of the plain model in /v1/models (default: the model's name)
-    max_batch_rows: int = 32  # rows per engine forward, across requests and prompts; 1 = no batching
-    max_wait_ms: float = 5.0  # an idle worker waits this long for more requests to batch together
-    join_every: int = 4  # while rows decode, waiting requests join every this many steps (1 = each step)
-    max_queue: int = 256  # requests waiting for the worker; beyond it: 429 + Retry-After
-    max_body_bytes: int = 1 << 20  # JSON request bodies
-    max_upload_bytes: int = 64 << 20  # prompt uploads (PUT /v1/prompts/NAME), unpacked size too
-    max_prompt_tokens: int = 2048  # input tokens per row
-    max_tokens: int = 512  # largest max_tokens a request may ask for
-    max_rows: int = 64  # rows per request: prompts x n, or classify inputs
-    request_timeout_s: float = 300.0  # a request still running after this gets 504 and is cancelled
-    shutdown_timeout_s: float = 30.0  # graceful shutdown: time in-flight requests get to finish
-
-    def __post_init__(self) -> None:
-        ints = ("port", "max_batch_rows", "join_every", "max_queue", "max_body_bytes", "max_upload_bytes",
-                "max_prompt_tokens", "max_tokens", "max_rows")
-        for name in ints:
-            if getattr(self, name) < (0 if name == "port" else 1):
-                raise UserError(f"--{name.replace('_', '-')} must be positive")
-        if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.shutdown_timeout_s < 0:
-            raise UserError("--max-wait-ms, --request-timeout-s and --shutdown-timeout-s must be positive")
-        if self.api_key is not None and not self.api_key.strip():
-            raise UserError("--api-key must not be empty")
-
-    @classmethod
-    def field_help(cls) -> dict[str, str]:
-        """Each field's one-line comment above, for the CLI's --help (one place for the words)."""
-        import inspect
-        import re
-
-        found = re.findall(r"^\s+(\w+): .*?  # (.+)$", inspect.getsource(cls), re.M)
-        return dict(found)
 
 
 # ---------------------------------------------------------------- the app

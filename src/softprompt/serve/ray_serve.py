@@ -160,8 +160,9 @@ class Replica:
         import torch
 
         from softprompt import models
-        from softprompt.inference.engine import Engine, EngineConfig
-        from softprompt.serve.app import ServerConfig, create_app
+        from softprompt.config import EngineConfig, ServerConfig
+        from softprompt.inference.engine import Engine
+        from softprompt.serve.app import create_app
 
         torch.set_num_threads(max(1, threads))
         self.id = serve.get_replica_context().replica_id.unique_id
@@ -349,7 +350,7 @@ def build_app(server_cfg=None, model: str | None = None, replicas: int = 1, forc
     """The Serve application: ``serve.run(build_app(...))`` or ``softprompt serve --ray``."""
     import dataclasses
 
-    from softprompt.serve.app import ServerConfig
+    from softprompt.config import ServerConfig
 
     cfg = server_cfg or ServerConfig()
     env = {k: v for k, v in {**_forwarded_env(), **(env or {})}.items() if v is not None}
@@ -369,7 +370,7 @@ def build_app(server_cfg=None, model: str | None = None, replicas: int = 1, forc
 
 def app_builder(args: dict):
     """For ``serve run softprompt.serve.ray_serve:app_builder model=... replicas=2`` on a cluster."""
-    from softprompt.serve.app import ServerConfig
+    from softprompt.config import ServerConfig
 
     return build_app(ServerConfig(), args.get("model"), int(args.get("replicas", 1)),
                      device=args.get("device"), dtype=args.get("dtype"),

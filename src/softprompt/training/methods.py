@@ -1,5 +1,8 @@
-"""The baselines prompt tuning is compared with, as ``train.Method`` implementations.
+"""Every training method, as implementations of ``loop.Method``.
 
+* ``PromptMethod``: prompt tuning, the only trainable tensor is the (N, H) prompt;
+* ``ProgressiveMethod``: a new task's prompt after the frozen prompts of earlier tasks;
+* ``MultitaskMethod``: one shared prompt modulated per task (``multitask.py``);
 * ``LoraMethod``: LoRA adapters (rank 8 on the attention projections) through ``peft``;
 * ``FullMethod``: every weight of the model trains;
 * ``HandPrompt``: no training; a hand-written template, optionally with k demonstrations
@@ -8,7 +11,7 @@
 Invariant: the shared frozen model is never modified. LoRA and full fine-tuning each work on
 their own deep copy (``peft`` injects its layers in place, and full fine-tuning writes every
 weight), so prompt tuning and the hand-written prompts, which use the shared model, see the
-same weights before and after. All methods stay in eval mode (no dropout), like ``train.fit``.
+same weights before and after. All methods stay in eval mode (no dropout), like ``loop.fit``.
 
 Few-shot demonstrations are a fixed token prefix, shared by every row: they are scored through
 the same shared-prefix path as a soft prompt (their token embeddings as the ``(N, H)`` prefix),
@@ -25,7 +28,127 @@ import torch
 
 from softprompt import data as D
 from softprompt.config import UserError
-from softprompt.forward import embed, plain_loss, prefix_cache, sequence_logprobs, supports_prefix
+from softprompt.forward import (
+    embed,
+    mixed_prefix_loss,
+    naive_loss,
+    plain_loss,
+    prefix_cache,
+    prompt_loss,
+    sequence_logprobs,
+    supports_prefix,
+)
+
+
+class PromptMethod:
+    """Prompt tuning: the only trainable tensor is the (N, H) prompt."""
+
+    def __init__(self, model, prompt: torch.Tensor, fast: bool = True):
+        self.model = model
+        device = next(model.parameters()).device  # the prompt lives with the model, in float32
+        self.prompt = torch.nn.Parameter(prompt.detach().clone().float().to(device))
+        self.fast = fast
+
+    def parameters(self):
+        return [self.prompt]
+
+    def _cast(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The prompt in the model's dtype (autograd keeps the float32 master), the batch on its device."""
+        p = self.prompt if self.model.dtype == self.prompt.dtype else self.prompt.to(self.model.dtype)
+        return p, {k: v.to(self.prompt.device) for k, v in batch.items()}
+
+    def loss(self, batch):
+        prompt, batch = self._cast(batch)
+        return prompt_loss(self.model, prompt, batch, fast=self.fast)
+
+    def state(self):
+        return {"prompt": self.prompt.detach().cpu().clone()}
+
+    def load_state(self, state):
+        with torch.no_grad():
+            self.prompt.copy_(state["prompt"])
+
+    def score(self, batch) -> torch.Tensor:
+        prompt, batch = self._cast(batch)
+        return sequence_logprobs(self.model, prompt.detach(), **batch).cpu()
+
+    def trainable_parameters(self) -> int:
+        return self.prompt.numel()  # N * H
+
+    def save(self, path, meta: dict | None = None) -> int:
+        """The prompt as a PEFT prompt-tuning adapter directory; bytes of its weights file."""
+        from softprompt import store
+
+        cfg = self.model.config
+        d = store.save_prompt(path, self.prompt.detach(), meta or {}, getattr(cfg, "name_or_path", ""), cfg)
+        return (d / "adapter_model.safetensors").stat().st_size
+
+
+class ProgressiveMethod(PromptMethod):
+    """Progressive prompts: the new task's prompt (N, H) trains, placed after the frozen prompts
+    of earlier tasks (M, H); the model sees their concatenation (M+N, H)."""
+
+    def __init__(self, model, frozen: torch.Tensor | None, new: torch.Tensor, fast: bool = True):
+        super().__init__(model, new, fast)
+        self.frozen = None if frozen is None else frozen.detach().float().to(self.prompt.device)
+
+    def full_prompt(self) -> torch.Tensor:
+        return self.prompt if self.frozen is None else torch.cat([self.frozen, self.prompt])  # (M+N, H)
+
+    def _cast(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        p = self.full_prompt()
+        p = p if self.model.dtype == p.dtype else p.to(self.model.dtype)
+        return p, {k: v.to(self.prompt.device) for k, v in batch.items()}
+
+
+class MultitaskMethod:
+    """Trainable: the shared prompt (N, H) and each task's u (N,) and v (H,)."""
+
+    def __init__(self, model, shared: torch.Tensor, n_tasks: int, fast: bool = True):
+        self.model, self.fast = model, fast
+        N, H = shared.shape
+        self.shared = torch.nn.Parameter(shared.detach().clone().float())  # (N, H)
+        self.u = torch.nn.Parameter(torch.ones(n_tasks, N))  # (K, N)
+        self.v = torch.nn.Parameter(torch.ones(n_tasks, H))  # (K, H)
+
+    def prompts(self) -> torch.Tensor:
+        return self.shared.unsqueeze(0) * (self.u.unsqueeze(2) * self.v.unsqueeze(1))  # (K, N, H)
+
+    def parameters(self):
+        return [self.shared, self.u, self.v]
+
+    def loss(self, batch):
+        ids = batch["task_ids"]  # (B,)
+        args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        if self.fast and supports_prefix(self.model):
+            return mixed_prefix_loss(self.model, self.prompts(), ids, *args)
+        return naive_loss(self.model, self.prompts()[ids], *args)
+
+    def state(self):
+        return {"shared": self.shared.detach().clone(), "u": self.u.detach().clone(), "v": self.v.detach().clone()}
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def score(self, batch) -> torch.Tensor:
+        """Per-row log-likelihoods, each row under its own task's prompt (``task_ids``)."""
+        prompts, ids = self.prompts().detach(), batch["task_ids"]
+        rest = {k: v for k, v in batch.items() if k != "task_ids"}
+        out = torch.zeros(ids.shape[0] if "choices" not in rest else rest["choices"].shape, dtype=torch.float32)
+        for k in ids.unique().tolist():
+            rows = (ids == k).nonzero()[:, 0]
+            out[rows] = sequence_logprobs(self.model, prompts[k], **{n: v[rows] for n, v in rest.items()})
+        return out
+
+    def save(self, path) -> int:
+        """The shared prompt as a PEFT prompt-tuning adapter directory; bytes of its weights file."""
+        return PromptMethod(self.model, self.shared.detach(), self.fast).save(path)
+
+    def load_state(self, state):
+        with torch.no_grad():
+            for k, p in (("shared", self.shared), ("u", self.u), ("v", self.v)):
+                p.copy_(state[k])
+
 
 LORA_RANK = 8
 LORA_ALPHA = 16  # scale alpha / r = 2, the common choice (peft's default alpha is 8)

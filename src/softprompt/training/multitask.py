@@ -29,26 +29,13 @@ import torch
 from softprompt import data as D
 from softprompt import evaluate as E
 from softprompt import store
-from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError, _JsonMixin
-from softprompt.forward import mixed_prefix_loss, naive_loss, sequence_logprobs, supports_prefix
+from softprompt.config import DataConfig, MultitaskConfig, PromptConfig, TrainConfig, UserError
+from softprompt.forward import sequence_logprobs
 from softprompt.training import tune as TR
+from softprompt.training.loop import FitResult, fit
+from softprompt.training.methods import MultitaskMethod
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MultitaskConfig(_JsonMixin):
-    tasks: tuple[str, ...] = ()  # task recipes (names under tasks/ or .json files), >= 2
-    per_task: int | None = 256  # training examples per task (seeded sample); None = all of them
-    eval_per_task: int = 64  # dev rows per task; the mean dev accuracy picks the kept epoch
-
-    def __post_init__(self) -> None:
-        if len(self.tasks) < 2:
-            raise UserError(f"--tasks needs at least two tasks, got {len(self.tasks)}")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise UserError("--tasks lists a task twice")
-        if self.per_task is not None and self.per_task <= 0 or self.eval_per_task <= 0:
-            raise UserError("--per-task and --eval-per-task must be positive")
 
 
 # ---------------------------------------------------------------- data: one task at a time
@@ -110,38 +97,6 @@ def accuracy(model, prompt: torch.Tensor | None, tokenizer, examples, cfg: DataC
 # ---------------------------------------------------------------- the method
 
 
-class MultitaskMethod:
-    """Trainable: the shared prompt (N, H) and each task's u (N,) and v (H,)."""
-
-    def __init__(self, model, shared: torch.Tensor, n_tasks: int, fast: bool = True):
-        self.model, self.fast = model, fast
-        N, H = shared.shape
-        self.shared = torch.nn.Parameter(shared.detach().clone().float())  # (N, H)
-        self.u = torch.nn.Parameter(torch.ones(n_tasks, N))  # (K, N)
-        self.v = torch.nn.Parameter(torch.ones(n_tasks, H))  # (K, H)
-
-    def prompts(self) -> torch.Tensor:
-        return self.shared.unsqueeze(0) * (self.u.unsqueeze(2) * self.v.unsqueeze(1))  # (K, N, H)
-
-    def parameters(self):
-        return [self.shared, self.u, self.v]
-
-    def loss(self, batch):
-        ids = batch["task_ids"]  # (B,)
-        args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-        if self.fast and supports_prefix(self.model):
-            return mixed_prefix_loss(self.model, self.prompts(), ids, *args)
-        return naive_loss(self.model, self.prompts()[ids], *args)
-
-    def state(self):
-        return {"shared": self.shared.detach().clone(), "u": self.u.detach().clone(), "v": self.v.detach().clone()}
-
-    def load_state(self, state):
-        with torch.no_grad():
-            for k, p in (("shared", self.shared), ("u", self.u), ("v", self.v)):
-                p.copy_(state[k])
-
-
 def make_evaluator(method: MultitaskMethod, tokenizer, tasks: list[TaskData], batch_size: int):
     """Each task's dev accuracy under its own prompt; ``score`` is their mean."""
 
@@ -166,7 +121,7 @@ class MultitaskResult:
     shared: torch.Tensor  # (N, H)
     prompts: dict[str, torch.Tensor]  # task name -> (N, H)
     paths: dict[str, Path]  # stored prompt name -> folder
-    fit: TR.FitResult
+    fit: FitResult
     n_train: dict[str, int]
 
 
@@ -186,7 +141,7 @@ def train_multitask(lm, mcfg: MultitaskConfig, prompt_cfg: PromptConfig, train_c
     method = MultitaskMethod(lm.model, shared, len(tasks), fast=train_cfg.fast_forward)
     evaluator = make_evaluator(method, tok, tasks, train_cfg.eval_batch_size)
     ckpt = TR.runs_dir(name) / "checkpoint" if save else None
-    res = TR.fit(method, mix, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress)
+    res = fit(method, mix, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress)
     method.load_state(res.state)
     prompts = {td.name: p for td, p in zip(tasks, method.prompts().detach(), strict=True)}
     paths = _save_all(lm, name, tasks, prompts, method.shared.detach(), prompt_cfg, train_cfg, res, mcfg) if save else {}

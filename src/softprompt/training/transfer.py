@@ -17,23 +17,17 @@ import torch
 from softprompt import data as D
 from softprompt import store
 from softprompt.config import UserError
-from softprompt.forward import prompt_loss
+from softprompt.training.loop import eval_loss
+from softprompt.training.methods import PromptMethod
 
 log = logging.getLogger(__name__)
 
 RANK_ROWS = 32  # new-task rows each candidate is scored on
 
 
-@torch.no_grad()
 def mean_loss(model, prompt: torch.Tensor, examples: list[D.Example], pad_id: int, batch_size: int = 16) -> float:
     """Target-token-weighted mean cross-entropy of ``examples`` under ``prompt``."""
-    total, count = 0.0, 0
-    for s in range(0, len(examples), batch_size):
-        batch = D.collate(examples[s : s + batch_size], pad_id)
-        n = int((batch["labels"][:, 1:] != D.IGNORE).sum()) + int((batch["labels"][:, 0] != D.IGNORE).sum())
-        total += prompt_loss(model, prompt, batch).item() * n
-        count += n
-    return total / max(1, count)
+    return eval_loss(PromptMethod(model, prompt), examples, pad_id, batch_size)
 
 
 def candidates(lm, exclude: set[str] = frozenset(), force: bool = False, only: list[str] | None = None) -> dict[str, torch.Tensor]:

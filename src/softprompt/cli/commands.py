@@ -1,0 +1,276 @@
+"""The core commands: ``train``, ``generate``, ``quickstart``, ``eval``, ``prompts``, ``serve``.
+
+Each command parses, builds configs from the flags (``flags.py``: defaults live in the config
+dataclasses), calls ONE library function and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from softprompt.cli.flags import (
+    add_data_flags,
+    add_data_root_flag,
+    add_device_flags,
+    add_flags,
+    add_model_flags,
+    add_prompt_train_flags,
+    data_config,
+    from_args,
+    given,
+    unescape,
+)
+from softprompt.config import (
+    DataConfig,
+    EngineConfig,
+    EvalConfig,
+    GenerateConfig,
+    ServerConfig,
+    UserError,
+)
+
+# ---------------------------------------------------------------- train
+
+TRAIN_DATA = ("path", "eval_path", "text_column", "template", "target_column", "verbalizer", "limit",
+              "eval_limit", "max_length")
+TRAIN_FIELDS = ("lr", "epochs", "steps", "batch_size", "grad_accum", "seed", "patience", "warmup_ratio", "weight_decay")
+
+
+def add_train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a soft prompt (several processes: torchrun -m softprompt train ...)")
+    add_model_flags(t)
+    add_device_flags(t)
+    add_data_flags(t, TRAIN_DATA, helps={"path": "training file: .csv, .tsv, .jsonl or '<label> <text>' lines"})
+    t.add_argument("--name", help="name of the prompt in the store (default: task or data file name)")
+    add_prompt_train_flags(t, TRAIN_FIELDS)
+    g = t.add_argument_group("run")
+    g.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint of --name")
+    g.add_argument("--force", action="store_true", help="accept a prompt:NAME init from another base model")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun / accelerate launch: shard the frozen model's layers over the processes (FSDP)")
+    t.set_defaults(func=cmd_train)
+
+
+def cmd_train(a) -> int:
+    from softprompt import models
+    from softprompt.cli.flags import prompt_train_configs
+    from softprompt.training import distributed
+    from softprompt.training.tune import train
+
+    if not distributed.is_main():  # one rank of torchrun / accelerate launch: rank 0 reports
+        logging.getLogger().setLevel(logging.WARNING)
+        a.quiet = True
+    dcfg = data_config(a)
+    pcfg, tcfg = prompt_train_configs(a)
+    name = a.name or (a.task if a.task else os.path.splitext(os.path.basename(a.path))[0])
+    lm = models.load(a.model, a.dtype, a.device)
+    try:
+        res = train(lm, dcfg, pcfg, tcfg, name=name, task=a.task, resume=a.resume, progress=not a.quiet,
+                    force=a.force, fsdp=a.fsdp)
+    finally:
+        distributed.teardown()
+    if distributed.is_main():
+        print_summary(res)
+    return 0 if res.stopped != "non-finite loss" else 1
+
+
+def print_summary(res) -> None:
+    print(f"\nprompt      {res.name}  ({res.prompt.shape[0]} x {res.prompt.shape[1]}, {res.prompt.numel():,} trainable parameters)")
+    print(f"data        {res.n_train} training rows, {res.n_eval} evaluation rows")
+    print(f"training    {len(res.history)} steps in {res.train_time_s:.1f}s, {res.stopped}")
+    for e in res.epochs:
+        extra = "".join(f"  {k[5:]} {v:.4f}" for k, v in e.items() if k.startswith("eval_") and k != "eval_score")
+        print(f"  epoch {e['epoch']:>3}  train loss {e['train_loss']:.4f}{extra}")
+    if res.best:
+        print("kept        the best epoch on the evaluation set")
+    if res.path:
+        print(f"saved       {res.path}")
+
+
+# ---------------------------------------------------------------- generate, quickstart
+
+
+def add_generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="generate text with a stored prompt or the plain model")
+    add_model_flags(g)
+    g.add_argument("--prompt", help="name of a stored prompt (default: the plain model)")
+    g.add_argument("--force", action="store_true", help="use a prompt trained on another base model")
+    add_device_flags(g)
+    add_flags(g, GenerateConfig)
+    g.add_argument("text", help="the input text")
+    g.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(a) -> int:
+    from softprompt import models, store
+    from softprompt.inference import engine
+
+    cfg = from_args(GenerateConfig, a)
+    lm = models.load(a.model, a.dtype, a.device)
+    prompt = None
+    if a.prompt:
+        sp = store.load_prompt(a.prompt)
+        store.check_compatible(sp, lm.fingerprint, force=a.force)
+        prompt = sp.embeddings
+    print(engine.generate(lm, prompt, a.text, cfg).text)
+    return 0
+
+
+def add_quickstart_parser(sub) -> None:
+    q = sub.add_parser("quickstart", help="the walk-through: base vs tuned generation on the default model")
+    add_data_root_flag(q)
+    q.add_argument("--skip-recommended", action="store_true", help="skip the second run with recommended settings")
+    q.set_defaults(func=cmd_quickstart)
+
+
+def cmd_quickstart(a) -> int:
+    from softprompt.cli.quickstart import run
+
+    run(print_fn=print, recommended=not a.skip_recommended)
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+
+EVAL_DATA = ("path", "template", "target_column", "text_column", "verbalizer", "max_length")
+
+
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluate the plain model, a prompt or an ensemble (last line: JSON)")
+    add_model_flags(ev)
+    add_device_flags(ev)
+    add_flags(ev, EvalConfig, skip=("task",), rename={"prompts": "prompt"},
+              helps={"prompts": "stored prompt name, or a,b,c for an ensemble; none = the plain model"})
+    add_data_flags(ev, EVAL_DATA, helps={"template": "input template (default: the prompt's stored one, then the task's)",
+                                         "path": "evaluation file: .csv, .tsv, .jsonl or '<label> <text>' lines"})
+    ev.add_argument("--force", action="store_true", help="use prompts trained on another base model (same hidden size)")
+    ev.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(a) -> int:
+    from softprompt import evaluate, models, store
+    from softprompt.inference import engine
+
+    ecfg = from_args(EvalConfig, a, task=a.task)
+    for p in ecfg.prompts:
+        store.check_name(p)
+    overrides = {k: None for k in EVAL_DATA} | given(DataConfig, a, EVAL_DATA)
+    overrides["template"] = unescape(overrides["template"])
+    if not a.task and not a.path:
+        raise UserError("give --data PATH or --task NAME to evaluate on")
+    lm = models.load(a.model, a.dtype, a.device)
+    eng = engine.Engine(lm, EngineConfig(force=a.force, max_batch_rows=ecfg.batch_size))
+    print_eval(evaluate.evaluate(eng, ecfg, overrides))
+    return 0
+
+
+def print_eval(res: dict) -> None:
+    print(f"evaluated   {', '.join(res['prompts'])} on {res['data']} ({res['n']} examples, {res['seconds']}s)")
+    for key in ("accuracy", "exact_match", "loss", "perplexity"):
+        if key in res:
+            print(f"{key:<11} {res[key]:.4f}")
+    if "confusion" in res:
+        print("confusion   rows = gold, columns = predicted: " + ", ".join(res["labels"]))
+        for label, row in zip(res["labels"], res["confusion"]):
+            print(f"  {label:>10} " + " ".join(f"{v:6d}" for v in row))
+    ens = res.get("ensemble")
+    if ens:
+        members = ", ".join(f"{k} {v:.4f}" for k, v in ens["members"].items())
+        print(f"ensemble    mean probability {ens['mean_probability']['accuracy']:.4f}, "
+              f"majority vote {ens['majority_vote']['accuracy']:.4f} (members: {members})")
+    print(json.dumps(res, sort_keys=True))
+
+
+# ---------------------------------------------------------------- the prompt registry
+
+
+def add_prompts_parser(sub) -> None:
+    r = sub.add_parser("prompts", help="the prompt registry: list | show | rm | export | import")
+    acts = r.add_subparsers(dest="action", required=True)
+    acts.add_parser("list", help="stored prompts (broken ones are marked, not fatal)")
+    for act, text in (("show", "one prompt's metadata"), ("rm", "delete a stored prompt")):
+        acts.add_parser(act, help=text).add_argument("name")
+    e = acts.add_parser("export", help="copy a prompt to a directory (a PEFT prompt-tuning adapter)")
+    e.add_argument("name")
+    e.add_argument("dir")
+    i = acts.add_parser("import", help="add a prompt directory (ours or a PEFT prompt-tuning adapter)")
+    i.add_argument("dir")
+    i.add_argument("--name", help="name in the store (default: the directory's name)")
+    i.add_argument("--model", help="base model it was trained on: its fingerprint is recorded and checked")
+    r.set_defaults(func=cmd_prompts)
+
+
+def cmd_prompts(a) -> int:
+    from softprompt import store
+
+    if a.action == "list":
+        _list_prompts(store)
+    elif a.action == "show":
+        store.check_name(a.name)
+        if not store.prompt_path(a.name).is_dir():
+            raise UserError(f"prompt {a.name!r} not found ({store.prompt_path(a.name)})")
+        print(json.dumps(store.prompt_summary(a.name), indent=2, sort_keys=True))
+    elif a.action == "rm":
+        print(f"removed {store.remove_prompt(a.name)}")
+    elif a.action == "export":
+        print(f"exported {a.name} to {store.export_prompt(a.name, a.dir)}")
+    elif a.action == "import":
+        fp, model_name = None, None
+        if a.model:
+            from softprompt import models
+
+            lm = models.load(a.model)
+            fp, model_name = lm.fingerprint, lm.name
+        sp = store.import_prompt(a.dir, name=a.name, fingerprint=fp, model_name=model_name)
+        print(f"imported {sp.name} ({sp.num_virtual_tokens} x {sp.embeddings.shape[1]}) into {sp.path}")
+    return 0
+
+
+def _list_prompts(store) -> None:
+    names = store.list_prompts()
+    if not names:
+        print(f"no prompts in {store.prompts_dir()}")
+    for name in names:
+        s = store.prompt_summary(name)
+        if s["status"] != "ok":
+            print(f"{name:<28} BROKEN  {s['error']}")
+            continue
+        acc = f"acc {s['accuracy']:.3f}" if s.get("accuracy") is not None else ""
+        print(f"{name:<28} N={s['num_virtual_tokens']:<4} H={s['hidden_size']:<5} task={s['task'] or '-':<8} "
+              f"base={s['base_model'] or 'unknown'} {acc}".rstrip())
+
+
+# ---------------------------------------------------------------- serve
+
+
+def add_serve_parser(sub) -> None:
+    """``softprompt serve``: one flag per ``ServerConfig`` field, plus --model and --force."""
+    s = sub.add_parser("serve", help="HTTP server: OpenAI-compatible API, classify, prompt registry, web page")
+    add_model_flags(s)
+    add_flags(s, ServerConfig, helps={"api_key": "require 'Authorization: Bearer KEY' on /v1/* and /metrics "
+                                                 "(default $SOFTPROMPT_API_KEY, else none)"})
+    s.add_argument("--force", action="store_true", help="serve prompts trained on another base model (same H)")
+    add_device_flags(s)
+    r = s.add_argument_group("Ray Serve (pip install 'softprompt[ray]'; docs/scaling.md)")
+    r.add_argument("--ray", action="store_true", help="serve the same app over Ray Serve replicas")
+    r.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each with the model loaded once (default %(default)s)")
+    r.add_argument("--ray-address", default=None,
+                   help="an existing Ray cluster ('auto' after 'ray start --head', or ray://HOST:10001); default: start one here")
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(a) -> int:
+    from softprompt.serve import app as server
+
+    key = a.api_key if a.api_key is not None else os.environ.get("SOFTPROMPT_API_KEY")
+    cfg = from_args(ServerConfig, a, api_key=key)
+    if a.ray:
+        from softprompt.serve import ray_serve
+
+        ray_serve.serve_forever(cfg, a.model, replicas=a.replicas, address=a.ray_address, force=a.force,
+                                device=a.device, dtype=a.dtype)
+        return 0
+    server.serve(cfg, a.model, force=a.force, device=a.device, dtype=a.dtype)
+    return 0

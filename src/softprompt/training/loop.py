@@ -1,0 +1,206 @@
+"""ONE training loop, shared by every method through the ``Method`` protocol.
+
+``fit`` knows nothing about prompts: it asks a ``Method`` (``methods.py``) for its trainable
+parameters, its loss on a batch and its state. Prompt tuning, LoRA and full fine-tuning differ
+only there, so a comparison between them runs literally the same loop, schedule, batches and
+evaluation.
+
+Determinism: the model stays in eval mode (no dropout) and the batch order of epoch ``e`` is a
+function of ``(seed, e)``; a checkpoint written after each epoch therefore resumes to exactly
+the run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from softprompt import data as D
+from softprompt.config import TrainConfig
+from softprompt.training import distributed
+from softprompt.training.checkpoint import restore as _resume
+from softprompt.training.checkpoint import save as _save_ckpt
+
+log = logging.getLogger(__name__)
+
+
+class Method(Protocol):
+    """What ``fit`` and the comparison need of a training method (``methods.py`` has them all)."""
+
+    def parameters(self) -> list[torch.nn.Parameter]: ...  # the trainable tensors
+    def loss(self, batch: dict) -> torch.Tensor: ...  # mean target cross-entropy of a batch
+    def state(self) -> dict[str, torch.Tensor]: ...  # what a checkpoint keeps
+    def load_state(self, state: dict[str, torch.Tensor]) -> None: ...
+    def score(self, batch: dict) -> torch.Tensor: ...  # per-row log-likelihoods (label scoring)
+    def trainable_parameters(self) -> int: ...  # parameters a task costs
+    def save(self, path: Path) -> int: ...  # the task's real artifact; bytes of its weights file
+
+
+@dataclass
+class FitResult:
+    state: dict  # the kept state (best on eval when there is an eval set, else last)
+    history: list[dict] = field(default_factory=list)  # one entry per optimiser step
+    epochs: list[dict] = field(default_factory=list)  # one entry per epoch: train loss + eval
+    train_time_s: float = 0.0
+    stopped: str = "completed"  # completed | early-stopped | non-finite loss
+    best: dict | None = None  # eval metrics of the kept state
+
+    @property
+    def final_train_loss(self) -> float:
+        return self.epochs[-1]["train_loss"] if self.epochs else float("nan")
+
+
+def _schedule(opt, total: int, warmup_ratio: float):
+    warm = max(1, int(total * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def plan_steps(n_batches: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(optimiser steps in total, epochs to run)."""
+    per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    if cfg.steps:
+        return cfg.steps, math.ceil(cfg.steps / per_epoch)
+    return per_epoch * cfg.epochs, cfg.epochs
+
+
+def _better(score: float, best: float | None) -> bool:
+    return best is None or score > best + 1e-9
+
+
+def fit(
+    method: Method,
+    examples: list[D.Example],
+    cfg: TrainConfig,
+    pad_id: int,
+    evaluate: Callable[[], dict] | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    dist: distributed.Dist | None = None,
+) -> FitResult:
+    """Train ``method`` on ``examples``; evaluate and checkpoint after each epoch.
+
+    ``dist``: data-parallel over a process group (``distributed.py``); each rank trains on its
+    rows of every batch, the trainable gradients are summed, only rank 0 writes checkpoints.
+    """
+    params = method.parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_batches = len(D.bucketed_batches(examples, cfg.batch_size, cfg.seed, 0))
+    total, n_epochs = plan_steps(n_batches, cfg)
+    sched = _schedule(opt, total, cfg.warmup_ratio)
+    res = FitResult(state=method.state())
+    start_epoch, step, best_score, bad = 0, 0, None, 0
+    if resume and checkpoint is not None:
+        start_epoch, step, best_score, bad = _resume(checkpoint, method, opt, sched, cfg, res)
+    if dist is not None:
+        dist.broadcast(params)
+    bar = _progress(total, step, progress)
+    for epoch in range(start_epoch, n_epochs):
+        if step >= total or res.stopped != "completed":
+            break
+        t0 = time.perf_counter()
+        losses, step = _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist)
+        res.train_time_s += time.perf_counter() - t0
+        if res.stopped != "completed":
+            res.state = method.state() if evaluate is None else res.state  # the failing step was not applied
+            break
+        row = {"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / max(1, len(losses))}
+        if evaluate is not None:
+            metrics = evaluate()
+            row.update({f"eval_{k}": v for k, v in metrics.items()})
+            if _better(metrics["score"], best_score):
+                best_score, bad, res.state, res.best = metrics["score"], 0, method.state(), metrics
+            else:
+                bad += 1
+        else:
+            res.state = method.state()
+        res.epochs.append(row)
+        log.info("epoch %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        if cfg.patience is not None and evaluate is not None and bad >= cfg.patience:
+            res.stopped = "early-stopped"
+        if checkpoint is not None and (dist is None or dist.is_main):
+            _save_ckpt(checkpoint, method, opt, sched, res, cfg, epoch + 1, step, best_score, bad)
+    if bar is not None:
+        bar.close()
+    return res
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist=None):
+    batches = D.bucketed_batches(examples, cfg.batch_size, cfg.seed, epoch)
+    losses: list[float] = []
+    params = method.parameters()
+    for g in range(0, len(batches), cfg.grad_accum):
+        if step >= total:
+            break
+        t0, tokens, step_loss = time.perf_counter(), 0, 0.0
+        group = batches[g : g + cfg.grad_accum]
+        for idx in group:
+            rows, w = (idx, 1.0) if dist is None else dist.shard(examples, idx)
+            batch = D.collate([examples[i] for i in rows], pad_id)
+            loss = method.loss(batch) if w == 1.0 else method.loss(batch) * w  # w: this rank's token share
+            if not torch.isfinite(loss) and dist is None:  # distributed: decided after the all-reduce
+                return _non_finite(opt, res, losses, step)
+            (loss / len(group)).backward()
+            step_loss += loss.item() / len(group)
+            tokens += int(batch["attention_mask"].sum()) if w else 0
+        if dist is not None:
+            step_loss, tokens = dist.all_reduce(params, step_loss, tokens)
+            if not math.isfinite(step_loss):
+                return _non_finite(opt, res, losses, step)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(step_loss)
+        dt = time.perf_counter() - t0
+        res.history.append({"step": step, "epoch": epoch + 1, "loss": step_loss, "lr": sched.get_last_lr()[0], "tokens": tokens})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / dt:.0f}", epoch=epoch + 1)
+    return losses, step
+
+
+def _non_finite(opt, res: FitResult, losses: list[float], step: int) -> tuple[list[float], int]:
+    log.error("non-finite loss at step %d; stopping and keeping the last good state", step + 1)
+    opt.zero_grad(set_to_none=True)
+    res.stopped = "non-finite loss"
+    return losses, step
+
+
+# ---------------------------------------------------------------- evaluation during training
+
+
+@torch.no_grad()
+def eval_loss(method: Method, examples: list[D.Example], pad_id: int, batch_size: int) -> float:
+    """Mean target-token cross-entropy, weighted by target tokens."""
+    total, count = 0.0, 0
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s : s + batch_size]
+        batch = D.collate(chunk, pad_id)
+        n = int((batch["labels"][:, 1:] != D.IGNORE).sum()) + int((batch["labels"][:, 0] != D.IGNORE).sum())
+        total += method.loss(batch).item() * n
+        count += n
+    return total / max(1, count)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from softprompt import data as D
-from softprompt import models
+from softprompt import models, recipes
 from softprompt.cli import main
 from softprompt.config import (
     COMPARE_METHODS,
@@ -274,7 +274,7 @@ def test_compare_needs_a_verbalizer(tiny_lm, toy_csv):
 )
 @pytest.mark.parametrize("task, n_labels", [("rte", 2), ("boolq", 2), ("cb", 3)])
 def test_superglue_recipes_match_their_files(tiny_lm, task, n_labels):
-    cfg, recipe = D.task_data_config(task)
+    cfg, recipe = recipes.task_data_config(task)
     assert len(cfg.verbalizer) == n_labels
     for split in ("train", "eval", "test"):
         rows = D.read_rows(data_root() / recipe[split]["path"])
@@ -283,7 +283,7 @@ def test_superglue_recipes_match_their_files(tiny_lm, task, n_labels):
             split,
         )  # every label has a word
         assert all(f in rows[0] for f in D.template_fields(cfg.template))
-    train = D.load_split(tiny_lm.tokenizer, cfg, recipe["train"])
+    train = recipes.load_split(tiny_lm.tokenizer, cfg, recipe["train"])
     assert len(train) == 32 and all(len(e.input_ids) <= cfg.max_length for e in train)
 
 

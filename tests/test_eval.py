@@ -14,8 +14,9 @@ import torch
 
 from softprompt import cli, forward, store
 from softprompt import data as D
-from softprompt import evaluate as E
-from softprompt.config import DataConfig
+from softprompt import evaluate as EV
+from softprompt import metrics as E
+from softprompt.config import DataConfig, EvalConfig
 from softprompt.inference.engine import Engine
 
 TEMPLATE = "Review: {text}\nSentiment:"
@@ -66,13 +67,13 @@ def test_engine_classification_agrees_with_training_scorer(tiny_lm, toy_csv):
     eng = Engine(tiny_lm)
     exs = examples(tiny_lm, toy_csv)
     for name in ("a", None):
-        scores = E.engine_label_scores(eng, exs, list(VERB.values()), [name])[0]
+        scores = EV.engine_label_scores(eng, exs, list(VERB.values()), [name])[0]
         prompt = eng.bank.get(name)[0].embeddings if name else None
         ref = E.label_scores(lambda b: forward.sequence_logprobs(tiny_lm.model, prompt, **b), tiny_lm.tokenizer,  # noqa: B023 - called within this iteration
                              exs, list(VERB.values()), tiny_lm.tokenizer.pad_token_id)
         torch.testing.assert_close(scores.float(), ref, atol=1e-4, rtol=0)
-    norm = E.engine_label_scores(eng, exs, ["bad", "good and great"], [None], normalize=True)[0]
-    raw = E.engine_label_scores(eng, exs, ["bad", "good and great"], [None])[0]
+    norm = EV.engine_label_scores(eng, exs, ["bad", "good and great"], [None], normalize=True)[0]
+    raw = EV.engine_label_scores(eng, exs, ["bad", "good and great"], [None])[0]
     n_tok = [len(t) for t in E.label_targets(tiny_lm.tokenizer, exs[0], ["bad", "good and great"])]
     torch.testing.assert_close(norm, raw / torch.tensor(n_tok, dtype=raw.dtype))
 
@@ -82,8 +83,8 @@ def test_ensemble_is_the_mean_of_single_prompt_probabilities(tiny_lm, toy_csv, c
     eng = Engine(tiny_lm)
     exs = examples(tiny_lm, toy_csv)
     words = list(VERB.values())
-    joint = E.ensemble_probs(E.engine_label_scores(eng, exs, words, ["a", "b", "c"]))  # one mixed batch
-    singles = [E.ensemble_probs(E.engine_label_scores(eng, exs, words, [p]))[0] for p in ("a", "b", "c")]
+    joint = EV.ensemble_probs(EV.engine_label_scores(eng, exs, words, ["a", "b", "c"]))  # one mixed batch
+    singles = [EV.ensemble_probs(EV.engine_label_scores(eng, exs, words, [p]))[0] for p in ("a", "b", "c")]
     assert (singles[0] - singles[1]).abs().max() > 1e-3  # the members differ
     torch.testing.assert_close(joint.mean(0), torch.stack(singles).mean(0), atol=1e-6, rtol=0)
     code, out, _ = run_cli(capsys, "eval", "--model", str(tiny_lm.path), "--prompt", "a,b,c", "--data", str(toy_csv),
@@ -154,7 +155,7 @@ def test_eval_errors_are_one_line_exit_2(tiny_lm, toy_csv, capsys, extra, messag
 
 def test_split_flag_is_validated_by_config():
     with pytest.raises(Exception, match="eval or test"):
-        E.EvalConfig(split="train")
+        EvalConfig(split="train")
 
 
 

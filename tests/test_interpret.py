@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from softprompt import store
+from softprompt import recipes, store
 from softprompt.cli import main
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.experiments import interpret as I
@@ -38,7 +38,7 @@ def test_similarity_is_symmetric_with_unit_diagonal():
 
 def test_importance_is_zero_for_a_token_already_at_the_fill_value(tiny_lm, toy_csv):
     cfg = DataConfig(path=str(toy_csv), template="{text}", target_column="label", verbalizer={"0": "negative", "1": "positive"})
-    _, dev, _ = TR.load_task_or_data(tiny_lm.tokenizer, cfg, None, 0)
+    _, dev, _ = recipes.train_dev(tiny_lm.tokenizer, cfg, None, 0)
     p = torch.randn(3, tiny_lm.model.config.hidden_size) * 5
     p[1] = tiny_lm.model.get_input_embeddings().weight.float().mean(0)
     metric, base, drops = I.importance(tiny_lm.model, tiny_lm.tokenizer, p, dev, None)

@@ -10,7 +10,7 @@ import torch
 from conftest import sharpen
 
 from softprompt import data as D
-from softprompt import evaluate as E
+from softprompt import metrics as E
 from softprompt import store
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import sequence_logprobs

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import sharpen
 
-from softprompt import store
+from softprompt import recipes, store
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.training import transfer as TF
 from softprompt.training import tune as TR
@@ -32,7 +32,7 @@ def test_transfer_picks_the_prompt_trained_on_the_same_data(tiny_lm, toy_tasks):
 
 def test_transfer_starts_from_the_chosen_prompt(tiny_lm, toy_tasks):
     src = _train(tiny_lm, toy_tasks["mood"], "src")
-    train_ex, _, _ = TR.load_task_or_data(tiny_lm.tokenizer, DataConfig(), str(toy_tasks["mood"]), 0)
+    train_ex, _, _ = recipes.train_dev(tiny_lm.tokenizer, DataConfig(), str(toy_tasks["mood"]), 0)
     assert TF.rank_sources(tiny_lm, train_ex)[0]["name"] == "src"
     init = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:src"), DataConfig(), 0)
     assert torch.equal(init, store.load_prompt("src").embeddings.float())

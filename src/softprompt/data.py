@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-from softprompt.config import DataConfig, UserError, data_root
+from softprompt.config import DataConfig, UserError
 
 log = logging.getLogger(__name__)
 IGNORE = -100
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
 @dataclass
@@ -119,7 +118,7 @@ def read_rows(path: str | Path, columns=None) -> list[dict[str, str]]:
     return rows
 
 
-def _derive(rows: list[dict[str, str]], derive: dict[str, str] | None) -> list[dict[str, str]]:
+def derive_columns(rows: list[dict[str, str]], derive: dict[str, str] | None) -> list[dict[str, str]]:
     for name, tpl in (derive or {}).items():
         for r in rows:
             r[name] = tpl.format_map(r)
@@ -226,76 +225,11 @@ def build_examples(tokenizer, rows, cfg: DataConfig, path="data") -> list[Exampl
     return out
 
 
-# ---------------------------------------------------------------- task recipes
-
-
-def task_path(task: str) -> Path:
-    p = Path(task)
-    if p.suffix == ".json" and p.is_file():
-        return p
-    p = TASKS_DIR / f"{task}.json"
-    if not p.is_file():
-        known = sorted(q.stem for q in TASKS_DIR.glob("*.json"))
-        raise UserError(f"unknown --task {task!r}; known tasks: {', '.join(known)}")
-    return p
-
-
-def load_task(task: str) -> dict:
-    return json.loads(task_path(task).read_text())
-
-
-def task_data_config(task: str, **overrides) -> tuple[DataConfig, dict]:
-    """The DataConfig of a recipe (files resolved under the data root) and the raw recipe."""
-    recipe = load_task(task)
-    root = data_root()
-    fields = {k: v for k, v in recipe.items() if k in DataConfig.__dataclass_fields__}
-    fields["path"] = str(root / recipe["train"]["path"])
-    fields["columns"] = tuple(recipe["train"]["columns"]) if recipe["train"].get("columns") else None
-    fields["derive"] = recipe["train"].get("derive")
-    fields["label_map"] = recipe["train"].get("label_map")
-    fields["eval_path"] = None
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    return DataConfig(**fields), recipe
-
-
-def carve(rows: list[dict[str, str]], spec: dict | None, path) -> list[dict[str, str]]:
-    """A seeded train/test split of a file that has none (MR, CR, Subj, MPQA).
-
-    ``spec`` = ``{"seed": 0, "test_fraction": 0.2, "part": "train" | "test"}``; the two parts
-    are disjoint and together are the whole file, in file order.
-    """
-    if not spec:
-        return rows
-    part, frac = spec.get("part"), float(spec.get("test_fraction", 0.2))
-    if part not in ("train", "test") or not 0 < frac < 1:
-        raise UserError(f"{path}: recipe 'carve' needs part train|test and 0 < test_fraction < 1, got {spec}")
-    order = list(range(len(rows)))
-    random.Random(int(spec.get("seed", 0))).shuffle(order)
-    held = set(order[: int(len(rows) * frac)])
-    return [r for i, r in enumerate(rows) if (i in held) == (part == "test")]
-
-
-def split_spec(recipe: dict, split: str) -> dict | None:
-    return recipe.get(split)
-
-
-def load_split(tokenizer, cfg: DataConfig, spec: dict | None, root: Path | None = None, limit=None):
-    """Rows of a recipe split spec ({path, columns, derive, label_map}) as examples."""
-    root = root or data_root()
-    path = root / spec["path"]
-    rows = carve(_derive(read_rows(path, spec.get("columns")), spec.get("derive")), spec.get("carve"), path)
-    if limit:
-        rows = rows[:limit]
-    sub = DataConfig(**{**cfg.to_dict(), "label_map": spec.get("label_map"), "columns": None, "derive": None,
-                        "limit": None, "eval_limit": None})
-    return build_examples(tokenizer, rows, sub, path)
-
-
 # ---------------------------------------------------------------- loading train / eval sets
 
 
 def load_file(tokenizer, cfg: DataConfig, path: str, limit: int | None) -> list[Example]:
-    rows = _derive(read_rows(path, cfg.columns), cfg.derive)
+    rows = derive_columns(read_rows(path, cfg.columns), cfg.derive)
     if limit:
         rows = rows[:limit]
     return build_examples(tokenizer, rows, cfg, path)

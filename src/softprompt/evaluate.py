@@ -1,13 +1,10 @@
-"""Metrics: classification by label-word scoring, exact match, loss and perplexity.
+"""Evaluation through the inference engine (``softprompt eval``): classification by label-word
+scoring, exact match, loss and perplexity, of the plain model, one prompt or an ensemble.
 
-Classification compares the log-likelihood of every label word's full token sequence after
-the input (optionally divided by its token count), never just the first token. Two ways in:
-
-* a scorer ``score(batch) -> (B,)`` of summed target log-probabilities (``classify_metrics``),
-  which serves training-time evaluation and any method (prompt, LoRA, full fine-tuning);
-* the inference engine (``evaluate``, behind ``softprompt eval``): every example x prompt is a
-  row of one mixed batch, each row scores all label words on one copy of its context; several
-  prompts form an ensemble (mean of label probabilities, and majority vote).
+Every example x prompt is a row of one mixed engine batch, each row scores all label words on
+one copy of its context; several prompts form an ensemble (mean of label probabilities, and
+majority vote). The metrics themselves (label scoring through any scorer, accuracy and
+confusion) live in ``metrics.py``, which training uses too.
 
 Data defaults come, in order, from the user's flags, the first prompt's stored metadata
 (template, verbalizer, target/text column), and the task recipe.
@@ -16,92 +13,16 @@ Data defaults come, in order, from the user's flags, the first prompt's stored m
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable
 
 import torch
 
 from softprompt import data as D
+from softprompt import metrics as M
+from softprompt import recipes
 from softprompt.config import DataConfig, EvalConfig, GenerateConfig, UserError
 
 log = logging.getLogger(__name__)
-
-Scorer = Callable[[dict], torch.Tensor]
-
-
-def candidate_examples(tokenizer, ex: D.Example, words: list[str]) -> list[D.Example]:
-    """One example per label word: the example's input followed by that word."""
-    src = ex.input_ids[: ex.source_len]
-    out = []
-    for w in words:
-        tgt = tokenizer(D.target_text(ex.source_text, w), add_special_tokens=False)["input_ids"]
-        out.append(D.Example(input_ids=src + tgt, labels=[D.IGNORE] * len(src) + tgt, source_len=len(src)))
-    return out
-
-
-def label_scores(score: Scorer, tokenizer, examples: list[D.Example], words: list[str], pad_id: int,
-                 batch_size: int = 16, normalize: bool = False, fast: bool = True) -> torch.Tensor:
-    """(n_examples, n_labels) log-likelihood of each label word, batched over all candidates.
-
-    Fast path, exact (tests/test_eval.py): when every label word is one token after every input,
-    all label words are read off one distribution, so each example is one row instead of one row
-    per label word (the scorer gets ``choices``, see ``forward.sequence_logprobs``). ``fast=False``
-    scores every (example, label word) as its own row, the reference.
-    """
-    single = single_token_choices(tokenizer, examples, words) if fast else None
-    if single is not None:
-        out = []
-        for s in range(0, len(examples), batch_size):
-            rows, choices = single[0][s : s + batch_size], single[1][s : s + batch_size]
-            out.append(score({**D.collate(rows, pad_id), "choices": choices}))
-        return torch.cat(out).view(len(examples), len(words))
-    cands = [c for ex in examples for c in candidate_examples(tokenizer, ex, words)]
-    out = []
-    for s in range(0, len(cands), batch_size):
-        chunk = cands[s : s + batch_size]
-        lp = score(D.collate(chunk, pad_id))
-        if normalize:
-            lp = lp / torch.tensor([sum(1 for t in c.labels if t != D.IGNORE) for c in chunk], dtype=lp.dtype)
-        out.append(lp)
-    return torch.cat(out).view(len(examples), len(words))
-
-
-def single_token_choices(tokenizer, examples: list[D.Example], words: list[str]):
-    """(one row per example, (n, L) label token ids) when every label word is a single token after
-    every input (which then has at least one token), else None."""
-    rows, choices = [], []
-    for ex in examples:
-        ids = label_targets(tokenizer, ex, words)
-        if ex.source_len < 1 or any(len(t) != 1 for t in ids):
-            return None
-        src = ex.input_ids[: ex.source_len]
-        rows.append(D.Example(input_ids=src + [ids[0][0]], labels=[D.IGNORE] * len(src) + [ids[0][0]], source_len=len(src)))
-        choices.append([t[0] for t in ids])
-    return rows, torch.tensor(choices, dtype=torch.long)
-
-
-def accuracy_report(scores: torch.Tensor, examples: list[D.Example], labels: list[str]) -> dict:
-    """accuracy and confusion matrix (rows = gold, columns = predicted, in ``labels`` order)."""
-    pred = scores.argmax(-1).tolist()
-    gold = [labels.index(e.label) for e in examples]
-    conf = [[0] * len(labels) for _ in labels]
-    for g, p in zip(gold, pred):
-        conf[g][p] += 1
-    acc = sum(g == p for g, p in zip(gold, pred)) / max(1, len(gold))
-    return {"accuracy": acc, "confusion": conf, "labels": labels}
-
-
-def classify_metrics(score: Scorer, tokenizer, examples, verbalizer: dict[str, str], pad_id: int,
-                     batch_size: int = 16, normalize: bool = False) -> dict:
-    labels = list(verbalizer)
-    s = label_scores(score, tokenizer, examples, [verbalizer[k] for k in labels], pad_id, batch_size, normalize)
-    return accuracy_report(s, examples, labels)
-
-
-def loss_metrics(mean_loss: float) -> dict:
-    return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0))}
-
 
 # ---------------------------------------------------------------- evaluation through the engine
 
@@ -128,7 +49,7 @@ def data_config(engine, ecfg: EvalConfig, user: dict) -> tuple[DataConfig, dict 
                             ecfg.prompts[0], ecfg.prompts[0])
         user = {**stored, **user}
     if ecfg.task:
-        cfg, recipe = D.task_data_config(ecfg.task, **user)
+        cfg, recipe = recipes.task_data_config(ecfg.task, **user)
         return cfg, recipe
     if not user.get("template") and not user.get("text_column"):
         raise UserError("say what to evaluate: --template TPL --target-column C (or --text-column C), "
@@ -141,16 +62,7 @@ def load_examples(tokenizer, cfg: DataConfig, recipe: dict | None, ecfg: EvalCon
     """The recipe's split, or ``path`` (a data file; with a task, the recipe gives only settings)."""
     if recipe is None or path:
         return D.load_file(tokenizer, cfg, path or cfg.path, ecfg.limit)
-    spec = D.split_spec(recipe, ecfg.split)
-    if spec is None:
-        have = [k for k in ("eval", "test") if recipe.get(k)]
-        raise UserError(f"task {ecfg.task!r} has no {ecfg.split!r} split; it has: {', '.join(have) or 'none'}")
-    return D.load_split(tokenizer, cfg, spec, limit=ecfg.limit)
-
-
-def label_targets(tokenizer, ex: D.Example, words: list[str]) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(tokenizer(D.target_text(ex.source_text, w), add_special_tokens=False)["input_ids"])
-                 for w in words)
+    return recipes.named_split(tokenizer, cfg, recipe, ecfg.task, ecfg.split, ecfg.limit)
 
 
 def engine_label_scores(engine, examples: list[D.Example], words: list[str], prompts: list[str | None],
@@ -159,7 +71,7 @@ def engine_label_scores(engine, examples: list[D.Example], words: list[str], pro
     from softprompt.inference.engine import ScoreRow
 
     tok = engine.lm.tokenizer
-    targets = [label_targets(tok, ex, words) for ex in examples]
+    targets = [M.label_targets(tok, ex, words) for ex in examples]
     rows = [ScoreRow(tuple(ex.input_ids[: ex.source_len]), t, p) for p in prompts for ex, t in zip(examples, targets)]
     res = score_in_blocks(engine, rows)
     lp = torch.tensor([r.logprobs for r in res], dtype=torch.float64)  # (K*n, L)
@@ -183,26 +95,19 @@ def ensemble_probs(scores: torch.Tensor) -> torch.Tensor:
     return scores.softmax(-1)
 
 
-def _report(pred: list[int], gold: list[int], n_labels: int) -> dict:
-    conf = [[0] * n_labels for _ in range(n_labels)]
-    for g, p in zip(gold, pred):
-        conf[g][p] += 1
-    return {"accuracy": sum(g == p for g, p in zip(gold, pred)) / max(1, len(gold)), "confusion": conf}
-
-
 def classification_report(scores: torch.Tensor, examples, labels: list[str], names: list[str]) -> dict:
     """Metrics of (K, n, L) scores; K > 1 adds the ensemble (mean probability and majority vote)."""
     gold = [labels.index(e.label) for e in examples]
     probs = ensemble_probs(scores)  # (K, n, L)
     mean = probs.mean(0)  # (n, L)
-    out = {"n": len(examples), **_report(mean.argmax(-1).tolist(), gold, len(labels)), "labels": labels}
+    out = {"n": len(examples), **M.confusion_report(mean.argmax(-1).tolist(), gold, len(labels)), "labels": labels}
     if scores.shape[0] > 1:
         votes = torch.nn.functional.one_hot(scores.argmax(-1), len(labels)).sum(0).double()  # (n, L)
         vote_pred = (votes + 0.5 * mean).argmax(-1).tolist()  # ties broken by mean probability
         out["ensemble"] = {
-            "mean_probability": _report(mean.argmax(-1).tolist(), gold, len(labels)),
-            "majority_vote": _report(vote_pred, gold, len(labels)),
-            "members": {n: _report(scores[k].argmax(-1).tolist(), gold, len(labels))["accuracy"]
+            "mean_probability": M.confusion_report(mean.argmax(-1).tolist(), gold, len(labels)),
+            "majority_vote": M.confusion_report(vote_pred, gold, len(labels)),
+            "members": {n: M.confusion_report(scores[k].argmax(-1).tolist(), gold, len(labels))["accuracy"]
                         for k, n in enumerate(names)},
         }
     return out
@@ -226,7 +131,7 @@ def generation_report(engine, examples: list[D.Example], prompt: str | None, max
     res = score_in_blocks(engine, rows)
     n_tok = sum(r.n_tokens[0] for r in res)
     loss = -sum(r.logprobs[0] for r in res) / n_tok
-    out = {"n": len(examples), **loss_metrics(loss), "target_tokens": n_tok}
+    out = {"n": len(examples), **M.loss_metrics(loss), "target_tokens": n_tok}
     if all(ex.source_len > 0 for ex in examples):  # input -> target mode: exact match
         out["exact_match"] = _exact_match(engine, examples, prompt, max_new_tokens, tok)
     return out

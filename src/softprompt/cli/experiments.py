@@ -79,7 +79,7 @@ def compare_config(a) -> CompareConfig:
 
 
 def cmd_compare(a) -> int:
-    from softprompt import models
+    from softprompt import models, recipes
     from softprompt.experiments import compare, compare_report
     from softprompt.provenance import write_json
 
@@ -104,7 +104,7 @@ def cmd_compare(a) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     lm = models.load(a.model)
-    tag = a.tag or compare_report.task_name(a.task, dcfg)
+    tag = a.tag or recipes.task_name(a.task, dcfg.path)
     journal = out / f"compare_{tag}.runs.jsonl"
     doc = compare.run(lm, dcfg, a.task, ccfg, tcfg, pcfg, progress=not a.quiet, say=say, journal=journal, resume=a.resume)
     doc["tag"], doc["command"] = tag, command

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from softprompt import evaluate as E
+from softprompt import metrics as E
 from softprompt.config import (
     COMPARE_MIXED_BATCH as MIXED_BATCH,
 )

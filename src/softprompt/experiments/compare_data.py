@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from softprompt import data as D
+from softprompt import recipes
 from softprompt.config import DataConfig, UserError, data_root
 
 TEST_FRACTION = 0.2  # share of the training file carved out as test when there is no test file
@@ -45,7 +46,7 @@ def sources(
     root = data_root()
 
     def spec_source(spec: dict, limit: int | None = None) -> Source:
-        return Source(root / spec["path"], lambda c: D.load_split(tokenizer, c, spec, limit=limit))
+        return Source(root / spec["path"], lambda c: recipes.load_split(tokenizer, c, spec, limit=limit))
 
     def file_source(path: str, limit: int | None = None) -> Source:
         return Source(Path(path), lambda c: D.load_file(tokenizer, c, path, limit))
@@ -54,8 +55,7 @@ def sources(
         test = file_source(cfg.eval_path) if cfg.eval_path else None
         return file_source(cfg.path, cfg.limit), None, test
     train = spec_source(recipe["train"], cfg.limit)
-    test_spec = recipe.get("test") or recipe.get("eval")
-    dev_spec = recipe.get("eval") if recipe.get("test") else None
+    test_spec, dev_spec = recipes.test_spec(recipe), recipes.dev_spec(recipe)
     return (
         train,
         spec_source(dev_spec) if dev_spec else None,
@@ -121,9 +121,7 @@ def load_splits(
     """The pool, dev and test of a task (recipe) or of user data (``data_cfg``)."""
     recipe: dict = {}
     if task:
-        from softprompt.training.tune import _overrides
-
-        data_cfg, recipe = D.task_data_config(task, **_overrides(data_cfg))
+        data_cfg, recipe = recipes.task_data_config(task, **recipes.user_overrides(data_cfg))
     if not data_cfg.verbalizer:
         raise UserError(
             "compare needs a classification task: a --verbalizer (or a task recipe with one)"

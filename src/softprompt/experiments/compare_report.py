@@ -13,6 +13,7 @@ import json
 import statistics
 from pathlib import Path
 
+from softprompt import recipes
 from softprompt.config import UserError
 from softprompt.provenance import (
     atomic_write,
@@ -107,11 +108,6 @@ def targets(summary: list[dict], total_s: float) -> list[dict]:
     return out
 
 
-def task_name(task: str | None, cfg) -> str:
-    """The task recipe's name, or the training file's stem: the default result tag."""
-    return task or Path(cfg.path or "data").stem
-
-
 def document(
     ctx, task: str | None, runs: list[dict], total_s: float, load_start, unchanged: bool
 ) -> dict:
@@ -121,7 +117,7 @@ def document(
     summary, lm, cfg = summarize(runs), ctx.lm, ctx.splits.cfg
     return {
         "schema": SCHEMA,
-        "task": task_name(task, cfg),
+        "task": recipes.task_name(task, cfg.path),
         "created": stamp(),
         "git": git_revision(),
         "versions": versions(),

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from softprompt import data as D
-from softprompt import evaluate as E
+from softprompt import metrics as E
 from softprompt import store
 from softprompt.config import UserError
 from softprompt.forward import sequence_logprobs
@@ -74,13 +74,13 @@ def importance(model, tokenizer, prompt: torch.Tensor, examples: list[D.Example]
 
 def eval_examples(tokenizer, meta: dict, limit: int) -> tuple[list[D.Example], dict | None]:
     """The evaluation rows a stored prompt's metadata points at (its task's dev split)."""
+    from softprompt import recipes
     from softprompt.config import DataConfig
-    from softprompt.training import tune as TR
 
     data = meta.get("data") or {}
     if meta.get("task"):
         try:
-            _, dev, cfg = TR.load_task_or_data(tokenizer, DataConfig(), meta["task"], int(meta.get("seed") or 0))
+            _, dev, cfg = recipes.train_dev(tokenizer, DataConfig(), meta["task"], int(meta.get("seed") or 0))
         except UserError as e:
             raise UserError(f"importance: cannot load the prompt's task {meta['task']!r} ({e}); use --no-importance") from None
     elif data.get("path"):

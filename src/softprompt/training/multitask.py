@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from softprompt import data as D
-from softprompt import evaluate as E
-from softprompt import store
+from softprompt import metrics as E
+from softprompt import recipes, store
 from softprompt.config import DataConfig, MultitaskConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import sequence_logprobs
 from softprompt.training import tune as TR
@@ -50,10 +50,6 @@ class TaskData:
     recipe: dict
 
 
-def task_name(task: str) -> str:
-    return Path(task).stem if task.endswith(".json") else task
-
-
 def sample(examples: list, n: int | None, seed: int) -> list:
     """A seeded sample of ``n`` items in their original order (all of them when n is None)."""
     if n is None or n >= len(examples):
@@ -64,7 +60,7 @@ def sample(examples: list, n: int | None, seed: int) -> list:
 
 def load_task(tokenizer, task: str, n_train: int | None, n_dev: int, seed: int, index: int | None = None) -> TaskData:
     """A task's training sample and dev sample; examples tagged with ``index`` (their task id)."""
-    train, dev, cfg = TR.load_task_or_data(tokenizer, DataConfig(), task, seed)
+    train, dev, cfg = recipes.train_dev(tokenizer, DataConfig(), task, seed)
     if not cfg.verbalizer:
         raise UserError(f"task {task!r} has no verbalizer (label words); multitask and continual need classification tasks")
     train, dev = sample(train, n_train, seed), sample(dev, n_dev, seed)
@@ -72,15 +68,15 @@ def load_task(tokenizer, task: str, n_train: int | None, n_dev: int, seed: int, 
         raise UserError(f"task {task!r}: needs training and dev rows, got {len(train)} and {len(dev)}")
     if index is not None:
         train = [dataclasses.replace(e, task=index) for e in train]
-    return TaskData(task_name(task), cfg, train, dev, D.load_task(task))
+    return TaskData(recipes.task_name(task), cfg, train, dev, recipes.load_task(task))
 
 
 def load_test(tokenizer, td: TaskData, limit: int | None, seed: int) -> list[D.Example]:
     """The task's test split (its dev split when it has none), a seeded sample of ``limit`` rows."""
-    spec = td.recipe.get("test") or td.recipe.get("eval")
+    spec = recipes.test_spec(td.recipe)
     if spec is None:
         return td.dev
-    return sample(D.load_split(tokenizer, td.cfg, spec), limit, seed)
+    return sample(recipes.load_split(tokenizer, td.cfg, spec), limit, seed)
 
 
 def accuracy(model, prompt: torch.Tensor | None, tokenizer, examples, cfg: DataConfig, batch_size: int = 16,
@@ -129,7 +125,7 @@ def train_multitask(lm, mcfg: MultitaskConfig, prompt_cfg: PromptConfig, train_c
                     resume: bool = False, progress: bool = False, save: bool = True, force: bool = False) -> MultitaskResult:
     """Train the shared prompt and the task modulations on a mix of tasks; store every prompt."""
     torch.manual_seed(train_cfg.seed)
-    names = [task_name(t) for t in mcfg.tasks]
+    names = [recipes.task_name(t) for t in mcfg.tasks]
     for n in [name] + [f"{name}-{t}" for t in names]:
         store.check_name(n)
     tok = lm.tokenizer

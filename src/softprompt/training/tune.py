@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from softprompt import data as D
-from softprompt import store
+from softprompt import recipes, store
 from softprompt.config import TrainConfig
 from softprompt.training import distributed
 from softprompt.training.loop import FitResult, eval_loss, fit
@@ -41,33 +40,9 @@ class TrainResult:
     meta: dict
 
 
-def load_task_or_data(tokenizer, data_cfg, task: str | None, seed: int):
-    """(train examples, eval examples, DataConfig actually used)."""
-    if task:
-        data_cfg, recipe = D.task_data_config(task, **_overrides(data_cfg))
-        train = D.load_split(tokenizer, data_cfg, recipe["train"], limit=data_cfg.limit)
-        if data_cfg.eval_path:
-            ev = D.load_file(tokenizer, data_cfg, data_cfg.eval_path, data_cfg.eval_limit)
-        elif recipe.get("eval"):
-            ev = D.load_split(tokenizer, data_cfg, recipe["eval"], limit=data_cfg.eval_limit)
-        else:
-            return (*D.split_dev(train, data_cfg, seed), data_cfg)
-        return train, ev, data_cfg
-    train, ev = D.load_train_eval(tokenizer, data_cfg, seed)
-    return train, ev, data_cfg
-
-
-def _overrides(cfg) -> dict:
-    """User options that override a task recipe (those different from the defaults)."""
-    from softprompt.config import DataConfig
-
-    default = DataConfig()
-    return {k: v for k, v in cfg.to_dict().items() if v != getattr(default, k)}
-
-
 def make_evaluator(method, tokenizer, eval_examples, data_cfg, cfg: TrainConfig, pad_id: int):
     """Eval-set metrics after each epoch; 'score' (higher is better) drives early stopping."""
-    from softprompt import evaluate as E
+    from softprompt import metrics as E
 
     if not eval_examples:
         return None
@@ -142,7 +117,7 @@ def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = N
     if name is not None:
         store.check_name(name)
     tok = lm.tokenizer
-    train_ex, eval_ex, data_cfg = load_task_or_data(tok, data_cfg, task, train_cfg.seed)
+    train_ex, eval_ex, data_cfg = recipes.train_dev(tok, data_cfg, task, train_cfg.seed)
     ranking = None
     if prompt_cfg.init == "transfer":  # SPoT-style: the stored prompt that suits this data best
         from softprompt.training.transfer import rank_sources

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import os
 import platform
 import random
@@ -29,19 +28,16 @@ if str(REPO / "src") not in sys.path:  # the package may not be pip-installed ye
 
 import torch  # noqa: E402
 
+from softprompt import data as D  # noqa: E402
+from softprompt.data import IGNORE  # noqa: E402
+from softprompt.provenance import atomic_write, write_json  # noqa: E402
+
 THREADS = 2
 SEED = 0
-IGNORE = -100
 Example = tuple[list[int], list[int]]  # (input_ids, labels with IGNORE where no target)
 
 
 # ---------------------------------------------------------------- data
-
-
-def data_root() -> Path:
-    """``$SOFTPROMPT_DATA``, else ``../shared/data`` next to the repository root."""
-    env = os.environ.get("SOFTPROMPT_DATA")
-    return Path(env) if env else (REPO.parent / "shared" / "data").resolve()
 
 
 def read_label_lines(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
@@ -75,28 +71,18 @@ def target_example(tokenizer, source: str, target: str, max_length: int) -> Exam
     return src + tgt, [IGNORE] * len(src) + tgt
 
 
+def _examples(examples: list[Example]) -> list[D.Example]:
+    return [D.Example(input_ids=list(x), labels=list(y), source_len=0) for x, y in examples]
+
+
 def bucketed_batches(examples: list[Example], batch_size: int, seed: int = SEED) -> list[list[int]]:
-    """Shuffle, sort by length inside windows of 50 batches, then shuffle the batches."""
-    rng = random.Random(seed)
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    window, batches = batch_size * 50, []
-    for s in range(0, len(order), window):
-        chunk = sorted(order[s : s + window], key=lambda i: len(examples[i][0]))
-        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
+    """The package's length-bucketed batch order (``data.bucketed_batches``, epoch 0)."""
+    return D.bucketed_batches(_examples(examples), batch_size, seed, 0)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row: input_ids, attention_mask, labels, all (B, T)."""
-    B, T = len(examples), max(len(ids) for ids, _ in examples)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
-        ids[i, : len(x)], mask[i, : len(x)], labels[i, : len(y)] = torch.tensor(x), 1, torch.tensor(y)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """The package's right-padding collate (``data.collate``): input_ids, attention_mask, labels."""
+    return D.collate(_examples(examples), pad_id)
 
 
 # ---------------------------------------------------------------- models
@@ -193,9 +179,7 @@ def _fmt(value: Any) -> str:
 def write_results(name: str, payload: dict, markdown: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    js.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    md.write_text(markdown)
-    return js, md
+    return write_json(payload, js, indent=2), atomic_write(md, markdown)
 
 
 # ---------------------------------------------------------------- a shared machine

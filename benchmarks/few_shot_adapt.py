@@ -24,7 +24,6 @@ Writes benchmarks/results/few_shot_adapt.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,6 +37,7 @@ import torch  # noqa: E402
 
 from softprompt import models  # noqa: E402
 from softprompt.config import PromptConfig, TrainConfig  # noqa: E402
+from softprompt.provenance import atomic_write, write_json  # noqa: E402
 from softprompt.training import loop as LP  # noqa: E402
 from softprompt.training import methods as M  # noqa: E402
 from softprompt.training import multitask as MT  # noqa: E402
@@ -193,9 +193,9 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "few_shot_adapt" + ("_quick" if a.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_json(doc, out / f"{stem}.json")
     plot(doc, out / f"{stem}.png")
-    (out / f"{stem}.md").write_text(markdown(doc).replace("few_shot_adapt.png", f"{stem}.png"))
+    atomic_write(out / f"{stem}.md", markdown(doc).replace("few_shot_adapt.png", f"{stem}.png"))
     say(markdown(doc))
     return 0
 

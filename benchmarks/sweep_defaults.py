@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from softprompt import models  # noqa: E402
 from softprompt.cli.quickstart import walkthrough_data  # noqa: E402
 from softprompt.config import DataConfig, PromptConfig, TrainConfig  # noqa: E402
+from softprompt.provenance import atomic_write, write_json  # noqa: E402
 from softprompt.training.tune import train  # noqa: E402
 
 CLS_GRID = [(0.03, "random"), (0.3, "labels"), (0.3, "random"), (0.03, "labels"), (0.3, "vocab")]
@@ -88,7 +89,7 @@ def write(rows_cls, rows_lm, args) -> None:
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": "smollm2-135m", "seed": 0, "torch": torch.__version__, "args": vars(args)}
-    (out / "sweep_defaults.json").write_text(json.dumps({"meta": meta, "classification": rows_cls, "lm": rows_lm}, indent=2))
+    write_json({"meta": meta, "classification": rows_cls, "lm": rows_lm}, out / "sweep_defaults.json", indent=2)
     lines = ["# Hyper-parameter sweep for the defaults", "",
              f"Produced by `python benchmarks/sweep_defaults.py` on SmolLM2-135M, seed 0. SST-2: first {args.train_rows} training rows, "
              f"{args.cls_epochs} epochs, batch 16, N=20; dev accuracy on the first {args.eval_rows} dev rows after each epoch.", "",
@@ -100,7 +101,7 @@ def write(rows_cls, rows_lm, args) -> None:
               "| N | init | lr | train loss per epoch | final |", "|---|---|---|---|---|"]
     for r in rows_lm:
         lines.append(f"| {r['N']} | {r['init']} | {r['lr']} | {', '.join(f'{x:.3f}' for x in r['epoch_train_loss'])} | {r['final_train_loss']:.3f} |")
-    (out / "sweep_defaults.md").write_text("\n".join(lines) + "\n")
+    atomic_write(out / "sweep_defaults.md", "\n".join(lines) + "\n")
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import statistics
@@ -41,11 +42,11 @@ def prompts_csv(quick: bool) -> Path:
     if path.is_file() or not quick:
         return path
     out = Path(tempfile.mkdtemp(prefix="sp-bench-")) / "prompts.csv"
-    with out.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["act", "prompt"])
-        w.writerows([[f"act {i}", s] for i, s in enumerate(common.synthetic_sentences(ROWS))])
-    return out
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["act", "prompt"])
+    w.writerows([[f"act {i}", s] for i, s in enumerate(common.synthetic_sentences(ROWS))])
+    return common.atomic_write(out, buf.getvalue())
 
 
 def epoch_means(losses: list[float], epochs: int) -> list[float]:

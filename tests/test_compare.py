@@ -22,6 +22,7 @@ from softprompt.config import (
 )
 from softprompt.experiments import compare as C
 from softprompt.experiments import compare_data as CD
+from softprompt.experiments import compare_plots
 from softprompt.experiments import compare_report as R
 from softprompt.forward import sequence_logprobs
 from softprompt.provenance import write_json
@@ -124,7 +125,7 @@ def test_every_method_end_to_end_base_unchanged(tiny_lm, toy_csv, tmp_path):
     for m in COMPARE_METHODS:
         assert any(line.startswith(f"| {m} |") for line in rows), m
     assert "A hand-written note." in text and back["command"] in text
-    for kind, _ in R.PLOTS:
+    for kind, _ in compare_plots.PLOTS:
         png = tmp_path / f"compare_toy_{kind}.png"
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
 

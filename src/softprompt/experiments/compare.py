@@ -16,12 +16,7 @@ and plots.
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
-import os
-import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -41,9 +36,11 @@ from softprompt.config import (
     DataConfig,
     PromptConfig,
     TrainConfig,
-    UserError,
 )
 from softprompt.experiments import compare_data as CD
+from softprompt.experiments.compare_runs import Journal
+from softprompt.experiments.measure import PeakMemory, latency_ms, weights_digest
+from softprompt.provenance import loadavg
 from softprompt.training import methods as M
 from softprompt.training import tune as TR
 from softprompt.training.loop import fit, plan_steps
@@ -61,66 +58,6 @@ def quick(cfg: CompareConfig) -> CompareConfig:
         few_shot_tokens=min(cfg.few_shot_tokens, 128),
         few_shot_max_k=4,
     )
-
-
-# ---------------------------------------------------------------- measurements
-
-
-class PeakMemory:
-    """Peak resident memory above the level at entry, sampled every 10 ms from /proc/self/statm
-    (Linux); elsewhere the growth of ru_maxrss, which only sees new process-wide peaks."""
-
-    def __enter__(self):
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def delta_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
-
-
-def latency_ms(
-    score, tokenizer, examples, verbalizer: dict[str, str], pad_id: int, n: int
-) -> float:
-    """Median wall time to classify one request (its label words scored as one batch)."""
-    words = list(verbalizer.values())
-    times = []
-    for ex in [examples[0]] + examples[:n]:  # the first call warms up and is not counted
-        t0 = time.perf_counter()
-        E.label_scores(score, tokenizer, [ex], words, pad_id, batch_size=len(words))
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times[1:])
-
-
-def weights_digest(model) -> str:
-    """sha256 over every tensor of the state dict, bit for bit."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- one comparison's shared state
@@ -348,48 +285,23 @@ def run_one(ctx: Context, n: int | None, seed: int, method: str) -> dict:
     return r
 
 
-class Journal:
-    """Finished runs of one comparison, one JSON line each, so an interrupted comparison (hours
-    on a CPU) continues where it stopped (``--resume``) instead of starting again.
-
-    The first line is the comparison's settings; a journal written for other settings is never
-    mixed in. Each line is appended and flushed whole, so a kill loses at most the run under way.
-    """
-
-    def __init__(self, path: Path, settings: dict, resume: bool):
-        self.path, self.done = path, {}
-        head = json.dumps({"settings": settings}, sort_keys=True, default=str)
-        if path.exists():
-            lines = path.read_text().splitlines()
-            if not resume:
-                raise UserError(
-                    f"{path} holds {max(0, len(lines) - 1)} finished runs of an interrupted comparison: "
-                    "add --resume to continue it, or delete the file to start again"
-                )
-            if not lines or lines[0] != head:
-                raise UserError(
-                    f"--resume: {path} was written for other settings (model, data or options); "
-                    "rerun with the same options, or delete the file to start again"
-                )
-            for line in lines[1:]:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by a kill: that run is done again
-                self.done[self.key(r["train_size"], r["seed"], r["method"])] = r
+def run_all(ctx: Context, book: Journal | None, t_start: float) -> list[dict]:
+    """Every (size, seed, method) of the plan in order; finished ones come from the journal."""
+    runs, jobs, outer = [], plan(ctx.ccfg), ctx.say
+    for i, (n, seed, method) in enumerate(jobs, 1):
+        head = f"[{i}/{len(jobs)} {time.perf_counter() - t_start:.0f}s] {method} n={n or 'all'} seed={seed}"
+        ctx.say = lambda msg, head=head: outer(f"{head}: {msg}")
+        done = book.done.get(Journal.key(n, seed, method)) if book else None
+        if done is None:
+            ctx.say("start")
+            runs.append(run_one(ctx, n, seed, method))
+            if book:
+                book.add(runs[-1])
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(head + "\n")
-
-    @staticmethod
-    def key(n: int | None, seed: int | None, method: str) -> str:
-        return f"{method}/{n}/{None if method == 'zero-shot' else seed}"
-
-    def add(self, r: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(r, sort_keys=True, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            runs.append(done)
+        ctx.say(f"test accuracy {runs[-1]['test_accuracy']:.4f} ({runs[-1]['wall_s']:.0f}s{', from the journal' if done else ''})")
+    ctx.say = outer
+    return runs
 
 
 def run(
@@ -409,25 +321,10 @@ def run(
     from softprompt.experiments import compare_report as R
 
     t_start = time.perf_counter()
-    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    splits = CD.load_splits(
-        lm.tokenizer,
-        data_cfg,
-        task,
-        eval_limit=ccfg.eval_limit,
-        test_limit=ccfg.test_limit,
-        dev_fraction=ccfg.dev_fraction,
-        data_seed=ccfg.data_seed,
-    )
-    ctx = Context(
-        lm,
-        splits,
-        ccfg,
-        tcfg or TrainConfig(),
-        pcfg or PromptConfig(),
-        say or (lambda _: None),
-        progress,
-    )
+    load_start = loadavg()
+    splits = CD.load_splits(lm.tokenizer, data_cfg, task, eval_limit=ccfg.eval_limit, test_limit=ccfg.test_limit,
+                            dev_fraction=ccfg.dev_fraction, data_seed=ccfg.data_seed)
+    ctx = Context(lm, splits, ccfg, tcfg or TrainConfig(), pcfg or PromptConfig(), say or (lambda _: None), progress)
     before = weights_digest(lm.model)
     with tempfile.TemporaryDirectory() as tmp:
         ctx.base_bytes = M.save_weights(lm.model, Path(tmp))
@@ -441,20 +338,7 @@ def run(
         book = Journal(journal, settings, resume)
         if book.done:
             ctx.say(f"resuming: {len(book.done)} finished runs taken from {journal}")
-    runs, jobs, outer = [], plan(ccfg), ctx.say
-    for i, (n, seed, method) in enumerate(jobs, 1):
-        head = f"[{i}/{len(jobs)} {time.perf_counter() - t_start:.0f}s] {method} n={n or 'all'} seed={seed}"
-        ctx.say = lambda msg, head=head: outer(f"{head}: {msg}")
-        done = book.done.get(Journal.key(n, seed, method)) if book else None
-        if done is None:
-            ctx.say("start")
-            runs.append(run_one(ctx, n, seed, method))
-            if book:
-                book.add(runs[-1])
-        else:
-            runs.append(done)
-        ctx.say(f"test accuracy {runs[-1]['test_accuracy']:.4f} ({runs[-1]['wall_s']:.0f}s{', from the journal' if done else ''})")
-    ctx.say = outer
+    runs = run_all(ctx, book, t_start)
     unchanged = weights_digest(lm.model) == before
     if not unchanged:  # a bug, never a user error: the comparison would be unfair
         raise RuntimeError("the shared base model changed during the comparison")

@@ -143,7 +143,7 @@ def run(lm, ccfg: ContinualConfig, pcfg: PromptConfig, tcfg: TrainConfig, say=lo
     t0 = time.perf_counter()
     results = [run_method(kind, lm, tasks, pcfg, tcfg, ccfg, say) for kind in ccfg.methods]
     return {
-        "schema": "softprompt.experiments.continual/1",
+        "schema": "softprompt.continual/1",
         "tasks": [t.data.name for t in tasks],
         "n_train": [len(t.data.train) for t in tasks], "n_test": [len(t.test) for t in tasks],
         "config": ccfg.to_dict(), "prompt_config": pcfg.to_dict(), "train_config": tcfg.to_dict(),

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-IGNORE = -100
+from softprompt.data import IGNORE
 
 
 def embed(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, EncoderDecoderCache
 
-IGNORE = -100
+from softprompt.data import IGNORE
 
 
 def _start_id(model) -> int:

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from softprompt.config import UserError
+from softprompt.data import IGNORE
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 
 
 @dataclass(frozen=True)

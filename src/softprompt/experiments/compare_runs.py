@@ -1,0 +1,54 @@
+"""The journal of a comparison's finished runs (``softprompt compare --resume``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from softprompt.config import UserError
+from softprompt.provenance import atomic_write
+
+
+class Journal:
+    """Finished runs of one comparison, one JSON line each, so an interrupted comparison (hours
+    on a CPU) continues where it stopped (``--resume``) instead of starting again.
+
+    The first line is the comparison's settings; a journal written for other settings is never
+    mixed in. Each line is appended and flushed whole, so a kill loses at most the run under way.
+    """
+
+    def __init__(self, path: Path, settings: dict, resume: bool):
+        self.path, self.done = path, {}
+        head = json.dumps({"settings": settings}, sort_keys=True, default=str)
+        if path.exists():
+            lines = path.read_text().splitlines()
+            if not resume:
+                raise UserError(
+                    f"{path} holds {max(0, len(lines) - 1)} finished runs of an interrupted comparison: "
+                    "add --resume to continue it, or delete the file to start again"
+                )
+            if not lines or lines[0] != head:
+                raise UserError(
+                    f"--resume: {path} was written for other settings (model, data or options); "
+                    "rerun with the same options, or delete the file to start again"
+                )
+            for line in lines[1:]:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: that run is done again
+                self.done[self.key(r["train_size"], r["seed"], r["method"])] = r
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, head + "\n")
+
+    @staticmethod
+    def key(n: int | None, seed: int | None, method: str) -> str:
+        return f"{method}/{n}/{None if method == 'zero-shot' else seed}"
+
+    def add(self, r: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(r, sort_keys=True, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

@@ -1,7 +1,7 @@
 """The soft prompt: an ``(N, H)`` matrix and the initialisations from the literature.
 
 A prompt is a plain tensor. Creating it (this module) and combining it with inputs
-(``forward.py``) are separate, so at train time it is a Parameter and at serve time it is data
+(``forward/``) are separate, so at train time it is a Parameter and at serve time it is data
 gathered per row. Initialisations:
 
 * ``random``: normal with the mean and std of the model's embedding matrix (Lester et al. 2021

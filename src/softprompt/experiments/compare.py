@@ -1,8 +1,8 @@
 """The method comparison: hand-written prompts vs prompt tuning vs LoRA vs full fine-tuning.
 
-Fairness is by construction: every trained method runs through ``train.fit`` (same loop,
+Fairness is by construction: every trained method runs through ``loop.fit`` (same loop,
 schedule, batch order for a seed, step budget) and every method is scored by
-``evaluate.classify_metrics`` (the same label scoring); all methods see the same training set
+``metrics.classify_metrics`` (the same label scoring); all methods see the same training set
 for a (size, seed), the same dev set (early stopping, learning rate and template choice) and
 the same test set (``compare_data.py``). Each trained method gets a small learning-rate sweep
 and keeps the lr best on dev, so no method loses for a bad lr.
@@ -186,7 +186,7 @@ def steps_for(ctx: Context, n_train: int) -> int:
 
 
 def sweep_lr(ctx: Context, method: str, train, seed: int):
-    """``train.fit`` once per lr; (kept method with its best state loaded, its row, all rows)."""
+    """``loop.fit`` once per lr; (kept method with its best state loaded, its row, all rows)."""
     dev = ctx.splits.examples()[1]
     base = replace(ctx.tcfg, seed=seed, steps=steps_for(ctx, len(train)))
     rows, best = [], None
@@ -219,7 +219,7 @@ def sweep_lr(ctx: Context, method: str, train, seed: int):
 
 
 def run_trained(ctx: Context, method: str, train, seed: int) -> dict:
-    """The lr sweep through ``train.fit``; the kept state is scored on test and saved once."""
+    """The lr sweep through ``loop.fit``; the kept state is scored on test and saved once."""
     test = ctx.splits.examples()[2]
     m, row, rows = sweep_lr(ctx, method, train, seed)
     res = ctx.accuracy(m.score, test, ctx.splits.cfg)

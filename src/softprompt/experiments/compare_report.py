@@ -29,10 +29,10 @@ SCHEMA = "softprompt.compare/1"
 MEASURES = """\
 How each column is measured:
 - **test acc.**: label scoring (the summed log-likelihood of each label word's tokens after the
-  input, `evaluate.classify_metrics`; single-token label words are read off one distribution,
+  input, `metrics.classify_metrics`; single-token label words are read off one distribution,
   exactly), the same function and test rows for every method; mean and sample standard
   deviation over seeds (`±0` with one seed).
-- **lr**: each trained method runs `train.fit` once per learning rate of its sweep, with the same
+- **lr**: each trained method runs `loop.fit` once per learning rate of its sweep, with the same
   training rows, batch order (seeded), step budget, schedule and early stopping on the same dev
   set; the lr whose kept state is best on dev is the one scored on test.
 - **trainable params**: prompt = N x H; LoRA = `peft`'s `get_nb_trainable_parameters()`;
@@ -41,9 +41,9 @@ How each column is measured:
   the LoRA `adapter_model.safetensors` (`save_pretrained`), the full model's safetensors weights;
   for hand-written prompts, the template, demonstrations and verbalizer as UTF-8 text.
 - **bytes, K tasks**: one shared base model plus K per-task artifacts; full fine-tuning needs K models.
-- **train time**: `train.fit`'s wall time of the training steps for the kept lr (the dev
+- **train time**: `loop.fit`'s wall time of the training steps for the kept lr (the dev
   evaluation after each epoch is not counted; the whole sweep's total is in the JSON).
-- **peak mem**: peak resident memory above the level at the start of `train.fit` for the kept
+- **peak mem**: peak resident memory above the level at the start of `loop.fit` for the kept
   lr (for hand-written prompts: of the test scoring), sampled every 10 ms from
   `/proc/self/statm`: activations, gradients, AdamW state. LoRA and full fine-tuning also hold
   a private copy of the model (the model's bytes, above), made before this measurement starts.

@@ -1,6 +1,6 @@
 """Continual learning: tasks one after another, every task seen so far evaluated after each stage.
 
-Methods (all trained through ``train.fit``, all scored by label words on each task's test rows):
+Methods (all trained through ``loop.fit``, all scored by label words on each task's test rows):
 
 * ``prompt``: a new prompt per task on the frozen model. Earlier prompts and the model never
   change, so forgetting is exactly zero: earlier tasks' label scores are bit-identical after

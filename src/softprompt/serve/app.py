@@ -10,7 +10,7 @@ runs uvicorn (``softprompt serve``). Routes (details and examples in ``docs/serv
     POST /v1/classify               label + probabilities with the prompt's template/verbalizer
     GET  /v1/prompts[/{name}]  PUT/DELETE /v1/prompts/{name}    the prompt registry
 
-Batching (``batching.py``): handlers (asyncio) validate and tokenise, then queue a ``Job``
+Batching (``serve/scheduler.py``): handlers (asyncio) validate and tokenise, then queue a ``Job``
 (bounded: 429 + Retry-After when full); ONE worker thread owns the ``Engine`` and runs the
 classification rows of all requests as one mixed batch, and generation with continuous
 batching (``engine.StepBatch``: rows join and leave between decode steps). A client that

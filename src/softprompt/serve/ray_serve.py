@@ -19,7 +19,7 @@ One Serve application, three deployments:
   replica that Ray starts later (or restarts) replays it before serving. Ray Serve has no
   broadcast to replicas, hence this small log (``docs/design.md``).
 
-Invariants: only ``server.py`` knows HTTP semantics; this module moves bytes. ``ray`` is an
+Invariants: only ``serve/app.py`` knows HTTP semantics; this module moves bytes. ``ray`` is an
 optional extra (``pip install 'softprompt[ray]'``), imported when this module is.
 """
 

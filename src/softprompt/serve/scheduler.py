@@ -1,6 +1,6 @@
 """Cross-task dynamic batching for the HTTP server: a bounded queue and ONE worker thread.
 
-Request handlers (asyncio, ``server.py``) turn a request into a ``Job`` and ``submit`` it; a full
+Request handlers (asyncio, ``serve/app.py``) turn a request into a ``Job`` and ``submit`` it; a full
 queue is a 429 with Retry-After. The worker thread is the only code that touches the ``Engine``
 (bank, caches, model). Each iteration it
 
@@ -15,7 +15,7 @@ queue is a 429 with Retry-After. The worker thread is the only code that touches
 
 Results travel back to the event loop with ``loop.call_soon_threadsafe`` as events on the job's
 asyncio queue. A bad prompt fails only its own job; an unexpected exception fails the jobs in
-the batch, and the worker goes on. Only this module's ``Scheduler`` and ``server.py`` use it.
+the batch, and the worker goes on. Only this module's ``Scheduler`` and ``serve/app.py`` use it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The epoch checkpoint of the training loop (``train.fit``): save it, and resume from it.
+"""The epoch checkpoint of the training loop (``loop.fit``): save it, and resume from it.
 
 A checkpoint is safetensors (the method's state, the kept "best" state, AdamW moments) plus JSON
 (options, scheduler, counters, history), written atomically by ``store.save_checkpoint``; a

@@ -9,7 +9,7 @@ Training batches mix rows of every task (``data.bucketed_batches`` shuffles the 
 examples; each row carries its task index), and ``forward.mixed_prefix_loss`` prompts each row
 with its own task's prompt in the same forward: the K prompts' keys/values are computed once
 (batch K) and gathered per row. Gradients reach ``P*`` from every task, ``u_k, v_k`` from
-task k only. Training runs through the one loop, ``train.fit``.
+task k only. Training runs through the one loop, ``loop.fit``.
 
 What is stored: ``<name>`` is the shared prompt ``P*`` (the starting point for a new task:
 ``softprompt train --task NEW --init prompt:<name>``) and ``<name>-<task>`` is each task's

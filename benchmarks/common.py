@@ -65,8 +65,7 @@ def synthetic_sentences(n: int, seed: int = SEED) -> list[str]:
 
 def target_example(tokenizer, source: str, target: str, max_length: int) -> Example:
     """Input -> target row: labels only on the target tokens; the source is cut from the left."""
-    src = tokenizer(source, add_special_tokens=False)["input_ids"]
-    tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
+    src, tgt = D.encode(tokenizer, source), D.encode(tokenizer, target)
     src = src[-(max_length - len(tgt)) :]
     return src + tgt, [IGNORE] * len(src) + tgt
 

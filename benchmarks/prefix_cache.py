@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 from softprompt import store  # noqa: E402
 from softprompt.config import GenerateConfig  # noqa: E402
+from softprompt.data import encode  # noqa: E402
 from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest  # noqa: E402
 from softprompt.prompt import init_random  # noqa: E402
 
@@ -137,7 +138,7 @@ def main() -> None:
 
 
 def report(a, info, lm, text, lat, mem) -> None:
-    T = len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    T = len(encode(lm.tokenizer, text))
     ratios = {c: {k: {m: v["median"] / d["plain"]["median"] for m, v in d.items()} for k, d in kinds.items()}
               for c, kinds in lat.items()}
     met = {c: all(ratios[c]["request"][f"cached N={n}"] <= TARGET for n in SIZES) for c in ratios}

@@ -12,7 +12,7 @@ from softprompt import recipes, store
 from softprompt.cli import main
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.experiments import interpret as I
-from softprompt.prompt import make_prompt, token_ids
+from softprompt.prompt import encode, make_prompt
 from softprompt.training import tune as TR
 
 TEXT = "classify the sentiment of this review"
@@ -20,7 +20,7 @@ TEXT = "classify the sentiment of this review"
 
 def test_nearest_tokens_of_a_text_init_are_the_texts_tokens(tiny_lm):
     p = make_prompt(tiny_lm.model, tiny_lm.tokenizer, 6, "text", text=TEXT)
-    ids = token_ids(tiny_lm.tokenizer, TEXT)
+    ids = encode(tiny_lm.tokenizer, TEXT)
     want = tiny_lm.tokenizer.convert_ids_to_tokens((ids * 2)[:6])
     near = I.nearest_tokens(tiny_lm.model, tiny_lm.tokenizer, p, k=3)
     assert [n[0][0] for n in near] == want

@@ -7,7 +7,7 @@ import torch
 
 from softprompt import store
 from softprompt.config import DataConfig, PromptConfig, UserError
-from softprompt.prompt import COMMON_VOCAB, embedding_matrix, make_prompt, token_ids
+from softprompt.prompt import COMMON_VOCAB, embedding_matrix, encode, make_prompt
 from softprompt.training import tune as TR
 
 
@@ -27,7 +27,7 @@ def test_random_init_is_scaled_like_the_embeddings(tiny_lm):
 @pytest.mark.parametrize("n", [3, 11])
 def test_text_init_rows_are_the_text_token_embeddings_cycled(tiny_lm, n):
     text = "the movie was good"
-    ids = token_ids(tiny_lm.tokenizer, text)
+    ids = encode(tiny_lm.tokenizer, text)
     assert 1 < len(ids) < 11
     p = make_prompt(tiny_lm.model, tiny_lm.tokenizer, n, "text", text=text)
     emb = embedding_matrix(tiny_lm.model)
@@ -62,7 +62,7 @@ def test_labels_init_starts_with_mean_label_word_embeddings(tiny_lm):
     p = make_prompt(tiny_lm.model, tok, 6, "labels", seed=0, label_words=words)
     assert p.shape == (6, tiny_lm.hidden_size)
     for i, w in enumerate(words):
-        ids = token_ids(tok, " " + w)
+        ids = encode(tok, " " + w)
         assert torch.allclose(p[i], emb[ids].mean(0), atol=1e-7)
     vocab_rows = (p[2:].unsqueeze(1) == emb.unsqueeze(0)).all(-1).any(1)
     assert vocab_rows.all()  # the rest is the vocab init
@@ -79,8 +79,8 @@ def test_labels_init_through_train_uses_the_verbalizer(tiny_lm, toy_csv):
     )
     p = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4, init="labels"), d, seed=0)
     emb = embedding_matrix(tiny_lm.model).float()
-    assert torch.allclose(p[0], emb[token_ids(tiny_lm.tokenizer, " bad")].mean(0))
-    assert torch.allclose(p[1], emb[token_ids(tiny_lm.tokenizer, " good")].mean(0))
+    assert torch.allclose(p[0], emb[encode(tiny_lm.tokenizer, " bad")].mean(0))
+    assert torch.allclose(p[1], emb[encode(tiny_lm.tokenizer, " good")].mean(0))
 
 
 def _save(name: str, prompt: torch.Tensor, lm, fingerprint: dict | None = None) -> None:

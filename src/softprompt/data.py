@@ -163,12 +163,13 @@ def target_text(source: str, word: str) -> str:
     return word if (not source or source[-1].isspace()) else " " + word
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens: how every text becomes tokens here."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _lm_example(tokenizer, row, cfg: DataConfig) -> tuple[Example, bool]:
-    ids = _encode(tokenizer, row[cfg.text_column])
+    ids = encode(tokenizer, row[cfg.text_column])
     cut = len(ids) > cfg.max_length
     ids = ids[: cfg.max_length]
     return Example(input_ids=ids, labels=list(ids), source_len=0), cut
@@ -192,8 +193,8 @@ def resolve_target(row, cfg: DataConfig, path, index: int) -> tuple[str, str | N
 def _target_example(tokenizer, row, cfg: DataConfig, path, index: int) -> tuple[Example, bool]:
     source = cfg.template.format_map(row)
     word, label = resolve_target(row, cfg, path, index)
-    src = _encode(tokenizer, source)
-    tgt = _encode(tokenizer, target_text(source, word))
+    src = encode(tokenizer, source)
+    tgt = encode(tokenizer, target_text(source, word))
     if label is None and tokenizer.eos_token_id is not None:
         tgt = tgt + [tokenizer.eos_token_id]  # generation targets learn to stop
     room = cfg.max_length - len(tgt)

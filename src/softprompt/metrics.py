@@ -24,7 +24,7 @@ def candidate_examples(tokenizer, ex: D.Example, words: list[str]) -> list[D.Exa
     src = ex.input_ids[: ex.source_len]
     out = []
     for w in words:
-        tgt = tokenizer(D.target_text(ex.source_text, w), add_special_tokens=False)["input_ids"]
+        tgt = D.encode(tokenizer, D.target_text(ex.source_text, w))
         out.append(D.Example(input_ids=src + tgt, labels=[D.IGNORE] * len(src) + tgt, source_len=len(src)))
     return out
 
@@ -89,7 +89,7 @@ def loss_metrics(mean_loss: float) -> dict:
 
 
 def label_targets(tokenizer, ex: D.Example, words: list[str]) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(tokenizer(D.target_text(ex.source_text, w), add_special_tokens=False)["input_ids"])
+    return tuple(tuple(D.encode(tokenizer, D.target_text(ex.source_text, w)))
                  for w in words)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from softprompt.config import UserError
+from softprompt.data import encode
 
 COMMON_VOCAB = 5000  # sample vocab init from the first ids: frequent BPE pieces
 
@@ -32,12 +33,8 @@ def init_random(model, n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(n, emb.shape[1], generator=gen) * std + mean  # (N, H)
 
 
-def token_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def init_text(model, tokenizer, n: int, text: str) -> torch.Tensor:
-    ids = token_ids(tokenizer, text)
+    ids = encode(tokenizer, text)
     if not ids:
         raise UserError("--init-text tokenises to nothing; give a non-empty text")
     ids = (ids * (n // len(ids) + 1))[:n]  # cycle, then truncate to N
@@ -60,7 +57,7 @@ def init_labels(model, tokenizer, n: int, label_words: list[str], gen: torch.Gen
     emb = embedding_matrix(model).float()
     rows = []
     for word in label_words[:n]:
-        ids = token_ids(tokenizer, " " + word.strip())
+        ids = encode(tokenizer, " " + word.strip())
         rows.append(emb[torch.tensor(ids)].mean(0))
     out = init_vocab(model, n, gen)
     out[: len(rows)] = torch.stack(rows)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from softprompt import data as D
 from softprompt import metrics as E
 from softprompt.config import (
     COMPARE_MIXED_BATCH as MIXED_BATCH,
@@ -114,7 +115,7 @@ def few_shot_budget(ctx: Context, examples, cfg: DataConfig) -> int:
         or ctx.ccfg.few_shot_tokens
     )
     words = [
-        len(tok(" " + w, add_special_tokens=False)["input_ids"]) for w in cfg.verbalizer.values()
+        len(D.encode(tok, " " + w)) for w in cfg.verbalizer.values()
     ]
     return (
         min(ctx.ccfg.few_shot_tokens, ctx_len)

@@ -322,9 +322,7 @@ def choose_demos(
         for q in queues:
             if depth >= len(q) or len(chosen) >= max_k:
                 continue
-            ids = tokenizer(
-                demo_text(q[depth], verbalizer[q[depth].label]), add_special_tokens=False
-            )["input_ids"]
+            ids = D.encode(tokenizer, demo_text(q[depth], verbalizer[q[depth].label]))
             if used + len(ids) > budget:
                 queues = []  # the next one does not fit: stop, keeping the classes balanced-ish
                 break

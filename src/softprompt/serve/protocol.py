@@ -1,18 +1,91 @@
-"""OpenAI-style request parsing for the server: field checks that raise 400s with OpenAI's error
-shape (``batching.ApiError``), classify inputs rendered through a prompt's template, and the
-streaming text of one generated choice (stop strings, partial UTF-8 held back).
+"""The server's wire protocol: OpenAI-shaped errors and the pure request-parsing helpers.
 
-Pure functions over request bodies: no FastAPI, no engine, so each check is testable alone.
+``ApiError`` is every error a client can see; ``error_body`` is the one place its JSON shape
+``{"error": {message, type, param, code}}`` is written (the app, the gate and the Ray ingress
+all call it). The helpers check request fields and raise 400s naming the field; the body-size
+check and "which prompt does this request name" are here too, so ``ray_serve.py`` reads a
+request exactly as the app does.
+
+Pure functions over bytes and dicts: no FastAPI, no engine, no tokenizer, so each check is
+testable alone and safe on the event loop.
 """
+
+from __future__ import annotations
 
 import json
 import string
 
-from softprompt.serve.scheduler import ApiError
+from softprompt.config import UserError
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error JSON."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's error JSON with ``status``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
 
 
 def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
+
+
+def body_limit(method: str, path: str, max_body: int, max_upload: int) -> int:
+    """Bytes a request body may have: prompt uploads get the upload limit, the rest the JSON one."""
+    return max_upload if method == "PUT" and path.startswith("/v1/prompts/") else max_body
+
+
+def check_length(content_length: str | None, limit: int) -> None:
+    """413 from the Content-Length header alone, before a byte of the body is read."""
+    if content_length is not None and (not content_length.isdigit() or int(content_length) > limit):
+        raise too_large(limit)
+
+
+def parse_json(raw: bytes) -> dict:
+    """A request body as a JSON object, or a 400 saying what is wrong with it."""
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise bad("the request body is not UTF-8 JSON", None, "invalid_json") from None
+    except json.JSONDecodeError as e:
+        raise bad(f"the request body is not valid JSON: {e.msg} at position {e.pos}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object", None, "invalid_json")
+    return body
+
+
+def named_prompt(path: str, body: dict):
+    """The model field a request names: ``model``; for ``/v1/classify`` ``prompt``, else ``model``."""
+    return body.get("prompt", body.get("model")) if path == "/v1/classify" else body.get("model")
+
+
+def prompt_of(model, base_id: str, param: str = "model") -> str | None:
+    """The prompt name a request runs under (None = the plain model); 400/404 for bad names."""
+    from softprompt import store
+
+    if not isinstance(model, str) or not model:
+        raise bad(f"'{param}' must be a prompt name or the plain model's id (GET /v1/models)", param, "invalid_type")
+    if model == base_id:
+        return None
+    try:
+        return store.check_name(model)
+    except UserError:
+        raise ApiError(404, f"The model {model!r} does not exist", param="model", code="model_not_found") from None
 
 
 def num(body: dict, key: str, default, lo: float, hi: float, integer: bool = False):
@@ -75,39 +148,3 @@ def render_source(template: str | None, x, i: int) -> str:
         return template.format_map({k: str(v) for k, v in x.items()})
     except (KeyError, IndexError, ValueError) as e:
         raise bad(f"cannot fill the template {template!r}: missing or bad field {e}", param) from None
-
-
-class RowText:
-    """One choice's text, decoded as tokens arrive; stop strings cut it and end the row."""
-
-    def __init__(self, tokenizer, stops: list[str]):
-        self.tok, self.stops = tokenizer, stops
-        self.ids: list[int] = []
-        self.text, self.sent, self.finish = "", 0, None
-
-    def add(self, token: int | None, finish: str | None) -> None:
-        if self.finish:  # already ended on a stop string; tokens in flight are dropped
-            return
-        if token is not None:
-            self.ids.append(token)
-            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
-            hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
-            if hits:
-                self.text, self.finish = self.text[: min(hits)], "stop"
-                return
-        self.finish = finish
-
-    def delta(self) -> str:
-        """New text safe to send: holds back a partial UTF-8 character and a possible stop prefix."""
-        end = len(self.text)
-        if not self.finish:
-            while end > self.sent and self.text[end - 1] == "\ufffd":
-                end -= 1
-            for s in self.stops:
-                for n in range(min(len(s) - 1, end), 0, -1):
-                    if self.text[end - n : end] == s[:n]:
-                        end -= n
-                        break
-        end = max(end, self.sent)
-        out, self.sent = self.text[self.sent : end], end
-        return out

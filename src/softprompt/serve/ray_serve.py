@@ -10,8 +10,8 @@ One Serve application, three deployments:
   ``max_ongoing_requests`` or gone. The plain model carries no id (any replica). A replica that
   dies before answering is retried on another one; after ``attempts`` the client gets a 503,
   which OpenAI clients retry.
-* ``Replica`` (R of them): loads the model once and runs the unchanged ``server.create_app``
-  app in-process (ASGI), so validation, batching, errors and streaming are those of
+* ``Replica`` (R of them): loads the model once (``app.build_engine``) and runs the unchanged
+  ``app.create_app`` app in-process (ASGI), so validation, batching, errors and streaming are those of
   ``softprompt serve``. Responses stream back chunk by chunk (SSE included).
 * ``PromptLog`` (1): the ordered log of prompt uploads and deletions. The replica that handles
   ``PUT``/``DELETE /v1/prompts/NAME`` appends the change and answers only once every live
@@ -19,21 +19,24 @@ One Serve application, three deployments:
   replica that Ray starts later (or restarts) replays it before serving. Ray Serve has no
   broadcast to replicas, hence this small log (``docs/design.md``).
 
-Invariants: only ``serve/app.py`` knows HTTP semantics; this module moves bytes. ``ray`` is an
+The parts that need no Ray (request plumbing, the log itself) are in ``replicas.py``.
+
+Invariants: the app knows HTTP semantics; this module moves bytes, and reads requests only
+through ``protocol`` (the prompt a request names, body limits, the error body). ``ray`` is an
 optional extra (``pip install 'softprompt[ray]'``), imported when this module is.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator
 
 from softprompt.config import UserError
+from softprompt.serve.protocol import body_limit, error_body, too_large
+from softprompt.serve.replicas import PromptLog, affinity_key, asgi_call, is_stream, registry_write
 
 try:
     import ray
@@ -43,141 +46,36 @@ except ImportError:  # pragma: no cover - the extra is not installed
 
 log = logging.getLogger(__name__)
 APP = "softprompt"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # what may become a multiplexed id
-_WRITE = re.compile(r"^/v1/prompts/([^/]+)$")
-_DROP = {"content-length", "transfer-encoding", "connection"}
-
-
-# ---------------------------------------------------------------- request plumbing (pure)
-
-
-def affinity_key(method: str, path: str, body: bytes, base_id: str | None) -> str:
-    """The prompt a request runs under ('' = no affinity: plain model, or not a model call)."""
-    if method != "POST" or path not in ("/v1/completions", "/v1/classify"):
-        return ""
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return ""
-    if not isinstance(obj, dict):
-        return ""
-    name = obj.get("prompt", obj.get("model")) if path == "/v1/classify" else obj.get("model")
-    if not isinstance(name, str) or name == base_id or not _NAME.match(name):
-        return ""
-    return name
-
-
-def is_stream(path: str, body: bytes) -> bool:
-    if path != "/v1/completions" or b'"stream"' not in body:
-        return False
-    try:
-        return bool(json.loads(body).get("stream"))
-    except (ValueError, AttributeError):
-        return False
-
-
-def registry_write(method: str, path: str) -> str | None:
-    """NAME of ``PUT``/``DELETE /v1/prompts/NAME`` (a change every replica must see)."""
-    m = _WRITE.match(path)
-    return m.group(1) if m and method in ("PUT", "DELETE") else None
-
-
-async def asgi_call(app, msg: dict) -> AsyncIterator[tuple]:
-    """Run one request through an ASGI app; yields ("start", status, headers) then ("body", bytes)."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": msg["method"],
-             "scheme": "http", "path": msg["path"], "raw_path": msg["path"].encode(), "root_path": "",
-             "query_string": msg["query"].encode("latin-1"), "client": ("127.0.0.1", 0),
-             "server": ("127.0.0.1", 80),
-             "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in msg["headers"]]}
-    out: asyncio.Queue = asyncio.Queue()
-    gone, sent = asyncio.Event(), [False]
-
-    async def receive() -> dict:
-        if not sent[0]:
-            sent[0] = True
-            return {"type": "http.request", "body": msg["body"], "more_body": False}
-        await gone.wait()  # the app watches for a disconnect; it comes when our caller leaves
-        return {"type": "http.disconnect"}
-
-    async def run() -> None:
-        try:
-            await app(scope, receive, out.put)
-        finally:
-            await out.put(None)
-
-    task = asyncio.get_running_loop().create_task(run())
-    try:
-        while (m := await out.get()) is not None:
-            if m["type"] == "http.response.start":
-                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in m.get("headers", [])]
-                yield ("start", m["status"], [(k, v) for k, v in headers if k.lower() not in _DROP])
-            elif m.get("body"):
-                yield ("body", m["body"])
-    finally:
-        gone.set()
-        await task
 
 
 # ---------------------------------------------------------------- deployments
 
 
-class PromptLog:
-    """Prompt uploads/deletions in order (latest per name) and how far each replica applied them."""
-
-    def __init__(self, live_s: float = 3.0):
-        self.seq, self.live_s = 0, live_s
-        self.latest: dict[str, tuple[int, dict | None]] = {}  # name -> (seq, files or None = deleted)
-        self.acks: dict[str, tuple[int, float]] = {}  # replica id -> (applied seq, last seen)
-
-    def append(self, name: str, files: dict | None) -> int:
-        self.seq += 1
-        self.latest[name] = (self.seq, files)
-        return self.seq
-
-    def since(self, replica: str, applied: int) -> list[tuple[int, str, dict | None]]:
-        """Changes after ``applied``; the call also records that ``replica`` is live and there."""
-        self.acks[replica] = (applied, time.monotonic())
-        return sorted((s, n, f) for n, (s, f) in self.latest.items() if s > applied)
-
-    async def wait_applied(self, seq: int, timeout_s: float = 10.0) -> bool:
-        """True once every live replica (polled within ``live_s``) has applied ``seq``."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            now = time.monotonic()
-            if all(s >= seq for s, t in self.acks.values() if now - t < self.live_s):
-                return True
-            if now > deadline:
-                return False
-            await asyncio.sleep(0.05)
-
-
 class Replica:
-    """The model, loaded once, behind the unchanged single-process app (``server.create_app``)."""
+    """The model, loaded once, behind the unchanged single-process app (``app.create_app``)."""
 
     async def __init__(self, model: str | None, server_cfg: dict, prompt_log, force: bool = False,
                        device: str | None = None, dtype: str | None = None, threads: int = 1,
                        isolated_store: bool = False, poll_s: float = 0.2):
         import torch
 
-        from softprompt import models
-        from softprompt.config import EngineConfig, ServerConfig
-        from softprompt.inference.engine import Engine
-        from softprompt.serve.app import create_app
+        from softprompt.config import ServerConfig
+        from softprompt.serve.app import build_engine, create_app
 
         torch.set_num_threads(max(1, threads))
         self.id = serve.get_replica_context().replica_id.unique_id
         if isolated_store:  # a store of its own, as on a machine without a shared filesystem
             _private_store(self.id)
         self.cfg = ServerConfig(**server_cfg)
-        self.engine = Engine(models.load(model, dtype, device), EngineConfig(max_batch_rows=self.cfg.max_batch_rows, force=force))
-        self.app = create_app(self.engine, self.cfg)
+        self.app = create_app(build_engine(self.cfg, model, force, device, dtype), self.cfg)
+        self.served = self.app.state.served
         self.app.state.scheduler.start()  # what the app's lifespan does under uvicorn
         self.log, self.applied, self.poll_s = prompt_log, 0, poll_s
         await self._sync()  # a new or restarted replica catches up before its first request
         self._task = asyncio.get_running_loop().create_task(self._sync_forever())
 
     def base_id(self) -> str:
-        return self.cfg.model_id or str(self.engine.lm.name)
+        return self.served.base_id
 
     def pid(self) -> int:
         return os.getpid()
@@ -246,7 +144,8 @@ class Replica:
             return
         if path.is_dir() and all((path / f).is_file() and (path / f).read_bytes() == b for f, b in files.items()):
             return  # already here (this replica took the upload, or a shared filesystem)
-        install_prompt(name, files, self.engine.lm, self.engine.cfg.force, self.cfg.max_upload_bytes)
+        ctx = self.served
+        install_prompt(name, files, ctx.fingerprint, ctx.model_name, ctx.force, self.cfg.max_upload_bytes)
 
 
 def _read_prompt(name: str) -> dict[str, bytes]:
@@ -279,16 +178,18 @@ class Ingress:
 
     RETRY = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
-    def __init__(self, replicas, max_body_bytes: int, attempts: int = 3):
-        self.replicas, self.max_body, self.attempts = replicas, max_body_bytes, attempts
+    def __init__(self, replicas, max_body_bytes: int, max_upload_bytes: int, attempts: int = 3):
+        self.replicas, self.attempts = replicas, attempts
+        self.max_body, self.max_upload = max_body_bytes, max_upload_bytes
         self.base_id: str | None = None
 
     async def __call__(self, request):
         from starlette.responses import JSONResponse, Response, StreamingResponse
 
         body = await request.body()
-        if len(body) > self.max_body:
-            return JSONResponse(_error(413, f"the request body is larger than {self.max_body} bytes", "body_too_large"), 413)
+        limit = body_limit(request.method, request.url.path, self.max_body, self.max_upload)
+        if len(body) > limit:
+            return JSONResponse(too_large(limit).body(), 413)
         if self.base_id is None:
             self.base_id = await self.replicas.base_id.remote()
         path = request.url.path
@@ -302,8 +203,8 @@ class Ingress:
                 return StreamingResponse(_bodies(rest), status_code=status, headers=dict(headers))
             items = await self._whole(handle, msg)
         except _Unavailable:
-            return JSONResponse(_error(503, "no replica could take the request; retry", "replica_unavailable"), 503,
-                                headers={"Retry-After": "1"})
+            err = error_body("no replica could take the request; retry", "server_error", code="replica_unavailable")
+            return JSONResponse(err, 503, headers={"Retry-After": "1"})
         _, status, headers = items[0]
         return Response(b"".join(b for _, b in items[1:]), status_code=status, headers=dict(headers))
 
@@ -336,11 +237,6 @@ async def _bodies(gen) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def _error(status: int, message: str, code: str) -> dict:
-    return {"error": {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error",
-                      "param": None, "code": code}}
-
-
 # ---------------------------------------------------------------- building and running
 
 
@@ -365,7 +261,7 @@ def build_app(server_cfg=None, model: str | None = None, replicas: int = 1, forc
                        max(1, int(replica_cpus)), isolated_store)
     ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=10_000,
                                ray_actor_options={"num_cpus": 0, **opts})
-    return ingress.bind(rep_app, max(cfg.max_body_bytes, cfg.max_upload_bytes))
+    return ingress.bind(rep_app, cfg.max_body_bytes, cfg.max_upload_bytes)
 
 
 def app_builder(args: dict):

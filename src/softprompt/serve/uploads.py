@@ -12,8 +12,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from softprompt.config import UserError
-from softprompt.serve.protocol import bad
-from softprompt.serve.scheduler import ApiError
+from softprompt.serve.protocol import ApiError, bad
 
 PROMPT_FILES = ("adapter_config.json", "adapter_model.safetensors", "softprompt.json")
 
@@ -44,7 +43,8 @@ def _unzip(data: bytes, dest: Path, limit: int) -> None:
         (dest / parts[-1]).write_bytes(content)
 
 
-def install_prompt(name: str, files: dict[str, bytes], lm, force: bool, limit: int) -> bool:
+def install_prompt(name: str, files: dict[str, bytes], fingerprint: dict, model_name: str, force: bool,
+                   limit: int) -> bool:
     """Validate an uploaded prompt (files or a zip) and move it into the store atomically.
 
     Returns True if it replaced an existing prompt. Nothing becomes visible unless the directory
@@ -65,9 +65,9 @@ def install_prompt(name: str, files: dict[str, bytes], lm, force: bool, limit: i
                            "body", "invalid_upload")
         try:
             sp = store.read_prompt_dir(d, name)
-            store.check_compatible(sp, lm.fingerprint, force=force)
+            store.check_compatible(sp, fingerprint, force=force)
             existed = store.prompt_path(name).is_dir()
-            store.import_prompt(d, name=name, fingerprint=lm.fingerprint, model_name=lm.name, overwrite=True)
+            store.import_prompt(d, name=name, fingerprint=fingerprint, model_name=model_name, overwrite=True)
         except UserError as e:
             raise ApiError(422, str(e).replace(str(d), "upload"), param="body", code="invalid_prompt") from None
     return existed

@@ -1,0 +1,26 @@
+"""What the route handlers share, kept on ``app.state.served``: the server's config, the
+scheduler, the metrics and the served model's identity (read once at start-up, so no handler
+needs the engine, which only the scheduler's worker thread touches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Served:
+    cfg: object  # config.ServerConfig
+    scheduler: object  # scheduler.Scheduler
+    metrics: object  # metrics.Metrics
+    base_id: str  # the plain model's id in /v1/models
+    fingerprint: dict  # the served model's fingerprint (uploads must match it)
+    model_name: str  # the served model's name (written into uploaded prompts' metadata)
+    force: bool  # accept prompts trained on another base model of the same hidden size
+    started: int  # unix time the app was built (the plain model's "created")
+    web: Path  # the web page's assets
+
+
+def served(request) -> Served:
+    return request.app.state.served

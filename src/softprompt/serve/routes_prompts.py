@@ -1,0 +1,86 @@
+"""The prompt registry over HTTP: ``GET /v1/prompts[/{name}]``, ``PUT`` and ``DELETE
+/v1/prompts/{name}``.
+
+Store work (reading metadata, unzipping, validating, moving into place) runs in the thread
+pool, never on the event loop; the engine is not involved: the bank sees a changed prompt on
+its next request (it checks the store's version).
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from softprompt.config import UserError
+from softprompt.serve.context import served
+from softprompt.serve.protocol import ApiError, bad
+from softprompt.serve.uploads import install_prompt, prompt_info
+
+
+def check_name(name: str) -> str:
+    from softprompt import store
+
+    try:
+        return store.check_name(name)
+    except UserError as e:
+        raise bad(str(e), "name", "invalid_name") from None
+
+
+def not_found(name: str) -> ApiError:
+    return ApiError(404, f"prompt {name!r} not found", param="name", code="prompt_not_found")
+
+
+def info_or_404(name: str) -> dict:
+    from softprompt import store
+
+    if not store.prompt_path(check_name(name)).is_dir():
+        raise not_found(name)
+    return prompt_info(name)
+
+
+async def prompts_list(request: Request):
+    from softprompt import store
+
+    data = await run_in_threadpool(lambda: [prompt_info(n) for n in store.list_prompts()])
+    return {"object": "list", "model": served(request).base_id, "data": data}
+
+
+async def prompts_get(name: str):
+    return await run_in_threadpool(info_or_404, name)
+
+
+async def upload_files(request: Request, limit: int) -> dict[str, bytes]:
+    """The uploaded files: one zip body, or the parts of a multipart form."""
+    raw = await request.body()
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form(max_files=8, max_fields=8, max_part_size=limit)
+        files = {v.filename or k: await v.read() for k, v in form.multi_items() if hasattr(v, "read")}
+    else:
+        files = {"upload.zip": raw}
+    if not files or not any(files.values()):
+        raise bad("empty upload: send the prompt directory as a zip body or as multipart files", "body", "invalid_upload")
+    return files
+
+
+async def prompts_put(name: str, request: Request):
+    ctx = served(request)
+    check_name(name)
+    if name == ctx.base_id:
+        raise bad(f"{name!r} is the plain model's id; pick another name", "name", "invalid_name")
+    files = await upload_files(request, ctx.cfg.max_upload_bytes)
+    replaced = await run_in_threadpool(install_prompt, name, files, ctx.fingerprint, ctx.model_name, ctx.force,
+                                       ctx.cfg.max_upload_bytes)
+    info = await run_in_threadpool(prompt_info, name)
+    return JSONResponse({**info, "replaced": replaced}, status_code=200 if replaced else 201)
+
+
+async def prompts_delete(name: str):
+    from softprompt import store
+
+    info_or_404(name)
+    try:
+        await run_in_threadpool(store.remove_prompt, name)
+    except UserError:
+        raise not_found(name) from None
+    return {"id": name, "object": "prompt", "deleted": True}

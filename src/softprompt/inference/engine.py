@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from softprompt.config import EngineConfig, GenerateConfig, UserError
 from softprompt.forward import embed, seq2seq
-from softprompt.inference.bank import PrefixCache, PrefixKV, PromptBank, compute_prefix
+from softprompt.inference.bank import PrefixCache, PrefixKV, PromptBank, compute_prefix, deep_prefix
 from softprompt.inference.kv import DecoderState, batch_prefix, left_pad
 from softprompt.inference.steps import StepBatch
 
@@ -94,11 +93,14 @@ class Row:
 
     ids: list[int]
     prompt: str | None
-    emb: torch.Tensor | None  # (N, H)
+    emb: torch.Tensor | None  # (N, H) shallow prompt
     version: tuple | None
+    deep: torch.Tensor | None = None  # (L, 2, kv, N, d) deep prompt
 
     @property
     def n(self) -> int:
+        if self.deep is not None:
+            return int(self.deep.shape[3])
         return 0 if self.emb is None else int(self.emb.shape[0])
 
 
@@ -108,7 +110,7 @@ class Engine:
     def __init__(self, lm, cfg: EngineConfig | None = None):
         self.lm, self.cfg = lm, cfg or EngineConfig()
         self.device = next(lm.model.parameters()).device  # inputs go here; sampling stays on the CPU
-        self.bank = PromptBank(lm.fingerprint, self.cfg.max_resident_prompts, self.cfg.force)
+        self.bank = PromptBank(lm.fingerprint, self.cfg.max_resident_prompts, self.cfg.force, lm.kv_shape)
         self.prefixes = PrefixCache(int(self.cfg.prefix_cache_mb * 2**20))
         tok = lm.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -137,16 +139,20 @@ class Engine:
         """Resolve every prompt before any compute: a bad name fails the call, not half of it."""
         rows = []
         for ids, name in items:
-            emb, version = None, None
-            if name is not None:
-                sp, version = self.bank.get(name)
-                emb = sp.embeddings
+            sp, version = self.bank.get(name) if name is not None else (None, None)
+            emb, deep = (None, None) if sp is None else (sp.embeddings, sp.kv)
             if not ids and emb is None:
-                raise UserError("empty input text: give some text to continue (or a prompt)")
-            rows.append(Row(list(ids), name, emb, version))
+                raise UserError("empty input text: give some text to continue"
+                                + (" (a deep prompt has no token of its own to continue from)" if deep is not None
+                                   else " (or a prompt)"))
+            rows.append(Row(list(ids), name, emb, version, deep))
         return rows
 
     def prefix(self, row: Row) -> PrefixKV | None:
+        """The row's prompt as keys/values (prefix cache): computed for a shallow prompt, as stored for a deep one."""
+        if row.deep is not None:
+            dtype = self.model.get_input_embeddings().weight.dtype
+            return self.prefixes.get((row.prompt, row.version), lambda: deep_prefix(row.deep, self.device, dtype))
         if row.emb is None:
             return None
         return self.prefixes.get((row.prompt, row.version), lambda: compute_prefix(self.model, row.emb.to(self.device)))
@@ -174,7 +180,13 @@ class Engine:
         return state, torch.stack(last)
 
     def _prefill_naive(self, rows: list[Row]):
+        """Reference: ``[pad][P_i][x_i]`` through the whole model; deep prompts (keys/values by
+        nature) sit in the cache in front, their rows' positions starting at N_i."""
         model = self.model
+        dtype = model.get_input_embeddings().weight.dtype
+        cache, pmask = batch_prefix([None if r.deep is None else deep_prefix(r.deep, self.device, dtype) for r in rows],
+                                    model.config)
+        deep_n = self.tensor([r.n if r.deep is not None else 0 for r in rows])  # (B,)
         seqs = []
         for r in rows:
             x = embed(model, self.tensor(r.ids))  # (T, H)
@@ -184,10 +196,11 @@ class Engine:
         mask = torch.zeros(len(rows), L, dtype=torch.long, device=self.device)
         for i, s in enumerate(seqs):
             x[i, L - s.shape[0] :], mask[i, L - s.shape[0] :] = s, 1
-        pos = (mask.cumsum(1) - 1).clamp(min=0)  # 0 at the first real (virtual) token
-        out = model.base_model(inputs_embeds=x, attention_mask=mask, position_ids=pos,
-                               past_key_values=DynamicCache(config=model.config), use_cache=True)
-        state = DecoderState(model, out.past_key_values, mask, mask.sum(1))
+        pos = deep_n[:, None] + (mask.cumsum(1) - 1).clamp(min=0)  # 0 at the first virtual token
+        full = torch.cat([pmask.to(self.device), mask], 1)  # (B, maxN_deep + L)
+        out = model.base_model(inputs_embeds=x, attention_mask=full, position_ids=pos, past_key_values=cache,
+                               use_cache=True)
+        state = DecoderState(model, out.past_key_values, full, deep_n + mask.sum(1))
         return state, out.last_hidden_state[:, -1]
 
     def start(self, rows: list[Row]):
@@ -299,6 +312,7 @@ class Engine:
     def stats(self) -> dict:
         model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return {"resident_prompts": self.bank.resident(), "prompt_bytes": self.bank.nbytes(),
+                "resident_deep_prompts": self.bank.resident_deep(),
                 "prefix_cache": {"entries": len(self.prefixes), "bytes": self.prefixes.nbytes,
                                  "max_bytes": self.prefixes.max_bytes, "hits": self.prefixes.hits,
                                  "misses": self.prefixes.misses},

@@ -179,6 +179,7 @@ def create_app(engine, config: ServerConfig | None = None):
             st = engine.stats()
             gauges["softprompt_prefix_cache_bytes"] = st["prefix_cache"]["bytes"]
             gauges["softprompt_resident_prompts"] = len(st["resident_prompts"])
+            gauges["softprompt_resident_deep_prompts"] = st["resident_deep_prompts"]
         except RuntimeError:
             pass
         return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
@@ -196,7 +197,7 @@ def create_app(engine, config: ServerConfig | None = None):
                 created = int(store.prompt_path(name).stat().st_mtime)
             except OSError:  # removed meanwhile
                 continue
-            out.append(model_obj(name, created))
+            out.append({**model_obj(name, created), "kind": store.prompt_kind(name)})
         return out
 
     @app.get("/v1/models")

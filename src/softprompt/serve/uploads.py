@@ -65,9 +65,10 @@ def install_prompt(name: str, files: dict[str, bytes], lm, force: bool, limit: i
                            "body", "invalid_upload")
         try:
             sp = store.read_prompt_dir(d, name)
-            store.check_compatible(sp, lm.fingerprint, force=force)
+            store.check_compatible(sp, lm.fingerprint, force=force, kv_shape=lm.kv_shape)
             existed = store.prompt_path(name).is_dir()
-            store.import_prompt(d, name=name, fingerprint=lm.fingerprint, model_name=lm.name, overwrite=True)
+            store.import_prompt(d, name=name, fingerprint=lm.fingerprint, model_name=lm.name, overwrite=True,
+                                kv_shape=lm.kv_shape)
         except UserError as e:
             raise ApiError(422, str(e).replace(str(d), "upload"), param="body", code="invalid_prompt") from None
     return existed

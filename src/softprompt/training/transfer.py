@@ -39,7 +39,7 @@ def candidates(lm, exclude: set[str] = frozenset(), force: bool = False, only: l
             continue
         try:
             sp = store.load_prompt(name)
-            store.check_compatible(sp, lm.fingerprint, force=force)
+            store.check_compatible(sp, lm.fingerprint, force=force, kv_shape=lm.kv_shape)
         except UserError as e:
             log.debug("transfer: skipping %s (%s)", name, e)
             continue

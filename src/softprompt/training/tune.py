@@ -91,7 +91,7 @@ def initial_prompt(lm, prompt_cfg, data_cfg, seed: int, force: bool = False) -> 
     source = None
     if prompt_cfg.init.startswith("prompt:"):
         stored = store.load_prompt(prompt_cfg.init.split(":", 1)[1])
-        store.check_compatible(stored, lm.fingerprint, force=force)
+        store.check_compatible(stored, lm.fingerprint, force=force, kv_shape=lm.kv_shape)
         source = stored.embeddings
     words = list((data_cfg.verbalizer or {}).values())
     return make_prompt(lm.model, lm.tokenizer, prompt_cfg.num_virtual_tokens, prompt_cfg.init,

@@ -20,10 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from softprompt.config import UserError
+from softprompt.config import REPARAMS, UserError
 from softprompt.prompt import is_deep
 
-REPARAMS = {"shallow": ("residual", "mlp", "lstm"), "deep": ("mlp",)}
 HIDDEN = 512  # hidden width of every reparameterisation network
 
 

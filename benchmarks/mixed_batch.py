@@ -21,6 +21,12 @@ prompt and the text, and whose position ids count the pads, so it may differ).
 
     python benchmarks/mixed_batch.py            # default model, ~4 min on 2 cores
     python benchmarks/mixed_batch.py --quick    # tiny random Llama, seconds, results not written
+
+``--kinds`` measures prompt kinds instead (results ``mixed_batch_kinds.*``): the same 32
+requests as ONE ``Engine.generate`` batch under 8 shallow prompts, under 8 deep prompts (random
+keys/values at the model's own statistics), and mixed (even tasks shallow, odd tasks deep).
+Target: mixed <= 1.1x the mean of the two single-kind batches. The
+mixed batch's tokens are checked against the single-kind batches' for the same rows.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import torch  # noqa: E402
 from softprompt import store  # noqa: E402
 from softprompt.config import GenerateConfig  # noqa: E402
 from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest  # noqa: E402
-from softprompt.prompt import init_random  # noqa: E402
+from softprompt.prompt import init_random, make_deep_prompt  # noqa: E402
 
 TASKS, PER_TASK, NEW_TOKENS, N = 8, 4, 32, 20
 CHECK_TOKENS = 8  # tokens per request in the (untimed) correctness check
@@ -118,6 +124,69 @@ def run_peft_single(pm, tok, requests, new_tokens: int, ignore_eos: bool):
 # ---------------------------------------------------------------- measurement
 
 
+# ---------------------------------------------------------------- --kinds: shallow, deep, mixed
+
+KINDS_TARGET = 1.1  # mixed batch over the mean of the single-kind batches
+
+
+def kinds_engine(lm) -> Engine:
+    """One engine holding 8 shallow (s{k}) and 8 deep (d{k}) prompts, N=20 each; EOS ignored."""
+    eng = Engine(lm, EngineConfig())
+    gen = torch.Generator().manual_seed(common.SEED)
+    for k in range(TASKS):
+        eng.add_prompt(f"s{k}", init_random(lm.model, N, gen))
+        eng.add_prompt(f"d{k}", make_deep_prompt(lm.model, lm.tokenizer, N, "random", seed=common.SEED + k))
+    eng.eos_id = -1
+    return eng
+
+
+def run_kinds(lm, texts: list[str], rounds: int) -> dict:
+    eng = kinds_engine(lm)
+    cfg = GenerateConfig(max_new_tokens=NEW_TOKENS)
+    names = {"shallow": lambda k: f"s{k}", "deep": lambda k: f"d{k}",
+             "mixed": lambda k: f"s{k}" if k % 2 == 0 else f"d{k}"}
+    sets = {m: [GenerateRequest(t, f(i % TASKS), cfg) for i, t in enumerate(texts)] for m, f in names.items()}
+    outs = {m: [g.token_ids for g in eng.generate(reqs)] for m, reqs in sets.items()}  # warm-up, fills the cache
+    same = [outs["mixed"][i] == outs["shallow" if (i % TASKS) % 2 == 0 else "deep"][i] for i in range(len(texts))]
+    times: dict[str, list[float]] = {m: [] for m in sets}
+    order = list(sets)
+    for r in range(rounds):
+        for m in order[r % 3 :] + order[: r % 3]:
+            t = time.perf_counter()
+            eng.generate(sets[m])
+            times[m].append(time.perf_counter() - t)
+            print(f"round {r} {m}: {times[m][-1]:.2f}s", flush=True)
+    med = {m: common.summary(v) for m, v in times.items()}
+    mean_single = (med["shallow"]["median"] + med["deep"]["median"]) / 2
+    return {"seconds": med, "mixed_over_mean_single": med["mixed"]["median"] / mean_single,
+            "mixed_over_shallow": med["mixed"]["median"] / med["shallow"]["median"],
+            "deep_over_shallow": med["deep"]["median"] / med["shallow"]["median"],
+            "mixed_rows_equal_single_kind_rows": sum(same) / len(same)}
+
+
+def report_kinds(a, info, lm, res: dict) -> None:
+    met = res["mixed_over_mean_single"] <= KINDS_TARGET
+    payload = {"benchmark": "mixed_batch_kinds", "model": lm.name, "seed": common.SEED, "machine": info,
+               "loadavg_at_end": os.getloadavg(),
+               "setup": {"tasks": TASKS, "requests_per_task": PER_TASK, "new_tokens": NEW_TOKENS,
+                         "num_virtual_tokens": N, "greedy": True, "rounds": a.rounds},
+               **res, "target_mixed_over_mean_single": KINDS_TARGET, "target_met": met}
+    rows = [[m, s["median"], s["median"] / res["seconds"]["shallow"]["median"]] for m, s in res["seconds"].items()]
+    md = (f"# mixed_batch --kinds\n\n{TASKS * PER_TASK} requests ({TASKS} prompts x {PER_TASK}, interleaved), "
+          f"N={N}, {NEW_TOKENS} new tokens each, greedy, ONE `Engine.generate` batch per configuration, model "
+          f"`{lm.name}`, {info['torch_threads']} threads on {info['cpu']}; medians of {a.rounds} rounds, order "
+          "rotated.\n\n" + common.md_table(["prompts", "seconds (median)", "x shallow"], rows)
+          + "\nMixed (4 shallow + 4 deep prompts) over the mean of the single-kind batches: "
+          + f"{res['mixed_over_mean_single']:.3f} (target <= {KINDS_TARGET}: {'met' if met else 'missed'}).\n"
+          + "The mixed batch gives the same tokens as the single-kind batches for "
+          + f"{res['mixed_rows_equal_single_kind_rows']:.0%} of the rows.\n"
+          + f"\nLoad average (1 min) at start {info['loadavg_at_start'][0]:.1f}, at end {os.getloadavg()[0]:.1f}: "
+          "other jobs shared the 2 cores, so absolute times are inflated; configurations ran interleaved.\n")
+    print(md)
+    if not a.quick:
+        print("wrote", *common.write_results("mixed_batch_kinds", payload, md))
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
@@ -127,6 +196,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny random model; results are not written")
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds (default %(default)s)")
     ap.add_argument("--single-rounds", type=int, default=1, help="rounds that time peft_single, the slowest (default %(default)s)")
+    ap.add_argument("--kinds", action="store_true", help="shallow vs deep vs mixed prompt kinds (mixed_batch_kinds.*)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: common.setup_torch's, 2; 1 is far faster when other jobs share the cores)")
     a = ap.parse_args()
@@ -136,6 +206,11 @@ def main() -> None:
     lm = common.load_lm(a.quick)  # from the real $SOFTPROMPT_HOME (the converted model lives there)
     os.environ["SOFTPROMPT_HOME"] = tmp = tempfile.mkdtemp(prefix="sp-mixed-")  # a temporary prompt store
     atexit.register(shutil.rmtree, tmp, True)
+    if a.kinds:
+        info = common.machine_info()
+        a.rounds = max(a.rounds, 3)
+        report_kinds(a, info, lm, run_kinds(lm, sentences(TASKS * PER_TASK, a.quick), a.rounds))
+        return
     tok = lm.tokenizer
     tok.padding_side = "left"
     tasks, per_task, new_tokens = (TASKS, PER_TASK, NEW_TOKENS)

@@ -48,7 +48,7 @@ def lora_expected(model) -> int:
 
 def test_every_method_end_to_end_base_unchanged(tiny_lm, toy_csv, tmp_path):
     before = {k: v.detach().clone() for k, v in tiny_lm.model.state_dict().items()}
-    ccfg = C.quick(C.CompareConfig())
+    ccfg = C.quick(C.CompareConfig(methods=COMPARE_METHODS))  # every method, deep and residual prompts included
     doc = C.run(
         tiny_lm,
         toy_cfg(toy_csv),
@@ -69,6 +69,11 @@ def test_every_method_end_to_end_base_unchanged(tiny_lm, toy_csv, tmp_path):
     assert list(runs) == list(COMPARE_METHODS)
     H = tiny_lm.hidden_size
     assert runs["prompt-tuning"]["trainable_params"] == N * H
+    L, kv, d = tiny_lm.kv_shape
+    assert runs["deep-prompt"]["trainable_params"] == L * 2 * kv * N * d
+    assert runs["prompt-residual"]["trainable_params"] > N * H  # trains through its MLP
+    assert N * H * 4 < runs["prompt-residual"]["task_bytes"] < N * H * 4 + 256  # saves the folded (N, H)
+    assert L * 2 * kv * N * d * 4 < runs["deep-prompt"]["task_bytes"] < L * 2 * kv * N * d * 4 + 256
     assert runs["lora"]["trainable_params"] == lora_expected(tiny_lm.model)
     assert runs["full"]["trainable_params"] == sum(p.numel() for p in tiny_lm.model.parameters())
     assert runs["zero-shot"]["trainable_params"] == runs["few-shot"]["trainable_params"] == 0
@@ -82,7 +87,7 @@ def test_every_method_end_to_end_base_unchanged(tiny_lm, toy_csv, tmp_path):
         < runs["lora"]["serve_bytes"]
         < runs["full"]["serve_bytes"]
     )
-    assert [runs[m]["mixed_task_batch"] for m in COMPARE_METHODS] == [True, True, True, False, False]
+    assert [runs[m]["mixed_task_batch"] for m in COMPARE_METHODS] == [True] * 5 + [False, False]
     assert runs["few-shot"]["k"] >= 1
     for m in COMPARE_METHODS:
         r = runs[m]

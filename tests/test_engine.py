@@ -103,8 +103,8 @@ def test_module_generate_keeps_its_contract(lm):
 
 def test_finished_rows_leave_the_batch(lm):
     eng = make_engine(lm)
-    rows = eng._rows([(lm.tokenizer(t)["input_ids"], p) for t, p in zip(TEXTS, ["p2", None, "p0", "p1"])])
-    state, _ = eng._prefill(rows)
+    rows = eng.rows([(lm.tokenizer(t)["input_ids"], p) for t, p in zip(TEXTS, ["p2", None, "p0", "p1"])])
+    state, _ = eng.prefill(rows)
     width = state.mask.shape[1]
     state.take([0, 2, 3])  # row 1 (no prompt, the longest text) finished
     assert len(state.cache.layers[0].keys) == 3 and state.mask.shape[0] == 3

@@ -18,7 +18,7 @@ from conftest import sharpen
 from softprompt import models
 from softprompt.config import GenerateConfig, UserError
 from softprompt.forward import embed
-from softprompt.inference import engine
+from softprompt.inference import engine, sampling
 from softprompt.prompt import make_prompt
 
 TEXT = "the movie was good and"
@@ -34,7 +34,7 @@ def encode(lm, text: str) -> list[int]:
 
 
 def penalize(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
-    """The CTRL rule, written out independently of engine.apply_repetition_penalty."""
+    """The CTRL rule, written out independently of sampling.apply_repetition_penalty."""
     logits = logits.clone()
     for t in set(seen):
         logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
@@ -135,9 +135,9 @@ def test_sampling_is_seeded(lms):
 
 def test_top_p_filter_keeps_the_smallest_nucleus():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    kept = torch.isfinite(engine.top_p_filter(logits, 0.7)).tolist()
+    kept = torch.isfinite(sampling.top_p_filter(logits, 0.7)).tolist()
     assert kept == [True, True, False, False]
-    assert torch.isfinite(engine.top_p_filter(logits, 1.0)).all()
+    assert torch.isfinite(sampling.top_p_filter(logits, 1.0)).all()
 
 
 class EosAs:

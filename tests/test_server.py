@@ -514,3 +514,29 @@ def test_serve_command_wires_flags_model_and_json_logs(tiny_model_dir, home, mon
     assert any(e["msg"] == "request" and e["path"] == "/v1/completions" and e["status"] == 200 for e in logs)
     assert {"ready", "stopped"} <= {e["msg"] for e in logs}
     assert cli.main(["serve", "--max-batch-rows", "0"]) == 2  # a bad flag: one line, exit 2
+
+
+def test_deep_prompt_uploads_are_validated_served_and_shown(srv, http, ref, tmp_path, tiny_model_dir):
+    from softprompt.prompt import make_deep_prompt
+
+    lm = ref.lm
+    kv = make_deep_prompt(lm.model, lm.tokenizer, 4, "random", seed=1)
+    good = store.save_prompt(tmp_path / "deep", kv, {"kind": "deep"}, str(lm.path))
+    gpt2 = models.load(str(tiny_model_dir("gpt2")))  # 4 key/value heads where the served Llama has 2
+    other = store.save_prompt(tmp_path / "other", make_deep_prompt(gpt2.model, gpt2.tokenizer, 4, "random"), {})
+    poisoned = kv.clone()
+    poisoned[0, 0, 0, 0, 0] = float("nan")
+    nan = store.save_prompt(tmp_path / "nan", poisoned, {})
+    for src, message in ((other, "another model"), (nan, "NaN")):
+        r = http.put("/v1/prompts/deepbad", content=zipped(src))
+        assert r.status_code == 422 and message in r.json()["error"]["message"], r.text
+    assert "deepbad" not in store.list_prompts()
+    r = http.put("/v1/prompts/deep1", content=zipped(good))
+    assert r.status_code == 201 and r.json()["kind"] == "deep"
+    kinds = {m["id"]: m.get("kind") for m in http.get("/v1/models").json()["data"]}
+    assert kinds["deep1"] == "deep" and kinds["p0"] == "shallow"
+    ref.add_prompt("deep-ref", kv)
+    body = {"model": "deep1", "prompt": TEXTS[0], "max_tokens": 6, "temperature": 0}
+    assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == single(ref, TEXTS[0], "deep-ref", 6)
+    assert any(line.startswith("softprompt_resident_deep_prompts 1") for line in http.get("/metrics").text.splitlines())
+    assert http.delete("/v1/prompts/deep1").status_code == 200

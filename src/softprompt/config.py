@@ -82,13 +82,22 @@ class DataConfig(_JsonMixin):
         return "target" if self.template is not None else "lm"
 
 
+REPARAMS = {"shallow": ("residual", "mlp", "lstm"), "deep": ("mlp",)}  # prompt kind -> its reparameterisations
+
+
 @dataclass(frozen=True)
 class PromptConfig(_JsonMixin):
     num_virtual_tokens: int = 20  # N: virtual tokens in the soft prompt
     init: str = "random"  # random | text | vocab | labels | transfer | prompt:<name> (best measured, docs/tuning.md)
     init_text: str | None = None  # text for init=text
+    kind: str = "shallow"  # shallow: (N, H) input embeddings | deep: keys/values at every layer (prefix tuning; docs/tuning.md)
+    reparam: str | None = None  # training-time reparameterisation, folded before saving: residual, mlp, lstm (shallow); mlp (deep)
 
     def __post_init__(self) -> None:
+        _check(self.kind in REPARAMS, f"--kind must be one of {', '.join(REPARAMS)}, got {self.kind!r}")
+        _check(self.reparam is None or self.reparam in REPARAMS[self.kind],
+               f"--reparam {self.reparam} is not supported for --kind {self.kind} "
+               f"(choose {', '.join(REPARAMS[self.kind])})")
         _check(
             self.num_virtual_tokens > 0,
             f"--num-virtual-tokens must be positive, got {self.num_virtual_tokens}",
@@ -207,13 +216,19 @@ class ServerConfig(_JsonMixin):
 
 # ---------------------------------------------------------------- experiments
 
-COMPARE_METHODS = ("zero-shot", "few-shot", "prompt-tuning", "lora", "full")
-COMPARE_TRAINED = ("prompt-tuning", "lora", "full")
+COMPARE_METHODS = ("zero-shot", "few-shot", "prompt-tuning", "deep-prompt", "prompt-residual", "lora", "full")
+COMPARE_DEFAULT = ("zero-shot", "few-shot", "prompt-tuning", "lora", "full")  # what --methods runs when not given
+COMPARE_TRAINED = ("prompt-tuning", "deep-prompt", "prompt-residual", "lora", "full")
+# prompt methods: compare method -> (PromptConfig kind, reparam)
+COMPARE_PROMPT_KINDS = {"prompt-tuning": ("shallow", None), "deep-prompt": ("deep", None),
+                        "prompt-residual": ("shallow", "residual")}
 # learning rates tried per trained method, the kept one best on dev (ties keep the first);
 # prompt tuning starts at TrainConfig's default (measured, docs/tuning.md); LoRA and full
 # fine-tuning bracket the usual values for small decoder models
 COMPARE_LR_SWEEP = {
     "prompt-tuning": tuple(dict.fromkeys((TrainConfig.lr, 0.1, 0.3))),
+    "deep-prompt": (0.01, 0.003, 0.03),
+    "prompt-residual": tuple(dict.fromkeys((TrainConfig.lr, 0.1, 0.3))),
     "lora": (1e-3, 3e-4, 3e-3),
     "full": (3e-5, 1e-5, 1e-4),
 }
@@ -222,6 +237,8 @@ COMPARE_MIXED_BATCH = {
     "zero-shot": True,
     "few-shot": True,
     "prompt-tuning": True,
+    "deep-prompt": True,
+    "prompt-residual": True,
     "lora": False,
     "full": False,
 }
@@ -229,7 +246,7 @@ COMPARE_MIXED_BATCH = {
 
 @dataclass(frozen=True)
 class CompareConfig(_JsonMixin):
-    methods: tuple[str, ...] = COMPARE_METHODS  # which methods, in this order
+    methods: tuple[str, ...] = COMPARE_DEFAULT  # which methods, in this order (also deep-prompt, prompt-residual)
     train_sizes: tuple[int | None, ...] = (None,)  # examples per run; None = the pool
     seeds: tuple[int, ...] = (0,)  # run seeds: training set, batch order, init, demos
     lr_sweep: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(COMPARE_LR_SWEEP))

@@ -14,6 +14,7 @@ Nothing is ever downloaded: every load passes ``local_files_only=True``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -53,6 +54,16 @@ class LoadedModel:
     @property
     def is_encoder_decoder(self) -> bool:
         return bool(getattr(self.model.config, "is_encoder_decoder", False))
+
+    @functools.cached_property
+    def kv_shape(self) -> tuple[int, int, int] | None:
+        """(layers, kv heads, head dim) of the decoder's key/value cache, the shape a deep prompt
+        must fit; None for an encoder-decoder model (no decoder-only key/value prefix)."""
+        if self.is_encoder_decoder:
+            return None
+        from softprompt.prompt import kv_shape
+
+        return kv_shape(self.model)
 
 
 def available() -> list[str]:

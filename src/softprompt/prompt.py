@@ -98,3 +98,95 @@ def make_prompt(
             return rows[:n].clone()
         return torch.cat([rows, init_vocab(model, n - rows.shape[0], gen)])
     raise UserError(f"unknown --init {init!r}")
+
+
+# ---------------------------------------------------------------- deep prompts: per-layer keys/values
+#
+# A deep prompt (prefix tuning, Li & Liang 2021; P-tuning v2) is one float32 tensor
+# (L, 2, kv, N, d): for every layer, keys (index 0) and values (index 1) of N virtual positions,
+# kv key/value heads of size d (grouped-query attention: kv < attention heads). It is a key/value
+# prefix as it stands; nothing runs to serve it. Its positions are 0..N-1, so real tokens sit at
+# N, N+1, ... as behind a shallow prompt of the same N.
+
+KV_STATS_TOKENS = 64  # common-vocabulary tokens run through the model to measure key/value statistics
+
+
+def is_deep(prompt: torch.Tensor | None) -> bool:
+    """A deep prompt (L, 2, kv, N, d), as opposed to a shallow (N, H) one."""
+    return prompt is not None and prompt.dim() == 5
+
+
+def check_deep(model) -> None:
+    """Refuse deep prompts on a model without a decoder-only key/value prefix, in one line."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise UserError(f"deep prompts need a decoder-only model with a key/value cache; "
+                        f"{model.config.model_type} is an encoder-decoder model")
+
+
+def deep_tokens(prompt: torch.Tensor) -> int:
+    return int(prompt.shape[3])
+
+
+@torch.no_grad()
+def kv_of_embeddings(model, x: torch.Tensor) -> torch.Tensor:
+    """Keys/values (L, 2, kv, T, d) float32 of the frozen decoder run on (T, H) input embeddings.
+
+    A model without a key/value cache interface (encoder-decoder, or a base that takes no
+    ``past_key_values``) is refused with one line: deep prompts need one.
+    """
+    from transformers import DynamicCache
+
+    check_deep(model)
+    w = model.get_input_embeddings().weight
+    try:
+        out = model.base_model(inputs_embeds=x.to(w.device, w.dtype).unsqueeze(0),
+                               attention_mask=torch.ones(1, x.shape[0], dtype=torch.long, device=w.device),
+                               past_key_values=DynamicCache(config=model.config), use_cache=True)
+        layers = out.past_key_values.layers
+    except (TypeError, AttributeError, ValueError) as e:
+        raise UserError(f"deep prompts need a key/value cache; {type(model).__name__} has none usable ({e})") from None
+    return torch.stack([torch.stack([ly.keys[0], ly.values[0]]) for ly in layers]).float().cpu()  # (L, 2, kv, T, d)
+
+
+def kv_shape(model) -> tuple[int, int, int]:
+    """(L, kv heads, head dim) of the model's key/value cache, read off a one-token run."""
+    kv = kv_of_embeddings(model, embedding_matrix(model)[:1])
+    return int(kv.shape[0]), int(kv.shape[2]), int(kv.shape[4])
+
+
+def init_deep_random(model, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Normal keys/values with the per-channel mean and std the model's real keys/values have
+    (measured on common-vocabulary tokens): keys carry large per-channel offsets, which a
+    unit-scale init would miss."""
+    ref = kv_of_embeddings(model, init_vocab(model, KV_STATS_TOKENS, gen))  # (L, 2, kv, T, d)
+    mean, std = ref.mean(3, keepdim=True), ref.std(3, keepdim=True)  # (L, 2, kv, 1, d)
+    L, _, kv, _, d = ref.shape
+    return torch.randn(L, 2, kv, n, d, generator=gen) * std + mean  # (L, 2, kv, N, d)
+
+
+def make_deep_prompt(model, tokenizer, n: int, init: str, *, seed: int = 0, text: str | None = None,
+                     label_words: list[str] | None = None, source: torch.Tensor | None = None) -> torch.Tensor:
+    """Build an (L, 2, kv, N, d) float32 deep prompt.
+
+    ``random``: ``init_deep_random``. Every other init is the computed prefix of the shallow
+    prompt the same init gives: ``text`` is the keys/values of the text run through the frozen
+    model (as PEFT's ``initialize_kv_prefix_from_text``), ``vocab``/``labels`` those of the sampled
+    or label-word embeddings, ``prompt:<name>`` of a stored shallow prompt. A stored deep prompt
+    (``source`` 5-d) is copied, cut to N or extended with the random init.
+    """
+    if n <= 0:
+        raise UserError(f"number of virtual tokens must be positive, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    if init == "random":
+        return init_deep_random(model, n, gen)
+    if is_deep(source):
+        L, kv, d = kv_shape(model)
+        if tuple(source.shape[i] for i in (0, 2, 4)) != (L, kv, d):
+            raise UserError(f"--init {init}: deep prompt has layers x kv heads x head dim "
+                            f"{tuple(source.shape[i] for i in (0, 2, 4))}, the model has {(L, kv, d)}")
+        rows = source.float()[:, :, :, :n].clone()
+        if rows.shape[3] == n:
+            return rows
+        return torch.cat([rows, init_deep_random(model, n - rows.shape[3], gen)], 3)
+    shallow = make_prompt(model, tokenizer, n, init, seed=seed, text=text, label_words=label_words, source=source)
+    return kv_of_embeddings(model, shallow)

@@ -112,8 +112,8 @@ def cmd_generate(a) -> int:
     prompt = None
     if a.prompt:
         sp = store.load_prompt(a.prompt)
-        store.check_compatible(sp, lm.fingerprint, force=a.force)
-        prompt = sp.embeddings
+        store.check_compatible(sp, lm.fingerprint, force=a.force, kv_shape=lm.kv_shape)
+        prompt = sp.tensor
     print(engine.generate(lm, prompt, a.text, cfg).text)
     return 0
 
@@ -217,14 +217,14 @@ def cmd_prompts(a) -> int:
     elif a.action == "export":
         print(f"exported {a.name} to {store.export_prompt(a.name, a.dir)}")
     elif a.action == "import":
-        fp, model_name = None, None
+        fp, model_name, kv_shape = None, None, None
         if a.model:
             from softprompt import models
 
             lm = models.load(a.model)
-            fp, model_name = lm.fingerprint, lm.name
-        sp = store.import_prompt(a.dir, name=a.name, fingerprint=fp, model_name=model_name)
-        print(f"imported {sp.name} ({sp.num_virtual_tokens} x {sp.embeddings.shape[1]}) into {sp.path}")
+            fp, model_name, kv_shape = lm.fingerprint, lm.name, lm.kv_shape
+        sp = store.import_prompt(a.dir, name=a.name, fingerprint=fp, model_name=model_name, kv_shape=kv_shape)
+        print(f"imported {sp.name} ({sp.kind}, {' x '.join(map(str, sp.tensor.shape))}) into {sp.path}")
     return 0
 
 
@@ -238,7 +238,8 @@ def _list_prompts(store) -> None:
             print(f"{name:<28} BROKEN  {s['error']}")
             continue
         acc = f"acc {s['accuracy']:.3f}" if s.get("accuracy") is not None else ""
-        print(f"{name:<28} N={s['num_virtual_tokens']:<4} H={s['hidden_size']:<5} task={s['task'] or '-':<8} "
+        print(f"{name:<28} {s['kind']:<7} N={s['num_virtual_tokens']:<4} H={s['hidden_size'] or '-':<5} "
+              f"task={s['task'] or '-':<8} "
               f"base={s['base_model'] or 'unknown'} {acc}".rstrip())
 
 

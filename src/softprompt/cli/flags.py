@@ -149,7 +149,7 @@ def data_config(a):
     return DataConfig(**kw)
 
 
-PROMPT_FLAGS = ("num_virtual_tokens", "init", "init_text")
+PROMPT_FLAGS = ("num_virtual_tokens", "init", "init_text", "kind", "reparam")
 
 
 def add_prompt_train_flags(p, train_fields: tuple[str, ...]) -> None:

@@ -30,13 +30,14 @@ from softprompt.config import (
     COMPARE_MIXED_BATCH as MIXED_BATCH,
 )
 from softprompt.config import (
-    COMPARE_TRAINED as TRAINED,
-)
-from softprompt.config import (
+    COMPARE_PROMPT_KINDS,
     CompareConfig,
     DataConfig,
     PromptConfig,
     TrainConfig,
+)
+from softprompt.config import (
+    COMPARE_TRAINED as TRAINED,
 )
 from softprompt.experiments import compare_data as CD
 from softprompt.experiments.compare_runs import Journal
@@ -171,9 +172,11 @@ def run_hand(ctx: Context, method: str, train_idx: list[int], seed: int) -> dict
 
 def make_method(ctx: Context, method: str, seed: int):
     torch.manual_seed(seed)
-    if method == "prompt-tuning":
-        prompt = TR.initial_prompt(ctx.lm, ctx.pcfg, ctx.splits.cfg, seed)
-        return M.PromptMethod(ctx.lm.model, prompt, fast=ctx.tcfg.fast_forward)
+    if method in COMPARE_PROMPT_KINDS:
+        kind, reparam = COMPARE_PROMPT_KINDS[method]
+        pcfg = replace(ctx.pcfg, kind=kind, reparam=reparam)
+        prompt = TR.initial_prompt(ctx.lm, pcfg, ctx.splits.cfg, seed)
+        return TR.prompt_method(ctx.lm, prompt, pcfg, ctx.tcfg.fast_forward, seed)
     if method == "lora":
         return M.LoraMethod(ctx.lm.model)
     return M.FullMethod(ctx.lm.model)

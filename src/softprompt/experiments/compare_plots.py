@@ -16,6 +16,8 @@ COLORS = {
     "zero-shot": "tab:gray",
     "few-shot": "tab:brown",
     "prompt-tuning": "tab:blue",
+    "deep-prompt": "tab:green",
+    "prompt-residual": "tab:purple",
     "lora": "tab:orange",
     "full": "tab:red",
 }

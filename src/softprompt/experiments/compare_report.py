@@ -35,7 +35,9 @@ How each column is measured:
 - **lr**: each trained method runs `loop.fit` once per learning rate of its sweep, with the same
   training rows, batch order (seeded), step budget, schedule and early stopping on the same dev
   set; the lr whose kept state is best on dev is the one scored on test.
-- **trainable params**: prompt = N x H; LoRA = `peft`'s `get_nb_trainable_parameters()`;
+- **trainable params**: prompt = N x H; deep prompt = L x 2 x kv heads x N x head dim (its saved
+  size too); residual prompt = N x H plus the residual MLP and LayerNorm it trains through (the
+  saved prompt is the folded N x H); LoRA = `peft`'s `get_nb_trainable_parameters()`;
   full = every parameter (tied embeddings once).
 - **bytes / task**: the size of the real saved file: the prompt's `adapter_model.safetensors`,
   the LoRA `adapter_model.safetensors` (`save_pretrained`), the full model's safetensors weights;
@@ -87,6 +89,14 @@ def targets(summary: list[dict], total_s: float) -> list[dict]:
                     "met": gap <= 3,
                 }
             )
+    for (method, n), lora in sorted(by.items(), key=lambda kv: kv[0][1]):
+        kinds = {m: by[(m, n)] for m in ("prompt-tuning", "deep-prompt", "prompt-residual") if (m, n) in by}
+        if method != "lora" or len(kinds) < 2:
+            continue
+        best = max(kinds, key=kinds.get)
+        gap = 100 * (lora - kinds[best])
+        out.append({"target": f"best prompt kind ({best}) within 1 point of LoRA (n={n})", "value": round(gap, 2),
+                    "met": gap <= 1})
     out.append(
         {
             "target": "this run's wall time < 2 hours (seconds; the goal is for the whole SST-2 comparison)",

@@ -10,6 +10,11 @@
 * **Importance** of each virtual token: the drop in the evaluation metric when that token is
   replaced by the mean vocabulary embedding (accuracy for classification prompts, loss for
   language-modelling ones).
+
+A deep prompt (keys/values at every layer) has no input embeddings to compare with the
+vocabulary: its report gives each virtual position's key and value norms (mean over layers)
+next to the norms of the model's real keys/values on common tokens, and its similarity to other
+deep prompts of the same model (cosine of their mean positions); no nearest tokens, no importance.
 """
 
 from __future__ import annotations
@@ -97,6 +102,8 @@ def inspect_prompt(lm, name: str, against: list[str] | None = None, top_k: int =
                    with_importance: bool = True) -> dict:
     """The JSON report of one stored prompt (see the module docstring)."""
     sp = store.load_prompt(name)
+    if sp.kind == "deep":
+        return inspect_deep(lm, sp, against)
     prompt = sp.embeddings.float()
     if prompt.shape[1] != embedding_matrix(lm.model).shape[1]:
         raise UserError(f"prompt {name!r} has hidden size {prompt.shape[1]}, the model has {embedding_matrix(lm.model).shape[1]}")
@@ -110,7 +117,7 @@ def inspect_prompt(lm, name: str, against: list[str] | None = None, top_k: int =
     }
     names = [name] + [a for a in (against or []) if a != name]
     if len(names) > 1:
-        sims = similarity({n: store.load_prompt(n).embeddings for n in names})
+        sims = similarity({n: store.load_prompt(n).shallow("similarity with a shallow prompt") for n in names})
         report["similarity"] = {"names": names, "matrix": sims.tolist()}
     if with_importance:
         examples, verbalizer = eval_examples(lm.tokenizer, sp.meta, eval_limit)
@@ -118,6 +125,33 @@ def inspect_prompt(lm, name: str, against: list[str] | None = None, top_k: int =
         report["importance"] = {"metric": metric, "full_prompt": base, "rows": len(examples), "drop": drops}
         for t, d in zip(report["tokens"], drops, strict=True):
             t["importance"] = d
+    return report
+
+
+def inspect_deep(lm, sp, against: list[str] | None) -> dict:
+    """The report of a deep prompt: key/value norms per position against the model's, similarity."""
+    from softprompt.prompt import KV_STATS_TOKENS, init_vocab, kv_of_embeddings
+
+    store.check_shape(sp, lm.hidden_size, lm.kv_shape)
+    kv = sp.kv.float()  # (L, 2, kv, N, d)
+    per = kv.permute(3, 0, 1, 2, 4).flatten(3).norm(dim=-1).mean(1)  # (N, 2): mean over layers of |key|, |value|
+    ref = kv_of_embeddings(lm.model, init_vocab(lm.model, KV_STATS_TOKENS, torch.Generator().manual_seed(0)))
+    ref_norm = ref.permute(3, 0, 1, 2, 4).flatten(3).norm(dim=-1).mean(1)  # (T, 2)
+    report = {
+        "name": sp.name, "kind": "deep", "shape": list(kv.shape), "task": sp.meta.get("task"),
+        "model_kv_norm": {"key": float(ref_norm[:, 0].mean()), "value": float(ref_norm[:, 1].mean())},
+        "tokens": [{"index": i, "key_norm": float(k), "value_norm": float(v)} for i, (k, v) in enumerate(per.tolist())],
+    }
+    names = [sp.name] + [a for a in (against or []) if a != sp.name]
+    if len(names) > 1:
+        means = {}
+        for n in names:
+            other = sp if n == sp.name else store.load_prompt(n)
+            if other.kind != "deep" or (other.kv.shape[:3], other.kv.shape[4]) != (sp.kv.shape[:3], sp.kv.shape[4]):
+                raise UserError(f"--against {n}: similarity needs deep prompts of the same model as {sp.name!r}")
+            means[n] = other.kv.float().mean(3).flatten()  # mean position, every layer's keys and values
+        sims = similarity({n: m.unsqueeze(0) for n, m in means.items()})
+        report["similarity"] = {"names": names, "matrix": sims.tolist()}
     return report
 
 
@@ -147,6 +181,8 @@ def heatmap(names: list[str], matrix: list[list[float]], path: Path) -> Path:
 
 def table(report: dict) -> list[str]:
     """The report as terminal lines."""
+    if report.get("kind") == "deep":
+        return deep_table(report)
     vn = report["vocab_norm"]
     out = [f"prompt {report['name']}  {report['shape'][0]} x {report['shape'][1]}  task {report['task'] or '-'}",
            f"vocabulary embedding norm {vn['mean']:.3f} +- {vn['std']:.3f}", ""]
@@ -161,6 +197,22 @@ def table(report: dict) -> list[str]:
         imp = report["importance"]
         out += ["", f"{imp['metric']} with the whole prompt: {imp['full_prompt']:.4f} on {imp['rows']} rows; "
                 f"drop = that minus the metric with the token replaced by the mean embedding"]
+    return out + similarity_lines(report)
+
+
+def deep_table(report: dict) -> list[str]:
+    """A deep prompt's report as terminal lines."""
+    ref = report["model_kv_norm"]
+    out = [f"deep prompt {report['name']}  layers x K/V x kv heads x N x d = {' x '.join(map(str, report['shape']))}  "
+           f"task {report['task'] or '-'}",
+           f"the model's own key norm {ref['key']:.3f}, value norm {ref['value']:.3f} (mean over layers, common tokens)",
+           "", f"{'pos':>4} {'|key|':>8} {'|value|':>8}"]
+    out += [f"{t['index']:>4} {t['key_norm']:>8.3f} {t['value_norm']:>8.3f}" for t in report["tokens"]]
+    return out + similarity_lines(report)
+
+
+def similarity_lines(report: dict) -> list[str]:
+    out: list[str] = []
     if "similarity" in report:
         names, m = report["similarity"]["names"], report["similarity"]["matrix"]
         w = max(len(n) for n in names)

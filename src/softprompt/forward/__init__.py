@@ -1,15 +1,16 @@
 """The prompted forward pass: losses and log-probabilities of a batch under a soft prompt.
 
 ``decoder`` holds the decoder-only paths (the naive reference, the shared-prefix fast path,
-mixed-task batches, sequence scoring); ``seq2seq`` the encoder-decoder (T5) paths. This module
-only dispatches on the model's kind, so neither of them imports the other's dispatch.
+mixed-task batches, sequence scoring); ``deep`` the paths under a deep prompt (per-layer keys and
+values, ``prompt.is_deep``); ``seq2seq`` the encoder-decoder (T5) paths. This module only
+dispatches on the model's kind and the prompt's, so none of them imports another's dispatch.
 """
 
 from __future__ import annotations
 
 import torch
 
-from softprompt.forward import decoder, seq2seq
+from softprompt.forward import decoder, deep, seq2seq
 from softprompt.forward.decoder import (
     choice_logprobs,
     embed,
@@ -21,9 +22,10 @@ from softprompt.forward.decoder import (
     prefix_forward_hidden,
     prefix_loss,
 )
+from softprompt.prompt import check_deep, is_deep
 
 __all__ = [
-    "choice_logprobs", "embed", "expand_cache", "is_seq2seq", "mixed_prefix_loss", "naive_loss",
+    "check_deep", "choice_logprobs", "embed", "expand_cache", "is_seq2seq", "mixed_prefix_loss", "naive_loss",
     "plain_loss", "prefix_cache", "prefix_forward_hidden", "prefix_loss", "prompt_loss",
     "sequence_logprobs", "supports_prefix",
 ]
@@ -39,8 +41,13 @@ def supports_prefix(model) -> bool:
 
 
 def prompt_loss(model, prompt, batch: dict, fast: bool = True) -> torch.Tensor:
-    """Mean target cross-entropy of ``batch`` under ``prompt`` (N, H): T5 family through
-    ``seq2seq``, decoder-only through the exact prefix path (``fast``) or the naive reference."""
+    """Mean target cross-entropy of ``batch`` under ``prompt``: a shallow (N, H) prompt through
+    ``seq2seq`` (T5 family) or the exact prefix path (``fast``) / the naive reference; a deep
+    (L, 2, kv, N, d) prompt through ``deep`` (fast) or PEFT's way (naive)."""
+    if is_deep(prompt):
+        check_deep(model)
+        args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return deep.deep_loss(model, prompt, *args) if fast else deep.deep_naive_loss(model, prompt, *args)
     if is_seq2seq(model):
         return seq2seq.seq2seq_loss(model, prompt, batch)
     return decoder.prompt_loss(model, prompt, batch, fast=fast)
@@ -49,7 +56,10 @@ def prompt_loss(model, prompt, batch: dict, fast: bool = True) -> torch.Tensor:
 def sequence_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels,
                       choices: torch.Tensor | None = None, prefix=None) -> torch.Tensor:
     """Per-row summed log-probability of the labelled tokens (B,), or (B, L) with ``choices``;
-    see ``decoder.sequence_logprobs``."""
+    see ``decoder.sequence_logprobs``; a deep prompt goes through ``deep.deep_logprobs``."""
+    if is_deep(prompt):
+        check_deep(model)
+        return deep.deep_logprobs(model, prompt, input_ids, attention_mask, labels, choices)
     if is_seq2seq(model):
         return seq2seq.seq2seq_logprobs(model, prompt, input_ids, attention_mask, labels, choices)
     return decoder.sequence_logprobs(model, prompt, input_ids, attention_mask, labels, choices, prefix)

@@ -7,7 +7,9 @@
   bank for the other prompts.
 * ``PrefixCache``: for decoder-only models a prompt's keys/values in every layer do not depend
   on the input (causal attention, prompt first), so they are computed once per prompt version
-  (``forward.prefix_cache``) and kept in an LRU bounded in bytes.
+  (``forward.prefix_cache``) and kept in an LRU bounded in bytes. A deep prompt is its keys and
+  values already (``deep_prefix``: a cast and a move, no compute); its entry counts its bytes
+  like any other.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from softprompt import store
 from softprompt.config import UserError
 from softprompt.forward import prefix_cache
+from softprompt.prompt import is_deep
 
 
 @dataclass
@@ -29,7 +32,7 @@ class PrefixKV:
 
     keys: torch.Tensor  # (layers, kv, N, d)
     values: torch.Tensor  # (layers, kv, N, d)
-    last: torch.Tensor  # (H,) hidden state of the last virtual token: predicts the first token
+    last: torch.Tensor | None  # (H,) hidden state of the last virtual token (predicts the first token); None: deep
 
     @property
     def n(self) -> int:
@@ -37,7 +40,7 @@ class PrefixKV:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.last))
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.last) if t is not None)
 
 
 def compute_prefix(model, embeddings: torch.Tensor) -> PrefixKV:
@@ -45,6 +48,12 @@ def compute_prefix(model, embeddings: torch.Tensor) -> PrefixKV:
     keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (layers, kv, N, d)
     values = torch.stack([layer.values[0] for layer in cache.layers])
     return PrefixKV(keys, values, last)
+
+
+def deep_prefix(kv: torch.Tensor, device, dtype) -> PrefixKV:
+    """A deep prompt (L, 2, kv, N, d) as a prefix: its keys and values as they are."""
+    kv = kv.to(device=device, dtype=dtype)
+    return PrefixKV(kv[:, 0], kv[:, 1], None)
 
 
 class PromptBank:
@@ -55,19 +64,26 @@ class PromptBank:
     version key that changes whenever the tensor does; the prefix cache is keyed by it.
     """
 
-    def __init__(self, fingerprint: dict, max_resident: int = 64, force: bool = False):
+    def __init__(self, fingerprint: dict, max_resident: int = 64, force: bool = False,
+                 kv_shape: tuple[int, int, int] | None = None):
         self.fingerprint, self.max_resident, self.force = fingerprint, max_resident, force
+        self.kv_shape = kv_shape  # (layers, kv heads, head dim) a deep prompt must fit; None: no deep prompts
         self._pinned: dict[str, tuple[store.StoredPrompt, tuple]] = {}
         self._resident: OrderedDict[str, tuple[store.StoredPrompt, tuple]] = OrderedDict()
         self._adds = 0
 
     def add(self, name: str, embeddings: torch.Tensor, meta: dict | None = None) -> None:
-        """Register an in-memory (N, H) prompt under ``name`` (never evicted)."""
+        """Register an in-memory (N, H) or deep (L, 2, kv, N, d) prompt under ``name`` (never evicted)."""
         h = self.fingerprint["hidden_size"]
-        if embeddings.dim() != 2 or embeddings.shape[1] != h:
-            raise UserError(f"prompt {name!r} has shape {tuple(embeddings.shape)}; the model needs (N, {h})")
+        t = embeddings.detach().float()
+        if is_deep(t):
+            sp = store.StoredPrompt(name=name, path=store.prompts_dir(), embeddings=None, meta=meta or {}, kv=t)
+            store.check_shape(sp, h, self.kv_shape)
+        elif t.dim() != 2 or t.shape[1] != h:
+            raise UserError(f"prompt {name!r} has shape {tuple(t.shape)}; the model needs (N, {h})")
+        else:
+            sp = store.StoredPrompt(name=name, path=store.prompts_dir(), embeddings=t, meta=meta or {})
         self._adds += 1
-        sp = store.StoredPrompt(name=name, path=store.prompts_dir(), embeddings=embeddings.detach().float(), meta=meta or {})
         self._pinned[name] = (sp, ("pinned", self._adds))
 
     def get(self, name: str) -> tuple[store.StoredPrompt, tuple]:
@@ -81,7 +97,7 @@ class PromptBank:
             return hit
         self._resident.pop(name, None)
         sp = store.read_prompt_dir(path, name)  # UserError naming the file if missing or broken
-        store.check_compatible(sp, self.fingerprint, force=self.force)
+        store.check_compatible(sp, self.fingerprint, force=self.force, kv_shape=self.kv_shape)
         self._resident[name] = (sp, stamp)
         while len(self._resident) > self.max_resident:
             self._resident.popitem(last=False)
@@ -90,9 +106,13 @@ class PromptBank:
     def resident(self) -> list[str]:
         return list(self._pinned) + list(self._resident)
 
+    def resident_deep(self) -> int:
+        """How many resident prompts are deep (per-layer keys/values)."""
+        return sum(sp.kv is not None for sp, _ in list(self._pinned.values()) + list(self._resident.values()))
+
     def nbytes(self) -> int:
         items = list(self._pinned.values()) + list(self._resident.values())
-        return sum(sp.embeddings.numel() * sp.embeddings.element_size() for sp, _ in items)
+        return sum(sp.nbytes for sp, _ in items)
 
 
 def _stamp(path) -> tuple:

@@ -59,7 +59,7 @@ def create_app(engine, config: ServerConfig | None = None):
     metrics = Metrics()
     sched = Scheduler(engine, metrics, cfg.max_batch_rows, cfg.max_wait_ms, cfg.max_queue, cfg.join_every)
     ctx = Served(cfg, sched, metrics, cfg.model_id or str(engine.lm.name), engine.lm.fingerprint, engine.lm.name,
-                 engine.cfg.force, int(time.time()), Path(__file__).resolve().parents[1] / "web")
+                 engine.cfg.force, engine.lm.kv_shape, int(time.time()), Path(__file__).resolve().parents[1] / "web")
 
     @asynccontextmanager
     async def lifespan(app):

@@ -18,6 +18,7 @@ class Served:
     fingerprint: dict  # the served model's fingerprint (uploads must match it)
     model_name: str  # the served model's name (written into uploaded prompts' metadata)
     force: bool  # accept prompts trained on another base model of the same hidden size
+    kv_shape: tuple | None  # (layers, kv heads, head dim) a deep prompt must have; None: no KV cache
     started: int  # unix time the app was built (the plain model's "created")
     web: Path  # the web page's assets
 

@@ -145,7 +145,7 @@ class Replica:
         if path.is_dir() and all((path / f).is_file() and (path / f).read_bytes() == b for f, b in files.items()):
             return  # already here (this replica took the upload, or a shared filesystem)
         ctx = self.served
-        install_prompt(name, files, ctx.fingerprint, ctx.model_name, ctx.force, self.cfg.max_upload_bytes)
+        install_prompt(name, files, ctx.fingerprint, ctx.model_name, ctx.force, self.cfg.max_upload_bytes, ctx.kv_shape)
 
 
 def _read_prompt(name: str) -> dict[str, bytes]:

@@ -51,7 +51,7 @@ def list_models(base_id: str, started: int) -> list[dict]:
             created = int(store.prompt_path(name).stat().st_mtime)
         except OSError:  # removed meanwhile
             continue
-        out.append(model_obj(name, created, base_id))
+        out.append({**model_obj(name, created, base_id), "kind": store.prompt_kind(name)})
     return out
 
 

@@ -194,7 +194,8 @@ class Scheduler:
     def _publish(self) -> None:
         st = self.engine.stats()
         self.snapshot = {"softprompt_prefix_cache_bytes": st["prefix_cache"]["bytes"],
-                         "softprompt_resident_prompts": len(st["resident_prompts"])}
+                         "softprompt_resident_prompts": len(st["resident_prompts"]),
+                         "softprompt_resident_deep_prompts": st["resident_deep_prompts"]}
 
     def _next(self) -> list[Job] | None:
         """Block until there is work; an idle worker waits ``max_wait_ms`` for companions."""

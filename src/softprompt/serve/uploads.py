@@ -44,11 +44,12 @@ def _unzip(data: bytes, dest: Path, limit: int) -> None:
 
 
 def install_prompt(name: str, files: dict[str, bytes], fingerprint: dict, model_name: str, force: bool,
-                   limit: int) -> bool:
+                   limit: int, kv_shape: tuple[int, int, int] | None = None) -> bool:
     """Validate an uploaded prompt (files or a zip) and move it into the store atomically.
 
     Returns True if it replaced an existing prompt. Nothing becomes visible unless the directory
-    reads as a prompt, fits the model (hidden size, fingerprint) and the store write succeeds.
+    reads as a prompt, fits the model (hidden size, fingerprint, a deep prompt's key/value shape
+    ``kv_shape``) and the store write succeeds.
     """
     from softprompt import store
 
@@ -65,9 +66,10 @@ def install_prompt(name: str, files: dict[str, bytes], fingerprint: dict, model_
                            "body", "invalid_upload")
         try:
             sp = store.read_prompt_dir(d, name)
-            store.check_compatible(sp, fingerprint, force=force)
+            store.check_compatible(sp, fingerprint, force=force, kv_shape=kv_shape)
             existed = store.prompt_path(name).is_dir()
-            store.import_prompt(d, name=name, fingerprint=fingerprint, model_name=model_name, overwrite=True)
+            store.import_prompt(d, name=name, fingerprint=fingerprint, model_name=model_name, overwrite=True,
+                                kv_shape=kv_shape)
         except UserError as e:
             raise ApiError(422, str(e).replace(str(d), "upload"), param="body", code="invalid_prompt") from None
     return existed

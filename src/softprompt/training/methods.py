@@ -1,6 +1,8 @@
 """Every training method, as implementations of ``loop.Method``.
 
-* ``PromptMethod``: prompt tuning, the only trainable tensor is the (N, H) prompt;
+* ``PromptMethod``: prompt tuning, the only trainable tensor is the (N, H) prompt, or with a
+  training-time reparameterisation (``reparam.py``) the module that computes it;
+* ``DeepPromptMethod``: the same for a deep prompt (per-layer keys/values, L x 2 x kv x N x d);
 * ``ProgressiveMethod``: a new task's prompt after the frozen prompts of earlier tasks;
 * ``MultitaskMethod``: one shared prompt modulated per task (``multitask.py``);
 * ``LoraMethod``: LoRA adapters (rank 8 on the attention projections) through ``peft``;
@@ -41,20 +43,39 @@ from softprompt.forward import (
 
 
 class PromptMethod:
-    """Prompt tuning: the only trainable tensor is the (N, H) prompt."""
+    """Prompt tuning: the trainable tensor is the prompt, (N, H), or deep (L, 2, kv, N, d).
 
-    def __init__(self, model, prompt: torch.Tensor, fast: bool = True):
+    With ``reparam`` the trainable parameters are a reparameterisation module's
+    (``reparam.make_reparam``) and the prompt is what it computes (``current``); ``state``,
+    ``save`` and everything downstream see that plain, folded prompt (plus the module's weights
+    in ``state``, so a resumed run continues the same module).
+    """
+
+    def __init__(self, model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0):
         self.model = model
         device = next(model.parameters()).device  # the prompt lives with the model, in float32
         self.prompt = torch.nn.Parameter(prompt.detach().clone().float().to(device))
         self.fast = fast
+        self.reparam_name = reparam
+        self.reparam = None
+        if reparam is not None:
+            from softprompt.training.reparam import make_reparam
+
+            std = float(model.get_input_embeddings().weight.float().std())
+            self.reparam = make_reparam(reparam, prompt, std, torch.Generator().manual_seed(seed)).to(device)
+            self.prompt.requires_grad_(False)  # the module's copy trains; this one is never used
 
     def parameters(self):
-        return [self.prompt]
+        return list(self.reparam.parameters()) if self.reparam is not None else [self.prompt]
+
+    def current(self) -> torch.Tensor:
+        """The prompt the model sees (float32)."""
+        return self.reparam() if self.reparam is not None else self.prompt
 
     def _cast(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """The prompt in the model's dtype (autograd keeps the float32 master), the batch on its device."""
-        p = self.prompt if self.model.dtype == self.prompt.dtype else self.prompt.to(self.model.dtype)
+        p = self.current()
+        p = p if self.model.dtype == p.dtype else p.to(self.model.dtype)
         return p, {k: v.to(self.prompt.device) for k, v in batch.items()}
 
     def loss(self, batch):
@@ -62,26 +83,53 @@ class PromptMethod:
         return prompt_loss(self.model, prompt, batch, fast=self.fast)
 
     def state(self):
-        return {"prompt": self.prompt.detach().cpu().clone()}
+        out = {"prompt": self.current().detach().cpu().clone()}
+        if self.reparam is not None:
+            out.update({f"reparam.{k}": v.detach().cpu().clone() for k, v in self.reparam.state_dict().items()})
+        return out
 
     def load_state(self, state):
         with torch.no_grad():
-            self.prompt.copy_(state["prompt"])
+            if self.reparam is not None:
+                self.reparam.load_state_dict({k[len("reparam."):]: v for k, v in state.items() if k.startswith("reparam.")})
+            else:
+                self.prompt.copy_(state["prompt"])
 
     def score(self, batch) -> torch.Tensor:
-        prompt, batch = self._cast(batch)
+        with torch.no_grad():
+            prompt, batch = self._cast(batch)
         return sequence_logprobs(self.model, prompt.detach(), **batch).cpu()
 
     def trainable_parameters(self) -> int:
-        return self.prompt.numel()  # N * H
+        """Parameters trained (a reparameterisation's included; the saved prompt is smaller)."""
+        return sum(p.numel() for p in self.parameters())
 
     def save(self, path, meta: dict | None = None) -> int:
-        """The prompt as a PEFT prompt-tuning adapter directory; bytes of its weights file."""
+        """The folded prompt as a PEFT adapter directory (prompt tuning, or prefix tuning for a
+        deep prompt); bytes of its weights file."""
         from softprompt import store
 
         cfg = self.model.config
-        d = store.save_prompt(path, self.prompt.detach(), meta or {}, getattr(cfg, "name_or_path", ""), cfg)
+        with torch.no_grad():
+            prompt = self.current().detach()
+        d = store.save_prompt(path, prompt, meta or {}, getattr(cfg, "name_or_path", ""), cfg)
         return (d / "adapter_model.safetensors").stat().st_size
+
+
+class DeepPromptMethod(PromptMethod):
+    """Deep prompt tuning (prefix tuning / P-tuning v2): keys and values at every layer train.
+
+    The prompt is a key/value prefix as it stands, so a step needs no prefix pass
+    (``forward.deep``); refused in one line on a model without a decoder-only key/value cache.
+    """
+
+    def __init__(self, model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0):
+        from softprompt.prompt import check_deep, is_deep
+
+        check_deep(model)
+        if not is_deep(prompt):
+            raise UserError(f"a deep prompt is (layers, 2, kv heads, N, head dim), got {tuple(prompt.shape)}")
+        super().__init__(model, prompt, fast, reparam, seed)
 
 
 class ProgressiveMethod(PromptMethod):

@@ -124,6 +124,9 @@ class MultitaskResult:
 def train_multitask(lm, mcfg: MultitaskConfig, prompt_cfg: PromptConfig, train_cfg: TrainConfig, name: str,
                     resume: bool = False, progress: bool = False, save: bool = True, force: bool = False) -> MultitaskResult:
     """Train the shared prompt and the task modulations on a mix of tasks; store every prompt."""
+    if prompt_cfg.kind != "shallow" or prompt_cfg.reparam is not None:
+        raise UserError("train-multitask trains shallow prompts only (one shared (N, H) prompt modulated per task); "
+                        "drop --kind deep / --reparam")
     torch.manual_seed(train_cfg.seed)
     names = [recipes.task_name(t) for t in mcfg.tasks]
     for n in [name] + [f"{name}-{t}" for t in names]:

@@ -5,7 +5,8 @@ Ranking follows SPoT's evaluation-based metric (Vu et al. 2022): every compatibl
 task's training examples, with no training at all. Lower is better; the best prompt becomes
 the initial prompt (cut or extended to N, as ``--init prompt:NAME``). SPoT found this ranking
 more reliable than comparing prompt embeddings, and it costs one forward pass per prompt over
-a few dozen rows.
+a few dozen rows. Candidates are shallow prompts; with ``--kind deep`` the chosen one starts the
+deep prompt as its computed prefix (``prompt.make_deep_prompt``).
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ def candidates(lm, exclude: set[str] = frozenset(), force: bool = False, only: l
             continue
         try:
             sp = store.load_prompt(name)
-            store.check_compatible(sp, lm.fingerprint, force=force)
+            store.check_compatible(sp, lm.fingerprint, force=force, kv_shape=lm.kv_shape)
         except UserError as e:
             log.debug("transfer: skipping %s (%s)", name, e)
             continue
-        if sp.embeddings.shape[1] == H:
+        if sp.kv is None and sp.embeddings.shape[1] == H:  # deep prompts are not ranked: shallow sources only
             out[name] = sp.embeddings.float()
     return out
 

@@ -14,9 +14,10 @@ import torch
 
 from softprompt import recipes, store
 from softprompt.config import TrainConfig
+from softprompt.prompt import check_deep
 from softprompt.training import distributed
 from softprompt.training.loop import FitResult, eval_loss, fit
-from softprompt.training.methods import PromptMethod
+from softprompt.training.methods import DeepPromptMethod, PromptMethod
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +62,24 @@ def make_evaluator(method, tokenizer, eval_examples, data_cfg, cfg: TrainConfig,
 
 
 def initial_prompt(lm, prompt_cfg, data_cfg, seed: int, force: bool = False) -> torch.Tensor:
-    from softprompt.prompt import make_prompt
+    """The initial prompt of ``prompt_cfg.kind``: shallow (N, H) or deep (L, 2, kv, N, d)."""
+    from softprompt.prompt import make_deep_prompt, make_prompt
 
     source = None
     if prompt_cfg.init.startswith("prompt:"):
         stored = store.load_prompt(prompt_cfg.init.split(":", 1)[1])
-        store.check_compatible(stored, lm.fingerprint, force=force)
-        source = stored.embeddings
+        store.check_compatible(stored, lm.fingerprint, force=force, kv_shape=lm.kv_shape)
+        source = stored.tensor if prompt_cfg.kind == "deep" else stored.shallow("--init prompt:NAME for a shallow prompt")
     words = list((data_cfg.verbalizer or {}).values())
-    return make_prompt(lm.model, lm.tokenizer, prompt_cfg.num_virtual_tokens, prompt_cfg.init,
-                       seed=seed, text=prompt_cfg.init_text, label_words=words, source=source)
+    make = make_deep_prompt if prompt_cfg.kind == "deep" else make_prompt
+    return make(lm.model, lm.tokenizer, prompt_cfg.num_virtual_tokens, prompt_cfg.init,
+                seed=seed, text=prompt_cfg.init_text, label_words=words, source=source)
+
+
+def prompt_method(lm, init: torch.Tensor, prompt_cfg, fast: bool, seed: int) -> PromptMethod:
+    """The training method for ``prompt_cfg``'s kind and reparameterisation."""
+    cls = DeepPromptMethod if prompt_cfg.kind == "deep" else PromptMethod
+    return cls(lm.model, init, fast=fast, reparam=prompt_cfg.reparam, seed=seed)
 
 
 def prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, fit_res: FitResult, task: str | None) -> dict:
@@ -86,6 +95,8 @@ def prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, fit_res: FitResult, tas
         "target_column": data_cfg.target_column,
         "verbalizer": data_cfg.verbalizer,
         "data": data_cfg.to_dict(),
+        "kind": prompt_cfg.kind,
+        "reparam": prompt_cfg.reparam,  # used in training only: the saved prompt is the folded tensor
         "prompt": prompt_cfg.to_dict(),
         "training": train_cfg.to_dict(),
         "seed": train_cfg.seed,
@@ -116,6 +127,8 @@ def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = N
     main = dist is None or dist.is_main
     if name is not None:
         store.check_name(name)
+    if prompt_cfg.kind == "deep":
+        check_deep(lm.model)  # one line, before any data is read or anything written
     tok = lm.tokenizer
     train_ex, eval_ex, data_cfg = recipes.train_dev(tok, data_cfg, task, train_cfg.seed)
     ranking = None
@@ -125,7 +138,8 @@ def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = N
         ranking = rank_sources(lm, train_ex, exclude={name} if name else set(), force=force)
         prompt_cfg = replace(prompt_cfg, init=f"prompt:{ranking[0]['name']}")
     fast = train_cfg.fast_forward and not fsdp  # FSDP: one forward per layer (distributed.shard_model)
-    method = PromptMethod(lm.model, initial_prompt(lm, prompt_cfg, data_cfg, train_cfg.seed, force), fast=fast)
+    init = initial_prompt(lm, prompt_cfg, data_cfg, train_cfg.seed, force)
+    method = prompt_method(lm, init, prompt_cfg, fast, train_cfg.seed)
     evaluator = make_evaluator(method, tok, eval_ex, data_cfg, train_cfg, tok.pad_token_id)
     ckpt = runs_dir(name) / "checkpoint" if (save and name) else None
     res = fit(method, train_ex, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress and main, dist)

@@ -39,7 +39,7 @@ async function loadPrompts() {
   for (const p of prompts) {
     const tr = document.createElement("tr");
     const m = p.metrics || {};
-    tr.append(cell(p.name), cell(p.task), cell(p.num_virtual_tokens), cell(p.verbalizer ? Object.values(p.verbalizer).join(", ") : null),
+    tr.append(cell(p.name), cell(p.kind), cell(p.task), cell(p.num_virtual_tokens), cell(p.verbalizer ? Object.values(p.verbalizer).join(", ") : null),
       cell(fmt(p.accuracy)), cell(fmt(m.final_train_loss)), cell(p.base_model), cell(p.created), cell(p.status === "ok" ? "ok" : p.error));
     body.append(tr);
   }

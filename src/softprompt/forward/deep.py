@@ -1,0 +1,73 @@
+"""The forward pass under a deep prompt: per-layer keys/values (L, 2, kv, N, d) as the cache prefix.
+
+A deep prompt is a key/value prefix already, so there is no prefix pass: the B rows share it
+through ``expand`` (no copy; autograd sums the rows' gradient contributions), their tokens sit
+at positions N, N+1, ... behind it (the positions PEFT's prefix tuning gives them: transformers
+counts the cache length), and logits are computed only where there are labels.
+
+Unlike a shallow prompt, a deep prompt has no hidden state of its own, so nothing predicts the
+first real token: ``labels[:, 0]`` is never a target (as in PEFT's prefix-tuning forward).
+
+``deep_naive_loss`` is the reference: PEFT's way, full logits at every position and positions
+left to transformers. Encoder-decoder models have no decoder-only key/value prefix and are
+refused with one line (``forward.prompt_loss``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from softprompt.forward.decoder import IGNORE, _shifted_ce_sum, choice_logprobs, embed
+
+
+def deep_cache(model, prompt: torch.Tensor, batch: int) -> DynamicCache:
+    """The deep prompt as a batch-B cache: per layer keys/values (B, kv, N, d), views of (1, kv, N, d)."""
+    dtype = model.get_input_embeddings().weight.dtype
+    kv = prompt.to(dtype)  # (L, 2, kv, N, d)
+    layers = [(kv[i, 0].unsqueeze(0).expand(batch, -1, -1, -1), kv[i, 1].unsqueeze(0).expand(batch, -1, -1, -1))
+              for i in range(kv.shape[0])]
+    return DynamicCache(ddp_cache_data=layers, config=model.config)
+
+
+def deep_forward_hidden(model, prompt: torch.Tensor, input_ids, attention_mask) -> torch.Tensor:
+    """Hidden states (B, T, H) of right-padded rows behind the deep prompt."""
+    B, T = input_ids.shape
+    N = prompt.shape[3]
+    mask = torch.cat([attention_mask.new_ones(B, N), attention_mask], dim=1)  # (B, N+T)
+    pos = torch.arange(N, N + T, device=input_ids.device).unsqueeze(0).expand(B, -1)  # (B, T)
+    out = model.base_model(inputs_embeds=embed(model, input_ids), attention_mask=mask, position_ids=pos,
+                           past_key_values=deep_cache(model, prompt, B), use_cache=True)
+    return out.last_hidden_state
+
+
+def deep_loss(model, prompt: torch.Tensor, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Fast exact path: shared prefix views, logits only at labelled positions; mean target CE."""
+    total, count = _shifted_ce_sum(model, deep_forward_hidden(model, prompt, input_ids, attention_mask), labels)
+    return total / count.clamp(min=1)
+
+
+def deep_naive_loss(model, prompt: torch.Tensor, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Reference path (PEFT's): the prefix as ``past_key_values``, full logits, default positions."""
+    B, N = input_ids.shape[0], prompt.shape[3]
+    mask = torch.cat([attention_mask.new_ones(B, N), attention_mask], dim=1)
+    logits = model(input_ids=input_ids, attention_mask=mask, past_key_values=deep_cache(model, prompt, B),
+                   use_cache=True).logits  # (B, T, V)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def deep_logprobs(model, prompt: torch.Tensor, input_ids, attention_mask, labels,
+                  choices: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row summed log-probability of the labelled tokens (B,), or (B, L) with ``choices``
+    (see ``decoder.sequence_logprobs``); ``labels[:, 0]`` is never scored."""
+    hidden = deep_forward_hidden(model, prompt, input_ids, attention_mask)
+    tgt = labels[:, 1:]
+    sel = tgt != IGNORE
+    rows = sel.nonzero()[:, 0]
+    logp = F.log_softmax(model.get_output_embeddings()(hidden[:, :-1][sel]).float(), dim=-1)  # (M, V)
+    if choices is not None:
+        return choice_logprobs(logp, rows, choices)
+    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    return out.index_add_(0, rows, logp.gather(-1, tgt[sel].unsqueeze(-1))[:, 0])

@@ -1,0 +1,106 @@
+"""Decoder-only batch state: per-row key/value prefixes, left padding, rows joining and leaving.
+
+Layout of row i (prefix length N_i, T_i input tokens), built per layer:
+
+    cache columns  [pad x (maxN - N_i)][prefix keys/values of row i]    (B, kv, maxN, d)
+    token block    [pad x (maxT - T_i)][tokens of row i]                (B, maxT)
+
+Pads carry attention_mask 0 and positions are explicit (``next_pos``), so each row computes
+exactly ``[its prefix][its tokens]``: columns that are masked contribute nothing to attention,
+which makes padding, dropping rows (``DecoderState.take``) and stacking batches
+(``merge_states``) exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from softprompt.forward import embed
+from softprompt.inference.bank import PrefixKV
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and mask, each row right-aligned."""
+    T = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, T - len(s) :] = 1
+    return ids, mask
+
+
+def batch_prefix(prefixes: list[PrefixKV | None], config) -> tuple[DynamicCache, torch.Tensor]:
+    """Per-row prefix keys/values right-aligned into one cache: layers (B, kv, maxN, d), mask (B, maxN)."""
+    B = len(prefixes)
+    maxN = max((p.n for p in prefixes if p is not None), default=0)
+    ref = next((p for p in prefixes if p is not None), None)
+    mask = torch.zeros(B, maxN, dtype=torch.long, device=None if ref is None else ref.keys.device)
+    if maxN == 0:
+        return DynamicCache(config=config), mask
+    L, kv, _, d = ref.keys.shape
+    keys = ref.keys.new_zeros(L, B, kv, maxN, d)
+    values = ref.values.new_zeros(L, B, kv, maxN, d)
+    for i, p in enumerate(prefixes):
+        if p is not None:
+            keys[:, i, :, maxN - p.n :] = p.keys
+            values[:, i, :, maxN - p.n :] = p.values
+            mask[i, maxN - p.n :] = 1
+    return DynamicCache(ddp_cache_data=list(zip(keys.unbind(0), values.unbind(0))), config=config), mask
+
+
+class DecoderState:
+    """Cache, attention mask (B, L) and next position (B,) of a decoder-only batch."""
+
+    def __init__(self, model, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor):
+        self.model, self.cache, self.mask, self.next_pos = model, cache, mask, next_pos
+
+    def hidden(self, ids: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:
+        """Run (B, C) tokens after the cache (``tmask`` 0 = right padding); hidden (B, C, H)."""
+        pos = self.next_pos[:, None] + (tmask.cumsum(1) - 1).clamp(min=0)  # (B, C); pads: any value
+        self.mask = torch.cat([self.mask, tmask], 1)
+        out = self.model.base_model(inputs_embeds=embed(self.model, ids), attention_mask=self.mask,
+                                    position_ids=pos, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.next_pos = self.next_pos + tmask.sum(1)
+        return out.last_hidden_state
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,), return next-token logits (B, V)."""
+        h = self.hidden(tokens[:, None], torch.ones(tokens.shape[0], 1, dtype=torch.long, device=tokens.device))
+        return self.model.get_output_embeddings()(h[:, -1])
+
+    def take(self, rows: list[int]) -> None:
+        """Keep (or repeat) ``rows``; drop key columns that are padding for every kept row.
+
+        Exact: positions are explicit and masked columns contribute nothing to attention.
+        """
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        mask = self.mask[idx]
+        cols = mask.any(0).nonzero()[:, 0]  # (L',)
+        if cols.numel() == mask.shape[1]:
+            cols = slice(None)
+        layers = [(ly.keys[idx][:, :, cols], ly.values[idx][:, :, cols]) for ly in self.cache.layers]
+        self.cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
+        self.mask, self.next_pos = mask[:, cols], self.next_pos[idx]
+
+
+def merge_states(a: DecoderState, b: DecoderState) -> DecoderState:
+    """Stack two decoder-only batches: key columns right-aligned, the narrower one left-padded.
+
+    Exact: the added columns have attention mask 0 and positions are explicit (``next_pos``).
+    """
+    La, Lb = a.mask.shape[1], b.mask.shape[1]
+    L = max(La, Lb)
+
+    def pad(t: torch.Tensor, n: int) -> torch.Tensor:  # (B, kv, n, d) -> (B, kv, L, d)
+        return t if n == L else torch.cat([t.new_zeros(*t.shape[:2], L - n, t.shape[3]), t], 2)
+
+    layers = [(torch.cat([pad(x.keys, La), pad(y.keys, Lb)]), torch.cat([pad(x.values, La), pad(y.values, Lb)]))
+              for x, y in zip(a.cache.layers, b.cache.layers, strict=True)]
+    mask = torch.cat([F.pad(a.mask, (L - La, 0)), F.pad(b.mask, (L - Lb, 0))])  # (Ba+Bb, L)
+    cache = DynamicCache(ddp_cache_data=layers, config=a.model.config)
+    return DecoderState(a.model, cache, mask, torch.cat([a.next_pos, b.next_pos]))

@@ -1,0 +1,121 @@
+"""Step-wise decoding: the one decode loop, used by ``Engine.generate`` and by the server.
+
+``StepBatch`` is iteration-level scheduling: rows join (``add``) and leave (EOS, their
+``max_new_tokens``, ``cancel``) between steps. ``step`` picks one token for every live row
+(``sampling.pick_tokens``: per-row config and seeded generator), so a row's tokens depend
+neither on when it joined nor on its neighbours. New decoder-only rows are prefilled together
+and stacked onto the running cache (``kv.merge_states``). Encoder-decoder batches (T5: decoder
+positions are implicit) only take new rows while empty (``can_join``). Not thread-safe: one
+thread drives it. It talks to the engine through its public row API only (``request_rows``,
+``start``, ``tensor``, ``eos_id``, ``is_encoder_decoder``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from softprompt.config import GenerateConfig
+from softprompt.inference.kv import merge_states
+from softprompt.inference.sampling import pick_tokens
+
+
+@dataclass
+class StepEvent:
+    rid: int  # the id ``StepBatch.add`` gave the row
+    token: int | None  # the new token; None when the row ended on EOS
+    finish_reason: str | None  # "stop" (EOS) or "length" when the row left the batch, else None
+    logits: torch.Tensor | None = None  # (V,) raw logits the token was picked from (``keep_logits``)
+
+
+@dataclass
+class _Live:
+    rid: int
+    cfg: GenerateConfig
+    seen: list[int]  # input + generated tokens (repetition penalty)
+    gen: torch.Generator
+    n_out: int = 0
+
+
+class StepBatch:
+    """Rows that decode together; see the module docstring."""
+
+    def __init__(self, engine, keep_logits: bool = False):
+        self.engine = engine
+        self.keep_logits = keep_logits  # each event carries its step's logits (float32 copy)
+        self.state = None
+        self.logits: torch.Tensor | None = None  # (B, V) next-token logits of the live rows
+        self.live: list[_Live] = []
+        self._ids = 0
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    @property
+    def can_join(self) -> bool:
+        return not self.live or not self.engine.is_encoder_decoder
+
+    @torch.no_grad()
+    def add(self, requests) -> list[int]:
+        """Prefill ``GenerateRequest``s (one forward) and join them; returns their row ids."""
+        if not requests:
+            return []
+        rows = self.engine.request_rows(requests)  # a bad prompt fails here, before any compute
+        return self.add_rows(rows, [r.config for r in requests])
+
+    @torch.no_grad()
+    def add_rows(self, rows: list, cfgs: list[GenerateConfig]) -> list[int]:
+        """Join already resolved engine rows (``Engine.request_rows``), one config each."""
+        if not self.can_join:
+            raise RuntimeError("an encoder-decoder batch takes new rows only while empty")
+        state, logits = self.engine.start(rows)
+        if self.live:
+            self.state, self.logits = merge_states(self.state, state), torch.cat([self.logits, logits])
+        else:
+            self.state, self.logits = state, logits
+        ids = list(range(self._ids, self._ids + len(rows)))
+        self._ids += len(rows)
+        self.live += [_Live(i, c, list(row.ids), torch.Generator().manual_seed(c.seed))
+                      for i, c, row in zip(ids, cfgs, rows, strict=True)]
+        return ids
+
+    @torch.no_grad()
+    def step(self) -> list[StepEvent]:
+        """One token for every live row; finished rows leave; the rest advance one position."""
+        if not self.live:
+            return []
+        live = self.live
+        picks = pick_tokens(self.logits, [r.cfg for r in live], [r.seen for r in live], [r.gen for r in live])
+        events, keep, feed = [], [], []
+        for j, (r, t) in enumerate(zip(live, picks, strict=True)):
+            logits = self.logits[j].float().clone() if self.keep_logits else None
+            if t == self.engine.eos_id:
+                events.append(StepEvent(r.rid, None, "stop", logits))
+                continue
+            r.seen.append(t)
+            r.n_out += 1
+            done = r.n_out >= r.cfg.max_new_tokens
+            events.append(StepEvent(r.rid, t, "length" if done else None, logits))
+            if not done:
+                keep.append(j)
+                feed.append(t)
+        self._keep(keep)
+        if self.live:
+            self.logits = self.state.step(self.engine.tensor(feed))
+        return events
+
+    def cancel(self, rids) -> None:
+        """Drop rows (client gone, stop string hit); the others are unaffected."""
+        drop = set(rids)
+        self._keep([j for j, r in enumerate(self.live) if r.rid not in drop])
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.live):
+            return
+        self.live = [self.live[j] for j in keep]
+        if keep:
+            self.state.take(keep)
+            self.logits = self.logits[keep]
+        else:
+            self.state = self.logits = None

@@ -1,0 +1,154 @@
+"""Deep and reparameterised prompts through the one training loop: base weights untouched, the
+artifact is the plain folded tensor (folded == unfolded), resume == uninterrupted, bad input is
+one line and exit 2 with nothing written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_cli import assert_user_error, store_entries
+
+from softprompt import data as D
+from softprompt import models, store
+from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
+from softprompt.forward import prompt_loss
+from softprompt.training import loop as LP
+from softprompt.training import methods as M
+from softprompt.training import tune as TR
+
+VERB = {"0": "negative", "1": "positive"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def target_cfg(csv, **kw) -> DataConfig:
+    return DataConfig(path=str(csv), template="{text}", target_column="label", verbalizer=VERB, **kw)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_deep_training_moves_only_the_prompt_and_saves_a_prefix_adapter(tiny_model_dir, sp_home, toy_csv, arch):
+    lm = models.load(str(tiny_model_dir(arch)))
+    before = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+    pcfg = PromptConfig(num_virtual_tokens=4, kind="deep")
+    res = TR.train(lm, target_cfg(toy_csv, limit=24), pcfg, TrainConfig(epochs=2, batch_size=8, lr=0.05), name="deep")
+    init = TR.initial_prompt(lm, pcfg, target_cfg(toy_csv), 0)
+    assert res.prompt.shape == init.shape == (2, 2, lm.kv_shape[1], 4, 16) and not torch.equal(res.prompt, init)
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in lm.model.parameters())
+    sp = store.load_prompt("deep")
+    assert sp.kind == "deep" and torch.equal(sp.kv, res.prompt) and sp.meta["kind"] == "deep"
+    losses = [e["train_loss"] for e in res.epochs]
+    assert losses[-1] < losses[0]
+
+
+REPARAMS = [("shallow", "residual"), ("shallow", "mlp"), ("shallow", "lstm"), ("deep", "mlp")]
+
+
+@pytest.mark.parametrize("kind,reparam", REPARAMS)
+def test_folded_reparam_equals_unfolded(tiny_lm, toy_csv, tmp_path, kind, reparam):
+    pcfg = PromptConfig(num_virtual_tokens=4, kind=kind, reparam=reparam)
+    init = TR.initial_prompt(tiny_lm, pcfg, target_cfg(toy_csv), 0)
+    method = TR.prompt_method(tiny_lm, init, pcfg, fast=True, seed=0)
+    examples, _ = D.load_train_eval(tiny_lm.tokenizer, target_cfg(toy_csv, dev_fraction=0.0))
+    batch = D.collate(examples[:8], tiny_lm.tokenizer.pad_token_id)
+    opt = torch.optim.AdamW(method.parameters(), lr=0.05)
+    for _ in range(3):  # the module's output moves off the init: folding is not the identity
+        opt.zero_grad()
+        method.loss(batch).backward()
+        opt.step()
+    assert method.trainable_parameters() > init.numel()  # the module trains more than it saves
+    with torch.no_grad():
+        unfolded = method.loss(batch)  # through the module
+        folded = method.state()["prompt"]
+        assert folded.shape == init.shape and not torch.allclose(folded, init)
+        method.save(tmp_path / "p", {"kind": kind, "reparam": reparam})
+        saved = store.read_prompt_dir(tmp_path / "p").tensor
+        assert torch.equal(saved, folded)
+        plain = prompt_loss(tiny_lm.model, saved, batch)  # the artifact alone
+    assert abs(float(unfolded) - float(plain)) < 1e-6
+
+
+@pytest.mark.parametrize("kind,reparam", [("deep", None), ("deep", "mlp"), ("shallow", "residual")])
+def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch, kind, reparam):
+    cfg = target_cfg(toy_csv, limit=24)
+    pcfg = PromptConfig(num_virtual_tokens=4, kind=kind, reparam=reparam)
+    tcfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, patience=None)
+    full = TR.train(tiny_lm, cfg, pcfg, tcfg, name="full")
+    real = LP._run_epoch
+
+    def ctrl_c_on_second_epoch(*args):
+        if args[6] == 1:  # epoch index
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(LP, "_run_epoch", ctrl_c_on_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        TR.train(tiny_lm, cfg, pcfg, tcfg, name="part")
+    monkeypatch.setattr(LP, "_run_epoch", real)
+    assert "part" not in store.list_prompts()
+    resumed = TR.train(tiny_lm, cfg, pcfg, tcfg, name="part", resume=True)
+    assert torch.equal(resumed.prompt, full.prompt) and resumed.history == full.history
+    assert torch.equal(store.load_prompt("part").tensor, store.load_prompt("full").tensor)
+
+
+def test_deep_method_refuses_a_shallow_tensor_and_t5(tiny_lm, tiny_model_dir):
+    with pytest.raises(UserError, match="deep prompt is"):
+        M.DeepPromptMethod(tiny_lm.model, torch.zeros(4, tiny_lm.hidden_size))
+    t5 = models.load(str(tiny_model_dir("t5")))
+    with pytest.raises(UserError, match="encoder-decoder"):
+        M.DeepPromptMethod(t5.model, torch.zeros(2, 2, 4, 4, 16))
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--kind", "deep", "--reparam", "residual"], "--reparam residual is not supported for --kind deep"),
+    (["--kind", "deep", "--reparam", "lstm"], "--reparam lstm is not supported for --kind deep"),
+    (["--reparam", "bogus"], "--reparam bogus is not supported for --kind shallow"),
+    (["--kind", "wide"], "--kind must be one of"),
+])
+def test_bad_kind_or_reparam_is_one_line(capsys, sp_home, tiny_model_dir, toy_csv, extra, match):
+    args = ["train", "--model", str(tiny_model_dir("llama")), "--quiet", "--data", str(toy_csv), "--text-column",
+            "text", "--name", "x", *extra]
+    assert_user_error(capsys, sp_home, args, match)
+
+
+def test_deep_on_t5_is_one_line_and_writes_nothing(capsys, sp_home, tiny_model_dir, toy_csv):
+    args = ["train", "--model", str(tiny_model_dir("t5")), "--quiet", "--data", str(toy_csv), "--text-column",
+            "text", "--name", "x", "--kind", "deep"]
+    assert_user_error(capsys, sp_home, args, "decoder-only model with a key/value cache")
+    assert store_entries(sp_home) == []
+
+
+def test_transfer_multitask_and_inspect_with_deep_prompts(tiny_lm, toy_tasks, capsys, tmp_path):
+    from softprompt.cli import main
+    from softprompt.prompt import kv_of_embeddings
+    from softprompt.training import multitask as MT
+
+    tcfg = TrainConfig(epochs=1, lr=0.1, patience=None)
+    for t in ("mood", "pets"):
+        TR.train(tiny_lm, DataConfig(), PromptConfig(num_virtual_tokens=4), tcfg, name=f"{t}-src", task=str(toy_tasks[t]))
+    deep = TR.train(tiny_lm, DataConfig(), PromptConfig(num_virtual_tokens=4, kind="deep", init="transfer"), tcfg,
+                    name="mood-deep", task=str(toy_tasks["mood"]))
+    src = deep.meta["transfer"]["source"]
+    start = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4, kind="deep", init=f"prompt:{src}"), DataConfig(), 0)
+    torch.testing.assert_close(start, kv_of_embeddings(tiny_lm.model, store.load_prompt(src).embeddings))
+    with pytest.raises(UserError, match="is a deep prompt"):  # a shallow prompt cannot start from a deep one
+        TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:mood-deep"), DataConfig(), 0)
+    mcfg = MT.MultitaskConfig(tasks=(str(toy_tasks["mood"]), str(toy_tasks["pets"])), per_task=8, eval_per_task=4)
+    with pytest.raises(UserError, match="shallow prompts only"):
+        MT.train_multitask(tiny_lm, mcfg, PromptConfig(num_virtual_tokens=4, kind="deep"), tcfg, name="mt")
+    assert "mt" not in store.list_prompts()
+    TR.train(tiny_lm, DataConfig(), PromptConfig(num_virtual_tokens=4, kind="deep"), tcfg, name="pets-deep",
+             task=str(toy_tasks["pets"]))
+    model = str(tiny_lm.path)
+    capsys.readouterr()
+    assert main(["inspect", "mood-deep", "--model", model, "--against", "pets-deep", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "deep prompt mood-deep" in out and "|key|" in out and "nearest" not in out
+    report = __import__("json").loads((tmp_path / "inspect_mood-deep.json").read_text())
+    assert len(report["tokens"]) == 4 and report["similarity"]["matrix"][0][0] == pytest.approx(1.0)
+    assert main(["inspect", "mood-deep", "--model", model, "--against", "mood-src"]) == 2
+    assert "needs deep prompts" in capsys.readouterr().err

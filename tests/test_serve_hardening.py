@@ -187,6 +187,8 @@ def test_a_long_request_delays_a_short_one_by_at_most_one_step(lm):  # noqa: F81
                                                                "temperature": 0}, timeout=60)
                 after = httpx.get(base + "/metrics").text
                 assert r.status_code == 200
+                count = 'softprompt_wait_steps_count{kind="generate"}'
+                assert metric(after, count) - metric(before, count) == 1  # this request's admission
                 name = 'softprompt_wait_steps_sum{kind="generate"}'
                 waits.append(metric(after, name) - metric(before, name))
             assert app.state.scheduler.active_rows() == 1  # the long one is still running
@@ -271,3 +273,94 @@ def test_an_unhandled_error_is_a_counted_500_with_the_request_id(srv_plain, monk
         assert metric(after, name) - metric(before, name) == 1
     assert 'status="0"' not in after
     assert any(getattr(rec, "fields", {}).get("id") == rid and rec.exc_info for rec in caplog.records)
+
+
+# ---------------------------------------------------------------- Ray Serve parts (no cluster needed)
+
+
+def test_prompt_log_keeps_the_latest_change_per_name():
+    from softprompt.serve.replicas import PromptLog
+
+    plog = PromptLog()
+    for i in range(3):
+        plog.append("a", {"adapter_model.safetensors": bytes(1000 * (i + 1))})
+    plog.append("b", {"adapter_model.safetensors": bytes(10)})
+    assert plog.nbytes() == 3000 + 10  # not 1000 + 2000 + 3000 + 10
+    plog.append("a", None)  # deleted: its bytes go
+    assert plog.nbytes() == 10
+    assert [(s, n) for s, n, _ in plog.since("r", 0)] == [(4, "b"), (5, "a")]
+
+
+def test_a_failed_sync_is_reported_retried_and_not_marked_applied():
+    from softprompt.serve.replicas import PromptLog, Syncer
+
+    plog, applied, broken = PromptLog(), [], [True]
+
+    def apply(name, files):
+        if broken[0]:
+            raise OSError("disk full")
+        applied.append(name)
+
+    async def since(r, a):
+        return plog.since(r, a)
+
+    async def report(r, seq, err):
+        plog.report(r, seq, err)
+
+    async def scenario():
+        sync = Syncer("r1", apply, since, report)
+        seq = plog.append("a", {"f": b"x"})
+        assert await sync.sync() is False and sync.applied == 0 and applied == []
+        behind = await plog.wait_applied(seq, timeout_s=0.2)
+        assert behind == {"r1": "OSError: disk full"}
+        broken[0] = False  # the next poll retries it
+        assert await sync.sync() is True and sync.applied == seq and applied == ["a"]
+        assert await plog.wait_applied(seq, timeout_s=0.2) == {}
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_ray_ingress_answers_413_before_reading_the_body():
+    pytest.importorskip("ray")
+    from starlette.requests import Request
+
+    from softprompt.serve.ray_serve import Ingress
+
+    ingress = Ingress(None, max_body_bytes=100, max_upload_bytes=1000)
+
+    def scope(length: int | None):
+        headers = [(b"content-length", str(length).encode())] if length is not None else []
+        return {"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers, "query_string": b""}
+
+    async def never():
+        raise AssertionError("the body was read")
+
+    async def chunks():
+        return {"type": "http.request", "body": b"x" * 60, "more_body": True}
+
+    async def scenario():
+        r = await ingress(Request(scope(10**9), never))
+        assert r.status_code == 413 and json.loads(r.body)["error"]["code"] == "body_too_large"
+        r = await ingress(Request(scope(None), chunks))  # no length: counted while read, stopped at the limit
+        assert r.status_code == 413
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_ray_replica_close_stops_the_worker(lm):  # noqa: F811
+    pytest.importorskip("ray")
+    from softprompt.config import ServerConfig
+    from softprompt.inference.engine import Engine
+    from softprompt.serve.app import create_app
+    from softprompt.serve.ray_serve import Replica
+
+    rep = object.__new__(Replica)  # what Ray Serve builds, minus the cluster
+    rep.cfg = ServerConfig(shutdown_timeout_s=10)
+    rep.app = create_app(Engine(lm), rep.cfg)
+    rep.app.state.scheduler.start()
+    rep._task = None
+    assert rep.app.state.scheduler.thread.is_alive()
+    rep.close()
+    assert not rep.app.state.scheduler.thread.is_alive()

@@ -95,6 +95,7 @@ def create_app(engine, config: ServerConfig | None = None):
     app.add_api_route("/v1/prompts/{name}", rp.prompts_put, methods=["PUT"], openapi_extra=rp.UPLOAD_BODY,
                       responses={**_pick(errors, 400, 401, 413, 422), 201: {"description": "a new prompt"}})
     app.add_api_route("/v1/prompts/{name}", rp.prompts_delete, methods=["DELETE"], responses=_pick(errors, 400, 401, 404))
+    app.openapi = lambda: with_limits(app, cfg)
     return app
 
 
@@ -109,6 +110,21 @@ def error_responses(cfg: ServerConfig) -> dict[int, dict]:
              429: "the queue is full (Retry-After)", 500: "a server fault; the message names the request id",
              503: "shutting down", 504: f"not finished within {cfg.request_timeout_s:g} s"}
     return {k: {"model": ErrorBody, "description": v} for k, v in words.items()}
+
+
+def with_limits(app, cfg: ServerConfig) -> dict:
+    """The OpenAPI document, with this server's limits written into the request schemas."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = doc.get("components", {}).get("schemas", {})
+        for model, field, limit in (("CompletionRequest", "max_tokens", cfg.max_tokens),
+                                    ("CompletionRequest", "n", cfg.max_rows)):
+            if field in schemas.get(model, {}).get("properties", {}):
+                schemas[model]["properties"][field]["maximum"] = limit
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 def _pick(errors: dict, *codes: int) -> dict:

@@ -199,12 +199,17 @@ class ServerConfig(_JsonMixin):
     max_prompt_tokens: int = 2048  # input tokens per row
     max_tokens: int = 512  # largest max_tokens a request may ask for
     max_rows: int = 64  # rows per request: prompts x n, or classify inputs
+    max_labels: int = 32  # labels per classify request
+    max_label_tokens: int = 32  # tokens per classify label word
+    max_template_chars: int = 32768  # a classify input rendered through its template, in characters
+    max_request_tokens: int = 65536  # one request's tokens: per row, N + input + max_tokens (or label tokens)
     request_timeout_s: float = 300.0  # a request still running after this gets 504 and is cancelled
     shutdown_timeout_s: float = 30.0  # graceful shutdown: time in-flight requests get to finish
 
     def __post_init__(self) -> None:
         ints = ("port", "max_batch_rows", "join_every", "max_queue", "max_body_bytes", "max_upload_bytes",
-                "max_prompt_tokens", "max_tokens", "max_rows")
+                "max_prompt_tokens", "max_tokens", "max_rows", "max_labels", "max_label_tokens",
+                "max_template_chars", "max_request_tokens")
         for name in ints:
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise UserError(f"--{name.replace('_', '-')} must be positive")

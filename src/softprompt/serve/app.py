@@ -41,6 +41,7 @@ def create_app(engine, config: ServerConfig | None = None):
     """The FastAPI app over ``engine``; the worker thread starts and stops with the app's lifespan."""
     try:
         from fastapi import FastAPI
+        from fastapi.responses import PlainTextResponse
         from fastapi.staticfiles import StaticFiles
         from starlette.concurrency import run_in_threadpool
     except ImportError:
@@ -57,7 +58,7 @@ def create_app(engine, config: ServerConfig | None = None):
 
     cfg = config or ServerConfig()
     metrics = Metrics()
-    sched = Scheduler(engine, metrics, cfg.max_batch_rows, cfg.max_wait_ms, cfg.max_queue, cfg.join_every)
+    sched = Scheduler(engine, metrics, cfg)
     ctx = Served(cfg, sched, metrics, cfg.model_id or str(engine.lm.name), engine.lm.fingerprint, engine.lm.name,
                  engine.cfg.force, engine.lm.kv_shape, int(time.time()), Path(__file__).resolve().parents[1] / "web")
 
@@ -69,25 +70,65 @@ def create_app(engine, config: ServerConfig | None = None):
         await run_in_threadpool(sched.stop, cfg.shutdown_timeout_s)
         log.info("stopped")
 
-    app = FastAPI(title="softprompt", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="softprompt", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  strict_content_type=False)  # a JSON body without a Content-Type is still read as JSON
     app.state.scheduler, app.state.metrics, app.state.config, app.state.served = sched, metrics, cfg, ctx
     app.add_middleware(Gate, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
                        max_upload_bytes=cfg.max_upload_bytes, metrics=metrics)
     install_error_handlers(app)
     if ctx.web.is_dir():
         app.mount("/web", StaticFiles(directory=ctx.web), name="web")
+    errors = error_responses(cfg)
     app.add_api_route("/", ops.index, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/healthz", ops.healthz, methods=["GET"])
-    app.add_api_route("/metrics", ops.prometheus, methods=["GET"])
-    app.add_api_route("/v1/models", oa.models_list, methods=["GET"])
-    app.add_api_route("/v1/models/{model_id:path}", oa.models_get, methods=["GET"])
-    app.add_api_route("/v1/completions", oa.completions, methods=["POST"])
-    app.add_api_route("/v1/classify", oa.classify, methods=["POST"])
-    app.add_api_route("/v1/prompts", rp.prompts_list, methods=["GET"])
-    app.add_api_route("/v1/prompts/{name}", rp.prompts_get, methods=["GET"])
-    app.add_api_route("/v1/prompts/{name}", rp.prompts_put, methods=["PUT"])
-    app.add_api_route("/v1/prompts/{name}", rp.prompts_delete, methods=["DELETE"])
+    app.add_api_route("/healthz", ops.healthz, methods=["GET"], responses={503: errors[503]})
+    app.add_api_route("/metrics", ops.prometheus, methods=["GET"], responses=_pick(errors, 401),
+                      response_class=PlainTextResponse)
+    app.add_api_route("/v1/models", oa.models_list, methods=["GET"], responses=_pick(errors, 401))
+    app.add_api_route("/v1/models/{model_id:path}", oa.models_get, methods=["GET"], responses=_pick(errors, 401, 404))
+    work = _pick(errors, 400, 401, 404, 413, 422, 429, 500, 503, 504)
+    app.add_api_route("/v1/completions", oa.completions, methods=["POST"], responses={
+        **work, 200: {"description": "the completion, or its Server-Sent Events when streamed",
+                      "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}})
+    app.add_api_route("/v1/classify", oa.classify, methods=["POST"], responses=work)
+    app.add_api_route("/v1/prompts", rp.prompts_list, methods=["GET"], responses=_pick(errors, 401))
+    app.add_api_route("/v1/prompts/{name}", rp.prompts_get, methods=["GET"], responses=_pick(errors, 400, 401, 404))
+    app.add_api_route("/v1/prompts/{name}", rp.prompts_put, methods=["PUT"], openapi_extra=rp.UPLOAD_BODY,
+                      responses={**_pick(errors, 400, 401, 413, 422), 201: {"description": "a new prompt"}})
+    app.add_api_route("/v1/prompts/{name}", rp.prompts_delete, methods=["DELETE"], responses=_pick(errors, 400, 401, 404))
+    app.openapi = lambda: with_limits(app, cfg)
     return app
+
+
+def error_responses(cfg: ServerConfig) -> dict[int, dict]:
+    """The error statuses the routes answer, for ``/openapi.json`` (all with OpenAI's error body)."""
+    from softprompt.serve.protocol import ErrorBody
+
+    words = {400: "a field is missing, of the wrong type or out of range (param names it)",
+             401: "missing or wrong API key", 404: "no such model, prompt or route",
+             413: f"body over {cfg.max_body_bytes} bytes (uploads: {cfg.max_upload_bytes})",
+             422: "the prompt's files cannot be used with this model",
+             429: "the queue is full (Retry-After)", 500: "a server fault; the message names the request id",
+             503: "shutting down", 504: f"not finished within {cfg.request_timeout_s:g} s"}
+    return {k: {"model": ErrorBody, "description": v} for k, v in words.items()}
+
+
+def with_limits(app, cfg: ServerConfig) -> dict:
+    """The OpenAPI document, with this server's limits written into the request schemas."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = doc.get("components", {}).get("schemas", {})
+        for model, field, limit in (("CompletionRequest", "max_tokens", cfg.max_tokens),
+                                    ("CompletionRequest", "n", cfg.max_rows)):
+            if field in schemas.get(model, {}).get("properties", {}):
+                schemas[model]["properties"][field]["maximum"] = limit
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+def _pick(errors: dict, *codes: int) -> dict:
+    return {c: errors[c] for c in codes}
 
 
 # ---------------------------------------------------------------- running it

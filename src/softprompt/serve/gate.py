@@ -4,7 +4,9 @@ error leaves as OpenAI's error JSON) and the JSON log format.
 
 The key is compared in constant time; ``/``, ``/healthz`` and the web assets are open. The body
 limit is checked on Content-Length before the body is read, and again while it is read (a
-chunked body has no length).
+chunked body has no length), so the app only ever sees a whole body within its limit. An
+exception no handler answered is logged with the request id and answered as a 500 carrying
+that id, and counted under its real status.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 import uuid
 
 from softprompt.serve.metrics import Metrics
-from softprompt.serve.protocol import ApiError, bad, body_limit, check_length, too_large
+from softprompt.serve.protocol import ApiError, bad, body_limit, check_length, invalid, too_large
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +33,14 @@ class Gate:
         self.max_body, self.max_upload = max_body_bytes, max_upload_bytes
 
     async def __call__(self, scope, receive, send):
+        """Refuse (key, size), buffer the body within its limit, run the app, count and log it.
+
+        An exception the app did not answer becomes a 500 carrying the request id.
+        """
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0, rid, status = time.perf_counter(), uuid.uuid4().hex[:12], [0]
         path, method = scope["path"], scope["method"]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        limit = body_limit(method, path, self.max_body, self.max_upload)
 
         async def send_logged(msg):
             if msg["type"] == "http.response.start":
@@ -44,28 +48,30 @@ class Gate:
                 msg = {**msg, "headers": [*msg.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(msg)
 
-        seen = [0]
-
-        async def receive_limited():
-            msg = await receive()
-            seen[0] += len(msg.get("body", b""))
-            if seen[0] > limit:
-                raise too_large(limit)
-            return msg
-
         try:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            limit = body_limit(method, path, self.max_body, self.max_upload)
             err = self._refuse(path, headers, limit)
+            replay = None if err else await buffered(receive, limit)
             if err is not None:
                 await send_error(send_logged, err)
+            elif isinstance(replay, ApiError):
+                await send_error(send_logged, replay)
             else:
-                await self.app(scope, receive_limited, send_logged)
+                await self.app(scope, replay, send_logged)
+        except Exception:
+            log.exception("unhandled error", extra={"fields": {"id": rid, "method": method, "path": path}})
+            if status[0]:  # the answer had started (a stream): it ends here
+                raise
+            await send_error(send_logged, ApiError(500, f"internal server error (request id {rid})", "server_error",
+                                                   code="internal_error"))
         finally:
             dt = time.perf_counter() - t0
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or ("/web" if path.startswith("/web/") else "other")
             self.metrics.request(endpoint, status[0], dt)
-            log.info("request", extra={"fields": {"id": rid, "method": method, "path": path,
-                                                  "status": status[0], "ms": round(dt * 1000, 1)}})
+            fields = {"id": rid, "method": method, "path": path, "status": status[0], "ms": round(dt * 1000, 1)}
+            log.log(logging.ERROR if status[0] >= 500 else logging.INFO, "request", extra={"fields": fields})
 
     def _refuse(self, path: str, headers: dict, limit: int) -> ApiError | None:
         key = self.api_key
@@ -82,6 +88,28 @@ class Gate:
         return None
 
 
+async def buffered(receive, limit: int):
+    """The whole request body read within ``limit`` bytes (else a 413), as a ``receive`` that
+    replays it and then passes on what comes next (the client's disconnect)."""
+    chunks, size, msg = [], 0, {"more_body": True}
+    while msg.get("more_body", False):
+        msg = await receive()
+        if msg["type"] != "http.request":  # the client left before sending it all
+            break
+        chunks.append(msg.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return too_large(limit)
+    first = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+    if msg["type"] != "http.request":
+        first.append(msg)
+
+    async def replay():
+        return first.pop(0) if first else await receive()
+
+    return replay
+
+
 async def send_error(send, err: ApiError) -> None:
     """An ``ApiError`` as a whole ASGI response (for code below the app's exception handlers)."""
     body = json.dumps(err.body()).encode()
@@ -91,8 +119,21 @@ async def send_error(send, err: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def allowed_methods(app, scope) -> str:
+    """Every method some route takes at this path (Starlette names only the first route's)."""
+    from starlette.routing import Match
+
+    methods = set()
+    for route in app.routes:
+        match, _ = route.matches({**scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app) -> None:
-    """Every error the app raises leaves as OpenAI's error JSON with its status."""
+    """Every error the app raises leaves as OpenAI's error JSON with its status. (Exceptions
+    nobody answers are the gate's: it turns them into 500s with the request id.)"""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
@@ -104,22 +145,20 @@ def install_error_handlers(app) -> None:
         return error(e)
 
     async def on_http_error(request, e):
+        if e.status_code == 400:  # the body could not be read as JSON at all (e.g. nested too deep)
+            return error(bad("the request body could not be parsed as JSON", None, "invalid_json"))
+        headers = dict(getattr(e, "headers", None) or {})
+        if e.status_code == 405:
+            headers["Allow"] = allowed_methods(request.app, request.scope)
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return error(ApiError(e.status_code, str(e.detail), code=code, headers=getattr(e, "headers", None)))
+        return error(ApiError(e.status_code, str(e.detail), code=code, headers=headers))
 
     async def on_invalid(request, e):
-        first = (e.errors() or [{}])[0]
-        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        return error(bad(f"invalid request: {first.get('msg', 'bad value')}", param))
-
-    async def on_crash(request, e):
-        log.exception("unhandled error")
-        return error(ApiError(500, "internal server error", "server_error", code="internal_error"))
+        return error(invalid(list(e.errors())))
 
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_invalid)
-    app.add_exception_handler(Exception, on_crash)
 
 
 class JsonFormatter(logging.Formatter):

@@ -18,6 +18,7 @@ class Metrics:
 
     LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
     ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
+    STEPS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -72,7 +73,8 @@ class Metrics:
             out += [f'softprompt_worker_seconds_total{{phase="{k}"}} {v:.6f}' for k, v in sorted(self.busy.items())]
             rate = sum(n for t, n in self.recent if t >= time.monotonic() - 10) / 10.0
             for metric, label_name, buckets in (("softprompt_request_latency_seconds", "endpoint", self.LATENCY),
-                                                ("softprompt_batch_rows", "kind", self.ROWS)):
+                                                ("softprompt_batch_rows", "kind", self.ROWS),
+                                                ("softprompt_wait_steps", "kind", self.STEPS)):
                 out.append(f"# TYPE {metric} histogram")
                 for (m, label), (counts, total, count) in sorted(self.hist.items()):
                     if m != metric:

@@ -6,14 +6,19 @@ all call it). The helpers check request fields and raise 400s naming the field; 
 check and "which prompt does this request name" are here too, so ``ray_serve.py`` reads a
 request exactly as the app does.
 
-Pure functions over bytes and dicts: no FastAPI, no engine, no tokenizer, so each check is
-testable alone and safe on the event loop.
+Request bodies are pydantic models (``CompletionRequest``, ``ClassifyRequest``), so
+``/openapi.json`` documents every field and a type or range error is a 400 naming the field path
+(``invalid``); the checks that depend on the server's limits follow in the routes. Pure: no
+FastAPI, no engine, no tokenizer, so each check is testable alone and safe on the event loop.
 """
 
 from __future__ import annotations
 
-import json
+import re
 import string
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from softprompt.config import UserError
 
@@ -56,19 +61,6 @@ def check_length(content_length: str | None, limit: int) -> None:
         raise too_large(limit)
 
 
-def parse_json(raw: bytes) -> dict:
-    """A request body as a JSON object, or a 400 saying what is wrong with it."""
-    try:
-        body = json.loads(raw)
-    except UnicodeDecodeError:
-        raise bad("the request body is not UTF-8 JSON", None, "invalid_json") from None
-    except json.JSONDecodeError as e:
-        raise bad(f"the request body is not valid JSON: {e.msg} at position {e.pos}", None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object", None, "invalid_json")
-    return body
-
-
 def named_prompt(path: str, body: dict):
     """The model field a request names: ``model``; for ``/v1/classify`` ``prompt``, else ``model``."""
     return body.get("prompt", body.get("model")) if path == "/v1/classify" else body.get("model")
@@ -88,56 +80,157 @@ def prompt_of(model, base_id: str, param: str = "model") -> str | None:
         raise ApiError(404, f"The model {model!r} does not exist", param="model", code="model_not_found") from None
 
 
-def num(body: dict, key: str, default, lo: float, hi: float, integer: bool = False):
-    v = body.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise bad(f"'{key}' must be {'an integer' if integer else 'a number'}, got {json.dumps(v)[:40]}", key)
-    if not lo <= v <= hi:
-        raise bad(f"'{key}' must be between {lo} and {hi}, got {v}", key)
+# ---------------------------------------------------------------- request bodies (the declared contract)
+
+
+MIN_TEMPERATURE = 1e-3  # below it, logits / temperature overflows; such a temperature means greedy
+
+
+class _Body(BaseModel):
+    """Strict JSON types (no "1" for 1, no true for 1, no NaN); unknown fields are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+def _utf8(v: str) -> str:
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid UTF-8 text (it holds a lone surrogate)") from None
     return v
 
 
-def prompt_list(body: dict) -> list[str | list[int]]:
-    """OpenAI ``prompt``: a string, a list of strings, a token list, or a list of token lists."""
-    p = body.get("prompt")
-    if isinstance(p, str):
-        return [p]
-    if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
-        return p
-    if isinstance(p, list) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
-        return [p]
-    if isinstance(p, list) and p and all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in p):
-        return p
-    raise bad("'prompt' must be a string, a list of strings or a list of token ids", "prompt", "invalid_type")
+Str = Annotated[str, AfterValidator(_utf8)]  # JSON strings may spell lone surrogates ("\ud800")
+Text = Annotated[Str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Scalar = Str | int | float | bool
+Inputs = Str | dict[Str, Scalar] | Annotated[list[Str | dict[Str, Scalar]], Field(min_length=1)]
 
 
-def stop_list(body: dict) -> list[str]:
-    s = body.get("stop")
-    stops = [] if s is None else [s] if isinstance(s, str) else s
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) and x for x in stops):
-        raise bad("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
-    return stops
+class StreamOptions(_Body):
+    include_usage: bool = False
 
 
-def refuse_unsupported(body: dict) -> None:
+class CompletionRequest(_Body):
+    """``POST /v1/completions`` (OpenAI's legacy completions, plus ``repetition_penalty``)."""
+
+    model: Text = Field(description="a stored prompt's name, or the plain model's id (GET /v1/models)")
+    prompt: Str | Annotated[list[Str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    max_tokens: int = Field(16, ge=1, description="tokens to generate at most (the server's --max-tokens caps it)")
+    temperature: float = Field(1.0, ge=0, le=2, description=f"0 = greedy (so is anything below {MIN_TEMPERATURE:g})")
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, description="choices per prompt (prompts x n <= the server's --max-rows)")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="choice i samples with seed + i")
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10, description="CTRL-style; 1 = off")
+    logprobs: int | None = Field(None, ge=0, le=5, description="not supported: 0 or null")
+    suffix: Str | None = Field(None, description="not supported: empty or null")
+    best_of: int | None = Field(None, ge=1, description="not supported: 1 or null")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="not supported: 0 or null")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="not supported: 0 or null")
+    logit_bias: dict[Str, float] | None = Field(None, description="not supported: empty or null")
+    user: Str | None = None
+
+
+class ClassifyRequest(_Body):
+    """``POST /v1/classify``: label probabilities with a prompt's template and verbalizer."""
+
+    prompt: Text | None = Field(None, description="a stored prompt's name or the plain model's id")
+    model: Text | None = Field(None, description="the same as 'prompt' (one of them is required)")
+    inputs: Inputs | None = Field(None, description="texts, or objects of the template's fields (--max-rows of them)")
+    input: Inputs | None = Field(None, description="the same as 'inputs'")
+    template: Str | None = Field(None, description="overrides the prompt's template, e.g. 'Review: {text}'")
+    verbalizer: Annotated[dict[Str, Text], Field(min_length=1)] | Annotated[list[Text], Field(min_length=1)] | None = (
+        Field(None, description="label -> label word; overrides the prompt's"))
+    length_normalize: bool = Field(False, description="divide each label's log-probability by its tokens")
+
+    @model_validator(mode="after")
+    def _named(self):
+        if self.prompt is None and self.model is None:
+            raise ValueError("'prompt' (or 'model') is required")
+        if self.inputs is None and self.input is None:
+            raise ValueError("'inputs' is required")
+        return self
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+_UNION_TAG = re.compile(r"[\[(]|^(str|int|float|bool|none|constrained-\w+)$")  # pydantic's names of union members
+
+
+def invalid(errors: list[dict]) -> ApiError:
+    """A request-validation failure as one 400 naming the field path (``stop[1]``, ``stream_options``).
+
+    Of a union's per-member errors, the most specific one is reported (a bad value over a bad
+    type, the deepest path).
+    """
+    if not errors:
+        return bad("invalid request", None)
+    e = max(errors, key=lambda x: (not x["type"].endswith(("_type", "_parsing")), len(x.get("loc", ()))))
+    loc = [x for x in e.get("loc", ())[1:] if isinstance(x, int) or not _UNION_TAG.search(x)]
+    param = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".") or None
+    kind = e["type"]
+    if kind == "json_invalid" or (param is None and kind in ("model_attributes_type", "dict_type", "model_type")):
+        detail = e.get("ctx", {}).get("error", "") if kind == "json_invalid" else "it must be a JSON object"
+        return bad(f"the request body is not valid JSON: {detail}".rstrip(": "), None, "invalid_json")
+    code = ("missing_required_parameter" if kind == "missing" else
+            "invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value")
+    where = f"'{param}'" if param else "the request"
+    return bad(f"invalid {where}: {e.get('msg', 'bad value')}", param, code)
+
+
+# ---------------------------------------------------------------- checks beyond the schema
+
+
+def refuse_unsupported(body: CompletionRequest) -> None:
     for key, ok in (("logprobs", lambda v: v in (None, 0)), ("suffix", lambda v: v in (None, "")),
                     ("best_of", lambda v: v in (None, 1)), ("frequency_penalty", lambda v: v in (None, 0)),
                     ("presence_penalty", lambda v: v in (None, 0)), ("logit_bias", lambda v: not v)):
-        if not ok(body.get(key)):
+        if not ok(getattr(body, key)):
             hint = " (use the extension 'repetition_penalty')" if key.endswith("_penalty") else ""
             raise bad(f"'{key}' is not supported by this server{hint}", key, "unsupported_parameter")
 
 
-def render_source(template: str | None, x, i: int) -> str:
-    """Fill the prompt's template with one classify input (a string, or an object of fields)."""
+def prompt_list(p) -> list[str | list[int]]:
+    """OpenAI ``prompt`` (validated): a string, strings, a token list or token lists -> a list of inputs."""
+    if isinstance(p, str):
+        return [p]
+    return [p] if isinstance(p[0], int) else list(p)
+
+
+def render_source(template: str | None, x, i: int, limit: int) -> str:
+    """Fill the prompt's template with one classify input (a string, or an object of fields).
+
+    The result may have at most ``limit`` characters; a format spec cannot ask for more (a
+    width like ``{text:>20000000}`` is refused before anything is built).
+    """
     param = f"inputs[{i}]"
     if template is None:
         if not isinstance(x, str):
             raise bad("this prompt has no template: inputs must be strings", param)
-        return x
-    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+        return check_size(x, limit, param)
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise bad(f"the template {template[:60]!r} is not a format string: {e}", "template") from None
+    for _, _, spec, _ in parts:
+        if spec and ("{" in spec or any(int(w) > limit for w in re.findall(r"\d+", spec))):
+            raise bad(f"the template's format spec {spec[:40]!r} asks for more than {limit} characters", "template")
+    fields = [f for _, f, _, _ in parts if f]
     if isinstance(x, str):
         if len(set(fields)) > 1:
             raise bad(f"the template needs the fields {sorted(set(fields))}: send objects", param)
@@ -145,6 +238,12 @@ def render_source(template: str | None, x, i: int) -> str:
     if not isinstance(x, dict):
         raise bad("inputs must be strings or objects of template fields", param)
     try:
-        return template.format_map({k: str(v) for k, v in x.items()})
-    except (KeyError, IndexError, ValueError) as e:
-        raise bad(f"cannot fill the template {template!r}: missing or bad field {e}", param) from None
+        return check_size(template.format_map({k: str(v) for k, v in x.items()}), limit, param)
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+        raise bad(f"cannot fill the template {template[:60]!r}: missing or bad field {e}", param) from None
+
+
+def check_size(text: str, limit: int, param: str) -> str:
+    if len(text) > limit:
+        raise bad(f"'{param}' is {len(text)} characters after its template; at most {limit}", param, "input_too_long")
+    return text

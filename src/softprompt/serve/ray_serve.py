@@ -35,8 +35,15 @@ import time
 from collections.abc import AsyncIterator
 
 from softprompt.config import UserError
-from softprompt.serve.protocol import body_limit, error_body, too_large
-from softprompt.serve.replicas import PromptLog, affinity_key, asgi_call, is_stream, registry_write
+from softprompt.serve.protocol import ApiError, body_limit, check_length, error_body, too_large
+from softprompt.serve.replicas import (
+    PromptLog,
+    Syncer,
+    affinity_key,
+    asgi_call,
+    is_stream,
+    registry_write,
+)
 
 try:
     import ray
@@ -70,8 +77,10 @@ class Replica:
         self.app = create_app(build_engine(self.cfg, model, force, device, dtype), self.cfg)
         self.served = self.app.state.served
         self.app.state.scheduler.start()  # what the app's lifespan does under uvicorn
-        self.log, self.applied, self.poll_s = prompt_log, 0, poll_s
-        await self._sync()  # a new or restarted replica catches up before its first request
+        self.log, self.poll_s = prompt_log, poll_s
+        self.sync = Syncer(self.id, self._apply, lambda r, a: prompt_log.since.remote(r, a),
+                           lambda r, seq, err: prompt_log.report.remote(r, seq, err))
+        await self.sync.sync()  # a new or restarted replica catches up before its first request
         self._task = asyncio.get_running_loop().create_task(self._sync_forever())
 
     def base_id(self) -> str:
@@ -95,8 +104,10 @@ class Replica:
                 yield item
             return
         items = [item async for item in self._call(msg)]
-        if 200 <= items[0][1] < 300:  # answer once every live replica has the change
-            await self._publish(name, msg["method"])
+        if 200 <= items[0][1] < 300:  # answer once every live replica has the change (or say who has not)
+            behind = await self._publish(name, msg["method"])
+            if behind:
+                items[0] = (*items[0][:2], [*items[0][2], ("x-softprompt-not-applied", ",".join(sorted(behind)))])
         for item in items:
             yield item
 
@@ -110,28 +121,33 @@ class Replica:
         if not self.app.state.scheduler.thread.is_alive():
             raise RuntimeError("the batching worker stopped")
 
-    async def _publish(self, name: str, method: str) -> None:
+    async def _publish(self, name: str, method: str) -> dict[str, str]:
+        """Append the change to the log; the replicas that did not apply it in time, and why."""
         files = None if method == "DELETE" else await asyncio.to_thread(_read_prompt, name)
         seq = await self.log.append.remote(name, files)
-        if not await self.log.wait_applied.remote(seq):
-            log.warning("prompt %s: not every replica confirmed the change in time", name)
-
-    async def _sync(self) -> None:
-        while ops := await self.log.since.remote(self.id, self.applied):
-            for seq, name, files in ops:
-                try:
-                    await asyncio.to_thread(self._apply, name, files)
-                except Exception:  # noqa: BLE001 - one bad prompt must not stop the others
-                    log.exception("could not apply the change to prompt %s", name)
-                self.applied = seq
+        behind = await self.log.wait_applied.remote(seq)
+        if behind:
+            log.warning("prompt %s: change %d not applied by %s", name, seq, behind)
+        return behind
 
     async def _sync_forever(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
             try:
-                await self._sync()
+                await self.sync.sync()
             except Exception:  # noqa: BLE001 - the log restarts; keep polling
                 log.warning("prompt log unreachable; retrying", exc_info=True)
+
+    def close(self) -> None:
+        """Stop polling and stop the worker (queued and running requests finish first)."""
+        if getattr(self, "_task", None) is not None:
+            self._task.cancel()
+            self._task = None
+        if hasattr(self, "app"):  # absent when the constructor failed
+            self.app.state.scheduler.stop(self.cfg.shutdown_timeout_s)
+
+    def __del__(self) -> None:  # Ray Serve calls it when it shuts the replica down
+        self.close()
 
     def _apply(self, name: str, files: dict | None) -> None:
         from softprompt import store
@@ -186,10 +202,10 @@ class Ingress:
     async def __call__(self, request):
         from starlette.responses import JSONResponse, Response, StreamingResponse
 
-        body = await request.body()
         limit = body_limit(request.method, request.url.path, self.max_body, self.max_upload)
-        if len(body) > limit:
-            return JSONResponse(too_large(limit).body(), 413)
+        body = await read_within(request, limit)
+        if isinstance(body, ApiError):
+            return JSONResponse(body.body(), body.status)
         if self.base_id is None:
             self.base_id = await self.replicas.base_id.remote()
         path = request.url.path
@@ -226,6 +242,21 @@ class Ingress:
                 log.warning("replica lost (%s); attempt %d of %d", type(e).__name__, attempt + 1, self.attempts)
                 await asyncio.sleep(0.2 * (attempt + 1))
         raise _Unavailable
+
+
+async def read_within(request, limit: int) -> bytes | ApiError:
+    """The body, or a 413: from Content-Length before reading a byte, else counted while read."""
+    try:
+        check_length(request.headers.get("content-length"), limit)
+    except ApiError as e:
+        return e
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class _Unavailable(Exception):

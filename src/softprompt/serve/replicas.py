@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from softprompt.serve.protocol import ApiError, named_prompt, prompt_of
 
+log = logging.getLogger(__name__)
 _DROP = {"content-length", "transfer-encoding", "connection"}
 
 
@@ -24,7 +26,7 @@ def affinity_key(method: str, path: str, body: bytes, base_id: str | None) -> st
         return ""
     try:
         obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return ""
     if not isinstance(obj, dict) or base_id is None:
         return ""
@@ -38,8 +40,8 @@ def is_stream(path: str, body: bytes) -> bool:
     if path != "/v1/completions" or b'"stream"' not in body:
         return False
     try:
-        return bool(json.loads(body).get("stream"))
-    except (ValueError, AttributeError):
+        return json.loads(body).get("stream") is True  # as the app reads it: a JSON true, nothing else
+    except (ValueError, AttributeError, RecursionError):
         return False
 
 
@@ -89,30 +91,71 @@ async def asgi_call(app, msg: dict) -> AsyncIterator[tuple]:
 
 
 class PromptLog:
-    """Prompt uploads/deletions in order (latest per name) and how far each replica applied them."""
+    """Prompt uploads/deletions in order and how far each replica applied them.
+
+    Bounded: only the latest change per name is kept (an upload's bytes are dropped as soon as
+    a newer upload or a deletion of that name arrives). A replica that cannot apply a change
+    reports it (``report``); ``wait_applied`` names the replicas that have not applied a change
+    and why.
+    """
 
     def __init__(self, live_s: float = 3.0):
         self.seq, self.live_s = 0, live_s
         self.latest: dict[str, tuple[int, dict | None]] = {}  # name -> (seq, files or None = deleted)
         self.acks: dict[str, tuple[int, float]] = {}  # replica id -> (applied seq, last seen)
+        self.errors: dict[str, tuple[int, str]] = {}  # replica id -> (seq it failed on, why)
 
     def append(self, name: str, files: dict | None) -> int:
         self.seq += 1
         self.latest[name] = (self.seq, files)
         return self.seq
 
+    def nbytes(self) -> int:
+        return sum(len(b) for _, files in self.latest.values() for b in (files or {}).values())
+
     def since(self, replica: str, applied: int) -> list[tuple[int, str, dict | None]]:
         """Changes after ``applied``; the call also records that ``replica`` is live and there."""
         self.acks[replica] = (applied, time.monotonic())
+        if replica in self.errors and self.errors[replica][0] <= applied:
+            del self.errors[replica]
         return sorted((s, n, f) for n, (s, f) in self.latest.items() if s > applied)
 
-    async def wait_applied(self, seq: int, timeout_s: float = 10.0) -> bool:
-        """True once every live replica (polled within ``live_s``) has applied ``seq``."""
+    def report(self, replica: str, seq: int, error: str) -> None:
+        self.errors[replica] = (seq, error)
+
+    async def wait_applied(self, seq: int, timeout_s: float = 10.0) -> dict[str, str]:
+        """Waits until every live replica (polled within ``live_s``) has applied ``seq``; returns
+        the replicas that have not (by then), each with its reported error or "no answer"."""
         deadline = time.monotonic() + timeout_s
         while True:
             now = time.monotonic()
-            if all(s >= seq for s, t in self.acks.values() if now - t < self.live_s):
-                return True
-            if now > deadline:
-                return False
+            behind = {r: self.errors.get(r, (0, "not applied in time"))[1]
+                      for r, (s, t) in self.acks.items() if now - t < self.live_s and s < seq}
+            if not behind or now > deadline:
+                return behind
             await asyncio.sleep(0.05)
+
+
+class Syncer:
+    """One replica's side of the log: applies changes in order. A change that fails is not
+    marked applied: it is reported to the log and retried at the next poll (a newer change of
+    the same name replaces it)."""
+
+    def __init__(self, replica: str, apply: Callable[[str, dict | None], None], since: Callable, report: Callable):
+        self.replica, self.apply, self.since, self.report = replica, apply, since, report
+        self.applied = 0
+        self.failed: tuple[int, str, str] | None = None  # (seq, name, error) of the change that failed
+
+    async def sync(self) -> bool:
+        """Apply what is new; False if a change failed (it stays pending)."""
+        while ops := await self.since(self.replica, self.applied):
+            for seq, name, files in ops:
+                try:
+                    await asyncio.to_thread(self.apply, name, files)
+                except Exception as e:  # noqa: BLE001 - reported and retried, the replica keeps serving
+                    self.failed = (seq, name, f"{type(e).__name__}: {e}")
+                    log.warning("could not apply the change %d to prompt %s: %s", seq, name, self.failed[2])
+                    await self.report(self.replica, seq, self.failed[2])
+                    return False
+                self.applied, self.failed = seq, None
+        return True

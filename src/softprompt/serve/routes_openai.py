@@ -21,15 +21,15 @@ from starlette.concurrency import run_in_threadpool
 
 from softprompt.serve.context import served
 from softprompt.serve.protocol import (
+    MIN_TEMPERATURE,
     ApiError,
+    ClassifyRequest,
+    CompletionRequest,
     bad,
-    num,
-    parse_json,
     prompt_list,
     prompt_of,
     refuse_unsupported,
     render_source,
-    stop_list,
 )
 from softprompt.serve.scheduler import Job, resolve_prompt
 from softprompt.serve.streams import DONE, ClientGone, EventReader, StreamText, sse
@@ -91,25 +91,24 @@ class CompletionSpec:
         return len(self.inputs) * self.n
 
 
-def parse_completion(body: dict, cfg, base_id: str) -> CompletionSpec:
-    prompt = prompt_of(body.get("model"), base_id)
+def parse_completion(body: CompletionRequest, cfg, base_id: str) -> CompletionSpec:
+    """The request's spec, after the checks the schema cannot make (the server's limits)."""
+    prompt = prompt_of(body.model, base_id)
     refuse_unsupported(body)
-    inputs = prompt_list(body)
-    n = num(body, "n", 1, 1, cfg.max_rows, integer=True)
-    if len(inputs) * n > cfg.max_rows:
-        raise bad(f"{len(inputs)} prompts x n={n} is more than {cfg.max_rows} rows", "n")
-    max_tokens = num(body, "max_tokens", 16, 1, 1 << 30, integer=True)
-    if max_tokens > cfg.max_tokens:
-        raise bad(f"'max_tokens' is {max_tokens}; this server allows at most {cfg.max_tokens}",
+    inputs = prompt_list(body.prompt)
+    if body.n > cfg.max_rows or len(inputs) * body.n > cfg.max_rows:
+        raise bad(f"{len(inputs)} prompts x n={body.n} is more than {cfg.max_rows} rows", "n")
+    if body.max_tokens > cfg.max_tokens:
+        raise bad(f"'max_tokens' is {body.max_tokens}; this server allows at most {cfg.max_tokens}",
                   "max_tokens", "max_tokens_exceeded")
-    seed = num(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
-    gen = dict(max_new_tokens=max_tokens, temperature=num(body, "temperature", 1.0, 0, 2),
-               top_p=num(body, "top_p", 1.0, 1e-9, 1),
-               repetition_penalty=num(body, "repetition_penalty", 1.0, 0.01, 10))
-    stream = bool(body.get("stream"))
-    return CompletionSpec(body["model"], prompt, inputs, n, gen, random.getrandbits(31) if seed is None else seed,
-                          stop_list(body), stream, bool(body.get("echo")),
-                          stream and bool((body.get("stream_options") or {}).get("include_usage")))
+    temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
+    gen = dict(max_new_tokens=body.max_tokens, temperature=temperature, top_p=body.top_p,
+               repetition_penalty=body.repetition_penalty)
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    include_usage = body.stream and body.stream_options is not None and body.stream_options.include_usage
+    return CompletionSpec(body.model, prompt, inputs, body.n, gen,
+                          random.getrandbits(31) if body.seed is None else body.seed, stops, body.stream,
+                          body.echo, include_usage)
 
 
 def checked_ids(engine, text: str, param: str, limit: int) -> list[int]:
@@ -120,12 +119,23 @@ def checked_ids(engine, text: str, param: str, limit: int) -> list[int]:
     return ids
 
 
-def completion_rows(spec: CompletionSpec, limit: int, engine) -> tuple[list, dict]:
+def virtual_tokens(engine, prompt: str | None, cfg) -> int:
+    """N of the request's prompt (0 for the plain model), after the prompt's checks."""
+    return 0 if prompt is None else int(resolve_prompt(engine, prompt, cfg.max_prompt_tokens).embeddings.shape[0])
+
+
+def check_cost(tokens: int, cfg) -> None:
+    if tokens > cfg.max_request_tokens:
+        raise bad(f"the request would take {tokens} tokens of model work; this server allows at most "
+                  f"{cfg.max_request_tokens} per request", None, "request_too_large")
+
+
+def completion_rows(spec: CompletionSpec, cfg, engine) -> tuple[list, dict]:
     """Worker side: the spec's ``GenerateRequest``s, plus the echoed texts and prompt token count."""
     from softprompt.config import GenerateConfig
     from softprompt.inference.engine import GenerateRequest
 
-    tok = engine.lm.tokenizer
+    tok, limit = engine.lm.tokenizer, cfg.max_prompt_tokens
     vocab, ids = len(tok), []
     for i, p in enumerate(spec.inputs):
         param = "prompt" if len(spec.inputs) == 1 else f"prompt[{i}]"
@@ -137,16 +147,18 @@ def completion_rows(spec: CompletionSpec, limit: int, engine) -> tuple[list, dic
             ids.append(list(p))
         if not ids[-1] and spec.prompt is None:
             raise bad(f"'{param}' is empty: the plain model needs some text to continue", param)
+    n_virtual = virtual_tokens(engine, spec.prompt, cfg)
+    check_cost(sum(n_virtual + len(x) + spec.gen["max_new_tokens"] for x in ids) * spec.n, cfg)
     rows = [GenerateRequest("", spec.prompt, GenerateConfig(seed=(spec.seed + c) % 2**63, **spec.gen),
                             token_ids=tuple(x)) for x in ids for c in range(spec.n)]
     echoes = [tok.decode(x, skip_special_tokens=True) if spec.echo else "" for x in ids]
     return rows, {"echoes": echoes, "prompt_tokens": sum(len(x) for x in ids)}
 
 
-async def completions(request: Request):
+async def completions(request: Request, body: CompletionRequest):
     ctx = served(request)
-    spec = parse_completion(parse_json(await request.body()), ctx.cfg, ctx.base_id)
-    job = Job("generate", partial(completion_rows, spec, ctx.cfg.max_prompt_tokens), spec.size, spec.stops)
+    spec = parse_completion(body, ctx.cfg, ctx.base_id)
+    job = Job("generate", partial(completion_rows, spec, ctx.cfg), spec.size, spec.stops)
     ctx.scheduler.submit(job)
     reader = EventReader(job, request, ctx.cfg.request_timeout_s)
     try:
@@ -242,41 +254,46 @@ class ClassifySpec:
     normalize: bool
 
 
-def parse_classify(body: dict, cfg, base_id: str) -> ClassifySpec:
-    model = body.get("prompt", body.get("model"))
+def parse_classify(body: ClassifyRequest, cfg, base_id: str) -> ClassifySpec:
+    model = body.prompt if body.prompt is not None else body.model
     prompt = prompt_of(model, base_id, "prompt")
-    inputs = body.get("inputs", body.get("input"))
+    inputs = body.inputs if body.inputs is not None else body.input
     inputs = [inputs] if isinstance(inputs, (str, dict)) else inputs
-    if not isinstance(inputs, list) or not inputs or len(inputs) > cfg.max_rows:
-        raise bad(f"'inputs' must be a list of 1 to {cfg.max_rows} strings or objects", "inputs")
-    template, verbalizer = body.get("template"), body.get("verbalizer")
-    if template is not None and not isinstance(template, str):
-        raise bad("'template' must be a string", "template")
-    if isinstance(verbalizer, list):
-        verbalizer = {w: w for w in verbalizer}
-    if verbalizer is not None and (not isinstance(verbalizer, dict) or not verbalizer or
-                                   not all(isinstance(w, str) and w for w in verbalizer.values())):
-        raise bad("'verbalizer' must map labels to non-empty label words", "verbalizer")
-    return ClassifySpec(model, prompt, inputs, template, verbalizer, bool(body.get("length_normalize", False)))
+    if len(inputs) > cfg.max_rows:
+        raise bad(f"'inputs' has {len(inputs)} items; this server takes at most {cfg.max_rows}", "inputs")
+    verbalizer = {w: w for w in body.verbalizer} if isinstance(body.verbalizer, list) else body.verbalizer
+    if verbalizer is not None and len(verbalizer) > cfg.max_labels:
+        raise bad(f"{len(verbalizer)} labels; this server scores at most {cfg.max_labels}", "verbalizer", "too_many_labels")
+    return ClassifySpec(model, prompt, inputs, body.template, verbalizer, body.length_normalize)
 
 
-def classify_rows(spec: ClassifySpec, limit: int, engine) -> tuple[list, list[str]]:
-    """Worker side: one ``ScoreRow`` per input (the prompt's metadata comes from the bank) and the labels."""
+def classify_rows(spec: ClassifySpec, cfg, engine) -> tuple[list, list[str]]:
+    """Worker side: one ``ScoreRow`` per input (the prompt's metadata comes from the bank) and
+    the labels; every cost limit is checked before any model work."""
     from softprompt.data import target_text
     from softprompt.inference.engine import ScoreRow
 
-    meta = resolve_prompt(engine, spec.prompt).meta if spec.prompt else {}
+    meta = resolve_prompt(engine, spec.prompt, cfg.max_prompt_tokens).meta if spec.prompt else {}
     template = spec.template if spec.template is not None else meta.get("template")
     verbalizer = spec.verbalizer or meta.get("verbalizer")
     if not verbalizer:
         raise bad(f"{spec.model!r} has no verbalizer (it was not trained to classify); "
                   'send "verbalizer": {"label": "word", ...}', "verbalizer", "no_verbalizer")
-    labels = list(verbalizer)
-    rows = []
+    if len(verbalizer) > cfg.max_labels:
+        raise bad(f"{len(verbalizer)} labels; this server scores at most {cfg.max_labels}", "verbalizer", "too_many_labels")
+    labels, rows, cost = list(verbalizer), [], 0
+    n_virtual = virtual_tokens(engine, spec.prompt, cfg)
     for i, x in enumerate(spec.inputs):
-        src = render_source(template, x, i)
+        src = render_source(template, x, i, cfg.max_template_chars)
+        context = tuple(checked_ids(engine, src, f"inputs[{i}]", cfg.max_prompt_tokens))
         targets = tuple(tuple(engine.encode(target_text(src, verbalizer[lab]))) for lab in labels)
-        rows.append(ScoreRow(tuple(checked_ids(engine, src, f"inputs[{i}]", limit)), targets, spec.prompt))
+        for lab, t in zip(labels, targets, strict=True):
+            if len(t) > cfg.max_label_tokens:
+                raise bad(f"the label word of {lab!r} has {len(t)} tokens; at most {cfg.max_label_tokens}",
+                          "verbalizer", "label_too_long")
+        cost += n_virtual + len(context) + sum(len(t) for t in targets)
+        rows.append(ScoreRow(context, targets, spec.prompt))
+    check_cost(cost, cfg)
     return rows, labels
 
 
@@ -294,10 +311,10 @@ def classification(spec: ClassifySpec, rows: list, results: list, labels: list[s
             "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}}
 
 
-async def classify(request: Request):
+async def classify(request: Request, body: ClassifyRequest):
     ctx = served(request)
-    spec = parse_classify(parse_json(await request.body()), ctx.cfg, ctx.base_id)
-    job = Job("score", partial(classify_rows, spec, ctx.cfg.max_prompt_tokens), len(spec.inputs))
+    spec = parse_classify(body, ctx.cfg, ctx.base_id)
+    job = Job("score", partial(classify_rows, spec, ctx.cfg), len(spec.inputs))
     ctx.scheduler.submit(job)
     reader = EventReader(job, request, ctx.cfg.request_timeout_s)
     try:

@@ -17,6 +17,10 @@ from softprompt.serve.context import served
 from softprompt.serve.protocol import ApiError, bad
 from softprompt.serve.uploads import install_prompt, prompt_info
 
+UPLOAD_BODY = {"requestBody": {"required": True, "description": "the prompt directory: a zip, or its files as parts",
+                               "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}},
+                                           "multipart/form-data": {"schema": {"type": "object"}}}}}
+
 
 def check_name(name: str) -> str:
     from softprompt import store

@@ -50,6 +50,7 @@ class Job:
 
     def __init__(self, kind: str, prepare: Callable, size: int, stops: Sequence[str] = ()):
         self.kind, self.prepare, self.size, self.stops = kind, prepare, size, list(stops)
+        self.queued_at = 0  # the scheduler's decode step when the job was submitted
         self.rows: list = []
         self.info = None
         self.loop = asyncio.get_running_loop()
@@ -66,12 +67,16 @@ class Job:
         self.put("error", err)
 
 
-def resolve_prompt(engine, name: str):
-    """The prompt from the bank, or a 404 (unknown name) / 422 (broken or incompatible file)."""
+def resolve_prompt(engine, name: str, max_tokens: int | None = None):
+    """The prompt from the bank, checked (``store.validate_*``: 1 <= N <= ``max_tokens``, finite
+    values, well-typed metadata), or a 404 (unknown name) / 422 (unusable file, naming the field)."""
     from softprompt import store
 
     try:
-        return engine.bank.get(name)[0]
+        sp = engine.bank.get(name)[0]
+        store.validate_embeddings(name, {store.PROMPT_KEY: sp.embeddings}, {}, max_tokens)
+        store.validate_meta(name, sp.meta)
+        return sp
     except UserError as e:
         try:
             exists = store.prompt_path(name).is_dir()
@@ -122,13 +127,12 @@ class Admission:
 class Scheduler:
     """The bounded queue and the one worker thread that batches across requests and prompts."""
 
-    def __init__(self, engine, metrics: Metrics, max_batch_rows: int = 32, max_wait_ms: float = 5.0,
-                 max_queue: int = 256, join_every: int = 4):
+    def __init__(self, engine, metrics: Metrics, cfg):
         from softprompt.inference.engine import StepBatch
 
-        self.engine, self.metrics = engine, metrics
-        self.max_batch_rows, self.max_wait_ms, self.max_queue = max_batch_rows, max_wait_ms, max_queue
-        self.policy = Admission(max_batch_rows, join_every)
+        self.engine, self.metrics, self.cfg = engine, metrics, cfg  # cfg: config.ServerConfig
+        self.max_batch_rows, self.max_wait_ms, self.max_queue = cfg.max_batch_rows, cfg.max_wait_ms, cfg.max_queue
+        self.policy = Admission(cfg.max_batch_rows, cfg.join_every)
         self.steps = self.last_join = 0  # decode steps so far; the step new work last came in
         self.cv = threading.Condition()
         self.waiting: deque[Job] = deque()
@@ -162,6 +166,7 @@ class Scheduler:
             if len(self.waiting) >= self.max_queue:
                 raise ApiError(429, f"the request queue is full ({self.max_queue} waiting); retry shortly",
                                "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+            job.queued_at = self.steps
             self.waiting.append(job)
             self.cv.notify_all()
 
@@ -220,6 +225,7 @@ class Scheduler:
             taken = self.policy.take(self.waiting, len(self.batch), self.batch.can_join, self.steps - self.last_join)
             for job in taken:
                 self.waiting.remove(job)
+                self.metrics.observe("softprompt_wait_steps", job.kind, self.steps - job.queued_at, Metrics.STEPS)
             if taken:
                 self.last_join = self.steps
             return taken
@@ -253,17 +259,20 @@ class Scheduler:
                 job.fail(e)
             except UserError as e:
                 job.fail(ApiError(400, str(e), code="invalid_input"))
+            except Exception as e:  # noqa: BLE001 - a fault in one request's preparation is its own
+                job.fail(self._fault(e, "preparation"))
         return ready
 
     def _score(self, ready: list[Job]) -> None:
+        """All jobs' rows in one mixed forward; if it fails, each job apart, so only the culprit fails."""
         try:
             results = self.engine.score_rows([r for j in ready for r in j.rows])
-        except UserError:  # e.g. a prompt removed meanwhile: run the jobs one by one
+        except Exception:  # noqa: BLE001 - retried apart below; a real fault is logged there
             for job in ready:
                 try:
                     job.put("scores", self.engine.score_rows(job.rows), job.info)
-                except UserError as e:
-                    job.fail(ApiError(422, str(e), code="prompt_unusable"))
+                except Exception as e:  # noqa: BLE001 - this job alone is failed
+                    job.fail(self._fault(e, "scoring"))
             return
         self.metrics.batch("score", sum(len(j.rows) for j in ready))
         s = 0
@@ -272,33 +281,33 @@ class Scheduler:
             s += len(job.rows)
 
     def _admit(self, jobs: list[Job]) -> None:
-        """Resolve each job's prompts (a bad one fails only its job), then prefill all in one forward."""
-        ready = []
-        for job in jobs:
-            try:
-                for name in {r.prompt for r in job.rows if r.prompt is not None}:
-                    resolve_prompt(self.engine, name)
-                ready.append(job)
-            except ApiError as e:
-                job.fail(e)
-        if not ready:
-            return
+        """Prefill every job's rows in one forward and join them; if it fails, each job apart."""
         placed = []
         try:
-            rids = iter(self.batch.add([r for j in ready for r in j.rows]))
-            placed = [(job, [next(rids) for _ in job.rows]) for job in ready]
-        except UserError:  # a prompt went bad between the check and the prefill: one by one
-            for job in ready:
+            rids = iter(self.batch.add([r for j in jobs for r in j.rows]))
+            placed = [(job, [next(rids) for _ in job.rows]) for job in jobs]
+        except Exception:  # noqa: BLE001 - a prompt went bad meanwhile, or a row breaks the forward
+            for job in jobs:
                 try:
                     placed.append((job, self.batch.add(job.rows)))
-                except UserError as e:
-                    job.fail(ApiError(422, str(e), code="prompt_unusable"))
+                except Exception as e:  # noqa: BLE001 - this job alone is failed
+                    job.fail(self._fault(e, "prefill"))
         tok = self.engine.lm.tokenizer
         for job, ids in placed:
             for k, rid in enumerate(ids):
                 self.rows[rid] = (job, k, RowText(tok, job.stops))
             job.put("admitted", job.info)
         self.metrics.batch("prefill", sum(len(ids) for _, ids in placed))
+
+    def _fault(self, e: Exception, phase: str) -> ApiError:
+        """The error one job gets when its own rows failed: 422 for a user error, else a logged 500."""
+        if isinstance(e, ApiError):
+            return e
+        if isinstance(e, UserError):
+            return ApiError(422, str(e), code="prompt_unusable")
+        log.exception("a request failed in the %s", phase, exc_info=e)
+        return ApiError(500, f"this request failed in the {phase} ({type(e).__name__}); the others were not affected",
+                        "server_error", code="internal_error")
 
     def _drop(self, rids: list[int]) -> None:
         if rids:
@@ -310,7 +319,15 @@ class Scheduler:
         """One decode step; each row's text grows here, and a stop string ends its row."""
         self.steps += 1
         self.metrics.batch("decode", len(self.batch))
-        events = self.batch.step()
+        live = list(self.batch.live)
+        states = [r.gen.get_state() for r in live]  # a failed step may have drawn from some rows' generators
+        try:
+            events = self.batch.step()
+        except Exception as e:  # noqa: BLE001 - find the rows that break it, fail their jobs, go on
+            for r, state in zip(live, states, strict=True):
+                r.gen.set_state(state)
+            self._fail_culprits(e)
+            events = self.batch.step()
         self.metrics.generated(sum(e.token is not None for e in events))
         out: dict[Job, list] = defaultdict(list)
         stopped = []
@@ -325,3 +342,26 @@ class Scheduler:
         self._drop(stopped)
         for job, items in out.items():
             job.put("tokens", items)
+
+    def _fail_culprits(self, error: Exception) -> None:
+        """Retry each row's token choice apart (on a copy of its generator) to find the rows
+        that fail; their jobs get the error and leave, the rest decode on. With no culprit (the
+        fault is not one row's) the error goes up and every job in the batch fails."""
+        import torch
+
+        from softprompt.inference.engine import pick_token
+
+        culprits = set()
+        for j, r in enumerate(self.batch.live):
+            gen = torch.Generator().manual_seed(0)
+            gen.set_state(r.gen.get_state())
+            try:
+                pick_token(self.batch.logits[j].cpu(), torch.tensor(r.seen, dtype=torch.long), r.cfg, gen)
+            except Exception:  # noqa: BLE001 - this row is a culprit
+                culprits.add(r.rid)
+        if not culprits:
+            raise error
+        for job in {self.rows[rid][0] for rid in culprits}:
+            job.fail(self._fault(error, "decode step"))
+            job.cancelled = True
+        self._drop([rid for rid, (job, _, _) in self.rows.items() if job.cancelled])

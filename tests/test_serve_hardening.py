@@ -125,9 +125,12 @@ def test_a_row_that_breaks_the_decode_step_fails_alone(lm, poisoned, monkeypatch
     here) breaks sampling in the shared step; the rows are retried apart, only its request fails
     (500 naming the step), and the others in the same batch finish with their single-run answers."""
     monkeypatch.setattr(store, "validate_embeddings", lambda name, tensors, cfg, max_tokens=None: None)
-    calls = HEALTHY[:3] + [("/v1/completions", {"model": "nan", "prompt": TEXTS[0], "max_tokens": 3,
+    calls = HEALTHY[:3] + [("/v1/completions", {"model": "nan-resident", "prompt": TEXTS[0], "max_tokens": 3,
                                                  "temperature": 0.7})]
     with running(lm) as (base, app, _):
+        # the store refuses to read a NaN prompt too, so put one straight into the bank (before any
+        # request: the worker is idle) to reach the step's own safety net
+        app.state.scheduler.engine.add_prompt("nan-resident", torch.full((4, lm.hidden_size), float("nan")))
         answers = run_burst(app, base, calls)
         assert httpx.get(base + "/healthz").json()["status"] == "ok"
     assert [r.status_code for r in answers] == [200, 200, 200, 500], [r.text for r in answers]

@@ -537,6 +537,8 @@ def test_deep_prompt_uploads_are_validated_served_and_shown(srv, http, ref, tmp_
     assert kinds["deep1"] == "deep" and kinds["p0"] == "shallow"
     ref.add_prompt("deep-ref", kv)
     body = {"model": "deep1", "prompt": TEXTS[0], "max_tokens": 6, "temperature": 0}
-    assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == single(ref, TEXTS[0], "deep-ref", 6)
+    got = http.post("/v1/completions", json=body).json()
+    assert "choices" in got, got
+    assert got["choices"][0]["text"] == single(ref, TEXTS[0], "deep-ref", 6), got
     assert any(line.startswith("softprompt_resident_deep_prompts 1") for line in http.get("/metrics").text.splitlines())
     assert http.delete("/v1/prompts/deep1").status_code == 200

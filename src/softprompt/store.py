@@ -64,17 +64,19 @@ def validate_meta(name: str, meta) -> dict:
 
 
 def validate_embeddings(name: str, tensors: dict, cfg: dict, max_tokens: int | None = None) -> torch.Tensor:
-    """The (N, H) prompt: floating point, 1 <= N <= max_tokens, finite values."""
+    """The prompt tensor: a shallow (N, H) or a deep (L, 2, kv, N, d) one, floating point, with
+    1 <= N <= max_tokens and finite values."""
     where = f"adapter_model.safetensors:{PROMPT_KEY}"
     emb = tensors.get(PROMPT_KEY)
     if emb is None:
         raise InvalidPrompt(name, "adapter_model.safetensors", f"has no {PROMPT_KEY!r} tensor")
     if not emb.is_floating_point():
         raise InvalidPrompt(name, where, f"has dtype {emb.dtype}; a prompt is floating point")
-    if emb.dim() != 2 or emb.shape[0] < 1 or emb.shape[1] < 1:
-        raise InvalidPrompt(name, where, f"has shape {tuple(emb.shape)}, expected (N, H) with N, H >= 1")
-    if max_tokens is not None and emb.shape[0] > max_tokens:
-        raise InvalidPrompt(name, where, f"has {emb.shape[0]} virtual tokens; at most {max_tokens} are allowed here")
+    if emb.dim() not in (2, 5) or min(emb.shape) < 1:
+        raise InvalidPrompt(name, where, f"has shape {tuple(emb.shape)}, expected (N, H) or (L, 2, kv, N, d), all >= 1")
+    n = emb.shape[0] if emb.dim() == 2 else emb.shape[3]
+    if max_tokens is not None and n > max_tokens:
+        raise InvalidPrompt(name, where, f"has {n} virtual tokens; at most {max_tokens} are allowed here")
     if not torch.isfinite(emb).all():
         raise InvalidPrompt(name, where, "holds NaN or infinite values")
     return emb

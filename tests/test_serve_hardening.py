@@ -109,6 +109,7 @@ def test_poisoned_requests_fail_alone_and_healthy_answers_are_unchanged(lm, pois
     params = [r.json()["error"]["param"] for r in got]
     assert params[5:] == ["inputs[0]", "verbalizer.x", "prompt"]
     assert "virtual tokens" in got[2].json()["error"]["message"] and "NaN" in got[1].json()["error"]["message"]
+    assert "softprompt.json:verbalizer" in got[3].json()["error"]["message"]
     healthy = mixed[4 : 4 + len(HEALTHY)]
     assert [r.status_code for r in healthy] == [200] * len(HEALTHY), [r.text for r in healthy]
     for a, b in zip(clean, healthy, strict=True):
@@ -120,17 +121,24 @@ def test_poisoned_requests_fail_alone_and_healthy_answers_are_unchanged(lm, pois
     assert tiny.status_code == 200 and tiny.json()["choices"] == greedy.json()["choices"]
 
 
-def test_a_row_that_breaks_the_decode_step_fails_alone(lm, poisoned, monkeypatch, ref):  # noqa: F811
-    """The safety net behind the checks: a NaN prompt let through (the check is switched off
-    here) breaks sampling in the shared step; the rows are retried apart, only its request fails
-    (500 naming the step), and the others in the same batch finish with their single-run answers."""
-    monkeypatch.setattr(store, "validate_embeddings", lambda name, tensors, cfg, max_tokens=None: None)
-    calls = HEALTHY[:3] + [("/v1/completions", {"model": "nan-resident", "prompt": TEXTS[0], "max_tokens": 3,
-                                                 "temperature": 0.7})]
+def test_a_row_that_breaks_the_decode_step_fails_alone(lm, monkeypatch, ref):  # noqa: F811
+    """The safety net behind the checks: a row whose token choice raises (injected here: sampling
+    with seed 666 fails, as a NaN distribution makes torch.multinomial fail) breaks the shared
+    step; the rows are retried apart, only its request fails (500 naming the step), and the
+    others in the same batch finish with their single-run answers."""
+    from softprompt.inference import sampling
+
+    real = sampling.pick_token
+
+    def pick(logits, seen, cfg, gen):
+        if cfg.seed == 666:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(logits, seen, cfg, gen)
+
+    monkeypatch.setattr(sampling, "pick_token", pick)
+    calls = HEALTHY[:3] + [("/v1/completions", {"model": "p2", "prompt": TEXTS[0], "max_tokens": 3,
+                                                 "temperature": 0.7, "seed": 666})]
     with running(lm) as (base, app, _):
-        # the store refuses to read a NaN prompt too, so put one straight into the bank (before any
-        # request: the worker is idle) to reach the step's own safety net
-        app.state.scheduler.engine.add_prompt("nan-resident", torch.full((4, lm.hidden_size), float("nan")))
         answers = run_burst(app, base, calls)
         assert httpx.get(base + "/healthz").json()["status"] == "ok"
     assert [r.status_code for r in answers] == [200, 200, 200, 500], [r.text for r in answers]

@@ -41,47 +41,6 @@ PROMPT_KEY = "prompt_embeddings"
 META = "softprompt.json"
 
 
-class InvalidPrompt(UserError):
-    """A prompt that must not be served; ``field`` names what is wrong."""
-
-    def __init__(self, name: str, field: str, problem: str):
-        self.field = field
-        super().__init__(f"prompt {name!r}: {field} {problem}")
-
-
-def validate_meta(name: str, meta) -> dict:
-    """The softprompt.json fields a reader relies on: an object; template a string; verbalizer
-    an object of non-empty label words; metrics an object."""
-    if not isinstance(meta, dict):
-        raise InvalidPrompt(name, META, "must be a JSON object")
-    for key, kind in (("template", str), ("verbalizer", dict), ("metrics", dict)):
-        if meta.get(key) is not None and not isinstance(meta[key], kind):
-            raise InvalidPrompt(name, f"{META}:{key}", f"must be {'a string' if kind is str else 'an object'} or null")
-    for label, word in (meta.get("verbalizer") or {}).items():
-        if not isinstance(word, str) or not word:
-            raise InvalidPrompt(name, f"{META}:verbalizer.{label}", "must be a non-empty label word")
-    return meta
-
-
-def validate_embeddings(name: str, tensors: dict, cfg: dict, max_tokens: int | None = None) -> torch.Tensor:
-    """The prompt tensor: a shallow (N, H) or a deep (L, 2, kv, N, d) one, floating point, with
-    1 <= N <= max_tokens and finite values."""
-    where = f"adapter_model.safetensors:{PROMPT_KEY}"
-    emb = tensors.get(PROMPT_KEY)
-    if emb is None:
-        raise InvalidPrompt(name, "adapter_model.safetensors", f"has no {PROMPT_KEY!r} tensor")
-    if not emb.is_floating_point():
-        raise InvalidPrompt(name, where, f"has dtype {emb.dtype}; a prompt is floating point")
-    if emb.dim() not in (2, 5) or min(emb.shape) < 1:
-        raise InvalidPrompt(name, where, f"has shape {tuple(emb.shape)}, expected (N, H) or (L, 2, kv, N, d), all >= 1")
-    n = emb.shape[0] if emb.dim() == 2 else emb.shape[3]
-    if max_tokens is not None and n > max_tokens:
-        raise InvalidPrompt(name, where, f"has {n} virtual tokens; at most {max_tokens} are allowed here")
-    if not torch.isfinite(emb).all():
-        raise InvalidPrompt(name, where, "holds NaN or infinite values")
-    return emb
-
-
 def prompts_dir() -> Path:
     return home() / "prompts"
 

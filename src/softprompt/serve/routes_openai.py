@@ -121,7 +121,7 @@ def checked_ids(engine, text: str, param: str, limit: int) -> list[int]:
 
 def virtual_tokens(engine, prompt: str | None, cfg) -> int:
     """N of the request's prompt (0 for the plain model), after the prompt's checks."""
-    return 0 if prompt is None else int(resolve_prompt(engine, prompt, cfg.max_prompt_tokens).num_virtual_tokens)
+    return 0 if prompt is None else resolve_prompt(engine, prompt, cfg.max_prompt_tokens).num_virtual_tokens
 
 
 def check_cost(tokens: int, cfg) -> None:
@@ -267,6 +267,18 @@ def parse_classify(body: ClassifyRequest, cfg, base_id: str) -> ClassifySpec:
     return ClassifySpec(model, prompt, inputs, body.template, verbalizer, body.length_normalize)
 
 
+def stored_field(name: str, meta: dict, key: str):
+    """The prompt's stored ``template`` (a string) or ``verbalizer`` (label -> non-empty word), or 422."""
+    value = meta.get(key) if isinstance(meta, dict) else None
+    ok = value is None or (isinstance(value, str) if key == "template" else
+                           isinstance(value, dict) and all(isinstance(w, str) and w for w in value.values()))
+    if not ok:
+        want = "a string" if key == "template" else "an object of non-empty label words"
+        raise ApiError(422, f"prompt {name!r}: softprompt.json:{key} must be {want}, got {str(value)[:40]!r}",
+                       param="model", code="prompt_unusable")
+    return value
+
+
 def classify_rows(spec: ClassifySpec, cfg, engine) -> tuple[list, list[str]]:
     """Worker side: one ``ScoreRow`` per input (the prompt's metadata comes from the bank) and
     the labels; every cost limit is checked before any model work."""
@@ -274,8 +286,8 @@ def classify_rows(spec: ClassifySpec, cfg, engine) -> tuple[list, list[str]]:
     from softprompt.inference.engine import ScoreRow
 
     meta = resolve_prompt(engine, spec.prompt, cfg.max_prompt_tokens).meta if spec.prompt else {}
-    template = spec.template if spec.template is not None else meta.get("template")
-    verbalizer = spec.verbalizer or meta.get("verbalizer")
+    template = spec.template if spec.template is not None else stored_field(spec.prompt, meta, "template")
+    verbalizer = spec.verbalizer or stored_field(spec.prompt, meta, "verbalizer")
     if not verbalizer:
         raise bad(f"{spec.model!r} has no verbalizer (it was not trained to classify); "
                   'send "verbalizer": {"label": "word", ...}', "verbalizer", "no_verbalizer")

@@ -68,15 +68,12 @@ class Job:
 
 
 def resolve_prompt(engine, name: str, max_tokens: int | None = None):
-    """The prompt from the bank, checked (``store.validate_*``: 1 <= N <= ``max_tokens``, finite
-    values, well-typed metadata), or a 404 (unknown name) / 422 (unusable file, naming the field)."""
+    """The prompt from the bank (the store's reader checks its files and values), with
+    1 <= N <= ``max_tokens``; else a 404 (unknown name) or 422 (unusable here, saying why)."""
     from softprompt import store
 
     try:
         sp = engine.bank.get(name)[0]
-        store.validate_embeddings(name, {store.PROMPT_KEY: sp.tensor}, {}, max_tokens)
-        store.validate_meta(name, sp.meta)
-        return sp
     except UserError as e:
         try:
             exists = store.prompt_path(name).is_dir()
@@ -86,6 +83,11 @@ def resolve_prompt(engine, name: str, max_tokens: int | None = None):
             raise ApiError(404, f"The model {name!r} does not exist (GET /v1/models lists them)",
                            param="model", code="model_not_found") from None
         raise ApiError(422, str(e), param="model", code="prompt_unusable") from None
+    n = sp.num_virtual_tokens
+    if n < 1 or (max_tokens is not None and n > max_tokens):
+        raise ApiError(422, f"prompt {name!r} has {n} virtual tokens; this server serves 1 to {max_tokens}",
+                       param="model", code="prompt_unusable")
+    return sp
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ class Scheduler:
     """The bounded queue and the one worker thread that batches across requests and prompts."""
 
     def __init__(self, engine, metrics: Metrics, cfg):
-        from softprompt.inference.engine import StepBatch
+        from softprompt.inference.steps import StepBatch
 
         self.engine, self.metrics, self.cfg = engine, metrics, cfg  # cfg: config.ServerConfig
         self.max_batch_rows, self.max_wait_ms, self.max_queue = cfg.max_batch_rows, cfg.max_wait_ms, cfg.max_queue
@@ -191,7 +193,7 @@ class Scheduler:
                 err = ApiError(500, "internal error while running the batch", "server_error", code="internal_error")
                 for job in {j for j, _, _ in self.rows.values()} | set(jobs):
                     job.fail(err)
-                from softprompt.inference.engine import StepBatch
+                from softprompt.inference.steps import StepBatch
 
                 self.batch, self.rows = StepBatch(self.engine), {}
             self._publish()

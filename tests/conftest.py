@@ -162,3 +162,19 @@ def sharpen(lm, factor: float = 10.0):
                 p.mul_(factor)
     lm.fingerprint = models.fingerprint(lm.model)
     return lm
+
+
+def interrupt_at_epoch(monkeypatch, epoch: int):
+    """Make ``loop.fit`` raise KeyboardInterrupt (a Ctrl-C) when epoch ``epoch`` starts; returns
+    a function that undoes it."""
+    from softprompt.training import loop
+
+    real = loop._run_epoch
+
+    def stop(*args):
+        if args[6] == epoch:  # the epoch index
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(loop, "_run_epoch", stop)
+    return lambda: monkeypatch.setattr(loop, "_run_epoch", real)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import interrupt_at_epoch
 from test_cli import assert_user_error, store_entries
 
 from softprompt import data as D
 from softprompt import models, store
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import prompt_loss
-from softprompt.training import loop as LP
 from softprompt.training import methods as M
 from softprompt.training import tune as TR
 
@@ -78,17 +78,10 @@ def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch, kind, repar
     pcfg = PromptConfig(num_virtual_tokens=4, kind=kind, reparam=reparam)
     tcfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, patience=None)
     full = TR.train(tiny_lm, cfg, pcfg, tcfg, name="full")
-    real = LP._run_epoch
-
-    def ctrl_c_on_second_epoch(*args):
-        if args[6] == 1:  # epoch index
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(LP, "_run_epoch", ctrl_c_on_second_epoch)
+    undo = interrupt_at_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         TR.train(tiny_lm, cfg, pcfg, tcfg, name="part")
-    monkeypatch.setattr(LP, "_run_epoch", real)
+    undo()
     assert "part" not in store.list_prompts()
     resumed = TR.train(tiny_lm, cfg, pcfg, tcfg, name="part", resume=True)
     assert torch.equal(resumed.prompt, full.prompt) and resumed.history == full.history

@@ -121,7 +121,7 @@ def checked_ids(engine, text: str, param: str, limit: int) -> list[int]:
 
 def virtual_tokens(engine, prompt: str | None, cfg) -> int:
     """N of the request's prompt (0 for the plain model), after the prompt's checks."""
-    return 0 if prompt is None else int(resolve_prompt(engine, prompt, cfg.max_prompt_tokens).embeddings.shape[0])
+    return 0 if prompt is None else resolve_prompt(engine, prompt, cfg.max_prompt_tokens).num_virtual_tokens
 
 
 def check_cost(tokens: int, cfg) -> None:

@@ -74,7 +74,7 @@ def resolve_prompt(engine, name: str, max_tokens: int | None = None):
 
     try:
         sp = engine.bank.get(name)[0]
-        store.validate_embeddings(name, {store.PROMPT_KEY: sp.embeddings}, {}, max_tokens)
+        store.validate_embeddings(name, {store.PROMPT_KEY: sp.peft_tensor}, {}, max_tokens)
         store.validate_meta(name, sp.meta)
         return sp
     except UserError as e:
@@ -349,7 +349,7 @@ class Scheduler:
         fault is not one row's) the error goes up and every job in the batch fails."""
         import torch
 
-        from softprompt.inference.engine import pick_token
+        from softprompt.inference.sampling import pick_token
 
         culprits = set()
         for j, r in enumerate(self.batch.live):

@@ -14,7 +14,8 @@ zip), parallel uploads of one name, requests to prompts that an older version le
 (NaN values, a verbalizer that is a string), sampling edge cases (temperature 1e-300), a lone
 surrogate, JSON nested 100,000 deep, ``stream_options`` that is not an object, and the costly
 ones (a 1,000-token label word, a 20,000,000-wide template field). Each hostile answer should be
-a 4xx (a 2xx for a well-formed upload); a 5xx, a timeout or a dropped connection is a failure.
+a 4xx (a 2xx for the well-formed upload, and for temperature 1e-300, which the server answers as
+greedy); a 5xx, a timeout or a dropped connection is a failure.
 
 Reported per phase: requests, errors by class (healthy and hostile apart), hostile answers by
 kind, healthy p50/p99 latency; and the ratio hostile/clean of healthy p99 (pooled over rounds).

@@ -29,6 +29,7 @@ if str(REPO / "src") not in sys.path:  # the package may not be pip-installed ye
 import torch  # noqa: E402
 
 from softprompt import data as D  # noqa: E402
+from softprompt.config import data_root  # noqa: E402,F401 (the benchmarks read their data sets through common)
 from softprompt.data import IGNORE  # noqa: E402
 from softprompt.provenance import atomic_write, write_json  # noqa: E402
 

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from softprompt import models  # noqa: E402
 from softprompt.config import PromptConfig, TrainConfig  # noqa: E402
-from softprompt.provenance import atomic_write, write_json  # noqa: E402
+from softprompt.provenance import atomic_write, save_figure, write_json  # noqa: E402
 from softprompt.training import loop as LP  # noqa: E402
 from softprompt.training import methods as M  # noqa: E402
 from softprompt.training import multitask as MT  # noqa: E402
@@ -148,7 +148,7 @@ def plot(doc: dict, path: Path) -> None:
     axes[0][0].set_ylabel("dev accuracy (%)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 

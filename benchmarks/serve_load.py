@@ -141,11 +141,11 @@ def request_for(w: int, k: int, texts: list[str]) -> tuple[str, str, dict]:
                                            "temperature": 0}
 
 
-async def load(url: str, concurrency: int, seconds: float, max_requests: int, texts: list[str]) -> dict:
-    """Closed loop: ``concurrency`` workers, each sends its next request when the last returns."""
+async def closed_loop(url: str, concurrency: int, seconds: float, max_requests: int, one, timeout: float = 600) -> float:
+    """``concurrency`` workers, each awaiting ``one(client, w, k)`` for its k-th request until
+    ``seconds`` pass or ``max_requests`` are sent (those in flight then finish); wall seconds."""
     import httpx
 
-    records: list[tuple[str, float, int, int]] = []  # (kind, latency s, status, completion tokens)
     sent = 0
     t0 = time.perf_counter()
 
@@ -154,17 +154,27 @@ async def load(url: str, concurrency: int, seconds: float, max_requests: int, te
         k = 0
         while time.perf_counter() - t0 < seconds and sent < max_requests:
             sent += 1
-            kind, path, body = request_for(w, k, texts)
-            t = time.perf_counter()
-            r = await client.post(path, json=body)
-            tokens = r.json().get("usage", {}).get("completion_tokens", 0) if r.status_code == 200 else 0
-            records.append((kind, time.perf_counter() - t, r.status_code, tokens))
+            await one(client, w, k)
             k += 1
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         await asyncio.gather(*(worker(w, client) for w in range(concurrency)))
-    wall = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+async def load(url: str, concurrency: int, seconds: float, max_requests: int, texts: list[str]) -> dict:
+    """Closed loop: ``concurrency`` workers, each sends its next request when the last returns."""
+    records: list[tuple[str, float, int, int]] = []  # (kind, latency s, status, completion tokens)
+
+    async def one(client, w: int, k: int) -> None:
+        kind, path, body = request_for(w, k, texts)
+        t = time.perf_counter()
+        r = await client.post(path, json=body)
+        tokens = r.json().get("usage", {}).get("completion_tokens", 0) if r.status_code == 200 else 0
+        records.append((kind, time.perf_counter() - t, r.status_code, tokens))
+
+    wall = await closed_loop(url, concurrency, seconds, max_requests, one)
     return summarize(records, wall, concurrency)
 
 

@@ -96,7 +96,8 @@ def test_two_processes_equal_one(single, tiny_model_dir, tmp_path):
     out = run([*torchrun(2), *train_args(tiny_model_dir("llama"), single[2])], home)
     check_equal(single, home, 2, fsdp=False)
     assert out.stdout.count("saved ") == 1  # only rank 0 reports and saves
-    assert sorted(os.listdir(home / "prompts")) == ["toy"]
+    assert sorted(p for p in os.listdir(home / "prompts") if not p.startswith(".")) == ["toy"]  # one name
+    assert len([p for p in os.listdir(home / "prompts") if "@v-" in p]) == 1  # one version, no leftovers
 
 
 def test_fsdp_sharded_model_equals_one_process(single, tiny_model_dir, tmp_path):

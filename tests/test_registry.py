@@ -135,7 +135,7 @@ def test_broken_prompts_are_reported_and_the_rest_keeps_working(tiny_lm, capsys)
     (store.prompt_path("badjson") / "adapter_config.json").write_text("{not json")
     code, out, _ = run_cli(capsys, "prompts", "list")
     assert code == 0 and "good " in out
-    assert "trunc" in out and "BROKEN" in out and "adapter_model.safetensors" in out
+    assert "trunc" in out and "INVALID" in out and "adapter_model.safetensors" in out
     assert "badjson" in out and "not valid JSON" in out
     eng = Engine(tiny_lm)
     cfg = GenerateConfig(max_new_tokens=2)

@@ -517,6 +517,8 @@ def test_serve_command_wires_flags_model_and_json_logs(tiny_model_dir, home, mon
 
 
 def test_deep_prompt_uploads_are_validated_served_and_shown(srv, http, ref, tmp_path, tiny_model_dir):
+    from safetensors.torch import save_file
+
     from softprompt.prompt import make_deep_prompt
 
     lm = ref.lm
@@ -526,7 +528,9 @@ def test_deep_prompt_uploads_are_validated_served_and_shown(srv, http, ref, tmp_
     other = store.save_prompt(tmp_path / "other", make_deep_prompt(gpt2.model, gpt2.tokenizer, 4, "random"), {})
     poisoned = kv.clone()
     poisoned[0, 0, 0, 0, 0] = float("nan")
-    nan = store.save_prompt(tmp_path / "nan", poisoned, {})
+    nan = store.save_prompt(tmp_path / "nan", kv, {}).resolve()  # then poisoned past the validator
+    (nan / store.TENSORS).unlink()
+    save_file({store.PROMPT_KEY: store.deep_to_peft(poisoned)}, str(nan / store.TENSORS))
     for src, message in ((other, "another model"), (nan, "NaN")):
         r = http.put("/v1/prompts/deepbad", content=zipped(src))
         assert r.status_code == 422 and message in r.json()["error"]["message"], r.text

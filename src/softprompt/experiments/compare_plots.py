@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from softprompt.provenance import pyplot
+from softprompt.provenance import pyplot, save_figure
 
 PLOTS = (
     ("params", "accuracy vs trainable parameters"),
@@ -49,7 +49,7 @@ def plot(docs: list[dict], out: Path, stem: str) -> list[tuple[str, str]]:
         fig.suptitle(title)
         fig.tight_layout()
         name = f"{stem}_{kind}.png"
-        fig.savefig(out / name, dpi=110)
+        save_figure(fig, out / name)
         plt.close(fig)
         made.append((name, title))
     return made

@@ -201,7 +201,7 @@ def markdown(doc: dict, command: str) -> str:
 
 def plot(doc: dict, path) -> None:
     """Accuracy of every task across stages, one panel per method."""
-    from softprompt.provenance import pyplot
+    from softprompt.provenance import pyplot, save_figure
 
     plt = pyplot()
     tasks, res = doc["tasks"], doc["results"]
@@ -217,5 +217,5 @@ def plot(doc: dict, path) -> None:
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][-1].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)

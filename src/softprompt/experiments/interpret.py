@@ -157,7 +157,7 @@ def inspect_deep(lm, sp, against: list[str] | None) -> dict:
 
 def heatmap(names: list[str], matrix: list[list[float]], path: Path) -> Path:
     """Write the similarity matrix as a PNG heatmap."""
-    from softprompt.provenance import pyplot
+    from softprompt.provenance import pyplot, save_figure
 
     plt = pyplot()
     n = len(names)
@@ -171,11 +171,8 @@ def heatmap(names: list[str], matrix: list[list[float]], path: Path) -> Path:
     fig.colorbar(im, ax=ax, label="cosine of mean virtual tokens")
     ax.set_title("prompt similarity")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

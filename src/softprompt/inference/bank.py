@@ -118,7 +118,7 @@ class PromptBank:
 def _stamp(path) -> tuple:
     try:
         st = os.stat(path / "adapter_model.safetensors")
-        return (st.st_mtime_ns, st.st_size)
+        return (os.path.realpath(path), st.st_mtime_ns, st.st_size)  # the version directory changes on every write
     except OSError:
         return ("missing",)
 

@@ -161,7 +161,8 @@ class Replica:
         if path.is_dir() and all((path / f).is_file() and (path / f).read_bytes() == b for f, b in files.items()):
             return  # already here (this replica took the upload, or a shared filesystem)
         ctx = self.served
-        install_prompt(name, files, ctx.fingerprint, ctx.model_name, ctx.force, self.cfg.max_upload_bytes, ctx.kv_shape)
+        install_prompt(name, files, ctx.fingerprint, ctx.model_name, ctx.force, self.cfg.max_upload_bytes,
+                       kv_shape=ctx.kv_shape, max_tokens=self.cfg.max_prompt_tokens)
 
 
 def _read_prompt(name: str) -> dict[str, bytes]:

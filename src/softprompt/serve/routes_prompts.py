@@ -74,7 +74,7 @@ async def prompts_put(name: str, request: Request):
         raise bad(f"{name!r} is the plain model's id; pick another name", "name", "invalid_name")
     files = await upload_files(request, ctx.cfg.max_upload_bytes)
     replaced = await run_in_threadpool(install_prompt, name, files, ctx.fingerprint, ctx.model_name, ctx.force,
-                                       ctx.cfg.max_upload_bytes, ctx.kv_shape)
+                                       ctx.cfg.max_upload_bytes, ctx.kv_shape, ctx.cfg.max_prompt_tokens)
     info = await run_in_threadpool(prompt_info, name)
     return JSONResponse({**info, "replaced": replaced}, status_code=200 if replaced else 201)
 

@@ -6,15 +6,31 @@ fits the served model and the store write succeeds; unsafe archives are refused 
 """
 
 import io
-import json
+import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from softprompt.config import UserError
 from softprompt.serve.protocol import ApiError, bad
 
 PROMPT_FILES = ("adapter_config.json", "adapter_model.safetensors", "softprompt.json")
+KNOWN_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """A member's bytes, whole and intact (CRC checked at its end), or a 400 naming it."""
+    if info.flag_bits & 0x1:
+        raise bad(f"{info.filename} in the zip is encrypted; send it unencrypted", "body", "invalid_upload")
+    if info.compress_type not in KNOWN_COMPRESSION:
+        raise bad(f"{info.filename} in the zip uses unknown compression method {info.compress_type}",
+                  "body", "invalid_upload")
+    try:
+        with zf.open(info) as src:
+            return src.read(limit + 1)  # up to limit bytes means the end, and so the CRC, was reached
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as e:
+        raise bad(f"{info.filename} in the zip is corrupt ({str(e)[:80]})", "body", "invalid_upload") from None
 
 
 def _unzip(data: bytes, dest: Path, limit: int) -> None:
@@ -35,8 +51,7 @@ def _unzip(data: bytes, dest: Path, limit: int) -> None:
             continue
         if (dest / parts[-1]).exists():
             raise bad(f"the zip holds {parts[-1]} twice", "body", "invalid_upload")
-        with zf.open(info) as src:
-            content = src.read(limit + 1)
+        content = _read_member(zf, info, limit)
         total += len(content)
         if total > limit:
             raise ApiError(413, f"the unpacked upload is larger than {limit} bytes", code="upload_too_large")
@@ -44,16 +59,18 @@ def _unzip(data: bytes, dest: Path, limit: int) -> None:
 
 
 def install_prompt(name: str, files: dict[str, bytes], fingerprint: dict, model_name: str, force: bool,
-                   limit: int, kv_shape: tuple[int, int, int] | None = None) -> bool:
+                   limit: int, kv_shape: tuple[int, int, int] | None = None, max_tokens: int | None = None) -> bool:
     """Validate an uploaded prompt (files or a zip) and move it into the store atomically.
 
     Returns True if it replaced an existing prompt. Nothing becomes visible unless the directory
-    reads as a prompt, fits the model (hidden size, fingerprint, a deep prompt's key/value shape
-    ``kv_shape``) and the store write succeeds.
+    passes the store's validator (``store.read_prompt_dir``: 422 naming the field), fits the
+    model (hidden size, fingerprint, a deep prompt's key/value shape ``kv_shape``) and the store
+    write succeeds (409 while another upload of the name holds it too long). ``max_tokens``
+    bounds N (the server's ``--max-prompt-tokens``).
     """
-    from softprompt import store
+    from softprompt import durable, store
 
-    with tempfile.TemporaryDirectory(prefix="sp-upload-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{store.UPLOAD_PREFIX}{os.getpid()}-") as tmp:  # swept if we are killed
         d = Path(tmp) / name
         d.mkdir()
         for fname, content in files.items():
@@ -65,27 +82,26 @@ def install_prompt(name: str, files: dict[str, bytes], fingerprint: dict, model_
                 raise bad(f"unexpected file {fname!r}: send a zip, or the files {', '.join(PROMPT_FILES)}",
                            "body", "invalid_upload")
         try:
-            sp = store.read_prompt_dir(d, name)
+            sp = store.read_prompt_dir(d, name, max_tokens)
             store.check_compatible(sp, fingerprint, force=force, kv_shape=kv_shape)
             existed = store.prompt_path(name).is_dir()
             store.import_prompt(d, name=name, fingerprint=fingerprint, model_name=model_name, overwrite=True,
-                                kv_shape=kv_shape)
+                                kv_shape=kv_shape, max_tokens=max_tokens)
+        except durable.Busy as e:
+            raise ApiError(409, str(e), param="name", code="busy") from None
         except UserError as e:
-            raise ApiError(422, str(e).replace(str(d), "upload"), param="body", code="invalid_prompt") from None
+            param = e.field if isinstance(e, store.InvalidPrompt) else "body"
+            raise ApiError(422, str(e).replace(str(d), "upload"), param=param, code="invalid_prompt") from None
     return existed
 
 
 def prompt_info(name: str) -> dict:
-    """Registry entry for the API: the store summary (minus server paths) plus training metrics."""
+    """Registry entry for the API: the store summary minus server paths (an invalid prompt is
+    listed with ``status: invalid`` and its reason)."""
     from softprompt import store
 
     s = store.prompt_summary(name)
-    path = Path(s.pop("path"))
+    s.pop("path")
     s.pop("imported_from", None)
-    try:
-        meta = json.loads((path / store.META).read_text())
-        s["metrics"] = meta.get("metrics")
-    except (OSError, ValueError):
-        s["metrics"] = None
     s["id"], s["object"] = name, "prompt"
     return s

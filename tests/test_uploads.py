@@ -1,0 +1,197 @@
+"""Prompt uploads over HTTP: every malformed upload gets a 4xx naming what is wrong (never a 500),
+nothing half-made becomes visible, one bad entry never breaks the registry, and parallel
+uploads of one name each get 2xx or 409 and leave one whole prompt.
+
+The server runs in-process (Starlette's TestClient, lifespan included) on a tiny model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from softprompt import durable, store
+from softprompt.inference.engine import Engine
+
+MAX_N = 16  # the server's --max-prompt-tokens in these tests
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def http(tiny_lm):
+    from fastapi.testclient import TestClient
+
+    from softprompt.serve.app import ServerConfig, create_app
+
+    app = create_app(Engine(tiny_lm), ServerConfig(model_id="tiny", max_prompt_tokens=MAX_N))
+    with TestClient(app) as c:
+        yield c
+
+
+def prompt_dir(lm, path: Path, n: int = 3, value: float = 0.5, **meta) -> Path:
+    meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "value": value, **meta}
+    return store.save_prompt(path, torch.full((n, lm.hidden_size), value), meta).resolve()
+
+
+def zipped(path: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(path.iterdir()):
+            z.write(f, f.name)
+    return buf.getvalue()
+
+
+def rewrite(path: Path, fname: str, text: str | None = None, tensor: torch.Tensor | None = None) -> Path:
+    (path / fname).unlink()
+    if tensor is not None:
+        save_file({store.PROMPT_KEY: tensor}, str(path / fname))
+    else:
+        (path / fname).write_text(text)
+    return path
+
+
+def patch_headers(data: bytes, flags: int | None = None, method: int | None = None) -> bytes:
+    """Set the general-purpose flags / compression method of every member, in the local and the
+    central headers (what a hostile client can send)."""
+    b = bytearray(data)
+    for sig, off in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        i = b.find(sig)
+        while i >= 0:
+            if flags is not None:
+                b[i + off:i + off + 2] = flags.to_bytes(2, "little")
+            if method is not None:
+                b[i + off + 2:i + off + 4] = method.to_bytes(2, "little")
+            i = b.find(sig, i + 4)
+    return bytes(b)
+
+
+def corrupt_member(data: bytes, stored: bool) -> bytes:
+    """Flip a byte in the middle of the first member's data: a CRC mismatch (stored) or broken
+    deflate data."""
+    b = bytearray(data)
+    name_len, extra_len = int.from_bytes(b[26:28], "little"), int.from_bytes(b[28:30], "little")
+    size = int.from_bytes(b[18:22], "little")
+    start = 30 + name_len + extra_len
+    b[start + size // 2] ^= 0xFF if stored else 0x55
+    return bytes(b)
+
+
+def test_malformed_uploads_get_422_naming_the_field(http, tiny_lm, tmp_path):
+    H = tiny_lm.hidden_size
+    fp = tiny_lm.fingerprint
+    cases = {  # the reproducers, each -> the field the answer must name
+        "adapter_config.json": lambda d: rewrite(d, store.CONFIG, "[1]"),
+        "adapter_config.json:num_virtual_tokens": lambda d: rewrite(
+            d, store.CONFIG, json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": "abc"})),
+        "softprompt.json": lambda d: rewrite(d, store.META, "[1]"),
+        "softprompt.json:base_model": lambda d: rewrite(d, store.META, json.dumps({"base_model": "x"})),
+        "softprompt.json:base_model.fingerprint": lambda d: rewrite(
+            d, store.META, json.dumps({"base_model": {"fingerprint": "abc"}})),
+        "softprompt.json:metrics": lambda d: rewrite(
+            d, store.META, json.dumps({"base_model": {"fingerprint": fp}, "metrics": "x"})),
+        "softprompt.json:verbalizer": lambda d: rewrite(d, store.META, json.dumps({"verbalizer": "ab"})),
+        "softprompt.json:template": lambda d: rewrite(d, store.META, json.dumps({"template": 5})),
+    }
+    tensors = [torch.full((3, H), float("nan")), torch.full((3, H), float("inf")), torch.full((3, H), 3e38),
+               torch.zeros(0, H), torch.ones(3, H, dtype=torch.bool), torch.ones(3, H, dtype=torch.int32),
+               torch.ones(MAX_N + 1, H)]
+    uploads = [(field, damage(prompt_dir(tiny_lm, tmp_path / f"c{i}"))) for i, (field, damage) in enumerate(cases.items())]
+    uploads += [("adapter_model.safetensors:prompt_embeddings",
+                 rewrite(prompt_dir(tiny_lm, tmp_path / f"t{i}"), store.TENSORS, tensor=t)) for i, t in enumerate(tensors)]
+    for field, d in uploads:
+        r = http.put("/v1/prompts/bad", content=zipped(d))
+        assert r.status_code == 422 and r.json()["error"]["param"] == field, (field, r.text)
+        assert field in r.json()["error"]["message"] and str(d) not in r.text
+    assert "bad" not in store.list_prompts() and http.get("/v1/prompts/bad").status_code == 404
+
+
+def test_damaged_zips_get_400_naming_the_member(http, tiny_lm, tmp_path):
+    src = prompt_dir(tiny_lm, tmp_path / "ok")
+    stored = io.BytesIO()
+    with zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as z:
+        z.write(src / store.CONFIG, store.CONFIG)
+    ok = zipped(src)
+    cases = {
+        "CRC": corrupt_member(stored.getvalue(), stored=True),
+        "deflate": corrupt_member(ok, stored=False),
+        "encrypted": patch_headers(ok, flags=0x1),
+        "method 99": patch_headers(ok, method=99),
+    }
+    for what, data in cases.items():
+        r = http.put("/v1/prompts/bad", content=data)
+        assert r.status_code == 400, (what, r.text)
+        assert r.json()["error"]["code"] == "invalid_upload" and "adapter_" in r.json()["error"]["message"], what
+    assert "bad" not in store.list_prompts()
+
+
+def test_a_name_with_a_newline_is_refused(http, tiny_lm, tmp_path):
+    r = http.put("/v1/prompts/x%0A", content=zipped(prompt_dir(tiny_lm, tmp_path / "ok")))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+    assert store.list_prompts() == [] and not (store.prompts_dir() / "x\n").exists()
+
+
+def test_an_invalid_entry_is_listed_and_the_rest_served(http, tiny_lm, tmp_path):
+    http.put("/v1/prompts/good", content=zipped(prompt_dir(tiny_lm, tmp_path / "good")))
+    bad = prompt_dir(tiny_lm, tmp_path / "bad")  # stored behind the validator's back, as before
+    rewrite(bad, store.META, json.dumps({"metrics": "x"}))
+    store.prompt_path("bad").symlink_to(bad)
+    r = http.get("/v1/prompts")
+    assert r.status_code == 200
+    entries = {e["id"]: e for e in r.json()["data"]}
+    assert entries["good"]["status"] == "ok" and entries["bad"]["status"] == "invalid"
+    assert "softprompt.json:metrics" in entries["bad"]["reason"]
+    assert http.get("/v1/prompts/bad").json()["status"] == "invalid"
+    nan = prompt_dir(tiny_lm, tmp_path / "nan")
+    rewrite(nan, store.TENSORS, tensor=torch.full((3, tiny_lm.hidden_size), float("nan")))
+    store.prompt_path("nan").symlink_to(nan)
+    assert http.get("/v1/prompts/nan").json()["status"] == "invalid"
+    for name, temperature in (("bad", 0), ("nan", 1.0)):  # refused when loaded, before any model work
+        body = {"model": name, "prompt": "the movie", "max_tokens": 2, "temperature": temperature}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "prompt_unusable", r.text
+    body["model"] = "good"
+    assert http.post("/v1/completions", json=body).status_code == 200
+    for name in ("bad", "nan"):
+        assert http.delete(f"/v1/prompts/{name}").json()["deleted"] is True
+    assert [e["id"] for e in http.get("/v1/prompts").json()["data"]] == ["good"]
+
+
+def test_ten_parallel_uploads_of_one_name_answer_2xx_or_409(http, tiny_lm, tmp_path):
+    bodies = [zipped(prompt_dir(tiny_lm, tmp_path / f"p{i}", n=1 + i, value=i / 10)) for i in range(10)]
+    status: list[int] = [0] * 10
+    go = threading.Barrier(10)
+
+    def put(i):
+        go.wait()
+        status[i] = http.put("/v1/prompts/same", content=bodies[i]).status_code
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(status) <= {200, 201, 409} and 201 in status, status
+    sp = store.load_prompt("same")
+    i = round(sp.meta["value"] * 10)
+    assert sp.num_virtual_tokens == 1 + i and torch.equal(sp.embeddings, torch.full((1 + i, tiny_lm.hidden_size), i / 10))
+    assert http.put("/v1/prompts/same", content=bodies[0]).status_code == 200  # the name still takes uploads
+
+
+def test_an_upload_that_waits_too_long_for_the_name_gets_409(http, tiny_lm, tmp_path, monkeypatch):
+    body = zipped(prompt_dir(tiny_lm, tmp_path / "p"))
+    monkeypatch.setattr(durable, "LOCK_WAIT_S", 0.05)
+    with durable.locked(store.prompt_path("held")):
+        r = http.put("/v1/prompts/held", content=body)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "busy"
+    assert http.put("/v1/prompts/held", content=body).status_code == 201

@@ -58,7 +58,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(served, tmp_
     config.write_text(CONFIG)
     cli = Path(sys.executable).with_name("schemathesis")
     cmd = [str(cli), "--config-file", str(config), "run", served + "/openapi.json", "--checks", "all",
-           "--mode", "all", "--seed", "20261202", "--max-examples", "40", "--workers", "1",
+           "--mode", "all", "--seed", "20261202", "--max-examples", "100", "--workers", "1",
            "--generation-deterministic", "--no-color"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     out = res.stdout + res.stderr

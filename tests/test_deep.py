@@ -209,3 +209,13 @@ def test_t5_and_bad_shapes_are_refused_in_one_line(tiny_model_dir, sp_home, tiny
         eng.generate([GenerateRequest("", "d")])
     with pytest.raises(UserError, match="encoder-decoder"):
         FW.prompt_loss(t5.model, kv, batch(tiny_lm))
+
+
+def test_deep_prompt_for_another_model_is_refused_on_import(tiny_model_dir, sp_home, tmp_path, capsys):
+    llama, gpt2 = (models.load(str(tiny_model_dir(a))) for a in ("llama", "gpt2"))
+    path = store.save_prompt(tmp_path / "for-gpt2", make_deep_prompt(gpt2.model, gpt2.tokenizer, 4, "random"), {})
+    capsys.readouterr()
+    code = cli.main(["prompts", "import", str(path), "--name", "x", "--model", str(llama.path)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "another model" in err
+    assert store.list_prompts() == []

@@ -102,11 +102,12 @@ def user_examples(tokenizer, name: str, meta: dict, task: str | None, user: dict
                   limit: int) -> tuple[list[D.Example], dict | None]:
     """Importance rows from the user's data flags (``--data`` / ``--task``, settings the prompt's
     metadata lacks from the flags), as ``softprompt eval`` would read them."""
+    from softprompt import evaluate
     from softprompt.config import EvalConfig
 
-    cfg, recipe = E.merged_data_config({name: meta}, task, user)
+    cfg, recipe = evaluate.merged_data_config({name: meta}, task, user)
     split = "eval" if recipe and recipe.get("eval") and not user.get("path") else "test"
-    examples = E.load_examples(tokenizer, cfg, recipe, EvalConfig(task=task, split=split, limit=limit), user.get("path"))
+    examples = evaluate.load_examples(tokenizer, cfg, recipe, EvalConfig(task=task, split=split, limit=limit), user.get("path"))
     return examples, cfg.verbalizer
 
 

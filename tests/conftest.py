@@ -7,12 +7,31 @@ tokenizer trained here on a few sentences), so the same loading code as for real
 from __future__ import annotations
 
 import csv
+import inspect
 import json
+import logging
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_root() -> Path:
+    """Where the task recipes' data sets are: ``$SOFTPROMPT_DATA``, else ``../shared/data`` beside
+    the repository (a fresh clone has none: the tests that need them skip)."""
+    env = os.environ.get("SOFTPROMPT_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+def needs_data(*folders: str):
+    """Skip marker for a test that reads recipe data sets (``folders`` under the data root)."""
+    root = shared_data_root()
+    missing = [f for f in folders if not (root / f).is_dir()]
+    return pytest.mark.skipif(bool(missing), reason=f"needs the data set(s) {', '.join(missing)} under the data "
+                                                    f"root {root} ($SOFTPROMPT_DATA; docs/data.md)")
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +46,66 @@ def _keep_data_root():
         os.environ["SOFTPROMPT_DATA"] = before
 
 
+SKIP_FRAMES = ("transformers", "torch", "logging", "warnings", "functools", "contextlib", "conftest")
+
+
+def _our_caller() -> str | None:
+    """``module:line`` of the nearest caller outside transformers and torch, if it is softprompt
+    code (a call another library makes, e.g. PEFT's, is that library's business)."""
+    for frame in inspect.stack()[2:]:
+        mod = frame.frame.f_globals.get("__name__", "")
+        if mod.split(".")[0] in SKIP_FRAMES:
+            continue
+        return f"{mod}:{frame.lineno}" if mod.startswith("softprompt") else None
+    return None
+
+
+class _LoggedDeprecations(logging.Handler):
+    """Deprecation notices that transformers logs (``logger.warning_once``)."""
+
+    def __init__(self, hits: list[str]):
+        super().__init__(logging.WARNING)
+        self.hits = hits
+
+    def emit(self, record: logging.LogRecord) -> None:
+        where = _our_caller() if "deprecat" in record.getMessage().lower() else None
+        if where:
+            self.hits.append(f"{record.getMessage()} (called from {where})")
+
+
+@pytest.fixture(autouse=True)
+def _no_deprecated_transformers_calls(monkeypatch):
+    """Fail a test in which our code makes a call that transformers marks deprecated, whether it
+    says so through ``warnings.warn`` (attributed to torch's module call, so pyproject's
+    filterwarnings on softprompt modules cannot see it) or through its logger."""
+    import warnings
+
+    import transformers  # noqa: F401 - installs Logger.warning_once
+
+    hits: list[str] = []
+    real_warn = warnings.warn
+
+    def warn(message, category=None, stacklevel=1, **kw):
+        cat = category or (type(message) if isinstance(message, Warning) else UserWarning)
+        where = _our_caller() if issubclass(cat, (DeprecationWarning, FutureWarning)) else None
+        if where and "deprecat" in str(message).lower():
+            hits.append(f"{message} (called from {where})")
+        return real_warn(message, category, stacklevel + 1, **kw)
+
+    monkeypatch.setattr(warnings, "warn", warn)
+    once = getattr(logging.Logger, "warning_once", None)
+    if hasattr(once, "cache_clear"):
+        once.cache_clear()  # logged once per process otherwise: every test gets to see it
+    root = logging.getLogger("transformers")
+    level, handler = root.level, _LoggedDeprecations(hits)
+    root.setLevel(logging.WARNING)
+    root.addHandler(handler)
+    yield
+    root.removeHandler(handler)
+    root.setLevel(level)
+    assert not hits, "deprecated transformers usage: " + "; ".join(hits)
+
+
 CORPUS = [
     "the movie was good and the actors were great",
     "the movie was bad and the plot was boring",
@@ -39,7 +118,12 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(out: Path):
+# ChatML, as SmolLM2-Instruct and Qwen write it (the tokenizer's own template in a real model)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tokenizer(out: Path, chat: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -49,6 +133,9 @@ def build_tokenizer(out: Path):
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 5, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    if chat:
+        fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        fast.chat_template = CHATML
     fast.save_pretrained(out)
     return fast
 
@@ -82,16 +169,17 @@ def build_model(arch: str, vocab: int, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """Factory: arch ('llama', 'gpt2', 't5') -> folder with a tiny random model + tokenizer."""
-    made: dict[str, Path] = {}
+    """Factory: arch ('llama', 'gpt2', 't5') -> folder with a tiny random model + tokenizer;
+    ``chat=True``: the tokenizer has ChatML's turn markers and template."""
+    made: dict[tuple[str, bool], Path] = {}
 
-    def make(arch: str = "llama") -> Path:
-        if arch not in made:
-            out = tmp_path_factory.mktemp(f"tiny-{arch}")
-            tok = build_tokenizer(out)
+    def make(arch: str = "llama", chat: bool = False) -> Path:
+        if (arch, chat) not in made:
+            out = tmp_path_factory.mktemp(f"tiny-{arch}{'-chat' if chat else ''}")
+            tok = build_tokenizer(out, chat)
             build_model(arch, len(tok)).save_pretrained(out)
-            made[arch] = out
-        return made[arch]
+            made[arch, chat] = out
+        return made[arch, chat]
 
     return make
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import needs_data, shared_data_root
 
 from softprompt import data as D
 from softprompt import models, recipes
@@ -275,11 +276,10 @@ def test_compare_needs_a_verbalizer(tiny_lm, toy_csv):
         CD.load_splits(tiny_lm.tokenizer, cfg, None)
 
 
-@pytest.mark.skipif(
-    not (data_root() / "superglue-32shot").is_dir(), reason="shared data not present"
-)
+@needs_data("superglue-32shot")
 @pytest.mark.parametrize("task, n_labels", [("rte", 2), ("boolq", 2), ("cb", 3)])
-def test_superglue_recipes_match_their_files(tiny_lm, task, n_labels):
+def test_superglue_recipes_match_their_files(tiny_lm, task, n_labels, monkeypatch):
+    monkeypatch.setenv("SOFTPROMPT_DATA", str(shared_data_root()))
     cfg, recipe = recipes.task_data_config(task)
     assert len(cfg.verbalizer) == n_labels
     for split in ("train", "eval", "test"):

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from conftest import needs_data, shared_data_root
 
 from softprompt import data as D
 from softprompt import recipes
@@ -17,7 +18,7 @@ ROWS = [
     {"text": "a terrible film, with a comma", "label": "0"},
     {"text": 'who wrote "the book"', "label": "1"},
 ]
-SHARED_DATA = Path("/work/shared/data")
+SHARED_DATA = shared_data_root()
 
 
 @pytest.fixture
@@ -255,9 +256,7 @@ def test_unknown_task_lists_known_tasks():
         recipes.task_path("no-such-task")
 
 
-@pytest.mark.skipif(
-    not (SHARED_DATA / "sst2").is_dir(), reason="shared data sets not present at /work/shared/data"
-)
+@needs_data("sst2")
 def test_sst2_recipe_resolves(tok, monkeypatch):
     monkeypatch.setenv("SOFTPROMPT_DATA", str(SHARED_DATA))
     cfg, recipe = recipes.task_data_config("sst2")

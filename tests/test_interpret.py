@@ -63,8 +63,36 @@ def test_inspect_command_table_json_and_heatmap(tiny_lm, toy_csv, tmp_path, caps
     assert main(["inspect", "nope", "--model", model]) == 2
 
 
-def test_importance_needs_data_in_the_metadata(tiny_lm):
-    store.save_prompt(store.prompt_path("bare"), torch.randn(2, tiny_lm.model.config.hidden_size), {"format": 1})
-    with pytest.raises(UserError, match="no-importance"):
-        I.inspect_prompt(tiny_lm, "bare")
-    assert "importance" not in I.inspect_prompt(tiny_lm, "bare", with_importance=False)
+def test_without_known_data_importance_is_skipped_with_a_note(tiny_lm, toy_csv, capsys, tiny_model_dir, tmp_path):
+    """An imported PEFT prompt has no task or data in its metadata: inspect still reports, says
+    why importance is missing, and measures it on data given with --data."""
+    pytest.importorskip("peft")
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from softprompt import data as D
+
+    model = str(tiny_model_dir("llama"))
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    assert main(["prompts", "import", str(tmp_path / "adapter"), "--name", "peft"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "peft", "--model", model]) == 0
+    out = capsys.readouterr().out
+    assert "importance skipped: the prompt's metadata names no task or data file" in out and "drop" not in out
+    report = I.inspect_prompt(tiny_lm, "peft")
+    assert "importance" not in report and len(report["notes"]) == 1
+    # --data supplies the rows: the same drops as importance() on those rows
+    flags = ["--data", str(toy_csv), "--template", "Review: {text}", "--target-column", "label",
+             "--verbalizer", "0=negative,1=positive"]
+    assert main(["inspect", "peft", "--model", model, *flags, "--eval-limit", "8", "--out", str(tmp_path / "o")]) == 0
+    got = json.loads((tmp_path / "o" / "inspect_peft.json").read_text())["importance"]
+    cfg = DataConfig(path=str(toy_csv), template="Review: {text}", target_column="label",
+                     verbalizer={"0": "negative", "1": "positive"})
+    rows = D.load_file(tiny_lm.tokenizer, cfg, str(toy_csv), 8)
+    metric, base, drops = I.importance(tiny_lm.model, tiny_lm.tokenizer, store.load_prompt("peft").embeddings, rows, cfg.verbalizer)
+    assert got["metric"] == metric == "accuracy" and got["rows"] == 8
+    assert got["full_prompt"] == pytest.approx(base) and got["drop"] == pytest.approx(drops)
+    assert "importance" not in I.inspect_prompt(tiny_lm, "peft", with_importance=False)
+    with pytest.raises(UserError, match="say what to evaluate"):  # --data without a template: one line
+        I.inspect_prompt(tiny_lm, "peft", data={"path": str(toy_csv)})

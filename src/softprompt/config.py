@@ -48,8 +48,8 @@ def _tupled(value: Any, annotation: str) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig(_JsonMixin):
-    path: str | None = None  # training file (csv, tsv, jsonl, or "<label> <text>" lines)
-    eval_path: str | None = None  # evaluation file; None carves a dev split from train
+    path: str | None = None  # training data: csv, tsv, jsonl, "<label> <text>" lines, or a datasets data set (folder or hub name)
+    eval_path: str | None = None  # evaluation data (as --data); None carves a dev split from train
     text_column: str | None = None  # language-modelling mode: the one text column
     template: str | None = None  # input -> target mode: e.g. "Review: {text}\nSentiment:"
     target_column: str | None = None  # input -> target mode: the column holding the target
@@ -61,6 +61,11 @@ class DataConfig(_JsonMixin):
     columns: tuple[str, ...] | None = None  # names for headerless csv/tsv files
     derive: dict[str, str] | None = None  # extra columns built from templates of others
     label_map: dict[str, str] | None = None  # rewrite target values before the verbalizer
+    data_split: str | None = None  # a datasets data set: the split to train on (default train)
+    eval_split: str | None = None  # a datasets data set as --eval-data: its split (default validation, else test)
+    data_config: str | None = None  # a datasets data set on the hub: its configuration name
+    chat: bool = False  # chat form: the filled template is the user turn, the target the assistant reply (the model's chat template)
+    system: str | None = None  # chat form: a system message before every row
 
     def __post_init__(self) -> None:
         _check(self.limit is None or self.limit > 0, f"--limit must be positive, got {self.limit}")
@@ -76,6 +81,9 @@ class DataConfig(_JsonMixin):
             self.verbalizer is None or self.template is not None,
             "--verbalizer needs --template and --target-column",
         )
+        _check(not self.chat or self.template is not None,
+               "--chat needs input -> target rows: give --template and --target-column")
+        _check(self.system is None or self.chat, "--system needs --chat")
 
     @property
     def mode(self) -> str:

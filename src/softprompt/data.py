@@ -6,7 +6,8 @@ ids and labels. Two modes:
 * language modelling (``text_column``): every token of the text is a target;
 * input -> target (``template`` + ``target_column`` [+ ``verbalizer``]): the template filled
   with the row is the input, the (verbalized) target follows, and only target tokens carry
-  labels (-100 elsewhere).
+  labels (-100 elsewhere); with ``chat`` the two are a user turn and the assistant's reply in
+  the model's chat template (``chat.py``).
 
 Every mistake in the data is a ``UserError`` naming the file, row or column.
 """
@@ -24,10 +25,14 @@ from pathlib import Path
 
 import torch
 
-from softprompt.config import DataConfig, UserError
+from softprompt import chat, hfdata
+from softprompt.config import DataConfig, UserError, data_root
 
 log = logging.getLogger(__name__)
 IGNORE = -100
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+# the walk-through's data (awesome-chatgpt-prompts, CC0-1.0), shipped inside the package
+WALKTHROUGH_CSV = ASSETS_DIR / "awesome-chatgpt-prompts.csv"
 
 
 @dataclass
@@ -43,9 +48,20 @@ class Example:
 # ---------------------------------------------------------------- readers
 
 
+def not_found(path: Path) -> UserError:
+    """A missing data file; under the data root (a task recipe's file) the line says where it goes."""
+    root = data_root()
+    try:
+        rel = path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return UserError(f"data file not found: {path}")
+    return UserError(f"data file not found: {path}; task recipes read their files under the data root {root} "
+                     f"($SOFTPROMPT_DATA or --data-root): put {rel} there (docs/data.md lists where each comes from)")
+
+
 def _read_text(path: Path) -> str:
     if not path.is_file():
-        raise UserError(f"data file not found: {path}")
+        raise not_found(path)
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")
@@ -100,8 +116,13 @@ def _read_label_lines(path: Path, text: str) -> list[dict[str, str]]:
     return out
 
 
-def read_rows(path: str | Path, columns=None) -> list[dict[str, str]]:
-    """Read csv, tsv, jsonl/json, or ``<label> <text>`` lines (any other extension)."""
+def read_rows(path: str | Path, columns=None, split: str | None = None, config: str | None = None,
+              default: tuple[str, ...] = ("train",)) -> list[dict[str, str]]:
+    """Read csv, tsv, jsonl/json, ``<label> <text>`` lines (any other extension), or a
+    ``datasets`` data set (a folder or a hub name; ``split`` and ``config`` choose in it,
+    ``default`` are the splits tried in order without ``split``)."""
+    if hfdata.is_dataset(path):
+        return hfdata.read_dataset(path, split, config, default=default)
     path = Path(path)
     text = _read_text(path)
     ext = path.suffix.lower()
@@ -191,12 +212,19 @@ def resolve_target(row, cfg: DataConfig, path, index: int) -> tuple[str, str | N
 
 
 def _target_example(tokenizer, row, cfg: DataConfig, path, index: int) -> tuple[Example, bool]:
+    """Input -> target; in chat form (``cfg.chat``) the filled template is the user turn and the
+    target the assistant reply, written by the model's chat template (``chat.chat_pair``): the
+    input is everything up to the reply, the target the reply and its end-of-turn marker, and
+    ``source_text`` the rendered input (it ends where the reply begins)."""
     source = cfg.template.format_map(row)
     word, label = resolve_target(row, cfg, path, index)
-    src = encode(tokenizer, source)
-    tgt = encode(tokenizer, target_text(source, word))
-    if label is None and tokenizer.eos_token_id is not None:
-        tgt = tgt + [tokenizer.eos_token_id]  # generation targets learn to stop
+    if cfg.chat:
+        source, src, tgt = chat.chat_pair(tokenizer, source, word, cfg.system)
+    else:
+        src = encode(tokenizer, source)
+        tgt = encode(tokenizer, target_text(source, word))
+        if label is None and tokenizer.eos_token_id is not None:
+            tgt = tgt + [tokenizer.eos_token_id]  # generation targets learn to stop
     room = cfg.max_length - len(tgt)
     cut = len(src) > room
     if cut:
@@ -229,8 +257,14 @@ def build_examples(tokenizer, rows, cfg: DataConfig, path="data") -> list[Exampl
 # ---------------------------------------------------------------- loading train / eval sets
 
 
-def load_file(tokenizer, cfg: DataConfig, path: str, limit: int | None) -> list[Example]:
-    rows = derive_columns(read_rows(path, cfg.columns), cfg.derive)
+TRAIN_SPLITS = ("train",)
+EVAL_SPLITS = ("validation", "test")  # a datasets data set read for evaluation, without a split
+
+
+def load_file(tokenizer, cfg: DataConfig, path: str, limit: int | None, split: str | None = None,
+              default: tuple[str, ...] = TRAIN_SPLITS) -> list[Example]:
+    """Examples of a data file or ``datasets`` data set (``split`` / ``default`` choose in it)."""
+    rows = derive_columns(read_rows(path, cfg.columns, split or None, cfg.data_config, default), cfg.derive)
     if limit:
         rows = rows[:limit]
     return build_examples(tokenizer, rows, cfg, path)
@@ -240,10 +274,14 @@ def load_train_eval(tokenizer, cfg: DataConfig, seed: int = 0) -> tuple[list[Exa
     """Training examples and evaluation examples (eval file, or a seeded dev split of train)."""
     if not cfg.path:
         raise UserError("no training data: give --data PATH or --task NAME")
-    train = load_file(tokenizer, cfg, cfg.path, cfg.limit)
+    train = load_file(tokenizer, cfg, cfg.path, cfg.limit, cfg.data_split)
     if cfg.eval_path:
-        return train, load_file(tokenizer, cfg, cfg.eval_path, cfg.eval_limit)
+        return train, load_eval_file(tokenizer, cfg)
     return split_dev(train, cfg, seed)
+
+
+def load_eval_file(tokenizer, cfg: DataConfig) -> list[Example]:
+    return load_file(tokenizer, cfg, cfg.eval_path, cfg.eval_limit, cfg.eval_split, EVAL_SPLITS)
 
 
 def split_dev(train: list[Example], cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example]]:

@@ -27,29 +27,37 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- evaluation through the engine
 
 
-META_FIELDS = ("template", "target_column", "verbalizer", "text_column")
+META_FIELDS = ("template", "target_column", "verbalizer", "text_column", "chat", "system")
 
 
 def data_config(engine, ecfg: EvalConfig, user: dict) -> tuple[DataConfig, dict | None]:
     """(DataConfig, recipe or None): user flags > first prompt's metadata > task recipe."""
+    metas = {p: engine.bank.get(p)[0].meta for p in ecfg.prompts}
+    return merged_data_config(metas, ecfg.task, user)
+
+
+def merged_data_config(metas: dict[str, dict], task: str | None, user: dict) -> tuple[DataConfig, dict | None]:
+    """(DataConfig, recipe or None) from the user's data flags, then the metadata of the stored
+    prompts ``metas`` (name -> meta; the first one's settings are used), then ``task``'s recipe."""
     user = {k: v for k, v in user.items() if v is not None}
-    if not ecfg.task and not user.get("path"):
+    if not task and not user.get("path"):
         raise UserError("give --data PATH or --task NAME to evaluate on")
-    if ecfg.prompts and "template" not in user and "text_column" not in user:
-        meta = engine.bank.get(ecfg.prompts[0])[0].meta
+    names = list(metas)
+    if names and "template" not in user and "text_column" not in user:
+        meta = metas[names[0]]
         stored = {k: meta.get(k) for k in META_FIELDS if meta.get(k)}
         if stored.get("template") and stored.get("target_column"):
             stored.pop("text_column", None)
-        elif ecfg.task:  # a language-modelling prompt on a task: the recipe's template rules
+        elif task:  # a language-modelling prompt on a task: the recipe's template rules
             stored = {}
-        for other in ecfg.prompts[1:]:
-            m = engine.bank.get(other)[0].meta
+        for other in names[1:]:
+            m = metas[other]
             if any(m.get(k) and m.get(k) != stored.get(k) for k in META_FIELDS):
                 log.warning("prompt %r was trained with other data settings than %r; using %r's", other,
-                            ecfg.prompts[0], ecfg.prompts[0])
+                            names[0], names[0])
         user = {**stored, **user}
-    if ecfg.task:
-        cfg, recipe = recipes.task_data_config(ecfg.task, **user)
+    if task:
+        cfg, recipe = recipes.task_data_config(task, **user)
         return cfg, recipe
     if not user.get("template") and not user.get("text_column"):
         raise UserError("say what to evaluate: --template TPL --target-column C (or --text-column C), "
@@ -61,7 +69,7 @@ def load_examples(tokenizer, cfg: DataConfig, recipe: dict | None, ecfg: EvalCon
                   path: str | None = None) -> list[D.Example]:
     """The recipe's split, or ``path`` (a data file; with a task, the recipe gives only settings)."""
     if recipe is None or path:
-        return D.load_file(tokenizer, cfg, path or cfg.path, ecfg.limit)
+        return D.load_file(tokenizer, cfg, path or cfg.path, ecfg.limit, cfg.data_split, ("test", "validation"))
     return recipes.named_split(tokenizer, cfg, recipe, ecfg.task, ecfg.split, ecfg.limit)
 
 

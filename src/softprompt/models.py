@@ -8,17 +8,26 @@ The only module that knows transformers' loading details. Two kinds of model nam
   from its config without ``quantization_config`` and save it once, atomically and under a lock
   (N processes starting together convert once), as a plain transformers folder under
   ``$SOFTPROMPT_HOME/models/``. Later loads read that folder.
-* any local transformers model folder (``config.json`` + weights).
+* any local transformers model folder (``config.json`` + weights);
+* a Hugging Face hub id (``Qwen/Qwen2.5-0.5B-Instruct``), resolved as the hub resolves it
+  (``huggingface_hub.snapshot_download``): the Hugging Face cache first (``$HF_HUB_CACHE`` /
+  ``$HF_HOME``), without any network call when the model is there; otherwise a download, unless
+  offline (``HF_HUB_OFFLINE=1`` or ``load(offline=True)``, the CLI's ``--offline``). Only
+  configs, tokenizer files and safetensors weights are fetched: pickle weights are never read.
 
-Nothing is ever downloaded: every load passes ``local_files_only=True``.
+``trust_remote_code`` is never set: the architecture must be one of ``ARCHITECTURES`` (each
+backed by tests/test_architectures.py and listed in docs/architectures.md); any other gets one
+line naming it. Once resolved to a folder, every transformers call passes ``local_files_only``.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -65,6 +74,18 @@ class LoadedModel:
         from softprompt.prompt import kv_shape
 
         return kv_shape(self.model)
+
+
+# model_type -> architecture name; each is tested (prefix == naive, decode == generate, PEFT
+# round trip) in tests/test_architectures.py
+ARCHITECTURES = {
+    "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma2": "Gemma 2",
+    "gemma3_text": "Gemma 3 (text)", "phi3": "Phi-3", "gpt2": "GPT-2", "gpt_neox": "GPT-NeoX",
+    "opt": "OPT", "t5": "T5",
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]  # never *.bin / *.pt
+TRUE = ("1", "true", "yes", "on")
 
 
 def available() -> list[str]:
@@ -130,8 +151,52 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         log.info("converted in %.1fs into %s", time.time() - t0, out)
 
 
-def resolve(name: str | None) -> tuple[str, Path]:
-    """Model name or folder -> (canonical name, transformers folder), converting if needed."""
+def is_offline(offline: bool | None = None) -> bool:
+    """``offline`` if given, else ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` (read at call time)."""
+    if offline is not None:
+        return offline
+    return any(os.environ.get(k, "").lower() in TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_cache() -> str | None:
+    """The hub cache folder from the environment at call time (huggingface_hub reads it once, at
+    import); None leaves the library's default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    return str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None
+
+
+def hub_snapshot(repo_id: str, offline: bool | None = None) -> Path:
+    """The local snapshot folder of a hub model: the cache first, then a download unless offline."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    kw = {"allow_patterns": HUB_FILES, "cache_dir": hub_cache()}
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, **kw))
+    except LocalEntryNotFoundError:
+        if is_offline(offline):
+            raise UserError(f"--model {repo_id}: not in the Hugging Face cache ({kw['cache_dir'] or 'default'}) "
+                            "and offline (HF_HUB_OFFLINE / --offline); download it once where a network exists") from None
+    try:
+        log.info("downloading %s from the Hugging Face hub ...", repo_id)
+        return Path(snapshot_download(repo_id, **kw))
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise UserError(f"--model {repo_id}: no such model on the hub, or it needs a login ({type(e).__name__})") from None
+    except LocalEntryNotFoundError:
+        raise UserError(f"--model {repo_id}: not in the Hugging Face cache and the hub cannot be reached") from None
+    except (HfHubHTTPError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"--model {repo_id}: the download failed: {first}") from None
+
+
+def resolve(name: str | None, offline: bool | None = None) -> tuple[str, Path]:
+    """Model name, folder or hub id -> (canonical name, transformers folder), converting if needed."""
     name = name or DEFAULT_MODEL
     if name in EMBEDDED:
         out = home() / "models" / name
@@ -141,8 +206,31 @@ def resolve(name: str | None) -> tuple[str, Path]:
     path = Path(name).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return str(path.resolve()), path
-    what = "is not a model folder (no config.json)" if path.is_dir() else "is not a known model or folder"
-    raise UserError(f"--model {name!r} {what}; available: {', '.join(available())} or a local transformers folder")
+    if not path.exists() and HUB_ID.match(name):
+        snap = hub_snapshot(name, offline)
+        if not (snap / "config.json").is_file():
+            raise UserError(f"--model {name}: the hub snapshot {snap} has no config.json")
+        return name, snap
+    what = "is not a model folder (no config.json)" if path.is_dir() else "is not a known model, folder or hub id"
+    raise UserError(f"--model {name!r} {what}; available: {', '.join(available())}, a local transformers "
+                    "folder, or a Hugging Face hub id (org/name)")
+
+
+def check_architecture(name: str, path: Path) -> str:
+    """The model_type of ``path``'s config.json; an architecture outside ``ARCHITECTURES`` (or one
+    that needs remote code) is a ``UserError`` naming it."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--model {name}: cannot read {path / 'config.json'} ({e})") from None
+    kind = cfg.get("model_type")
+    if kind not in ARCHITECTURES:
+        arch = ", ".join(cfg.get("architectures") or []) or "no architectures field"
+        raise UserError(f"--model {name}: architecture {kind!r} ({arch}) is not supported; supported: "
+                        f"{', '.join(ARCHITECTURES.values())} (docs/architectures.md)")
+    if not list(path.glob("*.safetensors")):
+        raise UserError(f"--model {name}: {path} has no .safetensors weights (pickle weights are never loaded)")
+    return kind
 
 
 def fingerprint(model: torch.nn.Module) -> dict:
@@ -198,8 +286,8 @@ def parse_device(device: str | torch.device | None) -> torch.device:
 
 
 def load(name: str | None = None, dtype: str | torch.dtype | None = torch.float32,
-         device: str | torch.device | None = None) -> LoadedModel:
-    """Load a frozen model and tokenizer by name or folder. Never touches the network.
+         device: str | torch.device | None = None, offline: bool | None = None) -> LoadedModel:
+    """Load a frozen model and tokenizer by name, folder or hub id (see ``resolve``).
 
     The weights are read in float32 and fingerprinted before any cast to ``dtype`` (so a prompt
     trained in float32 matches the same model loaded in bfloat16), then moved to ``device``.
@@ -207,10 +295,11 @@ def load(name: str | None = None, dtype: str | torch.dtype | None = torch.float3
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     dtype, device = parse_dtype(dtype), parse_device(device)
-    canon, path = resolve(name)
+    canon, path = resolve(name, offline)
+    check_architecture(canon, path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32, use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

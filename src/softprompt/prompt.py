@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from softprompt.compat import cache_kw, returned_cache
 from softprompt.config import UserError
 from softprompt.data import encode
 
@@ -24,7 +25,13 @@ COMMON_VOCAB = 5000  # sample vocab init from the first ids: frequent BPE pieces
 
 
 def embedding_matrix(model) -> torch.Tensor:
-    return model.get_input_embeddings().weight.detach()  # (V, H)
+    """The input embeddings as the model feeds them to its first layer, (V, H): Gemma's embedding
+    module multiplies its rows by sqrt(H) (``embed_scale``), and a prompt sits beside those
+    scaled rows (PEFT builds its text/vocab inits through the same module)."""
+    emb = model.get_input_embeddings()
+    scale = getattr(emb, "embed_scale", None)
+    weight = emb.weight.detach()
+    return weight if scale is None else weight * torch.as_tensor(scale).to(weight.dtype)
 
 
 def init_random(model, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -141,8 +148,8 @@ def kv_of_embeddings(model, x: torch.Tensor) -> torch.Tensor:
     try:
         out = model.base_model(inputs_embeds=x.to(w.device, w.dtype).unsqueeze(0),
                                attention_mask=torch.ones(1, x.shape[0], dtype=torch.long, device=w.device),
-                               past_key_values=DynamicCache(config=model.config), use_cache=True)
-        layers = out.past_key_values.layers
+                               **cache_kw(model.base_model, DynamicCache(config=model.config)), use_cache=True)
+        layers = returned_cache(out).layers
     except (TypeError, AttributeError, ValueError) as e:
         raise UserError(f"deep prompts need a key/value cache; {type(model).__name__} has none usable ({e})") from None
     return torch.stack([torch.stack([ly.keys[0], ly.values[0]]) for ly in layers]).float().cpu()  # (L, 2, kv, T, d)

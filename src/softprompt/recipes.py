@@ -102,7 +102,7 @@ def train_dev(tokenizer, data_cfg: DataConfig, task: str | None, seed: int):
     data_cfg, recipe = task_data_config(task, **user_overrides(data_cfg))
     train = load_split(tokenizer, data_cfg, recipe["train"], limit=data_cfg.limit)
     if data_cfg.eval_path:
-        return train, D.load_file(tokenizer, data_cfg, data_cfg.eval_path, data_cfg.eval_limit), data_cfg
+        return train, D.load_eval_file(tokenizer, data_cfg), data_cfg
     if recipe.get("eval"):
         return train, load_split(tokenizer, data_cfg, recipe["eval"], limit=data_cfg.eval_limit), data_cfg
     return (*D.split_dev(train, data_cfg, seed), data_cfg)

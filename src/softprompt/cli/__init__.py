@@ -33,18 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextmanager
-def data_root(path: str | None):
-    """``--data-root`` for the length of one command: ``$SOFTPROMPT_DATA``, restored afterwards."""
-    old = os.environ.get("SOFTPROMPT_DATA")
-    if path:
-        os.environ["SOFTPROMPT_DATA"] = path
+def environment(name: str, value: str | None):
+    """``$name`` set to ``value`` for the length of one command (not at all when ``value`` is
+    empty), restored afterwards: ``--data-root`` is ``$SOFTPROMPT_DATA``, ``--offline``
+    ``HF_HUB_OFFLINE=1`` (models and datasets)."""
+    old = os.environ.get(name)
+    if value:
+        os.environ[name] = value
     try:
         yield
     finally:
-        if path and old is None:
-            os.environ.pop("SOFTPROMPT_DATA", None)
-        elif path:
-            os.environ["SOFTPROMPT_DATA"] = old
+        if value and old is None:
+            os.environ.pop(name, None)
+        elif value:
+            os.environ[name] = old
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     try:
-        with data_root(getattr(a, "data_root", None)):
+        with environment("SOFTPROMPT_DATA", getattr(a, "data_root", None)), \
+                environment("HF_HUB_OFFLINE", "1" if getattr(a, "offline", False) else None):
             return a.func(a)
     except UserError as e:
         print(f"softprompt: error: {e}", file=sys.stderr)

@@ -34,7 +34,7 @@ from softprompt.config import (
 # ---------------------------------------------------------------- train
 
 TRAIN_DATA = ("path", "eval_path", "text_column", "template", "target_column", "verbalizer", "limit",
-              "eval_limit", "max_length")
+              "eval_limit", "max_length", "data_split", "eval_split", "data_config", "chat", "system")
 TRAIN_FIELDS = ("lr", "epochs", "steps", "batch_size", "grad_accum", "seed", "patience", "warmup_ratio", "weight_decay")
 
 
@@ -99,22 +99,33 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--force", action="store_true", help="use a prompt trained on another base model")
     add_device_flags(g)
     add_flags(g, GenerateConfig)
+    add_flags(g, DataConfig, only=CHAT_FIELDS, helps={
+        "chat": "the text is a user turn in the model's chat template (default: as the prompt was trained)"})
     g.add_argument("text", help="the input text")
     g.set_defaults(func=cmd_generate)
 
 
+CHAT_FIELDS = ("chat", "system")
+
+
 def cmd_generate(a) -> int:
-    from softprompt import models, store
+    from softprompt import chat, models, store
     from softprompt.inference import engine
 
     cfg = from_args(GenerateConfig, a)
     lm = models.load(a.model, a.dtype, a.device)
-    prompt = None
+    prompt, meta = None, {}
     if a.prompt:
         sp = store.load_prompt(a.prompt)
         store.check_compatible(sp, lm.fingerprint, force=a.force, kv_shape=lm.kv_shape)
-        prompt = sp.tensor
-    print(engine.generate(lm, prompt, a.text, cfg).text)
+        prompt, meta = sp.tensor, sp.meta
+    form = {"chat": bool(meta.get("chat")), "system": meta.get("system")} | given(DataConfig, a, CHAT_FIELDS)
+    ids = None
+    if form["chat"]:
+        ids = chat.encode_chat(lm.tokenizer, chat.messages_for(a.text, form["system"]))
+    elif a.system is not None:
+        raise UserError("--system needs --chat")
+    print(engine.generate(lm, prompt, a.text, cfg, token_ids=ids).text)
     return 0
 
 
@@ -134,7 +145,8 @@ def cmd_quickstart(a) -> int:
 
 # ---------------------------------------------------------------- eval
 
-EVAL_DATA = ("path", "template", "target_column", "text_column", "verbalizer", "max_length")
+EVAL_DATA = ("path", "template", "target_column", "text_column", "verbalizer", "max_length", "data_split",
+             "data_config", "chat", "system")
 
 
 def add_eval_parser(sub) -> None:

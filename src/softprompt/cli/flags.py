@@ -104,7 +104,10 @@ def from_args(cls, args, only: tuple[str, ...] | None = None, **extra):
 
 
 def add_model_flags(p) -> None:
-    p.add_argument("--model", default=None, help="smollm2-135m (default, embedded) or a local transformers folder")
+    p.add_argument("--model", default=None, help="smollm2-135m (default, embedded), a local transformers folder, "
+                   "or a Hugging Face hub id such as Qwen/Qwen2.5-0.5B-Instruct (docs/architectures.md)")
+    p.add_argument("--offline", action="store_true",
+                   help="use only the Hugging Face cache, never the network (as HF_HUB_OFFLINE=1)")
 
 
 def add_device_flags(p) -> None:

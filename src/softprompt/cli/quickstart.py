@@ -16,8 +16,8 @@ from softprompt.config import (
     PromptConfig,
     TrainConfig,
     UserError,
-    data_root,
 )
+from softprompt.data import WALKTHROUGH_CSV
 
 INPUT = "I want you to act as a logistician. "
 GEN = GenerateConfig(max_new_tokens=100, repetition_penalty=1.5)
@@ -30,9 +30,11 @@ RECOMMENDED = (PromptConfig(num_virtual_tokens=20, init="vocab"),
 
 
 def walkthrough_data(root: Path | None = None) -> DataConfig:
-    path = (root or data_root()) / "awesome-chatgpt-prompts" / "prompts.csv"
+    """The walk-through's data: the copy shipped inside the package, or ``root``'s
+    ``awesome-chatgpt-prompts/prompts.csv`` when a data root is given explicitly."""
+    path = WALKTHROUGH_CSV if root is None else Path(root) / "awesome-chatgpt-prompts" / "prompts.csv"
     if not path.is_file():
-        raise UserError(f"walk-through data not found: {path} (set --data-root or $SOFTPROMPT_DATA)")
+        raise UserError(f"walk-through data not found: {path}")
     return DataConfig(path=str(path), text_column="prompt", limit=50, max_length=256, dev_fraction=0.0)
 
 

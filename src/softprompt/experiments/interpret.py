@@ -98,9 +98,39 @@ def eval_examples(tokenizer, meta: dict, limit: int) -> tuple[list[D.Example], d
     return dev[:limit], cfg.verbalizer
 
 
+def user_examples(tokenizer, name: str, meta: dict, task: str | None, user: dict,
+                  limit: int) -> tuple[list[D.Example], dict | None]:
+    """Importance rows from the user's data flags (``--data`` / ``--task``, settings the prompt's
+    metadata lacks from the flags), as ``softprompt eval`` would read them."""
+    from softprompt import evaluate
+    from softprompt.config import EvalConfig
+
+    cfg, recipe = evaluate.merged_data_config({name: meta}, task, user)
+    split = "eval" if recipe and recipe.get("eval") and not user.get("path") else "test"
+    examples = evaluate.load_examples(tokenizer, cfg, recipe, EvalConfig(task=task, split=split, limit=limit), user.get("path"))
+    return examples, cfg.verbalizer
+
+
+def importance_rows(tokenizer, name: str, meta: dict, task: str | None, user: dict | None,
+                    limit: int) -> tuple[list[D.Example] | None, dict | None, str | None]:
+    """(rows, verbalizer, None), or (None, None, why) when no data is known for the prompt: then
+    importance is skipped with that note instead of failing the whole report."""
+    if task or (user or {}).get("path"):
+        return (*user_examples(tokenizer, name, meta, task, user or {}, limit), None)
+    if not meta.get("task") and not (meta.get("data") or {}).get("path"):
+        return None, None, ("importance skipped: the prompt's metadata names no task or data file "
+                            "(an imported prompt?); give --data (and --template/--target-column or --text-column) or --task")
+    try:
+        return (*eval_examples(tokenizer, meta, limit), None)
+    except UserError as e:
+        return None, None, f"importance skipped: {str(e).removeprefix('importance: ').removesuffix('; use --no-importance')}"
+
+
 def inspect_prompt(lm, name: str, against: list[str] | None = None, top_k: int = 5, eval_limit: int = 64,
-                   with_importance: bool = True) -> dict:
-    """The JSON report of one stored prompt (see the module docstring)."""
+                   with_importance: bool = True, task: str | None = None, data: dict | None = None) -> dict:
+    """The JSON report of one stored prompt (see the module docstring). Importance is measured
+    on ``task`` / ``data`` (DataConfig fields from the user) when given, else on the data the
+    prompt's metadata names; without either it is skipped with a note (``report["notes"]``)."""
     sp = store.load_prompt(name)
     if sp.kind == "deep":
         return inspect_deep(lm, sp, against)
@@ -119,8 +149,11 @@ def inspect_prompt(lm, name: str, against: list[str] | None = None, top_k: int =
     if len(names) > 1:
         sims = similarity({n: store.load_prompt(n).shallow("similarity with a shallow prompt") for n in names})
         report["similarity"] = {"names": names, "matrix": sims.tolist()}
-    if with_importance:
-        examples, verbalizer = eval_examples(lm.tokenizer, sp.meta, eval_limit)
+    examples, verbalizer, note = (importance_rows(lm.tokenizer, name, sp.meta, task, data, eval_limit)
+                                  if with_importance else (None, None, None))
+    if note:
+        report["notes"] = [note]
+    if examples:
         metric, base, drops = importance(lm.model, lm.tokenizer, prompt, examples, verbalizer)
         report["importance"] = {"metric": metric, "full_prompt": base, "rows": len(examples), "drop": drops}
         for t, d in zip(report["tokens"], drops, strict=True):
@@ -194,6 +227,7 @@ def table(report: dict) -> list[str]:
         imp = report["importance"]
         out += ["", f"{imp['metric']} with the whole prompt: {imp['full_prompt']:.4f} on {imp['rows']} rows; "
                 f"drop = that minus the metric with the token replaced by the mean embedding"]
+    out += [""] + report["notes"] if report.get("notes") else []
     return out + similarity_lines(report)
 
 

@@ -15,6 +15,7 @@ from softprompt.forward.decoder import (
     choice_logprobs,
     embed,
     expand_cache,
+    lm_logits,
     mixed_prefix_loss,
     naive_loss,
     plain_loss,
@@ -25,7 +26,7 @@ from softprompt.forward.decoder import (
 from softprompt.prompt import check_deep, is_deep
 
 __all__ = [
-    "check_deep", "choice_logprobs", "embed", "expand_cache", "is_seq2seq", "mixed_prefix_loss", "naive_loss",
+    "check_deep", "choice_logprobs", "embed", "expand_cache", "is_seq2seq", "lm_logits", "mixed_prefix_loss", "naive_loss",
     "plain_loss", "prefix_cache", "prefix_forward_hidden", "prefix_loss", "prompt_loss",
     "sequence_logprobs", "supports_prefix",
 ]

@@ -21,11 +21,20 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from softprompt.compat import cache_kw, returned_cache
 from softprompt.data import IGNORE
 
 
 def embed(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model.get_input_embeddings()(input_ids)  # (B, T, H)
+
+
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits (..., V) of hidden states (..., H), as the model's own forward computes
+    them: the output head, then Gemma's final logit soft-capping where the config has one."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if not cap else torch.tanh(logits / cap) * cap
 
 
 def naive_loss(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -52,10 +61,10 @@ def prefix_cache(model, prompt: torch.Tensor) -> tuple[DynamicCache, torch.Tenso
     out = base(
         inputs_embeds=prompt.unsqueeze(0),  # (1, N, H)
         attention_mask=torch.ones(1, prompt.shape[0], dtype=torch.long, device=prompt.device),
-        past_key_values=cache,
+        **cache_kw(base, cache),
         use_cache=True,
     )
-    return out.past_key_values, out.last_hidden_state[0, -1]  # cache (1, kv, N, d), (H,)
+    return returned_cache(out), out.last_hidden_state[0, -1]  # cache (1, kv, N, d), (H,)
 
 
 def expand_cache(cache: DynamicCache, batch: int, config) -> DynamicCache:
@@ -77,7 +86,7 @@ def prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache=None):
         inputs_embeds=embed(model, input_ids),
         attention_mask=mask,
         position_ids=pos,
-        past_key_values=past,
+        **cache_kw(model.base_model, past),
         use_cache=True,
     )
     return out.last_hidden_state  # (B, T, H)
@@ -88,7 +97,7 @@ def _shifted_ce_sum(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[
     tgt = labels[:, 1:]  # (B, T-1); position t predicts labels[t+1]
     sel = tgt != IGNORE
     h = hidden[:, :-1][sel]  # (M, H): only positions with a target get logits
-    total = F.cross_entropy(model.get_output_embeddings()(h).float(), tgt[sel], reduction="sum")
+    total = F.cross_entropy(lm_logits(model, h).float(), tgt[sel], reduction="sum")
     return total, sel.sum()
 
 
@@ -100,7 +109,7 @@ def prefix_loss(model, prompt: torch.Tensor, input_ids, attention_mask, labels) 
     first = labels[:, 0]  # (B,) predicted by the last virtual token
     has_first = first != IGNORE
     if has_first.any():
-        logp = F.log_softmax(model.get_output_embeddings()(last).float(), dim=-1)  # (V,), once for all rows
+        logp = F.log_softmax(lm_logits(model, last).float(), dim=-1)  # (V,), once for all rows
         total = total - logp[first[has_first]].sum()
         count = count + has_first.sum()
     return total / count.clamp(min=1)
@@ -120,22 +129,22 @@ def mixed_prefix_loss(model, prompts: torch.Tensor, task_ids: torch.Tensor, inpu
     out = model.base_model(
         inputs_embeds=prompts,
         attention_mask=torch.ones(K, N, dtype=torch.long, device=prompts.device),
-        past_key_values=DynamicCache(config=model.config),
+        **cache_kw(model.base_model, DynamicCache(config=model.config)),
         use_cache=True,
     )
     layers = [(layer.keys.index_select(0, task_ids), layer.values.index_select(0, task_ids))
-              for layer in out.past_key_values.layers]  # each (B, kv, N, d)
+              for layer in returned_cache(out).layers]  # each (B, kv, N, d)
     mask = torch.cat([attention_mask.new_ones(B, N), attention_mask], dim=1)  # (B, N+T)
     pos = torch.arange(N, N + T, device=input_ids.device).unsqueeze(0).expand(B, -1)  # (B, T)
     hidden = model.base_model(
         inputs_embeds=embed(model, input_ids), attention_mask=mask, position_ids=pos,
-        past_key_values=DynamicCache(ddp_cache_data=layers, config=model.config), use_cache=True,
+        **cache_kw(model.base_model, DynamicCache(ddp_cache_data=layers, config=model.config)), use_cache=True,
     ).last_hidden_state  # (B, T, H)
     total, count = _shifted_ce_sum(model, hidden, labels)
     first = labels[:, 0]
     has = first != IGNORE
     if has.any():
-        logp = F.log_softmax(model.get_output_embeddings()(out.last_hidden_state[:, -1]).float(), dim=-1)  # (K, V)
+        logp = F.log_softmax(lm_logits(model, out.last_hidden_state[:, -1]).float(), dim=-1)  # (K, V)
         total = total - logp[task_ids[has], first[has]].sum()
         count = count + has.sum()
     return total if reduction == "sum" else total / count.clamp(min=1)
@@ -148,7 +157,7 @@ def plain_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
     ).last_hidden_state
     tgt = labels[:, 1:]
     sel = tgt != IGNORE
-    return F.cross_entropy(model.get_output_embeddings()(hidden[:, :-1][sel]).float(), tgt[sel])
+    return F.cross_entropy(lm_logits(model, hidden[:, :-1][sel]).float(), tgt[sel])
 
 
 def prompt_loss(model, prompt, batch: dict, fast: bool = True) -> torch.Tensor:
@@ -184,12 +193,11 @@ def sequence_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_m
     else:
         cache, last = prefix if prefix is not None else prefix_cache(model, prompt)
         hidden = prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache)
-        first_lp = F.log_softmax(model.get_output_embeddings()(last).float(), dim=-1)  # (V,)
-    head = model.get_output_embeddings()
+        first_lp = F.log_softmax(lm_logits(model, last).float(), dim=-1)  # (V,)
     tgt = labels[:, 1:]
     sel = tgt != IGNORE
     rows = sel.nonzero()[:, 0]
-    logp = F.log_softmax(head(hidden[:, :-1][sel]).float(), dim=-1)  # (M, V)
+    logp = F.log_softmax(lm_logits(model, hidden[:, :-1][sel]).float(), dim=-1)  # (M, V)
     if choices is not None:
         return choice_logprobs(logp, rows, choices)
     lp = logp.gather(-1, tgt[sel].unsqueeze(-1))[:, 0]

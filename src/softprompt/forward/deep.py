@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from softprompt.forward.decoder import IGNORE, _shifted_ce_sum, choice_logprobs, embed
+from softprompt.compat import cache_kw
+from softprompt.forward.decoder import IGNORE, _shifted_ce_sum, choice_logprobs, embed, lm_logits
 
 
 def deep_cache(model, prompt: torch.Tensor, batch: int) -> DynamicCache:
@@ -38,7 +39,7 @@ def deep_forward_hidden(model, prompt: torch.Tensor, input_ids, attention_mask) 
     mask = torch.cat([attention_mask.new_ones(B, N), attention_mask], dim=1)  # (B, N+T)
     pos = torch.arange(N, N + T, device=input_ids.device).unsqueeze(0).expand(B, -1)  # (B, T)
     out = model.base_model(inputs_embeds=embed(model, input_ids), attention_mask=mask, position_ids=pos,
-                           past_key_values=deep_cache(model, prompt, B), use_cache=True)
+                           **cache_kw(model.base_model, deep_cache(model, prompt, B)), use_cache=True)
     return out.last_hidden_state
 
 
@@ -52,7 +53,7 @@ def deep_naive_loss(model, prompt: torch.Tensor, input_ids, attention_mask, labe
     """Reference path (PEFT's): the prefix as ``past_key_values``, full logits, default positions."""
     B, N = input_ids.shape[0], prompt.shape[3]
     mask = torch.cat([attention_mask.new_ones(B, N), attention_mask], dim=1)
-    logits = model(input_ids=input_ids, attention_mask=mask, past_key_values=deep_cache(model, prompt, B),
+    logits = model(input_ids=input_ids, attention_mask=mask, **cache_kw(model, deep_cache(model, prompt, B)),
                    use_cache=True).logits  # (B, T, V)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
@@ -66,7 +67,7 @@ def deep_logprobs(model, prompt: torch.Tensor, input_ids, attention_mask, labels
     tgt = labels[:, 1:]
     sel = tgt != IGNORE
     rows = sel.nonzero()[:, 0]
-    logp = F.log_softmax(model.get_output_embeddings()(hidden[:, :-1][sel]).float(), dim=-1)  # (M, V)
+    logp = F.log_softmax(lm_logits(model, hidden[:, :-1][sel]).float(), dim=-1)  # (M, V)
     if choices is not None:
         return choice_logprobs(logp, rows, choices)
     out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, EncoderDecoderCache
 
+from softprompt.compat import cache_kw, returned_cache
 from softprompt.data import IGNORE
 
 
@@ -124,8 +125,8 @@ class Seq2SeqState:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,), return next-token logits (B, V)."""
         out = self.model(encoder_outputs=(self.enc_hidden,), attention_mask=self.enc_mask,
-                         decoder_input_ids=tokens[:, None], past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                         decoder_input_ids=tokens[:, None], **cache_kw(self.model, self.cache), use_cache=True)
+        self.cache = returned_cache(out)
         return out.logits[:, -1]
 
     def take(self, rows: list[int]) -> None:

@@ -29,14 +29,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from softprompt import chat
+from softprompt.compat import cache_kw, returned_cache
 from softprompt.config import EngineConfig, GenerateConfig, UserError
-from softprompt.forward import embed, seq2seq
+from softprompt.forward import embed, lm_logits, seq2seq
 from softprompt.inference.bank import PrefixCache, PrefixKV, PromptBank, compute_prefix, deep_prefix
 from softprompt.inference.kv import DecoderState, batch_prefix, left_pad
 from softprompt.inference.steps import StepBatch
 
 __all__ = ["ANON", "Engine", "EngineConfig", "GenerateRequest", "Generation", "Row", "ScoreRequest", "ScoreResult",
-           "ScoreRow", "StepBatch", "generate"]
+           "ScoreRow", "StepBatch", "generate", "stop_tokens"]
 
 log = logging.getLogger(__name__)
 ANON = "<tensor>"  # bank name of the prompt tensor handed to the module-level generate()
@@ -115,6 +117,7 @@ class Engine:
         tok = lm.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.eos_id = tok.eos_token_id
+        self.stop_ids = stop_tokens(lm)
 
     @property
     def model(self):
@@ -198,9 +201,9 @@ class Engine:
             x[i, L - s.shape[0] :], mask[i, L - s.shape[0] :] = s, 1
         pos = deep_n[:, None] + (mask.cumsum(1) - 1).clamp(min=0)  # 0 at the first virtual token
         full = torch.cat([pmask.to(self.device), mask], 1)  # (B, maxN_deep + L)
-        out = model.base_model(inputs_embeds=x, attention_mask=full, position_ids=pos, past_key_values=cache,
-                               use_cache=True)
-        state = DecoderState(model, out.past_key_values, full, deep_n + mask.sum(1))
+        out = model.base_model(inputs_embeds=x, attention_mask=full, position_ids=pos,
+                               **cache_kw(model.base_model, cache), use_cache=True)
+        state = DecoderState(model, returned_cache(out), full, deep_n + mask.sum(1))
         return state, out.last_hidden_state[:, -1]
 
     def start(self, rows: list[Row]):
@@ -210,7 +213,7 @@ class Engine:
             state = seq2seq.Seq2SeqState(self.model, hidden, mask)
             return state, state.step(state.start_tokens())
         state, last = self.prefill(rows)
-        return state, self.model.get_output_embeddings()(last)
+        return state, lm_logits(self.model, last)
 
     # ------------------------------------------------ generation
 
@@ -284,9 +287,8 @@ class Engine:
             flat = [list(t) for ts in targets for t in ts]
             lp = seq2seq.target_logprobs(self.model, hidden[idx], mask[idx], flat).tolist()
             return _unflatten(lp, targets)
-        head = self.model.get_output_embeddings()
         state, last = self.prefill(rows)
-        first = F.log_softmax(head(last).float(), -1)  # (B, V): predicts every target's first token
+        first = F.log_softmax(lm_logits(self.model, last).float(), -1)  # (B, V): predicts every target's first token
         scores = [[float(first[i, t[0]]) for t in ts] for i, ts in enumerate(targets)]
         longer = [(i, k) for i, ts in enumerate(targets) for k, t in enumerate(ts) if len(t) > 1]
         if longer:  # the rest of each target runs on top of a copy of its row's cache
@@ -301,7 +303,7 @@ class Engine:
             h = state.hidden(feed, fmask)  # (M, C, H); position c predicts token c+1
             sel = fmask.bool()
             gold = self.tensor([tok for t in rest for tok in t[1:]])
-            lp = F.log_softmax(head(h[sel]).float(), -1).gather(-1, gold[:, None])[:, 0]
+            lp = F.log_softmax(lm_logits(self.model, h[sel]).float(), -1).gather(-1, gold[:, None])[:, 0]
             per = torch.zeros(len(rest), device=self.device).index_add_(0, sel.nonzero()[:, 0], lp)
             for (i, k), v in zip(longer, per.tolist()):
                 scores[i][k] += v
@@ -327,10 +329,23 @@ def _unflatten(flat: list[float], targets) -> list[list[float]]:
     return out
 
 
+def stop_tokens(lm) -> frozenset[int]:
+    """Tokens that end a generation, as ``model.generate`` stops: the tokenizer's EOS, the
+    model's ``generation_config.eos_token_id`` (one id or several, e.g. Llama 3's end of turn),
+    and the chat template's end-of-turn marker (``chat.stop_ids``)."""
+    ids = set(chat.stop_ids(lm.tokenizer))
+    eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    return frozenset(ids)
+
+
 @torch.no_grad()
-def generate(lm, prompt: torch.Tensor | None, text: str, cfg: GenerateConfig) -> Generation:
-    """Generate a continuation of ``text`` under ``prompt`` (None = the plain model)."""
+def generate(lm, prompt: torch.Tensor | None, text: str, cfg: GenerateConfig,
+             token_ids: list[int] | None = None) -> Generation:
+    """Generate a continuation of ``text`` (or of ``token_ids``, e.g. ``chat.encode_chat``'s)
+    under ``prompt`` (None = the plain model)."""
     eng = Engine(lm)
     if prompt is not None:
         eng.add_prompt(ANON, prompt)
-    return eng.generate([GenerateRequest(text, ANON if prompt is not None else None, cfg)])[0]
+    ids = tuple(token_ids) if token_ids is not None else None
+    return eng.generate([GenerateRequest(text, ANON if prompt is not None else None, cfg, token_ids=ids)])[0]

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from softprompt.forward import embed
+from softprompt.compat import cache_kw, returned_cache
+from softprompt.forward import embed, lm_logits
 from softprompt.inference.bank import PrefixKV
 
 
@@ -63,15 +64,16 @@ class DecoderState:
         pos = self.next_pos[:, None] + (tmask.cumsum(1) - 1).clamp(min=0)  # (B, C); pads: any value
         self.mask = torch.cat([self.mask, tmask], 1)
         out = self.model.base_model(inputs_embeds=embed(self.model, ids), attention_mask=self.mask,
-                                    position_ids=pos, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                                    position_ids=pos, **cache_kw(self.model.base_model, self.cache),
+                                    use_cache=True)
+        self.cache = returned_cache(out)
         self.next_pos = self.next_pos + tmask.sum(1)
         return out.last_hidden_state
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,), return next-token logits (B, V)."""
         h = self.hidden(tokens[:, None], torch.ones(tokens.shape[0], 1, dtype=torch.long, device=tokens.device))
-        return self.model.get_output_embeddings()(h[:, -1])
+        return lm_logits(self.model, h[:, -1])
 
     def take(self, rows: list[int]) -> None:
         """Keep (or repeat) ``rows``; drop key columns that are padding for every kept row.

@@ -90,7 +90,7 @@ class StepBatch:
         events, keep, feed = [], [], []
         for j, (r, t) in enumerate(zip(live, picks, strict=True)):
             logits = self.logits[j].float().clone() if self.keep_logits else None
-            if t == self.engine.eos_id:
+            if t in self.engine.stop_ids:
                 events.append(StepEvent(r.rid, None, "stop", logits))
                 continue
             r.seen.append(t)

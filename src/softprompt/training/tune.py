@@ -94,6 +94,8 @@ def prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, fit_res: FitResult, tas
         "text_column": data_cfg.text_column,
         "target_column": data_cfg.target_column,
         "verbalizer": data_cfg.verbalizer,
+        "chat": data_cfg.chat,  # trained in chat form: generate and eval format the same way
+        "system": data_cfg.system,
         "data": data_cfg.to_dict(),
         "kind": prompt_cfg.kind,
         "reparam": prompt_cfg.reparam,  # used in training only: the saved prompt is the folded tensor

@@ -1,0 +1,126 @@
+"""Chat formatting (chat.py): messages -> tokens through the tokenizer's own template."""
+
+from __future__ import annotations
+
+import pytest
+
+from softprompt import chat
+from softprompt.config import GenerateConfig, UserError
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from conftest import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("chat-tok"), chat=True)
+
+
+def test_encode_chat_is_the_template_rendered_then_tokenised(tok):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is the capital of france"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    ids = chat.encode_chat(tok, msgs)
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.convert_tokens_to_ids("<|im_start|>") in ids  # the markers are single special tokens
+    # OpenAI's list-of-parts content and the 'developer' role give the same tokens
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+             msgs[1]]
+    assert chat.encode_chat(tok, parts) == ids
+
+
+def test_chat_pair_splits_at_the_generation_prompt(tok):
+    prompt, p_ids, r_ids = chat.chat_pair(tok, "the movie was good", "positive", system="classify")
+    assert p_ids == chat.encode_chat(tok, chat.messages_for("the movie was good", "classify"))
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert r_ids[-1] == end and tok.decode(r_ids[:-1]) == "positive"
+    whole = tok.apply_chat_template(chat.messages_for("the movie was good", "classify")
+                                    + [{"role": "assistant", "content": "positive"}], tokenize=False)
+    assert whole.startswith(prompt) and tok.decode(p_ids + r_ids) == whole.rstrip()
+    assert chat.stop_ids(tok) == [tok.eos_token_id, end]
+
+
+@pytest.mark.parametrize("msgs, words", [
+    ([], "non-empty list"),
+    ([{"role": "tool", "content": "x"}], "unknown role 'tool'"),
+    ([{"role": "user"}], "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "only text parts"),
+    (["hi"], "messages[0] must be an object"),
+])
+def test_bad_messages_are_one_line(tok, msgs, words):
+    with pytest.raises(UserError, match=words.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        chat.encode_chat(tok, msgs)
+
+
+def test_a_tokenizer_without_template_is_refused(tmp_path):
+    from conftest import build_tokenizer
+
+    plain = build_tokenizer(tmp_path)
+    with pytest.raises(UserError, match="no chat template"):
+        chat.encode_chat(plain, [{"role": "user", "content": "hi"}])
+    assert chat.stop_ids(plain) == [plain.eos_token_id]
+
+
+# ---------------------------------------------------------------- chat form in training, eval, generate
+
+TEMPLATE, VERB = "Review: {text}", {"0": "negative", "1": "positive"}
+
+
+@pytest.fixture
+def chat_lm(tiny_model_dir, sp_home):
+    from softprompt import models
+
+    return models.load(str(tiny_model_dir("llama", chat=True)))
+
+
+def test_chat_rows_carry_the_loss_on_the_reply_only(chat_lm, toy_csv):
+    from softprompt import data as D
+    from softprompt.config import DataConfig
+
+    tok = chat_lm.tokenizer
+    cfg = DataConfig(path=str(toy_csv), template=TEMPLATE, target_column="label", verbalizer=VERB, chat=True,
+                     system="classify the review", dev_fraction=0.0, limit=6)
+    rows = D.read_rows(toy_csv)[:6]
+    for row, ex in zip(rows, D.load_train_eval(tok, cfg)[0]):
+        prompt = chat.encode_chat(tok, chat.messages_for(TEMPLATE.format_map(row), "classify the review"))
+        reply = tok(VERB[row["label"]], add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+        assert ex.input_ids == prompt + reply and ex.source_len == len(prompt)
+        assert ex.labels == [D.IGNORE] * len(prompt) + reply
+        assert tok(ex.source_text, add_special_tokens=False)["input_ids"] == prompt
+        # label scoring reads the label word right where the reply begins (no leading space)
+        assert D.target_text(ex.source_text, "positive") == "positive"
+
+
+def test_train_eval_generate_in_chat_form(capsys, chat_lm, tiny_model_dir, toy_csv, sp_home):
+    from softprompt import cli, evaluate, store
+    from softprompt.config import EvalConfig
+    from softprompt.inference import engine
+
+    model = str(tiny_model_dir("llama", chat=True))
+    data = ["--data", str(toy_csv), "--template", TEMPLATE, "--target-column", "label",
+            "--verbalizer", "0=negative,1=positive"]
+    assert cli.main(["train", "--model", model, *data, "--chat", "--system", "be brief", "--name", "c",
+                     "--epochs", "1", "--limit", "16", "--quiet"]) == 0
+    meta = store.load_prompt("c").meta
+    assert meta["chat"] is True and meta["system"] == "be brief" and meta["data"]["chat"] is True
+    # eval takes the chat form from the prompt's metadata
+    eng = engine.Engine(chat_lm)
+    cfg, _ = evaluate.data_config(eng, EvalConfig(prompts=("c",)), {"path": str(toy_csv)})
+    assert cfg.chat and cfg.system == "be brief" and cfg.template == TEMPLATE
+    assert cli.main(["eval", "--model", model, "--prompt", "c", "--data", str(toy_csv), "--limit", "8"]) == 0
+    # generate: chat by default for a chat-trained prompt, plain with --no-chat
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", model, "--prompt", "c", "--max-new-tokens", "6", "the movie was good"]) == 0
+    got = capsys.readouterr().out.strip()
+    prompt = store.load_prompt("c").embeddings
+    ids = chat.encode_chat(chat_lm.tokenizer, chat.messages_for("the movie was good", "be brief"))
+    want = engine.generate(chat_lm, prompt, "", GenerateConfig(max_new_tokens=6), token_ids=ids)
+    assert got == want.text.strip() and want.prompt_tokens == len(ids)
+    assert cli.main(["generate", "--model", model, "--prompt", "c", "--no-chat", "--system", "x", "hi"]) == 2
+
+
+def test_chat_needs_target_rows(capsys, tiny_model_dir, toy_csv, sp_home):
+    from softprompt import cli
+
+    rc = cli.main(["train", "--model", str(tiny_model_dir("llama", chat=True)), "--data", str(toy_csv),
+                   "--text-column", "text", "--chat"])
+    assert rc == 2 and "--chat needs input -> target rows" in capsys.readouterr().err

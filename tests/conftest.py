@@ -39,7 +39,12 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(out: Path):
+# ChatML, as SmolLM2-Instruct and Qwen write it (the tokenizer's own template in a real model)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tokenizer(out: Path, chat: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -49,6 +54,9 @@ def build_tokenizer(out: Path):
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 5, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    if chat:
+        fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        fast.chat_template = CHATML
     fast.save_pretrained(out)
     return fast
 
@@ -82,16 +90,17 @@ def build_model(arch: str, vocab: int, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """Factory: arch ('llama', 'gpt2', 't5') -> folder with a tiny random model + tokenizer."""
-    made: dict[str, Path] = {}
+    """Factory: arch ('llama', 'gpt2', 't5') -> folder with a tiny random model + tokenizer;
+    ``chat=True``: the tokenizer has ChatML's turn markers and template."""
+    made: dict[tuple[str, bool], Path] = {}
 
-    def make(arch: str = "llama") -> Path:
-        if arch not in made:
-            out = tmp_path_factory.mktemp(f"tiny-{arch}")
-            tok = build_tokenizer(out)
+    def make(arch: str = "llama", chat: bool = False) -> Path:
+        if (arch, chat) not in made:
+            out = tmp_path_factory.mktemp(f"tiny-{arch}{'-chat' if chat else ''}")
+            tok = build_tokenizer(out, chat)
             build_model(arch, len(tok)).save_pretrained(out)
-            made[arch] = out
-        return made[arch]
+            made[arch, chat] = out
+        return made[arch, chat]
 
     return make
 

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from softprompt.config import EngineConfig, GenerateConfig, UserError
 from softprompt.forward import embed, seq2seq
 from softprompt.inference.bank import PrefixCache, PrefixKV, PromptBank, compute_prefix, deep_prefix
-from softprompt.inference.logprobs import TokenLogprob, pick_logprobs
 from softprompt.inference.kv import DecoderState, batch_prefix, left_pad
+from softprompt.inference.logprobs import TokenLogprob, pick_logprobs
 from softprompt.inference.steps import StepBatch
 
-__all__ = ["ANON", "Engine", "EngineConfig", "GenerateRequest", "Generation", "Row", "ScoreRequest", "ScoreResult",
+__all__ = ["ANON", "Engine", "EngineConfig", "GenerateRequest", "Generation", "PromptLogprobRow", "Row", "ScoreRequest", "ScoreResult",
            "ScoreRow", "StepBatch", "generate"]
 
 log = logging.getLogger(__name__)

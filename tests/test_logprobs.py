@@ -116,3 +116,33 @@ def test_generated_logprobs_equal_the_scoring_path(lm):
                 v, i = ref[len(ids) - 1 + j].topk(r.logprobs)
                 assert [t for t, _ in tl.top] == i.tolist()
                 assert torch.allclose(torch.tensor([lp for _, lp in tl.top]), v, atol=TOL)
+
+
+def test_openai_logprob_shapes(lm):
+    """The JSON shapes: token texts add up to the decoded text, offsets are where each token
+    starts, the chosen token is always in a completions top list, chat lists exactly k."""
+    from softprompt.serve.logprob_json import (
+        chat_logprobs,
+        completion_logprobs,
+        join_completion,
+        token_decoder,
+    )
+
+    eng = engine(lm)
+    ids = eng.encode(TEXTS[1])
+    decode = token_decoder(lm.tokenizer)
+    echo = eng.prompt_logprobs([PromptLogprobRow(tuple(ids), "p0", 3)])[0]
+    g = eng.generate([GenerateRequest(TEXTS[1], "p0", GenerateConfig(max_new_tokens=5), logprobs=2)])[0]
+    text = lm.tokenizer.decode(ids + g.token_ids)
+    obj = join_completion([completion_logprobs(decode, ids, echo),
+                           completion_logprobs(decode, g.token_ids, g.logprobs, len(lm.tokenizer.decode(ids)))])
+    assert "".join(obj["tokens"]) == text
+    assert [text[o:] for o in obj["text_offset"]] == ["".join(obj["tokens"][i:]) for i in range(len(obj["tokens"]))]
+    assert obj["token_logprobs"][0] is None and obj["top_logprobs"][0] is None
+    assert obj["token_logprobs"][1:] == [e.logprob for e in echo[1:]] + [e.logprob for e in g.logprobs]
+    ks = [3] * (len(ids) - 1) + [2] * len(g.token_ids)
+    for piece, lp, top, k in zip(obj["tokens"][1:], obj["token_logprobs"][1:], obj["top_logprobs"][1:], ks, strict=True):
+        assert top[piece] == lp and len(top) in (k, k + 1)
+    chat = chat_logprobs(decode, g.logprobs)
+    assert [c["token"] for c in chat["content"]] == [decode(t) for t in g.token_ids]
+    assert all(len(c["top_logprobs"]) == 2 and bytes(c["bytes"]).decode() == c["token"] for c in chat["content"])

@@ -121,21 +121,15 @@ def test_generated_logprobs_equal_the_scoring_path(lm):
 def test_openai_logprob_shapes(lm):
     """The JSON shapes: token texts add up to the decoded text, offsets are where each token
     starts, the chosen token is always in a completions top list, chat lists exactly k."""
-    from softprompt.serve.logprob_json import (
-        chat_logprobs,
-        completion_logprobs,
-        join_completion,
-        token_decoder,
-    )
+    from softprompt.serve.logprob_json import chat_logprobs, completion_logprobs, pieces
 
     eng = engine(lm)
     ids = eng.encode(TEXTS[1])
-    decode = token_decoder(lm.tokenizer)
     echo = eng.prompt_logprobs([PromptLogprobRow(tuple(ids), "p0", 3)])[0]
     g = eng.generate([GenerateRequest(TEXTS[1], "p0", GenerateConfig(max_new_tokens=5), logprobs=2)])[0]
     text = lm.tokenizer.decode(ids + g.token_ids)
-    obj = join_completion([completion_logprobs(decode, ids, echo),
-                           completion_logprobs(decode, g.token_ids, g.logprobs, len(lm.tokenizer.decode(ids)))])
+    gen = pieces(lm.tokenizer, g.token_ids, g.logprobs)
+    obj = completion_logprobs(pieces(lm.tokenizer, ids, echo) + gen)
     assert "".join(obj["tokens"]) == text
     assert [text[o:] for o in obj["text_offset"]] == ["".join(obj["tokens"][i:]) for i in range(len(obj["tokens"]))]
     assert obj["token_logprobs"][0] is None and obj["top_logprobs"][0] is None
@@ -143,6 +137,7 @@ def test_openai_logprob_shapes(lm):
     ks = [3] * (len(ids) - 1) + [2] * len(g.token_ids)
     for piece, lp, top, k in zip(obj["tokens"][1:], obj["token_logprobs"][1:], obj["top_logprobs"][1:], ks, strict=True):
         assert top[piece] == lp and len(top) in (k, k + 1)
-    chat = chat_logprobs(decode, g.logprobs)
-    assert [c["token"] for c in chat["content"]] == [decode(t) for t in g.token_ids]
+    assert completion_logprobs(gen, 7)["text_offset"][0] == 7
+    chat = chat_logprobs(gen)
+    assert [c["token"] for c in chat["content"]] == [lm.tokenizer.decode([t]) for t in g.token_ids]
     assert all(len(c["top_logprobs"]) == 2 and bytes(c["bytes"]).decode() == c["token"] for c in chat["content"])

@@ -1,6 +1,8 @@
 """OpenAI's ``logprobs`` JSON from the engine's per-token log-probabilities.
 
-Two shapes, as the OpenAI API writes them:
+The worker thread (the tokenizer's owner) turns tokens into ``Piece``s: the token's own text
+(special tokens included), its log-probability and its k most likely alternatives as text. The
+event loop writes them in the two shapes the OpenAI API uses:
 
 * completions (legacy): ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``,
   parallel lists; ``top_logprobs[i]`` maps token text -> log-probability for the k most likely
@@ -10,58 +12,59 @@ Two shapes, as the OpenAI API writes them:
 * chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob",
   "bytes"}]}], "refusal": null}`` with exactly k alternatives.
 
-A token's text is its own decode (special tokens kept), so the pieces of a completion add up to
-its text except where a token holds part of a UTF-8 character (it shows as U+FFFD, as in
-OpenAI's answers). Pure functions over a ``decode(token_id) -> str``; the tokenizer's owner
-calls them.
+The pieces of a completion add up to its text except where a token holds part of a UTF-8
+character (it shows as U+FFFD, as in OpenAI's answers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from softprompt.inference.logprobs import TokenLogprob
 
-Decode = Callable[[int], str]
+
+@dataclass(frozen=True)
+class Piece:
+    """One token as text, with its log-probability (None: an echoed prompt's first token)."""
+
+    text: str
+    logprob: float | None = None
+    top: tuple[tuple[str, float], ...] = ()  # the k most likely tokens as (text, logprob), best first
 
 
-def token_decoder(tokenizer) -> Decode:
-    """One token's text, special tokens included (they are part of what the model saw or said)."""
-    return lambda t: tokenizer.decode([t], skip_special_tokens=False)
+def pieces(tokenizer, tokens: Sequence[int], lps: Sequence[TokenLogprob | None]) -> list[Piece]:
+    """Worker side: ``tokens`` and their log-probabilities as text."""
+
+    def text(t: int) -> str:
+        return tokenizer.decode([t], skip_special_tokens=False)
+
+    return [Piece(text(t)) if lp is None else Piece(text(t), lp.logprob, tuple((text(a), v) for a, v in lp.top))
+            for t, lp in zip(tokens, lps, strict=True)]
 
 
-def completion_logprobs(decode: Decode, tokens: Sequence[int], lps: Sequence[TokenLogprob | None],
-                        offset: int = 0) -> dict:
-    """The completions ``logprobs`` object for ``tokens`` starting at character ``offset``."""
+def completion_logprobs(items: Sequence[Piece], offset: int = 0) -> dict:
+    """The completions ``logprobs`` object of ``items``, the first starting at character ``offset``."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for t, lp in zip(tokens, lps, strict=True):
-        piece = decode(t)
-        out["tokens"].append(piece)
+    for p in items:
+        out["tokens"].append(p.text)
         out["text_offset"].append(offset)
-        offset += len(piece)
-        if lp is None:
-            out["token_logprobs"].append(None)
+        offset += len(p.text)
+        out["token_logprobs"].append(p.logprob)
+        if p.logprob is None:
             out["top_logprobs"].append(None)
             continue
-        top = {decode(a): v for a, v in lp.top}
-        top.setdefault(piece, lp.logprob)  # the chosen token is always there
-        out["token_logprobs"].append(lp.logprob)
+        top = dict(p.top)
+        top.setdefault(p.text, p.logprob)  # the chosen token is always there
         out["top_logprobs"].append(top)
     return out
 
 
-def join_completion(parts: Sequence[dict]) -> dict:
-    """Concatenate completions ``logprobs`` objects (echoed prompt, then the generated text)."""
-    return {key: [x for p in parts for x in p[key]] for key in ("tokens", "token_logprobs", "top_logprobs",
-                                                                "text_offset")}
+def _entry(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
-def _entry(piece: str, logprob: float) -> dict:
-    return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
-
-
-def chat_logprobs(decode: Decode, lps: Sequence[TokenLogprob]) -> dict:
+def chat_logprobs(items: Sequence[Piece]) -> dict:
     """The chat ``logprobs`` object of generated tokens."""
-    content = [{**_entry(decode(lp.token), lp.logprob), "top_logprobs": [_entry(decode(a), v) for a, v in lp.top]}
-               for lp in lps]
-    return {"content": content, "refusal": None}
+    return {"content": [{**_entry(p.text, p.logprob), "top_logprobs": [_entry(t, v) for t, v in p.top]}
+                        for p in items], "refusal": None}

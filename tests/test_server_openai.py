@@ -30,12 +30,12 @@ def _one_thread():
 def chat_lm(tiny_model_dir, home):  # noqa: F811
     """A tiny model whose tokenizer has ChatML markers and template, with two prompts stored."""
     pytest.importorskip("fastapi")
-    lm = models.load(str(tiny_model_dir("llama", chat=True)))
+    clm = models.load(str(tiny_model_dir("llama", chat=True)))
     g = torch.Generator().manual_seed(3)
     for name in ("c0", "c1"):
-        store.save_prompt(store.prompt_path(name), torch.randn(4, lm.hidden_size, generator=g),
-                          {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "mode": "lm"})
-    return lm
+        store.save_prompt(store.prompt_path(name), torch.randn(4, clm.hidden_size, generator=g),
+                          {"base_model": {"name": clm.name, "fingerprint": clm.fingerprint}, "mode": "lm"})
+    return clm
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_bad_chat_parameters_get_openai_errors(chat_srv, change, param):
     assert oc.chat.completions.create(model="c0", messages=MSGS, max_tokens=2).choices  # still serving
 
 
-def test_chat_needs_a_chat_template(srv):
+def test_chat_needs_a_chat_template(srv):  # noqa: F811
     import openai
 
     with pytest.raises(openai.BadRequestError) as e:
@@ -154,7 +154,7 @@ def test_chat_needs_a_chat_template(srv):
     assert "chat template" in e.value.body["message"] and e.value.body["param"] == "model"
 
 
-def test_completions_logprobs_equal_the_engine(srv, ref):
+def test_completions_logprobs_equal_the_engine(srv, ref):  # noqa: F811
     oc = client(srv[0])
     r = oc.completions.create(model="p1", prompt=TEXTS[0], max_tokens=6, temperature=0, logprobs=3)
     g = ref.generate([GenerateRequest(TEXTS[0], "p1", GenerateConfig(max_new_tokens=6), logprobs=3)])[0]
@@ -172,7 +172,7 @@ def test_completions_logprobs_equal_the_engine(srv, ref):
     assert [o for s in streamed for o in s.text_offset] == lp.text_offset
 
 
-def test_echo_with_zero_max_tokens_gives_prompt_logprobs(srv, ref):
+def test_echo_with_zero_max_tokens_gives_prompt_logprobs(srv, ref):  # noqa: F811
     """Evaluation harnesses' call: token-id prompts, echo, max_tokens 0, logprobs."""
     oc = client(srv[0])
     rows = [ref.encode(TEXTS[1]), ref.encode(TEXTS[2])]
@@ -202,7 +202,7 @@ def test_echo_with_zero_max_tokens_gives_prompt_logprobs(srv, ref):
     ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"logprobs": True}, "logprobs"),
     ({"max_tokens": 0}, "max_tokens"), ({"prompt": [[1, 2], "x"]}, "prompt"),
 ])
-def test_bad_completion_parameters_get_openai_errors(srv, change, param):
+def test_bad_completion_parameters_get_openai_errors(srv, change, param):  # noqa: F811
     import openai
 
     body = {"model": "p0", "prompt": TEXTS[0], "max_tokens": 2, **change}

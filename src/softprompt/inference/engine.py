@@ -50,6 +50,7 @@ class GenerateRequest:
     config: GenerateConfig = field(default_factory=GenerateConfig)
     token_ids: tuple[int, ...] | None = None  # already tokenised input; replaces ``text``
     logprobs: int | None = None  # None: no log-probabilities; k: each token's and its top k (0..20)
+    stop_ids: tuple[int, ...] = ()  # tokens that end the row like EOS (a chat template's end of turn)
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ class Engine:
         out: list[Generation | None] = [None] * len(rows)
         for chunk in self.chunks(rows):
             gens = self._run_chunk([rows[i] for i in chunk], [requests[i].config for i in chunk], return_logits,
-                                   [requests[i].logprobs for i in chunk])
+                                   [requests[i].logprobs for i in chunk], [requests[i].stop_ids for i in chunk])
             for i, g in zip(chunk, gens):
                 out[i] = g
         return out  # type: ignore[return-value]
@@ -245,12 +246,12 @@ class Engine:
         return [order[s : s + size] for s in range(0, len(order), size)]
 
     def _run_chunk(self, rows: list[Row], cfgs: list[GenerateConfig], return_logits: bool,
-                   logprobs: list[int | None]) -> list[Generation]:
+                   logprobs: list[int | None], stop_ids: list[tuple[int, ...]]) -> list[Generation]:
         """Every row of one chunk through the decode loop (``StepBatch``) until all have finished."""
         t0 = time.perf_counter()
         log.debug("generate: %d rows, %d distinct prompts", len(rows), len({r.prompt for r in rows}))
         batch = StepBatch(self, keep_logits=return_logits)
-        where = {rid: j for j, rid in enumerate(batch.add_rows(rows, cfgs, logprobs))}
+        where = {rid: j for j, rid in enumerate(batch.add_rows(rows, cfgs, logprobs, stop_ids))}
         outs: list[list[int]] = [[] for _ in rows]
         steps: list[list[torch.Tensor]] = [[] for _ in rows]
         lps: list[list[TokenLogprob]] = [[] for _ in rows]

@@ -85,7 +85,8 @@ class StepBatch:
         self._ids += len(rows)
         ks, extra = logprobs or [None] * len(rows), stop_ids or [()] * len(rows)
         eos = {self.engine.eos_id} - {None}
-        self.live += [_Live(i, c, list(row.ids), torch.Generator().manual_seed(c.seed), k, frozenset(eos | set(x)))
+        self.live += [_Live(i, c, list(row.ids), torch.Generator().manual_seed(c.seed),
+                            logprobs=k, stops=frozenset(eos | set(x)))
                       for i, c, row, k, x in zip(ids, cfgs, rows, ks, extra, strict=True)]
         return ids
 

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-MAX_TOP = 20  # OpenAI's bound on top_logprobs / logprobs: k
-
 
 @dataclass(frozen=True)
 class TokenLogprob:

@@ -48,6 +48,8 @@ def create_app(engine, config: ServerConfig | None = None):
         raise UserError("the server needs its extra: pip install 'softprompt[serve]'") from None
     from contextlib import asynccontextmanager
 
+    from softprompt import chat
+    from softprompt.serve import routes_chat
     from softprompt.serve import routes_openai as oa
     from softprompt.serve import routes_ops as ops
     from softprompt.serve import routes_prompts as rp
@@ -60,7 +62,8 @@ def create_app(engine, config: ServerConfig | None = None):
     metrics = Metrics()
     sched = Scheduler(engine, metrics, cfg)
     ctx = Served(cfg, sched, metrics, cfg.model_id or str(engine.lm.name), engine.lm.fingerprint, engine.lm.name,
-                 engine.cfg.force, engine.lm.kv_shape, int(time.time()), Path(__file__).resolve().parents[1] / "web")
+                 engine.cfg.force, engine.lm.kv_shape, int(time.time()), Path(__file__).resolve().parents[1] / "web",
+                 chat.has_template(engine.lm.tokenizer))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -88,6 +91,9 @@ def create_app(engine, config: ServerConfig | None = None):
     work = _pick(errors, 400, 401, 404, 413, 422, 429, 500, 503, 504)
     app.add_api_route("/v1/completions", oa.completions, methods=["POST"], responses={
         **work, 200: {"description": "the completion, or its Server-Sent Events when streamed",
+                      "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}})
+    app.add_api_route("/v1/chat/completions", routes_chat.chat_completions, methods=["POST"], responses={
+        **work, 200: {"description": "the chat completion, or its Server-Sent Events when streamed",
                       "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}})
     app.add_api_route("/v1/classify", oa.classify, methods=["POST"], responses=work)
     app.add_api_route("/v1/prompts", rp.prompts_list, methods=["GET"], responses=_pick(errors, 401))

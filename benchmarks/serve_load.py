@@ -58,7 +58,9 @@ TARGET_SPEEDUP, TARGET_P99_OVER_P50 = 4.0, 2.0
 
 
 def sentences(n: int) -> list[str]:
-    path = common.data_root() / "sst2" / "test.txt"
+    from softprompt.config import data_root
+
+    path = data_root() / "sst2" / "test.txt"
     if path.is_file():
         return [s for _, s in common.read_label_lines(path, n)]
     return common.synthetic_sentences(n)

@@ -30,7 +30,7 @@ Reported per server and level: throughput (requests/s, generated tokens/s), late
 <= 2x the unbatched p50 at C = 32.
 
     python benchmarks/serve_load.py            # default model, about 8 min on 2 shared cores
-    python benchmarks/serve_load.py --quick    # tiny random model, seconds; results not written
+    python benchmarks/serve_load.py --quick    # tiny random model, seconds; results not written (--out: serve_load_tiny)
     python benchmarks/serve_load.py --baseline /path/to/older/checkout
 """
 
@@ -345,8 +345,8 @@ def report(a, info, model, levels, seconds, results, agreement, total) -> None:
     print(md)
     if not a.quick:
         print("wrote", *common.write_results("serve_load", payload, md, a.out or common.RESULTS))
-    elif a.out:
-        print("wrote", *common.write_results("serve_load", payload, md, a.out))
+    elif a.out:  # the tiny model: Python overhead per step shows most
+        print("wrote", *common.write_results("serve_load_tiny", payload, md, a.out))
 
 
 def versus_baseline(results: dict) -> list[dict]:

@@ -19,13 +19,19 @@ The 8 prompts are random-init (N = 20) in a temporary store; the model is the de
 produce the same tokens for the same request (checked on a sample), so they do equal work; a
 generation may end before 32 tokens on EOS, and the mean completion length is reported.
 
+With ``--baseline DIR`` a third server, batched like the first, runs the source tree DIR (an
+older checkout, e.g. the main branch) on the same load, the levels interleaved in rounds
+(each level: every server in turn), so "is the new code slower?" is answered by ratios
+measured minutes apart on the same machine: ``batched / baseline`` throughput and p50 per level.
+
 Reported per server and level: throughput (requests/s, generated tokens/s), latency p50/p99
 (all requests, and per kind), errors, and the server's mean rows per decode step (from
 /metrics). Targets: batched throughput >= 4x unbatched at C = 32, and batched p99 at C = 32
 <= 2x the unbatched p50 at C = 32.
 
     python benchmarks/serve_load.py            # default model, about 8 min on 2 shared cores
-    python benchmarks/serve_load.py --quick    # tiny random model, seconds; results not written
+    python benchmarks/serve_load.py --quick    # tiny random model, seconds; results not written (--out: serve_load_tiny)
+    python benchmarks/serve_load.py --baseline /path/to/older/checkout
 """
 
 from __future__ import annotations
@@ -52,7 +58,9 @@ TARGET_SPEEDUP, TARGET_P99_OVER_P50 = 4.0, 2.0
 
 
 def sentences(n: int) -> list[str]:
-    path = common.data_root() / "sst2" / "test.txt"
+    from softprompt.config import data_root
+
+    path = data_root() / "sst2" / "test.txt"
     if path.is_file():
         return [s for _, s in common.read_label_lines(path, n)]
     return common.synthetic_sentences(n)
@@ -97,14 +105,14 @@ def make_prompts(model_arg: str) -> None:
 class Server:
     """``softprompt serve`` in a subprocess on a free loopback port."""
 
-    def __init__(self, model: str, max_batch_rows: int, threads: int, log: Path):
+    def __init__(self, model: str, max_batch_rows: int, threads: int, log: Path, src: Path = common.REPO / "src"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "softprompt", "serve", "--model", model, "--port", str(self.port),
                "--max-batch-rows", str(max_batch_rows), "--max-queue", "4096", "--max-wait-ms", "5"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(common.REPO / "src")}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(src)}
         self.log = log.open("w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -237,6 +245,8 @@ def main() -> None:
                     help="torch threads of the server (default %(default)s: on 2 cores shared with other jobs, "
                          "2 threads were 3-5x slower, as OpenMP barriers wait for a time slice)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="an older checkout (its src/ is served by a third, batched server) to compare against")
     a = ap.parse_args()
     import httpx
     seconds = a.seconds or (3.0 if a.quick else 12.0)
@@ -246,12 +256,15 @@ def main() -> None:
     home, model = temp_home(a.quick)
     texts = sentences(200)
     results: dict[str, list[dict]] = {}
-    servers = {"batched": 32, "unbatched": 1}
+    src = common.REPO / "src"
+    servers = {"batched": (32, src), "unbatched": (1, src)}
+    if a.baseline:
+        servers["baseline"] = (32, a.baseline.resolve() / "src")
     running = {}
     try:
         urls = {}
-        for name, rows in servers.items():  # both start (import, load the model) while prompts are made
-            running[name] = Server(model, rows, a.threads, home / f"server-{name}.log")
+        for name, (rows, tree) in servers.items():  # all start (import, load the model) while prompts are made
+            running[name] = Server(model, rows, a.threads, home / f"server-{name}.log", tree)
         make_prompts(model)  # the servers read the store lazily
         for name, srv in running.items():
             srv.wait_ready()
@@ -259,11 +272,11 @@ def main() -> None:
             for k in range(PROMPTS):  # warm-up: every prompt loaded and its prefix cached
                 _, path, body = request_for(k, 1 - k % 2, texts)  # (w + k) odd: a classification
                 httpx.post(srv.url + path, json=body, timeout=300).raise_for_status()
-        agreement = same_answers(urls["batched"], urls["unbatched"], texts)
-        print(f"both servers give the same answers on {agreement:.0%} of a sample", flush=True)
-        for name, srv in running.items():  # one at a time: the other server idles
-            results[name] = []
-            for c in levels:
+        agreement = min(same_answers(urls["batched"], u, texts) for n, u in urls.items() if n != "batched")
+        print(f"the servers give the same answers on {agreement:.0%} of a sample", flush=True)
+        results = {name: [] for name in running}
+        for c in levels:  # rounds: each level on every server in turn, one at a time (the others idle)
+            for name, srv in running.items():
                 before = counters(srv.url)
                 res = asyncio.run(load(srv.url, c, seconds, a.max_requests, texts))
                 d = {k: v - before[k] for k, v in counters(srv.url).items()}
@@ -300,10 +313,13 @@ def report(a, info, model, levels, seconds, results, agreement, total) -> None:
                "batched_p99_over_unbatched_p50_at_c1": b["p99_s"] / u1["p50_s"] if u1 else None,
                "targets": {"speedup": TARGET_SPEEDUP, "p99_over_p50": TARGET_P99_OVER_P50},
                "target_met": speedup >= TARGET_SPEEDUP and p99_ratio <= TARGET_P99_OVER_P50}
+    vs = versus_baseline(results)
+    if vs:
+        payload["baseline"] = {"source": str(a.baseline), "batched_over_baseline": vs}
     rows = [[m, r["concurrency"], r["requests"], r["errors"], r["requests_per_s"], r["tokens_per_s"], r["p50_s"],
              r["p99_s"], r["classify"]["p50_s"], r["generate"]["p50_s"], r["mean_decode_rows"],
              r["seconds_per_decode_step"], " / ".join(f"{r['worker_busy_share'][p]:.0%}" for p in PHASES)]
-            for m in ("batched", "unbatched") for r in results[m]]
+            for m in results for r in results[m]]
     md = (f"# serve_load\n\n`softprompt serve` under a closed-loop load on loopback: {PROMPTS} random prompts "
           f"(N={N}) mixed, requests alternating classification (one SST-2 sentence) and {NEW_TOKENS}-token greedy "
           f"generation; {seconds:g}s per level; model `{model}`, server on {a.threads} torch threads, {info['cpu']} "
@@ -316,14 +332,35 @@ def report(a, info, model, levels, seconds, results, agreement, total) -> None:
           f"{TARGET_P99_OVER_P50:g}x): {'met' if payload['target_met'] else 'missed'}."
           + (f" Against the unbatched p50 at C=1 ({u1['p50_s']:.2f}s, one request alone) the batched p99 is "
              f"{payload['batched_p99_over_unbatched_p50_at_c1']:.1f}x." if u1 else "")
-          + f"\nBoth servers gave identical answers on {agreement:.0%} of a sample of requests. Mean completion "
+          + f"\nThe servers gave identical answers on {agreement:.0%} of a sample of requests. Mean completion "
           f"length (EOS may end a generation early, identically for both): {b['mean_completion_tokens'] or 0:.1f} "
           f"tokens. Whole run: {total:.0f}s.\n")
+    if vs:
+        md += (f"\nAgainst the baseline source tree (`{a.baseline}`, served batched on the same load, levels "
+               "interleaved in rounds), batched / baseline:\n\n"
+               + common.md_table(["C", "req/s ratio", "tok/s ratio", "p50 ratio", "classify p50 ratio",
+                                  "generate p50 ratio"],
+                                 [[v["concurrency"], v["requests_per_s"], v["tokens_per_s"], v["p50_s"],
+                                   v["classify_p50_s"], v["generate_p50_s"]] for v in vs]))
     print(md)
     if not a.quick:
         print("wrote", *common.write_results("serve_load", payload, md, a.out or common.RESULTS))
-    elif a.out:
-        print("wrote", *common.write_results("serve_load", payload, md, a.out))
+    elif a.out:  # the tiny model: Python overhead per step shows most
+        print("wrote", *common.write_results("serve_load_tiny", payload, md, a.out))
+
+
+def versus_baseline(results: dict) -> list[dict]:
+    """Per level, the batched server's figures over the baseline server's (throughput > 1 and
+    latency < 1 mean the new code is faster)."""
+    if "baseline" not in results:
+        return []
+    out = []
+    for b, o in zip(results["batched"], results["baseline"], strict=True):
+        out.append({"concurrency": b["concurrency"], "requests_per_s": b["requests_per_s"] / o["requests_per_s"],
+                    "tokens_per_s": b["tokens_per_s"] / max(o["tokens_per_s"], 1e-9), "p50_s": b["p50_s"] / o["p50_s"],
+                    "classify_p50_s": b["classify"]["p50_s"] / o["classify"]["p50_s"],
+                    "generate_p50_s": b["generate"]["p50_s"] / o["generate"]["p50_s"]})
+    return out
 
 
 if __name__ == "__main__":

@@ -171,3 +171,16 @@ def test_bad_requests_are_user_errors(tiny_lm):
     with pytest.raises(UserError, match="non-empty"):
         eng.score([ScoreRequest("x", ("",))])
     assert eng.generate([GenerateRequest("x", "p0", GenerateConfig(max_new_tokens=1))])[0].token_ids
+
+
+def test_stop_ids_end_a_row_like_eos(lm):
+    """A row with stop ids ends at the first of them (not emitted, finish "stop"), as at EOS; its
+    tokens up to there equal the run without stop ids, and its neighbours are unaffected."""
+    eng = make_engine(lm)
+    cfg = GenerateConfig(max_new_tokens=9)
+    free = eng.generate([GenerateRequest(TEXTS[1], "p1", cfg), GenerateRequest(TEXTS[0], None, cfg)])
+    stop = free[0].token_ids[4]
+    cut = free[0].token_ids[: free[0].token_ids.index(stop)]
+    got = eng.generate([GenerateRequest(TEXTS[1], "p1", cfg, stop_ids=(stop,)), GenerateRequest(TEXTS[0], None, cfg)])
+    assert got[0].token_ids == cut and got[0].finish_reason == "stop" and len(cut) < 9
+    assert got[1].token_ids == free[1].token_ids

@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 
 import pytest
 from test_server import PROMPTS, TEXTS, home, lm, ref, running, single  # noqa: F401 (fixtures)
+from test_server_openai import chat_lm, chat_ref, chat_srv, engine_chat  # noqa: F401 (fixtures)
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (scripts/install_chromium.sh installs it)")
@@ -102,3 +103,15 @@ def png_summary(data: bytes) -> tuple[int, int, int]:
         return width, height, len(set(zlib.decompress(idat)))
     with Image.open(io.BytesIO(data)) as im:
         return width, height, len(im.convert("RGB").getcolors(1 << 24))
+
+
+@needs_chromium
+def test_browser_uses_chat_for_a_chat_model(chat_srv, chat_ref, tmp_path):  # noqa: F811
+    """A chat model's page sends the input as one user message through /v1/chat/completions."""
+    query = urlencode({"prompt": "c0", "input": TEXTS[2], "max_tokens": 8, "run": 1})
+    dom = chromium(tmp_path, f"{chat_srv[0]}/?{query}", "--dump-dom").stdout
+    msgs = [{"role": "user", "content": TEXTS[2]}]
+    tok = chat_ref.lm.tokenizer
+    for side, prompt in (("out-base", None), ("out-tuned", "c0")):
+        _, out, _ = engine_chat(chat_ref, msgs, prompt, 8)
+        assert element_text(dom, side) == tok.decode(out, skip_special_tokens=True)

@@ -35,10 +35,11 @@ from softprompt.config import EngineConfig, GenerateConfig, UserError
 from softprompt.forward import embed, lm_logits, seq2seq
 from softprompt.inference.bank import PrefixCache, PrefixKV, PromptBank, compute_prefix, deep_prefix
 from softprompt.inference.kv import DecoderState, batch_prefix, left_pad
+from softprompt.inference.logprobs import TokenLogprob, pick_logprobs
 from softprompt.inference.steps import StepBatch
 
-__all__ = ["ANON", "Engine", "EngineConfig", "GenerateRequest", "Generation", "Row", "ScoreRequest", "ScoreResult",
-           "ScoreRow", "StepBatch", "generate", "stop_tokens"]
+__all__ = ["ANON", "Engine", "EngineConfig", "GenerateRequest", "Generation", "PromptLogprobRow", "Row",
+           "ScoreRequest", "ScoreResult", "ScoreRow", "StepBatch", "generate", "stop_tokens"]
 
 log = logging.getLogger(__name__)
 ANON = "<tensor>"  # bank name of the prompt tensor handed to the module-level generate()
@@ -50,6 +51,8 @@ class GenerateRequest:
     prompt: str | None = None  # a name in the bank/store; None = the plain model
     config: GenerateConfig = field(default_factory=GenerateConfig)
     token_ids: tuple[int, ...] | None = None  # already tokenised input; replaces ``text``
+    logprobs: int | None = None  # None: no log-probabilities; k: each token's and its top k (0..20)
+    stop_ids: tuple[int, ...] = ()  # tokens that end the row like EOS (a chat template's end of turn)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,15 @@ class ScoreRow:
     prompt: str | None = None
 
 
+@dataclass(frozen=True)
+class PromptLogprobRow:
+    """Input tokens whose log-probabilities ``Engine.prompt_logprobs`` returns."""
+
+    token_ids: tuple[int, ...]
+    prompt: str | None = None
+    top_k: int = 0  # most likely alternatives to return per token (0..20)
+
+
 @dataclass
 class ScoreResult:
     logprobs: list[float]  # summed log-probability of each target
@@ -84,6 +96,7 @@ class Generation:
     seconds: float  # wall time of the batch that produced it
     prompt: str | None = None  # the prompt's name
     logits: torch.Tensor | None = field(default=None, repr=False)  # (steps, V) raw, if asked for
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, if the request asked for them
 
 
 # ---------------------------------------------------------------- the engine
@@ -223,7 +236,8 @@ class Engine:
         rows = self.request_rows(requests)
         out: list[Generation | None] = [None] * len(rows)
         for chunk in self.chunks(rows):
-            gens = self._run_chunk([rows[i] for i in chunk], [requests[i].config for i in chunk], return_logits)
+            gens = self._run_chunk([rows[i] for i in chunk], [requests[i].config for i in chunk], return_logits,
+                                   [requests[i].logprobs for i in chunk], [requests[i].stop_ids for i in chunk])
             for i, g in zip(chunk, gens):
                 out[i] = g
         return out  # type: ignore[return-value]
@@ -234,14 +248,16 @@ class Engine:
         size = self.cfg.max_batch_rows
         return [order[s : s + size] for s in range(0, len(order), size)]
 
-    def _run_chunk(self, rows: list[Row], cfgs: list[GenerateConfig], return_logits: bool) -> list[Generation]:
+    def _run_chunk(self, rows: list[Row], cfgs: list[GenerateConfig], return_logits: bool,
+                   logprobs: list[int | None], stop_ids: list[tuple[int, ...]]) -> list[Generation]:
         """Every row of one chunk through the decode loop (``StepBatch``) until all have finished."""
         t0 = time.perf_counter()
         log.debug("generate: %d rows, %d distinct prompts", len(rows), len({r.prompt for r in rows}))
         batch = StepBatch(self, keep_logits=return_logits)
-        where = {rid: j for j, rid in enumerate(batch.add_rows(rows, cfgs))}
+        where = {rid: j for j, rid in enumerate(batch.add_rows(rows, cfgs, logprobs, stop_ids))}
         outs: list[list[int]] = [[] for _ in rows]
         steps: list[list[torch.Tensor]] = [[] for _ in rows]
+        lps: list[list[TokenLogprob]] = [[] for _ in rows]
         finish = ["length"] * len(rows)
         while len(batch):
             for e in batch.step():
@@ -250,6 +266,8 @@ class Engine:
                     outs[j].append(e.token)
                 if e.logits is not None:
                     steps[j].append(e.logits)
+                if e.logprob is not None:
+                    lps[j].append(e.logprob)
                 if e.finish_reason is not None:
                     finish[j] = e.finish_reason
         dt = time.perf_counter() - t0
@@ -257,7 +275,8 @@ class Engine:
         return [Generation(text=tok.decode(outs[j], skip_special_tokens=True), token_ids=outs[j],
                            prompt_tokens=len(r.ids), virtual_tokens=r.n, finish_reason=finish[j], seconds=dt,
                            prompt=r.prompt if r.prompt != ANON else None,
-                           logits=torch.stack(steps[j]) if return_logits else None)
+                           logits=torch.stack(steps[j]) if return_logits else None,
+                           logprobs=None if logprobs[j] is None else lps[j])
                 for j, r in enumerate(rows)]
 
     # ------------------------------------------------ scoring
@@ -287,9 +306,23 @@ class Engine:
             flat = [list(t) for ts in targets for t in ts]
             lp = seq2seq.target_logprobs(self.model, hidden[idx], mask[idx], flat).tolist()
             return _unflatten(lp, targets)
+        return self._target_logprobs(rows, targets)[0]
+
+    def _target_logprobs(self, rows: list[Row], targets: list[tuple[tuple[int, ...], ...]],
+                         top_k: list[int] | None = None):
+        """Decoder-only: (summed log-probability of each target after its row's [prompt][context],
+        and with ``top_k`` (one k per row) every target token's ``TokenLogprob``, else None)."""
         state, last = self.prefill(rows)
         first = F.log_softmax(lm_logits(self.model, last).float(), -1)  # (B, V): predicts every target's first token
         scores = [[float(first[i, t[0]]) for t in ts] for i, ts in enumerate(targets)]
+        toks = None
+        if top_k is not None:
+            pairs = [(i, k) for i, ts in enumerate(targets) for k in range(len(ts))]
+            firsts = pick_logprobs(first[[i for i, _ in pairs]], [targets[i][k][0] for i, k in pairs],
+                                   [top_k[i] for i, _ in pairs])
+            toks = [[[] for _ in ts] for ts in targets]
+            for (i, k), tl in zip(pairs, firsts, strict=True):
+                toks[i][k].append(tl)
         longer = [(i, k) for i, ts in enumerate(targets) for k, t in enumerate(ts) if len(t) > 1]
         if longer:  # the rest of each target runs on top of a copy of its row's cache
             state.take([i for i, _ in longer])
@@ -302,12 +335,35 @@ class Engine:
             feed, fmask = feed.to(self.device), fmask.to(self.device)
             h = state.hidden(feed, fmask)  # (M, C, H); position c predicts token c+1
             sel = fmask.bool()
-            gold = self.tensor([tok for t in rest for tok in t[1:]])
-            lp = F.log_softmax(lm_logits(self.model, h[sel]).float(), -1).gather(-1, gold[:, None])[:, 0]
+            gold = [tok for t in rest for tok in t[1:]]
+            logp = F.log_softmax(lm_logits(self.model, h[sel]).float(), -1)  # (S, V), rows in target order
+            lp = logp.gather(-1, self.tensor(gold)[:, None])[:, 0]
             per = torch.zeros(len(rest), device=self.device).index_add_(0, sel.nonzero()[:, 0], lp)
             for (i, k), v in zip(longer, per.tolist()):
                 scores[i][k] += v
-        return scores
+            if toks is not None:
+                more = iter(pick_logprobs(logp, gold, [top_k[i] for (i, _), t in zip(longer, rest) for _ in t[1:]]))
+                for (i, k), t in zip(longer, rest, strict=True):
+                    toks[i][k] += [next(more) for _ in t[1:]]
+        return scores, toks
+
+    @torch.no_grad()
+    def prompt_logprobs(self, requests: list[PromptLogprobRow]) -> list[list[TokenLogprob | None]]:
+        """Each input token's log-probability given the tokens before it, under the row's prompt
+        (OpenAI's ``echo`` with ``logprobs``): the same forward as ``score_rows``. The first token's
+        entry is None, as OpenAI gives it (also under a soft prompt, which would predict it)."""
+        if self.lm.is_encoder_decoder:
+            raise UserError("prompt log-probabilities (echo) need a decoder-only model")
+        out: list[list[TokenLogprob | None]] = [[None] if r.token_ids else [] for r in requests]
+        todo = [j for j, r in enumerate(requests) if len(r.token_ids) > 1]
+        rows = self.rows([(list(requests[j].token_ids[:1]), requests[j].prompt) for j in todo])
+        for chunk in self.chunks(rows):
+            reqs = [requests[todo[c]] for c in chunk]
+            _, toks = self._target_logprobs([rows[c] for c in chunk], [(r.token_ids[1:],) for r in reqs],
+                                            [r.top_k for r in reqs])
+            for c, tl in zip(chunk, toks, strict=True):
+                out[todo[c]] += tl[0]
+        return out
 
     # ------------------------------------------------ bookkeeping
 

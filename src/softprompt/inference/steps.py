@@ -18,15 +18,17 @@ import torch
 
 from softprompt.config import GenerateConfig
 from softprompt.inference.kv import merge_states
+from softprompt.inference.logprobs import TokenLogprob, step_logprobs
 from softprompt.inference.sampling import pick_tokens
 
 
 @dataclass
 class StepEvent:
     rid: int  # the id ``StepBatch.add`` gave the row
-    token: int | None  # the new token; None when the row ended on EOS
-    finish_reason: str | None  # "stop" (EOS) or "length" when the row left the batch, else None
+    token: int | None  # the new token; None when the row ended on EOS (or one of its stop ids)
+    finish_reason: str | None  # "stop" (EOS, stop id) or "length" when the row left the batch, else None
     logits: torch.Tensor | None = None  # (V,) raw logits the token was picked from (``keep_logits``)
+    logprob: TokenLogprob | None = None  # the token's log-probability, if the row asked for them
 
 
 @dataclass
@@ -36,6 +38,8 @@ class _Live:
     seen: list[int]  # input + generated tokens (repetition penalty)
     gen: torch.Generator
     n_out: int = 0
+    logprobs: int | None = None  # top-k alternatives per token; None = no log-probabilities
+    stops: frozenset[int] = frozenset()  # tokens that end the row like EOS (EOS included)
 
 
 class StepBatch:
@@ -62,11 +66,14 @@ class StepBatch:
         if not requests:
             return []
         rows = self.engine.request_rows(requests)  # a bad prompt fails here, before any compute
-        return self.add_rows(rows, [r.config for r in requests])
+        return self.add_rows(rows, [r.config for r in requests], [r.logprobs for r in requests],
+                             [r.stop_ids for r in requests])
 
     @torch.no_grad()
-    def add_rows(self, rows: list, cfgs: list[GenerateConfig]) -> list[int]:
-        """Join already resolved engine rows (``Engine.request_rows``), one config each."""
+    def add_rows(self, rows: list, cfgs: list[GenerateConfig], logprobs: list[int | None] | None = None,
+                 stop_ids: list[tuple[int, ...]] | None = None) -> list[int]:
+        """Join already resolved engine rows (``Engine.request_rows``), one config each; per row
+        optionally a ``logprobs`` k (None = none) and token ids that end it like EOS."""
         if not self.can_join:
             raise RuntimeError("an encoder-decoder batch takes new rows only while empty")
         state, logits = self.engine.start(rows)
@@ -76,8 +83,11 @@ class StepBatch:
             self.state, self.logits = state, logits
         ids = list(range(self._ids, self._ids + len(rows)))
         self._ids += len(rows)
-        self.live += [_Live(i, c, list(row.ids), torch.Generator().manual_seed(c.seed))
-                      for i, c, row in zip(ids, cfgs, rows, strict=True)]
+        ks, extra = logprobs or [None] * len(rows), stop_ids or [()] * len(rows)
+        eos = set(self.engine.stop_ids)  # EOS, generation_config EOS ids, the chat end of turn
+        self.live += [_Live(i, c, list(row.ids), torch.Generator().manual_seed(c.seed),
+                            logprobs=k, stops=frozenset(eos | set(x)))
+                      for i, c, row, k, x in zip(ids, cfgs, rows, ks, extra, strict=True)]
         return ids
 
     @torch.no_grad()
@@ -87,16 +97,20 @@ class StepBatch:
             return []
         live = self.live
         picks = pick_tokens(self.logits, [r.cfg for r in live], [r.seen for r in live], [r.gen for r in live])
+        asked = [j for j, (r, t) in enumerate(zip(live, picks, strict=True))
+                 if r.logprobs is not None and t not in r.stops]
+        lps = dict(zip(asked, step_logprobs(self.logits, asked, [picks[j] for j in asked],
+                                            [live[j].logprobs for j in asked]), strict=True))
         events, keep, feed = [], [], []
         for j, (r, t) in enumerate(zip(live, picks, strict=True)):
             logits = self.logits[j].float().clone() if self.keep_logits else None
-            if t in self.engine.stop_ids:
+            if t in r.stops:
                 events.append(StepEvent(r.rid, None, "stop", logits))
                 continue
             r.seen.append(t)
             r.n_out += 1
             done = r.n_out >= r.cfg.max_new_tokens
-            events.append(StepEvent(r.rid, t, "length" if done else None, logits))
+            events.append(StepEvent(r.rid, t, "length" if done else None, logits, lps.get(j)))
             if not done:
                 keep.append(j)
                 feed.append(t)

@@ -38,7 +38,10 @@ log = logging.getLogger(__name__)
 
 
 def create_app(engine, config: ServerConfig | None = None):
-    """The FastAPI app over ``engine``; the worker thread starts and stops with the app's lifespan."""
+    """The FastAPI app over ``engine``; the worker thread starts and stops with the app's lifespan.
+
+    Over 60 lines: the route table, one line per route with its declared responses.
+    """
     try:
         from fastapi import FastAPI
         from fastapi.responses import PlainTextResponse
@@ -48,6 +51,8 @@ def create_app(engine, config: ServerConfig | None = None):
         raise UserError("the server needs its extra: pip install 'softprompt[serve]'") from None
     from contextlib import asynccontextmanager
 
+    from softprompt import chat
+    from softprompt.serve import routes_chat
     from softprompt.serve import routes_openai as oa
     from softprompt.serve import routes_ops as ops
     from softprompt.serve import routes_prompts as rp
@@ -60,7 +65,8 @@ def create_app(engine, config: ServerConfig | None = None):
     metrics = Metrics()
     sched = Scheduler(engine, metrics, cfg)
     ctx = Served(cfg, sched, metrics, cfg.model_id or str(engine.lm.name), engine.lm.fingerprint, engine.lm.name,
-                 engine.cfg.force, engine.lm.kv_shape, int(time.time()), Path(__file__).resolve().parents[1] / "web")
+                 engine.cfg.force, engine.lm.kv_shape, int(time.time()), Path(__file__).resolve().parents[1] / "web",
+                 chat.has_template(engine.lm.tokenizer))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -86,9 +92,8 @@ def create_app(engine, config: ServerConfig | None = None):
     app.add_api_route("/v1/models", oa.models_list, methods=["GET"], responses=_pick(errors, 401))
     app.add_api_route("/v1/models/{model_id:path}", oa.models_get, methods=["GET"], responses=_pick(errors, 401, 404))
     work = _pick(errors, 400, 401, 404, 413, 422, 429, 500, 503, 504)
-    app.add_api_route("/v1/completions", oa.completions, methods=["POST"], responses={
-        **work, 200: {"description": "the completion, or its Server-Sent Events when streamed",
-                      "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}})
+    app.add_api_route("/v1/completions", oa.completions, methods=["POST"], responses=_streamed(work))
+    app.add_api_route("/v1/chat/completions", routes_chat.chat_completions, methods=["POST"], responses=_streamed(work))
     app.add_api_route("/v1/classify", oa.classify, methods=["POST"], responses=work)
     app.add_api_route("/v1/prompts", rp.prompts_list, methods=["GET"], responses=_pick(errors, 401))
     app.add_api_route("/v1/prompts/{name}", rp.prompts_get, methods=["GET"], responses=_pick(errors, 400, 401, 404))
@@ -97,6 +102,12 @@ def create_app(engine, config: ServerConfig | None = None):
     app.add_api_route("/v1/prompts/{name}", rp.prompts_delete, methods=["DELETE"], responses=_pick(errors, 400, 401, 404))
     app.openapi = lambda: with_limits(app, cfg)
     return app
+
+
+def _streamed(work: dict) -> dict:
+    """The responses of a route that answers JSON, or Server-Sent Events when streamed."""
+    return {**work, 200: {"description": "the answer, or its Server-Sent Events when streamed",
+                          "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 def error_responses(cfg: ServerConfig) -> dict[int, dict]:

@@ -21,6 +21,7 @@ class Served:
     kv_shape: tuple | None  # (layers, kv heads, head dim) a deep prompt must have; None: no KV cache
     started: int  # unix time the app was built (the plain model's "created")
     web: Path  # the web page's assets
+    chat: bool = False  # the tokenizer has a chat template (/v1/chat/completions works; the page uses it)
 
 
 def served(request) -> Served:

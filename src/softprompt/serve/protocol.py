@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -83,6 +83,7 @@ def prompt_of(model, base_id: str, param: str = "model") -> str | None:
 # ---------------------------------------------------------------- request bodies (the declared contract)
 
 
+MAX_TOP = 20  # OpenAI's bound on logprobs / top_logprobs: k most likely alternatives per token
 MIN_TEMPERATURE = 1e-3  # below it, logits / temperature overflows; such a temperature means greedy
 
 
@@ -116,7 +117,8 @@ class CompletionRequest(_Body):
 
     model: Text = Field(description="a stored prompt's name, or the plain model's id (GET /v1/models)")
     prompt: Str | Annotated[list[Str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
-    max_tokens: int = Field(16, ge=1, description="tokens to generate at most (the server's --max-tokens caps it)")
+    max_tokens: int = Field(16, ge=0, description="tokens to generate at most (the server's --max-tokens caps "
+                                                  "it); 0 only with echo (the prompt's log-probabilities)")
     temperature: float = Field(1.0, ge=0, le=2, description=f"0 = greedy (so is anything below {MIN_TEMPERATURE:g})")
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, description="choices per prompt (prompts x n <= the server's --max-rows)")
@@ -126,12 +128,44 @@ class CompletionRequest(_Body):
     stream_options: StreamOptions | None = None
     echo: bool = False
     repetition_penalty: float = Field(1.0, ge=0.01, le=10, description="CTRL-style; 1 = off")
-    logprobs: int | None = Field(None, ge=0, le=5, description="not supported: 0 or null")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP, description="each token's log-probability and the k "
+                                 "most likely alternatives (with echo: the prompt's too, the first null)")
     suffix: Str | None = Field(None, description="not supported: empty or null")
     best_of: int | None = Field(None, ge=1, description="not supported: 1 or null")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="not supported: 0 or null")
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="not supported: 0 or null")
     logit_bias: dict[Str, float] | None = Field(None, description="not supported: empty or null")
+    user: Str | None = None
+
+
+class ChatRequest(_Body):
+    """``POST /v1/chat/completions``: messages through the model's chat template (plus
+    ``repetition_penalty``); choice i samples with seed + i."""
+
+    model: Text = Field(description="a stored prompt's name, or the plain model's id (GET /v1/models)")
+    messages: Annotated[list[dict[Str, Any]], Field(min_length=1, description="{role, content}: roles system, "
+                                                     "developer, user, assistant; content text or text parts")]
+    max_tokens: int | None = Field(None, ge=1, description="default: the server's --max-tokens")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens (it wins)")
+    temperature: float = Field(1.0, ge=0, le=2, description=f"0 = greedy (so is anything below {MIN_TEMPERATURE:g})")
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, description="choices (<= the server's --max-rows)")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP, description="needs logprobs: true")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10, description="CTRL-style; 1 = off")
+    response_format: dict[Str, Any] | None = Field(None, description="only {'type': 'text'}")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="not supported: 0 or null")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="not supported: 0 or null")
+    logit_bias: dict[Str, float] | None = Field(None, description="not supported: empty or null")
+    tools: Any = Field(None, description="not supported")
+    tool_choice: Any = Field(None, description="not supported")
+    functions: Any = Field(None, description="not supported")
+    function_call: Any = Field(None, description="not supported")
+    audio: Any = Field(None, description="not supported")
     user: Str | None = None
 
 
@@ -196,11 +230,16 @@ def invalid(errors: list[dict]) -> ApiError:
 # ---------------------------------------------------------------- checks beyond the schema
 
 
-def refuse_unsupported(body: CompletionRequest) -> None:
-    for key, ok in (("logprobs", lambda v: v in (None, 0)), ("suffix", lambda v: v in (None, "")),
-                    ("best_of", lambda v: v in (None, 1)), ("frequency_penalty", lambda v: v in (None, 0)),
-                    ("presence_penalty", lambda v: v in (None, 0)), ("logit_bias", lambda v: not v)):
-        if not ok(getattr(body, key)):
+CHAT_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "audio")
+
+
+def refuse_unsupported(body: CompletionRequest | ChatRequest) -> None:
+    """A 400 naming the first parameter given that this server does not implement."""
+    for key, ok in (("suffix", lambda v: v in (None, "")), ("best_of", lambda v: v in (None, 1)),
+                    ("frequency_penalty", lambda v: v in (None, 0)), ("presence_penalty", lambda v: v in (None, 0)),
+                    ("logit_bias", lambda v: not v), *((k, lambda v: v is None) for k in CHAT_UNSUPPORTED),
+                    ("response_format", lambda v: v in (None, {"type": "text"}))):
+        if not ok(getattr(body, key, None)):
             hint = " (use the extension 'repetition_penalty')" if key.endswith("_penalty") else ""
             raise bad(f"'{key}' is not supported by this server{hint}", key, "unsupported_parameter")
 

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: ``/v1/models``, ``/v1/completions`` and ``/v1/classify``.
+"""OpenAI-compatible routes: ``/v1/models``, ``/v1/completions`` and ``/v1/classify`` (chat:
+``routes_chat``; how generated choices are written: ``choices``).
 
 Each handler is parse (pure: body -> a frozen spec, 4xx on bad fields), submit (a ``Job`` whose
 ``prepare`` runs in the worker thread: tokenisation, prompt metadata) and render (JSON, or SSE
@@ -10,15 +11,14 @@ from __future__ import annotations
 
 import math
 import random
-import time
-import uuid
 from dataclasses import dataclass
 from functools import partial
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from softprompt.serve.choices import Completion, TextShape, respond
 from softprompt.serve.context import served
 from softprompt.serve.protocol import (
     MIN_TEMPERATURE,
@@ -32,7 +32,7 @@ from softprompt.serve.protocol import (
     render_source,
 )
 from softprompt.serve.scheduler import Job, resolve_prompt
-from softprompt.serve.streams import DONE, ClientGone, EventReader, StreamText, sse
+from softprompt.serve.streams import ClientGone, EventReader
 
 # ---------------------------------------------------------------- models
 
@@ -85,10 +85,29 @@ class CompletionSpec:
     stream: bool
     echo: bool
     include_usage: bool
+    logprobs: int | None = None  # k most likely alternatives per token; None = no log-probabilities
 
     @property
     def size(self) -> int:
         return len(self.inputs) * self.n
+
+    @property
+    def rows(self) -> int:
+        """Rows it brings into the batch (none with max_tokens 0)."""
+        return self.size if self.gen["max_new_tokens"] else 0
+
+
+def sampling(body, cfg, max_tokens: int) -> tuple[dict, int]:
+    """``GenerateConfig`` fields except the seed, and the seed (random when not given), of a
+    completions or chat request, after the server's limit on ``max_tokens``."""
+    if max_tokens > cfg.max_tokens:
+        param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        raise bad(f"'{param}' is {max_tokens}; this server allows at most {cfg.max_tokens}", param,
+                  "max_tokens_exceeded")
+    temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
+    gen = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=body.top_p,
+               repetition_penalty=body.repetition_penalty)
+    return gen, random.getrandbits(31) if body.seed is None else body.seed
 
 
 def parse_completion(body: CompletionRequest, cfg, base_id: str) -> CompletionSpec:
@@ -98,17 +117,13 @@ def parse_completion(body: CompletionRequest, cfg, base_id: str) -> CompletionSp
     inputs = prompt_list(body.prompt)
     if body.n > cfg.max_rows or len(inputs) * body.n > cfg.max_rows:
         raise bad(f"{len(inputs)} prompts x n={body.n} is more than {cfg.max_rows} rows", "n")
-    if body.max_tokens > cfg.max_tokens:
-        raise bad(f"'max_tokens' is {body.max_tokens}; this server allows at most {cfg.max_tokens}",
-                  "max_tokens", "max_tokens_exceeded")
-    temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
-    gen = dict(max_new_tokens=body.max_tokens, temperature=temperature, top_p=body.top_p,
-               repetition_penalty=body.repetition_penalty)
+    if body.max_tokens == 0 and not body.echo:
+        raise bad("'max_tokens' must be at least 1 (0 only with 'echo': the prompt's log-probabilities)", "max_tokens")
+    gen, seed = sampling(body, cfg, body.max_tokens)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     include_usage = body.stream and body.stream_options is not None and body.stream_options.include_usage
-    return CompletionSpec(body.model, prompt, inputs, body.n, gen,
-                          random.getrandbits(31) if body.seed is None else body.seed, stops, body.stream,
-                          body.echo, include_usage)
+    return CompletionSpec(body.model, prompt, inputs, body.n, gen, seed, stops, body.stream, body.echo, include_usage,
+                          body.logprobs)
 
 
 def checked_ids(engine, text: str, param: str, limit: int) -> list[int]:
@@ -131,9 +146,11 @@ def check_cost(tokens: int, cfg) -> None:
 
 
 def completion_rows(spec: CompletionSpec, cfg, engine) -> tuple[list, dict]:
-    """Worker side: the spec's ``GenerateRequest``s, plus the echoed texts and prompt token count."""
+    """Worker side: the spec's ``GenerateRequest``s, plus the echoed texts (with ``logprobs``
+    their tokens' log-probabilities, through the scoring forward) and the prompt token count."""
     from softprompt.config import GenerateConfig
-    from softprompt.inference.engine import GenerateRequest
+    from softprompt.inference.engine import GenerateRequest, PromptLogprobRow
+    from softprompt.serve.logprob_json import pieces
 
     tok, limit = engine.lm.tokenizer, cfg.max_prompt_tokens
     vocab, ids = len(tok), []
@@ -150,93 +167,25 @@ def completion_rows(spec: CompletionSpec, cfg, engine) -> tuple[list, dict]:
     n_virtual = virtual_tokens(engine, spec.prompt, cfg)
     check_cost(sum(n_virtual + len(x) + spec.gen["max_new_tokens"] for x in ids) * spec.n, cfg)
     rows = [GenerateRequest("", spec.prompt, GenerateConfig(seed=(spec.seed + c) % 2**63, **spec.gen),
-                            token_ids=tuple(x)) for x in ids for c in range(spec.n)]
-    echoes = [tok.decode(x, skip_special_tokens=True) if spec.echo else "" for x in ids]
-    return rows, {"echoes": echoes, "prompt_tokens": sum(len(x) for x in ids)}
+                            token_ids=tuple(x), logprobs=spec.logprobs) for x in ids for c in range(spec.n)
+            if spec.rows]
+    info = {"echoes": [tok.decode(x, skip_special_tokens=True) if spec.echo else "" for x in ids],
+            "prompt_tokens": sum(len(x) for x in ids)}
+    if spec.echo and spec.logprobs is not None:
+        if engine.is_encoder_decoder:
+            raise bad("'echo' with 'logprobs' needs a decoder-only model", "echo")
+        lps = engine.prompt_logprobs([PromptLogprobRow(tuple(x), spec.prompt, spec.logprobs) for x in ids])
+        info["echo_pieces"] = [pieces(tok, x, lp) for x, lp in zip(ids, lps, strict=True)]
+    return rows, info
 
 
 async def completions(request: Request, body: CompletionRequest):
     ctx = served(request)
     spec = parse_completion(body, ctx.cfg, ctx.base_id)
-    job = Job("generate", partial(completion_rows, spec, ctx.cfg), spec.size, spec.stops)
-    ctx.scheduler.submit(job)
-    reader = EventReader(job, request, ctx.cfg.request_timeout_s)
-    try:
-        kind, *rest = await reader.next()  # admitted, or the request's error as a plain JSON answer
-        if kind == "error":
-            raise rest[0]
-    except (ApiError, ClientGone):
-        reader.close()
-        raise
-    run = Completion(spec, job, reader, rest[0])
-    if not spec.stream:
-        return await run.whole()
-    reader.close()  # from here on the streaming response notices a disconnect itself
-    return StreamingResponse(run.events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-class Completion:
-    """Rendering one admitted completion: the texts the worker publishes, whole or as SSE."""
-
-    def __init__(self, spec: CompletionSpec, job: Job, reader: EventReader, info: dict):
-        self.spec, self.job, self.reader, self.info = spec, job, reader, info
-        self.texts = [StreamText(spec.stops) for _ in range(spec.size)]
-        self.head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                     "model": spec.model}
-
-    def usage(self) -> dict:
-        p, c = self.info["prompt_tokens"], sum(t.n_tokens for t in self.texts)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    async def advance(self) -> None:
-        kind, *rest = await self.reader.next()
-        if kind == "error":
-            raise rest[0]
-        for k, text, n_tokens, finish in rest[0] if kind == "tokens" else []:
-            self.texts[k].update(text, n_tokens, finish)
-
-    async def whole(self):
-        try:
-            while not all(t.finish for t in self.texts):
-                await self.advance()
-        except ClientGone:
-            return Response(status_code=499)
-        finally:
-            self.reader.close()
-        echoes, n = self.info["echoes"], self.spec.n
-        choices = [{"index": i, "text": echoes[i // n] + t.text, "logprobs": None, "finish_reason": t.finish}
-                   for i, t in enumerate(self.texts)]
-        return {**self.head, "choices": choices, "usage": self.usage()}
-
-    def chunk(self, choices: list, extra: dict | None = None) -> str:
-        return sse({**self.head, "choices": choices, **(extra or {})})
-
-    async def events(self):
-        texts, sent_finish = self.texts, [False] * len(self.texts)
-        try:
-            if self.spec.echo:
-                echoes, n = self.info["echoes"], self.spec.n
-                yield self.chunk([{"index": i, "text": echoes[i // n], "logprobs": None, "finish_reason": None}
-                                  for i in range(len(texts))])
-            while True:
-                out = []
-                for i, t in enumerate(texts):
-                    delta = t.delta()
-                    if delta or (t.finish and not sent_finish[i]):
-                        sent_finish[i] = bool(t.finish)
-                        out.append({"index": i, "text": delta, "logprobs": None, "finish_reason": t.finish})
-                if out:
-                    yield self.chunk(out)
-                if all(sent_finish):
-                    break
-                await self.advance()
-            if self.spec.include_usage:
-                yield self.chunk([], {"usage": self.usage()})
-            yield DONE
-        except ApiError as e:
-            yield sse(e.body())
-        finally:
-            self.job.cancelled = not all(sent_finish)
+    job = Job("generate", partial(completion_rows, spec, ctx.cfg), spec.rows, spec.stops)
+    return await respond(request, ctx, job, spec.stream, lambda reader, info: Completion(
+        TextShape(spec.n, spec.logprobs is not None, info), spec.size, spec.stops, spec.model, job, reader, info,
+        spec.include_usage, done=not spec.rows))
 
 
 # ---------------------------------------------------------------- classification

@@ -47,7 +47,8 @@ async def prompts_list(request: Request):
     from softprompt import store
 
     data = await run_in_threadpool(lambda: [prompt_info(n) for n in store.list_prompts()])
-    return {"object": "list", "model": served(request).base_id, "data": data}
+    ctx = served(request)
+    return {"object": "list", "model": ctx.base_id, "chat": ctx.chat, "data": data}
 
 
 async def prompts_get(name: str):

@@ -45,7 +45,7 @@ class Job:
     ``prepare(engine)`` runs in the worker and returns (rows, info): ``GenerateRequest``s for
     ``kind`` "generate", ``ScoreRow``s for "score". ``size`` is the rows it will bring into a
     batch, known before ``prepare``. Events: ("admitted", info), ("tokens", [(row, text,
-    n_tokens, finish|None)]), ("scores", results, info), ("error", ApiError).
+    n_tokens, finish|None, new logprob pieces)]), ("scores", results, info), ("error", ApiError).
     """
 
     def __init__(self, kind: str, prepare: Callable, size: int, stops: Sequence[str] = ()):
@@ -335,8 +335,8 @@ class Scheduler:
         stopped = []
         for e in events:
             job, k, text = self.rows[e.rid]
-            text.add(e.token, e.finish_reason)
-            out[job].append((k, text.text, len(text.ids), text.finish))
+            text.add(e.token, e.finish_reason, e.logprob)
+            out[job].append((k, text.text, len(text.ids), text.finish, text.fresh()))
             if e.finish_reason:
                 del self.rows[e.rid]
             elif text.finish:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from softprompt.serve.logprob_json import pieces
 from softprompt.serve.protocol import ApiError
 
 DONE = "data: [DONE]\n\n"
@@ -26,25 +27,33 @@ class RowText:
     """One choice's text, decoded as tokens arrive; stop strings cut it and end the row.
 
     Runs in the worker thread (it owns the tokenizer); the event loop sees only the strings it
-    publishes (``StreamText``).
+    publishes (``StreamText``). Tokens that come with a log-probability are also kept as
+    ``logprob_json.Piece``s; ``fresh()`` hands over the ones not yet published.
     """
 
     def __init__(self, tokenizer, stops: list[str]):
         self.tok, self.stops = tokenizer, stops
         self.ids: list[int] = []
         self.text, self.finish = "", None
+        self.pieces: list = []  # logprob_json.Piece of the tokens not yet published
 
-    def add(self, token: int | None, finish: str | None) -> None:
+    def add(self, token: int | None, finish: str | None, logprob=None) -> None:
         if self.finish:  # already ended on a stop string; tokens in flight are dropped
             return
         if token is not None:
             self.ids.append(token)
+            if logprob is not None:
+                self.pieces += pieces(self.tok, [token], [logprob])
             self.text = self.tok.decode(self.ids, skip_special_tokens=True)
             hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
             if hits:
                 self.text, self.finish = self.text[: min(hits)], "stop"
                 return
         self.finish = finish
+
+    def fresh(self) -> list:
+        out, self.pieces = self.pieces, []
+        return out
 
 
 class StreamText:
@@ -53,9 +62,17 @@ class StreamText:
     def __init__(self, stops: list[str]):
         self.stops = stops
         self.text, self.n_tokens, self.finish, self.sent = "", 0, None, 0
+        self.pieces: list = []  # logprob_json.Piece of every token so far (when asked for)
+        self.pieces_sent = 0
 
-    def update(self, text: str, n_tokens: int, finish: str | None) -> None:
+    def update(self, text: str, n_tokens: int, finish: str | None, pieces: list = ()) -> None:
         self.text, self.n_tokens, self.finish = text, n_tokens, finish
+        self.pieces += pieces
+
+    def new_pieces(self) -> list:
+        """The pieces not streamed yet."""
+        out, self.pieces_sent = self.pieces[self.pieces_sent :], len(self.pieces)
+        return out
 
     def delta(self) -> str:
         """New text safe to send: holds back a partial UTF-8 character and a possible stop prefix."""

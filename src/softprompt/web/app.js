@@ -1,5 +1,7 @@
 // softprompt web page: compare the plain model with a tuned prompt, list stored prompts.
-// Plain JS, no build step. URL parameters prompt, input, max_tokens, run=1 fill and run the form.
+// Plain JS, no build step. URL parameters prompt, input, max_tokens, chat=0|1, run=1 fill and run the form.
+// A chat model (its tokenizer has a chat template) is asked through /v1/chat/completions, the
+// input as one user message; the "chat" box switches to plain text completion.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let baseId = null;
@@ -29,6 +31,8 @@ async function loadPrompts() {
   const { data } = await api("/v1/prompts");
   baseId = data.model;
   prompts = data.data;
+  $("chat-label").hidden = !data.chat;
+  if (data.chat && $("chat").dataset.set !== "1") $("chat").checked = true;
   $("model-id").textContent = "model: " + baseId;
   const sel = $("prompt");
   sel.innerHTML = "";
@@ -58,8 +62,11 @@ async function side(which, model, text, maxTokens, info) {
   const out = $("out-" + which), time = $("time-" + which), cls = $("cls-" + which);
   out.textContent = "…"; time.textContent = ""; cls.textContent = "";
   try {
-    const res = await api("/v1/completions", { model, prompt: text, max_tokens: maxTokens, temperature: 0 });
-    out.textContent = res.data.choices[0].text;
+    const chat = !$("chat-label").hidden && $("chat").checked;
+    const res = chat
+      ? await api("/v1/chat/completions", { model, messages: [{ role: "user", content: text }], max_tokens: maxTokens, temperature: 0 })
+      : await api("/v1/completions", { model, prompt: text, max_tokens: maxTokens, temperature: 0 });
+    out.textContent = chat ? res.data.choices[0].message.content : res.data.choices[0].text;
     time.textContent = res.ms.toFixed(0) + " ms";
     if (info && info.verbalizer) {  // a classification prompt: also the label, with the prompt's template
       const body = { prompt: model, inputs: [text] };
@@ -120,6 +127,8 @@ async function main() {
   if (q.get("prompt")) $("prompt").value = q.get("prompt");
   if (q.get("input")) $("input").value = q.get("input");
   if (q.get("max_tokens")) $("max-tokens").value = q.get("max_tokens");
+  if (q.get("chat")) { $("chat").checked = q.get("chat") === "1"; $("chat").dataset.set = "1"; }
+  $("chat").addEventListener("change", () => { $("chat").dataset.set = "1"; });
   if (q.get("run") === "1") await run();
   else document.body.dataset.state = "ready";
 }

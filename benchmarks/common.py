@@ -14,9 +14,11 @@ import csv
 import os
 import platform
 import random
+import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -238,6 +240,38 @@ def roofline(flops: float, seconds: float, peak_gflops: float) -> dict[str, floa
     achieved = flops / seconds / 1e9
     return {"gflop": flops / 1e9, "achieved_gflops": achieved, "peak_gflops": peak_gflops,
             "fraction_of_peak": achieved / peak_gflops}
+
+
+# ---------------------------------------------------------------- memory
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class PeakRss:
+    """Samples RSS in a thread (torch ops release the GIL) and keeps the maximum."""
+
+    def __init__(self, interval_s: float = 0.0005):
+        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> PeakRss:
+        self.base = rss_bytes()
+        self.peak = self.base
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
 
 
 # ---------------------------------------------------------------- a shared machine

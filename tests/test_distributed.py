@@ -34,7 +34,7 @@ def train_args(model_dir, csv, *extra) -> list[str]:
     return ["train", "--model", str(model_dir), "--data", str(csv), "--template", "{text}",
             "--target-column", "label", "--verbalizer", VERB, "--limit", "24", "--batch-size", "7",
             "--grad-accum", "2", "--epochs", "3", "--num-virtual-tokens", "4",
-            "--name", "toy", "--quiet", *extra]
+            "--name", "toy", "--quiet", "--precision", "fp32", *extra]  # fp32: equal to 1e-6 across process counts
 
 
 def run(cmd: list[str], home, timeout: int = 240) -> subprocess.CompletedProcess:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+from softprompt.config import PRECISIONS, UserError
+
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
@@ -60,8 +61,6 @@ def resolve(requested: str, device: torch.device, model_dtype: torch.dtype,
     """``{"requested", "used", "reason"}``; ``used`` is ``fp32``, ``bf16`` (autocast) or the
     model's own low dtype (``bfloat16`` / ``float16`` from ``--dtype``)."""
     if requested not in PRECISIONS:
-        from softprompt.config import UserError
-
         raise UserError(f"--precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
     if model_dtype != torch.float32:
         name = str(model_dtype).removeprefix("torch.")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_forward import SENTENCES as FORWARD_SENTENCES
+from test_forward import rel
 
 from softprompt import data as D
 from softprompt import forward as FW
@@ -20,18 +22,7 @@ from softprompt.prompt import make_prompt
 
 TOL = 1e-4  # float32, as tests/test_forward.py
 N = 5
-SENTENCES = [
-    "the movie was good and the actors were great",
-    "a terrible film",
-    "who",
-    "what is the capital of france",
-    "a wonderful film with a great story and a boring plot",
-    "no",
-]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+SENTENCES = [*FORWARD_SENTENCES, "who", "no"]  # plus two short rows, so that rows share bins
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,11 @@ import csv
 import os
 import platform
 import random
+import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -138,9 +140,14 @@ def machine_info() -> dict[str, Any]:
     import peft
     import transformers
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo() if ln.startswith("model name")), "")
+    from softprompt import precision
+
+    cpu = precision.cpu_model()
+    bf16, why = precision.native_bf16(torch.device("cpu"))
     return {
         "cpu": cpu or platform.processor(),
+        "cpu_bf16_native": bf16,
+        "cpu_bf16_detail": why,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -150,13 +157,6 @@ def machine_info() -> dict[str, Any]:
         "peft": peft.__version__,
         "loadavg_at_start": os.getloadavg(),
     }
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -180,6 +180,98 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: Path = RESUL
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
     return write_json(payload, js, indent=2), atomic_write(md, markdown)
+
+
+# ---------------------------------------------------------------- roofline
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 3, rounds: int = 3) -> float:
+    """The machine's matmul peak with the current torch threads: best GFLOPS of an (n, n) @ (n, n)
+    GEMM in ``dtype`` (best of ``rounds``, so another process's burst does not lower it)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up (oneDNN picks its kernel on the first call)
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / reps)
+    return 2 * n**3 / best / 1e9
+
+
+def matmul_peaks() -> dict[str, float]:
+    """fp32 and bf16 matmul peaks (GFLOPS) with the threads the benchmark uses."""
+    return {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16),
+            "threads": torch.get_num_threads()}
+
+
+def decoder_dims(config) -> dict[str, int]:
+    """Shapes that decide a decoder's FLOPs (Llama-style gated MLP, or GPT-2's 4H MLP)."""
+    H = config.hidden_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    d = getattr(config, "head_dim", None) or H // heads
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * H
+    gated = hasattr(config, "intermediate_size")
+    per_layer = H * heads * d * 2 + H * kv * d * 2 + (3 if gated else 2) * H * inter  # q, o, k, v, MLP weights
+    return {"H": H, "layers": config.num_hidden_layers, "V": config.vocab_size, "heads": heads, "head_dim": d,
+            "layer_weights": per_layer}
+
+
+def train_flops(config, tokens: int, attn_pairs: int, logit_rows: int) -> float:
+    """FLOPs of one forward + backward through a frozen decoder (no weight gradients): ``tokens``
+    through every layer, ``attn_pairs`` (query, key) pairs per layer and head, ``logit_rows``
+    vocabulary projections. Backward of a frozen matmul = its input gradient = the forward's
+    FLOPs again; attention backward = two forward's worth (dQ, dK, dV, dP)."""
+    d = decoder_dims(config)
+    linear = 2 * tokens * d["layer_weights"] * d["layers"]
+    attention = 4 * attn_pairs * d["heads"] * d["head_dim"] * d["layers"]
+    head = 2 * logit_rows * d["H"] * d["V"]
+    return 2 * linear + 3 * attention + 2 * head
+
+
+def causal_pairs(lengths: list[int], prefix: int = 0) -> int:
+    """(query, key) pairs of causal attention: each of a row's tokens sees ``prefix`` keys and
+    the row's earlier tokens and itself."""
+    return sum(n * prefix + n * (n + 1) // 2 for n in lengths)
+
+
+def roofline(flops: float, seconds: float, peak_gflops: float) -> dict[str, float]:
+    achieved = flops / seconds / 1e9
+    return {"gflop": flops / 1e9, "achieved_gflops": achieved, "peak_gflops": peak_gflops,
+            "fraction_of_peak": achieved / peak_gflops}
+
+
+# ---------------------------------------------------------------- memory
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class PeakRss:
+    """Samples RSS in a thread (torch ops release the GIL) and keeps the maximum."""
+
+    def __init__(self, interval_s: float = 0.0005):
+        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> PeakRss:
+        self.base = rss_bytes()
+        self.peak = self.base
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
 
 
 # ---------------------------------------------------------------- a shared machine

@@ -34,7 +34,7 @@ def train_args(model_dir, csv, *extra) -> list[str]:
     return ["train", "--model", str(model_dir), "--data", str(csv), "--template", "{text}",
             "--target-column", "label", "--verbalizer", VERB, "--limit", "24", "--batch-size", "7",
             "--grad-accum", "2", "--epochs", "3", "--num-virtual-tokens", "4",
-            "--name", "toy", "--quiet", *extra]
+            "--name", "toy", "--quiet", "--precision", "fp32", *extra]  # fp32: equal to 1e-6 across process counts
 
 
 def run(cmd: list[str], home, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -86,7 +86,8 @@ def check_equal(single, home, world: int, fsdp: bool) -> None:
     assert not torch.equal(prompt, torch.zeros_like(prompt))
     print(f"world {world} fsdp {fsdp}: max |prompt - single| = {(prompt - ref).abs().max():.2e}")
     assert torch.allclose(prompt, ref, atol=1e-6, rtol=0), (prompt - ref).abs().max()
-    assert [round(e["train_loss"], 5) for e in meta["epochs"]] == [round(e["train_loss"], 5) for e in ref_meta["epochs"]]
+    # float rounding differs between 1 and K processes (the rows' losses are summed in another order)
+    assert [e["train_loss"] for e in meta["epochs"]] == pytest.approx([e["train_loss"] for e in ref_meta["epochs"]], abs=1e-5)
     assert [e.get("eval_accuracy") for e in meta["epochs"]] == [e.get("eval_accuracy") for e in ref_meta["epochs"]]
     assert store.load_checkpoint(home / "runs" / "toy" / "checkpoint") is not None  # rank 0 wrote it
 

@@ -50,7 +50,8 @@ def test_base_weights_unchanged_bit_for_bit(tiny_lm, toy_csv):
 def test_loss_goes_down_and_accuracy_goes_up(tiny_lm, toy_csv):
     lm = sharpen(tiny_lm)
     cfg = target_cfg(toy_csv, dev_fraction=0.0)
-    tcfg = TrainConfig(lr=0.3, epochs=5, batch_size=16, seed=0, patience=None, warmup_ratio=0.06)
+    # fp32: the same run on every machine (auto picks bf16 where the CPU has it; test_precision.py covers bf16)
+    tcfg = TrainConfig(lr=0.3, epochs=5, batch_size=16, seed=0, patience=None, warmup_ratio=0.06, precision="fp32")
     pcfg = PromptConfig(num_virtual_tokens=4, init="vocab")
     examples, _ = D.load_train_eval(lm.tokenizer, cfg)
     probe = examples[:8]  # both classes (the toy file alternates them)
@@ -227,10 +228,10 @@ def test_fast_and_naive_forward_train_alike(tiny_lm, toy_csv):
     cfg = target_cfg(toy_csv, limit=16, dev_fraction=0.0)
     pcfg = PromptConfig(num_virtual_tokens=4)
     fast = TR.train(
-        tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, fast_forward=True), save=False
+        tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, fast_forward=True, precision="fp32"), save=False
     )
     naive = TR.train(
-        tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, fast_forward=False), save=False
+        tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, fast_forward=False, precision="fp32"), save=False
     )
     init = TR.initial_prompt(tiny_lm, pcfg, cfg, 0)
     moved = float((fast.prompt - init).norm())

@@ -119,3 +119,13 @@ def stop_ids(tokenizer) -> list[int]:
         if reply and reply[-1] in marks and reply[-1] not in out:
             out.append(reply[-1])
     return out
+
+
+def stop_tokens(lm) -> frozenset[int]:
+    """Tokens that end a generation, as ``model.generate`` stops: the tokenizer's EOS, the
+    model's ``generation_config.eos_token_id`` (one id or several, e.g. Llama 3's end of turn),
+    and the chat template's end-of-turn marker (``chat.stop_ids``)."""
+    ids = set(stop_ids(lm.tokenizer))
+    eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    return frozenset(ids)

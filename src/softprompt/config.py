@@ -118,6 +118,9 @@ class PromptConfig(_JsonMixin):
         _check(self.init != "text" or bool(self.init_text), "--init text needs --init-text")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")  # compute precision of training (precision.py)
+
+
 @dataclass(frozen=True)
 class TrainConfig(_JsonMixin):
     lr: float = 0.03  # AdamW learning rate for the prompt (best measured, docs/tuning.md)
@@ -132,6 +135,8 @@ class TrainConfig(_JsonMixin):
     patience: int | None = 2  # epochs without eval improvement before stopping; None = never
     eval_batch_size: int = 16  # rows per evaluation batch
     fast_forward: bool = True  # shared-prefix forward (exact); False = the naive concat path
+    precision: str = "auto"  # auto (bf16 autocast where the CPU or GPU computes bf16 natively, else fp32) | fp32 | bf16; the prompt and optimiser state stay fp32
+    pack: bool = False  # pack short rows into shared sequences, attention kept inside each row (exact; decoder-only; no gain measured on length-bucketed batches, docs/benchmarks.md)
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"--lr must be positive, got {self.lr}")
@@ -140,6 +145,7 @@ class TrainConfig(_JsonMixin):
         _check(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         _check(self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
+        _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ from softprompt.config import (
 
 TRAIN_DATA = ("path", "eval_path", "text_column", "template", "target_column", "verbalizer", "limit",
               "eval_limit", "max_length", "data_split", "eval_split", "data_config", "chat", "system")
-TRAIN_FIELDS = ("lr", "epochs", "steps", "batch_size", "grad_accum", "seed", "patience", "warmup_ratio", "weight_decay")
+TRAIN_FIELDS = ("lr", "epochs", "steps", "batch_size", "grad_accum", "seed", "patience", "warmup_ratio", "weight_decay",
+                "precision", "pack")
 
 
 def add_train_parser(sub) -> None:
@@ -80,6 +81,9 @@ def print_summary(res) -> None:
     print(f"\nprompt      {res.name}  ({res.prompt.shape[0]} x {res.prompt.shape[1]}, {res.prompt.numel():,} trainable parameters)")
     print(f"data        {res.n_train} training rows, {res.n_eval} evaluation rows")
     print(f"training    {len(res.history)} steps in {res.train_time_s:.1f}s, {res.stopped}")
+    prec = res.meta.get("precision")
+    if prec:
+        print(f"precision   {prec['used']} (asked {prec['requested']}: {prec['reason']})")
     for e in res.epochs:
         extra = "".join(f"  {k[5:]} {v:.4f}" for k, v in e.items() if k.startswith("eval_") and k != "eval_score")
         print(f"  epoch {e['epoch']:>3}  train loss {e['train_loss']:.4f}{extra}")

@@ -86,7 +86,7 @@ class Context:
         tok, bs = self.lm.tokenizer, self.tcfg.eval_batch_size
         return E.classify_metrics(score, tok, examples, cfg.verbalizer, self.pad, bs)
 
-    def latency(self, score, test, cfg: DataConfig) -> float:
+    def latency(self, score, test, cfg: DataConfig) -> dict[str, float]:
         n = self.ccfg.latency_requests
         return latency_ms(score, self.lm.tokenizer, test, cfg.verbalizer, self.pad, n)
 
@@ -161,7 +161,7 @@ def run_hand(ctx: Context, method: str, train_idx: list[int], seed: int) -> dict
             "train_time_s": 0.0,
             "peak_mem_mb": mem.delta_mb,
             "task_bytes": len((cfg.template + hp.text + str(cfg.verbalizer)).encode()),
-            "latency_ms": ctx.latency(hp.score, test, cfg),
+            **ctx.latency(hp.score, test, cfg),
         }
     )
     return out
@@ -208,6 +208,7 @@ def sweep_lr(ctx: Context, method: str, train, seed: int):
             "dev_accuracy": (res.best or {}).get("accuracy"),
             "steps": len(res.history),
             "train_time_s": res.train_time_s,
+            "train_cpu_s": res.train_cpu_s,
             "stopped": res.stopped,
             "peak_mem_mb": mem.delta_mb,
             "final_train_loss": res.final_train_loss,
@@ -240,11 +241,13 @@ def run_trained(ctx: Context, method: str, train, seed: int) -> dict:
         "trainable_params": m.trainable_parameters(),
         "task_bytes": task_bytes,
         "train_time_s": row["train_time_s"],
+        "train_cpu_s": row["train_cpu_s"],
+        "step_cpu_ms": 1000 * row["train_cpu_s"] / max(1, row["steps"]),
         "sweep_time_s": sum(r["train_time_s"] for r in rows),
         "peak_mem_mb": row["peak_mem_mb"],
         "steps": row["steps"],
         "stopped": row["stopped"],
-        "latency_ms": ctx.latency(m.score, test, ctx.splits.cfg),
+        **ctx.latency(m.score, test, ctx.splits.cfg),
     }
     del m
     gc.collect()

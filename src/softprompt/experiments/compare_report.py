@@ -44,12 +44,15 @@ How each column is measured:
   for hand-written prompts, the template, demonstrations and verbalizer as UTF-8 text.
 - **bytes, K tasks**: one shared base model plus K per-task artifacts; full fine-tuning needs K models.
 - **train time**: `loop.fit`'s wall time of the training steps for the kept lr (the dev
-  evaluation after each epoch is not counted; the whole sweep's total is in the JSON).
+  evaluation after each epoch is not counted; the whole sweep's total is in the JSON); in
+  brackets the process CPU time of the same steps and per step. Another job on the machine
+  stretches wall time (a 2-core machine shared with a test run measured 3-4x), hardly CPU time:
+  compare methods by the CPU figures.
 - **peak mem**: peak resident memory above the level at the start of `loop.fit` for the kept
   lr (for hand-written prompts: of the test scoring), sampled every 10 ms from
   `/proc/self/statm`: activations, gradients, AdamW state. LoRA and full fine-tuning also hold
   a private copy of the model (the model's bytes, above), made before this measurement starts.
-- **latency**: median wall time to classify one request alone (one row when every label word
+- **latency**: median wall time (in brackets: process CPU time) to classify one request alone (one row when every label word
   is a single token, else one row per label word), no prefix cache for the soft prompt: its
   prefix is recomputed per request (the engine caches it per task); few-shot demonstrations'
   keys/values are computed once per run.
@@ -170,9 +173,12 @@ def summarize(runs: list[dict]) -> list[dict]:
             "task_bytes",
             "serve_bytes",
             "train_time_s",
+            "train_cpu_s",
+            "step_cpu_ms",
             "sweep_time_s",
             "peak_mem_mb",
             "latency_ms",
+            "latency_cpu_ms",
             "k",
             "steps",
         ):
@@ -214,6 +220,18 @@ def _secs(s: float) -> str:
     return "-" if not s else f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
 
 
+def _cpu(r: dict, key: str, per_step: str | None = None) -> str:
+    """' (CPU ...)' after a wall time: process CPU time, which machine load hardly inflates
+    (absent from result files written before it was recorded)."""
+    if not r.get(key):
+        return ""
+    v = r[key]
+    text = f"CPU {_secs(v)}" if key.endswith("_s") else f"CPU {v:.0f} ms"
+    if per_step and r.get(per_step):
+        text += f", {r[per_step]:.0f} ms/step"
+    return f" ({text})"
+
+
 def table(doc: dict) -> list[str]:
     k = doc["config"]["serve_tasks"]
     lines = [
@@ -230,7 +248,8 @@ def table(doc: dict) -> list[str]:
         lines.append(
             f"| {r['method']} | {r['n_train']} | {100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} | {seeds} "
             f"| {lr} | {_num(r['trainable_params'])} | {_bytes(r['task_bytes'])} | {_bytes(r['serve_bytes'])} "
-            f"| {_secs(r.get('train_time_s', 0))} | {r['peak_mem_mb']:.0f} MB | {r['latency_ms']:.0f} ms "
+            f"| {_secs(r.get('train_time_s', 0))}{_cpu(r, 'train_cpu_s', 'step_cpu_ms')} | {r['peak_mem_mb']:.0f} MB "
+            f"| {r['latency_ms']:.0f} ms{_cpu(r, 'latency_cpu_ms')} "
             f"| {'yes' if r['mixed_task_batch'] else 'no'} | {notes} |"
         )
     return lines

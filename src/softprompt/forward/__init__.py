@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from softprompt.forward import decoder, deep, seq2seq
+from softprompt.forward import decoder, deep, packing, seq2seq
 from softprompt.forward.decoder import (
     choice_logprobs,
     embed,
@@ -41,9 +41,10 @@ def supports_prefix(model) -> bool:
     return not is_seq2seq(model)
 
 
-def prompt_loss(model, prompt, batch: dict, fast: bool = True) -> torch.Tensor:
+def prompt_loss(model, prompt, batch: dict, fast: bool = True, pack: bool = False) -> torch.Tensor:
     """Mean target cross-entropy of ``batch`` under ``prompt``: a shallow (N, H) prompt through
-    ``seq2seq`` (T5 family) or the exact prefix path (``fast``) / the naive reference; a deep
+    ``seq2seq`` (T5 family) or the exact prefix path (``fast``; with ``pack`` the rows are
+    packed into shared sequences, ``packing.py``) / the naive reference; a deep
     (L, 2, kv, N, d) prompt through ``deep`` (fast) or PEFT's way (naive)."""
     if is_deep(prompt):
         check_deep(model)
@@ -51,6 +52,8 @@ def prompt_loss(model, prompt, batch: dict, fast: bool = True) -> torch.Tensor:
         return deep.deep_loss(model, prompt, *args) if fast else deep.deep_naive_loss(model, prompt, *args)
     if is_seq2seq(model):
         return seq2seq.seq2seq_loss(model, prompt, batch)
+    if fast and pack:
+        return packing.packed_loss(model, prompt, batch["input_ids"], batch["attention_mask"], batch["labels"])
     return decoder.prompt_loss(model, prompt, batch, fast=fast)
 
 

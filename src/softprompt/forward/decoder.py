@@ -8,7 +8,7 @@ Two ways to compute the loss of a batch under a soft prompt ``P`` (N, H):
   hidden states (and so their keys/values in every layer) do not depend on the input. Run the
   model once on ``P`` alone (batch 1), hand the resulting key/value cache to all B rows as a
   shared prefix (``expand``: no copy, and autograd sums the B gradient contributions), and
-  compute vocabulary logits only where there are labels. The last virtual token's logit predicts
+  compute vocabulary logits only where there are labels, a chunk at a time (``chunked_ce``). The last virtual token's logit predicts
   the first real token; it is the same for every row, so it is computed once from the prefix pass.
 
 Both return the mean cross-entropy over target tokens, so they agree to float rounding.
@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from softprompt.compat import cache_kw, returned_cache
 from softprompt.data import IGNORE
+from softprompt.forward.chunked_ce import linear_cross_entropy
 
 
 def embed(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -96,8 +97,11 @@ def _shifted_ce_sum(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[
     """Summed cross-entropy of labels[:, 1:] predicted from hidden[:, :-1], and the count."""
     tgt = labels[:, 1:]  # (B, T-1); position t predicts labels[t+1]
     sel = tgt != IGNORE
-    h = hidden[:, :-1][sel]  # (M, H): only positions with a target get logits
-    total = F.cross_entropy(lm_logits(model, h).float(), tgt[sel], reduction="sum")
+    h = hidden[:, :-1][sel]  # (M, H): only positions with a target get logits, in chunks
+    if getattr(model.config, "final_logit_softcapping", None):  # Gemma: the soft-cap needs whole logits
+        total = F.cross_entropy(lm_logits(model, h).float(), tgt[sel], reduction="sum")
+    else:
+        total = linear_cross_entropy(h, model.get_output_embeddings(), tgt[sel]).sum()
     return total, sel.sum()
 
 

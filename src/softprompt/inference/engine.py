@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from softprompt import chat
+from softprompt.chat import stop_tokens
 from softprompt.compat import cache_kw, returned_cache
 from softprompt.config import EngineConfig, GenerateConfig, UserError
 from softprompt.forward import embed, lm_logits, seq2seq
@@ -383,16 +383,6 @@ def _unflatten(flat: list[float], targets) -> list[list[float]]:
         out.append(flat[s : s + len(ts)])
         s += len(ts)
     return out
-
-
-def stop_tokens(lm) -> frozenset[int]:
-    """Tokens that end a generation, as ``model.generate`` stops: the tokenizer's EOS, the
-    model's ``generation_config.eos_token_id`` (one id or several, e.g. Llama 3's end of turn),
-    and the chat template's end-of-turn marker (``chat.stop_ids``)."""
-    ids = set(chat.stop_ids(lm.tokenizer))
-    eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
-    ids.update(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-    return frozenset(ids)
 
 
 @torch.no_grad()

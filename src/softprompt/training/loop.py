@@ -49,6 +49,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)  # one entry per optimiser step
     epochs: list[dict] = field(default_factory=list)  # one entry per epoch: train loss + eval
     train_time_s: float = 0.0
+    train_cpu_s: float = 0.0  # process CPU seconds of the same epochs: what machine load does not inflate
     stopped: str = "completed"  # completed | early-stopped | non-finite loss
     best: dict | None = None  # eval metrics of the kept state
 
@@ -111,9 +112,10 @@ def fit(
     for epoch in range(start_epoch, n_epochs):
         if step >= total or res.stopped != "completed":
             break
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses, step = _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist)
         res.train_time_s += time.perf_counter() - t0
+        res.train_cpu_s += time.process_time() - c0
         if res.stopped != "completed":
             res.state = method.state() if evaluate is None else res.state  # the failing step was not applied
             break

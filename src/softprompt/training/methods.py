@@ -40,6 +40,7 @@ from softprompt.forward import (
     sequence_logprobs,
     supports_prefix,
 )
+from softprompt.precision import autocast
 
 
 class PromptMethod:
@@ -51,11 +52,13 @@ class PromptMethod:
     in ``state``, so a resumed run continues the same module).
     """
 
-    def __init__(self, model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0):
+    def __init__(self, model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0,
+                 pack: bool = False, precision: str = "fp32"):
         self.model = model
         device = next(model.parameters()).device  # the prompt lives with the model, in float32
         self.prompt = torch.nn.Parameter(prompt.detach().clone().float().to(device))
-        self.fast = fast
+        self.fast, self.pack = fast, pack
+        self.precision = precision  # "bf16": forward and backward under bf16 autocast (precision.py)
         self.reparam_name = reparam
         self.reparam = None
         if reparam is not None:
@@ -80,7 +83,8 @@ class PromptMethod:
 
     def loss(self, batch):
         prompt, batch = self._cast(batch)
-        return prompt_loss(self.model, prompt, batch, fast=self.fast)
+        with autocast(self.precision, self.prompt.device):
+            return prompt_loss(self.model, prompt, batch, fast=self.fast, pack=self.pack)
 
     def state(self):
         out = {"prompt": self.current().detach().cpu().clone()}
@@ -98,7 +102,8 @@ class PromptMethod:
     def score(self, batch) -> torch.Tensor:
         with torch.no_grad():
             prompt, batch = self._cast(batch)
-        return sequence_logprobs(self.model, prompt.detach(), **batch).cpu()
+        with autocast(self.precision, self.prompt.device):
+            return sequence_logprobs(self.model, prompt.detach(), **batch).float().cpu()
 
     def trainable_parameters(self) -> int:
         """Parameters trained (a reparameterisation's included; the saved prompt is smaller)."""
@@ -123,13 +128,14 @@ class DeepPromptMethod(PromptMethod):
     (``forward.deep``); refused in one line on a model without a decoder-only key/value cache.
     """
 
-    def __init__(self, model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0):
+    def __init__(self, model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0,
+                 pack: bool = False, precision: str = "fp32"):
         from softprompt.prompt import check_deep, is_deep
 
         check_deep(model)
         if not is_deep(prompt):
             raise UserError(f"a deep prompt is (layers, 2, kv heads, N, head dim), got {tuple(prompt.shape)}")
-        super().__init__(model, prompt, fast, reparam, seed)
+        super().__init__(model, prompt, fast, reparam, seed, pack, precision)
 
 
 class ProgressiveMethod(PromptMethod):

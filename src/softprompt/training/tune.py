@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from softprompt import recipes, store
+from softprompt import precision, recipes, store
 from softprompt.config import TrainConfig
 from softprompt.prompt import check_deep
 from softprompt.training import distributed
@@ -76,10 +76,12 @@ def initial_prompt(lm, prompt_cfg, data_cfg, seed: int, force: bool = False) -> 
                 seed=seed, text=prompt_cfg.init_text, label_words=words, source=source)
 
 
-def prompt_method(lm, init: torch.Tensor, prompt_cfg, fast: bool, seed: int) -> PromptMethod:
-    """The training method for ``prompt_cfg``'s kind and reparameterisation."""
+def prompt_method(lm, init: torch.Tensor, prompt_cfg, fast: bool, seed: int, pack: bool = False,
+                  used: str = "fp32") -> PromptMethod:
+    """The training method for ``prompt_cfg``'s kind and reparameterisation; ``pack`` and the
+    precision ``used`` (``precision.resolve``) as ``TrainConfig`` asks."""
     cls = DeepPromptMethod if prompt_cfg.kind == "deep" else PromptMethod
-    return cls(lm.model, init, fast=fast, reparam=prompt_cfg.reparam, seed=seed)
+    return cls(lm.model, init, fast=fast, reparam=prompt_cfg.reparam, seed=seed, pack=pack, precision=used)
 
 
 def prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, fit_res: FitResult, task: str | None) -> dict:
@@ -141,12 +143,14 @@ def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = N
         prompt_cfg = replace(prompt_cfg, init=f"prompt:{ranking[0]['name']}")
     fast = train_cfg.fast_forward and not fsdp  # FSDP: one forward per layer (distributed.shard_model)
     init = initial_prompt(lm, prompt_cfg, data_cfg, train_cfg.seed, force)
-    method = prompt_method(lm, init, prompt_cfg, fast, train_cfg.seed)
+    prec = precision.resolve(train_cfg.precision, lm.model.device, lm.model.dtype)
+    method = prompt_method(lm, init, prompt_cfg, fast, train_cfg.seed, train_cfg.pack, prec["used"])
     evaluator = make_evaluator(method, tok, eval_ex, data_cfg, train_cfg, tok.pad_token_id)
     ckpt = runs_dir(name) / "checkpoint" if (save and name) else None
     res = fit(method, train_ex, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress and main, dist)
     prompt = res.state["prompt"]
     meta = prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, res, task)
+    meta["precision"] = prec  # what auto chose and why (softprompt.json, the training summary)
     if ranking is not None:
         meta["transfer"] = {"source": ranking[0]["name"], "ranking": ranking}
     if dist is not None:

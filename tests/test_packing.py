@@ -1,0 +1,142 @@
+"""Packed rows and chunked cross-entropy are exact.
+
+* packed == unpacked: every row's summed loss and the prompt gradient of any weighted sum of
+  row losses equal the unpacked prefix path (each row run alone), on Llama and GPT-2;
+* chunked cross-entropy == ``F.cross_entropy`` on the full logits, loss and gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_forward import SENTENCES as FORWARD_SENTENCES
+from test_forward import rel
+
+from softprompt import data as D
+from softprompt import forward as FW
+from softprompt import models
+from softprompt.forward import packing
+from softprompt.forward.chunked_ce import linear_cross_entropy
+from softprompt.prompt import make_prompt
+
+TOL = 1e-4  # float32, as tests/test_forward.py
+N = 5
+SENTENCES = [*FORWARD_SENTENCES, "who", "no"]  # plus two short rows, so that rows share bins
+
+
+@pytest.fixture(scope="module")
+def lms(tiny_model_dir):
+    from conftest import sharpen
+
+    return {arch: sharpen(models.load(str(tiny_model_dir(arch)))) for arch in ("llama", "gpt2")}
+
+
+def batch_of(tok) -> dict[str, torch.Tensor]:
+    """LM rows (every token a target) and input -> target rows, right-padded, lengths differ."""
+    exs = []
+    for i, s in enumerate(SENTENCES):
+        ids = tok(s, add_special_tokens=False)["input_ids"]
+        if i % 2 == 0:
+            exs.append(D.Example(input_ids=ids, labels=list(ids), source_len=0))
+        else:
+            k = max(0, len(ids) - 2)
+            exs.append(D.Example(input_ids=ids, labels=[D.IGNORE] * k + ids[k:], source_len=k))
+    return D.collate(exs, tok.pad_token_id)
+
+
+def prompt_of(lm, seed: int = 0) -> torch.Tensor:
+    return (make_prompt(lm.model, lm.tokenizer, N, "random", seed=seed) * 5).requires_grad_(True)
+
+
+def test_bins_first_fit_decreasing():
+    groups = packing.bins([5, 2, 9, 3, 1], capacity=9)
+    assert sorted(b for g in groups for b in g) == [0, 1, 2, 3, 4]
+    assert all(sum([5, 2, 9, 3, 1][b] for b in g) <= 9 for g in groups)
+    assert len(groups) == 3  # 9 | 5+3+1 | 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("capacity", [None, 64])
+def test_packed_rows_equal_unpacked(lms, arch, capacity):
+    lm = lms[arch]
+    batch = batch_of(lm.tokenizer)
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    p = packing.pack(*args, capacity=capacity)
+    assert p.ids.shape[0] < len(SENTENCES), "the rows must actually share bins"
+    weights = torch.rand(len(SENTENCES), generator=torch.Generator().manual_seed(0)) + 0.5
+
+    prompt = prompt_of(lm)
+    total, count = packing.packed_row_losses(lm.model, prompt, *args, capacity=capacity)
+    (g_packed,) = torch.autograd.grad((total * weights).sum(), prompt)
+
+    ref_prompt = prompt_of(lm)
+    ref_total, ref_count = [], []
+    for b in range(len(SENTENCES)):  # each row alone: no padding, no neighbours
+        n = int(batch["attention_mask"][b].sum())
+        row = [a[b : b + 1, :n] for a in args]
+        c = int((row[2][:, 1:] != D.IGNORE).sum() + (row[2][:, 0] != D.IGNORE).sum())
+        ref_total.append(FW.prefix_loss(lm.model, ref_prompt, *row) * c)
+        ref_count.append(c)
+    ref_total = torch.stack(ref_total)
+    (g_ref,) = torch.autograd.grad((ref_total * weights).sum(), ref_prompt)
+
+    assert count.tolist() == ref_count
+    assert rel(total.detach(), ref_total.detach()) < TOL
+    assert ((total.detach() - ref_total.detach()).abs() / ref_total.detach().abs()).max() < TOL  # every row
+    assert rel(g_packed, g_ref) < TOL and g_ref.norm() > 0
+    # the mean over the batch equals the padded prefix path and the naive concat path
+    mean = packing.packed_loss(lm.model, prompt.detach(), *args, capacity=capacity)
+    naive = FW.naive_loss(lm.model, prompt.detach(), *args)
+    assert abs(mean.item() - naive.item()) < TOL * abs(naive.item())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packing_without_the_row_mask_differs(lms, arch, monkeypatch):
+    """The check can fail: letting rows see each other in their bin changes the losses."""
+    lm = lms[arch]
+    batch = batch_of(lm.tokenizer)
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    prompt = prompt_of(lm).detach()
+    exact, _ = packing.packed_row_losses(lm.model, prompt, *args)
+    leaky = packing.packed_mask
+
+    def see_all_rows(row, n_prefix, dtype):
+        return leaky(torch.where(row >= 0, 0, row), n_prefix, dtype)
+
+    monkeypatch.setattr(packing, "packed_mask", see_all_rows)
+    leaked, _ = packing.packed_row_losses(lm.model, prompt, *args)
+    assert ((leaked - exact).abs() / exact.abs()).max() > 10 * TOL  # rows after another row change
+
+
+@pytest.mark.parametrize("rows", [1, 3, 1000])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_ce_equals_full(rows, bias):
+    torch.manual_seed(0)
+    M, H, V = 11, 16, 37
+    head = torch.nn.Linear(H, V, bias=bias).requires_grad_(False)
+    hidden = torch.randn(M, H, requires_grad=True)
+    targets = torch.randint(0, V, (M,))
+    up = torch.rand(M)  # any weighting of the per-token losses
+
+    chunked = linear_cross_entropy(hidden, head, targets, rows=rows)
+    (g_chunked,) = torch.autograd.grad((chunked * up).sum(), hidden)
+    full = F.cross_entropy(head(hidden), targets, reduction="none")
+    (g_full,) = torch.autograd.grad((full * up).sum(), hidden, retain_graph=True)
+    assert torch.allclose(chunked, full, rtol=1e-5, atol=1e-6)
+    assert rel(g_chunked, g_full) < 1e-5
+    assert rel(g_chunked, torch.autograd.grad(full.sum(), hidden)[0]) > 1e-2  # the weighting matters
+
+
+def test_chunked_ce_trainable_head_equals_full():
+    """A trainable head (LoRA, full fine-tuning) gets the same weight gradient too."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 37)
+    hidden = torch.randn(9, 16, requires_grad=True)
+    targets = torch.randint(0, 37, (9,))
+    chunked = linear_cross_entropy(hidden, head, targets, rows=2).mean()
+    grads = torch.autograd.grad(chunked, [hidden, head.weight, head.bias])
+    full = F.cross_entropy(head(hidden), targets)
+    ref = torch.autograd.grad(full, [hidden, head.weight, head.bias])
+    assert abs(chunked.item() - full.item()) < 1e-6
+    assert all(rel(a, b) < 1e-5 for a, b in zip(grads, ref, strict=True))

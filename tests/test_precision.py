@@ -1,0 +1,78 @@
+"""Precision: run-time detection of native bf16, the auto choice, bf16 training on the CPU, and
+the choice reported in the training summary and in softprompt.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import sharpen
+
+from softprompt import precision
+from softprompt.cli import main
+from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
+from softprompt.training import tune as TR
+
+CPU = torch.device("cpu")
+CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx512f {extra}\n"
+
+
+@pytest.mark.parametrize(("extra", "native"), [("avx512_bf16", True), ("amx_bf16 amx_tile", True), ("avx2", False)])
+def test_native_bf16_from_cpu_flags(extra, native):
+    flags = precision.cpu_flags(CPUINFO.format(extra=extra))
+    assert "avx512f" in flags
+    assert precision.native_bf16(CPU, flags)[0] is native
+    chosen = precision.resolve("auto", CPU, torch.float32, flags)
+    assert chosen["used"] == ("bf16" if native else "fp32") and chosen["requested"] == "auto"
+    assert precision.resolve("fp32", CPU, torch.float32, flags)["used"] == "fp32"
+    assert precision.resolve("bf16", CPU, torch.float32, flags)["used"] == "bf16"
+    assert precision.cpu_model(CPUINFO.format(extra=extra)) == "Some CPU"
+
+
+def test_a_low_precision_model_is_used_as_loaded():
+    """--dtype bfloat16 keeps working: the model's own dtype wins, no autocast on top."""
+    chosen = precision.resolve("auto", CPU, torch.bfloat16, {"avx512_bf16"})
+    assert chosen["used"] == "bfloat16"
+    with precision.autocast(chosen["used"], CPU):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_bad_precision_is_a_user_error():
+    with pytest.raises(UserError, match="--precision"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(UserError, match="--precision"):
+        precision.resolve("fp8", CPU, torch.float32)
+
+
+def test_bf16_training_on_cpu_lowers_the_loss(tiny_lm, toy_csv, monkeypatch):
+    lm = sharpen(tiny_lm)
+    cfg = DataConfig(path=str(toy_csv), template="{text}", target_column="label",
+                     verbalizer={"0": "negative", "1": "positive"}, dev_fraction=0.0)
+    tcfg = TrainConfig(lr=0.3, epochs=4, batch_size=16, patience=None, precision="bf16")
+    seen = []
+    real = torch.autocast.__enter__
+
+    def spy(self):
+        seen.append(self.fast_dtype)
+        return real(self)
+
+    monkeypatch.setattr(torch.autocast, "__enter__", spy)
+    res = TR.train(lm, cfg, PromptConfig(num_virtual_tokens=4, init="vocab"), tcfg, save=False)
+    losses = [e["train_loss"] for e in res.epochs]
+    assert torch.bfloat16 in seen  # the steps did run under bf16 autocast
+    assert res.meta["precision"]["used"] == "bf16"
+    assert res.prompt.dtype == torch.float32  # the master prompt stays float32
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_precision_choice_in_summary_and_softprompt_json(capsys, sp_home, tiny_model_dir, toy_csv):
+    expected = precision.resolve("auto", CPU, torch.float32)
+    code = main(["train", "--model", str(tiny_model_dir("llama")), "--data", str(toy_csv), "--text-column", "text",
+                 "--limit", "16", "--epochs", "1", "--num-virtual-tokens", "2", "--name", "prec"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"precision   {expected['used']} (asked auto: {expected['reason']})" in out
+    meta = json.loads((sp_home / "prompts" / "prec" / "softprompt.json").read_text())
+    assert meta["precision"] == expected
+    assert meta["training"]["precision"] == "auto"

@@ -74,14 +74,16 @@ def render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> 
         raise UserError(f"the model's chat template refused these messages: {e}") from None
 
 
-def tokens(tokenizer, text: str) -> list[int]:
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens: the one way a text becomes tokens here
+    (``data.encode`` is this function)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of a conversation; with ``add_generation_prompt`` it ends where the assistant's
     reply begins (what the server feeds the model for ``/v1/chat/completions``)."""
-    return tokens(tokenizer, render(tokenizer, check_messages(messages), add_generation_prompt))
+    return encode(tokenizer, render(tokenizer, check_messages(messages), add_generation_prompt))
 
 
 def messages_for(user: str, system: str | None = None, history: Sequence[dict] = ()) -> list[dict[str, str]]:
@@ -103,7 +105,7 @@ def chat_pair(tokenizer, user: str, reply: str, system: str | None = None) -> tu
     if not whole.startswith(prompt):
         raise UserError("the model's chat template renders an assistant turn that does not continue its own "
                         "generation prompt; chat form cannot separate the reply from the prompt")
-    return prompt, tokens(tokenizer, prompt), tokens(tokenizer, whole[len(prompt):].rstrip())
+    return prompt, encode(tokenizer, prompt), encode(tokenizer, whole[len(prompt):].rstrip())
 
 
 def stop_ids(tokenizer) -> list[int]:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from softprompt import chat, hfdata
+from softprompt.chat import encode  # the one text -> token ids, re-exported for the data layer
 from softprompt.config import DataConfig, UserError, data_root
 
 log = logging.getLogger(__name__)
@@ -182,11 +183,6 @@ def check_columns(path, rows: list[dict[str, str]], cfg: DataConfig) -> None:
 def target_text(source: str, word: str) -> str:
     """Label words follow the input after one space unless the input already ends in space."""
     return word if (not source or source[-1].isspace()) else " " + word
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens: how every text becomes tokens here."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _lm_example(tokenizer, row, cfg: DataConfig) -> tuple[Example, bool]:

@@ -170,6 +170,19 @@ def prompt_loss(model, prompt, batch: dict, fast: bool = True) -> torch.Tensor:
     return prefix_loss(model, prompt, *args) if fast else naive_loss(model, prompt, *args)
 
 
+def labelled_logprobs(model, hidden: torch.Tensor, labels, choices: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row summed log-probability (B,) of labels[:, 1:] predicted from hidden (B, T, H), or
+    with ``choices`` the (B, L) choice log-probabilities at each row's one labelled position."""
+    tgt = labels[:, 1:]
+    sel = tgt != IGNORE
+    rows = sel.nonzero()[:, 0]
+    logp = F.log_softmax(lm_logits(model, hidden[:, :-1][sel]).float(), dim=-1)  # (M, V)
+    if choices is not None:
+        return choice_logprobs(logp, rows, choices)
+    out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    return out.index_add_(0, rows, logp.gather(-1, tgt[sel].unsqueeze(-1))[:, 0])
+
+
 def choice_logprobs(logp: torch.Tensor, rows: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
     """(B, L) log-probabilities of ``choices`` (B, L) from ``logp`` (M, V), the distributions at
     the labelled positions of rows ``rows`` (M,): each row must have exactly one."""
@@ -198,15 +211,9 @@ def sequence_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_m
         cache, last = prefix if prefix is not None else prefix_cache(model, prompt)
         hidden = prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache)
         first_lp = F.log_softmax(lm_logits(model, last).float(), dim=-1)  # (V,)
-    tgt = labels[:, 1:]
-    sel = tgt != IGNORE
-    rows = sel.nonzero()[:, 0]
-    logp = F.log_softmax(lm_logits(model, hidden[:, :-1][sel]).float(), dim=-1)  # (M, V)
+    out = labelled_logprobs(model, hidden, labels, choices)
     if choices is not None:
-        return choice_logprobs(logp, rows, choices)
-    lp = logp.gather(-1, tgt[sel].unsqueeze(-1))[:, 0]
-    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    out.index_add_(0, rows, lp)
+        return out
     if first_lp is not None:
         first = labels[:, 0]
         has = first != IGNORE

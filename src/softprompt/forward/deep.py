@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from softprompt.compat import cache_kw
-from softprompt.forward.decoder import IGNORE, _shifted_ce_sum, choice_logprobs, embed, lm_logits
+from softprompt.forward.decoder import IGNORE, _shifted_ce_sum, embed, labelled_logprobs
 
 
 def deep_cache(model, prompt: torch.Tensor, batch: int) -> DynamicCache:
@@ -64,11 +64,4 @@ def deep_logprobs(model, prompt: torch.Tensor, input_ids, attention_mask, labels
     """Per-row summed log-probability of the labelled tokens (B,), or (B, L) with ``choices``
     (see ``decoder.sequence_logprobs``); ``labels[:, 0]`` is never scored."""
     hidden = deep_forward_hidden(model, prompt, input_ids, attention_mask)
-    tgt = labels[:, 1:]
-    sel = tgt != IGNORE
-    rows = sel.nonzero()[:, 0]
-    logp = F.log_softmax(lm_logits(model, hidden[:, :-1][sel]).float(), dim=-1)  # (M, V)
-    if choices is not None:
-        return choice_logprobs(logp, rows, choices)
-    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return out.index_add_(0, rows, logp.gather(-1, tgt[sel].unsqueeze(-1))[:, 0])
+    return labelled_logprobs(model, hidden, labels, choices)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from softprompt.chat import stop_tokens
+from softprompt.chat import encode, stop_tokens
 from softprompt.compat import cache_kw, returned_cache
 from softprompt.config import EngineConfig, GenerateConfig, UserError
 from softprompt.forward import embed, lm_logits, seq2seq
@@ -140,7 +140,7 @@ class Engine:
         self.bank.add(name, embeddings, meta)
 
     def encode(self, text: str) -> list[int]:
-        return self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode(self.lm.tokenizer, text)
 
     @property
     def is_encoder_decoder(self) -> bool:

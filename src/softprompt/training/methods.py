@@ -276,10 +276,7 @@ class LoraMethod:
         return {n: params[n].detach().clone() for n in self._names}
 
     def load_state(self, state):
-        params = dict(self.peft_model.named_parameters())
-        with torch.no_grad():
-            for n, v in state.items():
-                params[n].copy_(v)
+        _copy_named(self.peft_model, state)
 
     def score(self, batch) -> torch.Tensor:
         return sequence_logprobs(self.model, None, **batch)
@@ -312,16 +309,21 @@ class FullMethod:
         return {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
     def load_state(self, state):
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, v in state.items():
-                params[n].copy_(v)
+        _copy_named(self.model, state)
 
     def score(self, batch) -> torch.Tensor:
         return sequence_logprobs(self.model, None, **batch)
 
     def save(self, path) -> int:
         return save_weights(self.model, path)
+
+
+def _copy_named(module, state: dict) -> None:
+    """Copy ``state`` (parameter name -> tensor) into ``module``'s parameters of those names."""
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v)
 
 
 def save_weights(model, path) -> int:

@@ -11,6 +11,7 @@ import logging
 import os
 
 from softprompt.cli.flags import (
+    EVAL_DATA,
     add_data_flags,
     add_data_root_flag,
     add_device_flags,
@@ -18,9 +19,9 @@ from softprompt.cli.flags import (
     add_model_flags,
     add_prompt_train_flags,
     data_config,
+    data_given,
     from_args,
     given,
-    unescape,
 )
 from softprompt.config import (
     DataConfig,
@@ -149,8 +150,6 @@ def cmd_quickstart(a) -> int:
 
 # ---------------------------------------------------------------- eval
 
-EVAL_DATA = ("path", "template", "target_column", "text_column", "verbalizer", "max_length", "data_split",
-             "data_config", "chat", "system")
 
 
 def add_eval_parser(sub) -> None:
@@ -172,8 +171,7 @@ def cmd_eval(a) -> int:
     ecfg = from_args(EvalConfig, a, task=a.task)
     for p in ecfg.prompts:
         store.check_name(p)
-    overrides = {k: None for k in EVAL_DATA} | given(DataConfig, a, EVAL_DATA)
-    overrides["template"] = unescape(overrides["template"])
+    overrides = {k: None for k in EVAL_DATA} | data_given(a, EVAL_DATA)
     if not a.task and not a.path:
         raise UserError("give --data PATH or --task NAME to evaluate on")
     lm = models.load(a.model, a.dtype, a.device)

@@ -12,22 +12,21 @@ import sys
 from pathlib import Path
 
 from softprompt.cli.flags import (
+    EVAL_DATA,
     add_data_flags,
     add_flags,
     add_model_flags,
     add_prompt_train_flags,
     command_line,
     data_config,
+    data_given,
     from_args,
-    given,
     names,
     prompt_train_configs,
-    unescape,
 )
 from softprompt.config import (
     CompareConfig,
     ContinualConfig,
-    DataConfig,
     InspectConfig,
     MultitaskConfig,
     PromptConfig,
@@ -223,8 +222,6 @@ def _continual_write(doc: dict, stem: Path) -> int:
 # ---------------------------------------------------------------- inspect
 
 
-INSPECT_DATA = ("path", "template", "target_column", "text_column", "verbalizer", "max_length", "data_split",
-                "data_config", "chat", "system")
 
 
 def add_inspect_parser(sub) -> None:
@@ -233,7 +230,7 @@ def add_inspect_parser(sub) -> None:
     i.add_argument("name", help="stored prompt")
     i.add_argument("--against", help="comma list of other stored prompts to compare with (similarity matrix)")
     add_flags(i, InspectConfig)
-    add_data_flags(i, INSPECT_DATA, "data for token importance (default: what the prompt's metadata names)",
+    add_data_flags(i, EVAL_DATA, "data for token importance (default: what the prompt's metadata names)",
                    helps={"path": "evaluation data for importance: a file or datasets data set"})
     i.add_argument("--out", help="folder for inspect_NAME.json and, with --against, inspect_NAME.png")
     i.set_defaults(func=cmd_inspect)
@@ -246,9 +243,7 @@ def cmd_inspect(a) -> int:
 
     cfg = from_args(InspectConfig, a)
     against = list(names(a.against, "--against")) if a.against else None
-    data = given(DataConfig, a, INSPECT_DATA)
-    if "template" in data:
-        data["template"] = unescape(data["template"])
+    data = data_given(a, EVAL_DATA)
     report = I.inspect_prompt(models.load(a.model), a.name, against, cfg.top_k, cfg.eval_limit, cfg.importance,
                               task=a.task, data=data)
     print("\n".join(I.table(report)))

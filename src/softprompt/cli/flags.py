@@ -138,15 +138,28 @@ def unescape(text: str | None) -> str | None:
     return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
 
 
+# the data flags of the commands that read one evaluation data set (eval, inspect)
+EVAL_DATA = ("path", "template", "target_column", "text_column", "verbalizer", "max_length", "data_split",
+             "data_config", "chat", "system")
+
+
+def data_given(a, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The DataConfig fields the user gave (of ``only``), the template's typed ``\\n`` unescaped."""
+    from softprompt.config import DataConfig
+
+    kw = given(DataConfig, a, only)
+    if "template" in kw:
+        kw["template"] = unescape(kw["template"])
+    return kw
+
+
 def data_config(a):
     """The DataConfig of the user's data flags; with ``--task`` the recipe fills what was not given."""
     from softprompt.config import DataConfig
 
     if not a.task and not getattr(a, "path", None):
         raise UserError("give --data PATH (csv, tsv, jsonl) or --task NAME")
-    kw = given(DataConfig, a)
-    if "template" in kw:
-        kw["template"] = unescape(kw["template"])
+    kw = data_given(a)
     if not a.task and not kw.get("text_column") and not kw.get("template"):
         raise UserError("say what to learn: --text-column C, or --template TPL --target-column C")
     return DataConfig(**kw)

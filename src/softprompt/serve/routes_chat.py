@@ -83,9 +83,8 @@ def chat_rows(spec: ChatSpec, cfg, engine) -> tuple[list, dict]:
         raise bad(f"the messages have {len(ids)} tokens; this server takes at most {cfg.max_prompt_tokens}",
                   "messages", "context_length_exceeded")
     check_cost((virtual_tokens(engine, spec.prompt, cfg) + len(ids) + spec.gen["max_new_tokens"]) * spec.n, cfg)
-    stops = tuple(chat.stop_ids(tok))
     rows = [GenerateRequest("", spec.prompt, GenerateConfig(seed=(spec.seed + c) % 2**63, **spec.gen),
-                            token_ids=tuple(ids), logprobs=spec.logprobs, stop_ids=stops) for c in range(spec.n)]
+                            token_ids=tuple(ids), logprobs=spec.logprobs) for c in range(spec.n)]
     return rows, {"prompt_tokens": len(ids)}
 
 

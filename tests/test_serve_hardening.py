@@ -129,6 +129,18 @@ def test_poisoned_requests_fail_alone_and_healthy_answers_are_unchanged(lm, pois
     assert tiny.status_code == 200 and tiny.json()["choices"] == greedy.json()["choices"]
 
 
+def test_a_vanishing_temperature_among_healthy_requests_harms_none(lm, poisoned):  # noqa: F811
+    """temperature 1e-300 (it once overflowed the sampler and failed its whole batch), sent in one
+    burst with healthy requests: every answer is a 200 and the healthy ones equal a clean run."""
+    tiny_t = ("/v1/completions", {"model": "p0", "prompt": TEXTS[0], "max_tokens": 3, "temperature": 1e-300})
+    with running(lm) as (base, app, _):
+        clean = run_burst(app, base, HEALTHY)
+        mixed = run_burst(app, base, [tiny_t, *HEALTHY, tiny_t])
+    assert [r.status_code for r in mixed] == [200] * (len(HEALTHY) + 2), [r.text for r in mixed]
+    assert [r.json().get("choices", r.json().get("data")) for r in mixed[1:-1]] == \
+        [r.json().get("choices", r.json().get("data")) for r in clean]
+
+
 def test_a_row_that_breaks_the_decode_step_fails_alone(lm, monkeypatch, ref):  # noqa: F811
     """The safety net behind the checks: a row whose token choice raises (injected here: sampling
     with seed 666 fails, as a NaN distribution makes torch.multinomial fail) breaks the shared

@@ -176,6 +176,17 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def load_note(info: dict, what: str = "methods") -> str:
+    """One sentence on the machine's load during the run (1-minute load average at start and
+    end, against this run's own threads)."""
+    start, end = info["loadavg_at_start"][0], os.getloadavg()[0]
+    busy = max(start, end) > info["torch_threads"] + 1
+    return (f"Load average (1 min) at start {start:.1f}, at end {end:.1f}: "
+            + ("other jobs shared the cores, so absolute times are inflated; " if busy
+               else "the machine was otherwise idle; ")
+            + f"{what} ran interleaved.\n")
+
+
 def write_results(name: str, payload: dict, markdown: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
@@ -228,6 +239,19 @@ def train_flops(config, tokens: int, attn_pairs: int, logit_rows: int) -> float:
     attention = 4 * attn_pairs * d["heads"] * d["head_dim"] * d["layers"]
     head = 2 * logit_rows * d["H"] * d["V"]
     return 2 * linear + 3 * attention + 2 * head
+
+
+def forward_flops(config, prompt_lengths: list[int], generated: list[int], prefix: int = 0) -> float:
+    """Useful FLOPs of generation requests through a decoder: each row's prefill of its prompt
+    tokens and each generated token's forward (weights, attention over ``prefix`` cached keys and
+    the row's context, one vocabulary projection per generated token); no padding, no prefix
+    computation (a cached prompt's keys/values are free at serving time)."""
+    d = decoder_dims(config)
+    fed = [p + max(g - 1, 0) for p, g in zip(prompt_lengths, generated)]  # the last new token is never fed back
+    tokens = sum(fed)
+    pairs = sum(causal_pairs([n], prefix) for n in fed)
+    return (2 * tokens * d["layer_weights"] * d["layers"] + 4 * pairs * d["heads"] * d["head_dim"] * d["layers"]
+            + 2 * sum(generated) * d["H"] * d["V"])
 
 
 def causal_pairs(lengths: list[int], prefix: int = 0) -> int:

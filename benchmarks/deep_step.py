@@ -141,8 +141,7 @@ def report(a, info, lm, times: dict, check: dict) -> None:
           + ", ".join(f"N={n}: {r['peft_prefix_over_deep']:.2f}x" for n, r in ratios.items())
           + ". Loss of our deep path vs PEFT's on the first batch: |diff| "
           + ", ".join(f"{v:.1e}" for v in check.values()) + ".\n"
-          + f"\nLoad average (1 min) at start {info['loadavg_at_start'][0]:.1f}, at end {os.getloadavg()[0]:.1f}: "
-          "other jobs shared the cores, so absolute times are inflated; methods ran interleaved.\n")
+          + "\n" + common.load_note(info, "methods"))
     print(md)
     if not a.quick:
         print("wrote", *common.write_results("deep_step", payload, md))

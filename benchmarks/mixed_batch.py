@@ -45,6 +45,7 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 from softprompt import store  # noqa: E402
+from softprompt.chat import encode  # noqa: E402
 from softprompt.config import GenerateConfig  # noqa: E402
 from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest  # noqa: E402
 from softprompt.prompt import init_random, make_deep_prompt  # noqa: E402
@@ -188,11 +189,29 @@ def report_kinds(a, info, lm, res: dict) -> None:
           + f"{res['mixed_over_mean_single']:.3f} (target <= {KINDS_TARGET}: {'met' if met else 'missed'}).\n"
           + "The mixed batch gives the same tokens as the single-kind batches for "
           + f"{res['mixed_rows_equal_single_kind_rows']:.0%} of the rows.\n"
-          + f"\nLoad average (1 min) at start {info['loadavg_at_start'][0]:.1f}, at end {os.getloadavg()[0]:.1f}: "
-          "other jobs shared the 2 cores, so absolute times are inflated; configurations ran interleaved.\n")
+          + roofline_line(res["roofline"])
+          + "\n" + common.load_note(info, "configurations"))
     print(md)
     if not a.quick:
         print("wrote", *common.write_results("mixed_batch_kinds", payload, md))
+
+
+def useful_roofline(lm, texts: list[str], seconds: dict[str, float]) -> dict:
+    """Per method: the requests' useful FLOPs (``common.forward_flops``: prefill and 32 decoded
+    tokens a row, attention over the N prompt positions, no padding, no prefix computation)
+    over its median seconds, against the fp32 matmul peak measured now with the same threads."""
+    lengths = [len(encode(lm.tokenizer, t)) for t in texts]
+    flops = common.forward_flops(lm.model.config, lengths, [NEW_TOKENS] * len(texts), prefix=N)
+    peak = common.matmul_peaks()
+    return {"peak_gflops": peak, **{m: common.roofline(flops, s, peak["fp32"]) for m, s in seconds.items()}}
+
+
+def roofline_line(roof: dict) -> str:
+    fr = ", ".join(f"{m} {r['fraction_of_peak']:.1%}" for m, r in roof.items() if m != "peak_gflops")
+    return (f"Fraction of the measured fp32 matmul peak ({roof['peak_gflops']['fp32']:.0f} GFLOPS, "
+            f"{roof['peak_gflops']['threads']} threads), useful FLOPs only: {fr}. A decode step multiplies "
+            f"{TASKS * PER_TASK}-row activations by each weight matrix: thin GEMMs, far from the 2048-square one the "
+            "peak comes from, plus per-step work that is not a matmul (attention over the cache, sampling, Python).\n")
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -217,7 +236,10 @@ def main() -> None:
     if a.kinds:
         info = common.machine_info()
         a.rounds = max(a.rounds, 3)
-        report_kinds(a, info, lm, run_kinds(lm, sentences(TASKS * PER_TASK, a.quick), a.rounds))
+        texts = sentences(TASKS * PER_TASK, a.quick)
+        res = run_kinds(lm, texts, a.rounds)
+        res["roofline"] = useful_roofline(lm, texts, {m: s["median"] for m, s in res["cpu_seconds"].items()})
+        report_kinds(a, info, lm, res)
         return
     tok = lm.tokenizer
     tok.padding_side = "left"
@@ -261,10 +283,11 @@ def main() -> None:
             times[m].append(time.perf_counter() - t)
             assert all(len(x) == new_tokens for x in out), m
             print(f"round {r} {m}: {times[m][-1]:.2f}s", flush=True)
-    report(a, info, lm, times, cold, correctness, len(requests) * new_tokens)
+    roof = useful_roofline(lm, texts, {m: common.summary(v)["median"] for m, v in times.items()})
+    report(a, info, lm, times, cold, correctness, len(requests) * new_tokens, roof)
 
 
-def report(a, info, lm, times, cold, correctness, tokens) -> None:
+def report(a, info, lm, times, cold, correctness, tokens, roof) -> None:
     med = {m: common.summary(v) for m, v in times.items()}
     tput = {m: tokens / s["median"] for m, s in med.items()}
     ratios = {"softprompt_over_peft_grouped": tput["softprompt"] / tput["peft_grouped"],
@@ -275,7 +298,8 @@ def report(a, info, lm, times, cold, correctness, tokens) -> None:
                          "peft_single_rounds": a.single_rounds},
                "seconds": med, "tokens_per_second": tput, "softprompt_cold_seconds": cold,
                "ratios": ratios, "target_over_peft_grouped": TARGET,
-               "target_met": ratios["softprompt_over_peft_grouped"] >= TARGET, "correctness": correctness}
+               "target_met": ratios["softprompt_over_peft_grouped"] >= TARGET, "correctness": correctness,
+               "roofline": roof}
     rows = [[m, med[m]["median"], tput[m], tput["softprompt"] / tput[m]] for m in times]
     md = (f"# mixed_batch\n\n{TASKS} prompts (N={N}) x {PER_TASK} requests, interleaved, {NEW_TOKENS} new "
           f"tokens each, greedy, model `{lm.name}`, {info['torch_threads']} threads on {info['cpu']}.\n\n"
@@ -288,9 +312,9 @@ def report(a, info, lm, times, cold, correctness, tokens) -> None:
           + "request at a time (unpadded, the exact [P][x] reference) for "
           + f"{correctness['softprompt_mixed_vs_peft_single_identical']:.0%} of the requests, as PEFT grouped "
           + f"(left-padded) for {correctness['softprompt_mixed_vs_peft_grouped_identical']:.0%}; PEFT grouped "
-          + f"equals PEFT single for {correctness['peft_grouped_vs_peft_single_identical']:.0%}.\n")
-    md += (f"\nLoad average (1 min) at start {info['loadavg_at_start'][0]:.1f}, at end {os.getloadavg()[0]:.1f}: "
-           "other jobs shared the 2 cores, so absolute times are inflated; methods ran interleaved.\n")
+          + f"equals PEFT single for {correctness['peft_grouped_vs_peft_single_identical']:.0%}.\n\n"
+          + roofline_line(roof))
+    md += ("\n" + common.load_note(info, "methods"))
     print(md)
     if not a.quick:
         print("wrote", *common.write_results("mixed_batch", payload, md))

@@ -145,11 +145,15 @@ def main() -> None:
     lat = time_latency(lm, text, a.rounds)
     mem = memory(lm, text)
     print("memory", mem, flush=True)
+    lat["peak_gflops"] = common.matmul_peaks()
     report(a, info, lm, text, lat, mem)
 
 
 def report(a, info, lm, text, lat, mem) -> None:
     T = len(encode(lm.tokenizer, text))
+    peak = lat.pop("peak_gflops")
+    flops = common.forward_flops(lm.model.config, [T], [NEW_TOKENS])  # the plain request's useful work
+    roof = {m: common.roofline(flops, s["median"], peak["fp32"]) for m, s in lat["cpu"]["request"].items()}
     ratios = {c: {k: {m: v["median"] / d["plain"]["median"] for m, v in d.items()} for k, d in kinds.items()}
               for c, kinds in lat.items()}
     met = {c: all(ratios[c]["request"][f"{k} N={n}"] <= TARGET for n in SIZES for k in ("cached", "deep"))
@@ -158,7 +162,7 @@ def report(a, info, lm, text, lat, mem) -> None:
                "loadavg_at_end": os.getloadavg(),
                "setup": {"input_tokens": T, "new_tokens": NEW_TOKENS, "batch": 1, "rounds": a.rounds, "sizes": SIZES},
                "seconds": lat, "ratio_over_plain": ratios, "target_cached_over_plain": TARGET, "target_met": met,
-               "memory": mem}
+               "memory": mem, "peak_gflops": peak, "roofline_request_cpu": roof}
     rows = [[m] + [x for c in ("cpu", "wall") for k in ("first_token", "request")
                    for x in (lat[c][k][m]["median"], ratios[c][k][m])] for m in lat["cpu"]["request"]]
     mb = 2**20
@@ -168,7 +172,12 @@ def report(a, info, lm, text, lat, mem) -> None:
           + common.md_table(["configuration", "first token CPU (s)", "x plain", f"{NEW_TOKENS} tokens CPU (s)", "x plain",
                              "first token wall (s)", "x plain", f"{NEW_TOKENS} tokens wall (s)", "x plain"], rows)
           + f"\nTarget: cached / plain and deep / plain <= {TARGET} for the full request: "
-          + f"{'met' if met['cpu'] else 'missed'} in CPU time, {'met' if met['wall'] else 'missed'} in wall time.\n\n"
+          + f"{'met' if met['cpu'] else 'missed'} in CPU time, {'met' if met['wall'] else 'missed'} in wall time.\n"
+          + f"The plain request's useful work ({flops / 1e9:.2f} GFLOP) runs at "
+          + f"{roof['plain']['achieved_gflops']:.1f} GFLOPS, {roof['plain']['fraction_of_peak']:.1%} of the measured fp32 "
+          + f"matmul peak ({peak['fp32']:.0f} GFLOPS, {peak['threads']} threads): one row decoding reads every "
+          + "weight once per token, so batch-1 latency is bound by memory, not arithmetic; batching "
+          + "(`mixed_batch`, `serve_floor`) is what uses the arithmetic.\n\n"
           + f"## Memory: {mem['registered']} prompts registered (N={mem['num_virtual_tokens']}), {mem['hot']} hot\n\n"
           + common.md_table(["item", "MiB"], [
               ["model parameters", mem["model_bytes"] / mb],
@@ -181,8 +190,7 @@ def report(a, info, lm, text, lat, mem) -> None:
                f"{mem['shallow_prompt_bytes'] / mb:.3f} / {mem['shallow_prefix_kv_bytes'] / mb:.3f}"],
               [f"one deep prompt (N={mem['num_virtual_tokens']}): tensor / its cached keys/values",
                f"{mem['deep_prompt_bytes'] / mb:.3f} / {mem['deep_prefix_kv_bytes'] / mb:.3f}"]]))
-    md += (f"\nLoad average (1 min) at start {info['loadavg_at_start'][0]:.1f}, at end {os.getloadavg()[0]:.1f}: "
-           "other jobs shared the 2 cores, so absolute times are inflated; configurations ran interleaved.\n")
+    md += ("\n" + common.load_note(info, "configurations"))
     print(md)
     if not a.quick:
         print("wrote", *common.write_results("prefix_cache", payload, md))

@@ -173,14 +173,15 @@ async def closed_loop(url: str, concurrency: int, seconds: float, max_requests: 
 
 async def load(url: str, concurrency: int, seconds: float, max_requests: int, texts: list[str]) -> dict:
     """Closed loop: ``concurrency`` workers, each sends its next request when the last returns."""
-    records: list[tuple[str, float, int, int]] = []  # (kind, latency s, status, completion tokens)
+    records: list[tuple[str, float, int, int, int]] = []  # (kind, latency s, status, completion, prompt tokens)
 
     async def one(client, w: int, k: int) -> None:
         kind, path, body = request_for(w, k, texts)
         t = time.perf_counter()
         r = await client.post(path, json=body)
-        tokens = r.json().get("usage", {}).get("completion_tokens", 0) if r.status_code == 200 else 0
-        records.append((kind, time.perf_counter() - t, r.status_code, tokens))
+        usage = r.json().get("usage", {}) if r.status_code == 200 else {}
+        records.append((kind, time.perf_counter() - t, r.status_code, usage.get("completion_tokens", 0),
+                        usage.get("prompt_tokens", 0)))
 
     wall = await closed_loop(url, concurrency, seconds, max_requests, one)
     return summarize(records, wall, concurrency)
@@ -202,6 +203,20 @@ def summarize(records, wall: float, concurrency: int) -> dict:
         out[kind] = {"n": len(kl), "p50_s": pct(kl, 0.5), "p99_s": pct(kl, 0.99)}
     gens = [r[3] for r in ok if r[0] == "generate"]
     out["mean_completion_tokens"] = statistics.fmean(gens) if gens else None
+    out["generation_usage"] = [(r[4], r[3]) for r in ok if r[0] == "generate"]  # (prompt, completion) tokens
+    return out
+
+
+def generation_roofline(results: dict, config, peak: dict) -> dict:
+    """Per server and level: the generation requests' useful FLOPs (``common.forward_flops``
+    with the N prompt positions) over the level's wall time, against the fp32 matmul peak. The
+    classification requests are left out, so this is a lower bound on the work done."""
+    out = {}
+    for name, levels in results.items():
+        for r in levels:
+            use = r.pop("generation_usage")
+            flops = common.forward_flops(config, [p for p, _ in use], [c for _, c in use], prefix=N)
+            out[f"{name} C={r['concurrency']}"] = common.roofline(flops, r["seconds"], peak["fp32"])
     return out
 
 
@@ -291,11 +306,19 @@ def main() -> None:
     finally:
         for srv in running.values():
             srv.stop()
-    report(a, info, model, levels, seconds, results, agreement, time.perf_counter() - t_start)
+    import torch
+    from transformers import AutoConfig
+
+    from softprompt import models
+
+    torch.set_num_threads(a.threads)  # the peak with the server's threads
+    peak = common.matmul_peaks()
+    roof = generation_roofline(results, AutoConfig.from_pretrained(models.resolve(model)[1]), peak)
+    report(a, info, model, levels, seconds, results, agreement, time.perf_counter() - t_start, roof, peak)
     shutil.rmtree(home, ignore_errors=True)
 
 
-def report(a, info, model, levels, seconds, results, agreement, total) -> None:
+def report(a, info, model, levels, seconds, results, agreement, total, roof, peak) -> None:
     top = max(levels)
     b, u = (next(r for r in results[m] if r["concurrency"] == top) for m in ("batched", "unbatched"))
     u1 = next((r for r in results["unbatched"] if r["concurrency"] == 1), None)
@@ -312,7 +335,8 @@ def report(a, info, model, levels, seconds, results, agreement, total) -> None:
                "speedup_at_top_concurrency": speedup, "batched_p99_over_unbatched_p50": p99_ratio,
                "batched_p99_over_unbatched_p50_at_c1": b["p99_s"] / u1["p50_s"] if u1 else None,
                "targets": {"speedup": TARGET_SPEEDUP, "p99_over_p50": TARGET_P99_OVER_P50},
-               "target_met": speedup >= TARGET_SPEEDUP and p99_ratio <= TARGET_P99_OVER_P50}
+               "target_met": speedup >= TARGET_SPEEDUP and p99_ratio <= TARGET_P99_OVER_P50,
+               "matmul_peak_gflops": peak, "generation_roofline": roof}
     vs = versus_baseline(results)
     if vs:
         payload["baseline"] = {"source": str(a.baseline), "batched_over_baseline": vs}
@@ -334,7 +358,10 @@ def report(a, info, model, levels, seconds, results, agreement, total) -> None:
              f"{payload['batched_p99_over_unbatched_p50_at_c1']:.1f}x." if u1 else "")
           + f"\nThe servers gave identical answers on {agreement:.0%} of a sample of requests. Mean completion "
           f"length (EOS may end a generation early, identically for both): {b['mean_completion_tokens'] or 0:.1f} "
-          f"tokens. Whole run: {total:.0f}s.\n")
+          f"tokens. Whole run: {total:.0f}s.\n"
+          f"\nFraction of the measured fp32 matmul peak ({peak['fp32']:.0f} GFLOPS, {peak['threads']} threads as the server), counting only the generation requests' useful FLOPs (a lower bound): "
+          + ", ".join(f"{k} {v['fraction_of_peak']:.1%}" for k, v in roof.items())
+          + ". `serve_floor` sets the server's decoding against `model.generate` on the same requests.\n")
     if vs:
         md += (f"\nAgainst the baseline source tree (`{a.baseline}`, served batched on the same load, levels "
                "interleaved in rounds), batched / baseline:\n\n"

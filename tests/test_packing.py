@@ -140,3 +140,22 @@ def test_chunked_ce_trainable_head_equals_full():
     ref = torch.autograd.grad(full, [hidden, head.weight, head.bias])
     assert abs(chunked.item() - full.item()) < 1e-6
     assert all(rel(a, b) < 1e-5 for a, b in zip(grads, ref, strict=True))
+
+
+def test_chunked_ce_under_autocast_casts_the_head_once_with_the_same_result():
+    """Under bf16 autocast the frozen head is cast once per call (``autocast_once``); the result
+    equals letting autocast cast it at every chunk's product, bit for bit."""
+    from softprompt.forward.chunked_ce import _FrozenHeadCE
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 37, bias=False).requires_grad_(False)
+    hidden = torch.randn(9, 16, requires_grad=True)
+    targets = torch.randint(0, 37, (9,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        once = linear_cross_entropy(hidden, head, targets, rows=2)
+        (g_once,) = torch.autograd.grad(once.sum(), hidden)
+        every = _FrozenHeadCE.apply(hidden, head.weight, None, targets, 2)  # autocast casts per product
+        (g_every,) = torch.autograd.grad(every.sum(), hidden)
+    assert torch.equal(once, every) and torch.equal(g_once, g_every)
+    full = F.cross_entropy(head(hidden), targets, reduction="none")  # float32: bf16 did round
+    assert not torch.equal(once, full) and torch.allclose(once, full, atol=0.1)

@@ -76,3 +76,40 @@ def test_precision_choice_in_summary_and_softprompt_json(capsys, sp_home, tiny_m
     meta = json.loads((sp_home / "prompts" / "prec" / "softprompt.json").read_text())
     assert meta["precision"] == expected
     assert meta["training"]["precision"] == "auto"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["shallow", "deep"])
+def test_frozen_weights_cast_once_give_the_same_loss_and_gradient(tiny_model_dir, arch, kind):
+    """The bf16 copies swapped in (``FrozenCasts``) == autocast casting every product itself,
+    bit for bit, in the loss and the prompt gradient; the model gets its own parameters back."""
+    from conftest import sharpen
+    from test_packing import batch_of
+
+    from softprompt import models
+    from softprompt.prompt import make_deep_prompt, make_prompt
+    from softprompt.training.methods import DeepPromptMethod, PromptMethod
+
+    lm = sharpen(models.load(str(tiny_model_dir(arch))))
+    before = {n: (p, p.detach().clone()) for n, p in lm.model.named_parameters()}
+    make = make_deep_prompt if kind == "deep" else make_prompt
+    init = make(lm.model, lm.tokenizer, 5, "random", seed=1) * (1 if kind == "deep" else 5)
+    cls = DeepPromptMethod if kind == "deep" else PromptMethod
+    batch = batch_of(lm.tokenizer)
+    results = []
+    for swap in (False, True):
+        m = cls(lm.model, init, precision="bf16")
+        if not swap:
+            m.casts = None  # autocast casts each product itself
+        else:
+            assert m.casts.slots, "nothing to swap"
+        loss = m.loss(batch)
+        loss.backward()
+        results.append((loss.detach(), m.prompt.grad.clone()))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1) and torch.equal(g0, g1)
+    assert g0.abs().sum() > 0
+    after = dict(lm.model.named_parameters())
+    assert set(after) == set(before)
+    for n, (p, value) in before.items():
+        assert after[n] is p and p.dtype == value.dtype and torch.equal(p, value), n

@@ -55,6 +55,15 @@ class _FrozenHeadCE(torch.autograd.Function):
         return g, None, None, None, None
 
 
+def autocast_once(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``weight`` in autocast's dtype when autocast is on (else as it is): cast once here, the
+    chunk loop's products see it already cast, where autocast would cast a frozen weight again
+    at every product (it caches casts of trainable leaves only). The values are the same."""
+    if torch.is_autocast_enabled(device.type) and weight.is_floating_point():
+        return weight.to(torch.get_autocast_dtype(device.type))
+    return weight
+
+
 def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                          rows: int | None = None) -> torch.Tensor:
     """Per-token cross-entropy (M,) float32 of ``head(hidden)`` (M, V) against ``targets`` (M,),
@@ -64,6 +73,7 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: t
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0
     if not (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        weight, bias = autocast_once(weight, hidden.device), None if bias is None else autocast_once(bias, hidden.device)
         return _FrozenHeadCE.apply(hidden, weight, bias, targets, rows)
     from torch.utils.checkpoint import checkpoint
 

@@ -40,7 +40,7 @@ from softprompt.forward import (
     sequence_logprobs,
     supports_prefix,
 )
-from softprompt.precision import autocast
+from softprompt.precision import FrozenCasts, autocast
 
 
 class PromptMethod:
@@ -59,6 +59,7 @@ class PromptMethod:
         self.prompt = torch.nn.Parameter(prompt.detach().clone().float().to(device))
         self.fast, self.pack = fast, pack
         self.precision = precision  # "bf16": forward and backward under bf16 autocast (precision.py)
+        self.casts = FrozenCasts(model) if precision == "bf16" else None  # the frozen weights cast once
         self.reparam_name = reparam
         self.reparam = None
         if reparam is not None:
@@ -83,7 +84,7 @@ class PromptMethod:
 
     def loss(self, batch):
         prompt, batch = self._cast(batch)
-        with autocast(self.precision, self.prompt.device):
+        with autocast(self.precision, self.prompt.device, self.casts):
             return prompt_loss(self.model, prompt, batch, fast=self.fast, pack=self.pack)
 
     def state(self):
@@ -102,7 +103,7 @@ class PromptMethod:
     def score(self, batch) -> torch.Tensor:
         with torch.no_grad():
             prompt, batch = self._cast(batch)
-        with autocast(self.precision, self.prompt.device):
+        with autocast(self.precision, self.prompt.device, self.casts):
             return sequence_logprobs(self.model, prompt.detach(), **batch).float().cpu()
 
     def trainable_parameters(self) -> int:

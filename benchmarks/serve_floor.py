@@ -161,7 +161,8 @@ def report(a, info, peaks, model, config, runs, prompt_lengths) -> None:
                "target": TARGET, "target_met": paired["server_plain"] >= TARGET}
     rows = [[s, med[s], paired.get(s, 1.0), roof[s]["achieved_gflops"], roof[s]["fraction_of_peak"],
              "-" if s == "generate" else " / ".join(f"{busy[s][p]:.0%}" for p in serve_load.PHASES),
-             "-" if s == "generate" else f"{busy[s]['mean_decode_rows']:.1f}", same_counts[s]] for s in runs]
+             "-" if s == "generate" else f"{busy[s]['mean_decode_rows']:.1f}",
+             "n/a (the prompts change the text)" if s == "server_prompts" else same_counts[s]] for s in runs]
     md = (f"# serve_floor\n\n{a.requests} greedy generation requests ({NEW_TOKENS} new tokens, SST-2 test "
           f"sentences), {a.concurrency} at a time, {a.rounds} interleaved rounds; model `{model}`, {a.threads} torch "
           f"thread(s) on both sides, {info['cpu']} ({info['cores']} cores, load average "

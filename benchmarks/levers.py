@@ -9,7 +9,10 @@ our time slices away but does not add CPU seconds to our process):
 * ``prefix_fp32``: shared prefix, target-only chunked cross-entropy;
 * ``prefix_fullce_fp32``: the same with the full (M, V) float32 logits (the chunking lever);
 * ``packed_fp32``: rows packed into bins (the packing lever);
-* ``prefix_bf16`` / ``packed_bf16``: bf16 autocast (the precision lever);
+* ``prefix_bf16_recast``: bf16 autocast as torch does it, every frozen weight cast again at
+  every product (the precision lever);
+* ``prefix_bf16`` / ``packed_bf16``: bf16 autocast with the frozen weights cast once
+  (``precision.FrozenCasts``, what training runs; the cast-once lever against the one above);
 
 on length-bucketed batches (softprompt's batches) and on random batches (the Trainer's). Each
 variant's FLOPs are counted from the model's shapes (``common.train_flops``) and set against
@@ -35,6 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 from softprompt import data as D  # noqa: E402
 from softprompt import forward as fw  # noqa: E402
 from softprompt.forward import packing  # noqa: E402
+from softprompt.precision import FrozenCasts, autocast  # noqa: E402
 
 N_VIRTUAL, BATCH = 4, 8
 
@@ -53,20 +57,23 @@ def fullce_prefix_loss(model, prompt, input_ids, attention_mask, labels) -> torc
     return total / (sel.sum() + has.sum())
 
 
-VARIANTS = {  # name: (loss function, bf16 autocast)
-    "naive_fp32": (fw.naive_loss, False),
-    "prefix_fp32": (fw.prefix_loss, False),
-    "prefix_fullce_fp32": (fullce_prefix_loss, False),
-    "packed_fp32": (packing.packed_loss, False),
-    "prefix_bf16": (fw.prefix_loss, True),
-    "packed_bf16": (packing.packed_loss, True),
+VARIANTS = {  # name: (loss function, precision: fp32 | bf16 autocast | bf16 autocast with the frozen weights cast once)
+    "naive_fp32": (fw.naive_loss, "fp32"),
+    "prefix_fp32": (fw.prefix_loss, "fp32"),
+    "prefix_fullce_fp32": (fullce_prefix_loss, "fp32"),
+    "packed_fp32": (packing.packed_loss, "fp32"),
+    "prefix_bf16_recast": (fw.prefix_loss, "bf16_recast"),
+    "prefix_bf16": (fw.prefix_loss, "bf16"),
+    "packed_bf16": (packing.packed_loss, "bf16"),
 }
+CASTS: dict[int, FrozenCasts] = {}  # id(model) -> its frozen weights cast once (precision.FrozenCasts)
 
 
 def step_cpu(name: str, model, prompt, batch) -> tuple[float, float]:
-    fn, bf16 = VARIANTS[name]
+    fn, mode = VARIANTS[name]
+    casts = CASTS.setdefault(id(model), FrozenCasts(model)) if mode == "bf16" else None
     t = time.process_time()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with autocast("bf16" if mode.startswith("bf16") else "fp32", torch.device("cpu"), casts):
         loss = fn(model, prompt, **batch)
     loss.backward()
     prompt.grad = None
@@ -135,7 +142,7 @@ def summarise(times, losses, batches, config, peaks) -> dict:
         res[name] = {"cpu_s_per_step": statistics.median(ts), "cpu_s_total": sum(ts),
                      "prefix_fp32_over_this_paired_median": statistics.median(a / b for a, b in zip(base, ts)),
                      "max_loss_diff_vs_prefix_fp32": max(abs(a - b) for a, b in zip(losses[name], losses["prefix_fp32"])),
-                     **common.roofline(flops, sum(ts), peaks["bf16" if name.endswith("bf16") else "fp32"])}
+                     **common.roofline(flops, sum(ts), peaks["bf16" if "bf16" in name else "fp32"])}
     res["tokens"] = {"real": sum(int(b["attention_mask"].sum()) for b in batches),
                      "padded": sum(b["attention_mask"].numel() for b in batches),
                      "packed": sum(packing.pack(b["input_ids"], b["attention_mask"], b["labels"]).ids.numel() for b in batches)}

@@ -321,3 +321,16 @@ def test_interrupted_comparison_resumes_without_redoing_finished_runs(tiny_lm, t
     got = {key(r): r["test_accuracy"] for r in resumed["runs"]}
     assert got == {key(r): r["test_accuracy"] for r in whole["runs"]}
     assert [key(r) for r in resumed["runs"]] == [key(r) for r in whole["runs"]]
+
+
+def test_versus_lora_records_the_accuracy_gap_and_the_step_cost_of_each_prompt_kind():
+    from softprompt.experiments.compare_report import versus_lora
+
+    summary = [{"method": "lora", "n_train": 4907, "accuracy_mean": 0.962, "step_cpu_ms": 1000.0},
+               {"method": "deep-prompt", "n_train": 4907, "accuracy_mean": 0.942, "step_cpu_ms": 900.0},
+               {"method": "prompt-tuning", "n_train": 4907, "accuracy_mean": 0.9, "step_cpu_ms": 1200.0},
+               {"method": "deep-prompt", "n_train": 32, "accuracy_mean": 0.5, "step_cpu_ms": 1.0}]  # no LoRA at 32
+    got = {t["target"]: (t["value"], t["met"]) for t in versus_lora(summary)}
+    assert got == {"best prompt kind (deep-prompt) within 1 point of LoRA (n=4907)": (2.0, False),
+                   "deep-prompt's training CPU time per step at most LoRA's (n=4907; ratio)": (0.9, True),
+                   "prompt-tuning's training CPU time per step at most LoRA's (n=4907; ratio)": (1.2, False)}

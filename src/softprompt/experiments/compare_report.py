@@ -65,7 +65,7 @@ How each column is measured:
 # ---------------------------------------------------------------- the document
 
 
-def targets(summary: list[dict], total_s: float) -> list[dict]:
+def targets(summary: list[dict], total_s: float, task: str | None = None) -> list[dict]:
     """The issue's goals, recorded (never asserted), at each training size with prompt tuning."""
     by = {(r["method"], r["n_train"]): r["accuracy_mean"] for r in summary}
     zero = by.get(("zero-shot", 0))
@@ -92,7 +92,7 @@ def targets(summary: list[dict], total_s: float) -> list[dict]:
                     "met": gap <= 3,
                 }
             )
-    out += versus_lora(summary)
+    out += versus_lora(summary, LORA_MARGIN.get(task or "", 1.0))
     out.append(
         {
             "target": "this run's wall time < 2 hours (seconds; the goal is for the whole SST-2 comparison)",
@@ -103,9 +103,12 @@ def targets(summary: list[dict], total_s: float) -> list[dict]:
     return out
 
 
-def versus_lora(summary: list[dict]) -> list[dict]:
-    """Per training size with LoRA: the best prompt kind's accuracy gap to LoRA (<= 1 point), and
-    each prompt kind's training CPU time per step over LoRA's (<= 1) on the same rows."""
+LORA_MARGIN = {"sst2": 0.0}  # points the best prompt kind may stay under LoRA (the issue's goals); else 1
+
+
+def versus_lora(summary: list[dict], margin: float = 1.0) -> list[dict]:
+    """Per training size with LoRA: the best prompt kind's accuracy gap to LoRA (<= ``margin``
+    points), and each prompt kind's training CPU time per step over LoRA's (<= 1) on the same rows."""
     rows = {(r["method"], r["n_train"]): r for r in summary}
     out = []
     for (method, n), lora in sorted(rows.items(), key=lambda kv: kv[0][1]):
@@ -114,8 +117,8 @@ def versus_lora(summary: list[dict]) -> list[dict]:
             continue
         best = max(kinds, key=lambda m: kinds[m]["accuracy_mean"])
         gap = 100 * (lora["accuracy_mean"] - kinds[best]["accuracy_mean"])
-        out.append({"target": f"best prompt kind ({best}) within 1 point of LoRA (n={n})", "value": round(gap, 2),
-                    "met": gap <= 1})
+        out.append({"target": f"best prompt kind ({best}) at most {margin:g} point{'' if margin == 1 else 's'} under LoRA (n={n})",
+                    "value": round(gap, 2), "met": gap <= margin})
         for m, r in kinds.items():
             if r.get("step_cpu_ms") and lora.get("step_cpu_ms"):
                 ratio = r["step_cpu_ms"] / lora["step_cpu_ms"]
@@ -156,7 +159,7 @@ def document(
         },
         "runs": runs,
         "summary": summary,
-        "targets": targets(summary, total_s),
+        "targets": targets(summary, total_s, recipes.task_name(task, cfg.path)),
         "total_time_s": total_s,
         "base_model_unchanged": unchanged,
     }
@@ -328,7 +331,7 @@ def section(doc: dict) -> list[str]:
     out += ["", "Targets (recorded, not asserted):", ""]
     out += [
         f"- {t['target']}: {t['value']} -> {'met' if t['met'] else 'not met'}"
-        for t in targets(doc["summary"], doc["total_time_s"])  # current wording, from the numbers
+        for t in targets(doc["summary"], doc["total_time_s"], doc.get("task"))  # current wording, from the numbers
     ]
     out += _details(doc)
     return out + [""]

@@ -75,11 +75,11 @@ def gradient_cosine(lm, init: torch.Tensor, s: dict, pad: int) -> float:
     return float(torch.nn.functional.cosine_similarity(grads[0], grads[1], 0))
 
 
-def run(lm, name: str, s: dict, pad: int) -> dict:
-    init = TR.initial_prompt(lm, s["pcfg"], s["data_cfg"], common.SEED)
+def run(lm, name: str, s: dict, pad: int, seed: int) -> dict:
+    init = TR.initial_prompt(lm, s["pcfg"], s["data_cfg"], seed)
     out = {"gradient_cosine_bf16_fp32_at_init": gradient_cosine(lm, init, s, pad)}
     for prec in PRECISIONS:
-        cfg = replace(s["tcfg"], precision=prec)
+        cfg = replace(s["tcfg"], precision=prec, seed=seed)
         m = TR.prompt_method(lm, init, s["pcfg"], True, common.SEED, used=prec)
         res = fit(m, s["train"], cfg, pad, None, progress=False)
         scorer = TR.prompt_method(lm, m.current().detach(), s["pcfg"], True, common.SEED, used="fp32")
@@ -99,24 +99,39 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny random model; results not written")
     ap.add_argument("--steps", type=int, default=200, help="SST-2 optimiser steps (default %(default)s)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--seed", type=int, default=common.SEED, help="init and batch-order seed (default %(default)s)")
+    ap.add_argument("--setups", default=None, help="comma-separated subset: sst2, walkthrough (default both)")
+    ap.add_argument("--tag", default="", help="suffix of the results files (precision_quality<tag>.*)")
+    ap.add_argument("--report", type=Path, default=None, help="re-render the Markdown from a results JSON")
     a = ap.parse_args()
+    if a.report:
+        import json
+
+        done = json.loads(a.report.read_text())
+        a.steps, a.out, a.seed = done.get("steps", a.steps), a.report.parent, done.get("seed", a.seed)
+        a.tag = a.report.stem.removeprefix("precision_quality")
+        return report(a, done["machine"], done["model"], done["results"], done["total_seconds"])
     common.setup_torch(a.quick)
     lm = common.load_lm(a.quick)
     info = common.machine_info()
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     t0 = time.perf_counter()
-    results = {name: run(lm, name, s, pad) for name, s in setups(lm, a.quick, a.steps).items()}
-    report(a, info, lm, results, time.perf_counter() - t0)
+    chosen = {k: v for k, v in setups(lm, a.quick, a.steps).items() if not a.setups or k in a.setups.split(",")}
+    results = {name: run(lm, name, s, pad, a.seed) for name, s in chosen.items()}
+    info["loadavg_at_end"] = os.getloadavg()
+    report(a, info, lm.name, results, time.perf_counter() - t0)
 
 
-def report(a, info, lm, results: dict, total: float) -> None:
+def report(a, info, model: str, results: dict, total: float) -> None:
     rows, verdicts = [], []
     for name, r in results.items():
         f, b = r["fp32"], r["bf16"]
         loss_diff = b["score_loss_fp32"] - f["score_loss_fp32"]
         acc_diff = (b["test_accuracy"] - f["test_accuracy"]) if "test_accuracy" in f else None
-        n_test = 1821 if acc_diff is not None else 0
-        se = math.sqrt(2 * 0.25 / n_test) if n_test else None  # two independent accuracies near 50-90%: <= this
+        n_test = r.get("n_test") or 1821
+        # standard error of a difference of two accuracies on n rows, as if independent (they are
+        # paired on the same rows, so this is on the safe side)
+        se = math.sqrt(sum(x["test_accuracy"] * (1 - x["test_accuracy"]) for x in (f, b)) / n_test) if acc_diff is not None else None
         rows.append([name, f["score_loss_fp32"], b["score_loss_fp32"], loss_diff,
                      "-" if acc_diff is None else f"{f['test_accuracy']:.2%}",
                      "-" if acc_diff is None else f"{b['test_accuracy']:.2%}",
@@ -125,15 +140,16 @@ def report(a, info, lm, results: dict, total: float) -> None:
         ok = abs(loss_diff) <= 0.02 and (acc_diff is None or abs(acc_diff) <= 2 * se)
         r["unchanged_within_noise"] = ok
         verdicts.append(ok)
-    payload = {"benchmark": "precision_quality", "model": lm.name, "seed": common.SEED, "machine": info,
+    payload = {"benchmark": "precision_quality", "model": model, "seed": a.seed, "machine": info, "steps": a.steps,
                "results": results, "total_seconds": total, "bf16_quality_unchanged": all(verdicts),
                "criteria": {"loss": "|bf16 - fp32| <= 0.02 on the scoring rows",
                             "accuracy": "|bf16 - fp32| <= 2 standard errors of a difference of two accuracies"}}
     md = (f"# precision_quality\n\nThe same prompt trained twice from the same initial prompt over the same batches, "
           f"with `--precision fp32` and with `bf16` (autocast; fp32 master prompt and optimiser state), then scored "
-          f"by one fp32 method. Model `{lm.name}`, {info['torch_threads']} threads on {info['cpu']} (bf16 native: "
+          f"by one fp32 method. Model `{model}`, {info['torch_threads']} threads on {info['cpu']} (bf16 native: "
           f"{info['cpu_bf16_native']}). SST-2: N=20, random init, lr 0.03, {a.steps} steps of batch 8, whole test set, "
-          "loss on 200 dev rows; walk-through: N=4, random init, lr 5e-3, 5 epochs, loss on its 50 rows.\n\n"
+          "loss on 200 dev rows; walk-through: N=4, random init, lr 5e-3, 5 epochs, loss on its 50 rows. "
+          f"Seed {a.seed} (init and batch order).\n\n"
           + common.md_table(["set-up", "fp32: loss", "bf16: loss", "bf16 - fp32", "fp32: test acc.", "bf16: test acc.",
                              "training CPU time fp32 / bf16", "gradient cosine at init (bf16, fp32)"], rows)
           + f"\nbf16 leaves the trained prompt's quality unchanged within noise (loss within 0.02, accuracy within two "
@@ -141,10 +157,11 @@ def report(a, info, lm, results: dict, total: float) -> None:
           "from the initial prompt: a single gradient can differ widely between precisions where the loss surface "
           "is rough at the init; the trained results are what count.\n"
           + f"\nWhole run: {total:.0f} s, set-ups and precisions one after another; load average (1 min) at start "
-          f"{info['loadavg_at_start'][0]:.1f}, at end {os.getloadavg()[0]:.1f}.\n")
+          f"{info['loadavg_at_start'][0]:.1f}, at end "
+          + (f"{info['loadavg_at_end'][0]:.1f}.\n" if info.get("loadavg_at_end") else "not recorded.\n"))
     print(md)
     if not a.quick:
-        print("wrote", *common.write_results("precision_quality", payload, md, a.out or common.RESULTS))
+        print("wrote", *common.write_results(f"precision_quality{a.tag}", payload, md, a.out or common.RESULTS))
 
 
 if __name__ == "__main__":

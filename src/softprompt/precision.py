@@ -89,9 +89,10 @@ class FrozenCasts:
 
     Autocast casts a weight to bf16 at every product that uses it and caches the cast only for
     trainable leaves, so a frozen model's weights are cast again at every step: for the default
-    model that is 134M values read and written per forward, measured at 15-20% of a CPU training
-    step. The cast is deterministic and autocast skips a weight already in bf16, so swapping in
-    the same cast, made once, gives bit-identical losses and gradients (tests/test_precision.py).
+    model that is 134M values read and written per forward (measured gain on walk-through batches:
+    up to 7% of a CPU training step, ``benchmarks/results/levers.md``). The cast is
+    deterministic and autocast skips a weight already in bf16, so swapping in the same cast, made
+    once, gives bit-identical losses and gradients (tests/test_precision.py).
 
     Swapped: the ``weight`` of every ``nn.Linear`` and GPT-2 ``Conv1D`` that is frozen float32
     and not shared with an embedding (a lookup is no autocast op: a tied output layer keeps its

@@ -71,7 +71,9 @@ CASTS: dict[int, FrozenCasts] = {}  # id(model) -> its frozen weights cast once 
 
 def step_cpu(name: str, model, prompt, batch) -> tuple[float, float]:
     fn, mode = VARIANTS[name]
-    casts = CASTS.setdefault(id(model), FrozenCasts(model)) if mode == "bf16" else None
+    if mode == "bf16" and id(model) not in CASTS:
+        CASTS[id(model)] = FrozenCasts(model)
+    casts = CASTS.get(id(model)) if mode == "bf16" else None
     t = time.process_time()
     with autocast("bf16" if mode.startswith("bf16") else "fp32", torch.device("cpu"), casts):
         loss = fn(model, prompt, **batch)

@@ -43,16 +43,19 @@ from softprompt.training.loop import eval_loss, fit  # noqa: E402
 PRECISIONS = ("fp32", "bf16")
 
 
-def setups(lm, quick: bool, steps: int) -> dict[str, dict]:
-    """name -> data (train / score examples), configs; SST-2 and the walk-through's LM rows."""
+def setups(lm, quick: bool, steps: int, names: set[str]) -> dict[str, dict]:
+    """name -> data (train / score examples), configs, for the ``names`` asked for: SST-2 and the
+    walk-through's LM rows."""
     out = {}
-    if not quick:
+    if not quick and "sst2" in names:
         data_cfg, recipe = recipes.task_data_config("sst2")
         train, dev, data_cfg = recipes.train_dev(lm.tokenizer, data_cfg, "sst2", common.SEED)
         test = recipes.named_split(lm.tokenizer, data_cfg, recipe, "sst2", "test")
         out["sst2"] = {"train": train, "dev": dev[:200], "test": test, "data_cfg": data_cfg,
                        "pcfg": PromptConfig(num_virtual_tokens=20, init="random"),
                        "tcfg": TrainConfig(lr=0.03, steps=steps, batch_size=8, patience=None, seed=common.SEED)}
+    if "walkthrough" not in names:
+        return out
     csv = Path(__import__("softprompt").__file__).parent / "assets" / "awesome-chatgpt-prompts.csv"
     lm_cfg = DataConfig(path=str(csv), text_column="prompt", limit=8 if quick else 50, max_length=256,
                         dev_fraction=0.0)
@@ -116,8 +119,8 @@ def main() -> None:
     info = common.machine_info()
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     t0 = time.perf_counter()
-    chosen = {k: v for k, v in setups(lm, a.quick, a.steps).items() if not a.setups or k in a.setups.split(",")}
-    results = {name: run(lm, name, s, pad, a.seed) for name, s in chosen.items()}
+    names = set(a.setups.split(",")) if a.setups else {"sst2", "walkthrough"}
+    results = {name: run(lm, name, s, pad, a.seed) for name, s in setups(lm, a.quick, a.steps, names).items()}
     info["loadavg_at_end"] = os.getloadavg()
     report(a, info, lm.name, results, time.perf_counter() - t0)
 

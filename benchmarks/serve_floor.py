@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import shutil
 import statistics
@@ -65,25 +66,19 @@ def generate_round(lm, texts: list[str], rows: int) -> tuple[float, list[int]]:
 
 async def server_round(url: str, model_of, texts: list[str], concurrency: int) -> tuple[float, list[int]]:
     """Wall seconds and per-request completion tokens of the R requests through ``concurrency``
-    clients (request k to model ``model_of(k)``)."""
-    import httpx
-
+    clients (request k to model ``model_of(k)``), with ``serve_load``'s closed loop."""
     counts = [0] * len(texts)
-    queue = list(range(len(texts)))
+    order = iter(range(len(texts)))  # the loop sends exactly len(texts) requests
 
-    async def worker(client) -> None:
-        while queue:
-            k = queue.pop(0)
-            r = await client.post("/v1/completions", json={"model": model_of(k), "prompt": texts[k],
-                                                           "max_tokens": NEW_TOKENS, "temperature": 0})
-            r.raise_for_status()
-            counts[k] = r.json()["usage"]["completion_tokens"]
+    async def one(client, w: int, k: int) -> None:
+        i = next(order)
+        r = await client.post("/v1/completions", json={"model": model_of(i), "prompt": texts[i],
+                                                       "max_tokens": NEW_TOKENS, "temperature": 0})
+        r.raise_for_status()
+        counts[i] = r.json()["usage"]["completion_tokens"]
 
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    t0 = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-    return time.perf_counter() - t0, counts
+    wall = await serve_load.closed_loop(url, concurrency, math.inf, len(texts), one)
+    return wall, counts
 
 
 def main() -> None:

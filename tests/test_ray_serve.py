@@ -136,12 +136,14 @@ def test_a_prompt_sticks_to_one_replica_until_it_is_busy(cluster, lm):
         assert len(seen) == 1, (name, seen)
     assert len({served_by("tiny") for _ in range(12)}) == 2  # the plain model: no affinity
     # under load (max_ongoing_requests=2 per replica here) the same prompt spills to the other one.
-    # Long answers keep both slots busy well past the router's 0.1 s wait; a burst that happened to
-    # drain before the router gave up (a fast or a starved machine) is tried again, at most 3 times.
+    # 24 long answers from 16 clients keep both slots of the prompt's replica busy for several
+    # seconds, past the router's wait for it (0.1-0.2 s as configured; Ray's default is 1-2 s, so the
+    # check also holds where the setting does not reach the router); a burst that still drained
+    # before the router gave up is tried again, at most 3 times.
     busy: set[str] = set()
     for _ in range(3):
-        with ThreadPoolExecutor(8) as pool:
-            busy |= set(pool.map(lambda _: served_by("aff0", 400), range(12)))
+        with ThreadPoolExecutor(16) as pool:
+            busy |= set(pool.map(lambda _: served_by("aff0", 400), range(24)))
         if len(busy) == 2:
             break
     assert len(busy) == 2

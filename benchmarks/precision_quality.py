@@ -88,7 +88,7 @@ def run(lm, name: str, s: dict, pad: int, seed: int) -> dict:
         scorer = TR.prompt_method(lm, m.current().detach(), s["pcfg"], True, common.SEED, used="fp32")
         row = {"train_cpu_s": res.train_cpu_s, "train_wall_s": res.train_time_s, "steps": len(res.history),
                "final_train_loss": res.final_train_loss,
-               "score_loss_fp32": eval_loss(scorer, s["dev"], pad, cfg.eval_batch_size)}
+               "score_loss_fp32": eval_loss(scorer, s["dev"], pad, cfg.eval_max_batch_rows)}
         if s["test"] is not None:
             ev = TR.make_evaluator(scorer, lm.tokenizer, s["test"], s["data_cfg"], cfg, pad)
             row["test_accuracy"] = ev()["accuracy"]

@@ -21,7 +21,7 @@ def _tasks(toy_tasks):
 def test_prompt_methods_forget_nothing_bit_for_bit(tiny_lm, toy_tasks):
     before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     ccfg = C.ContinualConfig(tasks=_tasks(toy_tasks), methods=("prompt", "progressive", "full"), per_task=16,
-                             test_per_task=8, steps=3, lr_full=1e-3)
+                             test_per_task=8, stage_steps=3, lr_full=1e-3)
     doc = C.run(tiny_lm, ccfg, PromptConfig(num_virtual_tokens=2), TrainConfig(lr=0.3))
     by = {r["method"]: r for r in doc["results"]}
     for kind in ("prompt", "progressive"):
@@ -49,13 +49,13 @@ def test_the_bit_identity_check_can_fail(tiny_lm, toy_tasks, monkeypatch):
         return out
 
     monkeypatch.setattr(C._Learner, "learn", learn_and_disturb)
-    ccfg = C.ContinualConfig(tasks=_tasks(toy_tasks)[:2], methods=("prompt",), per_task=8, test_per_task=8, steps=1)
+    ccfg = C.ContinualConfig(tasks=_tasks(toy_tasks)[:2], methods=("prompt",), per_task=8, test_per_task=8, stage_steps=1)
     r = C.run(tiny_lm, ccfg, PromptConfig(num_virtual_tokens=2), TrainConfig())["results"][0]
     assert not r["bit_identical"] and r["max_abs_score_change"] > 0
 
 
 def test_progressive_serves_task_j_with_all_prompts_up_to_j(tiny_lm, toy_tasks):
-    ccfg = C.ContinualConfig(tasks=_tasks(toy_tasks), methods=("progressive",), per_task=8, test_per_task=8, steps=1)
+    ccfg = C.ContinualConfig(tasks=_tasks(toy_tasks), methods=("progressive",), per_task=8, test_per_task=8, stage_steps=1)
     tasks = [C._Task(MT.load_task(tiny_lm.tokenizer, t, 8, 8, 0), []) for t in ccfg.tasks]
     learner = C._Learner("progressive", tiny_lm, PromptConfig(num_virtual_tokens=2), TrainConfig(), ccfg)
     for i, t in enumerate(tasks):

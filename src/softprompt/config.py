@@ -1,9 +1,13 @@
 """Small frozen configuration dataclasses, one per concern: every config of the project lives here.
 
-Every field has its default and its one-line help (the comment after it) here and nowhere else;
-``__post_init__`` validates, and every config round-trips through JSON (``to_dict`` /
-``from_dict``). The CLI builds its flags from these fields and comments (``cli/flags.py``), so a
-default changed here changes everywhere and the CLI defines none of its own.
+Every field declares its default and its one-line help here and nowhere else, through
+``option(default, help, ...)`` (the field's ``metadata``: ``help``, ``choices``, and ``none``, the
+word a user types for a ``None`` value such as ``all`` or ``never``). ``__post_init__`` validates
+and its messages name the CLI flag of the field (``--`` + the field's name, dashes for
+underscores). Every config round-trips through JSON (``to_dict`` / ``from_dict``; ``RENAMED``
+reads the keys of result files written before a field was renamed). The CLI builds its flags from
+these fields (``cli/flags.py``), so a default changed here changes everywhere and the CLI defines
+none of its own.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 
 class UserError(ValueError):
@@ -24,18 +28,51 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, none: str | None = None,
+           metavar: str | None = None) -> Any:
+    """A config field with its declared CLI metadata: ``help`` (one line, no default: the CLI
+    prints the default once), ``choices`` (the values a user may give), ``none`` (the word typed
+    for a ``None`` value, e.g. ``all``) and ``metavar``. Mutable defaults are copied per instance."""
+    meta = {"help": help, "choices": choices, "none": none, "metavar": metavar}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a config field: ``max_batch_rows`` -> ``--max-batch-rows``."""
+    return "--" + name.replace("_", "-")
+
+
+def _positive(cfg: Any, names: tuple[str, ...], minimum: float = 1) -> None:
+    """One line naming the flag of the first field of ``names`` below ``minimum`` (None passes)."""
+    for name in names:
+        value = getattr(cfg, name)
+        _check(value is None or value >= minimum,
+               f"{flag(name)} must be {'positive' if minimum > 0 else 'at least 0'}, got {value}")
+
+
+# field names of earlier releases -> today's (result files keep the names they were written with)
+RENAMED = {"eval_batch_size": "eval_max_batch_rows", "batch_size@EvalConfig": "max_batch_rows",
+           "eval_limit@CompareConfig": "dev_sample", "test_limit@CompareConfig": "test_sample",
+           "steps@ContinualConfig": "stage_steps"}
+
+_C = TypeVar("_C", bound="_JsonMixin")
+
+
 class _JsonMixin:
     """JSON round trip: ``to_dict`` gives plain lists and dicts; ``from_dict`` turns the lists of
     tuple-typed fields back into tuples (so a config read from a result file equals the one that
-    wrote it) and ignores keys it does not know."""
+    wrote it), reads renamed fields under their new name and ignores keys it does not know."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[arg-type]
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]):
+    def from_dict(cls: type[_C], data: dict[str, Any]) -> _C:
         kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: _tupled(v, kinds[k]) for k, v in data.items() if k in kinds})
+        named = {RENAMED.get(f"{k}@{cls.__name__}", RENAMED.get(k, k)): v for k, v in data.items()}
+        return cls(**{k: _tupled(v, kinds[k]) for k, v in named.items() if k in kinds})
 
 
 def _tupled(value: Any, annotation: str) -> Any:
@@ -48,29 +85,30 @@ def _tupled(value: Any, annotation: str) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig(_JsonMixin):
-    path: str | None = None  # training data: csv, tsv, jsonl, "<label> <text>" lines, or a datasets data set (folder or hub name)
-    eval_path: str | None = None  # evaluation data (as --data); None carves a dev split from train
-    text_column: str | None = None  # language-modelling mode: the one text column
-    template: str | None = None  # input -> target mode: e.g. "Review: {text}\nSentiment:"
-    target_column: str | None = None  # input -> target mode: the column holding the target
-    verbalizer: dict[str, str] | None = None  # label value -> label word ("0" -> "negative")
-    limit: int | None = None  # keep only the first K training rows
-    eval_limit: int | None = None  # keep only the first K evaluation rows
-    max_length: int = 256  # tokens per row (input + target); longer rows are truncated
-    dev_fraction: float = 0.1  # share of train carved out as dev when no eval file is given
-    columns: tuple[str, ...] | None = None  # names for headerless csv/tsv files
-    derive: dict[str, str] | None = None  # extra columns built from templates of others
-    label_map: dict[str, str] | None = None  # rewrite target values before the verbalizer
-    data_split: str | None = None  # a datasets data set: the split to train on (default train)
-    eval_split: str | None = None  # a datasets data set as --eval-data: its split (default validation, else test)
-    data_config: str | None = None  # a datasets data set on the hub: its configuration name
-    chat: bool = False  # chat form: the filled template is the user turn, the target the assistant reply (the model's chat template)
-    system: str | None = None  # chat form: a system message before every row
+    path: str | None = option(None, 'training data: csv, tsv, jsonl, "<label> <text>" lines, or a datasets data set (folder or hub name)', metavar="PATH")
+    eval_path: str | None = option(None, 'held-out data, read as --data is; not given: a dev split carved from train', metavar="PATH")
+    text_column: str | None = option(None, 'language-modelling mode: the one text column', metavar="COLUMN")
+    template: str | None = option(None, 'input -> target mode: e.g. "Review: {text}\\nSentiment:"', metavar="TEMPLATE")
+    target_column: str | None = option(None, 'input -> target mode: the column holding the target', metavar="COLUMN")
+    verbalizer: dict[str, str] | None = option(None, 'label value -> label word ("0" -> "negative")')
+    limit: int | None = option(None, 'keep only the first K training rows', none="all")
+    eval_limit: int | None = option(None, 'keep only the first K held-out rows', none="all")
+    max_length: int = option(256, 'tokens per row (input + target); longer rows are truncated')
+    dev_fraction: float = option(0.1, 'share of train carved out as dev when no eval file is given')
+    columns: tuple[str, ...] | None = option(None, 'names for headerless csv/tsv files')
+    derive: dict[str, str] | None = option(None, 'extra columns built from templates of others')
+    label_map: dict[str, str] | None = option(None, 'rewrite target values before the verbalizer')
+    data_split: str | None = option(None, 'a datasets data set as --data: the split to read (train when not given)', metavar="SPLIT")
+    eval_split: str | None = option(None, 'a datasets data set as held-out data: its split (validation when not given, else test)', metavar="SPLIT")
+    data_config: str | None = option(None, 'a datasets data set on the hub: its configuration name', metavar="NAME")
+    chat: bool = option(False, "chat form: the filled template is the user turn, the target the assistant reply (the model's chat template)")
+    system: str | None = option(None, 'chat form: a system message before every row', metavar="TEXT")
 
     def __post_init__(self) -> None:
         _check(self.limit is None or self.limit > 0, f"--limit must be positive, got {self.limit}")
         _check(self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}")
-        _check(0 <= self.dev_fraction < 1, "dev_fraction must be in [0, 1)")
+        _check(self.eval_limit is None or self.eval_limit > 0, f"--eval-limit must be positive, got {self.eval_limit}")
+        _check(0 <= self.dev_fraction < 1, f"dev_fraction must be in [0, 1), got {self.dev_fraction}")
         if self.template is not None or self.target_column is not None:
             _check(
                 self.template is not None and self.target_column is not None,
@@ -91,15 +129,19 @@ class DataConfig(_JsonMixin):
 
 
 REPARAMS = {"shallow": ("residual", "mlp", "lstm"), "deep": ("mlp",)}  # prompt kind -> its reparameterisations
+INITS = ("random", "text", "vocab", "labels", "transfer")  # prompt initialisations (besides prompt:NAME)
 
 
 @dataclass(frozen=True)
 class PromptConfig(_JsonMixin):
-    num_virtual_tokens: int = 20  # N: virtual tokens in the soft prompt
-    init: str = "random"  # random | text | vocab | labels | transfer | prompt:<name> (best measured, docs/tuning.md)
-    init_text: str | None = None  # text for init=text
-    kind: str = "shallow"  # shallow: (N, H) input embeddings | deep: keys/values at every layer (prefix tuning; docs/tuning.md)
-    reparam: str | None = None  # training-time reparameterisation, folded before saving: residual, mlp, lstm (shallow); mlp (deep)
+    num_virtual_tokens: int = option(20, 'N: virtual tokens in the soft prompt')
+    init: str = option("random", "the prompt's starting point; prompt:NAME starts from a stored prompt (random: best measured, docs/tuning.md)",
+                       choices=INITS + ("prompt:NAME",))
+    init_text: str | None = option(None, 'text for --init text', metavar="TEXT")
+    kind: str = option("shallow", 'shallow: (N, H) input embeddings; deep: keys/values at every layer (prefix tuning; docs/tuning.md)',
+                       choices=tuple(REPARAMS))
+    reparam: str | None = option(None, 'training-time reparameterisation, folded before saving: residual, mlp, lstm (shallow); mlp (deep)',
+                                 choices=("residual", "mlp", "lstm"))
 
     def __post_init__(self) -> None:
         _check(self.kind in REPARAMS, f"--kind must be one of {', '.join(REPARAMS)}, got {self.kind!r}")
@@ -110,10 +152,9 @@ class PromptConfig(_JsonMixin):
             self.num_virtual_tokens > 0,
             f"--num-virtual-tokens must be positive, got {self.num_virtual_tokens}",
         )
-        kinds = ("random", "text", "vocab", "labels", "transfer")
         _check(
-            self.init in kinds or self.init.startswith("prompt:"),
-            f"--init must be one of {', '.join(kinds)} or prompt:NAME, got {self.init!r}",
+            self.init in INITS or self.init.startswith("prompt:"),
+            f"--init must be one of {', '.join(INITS)} or prompt:NAME, got {self.init!r}",
         )
         _check(self.init != "text" or bool(self.init_text), "--init text needs --init-text")
 
@@ -123,38 +164,42 @@ PRECISIONS = ("auto", "fp32", "bf16")  # compute precision of training (precisio
 
 @dataclass(frozen=True)
 class TrainConfig(_JsonMixin):
-    lr: float = 0.03  # AdamW learning rate for the prompt (best measured, docs/tuning.md)
-    epochs: int = 3  # passes over the training data (ignored when steps is set)
-    steps: int | None = None  # optimiser steps in total; overrides epochs
-    batch_size: int = 8  # rows per micro-batch
-    grad_accum: int = 1  # micro-batches per optimiser step
-    warmup_ratio: float = 0.06  # share of steps with linear warm-up
-    weight_decay: float = 0.0  # AdamW weight decay on the prompt
-    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
-    seed: int = 0  # seeds data order, init and sampling
-    patience: int | None = 2  # epochs without eval improvement before stopping; None = never
-    eval_batch_size: int = 16  # rows per evaluation batch
-    fast_forward: bool = True  # shared-prefix forward (exact); False = the naive concat path
-    precision: str = "auto"  # auto (bf16 autocast where the CPU or GPU computes bf16 natively, else fp32) | fp32 | bf16; the prompt and optimiser state stay fp32
-    pack: bool = False  # pack short rows into shared sequences, attention kept inside each row (exact; decoder-only; no gain measured on length-bucketed batches, docs/benchmarks.md)
+    lr: float = option(0.03, 'AdamW learning rate for the prompt (best measured, docs/tuning.md)')
+    epochs: int = option(3, 'passes over the training data (ignored when --steps is given)')
+    steps: int | None = option(None, 'optimiser steps in total; overrides --epochs')
+    batch_size: int = option(8, 'rows per micro-batch')
+    grad_accum: int = option(1, 'micro-batches per optimiser step')
+    warmup_ratio: float = option(0.06, 'share of steps with linear warm-up')
+    weight_decay: float = option(0.0, 'AdamW weight decay on the prompt')
+    max_grad_norm: float = option(1.0, 'gradient clipping; 0 disables')
+    seed: int = option(0, 'seeds data order, init and sampling')
+    patience: int | None = option(2, 'epochs without dev improvement before stopping early', none="never")
+    eval_max_batch_rows: int = option(16, 'rows per forward when scoring the dev set between epochs (smaller than '
+                                          "eval's: it runs beside the training state)")
+    fast_forward: bool = option(True, 'shared-prefix forward (exact); False = the naive concat path')
+    precision: str = option("auto", 'compute precision: auto = bf16 autocast where the CPU or GPU computes bf16 natively, else fp32; the prompt and optimiser state stay fp32',
+                            choices=PRECISIONS)
+    pack: bool = option(False, 'pack short rows into shared sequences, attention kept inside each row (exact; decoder-only; no gain measured on length-bucketed batches, docs/benchmarks.md)')
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"--lr must be positive, got {self.lr}")
         _check(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         _check(self.steps is None or self.steps > 0, f"--steps must be positive, got {self.steps}")
+        _check(self.patience is None or self.patience > 0, f"--patience must be positive or never, got {self.patience}")
+        _check(self.eval_max_batch_rows > 0, f"eval_max_batch_rows must be positive, got {self.eval_max_batch_rows}")
         _check(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         _check(self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}")
-        _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
+        _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
 class GenerateConfig(_JsonMixin):
-    max_new_tokens: int = 64  # tokens to generate at most
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0  # nucleus sampling mass
-    repetition_penalty: float = 1.0  # >1 discourages repeats (CTRL-style, as in transformers)
-    seed: int = 0  # seeds sampling
+    max_new_tokens: int = option(64, 'tokens to generate at most')
+    temperature: float = option(0.0, 'sampling temperature; 0 = greedy')
+    top_p: float = option(1.0, 'nucleus sampling mass')
+    repetition_penalty: float = option(1.0, '>1 discourages repeats (CTRL-style, as in transformers)')
+    seed: int = option(0, 'seeds sampling')
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens > 0, "--max-new-tokens must be positive")
@@ -168,67 +213,64 @@ class GenerateConfig(_JsonMixin):
 
 @dataclass(frozen=True)
 class EngineConfig(_JsonMixin):
-    max_resident_prompts: int = 64  # prompts kept in memory (LRU); the rest reload from the store
-    prefix_cache_mb: float = 256.0  # bound on the per-prompt key/value prefix cache (LRU), MiB
-    max_batch_rows: int = 64  # rows per forward; longer request lists run in chunks
-    use_prefix_cache: bool = True  # False = reference path: [pad][P][x] through the whole model
-    force: bool = False  # accept prompts trained on another base model (equal H still required)
+    max_resident_prompts: int = option(64, 'prompts kept in memory (LRU); the rest reload from the store')
+    prefix_cache_mb: float = option(256.0, 'bound on the per-prompt key/value prefix cache (LRU), MiB')
+    max_batch_rows: int = option(64, 'rows per forward pass; longer request lists run in chunks (the library default; '
+                                     'eval and serve set their own)')
+    use_prefix_cache: bool = option(True, 'False = reference path: [pad][P][x] through the whole model')
+    force: bool = option(False, 'accept prompts trained on another base model (equal H still required)')
 
     def __post_init__(self) -> None:
-        if self.max_resident_prompts < 1 or self.max_batch_rows < 1 or self.prefix_cache_mb < 0:
-            raise UserError("engine limits must be positive")
+        _positive(self, ("max_resident_prompts", "max_batch_rows"))
+        _positive(self, ("prefix_cache_mb",), minimum=0)
 
 
 @dataclass(frozen=True)
 class EvalConfig(_JsonMixin):
-    prompts: tuple[str, ...] = ()  # stored prompt names; () = the plain model; several = ensemble
-    task: str | None = None  # a task recipe (tasks/*.json); its split is evaluated
-    split: str = "test"  # eval | test: which split of the recipe
-    limit: int | None = None  # evaluate only the first K examples
-    length_normalize: bool = False  # divide each label's log-likelihood by its token count
-    batch_size: int = 32  # rows per forward
-    max_new_tokens: int = 32  # exact match: generation budget per example (capped at target + 4)
+    prompts: tuple[str, ...] = option((), 'stored prompt names; none = the plain model; several = an ensemble')
+    task: str | None = option(None, 'a task recipe (tasks/*.json); its split is evaluated')
+    split: str = option("test", "which split of the recipe: eval (its dev split) or test", choices=("eval", "test"))
+    limit: int | None = option(None, 'evaluate only the first K examples', none="all")
+    length_normalize: bool = option(False, "divide each label's log-likelihood by its token count")
+    max_batch_rows: int = option(32, 'rows per forward pass')
+    max_new_tokens: int = option(32, 'exact match: generation budget per example (capped at target + 4)')
 
     def __post_init__(self) -> None:
         if self.split not in ("eval", "test"):
             raise UserError(f"--split must be eval or test, got {self.split!r}")
-        if self.limit is not None and self.limit <= 0:
-            raise UserError(f"--limit must be positive, got {self.limit}")
-        if self.batch_size <= 0 or self.max_new_tokens <= 0:
-            raise UserError("--batch-size and --max-new-tokens must be positive")
+        _positive(self, ("limit", "max_batch_rows", "max_new_tokens"))
 
 
 @dataclass(frozen=True)
 class ServerConfig(_JsonMixin):
-    host: str = "127.0.0.1"  # bind address (loopback unless you mean to expose it)
-    port: int = 8000  # TCP port
-    api_key: str | None = None  # require "Authorization: Bearer KEY" on /v1/* and /metrics
-    model_id: str | None = None  # id of the plain model in /v1/models (default: the model's name)
-    max_batch_rows: int = 32  # rows per engine forward, across requests and prompts; 1 = no batching
-    max_wait_ms: float = 5.0  # an idle worker waits this long for more requests to batch together
-    join_every: int = 4  # while rows decode, waiting requests join every this many steps (1 = each step)
-    max_queue: int = 256  # requests waiting for the worker; beyond it: 429 + Retry-After
-    max_body_bytes: int = 1 << 20  # JSON request bodies
-    max_upload_bytes: int = 64 << 20  # prompt uploads (PUT /v1/prompts/NAME), unpacked size too
-    max_prompt_tokens: int = 2048  # input tokens per row
-    max_tokens: int = 512  # largest max_tokens a request may ask for
-    max_rows: int = 64  # rows per request: prompts x n, or classify inputs
-    max_labels: int = 32  # labels per classify request
-    max_label_tokens: int = 32  # tokens per classify label word
-    max_template_chars: int = 32768  # a classify input rendered through its template, in characters
-    max_request_tokens: int = 65536  # one request's tokens: per row, N + input + max_tokens (or label tokens)
-    request_timeout_s: float = 300.0  # a request still running after this gets 504 and is cancelled
-    shutdown_timeout_s: float = 30.0  # graceful shutdown: time in-flight requests get to finish
+    host: str = option("127.0.0.1", 'bind address (loopback unless you mean to expose it)')
+    port: int = option(8000, 'TCP port')
+    api_key: str | None = option(None, 'require "Authorization: Bearer KEY" on /v1/* and /metrics', metavar="KEY")
+    model_id: str | None = option(None, "id of the plain model in /v1/models (not given: the model's name)", metavar="ID")
+    max_batch_rows: int = option(32, 'rows per forward pass, across requests and prompts; 1 = no batching')
+    max_wait_ms: float = option(5.0, 'an idle worker waits this long for more requests to batch together')
+    join_every: int = option(4, 'while rows decode, waiting requests join every this many steps (1 = each step)')
+    max_queue: int = option(256, 'requests waiting for the worker; beyond it: 429 + Retry-After')
+    max_body_bytes: int = option(1 << 20, 'JSON request bodies')
+    max_upload_bytes: int = option(64 << 20, 'prompt uploads (PUT /v1/prompts/NAME), unpacked size too')
+    max_prompt_tokens: int = option(2048, 'input tokens per row')
+    max_tokens: int = option(512, 'largest max_tokens a request may ask for')
+    max_rows: int = option(64, 'rows per request: prompts x n, or classify inputs')
+    max_labels: int = option(32, 'labels per classify request')
+    max_label_tokens: int = option(32, 'tokens per classify label word')
+    max_template_chars: int = option(32768, 'a classify input rendered through its template, in characters')
+    max_request_tokens: int = option(65536, "one request's tokens: per row, N + input + max_tokens (or label tokens)")
+    request_timeout_s: float = option(300.0, 'a request still running after this gets 504 and is cancelled')
+    shutdown_timeout_s: float = option(30.0, 'graceful shutdown: time in-flight requests get to finish')
 
     def __post_init__(self) -> None:
         ints = ("port", "max_batch_rows", "join_every", "max_queue", "max_body_bytes", "max_upload_bytes",
                 "max_prompt_tokens", "max_tokens", "max_rows", "max_labels", "max_label_tokens",
                 "max_template_chars", "max_request_tokens")
-        for name in ints:
-            if getattr(self, name) < (0 if name == "port" else 1):
-                raise UserError(f"--{name.replace('_', '-')} must be positive")
-        if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.shutdown_timeout_s < 0:
-            raise UserError("--max-wait-ms, --request-timeout-s and --shutdown-timeout-s must be positive")
+        _positive(self, ("port",), minimum=0)
+        _positive(self, ints[1:])
+        _positive(self, ("max_wait_ms", "shutdown_timeout_s"), minimum=0)
+        _check(self.request_timeout_s > 0, f"--request-timeout-s must be positive, got {self.request_timeout_s}")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("--api-key must not be empty")
 
@@ -265,20 +307,20 @@ COMPARE_MIXED_BATCH = {
 
 @dataclass(frozen=True)
 class CompareConfig(_JsonMixin):
-    methods: tuple[str, ...] = COMPARE_DEFAULT  # which methods, in this order (also deep-prompt, prompt-residual)
-    train_sizes: tuple[int | None, ...] = (None,)  # examples per run; None = the pool
-    seeds: tuple[int, ...] = (0,)  # run seeds: training set, batch order, init, demos
-    lr_sweep: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(COMPARE_LR_SWEEP))
-    budget: int | None = None  # optimiser steps per training run; None = epochs, >= min_steps
-    min_steps: int = 50  # small training sets still get this many steps (more epochs)
-    eval_limit: int | None = 200  # dev rows (seeded sample): early stopping, lr, template
-    test_limit: int | None = None  # test rows (seeded sample); None = the whole test set
-    dev_fraction: float = 0.1  # share of train carved out as dev when there is no dev file
-    data_seed: int = 0  # seeds dev/test carving and sampling (fixed across run seeds)
-    few_shot_tokens: int = 1024  # context for demonstrations + query (capped by the model)
-    few_shot_max_k: int = 32  # at most this many demonstrations
-    latency_requests: int = 20  # single requests timed for the latency figure
-    serve_tasks: int = 10  # K in "bytes to serve K tasks"
+    methods: tuple[str, ...] = option(COMPARE_DEFAULT, 'which methods, in this order', choices=COMPARE_METHODS)
+    train_sizes: tuple[int | None, ...] = option((None,), 'training examples per run; all = the whole pool', none="all")
+    seeds: tuple[int, ...] = option((0,), 'run seeds: training set, batch order, init, demos')
+    lr_sweep: dict[str, tuple[float, ...]] = option(COMPARE_LR_SWEEP, "learning rates tried per trained method")
+    budget: int | None = option(None, 'optimiser steps per training run (not given: --epochs, at least --min-steps)')
+    min_steps: int = option(50, 'small training sets still get this many steps (more epochs)')
+    dev_sample: int | None = option(200, 'dev rows, a seeded sample: early stopping, lr, template', none="all")
+    test_sample: int | None = option(None, 'test rows, a seeded sample', none="all")
+    dev_fraction: float = option(0.1, 'share of train carved out as dev when there is no dev file')
+    data_seed: int = option(0, 'seeds dev/test carving and sampling (fixed across run seeds)')
+    few_shot_tokens: int = option(1024, 'context for demonstrations + query (capped by the model)')
+    few_shot_max_k: int = option(32, 'at most this many demonstrations')
+    latency_requests: int = option(20, 'single requests timed for the latency figure')
+    serve_tasks: int = option(10, 'K in "bytes to serve K tasks"')
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in COMPARE_METHODS]
@@ -294,25 +336,22 @@ class CompareConfig(_JsonMixin):
         for m in COMPARE_TRAINED:
             if m in self.methods and not self.lr_sweep.get(m):
                 raise UserError(f"no learning rate to try for {m}")
-        for name in ("budget", "eval_limit", "test_limit", "latency_requests", "serve_tasks"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        _positive(self, ("budget", "min_steps", "dev_sample", "test_sample", "few_shot_tokens", "few_shot_max_k",
+                         "latency_requests", "serve_tasks"))
 
 
 @dataclass(frozen=True)
 class MultitaskConfig(_JsonMixin):
-    tasks: tuple[str, ...] = ()  # task recipes (names under tasks/ or .json files), >= 2
-    per_task: int | None = 256  # training examples per task (seeded sample); None = all of them
-    eval_per_task: int = 64  # dev rows per task; the mean dev accuracy picks the kept epoch
+    tasks: tuple[str, ...] = option((), 'task recipes (names under tasks/ or .json files), >= 2')
+    per_task: int | None = option(256, 'training examples per task (seeded sample)', none="all")
+    eval_per_task: int = option(64, 'dev rows per task; the mean dev accuracy picks the kept epoch')
 
     def __post_init__(self) -> None:
         if len(self.tasks) < 2:
             raise UserError(f"--tasks needs at least two tasks, got {len(self.tasks)}")
         if len(set(self.tasks)) != len(self.tasks):
             raise UserError("--tasks lists a task twice")
-        if self.per_task is not None and self.per_task <= 0 or self.eval_per_task <= 0:
-            raise UserError("--per-task and --eval-per-task must be positive")
+        _positive(self, ("per_task", "eval_per_task"))
 
 
 CONTINUAL_METHODS = ("prompt", "progressive", "full")
@@ -320,12 +359,12 @@ CONTINUAL_METHODS = ("prompt", "progressive", "full")
 
 @dataclass(frozen=True)
 class ContinualConfig(_JsonMixin):
-    tasks: tuple[str, ...] = ()  # the task sequence (recipes), >= 2
-    methods: tuple[str, ...] = ("prompt", "full")  # from CONTINUAL_METHODS
-    per_task: int | None = 256  # training rows per task (seeded sample); None = all
-    test_per_task: int | None = 200  # test rows per task (seeded sample); None = all
-    steps: int = 32  # optimiser steps per stage, every method
-    lr_full: float = 3e-5  # full fine-tuning's lr (prompts use TrainConfig.lr)
+    tasks: tuple[str, ...] = option((), 'the task sequence (recipes), >= 2')
+    methods: tuple[str, ...] = option(("prompt", "full"), 'which methods, in this order', choices=CONTINUAL_METHODS)
+    per_task: int | None = option(256, 'training rows per task (seeded sample)', none="all")
+    test_per_task: int | None = option(200, 'test rows per task (seeded sample)', none="all")
+    stage_steps: int = option(32, 'optimiser steps per stage, every method')
+    lr_full: float = option(3e-5, "full fine-tuning's learning rate (prompts use --lr)")
 
     def __post_init__(self) -> None:
         if len(self.tasks) < 2 or len(set(self.tasks)) != len(self.tasks):
@@ -333,18 +372,17 @@ class ContinualConfig(_JsonMixin):
         bad = [m for m in self.methods if m not in CONTINUAL_METHODS]
         if bad or not self.methods:
             raise UserError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(CONTINUAL_METHODS)}")
-        if self.steps <= 0 or (self.per_task is not None and self.per_task <= 0):
-            raise UserError("--steps and --per-task must be positive")
+        _positive(self, ("stage_steps", "per_task", "test_per_task"))
 
 
 @dataclass(frozen=True)
 class InspectConfig(_JsonMixin):
-    top_k: int = 5  # nearest vocabulary tokens per virtual token
-    eval_limit: int = 64  # evaluation rows for token importance
-    importance: bool = True  # the ablation of each virtual token (needs the prompt's task data)
+    top_k: int = option(5, 'nearest vocabulary tokens per virtual token')
+    eval_limit: int = option(64, 'keep only the first K held-out rows for token importance')
+    importance: bool = option(True, "the ablation of each virtual token (needs the prompt's task data)")
 
     def __post_init__(self) -> None:
-        _check(self.top_k > 0 and self.eval_limit > 0, "--top-k and --eval-limit must be positive")
+        _positive(self, ("top_k", "eval_limit"))
 
 
 def home() -> Path:

@@ -14,7 +14,7 @@ import os
 import sys
 from contextlib import contextmanager
 
-from softprompt.cli import commands, experiments
+from softprompt.cli import commands, experiments, flags
 from softprompt.config import UserError
 
 
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_prompts_parser(sub)
     commands.add_serve_parser(sub)
     experiments.add_parsers(sub)
+    for name, command in sub.choices.items():
+        command.set_defaults(parser=command)  # messages name this command's flags (flags.as_typed)
     return p
 
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                 environment("HF_HUB_OFFLINE", "1" if getattr(a, "offline", False) else None):
             return a.func(a)
     except UserError as e:
-        print(f"softprompt: error: {e}", file=sys.stderr)
+        print(f"softprompt: error: {flags.as_typed(str(e), a.parser)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nsoftprompt: interrupted; the last epoch checkpoint is kept (continue with --resume)", file=sys.stderr)

@@ -36,6 +36,8 @@ from softprompt.config import (
 
 TRAIN_DATA = ("path", "eval_path", "text_column", "template", "target_column", "verbalizer", "limit",
               "eval_limit", "max_length", "data_split", "eval_split", "data_config", "chat", "system")
+# train's held-out data is its dev set: these DataConfig fields are --dev-* (they were --eval-*)
+TRAIN_DEV_FLAGS = {"eval_path": "dev-data", "eval_limit": "dev-limit", "eval_split": "dev-split"}
 TRAIN_FIELDS = ("lr", "epochs", "steps", "batch_size", "grad_accum", "seed", "patience", "warmup_ratio", "weight_decay",
                 "precision", "pack")
 
@@ -44,7 +46,11 @@ def add_train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a soft prompt (several processes: torchrun -m softprompt train ...)")
     add_model_flags(t)
     add_device_flags(t)
-    add_data_flags(t, TRAIN_DATA, helps={"path": "training file: .csv, .tsv, .jsonl or '<label> <text>' lines"})
+    add_data_flags(t, TRAIN_DATA, helps={"path": "training file: .csv, .tsv, .jsonl or '<label> <text>' lines",
+                                         "eval_path": "dev data, read as --data is: scored after each epoch for early "
+                                                      "stopping and the kept epoch; not given: carved from --data",
+                                         "eval_limit": "keep only the first K dev rows"},
+                   rename=TRAIN_DEV_FLAGS, old={k: "eval-" + v[4:] for k, v in TRAIN_DEV_FLAGS.items()})
     t.add_argument("--name", help="name of the prompt in the store (default: task or data file name)")
     add_prompt_train_flags(t, TRAIN_FIELDS)
     g = t.add_argument_group("run")
@@ -156,9 +162,11 @@ def add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate the plain model, a prompt or an ensemble (last line: JSON)")
     add_model_flags(ev)
     add_device_flags(ev)
-    add_flags(ev, EvalConfig, skip=("task",), rename={"prompts": "prompt"},
-              helps={"prompts": "stored prompt name, or a,b,c for an ensemble; none = the plain model"})
-    add_data_flags(ev, EVAL_DATA, helps={"template": "input template (default: the prompt's stored one, then the task's)",
+    add_flags(ev, EvalConfig, skip=("task",), rename={"prompts": "prompt"}, old={"max_batch_rows": "batch-size"},
+              helps={"prompts": "stored prompt name, or a,b,c for an ensemble; not given: the plain model"})
+    add_data_flags(ev, EVAL_DATA, helps={"template": "input template (not given: the prompt's stored one, then the task's)",
+                                         "data_split": "a datasets data set as --data: the split to evaluate "
+                                                       "(test when not given, else validation)",
                                          "path": "evaluation file: .csv, .tsv, .jsonl or '<label> <text>' lines"})
     ev.add_argument("--force", action="store_true", help="use prompts trained on another base model (same hidden size)")
     ev.set_defaults(func=cmd_eval)
@@ -175,7 +183,7 @@ def cmd_eval(a) -> int:
     if not a.task and not a.path:
         raise UserError("give --data PATH or --task NAME to evaluate on")
     lm = models.load(a.model, a.dtype, a.device)
-    eng = engine.Engine(lm, EngineConfig(force=a.force, max_batch_rows=ecfg.batch_size))
+    eng = engine.Engine(lm, EngineConfig(force=a.force, max_batch_rows=ecfg.max_batch_rows))
     print_eval(evaluate.evaluate(eng, ecfg, overrides))
     return 0
 

@@ -36,6 +36,8 @@ from softprompt.config import (
 
 # ---------------------------------------------------------------- compare
 
+REPORT_METAVAR = "FILE[,FILE...]"  # --report means the same in compare and continual: re-render result files
+
 COMPARE_DATA = ("path", "eval_path", "template", "target_column", "verbalizer", "max_length", "limit")
 
 
@@ -44,9 +46,10 @@ def add_compare_parser(sub) -> None:
     add_model_flags(c)
     add_data_flags(c, COMPARE_DATA, "data (a classification task)",
                    helps={"path": "training file (.csv, .tsv, .jsonl or '<label> <text>' lines); dev is carved from it",
-                          "eval_path": "test file for --data (default: a seeded 20% carved from --data)"})
+                          "eval_path": "test data for --data (not given: a seeded 20% carved from --data)"},
+                   rename={"eval_path": "test-data"}, old={"eval_path": "eval-data"})
     r = c.add_argument_group("comparison")
-    add_flags(r, CompareConfig, skip=("lr_sweep",))
+    add_flags(r, CompareConfig, skip=("lr_sweep",), old={"dev_sample": "eval-limit", "test_sample": "test-limit"})
     sweep = CompareConfig().lr_sweep
     r.add_argument("--lr", action="append", metavar="METHOD=LR[/LR...]", help="learning rates to sweep for a method (repeatable); "
                    + "; ".join(f"{k} {'/'.join(f'{v:g}' for v in vs)}" for k, vs in sweep.items()) + " by default")
@@ -57,7 +60,8 @@ def add_compare_parser(sub) -> None:
     o.add_argument("--out", default="compare-results", help="folder for compare_<tag>.json/.md/.png (default %(default)s)")
     o.add_argument("--tag", help="result name (default: the task or data file name)")
     o.add_argument("--notes", help="a Markdown file with a hand-written reading of the numbers, put into the report")
-    o.add_argument("--report", help="no runs: render result JSON files (comma list) into <out>/comparison.md and plots")
+    o.add_argument("--report", metavar=REPORT_METAVAR,
+                   help="no runs: render compare_*.json result files together into <out>/comparison.md and plots")
     o.add_argument("--quiet", action="store_true", help="no progress display")
     o.add_argument("--resume", action="store_true", help="continue an interrupted comparison: runs already "
                    "finished (recorded in <out>/compare_<tag>.runs.jsonl) are not run again")
@@ -92,7 +96,7 @@ def cmd_compare(a) -> int:
         notes = open(a.notes, encoding="utf-8").read()
     out, command = Path(a.out), command_line(a)
     if a.report:
-        docs = [compare_report.read_json(p.strip()) for p in a.report.split(",") if p.strip()]
+        docs = [compare_report.read_json(p) for p in names(a.report, "--report")]
         print(f"wrote {compare_report.write_report(docs, out, 'comparison', command, notes)}")
         return 0
     ccfg = compare_config(a)
@@ -123,14 +127,10 @@ def cmd_compare(a) -> int:
 MANY_TASK_TRAIN = ("lr", "epochs", "steps", "batch_size", "seed", "patience")
 
 
-def _all_if_zero(v: int | None) -> int | None:
-    return None if v == 0 else v
-
-
 def add_multitask_parser(sub) -> None:
     m = sub.add_parser("train-multitask", help="one shared prompt + a rank-one modulation per task, mixed-task batches")
     add_model_flags(m)
-    add_flags(m, MultitaskConfig, helps={"per_task": "training rows per task, seeded sample; 0 = all"})
+    add_flags(m, MultitaskConfig)
     m.add_argument("--name", default="multitask", help="store name of the shared prompt; tasks get NAME-TASK (default %(default)s)")
     m.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint of --name")
     add_prompt_train_flags(m, MANY_TASK_TRAIN)
@@ -143,8 +143,7 @@ def cmd_train_multitask(a) -> int:
 
     if not a.tasks:
         raise UserError("train-multitask needs --tasks A,B,...")
-    extra = {"per_task": _all_if_zero(a.per_task)} if a.per_task is not None else {}
-    mcfg = from_args(MultitaskConfig, a, **extra)
+    mcfg = from_args(MultitaskConfig, a)
     pcfg, tcfg = prompt_train_configs(a)
     res = MT.train_multitask(models.load(a.model), mcfg, pcfg, tcfg, a.name, resume=a.resume, progress=not a.quiet)
     print(f"\nmultitask   {', '.join(res.tasks)}  ({sum(res.n_train.values())} training rows, mixed batches)")
@@ -164,9 +163,9 @@ def cmd_train_multitask(a) -> int:
 def add_continual_parser(sub) -> None:
     c = sub.add_parser("continual", help="learn tasks one after another; accuracy matrix and forgetting per method")
     add_model_flags(c)
-    add_flags(c, ContinualConfig, rename={"steps": "stage-steps"},
-              helps={"per_task": "training rows per task; 0 = all", "test_per_task": "test rows per task; 0 = all"})
-    c.add_argument("--report", metavar="FILE", help="no runs: write the Markdown and plot again from a continual_*.json")
+    add_flags(c, ContinualConfig)
+    c.add_argument("--report", metavar=REPORT_METAVAR,
+                   help="no runs: write each continual_*.json result file's Markdown and plot again, beside it")
     c.add_argument("--out", default="continual-results", help="folder for continual_TAG.json/.md/.png (default %(default)s)")
     c.add_argument("--tag", default="run", help="result name (default %(default)s)")
     add_prompt_train_flags(c, tuple(f for f in MANY_TASK_TRAIN if f != "steps"))
@@ -179,11 +178,12 @@ def cmd_continual(a) -> int:
     from softprompt.provenance import write_json
 
     if a.report:
-        return _continual_report(Path(a.report))
+        for path in names(a.report, "--report"):
+            _continual_report(Path(path))
+        return 0
     if not a.tasks:
-        raise UserError("continual needs --tasks A,B,... (or --report FILE to re-render a result)")
-    extra = {k: _all_if_zero(getattr(a, k)) for k in ("per_task", "test_per_task") if getattr(a, k) is not None}
-    ccfg = from_args(ContinualConfig, a, **extra)
+        raise UserError("continual needs --tasks A,B,... (or --report FILE[,FILE...] to re-render results)")
+    ccfg = from_args(ContinualConfig, a)
     pcfg = from_args(PromptConfig, a, ("num_virtual_tokens", "init", "init_text"))
     tcfg = from_args(TrainConfig, a, ("lr", "epochs", "batch_size", "seed", "patience"))
     doc = C.run(models.load(a.model), ccfg, pcfg, tcfg, say=(lambda m: None) if a.quiet else print)

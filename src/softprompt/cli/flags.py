@@ -1,5 +1,6 @@
 """CLI flags derived from the config dataclasses (``config.py``): one flag per field, its type from
-the annotation, its help from the field's comment and default. A flag the user did not give stays
+the annotation, its help, choices and the word for ``None`` from the field's declared metadata
+(``config.option``), its default printed once. A flag the user did not give stays
 None, so the dataclass's default applies: the CLI defines no default of its own. The flags that
 several commands share (model, device, data) are built here once.
 """
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import re
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from softprompt.config import UserError, parse_verbalizer
@@ -17,23 +19,37 @@ from softprompt.config import UserError, parse_verbalizer
 # ---------------------------------------------------------------- CLI flags from the configs
 
 
-def field_docs(cls) -> dict[str, str]:
-    """Each field's one-line comment (``name: type = default  # comment``) in ``cls``'s source."""
-    return dict(re.findall(r"^\s+(\w+): .*?  # (.+)$", inspect.getsource(cls), re.M))
+def deprecation(old: str, new: str) -> None:
+    """The one line an old spelling prints; it keeps working for one more release."""
+    print(f"softprompt: warning: {old} is deprecated and will be removed in the next release; use {new}",
+          file=sys.stderr)
 
 
-def _comma_list(item: type, flag: str, allow_all: bool = False):
+class _DeprecatedFlag(argparse.Action):
+    """A hidden old spelling of a flag: stores into the new flag's field and prints one line."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, **kw)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        deprecation(option_string or self.option_strings[0], self.new)
+        setattr(namespace, self.dest, values)
+
+
+def _comma_list(item: type, flag: str, none: str | None = None) -> Callable[[str], tuple]:
     def parse(text: str) -> tuple:
         out: list = []
         for part in (p.strip() for p in text.split(",")):
-            if allow_all and part == "all":
+            if none and part.lower() == none:
                 out.append(None)
             elif part:
                 try:
                     out.append(item(part))
                 except ValueError:
                     kind = "an integer" if item is int else "a number" if item is float else "valid"
-                    raise UserError(f"{flag}: {part!r} is not {kind}{' or all' if allow_all else ''}") from None
+                    raise UserError(f"{flag}: {part!r} is not {kind}{f' or {none}' if none else ''}") from None
         if not out:
             raise UserError(f"{flag} needs a comma-separated list")
         return tuple(out)
@@ -41,45 +57,103 @@ def _comma_list(item: type, flag: str, allow_all: bool = False):
     return parse
 
 
-def _converter(annotation: str, flag: str):
-    """(argparse keywords, parser of the given text or None) for a field's type annotation (a
-    string: annotations are postponed). Lists and label maps are parsed after argparse, so a
-    mistake in them is a one-line ``UserError`` like every other."""
+def _number_or(item: type, flag: str, none: str, zero_was_none: bool) -> Callable[[str], Any]:
+    """Parser of a number flag whose ``None`` is typed as the word ``none`` (``all``, ``never``);
+    ``zero_was_none``: ``0`` was the old spelling of that word (still read, with a warning)."""
+
+    def parse(text: str) -> Any:
+        if text.strip().lower() == none:
+            return None
+        try:
+            value = item(text)
+        except ValueError:
+            raise UserError(f"{flag}: {text!r} is not {'an integer' if item is int else 'a number'} or {none}") from None
+        if zero_was_none and value == 0:
+            deprecation(f"{flag} 0", f"{flag} {none}")
+            return None
+        return value
+
+    return parse
+
+
+_METAVARS = {"int": "N", "float": "X", "str": "TEXT"}
+# flags whose 0 meant "all" before the word was typeable: (config class, field)
+ZERO_WAS_ALL = {("MultitaskConfig", "per_task"), ("ContinualConfig", "per_task"), ("ContinualConfig", "test_per_task")}
+
+
+def _converter(cls: type, f: dataclasses.Field, flag: str) -> tuple[dict[str, Any], Callable[[str], Any] | None]:
+    """(argparse keywords, parser of the given text or None) for a field: its type annotation (a
+    string: annotations are postponed) and its declared metadata. Lists, label maps and numbers
+    with a word for None are parsed after argparse, so a mistake in them is a one-line
+    ``UserError`` like every other."""
+    annotation, meta = str(f.type), f.metadata
     base = annotation[: -len(" | None")] if annotation.endswith(" | None") else annotation
+    none, choices = meta.get("none"), meta.get("choices")
     simple = {"int": int, "float": float, "str": str}
+    if base in simple and none:
+        zero = (cls.__name__, f.name) in ZERO_WAS_ALL
+        return {"metavar": f"{_METAVARS[base]}|{none}"}, _number_or(simple[base], flag, none, zero)
+    if base == "str" and choices and all(":" not in c for c in choices):
+        return {"choices": choices}, None
     if base in simple:
-        return {"type": simple[base]}, None
+        own = flag.lstrip("-").upper().replace("-", "_")  # a str flag's value is named after the flag
+        return {"type": simple[base], "metavar": meta.get("metavar") or (own if base == "str" else _METAVARS[base])}, None
     if base == "bool":
         return {"action": argparse.BooleanOptionalAction}, None
-    lists = {"tuple[int | None, ...]": (int, True), "tuple[int, ...]": (int, False),
-             "tuple[str, ...]": (str, False), "tuple[float, ...]": (float, False)}
+    lists = {"tuple[int | None, ...]": int, "tuple[int, ...]": int, "tuple[str, ...]": str, "tuple[float, ...]": float}
     if base in lists:
-        item, allow_all = lists[base]
-        return {"metavar": "A,B,..."}, _comma_list(item, flag, allow_all)
+        return {"metavar": "A,B,..."}, _comma_list(lists[base], flag, none)
     if base == "dict[str, str]":
         return {"metavar": "K=V,..."}, parse_verbalizer
     raise TypeError(f"no CLI flag for a field of type {annotation}")
 
 
+def _shown_default(f: dataclasses.Field) -> str | None:
+    """The default as a user would type it, or None where there is nothing to show."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    none = f.metadata.get("none")
+    if isinstance(default, tuple):
+        return ",".join(none or "" if v is None else str(v) for v in default) or None
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if default is None:
+        return none
+    return str(default)
+
+
+def flag_help(f: dataclasses.Field, text: str | None = None, listed: bool = False) -> str:
+    """A field's help line: its declared help (or ``text``), its choices unless argparse lists
+    them (``listed``), and the default, once."""
+    out = text or f.metadata["help"]
+    choices = f.metadata.get("choices")
+    if choices and not listed:
+        out += f"; one of {', '.join(choices)}"
+    shown = _shown_default(f)
+    return (out + (f" (default {shown})" if shown is not None else "")).replace("%", "%%")
+
+
 _CONVERT: dict[tuple[str, str], Any] = {}  # (config class, field) -> parser of the flag's text
 
 
-def add_flags(parser, cls, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = (),
-              rename: dict[str, str] | None = None, helps: dict[str, str] | None = None) -> None:
-    """One ``--flag`` per field of ``cls`` (or of ``only``): type from the annotation, help from the
-    field's comment and its default. A flag not given stays None, so ``given`` leaves the default
-    to the dataclass. ``rename`` maps a field to another flag name; ``helps`` overrides a help."""
-    docs = {**field_docs(cls), **(helps or {})}
-    rename = rename or {}
+def add_flags(parser: Any, cls: type, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = (),
+              rename: dict[str, str] | None = None, helps: dict[str, str] | None = None,
+              old: dict[str, str] | None = None) -> None:
+    """One ``--flag`` per field of ``cls`` (or of ``only``): type, choices and help from the
+    field's annotation and declared metadata (``config.option``), the default printed once. A
+    flag not given stays None, so ``given`` leaves the default to the dataclass. ``rename`` maps a
+    field to another flag name; ``helps`` overrides a help; ``old`` maps a field to its previous
+    flag name, kept hidden for one release with a deprecation line."""
+    rename, old = rename or {}, old or {}
     for f in dataclasses.fields(cls):
         if (only is not None and f.name not in only) or f.name in skip:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        shown = ",".join("all" if v is None else str(v) for v in default) if isinstance(default, tuple) else default
-        text = f"{docs.get(f.name, '')} (default {shown})".replace("%", "%%")
         flag = "--" + rename.get(f.name, f.name).replace("_", "-")
-        kw, convert = _converter(str(f.type), flag)
+        kw, convert = _converter(cls, f, flag)
+        text = flag_help(f, (helps or {}).get(f.name), listed="choices" in kw)
         parser.add_argument(flag, dest=f.name, default=None, help=text, **kw)
+        if f.name in old:
+            parser.add_argument("--" + old[f.name], dest=f.name, default=None, help=argparse.SUPPRESS,
+                                action=_DeprecatedFlag, new=flag, **{k: v for k, v in kw.items() if k != "action"})
         if convert is not None:
             _CONVERT[(cls.__name__, f.name)] = convert
 
@@ -120,17 +194,28 @@ def add_data_root_flag(p) -> None:
     p.add_argument("--data-root", help="where task recipes find their files (default $SOFTPROMPT_DATA or ../shared/data)")
 
 
-DATA_RENAME = {"path": "data", "eval_path": "eval-data"}
-
-
-def add_data_flags(p, only: tuple[str, ...], title: str = "data", helps: dict[str, str] | None = None) -> None:
-    """``--task``, ``--data-root`` and the DataConfig fields in ``only`` (``path`` is ``--data``)."""
+def add_data_flags(p: Any, only: tuple[str, ...], title: str = "data", helps: dict[str, str] | None = None,
+                   rename: dict[str, str] | None = None, old: dict[str, str] | None = None) -> None:
+    """``--task``, ``--data-root`` and the DataConfig fields in ``only`` (``path`` is ``--data``;
+    ``rename`` and ``old`` as in ``add_flags``)."""
     from softprompt.config import DataConfig
 
     g = p.add_argument_group(title)
     g.add_argument("--task", help="a task recipe (sst2, trec, agnews, rte, boolq, cb, ...) or a recipe .json file")
     add_data_root_flag(g)
-    add_flags(g, DataConfig, only=only, rename=DATA_RENAME, helps=helps)
+    add_flags(g, DataConfig, only=only, rename={"path": "data", **(rename or {})}, helps=helps, old=old)
+
+
+def as_typed(message: str, parser: argparse.ArgumentParser) -> str:
+    """An error message with each field's canonical flag (``--eval-limit``) replaced by the flag
+    this command spells it with (``--dev-limit``), so the message names what the user types."""
+    for act in parser._actions:
+        if not act.option_strings or isinstance(act, _DeprecatedFlag):
+            continue
+        canonical, typed = "--" + act.dest.replace("_", "-"), act.option_strings[0]
+        if canonical != typed:
+            message = re.sub(re.escape(canonical) + r"(?![\w-])", typed, message)
+    return message
 
 
 def unescape(text: str | None) -> str | None:

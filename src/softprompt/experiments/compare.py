@@ -54,8 +54,8 @@ def quick(cfg: CompareConfig) -> CompareConfig:
         cfg,
         lr_sweep={m: v[:1] for m, v in cfg.lr_sweep.items()},
         budget=cfg.budget or 3,
-        eval_limit=min(cfg.eval_limit or 8, 8),
-        test_limit=min(cfg.test_limit or 16, 16),
+        dev_sample=min(cfg.dev_sample or 8, 8),
+        test_sample=min(cfg.test_sample or 16, 16),
         latency_requests=2,
         few_shot_tokens=min(cfg.few_shot_tokens, 128),
         few_shot_max_k=4,
@@ -83,7 +83,7 @@ class Context:
         return self.lm.tokenizer.pad_token_id
 
     def accuracy(self, score, examples, cfg: DataConfig) -> dict:
-        tok, bs = self.lm.tokenizer, self.tcfg.eval_batch_size
+        tok, bs = self.lm.tokenizer, self.tcfg.eval_max_batch_rows
         return E.classify_metrics(score, tok, examples, cfg.verbalizer, self.pad, bs)
 
     def latency(self, score, test, cfg: DataConfig) -> dict[str, float]:
@@ -329,7 +329,7 @@ def run(
 
     t_start = time.perf_counter()
     load_start = loadavg()
-    splits = CD.load_splits(lm.tokenizer, data_cfg, task, eval_limit=ccfg.eval_limit, test_limit=ccfg.test_limit,
+    splits = CD.load_splits(lm.tokenizer, data_cfg, task, dev_sample=ccfg.dev_sample, test_sample=ccfg.test_sample,
                             dev_fraction=ccfg.dev_fraction, data_seed=ccfg.data_seed)
     ctx = Context(lm, splits, ccfg, tcfg or TrainConfig(), pcfg or PromptConfig(), say or (lambda _: None), progress)
     before = weights_digest(lm.model)

@@ -113,8 +113,8 @@ def load_splits(
     data_cfg: DataConfig,
     task: str | None,
     *,
-    eval_limit: int | None = None,
-    test_limit: int | None = None,
+    dev_sample: int | None = None,
+    test_sample: int | None = None,
     dev_fraction: float = 0.1,
     data_seed: int = 0,
 ) -> Splits:
@@ -145,8 +145,8 @@ def load_splits(
         pool_rows=sorted(order[n_dev + n_test :]),
         dev_rows=dev_rows,
         test_rows=test_rows,
-        dev_pick=_sample(dev_total, eval_limit, "dev", data_seed),
-        test_pick=_sample(test_total, test_limit, "test", data_seed),
+        dev_pick=_sample(dev_total, dev_sample, "dev", data_seed),
+        test_pick=_sample(test_total, test_sample, "test", data_seed),
         info={},
         candidates=[data_cfg.template]
         + [t for t in recipe.get("hand_templates", []) if t != data_cfg.template],

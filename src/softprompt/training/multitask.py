@@ -138,7 +138,7 @@ def train_multitask(lm, mcfg: MultitaskConfig, prompt_cfg: PromptConfig, train_c
         raise UserError("--init labels needs one task's label words; use random, vocab, text or prompt:NAME for a mix")
     shared = TR.initial_prompt(lm, prompt_cfg, DataConfig(), train_cfg.seed, force)
     method = MultitaskMethod(lm.model, shared, len(tasks), fast=train_cfg.fast_forward)
-    evaluator = make_evaluator(method, tok, tasks, train_cfg.eval_batch_size)
+    evaluator = make_evaluator(method, tok, tasks, train_cfg.eval_max_batch_rows)
     ckpt = TR.runs_dir(name) / "checkpoint" if save else None
     res = fit(method, mix, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress)
     method.load_state(res.state)

@@ -49,11 +49,11 @@ def make_evaluator(method, tokenizer, eval_examples, data_cfg, cfg: TrainConfig,
         return None
 
     def run() -> dict:
-        loss = eval_loss(method, eval_examples, pad_id, cfg.eval_batch_size)
+        loss = eval_loss(method, eval_examples, pad_id, cfg.eval_max_batch_rows)
         out = E.loss_metrics(loss)
         out["score"] = -loss
         if data_cfg.verbalizer:
-            acc = E.classify_metrics(method.score, tokenizer, eval_examples, data_cfg.verbalizer, pad_id, cfg.eval_batch_size)
+            acc = E.classify_metrics(method.score, tokenizer, eval_examples, data_cfg.verbalizer, pad_id, cfg.eval_max_batch_rows)
             out["accuracy"] = acc["accuracy"]
             out["score"] = acc["accuracy"] - 1e-6 * loss  # ties broken by loss
         return out

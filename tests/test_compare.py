@@ -209,7 +209,7 @@ def test_cli_compare_sizes_seeds_and_report(tiny_model_dir, sp_home, toy_csv, tm
     "bad, message",
     [
         (["--methods", "zero-shot,magic"], "unknown magic"),
-        (["--lr", "lora:1e-3"], "METHOD=LR"),
+        (["--lr-sweep", "lora:1e-3"], "METHOD=LR"),
         (["--train-sizes", "32,lots"], "not an integer"),
     ],
 )

@@ -186,7 +186,7 @@ class TrainConfig(_JsonMixin):
         _check(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         _check(self.steps is None or self.steps > 0, f"--steps must be positive, got {self.steps}")
         _check(self.patience is None or self.patience > 0, f"--patience must be positive or never, got {self.patience}")
-        _check(self.eval_max_batch_rows > 0, f"eval_max_batch_rows must be positive, got {self.eval_max_batch_rows}")
+        _positive(self, ("eval_max_batch_rows",))
         _check(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         _check(self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}")
         _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -111,7 +111,7 @@ def add_generate_parser(sub) -> None:
     add_device_flags(g)
     add_flags(g, GenerateConfig)
     add_flags(g, DataConfig, only=CHAT_FIELDS, helps={
-        "chat": "the text is a user turn in the model's chat template (default: as the prompt was trained)"})
+        "chat": "the text is a user turn in the model's chat template (not given: as the prompt was trained)"})
     g.add_argument("text", help="the input text")
     g.set_defaults(func=cmd_generate)
 

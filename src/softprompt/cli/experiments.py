@@ -16,6 +16,7 @@ from softprompt.cli.flags import (
     add_data_flags,
     add_flags,
     add_model_flags,
+    add_old_flag,
     add_prompt_train_flags,
     command_line,
     data_config,
@@ -51,8 +52,10 @@ def add_compare_parser(sub) -> None:
     r = c.add_argument_group("comparison")
     add_flags(r, CompareConfig, skip=("lr_sweep",), old={"dev_sample": "eval-limit", "test_sample": "test-limit"})
     sweep = CompareConfig().lr_sweep
-    r.add_argument("--lr", action="append", metavar="METHOD=LR[/LR...]", help="learning rates to sweep for a method (repeatable); "
+    r.add_argument("--lr-sweep", dest="lr_sweep", action="append", metavar="METHOD=LR[/LR...]",
+                   help="learning rates to sweep for a method (repeatable); "
                    + "; ".join(f"{k} {'/'.join(f'{v:g}' for v in vs)}" for k, vs in sweep.items()) + " by default")
+    add_old_flag(r, "--lr", "--lr-sweep", "lr_sweep", append=True)
     add_flags(r, TrainConfig, only=("epochs",), helps={"epochs": "epochs per run without --budget"})
     add_flags(r, PromptConfig, only=("num_virtual_tokens", "init"))
     r.add_argument("--quick", action="store_true", help="smoke test: one lr per method, 3 steps, a few rows")
@@ -72,14 +75,14 @@ def compare_config(a) -> CompareConfig:
     from softprompt.experiments.compare import quick
 
     sweep = dict(CompareConfig().lr_sweep)
-    for item in a.lr or []:
+    for item in a.lr_sweep or []:
         method, sep, lrs = item.partition("=")
         try:
             sweep[method.strip()] = tuple(float(x) for x in lrs.split("/"))
         except ValueError:
-            raise UserError(f"--lr {item!r}: expected METHOD=LR[/LR...], e.g. lora=1e-3/3e-4") from None
+            raise UserError(f"--lr-sweep {item!r}: expected METHOD=LR[/LR...], e.g. lora=1e-3/3e-4") from None
         if not sep or method.strip() not in sweep:
-            raise UserError(f"--lr {item!r}: METHOD must be one of {', '.join(sweep)}")
+            raise UserError(f"--lr-sweep {item!r}: METHOD must be one of {', '.join(sweep)}")
     cfg = from_args(CompareConfig, a, lr_sweep=sweep)
     return quick(cfg) if a.quick else cfg
 

@@ -28,14 +28,20 @@ def deprecation(old: str, new: str) -> None:
 class _DeprecatedFlag(argparse.Action):
     """A hidden old spelling of a flag: stores into the new flag's field and prints one line."""
 
-    def __init__(self, option_strings: list[str], dest: str, new: str, **kw: Any) -> None:
+    def __init__(self, option_strings: list[str], dest: str, new: str, append: bool = False, **kw: Any) -> None:
         super().__init__(option_strings, dest, **kw)
-        self.new = new
+        self.new, self.append = new, append
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
         deprecation(option_string or self.option_strings[0], self.new)
-        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), values] if self.append else values)
+
+
+def add_old_flag(parser: Any, old: str, new: str, dest: str, append: bool = False, **kw: Any) -> None:
+    """``old``, hidden, as a deprecated spelling of ``new`` (which stores into ``dest``)."""
+    parser.add_argument(old, dest=dest, default=None, help=argparse.SUPPRESS, action=_DeprecatedFlag, new=new,
+                        append=append, **kw)
 
 
 def _comma_list(item: type, flag: str, none: str | None = None) -> Callable[[str], tuple]:
@@ -123,12 +129,12 @@ def _shown_default(f: dataclasses.Field) -> str | None:
 
 def flag_help(f: dataclasses.Field, text: str | None = None, listed: bool = False) -> str:
     """A field's help line: its declared help (or ``text``), its choices unless argparse lists
-    them (``listed``), and the default, once."""
+    them (``listed``), and the default, once (unless the text says what "not given:" means)."""
     out = text or f.metadata["help"]
     choices = f.metadata.get("choices")
     if choices and not listed:
         out += f"; one of {', '.join(choices)}"
-    shown = _shown_default(f)
+    shown = None if "not given:" in out else _shown_default(f)  # the text says what not giving it means
     return (out + (f" (default {shown})" if shown is not None else "")).replace("%", "%%")
 
 
@@ -152,8 +158,7 @@ def add_flags(parser: Any, cls: type, only: tuple[str, ...] | None = None, skip:
         text = flag_help(f, (helps or {}).get(f.name), listed="choices" in kw)
         parser.add_argument(flag, dest=f.name, default=None, help=text, **kw)
         if f.name in old:
-            parser.add_argument("--" + old[f.name], dest=f.name, default=None, help=argparse.SUPPRESS,
-                                action=_DeprecatedFlag, new=flag, **{k: v for k, v in kw.items() if k != "action"})
+            add_old_flag(parser, "--" + old[f.name], flag, f.name, **{k: v for k, v in kw.items() if k != "action"})
         if convert is not None:
             _CONVERT[(cls.__name__, f.name)] = convert
 

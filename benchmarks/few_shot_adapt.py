@@ -39,7 +39,7 @@ from softprompt import models  # noqa: E402
 from softprompt.config import PromptConfig, TrainConfig  # noqa: E402
 from softprompt.provenance import atomic_write, save_figure, write_json  # noqa: E402
 from softprompt.training import loop as LP  # noqa: E402
-from softprompt.training import methods as M  # noqa: E402
+from softprompt.training import methods  # noqa: E402
 from softprompt.training import multitask as MT  # noqa: E402
 from softprompt.training import transfer as TF  # noqa: E402
 from softprompt.training import tune as TR  # noqa: E402
@@ -50,7 +50,7 @@ INITS = ("vocab", "multitask", "transfer")
 
 def curve_fit(lm, td: MT.TaskData, init: torch.Tensor, tcfg: TrainConfig) -> dict:
     """Train from ``init`` on the task's shots; dev accuracy before training and every epoch."""
-    method = M.PromptMethod(lm.model, init)
+    method = methods.PromptMethod(lm.model, init)
     ev = TR.make_evaluator(method, lm.tokenizer, td.dev, td.cfg, tcfg, lm.tokenizer.pad_token_id)
     start = ev()["accuracy"]
     res = LP.fit(method, td.train, tcfg, lm.tokenizer.pad_token_id, ev, progress=False)

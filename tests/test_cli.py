@@ -13,7 +13,7 @@ import torch
 from softprompt import cli, store
 from softprompt.config import home
 from softprompt.training import loop as LP
-from softprompt.training import methods as M
+from softprompt.training import methods
 from softprompt.training import tune as TR
 
 OUTER_HOME = home()  # the user's home before the tests isolate it (only read, never written)
@@ -249,7 +249,7 @@ def train_args(tiny: str, csv: Path, name: str, *extra: str) -> list[str]:
 
 
 def test_ctrl_c_exits_130_and_resume_continues(capsys, sp_home, tiny, toy_csv, monkeypatch):
-    real = M.PromptMethod.loss
+    real = methods.PromptMethod.loss
     calls = {"n": 0}
 
     def ctrl_c_mid_epoch_2(self, batch):
@@ -259,14 +259,14 @@ def test_ctrl_c_exits_130_and_resume_continues(capsys, sp_home, tiny, toy_csv, m
                 raise KeyboardInterrupt
         return real(self, batch)
 
-    monkeypatch.setattr(M.PromptMethod, "loss", ctrl_c_mid_epoch_2)
+    monkeypatch.setattr(methods.PromptMethod, "loss", ctrl_c_mid_epoch_2)
     rc, out, err = run_cli(capsys, train_args(tiny, toy_csv, "job"))
     assert rc == 130 and "--resume" in err and "Traceback" not in err
     assert store.list_prompts() == []  # no half-trained prompt in the store
     ckpt = store.load_checkpoint(TR.runs_dir("job") / "checkpoint")
     assert ckpt is not None and ckpt[1]["epoch"] == 1 and ckpt[1]["step"] == 3
 
-    monkeypatch.setattr(M.PromptMethod, "loss", real)
+    monkeypatch.setattr(methods.PromptMethod, "loss", real)
     rc, out, err = run_cli(capsys, train_args(tiny, toy_csv, "job", "--resume"))
     assert rc == 0, err
     assert store.list_prompts() == ["job"] and "job" in out
@@ -301,14 +301,14 @@ def test_resume_with_other_prompt_shape_is_a_user_error(
 def test_non_finite_loss_exits_1_and_keeps_a_finite_prompt(
     capsys, sp_home, tiny, toy_csv, monkeypatch
 ):
-    real = M.PromptMethod.loss
+    real = methods.PromptMethod.loss
     calls = {"n": 0}
 
     def nan_on_third(self, batch):
         calls["n"] += 1
         return torch.tensor(float("nan")) if calls["n"] == 3 else real(self, batch)
 
-    monkeypatch.setattr(M.PromptMethod, "loss", nan_on_third)
+    monkeypatch.setattr(methods.PromptMethod, "loss", nan_on_third)
     rc, out, err = run_cli(capsys, train_args(tiny, toy_csv, "nan"))
     assert rc == 1
     assert "non-finite loss" in out

@@ -21,13 +21,12 @@ from softprompt.config import (
     UserError,
     data_root,
 )
-from softprompt.experiments import compare as C
+from softprompt.experiments import compare, compare_plots
 from softprompt.experiments import compare_data as CD
-from softprompt.experiments import compare_plots
 from softprompt.experiments import compare_report as R
 from softprompt.forward import sequence_logprobs
 from softprompt.provenance import write_json
-from softprompt.training import methods as M
+from softprompt.training import methods
 
 VERB = {"0": "negative", "1": "positive"}
 N = 4  # virtual tokens in these tests
@@ -41,16 +40,16 @@ def lora_expected(model) -> int:
     """LoRA rank 8 adds r * (in + out) per adapted linear layer (A: r x in, B: out x r)."""
     total = 0
     for name, mod in model.named_modules():
-        if name.rsplit(".", 1)[-1] in M.lora_targets(model):
+        if name.rsplit(".", 1)[-1] in methods.lora_targets(model):
             w = mod.weight  # Linear: (out, in); GPT-2 Conv1D: (in, out)
-            total += M.LORA_RANK * (w.shape[0] + w.shape[1])
+            total += methods.LORA_RANK * (w.shape[0] + w.shape[1])
     return total
 
 
 def test_every_method_end_to_end_base_unchanged(tiny_lm, toy_csv, tmp_path):
     before = {k: v.detach().clone() for k, v in tiny_lm.model.state_dict().items()}
-    ccfg = C.quick(C.CompareConfig(methods=COMPARE_METHODS))  # every method, deep and residual prompts included
-    doc = C.run(
+    ccfg = compare.quick(compare.CompareConfig(methods=COMPARE_METHODS))  # every method, deep and residual prompts included
+    doc = compare.run(
         tiny_lm,
         toy_cfg(toy_csv),
         None,
@@ -138,15 +137,15 @@ def test_every_method_end_to_end_base_unchanged(tiny_lm, toy_csv, tmp_path):
 
 def test_lora_and_full_counts_on_gpt2(tiny_model_dir, sp_home):
     lm = models.load(str(tiny_model_dir("gpt2")))
-    lora = M.LoraMethod(lm.model)
-    assert M.lora_targets(lm.model) == ["c_attn"]
+    lora = methods.LoraMethod(lm.model)
+    assert methods.lora_targets(lm.model) == ["c_attn"]
     assert (
         lora.trainable_parameters()
         == lora_expected(lm.model)
         == sum(p.numel() for p in lora.parameters())
     )
-    full = M.FullMethod(lm.model)
-    assert full.trainable_parameters() == M.unique_parameters(lm.model)
+    full = methods.FullMethod(lm.model)
+    assert full.trainable_parameters() == methods.unique_parameters(lm.model)
     assert all(not p.requires_grad for p in lm.model.parameters())  # the copies are private
 
 
@@ -254,11 +253,11 @@ def test_splits_fixed_and_train_sets_nested(tiny_lm, toy_csv):
 def test_few_shot_prefix_equals_concatenation(tiny_lm, toy_csv):
     cfg = toy_cfg(toy_csv)
     ex = D.load_file(tiny_lm.tokenizer, cfg, str(toy_csv), None)
-    ids, text, k = M.choose_demos(tiny_lm.tokenizer, ex[:12], VERB, budget=60, seed=0, max_k=8)
+    ids, text, k = methods.choose_demos(tiny_lm.tokenizer, ex[:12], VERB, budget=60, seed=0, max_k=8)
     assert 2 <= k <= 8 and len(ids) <= 60 and text.count("\n\n") == k
     assert {"negative", "positive"} <= set(text.split())  # both classes shown
-    assert M.choose_demos(tiny_lm.tokenizer, ex[:12], VERB, 60, 0, 8)[0] == ids  # seeded
-    hp = M.HandPrompt(tiny_lm.model, ids, text)
+    assert methods.choose_demos(tiny_lm.tokenizer, ex[:12], VERB, 60, 0, 8)[0] == ids  # seeded
+    hp = methods.HandPrompt(tiny_lm.model, ids, text)
     for rows in (ex[12:16], ex[16:19]):  # the second batch reuses the demonstrations' cached keys/values
         fast = hp.score(D.collate(rows, tiny_lm.tokenizer.pad_token_id))
         cat = [
@@ -294,11 +293,11 @@ def test_superglue_recipes_match_their_files(tiny_lm, task, n_labels, monkeypatc
 
 
 def test_interrupted_comparison_resumes_without_redoing_finished_runs(tiny_lm, toy_csv, tmp_path, monkeypatch):
-    ccfg = C.quick(C.CompareConfig(methods=("zero-shot", "prompt-tuning", "lora"), seeds=(0, 1)))
+    ccfg = compare.quick(compare.CompareConfig(methods=("zero-shot", "prompt-tuning", "lora"), seeds=(0, 1)))
     pcfg, cfg = PromptConfig(num_virtual_tokens=N), toy_cfg(toy_csv)
-    whole = C.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg)  # uninterrupted, no journal
+    whole = compare.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg)  # uninterrupted, no journal
     journal = tmp_path / "compare_toy.runs.jsonl"
-    real, calls = C.run_one, []
+    real, calls = compare.run_one, []
 
     def run_one(ctx, n, seed, method):
         calls.append((method, seed))
@@ -306,16 +305,16 @@ def test_interrupted_comparison_resumes_without_redoing_finished_runs(tiny_lm, t
             raise KeyboardInterrupt  # Ctrl-C in the fourth run
         return real(ctx, n, seed, method)
 
-    monkeypatch.setattr(C, "run_one", run_one)
+    monkeypatch.setattr(compare, "run_one", run_one)
     with pytest.raises(KeyboardInterrupt):
-        C.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal)
+        compare.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal)
     assert len(journal.read_text().splitlines()) == 1 + 3  # settings + three finished runs
     with pytest.raises(UserError, match="--resume"):  # never silently started again
-        C.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal)
+        compare.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal)
     with pytest.raises(UserError, match="other settings"):
-        C.run(tiny_lm, cfg, None, C.quick(C.CompareConfig(methods=("zero-shot",))), pcfg=pcfg, journal=journal, resume=True)
+        compare.run(tiny_lm, cfg, None, compare.quick(compare.CompareConfig(methods=("zero-shot",))), pcfg=pcfg, journal=journal, resume=True)
     calls.clear()
-    resumed = C.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal, resume=True)
+    resumed = compare.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal, resume=True)
     assert calls == [("prompt-tuning", 1), ("lora", 1)]  # only the unfinished runs ran
     key = lambda r: (r["method"], r["seed"])  # noqa: E731
     got = {key(r): r["test_accuracy"] for r in resumed["runs"]}

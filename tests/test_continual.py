@@ -10,7 +10,7 @@ import torch
 
 from softprompt.cli import main
 from softprompt.config import PromptConfig, TrainConfig, UserError
-from softprompt.experiments import continual as C
+from softprompt.experiments import continual
 from softprompt.training import multitask as MT
 
 
@@ -20,9 +20,9 @@ def _tasks(toy_tasks):
 
 def test_prompt_methods_forget_nothing_bit_for_bit(tiny_lm, toy_tasks):
     before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
-    ccfg = C.ContinualConfig(tasks=_tasks(toy_tasks), methods=("prompt", "progressive", "full"), per_task=16,
+    ccfg = continual.ContinualConfig(tasks=_tasks(toy_tasks), methods=("prompt", "progressive", "full"), per_task=16,
                              test_per_task=8, stage_steps=3, lr_full=1e-3)
-    doc = C.run(tiny_lm, ccfg, PromptConfig(num_virtual_tokens=2), TrainConfig(lr=0.3))
+    doc = continual.run(tiny_lm, ccfg, PromptConfig(num_virtual_tokens=2), TrainConfig(lr=0.3))
     by = {r["method"]: r for r in doc["results"]}
     for kind in ("prompt", "progressive"):
         r = by[kind]
@@ -40,7 +40,7 @@ def test_prompt_methods_forget_nothing_bit_for_bit(tiny_lm, toy_tasks):
 
 def test_the_bit_identity_check_can_fail(tiny_lm, toy_tasks, monkeypatch):
     """If stage i+1 disturbed task i's prompt, the run must say so."""
-    real = C._Learner.learn
+    real = continual._Learner.learn
 
     def learn_and_disturb(self, i, task):
         out = real(self, i, task)
@@ -48,16 +48,16 @@ def test_the_bit_identity_check_can_fail(tiny_lm, toy_tasks, monkeypatch):
             self.prompts[0] = self.prompts[0] + 1e-3
         return out
 
-    monkeypatch.setattr(C._Learner, "learn", learn_and_disturb)
-    ccfg = C.ContinualConfig(tasks=_tasks(toy_tasks)[:2], methods=("prompt",), per_task=8, test_per_task=8, stage_steps=1)
-    r = C.run(tiny_lm, ccfg, PromptConfig(num_virtual_tokens=2), TrainConfig())["results"][0]
+    monkeypatch.setattr(continual._Learner, "learn", learn_and_disturb)
+    ccfg = continual.ContinualConfig(tasks=_tasks(toy_tasks)[:2], methods=("prompt",), per_task=8, test_per_task=8, stage_steps=1)
+    r = continual.run(tiny_lm, ccfg, PromptConfig(num_virtual_tokens=2), TrainConfig())["results"][0]
     assert not r["bit_identical"] and r["max_abs_score_change"] > 0
 
 
 def test_progressive_serves_task_j_with_all_prompts_up_to_j(tiny_lm, toy_tasks):
-    ccfg = C.ContinualConfig(tasks=_tasks(toy_tasks), methods=("progressive",), per_task=8, test_per_task=8, stage_steps=1)
-    tasks = [C._Task(MT.load_task(tiny_lm.tokenizer, t, 8, 8, 0), []) for t in ccfg.tasks]
-    learner = C._Learner("progressive", tiny_lm, PromptConfig(num_virtual_tokens=2), TrainConfig(), ccfg)
+    ccfg = continual.ContinualConfig(tasks=_tasks(toy_tasks), methods=("progressive",), per_task=8, test_per_task=8, stage_steps=1)
+    tasks = [continual._Task(MT.load_task(tiny_lm.tokenizer, t, 8, 8, 0), []) for t in ccfg.tasks]
+    learner = continual._Learner("progressive", tiny_lm, PromptConfig(num_virtual_tokens=2), TrainConfig(), ccfg)
     for i, t in enumerate(tasks):
         learner.learn(i, t)
     assert [p.shape[0] for p in learner.prompts] == [2, 4, 6]
@@ -66,15 +66,15 @@ def test_progressive_serves_task_j_with_all_prompts_up_to_j(tiny_lm, toy_tasks):
 
 def test_forgetting_definition():
     m = [[0.9, None, None], [0.7, 0.8, None], [0.6, 0.5, 0.9]]
-    assert C.forgetting(m) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.5)) / 2)
+    assert continual.forgetting(m) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.5)) / 2)
 
 
 def test_worst_drop_sees_a_fall_that_the_last_stage_hides():
     # task 0 falls from 0.9 to 0.5 at stage 2, then a similar task brings it back to 0.9
     m = [[0.9, None, None], [0.5, 0.8, None], [0.9, 0.8, 0.7]]
-    assert C.forgetting(m) == pytest.approx(0.0)
-    assert C.worst_drop(m) == pytest.approx(0.4)
-    assert C.worst_drop([[0.9]]) is None and C.forgetting([[0.9]]) is None
+    assert continual.forgetting(m) == pytest.approx(0.0)
+    assert continual.worst_drop(m) == pytest.approx(0.4)
+    assert continual.worst_drop([[0.9]]) is None and continual.forgetting([[0.9]]) is None
 
 
 def test_continual_command_writes_json_markdown_png(tiny_model_dir, sp_home, toy_tasks, tmp_path):
@@ -89,7 +89,7 @@ def test_continual_command_writes_json_markdown_png(tiny_model_dir, sp_home, toy
     assert "| prompt |" in md and "forgetting" in md
     assert (out / "continual_toy.png").stat().st_size > 1000
     with pytest.raises(UserError, match="unknown"):
-        C.ContinualConfig(tasks=("a", "b"), methods=("lora",))
+        continual.ContinualConfig(tasks=("a", "b"), methods=("lora",))
     assert main(["continual", "--tasks", "sst2"]) == 2
     assert main(["continual"]) == 2  # neither --tasks nor --report
 

@@ -16,7 +16,7 @@ import torch
 from softprompt import cli, models, store
 from softprompt import forward as FW
 from softprompt.config import GenerateConfig, UserError
-from softprompt.forward import deep as D
+from softprompt.forward import deep
 from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest, ScoreRequest
 from softprompt.prompt import kv_of_embeddings, make_deep_prompt, make_prompt
 
@@ -100,7 +100,7 @@ def test_saved_deep_prompt_loads_in_peft_with_our_logits(lm, tmp_path):
     b = batch(lm)
     with torch.no_grad():
         theirs = pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        ours = lm.model.get_output_embeddings()(D.deep_forward_hidden(lm.model, kv, b["input_ids"], b["attention_mask"]))
+        ours = lm.model.get_output_embeddings()(deep.deep_forward_hidden(lm.model, kv, b["input_ids"], b["attention_mask"]))
     sel = b["attention_mask"].bool()
     torch.testing.assert_close(ours[sel], theirs[sel], atol=1e-5, rtol=0)
 

@@ -13,7 +13,7 @@ from softprompt import data as D
 from softprompt import models, store
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import prompt_loss
-from softprompt.training import methods as M
+from softprompt.training import methods
 from softprompt.training import tune as TR
 
 VERB = {"0": "negative", "1": "positive"}
@@ -90,10 +90,10 @@ def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch, kind, repar
 
 def test_deep_method_refuses_a_shallow_tensor_and_t5(tiny_lm, tiny_model_dir):
     with pytest.raises(UserError, match="deep prompt is"):
-        M.DeepPromptMethod(tiny_lm.model, torch.zeros(4, tiny_lm.hidden_size))
+        methods.DeepPromptMethod(tiny_lm.model, torch.zeros(4, tiny_lm.hidden_size))
     t5 = models.load(str(tiny_model_dir("t5")))
     with pytest.raises(UserError, match="encoder-decoder"):
-        M.DeepPromptMethod(t5.model, torch.zeros(2, 2, 4, 4, 16))
+        methods.DeepPromptMethod(t5.model, torch.zeros(2, 2, 4, 4, 16))
 
 
 @pytest.mark.parametrize("extra,match", [

@@ -12,10 +12,9 @@ import json
 import pytest
 import torch
 
-from softprompt import cli, forward, store
+from softprompt import cli, forward, metrics, store
 from softprompt import data as D
 from softprompt import evaluate as EV
-from softprompt import metrics as E
 from softprompt.config import DataConfig, EvalConfig
 from softprompt.inference.engine import Engine
 
@@ -69,12 +68,12 @@ def test_engine_classification_agrees_with_training_scorer(tiny_lm, toy_csv):
     for name in ("a", None):
         scores = EV.engine_label_scores(eng, exs, list(VERB.values()), [name])[0]
         prompt = eng.bank.get(name)[0].embeddings if name else None
-        ref = E.label_scores(lambda b: forward.sequence_logprobs(tiny_lm.model, prompt, **b), tiny_lm.tokenizer,  # noqa: B023 - called within this iteration
+        ref = metrics.label_scores(lambda b: forward.sequence_logprobs(tiny_lm.model, prompt, **b), tiny_lm.tokenizer,  # noqa: B023 - called within this iteration
                              exs, list(VERB.values()), tiny_lm.tokenizer.pad_token_id)
         torch.testing.assert_close(scores.float(), ref, atol=1e-4, rtol=0)
     norm = EV.engine_label_scores(eng, exs, ["bad", "good and great"], [None], normalize=True)[0]
     raw = EV.engine_label_scores(eng, exs, ["bad", "good and great"], [None])[0]
-    n_tok = [len(t) for t in E.label_targets(tiny_lm.tokenizer, exs[0], ["bad", "good and great"])]
+    n_tok = [len(t) for t in metrics.label_targets(tiny_lm.tokenizer, exs[0], ["bad", "good and great"])]
     torch.testing.assert_close(norm, raw / torch.tensor(n_tok, dtype=raw.dtype))
 
 
@@ -168,7 +167,7 @@ def test_single_token_label_fast_path_equals_one_row_per_label(arch, tiny_model_
     lm = models.load(str(tiny_model_dir(arch)))
     exs = examples(lm, toy_csv)
     words = list(VERB.values())
-    assert E.single_token_choices(lm.tokenizer, exs, words) is not None  # the fast path applies
+    assert metrics.single_token_choices(lm.tokenizer, exs, words) is not None  # the fast path applies
     prompt = torch.randn(3, lm.hidden_size, generator=torch.Generator().manual_seed(1))
     for p in (None, prompt):
         rows: list[int] = []
@@ -177,9 +176,9 @@ def test_single_token_label_fast_path_equals_one_row_per_label(arch, tiny_model_
             rows.append(b["input_ids"].shape[0])
             return forward.sequence_logprobs(lm.model, p, **b)
 
-        fast = E.label_scores(score, lm.tokenizer, exs, words, lm.tokenizer.pad_token_id, batch_size=5)
+        fast = metrics.label_scores(score, lm.tokenizer, exs, words, lm.tokenizer.pad_token_id, batch_size=5)
         n_fast, rows[:] = sum(rows), []
-        slow = E.label_scores(score, lm.tokenizer, exs, words, lm.tokenizer.pad_token_id, batch_size=5, fast=False)
+        slow = metrics.label_scores(score, lm.tokenizer, exs, words, lm.tokenizer.pad_token_id, batch_size=5, fast=False)
         assert n_fast == len(exs) and sum(rows) == len(exs) * len(words)
         assert not torch.equal(slow[:, 0], slow[:, 1])  # the labels score differently
         torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
@@ -188,11 +187,11 @@ def test_single_token_label_fast_path_equals_one_row_per_label(arch, tiny_model_
 def test_multi_token_label_words_take_the_row_per_label_path(tiny_lm, toy_csv):
     exs = examples(tiny_lm, toy_csv)
     words = ["bad", "good and great"]
-    assert E.single_token_choices(tiny_lm.tokenizer, exs, words) is None
+    assert metrics.single_token_choices(tiny_lm.tokenizer, exs, words) is None
     score = lambda b: forward.sequence_logprobs(tiny_lm.model, None, **b)  # noqa: E731
-    got = E.label_scores(score, tiny_lm.tokenizer, exs, words, tiny_lm.tokenizer.pad_token_id)
-    ref = E.label_scores(score, tiny_lm.tokenizer, exs, words, tiny_lm.tokenizer.pad_token_id, fast=False)
+    got = metrics.label_scores(score, tiny_lm.tokenizer, exs, words, tiny_lm.tokenizer.pad_token_id)
+    ref = metrics.label_scores(score, tiny_lm.tokenizer, exs, words, tiny_lm.tokenizer.pad_token_id, fast=False)
     assert torch.equal(got, ref)
-    batch = D.collate(E.candidate_examples(tiny_lm.tokenizer, exs[0], ["good and great"]), 0)
+    batch = D.collate(metrics.candidate_examples(tiny_lm.tokenizer, exs[0], ["good and great"]), 0)
     with pytest.raises(ValueError, match="one labelled position"):
         forward.sequence_logprobs(tiny_lm.model, None, **batch, choices=torch.tensor([[5, 6]]))

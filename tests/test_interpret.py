@@ -11,7 +11,7 @@ import torch
 from softprompt import recipes, store
 from softprompt.cli import main
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
-from softprompt.experiments import interpret as I
+from softprompt.experiments import interpret
 from softprompt.prompt import encode, make_prompt
 from softprompt.training import tune as TR
 
@@ -22,7 +22,7 @@ def test_nearest_tokens_of_a_text_init_are_the_texts_tokens(tiny_lm):
     p = make_prompt(tiny_lm.model, tiny_lm.tokenizer, 6, "text", text=TEXT)
     ids = encode(tiny_lm.tokenizer, TEXT)
     want = tiny_lm.tokenizer.convert_ids_to_tokens((ids * 2)[:6])
-    near = I.nearest_tokens(tiny_lm.model, tiny_lm.tokenizer, p, k=3)
+    near = interpret.nearest_tokens(tiny_lm.model, tiny_lm.tokenizer, p, k=3)
     assert [n[0][0] for n in near] == want
     assert all(abs(n[0][1] - 1.0) < 1e-5 for n in near)
     assert all(n[1][1] < n[0][1] for n in near)  # the runner-up is strictly less similar
@@ -31,7 +31,7 @@ def test_nearest_tokens_of_a_text_init_are_the_texts_tokens(tiny_lm):
 def test_similarity_is_symmetric_with_unit_diagonal():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(4, 8, generator=g), torch.randn(6, 8, generator=g)
-    m = I.similarity({"a": a, "b": b, "a2": a * 3, "neg": -a})
+    m = interpret.similarity({"a": a, "b": b, "a2": a * 3, "neg": -a})
     assert torch.allclose(m, m.T) and torch.allclose(m.diag(), torch.ones(4), atol=1e-6)
     assert abs(m[0, 2] - 1) < 1e-6 and abs(m[0, 3] + 1) < 1e-6  # scale-free, sign-aware
 
@@ -41,9 +41,9 @@ def test_importance_is_zero_for_a_token_already_at_the_fill_value(tiny_lm, toy_c
     _, dev, _ = recipes.train_dev(tiny_lm.tokenizer, cfg, None, 0)
     p = torch.randn(3, tiny_lm.model.config.hidden_size) * 5
     p[1] = tiny_lm.model.get_input_embeddings().weight.float().mean(0)
-    metric, base, drops = I.importance(tiny_lm.model, tiny_lm.tokenizer, p, dev, None)
+    metric, base, drops = interpret.importance(tiny_lm.model, tiny_lm.tokenizer, p, dev, None)
     assert metric == "-loss" and drops[1] == 0.0 and drops[0] != 0.0 and drops[2] != 0.0
-    metric, base, drops = I.importance(tiny_lm.model, tiny_lm.tokenizer, p, dev, cfg.verbalizer)
+    metric, base, drops = interpret.importance(tiny_lm.model, tiny_lm.tokenizer, p, dev, cfg.verbalizer)
     assert metric == "accuracy" and 0 <= base <= 1 and drops[1] == 0.0
 
 
@@ -80,7 +80,7 @@ def test_without_known_data_importance_is_skipped_with_a_note(tiny_lm, toy_csv, 
     assert main(["inspect", "peft", "--model", model]) == 0
     out = capsys.readouterr().out
     assert "importance skipped: the prompt's metadata names no task or data file" in out and "drop" not in out
-    report = I.inspect_prompt(tiny_lm, "peft")
+    report = interpret.inspect_prompt(tiny_lm, "peft")
     assert "importance" not in report and len(report["notes"]) == 1
     # --data supplies the rows: the same drops as importance() on those rows
     flags = ["--data", str(toy_csv), "--template", "Review: {text}", "--target-column", "label",
@@ -90,9 +90,9 @@ def test_without_known_data_importance_is_skipped_with_a_note(tiny_lm, toy_csv, 
     cfg = DataConfig(path=str(toy_csv), template="Review: {text}", target_column="label",
                      verbalizer={"0": "negative", "1": "positive"})
     rows = D.load_file(tiny_lm.tokenizer, cfg, str(toy_csv), 8)
-    metric, base, drops = I.importance(tiny_lm.model, tiny_lm.tokenizer, store.load_prompt("peft").embeddings, rows, cfg.verbalizer)
+    metric, base, drops = interpret.importance(tiny_lm.model, tiny_lm.tokenizer, store.load_prompt("peft").embeddings, rows, cfg.verbalizer)
     assert got["metric"] == metric == "accuracy" and got["rows"] == 8
     assert got["full_prompt"] == pytest.approx(base) and got["drop"] == pytest.approx(drops)
-    assert "importance" not in I.inspect_prompt(tiny_lm, "peft", with_importance=False)
+    assert "importance" not in interpret.inspect_prompt(tiny_lm, "peft", with_importance=False)
     with pytest.raises(UserError, match="say what to evaluate"):  # --data without a template: one line
-        I.inspect_prompt(tiny_lm, "peft", data={"path": str(toy_csv)})
+        interpret.inspect_prompt(tiny_lm, "peft", data={"path": str(toy_csv)})

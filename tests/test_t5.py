@@ -18,7 +18,7 @@ from softprompt import data as D
 from softprompt.config import DataConfig, GenerateConfig, PromptConfig, TrainConfig
 from softprompt.forward import prompt_loss, seq2seq, sequence_logprobs
 from softprompt.inference.engine import Engine, GenerateRequest, ScoreRequest
-from softprompt.training import tune as train
+from softprompt.training import tune as TR
 
 TEMPLATE = "Review: {text}\nSentiment:"
 
@@ -97,7 +97,7 @@ def test_mixed_batch_equals_single_runs(t5):
 
 def test_training_lowers_the_loss_and_eval_runs(t5, toy_csv, capsys):
     dcfg = DataConfig(path=str(toy_csv), template=TEMPLATE, target_column="label", verbalizer={"0": "bad", "1": "good"})
-    res = train.train(t5, dcfg, PromptConfig(num_virtual_tokens=4, init="vocab"),
+    res = TR.train(t5, dcfg, PromptConfig(num_virtual_tokens=4, init="vocab"),
                       TrainConfig(epochs=3, batch_size=8, lr=0.3, patience=None), name="t5toy")
     losses = [e["train_loss"] for e in res.epochs]
     assert losses[-1] < losses[0] and res.path is not None

@@ -10,12 +10,11 @@ import torch
 from conftest import sharpen
 
 from softprompt import data as D
-from softprompt import metrics as E
-from softprompt import store
+from softprompt import metrics, store
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import sequence_logprobs
 from softprompt.training import loop as LP
-from softprompt.training import methods as M
+from softprompt.training import methods
 from softprompt.training import tune as TR
 
 VERB = {"0": "negative", "1": "positive"}
@@ -59,12 +58,12 @@ def test_loss_goes_down_and_accuracy_goes_up(tiny_lm, toy_csv):
 
     def quality(prompt):
         scorer = lambda b: sequence_logprobs(lm.model, prompt, **b)  # noqa: E731
-        scores = E.label_scores(
+        scores = metrics.label_scores(
             scorer, lm.tokenizer, probe, list(VERB.values()), lm.tokenizer.pad_token_id
         )
         gold = torch.tensor([int(e.label) for e in probe])
         margin = (scores.gather(1, gold[:, None]) - scores.gather(1, 1 - gold[:, None])).mean()
-        acc = E.accuracy_report(scores, probe, list(VERB))["accuracy"]
+        acc = metrics.accuracy_report(scores, probe, list(VERB))["accuracy"]
         return float(margin), acc
 
     before = quality(TR.initial_prompt(lm, pcfg, cfg, tcfg.seed))
@@ -171,7 +170,7 @@ def test_resume_without_checkpoint_is_a_user_error(tiny_lm, toy_csv):
 
 def test_non_finite_loss_stops_and_keeps_last_good_prompt(tiny_lm, toy_csv, monkeypatch):
     seen: list[torch.Tensor] = []
-    real = M.PromptMethod.loss
+    real = methods.PromptMethod.loss
 
     def nan_on_third_call(self, batch):
         seen.append(self.prompt.detach().clone())
@@ -179,7 +178,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_prompt(tiny_lm, toy_csv, monk
             return torch.tensor(float("nan"))
         return real(self, batch)
 
-    monkeypatch.setattr(M.PromptMethod, "loss", nan_on_third_call)
+    monkeypatch.setattr(methods.PromptMethod, "loss", nan_on_third_call)
     # no eval set, so every loss call is a training step; 48 rows / 8 = 6 steps in epoch 1
     res = TR.train(
         tiny_lm,
@@ -200,7 +199,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_prompt(tiny_lm, toy_csv, monk
 
 def test_non_finite_loss_with_eval_keeps_the_best_evaluated_prompt(tiny_lm, toy_csv, monkeypatch):
     seen: list[torch.Tensor] = []
-    real = M.PromptMethod.loss
+    real = methods.PromptMethod.loss
 
     def nan_on_first_step_of_epoch_2(self, batch):
         if torch.is_grad_enabled():  # training calls only; evaluation runs without grad
@@ -209,7 +208,7 @@ def test_non_finite_loss_with_eval_keeps_the_best_evaluated_prompt(tiny_lm, toy_
                 return torch.tensor(float("inf"))
         return real(self, batch)
 
-    monkeypatch.setattr(M.PromptMethod, "loss", nan_on_first_step_of_epoch_2)
+    monkeypatch.setattr(methods.PromptMethod, "loss", nan_on_first_step_of_epoch_2)
     res = TR.train(
         tiny_lm,
         target_cfg(toy_csv),

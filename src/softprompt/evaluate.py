@@ -18,8 +18,7 @@ import time
 import torch
 
 from softprompt import data as D
-from softprompt import metrics as M
-from softprompt import recipes
+from softprompt import metrics, recipes
 from softprompt.config import DataConfig, EvalConfig, GenerateConfig, UserError
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,7 @@ def engine_label_scores(engine, examples: list[D.Example], words: list[str], pro
     from softprompt.inference.engine import ScoreRow
 
     tok = engine.lm.tokenizer
-    targets = [M.label_targets(tok, ex, words) for ex in examples]
+    targets = [metrics.label_targets(tok, ex, words) for ex in examples]
     rows = [ScoreRow(tuple(ex.input_ids[: ex.source_len]), t, p) for p in prompts for ex, t in zip(examples, targets)]
     res = score_in_blocks(engine, rows)
     lp = torch.tensor([r.logprobs for r in res], dtype=torch.float64)  # (K*n, L)
@@ -108,14 +107,14 @@ def classification_report(scores: torch.Tensor, examples, labels: list[str], nam
     gold = [labels.index(e.label) for e in examples]
     probs = ensemble_probs(scores)  # (K, n, L)
     mean = probs.mean(0)  # (n, L)
-    out = {"n": len(examples), **M.confusion_report(mean.argmax(-1).tolist(), gold, len(labels)), "labels": labels}
+    out = {"n": len(examples), **metrics.confusion_report(mean.argmax(-1).tolist(), gold, len(labels)), "labels": labels}
     if scores.shape[0] > 1:
         votes = torch.nn.functional.one_hot(scores.argmax(-1), len(labels)).sum(0).double()  # (n, L)
         vote_pred = (votes + 0.5 * mean).argmax(-1).tolist()  # ties broken by mean probability
         out["ensemble"] = {
-            "mean_probability": M.confusion_report(mean.argmax(-1).tolist(), gold, len(labels)),
-            "majority_vote": M.confusion_report(vote_pred, gold, len(labels)),
-            "members": {n: M.confusion_report(scores[k].argmax(-1).tolist(), gold, len(labels))["accuracy"]
+            "mean_probability": metrics.confusion_report(mean.argmax(-1).tolist(), gold, len(labels)),
+            "majority_vote": metrics.confusion_report(vote_pred, gold, len(labels)),
+            "members": {n: metrics.confusion_report(scores[k].argmax(-1).tolist(), gold, len(labels))["accuracy"]
                         for k, n in enumerate(names)},
         }
     return out
@@ -139,7 +138,7 @@ def generation_report(engine, examples: list[D.Example], prompt: str | None, max
     res = score_in_blocks(engine, rows)
     n_tok = sum(r.n_tokens[0] for r in res)
     loss = -sum(r.logprobs[0] for r in res) / n_tok
-    out = {"n": len(examples), **M.loss_metrics(loss), "target_tokens": n_tok}
+    out = {"n": len(examples), **metrics.loss_metrics(loss), "target_tokens": n_tok}
     if all(ex.source_len > 0 for ex in examples):  # input -> target mode: exact match
         out["exact_match"] = _exact_match(engine, examples, prompt, max_new_tokens, tok)
     return out

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_prompts_parser(sub)
     commands.add_serve_parser(sub)
     experiments.add_parsers(sub)
-    for name, command in sub.choices.items():
+    for command in sub.choices.values():
         command.set_defaults(parser=command)  # messages name this command's flags (flags.as_typed)
     return p
 

@@ -177,7 +177,7 @@ def add_continual_parser(sub) -> None:
 
 def cmd_continual(a) -> int:
     from softprompt import models
-    from softprompt.experiments import continual as C
+    from softprompt.experiments import continual
     from softprompt.provenance import write_json
 
     if a.report:
@@ -189,7 +189,7 @@ def cmd_continual(a) -> int:
     ccfg = from_args(ContinualConfig, a)
     pcfg = from_args(PromptConfig, a, ("num_virtual_tokens", "init", "init_text"))
     tcfg = from_args(TrainConfig, a, ("lr", "epochs", "batch_size", "seed", "patience"))
-    doc = C.run(models.load(a.model), ccfg, pcfg, tcfg, say=(lambda m: None) if a.quiet else print)
+    doc = continual.run(models.load(a.model), ccfg, pcfg, tcfg, say=(lambda m: None) if a.quiet else print)
     doc["command"] = command_line(a)
     stem = Path(a.out) / f"continual_{a.tag}"
     write_json(doc, stem.with_suffix(".json"))
@@ -207,12 +207,12 @@ def _continual_report(path: Path) -> int:
 
 
 def _continual_write(doc: dict, stem: Path) -> int:
-    from softprompt.experiments import continual as C
+    from softprompt.experiments import continual
     from softprompt.provenance import atomic_write
 
-    md = C.markdown(doc, doc["command"])
+    md = continual.markdown(doc, doc["command"])
     try:
-        C.plot(doc, stem.with_suffix(".png"))
+        continual.plot(doc, stem.with_suffix(".png"))
         md += f"\n![accuracy per task across stages]({stem.name}.png)\n"
     except ImportError:
         print("(no plot: pip install 'softprompt[plots]')")
@@ -241,20 +241,20 @@ def add_inspect_parser(sub) -> None:
 
 def cmd_inspect(a) -> int:
     from softprompt import models
-    from softprompt.experiments import interpret as I
+    from softprompt.experiments import interpret
     from softprompt.provenance import write_json
 
     cfg = from_args(InspectConfig, a)
     against = list(names(a.against, "--against")) if a.against else None
     data = data_given(a, EVAL_DATA)
-    report = I.inspect_prompt(models.load(a.model), a.name, against, cfg.top_k, cfg.eval_limit, cfg.importance,
+    report = interpret.inspect_prompt(models.load(a.model), a.name, against, cfg.top_k, cfg.eval_limit, cfg.importance,
                               task=a.task, data=data)
-    print("\n".join(I.table(report)))
+    print("\n".join(interpret.table(report)))
     if a.out:
         out = Path(a.out)
         if "similarity" in report:
             out.mkdir(parents=True, exist_ok=True)
-            report["similarity"]["png"] = str(I.heatmap(report["similarity"]["names"], report["similarity"]["matrix"],
+            report["similarity"]["png"] = str(interpret.heatmap(report["similarity"]["names"], report["similarity"]["matrix"],
                                                         out / f"inspect_{a.name}.png"))
         print(f"\nwrote {write_json(report, out / f'inspect_{a.name}.json')}")
     return 0

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from softprompt import data as D
-from softprompt import metrics as E
+from softprompt import metrics
 from softprompt.config import (
     COMPARE_MIXED_BATCH as MIXED_BATCH,
 )
@@ -43,7 +43,7 @@ from softprompt.experiments import compare_data as CD
 from softprompt.experiments.compare_runs import Journal
 from softprompt.experiments.measure import PeakMemory, latency_ms, weights_digest
 from softprompt.provenance import loadavg
-from softprompt.training import methods as M
+from softprompt.training import methods
 from softprompt.training import tune as TR
 from softprompt.training.loop import fit, plan_steps
 
@@ -84,7 +84,7 @@ class Context:
 
     def accuracy(self, score, examples, cfg: DataConfig) -> dict:
         tok, bs = self.lm.tokenizer, self.tcfg.eval_max_batch_rows
-        return E.classify_metrics(score, tok, examples, cfg.verbalizer, self.pad, bs)
+        return metrics.classify_metrics(score, tok, examples, cfg.verbalizer, self.pad, bs)
 
     def latency(self, score, test, cfg: DataConfig) -> dict[str, float]:
         n = self.ccfg.latency_requests
@@ -96,7 +96,7 @@ class Context:
 
 def choose_template(ctx: Context) -> None:
     """The hand-written template best on dev with the plain model (zero-shot, first on ties)."""
-    scorer = M.HandPrompt(ctx.lm.model).score
+    scorer = methods.HandPrompt(ctx.lm.model).score
     for tpl in ctx.splits.candidates:
         cfg = replace(ctx.splits.cfg, template=tpl)
         dev = ctx.splits.examples(cfg)[1]
@@ -132,14 +132,14 @@ def run_hand(ctx: Context, method: str, train_idx: list[int], seed: int) -> dict
     cfg = ctx.hand_cfg
     pool, dev, test = ctx.splits.examples(cfg)
     out: dict = {"template": cfg.template, "n_train": 0}
-    hp = M.HandPrompt(ctx.lm.model)
+    hp = methods.HandPrompt(ctx.lm.model)
     if method == "few-shot":
         budget = max(0, few_shot_budget(ctx, dev + test, cfg))
         demos = [pool[i] for i in train_idx]
-        ids, text, k = M.choose_demos(
+        ids, text, k = methods.choose_demos(
             ctx.lm.tokenizer, demos, cfg.verbalizer, budget, seed, ctx.ccfg.few_shot_max_k
         )
-        hp = M.HandPrompt(ctx.lm.model, ids, text)
+        hp = methods.HandPrompt(ctx.lm.model, ids, text)
         out.update(
             {
                 "k": k,
@@ -178,8 +178,8 @@ def make_method(ctx: Context, method: str, seed: int):
         prompt = TR.initial_prompt(ctx.lm, pcfg, ctx.splits.cfg, seed)
         return TR.prompt_method(ctx.lm, prompt, pcfg, ctx.tcfg.fast_forward, seed)
     if method == "lora":
-        return M.LoraMethod(ctx.lm.model)
-    return M.FullMethod(ctx.lm.model)
+        return methods.LoraMethod(ctx.lm.model)
+    return methods.FullMethod(ctx.lm.model)
 
 
 def steps_for(ctx: Context, n_train: int) -> int:
@@ -334,7 +334,7 @@ def run(
     ctx = Context(lm, splits, ccfg, tcfg or TrainConfig(), pcfg or PromptConfig(), say or (lambda _: None), progress)
     before = weights_digest(lm.model)
     with tempfile.TemporaryDirectory() as tmp:
-        ctx.base_bytes = M.save_weights(lm.model, Path(tmp))
+        ctx.base_bytes = methods.save_weights(lm.model, Path(tmp))
     ctx.hand_cfg = splits.cfg
     if {"zero-shot", "few-shot"} & set(ccfg.methods):
         choose_template(ctx)

@@ -30,7 +30,7 @@ from softprompt.config import (
     TrainConfig,
 )
 from softprompt.forward import sequence_logprobs
-from softprompt.training import methods as M
+from softprompt.training import methods
 from softprompt.training import multitask as MT
 from softprompt.training import tune as TR
 from softprompt.training.loop import fit
@@ -57,7 +57,7 @@ class _Learner:
     def __init__(self, kind: str, lm, pcfg: PromptConfig, tcfg: TrainConfig, ccfg: ContinualConfig):
         self.kind, self.lm, self.pcfg, self.tcfg, self.ccfg = kind, lm, pcfg, tcfg, ccfg
         self.prompts: list[torch.Tensor] = []  # per task: what it is served with
-        self.full = M.FullMethod(lm.model) if kind == "full" else None
+        self.full = methods.FullMethod(lm.model) if kind == "full" else None
 
     def learn(self, i: int, task: _Task) -> dict:
         cfg = _stage_cfg(self.tcfg, self.ccfg, self.ccfg.lr_full if self.full else self.tcfg.lr)

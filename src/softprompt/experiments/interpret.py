@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from softprompt import data as D
-from softprompt import metrics as E
-from softprompt import store
+from softprompt import metrics, store
 from softprompt.config import UserError
 from softprompt.forward import sequence_logprobs
 from softprompt.prompt import embedding_matrix
@@ -65,7 +64,7 @@ def importance(model, tokenizer, prompt: torch.Tensor, examples: list[D.Example]
     def metric(p: torch.Tensor) -> float:
         if verbalizer:
             score = lambda b: sequence_logprobs(model, p, **b)  # noqa: E731
-            return E.classify_metrics(score, tokenizer, examples, verbalizer, pad, batch_size)["accuracy"]
+            return metrics.classify_metrics(score, tokenizer, examples, verbalizer, pad, batch_size)["accuracy"]
         return -mean_loss(model, p, examples, pad, batch_size)  # higher is better
 
     base = metric(prompt)

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from softprompt import metrics as E
+from softprompt import metrics
 
 
 class PeakMemory:
@@ -59,7 +59,7 @@ def latency_ms(
     wall, cpu = [], []
     for ex in [examples[0]] + examples[:n]:  # the first call warms up and is not counted
         t0, c0 = time.perf_counter(), time.process_time()
-        E.label_scores(score, tokenizer, [ex], words, pad_id, batch_size=len(words))
+        metrics.label_scores(score, tokenizer, [ex], words, pad_id, batch_size=len(words))
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return {"latency_ms": 1000 * statistics.median(wall[1:]), "latency_cpu_ms": 1000 * statistics.median(cpu[1:])}

@@ -58,7 +58,7 @@ def create_app(engine, config: ServerConfig | None = None):
     from softprompt.serve import routes_prompts as rp
     from softprompt.serve.context import Served
     from softprompt.serve.gate import Gate, install_error_handlers
-    from softprompt.serve.metrics import Metrics
+    from softprompt.serve.prometheus import Metrics
     from softprompt.serve.scheduler import Scheduler
 
     cfg = config or ServerConfig()

@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 
-from softprompt.serve.metrics import Metrics
+from softprompt.serve.prometheus import Metrics
 from softprompt.serve.protocol import ApiError, bad, body_limit, check_length, invalid, too_large
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from softprompt.config import UserError
-from softprompt.serve.metrics import Metrics
+from softprompt.serve.prometheus import Metrics
 from softprompt.serve.protocol import ApiError
 from softprompt.serve.streams import RowText
 

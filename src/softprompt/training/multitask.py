@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 from softprompt import data as D
-from softprompt import metrics as E
-from softprompt import recipes, store
+from softprompt import metrics, recipes, store
 from softprompt.config import DataConfig, MultitaskConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import sequence_logprobs
 from softprompt.training import tune as TR
@@ -84,7 +83,7 @@ def accuracy(model, prompt: torch.Tensor | None, tokenizer, examples, cfg: DataC
     """(accuracy, label scores (n, labels)) of ``examples`` under ``prompt`` (None: no prompt)."""
     score = scorer or (lambda b: sequence_logprobs(model, prompt, **b))
     words = list(cfg.verbalizer.values())
-    scores = E.label_scores(score, tokenizer, examples, words, tokenizer.pad_token_id, batch_size)
+    scores = metrics.label_scores(score, tokenizer, examples, words, tokenizer.pad_token_id, batch_size)
     labels = list(cfg.verbalizer)
     gold = torch.tensor([labels.index(e.label) for e in examples])
     return float((scores.argmax(-1) == gold).float().mean()), scores

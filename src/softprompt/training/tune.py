@@ -43,17 +43,17 @@ class TrainResult:
 
 def make_evaluator(method, tokenizer, eval_examples, data_cfg, cfg: TrainConfig, pad_id: int):
     """Eval-set metrics after each epoch; 'score' (higher is better) drives early stopping."""
-    from softprompt import metrics as E
+    from softprompt import metrics
 
     if not eval_examples:
         return None
 
     def run() -> dict:
         loss = eval_loss(method, eval_examples, pad_id, cfg.eval_max_batch_rows)
-        out = E.loss_metrics(loss)
+        out = metrics.loss_metrics(loss)
         out["score"] = -loss
         if data_cfg.verbalizer:
-            acc = E.classify_metrics(method.score, tokenizer, eval_examples, data_cfg.verbalizer, pad_id, cfg.eval_max_batch_rows)
+            acc = metrics.classify_metrics(method.score, tokenizer, eval_examples, data_cfg.verbalizer, pad_id, cfg.eval_max_batch_rows)
             out["accuracy"] = acc["accuracy"]
             out["score"] = acc["accuracy"] - 1e-6 * loss  # ties broken by loss
         return out

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from softprompt import data as D  # noqa: E402
-from softprompt import forward as fw  # noqa: E402
+from softprompt import forward as FW  # noqa: E402
 from softprompt.forward import packing  # noqa: E402
 from softprompt.precision import FrozenCasts, autocast  # noqa: E402
 
@@ -45,8 +45,8 @@ N_VIRTUAL, BATCH = 4, 8
 
 def fullce_prefix_loss(model, prompt, input_ids, attention_mask, labels) -> torch.Tensor:
     """The prefix path with the (M, V) float32 logits held whole (before chunking)."""
-    cache, last = fw.prefix_cache(model, prompt)
-    hidden = fw.prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache)  # (B, T, H)
+    cache, last = FW.prefix_cache(model, prompt)
+    hidden = FW.prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache)  # (B, T, H)
     head = model.get_output_embeddings()
     tgt = labels[:, 1:]
     sel = tgt != D.IGNORE
@@ -58,12 +58,12 @@ def fullce_prefix_loss(model, prompt, input_ids, attention_mask, labels) -> torc
 
 
 VARIANTS = {  # name: (loss function, precision: fp32 | bf16 autocast | bf16 autocast with the frozen weights cast once)
-    "naive_fp32": (fw.naive_loss, "fp32"),
-    "prefix_fp32": (fw.prefix_loss, "fp32"),
+    "naive_fp32": (FW.naive_loss, "fp32"),
+    "prefix_fp32": (FW.prefix_loss, "fp32"),
     "prefix_fullce_fp32": (fullce_prefix_loss, "fp32"),
     "packed_fp32": (packing.packed_loss, "fp32"),
-    "prefix_bf16_recast": (fw.prefix_loss, "bf16_recast"),
-    "prefix_bf16": (fw.prefix_loss, "bf16"),
+    "prefix_bf16_recast": (FW.prefix_loss, "bf16_recast"),
+    "prefix_bf16": (FW.prefix_loss, "bf16"),
     "packed_bf16": (packing.packed_loss, "bf16"),
 }
 CASTS: dict[int, FrozenCasts] = {}  # id(model) -> its frozen weights cast once (precision.FrozenCasts)

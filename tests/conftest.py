@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from serving import PROMPTS, TEMPLATE, VERBALIZER, running
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -253,16 +254,107 @@ def sharpen(lm, factor: float = 10.0):
 
 
 def interrupt_at_epoch(monkeypatch, epoch: int):
-    """Make ``loop.fit`` raise KeyboardInterrupt (a Ctrl-C) when epoch ``epoch`` starts; returns
-    a function that undoes it."""
+    """Make ``loop.fit`` raise KeyboardInterrupt (a Ctrl-C) when epoch ``epoch`` (0-based) starts,
+    through the loop's public ``EPOCH_HOOKS``; returns a function that undoes it."""
     from softprompt.training import loop
 
-    real = loop._run_epoch
-
-    def stop(*args):
-        if args[6] == epoch:  # the epoch index
+    def stop(index: int) -> None:
+        if index == epoch:
             raise KeyboardInterrupt
-        return real(*args)
 
-    monkeypatch.setattr(loop, "_run_epoch", stop)
-    return lambda: monkeypatch.setattr(loop, "_run_epoch", real)
+    monkeypatch.setattr(loop, "EPOCH_HOOKS", [*loop.EPOCH_HOOKS, stop])
+    return lambda: monkeypatch.setattr(loop, "EPOCH_HOOKS", [h for h in loop.EPOCH_HOOKS if h is not stop])
+
+
+# ---------------------------------------------------------------- threads
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (tiny ops on 2 threads are slower, and the machine is
+    shared), the previous thread count restored afterwards. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- the server tests' store and servers
+# (module-scoped: each server test module gets its own store, model and server; helpers in serving.py)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """An isolated $SOFTPROMPT_HOME for the whole module (one server serves many tests)."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("serve-home")
+        mp.setenv("SOFTPROMPT_HOME", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir, home):
+    from softprompt import models, store
+
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    lm = models.load(str(tiny_model_dir("llama")))
+    g = torch.Generator().manual_seed(7)
+    for name, n in PROMPTS.items():  # random prompts at the scale of the embeddings, in the store
+        meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "task": "toy", "mode": "target",
+                "template": TEMPLATE, "target_column": "label", "verbalizer": VERBALIZER,
+                "metrics": {"best_eval": {"accuracy": 0.5}, "final_train_loss": 1.25}}
+        store.save_prompt(store.prompt_path(name), torch.randn(n, lm.hidden_size, generator=g), meta)
+    store.save_prompt(store.prompt_path("lm-only"), torch.randn(4, lm.hidden_size, generator=g),
+                      {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "mode": "lm"})
+    return lm
+
+
+@pytest.fixture(scope="module")
+def ref(lm):
+    """A separate engine for reference answers, one request at a time."""
+    from softprompt.inference.engine import Engine
+
+    return Engine(lm)
+
+
+@pytest.fixture(scope="module")
+def srv(lm):
+    with running(lm) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(srv):
+    import httpx
+
+    with httpx.Client(base_url=srv[0], timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def chat_lm(tiny_model_dir, home):
+    """A tiny model whose tokenizer has ChatML markers and template, with two prompts stored."""
+    from softprompt import models, store
+
+    pytest.importorskip("fastapi")
+    clm = models.load(str(tiny_model_dir("llama", chat=True)))
+    g = torch.Generator().manual_seed(3)
+    for name in ("c0", "c1"):
+        store.save_prompt(store.prompt_path(name), torch.randn(4, clm.hidden_size, generator=g),
+                          {"base_model": {"name": clm.name, "fingerprint": clm.fingerprint}, "mode": "lm"})
+    return clm
+
+
+@pytest.fixture(scope="module")
+def chat_srv(chat_lm):
+    with running(chat_lm) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def chat_ref(chat_lm):
+    from softprompt.inference.engine import Engine
+
+    return Engine(chat_lm)

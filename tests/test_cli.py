@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import interrupt_at_epoch
 
 from softprompt import cli, store
 from softprompt.config import home
-from softprompt.training import loop as LP
 from softprompt.training import methods
 from softprompt.training import tune as TR
 
@@ -280,17 +280,10 @@ def test_ctrl_c_exits_130_and_resume_continues(capsys, sp_home, tiny, toy_csv, m
 def test_resume_with_other_prompt_shape_is_a_user_error(
     capsys, sp_home, tiny, toy_csv, monkeypatch
 ):
-    real = LP._run_epoch
-
-    def ctrl_c_in_epoch_2(*args):
-        if args[6] == 1:  # epoch index
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(LP, "_run_epoch", ctrl_c_in_epoch_2)
+    undo = interrupt_at_epoch(monkeypatch, 1)
     rc, _, _ = run_cli(capsys, train_args(tiny, toy_csv, "job"))
     assert rc == 130
-    monkeypatch.setattr(LP, "_run_epoch", real)
+    undo()
     rc, out, err = run_cli(
         capsys, train_args(tiny, toy_csv, "job", "--num-virtual-tokens", "8", "--resume")
     )

@@ -20,12 +20,9 @@ from softprompt.forward import deep
 from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest, ScoreRequest
 from softprompt.prompt import kv_of_embeddings, make_deep_prompt, make_prompt
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXTS = ["the movie was", "a wonderful film with a great story", "who wrote the book", "positive negative"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(params=["llama", "gpt2"])

@@ -16,12 +16,9 @@ from softprompt.forward import prompt_loss
 from softprompt.training import methods
 from softprompt.training import tune as TR
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VERB = {"0": "negative", "1": "positive"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 def target_cfg(csv, **kw) -> DataConfig:

@@ -15,12 +15,9 @@ from softprompt.config import GenerateConfig, UserError
 from softprompt.inference import bank, engine
 from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest, ScoreRequest
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXTS = ["the movie was", "a wonderful film with a great story", "who wrote the book", "positive negative"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)  # tiny ops on 2 threads are slower, and the CI box is shared
 
 
 def make_engine(lm, cfg: EngineConfig | None = None, sizes=(3, 5, 8)) -> Engine:

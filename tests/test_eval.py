@@ -18,13 +18,10 @@ from softprompt import evaluate as EV
 from softprompt.config import DataConfig, EvalConfig
 from softprompt.inference.engine import Engine
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEMPLATE = "Review: {text}\nSentiment:"
 VERB = {"0": "bad", "1": "good"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -19,13 +19,10 @@ from softprompt.inference.engine import (
     StepBatch,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXTS = ["the movie was", "a wonderful film with a great story", "who wrote the book"]
 TOL = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(params=["llama", "gpt2"])

@@ -26,10 +26,7 @@ from softprompt.serve.app import ServerConfig
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
-import test_server  # noqa: E402 - after the skips
-from test_server import running  # noqa: E402
-
-home, lm = test_server.home, test_server.lm  # the server tests' fixtures: a store holding PROMPTS
+from serving import running  # noqa: E402 - after the skips (home and lm, a store holding PROMPTS: conftest.py)
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 TEXTS = ["the movie was", "a wonderful film with a great story", "who wrote the book"]
@@ -42,13 +39,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(lm, home, tiny_model_dir):
+def cluster(one_thread, lm, home, tiny_model_dir):
     """A local Ray cluster; Serve's proxy on a free port; the app with 2 replicas."""
     from ray import serve
 
     from softprompt.serve.ray_serve import APP, build_app
 
-    torch.set_num_threads(1)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
     port = free_port()

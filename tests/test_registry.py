@@ -15,12 +15,9 @@ from softprompt import cli, models, store
 from softprompt.config import GenerateConfig, UserError
 from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXT = "the movie was"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 def save(lm, name: str, n: int = 4, seed: int = 0, fingerprint: dict | None = None, **meta) -> torch.Tensor:

@@ -17,30 +17,16 @@ import time
 import httpx
 import pytest
 import torch
-from test_server import (  # noqa: F401 (fixtures)
-    TEMPLATE,
-    TEXTS,
-    VERBALIZER,
-    home,
-    lm,
-    metric,
-    paused,
-    ref,
-    running,
-    single,
-)
+from serving import TEMPLATE, TEXTS, VERBALIZER, metric, paused, running, single
 
 from softprompt import store
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 pytest.importorskip("fastapi")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-def put_prompt(lm, name: str, emb: torch.Tensor, **meta) -> None:  # noqa: F811
+def put_prompt(lm, name: str, emb: torch.Tensor, **meta) -> None:
     """Plant a prompt as an older version stored it: a plain folder, past the store's validator
     (``store.save_prompt`` refuses these prompts)."""
     from safetensors.torch import save_file
@@ -54,7 +40,7 @@ def put_prompt(lm, name: str, emb: torch.Tensor, **meta) -> None:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def poisoned(lm):  # noqa: F811
+def poisoned(lm):
     """Stored prompts that must not be served: N=0, NaN values, N above the limit, bad metadata."""
     H = lm.hidden_size
     put_prompt(lm, "empty", torch.zeros(0, H))
@@ -91,7 +77,7 @@ HEALTHY = [("/v1/completions", {"model": "p0", "prompt": TEXTS[0], "max_tokens":
            ("/v1/classify", {"prompt": "p2", "inputs": TEXTS[:2]})]
 
 
-def test_poisoned_requests_fail_alone_and_healthy_answers_are_unchanged(lm, poisoned):  # noqa: F811
+def test_poisoned_requests_fail_alone_and_healthy_answers_are_unchanged(lm, poisoned):
     """The issue's triggers, sent in one batch with healthy requests (each failed every job in
     the batch with a 500 before): each gets its own 4xx; the healthy answers equal a run without them."""
     gen = {"prompt": TEXTS[0], "max_tokens": 3, "temperature": 0.7}
@@ -129,7 +115,7 @@ def test_poisoned_requests_fail_alone_and_healthy_answers_are_unchanged(lm, pois
     assert tiny.status_code == 200 and tiny.json()["choices"] == greedy.json()["choices"]
 
 
-def test_a_vanishing_temperature_among_healthy_requests_harms_none(lm, poisoned):  # noqa: F811
+def test_a_vanishing_temperature_among_healthy_requests_harms_none(lm, poisoned):
     """temperature 1e-300 (it once overflowed the sampler and failed its whole batch), sent in one
     burst with healthy requests: every answer is a 200 and the healthy ones equal a clean run."""
     tiny_t = ("/v1/completions", {"model": "p0", "prompt": TEXTS[0], "max_tokens": 3, "temperature": 1e-300})
@@ -141,7 +127,7 @@ def test_a_vanishing_temperature_among_healthy_requests_harms_none(lm, poisoned)
         [r.json().get("choices", r.json().get("data")) for r in clean]
 
 
-def test_a_row_that_breaks_the_decode_step_fails_alone(lm, monkeypatch, ref):  # noqa: F811
+def test_a_row_that_breaks_the_decode_step_fails_alone(lm, monkeypatch, ref):
     """The safety net behind the checks: a row whose token choice raises (injected here: sampling
     with seed 666 fails, as a NaN distribution makes torch.multinomial fail) breaks the shared
     step; the rows are retried apart, only its request fails (500 naming the step), and the
@@ -173,7 +159,7 @@ def test_a_row_that_breaks_the_decode_step_fails_alone(lm, monkeypatch, ref):  #
 # ---------------------------------------------------------------- cost limits
 
 
-def test_costly_requests_are_refused_before_any_model_work(lm, poisoned):  # noqa: F811
+def test_costly_requests_are_refused_before_any_model_work(lm, poisoned):
     long_word = " ".join(["good"] * 200)
     cases = [
         ({"prompt": "p0", "inputs": ["x"], "verbalizer": {"a": long_word, "b": "bad"}}, "label_too_long"),
@@ -201,7 +187,7 @@ def test_costly_requests_are_refused_before_any_model_work(lm, poisoned):  # noq
         assert ok.status_code == 200
 
 
-def test_a_long_request_delays_a_short_one_by_at_most_one_step(lm):  # noqa: F811
+def test_a_long_request_delays_a_short_one_by_at_most_one_step(lm):
     """With --join-every 1, a short completion sent while a long one decodes is admitted at the
     next step (measured: the worker's steps between submission and admission)."""
     with running(lm, join_every=1) as (base, app, _):
@@ -243,7 +229,7 @@ def test_openapi_documents_every_request_field(srv_plain):
 
 
 @pytest.fixture(scope="module")
-def srv_plain(lm):  # noqa: F811
+def srv_plain(lm):
     with running(lm, max_body_bytes=1 << 20) as (base, app, _):
         yield base, app
 
@@ -380,7 +366,7 @@ def test_ray_ingress_answers_413_before_reading_the_body():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_ray_replica_close_stops_the_worker(lm):  # noqa: F811
+def test_ray_replica_close_stops_the_worker(lm):
     pytest.importorskip("ray")
     from softprompt.config import ServerConfig
     from softprompt.inference.engine import Engine

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_server import PROMPTS, TEMPLATE, VERBALIZER, running  # noqa: F401
+from serving import TEMPLATE, VERBALIZER, running
 
 from softprompt import models, store
 

@@ -11,10 +11,8 @@ one batch, or the queue to be full, so nothing here depends on timing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
-import socket
 import threading
 import time
 import zipfile
@@ -22,30 +20,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from serving import PROMPTS, TEMPLATE, TEXTS, VERBALIZER, client, metric, paused, running, single
 
 from softprompt import models, store
 from softprompt.config import GenerateConfig
 from softprompt.inference.engine import (
     Engine,
-    EngineConfig,
     GenerateRequest,
     ScoreRequest,
     StepBatch,
 )
 
-TEXTS = ["the movie was", "a wonderful film with a great story", "who wrote the book", "positive negative"]
-TEMPLATE = "Review: {text}\nSentiment:"
-VERBALIZER = {"0": "bad", "1": "good"}
-PROMPTS = {"p0": 3, "p1": 5, "p2": 8}  # name -> N
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)  # tiny ops on 2 threads are slower, and the CI box is shared
-
-
-# ---------------------------------------------------------------- the engine's step API
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_rows_joining_a_running_batch_equal_single_runs(tiny_model_dir, sp_home):
     """Continuous batching is exact: rows that join mid-way, or leave early, change nothing."""
@@ -81,109 +67,6 @@ def test_rows_joining_a_running_batch_equal_single_runs(tiny_model_dir, sp_home)
 
 
 # ---------------------------------------------------------------- fixtures: a real server
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """An isolated $SOFTPROMPT_HOME for the whole module (one server serves many tests)."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("serve-home")
-        mp.setenv("SOFTPROMPT_HOME", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir, home):
-    pytest.importorskip("fastapi")
-    pytest.importorskip("uvicorn")
-    lm = models.load(str(tiny_model_dir("llama")))
-    g = torch.Generator().manual_seed(7)
-    for name, n in PROMPTS.items():  # random prompts at the scale of the embeddings, in the store
-        meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "task": "toy", "mode": "target",
-                "template": TEMPLATE, "target_column": "label", "verbalizer": VERBALIZER,
-                "metrics": {"best_eval": {"accuracy": 0.5}, "final_train_loss": 1.25}}
-        store.save_prompt(store.prompt_path(name), torch.randn(n, lm.hidden_size, generator=g), meta)
-    store.save_prompt(store.prompt_path("lm-only"), torch.randn(4, lm.hidden_size, generator=g),
-                      {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "mode": "lm"})
-    return lm
-
-
-@pytest.fixture(scope="module")
-def ref(lm):
-    """A separate engine for reference answers, one request at a time."""
-    return Engine(lm)
-
-
-@contextlib.contextmanager
-def running(lm, **kw):
-    """A real uvicorn server in a thread on a free loopback port; yields (base_url, app, server)."""
-    import uvicorn
-
-    from softprompt.serve.app import ServerConfig, create_app
-
-    app = create_app(Engine(lm, EngineConfig(max_batch_rows=kw.get("max_batch_rows", 32))),
-                     ServerConfig(model_id="tiny", **kw))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10))
-    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    th.start()
-    t0 = time.monotonic()
-    while not server.started:
-        assert th.is_alive() and time.monotonic() - t0 < 30, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app, server
-    finally:
-        server.should_exit = True
-        th.join(20)
-        sock.close()
-
-
-@pytest.fixture(scope="module")
-def srv(lm):
-    with running(lm) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def http(srv):
-    import httpx
-
-    with httpx.Client(base_url=srv[0], timeout=60) as c:
-        yield c
-
-
-def client(base: str, key: str = "none"):
-    import openai
-
-    return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def single(ref, text: str, prompt: str | None, max_tokens: int, **kw) -> str:
-    return ref.generate([GenerateRequest(text, prompt, GenerateConfig(max_new_tokens=max_tokens, **kw))])[0].text
-
-
-@contextlib.contextmanager
-def paused(app, waiting: int, timeout: float = 20):
-    """Hold the worker while the body sends requests; resume once ``waiting`` jobs are queued."""
-    sched = app.state.scheduler
-    sched.pause()
-    try:
-        yield
-        t0 = time.monotonic()
-        while sched.depth() < waiting:
-            assert time.monotonic() - t0 < timeout, f"only {sched.depth()} of {waiting} requests queued"
-            time.sleep(0.01)
-    finally:
-        sched.pause(False)
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-
-# ---------------------------------------------------------------- OpenAI compatibility
 
 
 def test_openai_client_lists_models_and_completes_like_the_engine(srv, ref):

@@ -10,54 +10,15 @@ error body, and the server goes on serving.
 from __future__ import annotations
 
 import pytest
-import torch
-from test_server import PROMPTS, TEXTS, client, home, lm, ref, running, single, srv  # noqa: F401 (fixtures)
+from serving import TEXTS, client, engine_chat, single
 
-from softprompt import chat, models, store
 from softprompt.config import GenerateConfig
-from softprompt.inference.engine import Engine, GenerateRequest, PromptLogprobRow, ScoreRow
+from softprompt.inference.engine import GenerateRequest, PromptLogprobRow, ScoreRow
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-4
 MSGS = [{"role": "system", "content": "you answer briefly"}, {"role": "user", "content": "who wrote the book"}]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def chat_lm(tiny_model_dir, home):  # noqa: F811
-    """A tiny model whose tokenizer has ChatML markers and template, with two prompts stored."""
-    pytest.importorskip("fastapi")
-    clm = models.load(str(tiny_model_dir("llama", chat=True)))
-    g = torch.Generator().manual_seed(3)
-    for name in ("c0", "c1"):
-        store.save_prompt(store.prompt_path(name), torch.randn(4, clm.hidden_size, generator=g),
-                          {"base_model": {"name": clm.name, "fingerprint": clm.fingerprint}, "mode": "lm"})
-    return clm
-
-
-@pytest.fixture(scope="module")
-def chat_srv(chat_lm):
-    with running(chat_lm) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def chat_ref(chat_lm):
-    return Engine(chat_lm)
-
-
-def engine_chat(eng: Engine, msgs, prompt: str | None, max_tokens: int, logprobs: int | None = None, **kw):
-    """The engine's answer to the chat template's tokens, up to the template's end-of-turn marker."""
-    tok = eng.lm.tokenizer
-    ids = chat.encode_chat(tok, msgs)
-    g = eng.generate([GenerateRequest("", prompt, GenerateConfig(max_new_tokens=max_tokens, **kw),
-                                      token_ids=tuple(ids), logprobs=logprobs)])[0]
-    stops = set(chat.stop_ids(tok))
-    cut = next((j for j, t in enumerate(g.token_ids) if t in stops), len(g.token_ids))
-    return ids, g.token_ids[:cut], (g.logprobs or [])[:cut]
 
 
 def test_chat_completions_with_the_openai_client(chat_srv, chat_ref):
@@ -146,7 +107,7 @@ def test_bad_chat_parameters_get_openai_errors(chat_srv, change, param):
     assert oc.chat.completions.create(model="c0", messages=MSGS, max_tokens=2).choices  # still serving
 
 
-def test_chat_needs_a_chat_template(srv, chat_srv):  # noqa: F811
+def test_chat_needs_a_chat_template(srv, chat_srv):
     import httpx
     import openai
 
@@ -158,7 +119,7 @@ def test_chat_needs_a_chat_template(srv, chat_srv):  # noqa: F811
     assert "chat template" in e.value.body["message"] and e.value.body["param"] == "model"
 
 
-def test_completions_logprobs_equal_the_engine(srv, ref):  # noqa: F811
+def test_completions_logprobs_equal_the_engine(srv, ref):
     oc = client(srv[0])
     r = oc.completions.create(model="p1", prompt=TEXTS[0], max_tokens=6, temperature=0, logprobs=3)
     g = ref.generate([GenerateRequest(TEXTS[0], "p1", GenerateConfig(max_new_tokens=6), logprobs=3)])[0]
@@ -178,7 +139,7 @@ def test_completions_logprobs_equal_the_engine(srv, ref):  # noqa: F811
     assert [o for s in streamed for o in s.text_offset] == lp.text_offset
 
 
-def test_echo_with_zero_max_tokens_gives_prompt_logprobs(srv, ref):  # noqa: F811
+def test_echo_with_zero_max_tokens_gives_prompt_logprobs(srv, ref):
     """Evaluation harnesses' call: token-id prompts, echo, max_tokens 0, logprobs."""
     oc = client(srv[0])
     rows = [ref.encode(TEXTS[1]), ref.encode(TEXTS[2])]
@@ -208,7 +169,7 @@ def test_echo_with_zero_max_tokens_gives_prompt_logprobs(srv, ref):  # noqa: F81
     ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"logprobs": True}, "logprobs"),
     ({"max_tokens": 0}, "max_tokens"), ({"prompt": [[1, 2], "x"]}, "prompt"),
 ])
-def test_bad_completion_parameters_get_openai_errors(srv, change, param):  # noqa: F811
+def test_bad_completion_parameters_get_openai_errors(srv, change, param):
     import openai
 
     body = {"model": "p0", "prompt": TEXTS[0], "max_tokens": 2, **change}

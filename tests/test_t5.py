@@ -20,12 +20,9 @@ from softprompt.forward import prompt_loss, seq2seq, sequence_logprobs
 from softprompt.inference.engine import Engine, GenerateRequest, ScoreRequest
 from softprompt.training import tune as TR
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEMPLATE = "Review: {text}\nSentiment:"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture

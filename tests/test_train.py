@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
-from conftest import sharpen
+from conftest import interrupt_at_epoch, sharpen
 
 from softprompt import data as D
 from softprompt import metrics, store
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import sequence_logprobs
-from softprompt.training import loop as LP
 from softprompt.training import methods
 from softprompt.training import tune as TR
 
@@ -101,17 +100,10 @@ def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch):
     full = TR.train(tiny_lm, cfg, pcfg, tcfg, name="full")
     assert full.stopped == "completed" and len(full.epochs) == 4 and full.n_eval > 0
 
-    real = LP._run_epoch
-
-    def ctrl_c_on_third_epoch(*args):
-        if args[6] == 2:  # epoch index
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(LP, "_run_epoch", ctrl_c_on_third_epoch)
+    undo = interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         TR.train(tiny_lm, cfg, pcfg, tcfg, name="part")
-    monkeypatch.setattr(LP, "_run_epoch", real)
+    undo()
     assert "part" not in store.list_prompts()  # nothing half-written in the store
     ckpt = store.load_checkpoint(TR.runs_dir("part") / "checkpoint")
     assert ckpt is not None and ckpt[1]["epoch"] == 2

@@ -20,12 +20,9 @@ from safetensors.torch import save_file
 from softprompt import durable, store
 from softprompt.inference.engine import Engine
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MAX_N = 16  # the server's --max-prompt-tokens in these tests
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -20,15 +20,14 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from test_server import PROMPTS, TEXTS, home, lm, ref, running, single  # noqa: F401 (fixtures)
-from test_server_openai import chat_lm, chat_ref, chat_srv, engine_chat  # noqa: F401 (fixtures)
+from serving import PROMPTS, TEXTS, engine_chat, running, single
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (scripts/install_chromium.sh installs it)")
 
 
 @pytest.fixture(scope="module")
-def base(lm):  # noqa: F811
+def base(lm):
     with running(lm) as (url, _, _):
         yield url
 
@@ -47,7 +46,7 @@ def element_text(dom: str, element_id: str) -> str:
     return html.unescape(m.group(1))
 
 
-def test_page_and_assets_are_served_without_a_key(lm):  # noqa: F811
+def test_page_and_assets_are_served_without_a_key(lm):
     import httpx
 
     with running(lm, api_key="k") as (url, _, _):
@@ -61,7 +60,7 @@ def test_page_and_assets_are_served_without_a_key(lm):  # noqa: F811
 
 
 @needs_chromium
-def test_browser_shows_plain_and_tuned_answers_side_by_side(base, ref, tmp_path):  # noqa: F811
+def test_browser_shows_plain_and_tuned_answers_side_by_side(base, ref, tmp_path):
     query = urlencode({"prompt": "p1", "input": TEXTS[0], "max_tokens": 8, "run": 1})
     res = chromium(tmp_path, f"{base}/?{query}", "--dump-dom")
     dom = res.stdout
@@ -106,7 +105,7 @@ def png_summary(data: bytes) -> tuple[int, int, int]:
 
 
 @needs_chromium
-def test_browser_uses_chat_for_a_chat_model(chat_srv, chat_ref, tmp_path):  # noqa: F811
+def test_browser_uses_chat_for_a_chat_model(chat_srv, chat_ref, tmp_path):
     """A chat model's page sends the input as one user message through /v1/chat/completions."""
     query = urlencode({"prompt": "c0", "input": TEXTS[2], "max_tokens": 8, "run": 1})
     dom = chromium(tmp_path, f"{chat_srv[0]}/?{query}", "--dump-dom").stdout

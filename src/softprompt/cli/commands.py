@@ -65,6 +65,7 @@ def cmd_train(a) -> int:
     from softprompt import models
     from softprompt.cli.flags import prompt_train_configs
     from softprompt.training import distributed
+    from softprompt.training.loop import StopReason
     from softprompt.training.tune import train
 
     if not distributed.is_main():  # one rank of torchrun / accelerate launch: rank 0 reports
@@ -81,7 +82,7 @@ def cmd_train(a) -> int:
         distributed.teardown()
     if distributed.is_main():
         print_summary(res)
-    return 0 if res.stopped != "non-finite loss" else 1
+    return 1 if res.stopped is StopReason.NON_FINITE else 0
 
 
 def print_summary(res) -> None:

@@ -209,7 +209,7 @@ def sweep_lr(ctx: Context, method: str, train, seed: int):
             "steps": len(res.history),
             "train_time_s": res.train_time_s,
             "train_cpu_s": res.train_cpu_s,
-            "stopped": res.stopped,
+            "stopped": res.stopped.value,
             "peak_mem_mb": mem.delta_mb,
             "final_train_loss": res.final_train_loss,
         }

@@ -55,7 +55,9 @@ def restore(checkpoint: Path, method, opt, sched, cfg: TrainConfig, res) -> tupl
         group["lr"] = lr  # the scheduler's state does not carry the optimiser's current lr
     res.state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
     res.history, res.epochs, res.train_time_s = st["history"], st["epochs"], st["train_time_s"]
-    res.best, res.stopped = st["best"], st.get("stopped", "completed")
+    from softprompt.training.loop import StopReason  # loop imports this module
+
+    res.best, res.stopped = st["best"], StopReason(st.get("stopped", StopReason.COMPLETED.value))
     log.info("resumed from %s at epoch %d, step %d", checkpoint, st["epoch"], st["step"])
     return st["epoch"], st["step"], st["best_score"], st["bad"]
 
@@ -67,6 +69,6 @@ def save(path, method, opt, sched, res, cfg, epoch, step, best_score, bad):
     state = {
         "config": cfg.to_dict(), "scheduler": sched.state_dict(), "epoch": epoch, "step": step,
         "best_score": best_score, "bad": bad, "best": res.best, "history": res.history,
-        "epochs": res.epochs, "train_time_s": res.train_time_s, "stopped": res.stopped,
+        "epochs": res.epochs, "train_time_s": res.train_time_s, "stopped": res.stopped.value,
     }
     store.save_checkpoint(path, tensors, state)

@@ -7,7 +7,8 @@ evaluation.
 
 Determinism: the model stays in eval mode (no dropout) and the batch order of epoch ``e`` is a
 function of ``(seed, e)``; a checkpoint written after each epoch therefore resumes to exactly
-the run that was never interrupted.
+the run that was never interrupted. A run ends for one ``StopReason``; ``EPOCH_HOOKS`` are called
+with each epoch's index before it runs (a caller's progress report, or a test's Ctrl-C).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -29,6 +31,22 @@ from softprompt.training.checkpoint import restore as _resume
 from softprompt.training.checkpoint import save as _save_ckpt
 
 log = logging.getLogger(__name__)
+
+
+class StopReason(str, Enum):
+    """Why a training run ended; the value is what results and prompt metadata record."""
+
+    COMPLETED = "completed"  # every planned step ran
+    EARLY_STOPPED = "early-stopped"  # ``patience`` epochs without a better dev score
+    NON_FINITE = "non-finite loss"  # a loss was NaN or inf; the last good state is kept
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# called with the 0-based epoch index before each epoch of ``fit`` runs (after resuming, only
+# the epochs that run); an exception raised here ends the run as a Ctrl-C would
+EPOCH_HOOKS: list[Callable[[int], None]] = []
 
 
 class Method(Protocol):
@@ -50,7 +68,7 @@ class FitResult:
     epochs: list[dict] = field(default_factory=list)  # one entry per epoch: train loss + eval
     train_time_s: float = 0.0
     train_cpu_s: float = 0.0  # process CPU seconds of the same epochs: what machine load does not inflate
-    stopped: str = "completed"  # completed | early-stopped | non-finite loss
+    stopped: StopReason = StopReason.COMPLETED
     best: dict | None = None  # eval metrics of the kept state
 
     @property
@@ -58,7 +76,7 @@ class FitResult:
         return self.epochs[-1]["train_loss"] if self.epochs else float("nan")
 
 
-def _schedule(opt, total: int, warmup_ratio: float):
+def _schedule(opt: torch.optim.Optimizer, total: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     warm = max(1, int(total * warmup_ratio)) if warmup_ratio > 0 else 0
 
     def factor(step: int) -> float:
@@ -110,13 +128,15 @@ def fit(
         dist.broadcast(params)
     bar = _progress(total, step, progress)
     for epoch in range(start_epoch, n_epochs):
-        if step >= total or res.stopped != "completed":
+        if step >= total or res.stopped is not StopReason.COMPLETED:
             break
+        for hook in EPOCH_HOOKS:
+            hook(epoch)
         t0, c0 = time.perf_counter(), time.process_time()
         losses, step = _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist)
         res.train_time_s += time.perf_counter() - t0
         res.train_cpu_s += time.process_time() - c0
-        if res.stopped != "completed":
+        if res.stopped is not StopReason.COMPLETED:
             res.state = method.state() if evaluate is None else res.state  # the failing step was not applied
             break
         row = {"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / max(1, len(losses))}
@@ -132,7 +152,7 @@ def fit(
         res.epochs.append(row)
         log.info("epoch %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
         if cfg.patience is not None and evaluate is not None and bad >= cfg.patience:
-            res.stopped = "early-stopped"
+            res.stopped = StopReason.EARLY_STOPPED
         if checkpoint is not None and (dist is None or dist.is_main):
             _save_ckpt(checkpoint, method, opt, sched, res, cfg, epoch + 1, step, best_score, bad)
     if bar is not None:
@@ -140,7 +160,7 @@ def fit(
     return res
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def _progress(total: int, initial: int, enabled: bool) -> Any:
     if not enabled:
         return None
     from tqdm.auto import tqdm
@@ -148,7 +168,9 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist=None):
+def _run_epoch(method: Method, examples: list[D.Example], cfg: TrainConfig, pad_id: int, opt: torch.optim.Optimizer,
+               sched: torch.optim.lr_scheduler.LambdaLR, epoch: int, step: int, total: int, res: FitResult, bar: Any,
+               dist: distributed.Dist | None = None) -> tuple[list[float], int]:
     batches = D.bucketed_batches(examples, cfg.batch_size, cfg.seed, epoch)
     losses: list[float] = []
     params = method.parameters()
@@ -185,10 +207,10 @@ def _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, re
     return losses, step
 
 
-def _non_finite(opt, res: FitResult, losses: list[float], step: int) -> tuple[list[float], int]:
+def _non_finite(opt: torch.optim.Optimizer, res: FitResult, losses: list[float], step: int) -> tuple[list[float], int]:
     log.error("non-finite loss at step %d; stopping and keeping the last good state", step + 1)
     opt.zero_grad(set_to_none=True)
-    res.stopped = "non-finite loss"
+    res.stopped = StopReason.NON_FINITE
     return losses, step
 
 

@@ -16,7 +16,7 @@ from softprompt import precision, recipes, store
 from softprompt.config import TrainConfig
 from softprompt.prompt import check_deep
 from softprompt.training import distributed
-from softprompt.training.loop import FitResult, eval_loss, fit
+from softprompt.training.loop import FitResult, StopReason, eval_loss, fit
 from softprompt.training.methods import DeepPromptMethod, PromptMethod
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class TrainResult:
     train_time_s: float
     final_train_loss: float
     best: dict | None
-    stopped: str
+    stopped: StopReason
     n_train: int
     n_eval: int
     meta: dict
@@ -105,7 +105,7 @@ def prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, fit_res: FitResult, tas
         "training": train_cfg.to_dict(),
         "seed": train_cfg.seed,
         "metrics": {"final_train_loss": fit_res.final_train_loss, "best_eval": fit_res.best,
-                    "stopped": fit_res.stopped, "train_time_s": fit_res.train_time_s},
+                    "stopped": fit_res.stopped.value, "train_time_s": fit_res.train_time_s},
         "epochs": fit_res.epochs,
         "versions": versions(),
         "created": stamp(),

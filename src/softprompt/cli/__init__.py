@@ -13,13 +13,22 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
+from typing import NoReturn
 
 from softprompt.cli import commands, experiments, flags
 from softprompt.config import UserError
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's mistakes (an unknown flag, a value outside the choices) as one ``UserError``
+    line naming the flag, like every other mistake, instead of usage text and an exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning for frozen language models.")
+    p = _OneLineParser(prog="softprompt", description="Prompt tuning for frozen language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     commands.add_train_parser(sub)
@@ -52,7 +61,11 @@ def environment(name: str, value: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    try:
+        a = build_parser().parse_args(argv)
+    except UserError as e:
+        print(f"softprompt: error: {e} (--help lists the flags)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     try:

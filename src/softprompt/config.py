@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -128,6 +129,17 @@ class DataConfig(_JsonMixin):
         return "target" if self.template is not None else "lm"
 
 
+class PromptKind(str, Enum):
+    """What a soft prompt is: input embeddings, or keys/values at every layer. Equal to its value
+    (``PromptKind.DEEP == "deep"``), which is what configs, metadata and flags write."""
+
+    SHALLOW = "shallow"  # (N, H): N virtual input embeddings
+    DEEP = "deep"  # (L, 2, kv, N, d): keys and values of N virtual positions at every layer (prefix tuning)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 REPARAMS = {"shallow": ("residual", "mlp", "lstm"), "deep": ("mlp",)}  # prompt kind -> its reparameterisations
 INITS = ("random", "text", "vocab", "labels", "transfer")  # prompt initialisations (besides prompt:NAME)
 
@@ -138,13 +150,14 @@ class PromptConfig(_JsonMixin):
     init: str = option("random", "the prompt's starting point; prompt:NAME starts from a stored prompt (random: best measured, docs/tuning.md)",
                        choices=INITS + ("prompt:NAME",))
     init_text: str | None = option(None, 'text for --init text', metavar="TEXT")
-    kind: str = option("shallow", 'shallow: (N, H) input embeddings; deep: keys/values at every layer (prefix tuning; docs/tuning.md)',
-                       choices=tuple(REPARAMS))
+    kind: PromptKind = option(PromptKind.SHALLOW, 'shallow: (N, H) input embeddings; deep: keys/values at every layer '
+                              '(prefix tuning; docs/tuning.md)', choices=tuple(k.value for k in PromptKind))
     reparam: str | None = option(None, 'training-time reparameterisation, folded before saving: residual, mlp, lstm (shallow); mlp (deep)',
                                  choices=("residual", "mlp", "lstm"))
 
     def __post_init__(self) -> None:
         _check(self.kind in REPARAMS, f"--kind must be one of {', '.join(REPARAMS)}, got {self.kind!r}")
+        object.__setattr__(self, "kind", PromptKind(self.kind))  # a config read from JSON holds the plain string
         _check(self.reparam is None or self.reparam in REPARAMS[self.kind],
                f"--reparam {self.reparam} is not supported for --kind {self.kind} "
                f"(choose {', '.join(REPARAMS[self.kind])})")

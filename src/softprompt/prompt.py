@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from softprompt.compat import cache_kw, returned_cache
-from softprompt.config import UserError
+from softprompt.config import PromptKind, UserError
 from softprompt.data import encode
 
 COMMON_VOCAB = 5000  # sample vocab init from the first ids: frequent BPE pieces
@@ -118,9 +118,16 @@ def make_prompt(
 KV_STATS_TOKENS = 64  # common-vocabulary tokens run through the model to measure key/value statistics
 
 
+def kind_of(prompt: torch.Tensor) -> PromptKind:
+    """The kind of a prompt tensor that arrives without one (a stored or uploaded file): deep
+    (L, 2, kv, N, d), else shallow ((N, H), or (B, N, H) one per row). Code that made the prompt
+    knows its kind and passes it instead."""
+    return PromptKind.DEEP if prompt.dim() == 5 else PromptKind.SHALLOW
+
+
 def is_deep(prompt: torch.Tensor | None) -> bool:
     """A deep prompt (L, 2, kv, N, d), as opposed to a shallow (N, H) one."""
-    return prompt is not None and prompt.dim() == 5
+    return prompt is not None and kind_of(prompt) is PromptKind.DEEP
 
 
 def check_deep(model) -> None:

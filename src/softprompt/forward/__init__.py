@@ -2,8 +2,10 @@
 
 ``decoder`` holds the decoder-only paths (the naive reference, the shared-prefix fast path,
 mixed-task batches, sequence scoring); ``deep`` the paths under a deep prompt (per-layer keys and
-values, ``prompt.is_deep``); ``seq2seq`` the encoder-decoder (T5) paths. This module only
-dispatches on the model's kind and the prompt's, so none of them imports another's dispatch.
+values); ``seq2seq`` the encoder-decoder (T5) paths. This module only dispatches on the model's
+kind and the prompt's ``PromptKind`` (given by the caller that made the prompt; read from the
+tensor's shape only for a prompt handed over without one), so none of them imports another's
+dispatch.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from softprompt.forward.decoder import (
     prefix_forward_hidden,
     prefix_loss,
 )
-from softprompt.prompt import check_deep, is_deep
+from softprompt.config import PromptKind
+from softprompt.prompt import check_deep, kind_of
 
 __all__ = [
     "check_deep", "choice_logprobs", "embed", "expand_cache", "is_seq2seq", "lm_logits", "mixed_prefix_loss", "naive_loss",
@@ -32,21 +35,27 @@ __all__ = [
 ]
 
 
-def is_seq2seq(model) -> bool:
+def is_seq2seq(model: torch.nn.Module) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
-def supports_prefix(model) -> bool:
+def supports_prefix(model: torch.nn.Module) -> bool:
     """The prefix path needs a decoder-only model whose base accepts a key/value cache."""
     return not is_seq2seq(model)
 
 
-def prompt_loss(model, prompt, batch: dict, fast: bool = True, pack: bool = False) -> torch.Tensor:
-    """Mean target cross-entropy of ``batch`` under ``prompt``: a shallow (N, H) prompt through
-    ``seq2seq`` (T5 family) or the exact prefix path (``fast``; with ``pack`` the rows are
-    packed into shared sequences, ``packing.py``) / the naive reference; a deep
+def _kind(prompt: torch.Tensor | None, kind: PromptKind | None) -> PromptKind | None:
+    """The caller's kind; for a prompt handed over without one, the kind its shape says."""
+    return kind if kind is not None or prompt is None else kind_of(prompt)
+
+
+def prompt_loss(model: torch.nn.Module, prompt: torch.Tensor | None, batch: dict[str, torch.Tensor], fast: bool = True,
+                pack: bool = False, kind: PromptKind | None = None) -> torch.Tensor:
+    """Mean target cross-entropy of ``batch`` under ``prompt`` of ``kind``: a shallow (N, H)
+    prompt through ``seq2seq`` (T5 family) or the exact prefix path (``fast``; with ``pack`` the
+    rows are packed into shared sequences, ``packing.py``) / the naive reference; a deep
     (L, 2, kv, N, d) prompt through ``deep`` (fast) or PEFT's way (naive)."""
-    if is_deep(prompt):
+    if _kind(prompt, kind) is PromptKind.DEEP:
         check_deep(model)
         args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
         return deep.deep_loss(model, prompt, *args) if fast else deep.deep_naive_loss(model, prompt, *args)
@@ -57,11 +66,12 @@ def prompt_loss(model, prompt, batch: dict, fast: bool = True, pack: bool = Fals
     return decoder.prompt_loss(model, prompt, batch, fast=fast)
 
 
-def sequence_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels,
-                      choices: torch.Tensor | None = None, prefix=None) -> torch.Tensor:
+def sequence_logprobs(model: torch.nn.Module, prompt: torch.Tensor | None, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, labels: torch.Tensor, choices: torch.Tensor | None = None,
+                      prefix: object = None, kind: PromptKind | None = None) -> torch.Tensor:
     """Per-row summed log-probability of the labelled tokens (B,), or (B, L) with ``choices``;
     see ``decoder.sequence_logprobs``; a deep prompt goes through ``deep.deep_logprobs``."""
-    if is_deep(prompt):
+    if _kind(prompt, kind) is PromptKind.DEEP:
         check_deep(model)
         return deep.deep_logprobs(model, prompt, input_ids, attention_mask, labels, choices)
     if is_seq2seq(model):

@@ -29,7 +29,7 @@ import random
 import torch
 
 from softprompt import data as D
-from softprompt.config import UserError
+from softprompt.config import PromptKind, UserError
 from softprompt.forward import (
     embed,
     mixed_prefix_loss,
@@ -61,6 +61,7 @@ class PromptMethod:
         self.precision = precision  # "bf16": forward and backward under bf16 autocast (precision.py)
         self.casts = FrozenCasts(model) if precision == "bf16" else None  # the frozen weights cast once
         self.reparam_name = reparam
+        self.kind = PromptKind.SHALLOW  # what the forward pass is told the prompt is
         self.reparam = None
         if reparam is not None:
             from softprompt.training.reparam import make_reparam
@@ -85,7 +86,7 @@ class PromptMethod:
     def loss(self, batch):
         prompt, batch = self._cast(batch)
         with autocast(self.precision, self.prompt.device, self.casts):
-            return prompt_loss(self.model, prompt, batch, fast=self.fast, pack=self.pack)
+            return prompt_loss(self.model, prompt, batch, fast=self.fast, pack=self.pack, kind=self.kind)
 
     def state(self):
         out = {"prompt": self.current().detach().cpu().clone()}
@@ -104,7 +105,7 @@ class PromptMethod:
         with torch.no_grad():
             prompt, batch = self._cast(batch)
         with autocast(self.precision, self.prompt.device, self.casts):
-            return sequence_logprobs(self.model, prompt.detach(), **batch).float().cpu()
+            return sequence_logprobs(self.model, prompt.detach(), **batch, kind=self.kind).float().cpu()
 
     def trainable_parameters(self) -> int:
         """Parameters trained (a reparameterisation's included; the saved prompt is smaller)."""
@@ -137,6 +138,7 @@ class DeepPromptMethod(PromptMethod):
         if not is_deep(prompt):
             raise UserError(f"a deep prompt is (layers, 2, kv heads, N, head dim), got {tuple(prompt.shape)}")
         super().__init__(model, prompt, fast, reparam, seed, pack, precision)
+        self.kind = PromptKind.DEEP
 
 
 class ProgressiveMethod(PromptMethod):

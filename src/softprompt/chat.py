@@ -20,8 +20,12 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from softprompt.config import UserError
+
+if TYPE_CHECKING:
+    from softprompt.models import LoadedModel, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
@@ -58,11 +62,11 @@ def check_messages(messages: Sequence[dict], where: str = "messages") -> list[di
     return out
 
 
-def has_template(tokenizer) -> bool:
+def has_template(tokenizer: Tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+def render(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
     """The conversation as text, written by the tokenizer's chat template."""
     if not has_template(tokenizer):
         name = getattr(tokenizer, "name_or_path", "") or "this model"
@@ -74,13 +78,13 @@ def render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> 
         raise UserError(f"the model's chat template refused these messages: {e}") from None
 
 
-def encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` without special tokens: the one way a text becomes tokens here
     (``data.encode`` is this function)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of a conversation; with ``add_generation_prompt`` it ends where the assistant's
     reply begins (what the server feeds the model for ``/v1/chat/completions``)."""
     return encode(tokenizer, render(tokenizer, check_messages(messages), add_generation_prompt))
@@ -92,7 +96,7 @@ def messages_for(user: str, system: str | None = None, history: Sequence[dict] =
     return head + list(history) + [{"role": "user", "content": user}]
 
 
-def chat_pair(tokenizer, user: str, reply: str, system: str | None = None) -> tuple[str, list[int], list[int]]:
+def chat_pair(tokenizer: Tokenizer, user: str, reply: str, system: str | None = None) -> tuple[str, list[int], list[int]]:
     """(prompt text, prompt ids, reply ids) of one exchange; the reply ids carry the loss.
 
     The prompt is rendered with the generation prompt, the whole exchange without it; the reply
@@ -108,7 +112,7 @@ def chat_pair(tokenizer, user: str, reply: str, system: str | None = None) -> tu
     return prompt, encode(tokenizer, prompt), encode(tokenizer, whole[len(prompt):].rstrip())
 
 
-def stop_ids(tokenizer) -> list[int]:
+def stop_ids(tokenizer: Tokenizer) -> list[int]:
     """Token ids that end an assistant turn: EOS, and the last token of a rendered reply (the
     template's end-of-turn marker, e.g. ``<|im_end|>`` or ``<end_of_turn>``)."""
     out = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -123,7 +127,7 @@ def stop_ids(tokenizer) -> list[int]:
     return out
 
 
-def stop_tokens(lm) -> frozenset[int]:
+def stop_tokens(lm: LoadedModel) -> frozenset[int]:
     """Tokens that end a generation, as ``model.generate`` stops: the tokenizer's EOS, the
     model's ``generation_config.eos_token_id`` (one id or several, e.g. Llama 3's end of turn),
     and the chat template's end-of-turn marker (``chat.stop_ids``)."""

@@ -22,12 +22,16 @@ import random
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from softprompt import chat, hfdata
 from softprompt.chat import encode  # the one text -> token ids, re-exported for the data layer
 from softprompt.config import DataConfig, UserError, data_root
+
+if TYPE_CHECKING:
+    from softprompt.models import Tokenizer
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -185,7 +189,7 @@ def target_text(source: str, word: str) -> str:
     return word if (not source or source[-1].isspace()) else " " + word
 
 
-def _lm_example(tokenizer, row, cfg: DataConfig) -> tuple[Example, bool]:
+def _lm_example(tokenizer: Tokenizer, row, cfg: DataConfig) -> tuple[Example, bool]:
     ids = encode(tokenizer, row[cfg.text_column])
     cut = len(ids) > cfg.max_length
     ids = ids[: cfg.max_length]
@@ -207,7 +211,7 @@ def resolve_target(row, cfg: DataConfig, path, index: int) -> tuple[str, str | N
     return cfg.verbalizer[value], value
 
 
-def _target_example(tokenizer, row, cfg: DataConfig, path, index: int) -> tuple[Example, bool]:
+def _target_example(tokenizer: Tokenizer, row, cfg: DataConfig, path, index: int) -> tuple[Example, bool]:
     """Input -> target; in chat form (``cfg.chat``) the filled template is the user turn and the
     target the assistant reply, written by the model's chat template (``chat.chat_pair``): the
     input is everything up to the reply, the target the reply and its end-of-turn marker, and
@@ -231,7 +235,7 @@ def _target_example(tokenizer, row, cfg: DataConfig, path, index: int) -> tuple[
     return ex, cut
 
 
-def build_examples(tokenizer, rows, cfg: DataConfig, path="data") -> list[Example]:
+def build_examples(tokenizer: Tokenizer, rows, cfg: DataConfig, path="data") -> list[Example]:
     check_columns(path, rows, cfg)
     out, cut = [], 0
     for i, row in enumerate(rows, 1):
@@ -257,7 +261,7 @@ TRAIN_SPLITS = ("train",)
 EVAL_SPLITS = ("validation", "test")  # a datasets data set read for evaluation, without a split
 
 
-def load_file(tokenizer, cfg: DataConfig, path: str, limit: int | None, split: str | None = None,
+def load_file(tokenizer: Tokenizer, cfg: DataConfig, path: str, limit: int | None, split: str | None = None,
               default: tuple[str, ...] = TRAIN_SPLITS) -> list[Example]:
     """Examples of a data file or ``datasets`` data set (``split`` / ``default`` choose in it)."""
     rows = derive_columns(read_rows(path, cfg.columns, split or None, cfg.data_config, default), cfg.derive)
@@ -266,7 +270,7 @@ def load_file(tokenizer, cfg: DataConfig, path: str, limit: int | None, split: s
     return build_examples(tokenizer, rows, cfg, path)
 
 
-def load_train_eval(tokenizer, cfg: DataConfig, seed: int = 0) -> tuple[list[Example], list[Example]]:
+def load_train_eval(tokenizer: Tokenizer, cfg: DataConfig, seed: int = 0) -> tuple[list[Example], list[Example]]:
     """Training examples and evaluation examples (eval file, or a seeded dev split of train)."""
     if not cfg.path:
         raise UserError("no training data: give --data PATH or --task NAME")
@@ -276,7 +280,7 @@ def load_train_eval(tokenizer, cfg: DataConfig, seed: int = 0) -> tuple[list[Exa
     return split_dev(train, cfg, seed)
 
 
-def load_eval_file(tokenizer, cfg: DataConfig) -> list[Example]:
+def load_eval_file(tokenizer: Tokenizer, cfg: DataConfig) -> list[Example]:
     return load_file(tokenizer, cfg, cfg.eval_path, cfg.eval_limit, cfg.eval_split, EVAL_SPLITS)
 
 

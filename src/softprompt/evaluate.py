@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from softprompt import data as D
 from softprompt import metrics, recipes
 from softprompt.config import DataConfig, EvalConfig, GenerateConfig, UserError
+
+if TYPE_CHECKING:
+    from softprompt.inference.engine import Engine
+    from softprompt.models import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +34,7 @@ log = logging.getLogger(__name__)
 META_FIELDS = ("template", "target_column", "verbalizer", "text_column", "chat", "system")
 
 
-def data_config(engine, ecfg: EvalConfig, user: dict) -> tuple[DataConfig, dict | None]:
+def data_config(engine: Engine, ecfg: EvalConfig, user: dict) -> tuple[DataConfig, dict | None]:
     """(DataConfig, recipe or None): user flags > first prompt's metadata > task recipe."""
     metas = {p: engine.bank.get(p)[0].meta for p in ecfg.prompts}
     return merged_data_config(metas, ecfg.task, user)
@@ -64,7 +69,7 @@ def merged_data_config(metas: dict[str, dict], task: str | None, user: dict) -> 
     return DataConfig(**user), None
 
 
-def load_examples(tokenizer, cfg: DataConfig, recipe: dict | None, ecfg: EvalConfig,
+def load_examples(tokenizer: Tokenizer, cfg: DataConfig, recipe: dict | None, ecfg: EvalConfig,
                   path: str | None = None) -> list[D.Example]:
     """The recipe's split, or ``path`` (a data file; with a task, the recipe gives only settings)."""
     if recipe is None or path:
@@ -72,7 +77,7 @@ def load_examples(tokenizer, cfg: DataConfig, recipe: dict | None, ecfg: EvalCon
     return recipes.named_split(tokenizer, cfg, recipe, ecfg.task, ecfg.split, ecfg.limit)
 
 
-def engine_label_scores(engine, examples: list[D.Example], words: list[str], prompts: list[str | None],
+def engine_label_scores(engine: Engine, examples: list[D.Example], words: list[str], prompts: list[str | None],
                         normalize: bool = False) -> torch.Tensor:
     """(K prompts, n examples, L labels) label log-likelihoods, all K x n rows in one mixed batch."""
     from softprompt.inference.engine import ScoreRow
@@ -87,7 +92,7 @@ def engine_label_scores(engine, examples: list[D.Example], words: list[str], pro
     return lp.view(len(prompts), len(examples), len(words))
 
 
-def score_in_blocks(engine, rows: list, block: int = 512) -> list:
+def score_in_blocks(engine: Engine, rows: list, block: int = 512) -> list:
     """``engine.score_rows`` in blocks, logging progress (a full test set takes minutes on CPU)."""
     out = []
     for s in range(0, len(rows), block):
@@ -120,7 +125,7 @@ def classification_report(scores: torch.Tensor, examples, labels: list[str], nam
     return out
 
 
-def generation_report(engine, examples: list[D.Example], prompt: str | None, max_new_tokens: int) -> dict:
+def generation_report(engine: Engine, examples: list[D.Example], prompt: str | None, max_new_tokens: int) -> dict:
     """exact_match (greedy, first line, stripped), loss and perplexity of the target tokens."""
     from softprompt.inference.engine import ScoreRow
 
@@ -144,7 +149,7 @@ def generation_report(engine, examples: list[D.Example], prompt: str | None, max
     return out
 
 
-def _exact_match(engine, examples, prompt, max_new_tokens, tok) -> float:
+def _exact_match(engine: Engine, examples, prompt, max_new_tokens, tok: Tokenizer) -> float:
     from softprompt.inference.engine import GenerateRequest
 
     reqs, golds = [], []
@@ -158,7 +163,7 @@ def _exact_match(engine, examples, prompt, max_new_tokens, tok) -> float:
     return hits / max(1, len(examples))
 
 
-def evaluate(engine, ecfg: EvalConfig, data_overrides: dict) -> dict:
+def evaluate(engine: Engine, ecfg: EvalConfig, data_overrides: dict) -> dict:
     """``softprompt eval``: metrics of the plain model, one prompt, or an ensemble of prompts."""
     t0 = time.perf_counter()
     cfg, recipe = data_config(engine, ecfg, data_overrides)

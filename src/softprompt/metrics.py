@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from softprompt import data as D
 
+if TYPE_CHECKING:
+    from softprompt.models import Tokenizer
+
 Scorer = Callable[[dict], torch.Tensor]
 
 
-def candidate_examples(tokenizer, ex: D.Example, words: list[str]) -> list[D.Example]:
+def candidate_examples(tokenizer: Tokenizer, ex: D.Example, words: list[str]) -> list[D.Example]:
     """One example per label word: the example's input followed by that word."""
     src = ex.input_ids[: ex.source_len]
     out = []
@@ -29,7 +33,7 @@ def candidate_examples(tokenizer, ex: D.Example, words: list[str]) -> list[D.Exa
     return out
 
 
-def label_scores(score: Scorer, tokenizer, examples: list[D.Example], words: list[str], pad_id: int,
+def label_scores(score: Scorer, tokenizer: Tokenizer, examples: list[D.Example], words: list[str], pad_id: int,
                  batch_size: int = 16, normalize: bool = False, fast: bool = True) -> torch.Tensor:
     """(n_examples, n_labels) log-likelihood of each label word, batched over all candidates.
 
@@ -56,7 +60,7 @@ def label_scores(score: Scorer, tokenizer, examples: list[D.Example], words: lis
     return torch.cat(out).view(len(examples), len(words))
 
 
-def single_token_choices(tokenizer, examples: list[D.Example], words: list[str]):
+def single_token_choices(tokenizer: Tokenizer, examples: list[D.Example], words: list[str]):
     """(one row per example, (n, L) label token ids) when every label word is a single token after
     every input (which then has at least one token), else None."""
     rows, choices = [], []
@@ -76,7 +80,7 @@ def accuracy_report(scores: torch.Tensor, examples: list[D.Example], labels: lis
     return {**confusion_report(scores.argmax(-1).tolist(), gold, len(labels)), "labels": labels}
 
 
-def classify_metrics(score: Scorer, tokenizer, examples, verbalizer: dict[str, str], pad_id: int,
+def classify_metrics(score: Scorer, tokenizer: Tokenizer, examples, verbalizer: dict[str, str], pad_id: int,
                      batch_size: int = 16, normalize: bool = False) -> dict:
     labels = list(verbalizer)
     s = label_scores(score, tokenizer, examples, [verbalizer[k] for k in labels], pad_id, batch_size, normalize)
@@ -88,7 +92,7 @@ def loss_metrics(mean_loss: float) -> dict:
 
 
 
-def label_targets(tokenizer, ex: D.Example, words: list[str]) -> tuple[tuple[int, ...], ...]:
+def label_targets(tokenizer: Tokenizer, ex: D.Example, words: list[str]) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(D.encode(tokenizer, D.target_text(ex.source_text, w)))
                  for w in words)
 

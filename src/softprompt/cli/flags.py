@@ -233,7 +233,7 @@ EVAL_DATA = ("path", "template", "target_column", "text_column", "verbalizer", "
              "data_config", "chat", "system")
 
 
-def data_given(a, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+def data_given(a: argparse.Namespace, only: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The DataConfig fields the user gave (of ``only``), the template's typed ``\\n`` unescaped."""
     from softprompt.config import DataConfig
 
@@ -243,7 +243,7 @@ def data_given(a, only: tuple[str, ...] | None = None) -> dict[str, Any]:
     return kw
 
 
-def data_config(a):
+def data_config(a: argparse.Namespace):
     """The DataConfig of the user's data flags; with ``--task`` the recipe fills what was not given."""
     from softprompt.config import DataConfig
 
@@ -268,7 +268,7 @@ def add_prompt_train_flags(p, train_fields: tuple[str, ...]) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress display")
 
 
-def prompt_train_configs(a):
+def prompt_train_configs(a: argparse.Namespace):
     """(PromptConfig, TrainConfig) from the flags of ``add_prompt_train_flags``."""
     from softprompt.config import PromptConfig, TrainConfig
 
@@ -282,7 +282,7 @@ def names(text: str, what: str) -> tuple[str, ...]:
     return out
 
 
-def command_line(a) -> str:
+def command_line(a: argparse.Namespace) -> str:
     """The command as the user could retype it: the subcommand and every option given."""
     import shlex
 

@@ -9,6 +9,7 @@ run uses the project's recommended settings so the difference is visible.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from softprompt.config import (
     DataConfig,
@@ -18,6 +19,9 @@ from softprompt.config import (
     UserError,
 )
 from softprompt.data import WALKTHROUGH_CSV
+
+if TYPE_CHECKING:
+    from softprompt.models import LoadedModel
 
 INPUT = "I want you to act as a logistician. "
 GEN = GenerateConfig(max_new_tokens=100, repetition_penalty=1.5)
@@ -48,7 +52,7 @@ def sparkline(values: list[float], width: int = 60) -> str:
     return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in pts)
 
 
-def _tune(lm, data, prompt_cfg, train_cfg, name, print_fn):
+def _tune(lm: LoadedModel, data, prompt_cfg, train_cfg, name, print_fn):
     from softprompt.inference import engine
     from softprompt.training.tune import train
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -46,6 +47,9 @@ from softprompt.provenance import loadavg
 from softprompt.training import methods
 from softprompt.training import tune as TR
 from softprompt.training.loop import fit, plan_steps
+
+if TYPE_CHECKING:
+    from softprompt.models import LoadedModel
 
 
 def quick(cfg: CompareConfig) -> CompareConfig:
@@ -312,7 +316,7 @@ def run_all(ctx: Context, book: Journal | None, t_start: float) -> list[dict]:
 
 
 def run(
-    lm,
+    lm: LoadedModel,
     data_cfg: DataConfig,
     task: str | None,
     ccfg: CompareConfig,

@@ -17,10 +17,14 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from softprompt import data as D
 from softprompt import recipes
 from softprompt.config import DataConfig, UserError, data_root
+
+if TYPE_CHECKING:
+    from softprompt.models import Tokenizer
 
 TEST_FRACTION = 0.2  # share of the training file carved out as test when there is no test file
 Loader = Callable[[DataConfig], list[D.Example]]
@@ -40,7 +44,7 @@ class Source:
 
 
 def sources(
-    tokenizer, cfg: DataConfig, recipe: dict
+    tokenizer: Tokenizer, cfg: DataConfig, recipe: dict
 ) -> tuple[Source, Source | None, Source | None]:
     """(train, dev, test) files of a recipe, or of --data/--eval-data (eval-data is the test set)."""
     root = data_root()
@@ -109,7 +113,7 @@ class Splits:
 
 
 def load_splits(
-    tokenizer,
+    tokenizer: Tokenizer,
     data_cfg: DataConfig,
     task: str | None,
     *,

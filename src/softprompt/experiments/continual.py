@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +36,9 @@ from softprompt.training import multitask as MT
 from softprompt.training import tune as TR
 from softprompt.training.loop import fit
 from softprompt.training.methods import ProgressiveMethod
+
+if TYPE_CHECKING:
+    from softprompt.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ def _stage_cfg(tcfg: TrainConfig, ccfg: ContinualConfig, lr: float) -> TrainConf
 class _Learner:
     """One method's state across stages: train on task i, then score any seen task."""
 
-    def __init__(self, kind: str, lm, pcfg: PromptConfig, tcfg: TrainConfig, ccfg: ContinualConfig):
+    def __init__(self, kind: str, lm: LoadedModel, pcfg: PromptConfig, tcfg: TrainConfig, ccfg: ContinualConfig):
         self.kind, self.lm, self.pcfg, self.tcfg, self.ccfg = kind, lm, pcfg, tcfg, ccfg
         self.prompts: list[torch.Tensor] = []  # per task: what it is served with
         self.full = methods.FullMethod(lm.model) if kind == "full" else None
@@ -100,7 +104,7 @@ def worst_drop(matrix: list[list[float | None]]) -> float | None:
     return max(matrix[j][j] - matrix[i][j] for j in range(T - 1) for i in range(j + 1, T))
 
 
-def run_method(kind: str, lm, tasks: list[_Task], pcfg, tcfg, ccfg, say=log.info) -> dict:
+def run_method(kind: str, lm: LoadedModel, tasks: list[_Task], pcfg, tcfg, ccfg, say=log.info) -> dict:
     learner = _Learner(kind, lm, pcfg, tcfg, ccfg)
     T = len(tasks)
     matrix: list[list[float | None]] = []
@@ -130,7 +134,7 @@ def run_method(kind: str, lm, tasks: list[_Task], pcfg, tcfg, ccfg, say=log.info
     }
 
 
-def run(lm, ccfg: ContinualConfig, pcfg: PromptConfig, tcfg: TrainConfig, say=log.info) -> dict:
+def run(lm: LoadedModel, ccfg: ContinualConfig, pcfg: PromptConfig, tcfg: TrainConfig, say=log.info) -> dict:
     """Every method over the task sequence; the result document (see ``continual_report``)."""
     from softprompt.experiments.compare import weights_digest
 
@@ -152,7 +156,7 @@ def run(lm, ccfg: ContinualConfig, pcfg: PromptConfig, tcfg: TrainConfig, say=lo
     }
 
 
-def provenance(lm) -> dict:
+def provenance(lm: LoadedModel) -> dict:
     """Revision, versions, machine and model: what every result document records."""
     from softprompt.provenance import git_revision, machine, stamp, versions
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +33,13 @@ from softprompt.forward import sequence_logprobs
 from softprompt.prompt import embedding_matrix
 from softprompt.training.transfer import mean_loss
 
+if TYPE_CHECKING:
+    from softprompt.models import LoadedModel, Model, Tokenizer
+
 log = logging.getLogger(__name__)
 
 
-def nearest_tokens(model, tokenizer, prompt: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+def nearest_tokens(model: Model, tokenizer: Tokenizer, prompt: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
     """Per virtual token, the ``k`` vocabulary tokens with the highest cosine similarity."""
     emb = F.normalize(embedding_matrix(model).float(), dim=-1)  # (V, H)
     sims = F.normalize(prompt.float(), dim=-1) @ emb.T  # (N, V)
@@ -55,7 +59,7 @@ def similarity(prompts: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def importance(model, tokenizer, prompt: torch.Tensor, examples: list[D.Example], verbalizer: dict | None,
+def importance(model: Model, tokenizer: Tokenizer, prompt: torch.Tensor, examples: list[D.Example], verbalizer: dict | None,
                batch_size: int = 16) -> tuple[str, float, list[float]]:
     """(metric name, metric with the whole prompt, drop per virtual token when it is ablated)."""
     fill = embedding_matrix(model).float().mean(0)  # (H,): the mean vocabulary embedding
@@ -76,7 +80,7 @@ def importance(model, tokenizer, prompt: torch.Tensor, examples: list[D.Example]
     return ("accuracy" if verbalizer else "-loss"), base, drops
 
 
-def eval_examples(tokenizer, meta: dict, limit: int) -> tuple[list[D.Example], dict | None]:
+def eval_examples(tokenizer: Tokenizer, meta: dict, limit: int) -> tuple[list[D.Example], dict | None]:
     """The evaluation rows a stored prompt's metadata points at (its task's dev split)."""
     from softprompt import recipes
     from softprompt.config import DataConfig
@@ -97,7 +101,7 @@ def eval_examples(tokenizer, meta: dict, limit: int) -> tuple[list[D.Example], d
     return dev[:limit], cfg.verbalizer
 
 
-def user_examples(tokenizer, name: str, meta: dict, task: str | None, user: dict,
+def user_examples(tokenizer: Tokenizer, name: str, meta: dict, task: str | None, user: dict,
                   limit: int) -> tuple[list[D.Example], dict | None]:
     """Importance rows from the user's data flags (``--data`` / ``--task``, settings the prompt's
     metadata lacks from the flags), as ``softprompt eval`` would read them."""
@@ -110,7 +114,7 @@ def user_examples(tokenizer, name: str, meta: dict, task: str | None, user: dict
     return examples, cfg.verbalizer
 
 
-def importance_rows(tokenizer, name: str, meta: dict, task: str | None, user: dict | None,
+def importance_rows(tokenizer: Tokenizer, name: str, meta: dict, task: str | None, user: dict | None,
                     limit: int) -> tuple[list[D.Example] | None, dict | None, str | None]:
     """(rows, verbalizer, None), or (None, None, why) when no data is known for the prompt: then
     importance is skipped with that note instead of failing the whole report."""
@@ -125,7 +129,7 @@ def importance_rows(tokenizer, name: str, meta: dict, task: str | None, user: di
         return None, None, f"importance skipped: {str(e).removeprefix('importance: ').removesuffix('; use --no-importance')}"
 
 
-def inspect_prompt(lm, name: str, against: list[str] | None = None, top_k: int = 5, eval_limit: int = 64,
+def inspect_prompt(lm: LoadedModel, name: str, against: list[str] | None = None, top_k: int = 5, eval_limit: int = 64,
                    with_importance: bool = True, task: str | None = None, data: dict | None = None) -> dict:
     """The JSON report of one stored prompt (see the module docstring). Importance is measured
     on ``task`` / ``data`` (DataConfig fields from the user) when given, else on the data the
@@ -160,7 +164,7 @@ def inspect_prompt(lm, name: str, against: list[str] | None = None, top_k: int =
     return report
 
 
-def inspect_deep(lm, sp, against: list[str] | None) -> dict:
+def inspect_deep(lm: LoadedModel, sp, against: list[str] | None) -> dict:
     """The report of a deep prompt: key/value norms per position against the model's, similarity."""
     from softprompt.prompt import KV_STATS_TOKENS, init_vocab, kv_of_embeddings
 

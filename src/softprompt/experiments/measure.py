@@ -8,10 +8,14 @@ import os
 import statistics
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from softprompt import metrics
+
+if TYPE_CHECKING:
+    from softprompt.models import Model, Tokenizer
 
 
 class PeakMemory:
@@ -50,7 +54,7 @@ class PeakMemory:
 
 
 def latency_ms(
-    score, tokenizer, examples, verbalizer: dict[str, str], pad_id: int, n: int
+    score, tokenizer: Tokenizer, examples, verbalizer: dict[str, str], pad_id: int, n: int
 ) -> dict[str, float]:
     """Median time to classify one request (its label words scored as one batch): wall
     milliseconds ``latency_ms`` and process CPU milliseconds ``latency_cpu_ms`` (another job on
@@ -65,7 +69,7 @@ def latency_ms(
     return {"latency_ms": 1000 * statistics.median(wall[1:]), "latency_cpu_ms": 1000 * statistics.median(cpu[1:])}
 
 
-def weights_digest(model) -> str:
+def weights_digest(model: Model) -> str:
     """sha256 over every tensor of the state dict, bit for bit."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):

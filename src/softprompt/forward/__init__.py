@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from softprompt.config import PromptKind
 from softprompt.forward import decoder, deep, packing, seq2seq
 from softprompt.forward.decoder import (
     choice_logprobs,
@@ -25,7 +26,6 @@ from softprompt.forward.decoder import (
     prefix_forward_hidden,
     prefix_loss,
 )
-from softprompt.config import PromptKind
 from softprompt.prompt import check_deep, kind_of
 
 __all__ = [

@@ -17,6 +17,8 @@ Rows are right-padded; ``labels`` uses -100 for positions without a target.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -25,12 +27,15 @@ from softprompt.compat import cache_kw, returned_cache
 from softprompt.data import IGNORE
 from softprompt.forward.chunked_ce import linear_cross_entropy
 
+if TYPE_CHECKING:
+    from softprompt.models import Model
+
 
 def embed(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model.get_input_embeddings()(input_ids)  # (B, T, H)
 
 
-def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+def lm_logits(model: Model, hidden: torch.Tensor) -> torch.Tensor:
     """Vocabulary logits (..., V) of hidden states (..., H), as the model's own forward computes
     them: the output head, then Gemma's final logit soft-capping where the config has one."""
     logits = model.get_output_embeddings()(hidden)
@@ -38,7 +43,7 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits if not cap else torch.tanh(logits / cap) * cap
 
 
-def naive_loss(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels) -> torch.Tensor:
+def naive_loss(model: Model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Reference path: [P][x] for every row, full forward, full logits. ``prompt`` is (N, H),
     shared by every row, or (B, N, H), one per row."""
     x = embed(model, input_ids)  # (B, T, H)
@@ -55,7 +60,7 @@ def naive_loss(model, prompt: torch.Tensor | None, input_ids, attention_mask, la
     )
 
 
-def prefix_cache(model, prompt: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+def prefix_cache(model: Model, prompt: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
     """Run the decoder on P alone: (per-layer keys/values for N positions, last hidden (H,))."""
     base = model.base_model
     cache = DynamicCache(config=model.config)
@@ -74,7 +79,7 @@ def expand_cache(cache: DynamicCache, batch: int, config) -> DynamicCache:
     return DynamicCache(ddp_cache_data=layers, config=config)
 
 
-def prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache=None):
+def prefix_forward_hidden(model: Model, prompt, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache=None):
     """Hidden states (B, T, H) of the real tokens under the shared prompt prefix."""
     B, T = input_ids.shape
     N = prompt.shape[0]
@@ -93,7 +98,7 @@ def prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache=None):
     return out.last_hidden_state  # (B, T, H)
 
 
-def _shifted_ce_sum(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _shifted_ce_sum(model: Model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of labels[:, 1:] predicted from hidden[:, :-1], and the count."""
     tgt = labels[:, 1:]  # (B, T-1); position t predicts labels[t+1]
     sel = tgt != IGNORE
@@ -105,7 +110,7 @@ def _shifted_ce_sum(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[
     return total, sel.sum()
 
 
-def prefix_loss(model, prompt: torch.Tensor, input_ids, attention_mask, labels) -> torch.Tensor:
+def prefix_loss(model: Model, prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Fast exact path: shared prefix, logits only at labelled positions."""
     cache, last = prefix_cache(model, prompt)
     hidden = prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache)  # (B, T, H)
@@ -119,7 +124,7 @@ def prefix_loss(model, prompt: torch.Tensor, input_ids, attention_mask, labels) 
     return total / count.clamp(min=1)
 
 
-def mixed_prefix_loss(model, prompts: torch.Tensor, task_ids: torch.Tensor, input_ids, attention_mask, labels,
+def mixed_prefix_loss(model: Model, prompts: torch.Tensor, task_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                       reduction: str = "mean") -> torch.Tensor:
     """Rows of different tasks in one batch: row b is prompted by ``prompts[task_ids[b]]``.
 
@@ -154,7 +159,7 @@ def mixed_prefix_loss(model, prompts: torch.Tensor, task_ids: torch.Tensor, inpu
     return total if reduction == "sum" else total / count.clamp(min=1)
 
 
-def plain_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
+def plain_loss(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The frozen model on the real tokens only, target-only logits (no prompt)."""
     hidden = model.base_model(
         inputs_embeds=embed(model, input_ids), attention_mask=attention_mask, use_cache=False
@@ -164,13 +169,13 @@ def plain_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
     return F.cross_entropy(lm_logits(model, hidden[:, :-1][sel]).float(), tgt[sel])
 
 
-def prompt_loss(model, prompt, batch: dict, fast: bool = True) -> torch.Tensor:
+def prompt_loss(model: Model, prompt, batch: dict, fast: bool = True) -> torch.Tensor:
     """Decoder-only loss under a shared prompt: the fast prefix path, or the naive reference."""
     args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
     return prefix_loss(model, prompt, *args) if fast else naive_loss(model, prompt, *args)
 
 
-def labelled_logprobs(model, hidden: torch.Tensor, labels, choices: torch.Tensor | None = None) -> torch.Tensor:
+def labelled_logprobs(model: Model, hidden: torch.Tensor, labels: torch.Tensor, choices: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row summed log-probability (B,) of labels[:, 1:] predicted from hidden (B, T, H), or
     with ``choices`` the (B, L) choice log-probabilities at each row's one labelled position."""
     tgt = labels[:, 1:]
@@ -192,7 +197,7 @@ def choice_logprobs(logp: torch.Tensor, rows: torch.Tensor, choices: torch.Tenso
 
 
 @torch.no_grad()
-def sequence_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels,
+def sequence_logprobs(model: Model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                       choices: torch.Tensor | None = None, prefix=None) -> torch.Tensor:
     """Per-row summed log-probability of the labelled tokens, (B,). Right-padded rows.
 

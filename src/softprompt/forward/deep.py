@@ -15,6 +15,8 @@ refused with one line (``forward.prompt_loss``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -22,8 +24,11 @@ from transformers import DynamicCache
 from softprompt.compat import cache_kw
 from softprompt.forward.decoder import IGNORE, _shifted_ce_sum, embed, labelled_logprobs
 
+if TYPE_CHECKING:
+    from softprompt.models import Model
 
-def deep_cache(model, prompt: torch.Tensor, batch: int) -> DynamicCache:
+
+def deep_cache(model: Model, prompt: torch.Tensor, batch: int) -> DynamicCache:
     """The deep prompt as a batch-B cache: per layer keys/values (B, kv, N, d), views of (1, kv, N, d)."""
     dtype = model.get_input_embeddings().weight.dtype
     kv = prompt.to(dtype)  # (L, 2, kv, N, d)
@@ -32,7 +37,7 @@ def deep_cache(model, prompt: torch.Tensor, batch: int) -> DynamicCache:
     return DynamicCache(ddp_cache_data=layers, config=model.config)
 
 
-def deep_forward_hidden(model, prompt: torch.Tensor, input_ids, attention_mask) -> torch.Tensor:
+def deep_forward_hidden(model: Model, prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Hidden states (B, T, H) of right-padded rows behind the deep prompt."""
     B, T = input_ids.shape
     N = prompt.shape[3]
@@ -43,13 +48,13 @@ def deep_forward_hidden(model, prompt: torch.Tensor, input_ids, attention_mask) 
     return out.last_hidden_state
 
 
-def deep_loss(model, prompt: torch.Tensor, input_ids, attention_mask, labels) -> torch.Tensor:
+def deep_loss(model: Model, prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Fast exact path: shared prefix views, logits only at labelled positions; mean target CE."""
     total, count = _shifted_ce_sum(model, deep_forward_hidden(model, prompt, input_ids, attention_mask), labels)
     return total / count.clamp(min=1)
 
 
-def deep_naive_loss(model, prompt: torch.Tensor, input_ids, attention_mask, labels) -> torch.Tensor:
+def deep_naive_loss(model: Model, prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Reference path (PEFT's): the prefix as ``past_key_values``, full logits, default positions."""
     B, N = input_ids.shape[0], prompt.shape[3]
     mask = torch.cat([attention_mask.new_ones(B, N), attention_mask], dim=1)
@@ -59,7 +64,7 @@ def deep_naive_loss(model, prompt: torch.Tensor, input_ids, attention_mask, labe
 
 
 @torch.no_grad()
-def deep_logprobs(model, prompt: torch.Tensor, input_ids, attention_mask, labels,
+def deep_logprobs(model: Model, prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                   choices: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row summed log-probability of the labelled tokens (B,), or (B, L) with ``choices``
     (see ``decoder.sequence_logprobs``); ``labels[:, 0]`` is never scored."""

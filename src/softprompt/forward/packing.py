@@ -20,6 +20,7 @@ each row's first token is predicted by the last virtual token, as in the unpacke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ import torch.nn.functional as F
 from softprompt.data import IGNORE
 from softprompt.forward.chunked_ce import linear_cross_entropy
 from softprompt.forward.decoder import embed, expand_cache, prefix_cache
+
+if TYPE_CHECKING:
+    from softprompt.models import Model
 
 
 @dataclass
@@ -89,7 +93,7 @@ def packed_mask(row: torch.Tensor, n_prefix: int, dtype: torch.dtype) -> torch.T
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]  # (S, 1, L, N+L)
 
 
-def packed_row_losses(model, prompt: torch.Tensor, input_ids, attention_mask, labels,
+def packed_row_losses(model: Model, prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                       capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed target cross-entropy (B,) float32 and per-row target counts (B,)."""
     B, N = input_ids.shape[0], prompt.shape[0]
@@ -118,7 +122,7 @@ def packed_row_losses(model, prompt: torch.Tensor, input_ids, attention_mask, la
     return total, count
 
 
-def packed_loss(model, prompt: torch.Tensor, input_ids, attention_mask, labels,
+def packed_loss(model: Model, prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 capacity: int | None = None) -> torch.Tensor:
     """Mean target cross-entropy of the batch, packed; equals ``decoder.prefix_loss``."""
     total, count = packed_row_losses(model, prompt, input_ids, attention_mask, labels, capacity)

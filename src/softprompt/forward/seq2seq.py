@@ -14,6 +14,8 @@ as encoder input (an encoder cannot attend over nothing).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, EncoderDecoderCache
@@ -21,13 +23,16 @@ from transformers import DynamicCache, EncoderDecoderCache
 from softprompt.compat import cache_kw, returned_cache
 from softprompt.data import IGNORE
 
+if TYPE_CHECKING:
+    from softprompt.models import Model
 
-def _start_id(model) -> int:
+
+def _start_id(model: Model) -> int:
     start = model.config.decoder_start_token_id
     return int(start if start is not None else model.config.pad_token_id)
 
 
-def encoder_inputs(model, prompts: list[torch.Tensor | None], ids: list[list[int]]):
+def encoder_inputs(model: Model, prompts: list[torch.Tensor | None], ids: list[list[int]]):
     """Right-padded encoder embeddings ``[P_i][x_i][pad]`` (B, L, H) and mask (B, L)."""
     emb = model.get_input_embeddings()
     eos = model.config.eos_token_id
@@ -46,7 +51,7 @@ def encoder_inputs(model, prompts: list[torch.Tensor | None], ids: list[list[int
     return x, mask
 
 
-def encode(model, prompts, ids) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(model: Model, prompts, ids) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder hidden states (B, L, H) and the encoder mask (B, L)."""
     x, mask = encoder_inputs(model, prompts, ids)
     return model.get_encoder()(inputs_embeds=x, attention_mask=mask).last_hidden_state, mask
@@ -60,7 +65,7 @@ def right_pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
-def target_logprobs(model, enc_hidden, enc_mask, targets: list[list[int]],
+def target_logprobs(model: Model, enc_hidden, enc_mask, targets: list[list[int]],
                     choices: torch.Tensor | None = None) -> torch.Tensor:
     """Summed log-probability of each row's target token sequence, (B,); with ``choices``
     (B, L) and one-token targets, each choice's log-probability (B, L)."""
@@ -92,7 +97,7 @@ def split_batch(batch: dict) -> tuple[list[list[int]], list[list[int]]]:
     return src, tgt
 
 
-def seq2seq_loss(model, prompt: torch.Tensor | None, batch: dict) -> torch.Tensor:
+def seq2seq_loss(model: Model, prompt: torch.Tensor | None, batch: dict) -> torch.Tensor:
     """Mean cross-entropy over target tokens with the prompt in front of the encoder input."""
     src, tgt = split_batch(batch)
     x, mask = encoder_inputs(model, [prompt] * len(src), src)
@@ -102,7 +107,7 @@ def seq2seq_loss(model, prompt: torch.Tensor | None, batch: dict) -> torch.Tenso
 
 
 @torch.no_grad()
-def seq2seq_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels,
+def seq2seq_logprobs(model: Model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                      choices: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row summed log-probability of the target tokens, (B,) (cf. forward.sequence_logprobs)."""
     src, tgt = split_batch({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
@@ -113,7 +118,7 @@ def seq2seq_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_ma
 class Seq2SeqState:
     """Decoder state of a batch for the engine's decode loop: one token per row per step."""
 
-    def __init__(self, model, enc_hidden: torch.Tensor, enc_mask: torch.Tensor):
+    def __init__(self, model: Model, enc_hidden: torch.Tensor, enc_mask: torch.Tensor):
         self.model = model
         self.enc_hidden, self.enc_mask = enc_hidden, enc_mask  # (B, L, H), (B, L)
         cfg = model.config

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from softprompt import store
 from softprompt.config import UserError
 from softprompt.forward import prefix_cache
 from softprompt.prompt import is_deep
+
+if TYPE_CHECKING:
+    from softprompt.models import Model
 
 
 @dataclass
@@ -43,7 +47,7 @@ class PrefixKV:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.last) if t is not None)
 
 
-def compute_prefix(model, embeddings: torch.Tensor) -> PrefixKV:
+def compute_prefix(model: Model, embeddings: torch.Tensor) -> PrefixKV:
     cache, last = prefix_cache(model, embeddings.to(model.dtype))
     keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (layers, kv, N, d)
     values = torch.stack([layer.values[0] for layer in cache.layers])

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,9 @@ from softprompt.inference.bank import PrefixCache, PrefixKV, PromptBank, compute
 from softprompt.inference.kv import DecoderState, batch_prefix, left_pad
 from softprompt.inference.logprobs import TokenLogprob, pick_logprobs
 from softprompt.inference.steps import StepBatch
+
+if TYPE_CHECKING:
+    from softprompt.models import LoadedModel
 
 __all__ = ["ANON", "Engine", "EngineConfig", "GenerateRequest", "Generation", "PromptLogprobRow", "Row",
            "ScoreRequest", "ScoreResult", "ScoreRow", "StepBatch", "generate", "stop_tokens"]
@@ -122,7 +126,7 @@ class Row:
 class Engine:
     """One frozen model (``models.LoadedModel``) serving many prompts in mixed batches."""
 
-    def __init__(self, lm, cfg: EngineConfig | None = None):
+    def __init__(self, lm: LoadedModel, cfg: EngineConfig | None = None):
         self.lm, self.cfg = lm, cfg or EngineConfig()
         self.device = next(lm.model.parameters()).device  # inputs go here; sampling stays on the CPU
         self.bank = PromptBank(lm.fingerprint, self.cfg.max_resident_prompts, self.cfg.force, lm.kv_shape)
@@ -386,7 +390,7 @@ def _unflatten(flat: list[float], targets) -> list[list[float]]:
 
 
 @torch.no_grad()
-def generate(lm, prompt: torch.Tensor | None, text: str, cfg: GenerateConfig,
+def generate(lm: LoadedModel, prompt: torch.Tensor | None, text: str, cfg: GenerateConfig,
              token_ids: list[int] | None = None) -> Generation:
     """Generate a continuation of ``text`` (or of ``token_ids``, e.g. ``chat.encode_chat``'s)
     under ``prompt`` (None = the plain model)."""

@@ -13,6 +13,8 @@ which makes padding, dropping rows (``DecoderState.take``) and stacking batches
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -20,6 +22,9 @@ from transformers import DynamicCache
 from softprompt.compat import cache_kw, returned_cache
 from softprompt.forward import embed, lm_logits
 from softprompt.inference.bank import PrefixKV
+
+if TYPE_CHECKING:
+    from softprompt.models import Model
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +61,7 @@ def batch_prefix(prefixes: list[PrefixKV | None], config) -> tuple[DynamicCache,
 class DecoderState:
     """Cache, attention mask (B, L) and next position (B,) of a decoder-only batch."""
 
-    def __init__(self, model, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor):
+    def __init__(self, model: Model, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor):
         self.model, self.cache, self.mask, self.next_pos = model, cache, mask, next_pos
 
     def hidden(self, ids: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,12 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from softprompt.config import ServerConfig, UserError
+
+if TYPE_CHECKING:
+    from softprompt.inference.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,7 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- the app
 
 
-def create_app(engine, config: ServerConfig | None = None):
+def create_app(engine: "Engine", config: ServerConfig | None = None):
     """The FastAPI app over ``engine``; the worker thread starts and stops with the app's lifespan.
 
     Over 60 lines: the route table, one line per route with its declared responses.

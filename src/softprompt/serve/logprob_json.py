@@ -20,8 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from softprompt.inference.logprobs import TokenLogprob
+
+if TYPE_CHECKING:
+    from softprompt.models import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class Piece:
     top: tuple[tuple[str, float], ...] = ()  # the k most likely tokens as (text, logprob), best first
 
 
-def pieces(tokenizer, tokens: Sequence[int], lps: Sequence[TokenLogprob | None]) -> list[Piece]:
+def pieces(tokenizer: Tokenizer, tokens: Sequence[int], lps: Sequence[TokenLogprob | None]) -> list[Piece]:
     """Worker side: ``tokens`` and their log-probabilities as text."""
 
     def text(t: int) -> str:

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from softprompt.config import UserError
+
+if TYPE_CHECKING:
+    from softprompt.models import Model
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -66,7 +69,7 @@ def named_prompt(path: str, body: dict):
     return body.get("prompt", body.get("model")) if path == "/v1/classify" else body.get("model")
 
 
-def prompt_of(model, base_id: str, param: str = "model") -> str | None:
+def prompt_of(model: Model, base_id: str, param: str = "model") -> str | None:
     """The prompt name a request runs under (None = the plain model); 400/404 for bad names."""
     from softprompt import store
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -20,6 +21,9 @@ from softprompt.serve.context import served
 from softprompt.serve.protocol import ChatRequest, bad, prompt_of, refuse_unsupported
 from softprompt.serve.routes_openai import check_cost, sampling, virtual_tokens
 from softprompt.serve.scheduler import Job
+
+if TYPE_CHECKING:
+    from softprompt.inference.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ def parse_chat(body: ChatRequest, cfg, base_id: str) -> ChatSpec:
                     (body.top_logprobs or 0) if body.logprobs else None)
 
 
-def chat_rows(spec: ChatSpec, cfg, engine) -> tuple[list, dict]:
+def chat_rows(spec: ChatSpec, cfg, engine: Engine) -> tuple[list, dict]:
     """Worker side: the templated tokens as ``n`` ``GenerateRequest``s (seeds seed + i)."""
     from softprompt import chat
     from softprompt.config import GenerateConfig

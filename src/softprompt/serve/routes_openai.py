@@ -13,6 +13,7 @@ import math
 import random
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -33,6 +34,9 @@ from softprompt.serve.protocol import (
 )
 from softprompt.serve.scheduler import Job, resolve_prompt
 from softprompt.serve.streams import ClientGone, EventReader
+
+if TYPE_CHECKING:
+    from softprompt.inference.engine import Engine
 
 # ---------------------------------------------------------------- models
 
@@ -126,7 +130,7 @@ def parse_completion(body: CompletionRequest, cfg, base_id: str) -> CompletionSp
                           body.logprobs)
 
 
-def checked_ids(engine, text: str, param: str, limit: int) -> list[int]:
+def checked_ids(engine: Engine, text: str, param: str, limit: int) -> list[int]:
     """Token ids of ``text`` (worker side), or a 400 when there are more than ``limit``."""
     ids = engine.encode(text)
     if len(ids) > limit:
@@ -134,7 +138,7 @@ def checked_ids(engine, text: str, param: str, limit: int) -> list[int]:
     return ids
 
 
-def virtual_tokens(engine, prompt: str | None, cfg) -> int:
+def virtual_tokens(engine: Engine, prompt: str | None, cfg) -> int:
     """N of the request's prompt (0 for the plain model), after the prompt's checks."""
     return 0 if prompt is None else resolve_prompt(engine, prompt, cfg.max_prompt_tokens).num_virtual_tokens
 
@@ -145,7 +149,7 @@ def check_cost(tokens: int, cfg) -> None:
                   f"{cfg.max_request_tokens} per request", None, "request_too_large")
 
 
-def completion_rows(spec: CompletionSpec, cfg, engine) -> tuple[list, dict]:
+def completion_rows(spec: CompletionSpec, cfg, engine: Engine) -> tuple[list, dict]:
     """Worker side: the spec's ``GenerateRequest``s, plus the echoed texts (with ``logprobs``
     their tokens' log-probabilities, through the scoring forward) and the prompt token count."""
     from softprompt.config import GenerateConfig
@@ -228,7 +232,7 @@ def stored_field(name: str, meta: dict, key: str):
     return value
 
 
-def classify_rows(spec: ClassifySpec, cfg, engine) -> tuple[list, list[str]]:
+def classify_rows(spec: ClassifySpec, cfg, engine: Engine) -> tuple[list, list[str]]:
     """Worker side: one ``ScoreRow`` per input (the prompt's metadata comes from the bank) and
     the labels; every cost limit is checked before any model work."""
     from softprompt.data import target_text

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import TYPE_CHECKING
 
 from softprompt.serve.logprob_json import pieces
 from softprompt.serve.protocol import ApiError
+
+if TYPE_CHECKING:
+    from softprompt.models import Tokenizer
 
 DONE = "data: [DONE]\n\n"
 
@@ -31,7 +35,7 @@ class RowText:
     ``logprob_json.Piece``s; ``fresh()`` hands over the ones not yet published.
     """
 
-    def __init__(self, tokenizer, stops: list[str]):
+    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
         self.tok, self.stops = tokenizer, stops
         self.ids: list[int] = []
         self.text, self.finish = "", None

@@ -22,11 +22,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from softprompt.config import UserError
 from softprompt.data import IGNORE
+
+if TYPE_CHECKING:
+    from softprompt.models import LoadedModel, Model
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +98,7 @@ def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def setup(lm, fsdp: bool = False) -> Dist | None:
+def setup(lm: LoadedModel, fsdp: bool = False) -> Dist | None:
     """Join the process group the launcher described; shard the model if asked.
 
     Returns None for a plain single-process run (then nothing here is used). The backend is
@@ -119,7 +123,7 @@ def setup(lm, fsdp: bool = False) -> Dist | None:
     return dist
 
 
-def decoder_layers(model) -> list[torch.nn.Module]:
+def decoder_layers(model: Model) -> list[torch.nn.Module]:
     """The repeated transformer blocks (Llama/Mistral/Qwen ``layers``, GPT-2 ``h``)."""
     base = model.base_model
     for name in ("layers", "h", "blocks"):
@@ -129,7 +133,7 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     raise UserError(f"--fsdp: cannot find the decoder layers of {type(model).__name__}")
 
 
-def shard_model(model) -> None:
+def shard_model(model: Model) -> None:
     """FSDP2: each decoder layer's frozen weights sharded over the ranks, gathered per layer.
 
     Embeddings, final norm and LM head stay replicated: the prompted forward calls them outside

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import random
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -42,6 +43,9 @@ from softprompt.forward import (
 )
 from softprompt.precision import FrozenCasts, autocast
 
+if TYPE_CHECKING:
+    from softprompt.models import Model, Tokenizer
+
 
 class PromptMethod:
     """Prompt tuning: the trainable tensor is the prompt, (N, H), or deep (L, 2, kv, N, d).
@@ -52,7 +56,7 @@ class PromptMethod:
     in ``state``, so a resumed run continues the same module).
     """
 
-    def __init__(self, model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0,
+    def __init__(self, model: Model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0,
                  pack: bool = False, precision: str = "fp32"):
         self.model = model
         device = next(model.parameters()).device  # the prompt lives with the model, in float32
@@ -130,7 +134,7 @@ class DeepPromptMethod(PromptMethod):
     (``forward.deep``); refused in one line on a model without a decoder-only key/value cache.
     """
 
-    def __init__(self, model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0,
+    def __init__(self, model: Model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0,
                  pack: bool = False, precision: str = "fp32"):
         from softprompt.prompt import check_deep, is_deep
 
@@ -145,7 +149,7 @@ class ProgressiveMethod(PromptMethod):
     """Progressive prompts: the new task's prompt (N, H) trains, placed after the frozen prompts
     of earlier tasks (M, H); the model sees their concatenation (M+N, H)."""
 
-    def __init__(self, model, frozen: torch.Tensor | None, new: torch.Tensor, fast: bool = True):
+    def __init__(self, model: Model, frozen: torch.Tensor | None, new: torch.Tensor, fast: bool = True):
         super().__init__(model, new, fast)
         self.frozen = None if frozen is None else frozen.detach().float().to(self.prompt.device)
 
@@ -161,7 +165,7 @@ class ProgressiveMethod(PromptMethod):
 class MultitaskMethod:
     """Trainable: the shared prompt (N, H) and each task's u (N,) and v (H,)."""
 
-    def __init__(self, model, shared: torch.Tensor, n_tasks: int, fast: bool = True):
+    def __init__(self, model: Model, shared: torch.Tensor, n_tasks: int, fast: bool = True):
         self.model, self.fast = model, fast
         N, H = shared.shape
         self.shared = torch.nn.Parameter(shared.detach().clone().float())  # (N, H)
@@ -213,7 +217,7 @@ LORA_ALPHA = 16  # scale alpha / r = 2, the common choice (peft's default alpha 
 LORA_TARGETS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("c_attn",), ("q", "k", "v", "o"))
 
 
-def model_loss(model, batch: dict) -> torch.Tensor:
+def model_loss(model: Model, batch: dict) -> torch.Tensor:
     """Mean target cross-entropy of the model alone (no prompt), for any architecture."""
     if getattr(model.config, "is_encoder_decoder", False):
         from softprompt.forward.seq2seq import seq2seq_loss
@@ -222,12 +226,12 @@ def model_loss(model, batch: dict) -> torch.Tensor:
     return plain_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
-def unique_parameters(model) -> int:
+def unique_parameters(model: Model) -> int:
     """All parameters, tied tensors counted once (``Module.parameters`` de-duplicates)."""
     return sum(p.numel() for p in model.parameters())
 
 
-def lora_targets(model) -> list[str]:
+def lora_targets(model: Model) -> list[str]:
     names = {
         n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Module)
     }
@@ -243,7 +247,7 @@ def lora_targets(model) -> list[str]:
 class LoraMethod:
     """LoRA rank ``r`` on the attention projections of a private copy of the model."""
 
-    def __init__(self, model, r: int = LORA_RANK, alpha: int = LORA_ALPHA):
+    def __init__(self, model: Model, r: int = LORA_RANK, alpha: int = LORA_ALPHA):
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError:
@@ -293,7 +297,7 @@ class LoraMethod:
 class FullMethod:
     """Full fine-tuning: every weight of a private copy of the model trains."""
 
-    def __init__(self, model):
+    def __init__(self, model: Model):
         self.model = copy.deepcopy(model)
         self.model.eval()
         for p in self.model.parameters():
@@ -329,7 +333,7 @@ def _copy_named(module, state: dict) -> None:
             params[n].copy_(v)
 
 
-def save_weights(model, path) -> int:
+def save_weights(model: Model, path) -> int:
     """Write all weights as one safetensors file (tied tensors once); its size in bytes."""
     from safetensors.torch import save_model
 
@@ -345,7 +349,7 @@ def save_weights(model, path) -> int:
 class HandPrompt:
     """Zero-shot (no demonstrations) or few-shot: ``demos`` token ids in front of every input."""
 
-    def __init__(self, model, demos: list[int] | None = None, text: str = ""):
+    def __init__(self, model: Model, demos: list[int] | None = None, text: str = ""):
         self.model = model
         self.demo_ids = list(demos or [])
         self.text = text  # the demonstrations as text (what a user would store for the task)
@@ -366,7 +370,7 @@ def demo_text(ex: D.Example, word: str) -> str:
 
 
 def choose_demos(
-    tokenizer, pool: list[D.Example], verbalizer: dict[str, str], budget: int, seed: int, max_k: int
+    tokenizer: Tokenizer, pool: list[D.Example], verbalizer: dict[str, str], budget: int, seed: int, max_k: int
 ) -> tuple[list[int], str, int]:
     """(token ids, text, k): label-balanced demonstrations (round robin over classes in seeded
     order) added while the total stays within ``budget`` tokens, at most ``max_k``."""

@@ -23,6 +23,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +34,9 @@ from softprompt.forward import sequence_logprobs
 from softprompt.training import tune as TR
 from softprompt.training.loop import FitResult, fit
 from softprompt.training.methods import MultitaskMethod
+
+if TYPE_CHECKING:
+    from softprompt.models import LoadedModel, Model, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ def sample(examples: list, n: int | None, seed: int) -> list:
     return [examples[i] for i in keep]
 
 
-def load_task(tokenizer, task: str, n_train: int | None, n_dev: int, seed: int, index: int | None = None) -> TaskData:
+def load_task(tokenizer: Tokenizer, task: str, n_train: int | None, n_dev: int, seed: int, index: int | None = None) -> TaskData:
     """A task's training sample and dev sample; examples tagged with ``index`` (their task id)."""
     train, dev, cfg = recipes.train_dev(tokenizer, DataConfig(), task, seed)
     if not cfg.verbalizer:
@@ -70,7 +74,7 @@ def load_task(tokenizer, task: str, n_train: int | None, n_dev: int, seed: int, 
     return TaskData(recipes.task_name(task), cfg, train, dev, recipes.load_task(task))
 
 
-def load_test(tokenizer, td: TaskData, limit: int | None, seed: int) -> list[D.Example]:
+def load_test(tokenizer: Tokenizer, td: TaskData, limit: int | None, seed: int) -> list[D.Example]:
     """The task's test split (its dev split when it has none), a seeded sample of ``limit`` rows."""
     spec = recipes.test_spec(td.recipe)
     if spec is None:
@@ -78,7 +82,7 @@ def load_test(tokenizer, td: TaskData, limit: int | None, seed: int) -> list[D.E
     return sample(recipes.load_split(tokenizer, td.cfg, spec), limit, seed)
 
 
-def accuracy(model, prompt: torch.Tensor | None, tokenizer, examples, cfg: DataConfig, batch_size: int = 16,
+def accuracy(model: Model, prompt: torch.Tensor | None, tokenizer: Tokenizer, examples, cfg: DataConfig, batch_size: int = 16,
              scorer=None) -> tuple[float, torch.Tensor]:
     """(accuracy, label scores (n, labels)) of ``examples`` under ``prompt`` (None: no prompt)."""
     score = scorer or (lambda b: sequence_logprobs(model, prompt, **b))
@@ -92,7 +96,7 @@ def accuracy(model, prompt: torch.Tensor | None, tokenizer, examples, cfg: DataC
 # ---------------------------------------------------------------- the method
 
 
-def make_evaluator(method: MultitaskMethod, tokenizer, tasks: list[TaskData], batch_size: int):
+def make_evaluator(method: MultitaskMethod, tokenizer: Tokenizer, tasks: list[TaskData], batch_size: int):
     """Each task's dev accuracy under its own prompt; ``score`` is their mean."""
 
     @torch.no_grad()
@@ -120,7 +124,7 @@ class MultitaskResult:
     n_train: dict[str, int]
 
 
-def train_multitask(lm, mcfg: MultitaskConfig, prompt_cfg: PromptConfig, train_cfg: TrainConfig, name: str,
+def train_multitask(lm: LoadedModel, mcfg: MultitaskConfig, prompt_cfg: PromptConfig, train_cfg: TrainConfig, name: str,
                     resume: bool = False, progress: bool = False, save: bool = True, force: bool = False) -> MultitaskResult:
     """Train the shared prompt and the task modulations on a mix of tasks; store every prompt."""
     if prompt_cfg.kind != "shallow" or prompt_cfg.reparam is not None:
@@ -147,7 +151,7 @@ def train_multitask(lm, mcfg: MultitaskConfig, prompt_cfg: PromptConfig, train_c
                            {td.name: len(td.train) for td in tasks})
 
 
-def _save_all(lm, name, tasks, prompts, shared, prompt_cfg, train_cfg, res, mcfg) -> dict[str, Path]:
+def _save_all(lm: LoadedModel, name, tasks, prompts, shared, prompt_cfg, train_cfg, res, mcfg) -> dict[str, Path]:
     info = {"shared": name, "tasks": [td.name for td in tasks], "config": mcfg.to_dict(),
             "style": "MPT: P_k = P_shared * (u_k v_k^T)"}
     meta = TR.prompt_metadata(lm, DataConfig(), prompt_cfg, train_cfg, res, None)

@@ -12,6 +12,7 @@ deep prompt as its computed prefix (``prompt.make_deep_prompt``).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,17 +22,20 @@ from softprompt.config import UserError
 from softprompt.training.loop import eval_loss
 from softprompt.training.methods import PromptMethod
 
+if TYPE_CHECKING:
+    from softprompt.models import LoadedModel, Model
+
 log = logging.getLogger(__name__)
 
 RANK_ROWS = 32  # new-task rows each candidate is scored on
 
 
-def mean_loss(model, prompt: torch.Tensor, examples: list[D.Example], pad_id: int, batch_size: int = 16) -> float:
+def mean_loss(model: Model, prompt: torch.Tensor, examples: list[D.Example], pad_id: int, batch_size: int = 16) -> float:
     """Target-token-weighted mean cross-entropy of ``examples`` under ``prompt``."""
     return eval_loss(PromptMethod(model, prompt), examples, pad_id, batch_size)
 
 
-def candidates(lm, exclude: set[str] = frozenset(), force: bool = False, only: list[str] | None = None) -> dict[str, torch.Tensor]:
+def candidates(lm: LoadedModel, exclude: set[str] = frozenset(), force: bool = False, only: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Stored prompts usable on this model: name -> (N, H). Broken or foreign ones are skipped."""
     H = lm.model.get_input_embeddings().weight.shape[1]
     out = {}
@@ -49,7 +53,7 @@ def candidates(lm, exclude: set[str] = frozenset(), force: bool = False, only: l
     return out
 
 
-def rank_sources(lm, examples: list[D.Example], exclude: set[str] = frozenset(), rows: int = RANK_ROWS,
+def rank_sources(lm: LoadedModel, examples: list[D.Example], exclude: set[str] = frozenset(), rows: int = RANK_ROWS,
                  force: bool = False, only: list[str] | None = None) -> list[dict]:
     """Stored prompts (all, or the names in ``only``) ordered best first: ``[{"name", "loss"}, ...]``,
     scored on the first ``rows`` examples."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from softprompt.config import UserError
+from softprompt.config import PromptKind, UserError
 
 
 def adapter_config(n: int, h: int, model_path: str, model_config=None, init: str = "RANDOM") -> dict:
@@ -90,8 +90,8 @@ class StoredPrompt:
     file_bytes: int = 0  # size of the files on disk
 
     @property
-    def kind(self) -> str:
-        return "deep" if self.kv is not None else "shallow"
+    def kind(self) -> PromptKind:
+        return PromptKind.DEEP if self.kv is not None else PromptKind.SHALLOW
 
     @property
     def tensor(self) -> torch.Tensor:

@@ -239,7 +239,7 @@ def check_architecture(name: str, path: Path) -> str:
     return kind
 
 
-def fingerprint(model: torch.nn.Module) -> dict:
+def fingerprint(model: Model) -> dict:
     """Identity of a base model that a prompt depends on: shapes and a hash of the embeddings."""
     emb = model.get_input_embeddings().weight.detach()
     sample = emb[:: max(1, emb.shape[0] // 4096)].float().cpu().contiguous()  # (<=4096, H), cheap to hash
@@ -252,7 +252,7 @@ def fingerprint(model: torch.nn.Module) -> dict:
     }
 
 
-def freeze(model: torch.nn.Module) -> torch.nn.Module:
+def freeze(model: Model) -> Model:
     """Eval mode (no dropout) and no gradients for any base weight."""
     model.eval()
     for p in model.parameters():

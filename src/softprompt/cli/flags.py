@@ -116,7 +116,7 @@ def _converter(cls: type, f: dataclasses.Field, flag: str) -> tuple[dict[str, An
 
 def _shown_default(f: dataclasses.Field) -> str | None:
     """The default as a user would type it, or None where there is nothing to show."""
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     none = f.metadata.get("none")
     if isinstance(default, tuple):
         return ",".join(none or "" if v is None else str(v) for v in default) or None

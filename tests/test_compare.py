@@ -91,7 +91,9 @@ def test_every_method_end_to_end_base_unchanged(tiny_lm, toy_csv, tmp_path):
     assert runs["few-shot"]["k"] >= 1
     for m in COMPARE_METHODS:
         r = runs[m]
-        assert 0 <= r["test_accuracy"] <= 1 and r["latency_ms"] > 0 and r["peak_mem_mb"] >= 0
+        n_test = doc["data"]["test"]
+        assert r["test_accuracy"] * n_test == pytest.approx(round(r["test_accuracy"] * n_test))  # whole rows right
+        assert r["latency_ms"] > 0 and "peak_mem_mb" in r  # PeakMemory itself: test_peak_memory_sees_an_allocation
         if m in COMPARE_TRAINED:
             assert (
                 r["steps"] == ccfg.budget
@@ -335,3 +337,15 @@ def test_versus_lora_records_the_accuracy_gap_and_the_step_cost_of_each_prompt_k
                    "prompt-tuning's training CPU time per step at most LoRA's (n=4907; ratio)": (1.2, False)}
     sst2 = {t["target"]: t["met"] for t in versus_lora(summary, margin=0.0)}
     assert sst2["best prompt kind (deep-prompt) at most 0 points under LoRA (n=4907)"] is False
+
+
+def test_peak_memory_sees_an_allocation():
+    """What the comparison records as peak memory grows by at least what the block allocates."""
+    import time
+
+    from softprompt.experiments.measure import PeakMemory
+
+    with PeakMemory() as mem:
+        block = torch.ones(16 << 20)  # 64 MiB, every page written
+        time.sleep(0.1)  # sampled every 10 ms
+    assert block.numel() == 16 << 20 and mem.delta_mb >= 60

@@ -44,7 +44,9 @@ def test_importance_is_zero_for_a_token_already_at_the_fill_value(tiny_lm, toy_c
     metric, base, drops = interpret.importance(tiny_lm.model, tiny_lm.tokenizer, p, dev, None)
     assert metric == "-loss" and drops[1] == 0.0 and drops[0] != 0.0 and drops[2] != 0.0
     metric, base, drops = interpret.importance(tiny_lm.model, tiny_lm.tokenizer, p, dev, cfg.verbalizer)
-    assert metric == "accuracy" and 0 <= base <= 1 and drops[1] == 0.0
+    assert metric == "accuracy" and drops[1] == 0.0
+    assert base * len(dev) == pytest.approx(round(base * len(dev)))  # a share of the dev rows
+    assert all(base - d >= -1e-9 and base - d <= 1 for d in drops)  # an ablated accuracy is still a share
 
 
 def test_inspect_command_table_json_and_heatmap(tiny_lm, toy_csv, tmp_path, capsys, tiny_model_dir):

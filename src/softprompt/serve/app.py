@@ -8,14 +8,15 @@ model once (``build_engine``, also used by the Ray Serve replicas) and runs uvic
     GET  /healthz   GET /metrics    liveness; Prometheus text format
     GET  /v1/models[/{id}]          the plain model and every stored prompt (OpenAI list shape)
     POST /v1/completions            OpenAI completions; ``model`` = prompt name or the plain model
+    POST /v1/chat/completions       OpenAI chat completions through the model's chat template
     POST /v1/classify               label + probabilities with the prompt's template/verbalizer
     GET  /v1/prompts[/{name}]  PUT/DELETE /v1/prompts/{name}    the prompt registry
 
 The package, by concern: ``protocol`` (errors, request parsing), ``gate`` (key, body limit,
-request ids, access log, error handlers), ``routes_openai`` and ``routes_prompts`` (handlers:
-parse, submit, render), ``scheduler`` (admission policy, the one worker thread that owns the
-engine and the tokenizer), ``streams`` (event reader, streamed text, SSE), ``metrics``
-(Prometheus), ``uploads`` (prompt uploads), ``ray_serve`` (replicas over Ray Serve).
+request ids, access log, error handlers), ``routes_openai``, ``routes_chat``, ``routes_prompts``
+and ``routes_ops`` (handlers: parse, submit, render), ``scheduler`` (admission policy, the one worker thread that owns the
+engine and the tokenizer), ``streams`` (event reader, streamed text, SSE), ``prometheus``
+(the ``/metrics`` text), ``uploads`` (prompt uploads), ``ray_serve`` (replicas over Ray Serve).
 
 Invariants: only the worker thread touches the engine (bank, caches, model) and the tokenizer;
 everything a client can get wrong is a 4xx with OpenAI's error JSON ``{"error": {message, type,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from softprompt import store
-from softprompt.config import DataConfig, PromptConfig, UserError
+from softprompt.config import DataConfig, PromptConfig, PromptKind, UserError
 from softprompt.prompt import COMMON_VOCAB, embedding_matrix, encode, make_prompt
 from softprompt.training import tune as TR
 
@@ -143,3 +143,14 @@ def test_bad_init_choices_are_user_errors(tiny_lm):
         PromptConfig(init="zeros")
     with pytest.raises(UserError):
         make_prompt(tiny_lm.model, tiny_lm.tokenizer, 0, "vocab")
+
+
+def test_prompt_kind_is_typed_and_round_trips_as_its_word():
+    import json
+
+    cfg = PromptConfig(kind="deep")
+    assert cfg.kind is PromptKind.DEEP and PromptConfig().kind is PromptKind.SHALLOW
+    back = PromptConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and back.kind is PromptKind.DEEP and json.dumps(cfg.to_dict()["kind"]) == '"deep"'
+    with pytest.raises(UserError, match="--kind"):
+        PromptConfig(kind="wide")

@@ -15,6 +15,7 @@ from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import sequence_logprobs
 from softprompt.training import methods
 from softprompt.training import tune as TR
+from softprompt.training.loop import StopReason
 
 VERB = {"0": "negative", "1": "positive"}
 
@@ -143,7 +144,7 @@ def test_resuming_an_early_stopped_run_changes_nothing(tiny_lm, toy_csv, monkeyp
     full = TR.train(tiny_lm, cfg, pcfg, tcfg, name="early")
     assert full.stopped == "early-stopped" and len(full.epochs) == 2
     again = TR.train(tiny_lm, cfg, pcfg, tcfg, name="early", resume=True)
-    assert again.stopped == "early-stopped"
+    assert again.stopped is StopReason.EARLY_STOPPED  # read back from the checkpoint as the enum
     assert again.history == full.history and torch.equal(again.prompt, full.prompt)
 
 

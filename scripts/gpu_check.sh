@@ -59,7 +59,7 @@ if [ -n "$WHEELS" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
     INSTALL="wheels:${ok#,} wheels-FAILED:${bad#,}"
   fi
 fi
-if "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target "$WORK/site" "$REPO"; then
+if "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$REPO"; then
   INSTALL="$INSTALL softprompt:installed"
   export PYTHONPATH="$WORK/site"
 else

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from serving import PROMPTS, TEMPLATE, VERBALIZER, running
+from serving import running, save_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,6 +33,30 @@ def needs_data(*folders: str):
     missing = [f for f in folders if not (root / f).is_dir()]
     return pytest.mark.skipif(bool(missing), reason=f"needs the data set(s) {', '.join(missing)} under the data "
                                                     f"root {root} ($SOFTPROMPT_DATA; docs/data.md)")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--check-device", default=None, metavar="DEVICE",
+                     help="run the tests marked cuda on DEVICE (default: cuda, skipped when torch sees no "
+                          "GPU); 'cpu' runs the same checks here, as scripts/gpu_check.sh's dry run does")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip, with the reason, where torch sees no CUDA GPU, unless
+    ``--check-device`` names the device to run them on instead."""
+    if config.getoption("--check-device") or torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: torch {torch.__version__} sees none (scripts/gpu_check.sh "
+                                   "runs these on one; --check-device cpu runs them on the CPU)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def check_device(pytestconfig) -> torch.device:
+    """The device the ``cuda``-marked checks run on: ``--check-device``, else cuda."""
+    return torch.device(pytestconfig.getoption("--check-device") or "cuda")
 
 
 @pytest.fixture(autouse=True)
@@ -295,20 +319,11 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir, home):
-    from softprompt import models, store
+    from softprompt import models
 
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    lm = models.load(str(tiny_model_dir("llama")))
-    g = torch.Generator().manual_seed(7)
-    for name, n in PROMPTS.items():  # random prompts at the scale of the embeddings, in the store
-        meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "task": "toy", "mode": "target",
-                "template": TEMPLATE, "target_column": "label", "verbalizer": VERBALIZER,
-                "metrics": {"best_eval": {"accuracy": 0.5}, "final_train_loss": 1.25}}
-        store.save_prompt(store.prompt_path(name), torch.randn(n, lm.hidden_size, generator=g), meta)
-    store.save_prompt(store.prompt_path("lm-only"), torch.randn(4, lm.hidden_size, generator=g),
-                      {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "mode": "lm"})
-    return lm
+    return save_prompts(models.load(str(tiny_model_dir("llama"))))
 
 
 @pytest.fixture(scope="module")

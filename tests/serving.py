@@ -4,14 +4,17 @@ engine, pausing the worker so requests meet in one batch, and reading ``/metrics
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
 import time
 
+import pytest
+
 from softprompt import chat
 from softprompt.config import GenerateConfig
-from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest
+from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest, ScoreRequest
 
 TEXTS = ["the movie was", "a wonderful film with a great story", "who wrote the book", "positive negative"]
 TEMPLATE = "Review: {text}\nSentiment:"
@@ -86,3 +89,67 @@ def engine_chat(eng: Engine, msgs, prompt: str | None, max_tokens: int, logprobs
     stops = set(chat.stop_ids(tok))
     cut = next((j for j, t in enumerate(g.token_ids) if t in stops), len(g.token_ids))
     return ids, g.token_ids[:cut], (g.logprobs or [])[:cut]
+
+
+def save_prompts(lm):
+    """PROMPTS (random, at the scale of the embeddings, with a task's template and verbalizer)
+    and an "lm-only" prompt, in the store; returns ``lm``."""
+    import torch
+
+    from softprompt import store
+
+    g = torch.Generator().manual_seed(7)
+    for name, n in PROMPTS.items():
+        meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "task": "toy", "mode": "target",
+                "template": TEMPLATE, "target_column": "label", "verbalizer": VERBALIZER,
+                "metrics": {"best_eval": {"accuracy": 0.5}, "final_train_loss": 1.25}}
+        store.save_prompt(store.prompt_path(name), torch.randn(n, lm.hidden_size, generator=g), meta)
+    store.save_prompt(store.prompt_path("lm-only"), torch.randn(4, lm.hidden_size, generator=g),
+                      {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "mode": "lm"})
+    return lm
+
+
+BURST = [(TEXTS[i % 4], [None, "p0", "p1", "p2"][i % 4], 3 + i) for i in range(10)]  # (text, prompt, max_tokens)
+
+
+def send_burst(srv, gens, classify) -> list:
+    """Concurrent completions ``gens`` (text, prompt or None, max_tokens; greedy) and classify
+    calls (one per prompt in ``classify``), held back until all are queued so that they meet in
+    one engine batch. Checks that every answer is a 200 and that the decode steps were batched
+    (many rows per step, one prefill row per completion); returns the responses, in order."""
+    import httpx
+
+    base, app, _ = srv
+    before = httpx.get(base + "/metrics").text
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+            calls = [c.post("/v1/completions", json={"model": p or "tiny", "prompt": t, "max_tokens": m,
+                                                     "temperature": 0}) for t, p, m in gens]
+            calls += [c.post("/v1/classify", json={"prompt": p, "inputs": TEXTS}) for p in classify]
+            return await asyncio.gather(*calls)
+
+    with paused(app, waiting=len(gens) + len(classify)):
+        th_result = {}
+        th = threading.Thread(target=lambda: th_result.setdefault("r", asyncio.run(burst())))
+        th.start()
+    th.join(60)
+    answers = th_result["r"]
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
+    after = httpx.get(base + "/metrics").text
+    rows = 'softprompt_batch_rows_sum{kind="decode"}'
+    steps = 'softprompt_batch_rows_count{kind="decode"}'
+    d_rows, d_steps = metric(after, rows) - metric(before, rows), metric(after, steps) - metric(before, steps)
+    assert d_rows / d_steps > 3  # many rows per decode step: the requests were batched
+    assert metric(after, 'softprompt_batch_rows_sum{kind="prefill"}') - metric(before, 'softprompt_batch_rows_sum{kind="prefill"}') == len(gens)
+    return answers
+
+
+def check_classification(ref, prompt: str, got: dict, texts=TEXTS, atol: float = 1e-4) -> None:
+    want = ref.score([ScoreRequest(TEMPLATE.format(text=t), (" bad", " good"), prompt) for t in texts])
+    assert got["labels"] == ["0", "1"]
+    for w, d in zip(want, got["data"], strict=True):
+        assert d["logprobs"] == pytest.approx(dict(zip(["0", "1"], w.logprobs, strict=True)), abs=atol)
+        if abs(w.logprobs[1] - w.logprobs[0]) > 2 * atol:  # not a tie within the tolerance
+            assert d["label"] == ["0", "1"][int(w.logprobs[1] > w.logprobs[0])]
+        assert sum(d["probabilities"].values()) == pytest.approx(1.0)

@@ -10,7 +10,6 @@ one batch, or the queue to be full, so nothing here depends on timing.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import threading
@@ -20,7 +19,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from serving import PROMPTS, TEMPLATE, TEXTS, VERBALIZER, client, metric, paused, running, single
+from serving import (
+    BURST,
+    PROMPTS,
+    TEMPLATE,
+    TEXTS,
+    VERBALIZER,
+    check_classification,
+    client,
+    metric,
+    paused,
+    running,
+    send_burst,
+    single,
+)
 
 from softprompt import models, store
 from softprompt.config import GenerateConfig
@@ -121,45 +133,12 @@ def test_stop_strings_cut_the_text_streamed_or_not(srv, ref):
 def test_mixed_burst_is_batched_and_each_answer_equals_its_single_run(srv, ref):
     """Concurrent requests for different prompts (and the plain model, and classification) meet
     in one engine batch; each answer equals the engine's answer to that request alone."""
-    import httpx
-
-    base, app, _ = srv
-    gens = [(TEXTS[i % 4], [None, "p0", "p1", "p2"][i % 4], 3 + i) for i in range(10)]
-    before = httpx.get(base + "/metrics").text
-
-    async def burst():
-        async with httpx.AsyncClient(base_url=base, timeout=60) as c:
-            calls = [c.post("/v1/completions", json={"model": p or "tiny", "prompt": t, "max_tokens": m,
-                                                     "temperature": 0}) for t, p, m in gens]
-            calls += [c.post("/v1/classify", json={"prompt": p, "inputs": TEXTS}) for p in ("p0", "p2")]
-            return await asyncio.gather(*calls)
-
-    with paused(app, waiting=len(gens) + 2):
-        th_result = {}
-        th = threading.Thread(target=lambda: th_result.setdefault("r", asyncio.run(burst())))
-        th.start()
-    th.join(60)
-    answers = th_result["r"]
-    assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
+    gens, classify = BURST, ("p0", "p2")
+    answers = send_burst(srv, gens, classify)
     for (text, prompt, m), a in zip(gens, answers, strict=False):
         assert a.json()["choices"][0]["text"] == single(ref, text, prompt, m)
-    for p, a in zip(("p0", "p2"), answers[len(gens):], strict=True):
+    for p, a in zip(classify, answers[len(gens):], strict=True):
         check_classification(ref, p, a.json())
-    after = httpx.get(base + "/metrics").text
-    rows = 'softprompt_batch_rows_sum{kind="decode"}'
-    steps = 'softprompt_batch_rows_count{kind="decode"}'
-    d_rows, d_steps = metric(after, rows) - metric(before, rows), metric(after, steps) - metric(before, steps)
-    assert d_rows / d_steps > 3  # many rows per decode step: the requests were batched
-    assert metric(after, 'softprompt_batch_rows_sum{kind="prefill"}') - metric(before, 'softprompt_batch_rows_sum{kind="prefill"}') == len(gens)
-
-
-def check_classification(ref, prompt: str, got: dict, texts=TEXTS) -> None:
-    want = ref.score([ScoreRequest(TEMPLATE.format(text=t), (" bad", " good"), prompt) for t in texts])
-    assert got["labels"] == ["0", "1"]
-    for w, d in zip(want, got["data"], strict=True):
-        assert d["logprobs"] == pytest.approx(dict(zip(["0", "1"], w.logprobs, strict=True)), abs=1e-4)
-        assert d["label"] == ["0", "1"][int(w.logprobs[1] > w.logprobs[0])]
-        assert sum(d["probabilities"].values()) == pytest.approx(1.0)
 
 
 def test_classify_uses_the_prompts_template_and_verbalizer(srv, http, ref):

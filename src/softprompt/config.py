@@ -1,23 +1,21 @@
 """Small frozen configuration dataclasses, one per concern: every config of the project lives here.
 
-Every field declares its default and its one-line help here and nowhere else, through
-``option(default, help, ...)`` (the field's ``metadata``: ``help``, ``choices``, and ``none``, the
-word a user types for a ``None`` value such as ``all`` or ``never``). ``__post_init__`` validates
-and its messages name the CLI flag of the field (``--`` + the field's name, dashes for
-underscores). Every config round-trips through JSON (``to_dict`` / ``from_dict``; ``RENAMED``
-reads the keys of result files written before a field was renamed). The CLI builds its flags from
-these fields (``cli/flags.py``), so a default changed here changes everywhere and the CLI defines
-none of its own.
+Every field declares its default and one-line help here and nowhere else with ``option(...)``
+(also ``choices`` and ``none``, the word typed for ``None``: ``all``, ``never``). ``__post_init__``
+validates; its messages name the field's CLI flag (``flag``). Every config round-trips through
+JSON (``configio.py``). The CLI builds its flags from these fields (``cli/flags.py``), so a default
+changed here changes everywhere and the CLI defines none of its own.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from softprompt.configio import JsonMixin as _JsonMixin
 
 
 class UserError(ValueError):
@@ -51,37 +49,6 @@ def _positive(cfg: Any, names: tuple[str, ...], minimum: float = 1) -> None:
         value = getattr(cfg, name)
         _check(value is None or value >= minimum,
                f"{flag(name)} must be {'positive' if minimum > 0 else 'at least 0'}, got {value}")
-
-
-# field names of earlier releases -> today's (result files keep the names they were written with)
-RENAMED = {"eval_batch_size": "eval_max_batch_rows", "batch_size@EvalConfig": "max_batch_rows",
-           "eval_limit@CompareConfig": "dev_sample", "test_limit@CompareConfig": "test_sample",
-           "steps@ContinualConfig": "stage_steps"}
-
-_C = TypeVar("_C", bound="_JsonMixin")
-
-
-class _JsonMixin:
-    """JSON round trip: ``to_dict`` gives plain lists and dicts; ``from_dict`` turns the lists of
-    tuple-typed fields back into tuples (so a config read from a result file equals the one that
-    wrote it), reads renamed fields under their new name and ignores keys it does not know."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls: type[_C], data: dict[str, Any]) -> _C:
-        kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        named = {RENAMED.get(f"{k}@{cls.__name__}", RENAMED.get(k, k)): v for k, v in data.items()}
-        return cls(**{k: _tupled(v, kinds[k]) for k, v in named.items() if k in kinds})
-
-
-def _tupled(value: Any, annotation: str) -> Any:
-    if isinstance(value, list) and annotation.startswith("tuple"):
-        return tuple(value)
-    if isinstance(value, dict) and annotation.startswith("dict[str, tuple"):
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-    return value
 
 
 @dataclass(frozen=True)

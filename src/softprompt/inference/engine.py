@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +37,7 @@ from softprompt.inference.bank import PrefixCache, PrefixKV, PromptBank, compute
 from softprompt.inference.kv import DecoderState, batch_prefix, left_pad
 from softprompt.inference.logprobs import TokenLogprob, pick_logprobs
 from softprompt.inference.steps import StepBatch
-
-if TYPE_CHECKING:
-    from softprompt.models import LoadedModel
+from softprompt.models import LoadedModel
 
 __all__ = ["ANON", "Engine", "EngineConfig", "GenerateRequest", "Generation", "PromptLogprobRow", "Row",
            "ScoreRequest", "ScoreResult", "ScoreRow", "StepBatch", "generate", "stop_tokens"]

@@ -55,9 +55,8 @@ def restore(checkpoint: Path, method, opt, sched, cfg: TrainConfig, res) -> tupl
         group["lr"] = lr  # the scheduler's state does not carry the optimiser's current lr
     res.state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
     res.history, res.epochs, res.train_time_s = st["history"], st["epochs"], st["train_time_s"]
-    from softprompt.training.loop import StopReason  # loop imports this module
-
-    res.best, res.stopped = st["best"], StopReason(st.get("stopped", StopReason.COMPLETED.value))
+    res.best = st["best"]
+    res.stopped = type(res.stopped)(st.get("stopped", res.stopped.value))  # loop.StopReason (loop imports this module)
     log.info("resumed from %s at epoch %d, step %d", checkpoint, st["epoch"], st["step"])
     return st["epoch"], st["step"], st["best_score"], st["bad"]
 

@@ -248,6 +248,7 @@ def train_args(tiny: str, csv: Path, name: str, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_resume_continues(capsys, sp_home, tiny, toy_csv, monkeypatch):
     real = methods.PromptMethod.loss
     calls = {"n": 0}

@@ -46,6 +46,7 @@ def lora_expected(model) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_every_method_end_to_end_base_unchanged(tiny_lm, toy_csv, tmp_path):
     before = {k: v.detach().clone() for k, v in tiny_lm.model.state_dict().items()}
     ccfg = compare.quick(compare.CompareConfig(methods=COMPARE_METHODS))  # every method, deep and residual prompts included
@@ -151,6 +152,7 @@ def test_lora_and_full_counts_on_gpt2(tiny_model_dir, sp_home):
     assert all(not p.requires_grad for p in lm.model.parameters())  # the copies are private
 
 
+@pytest.mark.slow
 def test_cli_compare_sizes_seeds_and_report(tiny_model_dir, sp_home, toy_csv, tmp_path):
     out = tmp_path / "out"
     args = [
@@ -294,6 +296,7 @@ def test_superglue_recipes_match_their_files(tiny_lm, task, n_labels, monkeypatc
     assert len(train) == 32 and all(len(e.input_ids) <= cfg.max_length for e in train)
 
 
+@pytest.mark.slow
 def test_interrupted_comparison_resumes_without_redoing_finished_runs(tiny_lm, toy_csv, tmp_path, monkeypatch):
     ccfg = compare.quick(compare.CompareConfig(methods=("zero-shot", "prompt-tuning", "lora"), seeds=(0, 1)))
     pcfg, cfg = PromptConfig(num_virtual_tokens=N), toy_cfg(toy_csv)

@@ -18,6 +18,7 @@ def _tasks(toy_tasks):
     return tuple(str(toy_tasks[k]) for k in ("mood", "pets", "size"))
 
 
+@pytest.mark.slow
 def test_prompt_methods_forget_nothing_bit_for_bit(tiny_lm, toy_tasks):
     before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     ccfg = continual.ContinualConfig(tasks=_tasks(toy_tasks), methods=("prompt", "progressive", "full"), per_task=16,

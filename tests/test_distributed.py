@@ -21,6 +21,9 @@ import torch
 
 from softprompt import store
 
+pytestmark = pytest.mark.slow  # torchrun and accelerate launch: several processes
+
+
 VERB = "0=negative,1=positive"
 
 

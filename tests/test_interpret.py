@@ -49,6 +49,7 @@ def test_importance_is_zero_for_a_token_already_at_the_fill_value(tiny_lm, toy_c
     assert all(base - d >= -1e-9 and base - d <= 1 for d in drops)  # an ablated accuracy is still a share
 
 
+@pytest.mark.slow
 def test_inspect_command_table_json_and_heatmap(tiny_lm, toy_csv, tmp_path, capsys, tiny_model_dir):
     cfg = DataConfig(path=str(toy_csv), template="{text}", target_column="label", verbalizer={"0": "negative", "1": "positive"})
     for name, init in (("a", "text"), ("b", "random")):

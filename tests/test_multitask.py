@@ -95,6 +95,7 @@ def test_method_loss_uses_the_task_ids_of_the_batch(tiny_lm):
     assert abs(fast.item() - naive.item()) < 1e-5 * abs(naive.item())
 
 
+@pytest.mark.slow
 def test_train_multitask_stores_shared_and_per_task_prompts(tiny_lm, toy_tasks):
     before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     mcfg = MT.MultitaskConfig(tasks=(str(toy_tasks["mood"]), str(toy_tasks["pets"])), per_task=16, eval_per_task=8)

@@ -56,6 +56,7 @@ def test_bins_first_fit_decreasing():
     assert len(groups) == 3  # 9 | 5+3+1 | 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("capacity", [None, 64])
 def test_packed_rows_equal_unpacked(lms, arch, capacity):

@@ -45,6 +45,7 @@ def test_bad_precision_is_a_user_error():
         precision.resolve("fp8", CPU, torch.float32)
 
 
+@pytest.mark.slow
 def test_bf16_training_on_cpu_lowers_the_loss(tiny_lm, toy_csv, monkeypatch):
     lm = sharpen(tiny_lm)
     cfg = DataConfig(path=str(toy_csv), template="{text}", target_column="label",

@@ -19,6 +19,9 @@ from serving import TEMPLATE, VERBALIZER, running
 
 from softprompt import models, store
 
+pytestmark = pytest.mark.slow  # schemathesis against a live server
+
+
 pytest.importorskip("schemathesis")
 pytest.importorskip("fastapi")
 

@@ -259,6 +259,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_parallel_writes_leaves_only_whole_prompts_and_no_leftovers(sp_home, tmp_path):
     env = {**os.environ, "SOFTPROMPT_HOME": str(sp_home), "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
@@ -302,6 +303,7 @@ print(models.load("smollm2-135m").fingerprint["embedding_sha256"])
 """
 
 
+@pytest.mark.slow
 def test_two_processes_converting_the_model_at_once_both_succeed(tiny_model_dir, sp_home, tmp_path):
     env = {**os.environ, "SOFTPROMPT_HOME": str(sp_home)}
     log = tmp_path / "conversions.log"

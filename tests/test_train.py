@@ -46,6 +46,7 @@ def test_base_weights_unchanged_bit_for_bit(tiny_lm, toy_csv):
     assert not tiny_lm.model.training
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_accuracy_goes_up(tiny_lm, toy_csv):
     lm = sharpen(tiny_lm)
     cfg = target_cfg(toy_csv, dev_fraction=0.0)
@@ -94,6 +95,7 @@ def test_loss_goes_down_lm_mode_plain_tiny_model(tiny_lm, tmp_path):
     assert losses == sorted(losses, reverse=True)
 
 
+@pytest.mark.slow
 def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch):
     cfg = target_cfg(toy_csv, limit=24)  # 22 train rows, 2 dev rows (eval with accuracy each epoch)
     pcfg = PromptConfig(num_virtual_tokens=4)

@@ -17,6 +17,7 @@ def _train(lm, task, name, init="random", seed=0):
                     TrainConfig(epochs=3, lr=0.3, seed=seed, patience=None), name=name, task=str(task))
 
 
+@pytest.mark.slow
 def test_transfer_picks_the_prompt_trained_on_the_same_data(tiny_lm, toy_tasks):
     sharpen(tiny_lm)  # so that a prompt can move the tiny model's predictions at all
     _train(tiny_lm, toy_tasks["pets"], "pets-src")

@@ -33,6 +33,7 @@ def test_walkthrough_data_ships_inside_the_package(monkeypatch, tmp_path, tiny_l
         assert D.WALKTHROUGH_CSV.read_bytes() == SHARED_COPY.read_bytes()
 
 
+@pytest.mark.slow
 def test_quickstart_runs_with_only_the_package(monkeypatch, tmp_path, tiny_lm):
     """The walk-through end to end (a tiny model in place of the default one), with the data
     root pointing nowhere: everything it reads ships with the package."""

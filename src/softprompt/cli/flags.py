@@ -182,20 +182,20 @@ def from_args(cls, args, only: tuple[str, ...] | None = None, **extra):
 # ---------------------------------------------------------------- flags several commands share
 
 
-def add_model_flags(p) -> None:
+def add_model_flags(p: argparse._ActionsContainer) -> None:
     p.add_argument("--model", default=None, help="smollm2-135m (default, embedded), a local transformers folder, "
                    "or a Hugging Face hub id such as Qwen/Qwen2.5-0.5B-Instruct (docs/architectures.md)")
     p.add_argument("--offline", action="store_true",
                    help="use only the Hugging Face cache, never the network (as HF_HUB_OFFLINE=1)")
 
 
-def add_device_flags(p) -> None:
+def add_device_flags(p: argparse._ActionsContainer) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:K (under torchrun, cuda = this process's GPU) (default cpu)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="the frozen model's dtype; a trained prompt stays float32 (default float32)")
 
 
-def add_data_root_flag(p) -> None:
+def add_data_root_flag(p: argparse._ActionsContainer) -> None:
     p.add_argument("--data-root", help="where task recipes find their files (default $SOFTPROMPT_DATA or ../shared/data)")
 
 
@@ -258,7 +258,7 @@ def data_config(a: argparse.Namespace):
 PROMPT_FLAGS = ("num_virtual_tokens", "init", "init_text", "kind", "reparam")
 
 
-def add_prompt_train_flags(p, train_fields: tuple[str, ...]) -> None:
+def add_prompt_train_flags(p: argparse._ActionsContainer, train_fields: tuple[str, ...]) -> None:
     """PromptConfig's flags and the TrainConfig fields in ``train_fields``, plus --quiet."""
     from softprompt.config import PromptConfig, TrainConfig
 

@@ -52,7 +52,7 @@ def sparkline(values: list[float], width: int = 60) -> str:
     return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in pts)
 
 
-def _tune(lm: LoadedModel, data, prompt_cfg, train_cfg, name, print_fn):
+def _tune(lm: LoadedModel, data, prompt_cfg: PromptConfig, train_cfg: TrainConfig, name, print_fn):
     from softprompt.inference import engine
     from softprompt.training.tune import train
 

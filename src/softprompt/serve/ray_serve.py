@@ -33,6 +33,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from softprompt.config import UserError
 from softprompt.serve.protocol import ApiError, body_limit, check_length, error_body, too_large
@@ -44,6 +45,9 @@ from softprompt.serve.replicas import (
     is_stream,
     registry_write,
 )
+
+if TYPE_CHECKING:
+    from softprompt.config import ServerConfig
 
 try:
     import ray
@@ -272,7 +276,7 @@ async def _bodies(gen) -> AsyncIterator[bytes]:
 # ---------------------------------------------------------------- building and running
 
 
-def build_app(server_cfg=None, model: str | None = None, replicas: int = 1, force: bool = False,
+def build_app(server_cfg: ServerConfig | None = None, model: str | None = None, replicas: int = 1, force: bool = False,
               device: str | None = None, dtype: str | None = None, replica_cpus: float = 1.0,
               max_ongoing_requests: int | None = None, isolated_store: bool = False, env: dict | None = None):
     """The Serve application: ``serve.run(build_app(...))`` or ``softprompt serve --ray``."""
@@ -310,7 +314,7 @@ def _forwarded_env() -> dict:
     return {k: os.environ.get(k) for k in keys}
 
 
-def start(server_cfg, address: str | None = None, **kw) -> None:
+def start(server_cfg: ServerConfig, address: str | None = None, **kw) -> None:
     """Connect to (or start) Ray, start Serve's HTTP proxy on host:port, deploy the app."""
     if kw.get("replicas", 1) < 1:
         raise UserError("--replicas must be at least 1")
@@ -320,7 +324,7 @@ def start(server_cfg, address: str | None = None, **kw) -> None:
     log.info("serving on http://%s:%d/ with %d replica(s)", server_cfg.host, server_cfg.port, kw.get("replicas", 1))
 
 
-def serve_forever(server_cfg, model: str | None = None, replicas: int = 1, address: str | None = None,
+def serve_forever(server_cfg: ServerConfig, model: str | None = None, replicas: int = 1, address: str | None = None,
                   force: bool = False, device: str | None = None, dtype: str | None = None) -> None:
     """``softprompt serve --ray``: deploy, then wait; Ctrl-C or SIGTERM removes the app (and a Ray we started)."""
     import signal

@@ -87,7 +87,7 @@ class PromptMethod:
         p = p if self.model.dtype == p.dtype else p.to(self.model.dtype)
         return p, {k: v.to(self.prompt.device) for k, v in batch.items()}
 
-    def loss(self, batch):
+    def loss(self, batch: dict):
         prompt, batch = self._cast(batch)
         with autocast(self.precision, self.prompt.device, self.casts):
             return prompt_loss(self.model, prompt, batch, fast=self.fast, pack=self.pack, kind=self.kind)
@@ -105,7 +105,7 @@ class PromptMethod:
             else:
                 self.prompt.copy_(state["prompt"])
 
-    def score(self, batch) -> torch.Tensor:
+    def score(self, batch: dict) -> torch.Tensor:
         with torch.no_grad():
             prompt, batch = self._cast(batch)
         with autocast(self.precision, self.prompt.device, self.casts):
@@ -178,7 +178,7 @@ class MultitaskMethod:
     def parameters(self):
         return [self.shared, self.u, self.v]
 
-    def loss(self, batch):
+    def loss(self, batch: dict):
         ids = batch["task_ids"]  # (B,)
         args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
         if self.fast and supports_prefix(self.model):
@@ -191,7 +191,7 @@ class MultitaskMethod:
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def score(self, batch) -> torch.Tensor:
+    def score(self, batch: dict) -> torch.Tensor:
         """Per-row log-likelihoods, each row under its own task's prompt (``task_ids``)."""
         prompts, ids = self.prompts().detach(), batch["task_ids"]
         rest = {k: v for k, v in batch.items() if k != "task_ids"}
@@ -275,7 +275,7 @@ class LoraMethod:
     def trainable_parameters(self) -> int:
         return int(self.peft_model.get_nb_trainable_parameters()[0])
 
-    def loss(self, batch):
+    def loss(self, batch: dict):
         return model_loss(self.model, batch)
 
     def state(self):
@@ -285,7 +285,7 @@ class LoraMethod:
     def load_state(self, state):
         _copy_named(self.peft_model, state)
 
-    def score(self, batch) -> torch.Tensor:
+    def score(self, batch: dict) -> torch.Tensor:
         return sequence_logprobs(self.model, None, **batch)
 
     def save(self, path) -> int:
@@ -309,7 +309,7 @@ class FullMethod:
     def trainable_parameters(self) -> int:
         return unique_parameters(self.model)
 
-    def loss(self, batch):
+    def loss(self, batch: dict):
         return model_loss(self.model, batch)
 
     def state(self):
@@ -318,7 +318,7 @@ class FullMethod:
     def load_state(self, state):
         _copy_named(self.model, state)
 
-    def score(self, batch) -> torch.Tensor:
+    def score(self, batch: dict) -> torch.Tensor:
         return sequence_logprobs(self.model, None, **batch)
 
     def save(self, path) -> int:
@@ -358,7 +358,7 @@ class HandPrompt:
         )  # (N, H)
         self._kv = None  # the demonstrations' keys/values, computed on first use
 
-    def score(self, batch) -> torch.Tensor:
+    def score(self, batch: dict) -> torch.Tensor:
         if self.prefix is not None and self._kv is None and supports_prefix(self.model):
             with torch.no_grad():  # the model is frozen: the demonstrations' keys/values never change
                 self._kv = prefix_cache(self.model, self.prefix)

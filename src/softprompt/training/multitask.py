@@ -151,7 +151,7 @@ def train_multitask(lm: LoadedModel, mcfg: MultitaskConfig, prompt_cfg: PromptCo
                            {td.name: len(td.train) for td in tasks})
 
 
-def _save_all(lm: LoadedModel, name, tasks, prompts, shared, prompt_cfg, train_cfg, res, mcfg) -> dict[str, Path]:
+def _save_all(lm: LoadedModel, name, tasks, prompts, shared, prompt_cfg: PromptConfig, train_cfg: TrainConfig, res, mcfg) -> dict[str, Path]:
     info = {"shared": name, "tasks": [td.name for td in tasks], "config": mcfg.to_dict(),
             "style": "MPT: P_k = P_shared * (u_k v_k^T)"}
     meta = TR.prompt_metadata(lm, DataConfig(), prompt_cfg, train_cfg, res, None)

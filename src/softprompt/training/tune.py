@@ -21,6 +21,7 @@ from softprompt.training.loop import FitResult, StopReason, eval_loss, fit
 from softprompt.training.methods import DeepPromptMethod, PromptMethod
 
 if TYPE_CHECKING:
+    from softprompt.config import DataConfig, PromptConfig
     from softprompt.models import LoadedModel, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class TrainResult:
     meta: dict
 
 
-def make_evaluator(method, tokenizer: Tokenizer, eval_examples, data_cfg, cfg: TrainConfig, pad_id: int):
+def make_evaluator(method, tokenizer: Tokenizer, eval_examples, data_cfg: DataConfig, cfg: TrainConfig, pad_id: int):
     """Eval-set metrics after each epoch; 'score' (higher is better) drives early stopping."""
     from softprompt import metrics
 
@@ -65,7 +66,7 @@ def make_evaluator(method, tokenizer: Tokenizer, eval_examples, data_cfg, cfg: T
     return run
 
 
-def initial_prompt(lm: LoadedModel, prompt_cfg, data_cfg, seed: int, force: bool = False) -> torch.Tensor:
+def initial_prompt(lm: LoadedModel, prompt_cfg: PromptConfig, data_cfg: DataConfig, seed: int, force: bool = False) -> torch.Tensor:
     """The initial prompt of ``prompt_cfg.kind``: shallow (N, H) or deep (L, 2, kv, N, d)."""
     from softprompt.prompt import make_deep_prompt, make_prompt
 
@@ -80,7 +81,7 @@ def initial_prompt(lm: LoadedModel, prompt_cfg, data_cfg, seed: int, force: bool
                 seed=seed, text=prompt_cfg.init_text, label_words=words, source=source)
 
 
-def prompt_method(lm: LoadedModel, init: torch.Tensor, prompt_cfg, fast: bool, seed: int, pack: bool = False,
+def prompt_method(lm: LoadedModel, init: torch.Tensor, prompt_cfg: PromptConfig, fast: bool, seed: int, pack: bool = False,
                   used: str = "fp32") -> PromptMethod:
     """The training method for ``prompt_cfg``'s kind and reparameterisation; ``pack`` and the
     precision ``used`` (``precision.resolve``) as ``TrainConfig`` asks."""
@@ -88,7 +89,7 @@ def prompt_method(lm: LoadedModel, init: torch.Tensor, prompt_cfg, fast: bool, s
     return cls(lm.model, init, fast=fast, reparam=prompt_cfg.reparam, seed=seed, pack=pack, precision=used)
 
 
-def prompt_metadata(lm: LoadedModel, data_cfg, prompt_cfg, train_cfg, fit_res: FitResult, task: str | None) -> dict:
+def prompt_metadata(lm: LoadedModel, data_cfg: DataConfig, prompt_cfg: PromptConfig, train_cfg: TrainConfig, fit_res: FitResult, task: str | None) -> dict:
     from softprompt.provenance import stamp, versions
 
     return {
@@ -122,7 +123,7 @@ def runs_dir(name: str) -> Path:
     return home() / "runs" / store.check_name(name)
 
 
-def train(lm: LoadedModel, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = None, task: str | None = None,
+def train(lm: LoadedModel, data_cfg: DataConfig, prompt_cfg: PromptConfig, train_cfg: TrainConfig, name: str | None = None, task: str | None = None,
           resume: bool = False, save: bool = True, progress: bool = False, force: bool = False,
           fsdp: bool = False) -> TrainResult:
     """Prompt tuning end to end: data -> init -> fit -> save. Nothing is written on bad input.

@@ -153,3 +153,11 @@ def test_every_positive_limit_names_its_field():
                 cls(**{f.name: -1})
             except config.UserError as e:
                 assert config.flag(f.name) in str(e), f"{cls.__name__}.{f.name}: {e}"
+
+
+def test_the_recorded_command_spells_each_flag_once_and_new(capsys):
+    from softprompt.cli.flags import command_line
+
+    a = _parse(["compare", "--lr", "lora=1e-3", "--eval-limit", "50", "--test-sample", "all"])
+    a.command = "compare"
+    assert command_line(a) == "softprompt compare --dev-sample 50 --test-sample all --lr-sweep lora=1e-3"

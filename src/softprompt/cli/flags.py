@@ -288,7 +288,7 @@ def command_line(a: argparse.Namespace) -> str:
 
     parts = ["softprompt", a.command]
     for act in a.parser._actions:
-        if not act.option_strings or act.dest == "help":
+        if not act.option_strings or act.dest == "help" or isinstance(act, _DeprecatedFlag):
             continue
         v = getattr(a, act.dest, None)
         if isinstance(act, argparse.BooleanOptionalAction) and v is not None:

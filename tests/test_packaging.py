@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds and installs the wheel
+
 REPO = Path(__file__).resolve().parents[1]
 
 PROBE = """
@@ -19,9 +21,6 @@ import json, sys
 from pathlib import Path
 import softprompt
 from softprompt import recipes
-
-pytestmark = pytest.mark.slow  # builds and installs the wheel
-
 pkg = Path(softprompt.__file__).resolve().parent
 tasks = sorted(p.stem for p in recipes.TASKS_DIR.glob("*.json"))
 print(json.dumps({"pkg": str(pkg), "tasks_dir": str(recipes.TASKS_DIR), "tasks": tasks,

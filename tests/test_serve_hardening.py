@@ -306,6 +306,32 @@ def test_an_unhandled_error_is_a_counted_500_with_the_request_id(srv_plain, monk
     assert any(getattr(rec, "fields", {}).get("id") == rid and rec.exc_info for rec in caplog.records)
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "p0", "prompt": "x", "max_tokens": 2}),
+    ("/v1/completions", {"model": "p0", "prompt": "x", "max_tokens": 2, "stream": True}),
+    ("/v1/classify", {"prompt": "p0", "inputs": ["x"]}),
+])
+def test_a_fault_in_the_worker_is_a_500_whose_body_and_log_line_carry_the_request_id(srv_plain, monkeypatch,
+                                                                                   caplog, path, body):
+    from softprompt.serve import routes_openai
+
+    base, _ = srv_plain
+
+    def boom(*a, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(routes_openai, "virtual_tokens", boom)  # runs in the worker, inside prepare
+    with caplog.at_level(logging.ERROR):
+        r = httpx.post(base + path, json=body, timeout=60)
+    rid = r.headers["x-request-id"]
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    assert f"request id {rid}" in r.json()["error"]["message"]
+    faults = [rec for rec in caplog.records if rec.exc_info and "failed in the preparation" in rec.getMessage()]
+    assert [getattr(rec, "fields", {}).get("id") for rec in faults] == [rid]
+    monkeypatch.undo()
+    assert httpx.post(base + path, json=body, timeout=60).status_code == 200  # still serving
+
+
 # ---------------------------------------------------------------- Ray Serve parts (no cluster needed)
 
 

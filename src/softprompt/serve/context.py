@@ -26,3 +26,8 @@ class Served:
 
 def served(request) -> Served:
     return request.app.state.served
+
+
+def request_id(request) -> str:
+    """The id the gate gave this request (its ``x-request-id`` header and log lines)."""
+    return getattr(request.state, "request_id", "")

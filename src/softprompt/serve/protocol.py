@@ -42,6 +42,14 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+def with_request_id(err: ApiError, rid: str) -> ApiError:
+    """``err``, and for a server fault (5xx) the request id in its message: the id the access
+    log and the fault's own log line carry, so a client's report finds the traceback."""
+    if err.status < 500 or not rid or rid in err.message:
+        return err
+    return ApiError(err.status, f"{err.message} (request id {rid})", err.type, err.param, err.code, err.headers)
+
+
 def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
 

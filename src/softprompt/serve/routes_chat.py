@@ -16,7 +16,7 @@ from fastapi import Request
 
 from softprompt.config import UserError
 from softprompt.serve.choices import ChatShape, Completion, respond
-from softprompt.serve.context import served
+from softprompt.serve.context import request_id, served
 from softprompt.serve.protocol import ChatRequest, bad, prompt_of, refuse_unsupported
 from softprompt.serve.routes_openai import check_cost, sampling, virtual_tokens
 from softprompt.serve.scheduler import Job
@@ -50,8 +50,8 @@ def parse_chat(body: ChatRequest, cfg, base_id: str) -> ChatSpec:
     refuse_unsupported(body)
     try:
         messages = chat.check_messages(body.messages)
-    except UserError as e:
-        raise bad(str(e), "messages") from None
+    except chat.MessageError as e:
+        raise bad(str(e), e.field) from None
     if body.n > cfg.max_rows:
         raise bad(f"n={body.n} is more than {cfg.max_rows} rows", "n")
     if body.top_logprobs is not None and not body.logprobs:
@@ -91,7 +91,7 @@ def chat_rows(spec: ChatSpec, cfg, engine) -> tuple[list, dict]:
 async def chat_completions(request: Request, body: ChatRequest):
     ctx = served(request)
     spec = parse_chat(body, ctx.cfg, ctx.base_id)
-    job = Job("generate", partial(chat_rows, spec, ctx.cfg), spec.size, spec.stops)
+    job = Job("generate", partial(chat_rows, spec, ctx.cfg), spec.size, spec.stops, request_id(request))
     return await respond(request, ctx, job, spec.stream, lambda reader, info: Completion(
         ChatShape(spec.logprobs is not None), spec.size, spec.stops, spec.model, job, reader, info,
         spec.include_usage))

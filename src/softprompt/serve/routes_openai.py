@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from softprompt.serve.choices import Completion, TextShape, respond
-from softprompt.serve.context import served
+from softprompt.serve.context import request_id, served
 from softprompt.serve.protocol import (
     MIN_TEMPERATURE,
     ApiError,
@@ -182,7 +182,7 @@ def completion_rows(spec: CompletionSpec, cfg, engine) -> tuple[list, dict]:
 async def completions(request: Request, body: CompletionRequest):
     ctx = served(request)
     spec = parse_completion(body, ctx.cfg, ctx.base_id)
-    job = Job("generate", partial(completion_rows, spec, ctx.cfg), spec.rows, spec.stops)
+    job = Job("generate", partial(completion_rows, spec, ctx.cfg), spec.rows, spec.stops, request_id(request))
     return await respond(request, ctx, job, spec.stream, lambda reader, info: Completion(
         TextShape(spec.n, spec.logprobs is not None, info), spec.size, spec.stops, spec.model, job, reader, info,
         spec.include_usage, done=not spec.rows))
@@ -275,7 +275,7 @@ def classification(spec: ClassifySpec, rows: list, results: list, labels: list[s
 async def classify(request: Request, body: ClassifyRequest):
     ctx = served(request)
     spec = parse_classify(body, ctx.cfg, ctx.base_id)
-    job = Job("score", partial(classify_rows, spec, ctx.cfg), len(spec.inputs))
+    job = Job("score", partial(classify_rows, spec, ctx.cfg), len(spec.inputs), request_id=request_id(request))
     ctx.scheduler.submit(job)
     reader = EventReader(job, request, ctx.cfg.request_timeout_s)
     try:

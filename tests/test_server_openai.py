@@ -192,6 +192,21 @@ def test_chat_needs_a_chat_template(srv, chat_srv):  # noqa: F811
     assert "chat template" in e.value.body["message"] and e.value.body["param"] == "model"
 
 
+def test_a_completions_prompt_is_text_and_special_tokens_travel_as_ids(srv, ref):  # noqa: F811
+    """As OpenAI's: a string prompt is text (``<eos>`` in it is five characters, not the EOS id);
+    a client who wants the special token sends token ids."""
+    tok, text = ref.lm.tokenizer, "the movie was<eos> good"
+    ids = tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert tok.eos_token_id not in ids and tok.eos_token_id in tok(text, add_special_tokens=False)["input_ids"]
+    oc = client(srv[0])
+    r = oc.completions.create(model="p1", prompt=text, max_tokens=6, temperature=0)
+    want = ref.generate([GenerateRequest("", "p1", GenerateConfig(max_new_tokens=6), token_ids=tuple(ids))])[0]
+    assert r.usage.prompt_tokens == len(ids) and r.choices[0].text == want.text
+    assert oc.completions.create(model="p1", prompt=ids, max_tokens=6, temperature=0).choices[0].text == want.text
+    echo = oc.completions.create(model="p1", prompt=text, max_tokens=1, temperature=0, echo=True).choices[0].text
+    assert echo.startswith(text)
+
+
 def test_completions_logprobs_equal_the_engine(srv, ref):  # noqa: F811
     oc = client(srv[0])
     r = oc.completions.create(model="p1", prompt=TEXTS[0], max_tokens=6, temperature=0, logprobs=3)

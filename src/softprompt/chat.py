@@ -121,6 +121,12 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of a client's text (a completions ``prompt``): special-token strings in it stay
+    the characters they spell. A client sends special tokens as token ids, never as text."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of a conversation; with ``add_generation_prompt`` it ends where the assistant's
     reply begins (what the server feeds the model for ``/v1/chat/completions``, and the prompt

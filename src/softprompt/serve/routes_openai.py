@@ -126,9 +126,8 @@ def parse_completion(body: CompletionRequest, cfg, base_id: str) -> CompletionSp
                           body.logprobs)
 
 
-def checked_ids(engine, text: str, param: str, limit: int) -> list[int]:
-    """Token ids of ``text`` (worker side), or a 400 when there are more than ``limit``."""
-    ids = engine.encode(text)
+def checked_ids(ids: list[int], param: str, limit: int) -> list[int]:
+    """``ids`` (of the field ``param``), or a 400 when there are more than ``limit``."""
     if len(ids) > limit:
         raise bad(f"'{param}' has {len(ids)} tokens; this server takes at most {limit}", param, "context_length_exceeded")
     return ids
@@ -148,6 +147,7 @@ def check_cost(tokens: int, cfg) -> None:
 def completion_rows(spec: CompletionSpec, cfg, engine) -> tuple[list, dict]:
     """Worker side: the spec's ``GenerateRequest``s, plus the echoed texts (with ``logprobs``
     their tokens' log-probabilities, through the scoring forward) and the prompt token count."""
+    from softprompt import chat
     from softprompt.config import GenerateConfig
     from softprompt.inference.engine import GenerateRequest, PromptLogprobRow
     from softprompt.serve.logprob_json import pieces
@@ -157,7 +157,7 @@ def completion_rows(spec: CompletionSpec, cfg, engine) -> tuple[list, dict]:
     for i, p in enumerate(spec.inputs):
         param = "prompt" if len(spec.inputs) == 1 else f"prompt[{i}]"
         if isinstance(p, str):
-            ids.append(checked_ids(engine, p, param, limit))
+            ids.append(checked_ids(chat.encode_text(tok, p), param, limit))  # text: special-token strings stay text
         elif any(not 0 <= t < vocab for t in p) or len(p) > limit:
             raise bad(f"'{param}': token ids must be in [0, {vocab}), at most {limit}", param)
         else:
@@ -246,7 +246,7 @@ def classify_rows(spec: ClassifySpec, cfg, engine) -> tuple[list, list[str]]:
     n_virtual = virtual_tokens(engine, spec.prompt, cfg)
     for i, x in enumerate(spec.inputs):
         src = render_source(template, x, i, cfg.max_template_chars)
-        context = tuple(checked_ids(engine, src, f"inputs[{i}]", cfg.max_prompt_tokens))
+        context = tuple(checked_ids(engine.encode(src), f"inputs[{i}]", cfg.max_prompt_tokens))
         targets = tuple(tuple(engine.encode(target_text(src, verbalizer[lab]))) for lab in labels)
         for lab, t in zip(labels, targets, strict=True):
             if len(t) > cfg.max_label_tokens:

@@ -275,6 +275,27 @@ def test_malformed_requests_get_4xx_naming_the_field_before_any_work(srv_plain):
     assert metric(httpx.get(base + "/metrics").text, "softprompt_generated_tokens_total") == before
 
 
+def test_an_empty_prompt_is_the_same_400_naming_the_field_on_every_route(srv_plain, lm):  # noqa: F811
+    """No token to continue from (the plain model, or a deep prompt, which has no token of its
+    own) is one 400 naming the field, for completions and classify alike; a shallow prompt's
+    virtual tokens are enough."""
+    base, _ = srv_plain
+    layers, kv, d = lm.kv_shape
+    meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "mode": "lm"}
+    store.save_prompt(store.prompt_path("deep-e"), torch.randn(layers, 2, kv, 3, d), meta)
+    cases = [("/v1/completions", {"model": "tiny", "prompt": "", "max_tokens": 2}, "prompt"),
+             ("/v1/completions", {"model": "deep-e", "prompt": "", "max_tokens": 2}, "prompt"),
+             ("/v1/completions", {"model": "deep-e", "prompt": ["x", ""], "max_tokens": 2}, "prompt[1]"),
+             ("/v1/classify", {"prompt": "tiny", "inputs": ["x", ""], "verbalizer": ["good", "bad"]}, "inputs[1]"),
+             ("/v1/classify", {"prompt": "deep-e", "inputs": [""], "verbalizer": ["good", "bad"]}, "inputs[0]")]
+    for path, body, param in cases:
+        r = httpx.post(base + path, json=body, timeout=60)
+        assert r.status_code == 400, (body, r.text)
+        assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, "empty_input"), (body, r.text)
+    assert httpx.post(base + "/v1/completions", json={"model": "p0", "prompt": "", "max_tokens": 2}).status_code == 200
+    assert httpx.post(base + "/v1/completions", json={"model": "deep-e", "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
 def test_options_names_every_method_of_the_path(srv_plain):
     base, _ = srv_plain
     r = httpx.request("OPTIONS", base + "/v1/prompts/p0")

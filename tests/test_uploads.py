@@ -195,3 +195,13 @@ def test_an_upload_that_waits_too_long_for_the_name_gets_409(http, tiny_lm, tmp_
         r = http.put("/v1/prompts/held", content=body)
     assert r.status_code == 409 and r.json()["error"]["code"] == "busy"
     assert http.put("/v1/prompts/held", content=body).status_code == 201
+
+
+def test_a_multipart_upload_with_too_many_parts_says_so(http, tiny_lm, tmp_path):
+    d = prompt_dir(tiny_lm, tmp_path / "p")
+    parts = [("f", (f.name, f.read_bytes())) for f in sorted(d.iterdir())]
+    r = http.put("/v1/prompts/nine", files=parts + [(f"x{i}", (f"x{i}.txt", b"x")) for i in range(6)])
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "invalid_upload" and err["param"] == "body", r.text
+    assert "at most 8 parts" in err["message"] and "JSON" not in err["message"]
+    assert http.put("/v1/prompts/nine", files=parts).status_code == 201  # the same files alone are a prompt

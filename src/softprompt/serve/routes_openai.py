@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -138,6 +139,15 @@ def virtual_tokens(engine, prompt: str | None, cfg) -> int:
     return 0 if prompt is None else resolve_prompt(engine, prompt, cfg.max_prompt_tokens).num_virtual_tokens
 
 
+def check_not_empty(ids: Sequence[int], engine, prompt: str | None, cfg, param: str) -> None:
+    """A 400 naming ``param`` when a row has no token to continue from: its text is empty and it
+    runs on the plain model or a deep prompt (a shallow prompt's virtual tokens are enough)."""
+    if ids or (prompt is not None and resolve_prompt(engine, prompt, cfg.max_prompt_tokens).kind == "shallow"):
+        return
+    who = "the plain model" if prompt is None else f"the deep prompt {prompt!r} (it has no token of its own)"
+    raise bad(f"'{param}' is empty: {who} needs some text to continue", param, "empty_input")
+
+
 def check_cost(tokens: int, cfg) -> None:
     if tokens > cfg.max_request_tokens:
         raise bad(f"the request would take {tokens} tokens of model work; this server allows at most "
@@ -162,8 +172,7 @@ def completion_rows(spec: CompletionSpec, cfg, engine) -> tuple[list, dict]:
             raise bad(f"'{param}': token ids must be in [0, {vocab}), at most {limit}", param)
         else:
             ids.append(list(p))
-        if not ids[-1] and spec.prompt is None:
-            raise bad(f"'{param}' is empty: the plain model needs some text to continue", param)
+        check_not_empty(ids[-1], engine, spec.prompt, cfg, param)
     n_virtual = virtual_tokens(engine, spec.prompt, cfg)
     check_cost(sum(n_virtual + len(x) + spec.gen["max_new_tokens"] for x in ids) * spec.n, cfg)
     rows = [GenerateRequest("", spec.prompt, GenerateConfig(seed=(spec.seed + c) % 2**63, **spec.gen),
@@ -247,6 +256,7 @@ def classify_rows(spec: ClassifySpec, cfg, engine) -> tuple[list, list[str]]:
     for i, x in enumerate(spec.inputs):
         src = render_source(template, x, i, cfg.max_template_chars)
         context = tuple(checked_ids(engine.encode(src), f"inputs[{i}]", cfg.max_prompt_tokens))
+        check_not_empty(context, engine, spec.prompt, cfg, f"inputs[{i}]")
         targets = tuple(tuple(engine.encode(target_text(src, verbalizer[lab]))) for lab in labels)
         for lab, t in zip(labels, targets, strict=True):
             if len(t) > cfg.max_label_tokens:

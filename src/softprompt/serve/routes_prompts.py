@@ -11,12 +11,15 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from softprompt.config import UserError
 from softprompt.serve.context import served
 from softprompt.serve.protocol import ApiError, bad
-from softprompt.serve.uploads import install_prompt, prompt_info
+from softprompt.serve.uploads import PROMPT_FILES, install_prompt, prompt_info
 
+MAX_PARTS = 8  # parts of a multipart upload: a prompt directory has 3 files
 UPLOAD_BODY = {"requestBody": {"required": True, "description": "the prompt directory: a zip, or its files as parts",
                                "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}},
                                            "multipart/form-data": {"schema": {"type": "object"}}}}}
@@ -59,7 +62,12 @@ async def upload_files(request: Request, limit: int) -> dict[str, bytes]:
     """The uploaded files: one zip body, or the parts of a multipart form."""
     raw = await request.body()
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form(max_files=8, max_fields=8, max_part_size=limit)
+        try:
+            form = await request.form(max_files=MAX_PARTS, max_fields=MAX_PARTS, max_part_size=limit)
+        except (HTTPException, MultiPartException) as e:  # Starlette answers a bad form with a bare 400
+            why = getattr(e, "detail", None) or getattr(e, "message", "")
+            raise bad(f"the multipart upload cannot be read ({why}); send at most {MAX_PARTS} parts, the files "
+                      f"{', '.join(PROMPT_FILES)}, or one zip", "body", "invalid_upload") from None
         files = {v.filename or k: await v.read() for k, v in form.multi_items() if hasattr(v, "read")}
     else:
         files = {"upload.zip": raw}

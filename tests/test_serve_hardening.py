@@ -341,6 +341,7 @@ def test_a_fault_in_the_worker_is_a_500_whose_body_and_log_line_carry_the_reques
     def boom(*a, **kw):
         raise RuntimeError("boom")
 
+    real = routes_openai.virtual_tokens
     monkeypatch.setattr(routes_openai, "virtual_tokens", boom)  # runs in the worker, inside prepare
     with caplog.at_level(logging.ERROR):
         r = httpx.post(base + path, json=body, timeout=60)
@@ -349,7 +350,7 @@ def test_a_fault_in_the_worker_is_a_500_whose_body_and_log_line_carry_the_reques
     assert f"request id {rid}" in r.json()["error"]["message"]
     faults = [rec for rec in caplog.records if rec.exc_info and "failed in the preparation" in rec.getMessage()]
     assert [getattr(rec, "fields", {}).get("id") for rec in faults] == [rid]
-    monkeypatch.undo()
+    monkeypatch.setattr(routes_openai, "virtual_tokens", real)
     assert httpx.post(base + path, json=body, timeout=60).status_code == 200  # still serving
 
 

@@ -17,7 +17,7 @@ from starlette.formparsers import MultiPartException
 from softprompt.config import UserError
 from softprompt.serve.context import served
 from softprompt.serve.protocol import ApiError, bad
-from softprompt.serve.uploads import PROMPT_FILES, install_prompt, prompt_info
+from softprompt.serve.uploads import PROMPT_FILES, changed_meanwhile, install_prompt, prompt_info
 
 MAX_PARTS = 8  # parts of a multipart upload: a prompt directory has 3 files
 UPLOAD_BODY = {"requestBody": {"required": True, "description": "the prompt directory: a zip, or its files as parts",
@@ -39,17 +39,20 @@ def not_found(name: str) -> ApiError:
 
 
 def info_or_404(name: str) -> dict:
+    info = prompt_info(check_name(name))
+    if info is None:
+        raise not_found(name)
+    return info
+
+
+def listing() -> list[dict]:
     from softprompt import store
 
-    if not store.prompt_path(check_name(name)).is_dir():
-        raise not_found(name)
-    return prompt_info(name)
+    return [info for info in map(prompt_info, store.list_prompts()) if info is not None]
 
 
 async def prompts_list(request: Request):
-    from softprompt import store
-
-    data = await run_in_threadpool(lambda: [prompt_info(n) for n in store.list_prompts()])
+    data = await run_in_threadpool(listing)
     ctx = served(request)
     return {"object": "list", "model": ctx.base_id, "chat": ctx.chat, "data": data}
 
@@ -85,15 +88,21 @@ async def prompts_put(name: str, request: Request):
     replaced = await run_in_threadpool(install_prompt, name, files, ctx.fingerprint, ctx.model_name, ctx.force,
                                        ctx.cfg.max_upload_bytes, ctx.kv_shape, ctx.cfg.max_prompt_tokens)
     info = await run_in_threadpool(prompt_info, name)
+    if info is None:
+        raise changed_meanwhile(name)
     return JSONResponse({**info, "replaced": replaced}, status_code=200 if replaced else 201)
 
 
 async def prompts_delete(name: str):
-    from softprompt import store
+    """Remove the prompt in the thread pool (the name first, then its files): nothing is read or
+    deleted on the event loop, however large the prompt."""
+    from softprompt import durable, store
 
-    info_or_404(name)
+    check_name(name)
     try:
         await run_in_threadpool(store.remove_prompt, name)
+    except durable.Busy as e:
+        raise ApiError(409, str(e), param="name", code="busy") from None
     except UserError:
         raise not_found(name) from None
     return {"id": name, "object": "prompt", "deleted": True}

@@ -291,7 +291,7 @@ def test_an_empty_prompt_is_the_same_400_naming_the_field_on_every_route(srv_pla
     for path, body, param in cases:
         r = httpx.post(base + path, json=body, timeout=60)
         assert r.status_code == 400, (body, r.text)
-        assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, "empty_input"), (body, r.text)
+        assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, "invalid_value"), (body, r.text)
     assert httpx.post(base + "/v1/completions", json={"model": "p0", "prompt": "", "max_tokens": 2}).status_code == 200
     assert httpx.post(base + "/v1/completions", json={"model": "deep-e", "prompt": "x", "max_tokens": 2}).status_code == 200
 

@@ -260,6 +260,8 @@ def test_malformed_requests_get_4xx_naming_the_field_before_any_work(srv_plain):
          "invalid_type"),
         ({**ok, "stop": ["a", 3]}, "stop[1]", "invalid_type"),
         ({**ok, "prompt": [[1, 2], [-3]]}, "prompt[1][0]", "invalid_value"),
+        ({**ok, "prompt": "a\ud800b"}, "prompt", "invalid_value"),
+        ({**ok, "prompt": ["ok", "a\ud800b"]}, "prompt[1]", "invalid_value"),
         ({**ok, "temperature": float("nan")}, "temperature", "invalid_value"),
         ({"prompt": "x"}, "model", "missing_required_parameter"),
     ]

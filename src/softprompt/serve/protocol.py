@@ -2,9 +2,9 @@
 
 ``ApiError`` is every error a client can see; ``error_body`` is the one place its JSON shape
 ``{"error": {message, type, param, code}}`` is written (the app, the gate and the Ray ingress
-all call it), and it cuts server paths out of the message. The helpers check request fields and raise 400s naming the field; the body-size
-check and "which prompt does this request name" are here too, so ``ray_serve.py`` reads a
-request exactly as the app does.
+all call it), and it cuts server paths out of the message. The helpers check request fields
+and raise 400s naming the field; the body-size check and "which prompt does this request name"
+are here too, so ``ray_serve.py`` reads a request exactly as the app does.
 
 Request bodies are pydantic models (``CompletionRequest``, ``ClassifyRequest``), so
 ``/openapi.json`` documents every field and a type or range error is a 400 naming the field path

@@ -232,19 +232,24 @@ def test_a_put_racing_a_delete_answers_2xx_or_409_and_names_no_path(http, tiny_l
     status: dict[str, list[int]] = {"put": [], "delete": []}
     texts: list[str] = []
 
+    listed: list[str] = []
+
     def churn(kind: str):
         for _ in range(12):
+            if kind == "list":  # a prompt being deleted is listed whole or not at all
+                listed.extend(e["status"] for e in http.get("/v1/prompts").json()["data"])
+                continue
             r = http.put("/v1/prompts/race", content=body) if kind == "put" else http.delete("/v1/prompts/race")
             status[kind].append(r.status_code)
             texts.append(r.text)
 
-    threads = [threading.Thread(target=churn, args=(k,)) for k in ("put", "put", "delete", "delete")]
+    threads = [threading.Thread(target=churn, args=(k,)) for k in ("put", "put", "delete", "delete", "list")]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert set(status["put"]) <= {200, 201, 409} and set(status["delete"]) <= {200, 404, 409}, status
-    assert all(no_path(t, sp_home) for t in texts)
+    assert all(no_path(t, sp_home) for t in texts) and set(listed) <= {"ok"}, listed
 
 
 def test_a_prompt_being_deleted_is_listed_whole_or_not_at_all(http, tiny_lm, tmp_path, monkeypatch):

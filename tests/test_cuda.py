@@ -37,14 +37,9 @@ from softprompt.inference.engine import Engine, GenerateRequest
 from softprompt.prompt import make_deep_prompt
 from softprompt.training.methods import PromptMethod
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("one_thread")]
 DTYPES = ["bfloat16", "float32"]
 TOL = {"bfloat16": 3e-2, "float32": 1e-4}  # relative, on losses, gradients and logits
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 def load(tiny_model_dir, device: torch.device, dtype: str, arch: str = "llama", sharp: bool = True):

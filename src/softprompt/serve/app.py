@@ -14,9 +14,9 @@ model once (``build_engine``, also used by the Ray Serve replicas) and runs uvic
 
 The package, by concern: ``protocol`` (errors, request parsing), ``gate`` (key, body limit,
 request ids, access log, error handlers), ``routes_openai``, ``routes_chat``, ``routes_prompts``
-and ``routes_ops`` (handlers: parse, submit, render), ``scheduler`` (admission policy, the one worker thread that owns the
-engine and the tokenizer), ``streams`` (event reader, streamed text, SSE), ``prometheus``
-(the ``/metrics`` text), ``uploads`` (prompt uploads), ``ray_serve`` (replicas over Ray Serve).
+and ``routes_ops`` (handlers: parse, submit, render), ``scheduler`` (admission policy, the one
+worker thread that owns the engine and the tokenizer), ``streams`` (event reader, streamed text,
+SSE), ``prometheus`` (the ``/metrics`` text), ``uploads`` (prompt uploads), ``ray_serve`` (replicas over Ray Serve).
 
 Invariants: only the worker thread touches the engine (bank, caches, model) and the tokenizer;
 everything a client can get wrong is a 4xx with OpenAI's error JSON ``{"error": {message, type,

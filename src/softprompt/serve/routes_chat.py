@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -21,9 +20,6 @@ from softprompt.serve.context import request_id, served
 from softprompt.serve.protocol import ChatRequest, bad, prompt_of, refuse_unsupported
 from softprompt.serve.routes_openai import GenerationSettings, check_cost, sampling, virtual_tokens
 from softprompt.serve.scheduler import Job
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -37,9 +36,6 @@ from softprompt.serve.protocol import (
 )
 from softprompt.serve.scheduler import Job, resolve_prompt
 from softprompt.serve.streams import ClientGone, EventReader
-
-if TYPE_CHECKING:
-    pass
 
 # ---------------------------------------------------------------- models
 

@@ -142,3 +142,20 @@ def test_transfer_multitask_and_inspect_with_deep_prompts(tiny_lm, toy_tasks, ca
     assert len(report["tokens"]) == 4 and report["similarity"]["matrix"][0][0] == pytest.approx(1.0)
     assert main(["inspect", "mood-deep", "--model", model, "--against", "mood-src"]) == 2
     assert "needs deep prompts" in capsys.readouterr().err
+
+
+def test_a_method_tells_the_forward_its_prompts_kind(tiny_lm):
+    """The kind is decided once, when the method takes its prompt, and handed to the forward pass:
+    a deep prompt given to PromptMethod trains as deep (as DeepPromptMethod does), a shallow one as shallow."""
+    from softprompt.config import PromptKind
+    from softprompt.prompt import make_deep_prompt
+
+    deep = make_deep_prompt(tiny_lm.model, tiny_lm.tokenizer, 3, "random", seed=0)
+    shallow = torch.randn(3, tiny_lm.hidden_size)
+    assert methods.PromptMethod(tiny_lm.model, deep).kind is PromptKind.DEEP
+    assert methods.DeepPromptMethod(tiny_lm.model, deep).kind is PromptKind.DEEP
+    assert methods.PromptMethod(tiny_lm.model, shallow).kind is PromptKind.SHALLOW
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+             "labels": torch.tensor([[-100, 6, 7]])}
+    a, b = methods.PromptMethod(tiny_lm.model, deep).loss(batch), methods.DeepPromptMethod(tiny_lm.model, deep).loss(batch)
+    assert torch.isfinite(a) and torch.equal(a, b)

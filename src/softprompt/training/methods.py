@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from softprompt import data as D
-from softprompt.config import PromptKind, UserError
+from softprompt.config import UserError
 from softprompt.forward import (
     embed,
     mixed_prefix_loss,
@@ -42,6 +42,7 @@ from softprompt.forward import (
     supports_prefix,
 )
 from softprompt.precision import FrozenCasts, autocast
+from softprompt.prompt import kind_of
 
 if TYPE_CHECKING:
     from softprompt.models import Model, Tokenizer
@@ -65,7 +66,7 @@ class PromptMethod:
         self.precision = precision  # "bf16": forward and backward under bf16 autocast (precision.py)
         self.casts = FrozenCasts(model) if precision == "bf16" else None  # the frozen weights cast once
         self.reparam_name = reparam
-        self.kind = PromptKind.SHALLOW  # what the forward pass is told the prompt is
+        self.kind = kind_of(prompt)  # decided once, here; the forward pass is told it
         self.reparam = None
         if reparam is not None:
             from softprompt.training.reparam import make_reparam
@@ -142,7 +143,6 @@ class DeepPromptMethod(PromptMethod):
         if not is_deep(prompt):
             raise UserError(f"a deep prompt is (layers, 2, kv heads, N, head dim), got {tuple(prompt.shape)}")
         super().__init__(model, prompt, fast, reparam, seed, pack, precision)
-        self.kind = PromptKind.DEEP
 
 
 class ProgressiveMethod(PromptMethod):

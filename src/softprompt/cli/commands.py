@@ -37,7 +37,7 @@ from softprompt.config import (
 TRAIN_DATA = ("path", "eval_path", "text_column", "template", "target_column", "verbalizer", "limit",
               "eval_limit", "max_length", "data_split", "eval_split", "data_config", "chat", "system")
 TRAIN_FIELDS = ("lr", "epochs", "steps", "batch_size", "grad_accum", "seed", "patience", "warmup_ratio", "weight_decay",
-                "precision", "pack")
+                "precision", "pack", "warmup_steps", "schedule", "group_lr")
 
 
 def add_train_parser(sub) -> None:

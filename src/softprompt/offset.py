@@ -54,16 +54,49 @@ def gather_offsets(offsets: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return got * ok.unsqueeze(-1).to(got.dtype)
 
 
-def stack_offsets(offsets: list[torch.Tensor | None], hidden: int, device, dtype) -> torch.Tensor | None:
-    """Rows' (T_i, H) offsets (None: no offset) as one zero-padded (B, max T_i, H); None if no row has one."""
+def stack_offsets(offsets: list[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor | None:
+    """Rows' (T_i, H) offsets (None: no offset) as one zero-padded (B, max T_i, H) on ``like``'s
+    device and dtype (the embedding matrix); None if no row has one."""
     if all(o is None for o in offsets):
         return None
     tm = max(int(o.shape[0]) for o in offsets if o is not None)
-    out = torch.zeros(len(offsets), tm, hidden, device=device, dtype=dtype)
+    device, dtype = like.device, like.dtype
+    out = torch.zeros(len(offsets), tm, like.shape[1], device=device, dtype=dtype)
     for i, o in enumerate(offsets):
         if o is not None:
             out[i, : o.shape[0]] = o.to(device, dtype)
     return out
+
+
+def offset_bytes(a: torch.Tensor, b: torch.Tensor) -> bytes:
+    """``OFFSET_FILE``'s content: A and B as float32 safetensors."""
+    from safetensors.torch import save
+
+    return save({OFFSET_A: a.detach().float().contiguous().cpu(), OFFSET_B: b.detach().float().contiguous().cpu()})
+
+
+def offset_files(offset: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, bytes]:
+    """{``OFFSET_FILE``: its bytes} for a prompt directory, or {} without an offset."""
+    return {} if offset is None else {OFFSET_FILE: offset_bytes(*offset)}
+
+
+def read_offset(raw: bytes, emb: torch.Tensor | None, error) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) float32 from ``OFFSET_FILE``'s bytes beside the shallow prompt ``emb`` (no tensor: a deep
+    one); ``error(field, problem)`` (the store's ``InvalidPrompt``) is raised if they are
+    unreadable or fail ``check_offset``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if not isinstance(emb, torch.Tensor):
+        raise error(OFFSET_FILE, "is there, but an input offset goes with a shallow prompt only")
+    try:
+        tensors = load(raw)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise error(OFFSET_FILE, f"is unreadable (corrupted or truncated: {e})") from None
+    bad = check_offset(tensors, int(emb.shape[1]))
+    if bad is not None:
+        raise error(f"{OFFSET_FILE}:{bad[0]}", bad[1])
+    return tensors[OFFSET_A].float(), tensors[OFFSET_B].float()
 
 
 def check_offset(tensors: dict, hidden: int | None) -> tuple[str, str] | None:

@@ -6,8 +6,7 @@ A saved prompt is a directory that PEFT itself loads as an adapter (the format: 
     adapter_model.safetensors    {"prompt_embeddings": (N, H) float32}, deep: (N, L*2*kv*d) float32
     softprompt.json              our metadata: kind (shallow | deep), reparam, base model identity and
                                  fingerprint, template, verbalizer, training config, seed, metrics, versions
-    input_offset.safetensors     only with DePT's input offset (``offset.py``): {"offset_a": (T_max, r),
-                                 "offset_b": (r, H)} float32; PEFT ignores it and loads the prompt part
+    input_offset.safetensors     DePT's input offset only (``offset.py``: A, B); PEFT ignores it
 
 Invariants: every way in (training, import, HTTP upload, Ray sync) and every load passes one
 validator (``read_prompt_dir``: field types, 1 <= N <= a limit, finite float values) that raises
@@ -39,7 +38,7 @@ from softprompt.adapter import (
     prefix_adapter_config,
 )
 from softprompt.config import UserError, home
-from softprompt.offset import OFFSET_FILE, check_offset
+from softprompt.offset import OFFSET_FILE, offset_files, read_offset
 from softprompt.prompt import is_deep
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: "x\n" is no name
@@ -230,33 +229,9 @@ def read_prompt_dir(path: Path, name: str | None = None, max_tokens: int | None 
     emb = tensors[PROMPT_KEY].float()  # (N, H), deep: (N, L*2*kv*d)
     kv = deep_tensor(cfg, emb, name) if cfg["peft_type"] == "PREFIX_TUNING" else None  # (L, 2, kv, N, d)
     meta = validate_meta(name, _parse_json(raw[META], name, path / META)) if raw[META] is not None else {}
-    offset = None if raw[OFFSET_FILE] is None else read_offset(raw[OFFSET_FILE], name, None if kv is not None else emb)
+    offset = None if raw[OFFSET_FILE] is None else read_offset(raw[OFFSET_FILE], kv is None and emb, lambda f, p: InvalidPrompt(name, f, p))
     return StoredPrompt(name=name, path=path, embeddings=None if kv is not None else emb, meta=meta, kv=kv,
                         config=cfg, file_bytes=sum(len(b) for b in raw.values() if b is not None), offset=offset)
-
-
-def read_offset(raw: bytes, name: str, emb: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """DePT's (A, B) from ``OFFSET_FILE``, checked (``offset.check_offset``) against the shallow prompt ``emb``."""
-    if emb is None:
-        raise InvalidPrompt(name, OFFSET_FILE, "is there, but an input offset goes with a shallow prompt only")
-    try:
-        tensors = load_tensors(raw)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise InvalidPrompt(name, OFFSET_FILE, f"is unreadable (corrupted or truncated: {e})") from None
-    bad = check_offset(tensors, int(emb.shape[1]))
-    if bad is not None:
-        raise InvalidPrompt(name, f"{OFFSET_FILE}:{bad[0]}", bad[1])
-    return tensors["offset_a"].float(), tensors["offset_b"].float()
-
-
-def offset_files(offset: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, bytes]:
-    """``OFFSET_FILE``'s bytes for ``write_dir_atomic`` (none without an offset)."""
-    if offset is None:
-        return {}
-    from safetensors.torch import save
-
-    a, b = (t.detach().float().contiguous().cpu() for t in offset)
-    return {OFFSET_FILE: save({"offset_a": a, "offset_b": b})}
 
 
 def _write_files(d: Path, files: dict[str, bytes | dict], tensors: dict[str, torch.Tensor]) -> None:
@@ -274,11 +249,9 @@ def write_dir_atomic(target: Path, files: dict[str, bytes | dict], tensors: dict
     return durable.replace_dir(Path(target), lambda d: _write_files(d, files, tensors), exist_ok=exist_ok)
 
 
-def save_prompt(path: Path, embeddings: torch.Tensor, meta: dict, model_path: str = "", model_config=None,
-                offset: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
+def save_prompt(path: Path, embeddings: torch.Tensor, meta: dict, model_path: str = "", model_config=None, offset: tuple | None = None) -> Path:
     """Validate and store a shallow (N, H) or deep (L, 2, kv, N, d) prompt (the kind is in the
-    tensor's shape), with DePT's input ``offset`` (A, B) if given; an invalid one (NaN, N=0, a
-    mistyped field, an offset of the wrong shape) is refused whole."""
+    tensor's shape), with DePT's ``offset`` (A, B) if given; anything invalid is refused whole."""
     path = Path(path)
     if is_deep(embeddings):
         cfg, flat = prefix_adapter_config(embeddings, model_path), deep_to_peft(embeddings.detach())
@@ -288,9 +261,8 @@ def save_prompt(path: Path, embeddings: torch.Tensor, meta: dict, model_path: st
     validate_embeddings(path.name, {PROMPT_KEY: flat}, cfg)
     meta = json.loads(json.dumps(meta, default=str), parse_constant=lambda c: None)  # JSON has no NaN: a diverged loss is null
     meta = validate_meta(path.name, meta)
-    extra = offset_files(offset)
-    if extra:
-        read_offset(extra[OFFSET_FILE], path.name, flat)
+    if extra := offset_files(offset):  # checked as a reader will check it
+        read_offset(extra[OFFSET_FILE], flat, lambda f, p: InvalidPrompt(path.name, f, p))
     return write_dir_atomic(path, {CONFIG: cfg, META: meta, **extra}, {PROMPT_KEY: flat})
 
 
@@ -362,7 +334,6 @@ def prompt_summary(name: str) -> dict:
         "kind": sp.kind, "reparam": meta.get("reparam"), "num_virtual_tokens": sp.num_virtual_tokens,
         "hidden_size": None if sp.kv is not None else int(sp.embeddings.shape[1]),
         "kv_shape": None if sp.kv is None else [int(sp.kv.shape[i]) for i in (0, 2, 4)], "tensor_bytes": sp.nbytes,
-        "offset": None if sp.offset is None else [int(n) for n in sp.offset[0].shape],  # DePT: [T_max, r]
         "base_model": base.get("name"), "fingerprint": base.get("fingerprint"),
         "task": meta.get("task"), "mode": meta.get("mode"), "template": meta.get("template"),
         "target_column": meta.get("target_column"), "text_column": meta.get("text_column"),
@@ -415,8 +386,8 @@ def import_prompt(src: Path, name: str | None = None, fingerprint: dict | None =
             meta["base_model"] = {"name": model_name, "path": model_name, "fingerprint": fingerprint}
     cfg = prefix_adapter_config(sp.kv, sp.config.get("base_model_name_or_path") or "") if sp.kv is not None else sp.config
     try:
-        write_dir_atomic(prompt_path(name), {CONFIG: cfg, META: meta, **offset_files(sp.offset)},
-                         {PROMPT_KEY: sp.peft_tensor}, exist_ok=overwrite)
+        files = {CONFIG: cfg, META: meta, **offset_files(sp.offset)}
+        write_dir_atomic(prompt_path(name), files, {PROMPT_KEY: sp.peft_tensor}, exist_ok=overwrite)
     except FileExistsError:
         raise UserError(f"prompt {name!r} already exists; remove it first or import under --name") from None
     return load_prompt(name)

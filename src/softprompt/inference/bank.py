@@ -98,6 +98,8 @@ class PromptBank:
         self._resident.pop(name, None)
         sp = store.read_prompt_dir(path, name)  # UserError naming the file if missing or broken
         store.check_compatible(sp, self.fingerprint, force=self.force, kv_shape=self.kv_shape)
+        if sp.offset is not None and self.kv_shape is None:
+            raise UserError(f"prompt {name!r} has an input offset (DePT); it needs a decoder-only model")
         self._resident[name] = (sp, stamp)
         while len(self._resident) > self.max_resident:
             self._resident.popitem(last=False)

@@ -34,9 +34,10 @@ from softprompt.compat import cache_kw, returned_cache
 from softprompt.config import EngineConfig, GenerateConfig, UserError
 from softprompt.forward import embed, lm_logits, seq2seq
 from softprompt.inference.bank import PrefixCache, PrefixKV, PromptBank, compute_prefix, deep_prefix
-from softprompt.inference.kv import DecoderState, batch_prefix, left_pad
+from softprompt.inference.kv import DecoderState, batch_prefix, left_pad, row_offsets
 from softprompt.inference.logprobs import TokenLogprob, pick_logprobs
 from softprompt.inference.steps import StepBatch
+from softprompt.offset import add_offset
 
 __all__ = ["ANON", "Engine", "EngineConfig", "GenerateRequest", "Generation", "PromptLogprobRow", "Row",
            "ScoreRequest", "ScoreResult", "ScoreRow", "StepBatch", "generate", "stop_tokens"]
@@ -111,6 +112,7 @@ class Row:
     emb: torch.Tensor | None  # (N, H) shallow prompt
     version: tuple | None
     deep: torch.Tensor | None = None  # (L, 2, kv, N, d) deep prompt
+    offset: torch.Tensor | None = None  # (T_max, H) DePT input offset of a shallow prompt (``offset.py``)
 
     @property
     def n(self) -> int:
@@ -161,7 +163,7 @@ class Engine:
                 raise UserError("empty input text: give some text to continue"
                                 + (" (a deep prompt has no token of its own to continue from)" if deep is not None
                                    else " (or a prompt)"))
-            rows.append(Row(list(ids), name, emb, version, deep))
+            rows.append(Row(list(ids), name, emb, version, deep, None if sp is None else sp.input_offset))
         return rows
 
     def prefix(self, row: Row) -> PrefixKV | None:
@@ -190,7 +192,7 @@ class Engine:
         prefixes = [self.prefix(r) for r in rows]
         cache, pmask = batch_prefix(prefixes, model.config)
         ids, tmask = (t.to(self.device) for t in left_pad([r.ids for r in rows], self.pad_id))  # (B, maxT)
-        state = DecoderState(model, cache, pmask.to(self.device), self.tensor([r.n for r in rows]))
+        state = DecoderState(model, cache, pmask.to(self.device), self.tensor([r.n for r in rows]), *row_offsets(model, rows))
         h = state.hidden(ids, tmask) if ids.shape[1] else None  # (B, maxT, H)
         last = [h[i, -1] if r.ids else prefixes[i].last for i, r in enumerate(rows)]
         return state, torch.stack(last)
@@ -206,6 +208,7 @@ class Engine:
         seqs = []
         for r in rows:
             x = embed(model, self.tensor(r.ids))  # (T, H)
+            x = x if r.offset is None else add_offset(x[None], r.offset.to(x.device))[0]
             seqs.append(x if r.emb is None else torch.cat([r.emb.to(x.device, x.dtype), x]))  # (N+T, H)
         L, H = max(s.shape[0] for s in seqs), seqs[0].shape[1]
         x = seqs[0].new_zeros(len(rows), L, H)
@@ -216,7 +219,7 @@ class Engine:
         full = torch.cat([pmask.to(self.device), mask], 1)  # (B, maxN_deep + L)
         out = model.base_model(inputs_embeds=x, attention_mask=full, position_ids=pos,
                                **cache_kw(model.base_model, cache), use_cache=True)
-        state = DecoderState(model, returned_cache(out), full, deep_n + mask.sum(1))
+        state = DecoderState(model, returned_cache(out), full, deep_n + mask.sum(1), *row_offsets(model, rows))
         return state, out.last_hidden_state[:, -1]
 
     def start(self, rows: list[Row]):

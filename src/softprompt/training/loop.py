@@ -130,10 +130,8 @@ def fit(
     ``dist``: data-parallel over a process group (``distributed.py``); each rank trains on its
     rows of every batch, the trainable gradients are summed, only rank 0 writes checkpoints.
     """
-    params = method.parameters()
-    opt = make_optimizer(method, cfg)
-    n_batches = len(D.bucketed_batches(examples, cfg.batch_size, cfg.seed, 0))
-    total, n_epochs = plan_steps(n_batches, cfg)
+    params, opt = method.parameters(), make_optimizer(method, cfg)
+    total, n_epochs = plan_steps(len(D.bucketed_batches(examples, cfg.batch_size, cfg.seed, 0)), cfg)
     sched = _schedule(opt, total, cfg)
     _set_step(method, None)
     res = FitResult(state=method.state())

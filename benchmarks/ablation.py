@@ -76,15 +76,21 @@ def main() -> None:
     ap.add_argument("--dev", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--tag", default="", help="suffix of the result name (a second process writes its own file)")
     ap.add_argument("--resume", action="store_true", help="keep the arms already in the result file")
+    ap.add_argument("--merge", default="", help="comma-separated result names (in benchmarks/results) whose arms to add")
     a = ap.parse_args()
     common.setup_torch()
     info = common.machine_info()
-    name = f"ablation_{a.task}"
+    name = f"ablation_{a.task}{a.tag}"
     done = []
     path = common.RESULTS / f"{name}.json"
     if a.resume and path.is_file():
         done = json.loads(path.read_text())["arms"]
+    for other in filter(None, a.merge.split(",")):  # arms run by another process (--tag), kept in ARMS order
+        done += [r for r in json.loads((common.RESULTS / f"{other}.json").read_text())["arms"]
+                 if r["arm"] not in {d["arm"] for d in done}]
+    done.sort(key=lambda r: list(ARMS).index(r["arm"]))
     lm = common.load_lm(False)
     payload = {"task": a.task, "steps": a.steps, "seed": a.seed, "dev_rows": a.dev, "machine": info, "arms": done}
     for arm in [x for x in a.arms.split(",") if x not in {r["arm"] for r in done}]:

@@ -89,6 +89,7 @@ class StoredPrompt:
     config: dict = field(default_factory=dict)  # adapter_config.json
     file_bytes: int = 0  # size of the files on disk
     offset: tuple[torch.Tensor, torch.Tensor] | None = None  # DePT's input offset (A (T_max, r), B (r, H)), float32
+    memory: torch.Tensor | None = None  # PrefixMemory's (L, heads, d, d) float32, beside a deep prompt
 
     @property
     def input_offset(self) -> torch.Tensor | None:
@@ -115,7 +116,7 @@ class StoredPrompt:
 
     @property
     def nbytes(self) -> int:
-        extra = sum(t.numel() * t.element_size() for t in self.offset) if self.offset is not None else 0
+        extra = sum(t.numel() * t.element_size() for t in (*(self.offset or ()), self.memory) if t is not None)
         return self.tensor.numel() * self.tensor.element_size() + extra
 
     def shallow(self, what: str) -> torch.Tensor:

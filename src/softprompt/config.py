@@ -104,6 +104,7 @@ class PromptConfig(_JsonMixin):
     freeze_first: bool = False  # keep the first virtual token as initialised (an attention sink, as PEFT's Cartridges)
     offset_rank: int = 0  # DePT: rank r of a low-rank offset A (offset_length x r) @ B (r x H) added to the input tokens; 0 = none
     offset_length: int = 256  # DePT: input positions the offset covers (T_max); later tokens get none
+    memory: bool = False  # PrefixMemory (deep prompts): a trainable per-head term phi(q)^T M outside the softmax, M zero-initialised
 
     def __post_init__(self) -> None:
         _check(self.kind in REPARAMS, f"--kind must be one of {', '.join(REPARAMS)}, got {self.kind!r}")
@@ -125,6 +126,7 @@ class PromptConfig(_JsonMixin):
                "--offset-rank must be >= 0 and --offset-length positive")
         _check(not self.offset_rank or self.kind == "shallow",
                "--offset-rank (DePT's input offset) goes with --kind shallow")
+        _check(not self.memory or self.kind == "deep", "--prefix-memory goes with --kind deep")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # compute precision of training (precision.py)

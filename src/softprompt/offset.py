@@ -75,11 +75,6 @@ def offset_bytes(a: torch.Tensor, b: torch.Tensor) -> bytes:
     return save({OFFSET_A: a.detach().float().contiguous().cpu(), OFFSET_B: b.detach().float().contiguous().cpu()})
 
 
-def offset_files(offset: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, bytes]:
-    """{``OFFSET_FILE``: its bytes} for a prompt directory, or {} without an offset."""
-    return {} if offset is None else {OFFSET_FILE: offset_bytes(*offset)}
-
-
 def read_offset(raw: bytes, emb: torch.Tensor | None, error) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) float32 from ``OFFSET_FILE``'s bytes beside the shallow prompt ``emb`` (no tensor: a deep
     one); ``error(field, problem)`` (the store's ``InvalidPrompt``) is raised if they are

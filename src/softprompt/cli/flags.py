@@ -181,8 +181,8 @@ def data_config(a):
 
 
 PROMPT_FLAGS = ("num_virtual_tokens", "init", "init_text", "kind", "reparam", "dropout", "freeze_first", "offset_rank",
-                "offset_length")
-PROMPT_RENAME = {"dropout": "prompt_dropout", "freeze_first": "freeze_first_token"}
+                "offset_length", "memory")
+PROMPT_RENAME = {"dropout": "prompt_dropout", "freeze_first": "freeze_first_token", "memory": "prefix_memory"}
 
 
 def add_prompt_train_flags(p, train_fields: tuple[str, ...]) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path, PurePosixPath
 from softprompt.config import UserError
 from softprompt.serve.protocol import ApiError, bad
 
-PROMPT_FILES = ("adapter_config.json", "adapter_model.safetensors", "softprompt.json", "input_offset.safetensors")
+PROMPT_FILES = ("adapter_config.json", "adapter_model.safetensors", "softprompt.json", "input_offset.safetensors",
+                "prefix_memory.safetensors")
 KNOWN_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 

@@ -40,6 +40,7 @@ from softprompt.forward import (
 )
 from softprompt.training.prompt_method import (  # noqa: F401  (re-exported: the methods live together here)
     DeepPromptMethod,
+    MemoryPromptMethod,
     OffsetPromptMethod,
     ProgressiveMethod,
     PromptMethod,

@@ -4,7 +4,8 @@
   or with a training-time reparameterisation (``reparam.py``) the module that computes it;
 * ``DeepPromptMethod``: the same, refused in one line on a model without a key/value prefix;
 * ``ProgressiveMethod``: a new task's prompt after the frozen prompts of earlier tasks;
-* ``OffsetPromptMethod``: DePT, a shallow prompt plus a low-rank input offset (``offset.py``).
+* ``OffsetPromptMethod``: DePT, a shallow prompt plus a low-rank input offset (``offset.py``);
+* ``MemoryPromptMethod``: PrefixMemory, a deep prompt plus a per-head memory term (``memory.py``).
 
 Levers (P-tuning v2 and PEFT's Cartridges), all options of the same methods:
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from softprompt import memory
 from softprompt.config import UserError
 from softprompt.forward import prompt_loss, sequence_logprobs
 from softprompt.offset import init_offset, offset_of
@@ -230,3 +232,45 @@ class OffsetPromptMethod(PromptMethod):
 
     def _extra(self) -> dict:
         return {"offset": (self.offset_a.detach(), self.offset_b.detach())}
+
+
+class MemoryPromptMethod(DeepPromptMethod):
+    """PrefixMemory: a deep prompt and a per-head memory M (L, heads, d, d), zero-initialised,
+    train together, in two parameter groups, ``prompt`` and ``memory`` (``memory.py``). The
+    model is switched to the memory attention (``memory.enable``), which equals its SDPA
+    attention for every call without a memory."""
+
+    def __init__(self, model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0,
+                 precision: str = "fp32", dropout: float = 0.0, freeze_first: bool = False):
+        super().__init__(model, prompt, fast, reparam, seed, False, precision, dropout, freeze_first)
+        memory.enable(model)
+        self.memory = torch.nn.Parameter(torch.zeros(*memory.memory_shape(model), memory.memory_shape(model)[2],
+                                                     device=self.prompt.device))  # (L, heads, d, d)
+
+    def parameters(self):
+        return super().parameters() + [self.memory]
+
+    def param_groups(self):
+        return [("prompt", super().parameters()), ("memory", [self.memory])]
+
+    def loss(self, batch):
+        prompt, batch = self._cast(batch)
+        with autocast(self.precision, self.prompt.device, self.casts):
+            return prompt_loss(self.model, prompt, batch, fast=self.fast, memory=self.memory)
+
+    def score(self, batch) -> torch.Tensor:
+        with torch.no_grad():
+            prompt, batch = self._cast(batch)
+            with autocast(self.precision, self.prompt.device, self.casts):
+                return sequence_logprobs(self.model, prompt, **batch, memory=self.memory).float().cpu()
+
+    def state(self):
+        return {**super().state(), "memory": self.memory.detach().cpu().clone()}
+
+    def load_state(self, state):
+        super().load_state(state)
+        with torch.no_grad():
+            self.memory.copy_(state["memory"])
+
+    def _extra(self) -> dict:
+        return {"memory": self.memory.detach()}

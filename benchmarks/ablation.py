@@ -7,6 +7,7 @@ task's dev split (label accuracy and loss, the evaluator training uses). Arms:
 * ``deep``: the recommended deep prompt (``--kind deep --init labels --lr 0.03``), the baseline;
 * ``deep+dropout``, ``deep+sink``, ``deep+cosine``, ``deep+all``: P-tuning v2's levers on it
   (prefix dropout 0.1, a frozen first virtual token, cosine decay after 10% warm-up, all three);
+* ``deep+memory``: PrefixMemory, the deep prompt plus the per-head memory (memory lr 1e-3);
 * ``shallow``: the shallow prompt with label init; ``dept``: DePT, a shorter shallow prompt
   (N=10) plus a rank-8 input offset, prompt lr 0.1 and offset lr 1e-3 (two groups).
 
@@ -33,6 +34,7 @@ ARMS = {  # name -> (PromptConfig fields, TrainConfig fields)
     "deep+cosine": ({"kind": "deep", "init": "labels"}, {"lr": 0.03, "schedule": "cosine", "warmup_ratio": 0.1}),
     "deep+all": ({"kind": "deep", "init": "labels", "dropout": 0.1, "freeze_first": True},
                  {"lr": 0.03, "schedule": "cosine", "warmup_ratio": 0.1}),
+    "deep+memory": ({"kind": "deep", "init": "labels", "memory": True}, {"lr": 0.03, "group_lr": {"memory": 1e-3}}),
     "shallow": ({"kind": "shallow", "init": "labels"}, {"lr": 0.1}),
     "dept": ({"kind": "shallow", "init": "labels", "num_virtual_tokens": 10, "offset_rank": 8},
              {"lr": 0.1, "group_lr": {"offset": 1e-3}}),

@@ -7,10 +7,11 @@ Training (SST-2, batch 16, target-only loss, length-bucketed batches): one AdamW
 * ``lora``: LoRA rank 8 on the attention projections (``methods.LoraMethod``), the anchor;
 * ``shallow N=20``, ``deep N=20``: the plain prompt kinds;
 * ``deep N=20 +levers``: prefix dropout 0.1 and a frozen first virtual token (in training mode);
+* ``deep N=20 +memory``: PrefixMemory, the deep prompt plus its per-head memory;
 * ``dept N=10 r=8``: DePT, a shallow prompt plus a rank-8 input offset over 256 positions.
 
 Serving (one request, batch 1, an SST-2 test sentence, greedy, 32 new tokens, EOS ignored):
-the plain model, a cached shallow prompt, a deep prompt and a DePT prompt (stored in a temporary
+the plain model, a cached shallow prompt, a deep prompt, a PrefixMemory prompt and a DePT prompt (stored in a temporary
 store, served like any other), CPU time (process time), medians of rounds.
 
 Targets (issue): a step <= 1.1x LoRA's; a request <= 1.05x the plain model's.
@@ -36,6 +37,7 @@ from train_step import sst2_examples  # noqa: E402
 from softprompt import store  # noqa: E402
 from softprompt.config import GenerateConfig, TrainConfig  # noqa: E402
 from softprompt.inference.engine import Engine, GenerateRequest  # noqa: E402
+from softprompt.memory import memory_shape  # noqa: E402
 from softprompt.offset import init_offset  # noqa: E402
 from softprompt.prompt import init_random, make_deep_prompt  # noqa: E402
 from softprompt.training import methods as M  # noqa: E402
@@ -51,6 +53,7 @@ def methods(lm) -> dict:
     out = {"lora": M.LoraMethod(lm.model), "shallow N=20": M.PromptMethod(lm.model, init_random(lm.model, N, gen)),
            "deep N=20": M.DeepPromptMethod(lm.model, deep),
            "deep N=20 +levers": M.DeepPromptMethod(lm.model, deep, dropout=0.1, freeze_first=True),
+           "deep N=20 +memory": M.MemoryPromptMethod(lm.model, deep),
            "dept N=10 r=8": M.OffsetPromptMethod(lm.model, init_random(lm.model, 10, gen), RANK, 256)}
     return {k: (m, make_optimizer(m, TrainConfig(lr=LR))) for k, m in out.items()}
 
@@ -90,7 +93,11 @@ def time_requests(lm, text: str, rounds: int) -> dict[str, list[float]]:
     a, b = init_offset(256, RANK, lm.hidden_size, gen)
     b = torch.randn(b.shape, generator=gen) * 0.01  # a trained offset is non-zero
     store.save_prompt(store.prompt_path("dept"), init_random(lm.model, 10, gen), {}, offset=(a, b))
-    names = {"plain": None, "shallow N=20": "shallow", "deep N=20": "deep", "dept N=10 r=8": "dept"}
+    L, h, d = memory_shape(lm.model)
+    store.save_prompt(store.prompt_path("memory"), make_deep_prompt(lm.model, lm.tokenizer, N, "random"), {},
+                      memory=torch.randn(L, h, d, d, generator=gen) * 0.01)
+    names = {"plain": None, "shallow N=20": "shallow", "deep N=20": "deep", "deep N=20 +memory": "memory",
+             "dept N=10 r=8": "dept"}
     times = {m: [] for m in names}
     cfg = GenerateConfig(max_new_tokens=NEW_TOKENS)
     for r in range(rounds + 1):

@@ -163,3 +163,21 @@ def test_bad_lever_flags_are_one_line(capsys, sp_home, tiny_model_dir, toy_csv, 
     args = ["train", "--model", str(tiny_model_dir("llama")), "--quiet", "--data", str(toy_csv), "--template",
             "{text}", "--target-column", "label", "--name", "x", *extra]
     assert_user_error(capsys, sp_home, args, match)
+
+
+@pytest.mark.parametrize("extra,side", [
+    (["--offset-rank", "2", "--offset-length", "16", "--group-lr", "offset=0.01"], "input_offset.safetensors"),
+    (["--kind", "deep", "--prefix-memory", "--group-lr", "memory=0.01"], "prefix_memory.safetensors"),
+])
+def test_cli_trains_and_generates_with_side_tensors(capsys, sp_home, tiny_model_dir, toy_csv, extra, side):
+    from test_cli import run_cli
+
+    tiny = str(tiny_model_dir("llama"))
+    rc, _, err = run_cli(capsys, ["train", "--model", tiny, "--quiet", "--data", str(toy_csv), "--template", "{text}",
+                                  "--target-column", "label", "--name", "lev", "--steps", "2", "--num-virtual-tokens",
+                                  "3", "--prompt-dropout", "0.1", "--schedule", "cosine", "--warmup-steps", "1", *extra])
+    assert rc == 0, err
+    sp = store.load_prompt("lev")
+    assert (sp.path / side).is_file() and sp.meta["training"]["group_lr"]
+    rc, out, err = run_cli(capsys, ["generate", "--model", tiny, "--prompt", "lev", "--max-new-tokens", "3", "hello"])
+    assert rc == 0 and out.strip(), err

@@ -12,8 +12,8 @@ import threading
 
 import pytest
 import torch
-from conftest import interrupt_at_epoch
 from safetensors.torch import save_file
+from test_levers import uninterrupted_and_resumed
 from test_server import paused, running
 from test_uploads import http, prompt_dir, zipped  # noqa: F401  (http: the TestClient fixture)
 
@@ -88,13 +88,7 @@ def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch):
     cfg = target_cfg(toy_csv, limit=24)
     pcfg = PromptConfig(num_virtual_tokens=4, offset_rank=2, offset_length=16, dropout=0.1)
     tcfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, patience=None, group_lr={"offset": 0.01}, schedule="cosine")
-    full = TR.train(tiny_lm, cfg, pcfg, tcfg, name="full")
-    undo = interrupt_at_epoch(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
-        TR.train(tiny_lm, cfg, pcfg, tcfg, name="part")
-    undo()
-    resumed = TR.train(tiny_lm, cfg, pcfg, tcfg, name="part", resume=True)
-    assert torch.equal(resumed.prompt, full.prompt) and resumed.history == full.history
+    uninterrupted_and_resumed(tiny_lm, cfg, pcfg, tcfg, monkeypatch)
     for x, y in zip(store.load_prompt("part").offset, store.load_prompt("full").offset, strict=True):
         assert torch.equal(x, y)
 
@@ -159,16 +153,14 @@ def test_mixed_batch_equals_single_runs(tiny_lm):
         assert m.logprobs == pytest.approx(a, abs=1e-5)
 
 
-def test_server_mixed_burst_equals_single_runs(tiny_lm):
+def server_burst(lm, gens: list[tuple[str, str | None, int]]) -> list[str]:
+    """Greedy completions of (text, prompt, max_tokens) sent at once to a paused server, so they
+    meet in one batch; each answer is checked against the engine's single run and returned."""
     import httpx
 
-    save_dept(tiny_lm, "d1", n=3, length=6, rank=2, seed=1)
-    save_dept(tiny_lm, "d2", n=5, length=40, rank=3, seed=2)
-    ref = Engine(tiny_lm)
-    gens = [(TEXTS[i % 4], ["d1", "d2", None][i % 3], 4 + i) for i in range(6)]
+    ref = Engine(lm)
     want = [ref.generate([GenerateRequest(t, p, GenerateConfig(max_new_tokens=m))])[0].text for t, p, m in gens]
-    assert want[0] != ref.generate([GenerateRequest(TEXTS[0], "d2", GenerateConfig(max_new_tokens=4))])[0].text
-    with running(tiny_lm) as (base, app, _):
+    with running(lm) as (base, app, _):
         async def burst():
             async with httpx.AsyncClient(base_url=base, timeout=60) as c:
                 return await asyncio.gather(*[c.post("/v1/completions", json={
@@ -181,6 +173,14 @@ def test_server_mixed_burst_equals_single_runs(tiny_lm):
         th.join(60)
     assert [a.status_code for a in out["r"]] == [200] * len(gens)
     assert [a.json()["choices"][0]["text"] for a in out["r"]] == want
+    return want
+
+
+def test_server_mixed_burst_equals_single_runs(tiny_lm):
+    save_dept(tiny_lm, "d1", n=3, length=6, rank=2, seed=1)
+    save_dept(tiny_lm, "d2", n=5, length=40, rank=3, seed=2)
+    want = server_burst(tiny_lm, [(TEXTS[i % 4], ["d1", "d2", None][i % 3], 4 + i) for i in range(6)])
+    assert want[0] != Engine(tiny_lm).generate([GenerateRequest(TEXTS[0], "d2", GenerateConfig(max_new_tokens=4))])[0].text
 
 
 # ---------------------------------------------------------------- validation

@@ -111,18 +111,24 @@ def test_fit_leaves_the_method_in_eval_mode(tiny_lm, toy_csv):
     assert seen == [None, None] and method._step is None
 
 
+def uninterrupted_and_resumed(lm, cfg, pcfg, tcfg, monkeypatch):
+    """(a run named "full", the same run named "part" stopped by Ctrl-C at epoch 2, then resumed)."""
+    full = TR.train(lm, cfg, pcfg, tcfg, name="full")
+    undo = interrupt_at_epoch(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        TR.train(lm, cfg, pcfg, tcfg, name="part")
+    undo()
+    resumed = TR.train(lm, cfg, pcfg, tcfg, name="part", resume=True)
+    assert torch.equal(resumed.prompt, full.prompt) and resumed.history == full.history
+    return full, resumed
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_resumed_equals_uninterrupted_with_every_lever(tiny_lm, toy_csv, monkeypatch, kind):
     cfg = target_cfg(toy_csv, limit=24)
     pcfg = PromptConfig(num_virtual_tokens=4, kind=kind, dropout=0.2, freeze_first=True)
     tcfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, patience=None, schedule="cosine", warmup_steps=3)
-    full = TR.train(tiny_lm, cfg, pcfg, tcfg, name="full")
-    undo = interrupt_at_epoch(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
-        TR.train(tiny_lm, cfg, pcfg, tcfg, name="part")
-    undo()
-    resumed = TR.train(tiny_lm, cfg, pcfg, tcfg, name="part", resume=True)
-    assert torch.equal(resumed.prompt, full.prompt) and resumed.history == full.history
+    full, _ = uninterrupted_and_resumed(tiny_lm, cfg, pcfg, tcfg, monkeypatch)
     nodrop = TR.train(tiny_lm, cfg, PromptConfig(num_virtual_tokens=4, kind=kind, freeze_first=True), tcfg, name="nd")
     assert not torch.equal(nodrop.prompt, full.prompt)  # the dropout did act in training
 

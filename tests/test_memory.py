@@ -9,15 +9,11 @@ prompts differ); uploads with a memory of the wrong shape get 422 naming the fie
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import pytest
 import torch
-from conftest import interrupt_at_epoch
 from safetensors.torch import save_file
-from test_dept import TEXTS, rel, save_dept, target_cfg
-from test_server import paused, running
+from test_dept import TEXTS, rel, save_dept, server_burst, target_cfg
+from test_levers import uninterrupted_and_resumed
 from test_uploads import http, zipped  # noqa: F401  (http: the TestClient fixture)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -106,13 +102,7 @@ def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch):
     cfg = target_cfg(toy_csv, limit=24)
     pcfg = PromptConfig(num_virtual_tokens=4, kind="deep", memory=True, dropout=0.1)
     tcfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, patience=None, group_lr={"memory": 0.01})
-    full = TR.train(tiny_lm, cfg, pcfg, tcfg, name="full")
-    undo = interrupt_at_epoch(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
-        TR.train(tiny_lm, cfg, pcfg, tcfg, name="part")
-    undo()
-    resumed = TR.train(tiny_lm, cfg, pcfg, tcfg, name="part", resume=True)
-    assert torch.equal(resumed.prompt, full.prompt) and resumed.history == full.history
+    uninterrupted_and_resumed(tiny_lm, cfg, pcfg, tcfg, monkeypatch)
     assert torch.equal(store.load_prompt("part").memory, store.load_prompt("full").memory)
 
 
@@ -169,26 +159,10 @@ def test_mixed_batch_equals_single_runs(tiny_lm):
 
 
 def test_server_mixed_burst_equals_single_runs(tiny_lm):
-    import httpx
-
     save_memory(tiny_lm, "m1", 3, seed=1)
     save_dept(tiny_lm, "d1", n=3, length=6, rank=2, seed=1)
-    ref = Engine(tiny_lm)
-    gens = [(TEXTS[i % 4], ["m1", "d1", None][i % 3], 4 + i) for i in range(6)]
-    want = [ref.generate([GenerateRequest(t, p, GenerateConfig(max_new_tokens=m))])[0].text for t, p, m in gens]
-    with running(tiny_lm) as (base, app, _):
-        async def burst():
-            async with httpx.AsyncClient(base_url=base, timeout=60) as c:
-                return await asyncio.gather(*[c.post("/v1/completions", json={
-                    "model": p or "tiny", "prompt": t, "max_tokens": m, "temperature": 0}) for t, p, m in gens])
-
-        out = {}
-        with paused(app, waiting=len(gens)):
-            th = threading.Thread(target=lambda: out.setdefault("r", asyncio.run(burst())))
-            th.start()
-        th.join(60)
-    assert [a.status_code for a in out["r"]] == [200] * len(gens)
-    assert [a.json()["choices"][0]["text"] for a in out["r"]] == want
+    want = server_burst(tiny_lm, [(TEXTS[i % 4], ["m1", "d1", None][i % 3], 4 + i) for i in range(6)])
+    assert want[0] != Engine(tiny_lm).generate([GenerateRequest(TEXTS[0], None, GenerateConfig(max_new_tokens=4))])[0].text
 
 
 def test_memory_uploads_of_the_wrong_shape_get_422_naming_the_field(http, tiny_lm, tmp_path):  # noqa: F811

@@ -185,5 +185,16 @@ def test_cli_trains_and_generates_with_side_tensors(capsys, sp_home, tiny_model_
     assert rc == 0, err
     sp = store.load_prompt("lev")
     assert (sp.path / side).is_file() and sp.meta["training"]["group_lr"]
-    rc, out, err = run_cli(capsys, ["generate", "--model", tiny, "--prompt", "lev", "--max-new-tokens", "3", "hello"])
-    assert rc == 0 and out.strip(), err
+    g = torch.Generator().manual_seed(0)  # the trained side tensors, scaled up: their effect must show
+    sides = {"offset": (sp.offset[0], torch.randn(sp.offset[1].shape, generator=g))} if sp.offset else \
+        {"memory": torch.randn(sp.memory.shape, generator=g) * 0.5}
+    store.save_prompt(store.prompt_path("lev2"), sp.tensor, sp.meta, **sides)
+    rc, out, err = run_cli(capsys, ["generate", "--model", tiny, "--prompt", "lev2", "--max-new-tokens", "6", "hello"])
+    from softprompt import models
+    from softprompt.config import GenerateConfig
+    from softprompt.inference.engine import Engine, GenerateRequest, generate
+
+    lm = models.load(tiny)
+    want = Engine(lm).generate([GenerateRequest("hello", "lev2", GenerateConfig(max_new_tokens=6))])[0].text
+    assert rc == 0 and out == want + "\n", err  # the CLI serves the side tensor too
+    assert generate(lm, sp.tensor, "hello", GenerateConfig(max_new_tokens=6)).text != want  # ... which matters

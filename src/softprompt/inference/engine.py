@@ -138,8 +138,8 @@ class Engine:
     def model(self):
         return self.lm.model
 
-    def add_prompt(self, name: str, embeddings: torch.Tensor, meta: dict | None = None) -> None:
-        self.bank.add(name, embeddings, meta)
+    def add_prompt(self, name: str, embeddings: torch.Tensor, meta: dict | None = None, **sides) -> None:
+        self.bank.add(name, embeddings, meta, **sides)  # sides: a stored prompt's offset / memory (``sides.py``)
 
     def encode(self, text: str) -> list[int]:
         return encode(self.lm.tokenizer, text)
@@ -390,11 +390,11 @@ def _unflatten(flat: list[float], targets) -> list[list[float]]:
 
 @torch.no_grad()
 def generate(lm, prompt: torch.Tensor | None, text: str, cfg: GenerateConfig,
-             token_ids: list[int] | None = None) -> Generation:
+             token_ids: list[int] | None = None, sides: dict | None = None) -> Generation:
     """Generate a continuation of ``text`` (or of ``token_ids``, e.g. ``chat.encode_chat``'s)
-    under ``prompt`` (None = the plain model)."""
+    under ``prompt`` (None = the plain model) and its ``sides`` (a stored prompt's offset/memory)."""
     eng = Engine(lm)
     if prompt is not None:
-        eng.add_prompt(ANON, prompt)
+        eng.add_prompt(ANON, prompt, **(sides or {}))
     ids = tuple(token_ids) if token_ids is not None else None
     return eng.generate([GenerateRequest(text, ANON if prompt is not None else None, cfg, token_ids=ids)])[0]

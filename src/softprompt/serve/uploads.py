@@ -42,7 +42,7 @@ def _unzip(data: bytes, dest: Path, limit: int) -> None:
         raise bad("the upload is not a zip archive of a prompt directory", "body", "invalid_upload") from None
     infos = [i for i in zf.infolist() if not i.is_dir()]
     if len(infos) > 32:
-        raise bad(f"the zip has {len(infos)} files; a prompt directory has 3", "body", "invalid_upload")
+        raise bad(f"the zip has {len(infos)} files; a prompt directory has 3 (4 with a side file)", "body", "invalid_upload")
     total = 0
     for info in infos:
         parts = PurePosixPath(info.filename).parts

@@ -97,7 +97,7 @@ def main() -> None:
     payload = {"task": a.task, "steps": a.steps, "seed": a.seed, "dev_rows": a.dev, "machine": info, "arms": done}
     for arm in [x for x in a.arms.split(",") if x not in {r["arm"] for r in done}]:
         payload["arms"].append(run_arm(lm, a.task, arm, a.steps, a.dev, a.seed))
-        payload["load_note"] = common.load_note(info, "arms ran one after another (not interleaved)")
+        payload["load_note"] = common.load_note(info, "arms").replace("arms ran interleaved", "arms ran one after another")
         common.write_results(name, payload, markdown(a.task, payload))
         print(json.dumps(payload["arms"][-1]), flush=True)
 

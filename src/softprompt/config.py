@@ -98,14 +98,14 @@ class PromptConfig(_JsonMixin):
     num_virtual_tokens: int = 20  # N: virtual tokens in the soft prompt
     init: str = "random"  # random | text | vocab | labels | transfer | prompt:<name> (best measured, docs/tuning.md)
     init_text: str | None = None  # text for init=text
-    kind: str = "shallow"  # shallow: (N, H) input embeddings | deep: keys/values at every layer (prefix tuning; docs/tuning.md)
+    kind: str = "shallow"  # shallow: (N, H) input embeddings | deep: keys/values at every layer (prefix tuning) | auto: kind, init, lr, N and budget chosen from the data (docs/tuning.md)
     reparam: str | None = None  # training-time reparameterisation, folded before saving: residual, mlp, lstm (shallow); mlp (deep)
 
     def __post_init__(self) -> None:
-        _check(self.kind in REPARAMS, f"--kind must be one of {', '.join(REPARAMS)}, got {self.kind!r}")
-        _check(self.reparam is None or self.reparam in REPARAMS[self.kind],
+        _check(self.kind in (*REPARAMS, "auto"), f"--kind must be one of {', '.join(REPARAMS)}, auto, got {self.kind!r}")
+        _check(self.reparam is None or self.kind == "auto" or self.reparam in REPARAMS[self.kind],
                f"--reparam {self.reparam} is not supported for --kind {self.kind} "
-               f"(choose {', '.join(REPARAMS[self.kind])})")
+               f"(choose {', '.join(REPARAMS.get(self.kind, ()))})")
         _check(
             self.num_virtual_tokens > 0,
             f"--num-virtual-tokens must be positive, got {self.num_virtual_tokens}",
@@ -116,6 +116,9 @@ class PromptConfig(_JsonMixin):
             f"--init must be one of {', '.join(kinds)} or prompt:NAME, got {self.init!r}",
         )
         _check(self.init != "text" or bool(self.init_text), "--init text needs --init-text")
+
+
+TRAIN_KIND = "auto"  # softprompt train's --kind when none is given (training/auto.py); the library's default stays shallow
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # compute precision of training (precision.py)

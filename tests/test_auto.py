@@ -5,13 +5,13 @@ the walk-through keeps its own explicit settings."""
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_toy_csv
 from test_cli import assert_user_error, run_cli
 
 from softprompt import store
@@ -29,13 +29,7 @@ def target_args(model: str, csv_path: Path, name: str, *extra: str) -> list[str]
 @pytest.fixture
 def many_csv(tmp_path) -> Path:
     """600 labelled rows: 540 train after the 10% dev split, more than auto's 512-row bound."""
-    p = tmp_path / "many.csv"
-    with p.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        for i in range(600):
-            w.writerow([f"the movie was {'good' if i % 2 else 'bad'} {i}", str(i % 2)])
-    return p
+    return write_toy_csv(tmp_path / "many.csv", rows=600, numbered=True)
 
 
 @pytest.fixture

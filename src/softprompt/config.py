@@ -98,7 +98,7 @@ class PromptConfig(_JsonMixin):
     num_virtual_tokens: int = 20  # N: virtual tokens in the soft prompt
     init: str = "random"  # random | text | vocab | labels | transfer | prompt:<name> (best measured, docs/tuning.md)
     init_text: str | None = None  # text for init=text
-    kind: str = "shallow"  # shallow: (N, H) input embeddings | deep: keys/values at every layer (prefix tuning; docs/tuning.md)
+    kind: str = "shallow"  # shallow: (N, H) input embeddings | deep: keys/values at every layer (prefix tuning) | auto: kind, init, lr, N and budget chosen from the data (docs/tuning.md)
     reparam: str | None = None  # training-time reparameterisation, folded before saving: residual, mlp, lstm (shallow); mlp (deep)
     dropout: float = 0.0  # prefix dropout while training (P-tuning v2 uses 0.1); never at evaluation or serving
     freeze_first: bool = False  # keep the first virtual token as initialised (an attention sink, as PEFT's Cartridges)
@@ -107,10 +107,10 @@ class PromptConfig(_JsonMixin):
     memory: bool = False  # PrefixMemory (deep prompts): a trainable per-head term phi(q)^T M outside the softmax, M zero-initialised
 
     def __post_init__(self) -> None:
-        _check(self.kind in REPARAMS, f"--kind must be one of {', '.join(REPARAMS)}, got {self.kind!r}")
-        _check(self.reparam is None or self.reparam in REPARAMS[self.kind],
+        _check(self.kind in (*REPARAMS, "auto"), f"--kind must be one of {', '.join(REPARAMS)}, auto, got {self.kind!r}")
+        _check(self.reparam is None or self.kind == "auto" or self.reparam in REPARAMS[self.kind],
                f"--reparam {self.reparam} is not supported for --kind {self.kind} "
-               f"(choose {', '.join(REPARAMS[self.kind])})")
+               f"(choose {', '.join(REPARAMS.get(self.kind, ()))})")
         _check(
             self.num_virtual_tokens > 0,
             f"--num-virtual-tokens must be positive, got {self.num_virtual_tokens}",
@@ -124,9 +124,12 @@ class PromptConfig(_JsonMixin):
         _check(0 <= self.dropout < 1, f"--prompt-dropout must be in [0, 1), got {self.dropout}")
         _check(self.offset_rank >= 0 and self.offset_length > 0,
                "--offset-rank must be >= 0 and --offset-length positive")
-        _check(not self.offset_rank or self.kind == "shallow",
+        _check(not self.offset_rank or self.kind in ("shallow", "auto"),
                "--offset-rank (DePT's input offset) goes with --kind shallow")
-        _check(not self.memory or self.kind == "deep", "--prefix-memory goes with --kind deep")
+        _check(not self.memory or self.kind in ("deep", "auto"), "--prefix-memory goes with --kind deep")
+
+
+TRAIN_KIND = "auto"  # softprompt train's --kind when none is given (training/auto.py); the library's default stays shallow
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # compute precision of training (precision.py)

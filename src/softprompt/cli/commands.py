@@ -24,11 +24,14 @@ from softprompt.cli.flags import (
     given,
 )
 from softprompt.config import (
+    TRAIN_KIND,
     DataConfig,
     EngineConfig,
     EvalConfig,
     GenerateConfig,
+    PromptConfig,
     ServerConfig,
+    TrainConfig,
     UserError,
 )
 
@@ -46,7 +49,7 @@ def add_train_parser(sub) -> None:
     add_device_flags(t)
     add_data_flags(t, TRAIN_DATA, helps={"path": "training file: .csv, .tsv, .jsonl or '<label> <text>' lines"})
     t.add_argument("--name", help="name of the prompt in the store (default: task or data file name)")
-    add_prompt_train_flags(t, TRAIN_FIELDS)
+    add_prompt_train_flags(t, TRAIN_FIELDS, defaults={"kind": TRAIN_KIND})
     g = t.add_argument_group("run")
     g.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint of --name")
     g.add_argument("--force", action="store_true", help="accept a prompt:NAME init from another base model")
@@ -66,11 +69,12 @@ def cmd_train(a) -> int:
         a.quiet = True
     dcfg = data_config(a)
     pcfg, tcfg = prompt_train_configs(a)
+    yours = set(given(PromptConfig, a)) | set(given(TrainConfig, a))  # --kind auto keeps these
     name = a.name or (a.task if a.task else os.path.splitext(os.path.basename(a.path))[0])
     lm = models.load(a.model, a.dtype, a.device)
     try:
         res = train(lm, dcfg, pcfg, tcfg, name=name, task=a.task, resume=a.resume, progress=not a.quiet,
-                    force=a.force, fsdp=a.fsdp)
+                    force=a.force, fsdp=a.fsdp, given=yours, say=print)
     finally:
         distributed.teardown()
     if distributed.is_main():

@@ -80,21 +80,24 @@ _CONVERT: dict[tuple[str, str], Any] = {}  # (config class, field) -> parser of 
 
 
 def add_flags(parser, cls, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = (),
-              rename: dict[str, str] | None = None, helps: dict[str, str] | None = None) -> None:
+              rename: dict[str, str] | None = None, helps: dict[str, str] | None = None,
+              defaults: dict[str, Any] | None = None) -> None:
     """One ``--flag`` per field of ``cls`` (or of ``only``): type from the annotation, help from the
     field's comment and its default. A flag not given stays None, so ``given`` leaves the default
-    to the dataclass. ``rename`` maps a field to another flag name; ``helps`` overrides a help."""
+    to the dataclass. ``rename`` maps a field to another flag name; ``helps`` overrides a help;
+    ``defaults`` gives a command's own default for a field (a constant of ``config.py``)."""
     docs = {**field_docs(cls), **(helps or {})}
-    rename = rename or {}
+    rename, defaults = rename or {}, defaults or {}
     for f in dataclasses.fields(cls):
         if (only is not None and f.name not in only) or f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = defaults.get(f.name, default)
         shown = ",".join("all" if v is None else str(v) for v in default) if isinstance(default, tuple) else default
         text = f"{docs.get(f.name, '')} (default {shown})".replace("%", "%%")
         flag = "--" + rename.get(f.name, f.name).replace("_", "-")
         kw, convert = _converter(str(f.type), flag)
-        parser.add_argument(flag, dest=f.name, default=None, help=text, **kw)
+        parser.add_argument(flag, dest=f.name, default=defaults.get(f.name), help=text, **kw)
         if convert is not None:
             _CONVERT[(cls.__name__, f.name)] = convert
 
@@ -185,12 +188,13 @@ PROMPT_FLAGS = ("num_virtual_tokens", "init", "init_text", "kind", "reparam", "d
 PROMPT_RENAME = {"dropout": "prompt_dropout", "freeze_first": "freeze_first_token", "memory": "prefix_memory"}
 
 
-def add_prompt_train_flags(p, train_fields: tuple[str, ...]) -> None:
-    """PromptConfig's flags and the TrainConfig fields in ``train_fields``, plus --quiet."""
+def add_prompt_train_flags(p, train_fields: tuple[str, ...], defaults: dict[str, Any] | None = None) -> None:
+    """PromptConfig's flags and the TrainConfig fields in ``train_fields``, plus --quiet;
+    ``defaults``: the command's own defaults of PromptConfig fields (``add_flags``)."""
     from softprompt.config import PromptConfig, TrainConfig
 
     g = p.add_argument_group("prompt and training")
-    add_flags(g, PromptConfig, only=PROMPT_FLAGS, rename=PROMPT_RENAME)
+    add_flags(g, PromptConfig, only=PROMPT_FLAGS, rename=PROMPT_RENAME, defaults=defaults)
     add_flags(g, TrainConfig, only=train_fields)
     g.add_argument("--quiet", action="store_true", help="no progress display")
 

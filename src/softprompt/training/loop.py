@@ -84,14 +84,20 @@ def _schedule(opt, total: int, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warm, cfg.schedule))
 
 
-def make_optimizer(method, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the method's named parameter groups (``--group-lr``), or all its parameters."""
+def check_group_lrs(method, cfg: TrainConfig) -> list:
+    """The method's named parameter groups; one line when ``--group-lr`` names one it lacks."""
     groups = method.param_groups() if hasattr(method, "param_groups") else [("all", method.parameters())]
-    lrs = dict(cfg.group_lr or {})
-    unknown = sorted(set(lrs) - {name for name, _ in groups})
+    unknown = sorted(set(cfg.group_lr or {}) - {name for name, _ in groups})
     if unknown:
         raise UserError(f"--group-lr: no parameter group {', '.join(unknown)} in this method "
                         f"(its groups: {', '.join(name for name, _ in groups)})")
+    return groups
+
+
+def make_optimizer(method, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the method's named parameter groups (``--group-lr``), or all its parameters."""
+    groups = check_group_lrs(method, cfg)
+    lrs = dict(cfg.group_lr or {})
     return torch.optim.AdamW([{"params": ps, "lr": lrs.get(name, cfg.lr), "name": name} for name, ps in groups],
                              lr=cfg.lr, weight_decay=cfg.weight_decay)
 

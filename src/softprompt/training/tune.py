@@ -15,8 +15,8 @@ import torch
 from softprompt import precision, recipes, store
 from softprompt.config import TrainConfig, UserError
 from softprompt.prompt import check_deep
-from softprompt.training import distributed
-from softprompt.training.loop import FitResult, eval_loss, fit
+from softprompt.training import auto, checkpoint, distributed
+from softprompt.training.loop import FitResult, check_group_lrs, eval_loss, fit
 from softprompt.training.methods import (
     DeepPromptMethod,
     MemoryPromptMethod,
@@ -137,9 +137,12 @@ def runs_dir(name: str) -> Path:
 
 def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = None, task: str | None = None,
           resume: bool = False, save: bool = True, progress: bool = False, force: bool = False,
-          fsdp: bool = False) -> TrainResult:
+          fsdp: bool = False, given: set[str] | None = None, say=None) -> TrainResult:
     """Prompt tuning end to end: data -> init -> fit -> save. Nothing is written on bad input.
 
+    ``prompt_cfg.kind == "auto"`` resolves, once the data is read, into the settings of
+    ``auto.RULES``; the fields in ``given`` keep the caller's values (``auto.resolve``), and
+    ``say`` (default: the log) gets the one line that tells the choice as training starts.
     Under ``torchrun`` / ``accelerate launch`` this is one rank of a data-parallel run
     (``distributed.py``; ``fsdp`` shards the frozen model): only rank 0 saves.
     """
@@ -152,6 +155,10 @@ def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = N
         check_deep(lm.model)  # one line, before any data is read or anything written
     tok = lm.tokenizer
     train_ex, eval_ex, data_cfg = recipes.train_dev(tok, data_cfg, task, train_cfg.seed)
+    chosen = None
+    if prompt_cfg.kind == "auto":
+        prompt_cfg, train_cfg, chosen = auto.resolve(auto.facts_of(lm, data_cfg, len(train_ex)), prompt_cfg,
+                                                     train_cfg, given)
     ranking = None
     if prompt_cfg.init == "transfer":  # SPoT-style: the stored prompt that suits this data best
         from softprompt.training.transfer import rank_sources
@@ -164,12 +171,19 @@ def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = N
     method = prompt_method(lm, init, prompt_cfg, fast, train_cfg.seed, train_cfg.pack, prec["used"])
     evaluator = make_evaluator(method, tok, eval_ex, data_cfg, train_cfg, tok.pad_token_id)
     ckpt = runs_dir(name) / "checkpoint" if (save and name) else None
+    if chosen is not None and main:
+        if resume and ckpt is not None:
+            checkpoint.require(ckpt)  # the one-line errors come before the choice is told
+        check_group_lrs(method, train_cfg)
+        (say or log.info)(auto.line(prompt_cfg, train_cfg, chosen))
     res = fit(method, train_ex, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress and main, dist)
     prompt = res.state["prompt"]
     sides = {"offset": (res.state["offset_a"], res.state["offset_b"]) if "offset_a" in res.state else None,
              "memory": res.state.get("memory")}
     meta = prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, res, task)
     meta["precision"] = prec  # what auto chose and why (softprompt.json, the training summary)
+    if chosen is not None:
+        meta["auto"] = chosen  # --kind auto: its choice, the user's overrides and why
     if ranking is not None:
         meta["transfer"] = {"source": ranking[0]["name"], "ranking": ranking}
     if dist is not None:

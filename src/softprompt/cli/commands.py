@@ -37,7 +37,7 @@ from softprompt.config import (
 TRAIN_DATA = ("path", "eval_path", "text_column", "template", "target_column", "verbalizer", "limit",
               "eval_limit", "max_length", "data_split", "eval_split", "data_config", "chat", "system")
 TRAIN_FIELDS = ("lr", "epochs", "steps", "batch_size", "grad_accum", "seed", "patience", "warmup_ratio", "weight_decay",
-                "precision", "pack")
+                "precision", "pack", "warmup_steps", "schedule", "group_lr")
 
 
 def add_train_parser(sub) -> None:
@@ -119,18 +119,18 @@ def cmd_generate(a) -> int:
 
     cfg = from_args(GenerateConfig, a)
     lm = models.load(a.model, a.dtype, a.device)
-    prompt, meta = None, {}
+    prompt, meta, sides = None, {}, None
     if a.prompt:
         sp = store.load_prompt(a.prompt)
         store.check_compatible(sp, lm.fingerprint, force=a.force, kv_shape=lm.kv_shape)
-        prompt, meta = sp.tensor, sp.meta
+        prompt, meta, sides = sp.tensor, sp.meta, {"offset": sp.offset, "memory": sp.memory}
     form = {"chat": bool(meta.get("chat")), "system": meta.get("system")} | given(DataConfig, a, CHAT_FIELDS)
     ids = None
     if form["chat"]:
         ids = chat.encode_chat(lm.tokenizer, chat.messages_for(a.text, form["system"]))
     elif a.system is not None:
         raise UserError("--system needs --chat")
-    print(engine.generate(lm, prompt, a.text, cfg, token_ids=ids).text)
+    print(engine.generate(lm, prompt, a.text, cfg, token_ids=ids, sides=sides).text)
     return 0
 
 

@@ -41,6 +41,19 @@ def _comma_list(item: type, flag: str, allow_all: bool = False):
     return parse
 
 
+def _float_map(flag: str):
+    def parse(text: str) -> dict[str, float]:
+        out = {}
+        for key, word in (parse_verbalizer(text) or {}).items():
+            try:
+                out[key] = float(word)
+            except ValueError:
+                raise UserError(f"{flag}: {word!r} is not a number (expected NAME=NUMBER,...)") from None
+        return out
+
+    return parse
+
+
 def _converter(annotation: str, flag: str):
     """(argparse keywords, parser of the given text or None) for a field's type annotation (a
     string: annotations are postponed). Lists and label maps are parsed after argparse, so a
@@ -58,6 +71,8 @@ def _converter(annotation: str, flag: str):
         return {"metavar": "A,B,..."}, _comma_list(item, flag, allow_all)
     if base == "dict[str, str]":
         return {"metavar": "K=V,..."}, parse_verbalizer
+    if base == "dict[str, float]":
+        return {"metavar": "NAME=LR,..."}, _float_map(flag)
     raise TypeError(f"no CLI flag for a field of type {annotation}")
 
 
@@ -172,7 +187,9 @@ def data_config(a):
     return DataConfig(**kw)
 
 
-PROMPT_FLAGS = ("num_virtual_tokens", "init", "init_text", "kind", "reparam")
+PROMPT_FLAGS = ("num_virtual_tokens", "init", "init_text", "kind", "reparam", "dropout", "freeze_first", "offset_rank",
+                "offset_length", "memory")
+PROMPT_RENAME = {"dropout": "prompt_dropout", "freeze_first": "freeze_first_token", "memory": "prefix_memory"}
 
 
 def add_prompt_train_flags(p, train_fields: tuple[str, ...]) -> None:
@@ -180,7 +197,7 @@ def add_prompt_train_flags(p, train_fields: tuple[str, ...]) -> None:
     from softprompt.config import PromptConfig, TrainConfig
 
     g = p.add_argument_group("prompt and training")
-    add_flags(g, PromptConfig, only=PROMPT_FLAGS)
+    add_flags(g, PromptConfig, only=PROMPT_FLAGS, rename=PROMPT_RENAME)
     add_flags(g, TrainConfig, only=train_fields)
     g.add_argument("--quiet", action="store_true", help="no progress display")
 

@@ -42,7 +42,7 @@ def restore(checkpoint: Path, method, opt, sched, cfg: TrainConfig, res) -> tupl
     if loaded is None:
         raise UserError(f"--resume: no checkpoint in {checkpoint}")
     tensors, st = loaded
-    if st["config"] != cfg.to_dict():
+    if TrainConfig.from_dict(st["config"]).to_dict() != cfg.to_dict():  # fields added since: their defaults
         raise UserError("--resume: the training options differ from the checkpoint's; use the same options")
     saved = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
     current = method.state()

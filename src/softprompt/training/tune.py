@@ -13,11 +13,16 @@ from pathlib import Path
 import torch
 
 from softprompt import precision, recipes, store
-from softprompt.config import TrainConfig
+from softprompt.config import TrainConfig, UserError
 from softprompt.prompt import check_deep
 from softprompt.training import distributed
 from softprompt.training.loop import FitResult, eval_loss, fit
-from softprompt.training.methods import DeepPromptMethod, PromptMethod
+from softprompt.training.methods import (
+    DeepPromptMethod,
+    MemoryPromptMethod,
+    OffsetPromptMethod,
+    PromptMethod,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +83,22 @@ def initial_prompt(lm, prompt_cfg, data_cfg, seed: int, force: bool = False) -> 
 
 def prompt_method(lm, init: torch.Tensor, prompt_cfg, fast: bool, seed: int, pack: bool = False,
                   used: str = "fp32") -> PromptMethod:
-    """The training method for ``prompt_cfg``'s kind and reparameterisation; ``pack`` and the
-    precision ``used`` (``precision.resolve``) as ``TrainConfig`` asks."""
+    """The training method for ``prompt_cfg``'s kind, reparameterisation and levers (prefix
+    dropout, frozen first token, DePT's input offset); ``pack`` and the precision ``used``
+    (``precision.resolve``) as ``TrainConfig`` asks."""
+    levers = {"dropout": prompt_cfg.dropout, "freeze_first": prompt_cfg.freeze_first}
+    if prompt_cfg.offset_rank:
+        if pack:
+            raise UserError("--offset-rank does not go with --pack (the offset is per input position)")
+        return OffsetPromptMethod(lm.model, init, prompt_cfg.offset_rank, prompt_cfg.offset_length, fast=fast,
+                                  reparam=prompt_cfg.reparam, seed=seed, precision=used, **levers)
+    if prompt_cfg.memory:
+        if pack:
+            raise UserError("--prefix-memory does not go with --pack")
+        return MemoryPromptMethod(lm.model, init, fast=fast, reparam=prompt_cfg.reparam, seed=seed, precision=used,
+                                  **levers)
     cls = DeepPromptMethod if prompt_cfg.kind == "deep" else PromptMethod
-    return cls(lm.model, init, fast=fast, reparam=prompt_cfg.reparam, seed=seed, pack=pack, precision=used)
+    return cls(lm.model, init, fast=fast, reparam=prompt_cfg.reparam, seed=seed, pack=pack, precision=used, **levers)
 
 
 def prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, fit_res: FitResult, task: str | None) -> dict:
@@ -149,6 +166,8 @@ def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = N
     ckpt = runs_dir(name) / "checkpoint" if (save and name) else None
     res = fit(method, train_ex, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress and main, dist)
     prompt = res.state["prompt"]
+    sides = {"offset": (res.state["offset_a"], res.state["offset_b"]) if "offset_a" in res.state else None,
+             "memory": res.state.get("memory")}
     meta = prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, res, task)
     meta["precision"] = prec  # what auto chose and why (softprompt.json, the training summary)
     if ranking is not None:
@@ -157,7 +176,7 @@ def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = N
         meta["distributed"] = {"world_size": dist.world, "fsdp": dist.fsdp}
     path = None
     if save and name and main:
-        path = store.save_prompt(store.prompt_path(name), prompt, meta, str(lm.path), lm.model.config)
+        path = store.save_prompt(store.prompt_path(name), prompt, meta, str(lm.path), lm.model.config, **sides)
     return TrainResult(name=name or "", prompt=prompt, path=path, history=res.history, epochs=res.epochs,
                        train_time_s=res.train_time_s, final_train_loss=res.final_train_loss, best=res.best,
                        stopped=res.stopped, n_train=len(train_ex), n_eval=len(eval_ex), meta=meta)

@@ -106,7 +106,7 @@ def add_generate_parser(sub) -> None:
     add_model_flags(g)
     g.add_argument("--prompt", help="name of a stored prompt (default: the plain model)")
     g.add_argument("--force", action="store_true", help="use a prompt trained on another base model")
-    add_device_flags(g)
+    add_device_flags(g, auto_dtype=True)
     add_flags(g, GenerateConfig)
     add_flags(g, DataConfig, only=CHAT_FIELDS, helps={
         "chat": "the text is a user turn in the model's chat template (default: as the prompt was trained)"})
@@ -159,7 +159,7 @@ def cmd_quickstart(a) -> int:
 def add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate the plain model, a prompt or an ensemble (last line: JSON)")
     add_model_flags(ev)
-    add_device_flags(ev)
+    add_device_flags(ev, auto_dtype=True)
     add_flags(ev, EvalConfig, skip=("task",), rename={"prompts": "prompt"},
               helps={"prompts": "stored prompt name, or a,b,c for an ensemble; none = the plain model"})
     add_data_flags(ev, EVAL_DATA, helps={"template": "input template (default: the prompt's stored one, then the task's)",
@@ -271,7 +271,14 @@ def add_serve_parser(sub) -> None:
     add_flags(s, ServerConfig, helps={"api_key": "require 'Authorization: Bearer KEY' on /v1/* and /metrics "
                                                  "(default $SOFTPROMPT_API_KEY, else none)"})
     s.add_argument("--force", action="store_true", help="serve prompts trained on another base model (same H)")
-    add_device_flags(s)
+    add_device_flags(s, auto_dtype=True)
+    v = s.add_argument_group("engine (docs/serving.md)")
+    v.add_argument("--engine", default="auto", choices=("auto", "vllm", "native"),
+                   help="vllm: vLLM's engine in-process (bash scripts/bootstrap.sh --vllm); native: the built-in "
+                        "engine; auto: vLLM where installed and the model and stored prompts allow (default %(default)s)")
+    v.add_argument("--vllm-arg", action="append", default=[], metavar="FLAGS",
+                   help="vLLM's own engine flags, passed through (repeatable), e.g. "
+                        "--vllm-arg='--tensor-parallel-size 2' --vllm-arg=--enforce-eager")
     r = s.add_argument_group("Ray Serve (pip install 'softprompt[ray]'; docs/scaling.md)")
     r.add_argument("--ray", action="store_true", help="serve the same app over Ray Serve replicas")
     r.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each with the model loaded once (default %(default)s)")
@@ -288,8 +295,13 @@ def cmd_serve(a) -> int:
     if a.ray:
         from softprompt.serve import ray_serve
 
+        if a.engine == "vllm":
+            raise UserError("--engine vllm with --ray: Ray Serve replicas run the built-in engine; for vLLM across "
+                            "machines pass vLLM's own flags (--vllm-arg, docs/scaling.md)")
+
         ray_serve.serve_forever(cfg, a.model, replicas=a.replicas, address=a.ray_address, force=a.force,
                                 device=a.device, dtype=a.dtype)
         return 0
-    server.serve(cfg, a.model, force=a.force, device=a.device, dtype=a.dtype)
+    server.serve(cfg, a.model, force=a.force, device=a.device, dtype=a.dtype, engine=a.engine,
+                 vllm_args=a.vllm_arg)
     return 0

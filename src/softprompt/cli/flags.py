@@ -128,10 +128,17 @@ def add_model_flags(p) -> None:
                    help="use only the Hugging Face cache, never the network (as HF_HUB_OFFLINE=1)")
 
 
-def add_device_flags(p) -> None:
+def add_device_flags(p, auto_dtype: bool = False) -> None:
+    """``--device`` and ``--dtype``; ``auto_dtype`` (serve, generate, eval): ``--dtype auto`` is
+    offered and is the default (bfloat16 where the device computes bf16 natively, else float32)."""
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:K (under torchrun, cuda = this process's GPU) (default cpu)")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="the frozen model's dtype; a trained prompt stays float32 (default float32)")
+    if auto_dtype:
+        p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="the frozen model's dtype; auto: bfloat16 where the CPU (AMX or AVX512-BF16) or GPU "
+                            "computes bf16 natively, else float32; prompts are cast to it (default auto)")
+    else:
+        p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                       help="the frozen model's dtype; a trained prompt stays float32 (default float32)")
 
 
 def add_data_root_flag(p) -> None:

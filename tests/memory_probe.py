@@ -14,6 +14,7 @@ server in this process and reports its status.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import threading
@@ -80,7 +81,9 @@ def server_case(lm, job: dict) -> list[dict]:
     from softprompt.inference.engine import Engine
     from softprompt.serve.app import create_app
 
-    app = create_app(Engine(lm, EngineConfig(max_batch_rows=32)), ServerConfig(model_id="tiny", **job["server"]))
+    known = {f.name for f in dataclasses.fields(ServerConfig)}  # limits an older server lacks are left out
+    cfg = ServerConfig(model_id="tiny", **{k: v for k, v in job["server"].items() if k in known})
+    app = create_app(Engine(lm, EngineConfig(max_batch_rows=32)), cfg)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))

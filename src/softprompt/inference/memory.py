@@ -3,9 +3,10 @@
 Pure arithmetic, no tensors: the server checks a request's estimate against its budget before
 any model work (``score_bytes``, ``generate_bytes``), and scoring sizes its label groups with
 ``Dims.pair_bytes``. Each figure is an upper bound of what the engine allocates on top of the
-weights: the key/value cache of the rows, one layer's activations of the largest forward (the
-attention scores counted as if materialised in fp32), the logits it keeps, and the copies the
-batch makes while rows join and leave.
+weights: the key/value cache of the rows, one layer's activations of the largest forward (with
+eager attention its scores and softmax in fp32; PyTorch's SDPA kernels work in blocks and
+make neither), the logits it keeps, and the copies the batch makes while rows join and leave.
+``tests/test_memory.py`` checks the estimates against measured peaks.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Dims:
     inter: int  # MLP width
     vocab: int
     dtype_bytes: int
+    score_copies: int = 2  # (rows, heads, width, keys) fp32 tensors of one attention: 2 eager, 0 SDPA
 
     @classmethod
     def of(cls, lm) -> Dims:
@@ -40,8 +42,9 @@ class Dims:
             layers = int(getattr(c, "num_layers", 1)) + int(getattr(c, "num_decoder_layers", None) or 0)
             kv_heads, head_dim = heads, int(getattr(c, "d_kv", None) or hidden // heads)
         inter = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or getattr(c, "d_ff", None)
+        blocked = getattr(c, "_attn_implementation", None) in ("sdpa", "flash_attention_2", "flex_attention")
         return cls(int(layers), int(kv_heads), int(head_dim), heads, hidden, int(inter or 4 * hidden),
-                   int(c.vocab_size), dtype_bytes)
+                   int(c.vocab_size), dtype_bytes, 0 if blocked else 2)
 
     @property
     def kv_token(self) -> int:
@@ -50,12 +53,14 @@ class Dims:
 
     def forward(self, rows: int, width: int, keys: int) -> int:
         """One forward of ``rows`` x ``width`` new tokens over ``keys`` cache columns: one layer's
-        activations at a time, its attention scores and softmax (fp32, as the math kernel makes
-        them), and one layer's cache copied while it grows."""
+        activations at a time, its attention scores (``score_copies``), its keys and values
+        repeated to every query head (grouped-query attention), and one layer's cache copied
+        while it grows."""
         slots = rows * width
         act = slots * (8 * self.hidden + 3 * self.inter + 2 * self.kv_heads * self.head_dim) * self.dtype_bytes
-        attn = 2 * rows * self.heads * width * keys * 4
-        return act + attn + rows * keys * self.kv_token // self.layers
+        attn = self.score_copies * rows * self.heads * width * keys * 4
+        repeated = 2 * rows * keys * self.heads * self.head_dim * self.dtype_bytes
+        return act + attn + repeated + rows * keys * self.kv_token // self.layers
 
     def logits(self, n: int) -> int:
         """``n`` rows of logits: raw, as float and as log-probabilities."""

@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--mix", action="store_true", help="healthy streams beside the hostile mix (soak_mix.py)")
     ap.add_argument("--stream-tokens", type=int, default=24, help="--mix: tokens per healthy stream")
-    ap.add_argument("--long-chars", type=int, default=9000, help="--mix: characters of the long prompt (quick: 300)")
+    ap.add_argument("--long-chars", type=int, default=8500, help="--mix: characters of the long prompt (quick: 300)")
     a = ap.parse_args()
     if a.mix:
         return main_mix(a)
@@ -228,19 +228,13 @@ def main() -> None:
 
     a.seconds = a.seconds or (4.0 if a.quick else 25.0)
     t_start = time.perf_counter()
-    info = common.machine_info()
-    home, model = SL.temp_home(a.quick)
-    texts = SL.sentences(200)
-    srv = SL.Server(model, 32, a.threads, home / "server.log")
+    info, home, model, texts, srv = start(a)
     try:
         SL.make_prompts(model)
         plant_invalid(model)
         bodies = upload_bodies(store.export_prompt("task0", home / "export"))
         hostile = hostile_requests(bodies)
-        srv.wait_ready()
-        for k in range(SL.PROMPTS):  # warm-up: every prompt loaded, its prefix cached
-            _, path, kw = healthy(k, 1 - k % 2, texts)
-            httpx.post(srv.url + path, timeout=300, **kw).raise_for_status()
+        warm_up(srv, texts)
         phases = run(a, srv.url, texts, hostile)
         registry = httpx.get(srv.url + "/v1/prompts", timeout=60)
         listing = {"status": registry.status_code,
@@ -254,24 +248,34 @@ def main() -> None:
     shutil.rmtree(home, ignore_errors=True)
 
 
-def main_mix(a) -> None:
+def start(a):
+    """(machine info, temporary home, model, texts, the server starting)."""
+    info = common.machine_info()
+    home, model = SL.temp_home(a.quick)
+    return info, home, model, SL.sentences(200), SL.Server(model, 32, a.threads, home / "server.log")
+
+
+def warm_up(srv, texts: list[str]) -> None:
+    """Wait for the server, then load every prompt and cache its prefix."""
     import httpx
+
+    srv.wait_ready()
+    for k in range(SL.PROMPTS):
+        _, path, kw = healthy(k, 1 - k % 2, texts)
+        httpx.post(srv.url + path, timeout=300, **kw).raise_for_status()
+
+
+def main_mix(a) -> None:
     import soak_mix
 
     from softprompt.config import ServerConfig
 
     if a.quick:
         a.long_chars = min(a.long_chars, 300)
-    info = common.machine_info()
-    home, model = SL.temp_home(a.quick)
-    texts = SL.sentences(200)
-    srv = SL.Server(model, 32, a.threads, home / "server.log")
+    info, home, model, texts, srv = start(a)
     try:
         SL.make_prompts(model)
-        srv.wait_ready()
-        for k in range(SL.PROMPTS):  # warm-up: every prompt loaded, its prefix cached
-            _, path, kw = healthy(k, 1 - k % 2, texts)
-            httpx.post(srv.url + path, timeout=300, **kw).raise_for_status()
+        warm_up(srv, texts)
         res = soak_mix.run_mix(a, srv, texts)
     finally:
         srv.stop()

@@ -3,8 +3,8 @@ and the long-prompt reproducer, on one ``softprompt serve`` subprocess.
 
 Healthy: 16 streamed greedy completions (``--stream-tokens`` tokens each) sent together; per
 stream the time to its first token (TTFT) and between its tokens (ITL). Hostile mix, looping
-while the healthy streams run: a ~1,500-token prompt, a classify request with 32 labels and 16
-inputs of 200 words, a stream the client drops after its first event, a chat request whose
+while the healthy streams run: a ~1,500-token prompt, a classify request with 32 labels and 8
+inputs of 100 words, a stream the client drops after its first event, a chat request whose
 role is a list. Phases ``alone`` and ``mix`` alternate over rounds (so both see the same drift
 of a shared machine); the server's peak resident set (``VmHWM``, reset through
 ``/proc/PID/clear_refs`` before each phase) is read after each phase.
@@ -55,11 +55,11 @@ async def stream_one(client, model: str, text: str, tokens: int) -> dict:
 
 
 def mix_requests(texts: list[str], chars: int) -> list[tuple[str, dict]]:
-    long_text = " ".join(texts)[: chars * 3 // 4]  # ~1,500 tokens at the default 9,000
+    long_text = " ".join(texts)[: chars * 3 // 4]  # ~1,500 tokens at the default 8,500
     return [
         ("long_prompt", {"path": "/v1/completions", "json": {"model": "task1", "prompt": long_text, "max_tokens": 4,
                                                             "temperature": 0}}),
-        ("classify_32_labels", {"path": "/v1/classify", "json": {"prompt": "task2", "inputs": ["word " * (chars // 45)] * 16,
+        ("classify_32_labels", {"path": "/v1/classify", "json": {"prompt": "task2", "inputs": ["word " * (chars // 85)] * 8,
                                                                 "verbalizer": [f"w{i}" for i in range(32)]}}),
         ("disconnect", {"path": "/v1/completions", "stream": True,
                         "json": {"model": "task3", "prompt": texts[0], "max_tokens": 64, "stream": True}}),
@@ -142,7 +142,7 @@ def run_mix(a, srv, texts: list[str]) -> dict:
     """Rounds of (alone, mix) streams and of (alone, with long prompt) short bursts; peaks per phase."""
     pid, mix = srv.proc.pid, mix_requests(texts, a.long_chars)
     idle_rss = vm(pid, "VmRSS")
-    long_text = " ".join(texts)[: a.long_chars]  # ~2,000 tokens at the default 9,000
+    long_text = " ".join(texts)[: a.long_chars]  # ~1,950 tokens at the default 8,500
     phases, bursts = [], []
     for rnd in range(a.rounds):
         order = ("alone", "mix") if rnd % 2 == 0 else ("mix", "alone")
@@ -192,7 +192,7 @@ def mix_report(a, info, model, res: dict, max_request_mb: float) -> tuple[dict, 
     md = (f"# serve_soak --mix\n\n`softprompt serve` ({model}, {a.threads} torch thread, defaults: --prefill-chunk, "
           f"--max-request-mb {max_request_mb:g}) on 127.0.0.1. {HEALTHY} healthy streamed greedy completions "
           f"({a.stream_tokens} tokens) sent together, alone or while 2 clients loop over a hostile mix (a ~1,500-token "
-          f"prompt, classify with 32 labels x 16 inputs of 200 words, a stream dropped after its first event, a chat "
+          f"prompt, classify with 32 labels x 8 inputs of 100 words, a stream dropped after its first event, a chat "
           f"role that is a list); {a.rounds} rounds, order alternating. {info['cpu']} ({info['cores']} cores, shared "
           f"with other work: load average {info['loadavg_at_start'][0]:.1f} at start), so read the ratios.\n\n"
           + common.md_table(["round", "phase", "TTFT p50 s", "TTFT p99 s", "ITL p50 s", "ITL p99 s", "healthy failures",

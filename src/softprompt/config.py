@@ -174,7 +174,7 @@ class EngineConfig(_JsonMixin):
     use_prefix_cache: bool = True  # False = reference path: [pad][P][x] through the whole model
     force: bool = False  # accept prompts trained on another base model (equal H still required)
     max_forward_tokens: int = 1024  # token slots per prefill or scoring forward (bounds activation memory)
-    score_group_mb: float = 64.0  # scoring: key/value copies + forward of one group of (input, label) pairs, MiB
+    score_group_mb: float = 256.0  # scoring: key/value copies + forward of one group of (input, label) pairs, MiB
 
     def __post_init__(self) -> None:
         if (self.max_resident_prompts < 1 or self.max_batch_rows < 1 or self.prefix_cache_mb < 0

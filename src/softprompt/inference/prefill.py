@@ -2,10 +2,10 @@
 
 ``Filling`` holds the rows still being prefilled as one ``DecoderState`` (their prompt
 prefixes, then the tokens fed so far). ``advance(budget)`` feeds every such row its next piece
-in ONE forward of at most ``budget`` token slots: each row gets ``budget // rows`` tokens (at
-least one), so short prompts finish in the first step or two while a long one goes on a chunk
-at a time, and no row is padded beyond its own piece (pieces are right-padded to the longest
-piece of the step, never to another request's prompt). Rows whose prompt is consumed leave
+in ONE forward of at most ``budget`` tokens (at most ``cap`` per row when rows share it): the
+rows with the least left to read take theirs first, so short prompts finish in the first step or two (and start decoding) while a long one
+goes on a chunk at a time; pieces are right-padded to the longest piece of the step (at most
+``budget``), never to another request's prompt. Rows whose prompt is consumed leave
 with their first next-token logits, to join the decoding batch (``steps.StepBatch``).
 
 Exact: positions are explicit (``DecoderState``) and pad columns are masked, so a row's keys,
@@ -51,14 +51,20 @@ class Filling:
         return [len(ids) - f for ids, f in zip(self.ids, self.fed, strict=True)]
 
     @torch.no_grad()
-    def advance(self, budget: int) -> tuple[list[int], DecoderState | None, torch.Tensor | None]:
-        """One forward of at most ``budget`` token slots (at least one token per row); returns the
-        rows (indices at call time) whose prompt is now consumed, their state and their first
-        next-token logits (B', V), and keeps the rest."""
+    def advance(self, budget: int, cap: int | None = None) -> tuple[list[int], DecoderState | None, torch.Tensor | None]:
+        """One forward of at most ``budget`` tokens, at most ``cap`` per row when several rows
+        share it; returns the rows (indices at call time) whose prompt is now consumed, their
+        state and their first next-token logits (B', V), and keeps the rest."""
         rem = self.remaining()
         if any(rem):
-            w = max(1, budget // sum(r > 0 for r in rem))
-            pieces = [ids[f : f + min(r, w)] for ids, f, r in zip(self.ids, self.fed, rem, strict=True)]
+            take, left = [0] * len(rem), max(1, budget)
+            cap = cap if cap and sum(r > 0 for r in rem) > 1 else left
+            for j in sorted((j for j, r in enumerate(rem) if r), key=lambda j: rem[j]):  # shortest first
+                take[j] = min(rem[j], left, cap)
+                left -= take[j]
+                if not left:
+                    break
+            pieces = [ids[f : f + n] for ids, f, n in zip(self.ids, self.fed, take, strict=True)]
             C = max(len(p) for p in pieces)
             feed = torch.full((len(pieces), C), self.engine.pad_id, dtype=torch.long)
             fmask = torch.zeros(len(pieces), C, dtype=torch.long)

@@ -9,7 +9,7 @@ neighbours.
 New decoder-only rows are prefilled and stacked onto the running cache (``kv.merge_states``):
 in one forward at ``add`` (``prefill_chunk=None``, what ``Engine.generate`` does), or chunked
 (``prefill_chunk=C``): ``add`` only queues them (``prefill.Filling``) and each ``advance`` feeds
-them at most C token slots while rows decode (``max_forward_tokens`` when none do), so a long
+them at most C tokens while rows decode (``max_forward_tokens`` when none do), so a long
 prompt never stalls the decoding rows for more than one chunk per step; a row joins the
 decoding rows when its prompt is consumed. Encoder-decoder batches (T5: decoder positions are
 implicit) only take new rows while empty (``can_join``). Not thread-safe: one thread drives
@@ -113,12 +113,13 @@ class StepBatch:
 
     @torch.no_grad()
     def advance(self) -> None:
-        """One prefill chunk for the rows still being prefilled (``prefill_chunk`` token slots
-        while rows decode, ``max_forward_tokens`` when none do); finished ones start decoding."""
+        """One prefill chunk for the rows still being prefilled (``prefill_chunk`` tokens while
+        rows decode; when none do, up to ``max_forward_tokens``, still at most ``prefill_chunk``
+        per row while several share the step); finished ones start decoding."""
         if not self.pending:
             return
         budget = self.chunk if self.live else max(self.chunk, self.engine.cfg.max_forward_tokens)
-        done, state, logits = self.filling.advance(budget)
+        done, state, logits = self.filling.advance(budget, self.chunk)
         if done:
             self._join([self.pending[j] for j in done], state, logits)
             self.pending = [r for j, r in enumerate(self.pending) if j not in set(done)]

@@ -249,8 +249,8 @@ class Scheduler:
                 return []
             for job in [j for j in self.waiting if j.cancelled]:
                 self.waiting.remove(job)
-            taken = self.policy.take(self.waiting, len(self.batch), self.batch.can_join, self.steps - self.last_join,
-                                     self.scorer.busy)
+            since = self.steps - self.last_join if self.batch.live else self.cfg.join_every  # gather only beside decoding
+            taken = self.policy.take(self.waiting, len(self.batch), self.batch.can_join, since, self.scorer.busy)
             for job in taken:
                 self.waiting.remove(job)
                 self.metrics.observe("softprompt_wait_steps", job.kind, self.steps - job.queued_at, Metrics.STEPS)

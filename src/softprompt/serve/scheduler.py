@@ -8,22 +8,19 @@ is a 429 with Retry-After. The worker thread is the only code that touches the `
    ``max_batch_rows`` rows (none while a scoring task runs), generation jobs in arrival order
    while their rows fit next to the rows already in the batch (an idle worker first waits up
    to ``max_wait_ms`` for companions);
-2. prepares each taken job (``job.prepare(engine)``: tokenisation, prompt metadata), then
-   checks it against the model's context length (400) and its estimated working memory
-   against ``max_request_mb`` (413), so a bad or oversized request fails only its own job,
-   before any model work;
+2. prepares each taken job (``job.prepare(engine)``: tokenisation, prompt metadata) and
+   checks its context length (400) and estimated working memory (413, ``limits``), so a bad
+   or oversized request fails only its own job, before any model work;
 3. scoring: the taken scoring rows, whatever their prompts, become ONE mixed scoring task
-   (``Engine.score_task``, jobs whose estimates fit ``max_request_mb`` together) that runs one
-   forward per iteration;
-4. new generation rows join the ``StepBatch`` and are prefilled a chunk per iteration
-   (chunked prefill, at most ``prefill_chunk`` token slots while rows decode), joining the
-   decoding rows when their prompt is consumed (continuous batching);
+   (``scorer``) that runs one forward per iteration;
+4. new generation rows join the ``StepBatch``, are prefilled a chunk per iteration (chunked
+   prefill) and start decoding when their prompt is consumed (continuous batching);
 5. drops the rows of cancelled jobs (client gone, timeout) and decodes ONE step for all
    decoding rows; each row's text is decoded here (``streams.RowText``), a stop string ends its
    row, and finished rows leave the batch at once.
 
 While rows decode, one iteration runs either a scoring forward or a prefill chunk (turn about
-when both wait) beside the decode step, each of at most ``prefill_chunk`` token slots: no
+when both wait) beside the decode step, each of at most ``prefill_chunk`` tokens: no
 request's prompt or labels stall the decoding rows by more than that per step. Results travel
 back to the event loop with ``loop.call_soon_threadsafe`` as typed events (``events``) on the
 job's asyncio queue. After each iteration the worker publishes ``snapshot`` (engine statistics)
@@ -43,7 +40,7 @@ from dataclasses import dataclass
 from softprompt.config import UserError
 from softprompt.serve.events import Admitted, Failed, RowUpdate, Tokens
 from softprompt.serve.metrics import Metrics
-from softprompt.serve.protocol import ApiError
+from softprompt.serve.protocol import ApiError, with_request_id
 from softprompt.serve.streams import RowText
 
 log = logging.getLogger(__name__)
@@ -58,8 +55,10 @@ class Job:
     (in a context-length error). Events: ``events.Event``.
     """
 
-    def __init__(self, kind: str, prepare: Callable, size: int, stops: Sequence[str] = (), source: str | None = None):
+    def __init__(self, kind: str, prepare: Callable, size: int, stops: Sequence[str] = (), request_id: str = "",
+                 source: str | None = None):
         self.kind, self.prepare, self.size, self.stops = kind, prepare, size, list(stops)
+        self.request_id = request_id  # the gate's id: in a 5xx answer and in the fault's log line
         self.source = source or ("prompt" if kind == "generate" else "inputs")
         self.queued_at = 0  # the scheduler's decode step when the job was submitted
         self.rows: list = []
@@ -76,7 +75,7 @@ class Job:
             pass
 
     def fail(self, err: ApiError) -> None:
-        self.put(Failed(err))
+        self.put(Failed(with_request_id(err, self.request_id)))
 
 
 def resolve_prompt(engine, name: str, max_tokens: int | None = None):
@@ -215,9 +214,10 @@ class Scheduler:
             try:
                 self._iterate(jobs)
             except Exception:  # a bug, not a user error: fail the affected jobs, keep serving
-                log.exception("worker iteration failed")
+                hit = {j for j, _, _ in self.rows.values()} | set(jobs)
+                log.exception("worker iteration failed", extra={"fields": {"ids": sorted(j.request_id for j in hit)}})
                 err = ApiError(500, "internal error while running the batch", "server_error", code="internal_error")
-                for job in {j for j, _, _ in self.rows.values()} | set(jobs):
+                for job in hit:
                     job.fail(err)
                 self.batch, self.rows = self._new_batch(), {}
             self._publish()
@@ -297,7 +297,7 @@ class Scheduler:
             except UserError as e:
                 job.fail(ApiError(400, str(e), code="invalid_input"))
             except Exception as e:  # noqa: BLE001 - a fault in one request's preparation is its own
-                job.fail(self._fault(e, "preparation"))
+                job.fail(self._fault(e, "preparation", job))
         return ready
 
     def _admit(self, jobs: list[Job]) -> None:
@@ -312,7 +312,7 @@ class Scheduler:
                 try:
                     placed.append((job, self.batch.add(job.rows)))
                 except Exception as e:  # noqa: BLE001 - this job alone is failed
-                    job.fail(self._fault(e, "prefill"))
+                    job.fail(self._fault(e, "prefill", job))
         tok = self.engine.lm.tokenizer
         for job, ids in placed:
             for k, rid in enumerate(ids):
@@ -327,17 +327,18 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - the rows being prefilled are the culprits
             jobs = {self.rows[r.rid][0] for r in self.batch.pending}
             for job in jobs:
-                job.fail(self._fault(e, "prefill"))
+                job.fail(self._fault(e, "prefill", job))
                 job.cancelled = True
             self._drop([rid for rid, (job, _, _) in self.rows.items() if job in jobs])
 
-    def _fault(self, e: Exception, phase: str) -> ApiError:
-        """The error one job gets when its own rows failed: 422 for a user error, else a logged 500."""
+    def _fault(self, e: Exception, phase: str, job: Job) -> ApiError:
+        """The error one job gets when its own rows failed: 422 for a user error, else a 500 logged
+        with the job's request id."""
         if isinstance(e, ApiError):
             return e
         if isinstance(e, UserError):
             return ApiError(422, str(e), code="prompt_unusable")
-        log.exception("a request failed in the %s", phase, exc_info=e)
+        log.exception("a request failed in the %s", phase, exc_info=e, extra={"fields": {"id": job.request_id}})
         return ApiError(500, f"this request failed in the {phase} ({type(e).__name__}); the others were not affected",
                         "server_error", code="internal_error")
 
@@ -394,6 +395,6 @@ class Scheduler:
         if not culprits:
             raise error
         for job in {self.rows[rid][0] for rid in culprits}:
-            job.fail(self._fault(error, "decode step"))
+            job.fail(self._fault(error, "decode step", job))
             job.cancelled = True
         self._drop([rid for rid, (job, _, _) in self.rows.items() if job.cancelled])

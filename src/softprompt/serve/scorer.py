@@ -73,4 +73,4 @@ class Scorer:
             try:
                 job.put(Scores(self.engine.score_rows(job.rows), job.info))
             except Exception as e:  # noqa: BLE001 - this job alone is failed
-                job.fail(self.fault(e, "scoring"))
+                job.fail(self.fault(e, "scoring", job))

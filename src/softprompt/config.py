@@ -194,9 +194,12 @@ class EngineConfig(_JsonMixin):
     max_batch_rows: int = 64  # rows per forward; longer request lists run in chunks
     use_prefix_cache: bool = True  # False = reference path: [pad][P][x] through the whole model
     force: bool = False  # accept prompts trained on another base model (equal H still required)
+    max_forward_tokens: int = 1024  # token slots per prefill or scoring forward (bounds activation memory)
+    score_group_mb: float = 256.0  # scoring: key/value copies + forward of one group of (input, label) pairs, MiB
 
     def __post_init__(self) -> None:
-        if self.max_resident_prompts < 1 or self.max_batch_rows < 1 or self.prefix_cache_mb < 0:
+        if (self.max_resident_prompts < 1 or self.max_batch_rows < 1 or self.prefix_cache_mb < 0
+                or self.max_forward_tokens < 1 or self.score_group_mb <= 0):
             raise UserError("engine limits must be positive")
 
 
@@ -238,18 +241,22 @@ class ServerConfig(_JsonMixin):
     max_label_tokens: int = 32  # tokens per classify label word
     max_template_chars: int = 32768  # a classify input rendered through its template, in characters
     max_request_tokens: int = 65536  # one request's tokens: per row, N + input + max_tokens (or label tokens)
+    max_request_mb: float = 1024.0  # one request's estimated working memory (cache + activations), MiB; over it: 413
+    prefill_chunk: int = 128  # while rows decode, prompt/scoring tokens run per step beside them (chunked prefill)
     request_timeout_s: float = 300.0  # a request still running after this gets 504 and is cancelled
     shutdown_timeout_s: float = 30.0  # graceful shutdown: time in-flight requests get to finish
 
     def __post_init__(self) -> None:
         ints = ("port", "max_batch_rows", "join_every", "max_queue", "max_body_bytes", "max_upload_bytes",
                 "max_prompt_tokens", "max_tokens", "max_rows", "max_labels", "max_label_tokens",
-                "max_template_chars", "max_request_tokens")
+                "max_template_chars", "max_request_tokens", "prefill_chunk")
         for name in ints:
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.shutdown_timeout_s < 0:
             raise UserError("--max-wait-ms, --request-timeout-s and --shutdown-timeout-s must be positive")
+        if not self.max_request_mb > 0:
+            raise UserError("--max-request-mb must be positive")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("--api-key must not be empty")
 

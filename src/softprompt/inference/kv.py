@@ -122,22 +122,37 @@ class DecoderState:
         h = self.hidden(tokens[:, None], torch.ones(tokens.shape[0], 1, dtype=torch.long, device=tokens.device))
         return lm_logits(self.model, h[:, -1])
 
-    def take(self, rows: list[int]) -> None:
-        """Keep (or repeat) ``rows``; drop key columns that are padding for every kept row.
-
-        Exact: positions are explicit and masked columns contribute nothing to attention.
-        """
+    def gather(self, rows: list[int]) -> DecoderState:
+        """A new state of ``rows`` (repeats allowed; a copy); key columns that are padding for
+        every one of them are dropped. Exact: positions are explicit and masked columns
+        contribute nothing to attention."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         mask = self.mask[idx]
         cols = mask.any(0).nonzero()[:, 0]  # (L',)
         if cols.numel() == mask.shape[1]:
             cols = slice(None)
-        layers = [(ly.keys[idx][:, :, cols], ly.values[idx][:, :, cols]) for ly in self.cache.layers]
-        self.cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
-        self.mask, self.next_pos = mask[:, cols], self.next_pos[idx]
-        self.offsets = None if self.offsets is None else self.offsets[idx]
-        self.start = None if self.start is None else self.start[idx]
-        self.memory = None if self.memory is None else self.memory[idx]
+        layers = [(ly.keys[idx][:, :, cols], ly.values[idx][:, :, cols]) for ly in self.cache.layers
+                  if ly.is_initialized]
+        cache = DynamicCache(ddp_cache_data=layers or None, config=self.model.config)
+        pick = (None if t is None else t[idx] for t in (self.offsets, self.start, self.memory))
+        return DecoderState(self.model, cache, mask[:, cols], self.next_pos[idx], *pick)
+
+    def take(self, rows: list[int]) -> None:
+        """Keep (or repeat) ``rows`` in place (``gather``)."""
+        kept = self.gather(rows)
+        self.cache, self.mask, self.next_pos = kept.cache, kept.mask, kept.next_pos
+        self.offsets, self.start, self.memory = kept.offsets, kept.start, kept.memory
+
+
+def with_layers(state: DecoderState, kv_shape: tuple[int, int, int], dtype: torch.dtype) -> DecoderState:
+    """``state`` with a zero-width key/value layer per decoder layer where its cache has none yet
+    (rows without a prompt, before any token), so that ``merge_states`` can stack it."""
+    if state.cache.layers and all(ly.is_initialized for ly in state.cache.layers):
+        return state
+    L, kv, d = kv_shape
+    empty = state.mask.new_zeros(state.mask.shape[0], kv, 0, d, dtype=dtype)
+    cache = DynamicCache(ddp_cache_data=[(empty, empty.clone()) for _ in range(L)], config=state.model.config)
+    return DecoderState(state.model, cache, state.mask, state.next_pos, state.offsets, state.start, state.memory)
 
 
 def merge_states(a: DecoderState, b: DecoderState) -> DecoderState:

@@ -125,7 +125,8 @@ def error_responses(cfg: ServerConfig) -> dict[int, dict]:
 
     words = {400: "a field is missing, of the wrong type or out of range (param names it)",
              401: "missing or wrong API key", 404: "no such model, prompt or route",
-             413: f"body over {cfg.max_body_bytes} bytes (uploads: {cfg.max_upload_bytes})",
+             413: f"body over {cfg.max_body_bytes} bytes (uploads: {cfg.max_upload_bytes}), or estimated working "
+                  f"memory over {cfg.max_request_mb:g} MiB",
              422: "the prompt's files cannot be used with this model",
              429: "the queue is full (Retry-After)", 500: "a server fault; the message names the request id",
              503: "shutting down", 504: f"not finished within {cfg.request_timeout_s:g} s"}

@@ -6,7 +6,7 @@ any model work (``score_bytes``, ``generate_bytes``), and scoring sizes its labe
 weights: the key/value cache of the rows, one layer's activations of the largest forward (with
 eager attention its scores and softmax in fp32; PyTorch's SDPA kernels work in blocks and
 make neither), the logits it keeps, and the copies the batch makes while rows join and leave.
-``tests/test_memory.py`` checks the estimates against measured peaks.
+``tests/test_request_memory.py`` checks the estimates against measured peaks.
 """
 
 from __future__ import annotations

@@ -146,11 +146,13 @@ def test_bad_init_choices_are_user_errors(tiny_lm):
 
 
 def test_prompt_kind_is_typed_and_round_trips_as_its_word():
+    """A prompt tensor's kind is a ``PromptKind`` equal to the word configs and metadata write; the
+    config's ``kind`` (which may also be ``auto``, a choice made at training) reads back the same."""
     import json
 
-    cfg = PromptConfig(kind="deep")
-    assert cfg.kind is PromptKind.DEEP and PromptConfig().kind is PromptKind.SHALLOW
+    assert PromptKind("deep") is PromptKind.DEEP and PromptKind.DEEP == "deep" and str(PromptKind.SHALLOW) == "shallow"
+    cfg = PromptConfig(kind=PromptKind.DEEP)
     back = PromptConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
-    assert back == cfg and back.kind is PromptKind.DEEP and json.dumps(cfg.to_dict()["kind"]) == '"deep"'
+    assert back == cfg and PromptKind(back.kind) is PromptKind.DEEP and json.dumps(cfg.to_dict()["kind"]) == '"deep"'
     with pytest.raises(UserError, match="--kind"):
         PromptConfig(kind="wide")

@@ -101,7 +101,7 @@ def has_template(tokenizer: Tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _apply(tokenizer, messages: Sequence[dict], add_generation_prompt: bool, tokenize: bool):
+def _apply(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool, tokenize: bool):
     if not has_template(tokenizer):
         name = getattr(tokenizer, "name_or_path", "") or "this model"
         raise UserError(f"the tokenizer of {name} has no chat template; chat form needs an instruct (chat) model")
@@ -114,24 +114,24 @@ def _apply(tokenizer, messages: Sequence[dict], add_generation_prompt: bool, tok
         raise UserError(f"the model's chat template refused these messages: {e}") from None
 
 
-def render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+def render(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
     """The conversation as text, written by the tokenizer's chat template."""
     return _apply(tokenizer, messages, add_generation_prompt, tokenize=False)
 
 
-def encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` without special tokens: the one way a text becomes tokens here
     (``data.encode`` is this function)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_text(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
     """Token ids of a client's text (a completions ``prompt``): special-token strings in it stay
     the characters they spell. A client sends special tokens as token ids, never as text."""
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
-def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of a conversation; with ``add_generation_prompt`` it ends where the assistant's
     reply begins (what the server feeds the model for ``/v1/chat/completions``, and the prompt
     part of a ``--chat`` training row).

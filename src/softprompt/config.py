@@ -117,17 +117,21 @@ class PromptConfig(_JsonMixin):
     init: str = option("random", "the prompt's starting point; prompt:NAME starts from a stored prompt (random: best measured, docs/tuning.md)",
                        choices=INITS + ("prompt:NAME",))
     init_text: str | None = option(None, 'text for --init text', metavar="TEXT")
-    kind: PromptKind = option(PromptKind.SHALLOW, 'shallow: (N, H) input embeddings; deep: keys/values at every layer '
-                              '(prefix tuning; docs/tuning.md)', choices=tuple(k.value for k in PromptKind))
+    kind: str = option("shallow", 'shallow: (N, H) input embeddings; deep: keys/values at every layer (prefix tuning); auto: kind, '
+                       'init, lr, N and budget chosen from the data (docs/tuning.md)', choices=(*REPARAMS, "auto"))
     reparam: str | None = option(None, 'training-time reparameterisation, folded before saving: residual, mlp, lstm (shallow); mlp (deep)',
                                  choices=("residual", "mlp", "lstm"))
+    dropout: float = option(0.0, 'prefix dropout while training (P-tuning v2 uses 0.1); never at evaluation or serving')
+    freeze_first: bool = option(False, "keep the first virtual token as initialised (an attention sink, as PEFT's Cartridges)")
+    offset_rank: int = option(0, 'DePT: rank r of a low-rank offset A (offset_length x r) @ B (r x H) added to the input tokens; 0 = none')
+    offset_length: int = option(256, 'DePT: input positions the offset covers (T_max); later tokens get none')
+    memory: bool = option(False, 'PrefixMemory (deep prompts): a trainable per-head term phi(q)^T M outside the softmax, M zero-initialised')
 
     def __post_init__(self) -> None:
-        _check(self.kind in REPARAMS, f"--kind must be one of {', '.join(REPARAMS)}, got {self.kind!r}")
-        object.__setattr__(self, "kind", PromptKind(self.kind))  # a config read from JSON holds the plain string
-        _check(self.reparam is None or self.reparam in REPARAMS[self.kind],
+        _check(self.kind in (*REPARAMS, "auto"), f"--kind must be one of {', '.join(REPARAMS)}, auto, got {self.kind!r}")
+        _check(self.reparam is None or self.kind == "auto" or self.reparam in REPARAMS[self.kind],
                f"--reparam {self.reparam} is not supported for --kind {self.kind} "
-               f"(choose {', '.join(REPARAMS[self.kind])})")
+               f"(choose {', '.join(REPARAMS.get(self.kind, ()))})")
         _check(
             self.num_virtual_tokens > 0,
             f"--num-virtual-tokens must be positive, got {self.num_virtual_tokens}",
@@ -137,9 +141,19 @@ class PromptConfig(_JsonMixin):
             f"--init must be one of {', '.join(INITS)} or prompt:NAME, got {self.init!r}",
         )
         _check(self.init != "text" or bool(self.init_text), "--init text needs --init-text")
+        _check(0 <= self.dropout < 1, f"--prompt-dropout must be in [0, 1), got {self.dropout}")
+        _check(self.offset_rank >= 0 and self.offset_length > 0,
+               "--offset-rank must be >= 0 and --offset-length positive")
+        _check(not self.offset_rank or self.kind in ("shallow", "auto"),
+               "--offset-rank (DePT's input offset) goes with --kind shallow")
+        _check(not self.memory or self.kind in ("deep", "auto"), "--prefix-memory goes with --kind deep")
+
+
+TRAIN_KIND = "auto"  # softprompt train's --kind when none is given (training/auto.py); the library's default stays shallow
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # compute precision of training (precision.py)
+SCHEDULES = ("linear", "cosine")  # the lr after warm-up: linear decay to 0, or half a cosine to 0
 
 
 @dataclass(frozen=True)
@@ -150,6 +164,9 @@ class TrainConfig(_JsonMixin):
     batch_size: int = option(8, 'rows per micro-batch')
     grad_accum: int = option(1, 'micro-batches per optimiser step')
     warmup_ratio: float = option(0.06, 'share of steps with linear warm-up')
+    warmup_steps: int | None = option(None, 'steps of linear warm-up; overrides --warmup-ratio')
+    schedule: str = option("linear", 'lr after warm-up: linear (decay to 0) or cosine (half a cosine to 0)', choices=SCHEDULES)
+    group_lr: dict[str, float] | None = option(None, 'lr per parameter group, e.g. offset=1e-3 (DePT: groups prompt, offset); others use --lr')
     weight_decay: float = option(0.0, 'AdamW weight decay on the prompt')
     max_grad_norm: float = option(1.0, 'gradient clipping; 0 disables')
     seed: int = option(0, 'seeds data order, init and sampling')
@@ -170,6 +187,9 @@ class TrainConfig(_JsonMixin):
         _check(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         _check(self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}")
         _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        _check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _check(all(v > 0 for v in (self.group_lr or {}).values()), "--group-lr: every lr must be positive")
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
@@ -199,10 +219,13 @@ class EngineConfig(_JsonMixin):
                                      'eval and serve set their own)')
     use_prefix_cache: bool = option(True, 'False = reference path: [pad][P][x] through the whole model')
     force: bool = option(False, 'accept prompts trained on another base model (equal H still required)')
+    max_forward_tokens: int = option(1024, 'token slots per prefill or scoring forward (bounds activation memory)')
+    score_group_mb: float = option(256.0, 'scoring: key/value copies + forward of one group of (input, label) pairs, MiB')
 
     def __post_init__(self) -> None:
-        _positive(self, ("max_resident_prompts", "max_batch_rows"))
+        _positive(self, ("max_resident_prompts", "max_batch_rows", "max_forward_tokens"))
         _positive(self, ("prefix_cache_mb",), minimum=0)
+        _check(self.score_group_mb > 0, f"--score-group-mb must be positive, got {self.score_group_mb}")
 
 
 @dataclass(frozen=True)
@@ -240,17 +263,20 @@ class ServerConfig(_JsonMixin):
     max_label_tokens: int = option(32, 'tokens per classify label word')
     max_template_chars: int = option(32768, 'a classify input rendered through its template, in characters')
     max_request_tokens: int = option(65536, "one request's tokens: per row, N + input + max_tokens (or label tokens)")
+    max_request_mb: float = option(1024.0, "one request's estimated working memory (cache + activations), MiB; over it: 413")
+    prefill_chunk: int = option(128, 'while rows decode, prompt/scoring tokens run per step beside them (chunked prefill)')
     request_timeout_s: float = option(300.0, 'a request still running after this gets 504 and is cancelled')
     shutdown_timeout_s: float = option(30.0, 'graceful shutdown: time in-flight requests get to finish')
 
     def __post_init__(self) -> None:
         ints = ("port", "max_batch_rows", "join_every", "max_queue", "max_body_bytes", "max_upload_bytes",
                 "max_prompt_tokens", "max_tokens", "max_rows", "max_labels", "max_label_tokens",
-                "max_template_chars", "max_request_tokens")
+                "max_template_chars", "max_request_tokens", "prefill_chunk")
         _positive(self, ("port",), minimum=0)
         _positive(self, ints[1:])
         _positive(self, ("max_wait_ms", "shutdown_timeout_s"), minimum=0)
         _check(self.request_timeout_s > 0, f"--request-timeout-s must be positive, got {self.request_timeout_s}")
+        _check(self.max_request_mb > 0, f"--max-request-mb must be positive, got {self.max_request_mb}")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("--api-key must not be empty")
 

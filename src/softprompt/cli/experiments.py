@@ -14,6 +14,7 @@ from pathlib import Path
 
 from softprompt.cli.flags import (
     EVAL_DATA,
+    PROMPT_FLAGS,
     add_data_flags,
     add_flags,
     add_model_flags,
@@ -180,6 +181,7 @@ def cmd_continual(a: argparse.Namespace) -> int:
     from softprompt import models
     from softprompt.experiments import continual
     from softprompt.provenance import write_json
+    from softprompt.training.auto import method_kind
 
     if a.report:
         for path in names(a.report, "--report"):
@@ -188,7 +190,7 @@ def cmd_continual(a: argparse.Namespace) -> int:
     if not a.tasks:
         raise UserError("continual needs --tasks A,B,... (or --report FILE[,FILE...] to re-render results)")
     ccfg = from_args(ContinualConfig, a)
-    pcfg = from_args(PromptConfig, a, ("num_virtual_tokens", "init", "init_text"))
+    pcfg = method_kind(from_args(PromptConfig, a, PROMPT_FLAGS), "continual")  # prompt, progressive: shallow
     tcfg = from_args(TrainConfig, a, ("lr", "epochs", "batch_size", "seed", "patience"))
     doc = continual.run(models.load(a.model), ccfg, pcfg, tcfg, say=(lambda m: None) if a.quiet else print)
     doc["command"] = command_line(a)

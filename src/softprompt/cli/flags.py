@@ -82,6 +82,19 @@ def _number_or(item: type, flag: str, none: str, zero_was_none: bool) -> Callabl
     return parse
 
 
+def _float_map(flag: str) -> Callable[[str], dict[str, float]]:
+    def parse(text: str) -> dict[str, float]:
+        out = {}
+        for key, word in (parse_verbalizer(text) or {}).items():
+            try:
+                out[key] = float(word)
+            except ValueError:
+                raise UserError(f"{flag}: {word!r} is not a number (expected NAME=NUMBER,...)") from None
+        return out
+
+    return parse
+
+
 _METAVARS = {"int": "N", "float": "X", "str": "TEXT"}
 # flags whose 0 meant "all" before the word was typeable: (config class, field)
 ZERO_WAS_ALL = {("MultitaskConfig", "per_task"), ("ContinualConfig", "per_task"), ("ContinualConfig", "test_per_task")}
@@ -111,6 +124,8 @@ def _converter(cls: type, f: dataclasses.Field, flag: str) -> tuple[dict[str, An
         return {"metavar": "A,B,..."}, _comma_list(lists[base], flag, none)
     if base == "dict[str, str]":
         return {"metavar": "K=V,..."}, parse_verbalizer
+    if base == "dict[str, float]":
+        return {"metavar": "NAME=LR,..."}, _float_map(flag)
     raise TypeError(f"no CLI flag for a field of type {annotation}")
 
 
@@ -127,14 +142,15 @@ def _shown_default(f: dataclasses.Field) -> str | None:
     return str(default)
 
 
-def flag_help(f: dataclasses.Field, text: str | None = None, listed: bool = False) -> str:
+def flag_help(f: dataclasses.Field, text: str | None = None, listed: bool = False, default: Any = None) -> str:
     """A field's help line: its declared help (or ``text``), its choices unless argparse lists
-    them (``listed``), and the default, once (unless the text says what "not given:" means)."""
+    them (``listed``), and the default (``default``: the command's own), once, unless the text says
+    what "not given:" means."""
     out = text or f.metadata["help"]
     choices = f.metadata.get("choices")
     if choices and not listed:
         out += f"; one of {', '.join(choices)}"
-    shown = None if "not given:" in out else _shown_default(f)  # the text says what not giving it means
+    shown = None if "not given:" in out else str(default) if default is not None else _shown_default(f)
     return (out + (f" (default {shown})" if shown is not None else "")).replace("%", "%%")
 
 
@@ -143,20 +159,21 @@ _CONVERT: dict[tuple[str, str], Any] = {}  # (config class, field) -> parser of 
 
 def add_flags(parser: Any, cls: type, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = (),
               rename: dict[str, str] | None = None, helps: dict[str, str] | None = None,
-              old: dict[str, str] | None = None) -> None:
+              old: dict[str, str] | None = None, defaults: dict[str, Any] | None = None) -> None:
     """One ``--flag`` per field of ``cls`` (or of ``only``): type, choices and help from the
     field's annotation and declared metadata (``config.option``), the default printed once. A
     flag not given stays None, so ``given`` leaves the default to the dataclass. ``rename`` maps a
     field to another flag name; ``helps`` overrides a help; ``old`` maps a field to its previous
-    flag name, kept hidden for one release with a deprecation line."""
-    rename, old = rename or {}, old or {}
+    flag name, kept hidden for one release with a deprecation line; ``defaults`` gives a command's
+    own default for a field (a constant of ``config.py``)."""
+    rename, old, defaults = rename or {}, old or {}, defaults or {}
     for f in dataclasses.fields(cls):
         if (only is not None and f.name not in only) or f.name in skip:
             continue
         flag = "--" + rename.get(f.name, f.name).replace("_", "-")
         kw, convert = _converter(cls, f, flag)
-        text = flag_help(f, (helps or {}).get(f.name), listed="choices" in kw)
-        parser.add_argument(flag, dest=f.name, default=None, help=text, **kw)
+        text = flag_help(f, (helps or {}).get(f.name), listed="choices" in kw, default=defaults.get(f.name))
+        parser.add_argument(flag, dest=f.name, default=defaults.get(f.name), help=text, **kw)
         if f.name in old:
             add_old_flag(parser, "--" + old[f.name], flag, f.name, **{k: v for k, v in kw.items() if k != "action"})
         if convert is not None:
@@ -189,10 +206,17 @@ def add_model_flags(p: argparse._ActionsContainer) -> None:
                    help="use only the Hugging Face cache, never the network (as HF_HUB_OFFLINE=1)")
 
 
-def add_device_flags(p: argparse._ActionsContainer) -> None:
+def add_device_flags(p: argparse._ActionsContainer, auto_dtype: bool = False) -> None:
+    """``--device`` and ``--dtype``; ``auto_dtype`` (serve, generate, eval): ``--dtype auto`` is
+    offered and is the default (bfloat16 where the device computes bf16 natively, else float32)."""
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:K (under torchrun, cuda = this process's GPU) (default cpu)")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="the frozen model's dtype; a trained prompt stays float32 (default float32)")
+    if auto_dtype:
+        p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="the frozen model's dtype; auto: bfloat16 where the CPU (AMX or AVX512-BF16) or GPU "
+                            "computes bf16 natively, else float32; prompts are cast to it (default auto)")
+    else:
+        p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                       help="the frozen model's dtype; a trained prompt stays float32 (default float32)")
 
 
 def add_data_root_flag(p: argparse._ActionsContainer) -> None:
@@ -255,15 +279,18 @@ def data_config(a: argparse.Namespace):
     return DataConfig(**kw)
 
 
-PROMPT_FLAGS = ("num_virtual_tokens", "init", "init_text", "kind", "reparam")
+PROMPT_FLAGS = ("num_virtual_tokens", "init", "init_text", "kind", "reparam", "dropout", "freeze_first", "offset_rank",
+                "offset_length", "memory")
+PROMPT_RENAME = {"dropout": "prompt_dropout", "freeze_first": "freeze_first_token", "memory": "prefix_memory"}
 
 
-def add_prompt_train_flags(p: argparse._ActionsContainer, train_fields: tuple[str, ...]) -> None:
-    """PromptConfig's flags and the TrainConfig fields in ``train_fields``, plus --quiet."""
+def add_prompt_train_flags(p: argparse._ActionsContainer, train_fields: tuple[str, ...], defaults: dict[str, Any] | None = None) -> None:
+    """PromptConfig's flags and the TrainConfig fields in ``train_fields``, plus --quiet;
+    ``defaults``: the command's own defaults of PromptConfig fields (``add_flags``)."""
     from softprompt.config import PromptConfig, TrainConfig
 
     g = p.add_argument_group("prompt and training")
-    add_flags(g, PromptConfig, only=PROMPT_FLAGS)
+    add_flags(g, PromptConfig, only=PROMPT_FLAGS, rename=PROMPT_RENAME, defaults=defaults)
     add_flags(g, TrainConfig, only=train_fields)
     g.add_argument("--quiet", action="store_true", help="no progress display")
 

@@ -49,16 +49,24 @@ def _kind(prompt: torch.Tensor | None, kind: PromptKind | None) -> PromptKind | 
     return kind if kind is not None or prompt is None else kind_of(prompt)
 
 
-def prompt_loss(model: torch.nn.Module, prompt: torch.Tensor, batch: dict[str, torch.Tensor], fast: bool = True,
-                pack: bool = False, kind: PromptKind | None = None) -> torch.Tensor:
+def prompt_loss(model: torch.nn.Module, prompt: torch.Tensor, batch: dict, fast: bool = True, pack: bool = False,
+                offset: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                kind: PromptKind | None = None) -> torch.Tensor:
     """Mean target cross-entropy of ``batch`` under ``prompt`` of ``kind``: a shallow (N, H)
     prompt through ``seq2seq`` (T5 family) or the exact prefix path (``fast``; with ``pack`` the
     rows are packed into shared sequences, ``packing.py``) / the naive reference; a deep
-    (L, 2, kv, N, d) prompt through ``deep`` (fast) or PEFT's way (naive)."""
-    if _kind(prompt, kind) is PromptKind.DEEP:
+    (L, 2, kv, N, d) prompt through ``deep`` (fast) or PEFT's way (naive). ``offset`` (T_max, H):
+    DePT's input offset (``offset.py``), decoder-only shallow prompts without packing; ``memory``
+    (L, heads, d, d): PrefixMemory's term (``memory.py``), with a deep prompt."""
+    deep_prompt = _kind(prompt, kind) is PromptKind.DEEP
+    if offset is not None:
+        if deep_prompt or is_seq2seq(model) or pack:
+            raise ValueError("an input offset goes with a shallow prompt on a decoder-only model, unpacked")
+        return decoder.prompt_loss(model, prompt, batch, fast=fast, offset=offset)
+    if deep_prompt:
         check_deep(model)
         args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-        return deep.deep_loss(model, prompt, *args) if fast else deep.deep_naive_loss(model, prompt, *args)
+        return (deep.deep_loss if fast else deep.deep_naive_loss)(model, prompt, *args, memory=memory)
     if is_seq2seq(model):
         return seq2seq.seq2seq_loss(model, prompt, batch)
     if fast and pack:
@@ -68,12 +76,13 @@ def prompt_loss(model: torch.nn.Module, prompt: torch.Tensor, batch: dict[str, t
 
 def sequence_logprobs(model: torch.nn.Module, prompt: torch.Tensor | None, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor, labels: torch.Tensor, choices: torch.Tensor | None = None,
-                      prefix: object = None, kind: PromptKind | None = None) -> torch.Tensor:
+                      prefix: object = None, offset: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                      kind: PromptKind | None = None) -> torch.Tensor:
     """Per-row summed log-probability of the labelled tokens (B,), or (B, L) with ``choices``;
     see ``decoder.sequence_logprobs``; a deep prompt goes through ``deep.deep_logprobs``."""
     if prompt is not None and _kind(prompt, kind) is PromptKind.DEEP:
         check_deep(model)
-        return deep.deep_logprobs(model, prompt, input_ids, attention_mask, labels, choices)
+        return deep.deep_logprobs(model, prompt, input_ids, attention_mask, labels, choices, memory)
     if is_seq2seq(model):
         return seq2seq.seq2seq_logprobs(model, prompt, input_ids, attention_mask, labels, choices)
-    return decoder.sequence_logprobs(model, prompt, input_ids, attention_mask, labels, choices, prefix)
+    return decoder.sequence_logprobs(model, prompt, input_ids, attention_mask, labels, choices, prefix, offset)

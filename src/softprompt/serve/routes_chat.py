@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -20,6 +21,9 @@ from softprompt.serve.context import request_id, served
 from softprompt.serve.protocol import ChatRequest, bad, prompt_of, refuse_unsupported
 from softprompt.serve.routes_openai import GenerationSettings, check_cost, sampling, virtual_tokens
 from softprompt.serve.scheduler import Job
+
+if TYPE_CHECKING:
+    from softprompt.inference.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ def parse_chat(body: ChatRequest, cfg: ServerConfig, base_id: str) -> ChatSpec:
                     (body.top_logprobs or 0) if body.logprobs else None)
 
 
-def chat_rows(spec: ChatSpec, cfg: ServerConfig, engine) -> tuple[list, dict]:
+def chat_rows(spec: ChatSpec, cfg: ServerConfig, engine: Engine) -> tuple[list, dict]:
     """Worker side: the templated tokens as ``n`` ``GenerateRequest``s (seeds seed + i)."""
     from softprompt import chat
     from softprompt.inference.engine import GenerateRequest
@@ -90,7 +94,8 @@ def chat_rows(spec: ChatSpec, cfg: ServerConfig, engine) -> tuple[list, dict]:
 async def chat_completions(request: Request, body: ChatRequest):
     ctx = served(request)
     spec = parse_chat(body, ctx.cfg, ctx.base_id)
-    job = Job("generate", partial(chat_rows, spec, ctx.cfg), spec.size, spec.stops, request_id(request))
+    job = Job("generate", partial(chat_rows, spec, ctx.cfg), spec.size, spec.stops, request_id(request),
+              source="messages")
     return await respond(request, ctx, job, spec.stream, lambda reader, info: Completion(
         ChatShape(spec.logprobs is not None), spec.size, spec.stops, spec.model, job, reader, info,
         spec.include_usage))

@@ -14,6 +14,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -22,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from softprompt.config import GenerateConfig, ServerConfig
 from softprompt.serve.choices import Completion, TextShape, respond
 from softprompt.serve.context import request_id, served
+from softprompt.serve.events import Failed
 from softprompt.serve.protocol import (
     MIN_TEMPERATURE,
     ApiError,
@@ -36,6 +38,9 @@ from softprompt.serve.protocol import (
 )
 from softprompt.serve.scheduler import Job, resolve_prompt
 from softprompt.serve.streams import ClientGone, EventReader
+
+if TYPE_CHECKING:
+    from softprompt.inference.engine import Engine
 
 # ---------------------------------------------------------------- models
 
@@ -151,12 +156,12 @@ def checked_ids(ids: list[int], param: str, limit: int) -> list[int]:
     return ids
 
 
-def virtual_tokens(engine, prompt_name: str | None, cfg: ServerConfig) -> int:
+def virtual_tokens(engine: Engine, prompt_name: str | None, cfg: ServerConfig) -> int:
     """N of the request's prompt (0 for the plain model), after the prompt's checks."""
     return 0 if prompt_name is None else resolve_prompt(engine, prompt_name, cfg.max_prompt_tokens).num_virtual_tokens
 
 
-def check_not_empty(ids: Sequence[int], engine, prompt_name: str | None, cfg: ServerConfig, param: str) -> None:
+def check_not_empty(ids: Sequence[int], engine: Engine, prompt_name: str | None, cfg: ServerConfig, param: str) -> None:
     """A 400 naming ``param`` when a row has no token to continue from: its text is empty and it
     runs on the plain model or a deep prompt (a shallow prompt's virtual tokens are enough)."""
     if ids or (prompt_name is not None and resolve_prompt(engine, prompt_name, cfg.max_prompt_tokens).kind == "shallow"):
@@ -171,7 +176,7 @@ def check_cost(tokens: int, cfg: ServerConfig) -> None:
                   f"{cfg.max_request_tokens} per request", None, "request_too_large")
 
 
-def completion_rows(spec: CompletionSpec, cfg: ServerConfig, engine) -> tuple[list, dict]:
+def completion_rows(spec: CompletionSpec, cfg: ServerConfig, engine: Engine) -> tuple[list, dict]:
     """Worker side: the spec's ``GenerateRequest``s, plus the echoed texts (with ``logprobs``
     their tokens' log-probabilities, through the scoring forward) and the prompt token count."""
     from softprompt import chat
@@ -253,7 +258,7 @@ def stored_field(name: str, meta: dict, key: str):
     return value
 
 
-def classify_rows(spec: ClassifySpec, cfg: ServerConfig, engine) -> tuple[list, list[str]]:
+def classify_rows(spec: ClassifySpec, cfg: ServerConfig, engine: Engine) -> tuple[list, list[str]]:
     """Worker side: one ``ScoreRow`` per input (the prompt's metadata comes from the bank) and
     the labels; every cost limit is checked before any model work."""
     from softprompt.data import target_text
@@ -305,12 +310,11 @@ async def classify(request: Request, body: ClassifyRequest):
     ctx.scheduler.submit(job)
     reader = EventReader(job, request, ctx.cfg.request_timeout_s)
     try:
-        kind, *rest = await reader.next()
+        event = await reader.next()
     except ClientGone:
         return Response(status_code=499)
     finally:
         reader.close()
-    if kind == "error":
-        raise rest[0]
-    results, labels = rest
-    return classification(spec, job.rows, results, labels)
+    if isinstance(event, Failed):
+        raise event.error
+    return classification(spec, job.rows, event.results, event.info)

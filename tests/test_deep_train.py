@@ -147,7 +147,7 @@ def test_transfer_multitask_and_inspect_with_deep_prompts(tiny_lm, toy_tasks, ca
 def test_a_method_tells_the_forward_its_prompts_kind(tiny_lm):
     """The kind is decided once, when the method takes its prompt, and handed to the forward pass:
     a deep prompt given to PromptMethod trains as deep (as DeepPromptMethod does), a shallow one as shallow."""
-    from softprompt.config import PromptKind
+    from softprompt.adapter import PromptKind
     from softprompt.prompt import make_deep_prompt
 
     deep = make_deep_prompt(tiny_lm.model, tiny_lm.tokenizer, 3, "random", seed=0)

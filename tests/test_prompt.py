@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from softprompt import store
-from softprompt.config import DataConfig, PromptConfig, PromptKind, UserError
+from softprompt.adapter import PromptKind
+from softprompt.config import DataConfig, PromptConfig, UserError
 from softprompt.prompt import COMMON_VOCAB, embedding_matrix, encode, make_prompt
 from softprompt.training import tune as TR
 

@@ -15,11 +15,23 @@ a model. Reading, validating and writing directories is ``store.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
 
-from softprompt.config import PromptKind, UserError
+from softprompt.config import UserError
+
+
+class PromptKind(str, Enum):
+    """What a soft prompt is: input embeddings, or keys/values at every layer. Equal to its value
+    (``PromptKind.DEEP == "deep"``), which is what configs, metadata and flags write."""
+
+    SHALLOW = "shallow"  # (N, H): N virtual input embeddings
+    DEEP = "deep"  # (L, 2, kv, N, d): keys and values of N virtual positions at every layer (prefix tuning)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def adapter_config(n: int, h: int, model_path: str, model_config=None, init: str = "RANDOM") -> dict:

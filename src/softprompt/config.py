@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,8 @@ def _check(ok: bool, message: str) -> None:
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, none: str | None = None,
            metavar: str | None = None) -> Any:
-    """A config field with its declared CLI metadata: ``help`` (one line, no default: the CLI
-    prints the default once), ``choices`` (the values a user may give), ``none`` (the word typed
-    for a ``None`` value, e.g. ``all``) and ``metavar``. Mutable defaults are copied per instance."""
+    """A config field with its CLI metadata: ``help`` (one line; the CLI prints the default), ``choices``,
+    ``none`` (the word typed for ``None``, e.g. ``all``), ``metavar``. Mutable defaults are copied."""
     meta = {"help": help, "choices": choices, "none": none, "metavar": metavar}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -94,17 +92,6 @@ class DataConfig(_JsonMixin):
     @property
     def mode(self) -> str:
         return "target" if self.template is not None else "lm"
-
-
-class PromptKind(str, Enum):
-    """What a soft prompt is: input embeddings, or keys/values at every layer. Equal to its value
-    (``PromptKind.DEEP == "deep"``), which is what configs, metadata and flags write."""
-
-    SHALLOW = "shallow"  # (N, H): N virtual input embeddings
-    DEEP = "deep"  # (L, 2, kv, N, d): keys and values of N virtual positions at every layer (prefix tuning)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 REPARAMS = {"shallow": ("residual", "mlp", "lstm"), "deep": ("mlp",)}  # prompt kind -> its reparameterisations

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from softprompt.adapter import PromptKind
 from softprompt.compat import cache_kw, returned_cache
-from softprompt.config import PromptKind, UserError
+from softprompt.config import UserError
 from softprompt.data import encode
 
 if TYPE_CHECKING:

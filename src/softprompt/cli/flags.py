@@ -112,7 +112,7 @@ def _converter(cls: type, f: dataclasses.Field, flag: str) -> tuple[dict[str, An
     if base in simple and none:
         zero = (cls.__name__, f.name) in ZERO_WAS_ALL
         return {"metavar": f"{_METAVARS[base]}|{none}"}, _number_or(simple[base], flag, none, zero)
-    if base in ("str", "PromptKind") and choices and all(":" not in c for c in choices):
+    if base == "str" and choices and all(":" not in c for c in choices):
         return {"choices": choices}, None
     if base in simple:
         own = flag.lstrip("-").upper().replace("-", "_")  # a str flag's value is named after the flag

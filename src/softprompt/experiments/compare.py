@@ -27,6 +27,7 @@ import torch
 
 from softprompt import data as D
 from softprompt import metrics
+from softprompt.adapter import PromptKind
 from softprompt.config import (
     COMPARE_MIXED_BATCH as MIXED_BATCH,
 )
@@ -35,7 +36,6 @@ from softprompt.config import (
     CompareConfig,
     DataConfig,
     PromptConfig,
-    PromptKind,
     TrainConfig,
 )
 from softprompt.config import (

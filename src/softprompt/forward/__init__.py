@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from softprompt.config import PromptKind
+from softprompt.adapter import PromptKind
 from softprompt.forward import decoder, deep, packing, seq2seq
 from softprompt.forward.decoder import (
     choice_logprobs,

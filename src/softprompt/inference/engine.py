@@ -30,13 +30,12 @@ from softprompt.chat import encode, stop_tokens
 from softprompt.compat import cache_kw, returned_cache
 from softprompt.config import EngineConfig, GenerateConfig, UserError
 from softprompt.forward import embed, lm_logits, seq2seq
-from softprompt.inference import memory, scoring
+from softprompt.inference import footprint, scoring
 from softprompt.inference.bank import PrefixCache, PrefixKV, PromptBank, compute_prefix, deep_prefix
+from softprompt.inference.footprint import MiB
 from softprompt.inference.kv import DecoderState, batch_prefix, left_pad, memory_kw, row_extras
 from softprompt.inference.logprobs import TokenLogprob
-from softprompt.inference.memory import MiB
 from softprompt.inference.steps import StepBatch
-from softprompt.models import LoadedModel
 from softprompt.offset import add_offset
 
 __all__ = ["ANON", "Engine", "EngineConfig", "GenerateRequest", "Generation", "PromptLogprobRow", "Row",
@@ -125,7 +124,7 @@ class Row:
 class Engine:
     """One frozen model (``models.LoadedModel``) serving many prompts in mixed batches."""
 
-    def __init__(self, lm: LoadedModel, cfg: EngineConfig | None = None):
+    def __init__(self, lm, cfg: EngineConfig | None = None):
         self.lm, self.cfg = lm, cfg or EngineConfig()
         self.device = next(lm.model.parameters()).device  # inputs go here; sampling stays on the CPU
         self.bank = PromptBank(lm.fingerprint, self.cfg.max_resident_prompts, self.cfg.force, lm.kv_shape)
@@ -134,7 +133,7 @@ class Engine:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.eos_id = tok.eos_token_id
         self.stop_ids = stop_tokens(lm)
-        self.dims = memory.Dims.of(lm)
+        self.dims = footprint.Dims.of(lm)
 
     @property
     def model(self):
@@ -337,17 +336,17 @@ class Engine:
 
     def score_bytes(self, requests: list[ScoreRow], forward_tokens: int | None = None,
                     group_bytes: int | None = None) -> int:
-        """Estimated peak working memory of ``score_rows(requests)`` (``memory.score_bytes``)."""
+        """Estimated peak working memory of ``score_rows(requests)`` (``footprint.score_bytes``)."""
         rows = self.rows([(list(r.context), r.prompt) for r in requests])
-        return memory.score_bytes(self.dims, [(r.n, len(r.ids), [len(t) for t in q.targets])
+        return footprint.score_bytes(self.dims, [(r.n, len(r.ids), [len(t) for t in q.targets])
                                               for r, q in zip(rows, requests, strict=True)],
                                   self.cfg.max_batch_rows, forward_tokens or self.cfg.max_forward_tokens,
                                   group_bytes or int(self.cfg.score_group_mb * MiB))
 
     def generate_bytes(self, requests: list[GenerateRequest], chunk: int | None = None) -> int:
-        """Estimated peak working memory ``requests`` bring into a decoding batch (``memory.generate_bytes``)."""
+        """Estimated peak working memory ``requests`` bring into a decoding batch (``footprint.generate_bytes``)."""
         rows = self.request_rows(requests)
-        return memory.generate_bytes(self.dims, [(r.n, len(r.ids), q.config.max_new_tokens)
+        return footprint.generate_bytes(self.dims, [(r.n, len(r.ids), q.config.max_new_tokens)
                                                  for r, q in zip(rows, requests, strict=True)],
                                      max(chunk or 0, self.cfg.max_forward_tokens))
 
@@ -390,7 +389,7 @@ def _unflatten(flat: list[float], targets) -> list[list[float]]:
 
 
 @torch.no_grad()
-def generate(lm: LoadedModel, prompt: torch.Tensor | None, text: str, cfg: GenerateConfig,
+def generate(lm, prompt: torch.Tensor | None, text: str, cfg: GenerateConfig,
              token_ids: list[int] | None = None, sides: dict | None = None) -> Generation:
     """Generate a continuation of ``text`` (or of ``token_ids``, e.g. ``chat.encode_chat``'s)
     under ``prompt`` (None = the plain model) and its ``sides`` (a stored prompt's offset/memory)."""

@@ -4,7 +4,7 @@ the request's estimated working memory.
 Run in the worker right after a job's ``prepare`` (tokens and prompts known, nothing computed):
 prompt tokens + virtual tokens + ``max_tokens`` (or the longest label) beyond the model's
 context is a 400 naming the numbers, worded as vLLM words it; a request whose estimated peak
-working memory (``inference.memory``: its cache, activations and copies, as the engine runs
+working memory (``inference.footprint``: its cache, activations and copies, as the engine runs
 it) is over ``--max-request-mb`` is a 413 naming the limit.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from softprompt.inference.memory import MiB
+from softprompt.inference.footprint import MiB
 from softprompt.serve.protocol import ApiError, bad
 
 if TYPE_CHECKING:

@@ -36,16 +36,12 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from softprompt.config import UserError
 from softprompt.serve.events import Admitted, Failed, RowUpdate, Tokens
 from softprompt.serve.prometheus import Metrics
 from softprompt.serve.protocol import ApiError, with_request_id
 from softprompt.serve.streams import RowText
-
-if TYPE_CHECKING:
-    from softprompt.inference.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +78,7 @@ class Job:
         self.put(Failed(with_request_id(err, self.request_id)))
 
 
-def resolve_prompt(engine: Engine, name: str, max_tokens: int | None = None):
+def resolve_prompt(engine, name: str, max_tokens: int | None = None):
     """The prompt from the bank (the store's reader checks its files and values), with
     1 <= N <= ``max_tokens``; else a 404 (unknown name) or 422 (unusable here, saying why)."""
     from softprompt import store
@@ -145,7 +141,7 @@ class Admission:
 class Scheduler:
     """The bounded queue and the one worker thread that batches across requests and prompts."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, cfg):
+    def __init__(self, engine, metrics: Metrics, cfg):
         from softprompt.serve.scorer import Scorer
 
         self.engine, self.metrics, self.cfg = engine, metrics, cfg  # cfg: config.ServerConfig

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from softprompt.inference.memory import MiB
+from softprompt.inference.footprint import MiB
 from softprompt.serve.events import Scores
 from softprompt.serve.limits import group_bytes
 

@@ -169,8 +169,6 @@ def fit(
     for epoch in range(start_epoch, n_epochs):
         if step >= total or res.stopped is not StopReason.COMPLETED:
             break
-        for hook in EPOCH_HOOKS:
-            hook(epoch)
         t0, c0 = time.perf_counter(), time.process_time()
         try:
             losses, step = _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist)
@@ -213,6 +211,8 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
 def _run_epoch(method: Method, examples: list[D.Example], cfg: TrainConfig, pad_id: int, opt: torch.optim.Optimizer,
                sched: torch.optim.lr_scheduler.LambdaLR, epoch: int, step: int, total: int, res: FitResult, bar: Any,
                dist: distributed.Dist | None = None) -> tuple[list[float], int]:
+    for hook in EPOCH_HOOKS:
+        hook(epoch)
     batches = D.bucketed_batches(examples, cfg.batch_size, cfg.seed, epoch)
     losses: list[float] = []
     params = method.parameters()

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from softprompt import memory
-from softprompt.config import PromptKind, UserError
+from softprompt.adapter import PromptKind
+from softprompt.config import UserError
 from softprompt.forward import prompt_loss, sequence_logprobs
 from softprompt.offset import init_offset, offset_of
 from softprompt.precision import FrozenCasts, autocast

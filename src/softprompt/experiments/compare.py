@@ -39,6 +39,7 @@ from softprompt.config import (
 from softprompt.config import (
     COMPARE_TRAINED as TRAINED,
 )
+from softprompt.experiments import compare_curve as CC
 from softprompt.experiments import compare_data as CD
 from softprompt.experiments.compare_runs import Journal
 from softprompt.experiments.measure import PeakMemory, latency_ms, weights_digest
@@ -49,11 +50,13 @@ from softprompt.training.loop import fit, plan_steps
 
 
 def quick(cfg: CompareConfig) -> CompareConfig:
-    """``--quick``: the whole pipeline at smoke-test size (one lr each, a few steps and rows)."""
+    """``--quick``: the whole pipeline at smoke-test size (one lr each, a few steps and rows; a curve's
+    points capped at 3 steps)."""
     return replace(
         cfg,
         lr_sweep={m: v[:1] for m, v in cfg.lr_sweep.items()},
-        budget=cfg.budget or 3,
+        budget=None if cfg.curve else cfg.budget or 3,
+        curve=tuple(sorted({min(k, 3) for k in cfg.curve})),
         eval_limit=min(cfg.eval_limit or 8, 8),
         test_limit=min(cfg.test_limit or 16, 16),
         latency_requests=2,
@@ -226,8 +229,12 @@ def sweep_lr(ctx: Context, method: str, train, seed: int):
 def run_trained(ctx: Context, method: str, train, seed: int) -> dict:
     """The lr sweep through ``loop.fit``; the kept state is scored on test and saved once."""
     test = ctx.splits.examples()[2]
-    m, row, rows = sweep_lr(ctx, method, train, seed)
-    res = ctx.accuracy(m.score, test, ctx.splits.cfg)
+    if ctx.ccfg.curve:  # one run per lr along the curve; the kept lr's last point is the result
+        m, row, rows = CC.race(ctx, method, train, seed, make_method)
+        res = row["test"]
+    else:
+        m, row, rows = sweep_lr(ctx, method, train, seed)
+        res = ctx.accuracy(m.score, test, ctx.splits.cfg)
     with tempfile.TemporaryDirectory() as tmp:
         task_bytes = m.save(Path(tmp) / "artifact")  # bytes of the real saved artifact of one task
     out = {
@@ -237,7 +244,7 @@ def run_trained(ctx: Context, method: str, train, seed: int) -> dict:
         "sweep": rows,
         "test_accuracy": res["accuracy"],
         "confusion": res["confusion"],
-        "dev_accuracy": row["dev_accuracy"],
+        "dev_accuracy": row["curve"][-1]["dev_accuracy"] if row.get("curve") else row["dev_accuracy"],
         "trainable_params": m.trainable_parameters(),
         "task_bytes": task_bytes,
         "train_time_s": row["train_time_s"],
@@ -249,6 +256,8 @@ def run_trained(ctx: Context, method: str, train, seed: int) -> dict:
         "stopped": row["stopped"],
         **ctx.latency(m.score, test, ctx.splits.cfg),
     }
+    if ctx.ccfg.curve:
+        out["curve"] = row["curve"]
     del m
     gc.collect()
     return out

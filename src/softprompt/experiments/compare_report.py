@@ -15,7 +15,7 @@ from pathlib import Path
 
 from softprompt import recipes
 from softprompt.config import UserError
-from softprompt.experiments import compare_plots
+from softprompt.experiments import compare_curve, compare_plots
 from softprompt.experiments.compare_plots import doc_name
 from softprompt.provenance import (
     atomic_write,
@@ -133,7 +133,7 @@ def document(
     """The result of one comparison (``ctx`` is ``compare.Context``)."""
     from softprompt.training.methods import unique_parameters
 
-    summary, lm, cfg = summarize(runs), ctx.lm, ctx.splits.cfg
+    summary, lm, cfg = summarize(runs, ctx.splits.info["test"]), ctx.lm, ctx.splits.cfg
     return {
         "schema": SCHEMA,
         "task": recipes.task_name(task, cfg.path),
@@ -165,9 +165,10 @@ def document(
     }
 
 
-def summarize(runs: list[dict]) -> list[dict]:
+def summarize(runs: list[dict], n_test: int) -> list[dict]:
     """One row per (method, training examples): test accuracy mean and spread over seeds, the
-    mean of everything else."""
+    test set's standard error at the mean (``n_test`` rows), the learning curve where the runs
+    have one, the mean of everything else."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["method"], r["n_train"]), []).append(r)
@@ -182,6 +183,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "accuracy_min": min(accs),
             "accuracy_max": max(accs),
+            "accuracy_se": compare_curve.binomial_se(statistics.mean(accs), n_test),
             "mixed_task_batch": rs[0]["mixed_task_batch"],
             "lrs": sorted({r["lr"] for r in rs if r.get("lr") is not None}),
         }
@@ -202,6 +204,8 @@ def summarize(runs: list[dict]) -> list[dict]:
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:
                 row[key] = statistics.mean(vals)
+        if any(r.get("curve") for r in rs):
+            row["curve"] = compare_curve.summarize(rs, n_test)
         out.append(row)
     return out
 
@@ -333,6 +337,7 @@ def section(doc: dict) -> list[str]:
         f"- {t['target']}: {t['value']} -> {'met' if t['met'] else 'not met'}"
         for t in targets(doc["summary"], doc["total_time_s"], doc.get("task"))  # current wording, from the numbers
     ]
+    out += compare_curve.table(doc)
     out += _details(doc)
     return out + [""]
 

@@ -133,3 +133,27 @@ def test_curve_and_budget_are_exclusive():
         CompareConfig(curve=(200,), budget=100)
     with pytest.raises(UserError, match="--curve"):
         CompareConfig(curve=(0, 5))
+
+
+def fake_doc(task: str, tag: str, accs: dict[str, float], n_test: int = 500) -> dict:
+    summary = [{"method": m, "n_train": 0 if m == "zero-shot" else 100, "accuracy_mean": a, "trainable_params": 10,
+                "train_time_s": 1.0, "curve": [{"steps": k, "seeds": 2, "dev_mean": a - 0.01, "dev_std": 0.0,
+                                                "test_mean": a - 0.1 / k, "test_std": 0.01,
+                                                "test_se": CC.binomial_se(a - 0.1 / k, n_test)} for k in (1, 2)]}
+               for m, a in accs.items()]
+    return {"task": task, "tag": tag, "data": {"test": n_test}, "summary": summary}
+
+
+def test_plots_one_panel_per_task_shared_range_and_standard_errors(tmp_path):
+    from softprompt.experiments import compare_plots as P
+
+    docs = [fake_doc("sst2", "a", {"zero-shot": 0.8, "lora": 0.9}), fake_doc("trec", "b", {"lora": 0.96}, 100),
+            fake_doc("sst2", "c", {"deep-prompt": 0.91})]
+    assert list(P.by_task(docs)) == ["sst2", "trec"] and len(P.by_task(docs)["sst2"]) == 2  # one panel per task
+    pts = P.points(docs[1:2], "bars")
+    assert pts[0]["se"] == pytest.approx(100 * (0.96 * 0.04 / 100) ** 0.5)  # binomial SE on the doc's test rows
+    lo, hi = P.y_range([(80.0, 1.8), (96.0, 2.0)])
+    assert (lo, hi) == (75.0, 100.0)  # every panel gets this one range, whatever its own spread
+    made = dict(P.plot(docs, tmp_path, "x"))
+    assert {"x_tasks.png", "x_curves.png", "x_params.png"} <= set(made)
+    assert all((tmp_path / name).read_bytes()[:4] == b"\x89PNG" for name in made)

@@ -96,12 +96,9 @@ def fit(
 ) -> FitResult:
     """Train ``method`` on ``examples``; evaluate and checkpoint after each epoch.
 
-    ``dist``: data-parallel over a process group (``distributed.py``); each rank trains on its
-    rows of every batch, the trainable gradients are summed, only rank 0 writes checkpoints.
-    ``horizon``: the step count the lr schedule spans (default: the run's own steps), so a run
-    of k steps under horizon H is exactly the first k steps of a run of H steps.
-    ``on_step(step)``: called after each optimiser step; True stops the run there
-    (``stopped`` = "stopped by caller"), e.g. to evaluate a learning curve.
+    ``dist``: data-parallel (``distributed.py``; rank 0 writes checkpoints). ``horizon``: the
+    steps the lr schedule spans (default: the run's), so k steps under horizon H are the first k
+    of an H-step run. ``on_step(step)`` after each step: True stops it ("stopped by caller").
     """
     params = method.parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

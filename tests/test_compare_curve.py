@@ -100,7 +100,10 @@ def test_curve_report_resumed_equals_uninterrupted(tiny_lm, toy_csv, tmp_path, m
 
     monkeypatch.setattr(C, "run_one", run_one)
     with pytest.raises(KeyboardInterrupt):
-        C.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal)
+        C.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal, label={"tag": "toy"})
+    part = json.loads(C.partial_path(journal).read_text())  # the finished runs' document, renderable
+    assert part["partial"] == {"finished": 2, "planned": 4} and part["tag"] == "toy"
+    assert [(r["method"], r["seeds"]) for r in part["summary"]] == [("prompt-tuning", [0]), ("lora", [0])]
     calls.clear()
     resumed = C.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal, resume=True)
     assert calls == [("prompt-tuning", 1), ("lora", 1)]
@@ -124,6 +127,7 @@ def test_cli_curve_with_train_sizes_capped_at_epochs(tiny_model_dir, sp_home, to
     per_epoch = -(-pool // 8)  # batch size 8, bucketed batches cover every row once
     assert steps == {8: [2], pool: [2, 2 * per_epoch]}  # 8 rows: one batch an epoch, so both points are 2
     assert all(r["steps"] == r["curve"][-1]["steps"] for r in doc["runs"])
+    assert not (out / "compare_toy.partial.json").exists() and not (out / "compare_toy.runs.jsonl").exists()
     md = (out / "compare_toy.md").read_text()
     assert "Learning curves" in md and "| prompt-tuning | 8 | 2 | 2 |" in md
 

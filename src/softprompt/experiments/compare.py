@@ -43,7 +43,7 @@ from softprompt.experiments import compare_curve as CC
 from softprompt.experiments import compare_data as CD
 from softprompt.experiments.compare_runs import Journal
 from softprompt.experiments.measure import PeakMemory, latency_ms, weights_digest
-from softprompt.provenance import loadavg
+from softprompt.provenance import loadavg, write_json
 from softprompt.training import methods as M
 from softprompt.training import tune as TR
 from softprompt.training.loop import fit, plan_steps
@@ -301,8 +301,10 @@ def run_one(ctx: Context, n: int | None, seed: int, method: str) -> dict:
     return r
 
 
-def run_all(ctx: Context, book: Journal | None, t_start: float) -> list[dict]:
-    """Every (size, seed, method) of the plan in order; finished ones come from the journal."""
+def run_all(ctx: Context, book: Journal | None, t_start: float,
+            finished: Callable[[list[dict], int], None] | None = None) -> list[dict]:
+    """Every (size, seed, method) of the plan in order; finished ones come from the journal.
+    ``finished(runs so far, runs planned)`` after each run this call made."""
     runs, jobs, outer = [], plan(ctx.ccfg), ctx.say
     for i, (n, seed, method) in enumerate(jobs, 1):
         head = f"[{i}/{len(jobs)} {time.perf_counter() - t_start:.0f}s] {method} n={n or 'all'} seed={seed}"
@@ -313,11 +315,18 @@ def run_all(ctx: Context, book: Journal | None, t_start: float) -> list[dict]:
             runs.append(run_one(ctx, n, seed, method))
             if book:
                 book.add(runs[-1])
+            if finished:
+                finished(runs, len(jobs))
         else:
             runs.append(done)
         ctx.say(f"test accuracy {runs[-1]['test_accuracy']:.4f} ({runs[-1]['wall_s']:.0f}s{', from the journal' if done else ''})")
     ctx.say = outer
     return runs
+
+
+def partial_path(journal: Path) -> Path:
+    """Where a comparison in progress keeps the document of its finished runs."""
+    return journal.parent / (journal.name.removesuffix(".runs.jsonl") + ".partial.json")
 
 
 def run(
@@ -331,9 +340,12 @@ def run(
     say: Callable[[str], None] | None = None,
     journal: Path | None = None,
     resume: bool = False,
+    label: dict | None = None,
 ) -> dict:
     """Every method x train size x seed; the result document (``compare_report.document``).
-    With ``journal``, finished runs are recorded there and, with ``resume``, taken from it."""
+    With ``journal``, finished runs are recorded there and, with ``resume``, taken from it; after
+    each run, the document of the runs so far is written beside it (``partial_path``), with
+    ``label`` (tag, command) and ``"partial": {"finished", "planned"}``."""
     from softprompt.experiments import compare_report as R
 
     t_start = time.perf_counter()
@@ -354,7 +366,12 @@ def run(
         book = Journal(journal, settings, resume)
         if book.done:
             ctx.say(f"resuming: {len(book.done)} finished runs taken from {journal}")
-    runs = run_all(ctx, book, t_start)
+
+    def finished(runs: list[dict], planned: int) -> None:
+        doc = R.document(ctx, task, runs, time.perf_counter() - t_start, load_start, weights_digest(lm.model) == before)
+        write_json({**doc, **(label or {}), "partial": {"finished": len(runs), "planned": planned}}, partial_path(journal))
+
+    runs = run_all(ctx, book, t_start, finished if journal is not None else None)
     unchanged = weights_digest(lm.model) == before
     if not unchanged:  # a bug, never a user error: the comparison would be unfair
         raise RuntimeError("the shared base model changed during the comparison")

@@ -332,8 +332,10 @@ def section(doc: dict) -> list[str]:
     files = "; ".join(
         f"`{Path(p).parent.name}/{Path(p).name}` sha256 `{h[:12]}`" for p, h in d["files"].items()
     )
+    part = doc.get("partial")
+    still = f" (partial: {part['finished']} of {part['planned']} runs finished; the others still to run)" if part else ""
     out = [
-        f"## {doc_name(doc)}",
+        f"## {doc_name(doc)}{still}",
         "",
         f"- command: `{doc.get('command', '?')}`",
         f"- model: {m['name']} ({_num(m['parameters'])} parameters, {_bytes(m['bytes'])} of float32 weights); "

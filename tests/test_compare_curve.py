@@ -104,6 +104,10 @@ def test_curve_report_resumed_equals_uninterrupted(tiny_lm, toy_csv, tmp_path, m
     part = json.loads(C.partial_path(journal).read_text())  # the finished runs' document, renderable
     assert part["partial"] == {"finished": 2, "planned": 4} and part["tag"] == "toy"
     assert [(r["method"], r["seeds"]) for r in part["summary"]] == [("prompt-tuning", [0]), ("lora", [0])]
+    from softprompt.experiments import compare_report as R
+
+    md = R.write_report([part], tmp_path / "docs", "comparison", "test").read_text()
+    assert "## toy (partial: 2 of 4 runs finished; the others still to run)" in md
     calls.clear()
     resumed = C.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal, resume=True)
     assert calls == [("prompt-tuning", 1), ("lora", 1)]

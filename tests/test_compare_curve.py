@@ -165,3 +165,17 @@ def test_plots_one_panel_per_task_shared_range_and_standard_errors(tmp_path):
     made = dict(P.plot(docs, tmp_path, "x"))
     assert {"x_tasks.png", "x_curves.png", "x_params.png"} <= set(made)
     assert all((tmp_path / name).read_bytes()[:4] == b"\x89PNG" for name in made)
+
+
+def test_journal_settings_survive_new_default_fields_but_not_changed_values():
+    from softprompt.experiments.compare_runs import comparable
+
+    defaults = {"train": TrainConfig().to_dict(), "compare": CompareConfig().to_dict()}
+    now = {"train": TrainConfig().to_dict(), "compare": CompareConfig(methods=("lora",)).to_dict()}
+    old = {"train": {k: v for k, v in now["train"].items() if k != "pack"},  # written before `pack` existed
+           "compare": {**{k: v for k, v in now["compare"].items() if k != "curve"},
+                       "lr_sweep": {**now["compare"]["lr_sweep"], "full": [1.0]}}}  # another default for an unrun method
+    assert comparable(old, defaults) == comparable(now, defaults)
+    changed = {**now, "train": {**now["train"], "lr": 0.5}}
+    assert comparable(changed, defaults) != comparable(now, defaults)
+    assert comparable({**now, "compare": {**now["compare"], "curve": [200]}}, defaults) != comparable(now, defaults)

@@ -363,7 +363,9 @@ def run(
     if journal is not None:
         settings = {"model": lm.fingerprint, "task": task, "data": data_cfg.to_dict(), "compare": ccfg.to_dict(),
                     "train": ctx.tcfg.to_dict(), "prompt": ctx.pcfg.to_dict()}
-        book = Journal(journal, settings, resume)
+        defaults = {"data": DataConfig().to_dict(), "compare": CompareConfig().to_dict(),
+                    "train": TrainConfig().to_dict(), "prompt": PromptConfig().to_dict()}
+        book = Journal(journal, settings, resume, defaults)
         if book.done:
             ctx.say(f"resuming: {len(book.done)} finished runs taken from {journal}")
 

@@ -89,7 +89,7 @@ def _figure(plt, n_panels: int):
 
 
 def _save(plt, fig, out: Path, name: str, title: str, made: list) -> None:
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     save_figure(fig, out / name)
     plt.close(fig)
@@ -122,12 +122,14 @@ def _bars(plt, tasks: dict[str, list[dict]], out: Path, stem: str, made: list) -
         pts = sorted(pts, key=lambda p: (list(COLORS).index(p["method"]), p["doc"]))
         several = len(tasks[task]) > 1
         sizes = len({p["n"] for p in pts if p["n"]}) > 1  # runs on different training sizes: say which
+        budgets = len({p["steps"] for p in pts if p["steps"]}) > 1  # and on different step budgets
         for i, p in enumerate(pts):
             ax.errorbar([i], [p["y"]], yerr=[p["se"]], marker="o", capsize=4, color=COLORS[p["method"]])
             ax.annotate(f"{p['y']:.1f}", (i, p["y"] + p["se"]), textcoords="offset points", xytext=(0, 3),
                         ha="center", fontsize=7)
         ax.set_xticks(range(len(pts)))
-        ax.set_xticklabels([_label(p, several) + (f" n={p['n']}" if sizes and p["n"] else "") for p in pts],
+        ax.set_xticklabels([_label(p, several) + (f" n={p['n']}" if sizes and p["n"] else "")
+                            + (f" {p['steps']:.0f} steps" if budgets and p["steps"] else "") for p in pts],
                            rotation=35, ha="right", fontsize=7)
         ax.set_ylim(lo, hi)
         ax.set_ylabel("test accuracy (%)")

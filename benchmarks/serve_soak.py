@@ -23,6 +23,8 @@ Target: <= 2x.
 
     SOFTPROMPT_DATA=/path/to/data python benchmarks/serve_soak.py   # default model, ~4 min
     python benchmarks/serve_soak.py --quick                        # tiny random model; not written
+    python benchmarks/serve_soak.py --mix   # streams' TTFT/ITL beside a hostile mix, the long-prompt
+                                            # reproducer, peak RSS (soak_mix.py): serve_soak_mix.*
 """
 
 from __future__ import annotations
@@ -214,26 +216,25 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=120.0, help="client timeout per request, s")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--mix", action="store_true", help="healthy streams beside the hostile mix (soak_mix.py)")
+    ap.add_argument("--stream-tokens", type=int, default=24, help="--mix: tokens per healthy stream")
+    ap.add_argument("--long-chars", type=int, default=8500, help="--mix: characters of the long prompt (quick: 300)")
     a = ap.parse_args()
+    if a.mix:
+        return main_mix(a)
     import httpx
 
     from softprompt import store
 
     a.seconds = a.seconds or (4.0 if a.quick else 25.0)
     t_start = time.perf_counter()
-    info = common.machine_info()
-    home, model = SL.temp_home(a.quick)
-    texts = SL.sentences(200)
-    srv = SL.Server(model, 32, a.threads, home / "server.log")
+    info, home, model, texts, srv = start(a)
     try:
         SL.make_prompts(model)
         plant_invalid(model)
         bodies = upload_bodies(store.export_prompt("task0", home / "export"))
         hostile = hostile_requests(bodies)
-        srv.wait_ready()
-        for k in range(SL.PROMPTS):  # warm-up: every prompt loaded, its prefix cached
-            _, path, kw = healthy(k, 1 - k % 2, texts)
-            httpx.post(srv.url + path, timeout=300, **kw).raise_for_status()
+        warm_up(srv, texts)
         phases = run(a, srv.url, texts, hostile)
         registry = httpx.get(srv.url + "/v1/prompts", timeout=60)
         listing = {"status": registry.status_code,
@@ -244,6 +245,45 @@ def main() -> None:
     leftovers = sorted(p.name for p in (home / "prompts").iterdir()
                        if p.name.startswith(".") and "@v-" not in p.name and not p.name.endswith("@lock"))
     report(a, info, model, phases, listing, leftovers, time.perf_counter() - t_start)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def start(a):
+    """(machine info, temporary home, model, texts, the server starting)."""
+    info = common.machine_info()
+    home, model = SL.temp_home(a.quick)
+    return info, home, model, SL.sentences(200), SL.Server(model, 32, a.threads, home / "server.log")
+
+
+def warm_up(srv, texts: list[str]) -> None:
+    """Wait for the server, then load every prompt and cache its prefix."""
+    import httpx
+
+    srv.wait_ready()
+    for k in range(SL.PROMPTS):
+        _, path, kw = healthy(k, 1 - k % 2, texts)
+        httpx.post(srv.url + path, timeout=300, **kw).raise_for_status()
+
+
+def main_mix(a) -> None:
+    import soak_mix
+
+    from softprompt.config import ServerConfig
+
+    if a.quick:
+        a.long_chars = min(a.long_chars, 300)
+    info, home, model, texts, srv = start(a)
+    try:
+        SL.make_prompts(model)
+        warm_up(srv, texts)
+        res = soak_mix.run_mix(a, srv, texts)
+    finally:
+        srv.stop()
+    payload, md = soak_mix.mix_report(a, info, model, res, ServerConfig().max_request_mb)
+    payload["server_code"] = server_code()
+    print(md)
+    if not a.quick or a.out:
+        print("wrote", *common.write_results("serve_soak_mix", payload, md, a.out or common.RESULTS))
     shutil.rmtree(home, ignore_errors=True)
 
 

@@ -184,3 +184,92 @@ def test_stop_ids_end_a_row_like_eos(lm):
     got = eng.generate([GenerateRequest(TEXTS[1], "p1", cfg, stop_ids=(stop,)), GenerateRequest(TEXTS[0], None, cfg)])
     assert got[0].token_ids == cut and got[0].finish_reason == "stop" and len(cut) < 9
     assert got[1].token_ids == free[1].token_ids
+
+
+# ---------------------------------------------------------------- bounded memory, chunked prefill
+
+
+def test_scoring_in_slices_and_label_groups_equals_one_forward(lm, monkeypatch):
+    """Scoring with 3-token forwards and one (input, label) pair per group equals the
+    straightforward path (one prefill forward, every pair's cache copied at once)."""
+    from softprompt.inference import kv
+    from softprompt.inference.engine import PromptLogprobRow
+
+    reqs = [ScoreRequest(TEXTS[i % 4], (" good", " bad and boring", " yes it is", " no"), p)
+            for i, p in enumerate(["p0", None, "p2", "p1", None, "p0"])]
+    one = make_engine(lm, EngineConfig(max_forward_tokens=10**6, score_group_mb=10**6))
+    small = make_engine(lm, EngineConfig(max_forward_tokens=3, score_group_mb=1e-9))
+    groups = []
+    gather = kv.DecoderState.gather
+    monkeypatch.setattr(kv.DecoderState, "gather", lambda self, rows: groups.append(len(rows)) or gather(self, rows))
+    want = one.score(reqs)
+    assert max(groups) >= 12  # the straightforward path copied every pair's cache at once
+    groups.clear()
+    got = small.score(reqs)
+    assert groups and max(groups) == 1  # one pair at a time
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-5, rtol=0)
+    ids = tuple(lm.tokenizer(TEXTS[1], add_special_tokens=False)["input_ids"])
+    echo = [PromptLogprobRow(ids, p, 2) for p in ("p1", None)]
+    for x, y in zip(one.prompt_logprobs(echo), small.prompt_logprobs(echo), strict=True):
+        assert [t.logprob for t in x[1:]] == pytest.approx([t.logprob for t in y[1:]], abs=1e-5)
+
+
+def run_steps(eng, chunk, joins: dict[int, list[GenerateRequest]], widths: list | None = None):
+    """``StepBatch`` with ``prefill_chunk=chunk``; ``joins``: decode step -> requests added then.
+    Returns {(step, index): (tokens, logits, the step its last token came)}."""
+    from softprompt.inference.kv import DecoderState
+    from softprompt.inference.steps import StepBatch
+
+    batch, out, where, step = StepBatch(eng, keep_logits=True, prefill_chunk=chunk), {}, {}, 0
+    hidden = DecoderState.hidden
+    if widths is not None:
+        DecoderState.hidden = lambda self, ids, tmask: widths.append(ids.shape[1]) or hidden(self, ids, tmask)
+    try:
+        while len(batch) or any(s >= step for s in joins):
+            for k, r in enumerate(joins.get(step, [])):
+                where[batch.add([r])[0]] = (step, k)
+                out[step, k] = ([], [], [])
+            for e in batch.step():
+                if e.token is not None:
+                    out[where[e.rid]][0].append(e.token)
+                out[where[e.rid]][1].append(e.logits)
+                out[where[e.rid]][2].append(step)
+            step += 1
+    finally:
+        DecoderState.hidden = hidden
+    return {k: (t, torch.stack(lg), s[-1]) for k, (t, lg, s) in out.items()}
+
+
+def test_chunked_prefill_equals_one_shot_and_single_runs(lm):
+    """Prompts fed 1 or 4 token slots per step, rows joining while others decode: every row's
+    greedy tokens and logits equal its one-shot single run (tasks differ: see the first test)."""
+    eng = make_engine(lm)
+    reqs = mixed_requests()
+    long = GenerateRequest(" ".join(TEXTS * 4), "p1", GenerateConfig(max_new_tokens=4))
+    joins = {0: reqs[:3], 2: [long, *reqs[3:5]], 5: reqs[5:]}
+    single = {(s, k): eng.generate([r], return_logits=True)[0] for s, rs in joins.items() for k, r in enumerate(rs)}
+    for chunk in (1, 4):
+        got = run_steps(eng, chunk, joins)
+        for key, g in single.items():
+            assert got[key][0] == g.token_ids, (chunk, key)
+            torch.testing.assert_close(got[key][1], g.logits, atol=1e-5, rtol=0)
+
+
+def test_a_long_prompt_is_fed_a_chunk_per_step_while_short_rows_decode(lm):
+    """No forward is wider than the chunk, and short rows sent with a long prompt finish in the
+    same number of steps as alone (one-shot prefill padded them all to the long prompt)."""
+    eng = make_engine(lm, EngineConfig(max_forward_tokens=32))  # also 32 slots while nothing decodes
+    short = [GenerateRequest(TEXTS[k % 4], None, GenerateConfig(max_new_tokens=4)) for k in range(6)]
+    long = GenerateRequest(" ".join(TEXTS * 6), None, GenerateConfig(max_new_tokens=2))
+    n_long = len(eng.encode(long.text))
+    assert n_long > 40
+    alone, widths = run_steps(eng, 32, {0: short}), []
+    together = run_steps(eng, 32, {0: [*short, long]}, widths)
+    assert max(widths) <= 32
+    for k in range(len(short)):
+        assert together[0, k][0] == alone[0, k][0] and together[0, k][2] <= alone[0, k][2] + 1
+    assert together[0, len(short)][2] > max(alone[0, k][2] for k in range(len(short)))  # the long one came later
+    one_shot = []
+    run_steps(eng, None, {0: [*short, long]}, one_shot)
+    assert max(one_shot) >= n_long  # what chunking removes: every row run as wide as the long prompt

@@ -98,14 +98,19 @@ class PromptConfig(_JsonMixin):
     num_virtual_tokens: int = 20  # N: virtual tokens in the soft prompt
     init: str = "random"  # random | text | vocab | labels | transfer | prompt:<name> (best measured, docs/tuning.md)
     init_text: str | None = None  # text for init=text
-    kind: str = "shallow"  # shallow: (N, H) input embeddings | deep: keys/values at every layer (prefix tuning; docs/tuning.md)
+    kind: str = "shallow"  # shallow: (N, H) input embeddings | deep: keys/values at every layer (prefix tuning) | auto: kind, init, lr, N and budget chosen from the data (docs/tuning.md)
     reparam: str | None = None  # training-time reparameterisation, folded before saving: residual, mlp, lstm (shallow); mlp (deep)
+    dropout: float = 0.0  # prefix dropout while training (P-tuning v2 uses 0.1); never at evaluation or serving
+    freeze_first: bool = False  # keep the first virtual token as initialised (an attention sink, as PEFT's Cartridges)
+    offset_rank: int = 0  # DePT: rank r of a low-rank offset A (offset_length x r) @ B (r x H) added to the input tokens; 0 = none
+    offset_length: int = 256  # DePT: input positions the offset covers (T_max); later tokens get none
+    memory: bool = False  # PrefixMemory (deep prompts): a trainable per-head term phi(q)^T M outside the softmax, M zero-initialised
 
     def __post_init__(self) -> None:
-        _check(self.kind in REPARAMS, f"--kind must be one of {', '.join(REPARAMS)}, got {self.kind!r}")
-        _check(self.reparam is None or self.reparam in REPARAMS[self.kind],
+        _check(self.kind in (*REPARAMS, "auto"), f"--kind must be one of {', '.join(REPARAMS)}, auto, got {self.kind!r}")
+        _check(self.reparam is None or self.kind == "auto" or self.reparam in REPARAMS[self.kind],
                f"--reparam {self.reparam} is not supported for --kind {self.kind} "
-               f"(choose {', '.join(REPARAMS[self.kind])})")
+               f"(choose {', '.join(REPARAMS.get(self.kind, ()))})")
         _check(
             self.num_virtual_tokens > 0,
             f"--num-virtual-tokens must be positive, got {self.num_virtual_tokens}",
@@ -116,9 +121,19 @@ class PromptConfig(_JsonMixin):
             f"--init must be one of {', '.join(kinds)} or prompt:NAME, got {self.init!r}",
         )
         _check(self.init != "text" or bool(self.init_text), "--init text needs --init-text")
+        _check(0 <= self.dropout < 1, f"--prompt-dropout must be in [0, 1), got {self.dropout}")
+        _check(self.offset_rank >= 0 and self.offset_length > 0,
+               "--offset-rank must be >= 0 and --offset-length positive")
+        _check(not self.offset_rank or self.kind in ("shallow", "auto"),
+               "--offset-rank (DePT's input offset) goes with --kind shallow")
+        _check(not self.memory or self.kind in ("deep", "auto"), "--prefix-memory goes with --kind deep")
+
+
+TRAIN_KIND = "auto"  # softprompt train's --kind when none is given (training/auto.py); the library's default stays shallow
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # compute precision of training (precision.py)
+SCHEDULES = ("linear", "cosine")  # the lr after warm-up: linear decay to 0, or half a cosine to 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,9 @@ class TrainConfig(_JsonMixin):
     batch_size: int = 8  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
     warmup_ratio: float = 0.06  # share of steps with linear warm-up
+    warmup_steps: int | None = None  # steps of linear warm-up; overrides warmup_ratio
+    schedule: str = "linear"  # lr after warm-up: linear (decay to 0) | cosine (half a cosine to 0)
+    group_lr: dict[str, float] | None = None  # lr per parameter group, e.g. offset=1e-3 (DePT: groups prompt, offset); others use --lr
     weight_decay: float = 0.0  # AdamW weight decay on the prompt
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     seed: int = 0  # seeds data order, init and sampling
@@ -145,6 +163,9 @@ class TrainConfig(_JsonMixin):
         _check(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         _check(self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        _check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _check(all(v > 0 for v in (self.group_lr or {}).values()), "--group-lr: every lr must be positive")
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
@@ -173,9 +194,12 @@ class EngineConfig(_JsonMixin):
     max_batch_rows: int = 64  # rows per forward; longer request lists run in chunks
     use_prefix_cache: bool = True  # False = reference path: [pad][P][x] through the whole model
     force: bool = False  # accept prompts trained on another base model (equal H still required)
+    max_forward_tokens: int = 1024  # token slots per prefill or scoring forward (bounds activation memory)
+    score_group_mb: float = 256.0  # scoring: key/value copies + forward of one group of (input, label) pairs, MiB
 
     def __post_init__(self) -> None:
-        if self.max_resident_prompts < 1 or self.max_batch_rows < 1 or self.prefix_cache_mb < 0:
+        if (self.max_resident_prompts < 1 or self.max_batch_rows < 1 or self.prefix_cache_mb < 0
+                or self.max_forward_tokens < 1 or self.score_group_mb <= 0):
             raise UserError("engine limits must be positive")
 
 
@@ -217,18 +241,22 @@ class ServerConfig(_JsonMixin):
     max_label_tokens: int = 32  # tokens per classify label word
     max_template_chars: int = 32768  # a classify input rendered through its template, in characters
     max_request_tokens: int = 65536  # one request's tokens: per row, N + input + max_tokens (or label tokens)
+    max_request_mb: float = 1024.0  # one request's estimated working memory (cache + activations), MiB; over it: 413
+    prefill_chunk: int = 128  # while rows decode, prompt/scoring tokens run per step beside them (chunked prefill)
     request_timeout_s: float = 300.0  # a request still running after this gets 504 and is cancelled
     shutdown_timeout_s: float = 30.0  # graceful shutdown: time in-flight requests get to finish
 
     def __post_init__(self) -> None:
         ints = ("port", "max_batch_rows", "join_every", "max_queue", "max_body_bytes", "max_upload_bytes",
                 "max_prompt_tokens", "max_tokens", "max_rows", "max_labels", "max_label_tokens",
-                "max_template_chars", "max_request_tokens")
+                "max_template_chars", "max_request_tokens", "prefill_chunk")
         for name in ints:
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.shutdown_timeout_s < 0:
             raise UserError("--max-wait-ms, --request-timeout-s and --shutdown-timeout-s must be positive")
+        if not self.max_request_mb > 0:
+            raise UserError("--max-request-mb must be positive")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("--api-key must not be empty")
 
@@ -292,10 +320,8 @@ class CompareConfig(_JsonMixin):
             raise UserError("--train-sizes must be positive integers or 'all'")
         if not self.seeds:
             raise UserError("--seeds needs at least one seed")
-        if any(k <= 0 for k in self.curve):
-            raise UserError("--curve must be positive step counts, e.g. 200,600,1500")
-        if self.curve and self.budget:
-            raise UserError("--curve and --budget: give one (a curve's budget is its last point)")
+        if any(k <= 0 for k in self.curve) or (self.curve and self.budget):
+            raise UserError("--curve takes positive step counts (200,600,1500) and no --budget: its last point is the budget")
         for m in COMPARE_TRAINED:
             if m in self.methods and not self.lr_sweep.get(m):
                 raise UserError(f"no learning rate to try for {m}")

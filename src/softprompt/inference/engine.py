@@ -1,42 +1,42 @@
 """Inference: one frozen model, a bank of soft prompts, mixed-task batches, our own decode loop.
 
-``Engine`` holds the model, a ``bank.PromptBank`` (prompts by name, loaded lazily from the store,
-an LRU bound on how many stay resident, fingerprint-checked) and a ``bank.PrefixCache``
-(per-prompt keys/values, byte-bounded LRU). ``Engine.generate`` and ``Engine.score`` take lists
-of requests, each naming its prompt (or none) and, for generation, its own ``GenerateConfig``;
-all of them run as one batch (chunks of ``max_batch_rows``).
+``Engine`` holds the model, a ``bank.PromptBank`` (prompts by name, loaded lazily from the store, an LRU
+bound on how many stay resident, fingerprint-checked) and a ``bank.PrefixCache`` (per-prompt keys/values,
+byte-bounded LRU). ``Engine.generate`` and ``Engine.score`` take lists of requests, each naming its prompt
+(or none) and, for generation, its own ``GenerateConfig``; all run as one batch (chunks of ``max_batch_rows``).
 
-The public row API is what the decode loop (``steps.StepBatch``) and the server use:
-``request_rows`` resolves requests to ``Row``s (every prompt before any compute), ``start``
-prefills rows and returns the batch state with the first next-token logits. ``generate`` runs
-``StepBatch`` to the end: there is one decode loop.
+The row API serves the decode loop (``steps.StepBatch``) and the server: ``request_rows`` resolves
+requests to ``Row``s (every prompt before any compute), ``start`` prefills rows and returns the batch
+state with the first logits; ``generate`` runs ``StepBatch`` to the end: one decode loop.
 
 Decoder-only rows are laid out as ``kv.py`` describes: each row's prompt as a key/value prefix
 (computed once per prompt and reused by every request: causal attention, prompt first), then its
 tokens, all left-padded, positions explicit. With ``use_prefix_cache=False`` the reference path
-runs ``[pad][P_i][x_i]`` through the whole model. Everything goes through public arguments
-(``inputs_embeds``, ``attention_mask``, ``position_ids``, ``past_key_values``); nothing in
-transformers is patched. Encoder-decoder models put the prompt in front of the encoder input
-(``forward.seq2seq``); they have no prefix cache.
+runs ``[pad][P_i][x_i]`` through the whole model. Only public arguments (``inputs_embeds``, ``attention_mask``,
+``position_ids``, ``past_key_values``, ``prefix_memory`` for ``memory.py``'s attention); nothing is patched.
+Encoder-decoder models put the prompt in front of the encoder input (``forward.seq2seq``; no prefix cache).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from softprompt.chat import encode, stop_tokens
 from softprompt.compat import cache_kw, returned_cache
 from softprompt.config import EngineConfig, GenerateConfig, UserError
 from softprompt.forward import embed, lm_logits, seq2seq
+from softprompt.inference import memory, scoring
 from softprompt.inference.bank import PrefixCache, PrefixKV, PromptBank, compute_prefix, deep_prefix
-from softprompt.inference.kv import DecoderState, batch_prefix, left_pad
-from softprompt.inference.logprobs import TokenLogprob, pick_logprobs
+from softprompt.inference.kv import DecoderState, batch_prefix, left_pad, memory_kw, row_extras
+from softprompt.inference.logprobs import TokenLogprob
+from softprompt.inference.memory import MiB
 from softprompt.inference.steps import StepBatch
+from softprompt.offset import add_offset
 
 __all__ = ["ANON", "Engine", "EngineConfig", "GenerateRequest", "Generation", "PromptLogprobRow", "Row",
            "ScoreRequest", "ScoreResult", "ScoreRow", "StepBatch", "generate", "stop_tokens"]
@@ -111,6 +111,8 @@ class Row:
     emb: torch.Tensor | None  # (N, H) shallow prompt
     version: tuple | None
     deep: torch.Tensor | None = None  # (L, 2, kv, N, d) deep prompt
+    offset: torch.Tensor | None = None  # (T_max, H) DePT input offset of a shallow prompt (``offset.py``)
+    memory: torch.Tensor | None = None  # (L, heads, d, d) PrefixMemory of a deep prompt (``memory.py``)
 
     @property
     def n(self) -> int:
@@ -131,13 +133,14 @@ class Engine:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.eos_id = tok.eos_token_id
         self.stop_ids = stop_tokens(lm)
+        self.dims = memory.Dims.of(lm)
 
     @property
     def model(self):
         return self.lm.model
 
-    def add_prompt(self, name: str, embeddings: torch.Tensor, meta: dict | None = None) -> None:
-        self.bank.add(name, embeddings, meta)
+    def add_prompt(self, name: str, embeddings: torch.Tensor, meta: dict | None = None, **sides) -> None:
+        self.bank.add(name, embeddings, meta, **sides)  # sides: a stored prompt's offset / memory (``sides.py``)
 
     def encode(self, text: str) -> list[int]:
         return encode(self.lm.tokenizer, text)
@@ -161,7 +164,7 @@ class Engine:
                 raise UserError("empty input text: give some text to continue"
                                 + (" (a deep prompt has no token of its own to continue from)" if deep is not None
                                    else " (or a prompt)"))
-            rows.append(Row(list(ids), name, emb, version, deep))
+            rows.append(Row(list(ids), name, emb, version, deep, *((None, None) if sp is None else (sp.input_offset, sp.memory))))
         return rows
 
     def prefix(self, row: Row) -> PrefixKV | None:
@@ -190,7 +193,7 @@ class Engine:
         prefixes = [self.prefix(r) for r in rows]
         cache, pmask = batch_prefix(prefixes, model.config)
         ids, tmask = (t.to(self.device) for t in left_pad([r.ids for r in rows], self.pad_id))  # (B, maxT)
-        state = DecoderState(model, cache, pmask.to(self.device), self.tensor([r.n for r in rows]))
+        state = DecoderState(model, cache, pmask.to(self.device), self.tensor([r.n for r in rows]), *row_extras(model, rows))
         h = state.hidden(ids, tmask) if ids.shape[1] else None  # (B, maxT, H)
         last = [h[i, -1] if r.ids else prefixes[i].last for i, r in enumerate(rows)]
         return state, torch.stack(last)
@@ -206,6 +209,7 @@ class Engine:
         seqs = []
         for r in rows:
             x = embed(model, self.tensor(r.ids))  # (T, H)
+            x = x if r.offset is None else add_offset(x[None], r.offset.to(x.device))[0]
             seqs.append(x if r.emb is None else torch.cat([r.emb.to(x.device, x.dtype), x]))  # (N+T, H)
         L, H = max(s.shape[0] for s in seqs), seqs[0].shape[1]
         x = seqs[0].new_zeros(len(rows), L, H)
@@ -214,9 +218,10 @@ class Engine:
             x[i, L - s.shape[0] :], mask[i, L - s.shape[0] :] = s, 1
         pos = deep_n[:, None] + (mask.cumsum(1) - 1).clamp(min=0)  # 0 at the first virtual token
         full = torch.cat([pmask.to(self.device), mask], 1)  # (B, maxN_deep + L)
+        extras = row_extras(model, rows)  # (offsets, start, memory)
         out = model.base_model(inputs_embeds=x, attention_mask=full, position_ids=pos,
-                               **cache_kw(model.base_model, cache), use_cache=True)
-        state = DecoderState(model, returned_cache(out), full, deep_n + mask.sum(1))
+                               **cache_kw(model.base_model, cache), use_cache=True, **memory_kw(extras[2]))
+        state = DecoderState(model, returned_cache(out), full, deep_n + mask.sum(1), *extras)
         return state, out.last_hidden_state[:, -1]
 
     def start(self, rows: list[Row]):
@@ -286,66 +291,64 @@ class Engine:
         return self.score_rows([ScoreRow(tuple(self.encode(r.text)), tuple(tuple(self.encode(t)) for t in r.targets),
                                          r.prompt) for r in requests])
 
-    @torch.no_grad()
     def score_rows(self, requests: list[ScoreRow]) -> list[ScoreResult]:
+        """Log-likelihood of each target after its context, under each row's prompt (in bounded
+        memory: ``scoring``)."""
+        return scoring.run(self.score_task(requests, self.forward_budget))
+
+    def forward_budget(self) -> int:  # token slots one prefill or scoring forward may take
+        return self.cfg.max_forward_tokens
+
+    @torch.no_grad()
+    def score_task(self, requests: list[ScoreRow], budget, group_bytes: int | None = None
+                   ) -> Generator[None, None, list[ScoreResult]]:
+        """``score_rows`` as a generator that pauses after every forward, each of at most
+        ``budget()`` token slots (a scheduler's step), label groups of at most ``group_bytes``
+        (default ``score_group_mb``); returns the results."""
+        group_bytes = group_bytes or int(self.cfg.score_group_mb * MiB)
         for r in requests:
             if not r.targets or any(len(t) == 0 for t in r.targets):
                 raise UserError("every score target must be non-empty text")
         rows = self.rows([(list(r.context), r.prompt) for r in requests])
         out: list[ScoreResult | None] = [None] * len(rows)
         for chunk in self.chunks(rows):
-            lps = self._score_chunk([rows[i] for i in chunk], [requests[i].targets for i in chunk])
+            targets, crows = [requests[i].targets for i in chunk], [rows[i] for i in chunk]
+            if self.lm.is_encoder_decoder:
+                hidden, mask = seq2seq.encode(self.model, [r.emb for r in crows], [r.ids for r in crows])
+                idx = [i for i, ts in enumerate(targets) for _ in ts]
+                flat = [list(t) for ts in targets for t in ts]
+                lps = _unflatten(seq2seq.target_logprobs(self.model, hidden[idx], mask[idx], flat).tolist(), targets)
+                yield
+            else:
+                lps = (yield from scoring.target_steps(self, crows, targets, None, budget, group_bytes))[0]
             for i, lp in zip(chunk, lps):
                 out[i] = ScoreResult(logprobs=lp, n_tokens=[len(t) for t in requests[i].targets])
-        return out  # type: ignore[return-value]
+        return out
 
-    def _score_chunk(self, rows: list[Row], targets: list[tuple[tuple[int, ...], ...]]) -> list[list[float]]:
-        if self.lm.is_encoder_decoder:
-            hidden, mask = seq2seq.encode(self.model, [r.emb for r in rows], [r.ids for r in rows])
-            idx = [i for i, ts in enumerate(targets) for _ in ts]
-            flat = [list(t) for ts in targets for t in ts]
-            lp = seq2seq.target_logprobs(self.model, hidden[idx], mask[idx], flat).tolist()
-            return _unflatten(lp, targets)
-        return self._target_logprobs(rows, targets)[0]
+    # ------------------------------------------------ memory and context
 
-    def _target_logprobs(self, rows: list[Row], targets: list[tuple[tuple[int, ...], ...]],
-                         top_k: list[int] | None = None):
-        """Decoder-only: (summed log-probability of each target after its row's [prompt][context],
-        and with ``top_k`` (one k per row) every target token's ``TokenLogprob``, else None)."""
-        state, last = self.prefill(rows)
-        first = F.log_softmax(lm_logits(self.model, last).float(), -1)  # (B, V): predicts every target's first token
-        scores = [[float(first[i, t[0]]) for t in ts] for i, ts in enumerate(targets)]
-        toks = None
-        if top_k is not None:
-            pairs = [(i, k) for i, ts in enumerate(targets) for k in range(len(ts))]
-            firsts = pick_logprobs(first[[i for i, _ in pairs]], [targets[i][k][0] for i, k in pairs],
-                                   [top_k[i] for i, _ in pairs])
-            toks = [[[] for _ in ts] for ts in targets]
-            for (i, k), tl in zip(pairs, firsts, strict=True):
-                toks[i][k].append(tl)
-        longer = [(i, k) for i, ts in enumerate(targets) for k, t in enumerate(ts) if len(t) > 1]
-        if longer:  # the rest of each target runs on top of a copy of its row's cache
-            state.take([i for i, _ in longer])
-            rest = [list(targets[i][k]) for i, k in longer]
-            C = max(len(t) for t in rest) - 1
-            feed = torch.full((len(rest), C), self.pad_id, dtype=torch.long)
-            fmask = torch.zeros(len(rest), C, dtype=torch.long)
-            for j, t in enumerate(rest):
-                feed[j, : len(t) - 1], fmask[j, : len(t) - 1] = torch.tensor(t[:-1]), 1
-            feed, fmask = feed.to(self.device), fmask.to(self.device)
-            h = state.hidden(feed, fmask)  # (M, C, H); position c predicts token c+1
-            sel = fmask.bool()
-            gold = [tok for t in rest for tok in t[1:]]
-            logp = F.log_softmax(lm_logits(self.model, h[sel]).float(), -1)  # (S, V), rows in target order
-            lp = logp.gather(-1, self.tensor(gold)[:, None])[:, 0]
-            per = torch.zeros(len(rest), device=self.device).index_add_(0, sel.nonzero()[:, 0], lp)
-            for (i, k), v in zip(longer, per.tolist()):
-                scores[i][k] += v
-            if toks is not None:
-                more = iter(pick_logprobs(logp, gold, [top_k[i] for (i, _), t in zip(longer, rest) for _ in t[1:]]))
-                for (i, k), t in zip(longer, rest, strict=True):
-                    toks[i][k] += [next(more) for _ in t[1:]]
-        return scores, toks
+    @property
+    def context_length(self) -> int | None:
+        """Positions the model was trained for (None: no fixed limit, e.g. T5's relative positions)."""
+        c = self.model.config
+        n = None if self.is_encoder_decoder else getattr(c, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def score_bytes(self, requests: list[ScoreRow], forward_tokens: int | None = None,
+                    group_bytes: int | None = None) -> int:
+        """Estimated peak working memory of ``score_rows(requests)`` (``memory.score_bytes``)."""
+        rows = self.rows([(list(r.context), r.prompt) for r in requests])
+        return memory.score_bytes(self.dims, [(r.n, len(r.ids), [len(t) for t in q.targets])
+                                              for r, q in zip(rows, requests, strict=True)],
+                                  self.cfg.max_batch_rows, forward_tokens or self.cfg.max_forward_tokens,
+                                  group_bytes or int(self.cfg.score_group_mb * MiB))
+
+    def generate_bytes(self, requests: list[GenerateRequest], chunk: int | None = None) -> int:
+        """Estimated peak working memory ``requests`` bring into a decoding batch (``memory.generate_bytes``)."""
+        rows = self.request_rows(requests)
+        return memory.generate_bytes(self.dims, [(r.n, len(r.ids), q.config.max_new_tokens)
+                                                 for r, q in zip(rows, requests, strict=True)],
+                                     max(chunk or 0, self.cfg.max_forward_tokens))
 
     @torch.no_grad()
     def prompt_logprobs(self, requests: list[PromptLogprobRow]) -> list[list[TokenLogprob | None]]:
@@ -359,8 +362,9 @@ class Engine:
         rows = self.rows([(list(requests[j].token_ids[:1]), requests[j].prompt) for j in todo])
         for chunk in self.chunks(rows):
             reqs = [requests[todo[c]] for c in chunk]
-            _, toks = self._target_logprobs([rows[c] for c in chunk], [(r.token_ids[1:],) for r in reqs],
-                                            [r.top_k for r in reqs])
+            _, toks = scoring.run(scoring.target_steps(self, [rows[c] for c in chunk], [(r.token_ids[1:],) for r in reqs],
+                                                       [r.top_k for r in reqs], self.forward_budget,
+                                                       int(self.cfg.score_group_mb * MiB)))
             for c, tl in zip(chunk, toks, strict=True):
                 out[todo[c]] += tl[0]
         return out
@@ -373,8 +377,7 @@ class Engine:
                 "resident_deep_prompts": self.bank.resident_deep(),
                 "prefix_cache": {"entries": len(self.prefixes), "bytes": self.prefixes.nbytes,
                                  "max_bytes": self.prefixes.max_bytes, "hits": self.prefixes.hits,
-                                 "misses": self.prefixes.misses},
-                "model_bytes": model_bytes}
+                                 "misses": self.prefixes.misses}, "model_bytes": model_bytes}
 
 
 def _unflatten(flat: list[float], targets) -> list[list[float]]:
@@ -387,11 +390,11 @@ def _unflatten(flat: list[float], targets) -> list[list[float]]:
 
 @torch.no_grad()
 def generate(lm, prompt: torch.Tensor | None, text: str, cfg: GenerateConfig,
-             token_ids: list[int] | None = None) -> Generation:
+             token_ids: list[int] | None = None, sides: dict | None = None) -> Generation:
     """Generate a continuation of ``text`` (or of ``token_ids``, e.g. ``chat.encode_chat``'s)
-    under ``prompt`` (None = the plain model)."""
+    under ``prompt`` (None = the plain model) and its ``sides`` (a stored prompt's offset/memory)."""
     eng = Engine(lm)
     if prompt is not None:
-        eng.add_prompt(ANON, prompt)
+        eng.add_prompt(ANON, prompt, **(sides or {}))
     ids = tuple(token_ids) if token_ids is not None else None
     return eng.generate([GenerateRequest(text, ANON if prompt is not None else None, cfg, token_ids=ids)])[0]

@@ -1,13 +1,20 @@
 """Step-wise decoding: the one decode loop, used by ``Engine.generate`` and by the server.
 
 ``StepBatch`` is iteration-level scheduling: rows join (``add``) and leave (EOS, their
-``max_new_tokens``, ``cancel``) between steps. ``step`` picks one token for every live row
-(``sampling.pick_tokens``: per-row config and seeded generator), so a row's tokens depend
-neither on when it joined nor on its neighbours. New decoder-only rows are prefilled together
-and stacked onto the running cache (``kv.merge_states``). Encoder-decoder batches (T5: decoder
-positions are implicit) only take new rows while empty (``can_join``). Not thread-safe: one
-thread drives it. It talks to the engine through its public row API only (``request_rows``,
-``start``, ``tensor``, ``eos_id``, ``is_encoder_decoder``).
+``max_new_tokens``, ``cancel``) between steps. ``step`` is ``advance`` (prefill) then
+``decode``, which picks one token for every decoding row (``sampling.pick_tokens``: per-row
+config and seeded generator), so a row's tokens depend neither on when it joined nor on its
+neighbours.
+
+New decoder-only rows are prefilled and stacked onto the running cache (``kv.merge_states``):
+in one forward at ``add`` (``prefill_chunk=None``, what ``Engine.generate`` does), or chunked
+(``prefill_chunk=C``): ``add`` only queues them (``prefill.Filling``) and each ``advance`` feeds
+them at most C tokens while rows decode (``max_forward_tokens`` when none do), so a long
+prompt never stalls the decoding rows for more than one chunk per step; a row joins the
+decoding rows when its prompt is consumed. Encoder-decoder batches (T5: decoder positions are
+implicit) only take new rows while empty (``can_join``). Not thread-safe: one thread drives
+it. It talks to the engine through its public row API only (``request_rows``, ``start``,
+``prefix``, ``tensor``, ``eos_id``, ``is_encoder_decoder``).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch
 from softprompt.config import GenerateConfig
 from softprompt.inference.kv import merge_states
 from softprompt.inference.logprobs import TokenLogprob, step_logprobs
+from softprompt.inference.prefill import Filling
 from softprompt.inference.sampling import pick_tokens
 
 
@@ -45,20 +53,25 @@ class _Live:
 class StepBatch:
     """Rows that decode together; see the module docstring."""
 
-    def __init__(self, engine, keep_logits: bool = False):
+    def __init__(self, engine, keep_logits: bool = False, prefill_chunk: int | None = None):
         self.engine = engine
         self.keep_logits = keep_logits  # each event carries its step's logits (float32 copy)
         self.state = None
         self.logits: torch.Tensor | None = None  # (B, V) next-token logits of the live rows
         self.live: list[_Live] = []
+        chunked = prefill_chunk is not None and not engine.is_encoder_decoder and engine.cfg.use_prefix_cache
+        self.chunk = prefill_chunk if chunked else None
+        self.filling = Filling(engine)  # rows being prefilled (chunked), aligned with ``pending``
+        self.pending: list[_Live] = []
         self._ids = 0
 
     def __len__(self) -> int:
-        return len(self.live)
+        """Rows in the batch: decoding and still being prefilled."""
+        return len(self.live) + len(self.pending)
 
     @property
     def can_join(self) -> bool:
-        return not self.live or not self.engine.is_encoder_decoder
+        return not len(self) or not self.engine.is_encoder_decoder
 
     @torch.no_grad()
     def add(self, requests) -> list[int]:
@@ -76,23 +89,49 @@ class StepBatch:
         optionally a ``logprobs`` k (None = none) and token ids that end it like EOS."""
         if not self.can_join:
             raise RuntimeError("an encoder-decoder batch takes new rows only while empty")
-        state, logits = self.engine.start(rows)
+        ids = list(range(self._ids, self._ids + len(rows)))
+        ks, extra = logprobs or [None] * len(rows), stop_ids or [()] * len(rows)
+        eos = set(self.engine.stop_ids)  # EOS, generation_config EOS ids, the chat end of turn
+        new = [_Live(i, c, list(row.ids), torch.Generator().manual_seed(c.seed), logprobs=k, stops=frozenset(eos | set(x)))
+               for i, c, row, k, x in zip(ids, cfgs, rows, ks, extra, strict=True)]
+        if self.chunk is not None:
+            self.filling.add(rows)  # prompts resolved and their prefixes built; tokens run in ``advance``
+            self.pending += new
+        else:
+            state, logits = self.engine.start(rows)
+            self._join(new, state, logits)
+        self._ids += len(rows)
+        return ids
+
+    def _join(self, rows: list[_Live], state, logits: torch.Tensor) -> None:
+        """Prefilled rows start decoding."""
         if self.live:
             self.state, self.logits = merge_states(self.state, state), torch.cat([self.logits, logits])
         else:
             self.state, self.logits = state, logits
-        ids = list(range(self._ids, self._ids + len(rows)))
-        self._ids += len(rows)
-        ks, extra = logprobs or [None] * len(rows), stop_ids or [()] * len(rows)
-        eos = set(self.engine.stop_ids)  # EOS, generation_config EOS ids, the chat end of turn
-        self.live += [_Live(i, c, list(row.ids), torch.Generator().manual_seed(c.seed),
-                            logprobs=k, stops=frozenset(eos | set(x)))
-                      for i, c, row, k, x in zip(ids, cfgs, rows, ks, extra, strict=True)]
-        return ids
+        self.live += rows
 
     @torch.no_grad()
+    def advance(self) -> None:
+        """One prefill chunk for the rows still being prefilled (``prefill_chunk`` tokens while
+        rows decode; when none do, up to ``max_forward_tokens``, still at most ``prefill_chunk``
+        per row while several share the step); finished ones start decoding."""
+        if not self.pending:
+            return
+        budget = self.chunk if self.live else max(self.chunk, self.engine.cfg.max_forward_tokens)
+        done, state, logits = self.filling.advance(budget, self.chunk)
+        if done:
+            self._join([self.pending[j] for j in done], state, logits)
+            self.pending = [r for j, r in enumerate(self.pending) if j not in set(done)]
+
     def step(self) -> list[StepEvent]:
-        """One token for every live row; finished rows leave; the rest advance one position."""
+        """``advance`` then ``decode``."""
+        self.advance()
+        return self.decode()
+
+    @torch.no_grad()
+    def decode(self) -> list[StepEvent]:
+        """One token for every decoding row; finished rows leave; the rest advance one position."""
         if not self.live:
             return []
         live = self.live
@@ -123,6 +162,9 @@ class StepBatch:
         """Drop rows (client gone, stop string hit); the others are unaffected."""
         drop = set(rids)
         self._keep([j for j, r in enumerate(self.live) if r.rid not in drop])
+        kept = [j for j, r in enumerate(self.pending) if r.rid not in drop]
+        self.filling.keep(kept)
+        self.pending = [self.pending[j] for j in kept]
 
     def _keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.live):

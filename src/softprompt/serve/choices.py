@@ -17,6 +17,7 @@ import uuid
 
 from fastapi.responses import Response, StreamingResponse
 
+from softprompt.serve.events import Failed, Tokens
 from softprompt.serve.logprob_json import chat_logprobs, completion_logprobs
 from softprompt.serve.protocol import ApiError
 from softprompt.serve.streams import DONE, ClientGone, EventReader, StreamText, sse
@@ -28,13 +29,13 @@ async def respond(request, ctx, job, stream: bool, render):
     ctx.scheduler.submit(job)
     reader = EventReader(job, request, ctx.cfg.request_timeout_s)
     try:
-        kind, *rest = await reader.next()
-        if kind == "error":
-            raise rest[0]
+        event = await reader.next()
+        if isinstance(event, Failed):
+            raise event.error
     except (ApiError, ClientGone):
         reader.close()
         raise
-    run = render(reader, rest[0])
+    run = render(reader, event.info)
     if not stream:
         return await run.whole()
     reader.close()  # from here on the streaming response notices a disconnect itself
@@ -122,11 +123,11 @@ class Completion:
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     async def advance(self) -> None:
-        kind, *rest = await self.reader.next()
-        if kind == "error":
-            raise rest[0]
-        for k, text, n_tokens, finish, pieces in rest[0] if kind == "tokens" else []:
-            self.texts[k].update(text, n_tokens, finish, pieces)
+        event = await self.reader.next()
+        if isinstance(event, Failed):
+            raise event.error
+        for u in event.rows if isinstance(event, Tokens) else []:
+            self.texts[u.row].update(u.text, u.n_tokens, u.finish, u.pieces)
 
     async def whole(self):
         try:

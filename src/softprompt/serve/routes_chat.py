@@ -90,7 +90,8 @@ def chat_rows(spec: ChatSpec, cfg: ServerConfig, engine) -> tuple[list, dict]:
 async def chat_completions(request: Request, body: ChatRequest):
     ctx = served(request)
     spec = parse_chat(body, ctx.cfg, ctx.base_id)
-    job = Job("generate", partial(chat_rows, spec, ctx.cfg), spec.size, spec.stops, request_id(request))
+    job = Job("generate", partial(chat_rows, spec, ctx.cfg), spec.size, spec.stops, request_id(request),
+              source="messages")
     return await respond(request, ctx, job, spec.stream, lambda reader, info: Completion(
         ChatShape(spec.logprobs is not None), spec.size, spec.stops, spec.model, job, reader, info,
         spec.include_usage))

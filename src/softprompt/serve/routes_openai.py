@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from softprompt.config import GenerateConfig, ServerConfig
 from softprompt.serve.choices import Completion, TextShape, respond
 from softprompt.serve.context import request_id, served
+from softprompt.serve.events import Failed
 from softprompt.serve.protocol import (
     MIN_TEMPERATURE,
     ApiError,
@@ -305,12 +306,11 @@ async def classify(request: Request, body: ClassifyRequest):
     ctx.scheduler.submit(job)
     reader = EventReader(job, request, ctx.cfg.request_timeout_s)
     try:
-        kind, *rest = await reader.next()
+        event = await reader.next()
     except ClientGone:
         return Response(status_code=499)
     finally:
         reader.close()
-    if kind == "error":
-        raise rest[0]
-    results, labels = rest
-    return classification(spec, job.rows, results, labels)
+    if isinstance(event, Failed):
+        raise event.error
+    return classification(spec, job.rows, event.results, event.info)

@@ -5,20 +5,26 @@ is a 429 with Retry-After. The worker thread is the only code that touches the `
 (bank, caches, model) and the tokenizer. Each iteration it
 
 1. takes waiting jobs as the pure ``Admission`` policy says: scoring jobs up to
-   ``max_batch_rows`` rows, generation jobs in arrival order while their rows fit next to the
-   rows already decoding (an idle worker first waits up to ``max_wait_ms`` for companions);
-2. prepares each taken job (``job.prepare(engine)``: tokenisation, prompt metadata), so a bad
-   request fails only its own job;
-3. runs every taken scoring row, whatever its prompt, as one mixed ``Engine.score_rows`` batch;
-4. prefills the new generation rows in one forward and stacks them onto the running
-   ``StepBatch`` (continuous batching: rows join while others are mid-way);
-5. drops the rows of cancelled jobs (client gone, timeout) and decodes ONE step for all live
-   rows; each row's text is decoded here (``streams.RowText``), a stop string ends its row, and
-   finished rows leave the batch at once.
+   ``max_batch_rows`` rows (none while a scoring task runs), generation jobs in arrival order
+   while their rows fit next to the rows already in the batch (an idle worker first waits up
+   to ``max_wait_ms`` for companions);
+2. prepares each taken job (``job.prepare(engine)``: tokenisation, prompt metadata) and
+   checks its context length (400) and estimated working memory (413, ``limits``), so a bad
+   or oversized request fails only its own job, before any model work;
+3. scoring: the taken scoring rows, whatever their prompts, become ONE mixed scoring task
+   (``scorer``) that runs one forward per iteration;
+4. new generation rows join the ``StepBatch``, are prefilled a chunk per iteration (chunked
+   prefill) and start decoding when their prompt is consumed (continuous batching);
+5. drops the rows of cancelled jobs (client gone, timeout) and decodes ONE step for all
+   decoding rows; each row's text is decoded here (``streams.RowText``), a stop string ends its
+   row, and finished rows leave the batch at once.
 
-Results travel back to the event loop with ``loop.call_soon_threadsafe`` as events on the job's
-asyncio queue. After each iteration the worker publishes ``snapshot`` (engine statistics) for
-``/metrics``. An unexpected exception fails the jobs in the batch, and the worker goes on.
+While rows decode, one iteration runs either a scoring forward or a prefill chunk (turn about
+when both wait) beside the decode step, each of at most ``prefill_chunk`` tokens: no
+request's prompt or labels stall the decoding rows by more than that per step. Results travel
+back to the event loop with ``loop.call_soon_threadsafe`` as typed events (``events``) on the
+job's asyncio queue. After each iteration the worker publishes ``snapshot`` (engine statistics)
+for ``/metrics``. An unexpected exception fails the jobs in the batch, and the worker goes on.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from softprompt.config import UserError
+from softprompt.serve.events import Admitted, Failed, RowUpdate, Tokens
 from softprompt.serve.metrics import Metrics
 from softprompt.serve.protocol import ApiError, with_request_id
 from softprompt.serve.streams import RowText
@@ -44,28 +51,31 @@ class Job:
 
     ``prepare(engine)`` runs in the worker and returns (rows, info): ``GenerateRequest``s for
     ``kind`` "generate", ``ScoreRow``s for "score". ``size`` is the rows it will bring into a
-    batch, known before ``prepare``. Events: ("admitted", info), ("tokens", [(row, text,
-    n_tokens, finish|None, new logprob pieces)]), ("scores", results, info), ("error", ApiError).
+    batch, known before ``prepare``; ``source`` names the request field its tokens come from
+    (in a context-length error). Events: ``events.Event``.
     """
 
-    def __init__(self, kind: str, prepare: Callable, size: int, stops: Sequence[str] = (), request_id: str = ""):
+    def __init__(self, kind: str, prepare: Callable, size: int, stops: Sequence[str] = (), request_id: str = "",
+                 source: str | None = None):
         self.kind, self.prepare, self.size, self.stops = kind, prepare, size, list(stops)
         self.request_id = request_id  # the gate's id: in a 5xx answer and in the fault's log line
+        self.source = source or ("prompt" if kind == "generate" else "inputs")
         self.queued_at = 0  # the scheduler's decode step when the job was submitted
         self.rows: list = []
         self.info = None
+        self.memory = 0  # estimated working memory, bytes (set when prepared)
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False  # set by the event loop; the worker drops the job's rows
 
-    def put(self, *item) -> None:
+    def put(self, event) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
     def fail(self, err: ApiError) -> None:
-        self.put("error", with_request_id(err, self.request_id))
+        self.put(Failed(with_request_id(err, self.request_id)))
 
 
 def resolve_prompt(engine, name: str, max_tokens: int | None = None):
@@ -104,8 +114,9 @@ class Admission:
     max_batch_rows: int
     join_every: int
 
-    def take(self, waiting: Sequence, running: int, can_join: bool, since_join: int) -> list:
-        """The jobs (with ``kind`` and ``size``) to take from ``waiting``, in order."""
+    def take(self, waiting: Sequence, running: int, can_join: bool, since_join: int, scoring: bool = False) -> list:
+        """The jobs (with ``kind`` and ``size``) to take from ``waiting``, in order; no scoring
+        job while ``scoring`` (a scoring task is under way)."""
         free = self.max_batch_rows - running if can_join else 0
         if running and self.max_batch_rows > 1 and since_join < self.join_every:
             gen = sum(j.size for j in waiting if j.kind == "generate")
@@ -114,7 +125,7 @@ class Admission:
                 return []
         score_rows, taken, gen_blocked = 0, [], False
         for job in waiting:
-            if job.kind == "score" and (score_rows == 0 or score_rows + job.size <= self.max_batch_rows):
+            if job.kind == "score" and not scoring and (score_rows == 0 or score_rows + job.size <= self.max_batch_rows):
                 score_rows += job.size
                 taken.append(job)
             elif job.kind == "generate" and not gen_blocked:
@@ -131,7 +142,7 @@ class Scheduler:
     """The bounded queue and the one worker thread that batches across requests and prompts."""
 
     def __init__(self, engine, metrics: Metrics, cfg):
-        from softprompt.inference.steps import StepBatch
+        from softprompt.serve.scorer import Scorer
 
         self.engine, self.metrics, self.cfg = engine, metrics, cfg  # cfg: config.ServerConfig
         self.max_batch_rows, self.max_wait_ms, self.max_queue = cfg.max_batch_rows, cfg.max_wait_ms, cfg.max_queue
@@ -139,11 +150,24 @@ class Scheduler:
         self.steps = self.last_join = 0  # decode steps so far; the step new work last came in
         self.cv = threading.Condition()
         self.waiting: deque[Job] = deque()
-        self.batch = StepBatch(engine)
+        self.batch = self._new_batch()
+        self.scorer = Scorer(engine, metrics, cfg, self._fault)
+        self.turn = 0  # iterations with both prefill and scoring work waiting: they take turns
         self.rows: dict[int, tuple[Job, int, RowText]] = {}  # batch row id -> (job, row in job, its text)
         self.snapshot: dict = {}  # engine statistics, published by the worker for /metrics
         self.stopping = self.paused = False
         self.thread = threading.Thread(target=self._run, name="softprompt-worker", daemon=True)
+
+    def _new_batch(self):
+        from softprompt.inference.steps import StepBatch
+
+        return StepBatch(self.engine, prefill_chunk=self.cfg.prefill_chunk)
+
+    def budget(self) -> int:
+        """Token slots a prefill or scoring forward may take now: ``prefill_chunk`` while rows
+        decode, ``max_forward_tokens`` when none do."""
+        return self.cfg.prefill_chunk if self.batch.live else max(self.cfg.prefill_chunk,
+                                                                   self.engine.cfg.max_forward_tokens)
 
     def start(self) -> None:
         self.thread.start()
@@ -195,9 +219,7 @@ class Scheduler:
                 err = ApiError(500, "internal error while running the batch", "server_error", code="internal_error")
                 for job in hit:
                     job.fail(err)
-                from softprompt.inference.steps import StepBatch
-
-                self.batch, self.rows = StepBatch(self.engine), {}
+                self.batch, self.rows = self._new_batch(), {}
             self._publish()
 
     def _publish(self) -> None:
@@ -210,12 +232,13 @@ class Scheduler:
         """Block until there is work; an idle worker waits ``max_wait_ms`` for companions."""
         with self.cv:
             while True:
-                if self.stopping and not self.waiting and not len(self.batch):
+                busy = len(self.batch) or self.scorer.busy
+                if self.stopping and not self.waiting and not busy:
                     return None
-                if (self.waiting and not self.paused) or len(self.batch):
+                if (self.waiting and not self.paused) or busy:
                     break
                 self.cv.wait()
-            if not len(self.batch) and self.max_batch_rows > 1 and self.max_wait_ms > 0:
+            if not busy and self.max_batch_rows > 1 and self.max_wait_ms > 0:
                 deadline = time.monotonic() + self.max_wait_ms / 1000
                 while sum(j.size for j in self.waiting) < self.max_batch_rows and not self.stopping:
                     left = deadline - time.monotonic()
@@ -226,7 +249,8 @@ class Scheduler:
                 return []
             for job in [j for j in self.waiting if j.cancelled]:
                 self.waiting.remove(job)
-            taken = self.policy.take(self.waiting, len(self.batch), self.batch.can_join, self.steps - self.last_join)
+            since = self.steps - self.last_join if self.batch.live else self.cfg.join_every  # gather only beside decoding
+            taken = self.policy.take(self.waiting, len(self.batch), self.batch.can_join, since, self.scorer.busy)
             for job in taken:
                 self.waiting.remove(job)
                 self.metrics.observe("softprompt_wait_steps", job.kind, self.steps - job.queued_at, Metrics.STEPS)
@@ -236,28 +260,37 @@ class Scheduler:
 
     def _iterate(self, jobs: list[Job]) -> None:
         t0 = time.perf_counter()
-        scores = self._prepared([j for j in jobs if j.kind == "score"])
-        if scores:
-            self._score(scores)
-        t1 = time.perf_counter()
+        self.scorer.add(self._prepared([j for j in jobs if j.kind == "score"]))
         gens = self._prepared([j for j in jobs if j.kind == "generate"])
         if gens:
             self._admit(gens)
         self._drop([rid for rid, (j, _, _) in self.rows.items() if j.cancelled])
+        prefilling, scoring = bool(self.batch.pending), self.scorer.busy
+        self.turn += prefilling and scoring
+        t1 = time.perf_counter()
+        if scoring and not (prefilling and self.turn % 2):
+            self.scorer.step(self.budget)
         t2 = time.perf_counter()
+        if prefilling and not (scoring and not self.turn % 2):
+            self._advance()
         if len(self.batch):
             self._step()
         t3 = time.perf_counter()
-        for phase, dt in (("score", t1 - t0), ("join", t2 - t1), ("decode", t3 - t2)):
+        for phase, dt in (("score", t2 - t1), ("join", t1 - t0), ("decode", t3 - t2)):
             if dt > 1e-4:
                 self.metrics.worker(phase, dt)
 
     def _prepared(self, jobs: list[Job]) -> list[Job]:
-        """Jobs whose ``prepare`` succeeded; each failure is answered to its own job alone."""
+        """Jobs whose ``prepare`` and limits (context, memory) passed; each failure is answered
+        to its own job alone, before any model work."""
+        from softprompt.serve.limits import check_context, check_memory
+
         ready = []
         for job in jobs:
             try:
                 job.rows, job.info = job.prepare(self.engine)
+                check_context(job, self.engine)
+                job.memory = check_memory(job, self.engine, self.cfg)
                 ready.append(job)
             except ApiError as e:
                 job.fail(e)
@@ -267,25 +300,9 @@ class Scheduler:
                 job.fail(self._fault(e, "preparation", job))
         return ready
 
-    def _score(self, ready: list[Job]) -> None:
-        """All jobs' rows in one mixed forward; if it fails, each job apart, so only the culprit fails."""
-        try:
-            results = self.engine.score_rows([r for j in ready for r in j.rows])
-        except Exception:  # noqa: BLE001 - retried apart below; a real fault is logged there
-            for job in ready:
-                try:
-                    job.put("scores", self.engine.score_rows(job.rows), job.info)
-                except Exception as e:  # noqa: BLE001 - this job alone is failed
-                    job.fail(self._fault(e, "scoring", job))
-            return
-        self.metrics.batch("score", sum(len(j.rows) for j in ready))
-        s = 0
-        for job in ready:
-            job.put("scores", results[s : s + len(job.rows)], job.info)
-            s += len(job.rows)
-
     def _admit(self, jobs: list[Job]) -> None:
-        """Prefill every job's rows in one forward and join them; if it fails, each job apart."""
+        """Join every job's rows (prefilled chunk by chunk from the next iteration on; with an
+        encoder-decoder model in one forward); if that fails, each job apart."""
         placed = []
         try:
             rids = iter(self.batch.add([r for j in jobs for r in j.rows]))
@@ -300,8 +317,19 @@ class Scheduler:
         for job, ids in placed:
             for k, rid in enumerate(ids):
                 self.rows[rid] = (job, k, RowText(tok, job.stops))
-            job.put("admitted", job.info)
+            job.put(Admitted(job.info))
         self.metrics.batch("prefill", sum(len(ids) for _, ids in placed))
+
+    def _advance(self) -> None:
+        """One prefill chunk; if it fails, the jobs of the rows being prefilled fail (the decoding rows go on)."""
+        try:
+            self.batch.advance()
+        except Exception as e:  # noqa: BLE001 - the rows being prefilled are the culprits
+            jobs = {self.rows[r.rid][0] for r in self.batch.pending}
+            for job in jobs:
+                job.fail(self._fault(e, "prefill", job))
+                job.cancelled = True
+            self._drop([rid for rid, (job, _, _) in self.rows.items() if job in jobs])
 
     def _fault(self, e: Exception, phase: str, job: Job) -> ApiError:
         """The error one job gets when its own rows failed: 422 for a user error, else a 500 logged
@@ -323,30 +351,30 @@ class Scheduler:
     def _step(self) -> None:
         """One decode step; each row's text grows here, and a stop string ends its row."""
         self.steps += 1
-        self.metrics.batch("decode", len(self.batch))
+        self.metrics.batch("decode", len(self.batch.live))
         live = list(self.batch.live)
         states = [r.gen.get_state() for r in live]  # a failed step may have drawn from some rows' generators
         try:
-            events = self.batch.step()
+            events = self.batch.decode()
         except Exception as e:  # noqa: BLE001 - find the rows that break it, fail their jobs, go on
             for r, state in zip(live, states, strict=True):
                 r.gen.set_state(state)
             self._fail_culprits(e)
-            events = self.batch.step()
+            events = self.batch.decode()
         self.metrics.generated(sum(e.token is not None for e in events))
-        out: dict[Job, list] = defaultdict(list)
+        out: dict[Job, list[RowUpdate]] = defaultdict(list)
         stopped = []
         for e in events:
             job, k, text = self.rows[e.rid]
             text.add(e.token, e.finish_reason, e.logprob)
-            out[job].append((k, text.text, len(text.ids), text.finish, text.fresh()))
+            out[job].append(RowUpdate(k, text.text, len(text.ids), text.finish, text.fresh()))
             if e.finish_reason:
                 del self.rows[e.rid]
             elif text.finish:
                 stopped.append(e.rid)
         self._drop(stopped)
         for job, items in out.items():
-            job.put("tokens", items)
+            job.put(Tokens(items))
 
     def _fail_culprits(self, error: Exception) -> None:
         """Retry each row's token choice apart (on a copy of its generator) to find the rows

@@ -99,7 +99,8 @@ class EventReader:
         self.deadline = self.loop.time() + timeout_s
         self.watch = asyncio.ensure_future(_until_disconnect(request)) if request is not None else None
 
-    async def next(self) -> tuple:
+    async def next(self):
+        """The job's next ``events.Event``; ``ClientGone`` or a 504 instead when it ends first."""
         get = asyncio.ensure_future(self.job.events.get())
         try:
             waits = {get} if self.watch is None else {get, self.watch}

@@ -32,6 +32,7 @@ from softprompt import recipes, store
 from softprompt.config import DataConfig, MultitaskConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import sequence_logprobs
 from softprompt.training import tune as TR
+from softprompt.training.auto import method_kind
 from softprompt.training.loop import FitResult, fit
 from softprompt.training.methods import MultitaskMethod
 
@@ -124,9 +125,7 @@ class MultitaskResult:
 def train_multitask(lm, mcfg: MultitaskConfig, prompt_cfg: PromptConfig, train_cfg: TrainConfig, name: str,
                     resume: bool = False, progress: bool = False, save: bool = True, force: bool = False) -> MultitaskResult:
     """Train the shared prompt and the task modulations on a mix of tasks; store every prompt."""
-    if prompt_cfg.kind != "shallow" or prompt_cfg.reparam is not None:
-        raise UserError("train-multitask trains shallow prompts only (one shared (N, H) prompt modulated per task); "
-                        "drop --kind deep / --reparam")
+    prompt_cfg = method_kind(prompt_cfg, "train-multitask")  # one shared (N, H) prompt modulated per task
     torch.manual_seed(train_cfg.seed)
     names = [recipes.task_name(t) for t in mcfg.tasks]
     for n in [name] + [f"{name}-{t}" for t in names]:

@@ -13,11 +13,16 @@ from pathlib import Path
 import torch
 
 from softprompt import precision, recipes, store
-from softprompt.config import TrainConfig
+from softprompt.config import TrainConfig, UserError
 from softprompt.prompt import check_deep
-from softprompt.training import distributed
-from softprompt.training.loop import FitResult, eval_loss, fit
-from softprompt.training.methods import DeepPromptMethod, PromptMethod
+from softprompt.training import auto, checkpoint, distributed
+from softprompt.training.loop import FitResult, check_group_lrs, eval_loss, fit
+from softprompt.training.methods import (
+    DeepPromptMethod,
+    MemoryPromptMethod,
+    OffsetPromptMethod,
+    PromptMethod,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +83,22 @@ def initial_prompt(lm, prompt_cfg, data_cfg, seed: int, force: bool = False) -> 
 
 def prompt_method(lm, init: torch.Tensor, prompt_cfg, fast: bool, seed: int, pack: bool = False,
                   used: str = "fp32") -> PromptMethod:
-    """The training method for ``prompt_cfg``'s kind and reparameterisation; ``pack`` and the
-    precision ``used`` (``precision.resolve``) as ``TrainConfig`` asks."""
+    """The training method for ``prompt_cfg``'s kind, reparameterisation and levers (prefix
+    dropout, frozen first token, DePT's input offset); ``pack`` and the precision ``used``
+    (``precision.resolve``) as ``TrainConfig`` asks."""
+    levers = {"dropout": prompt_cfg.dropout, "freeze_first": prompt_cfg.freeze_first}
+    if prompt_cfg.offset_rank:
+        if pack:
+            raise UserError("--offset-rank does not go with --pack (the offset is per input position)")
+        return OffsetPromptMethod(lm.model, init, prompt_cfg.offset_rank, prompt_cfg.offset_length, fast=fast,
+                                  reparam=prompt_cfg.reparam, seed=seed, precision=used, **levers)
+    if prompt_cfg.memory:
+        if pack:
+            raise UserError("--prefix-memory does not go with --pack")
+        return MemoryPromptMethod(lm.model, init, fast=fast, reparam=prompt_cfg.reparam, seed=seed, precision=used,
+                                  **levers)
     cls = DeepPromptMethod if prompt_cfg.kind == "deep" else PromptMethod
-    return cls(lm.model, init, fast=fast, reparam=prompt_cfg.reparam, seed=seed, pack=pack, precision=used)
+    return cls(lm.model, init, fast=fast, reparam=prompt_cfg.reparam, seed=seed, pack=pack, precision=used, **levers)
 
 
 def prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, fit_res: FitResult, task: str | None) -> dict:
@@ -120,9 +137,12 @@ def runs_dir(name: str) -> Path:
 
 def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = None, task: str | None = None,
           resume: bool = False, save: bool = True, progress: bool = False, force: bool = False,
-          fsdp: bool = False) -> TrainResult:
+          fsdp: bool = False, given: set[str] | None = None, say=None) -> TrainResult:
     """Prompt tuning end to end: data -> init -> fit -> save. Nothing is written on bad input.
 
+    ``prompt_cfg.kind == "auto"`` resolves, once the data is read, into the settings of
+    ``auto.RULES``; the fields in ``given`` keep the caller's values (``auto.resolve``), and
+    ``say`` (default: the log) gets the one line that tells the choice as training starts.
     Under ``torchrun`` / ``accelerate launch`` this is one rank of a data-parallel run
     (``distributed.py``; ``fsdp`` shards the frozen model): only rank 0 saves.
     """
@@ -135,6 +155,10 @@ def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = N
         check_deep(lm.model)  # one line, before any data is read or anything written
     tok = lm.tokenizer
     train_ex, eval_ex, data_cfg = recipes.train_dev(tok, data_cfg, task, train_cfg.seed)
+    chosen = None
+    if prompt_cfg.kind == "auto":
+        prompt_cfg, train_cfg, chosen = auto.resolve(auto.facts_of(lm, data_cfg, len(train_ex)), prompt_cfg,
+                                                     train_cfg, given)
     ranking = None
     if prompt_cfg.init == "transfer":  # SPoT-style: the stored prompt that suits this data best
         from softprompt.training.transfer import rank_sources
@@ -147,17 +171,26 @@ def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = N
     method = prompt_method(lm, init, prompt_cfg, fast, train_cfg.seed, train_cfg.pack, prec["used"])
     evaluator = make_evaluator(method, tok, eval_ex, data_cfg, train_cfg, tok.pad_token_id)
     ckpt = runs_dir(name) / "checkpoint" if (save and name) else None
+    if chosen is not None and main:
+        if resume and ckpt is not None:
+            checkpoint.require(ckpt)  # the one-line errors come before the choice is told
+        check_group_lrs(method, train_cfg)
+        (say or log.info)(auto.line(prompt_cfg, train_cfg, chosen))
     res = fit(method, train_ex, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress and main, dist)
     prompt = res.state["prompt"]
+    sides = {"offset": (res.state["offset_a"], res.state["offset_b"]) if "offset_a" in res.state else None,
+             "memory": res.state.get("memory")}
     meta = prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, res, task)
     meta["precision"] = prec  # what auto chose and why (softprompt.json, the training summary)
+    if chosen is not None:
+        meta["auto"] = chosen  # --kind auto: its choice, the user's overrides and why
     if ranking is not None:
         meta["transfer"] = {"source": ranking[0]["name"], "ranking": ranking}
     if dist is not None:
         meta["distributed"] = {"world_size": dist.world, "fsdp": dist.fsdp}
     path = None
     if save and name and main:
-        path = store.save_prompt(store.prompt_path(name), prompt, meta, str(lm.path), lm.model.config)
+        path = store.save_prompt(store.prompt_path(name), prompt, meta, str(lm.path), lm.model.config, **sides)
     return TrainResult(name=name or "", prompt=prompt, path=path, history=res.history, epochs=res.epochs,
                        train_time_s=res.train_time_s, final_train_loss=res.final_train_loss, best=res.best,
                        stopped=res.stopped, n_train=len(train_ex), n_eval=len(eval_ex), meta=meta)

@@ -1,0 +1,102 @@
+"""Chunked prefill: rows whose prompts are fed a piece at a time, beside rows that decode.
+
+``Filling`` holds the rows still being prefilled as one ``DecoderState`` (their prompt
+prefixes, then the tokens fed so far). ``advance(budget)`` feeds every such row its next piece
+in ONE forward of at most ``budget`` tokens (at most ``cap`` per row when rows share it): the
+rows with the least left to read take theirs first, so short prompts finish in the first step or two (and start decoding) while a long one
+goes on a chunk at a time; pieces are right-padded to the longest piece of the step (at most
+``budget``), never to another request's prompt. Rows whose prompt is consumed leave
+with their first next-token logits, to join the decoding batch (``steps.StepBatch``).
+
+Exact: positions are explicit (``DecoderState``) and pad columns are masked, so a row's keys,
+values and logits equal a one-shot prefill's up to float rounding; ``tests/test_engine.py``
+checks greedy outputs and logits against the one-shot path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from softprompt.forward import lm_logits
+from softprompt.inference.kv import (
+    DecoderState,
+    batch_prefix,
+    merge_states,
+    row_extras,
+    with_layers,
+)
+
+
+class Filling:
+    """Rows being prefilled, in the order they were added (``add``)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.state: DecoderState | None = None
+        self.ids: list[list[int]] = []  # each row's input tokens
+        self.fed: list[int] = []  # tokens of each row already run
+        self.last: list[torch.Tensor | None] = []  # hidden state of each row's last token so far (or its prompt's)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, rows: list) -> None:
+        """Resolved engine rows (``Engine.request_rows``): their prompts' keys/values, no tokens yet."""
+        eng = self.engine
+        prefixes = [eng.prefix(r) for r in rows]
+        cache, pmask = batch_prefix(prefixes, eng.model.config)
+        dtype = eng.model.get_input_embeddings().weight.dtype
+        state = with_layers(DecoderState(eng.model, cache, pmask.to(eng.device), eng.tensor([r.n for r in rows]),
+                                         *row_extras(eng.model, rows)),
+                            eng.lm.kv_shape, dtype)
+        self.state = state if self.state is None else merge_states(self.state, state)
+        self.ids += [list(r.ids) for r in rows]
+        self.fed += [0] * len(rows)
+        self.last += [None if p is None else p.last for p in prefixes]
+
+    def remaining(self) -> list[int]:
+        return [len(ids) - f for ids, f in zip(self.ids, self.fed, strict=True)]
+
+    @torch.no_grad()
+    def advance(self, budget: int, cap: int | None = None) -> tuple[list[int], DecoderState | None, torch.Tensor | None]:
+        """One forward of at most ``budget`` tokens, at most ``cap`` per row when several rows
+        share it; returns the rows (indices at call time) whose prompt is now consumed, their
+        state and their first next-token logits (B', V), and keeps the rest."""
+        rem = self.remaining()
+        if any(rem):
+            take, left = [0] * len(rem), max(1, budget)
+            cap = cap if cap and sum(r > 0 for r in rem) > 1 else left
+            for j in sorted((j for j, r in enumerate(rem) if r), key=lambda j: rem[j]):  # shortest first
+                take[j] = min(rem[j], left, cap)
+                left -= take[j]
+                if not left:
+                    break
+            pieces = [ids[f : f + n] for ids, f, n in zip(self.ids, self.fed, take, strict=True)]
+            C = max(len(p) for p in pieces)
+            feed = torch.full((len(pieces), C), self.engine.pad_id, dtype=torch.long)
+            fmask = torch.zeros(len(pieces), C, dtype=torch.long)
+            for j, p in enumerate(pieces):
+                if p:
+                    feed[j, : len(p)], fmask[j, : len(p)] = torch.tensor(p), 1
+            h = self.state.hidden(feed.to(self.engine.device), fmask.to(self.engine.device))  # (P, C, H)
+            for j, p in enumerate(pieces):
+                if p:
+                    self.fed[j] += len(p)
+                    self.last[j] = h[j, len(p) - 1]
+        done = [j for j, r in enumerate(self.remaining()) if r == 0]
+        if not done:
+            return [], None, None
+        state = self.state.gather(done)
+        logits = lm_logits(self.engine.model, torch.stack([self.last[j] for j in done]))
+        self.keep([j for j in range(len(self)) if j not in set(done)])
+        return done, state, logits
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (indices), in order."""
+        if len(rows) == len(self):
+            return
+        self.ids, self.fed, self.last = ([x[j] for j in rows] for x in (self.ids, self.fed, self.last))
+        if rows:
+            self.state.take(rows)
+        else:
+            self.state = None

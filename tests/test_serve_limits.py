@@ -1,0 +1,94 @@
+"""No request can stall its neighbours or outgrow the server's memory: chunked prefill beside
+decoding rows, the memory estimate in front of admission (413), the context-length check (400).
+
+Relational where it can be: short requests sent together with a long prompt finish before the
+long prompt has even been read (before, every row was prefilled as wide as the long one and the
+long one answered first); a refused request leaves the model's counters untouched.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from test_server import TEXTS, home, lm, metric, paused, running  # noqa: F401 (fixtures)
+
+pytest.importorskip("fastapi")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def model_counters(base: str) -> list[float]:
+    text = httpx.get(base + "/metrics").text
+    return [metric(text, f'softprompt_batch_rows_count{{kind="{k}"}}') for k in ("score", "prefill", "decode")]
+
+
+def test_short_requests_sent_with_a_long_prompt_finish_before_it_is_read(lm):  # noqa: F811
+    """16 short greedy requests and one ~450-token prompt meet in one batch: with a 16-token
+    prefill chunk the short ones decode while the long prompt is read a chunk per step, so all of
+    them finish before the long one (which asks for one token)."""
+    from softprompt.inference.kv import DecoderState
+
+    long_text = " ".join(TEXTS * 12)
+    widths, hidden = [], DecoderState.hidden
+    calls = [("/v1/completions", {"model": "tiny", "prompt": TEXTS[k % 4], "max_tokens": 8, "temperature": 0})
+             for k in range(16)]
+    calls.append(("/v1/completions", {"model": "tiny", "prompt": long_text, "max_tokens": 1, "temperature": 0}))
+    done = {}
+    with running(lm, prefill_chunk=16) as (base, app, _):
+        DecoderState.hidden = lambda self, ids, tmask: widths.append(ids.shape) or hidden(self, ids, tmask)
+        try:
+            with paused(app, waiting=len(calls)):
+                threads = [threading.Thread(target=lambda k=k, c=c: done.setdefault(k, (httpx.post(
+                    base + c[0], json=c[1], timeout=120), time.monotonic()))) for k, c in enumerate(calls)]
+                for t in threads:
+                    t.start()
+            for t in threads:
+                t.join(120)
+        finally:
+            DecoderState.hidden = hidden
+    assert all(r.status_code == 200 for r, _ in done.values()), [r.text for r, _ in done.values() if r.status_code != 200]
+    assert done[16][0].json()["usage"]["prompt_tokens"] > 300
+    assert max(t for k, (_, t) in done.items() if k < 16) < done[16][1]
+    assert sum(tuple(s) == (1, 16) for s in widths) >= 5, widths  # the long prompt, a chunk per step
+
+
+def test_a_request_over_the_memory_budget_is_413_before_any_model_work(lm):  # noqa: F811
+    body = {"prompt": "tiny", "inputs": ["word " * 100] * 32, "verbalizer": [f"w{i}" for i in range(16)]}
+    with running(lm, max_request_mb=2) as (base, _, _):
+        before = model_counters(base)
+        r = httpx.post(base + "/v1/classify", json=body, timeout=60)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+        assert "--max-request-mb" in r.json()["error"]["message"]
+        r = httpx.post(base + "/v1/completions", json={"model": "p1", "prompt": "word " * 100, "n": 16,
+                                                       "max_tokens": 200}, timeout=60)
+        assert r.status_code == 413 and "MiB" in r.json()["error"]["message"], r.text
+        assert model_counters(base) == before  # the model never ran
+        ok = httpx.post(base + "/v1/classify", json={**body, "inputs": ["word"]}, timeout=60)
+        assert ok.status_code == 200, ok.text
+
+
+def test_prompt_virtual_and_completion_tokens_beyond_the_context_are_a_400_naming_them(lm):  # noqa: F811
+    """The tiny model's context is 512 positions: 3 virtual tokens + the prompt + max_tokens over
+    it is refused with vLLM's wording and the numbers; one token less is served."""
+    text = "word " * 100
+    with running(lm, max_tokens=600) as (base, _, _):
+        n = httpx.post(base + "/v1/completions", json={"model": "p0", "prompt": text, "max_tokens": 1},
+                       timeout=60).json()["usage"]["prompt_tokens"]
+        before = model_counters(base)
+        r = httpx.post(base + "/v1/completions", json={"model": "p0", "prompt": text, "max_tokens": 512 - n - 2},
+                       timeout=60)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "prompt", r.text
+        assert (f"maximum context length is 512 tokens. However, you requested 513 tokens ({n} in the prompt, "
+                f"3 virtual, {512 - n - 2} in the completion)") in err["message"]
+        assert model_counters(base) == before
+        r = httpx.post(base + "/v1/completions", json={"model": "p0", "prompt": text, "max_tokens": 512 - n - 3,
+                                                       "temperature": 0}, timeout=120)
+        assert r.status_code == 200, r.text

@@ -298,6 +298,7 @@ class CompareConfig(_JsonMixin):
     seeds: tuple[int, ...] = (0,)  # run seeds: training set, batch order, init, demos
     lr_sweep: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(COMPARE_LR_SWEEP))
     budget: int | None = None  # optimiser steps per training run; None = epochs, >= min_steps
+    curve: tuple[int, ...] = ()  # learning curve: dev and test accuracy at these steps of ONE run per method and seed (at most --epochs epochs; the lr is raced on dev at the first point)
     min_steps: int = 50  # small training sets still get this many steps (more epochs)
     eval_limit: int | None = 200  # dev rows (seeded sample): early stopping, lr, template
     test_limit: int | None = None  # test rows (seeded sample); None = the whole test set
@@ -319,6 +320,8 @@ class CompareConfig(_JsonMixin):
             raise UserError("--train-sizes must be positive integers or 'all'")
         if not self.seeds:
             raise UserError("--seeds needs at least one seed")
+        if any(k <= 0 for k in self.curve) or (self.curve and self.budget):
+            raise UserError("--curve takes positive step counts (200,600,1500) and no --budget: its last point is the budget")
         for m in COMPARE_TRAINED:
             if m in self.methods and not self.lr_sweep.get(m):
                 raise UserError(f"no learning rate to try for {m}")

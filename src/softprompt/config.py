@@ -305,6 +305,7 @@ class CompareConfig(_JsonMixin):
     seeds: tuple[int, ...] = option((0,), 'run seeds: training set, batch order, init, demos')
     lr_sweep: dict[str, tuple[float, ...]] = option(COMPARE_LR_SWEEP, "learning rates tried per trained method")
     budget: int | None = option(None, 'optimiser steps per training run (not given: --epochs, at least --min-steps)')
+    curve: tuple[int, ...] = option((), 'learning curve: dev and test accuracy at these steps of ONE run per method and seed (at most --epochs epochs; the lr is raced on dev at the first point)')
     min_steps: int = option(50, 'small training sets still get this many steps (more epochs)')
     dev_sample: int | None = option(200, 'dev rows, a seeded sample: early stopping, lr, template', none="all")
     test_sample: int | None = option(None, 'test rows, a seeded sample', none="all")
@@ -326,6 +327,8 @@ class CompareConfig(_JsonMixin):
             raise UserError("--train-sizes must be positive integers or 'all'")
         if not self.seeds:
             raise UserError("--seeds needs at least one seed")
+        if any(k <= 0 for k in self.curve) or (self.curve and self.budget):
+            raise UserError("--curve takes positive step counts (200,600,1500) and no --budget: its last point is the budget")
         for m in COMPARE_TRAINED:
             if m in self.methods and not self.lr_sweep.get(m):
                 raise UserError(f"no learning rate to try for {m}")

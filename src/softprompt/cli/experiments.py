@@ -117,10 +117,12 @@ def cmd_compare(a: argparse.Namespace) -> int:
     lm = models.load(a.model)
     tag = a.tag or recipes.task_name(a.task, dcfg.path)
     journal = out / f"compare_{tag}.runs.jsonl"
-    doc = compare.run(lm, dcfg, a.task, ccfg, tcfg, pcfg, progress=not a.quiet, say=say, journal=journal, resume=a.resume)
+    doc = compare.run(lm, dcfg, a.task, ccfg, tcfg, pcfg, progress=not a.quiet, say=say, journal=journal, resume=a.resume,
+                      label={"tag": tag, "command": command})
     doc["tag"], doc["command"] = tag, command
     path = write_json(doc, out / f"compare_{tag}.json")
     journal.unlink()  # the result is written: the finished runs are in it
+    compare.partial_path(journal).unlink(missing_ok=True)
     md = compare_report.write_report([doc], out, f"compare_{tag}", command, notes)
     print("\n".join(compare_report.table(doc)))
     print(f"wrote {path} and {md}")

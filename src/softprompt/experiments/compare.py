@@ -41,10 +41,11 @@ from softprompt.config import (
 from softprompt.config import (
     COMPARE_TRAINED as TRAINED,
 )
+from softprompt.experiments import compare_curve as CC
 from softprompt.experiments import compare_data as CD
 from softprompt.experiments.compare_runs import Journal
 from softprompt.experiments.measure import PeakMemory, latency_ms, weights_digest
-from softprompt.provenance import loadavg
+from softprompt.provenance import loadavg, write_json
 from softprompt.training import methods
 from softprompt.training import tune as TR
 from softprompt.training.loop import fit, plan_steps
@@ -54,11 +55,13 @@ if TYPE_CHECKING:
 
 
 def quick(cfg: CompareConfig) -> CompareConfig:
-    """``--quick``: the whole pipeline at smoke-test size (one lr each, a few steps and rows)."""
+    """``--quick``: the whole pipeline at smoke-test size (one lr each, a few steps and rows; a curve's
+    points capped at 3 steps)."""
     return replace(
         cfg,
         lr_sweep={m: v[:1] for m, v in cfg.lr_sweep.items()},
-        budget=cfg.budget or 3,
+        budget=None if cfg.curve else cfg.budget or 3,
+        curve=tuple(sorted({min(k, 3) for k in cfg.curve})),
         dev_sample=min(cfg.dev_sample or 8, 8),
         test_sample=min(cfg.test_sample or 16, 16),
         latency_requests=2,
@@ -231,8 +234,12 @@ def sweep_lr(ctx: Context, method: str, train, seed: int):
 def run_trained(ctx: Context, method: str, train, seed: int) -> dict:
     """The lr sweep through ``loop.fit``; the kept state is scored on test and saved once."""
     test = ctx.splits.examples()[2]
-    m, row, rows = sweep_lr(ctx, method, train, seed)
-    res = ctx.accuracy(m.score, test, ctx.splits.cfg)
+    if ctx.ccfg.curve:  # one run per lr along the curve; the kept lr's last point is the result
+        m, row, rows = CC.race(ctx, method, train, seed, make_method)
+        res = row["test"]
+    else:
+        m, row, rows = sweep_lr(ctx, method, train, seed)
+        res = ctx.accuracy(m.score, test, ctx.splits.cfg)
     with tempfile.TemporaryDirectory() as tmp:
         task_bytes = m.save(Path(tmp) / "artifact")  # bytes of the real saved artifact of one task
     out = {
@@ -242,7 +249,7 @@ def run_trained(ctx: Context, method: str, train, seed: int) -> dict:
         "sweep": rows,
         "test_accuracy": res["accuracy"],
         "confusion": res["confusion"],
-        "dev_accuracy": row["dev_accuracy"],
+        "dev_accuracy": row["curve"][-1]["dev_accuracy"] if row.get("curve") else row["dev_accuracy"],
         "trainable_params": m.trainable_parameters(),
         "task_bytes": task_bytes,
         "train_time_s": row["train_time_s"],
@@ -254,6 +261,8 @@ def run_trained(ctx: Context, method: str, train, seed: int) -> dict:
         "stopped": row["stopped"],
         **ctx.latency(m.score, test, ctx.splits.cfg),
     }
+    if ctx.ccfg.curve:
+        out["curve"] = row["curve"]
     del m
     gc.collect()
     return out
@@ -297,8 +306,10 @@ def run_one(ctx: Context, n: int | None, seed: int, method: str) -> dict:
     return r
 
 
-def run_all(ctx: Context, book: Journal | None, t_start: float) -> list[dict]:
-    """Every (size, seed, method) of the plan in order; finished ones come from the journal."""
+def run_all(ctx: Context, book: Journal | None, t_start: float,
+            finished: Callable[[list[dict], int], None] | None = None) -> list[dict]:
+    """Every (size, seed, method) of the plan in order; finished ones come from the journal.
+    ``finished(runs so far, runs planned)`` after each run this call made."""
     runs, jobs, outer = [], plan(ctx.ccfg), ctx.say
     for i, (n, seed, method) in enumerate(jobs, 1):
         head = f"[{i}/{len(jobs)} {time.perf_counter() - t_start:.0f}s] {method} n={n or 'all'} seed={seed}"
@@ -309,11 +320,18 @@ def run_all(ctx: Context, book: Journal | None, t_start: float) -> list[dict]:
             runs.append(run_one(ctx, n, seed, method))
             if book:
                 book.add(runs[-1])
+            if finished:
+                finished(runs, len(jobs))
         else:
             runs.append(done)
         ctx.say(f"test accuracy {runs[-1]['test_accuracy']:.4f} ({runs[-1]['wall_s']:.0f}s{', from the journal' if done else ''})")
     ctx.say = outer
     return runs
+
+
+def partial_path(journal: Path) -> Path:
+    """Where a comparison in progress keeps the document of its finished runs."""
+    return journal.parent / (journal.name.removesuffix(".runs.jsonl") + ".partial.json")
 
 
 def run(
@@ -327,9 +345,12 @@ def run(
     say: Callable[[str], None] | None = None,
     journal: Path | None = None,
     resume: bool = False,
+    label: dict | None = None,
 ) -> dict:
     """Every method x train size x seed; the result document (``compare_report.document``).
-    With ``journal``, finished runs are recorded there and, with ``resume``, taken from it."""
+    With ``journal``, finished runs are recorded there and, with ``resume``, taken from it; after
+    each run, the document of the runs so far is written beside it (``partial_path``), with
+    ``label`` (tag, command) and ``"partial": {"finished", "planned"}``."""
     from softprompt.experiments import compare_report as R
 
     t_start = time.perf_counter()
@@ -347,10 +368,17 @@ def run(
     if journal is not None:
         settings = {"model": lm.fingerprint, "task": task, "data": data_cfg.to_dict(), "compare": ccfg.to_dict(),
                     "train": ctx.tcfg.to_dict(), "prompt": ctx.pcfg.to_dict()}
-        book = Journal(journal, settings, resume)
+        defaults = {"data": DataConfig().to_dict(), "compare": CompareConfig().to_dict(),
+                    "train": TrainConfig().to_dict(), "prompt": PromptConfig().to_dict()}
+        book = Journal(journal, settings, resume, defaults)
         if book.done:
             ctx.say(f"resuming: {len(book.done)} finished runs taken from {journal}")
-    runs = run_all(ctx, book, t_start)
+
+    def finished(runs: list[dict], planned: int) -> None:
+        doc = R.document(ctx, task, runs, time.perf_counter() - t_start, load_start, weights_digest(lm.model) == before)
+        write_json({**doc, **(label or {}), "partial": {"finished": len(runs), "planned": planned}}, partial_path(journal))
+
+    runs = run_all(ctx, book, t_start, finished if journal is not None else None)
     unchanged = weights_digest(lm.model) == before
     if not unchanged:  # a bug, never a user error: the comparison would be unfair
         raise RuntimeError("the shared base model changed during the comparison")

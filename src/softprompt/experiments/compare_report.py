@@ -15,7 +15,7 @@ from pathlib import Path
 
 from softprompt import recipes
 from softprompt.config import UserError
-from softprompt.experiments import compare_plots
+from softprompt.experiments import compare_curve, compare_plots
 from softprompt.experiments.compare_plots import doc_name
 from softprompt.provenance import (
     atomic_write,
@@ -32,6 +32,15 @@ How each column is measured:
   input, `metrics.classify_metrics`; single-token label words are read off one distribution,
   exactly), the same function and test rows for every method; mean and sample standard
   deviation over seeds (`±0` with one seed).
+- **test SE**: the test set's binomial standard error at the mean accuracy, sqrt(p (1 - p) / n)
+  for n test rows: how far the accuracy of one fixed model can move with another test sample of
+  the same size (the error bars of the plots).
+- **learning curves** (`--curve A,B,...`): ONE training run per method, seed and lr, evaluated on
+  dev and test at each step count; the lr schedule (warm-up, linear decay) spans the last point,
+  so earlier points are mid-schedule states, each bit for bit the state of a separate run of
+  that many steps under the same schedule (tested). The lr is raced on dev at the first point:
+  the first lr runs the whole curve, a later one continues only when its dev accuracy there is
+  higher. The main table reports the last point.
 - **lr**: each trained method runs `loop.fit` once per learning rate of its sweep, with the same
   training rows, batch order (seeded), step budget, schedule and early stopping on the same dev
   set; the lr whose kept state is best on dev is the one scored on test.
@@ -133,7 +142,7 @@ def document(
     """The result of one comparison (``ctx`` is ``compare.Context``)."""
     from softprompt.training.methods import unique_parameters
 
-    summary, lm, cfg = summarize(runs), ctx.lm, ctx.splits.cfg
+    summary, lm, cfg = summarize(runs, ctx.splits.info["test"]), ctx.lm, ctx.splits.cfg
     return {
         "schema": SCHEMA,
         "task": recipes.task_name(task, cfg.path),
@@ -165,9 +174,10 @@ def document(
     }
 
 
-def summarize(runs: list[dict]) -> list[dict]:
+def summarize(runs: list[dict], n_test: int) -> list[dict]:
     """One row per (method, training examples): test accuracy mean and spread over seeds, the
-    mean of everything else."""
+    test set's standard error at the mean (``n_test`` rows), the learning curve where the runs
+    have one, the mean of everything else."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["method"], r["n_train"]), []).append(r)
@@ -182,6 +192,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "accuracy_min": min(accs),
             "accuracy_max": max(accs),
+            "accuracy_se": compare_curve.binomial_se(statistics.mean(accs), n_test),
             "mixed_task_batch": rs[0]["mixed_task_batch"],
             "lrs": sorted({r["lr"] for r in rs if r.get("lr") is not None}),
         }
@@ -202,6 +213,8 @@ def summarize(runs: list[dict]) -> list[dict]:
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:
                 row[key] = statistics.mean(vals)
+        if any(r.get("curve") for r in rs):
+            row["curve"] = compare_curve.summarize(rs, n_test)
         out.append(row)
     return out
 
@@ -252,9 +265,9 @@ def _cpu(r: dict, key: str, per_step: str | None = None) -> str:
 def table(doc: dict) -> list[str]:
     k = doc["config"]["serve_tasks"]
     lines = [
-        f"| method | train ex. | test acc. | seeds | lr | trainable params | bytes / task | bytes, {k} tasks "
+        f"| method | train ex. | test acc. | test SE | seeds | lr | trainable params | bytes / task | bytes, {k} tasks "
         "| train time | peak mem | latency / request | mixed-task batch | notes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---|",
     ]
     for r in doc["summary"]:
         notes = f"k = {r['k']:.0f} demonstrations" if r.get("k") is not None else ""
@@ -263,7 +276,8 @@ def table(doc: dict) -> list[str]:
         lr = ", ".join(f"{v:g}" for v in r["lrs"]) or "-"
         seeds = len([s for s in r["seeds"] if s is not None]) or "-"
         lines.append(
-            f"| {r['method']} | {r['n_train']} | {100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} | {seeds} "
+            f"| {r['method']} | {r['n_train']} | {100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} "
+            f"| {100 * compare_curve.binomial_se(r['accuracy_mean'], doc['data']['test']):.1f} | {seeds} "
             f"| {lr} | {_num(r['trainable_params'])} | {_bytes(r['task_bytes'])} | {_bytes(r['serve_bytes'])} "
             f"| {_secs(r.get('train_time_s', 0))}{_cpu(r, 'train_cpu_s', 'step_cpu_ms')} | {r['peak_mem_mb']:.0f} MB "
             f"| {r['latency_ms']:.0f} ms{_cpu(r, 'latency_cpu_ms')} "
@@ -303,14 +317,25 @@ def _details(doc: dict) -> list[str]:
     return out
 
 
+def _budget(doc: dict) -> str:
+    c = doc["config"]
+    if c.get("curve"):
+        return (f"the same for every trained method: one run per method and seed evaluated at steps "
+                f"{', '.join(map(str, c['curve']))} (at most {doc['train_config']['epochs']} epoch(s); the lr schedule "
+                f"spans the last point), batch {doc['train_config']['batch_size']}; the columns are the last point")
+    return f"{c['budget'] or 'TrainConfig epochs, at least ' + str(c['min_steps'])} optimiser steps per run"
+
+
 def section(doc: dict) -> list[str]:
     d, m, c = doc["data"], doc["model"], doc["config"]
     load = doc["machine"].get("loadavg_start")
     files = "; ".join(
         f"`{Path(p).parent.name}/{Path(p).name}` sha256 `{h[:12]}`" for p, h in d["files"].items()
     )
+    part = doc.get("partial")
+    still = f" (partial: {part['finished']} of {part['planned']} runs finished; the others still to run)" if part else ""
     out = [
-        f"## {doc_name(doc)}",
+        f"## {doc_name(doc)}{still}",
         "",
         f"- command: `{doc.get('command', '?')}`",
         f"- model: {m['name']} ({_num(m['parameters'])} parameters, {_bytes(m['bytes'])} of float32 weights); "
@@ -322,7 +347,7 @@ def section(doc: dict) -> list[str]:
         f"- training pool {d['pool']} rows; dev {d['dev']} rows ({d['dev_source']}); test {d['test']} rows "
         f"({d['test_source']}{', seeded sample of ' + str(d['test_sampled_from']) if d['test'] < d['test_sampled_from'] else ''}); "
         f"data seed {d['data_seed']}; run seeds {', '.join(map(str, doc['seeds']))}",
-        f"- budget: {c['budget'] or 'TrainConfig epochs, at least ' + str(c['min_steps'])} optimiser steps per run; "
+        f"- budget: {_budget(doc)}; "
         f"lr sweeps {', '.join(f'{k} ' + '/'.join(f'{v:g}' for v in vs) for k, vs in c['lr_sweep'].items() if k in c['methods'])}; "
         f"prompt N={doc['prompt_config']['num_virtual_tokens']}, init {doc['prompt_config']['init']}",
         "",
@@ -333,6 +358,7 @@ def section(doc: dict) -> list[str]:
         f"- {t['target']}: {t['value']} -> {'met' if t['met'] else 'not met'}"
         for t in targets(doc["summary"], doc["total_time_s"], doc.get("task"))  # current wording, from the numbers
     ]
+    out += compare_curve.table(doc)
     out += _details(doc)
     return out + [""]
 

@@ -47,6 +47,7 @@ class StopReason(str, Enum):
     COMPLETED = "completed"  # every planned step ran
     EARLY_STOPPED = "early-stopped"  # ``patience`` epochs without a better dev score
     NON_FINITE = "non-finite loss"  # a loss was NaN or inf; the last good state is kept
+    BY_CALLER = "stopped by caller"  # ``on_step`` returned True (e.g. an lr that lost a race)
 
     def __str__(self) -> str:
         return self.value
@@ -149,15 +150,18 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     dist: distributed.Dist | None = None,
+    horizon: int | None = None,
+    on_step: Callable[[int], bool] | None = None,
 ) -> FitResult:
     """Train ``method`` on ``examples``; evaluate and checkpoint after each epoch.
 
-    ``dist``: data-parallel over a process group (``distributed.py``); each rank trains on its
-    rows of every batch, the trainable gradients are summed, only rank 0 writes checkpoints.
+    ``dist``: data-parallel (``distributed.py``; rank 0 writes checkpoints). ``horizon``: the
+    steps the lr schedule spans (default: the run's), so k steps under horizon H are the first k
+    of an H-step run. ``on_step(step)`` after each step, the method in eval mode: True stops it.
     """
     params, opt = method.parameters(), make_optimizer(method, cfg)
     total, n_epochs = plan_steps(len(D.bucketed_batches(examples, cfg.batch_size, cfg.seed, 0)), cfg)
-    sched = _schedule(opt, total, cfg)
+    sched = _schedule(opt, horizon or total, cfg)
     _set_step(method, None)
     res = FitResult(state=method.state())
     start_epoch, step, best_score, bad = 0, 0, None, 0
@@ -171,12 +175,13 @@ def fit(
             break
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            losses, step = _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist)
+            losses, step = _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist,
+                                      on_step)
         finally:
             _set_step(method, None)  # eval mode for evaluation, checkpoints and whoever gets the method next
         res.train_time_s += time.perf_counter() - t0
         res.train_cpu_s += time.process_time() - c0
-        if res.stopped is not StopReason.COMPLETED:
+        if res.stopped is StopReason.NON_FINITE:
             res.state = method.state() if evaluate is None else res.state  # the failing step was not applied
             break
         row = {"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / max(1, len(losses))}
@@ -191,7 +196,7 @@ def fit(
             res.state = method.state()
         res.epochs.append(row)
         log.info("epoch %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-        if cfg.patience is not None and evaluate is not None and bad >= cfg.patience:
+        if res.stopped is StopReason.COMPLETED and cfg.patience is not None and evaluate is not None and bad >= cfg.patience:
             res.stopped = StopReason.EARLY_STOPPED
         if checkpoint is not None and (dist is None or dist.is_main):
             _save_ckpt(checkpoint, method, opt, sched, res, cfg, epoch + 1, step, best_score, bad)
@@ -210,7 +215,8 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
 
 def _run_epoch(method: Method, examples: list[D.Example], cfg: TrainConfig, pad_id: int, opt: torch.optim.Optimizer,
                sched: torch.optim.lr_scheduler.LambdaLR, epoch: int, step: int, total: int, res: FitResult, bar: Any,
-               dist: distributed.Dist | None = None) -> tuple[list[float], int]:
+               dist: distributed.Dist | None = None, on_step: Callable[[int], bool] | None = None,
+               ) -> tuple[list[float], int]:
     for hook in EPOCH_HOOKS:
         hook(epoch)
     batches = D.bucketed_batches(examples, cfg.batch_size, cfg.seed, epoch)
@@ -247,6 +253,11 @@ def _run_epoch(method: Method, examples: list[D.Example], cfg: TrainConfig, pad_
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / dt:.0f}", epoch=epoch + 1)
+        if on_step is not None:
+            _set_step(method, None)  # the caller evaluates in eval mode (no prefix dropout)
+            if on_step(step):
+                res.stopped = StopReason.BY_CALLER
+                break
     return losses, step
 
 

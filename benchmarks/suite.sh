@@ -1,0 +1,51 @@
+#!/bin/bash
+# The six-task suite: deep prompt (label init), LoRA and shallow prompt tuning (label init) on
+# sst2, trec, agnews, subj, mpqa and mr, the same budget for every method, a learning curve at
+# 200 and 600 optimiser steps (at most one epoch) of one run per method and seed, seeds 0 and 1,
+# dev 200 rows, the whole test set (AG News: a seeded 1,000-row sample of its 7,600).
+# Learning rates come from the earlier sweeps (deep 0.03, LoRA 3e-3: docs/tuning.md); the
+# shallow prompt races 0.03 against 0.3 on dev at step 200.
+#
+#   benchmarks/suite.sh run       # every task in turn; rerun to continue (--resume), finished tasks are skipped
+#   benchmarks/suite.sh report    # docs/comparison.md and its plots from every result, partial ones included
+#
+# Results: benchmarks/results/compare_suite_<task>.json/.md/.png; while a task runs, its
+# finished runs are in compare_suite_<task>.runs.jsonl and compare_suite_<task>.partial.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=benchmarks/results
+TASKS=${TASKS:-"trec sst2 mr subj mpqa agnews"}  # the most informative first
+PY=${PYTHON:-python}
+
+run() {
+  for t in $TASKS; do
+    if [ -f "$OUT/compare_suite_$t.json" ]; then echo "== $t: done"; continue; fi
+    extra=()
+    [ "$t" = agnews ] && extra=(--test-sample 1000)
+    echo "== $t: start $(date -Is)"
+    "$PY" -m softprompt compare --task "$t" \
+      --methods deep-prompt,lora,prompt-tuning --curve 200,600 --epochs 1 --seeds 0,1 \
+      --lr-sweep prompt-tuning=0.03/0.3 --lr-sweep deep-prompt=0.03 --lr-sweep lora=3e-3 --init labels \
+      --out "$OUT" --tag "suite_$t" --resume "${extra[@]}"
+  done
+}
+
+report() {
+  files=()
+  for t in sst2 trec mr subj mpqa agnews; do  # the finished result, else the runs so far
+    for f in "$OUT/compare_suite_$t.json" "$OUT/compare_suite_$t.partial.json"; do
+      if [ -f "$f" ]; then files+=("$f"); break; fi
+    done
+  done
+  for f in sst2-full sst2-deep-labels trec-full trec-deep-labels trec-deep trec-residual rte sst2-sizes; do
+    files+=("$OUT/compare_$f.json")
+  done
+  list=$(IFS=,; echo "${files[*]}")
+  "$PY" -m softprompt compare --out docs --notes docs/comparison-notes.md --report "$list"
+}
+
+case "${1:-}" in
+  run) run ;;
+  report) report ;;
+  *) echo "usage: benchmarks/suite.sh run|report" >&2; exit 2 ;;
+esac

@@ -10,11 +10,12 @@ changed here changes everywhere and the CLI defines none of its own.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from softprompt.configio import JsonMixin as _JsonMixin
+from softprompt.configio import flag, option
 
 
 class UserError(ValueError):
@@ -24,21 +25,6 @@ class UserError(ValueError):
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
-
-
-def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, none: str | None = None,
-           metavar: str | None = None) -> Any:
-    """A config field with its CLI metadata: ``help`` (one line; the CLI prints the default), ``choices``,
-    ``none`` (the word typed for ``None``, e.g. ``all``), ``metavar``. Mutable defaults are copied."""
-    meta = {"help": help, "choices": choices, "none": none, "metavar": metavar}
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def flag(name: str) -> str:
-    """The CLI flag of a config field: ``max_batch_rows`` -> ``--max-batch-rows``."""
-    return "--" + name.replace("_", "-")
 
 
 def _positive(cfg: Any, names: tuple[str, ...], minimum: float = 1) -> None:

@@ -1,10 +1,29 @@
-"""JSON round trip of the config dataclasses (``config.py``): plain lists and dicts out, tuples and
-renamed fields back in, so a config read from a result file equals the one that wrote it."""
+"""How the config dataclasses (``config.py``) declare their fields and travel as JSON: ``option``
+(a field's default and CLI metadata), ``flag`` (its CLI flag), and the JSON round trip (plain
+lists and dicts out, tuples and renamed fields back in, so a config read from a result file
+equals the one that wrote it)."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import field
 from typing import Any, TypeVar
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, none: str | None = None,
+           metavar: str | None = None) -> Any:
+    """A config field with its CLI metadata: ``help`` (one line; the CLI prints the default), ``choices``,
+    ``none`` (the word typed for ``None``, e.g. ``all``), ``metavar``. Mutable defaults are copied."""
+    meta = {"help": help, "choices": choices, "none": none, "metavar": metavar}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a config field: ``max_batch_rows`` -> ``--max-batch-rows``."""
+    return "--" + name.replace("_", "-")
+
 
 # field names of earlier releases -> today's (result files keep the names they were written with)
 RENAMED = {"eval_batch_size": "eval_max_batch_rows", "batch_size@EvalConfig": "max_batch_rows",

@@ -158,6 +158,7 @@ def fit(
     ``dist``: data-parallel (``distributed.py``; rank 0 writes checkpoints). ``horizon``: the
     steps the lr schedule spans (default: the run's), so k steps under horizon H are the first k
     of an H-step run. ``on_step(step)`` after each step, the method in eval mode: True stops it.
+    Over 60 lines: one epoch's steps in the order they happen (train, evaluate, keep, stop, save).
     """
     params, opt = method.parameters(), make_optimizer(method, cfg)
     total, n_epochs = plan_steps(len(D.bucketed_batches(examples, cfg.batch_size, cfg.seed, 0)), cfg)

@@ -349,6 +349,9 @@ def test_peak_memory_sees_an_allocation():
     from softprompt.experiments.measure import PeakMemory
 
     with PeakMemory() as mem:
-        block = torch.ones(16 << 20)  # 64 MiB, every page written
-        time.sleep(0.1)  # sampled every 10 ms
-    assert block.numel() == 16 << 20 and mem.delta_mb >= 60
+        # 64 MiB: above glibc's largest mmap threshold (32 MiB), so fresh pages whatever earlier
+        # tests freed; every page written, so each is resident
+        block = bytearray(64 << 20)
+        block[::4096] = b"\1" * len(range(0, 64 << 20, 4096))
+        time.sleep(0.1)  # sampled every 10 ms, and once more on exit
+    assert len(block) == 64 << 20 and mem.delta_mb >= 60

@@ -155,7 +155,7 @@ def test_group_lr_sets_each_groups_lr_and_refuses_unknown_groups(tiny_lm, toy_cs
 
 @pytest.mark.parametrize("extra,match", [
     (["--prompt-dropout", "1.5"], "--prompt-dropout must be in [0, 1)"),
-    (["--schedule", "step"], "--schedule must be one of linear, cosine"),
+    (["--schedule", "step"], "argument --schedule: invalid choice: 'step'"),
     (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
     (["--group-lr", "offset=x"], "--group-lr: 'x' is not a number"),
     (["--group-lr", "offset=0.001"], "--group-lr: no parameter group offset"),

@@ -10,7 +10,6 @@ import torch
 from conftest import sharpen
 
 from softprompt import precision
-from softprompt.cli import main
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.training import tune as TR
 
@@ -45,7 +44,7 @@ def test_bad_precision_is_a_user_error():
         precision.resolve("fp8", CPU, torch.float32)
 
 
-def test_bf16_training_on_cpu_lowers_the_loss(tiny_lm, toy_csv, monkeypatch):
+def test_bf16_training_on_cpu_lowers_the_loss(tiny_lm, toy_csv, monkeypatch, sp_store):
     lm = sharpen(tiny_lm)
     cfg = DataConfig(path=str(toy_csv), template="{text}", target_column="label",
                      verbalizer={"0": "negative", "1": "positive"}, dev_fraction=0.0)
@@ -58,7 +57,7 @@ def test_bf16_training_on_cpu_lowers_the_loss(tiny_lm, toy_csv, monkeypatch):
         return real(self)
 
     monkeypatch.setattr(torch.autocast, "__enter__", spy)
-    res = TR.train(lm, cfg, PromptConfig(num_virtual_tokens=4, init="vocab"), tcfg, save=False)
+    res = TR.train(lm, cfg, PromptConfig(num_virtual_tokens=4, init="vocab"), tcfg, save=False, store=sp_store)
     losses = [e["train_loss"] for e in res.epochs]
     assert torch.bfloat16 in seen  # the steps did run under bf16 autocast
     assert res.meta["precision"]["used"] == "bf16"
@@ -66,9 +65,9 @@ def test_bf16_training_on_cpu_lowers_the_loss(tiny_lm, toy_csv, monkeypatch):
     assert losses[-1] < 0.8 * losses[0]
 
 
-def test_precision_choice_in_summary_and_softprompt_json(capsys, sp_home, tiny_model_dir, toy_csv):
+def test_precision_choice_in_summary_and_softprompt_json(capsys, sp_home, tiny_model_dir, toy_csv, cli_main):
     expected = precision.resolve("auto", CPU, torch.float32)
-    code = main(["train", "--model", str(tiny_model_dir("llama")), "--data", str(toy_csv), "--text-column", "text",
+    code = cli_main(["train", "--model", str(tiny_model_dir("llama")), "--data", str(toy_csv), "--text-column", "text",
                  "--limit", "16", "--epochs", "1", "--num-virtual-tokens", "2", "--name", "prec"])
     out = capsys.readouterr().out
     assert code == 0

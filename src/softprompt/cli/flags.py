@@ -117,7 +117,15 @@ def add_device_flags(p) -> None:
 
 
 def add_data_root_flag(p) -> None:
-    p.add_argument("--data-root", help="where task recipes find their files (default $SOFTPROMPT_DATA or ../shared/data)")
+    p.add_argument("--data-root", help="where task recipes find their files (default $SOFTPROMPT_DATA, else <home>/data)")
+
+
+def add_store_flags(p) -> None:
+    """``--home`` and ``--data-root`` (where the command has no --data-root yet): the Store."""
+    p.add_argument("--home", help="the store: prompts, converted models, runs "
+                   "(default $SOFTPROMPT_HOME, else ~/.cache/softprompt)")
+    if "--data-root" not in p._option_string_actions:
+        add_data_root_flag(p)
 
 
 DATA_RENAME = {"path": "data", "eval_path": "eval-data"}

@@ -1,6 +1,7 @@
 """Inference: one frozen model, a bank of soft prompts, mixed-task batches, our own decode loop.
 
-``Engine`` holds the model, a ``bank.PromptBank`` (prompts by name, loaded lazily from the store,
+``Engine`` holds the model, a ``bank.PromptBank`` (prompts by name, loaded lazily from the
+engine's ``store.Store`` when it has one,
 an LRU bound on how many stay resident, fingerprint-checked) and a ``bank.PrefixCache``
 (per-prompt keys/values, byte-bounded LRU). ``Engine.generate`` and ``Engine.score`` take lists
 of requests, each naming its prompt (or none) and, for generation, its own ``GenerateConfig``;
@@ -37,6 +38,7 @@ from softprompt.inference.bank import PrefixCache, PrefixKV, PromptBank, compute
 from softprompt.inference.kv import DecoderState, batch_prefix, left_pad
 from softprompt.inference.logprobs import TokenLogprob, pick_logprobs
 from softprompt.inference.steps import StepBatch
+from softprompt.store import Store
 
 __all__ = ["ANON", "Engine", "EngineConfig", "GenerateRequest", "Generation", "PromptLogprobRow", "Row",
            "ScoreRequest", "ScoreResult", "ScoreRow", "StepBatch", "generate", "stop_tokens"]
@@ -122,10 +124,11 @@ class Row:
 class Engine:
     """One frozen model (``models.LoadedModel``) serving many prompts in mixed batches."""
 
-    def __init__(self, lm, cfg: EngineConfig | None = None):
-        self.lm, self.cfg = lm, cfg or EngineConfig()
+    def __init__(self, lm, cfg: EngineConfig | None = None, store: Store | None = None):
+        """``store``: where prompts named in requests are read; None serves in-memory prompts only."""
+        self.lm, self.cfg, self.store = lm, cfg or EngineConfig(), store
         self.device = next(lm.model.parameters()).device  # inputs go here; sampling stays on the CPU
-        self.bank = PromptBank(lm.fingerprint, self.cfg.max_resident_prompts, self.cfg.force, lm.kv_shape)
+        self.bank = PromptBank(lm.fingerprint, self.cfg.max_resident_prompts, self.cfg.force, lm.kv_shape, store)
         self.prefixes = PrefixCache(int(self.cfg.prefix_cache_mb * 2**20))
         tok = lm.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

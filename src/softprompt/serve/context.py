@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from softprompt.store import Store
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class Served:
     started: int  # unix time the app was built (the plain model's "created")
     web: Path  # the web page's assets
     chat: bool = False  # the tokenizer has a chat template (/v1/chat/completions works; the page uses it)
+    store: Store | None = None  # the prompt registry (the engine's store); None: in-memory prompts only
 
 
 def served(request) -> Served:

@@ -16,6 +16,7 @@ from softprompt.config import UserError
 from softprompt.serve.context import served
 from softprompt.serve.protocol import ApiError, bad
 from softprompt.serve.uploads import install_prompt, prompt_info
+from softprompt.store import Store
 
 UPLOAD_BODY = {"requestBody": {"required": True, "description": "the prompt directory: a zip, or its files as parts",
                                "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}},
@@ -23,10 +24,10 @@ UPLOAD_BODY = {"requestBody": {"required": True, "description": "the prompt dire
 
 
 def check_name(name: str) -> str:
-    from softprompt import store
+    from softprompt.store import check_name as valid_name
 
     try:
-        return store.check_name(name)
+        return valid_name(name)
     except UserError as e:
         raise bad(str(e), "name", "invalid_name") from None
 
@@ -35,24 +36,29 @@ def not_found(name: str) -> ApiError:
     return ApiError(404, f"prompt {name!r} not found", param="name", code="prompt_not_found")
 
 
-def info_or_404(name: str) -> dict:
-    from softprompt import store
+def registry(request: Request) -> Store:
+    """The served store (a server without one has an empty registry that takes no uploads)."""
+    store = served(request).store
+    if store is None:
+        raise ApiError(404, "this server has no prompt store", code="no_store")
+    return store
 
+
+def info_or_404(store: Store, name: str) -> dict:
     if not store.prompt_path(check_name(name)).is_dir():
         raise not_found(name)
-    return prompt_info(name)
+    return prompt_info(store, name)
 
 
 async def prompts_list(request: Request):
-    from softprompt import store
-
-    data = await run_in_threadpool(lambda: [prompt_info(n) for n in store.list_prompts()])
     ctx = served(request)
+    store = ctx.store
+    data = await run_in_threadpool(lambda: [prompt_info(store, n) for n in store.list_prompts()] if store else [])
     return {"object": "list", "model": ctx.base_id, "chat": ctx.chat, "data": data}
 
 
-async def prompts_get(name: str):
-    return await run_in_threadpool(info_or_404, name)
+async def prompts_get(name: str, request: Request):
+    return await run_in_threadpool(info_or_404, registry(request), name)
 
 
 async def upload_files(request: Request, limit: int) -> dict[str, bytes]:
@@ -74,16 +80,16 @@ async def prompts_put(name: str, request: Request):
     if name == ctx.base_id:
         raise bad(f"{name!r} is the plain model's id; pick another name", "name", "invalid_name")
     files = await upload_files(request, ctx.cfg.max_upload_bytes)
-    replaced = await run_in_threadpool(install_prompt, name, files, ctx.fingerprint, ctx.model_name, ctx.force,
+    store = registry(request)
+    replaced = await run_in_threadpool(install_prompt, store, name, files, ctx.fingerprint, ctx.model_name, ctx.force,
                                        ctx.cfg.max_upload_bytes, ctx.kv_shape, ctx.cfg.max_prompt_tokens)
-    info = await run_in_threadpool(prompt_info, name)
+    info = await run_in_threadpool(prompt_info, store, name)
     return JSONResponse({**info, "replaced": replaced}, status_code=200 if replaced else 201)
 
 
-async def prompts_delete(name: str):
-    from softprompt import store
-
-    info_or_404(name)
+async def prompts_delete(name: str, request: Request):
+    store = registry(request)
+    info_or_404(store, name)
     try:
         await run_in_threadpool(store.remove_prompt, name)
     except UserError:

@@ -223,18 +223,47 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: Path = RESUL
 # ---------------------------------------------------------------- roofline
 
 
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 3, rounds: int = 3) -> float:
-    """The machine's matmul peak with the current torch threads: best GFLOPS of an (n, n) @ (n, n)
-    GEMM in ``dtype`` (best of ``rounds``, so another process's burst does not lower it)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b  # warm-up (oneDNN picks its kernel on the first call)
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 3, rounds: int = 3,
+                       device: str | torch.device = "cpu") -> float:
+    """The machine's matmul peak with the current torch threads (or on ``device``'s GPU): best
+    GFLOPS of an (n, n) @ (n, n) GEMM on random data in ``dtype`` (best of ``rounds``, so another
+    process's burst does not lower it)."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b  # warm-up (oneDNN / cuBLAS pick their kernel on the first call)
     best = float("inf")
     for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, (time.perf_counter() - t) / reps)
+        with DeviceTimer(device) as t:
+            for _ in range(reps):
+                a @ b
+        best = min(best, t.seconds / reps)
     return 2 * n**3 / best / 1e9
+
+
+class DeviceTimer:
+    """Seconds of the work inside the block, queued work included: on a GPU, CUDA events around
+    it, read after synchronising (the queue is drained before it starts); on the CPU, the wall
+    clock."""
+
+    def __init__(self, device: str | torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.seconds = float("nan")
+
+    def __enter__(self) -> DeviceTimer:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self._t
 
 
 def matmul_peaks() -> dict[str, float]:

@@ -133,7 +133,7 @@ class FloorStepper(Stepper):
         super().__init__([])
 
     def loss(self, batch: dict) -> torch.Tensor:
-        with embeddings_require_grad(self.model), autocast(self.used, torch.device("cpu")):
+        with embeddings_require_grad(self.model), autocast(self.used, self.model.device):
             return plain_loss(self.model, **batch)
 
 

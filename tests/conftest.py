@@ -34,6 +34,30 @@ def needs_data(*folders: str):
                                                     f"root {root} ($SOFTPROMPT_DATA; docs/data.md)")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--check-device", default=None, metavar="DEVICE",
+                     help="run the tests marked cuda on DEVICE (default: cuda, skipped when torch sees no "
+                          "GPU); 'cpu' runs the same checks here, as scripts/gpu_check.sh's dry run does")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip, with the reason, where torch sees no CUDA GPU, unless
+    ``--check-device`` names the device to run them on instead."""
+    if config.getoption("--check-device") or torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: torch {torch.__version__} sees none (scripts/gpu_check.sh "
+                                   "runs these on one; --check-device cpu runs them on the CPU)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def check_device(pytestconfig) -> torch.device:
+    """The device the ``cuda``-marked checks run on: ``--check-device``, else cuda."""
+    return torch.device(pytestconfig.getoption("--check-device") or "cuda")
+
+
 SKIP_FRAMES = ("transformers", "torch", "logging", "warnings", "functools", "contextlib", "conftest")
 
 

@@ -260,6 +260,8 @@ def test_malformed_requests_get_4xx_naming_the_field_before_any_work(srv_plain):
          "invalid_type"),
         ({**ok, "stop": ["a", 3]}, "stop[1]", "invalid_type"),
         ({**ok, "prompt": [[1, 2], [-3]]}, "prompt[1][0]", "invalid_value"),
+        ({**ok, "prompt": "a\ud800b"}, "prompt", "invalid_value"),
+        ({**ok, "prompt": ["ok", "a\ud800b"]}, "prompt[1]", "invalid_value"),
         ({**ok, "temperature": float("nan")}, "temperature", "invalid_value"),
         ({"prompt": "x"}, "model", "missing_required_parameter"),
     ]
@@ -273,6 +275,27 @@ def test_malformed_requests_get_4xx_naming_the_field_before_any_work(srv_plain):
                    headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert metric(httpx.get(base + "/metrics").text, "softprompt_generated_tokens_total") == before
+
+
+def test_an_empty_prompt_is_the_same_400_naming_the_field_on_every_route(srv_plain, lm, home):  # noqa: F811
+    """No token to continue from (the plain model, or a deep prompt, which has no token of its
+    own) is one 400 naming the field, for completions and classify alike; a shallow prompt's
+    virtual tokens are enough."""
+    base, _ = srv_plain
+    layers, kv, d = lm.kv_shape
+    meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "mode": "lm"}
+    home.save_prompt("deep-e", torch.randn(layers, 2, kv, 3, d), meta)
+    cases = [("/v1/completions", {"model": "tiny", "prompt": "", "max_tokens": 2}, "prompt"),
+             ("/v1/completions", {"model": "deep-e", "prompt": "", "max_tokens": 2}, "prompt"),
+             ("/v1/completions", {"model": "deep-e", "prompt": ["x", ""], "max_tokens": 2}, "prompt[1]"),
+             ("/v1/classify", {"prompt": "tiny", "inputs": ["x", ""], "verbalizer": ["good", "bad"]}, "inputs[1]"),
+             ("/v1/classify", {"prompt": "deep-e", "inputs": [""], "verbalizer": ["good", "bad"]}, "inputs[0]")]
+    for path, body, param in cases:
+        r = httpx.post(base + path, json=body, timeout=60)
+        assert r.status_code == 400, (body, r.text)
+        assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, "invalid_value"), (body, r.text)
+    assert httpx.post(base + "/v1/completions", json={"model": "p0", "prompt": "", "max_tokens": 2}).status_code == 200
+    assert httpx.post(base + "/v1/completions", json={"model": "deep-e", "prompt": "x", "max_tokens": 2}).status_code == 200
 
 
 def test_options_names_every_method_of_the_path(srv_plain):
@@ -304,6 +327,33 @@ def test_an_unhandled_error_is_a_counted_500_with_the_request_id(srv_plain, monk
         assert metric(after, name) - metric(before, name) == 1
     assert 'status="0"' not in after
     assert any(getattr(rec, "fields", {}).get("id") == rid and rec.exc_info for rec in caplog.records)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "p0", "prompt": "x", "max_tokens": 2}),
+    ("/v1/completions", {"model": "p0", "prompt": "x", "max_tokens": 2, "stream": True}),
+    ("/v1/classify", {"prompt": "p0", "inputs": ["x"]}),
+])
+def test_a_fault_in_the_worker_is_a_500_whose_body_and_log_line_carry_the_request_id(srv_plain, monkeypatch,
+                                                                                   caplog, path, body):
+    from softprompt.serve import routes_openai
+
+    base, _ = srv_plain
+
+    def boom(*a, **kw):
+        raise RuntimeError("boom")
+
+    real = routes_openai.virtual_tokens
+    monkeypatch.setattr(routes_openai, "virtual_tokens", boom)  # runs in the worker, inside prepare
+    with caplog.at_level(logging.ERROR):
+        r = httpx.post(base + path, json=body, timeout=60)
+    rid = r.headers["x-request-id"]
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    assert f"request id {rid}" in r.json()["error"]["message"]
+    faults = [rec for rec in caplog.records if rec.exc_info and "failed in the preparation" in rec.getMessage()]
+    assert [getattr(rec, "fields", {}).get("id") for rec in faults] == [rid]
+    monkeypatch.setattr(routes_openai, "virtual_tokens", real)
+    assert httpx.post(base + path, json=body, timeout=60).status_code == 200  # still serving
 
 
 # ---------------------------------------------------------------- Ray Serve parts (no cluster needed)

@@ -195,3 +195,128 @@ def test_an_upload_that_waits_too_long_for_the_name_gets_409(http, tiny_lm, tmp_
         r = http.put("/v1/prompts/held", content=body)
     assert r.status_code == 409 and r.json()["error"]["code"] == "busy"
     assert http.put("/v1/prompts/held", content=body).status_code == 201
+
+
+def test_a_multipart_upload_with_too_many_parts_says_so(http, tiny_lm, tmp_path):
+    d = prompt_dir(tiny_lm, tmp_path / "p")
+    parts = [("f", (f.name, f.read_bytes())) for f in sorted(d.iterdir())]
+    r = http.put("/v1/prompts/nine", files=parts + [(f"x{i}", (f"x{i}.txt", b"x")) for i in range(6)])
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "invalid_upload" and err["param"] == "body", r.text
+    assert "at most 8 parts" in err["message"] and "JSON" not in err["message"]
+    assert http.put("/v1/prompts/nine", files=parts).status_code == 201  # the same files alone are a prompt
+
+
+# ---------------------------------------------------------------- registry races and what errors reveal
+
+
+def no_path(text: str, home: Path) -> bool:
+    return str(home) not in text and str(home.resolve()) not in text and "/prompts/" not in text
+
+
+def test_a_put_racing_a_delete_answers_2xx_or_409_and_names_no_path(http, tiny_lm, tmp_path, sp_home, monkeypatch, sp_store):
+    body = zipped(prompt_dir(tiny_lm, tmp_path / "p"))
+    real = store.write_dir_atomic
+
+    def deleted_right_after(target, *a, **kw):  # a DELETE lands between the write and the store's re-read
+        out = real(target, *a, **kw)
+        sp_store.remove_prompt(Path(target).name)
+        return out
+
+    monkeypatch.setattr(store, "write_dir_atomic", deleted_right_after)
+    r = http.put("/v1/prompts/race", content=body)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "busy", r.text
+    assert no_path(r.text, sp_home), r.text
+    monkeypatch.setattr(store, "write_dir_atomic", real)
+    # and with real threads: PUTs and DELETEs of one name, each 2xx, 404 (nothing to delete) or 409
+    status: dict[str, list[int]] = {"put": [], "delete": []}
+    texts: list[str] = []
+
+    listed: list[str] = []
+
+    def churn(kind: str):
+        for _ in range(12):
+            if kind == "list":  # a prompt being deleted is listed whole or not at all
+                listed.extend(e["status"] for e in http.get("/v1/prompts").json()["data"])
+                continue
+            r = http.put("/v1/prompts/race", content=body) if kind == "put" else http.delete("/v1/prompts/race")
+            status[kind].append(r.status_code)
+            texts.append(r.text)
+
+    threads = [threading.Thread(target=churn, args=(k,)) for k in ("put", "put", "delete", "delete", "list")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(status["put"]) <= {200, 201, 409} and set(status["delete"]) <= {200, 404, 409}, status
+    assert all(no_path(t, sp_home) for t in texts) and set(listed) <= {"ok"}, listed
+
+
+def test_a_prompt_being_deleted_is_listed_whole_or_not_at_all(http, tiny_lm, tmp_path, monkeypatch, sp_store):
+    for name in ("a", "gone"):
+        assert http.put(f"/v1/prompts/{name}", content=zipped(prompt_dir(tiny_lm, tmp_path / name))).status_code == 201
+    real = store.read_prompt_dir
+
+    def deleted_while_read(path, name=None, *a, **kw):  # the DELETE runs while the listing reads the prompt
+        if name == "gone" and sp_store.prompt_path("gone").is_dir():
+            sp_store.remove_prompt("gone")
+        return real(path, name, *a, **kw)
+
+    monkeypatch.setattr(store, "read_prompt_dir", deleted_while_read)
+    assert [(e["id"], e["status"]) for e in http.get("/v1/prompts").json()["data"]] == [("a", "ok")]
+    assert http.put("/v1/prompts/gone", content=zipped(tmp_path / "gone")).status_code in (200, 201, 409)
+    r = http.get("/v1/prompts/gone")  # removed while GET read it: not found, not 'invalid'
+    assert r.status_code == 404 and r.json()["error"]["code"] == "prompt_not_found", r.text
+
+
+def test_no_registry_error_names_a_server_path(http, tiny_lm, tmp_path, sp_home, sp_store):
+    good = prompt_dir(tiny_lm, tmp_path / "good")
+    broken = prompt_dir(tiny_lm, tmp_path / "broken")  # stored behind the validator's back, then damaged
+    sp_store.prompts_dir().mkdir(parents=True, exist_ok=True)
+    sp_store.prompt_path("broken").symlink_to(broken)
+    (broken / store.TENSORS).unlink()
+    answers = [
+        http.put("/v1/prompts/x", content=zipped(rewrite(prompt_dir(tiny_lm, tmp_path / "j"), store.META, "{"))),
+        http.put("/v1/prompts/x", content=zipped(rewrite(prompt_dir(tiny_lm, tmp_path / "n"), store.TENSORS,
+                                                         tensor=torch.full((3, tiny_lm.hidden_size), float("nan"))))),
+        http.put("/v1/prompts/x", content=b"PK\x03\x04 not a zip"),
+        http.get("/v1/prompts/missing"), http.delete("/v1/prompts/missing"),
+        http.post("/v1/completions", json={"model": "broken", "prompt": "the movie", "max_tokens": 2}),
+        http.post("/v1/classify", json={"prompt": "broken", "inputs": ["x"], "verbalizer": ["a", "b"]}),
+    ]
+    assert [r.status_code for r in answers] == [422, 422, 400, 404, 404, 422, 422], [r.text for r in answers]
+    entry = http.get("/v1/prompts/broken").json()
+    assert entry["status"] == "invalid" and "adapter_model.safetensors" in entry["reason"]
+    listed = http.get("/v1/prompts").text
+    for text in [r.text for r in answers] + [json.dumps(entry), listed]:
+        assert no_path(text, sp_home) and str(tmp_path) not in text, text
+    assert http.put("/v1/prompts/good", content=zipped(good)).status_code == 201
+
+
+def test_registry_store_work_never_runs_on_the_event_loop(http, tiny_lm, monkeypatch, sp_store):
+    """A 64 MB prompt's delete (or read) cannot stall /healthz: the store is touched only in the
+    thread pool (a thread without a running event loop)."""
+    import asyncio
+
+    emb = torch.full((4096, tiny_lm.hidden_size), 0.5)  # 1 MB; what matters is where the work runs
+    meta = {"base_model": {"name": tiny_lm.name, "fingerprint": tiny_lm.fingerprint}}
+    sp_store.save_prompt("big", emb, meta)
+    on_loop: list[str] = []
+
+    def spy(fn):
+        def run(*a, **kw):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(fn.__name__)
+            except RuntimeError:
+                pass
+            return fn(*a, **kw)
+        return run
+
+    monkeypatch.setattr(store, "read_prompt_dir", spy(store.read_prompt_dir))
+    monkeypatch.setattr(durable, "remove_dir", spy(durable.remove_dir))
+    assert http.get("/v1/prompts/big").json()["num_virtual_tokens"] == 4096
+    assert [e["id"] for e in http.get("/v1/prompts").json()["data"]] == ["big"]
+    assert http.delete("/v1/prompts/big").json()["deleted"] is True
+    assert http.delete("/v1/prompts/big").status_code == 404
+    assert on_loop == []

@@ -82,9 +82,13 @@ def locked(target: Path, wait_s: float | None = -1) -> Iterator[None]:
 
 
 def current_version(target: Path) -> Path | None:
-    """The version directory ``target`` points to (``target`` itself for a plain directory)."""
-    if target.is_symlink():
+    """The version directory ``target`` points to (``target`` itself for a plain directory);
+    None if it is gone, also when a remover unlinks it while this runs."""
+    try:
         return target.parent / os.readlink(target)
+    except OSError as e:  # EINVAL: not a symlink; ENOENT: no such name (any more)
+        if e.errno != errno.EINVAL:
+            return None
     return target if target.is_dir() else None
 
 

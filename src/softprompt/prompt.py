@@ -36,7 +36,7 @@ def embedding_matrix(model) -> torch.Tensor:
 
 def init_random(model, n: int, gen: torch.Generator) -> torch.Tensor:
     emb = embedding_matrix(model).float()
-    std, mean = emb.std(), emb.mean()
+    std, mean = emb.std().item(), emb.mean().item()  # numbers: the table may be on a GPU, the draw is on the CPU
     return torch.randn(n, emb.shape[1], generator=gen) * std + mean  # (N, H)
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from softprompt.compat import cache_kw
 from softprompt.data import IGNORE
 from softprompt.forward.chunked_ce import linear_cross_entropy
 from softprompt.forward.decoder import embed, expand_cache, prefix_cache
@@ -100,7 +101,7 @@ def packed_row_losses(model, prompt: torch.Tensor, input_ids, attention_mask, la
         inputs_embeds=x,
         attention_mask=packed_mask(p.row, N, x.dtype),
         position_ids=p.col + N,  # (S, L): positions restart after the prefix for every row
-        past_key_values=expand_cache(cache, p.ids.shape[0], model.config),
+        **cache_kw(model.base_model, expand_cache(cache, p.ids.shape[0], model.config)),
         use_cache=True,
     ).last_hidden_state  # (S, L, H)
     sel = p.targets != IGNORE

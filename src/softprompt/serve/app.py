@@ -107,10 +107,17 @@ def create_app(engine, config: ServerConfig | None = None):
     return app
 
 
+SSE_EVENT = {  # OpenAPI before 3.2: a text/event-stream schema describes one event, not the stream
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chunk of the answer (object '*.chunk'), an "
+                                                             "error object, or '[DONE]' last"},
+                   "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
+
+
 def _streamed(work: dict) -> dict:
     """The responses of a route that answers JSON, or Server-Sent Events when streamed."""
     return {**work, 200: {"description": "the answer, or its Server-Sent Events when streamed",
-                          "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
+                          "content": {"application/json": {}, "text/event-stream": {"schema": SSE_EVENT}}}}
 
 
 def error_responses(cfg: ServerConfig) -> dict[int, dict]:

@@ -6,7 +6,7 @@ The key is compared in constant time; ``/``, ``/healthz`` and the web assets are
 limit is checked on Content-Length before the body is read, and again while it is read (a
 chunked body has no length), so the app only ever sees a whole body within its limit. An
 exception no handler answered is logged with the request id and answered as a 500 carrying
-that id, and counted under its real status.
+that id, and counted under its real status; every other 5xx answer carries the id too.
 """
 
 from __future__ import annotations
@@ -17,8 +17,17 @@ import logging
 import time
 import uuid
 
+from softprompt.serve.context import request_id
 from softprompt.serve.metrics import Metrics
-from softprompt.serve.protocol import ApiError, bad, body_limit, check_length, invalid, too_large
+from softprompt.serve.protocol import (
+    ApiError,
+    bad,
+    body_limit,
+    check_length,
+    invalid,
+    too_large,
+    with_request_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,7 @@ class Gate:
             return await self.app(scope, receive, send)
         t0, rid, status = time.perf_counter(), uuid.uuid4().hex[:12], [0]
         path, method = scope["path"], scope["method"]
+        scope.setdefault("state", {})["request_id"] = rid  # request.state.request_id for the routes
 
         async def send_logged(msg):
             if msg["type"] == "http.response.start":
@@ -142,7 +152,7 @@ def install_error_handlers(app) -> None:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     async def on_api_error(request, e: ApiError):
-        return error(e)
+        return error(with_request_id(e, request_id(request)))
 
     async def on_http_error(request, e):
         if e.status_code == 400:  # the body could not be read as JSON at all (e.g. nested too deep)

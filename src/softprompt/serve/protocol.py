@@ -2,9 +2,9 @@
 
 ``ApiError`` is every error a client can see; ``error_body`` is the one place its JSON shape
 ``{"error": {message, type, param, code}}`` is written (the app, the gate and the Ray ingress
-all call it). The helpers check request fields and raise 400s naming the field; the body-size
-check and "which prompt does this request name" are here too, so ``ray_serve.py`` reads a
-request exactly as the app does.
+all call it), and it cuts server paths out of the message. The helpers check request fields
+and raise 400s naming the field; the body-size check and "which prompt does this request name"
+are here too, so ``ray_serve.py`` reads a request exactly as the app does.
 
 Request bodies are pydantic models (``CompletionRequest``, ``ClassifyRequest``), so
 ``/openapi.json`` documents every field and a type or range error is a 400 naming the field path
@@ -22,11 +22,19 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from softprompt.config import UserError
 
+_PATH = re.compile(r"(?<![\w.~])~?(?:/[^/\s'\"()]+){2,}/?")  # an absolute path of two or more parts
+
+
+def without_paths(text: str) -> str:
+    """``text`` with every absolute filesystem path cut to its last part (``/srv/store/prompts/p``
+    -> ``p``): a client learns which file, never where the server keeps it."""
+    return _PATH.sub(lambda m: m.group().rstrip("/").rsplit("/", 1)[-1], text)
+
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
-    """OpenAI's error JSON."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """OpenAI's error JSON; the message never holds a server path (``without_paths``)."""
+    return {"error": {"message": without_paths(message), "type": type, "param": param, "code": code}}
 
 
 class ApiError(Exception):
@@ -40,6 +48,14 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
+
+
+def with_request_id(err: ApiError, rid: str) -> ApiError:
+    """``err``, and for a server fault (5xx) the request id in its message: the id the access
+    log and the fault's own log line carry, so a client's report finds the traceback."""
+    if err.status < 500 or not rid or rid in err.message:
+        return err
+    return ApiError(err.status, f"{err.message} (request id {rid})", err.type, err.param, err.code, err.headers)
 
 
 def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:

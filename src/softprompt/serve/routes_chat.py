@@ -14,11 +14,11 @@ from functools import partial
 
 from fastapi import Request
 
-from softprompt.config import UserError
+from softprompt.config import ServerConfig, UserError
 from softprompt.serve.choices import ChatShape, Completion, respond
-from softprompt.serve.context import served
+from softprompt.serve.context import request_id, served
 from softprompt.serve.protocol import ChatRequest, bad, prompt_of, refuse_unsupported
-from softprompt.serve.routes_openai import check_cost, sampling, virtual_tokens
+from softprompt.serve.routes_openai import GenerationSettings, check_cost, sampling, virtual_tokens
 from softprompt.serve.scheduler import Job
 
 
@@ -27,10 +27,10 @@ class ChatSpec:
     """A parsed ``/v1/chat/completions`` body."""
 
     model: str  # as the client named it (echoed back)
-    prompt: str | None  # the prompt's name; None = the plain model
-    messages: list[dict]  # validated {"role", "content"} copies
+    prompt_name: str | None  # the stored prompt it runs under; None = the plain model
+    messages: list[dict[str, str]]  # validated {"role", "content"} copies
     n: int
-    gen: dict  # GenerateConfig fields except the seed
+    gen: GenerationSettings
     seed: int
     stops: list[str]
     stream: bool
@@ -42,16 +42,16 @@ class ChatSpec:
         return self.n
 
 
-def parse_chat(body: ChatRequest, cfg, base_id: str) -> ChatSpec:
+def parse_chat(body: ChatRequest, cfg: ServerConfig, base_id: str) -> ChatSpec:
     """The request's spec, after the checks the schema cannot make (roles, limits, combinations)."""
     from softprompt import chat
 
-    prompt = prompt_of(body.model, base_id)
+    prompt_name = prompt_of(body.model, base_id)
     refuse_unsupported(body)
     try:
         messages = chat.check_messages(body.messages)
-    except UserError as e:
-        raise bad(str(e), "messages") from None
+    except chat.MessageError as e:
+        raise bad(str(e), e.field) from None
     if body.n > cfg.max_rows:
         raise bad(f"n={body.n} is more than {cfg.max_rows} rows", "n")
     if body.top_logprobs is not None and not body.logprobs:
@@ -60,15 +60,14 @@ def parse_chat(body: ChatRequest, cfg, base_id: str) -> ChatSpec:
         raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
     gen, seed = sampling(body, cfg, body.max_completion_tokens or body.max_tokens or cfg.max_tokens)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return ChatSpec(body.model, prompt, messages, body.n, gen, seed, stops, body.stream,
+    return ChatSpec(body.model, prompt_name, messages, body.n, gen, seed, stops, body.stream,
                     body.stream and body.stream_options is not None and body.stream_options.include_usage,
                     (body.top_logprobs or 0) if body.logprobs else None)
 
 
-def chat_rows(spec: ChatSpec, cfg, engine) -> tuple[list, dict]:
+def chat_rows(spec: ChatSpec, cfg: ServerConfig, engine) -> tuple[list, dict]:
     """Worker side: the templated tokens as ``n`` ``GenerateRequest``s (seeds seed + i)."""
     from softprompt import chat
-    from softprompt.config import GenerateConfig
     from softprompt.inference.engine import GenerateRequest
 
     tok = engine.lm.tokenizer
@@ -82,16 +81,16 @@ def chat_rows(spec: ChatSpec, cfg, engine) -> tuple[list, dict]:
     if len(ids) > cfg.max_prompt_tokens:
         raise bad(f"the messages have {len(ids)} tokens; this server takes at most {cfg.max_prompt_tokens}",
                   "messages", "context_length_exceeded")
-    check_cost((virtual_tokens(engine, spec.prompt, cfg) + len(ids) + spec.gen["max_new_tokens"]) * spec.n, cfg)
-    rows = [GenerateRequest("", spec.prompt, GenerateConfig(seed=(spec.seed + c) % 2**63, **spec.gen),
-                            token_ids=tuple(ids), logprobs=spec.logprobs) for c in range(spec.n)]
+    check_cost((virtual_tokens(engine, spec.prompt_name, cfg) + len(ids) + spec.gen.max_new_tokens) * spec.n, cfg)
+    rows = [GenerateRequest("", spec.prompt_name, spec.gen.config(spec.seed + c), token_ids=tuple(ids),
+                            logprobs=spec.logprobs) for c in range(spec.n)]
     return rows, {"prompt_tokens": len(ids)}
 
 
 async def chat_completions(request: Request, body: ChatRequest):
     ctx = served(request)
     spec = parse_chat(body, ctx.cfg, ctx.base_id)
-    job = Job("generate", partial(chat_rows, spec, ctx.cfg), spec.size, spec.stops)
+    job = Job("generate", partial(chat_rows, spec, ctx.cfg), spec.size, spec.stops, request_id(request))
     return await respond(request, ctx, job, spec.stream, lambda reader, info: Completion(
         ChatShape(spec.logprobs is not None), spec.size, spec.stops, spec.model, job, reader, info,
         spec.include_usage))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -18,11 +19,13 @@ from fastapi import Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from softprompt.config import GenerateConfig, ServerConfig
 from softprompt.serve.choices import Completion, TextShape, respond
-from softprompt.serve.context import served
+from softprompt.serve.context import request_id, served
 from softprompt.serve.protocol import (
     MIN_TEMPERATURE,
     ApiError,
+    ChatRequest,
     ClassifyRequest,
     CompletionRequest,
     bad,
@@ -71,14 +74,29 @@ async def models_get(model_id: str, request: Request):
 
 
 @dataclass(frozen=True)
+class GenerationSettings:
+    """A request's generation settings after the server's limits: ``GenerateConfig`` without
+    the seed (choice i samples with seed + i)."""
+
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+    top_p: float
+    repetition_penalty: float
+
+    def config(self, seed: int) -> GenerateConfig:
+        return GenerateConfig(seed=seed % 2**63, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                              top_p=self.top_p, repetition_penalty=self.repetition_penalty)
+
+
+@dataclass(frozen=True)
 class CompletionSpec:
     """A parsed ``/v1/completions`` body."""
 
     model: str  # as the client named it (echoed back)
-    prompt: str | None  # the prompt's name; None = the plain model
-    inputs: list  # strings or token-id lists
+    prompt_name: str | None  # the stored prompt it runs under; None = the plain model
+    inputs: list[str | list[int]]  # OpenAI's "prompt": strings or token-id lists
     n: int
-    gen: dict  # GenerateConfig fields except the seed
+    gen: GenerationSettings
     seed: int
     stops: list[str]
     stream: bool
@@ -93,25 +111,25 @@ class CompletionSpec:
     @property
     def rows(self) -> int:
         """Rows it brings into the batch (none with max_tokens 0)."""
-        return self.size if self.gen["max_new_tokens"] else 0
+        return self.size if self.gen.max_new_tokens else 0
 
 
-def sampling(body, cfg, max_tokens: int) -> tuple[dict, int]:
-    """``GenerateConfig`` fields except the seed, and the seed (random when not given), of a
-    completions or chat request, after the server's limit on ``max_tokens``."""
+def sampling(body: CompletionRequest | ChatRequest, cfg: ServerConfig, max_tokens: int) -> tuple[GenerationSettings, int]:
+    """The generation settings and the seed (random when not given) of a completions or chat
+    request, after the server's limit on ``max_tokens``."""
     if max_tokens > cfg.max_tokens:
         param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
         raise bad(f"'{param}' is {max_tokens}; this server allows at most {cfg.max_tokens}", param,
                   "max_tokens_exceeded")
     temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
-    gen = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=body.top_p,
-               repetition_penalty=body.repetition_penalty)
+    gen = GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=body.top_p,
+                             repetition_penalty=body.repetition_penalty)
     return gen, random.getrandbits(31) if body.seed is None else body.seed
 
 
-def parse_completion(body: CompletionRequest, cfg, base_id: str) -> CompletionSpec:
+def parse_completion(body: CompletionRequest, cfg: ServerConfig, base_id: str) -> CompletionSpec:
     """The request's spec, after the checks the schema cannot make (the server's limits)."""
-    prompt = prompt_of(body.model, base_id)
+    prompt_name = prompt_of(body.model, base_id)
     refuse_unsupported(body)
     inputs = prompt_list(body.prompt)
     if body.n > cfg.max_rows or len(inputs) * body.n > cfg.max_rows:
@@ -121,33 +139,41 @@ def parse_completion(body: CompletionRequest, cfg, base_id: str) -> CompletionSp
     gen, seed = sampling(body, cfg, body.max_tokens)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     include_usage = body.stream and body.stream_options is not None and body.stream_options.include_usage
-    return CompletionSpec(body.model, prompt, inputs, body.n, gen, seed, stops, body.stream, body.echo, include_usage,
+    return CompletionSpec(body.model, prompt_name, inputs, body.n, gen, seed, stops, body.stream, body.echo, include_usage,
                           body.logprobs)
 
 
-def checked_ids(engine, text: str, param: str, limit: int) -> list[int]:
-    """Token ids of ``text`` (worker side), or a 400 when there are more than ``limit``."""
-    ids = engine.encode(text)
+def checked_ids(ids: list[int], param: str, limit: int) -> list[int]:
+    """``ids`` (of the field ``param``), or a 400 when there are more than ``limit``."""
     if len(ids) > limit:
         raise bad(f"'{param}' has {len(ids)} tokens; this server takes at most {limit}", param, "context_length_exceeded")
     return ids
 
 
-def virtual_tokens(engine, prompt: str | None, cfg) -> int:
+def virtual_tokens(engine, prompt_name: str | None, cfg: ServerConfig) -> int:
     """N of the request's prompt (0 for the plain model), after the prompt's checks."""
-    return 0 if prompt is None else resolve_prompt(engine, prompt, cfg.max_prompt_tokens).num_virtual_tokens
+    return 0 if prompt_name is None else resolve_prompt(engine, prompt_name, cfg.max_prompt_tokens).num_virtual_tokens
 
 
-def check_cost(tokens: int, cfg) -> None:
+def check_not_empty(ids: Sequence[int], engine, prompt_name: str | None, cfg: ServerConfig, param: str) -> None:
+    """A 400 naming ``param`` when a row has no token to continue from: its text is empty and it
+    runs on the plain model or a deep prompt (a shallow prompt's virtual tokens are enough)."""
+    if ids or (prompt_name is not None and resolve_prompt(engine, prompt_name, cfg.max_prompt_tokens).kind == "shallow"):
+        return
+    who = "the plain model" if prompt_name is None else f"the deep prompt {prompt_name!r} (it has no token of its own)"
+    raise bad(f"'{param}' is empty: {who} needs some text to continue", param)
+
+
+def check_cost(tokens: int, cfg: ServerConfig) -> None:
     if tokens > cfg.max_request_tokens:
         raise bad(f"the request would take {tokens} tokens of model work; this server allows at most "
                   f"{cfg.max_request_tokens} per request", None, "request_too_large")
 
 
-def completion_rows(spec: CompletionSpec, cfg, engine) -> tuple[list, dict]:
+def completion_rows(spec: CompletionSpec, cfg: ServerConfig, engine) -> tuple[list, dict]:
     """Worker side: the spec's ``GenerateRequest``s, plus the echoed texts (with ``logprobs``
     their tokens' log-probabilities, through the scoring forward) and the prompt token count."""
-    from softprompt.config import GenerateConfig
+    from softprompt import chat
     from softprompt.inference.engine import GenerateRequest, PromptLogprobRow
     from softprompt.serve.logprob_json import pieces
 
@@ -156,24 +182,23 @@ def completion_rows(spec: CompletionSpec, cfg, engine) -> tuple[list, dict]:
     for i, p in enumerate(spec.inputs):
         param = "prompt" if len(spec.inputs) == 1 else f"prompt[{i}]"
         if isinstance(p, str):
-            ids.append(checked_ids(engine, p, param, limit))
+            ids.append(checked_ids(chat.encode_text(tok, p), param, limit))  # text: special-token strings stay text
         elif any(not 0 <= t < vocab for t in p) or len(p) > limit:
             raise bad(f"'{param}': token ids must be in [0, {vocab}), at most {limit}", param)
         else:
             ids.append(list(p))
-        if not ids[-1] and spec.prompt is None:
-            raise bad(f"'{param}' is empty: the plain model needs some text to continue", param)
-    n_virtual = virtual_tokens(engine, spec.prompt, cfg)
-    check_cost(sum(n_virtual + len(x) + spec.gen["max_new_tokens"] for x in ids) * spec.n, cfg)
-    rows = [GenerateRequest("", spec.prompt, GenerateConfig(seed=(spec.seed + c) % 2**63, **spec.gen),
-                            token_ids=tuple(x), logprobs=spec.logprobs) for x in ids for c in range(spec.n)
+        check_not_empty(ids[-1], engine, spec.prompt_name, cfg, param)
+    n_virtual = virtual_tokens(engine, spec.prompt_name, cfg)
+    check_cost(sum(n_virtual + len(x) + spec.gen.max_new_tokens for x in ids) * spec.n, cfg)
+    rows = [GenerateRequest("", spec.prompt_name, spec.gen.config(spec.seed + c), token_ids=tuple(x),
+                            logprobs=spec.logprobs) for x in ids for c in range(spec.n)
             if spec.rows]
     info = {"echoes": [tok.decode(x, skip_special_tokens=True) if spec.echo else "" for x in ids],
             "prompt_tokens": sum(len(x) for x in ids)}
     if spec.echo and spec.logprobs is not None:
         if engine.is_encoder_decoder:
             raise bad("'echo' with 'logprobs' needs a decoder-only model", "echo")
-        lps = engine.prompt_logprobs([PromptLogprobRow(tuple(x), spec.prompt, spec.logprobs) for x in ids])
+        lps = engine.prompt_logprobs([PromptLogprobRow(tuple(x), spec.prompt_name, spec.logprobs) for x in ids])
         info["echo_pieces"] = [pieces(tok, x, lp) for x, lp in zip(ids, lps, strict=True)]
     return rows, info
 
@@ -181,7 +206,7 @@ def completion_rows(spec: CompletionSpec, cfg, engine) -> tuple[list, dict]:
 async def completions(request: Request, body: CompletionRequest):
     ctx = served(request)
     spec = parse_completion(body, ctx.cfg, ctx.base_id)
-    job = Job("generate", partial(completion_rows, spec, ctx.cfg), spec.rows, spec.stops)
+    job = Job("generate", partial(completion_rows, spec, ctx.cfg), spec.rows, spec.stops, request_id(request))
     return await respond(request, ctx, job, spec.stream, lambda reader, info: Completion(
         TextShape(spec.n, spec.logprobs is not None, info), spec.size, spec.stops, spec.model, job, reader, info,
         spec.include_usage, done=not spec.rows))
@@ -195,16 +220,16 @@ class ClassifySpec:
     """A parsed ``/v1/classify`` body."""
 
     model: str
-    prompt: str | None
-    inputs: list
+    prompt_name: str | None  # the stored prompt (the request's "prompt" or "model"); None = the plain model
+    inputs: list[str | dict]
     template: str | None  # overrides the prompt's template
     verbalizer: dict | None  # overrides the prompt's verbalizer
     normalize: bool
 
 
-def parse_classify(body: ClassifyRequest, cfg, base_id: str) -> ClassifySpec:
+def parse_classify(body: ClassifyRequest, cfg: ServerConfig, base_id: str) -> ClassifySpec:
     model = body.prompt if body.prompt is not None else body.model
-    prompt = prompt_of(model, base_id, "prompt")
+    prompt_name = prompt_of(model, base_id, "prompt")
     inputs = body.inputs if body.inputs is not None else body.input
     inputs = [inputs] if isinstance(inputs, (str, dict)) else inputs
     if len(inputs) > cfg.max_rows:
@@ -212,7 +237,7 @@ def parse_classify(body: ClassifyRequest, cfg, base_id: str) -> ClassifySpec:
     verbalizer = {w: w for w in body.verbalizer} if isinstance(body.verbalizer, list) else body.verbalizer
     if verbalizer is not None and len(verbalizer) > cfg.max_labels:
         raise bad(f"{len(verbalizer)} labels; this server scores at most {cfg.max_labels}", "verbalizer", "too_many_labels")
-    return ClassifySpec(model, prompt, inputs, body.template, verbalizer, body.length_normalize)
+    return ClassifySpec(model, prompt_name, inputs, body.template, verbalizer, body.length_normalize)
 
 
 def stored_field(name: str, meta: dict, key: str):
@@ -227,32 +252,33 @@ def stored_field(name: str, meta: dict, key: str):
     return value
 
 
-def classify_rows(spec: ClassifySpec, cfg, engine) -> tuple[list, list[str]]:
+def classify_rows(spec: ClassifySpec, cfg: ServerConfig, engine) -> tuple[list, list[str]]:
     """Worker side: one ``ScoreRow`` per input (the prompt's metadata comes from the bank) and
     the labels; every cost limit is checked before any model work."""
     from softprompt.data import target_text
     from softprompt.inference.engine import ScoreRow
 
-    meta = resolve_prompt(engine, spec.prompt, cfg.max_prompt_tokens).meta if spec.prompt else {}
-    template = spec.template if spec.template is not None else stored_field(spec.prompt, meta, "template")
-    verbalizer = spec.verbalizer or stored_field(spec.prompt, meta, "verbalizer")
+    meta = resolve_prompt(engine, spec.prompt_name, cfg.max_prompt_tokens).meta if spec.prompt_name else {}
+    template = spec.template if spec.template is not None else stored_field(spec.prompt_name, meta, "template")
+    verbalizer = spec.verbalizer or stored_field(spec.prompt_name, meta, "verbalizer")
     if not verbalizer:
         raise bad(f"{spec.model!r} has no verbalizer (it was not trained to classify); "
                   'send "verbalizer": {"label": "word", ...}', "verbalizer", "no_verbalizer")
     if len(verbalizer) > cfg.max_labels:
         raise bad(f"{len(verbalizer)} labels; this server scores at most {cfg.max_labels}", "verbalizer", "too_many_labels")
     labels, rows, cost = list(verbalizer), [], 0
-    n_virtual = virtual_tokens(engine, spec.prompt, cfg)
+    n_virtual = virtual_tokens(engine, spec.prompt_name, cfg)
     for i, x in enumerate(spec.inputs):
         src = render_source(template, x, i, cfg.max_template_chars)
-        context = tuple(checked_ids(engine, src, f"inputs[{i}]", cfg.max_prompt_tokens))
+        context = tuple(checked_ids(engine.encode(src), f"inputs[{i}]", cfg.max_prompt_tokens))
+        check_not_empty(context, engine, spec.prompt_name, cfg, f"inputs[{i}]")
         targets = tuple(tuple(engine.encode(target_text(src, verbalizer[lab]))) for lab in labels)
         for lab, t in zip(labels, targets, strict=True):
             if len(t) > cfg.max_label_tokens:
                 raise bad(f"the label word of {lab!r} has {len(t)} tokens; at most {cfg.max_label_tokens}",
                           "verbalizer", "label_too_long")
         cost += n_virtual + len(context) + sum(len(t) for t in targets)
-        rows.append(ScoreRow(context, targets, spec.prompt))
+        rows.append(ScoreRow(context, targets, spec.prompt_name))
     check_cost(cost, cfg)
     return rows, labels
 
@@ -274,7 +300,7 @@ def classification(spec: ClassifySpec, rows: list, results: list, labels: list[s
 async def classify(request: Request, body: ClassifyRequest):
     ctx = served(request)
     spec = parse_classify(body, ctx.cfg, ctx.base_id)
-    job = Job("score", partial(classify_rows, spec, ctx.cfg), len(spec.inputs))
+    job = Job("score", partial(classify_rows, spec, ctx.cfg), len(spec.inputs), request_id=request_id(request))
     ctx.scheduler.submit(job)
     reader = EventReader(job, request, ctx.cfg.request_timeout_s)
     try:

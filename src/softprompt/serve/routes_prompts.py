@@ -11,23 +11,26 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from softprompt.config import UserError
 from softprompt.serve.context import served
 from softprompt.serve.protocol import ApiError, bad
-from softprompt.serve.uploads import install_prompt, prompt_info
+from softprompt.serve.uploads import PROMPT_FILES, changed_meanwhile, install_prompt, prompt_info
 from softprompt.store import Store
 
+MAX_PARTS = 8  # parts of a multipart upload: a prompt directory has 3 files
 UPLOAD_BODY = {"requestBody": {"required": True, "description": "the prompt directory: a zip, or its files as parts",
                                "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}},
                                            "multipart/form-data": {"schema": {"type": "object"}}}}}
 
 
 def check_name(name: str) -> str:
-    from softprompt.store import check_name as valid_name
+    from softprompt import store
 
     try:
-        return valid_name(name)
+        return store.check_name(name)
     except UserError as e:
         raise bad(str(e), "name", "invalid_name") from None
 
@@ -45,15 +48,21 @@ def registry(request: Request) -> Store:
 
 
 def info_or_404(store: Store, name: str) -> dict:
-    if not store.prompt_path(check_name(name)).is_dir():
+    info = prompt_info(store, check_name(name))
+    if info is None:
         raise not_found(name)
-    return prompt_info(store, name)
+    return info
+
+
+def listing(store: Store | None) -> list[dict]:
+    if store is None:
+        return []
+    return [info for info in (prompt_info(store, n) for n in store.list_prompts()) if info is not None]
 
 
 async def prompts_list(request: Request):
     ctx = served(request)
-    store = ctx.store
-    data = await run_in_threadpool(lambda: [prompt_info(store, n) for n in store.list_prompts()] if store else [])
+    data = await run_in_threadpool(listing, ctx.store)
     return {"object": "list", "model": ctx.base_id, "chat": ctx.chat, "data": data}
 
 
@@ -65,7 +74,12 @@ async def upload_files(request: Request, limit: int) -> dict[str, bytes]:
     """The uploaded files: one zip body, or the parts of a multipart form."""
     raw = await request.body()
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form(max_files=8, max_fields=8, max_part_size=limit)
+        try:
+            form = await request.form(max_files=MAX_PARTS, max_fields=MAX_PARTS, max_part_size=limit)
+        except (HTTPException, MultiPartException) as e:  # Starlette answers a bad form with a bare 400
+            why = getattr(e, "detail", None) or getattr(e, "message", "")
+            raise bad(f"the multipart upload cannot be read ({why}); send at most {MAX_PARTS} parts, the files "
+                      f"{', '.join(PROMPT_FILES)}, or one zip", "body", "invalid_upload") from None
         files = {v.filename or k: await v.read() for k, v in form.multi_items() if hasattr(v, "read")}
     else:
         files = {"upload.zip": raw}
@@ -84,14 +98,22 @@ async def prompts_put(name: str, request: Request):
     replaced = await run_in_threadpool(install_prompt, store, name, files, ctx.fingerprint, ctx.model_name, ctx.force,
                                        ctx.cfg.max_upload_bytes, ctx.kv_shape, ctx.cfg.max_prompt_tokens)
     info = await run_in_threadpool(prompt_info, store, name)
+    if info is None:
+        raise changed_meanwhile(name)
     return JSONResponse({**info, "replaced": replaced}, status_code=200 if replaced else 201)
 
 
 async def prompts_delete(name: str, request: Request):
+    """Remove the prompt in the thread pool (the name first, then its files): nothing is read or
+    deleted on the event loop, however large the prompt."""
+    from softprompt import durable
+
     store = registry(request)
-    info_or_404(store, name)
+    check_name(name)
     try:
         await run_in_threadpool(store.remove_prompt, name)
+    except durable.Busy as e:
+        raise ApiError(409, str(e), param="name", code="busy") from None
     except UserError:
         raise not_found(name) from None
     return {"id": name, "object": "prompt", "deleted": True}

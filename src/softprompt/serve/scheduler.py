@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from softprompt.config import UserError
 from softprompt.serve.metrics import Metrics
-from softprompt.serve.protocol import ApiError
+from softprompt.serve.protocol import ApiError, with_request_id
 from softprompt.serve.streams import RowText
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ class Job:
     n_tokens, finish|None, new logprob pieces)]), ("scores", results, info), ("error", ApiError).
     """
 
-    def __init__(self, kind: str, prepare: Callable, size: int, stops: Sequence[str] = ()):
+    def __init__(self, kind: str, prepare: Callable, size: int, stops: Sequence[str] = (), request_id: str = ""):
         self.kind, self.prepare, self.size, self.stops = kind, prepare, size, list(stops)
+        self.request_id = request_id  # the gate's id: in a 5xx answer and in the fault's log line
         self.queued_at = 0  # the scheduler's decode step when the job was submitted
         self.rows: list = []
         self.info = None
@@ -64,7 +65,7 @@ class Job:
             pass
 
     def fail(self, err: ApiError) -> None:
-        self.put("error", err)
+        self.put("error", with_request_id(err, self.request_id))
 
 
 def resolve_prompt(engine, name: str, max_tokens: int | None = None):
@@ -187,9 +188,10 @@ class Scheduler:
             try:
                 self._iterate(jobs)
             except Exception:  # a bug, not a user error: fail the affected jobs, keep serving
-                log.exception("worker iteration failed")
+                hit = {j for j, _, _ in self.rows.values()} | set(jobs)
+                log.exception("worker iteration failed", extra={"fields": {"ids": sorted(j.request_id for j in hit)}})
                 err = ApiError(500, "internal error while running the batch", "server_error", code="internal_error")
-                for job in {j for j, _, _ in self.rows.values()} | set(jobs):
+                for job in hit:
                     job.fail(err)
                 from softprompt.inference.steps import StepBatch
 
@@ -260,7 +262,7 @@ class Scheduler:
             except UserError as e:
                 job.fail(ApiError(400, str(e), code="invalid_input"))
             except Exception as e:  # noqa: BLE001 - a fault in one request's preparation is its own
-                job.fail(self._fault(e, "preparation"))
+                job.fail(self._fault(e, "preparation", job))
         return ready
 
     def _score(self, ready: list[Job]) -> None:
@@ -272,7 +274,7 @@ class Scheduler:
                 try:
                     job.put("scores", self.engine.score_rows(job.rows), job.info)
                 except Exception as e:  # noqa: BLE001 - this job alone is failed
-                    job.fail(self._fault(e, "scoring"))
+                    job.fail(self._fault(e, "scoring", job))
             return
         self.metrics.batch("score", sum(len(j.rows) for j in ready))
         s = 0
@@ -291,7 +293,7 @@ class Scheduler:
                 try:
                     placed.append((job, self.batch.add(job.rows)))
                 except Exception as e:  # noqa: BLE001 - this job alone is failed
-                    job.fail(self._fault(e, "prefill"))
+                    job.fail(self._fault(e, "prefill", job))
         tok = self.engine.lm.tokenizer
         for job, ids in placed:
             for k, rid in enumerate(ids):
@@ -299,13 +301,14 @@ class Scheduler:
             job.put("admitted", job.info)
         self.metrics.batch("prefill", sum(len(ids) for _, ids in placed))
 
-    def _fault(self, e: Exception, phase: str) -> ApiError:
-        """The error one job gets when its own rows failed: 422 for a user error, else a logged 500."""
+    def _fault(self, e: Exception, phase: str, job: Job) -> ApiError:
+        """The error one job gets when its own rows failed: 422 for a user error, else a 500 logged
+        with the job's request id."""
         if isinstance(e, ApiError):
             return e
         if isinstance(e, UserError):
             return ApiError(422, str(e), code="prompt_unusable")
-        log.exception("a request failed in the %s", phase, exc_info=e)
+        log.exception("a request failed in the %s", phase, exc_info=e, extra={"fields": {"id": job.request_id}})
         return ApiError(500, f"this request failed in the {phase} ({type(e).__name__}); the others were not affected",
                         "server_error", code="internal_error")
 
@@ -362,6 +365,6 @@ class Scheduler:
         if not culprits:
             raise error
         for job in {self.rows[rid][0] for rid in culprits}:
-            job.fail(self._fault(error, "decode step"))
+            job.fail(self._fault(error, "decode step", job))
             job.cancelled = True
         self._drop([rid for rid, (job, _, _) in self.rows.items() if job.cancelled])

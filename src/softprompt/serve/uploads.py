@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from softprompt.config import UserError
-from softprompt.serve.protocol import ApiError, bad
+from softprompt.serve.protocol import ApiError, bad, without_paths
 
 if TYPE_CHECKING:
     from softprompt.store import Store
@@ -89,22 +89,35 @@ def install_prompt(store: "Store", name: str, files: dict[str, bytes], fingerpri
         try:
             sp = read_prompt_dir(d, name, max_tokens)
             check_compatible(sp, fingerprint, force=force, kv_shape=kv_shape)
-            existed = store.prompt_path(name).is_dir()
+        except UserError as e:
+            param = e.field if isinstance(e, InvalidPrompt) else "body"
+            raise ApiError(422, str(e).replace(str(d), "upload"), param=param, code="invalid_prompt") from None
+        existed = store.prompt_path(name).is_dir()
+        try:  # the upload is valid: what fails from here on is a race with another writer of the name
             store.import_prompt(d, name=name, fingerprint=fingerprint, model_name=model_name, overwrite=True,
                                 kv_shape=kv_shape, max_tokens=max_tokens)
         except durable.Busy as e:
             raise ApiError(409, str(e), param="name", code="busy") from None
-        except UserError as e:
-            param = e.field if isinstance(e, InvalidPrompt) else "body"
-            raise ApiError(422, str(e).replace(str(d), "upload"), param=param, code="invalid_prompt") from None
+        except UserError:  # written, then deleted before the store read it back
+            raise changed_meanwhile(name) from None
     return existed
 
 
-def prompt_info(store: "Store", name: str) -> dict:
+def changed_meanwhile(name: str) -> ApiError:
+    return ApiError(409, f"prompt {name!r} was deleted by another request while this upload was stored; try again",
+                    param="name", code="busy")
+
+
+def prompt_info(store: "Store", name: str) -> dict | None:
     """Registry entry for the API: the store summary minus server paths (an invalid prompt is
-    listed with ``status: invalid`` and its reason)."""
+    listed with ``status: invalid`` and its reason, without paths); None when the name is gone
+    (deleted meanwhile: a prompt being deleted is listed whole or not at all)."""
     s = store.prompt_summary(name)
+    if s["status"] != "ok" and not store.prompt_path(name).is_dir():  # the delete unlinks the name first
+        return None
     s.pop("path")
     s.pop("imported_from", None)
+    if "reason" in s:
+        s["reason"] = without_paths(s["reason"])
     s["id"], s["object"] = name, "prompt"
     return s

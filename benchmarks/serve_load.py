@@ -111,7 +111,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "softprompt", "serve", "--model", model, "--port", str(self.port),
                "--max-batch-rows", str(max_batch_rows), "--max-queue", "4096", "--max-wait-ms", "5",
-               *(["--home", str(home)] if home else [])]
+               *(["--home", str(home)] if home else []),
+               "--dtype", "float32"]  # as the committed results were measured (serve's default is now auto)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(src)}
         self.log = log.open("w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)

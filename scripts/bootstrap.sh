@@ -7,8 +7,13 @@
 # SOFTPROMPT_TRANSFORMERS=latest: a second environment (.venv-latest) with the newest transformers
 # pip can install (and the tokenizers / huggingface_hub it needs), everything else pinned as usual;
 # it is upgraded on every run. SOFTPROMPT_TRANSFORMERS=X.Y.Z: that release (.venv-transformers-X.Y.Z).
+#
+# --vllm: the vLLM engine's own environment (.venv-vllm) instead; see scripts/bootstrap_vllm.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ "${1:-}" == "--vllm" ]]; then
+  exec bash scripts/bootstrap_vllm.sh
+fi
 PY=${PYTHON:-python3}
 WANT=${SOFTPROMPT_TRANSFORMERS:-}
 case "$WANT" in

@@ -217,17 +217,23 @@ def tiny_lm(tiny_model_dir, sp_store):
     return models.load(str(tiny_model_dir("llama")))
 
 
-@pytest.fixture
-def toy_csv(tmp_path) -> Path:
-    """A separable two-class toy task: 'good' rows are 1, 'bad' rows are 0."""
-    p = tmp_path / "toy.csv"
+def write_toy_csv(p: Path, rows: int = 48, numbered: bool = False) -> Path:
+    """A separable two-class toy task: 'good' rows are 1, 'bad' rows are 0 (``numbered``: each
+    text ends with its row number, so no two rows are equal)."""
     with p.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "label"])
-        for i in range(48):
+        for i in range(rows):
             good = i % 2 == 1
-            w.writerow([f"the movie was {'good and great' if good else 'bad and boring'}", "1" if good else "0"])
+            text = f"the movie was {'good and great' if good else 'bad and boring'}" + (f" {i}" if numbered else "")
+            w.writerow([text, "1" if good else "0"])
     return p
+
+
+@pytest.fixture
+def toy_csv(tmp_path) -> Path:
+    """48 rows of the separable two-class toy task (``write_toy_csv``)."""
+    return write_toy_csv(tmp_path / "toy.csv")
 
 
 def write_toy_task(folder: Path, name: str, rows: list[tuple[str, str]], template: str, verbalizer: dict) -> Path:

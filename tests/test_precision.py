@@ -4,6 +4,7 @@ the choice reported in the training summary and in softprompt.json."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -112,3 +113,51 @@ def test_frozen_weights_cast_once_give_the_same_loss_and_gradient(tiny_model_dir
     assert set(after) == set(before)
     for n, (p, value) in before.items():
         assert after[n] is p and p.dtype == value.dtype and torch.equal(p, value), n
+
+
+# ---------------------------------------------------------------- --dtype auto (serve, generate, eval)
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+@pytest.mark.parametrize("command", ["generate", "eval", "serve"])
+def test_dtype_auto_follows_native_bf16_and_is_what_the_model_runs_in(
+        command, native, expected, monkeypatch, caplog, capsys, cli_main, tiny_model_dir, toy_csv):
+    """The default ``--dtype`` of serve, generate and eval is auto: bfloat16 where bf16 is native
+    (detection patched both ways), float32 elsewhere; the model the command runs is in that dtype
+    and the choice is logged once."""
+    import uvicorn
+
+    from softprompt import models
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device, flags=None: (native, "patched flags"))
+    real, loaded = models.load, []
+    monkeypatch.setattr(models, "load", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    model = str(tiny_model_dir("llama"))
+    argv = {"generate": ["generate", "--model", model, "--max-new-tokens", "2", "the movie"],
+            "eval": ["eval", "--model", model, "--data", str(toy_csv), "--limit", "4", "--template", "{text}",
+                     "--target-column", "label", "--verbalizer", "0=bad,1=good"],
+            "serve": ["serve", "--model", model, "--engine", "native", "--port", "8123"]}[command]
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:  # serve installs its JSON log handler on the root logger: put the test's back each time
+        with caplog.at_level(logging.INFO, logger="softprompt.models"):
+            assert cli_main(argv) == 0
+        root.handlers[:], root.level = handlers, level
+        assert len(loaded) == 1 and next(loaded[0].model.parameters()).dtype == expected
+        json_lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]  # serve's
+        said = [m for m in [r.getMessage() for r in caplog.records] + [e["msg"] for e in json_lines]
+                if m.startswith("dtype auto:")]
+        name = str(expected).removeprefix("torch.")
+        assert said == [f"dtype auto: {name} (patched flags)"]
+        loaded.clear()
+        assert cli_main([*argv, "--dtype", "float32"]) == 0  # an explicit dtype is used as asked
+        assert next(loaded[0].model.parameters()).dtype == torch.float32
+    finally:
+        root.handlers[:], root.level = handlers, level
+
+
+def test_model_dtype_auto_from_cpu_flags():
+    assert precision.model_dtype("auto", CPU, {"avx512_bf16"}) == ("bfloat16", "cpu flags avx512_bf16")
+    assert precision.model_dtype("auto", CPU, {"avx2"})[0] == "float32"
+    assert precision.model_dtype("float16", CPU, {"avx512_bf16"}) == ("float16", "asked for")

@@ -88,6 +88,13 @@ class StoredPrompt:
     kv: torch.Tensor | None = None  # (L, 2, kv, N, d) float32 for a deep prompt
     config: dict = field(default_factory=dict)  # adapter_config.json
     file_bytes: int = 0  # size of the files on disk
+    offset: tuple[torch.Tensor, torch.Tensor] | None = None  # DePT's input offset (A (T_max, r), B (r, H)), float32
+    memory: torch.Tensor | None = None  # PrefixMemory's (L, heads, d, d) float32, beside a deep prompt
+
+    @property
+    def input_offset(self) -> torch.Tensor | None:
+        """The (T_max, H) offset added to the input tokens (``offset.py``), or None."""
+        return None if self.offset is None else self.offset[0] @ self.offset[1]
 
     @property
     def kind(self) -> str:
@@ -109,7 +116,8 @@ class StoredPrompt:
 
     @property
     def nbytes(self) -> int:
-        return self.tensor.numel() * self.tensor.element_size()
+        extra = sum(t.numel() * t.element_size() for t in (*(self.offset or ()), self.memory) if t is not None)
+        return self.tensor.numel() * self.tensor.element_size() + extra
 
     def shallow(self, what: str) -> torch.Tensor:
         """The (N, H) embeddings, or one line saying that ``what`` needs a shallow prompt."""

@@ -96,14 +96,19 @@ class PromptConfig(_JsonMixin):
     num_virtual_tokens: int = 20  # N: virtual tokens in the soft prompt
     init: str = "random"  # random | text | vocab | labels | transfer | prompt:<name> (best measured, docs/tuning.md)
     init_text: str | None = None  # text for init=text
-    kind: str = "shallow"  # shallow: (N, H) input embeddings | deep: keys/values at every layer (prefix tuning; docs/tuning.md)
+    kind: str = "shallow"  # shallow: (N, H) input embeddings | deep: keys/values at every layer (prefix tuning) | auto: kind, init, lr, N and budget chosen from the data (docs/tuning.md)
     reparam: str | None = None  # training-time reparameterisation, folded before saving: residual, mlp, lstm (shallow); mlp (deep)
+    dropout: float = 0.0  # prefix dropout while training (P-tuning v2 uses 0.1); never at evaluation or serving
+    freeze_first: bool = False  # keep the first virtual token as initialised (an attention sink, as PEFT's Cartridges)
+    offset_rank: int = 0  # DePT: rank r of a low-rank offset A (offset_length x r) @ B (r x H) added to the input tokens; 0 = none
+    offset_length: int = 256  # DePT: input positions the offset covers (T_max); later tokens get none
+    memory: bool = False  # PrefixMemory (deep prompts): a trainable per-head term phi(q)^T M outside the softmax, M zero-initialised
 
     def __post_init__(self) -> None:
-        _check(self.kind in REPARAMS, f"--kind must be one of {', '.join(REPARAMS)}, got {self.kind!r}")
-        _check(self.reparam is None or self.reparam in REPARAMS[self.kind],
+        _check(self.kind in (*REPARAMS, "auto"), f"--kind must be one of {', '.join(REPARAMS)}, auto, got {self.kind!r}")
+        _check(self.reparam is None or self.kind == "auto" or self.reparam in REPARAMS[self.kind],
                f"--reparam {self.reparam} is not supported for --kind {self.kind} "
-               f"(choose {', '.join(REPARAMS[self.kind])})")
+               f"(choose {', '.join(REPARAMS.get(self.kind, ()))})")
         _check(
             self.num_virtual_tokens > 0,
             f"--num-virtual-tokens must be positive, got {self.num_virtual_tokens}",
@@ -114,9 +119,19 @@ class PromptConfig(_JsonMixin):
             f"--init must be one of {', '.join(kinds)} or prompt:NAME, got {self.init!r}",
         )
         _check(self.init != "text" or bool(self.init_text), "--init text needs --init-text")
+        _check(0 <= self.dropout < 1, f"--prompt-dropout must be in [0, 1), got {self.dropout}")
+        _check(self.offset_rank >= 0 and self.offset_length > 0,
+               "--offset-rank must be >= 0 and --offset-length positive")
+        _check(not self.offset_rank or self.kind in ("shallow", "auto"),
+               "--offset-rank (DePT's input offset) goes with --kind shallow")
+        _check(not self.memory or self.kind in ("deep", "auto"), "--prefix-memory goes with --kind deep")
+
+
+TRAIN_KIND = "auto"  # softprompt train's --kind when none is given (training/auto.py); the library's default stays shallow
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # compute precision of training (precision.py)
+SCHEDULES = ("linear", "cosine")  # the lr after warm-up: linear decay to 0, or half a cosine to 0
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,9 @@ class TrainConfig(_JsonMixin):
     batch_size: int = 8  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
     warmup_ratio: float = 0.06  # share of steps with linear warm-up
+    warmup_steps: int | None = None  # steps of linear warm-up; overrides warmup_ratio
+    schedule: str = "linear"  # lr after warm-up: linear (decay to 0) | cosine (half a cosine to 0)
+    group_lr: dict[str, float] | None = None  # lr per parameter group, e.g. offset=1e-3 (DePT: groups prompt, offset); others use --lr
     weight_decay: float = 0.0  # AdamW weight decay on the prompt
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     seed: int = 0  # seeds data order, init and sampling
@@ -143,6 +161,9 @@ class TrainConfig(_JsonMixin):
         _check(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         _check(self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        _check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _check(all(v > 0 for v in (self.group_lr or {}).values()), "--group-lr: every lr must be positive")
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 

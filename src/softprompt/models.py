@@ -286,10 +286,18 @@ def load(name: str | None = None, dtype: str | torch.dtype | None = torch.float3
 
     The weights are read in float32 and fingerprinted before any cast to ``dtype`` (so a prompt
     trained in float32 matches the same model loaded in bfloat16), then moved to ``device``.
+    ``dtype="auto"``: bfloat16 where ``device`` computes bf16 natively, else float32
+    (``precision.model_dtype``), logged once.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    dtype, device = parse_dtype(dtype), parse_device(device, local_rank)
+    device = parse_device(device, local_rank)
+    if dtype == "auto":
+        from softprompt import precision
+
+        dtype, why = precision.model_dtype("auto", device)
+        log.info("dtype auto: %s (%s)", dtype, why, extra={"fields": {"dtype": dtype, "why": f"auto: {why}"}})
+    dtype = parse_dtype(dtype)
     canon, path = resolve(name, store, offline)
     check_architecture(canon, path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)

@@ -8,6 +8,9 @@ softmax and the loss in float32; the prompt (the master copy) and the optimiser 
 float32 whatever the precision. A model loaded in bf16/fp16 (``--dtype``) is used as it is:
 ``auto`` then adds nothing. The choice and its reason are written into the training summary
 and ``softprompt.json`` (``describe``).
+
+``model_dtype`` is the same detection for inference: ``--dtype auto`` (the default of ``serve``,
+``generate`` and ``eval``) loads the frozen model in bfloat16 where bf16 is native, else float32.
 """
 
 from __future__ import annotations
@@ -70,6 +73,16 @@ def resolve(requested: str, device: torch.device, model_dtype: torch.dtype,
         return {"requested": requested, "used": "bf16" if native else "fp32", "reason": why}
     return {"requested": requested, "used": requested, "reason": "asked for" + ("" if native or requested == "fp32"
                                                                                 else f" (emulated: {why})")}
+
+
+def model_dtype(requested: str, device: torch.device, flags: set[str] | None = None) -> tuple[str, str]:
+    """``--dtype auto`` for inference (``serve``, ``generate``, ``eval``): (``bfloat16``, why) where
+    ``device`` computes bf16 natively (``native_bf16``), else (``float32``, why). Any other value
+    is returned as asked."""
+    if requested != "auto":
+        return requested, "asked for"
+    native, why = native_bf16(device, flags)
+    return ("bfloat16" if native else "float32"), why
 
 
 def autocast(used: str, device: torch.device, casts: FrozenCasts | None = None):

@@ -123,9 +123,14 @@ def is_deep(prompt: torch.Tensor | None) -> bool:
     return prompt is not None and prompt.dim() == 5
 
 
+def takes_deep(model) -> bool:
+    """Can ``model`` take a deep prompt (a decoder-only key/value prefix)?"""
+    return not getattr(model.config, "is_encoder_decoder", False)
+
+
 def check_deep(model) -> None:
     """Refuse deep prompts on a model without a decoder-only key/value prefix, in one line."""
-    if getattr(model.config, "is_encoder_decoder", False):
+    if not takes_deep(model):
         raise UserError(f"deep prompts need a decoder-only model with a key/value cache; "
                         f"{model.config.model_type} is an encoder-decoder model")
 

@@ -7,6 +7,8 @@ A saved prompt is a directory that PEFT itself loads as an adapter (the format: 
     adapter_model.safetensors    {"prompt_embeddings": (N, H) float32}, deep: (N, L*2*kv*d) float32
     softprompt.json              our metadata: kind (shallow | deep), reparam, base model identity and
                                  fingerprint, template, verbalizer, training config, seed, metrics, versions
+    input_offset.safetensors,    side files (``sides.py``): DePT's input offset (shallow), PrefixMemory's
+    prefix_memory.safetensors    per-head memory (deep); only when trained with them; PEFT ignores them
 
 Invariants: every way in (training, import, HTTP upload, Ray sync) and every load passes one
 validator (``read_prompt_dir``: field types, 1 <= N <= a limit, finite float values) that raises
@@ -39,6 +41,7 @@ from softprompt.adapter import (
 )
 from softprompt.config import UserError
 from softprompt.prompt import is_deep
+from softprompt.sides import SIDE_FILES, read_sides, side_files
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: "x\n" is no name
 PROMPT_KEY = "prompt_embeddings"
@@ -165,11 +168,11 @@ def validate_embeddings(name: str, tensors: dict, cfg: dict, max_tokens: int | N
 
 def _read_files(version: Path, name: str) -> dict[str, bytes | None]:
     out: dict[str, bytes | None] = {}
-    for fname in (CONFIG, TENSORS, META):
+    for fname in (CONFIG, TENSORS, META, *SIDE_FILES):
         try:
             out[fname] = (version / fname).read_bytes()
         except FileNotFoundError:
-            if fname != META:
+            if fname not in (META, *SIDE_FILES):
                 raise
             out[fname] = None
         except IsADirectoryError:
@@ -214,8 +217,9 @@ def read_prompt_dir(path: Path, name: str | None = None, max_tokens: int | None 
     emb = tensors[PROMPT_KEY].float()  # (N, H), deep: (N, L*2*kv*d)
     kv = deep_tensor(cfg, emb, name) if cfg["peft_type"] == "PREFIX_TUNING" else None  # (L, 2, kv, N, d)
     meta = validate_meta(name, _parse_json(raw[META], name, path / META)) if raw[META] is not None else {}
+    sides = read_sides(raw, None if kv is not None else emb, kv, lambda f, p: InvalidPrompt(name, f, p))
     return StoredPrompt(name=name, path=path, embeddings=None if kv is not None else emb, meta=meta, kv=kv,
-                        config=cfg, file_bytes=sum(len(b) for b in raw.values() if b is not None))
+                        config=cfg, file_bytes=sum(len(b) for b in raw.values() if b is not None), **sides)
 
 
 def write_files(d: Path, files: dict[str, bytes | dict], tensors: dict[str, torch.Tensor]) -> None:
@@ -233,9 +237,9 @@ def write_dir_atomic(target: Path, files: dict[str, bytes | dict], tensors: dict
     return durable.replace_dir(Path(target), lambda d: write_files(d, files, tensors), exist_ok=exist_ok)
 
 
-def save_prompt(path: Path, embeddings: torch.Tensor, meta: dict, model_path: str = "", model_config=None) -> Path:
+def save_prompt(path: Path, embeddings: torch.Tensor, meta: dict, model_path: str = "", model_config=None, **sides) -> Path:
     """Validate and store a shallow (N, H) or deep (L, 2, kv, N, d) prompt (the kind is in the
-    tensor's shape); an invalid one (NaN, N=0, a mistyped field) is refused whole."""
+    tensor's shape), with its side tensors (``offset``, ``memory``: ``sides.py``); anything invalid is refused whole."""
     path = Path(path)
     if is_deep(embeddings):
         cfg, flat = prefix_adapter_config(embeddings, model_path), deep_to_peft(embeddings.detach())
@@ -245,7 +249,8 @@ def save_prompt(path: Path, embeddings: torch.Tensor, meta: dict, model_path: st
     validate_embeddings(path.name, {PROMPT_KEY: flat}, cfg)
     meta = json.loads(json.dumps(meta, default=str), parse_constant=lambda c: None)  # JSON has no NaN: a diverged loss is null
     meta = validate_meta(path.name, meta)
-    return write_dir_atomic(path, {CONFIG: cfg, META: meta}, {PROMPT_KEY: flat})
+    read_sides(extra := side_files(**sides), *((None, embeddings) if is_deep(embeddings) else (flat, None)), lambda f, p: InvalidPrompt(path.name, f, p))
+    return write_dir_atomic(path, {CONFIG: cfg, META: meta, **extra}, {PROMPT_KEY: flat})
 
 
 def check_compatible(stored: StoredPrompt, fingerprint: dict, force: bool = False,

@@ -52,6 +52,7 @@ from softprompt.promptdir import (  # noqa: F401 - re-exported: the format is pa
     write_dir_atomic,
     write_files,
 )
+from softprompt.sides import SIDE_FILES, side_files  # noqa: F401 - SIDE_FILES re-exported with the format
 
 _SWEPT: set[Path] = set()
 
@@ -105,9 +106,9 @@ class Store:
         """A training run's folder (its ``checkpoint`` for ``--resume``)."""
         return self.runs / check_name(name)
 
-    def save_prompt(self, name: str, embeddings, meta: dict, model_path: str = "", model_config=None) -> Path:
-        """Validate and store a prompt under ``name`` (``promptdir.save_prompt``)."""
-        return save_prompt(self.prompt_path(name), embeddings, meta, model_path, model_config)
+    def save_prompt(self, name: str, embeddings, meta: dict, model_path: str = "", model_config=None, **sides) -> Path:
+        """Validate and store a prompt under ``name``, with its side tensors (``promptdir.save_prompt``)."""
+        return save_prompt(self.prompt_path(name), embeddings, meta, model_path, model_config, **sides)
 
     def load_prompt(self, name: str) -> StoredPrompt:
         return read_prompt_dir(self.prompt_path(name), name)
@@ -162,7 +163,7 @@ class Store:
         dest = Path(dest)
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise UserError(f"export target {dest} exists and is not an empty directory")
-        files = {CONFIG: sp.config, **({META: sp.meta} if sp.meta else {})}
+        files = {CONFIG: sp.config, **({META: sp.meta} if sp.meta else {}), **side_files(sp.offset, sp.memory)}
         with durable.new_dir(dest) as d:
             write_files(d, files, {PROMPT_KEY: sp.peft_tensor})
         return dest
@@ -191,7 +192,8 @@ class Store:
                 meta["base_model"] = {"name": model_name, "path": model_name, "fingerprint": fingerprint}
         cfg = prefix_adapter_config(sp.kv, sp.config.get("base_model_name_or_path") or "") if sp.kv is not None else sp.config
         try:
-            write_dir_atomic(self.prompt_path(name), {CONFIG: cfg, META: meta}, {PROMPT_KEY: sp.peft_tensor}, exist_ok=overwrite)
+            files = {CONFIG: cfg, META: meta, **side_files(sp.offset, sp.memory)}
+            write_dir_atomic(self.prompt_path(name), files, {PROMPT_KEY: sp.peft_tensor}, exist_ok=overwrite)
         except FileExistsError:
             raise UserError(f"prompt {name!r} already exists; remove it first or import under --name") from None
         return self.load_prompt(name)

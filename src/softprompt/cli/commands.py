@@ -24,11 +24,14 @@ from softprompt.cli.flags import (
     given,
 )
 from softprompt.config import (
+    TRAIN_KIND,
     DataConfig,
     EngineConfig,
     EvalConfig,
     GenerateConfig,
+    PromptConfig,
     ServerConfig,
+    TrainConfig,
     UserError,
 )
 
@@ -37,7 +40,7 @@ from softprompt.config import (
 TRAIN_DATA = ("path", "eval_path", "text_column", "template", "target_column", "verbalizer", "limit",
               "eval_limit", "max_length", "data_split", "eval_split", "data_config", "chat", "system")
 TRAIN_FIELDS = ("lr", "epochs", "steps", "batch_size", "grad_accum", "seed", "patience", "warmup_ratio", "weight_decay",
-                "precision", "pack")
+                "precision", "pack", "warmup_steps", "schedule", "group_lr")
 
 
 def add_train_parser(sub) -> None:
@@ -46,7 +49,7 @@ def add_train_parser(sub) -> None:
     add_device_flags(t)
     add_data_flags(t, TRAIN_DATA, helps={"path": "training file: .csv, .tsv, .jsonl or '<label> <text>' lines"})
     t.add_argument("--name", help="name of the prompt in the store (default: task or data file name)")
-    add_prompt_train_flags(t, TRAIN_FIELDS)
+    add_prompt_train_flags(t, TRAIN_FIELDS, defaults={"kind": TRAIN_KIND})
     g = t.add_argument_group("run")
     g.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint of --name")
     g.add_argument("--force", action="store_true", help="accept a prompt:NAME init from another base model")
@@ -66,11 +69,12 @@ def cmd_train(a) -> int:
         a.quiet = True
     dcfg = data_config(a)
     pcfg, tcfg = prompt_train_configs(a)
+    yours = set(given(PromptConfig, a)) | set(given(TrainConfig, a))  # --kind auto keeps these
     name = a.name or (a.task if a.task else os.path.splitext(os.path.basename(a.path))[0])
     lm = load_model(a)
     try:
         res = train(lm, dcfg, pcfg, tcfg, name=name, task=a.task, resume=a.resume, progress=not a.quiet,
-                    force=a.force, fsdp=a.fsdp, store=a.store, launch=launch)
+                    force=a.force, fsdp=a.fsdp, store=a.store, launch=launch, given=yours, say=print)
     finally:
         distributed.teardown()
     if launch.is_main:
@@ -110,7 +114,7 @@ def add_generate_parser(sub) -> None:
     add_model_flags(g)
     g.add_argument("--prompt", help="name of a stored prompt (default: the plain model)")
     g.add_argument("--force", action="store_true", help="use a prompt trained on another base model")
-    add_device_flags(g)
+    add_device_flags(g, auto_dtype=True)
     add_flags(g, GenerateConfig)
     add_flags(g, DataConfig, only=CHAT_FIELDS, helps={
         "chat": "the text is a user turn in the model's chat template (default: as the prompt was trained)"})
@@ -128,18 +132,18 @@ def cmd_generate(a) -> int:
 
     cfg = from_args(GenerateConfig, a)
     lm = load_model(a)
-    prompt, meta = None, {}
+    prompt, meta, sides = None, {}, None
     if a.prompt:
         sp = a.store.load_prompt(a.prompt)
         check_compatible(sp, lm.fingerprint, force=a.force, kv_shape=lm.kv_shape)
-        prompt, meta = sp.tensor, sp.meta
+        prompt, meta, sides = sp.tensor, sp.meta, {"offset": sp.offset, "memory": sp.memory}
     form = {"chat": bool(meta.get("chat")), "system": meta.get("system")} | given(DataConfig, a, CHAT_FIELDS)
     ids = None
     if form["chat"]:
         ids = chat.encode_chat(lm.tokenizer, chat.messages_for(a.text, form["system"]))
     elif a.system is not None:
         raise UserError("--system needs --chat")
-    print(engine.generate(lm, prompt, a.text, cfg, token_ids=ids).text)
+    print(engine.generate(lm, prompt, a.text, cfg, token_ids=ids, sides=sides).text)
     return 0
 
 
@@ -164,7 +168,7 @@ def cmd_quickstart(a) -> int:
 def add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate the plain model, a prompt or an ensemble (last line: JSON)")
     add_model_flags(ev)
-    add_device_flags(ev)
+    add_device_flags(ev, auto_dtype=True)
     add_flags(ev, EvalConfig, skip=("task",), rename={"prompts": "prompt"},
               helps={"prompts": "stored prompt name, or a,b,c for an ensemble; none = the plain model"})
     add_data_flags(ev, EVAL_DATA, helps={"template": "input template (default: the prompt's stored one, then the task's)",
@@ -276,7 +280,14 @@ def add_serve_parser(sub) -> None:
     add_flags(s, ServerConfig, helps={"api_key": "require 'Authorization: Bearer KEY' on /v1/* and /metrics "
                                                  "(default $SOFTPROMPT_API_KEY, else none)"})
     s.add_argument("--force", action="store_true", help="serve prompts trained on another base model (same H)")
-    add_device_flags(s)
+    add_device_flags(s, auto_dtype=True)
+    v = s.add_argument_group("engine (docs/serving.md)")
+    v.add_argument("--engine", default="auto", choices=("auto", "vllm", "native"),
+                   help="vllm: vLLM's engine in-process (bash scripts/bootstrap.sh --vllm); native: the built-in "
+                        "engine; auto: vLLM where installed and the model and stored prompts allow (default %(default)s)")
+    v.add_argument("--vllm-arg", action="append", default=[], metavar="FLAGS",
+                   help="vLLM's own engine flags, passed through (repeatable), e.g. "
+                        "--vllm-arg='--tensor-parallel-size 2' --vllm-arg=--enforce-eager")
     r = s.add_argument_group("Ray Serve (pip install 'softprompt[ray]'; docs/scaling.md)")
     r.add_argument("--ray", action="store_true", help="serve the same app over Ray Serve replicas")
     r.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each with the model loaded once (default %(default)s)")
@@ -293,8 +304,13 @@ def cmd_serve(a) -> int:
     if a.ray:
         from softprompt.serve import ray_serve
 
+        if a.engine == "vllm":
+            raise UserError("--engine vllm with --ray: Ray Serve replicas run the built-in engine; for vLLM across "
+                            "machines pass vLLM's own flags (--vllm-arg, docs/scaling.md)")
+
         ray_serve.serve_forever(cfg, a.model, replicas=a.replicas, address=a.ray_address, force=a.force,
                                 device=a.device, dtype=a.dtype, store=a.store, env=a.env.forwarded)
         return 0
-    server.serve(cfg, a.model, force=a.force, device=a.device, dtype=a.dtype, store=a.store)
+    server.serve(cfg, a.model, force=a.force, device=a.device, dtype=a.dtype, store=a.store, engine=a.engine,
+                 vllm_args=a.vllm_arg)
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from softprompt.cli.commands import load_model
 from softprompt.cli.flags import (
     EVAL_DATA,
+    PROMPT_FLAGS,
     add_data_flags,
     add_flags,
     add_model_flags,
@@ -178,6 +179,7 @@ def add_continual_parser(sub) -> None:
 def cmd_continual(a) -> int:
     from softprompt.experiments import continual as C
     from softprompt.provenance import write_json
+    from softprompt.training.auto import method_kind
 
     if a.report:
         return _continual_report(Path(a.report))
@@ -185,7 +187,7 @@ def cmd_continual(a) -> int:
         raise UserError("continual needs --tasks A,B,... (or --report FILE to re-render a result)")
     extra = {k: _all_if_zero(getattr(a, k)) for k in ("per_task", "test_per_task") if getattr(a, k) is not None}
     ccfg = from_args(ContinualConfig, a, **extra)
-    pcfg = from_args(PromptConfig, a, ("num_virtual_tokens", "init", "init_text"))
+    pcfg = method_kind(from_args(PromptConfig, a, PROMPT_FLAGS), "continual")  # prompt, progressive: shallow
     tcfg = from_args(TrainConfig, a, ("lr", "epochs", "batch_size", "seed", "patience"))
     doc = C.run(load_model(a), ccfg, pcfg, tcfg, say=(lambda m: None) if a.quiet else print, root=a.store.data_root)
     doc["command"] = command_line(a)

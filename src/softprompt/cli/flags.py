@@ -41,6 +41,19 @@ def _comma_list(item: type, flag: str, allow_all: bool = False):
     return parse
 
 
+def _float_map(flag: str):
+    def parse(text: str) -> dict[str, float]:
+        out = {}
+        for key, word in (parse_verbalizer(text) or {}).items():
+            try:
+                out[key] = float(word)
+            except ValueError:
+                raise UserError(f"{flag}: {word!r} is not a number (expected NAME=NUMBER,...)") from None
+        return out
+
+    return parse
+
+
 def _converter(annotation: str, flag: str):
     """(argparse keywords, parser of the given text or None) for a field's type annotation (a
     string: annotations are postponed). Lists and label maps are parsed after argparse, so a
@@ -58,6 +71,8 @@ def _converter(annotation: str, flag: str):
         return {"metavar": "A,B,..."}, _comma_list(item, flag, allow_all)
     if base == "dict[str, str]":
         return {"metavar": "K=V,..."}, parse_verbalizer
+    if base == "dict[str, float]":
+        return {"metavar": "NAME=LR,..."}, _float_map(flag)
     raise TypeError(f"no CLI flag for a field of type {annotation}")
 
 
@@ -65,21 +80,24 @@ _CONVERT: dict[tuple[str, str], Any] = {}  # (config class, field) -> parser of 
 
 
 def add_flags(parser, cls, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = (),
-              rename: dict[str, str] | None = None, helps: dict[str, str] | None = None) -> None:
+              rename: dict[str, str] | None = None, helps: dict[str, str] | None = None,
+              defaults: dict[str, Any] | None = None) -> None:
     """One ``--flag`` per field of ``cls`` (or of ``only``): type from the annotation, help from the
     field's comment and its default. A flag not given stays None, so ``given`` leaves the default
-    to the dataclass. ``rename`` maps a field to another flag name; ``helps`` overrides a help."""
+    to the dataclass. ``rename`` maps a field to another flag name; ``helps`` overrides a help;
+    ``defaults`` gives a command's own default for a field (a constant of ``config.py``)."""
     docs = {**field_docs(cls), **(helps or {})}
-    rename = rename or {}
+    rename, defaults = rename or {}, defaults or {}
     for f in dataclasses.fields(cls):
         if (only is not None and f.name not in only) or f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = defaults.get(f.name, default)
         shown = ",".join("all" if v is None else str(v) for v in default) if isinstance(default, tuple) else default
         text = f"{docs.get(f.name, '')} (default {shown})".replace("%", "%%")
         flag = "--" + rename.get(f.name, f.name).replace("_", "-")
         kw, convert = _converter(str(f.type), flag)
-        parser.add_argument(flag, dest=f.name, default=None, help=text, **kw)
+        parser.add_argument(flag, dest=f.name, default=defaults.get(f.name), help=text, **kw)
         if convert is not None:
             _CONVERT[(cls.__name__, f.name)] = convert
 
@@ -110,10 +128,17 @@ def add_model_flags(p) -> None:
                    help="use only the Hugging Face cache, never the network (as HF_HUB_OFFLINE=1)")
 
 
-def add_device_flags(p) -> None:
+def add_device_flags(p, auto_dtype: bool = False) -> None:
+    """``--device`` and ``--dtype``; ``auto_dtype`` (serve, generate, eval): ``--dtype auto`` is
+    offered and is the default (bfloat16 where the device computes bf16 natively, else float32)."""
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:K (under torchrun, cuda = this process's GPU) (default cpu)")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="the frozen model's dtype; a trained prompt stays float32 (default float32)")
+    if auto_dtype:
+        p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="the frozen model's dtype; auto: bfloat16 where the CPU (AMX or AVX512-BF16) or GPU "
+                            "computes bf16 natively, else float32; prompts are cast to it (default auto)")
+    else:
+        p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                       help="the frozen model's dtype; a trained prompt stays float32 (default float32)")
 
 
 def add_data_root_flag(p) -> None:
@@ -173,15 +198,18 @@ def data_config(a):
     return DataConfig(**kw)
 
 
-PROMPT_FLAGS = ("num_virtual_tokens", "init", "init_text", "kind", "reparam")
+PROMPT_FLAGS = ("num_virtual_tokens", "init", "init_text", "kind", "reparam", "dropout", "freeze_first", "offset_rank",
+                "offset_length", "memory")
+PROMPT_RENAME = {"dropout": "prompt_dropout", "freeze_first": "freeze_first_token", "memory": "prefix_memory"}
 
 
-def add_prompt_train_flags(p, train_fields: tuple[str, ...]) -> None:
-    """PromptConfig's flags and the TrainConfig fields in ``train_fields``, plus --quiet."""
+def add_prompt_train_flags(p, train_fields: tuple[str, ...], defaults: dict[str, Any] | None = None) -> None:
+    """PromptConfig's flags and the TrainConfig fields in ``train_fields``, plus --quiet;
+    ``defaults``: the command's own defaults of PromptConfig fields (``add_flags``)."""
     from softprompt.config import PromptConfig, TrainConfig
 
     g = p.add_argument_group("prompt and training")
-    add_flags(g, PromptConfig, only=PROMPT_FLAGS)
+    add_flags(g, PromptConfig, only=PROMPT_FLAGS, rename=PROMPT_RENAME, defaults=defaults)
     add_flags(g, TrainConfig, only=train_fields)
     g.add_argument("--quiet", action="store_true", help="no progress display")
 

@@ -1,9 +1,11 @@
 """The walk-through (``softprompt quickstart``): base vs tuned generation on the default model.
 
 The classic prompt-tuning walk-through (PEFT's documentation example): 4 virtual tokens,
-random init, lr 5e-3, 5 epochs on the ``prompt`` column of the first 50 rows of
-awesome-chatgpt-prompts, then generate for "I want you to act as a logistician. ". A second
-run uses the project's recommended settings so the difference is visible.
+random init, lr 5e-3, 5 epochs, a shallow prompt, on the ``prompt`` column of the first 50 rows
+of awesome-chatgpt-prompts, then generate for "I want you to act as a logistician. ". These
+settings are spelled out here, so ``softprompt train``'s default (``--kind auto``) never changes
+the walk-through. A second run uses the recommended settings, which are what ``--kind auto``
+chooses for this data (language modelling: ``training/auto.py``), so the difference is visible.
 """
 
 from __future__ import annotations
@@ -22,11 +24,10 @@ from softprompt.data import WALKTHROUGH_CSV
 INPUT = "I want you to act as a logistician. "
 GEN = GenerateConfig(max_new_tokens=100, repetition_penalty=1.5)
 # the walk-through as it is usually written
-CLASSIC = (PromptConfig(num_virtual_tokens=4, init="random"),
+CLASSIC = (PromptConfig(num_virtual_tokens=4, init="random", kind="shallow"),
            TrainConfig(lr=5e-3, epochs=5, batch_size=8, patience=None, warmup_ratio=0.0, max_grad_norm=0.0))
-# the project's recommended settings for language modelling (see docs/tuning.md)
-RECOMMENDED = (PromptConfig(num_virtual_tokens=20, init="vocab"),
-               TrainConfig(lr=0.1, epochs=5, batch_size=8, patience=None))
+# the recommended settings: what softprompt train chooses by default (--kind auto; docs/tuning.md)
+RECOMMENDED = (PromptConfig(kind="auto"), TrainConfig(batch_size=8, patience=None))
 
 
 def walkthrough_data(root: Path | None = None) -> DataConfig:
@@ -52,10 +53,11 @@ def _tune(store, lm, data, prompt_cfg, train_cfg, name, print_fn):
     from softprompt.inference import engine
     from softprompt.training.tune import train
 
-    res = train(lm, data, prompt_cfg, train_cfg, name=name, progress=True, store=store)
+    res = train(lm, data, prompt_cfg, train_cfg, name=name, progress=True, store=store, given=set(), say=print_fn)
+    used, lr = res.meta["prompt"], res.meta["training"]["lr"]  # after --kind auto, what it chose
     losses = [h["loss"] for h in res.history]
     gen = engine.generate(lm, res.prompt, INPUT, GEN)
-    print_fn(f"\n== tuned: {name}  (N={prompt_cfg.num_virtual_tokens}, init {prompt_cfg.init}, lr {train_cfg.lr}, "
+    print_fn(f"\n== tuned: {name}  ({used['kind']}, N={used['num_virtual_tokens']}, init {used['init']}, lr {lr}, "
              f"{len(losses)} steps in {res.train_time_s:.1f}s)")
     print_fn(f"loss  {losses[0]:.3f} {sparkline(losses)} {losses[-1]:.3f}   (epoch means: "
              + ", ".join(f"{e['train_loss']:.3f}" for e in res.epochs) + ")")
@@ -77,6 +79,7 @@ def run(store, print_fn=print, recommended: bool = True) -> dict:
     print_fn(f"--- generation with the plain model ---\n{INPUT}{base.text}")
     out = {"base": base.text, "classic": _tune(store, lm, data, *CLASSIC, "quickstart", print_fn)}
     if recommended:
+        print_fn("\n== recommended settings: what `softprompt train` chooses by default (--kind auto)")
         out["recommended"] = _tune(store, lm, data, *RECOMMENDED, "quickstart-recommended", print_fn)
         a, b = out["classic"].final_train_loss, out["recommended"].final_train_loss
         print_fn(f"\nfinal training loss: walk-through settings {a:.3f}, recommended settings {b:.3f}")

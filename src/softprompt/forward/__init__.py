@@ -41,15 +41,22 @@ def supports_prefix(model) -> bool:
     return not is_seq2seq(model)
 
 
-def prompt_loss(model, prompt, batch: dict, fast: bool = True, pack: bool = False) -> torch.Tensor:
+def prompt_loss(model, prompt, batch: dict, fast: bool = True, pack: bool = False, offset=None,
+                memory=None) -> torch.Tensor:
     """Mean target cross-entropy of ``batch`` under ``prompt``: a shallow (N, H) prompt through
     ``seq2seq`` (T5 family) or the exact prefix path (``fast``; with ``pack`` the rows are
     packed into shared sequences, ``packing.py``) / the naive reference; a deep
-    (L, 2, kv, N, d) prompt through ``deep`` (fast) or PEFT's way (naive)."""
+    (L, 2, kv, N, d) prompt through ``deep`` (fast) or PEFT's way (naive). ``offset`` (T_max, H):
+    DePT's input offset (``offset.py``), decoder-only shallow prompts without packing; ``memory``
+    (L, heads, d, d): PrefixMemory's term (``memory.py``), with a deep prompt."""
+    if offset is not None:
+        if is_deep(prompt) or is_seq2seq(model) or pack:
+            raise ValueError("an input offset goes with a shallow prompt on a decoder-only model, unpacked")
+        return decoder.prompt_loss(model, prompt, batch, fast=fast, offset=offset)
     if is_deep(prompt):
         check_deep(model)
         args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-        return deep.deep_loss(model, prompt, *args) if fast else deep.deep_naive_loss(model, prompt, *args)
+        return (deep.deep_loss if fast else deep.deep_naive_loss)(model, prompt, *args, memory=memory)
     if is_seq2seq(model):
         return seq2seq.seq2seq_loss(model, prompt, batch)
     if fast and pack:
@@ -58,12 +65,12 @@ def prompt_loss(model, prompt, batch: dict, fast: bool = True, pack: bool = Fals
 
 
 def sequence_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels,
-                      choices: torch.Tensor | None = None, prefix=None) -> torch.Tensor:
+                      choices: torch.Tensor | None = None, prefix=None, offset=None, memory=None) -> torch.Tensor:
     """Per-row summed log-probability of the labelled tokens (B,), or (B, L) with ``choices``;
     see ``decoder.sequence_logprobs``; a deep prompt goes through ``deep.deep_logprobs``."""
     if is_deep(prompt):
         check_deep(model)
-        return deep.deep_logprobs(model, prompt, input_ids, attention_mask, labels, choices)
+        return deep.deep_logprobs(model, prompt, input_ids, attention_mask, labels, choices, memory)
     if is_seq2seq(model):
         return seq2seq.seq2seq_logprobs(model, prompt, input_ids, attention_mask, labels, choices)
-    return decoder.sequence_logprobs(model, prompt, input_ids, attention_mask, labels, choices, prefix)
+    return decoder.sequence_logprobs(model, prompt, input_ids, attention_mask, labels, choices, prefix, offset)

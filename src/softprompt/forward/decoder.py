@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from softprompt.compat import cache_kw, returned_cache
 from softprompt.data import IGNORE
 from softprompt.forward.chunked_ce import linear_cross_entropy
+from softprompt.offset import add_offset
 
 
 def embed(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -38,10 +39,13 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits if not cap else torch.tanh(logits / cap) * cap
 
 
-def naive_loss(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels) -> torch.Tensor:
+def naive_loss(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels,
+               offset: torch.Tensor | None = None) -> torch.Tensor:
     """Reference path: [P][x] for every row, full forward, full logits. ``prompt`` is (N, H),
-    shared by every row, or (B, N, H), one per row."""
+    shared by every row, or (B, N, H), one per row; ``offset`` (T_max, H) is added to the input
+    embeddings (``offset.py``)."""
     x = embed(model, input_ids)  # (B, T, H)
+    x = x if offset is None else add_offset(x, offset)
     B = x.shape[0]
     if prompt is not None:
         N = prompt.shape[-2]
@@ -74,8 +78,9 @@ def expand_cache(cache: DynamicCache, batch: int, config) -> DynamicCache:
     return DynamicCache(ddp_cache_data=layers, config=config)
 
 
-def prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache=None):
-    """Hidden states (B, T, H) of the real tokens under the shared prompt prefix."""
+def prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache=None, offset=None):
+    """Hidden states (B, T, H) of the real tokens under the shared prompt prefix; ``offset``
+    (T_max, H) added to their input embeddings (``offset.py``)."""
     B, T = input_ids.shape
     N = prompt.shape[0]
     if cache is None:
@@ -83,8 +88,9 @@ def prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache=None):
     past = expand_cache(cache, B, model.config)
     mask = torch.cat([attention_mask.new_ones(B, N), attention_mask], dim=1)  # (B, N+T)
     pos = torch.arange(N, N + T, device=input_ids.device).unsqueeze(0).expand(B, -1)  # (B, T)
+    x = embed(model, input_ids)
     out = model.base_model(
-        inputs_embeds=embed(model, input_ids),
+        inputs_embeds=x if offset is None else add_offset(x, offset),
         attention_mask=mask,
         position_ids=pos,
         **cache_kw(model.base_model, past),
@@ -105,10 +111,10 @@ def _shifted_ce_sum(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[
     return total, sel.sum()
 
 
-def prefix_loss(model, prompt: torch.Tensor, input_ids, attention_mask, labels) -> torch.Tensor:
+def prefix_loss(model, prompt: torch.Tensor, input_ids, attention_mask, labels, offset=None) -> torch.Tensor:
     """Fast exact path: shared prefix, logits only at labelled positions."""
     cache, last = prefix_cache(model, prompt)
-    hidden = prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache)  # (B, T, H)
+    hidden = prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache, offset)  # (B, T, H)
     total, count = _shifted_ce_sum(model, hidden, labels)
     first = labels[:, 0]  # (B,) predicted by the last virtual token
     has_first = first != IGNORE
@@ -164,10 +170,11 @@ def plain_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
     return F.cross_entropy(lm_logits(model, hidden[:, :-1][sel]).float(), tgt[sel])
 
 
-def prompt_loss(model, prompt, batch: dict, fast: bool = True) -> torch.Tensor:
-    """Decoder-only loss under a shared prompt: the fast prefix path, or the naive reference."""
+def prompt_loss(model, prompt, batch: dict, fast: bool = True, offset=None) -> torch.Tensor:
+    """Decoder-only loss under a shared prompt (and input ``offset``): the fast prefix path, or
+    the naive reference."""
     args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-    return prefix_loss(model, prompt, *args) if fast else naive_loss(model, prompt, *args)
+    return prefix_loss(model, prompt, *args, offset=offset) if fast else naive_loss(model, prompt, *args, offset=offset)
 
 
 def labelled_logprobs(model, hidden: torch.Tensor, labels, choices: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,7 +200,7 @@ def choice_logprobs(logp: torch.Tensor, rows: torch.Tensor, choices: torch.Tenso
 
 @torch.no_grad()
 def sequence_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_mask, labels,
-                      choices: torch.Tensor | None = None, prefix=None) -> torch.Tensor:
+                      choices: torch.Tensor | None = None, prefix=None, offset=None) -> torch.Tensor:
     """Per-row summed log-probability of the labelled tokens, (B,). Right-padded rows.
 
     With ``choices`` (B, L) token ids, each row having one labelled token after its first
@@ -209,7 +216,7 @@ def sequence_logprobs(model, prompt: torch.Tensor | None, input_ids, attention_m
         first_lp = None
     else:
         cache, last = prefix if prefix is not None else prefix_cache(model, prompt)
-        hidden = prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache)
+        hidden = prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache, offset)
         first_lp = F.log_softmax(lm_logits(model, last).float(), dim=-1)  # (V,)
     out = labelled_logprobs(model, hidden, labels, choices)
     if choices is not None:

@@ -84,17 +84,18 @@ class PromptBank:
         self._resident: OrderedDict[str, tuple[StoredPrompt, tuple]] = OrderedDict()
         self._adds = 0
 
-    def add(self, name: str, embeddings: torch.Tensor, meta: dict | None = None) -> None:
-        """Register an in-memory (N, H) or deep (L, 2, kv, N, d) prompt under ``name`` (never evicted)."""
+    def add(self, name: str, embeddings: torch.Tensor, meta: dict | None = None, offset=None, memory=None) -> None:
+        """Register an in-memory (N, H) or deep (L, 2, kv, N, d) prompt under ``name`` (never evicted),
+        with a stored prompt's side tensors (``offset``, ``memory``: ``sides.py``, validated by the store)."""
         h = self.fingerprint["hidden_size"]
         t = embeddings.detach().float()
         if is_deep(t):
-            sp = StoredPrompt(name=name, path=IN_MEMORY, embeddings=None, meta=meta or {}, kv=t)
+            sp = StoredPrompt(name=name, path=IN_MEMORY, embeddings=None, meta=meta or {}, kv=t, memory=memory)
             check_shape(sp, h, self.kv_shape)
         elif t.dim() != 2 or t.shape[1] != h:
             raise UserError(f"prompt {name!r} has shape {tuple(t.shape)}; the model needs (N, {h})")
         else:
-            sp = StoredPrompt(name=name, path=IN_MEMORY, embeddings=t, meta=meta or {})
+            sp = StoredPrompt(name=name, path=IN_MEMORY, embeddings=t, meta=meta or {}, offset=offset)
         self._adds += 1
         self._pinned[name] = (sp, ("pinned", self._adds))
 
@@ -112,6 +113,8 @@ class PromptBank:
         self._resident.pop(name, None)
         sp = read_prompt_dir(path, name)  # UserError naming the file if missing or broken
         check_compatible(sp, self.fingerprint, force=self.force, kv_shape=self.kv_shape)
+        if sp.offset is not None and self.kv_shape is None:
+            raise UserError(f"prompt {name!r} has an input offset (DePT); it needs a decoder-only model")
         self._resident[name] = (sp, stamp)
         while len(self._resident) > self.max_resident:
             self._resident.popitem(last=False)

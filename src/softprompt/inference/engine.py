@@ -1,24 +1,21 @@
 """Inference: one frozen model, a bank of soft prompts, mixed-task batches, our own decode loop.
 
-``Engine`` holds the model, a ``bank.PromptBank`` (prompts by name, loaded lazily from the
-engine's ``store.Store`` when it has one,
-an LRU bound on how many stay resident, fingerprint-checked) and a ``bank.PrefixCache``
-(per-prompt keys/values, byte-bounded LRU). ``Engine.generate`` and ``Engine.score`` take lists
-of requests, each naming its prompt (or none) and, for generation, its own ``GenerateConfig``;
-all of them run as one batch (chunks of ``max_batch_rows``).
+``Engine`` holds the model, a ``bank.PromptBank`` (prompts by name, loaded lazily from its ``store.Store``,
+an LRU bound on how many stay resident, fingerprint-checked) and a ``bank.PrefixCache`` (per-prompt keys/values,
+byte-bounded LRU). ``Engine.generate`` and ``Engine.score`` take lists of requests, each naming its prompt
+(or none) and, for generation, its own ``GenerateConfig``; all run as one batch (chunks of ``max_batch_rows``).
 
-The public row API is what the decode loop (``steps.StepBatch``) and the server use:
-``request_rows`` resolves requests to ``Row``s (every prompt before any compute), ``start``
-prefills rows and returns the batch state with the first next-token logits. ``generate`` runs
-``StepBatch`` to the end: there is one decode loop.
+The public row API is what the decode loop (``steps.StepBatch``) and the server use: ``request_rows`` resolves
+requests to ``Row``s (every prompt before any compute), ``start`` prefills rows and returns the batch state with the
+first next-token logits. ``generate`` runs ``StepBatch`` to the end: there is one decode loop.
 
-Decoder-only rows are laid out as ``kv.py`` describes: each row's prompt as a key/value prefix
-(computed once per prompt and reused by every request: causal attention, prompt first), then its
-tokens, all left-padded, positions explicit. With ``use_prefix_cache=False`` the reference path
-runs ``[pad][P_i][x_i]`` through the whole model. Everything goes through public arguments
-(``inputs_embeds``, ``attention_mask``, ``position_ids``, ``past_key_values``); nothing in
-transformers is patched. Encoder-decoder models put the prompt in front of the encoder input
-(``forward.seq2seq``); they have no prefix cache.
+Decoder-only rows are laid out as ``kv.py`` describes: each row's prompt as a key/value prefix (computed once per
+prompt and reused by every request: causal attention, prompt first), then its tokens, all left-padded, positions
+explicit. With ``use_prefix_cache=False`` the reference path runs ``[pad][P_i][x_i]`` through the whole model.
+Everything goes through public arguments (``inputs_embeds``, ``attention_mask``, ``position_ids``,
+``past_key_values``, a PrefixMemory's ``prefix_memory`` for the attention function ``memory.py`` registers); nothing
+in transformers is patched. Encoder-decoder models put the prompt in front of the encoder input (``forward.seq2seq``;
+no prefix cache).
 """
 
 from __future__ import annotations
@@ -35,9 +32,10 @@ from softprompt.compat import cache_kw, returned_cache
 from softprompt.config import EngineConfig, GenerateConfig, UserError
 from softprompt.forward import embed, lm_logits, seq2seq
 from softprompt.inference.bank import PrefixCache, PrefixKV, PromptBank, compute_prefix, deep_prefix
-from softprompt.inference.kv import DecoderState, batch_prefix, left_pad
+from softprompt.inference.kv import DecoderState, batch_prefix, left_pad, memory_kw, row_extras
 from softprompt.inference.logprobs import TokenLogprob, pick_logprobs
 from softprompt.inference.steps import StepBatch
+from softprompt.offset import add_offset
 from softprompt.store import Store
 
 __all__ = ["ANON", "Engine", "EngineConfig", "GenerateRequest", "Generation", "PromptLogprobRow", "Row",
@@ -113,6 +111,8 @@ class Row:
     emb: torch.Tensor | None  # (N, H) shallow prompt
     version: tuple | None
     deep: torch.Tensor | None = None  # (L, 2, kv, N, d) deep prompt
+    offset: torch.Tensor | None = None  # (T_max, H) DePT input offset of a shallow prompt (``offset.py``)
+    memory: torch.Tensor | None = None  # (L, heads, d, d) PrefixMemory of a deep prompt (``memory.py``)
 
     @property
     def n(self) -> int:
@@ -124,8 +124,7 @@ class Row:
 class Engine:
     """One frozen model (``models.LoadedModel``) serving many prompts in mixed batches."""
 
-    def __init__(self, lm, cfg: EngineConfig | None = None, store: Store | None = None):
-        """``store``: where prompts named in requests are read; None serves in-memory prompts only."""
+    def __init__(self, lm, cfg: EngineConfig | None = None, store: Store | None = None):  # no store: in-memory only
         self.lm, self.cfg, self.store = lm, cfg or EngineConfig(), store
         self.device = next(lm.model.parameters()).device  # inputs go here; sampling stays on the CPU
         self.bank = PromptBank(lm.fingerprint, self.cfg.max_resident_prompts, self.cfg.force, lm.kv_shape, store)
@@ -139,8 +138,8 @@ class Engine:
     def model(self):
         return self.lm.model
 
-    def add_prompt(self, name: str, embeddings: torch.Tensor, meta: dict | None = None) -> None:
-        self.bank.add(name, embeddings, meta)
+    def add_prompt(self, name: str, embeddings: torch.Tensor, meta: dict | None = None, **sides) -> None:
+        self.bank.add(name, embeddings, meta, **sides)  # sides: a stored prompt's offset / memory (``sides.py``)
 
     def encode(self, text: str) -> list[int]:
         return encode(self.lm.tokenizer, text)
@@ -164,7 +163,7 @@ class Engine:
                 raise UserError("empty input text: give some text to continue"
                                 + (" (a deep prompt has no token of its own to continue from)" if deep is not None
                                    else " (or a prompt)"))
-            rows.append(Row(list(ids), name, emb, version, deep))
+            rows.append(Row(list(ids), name, emb, version, deep, *((None, None) if sp is None else (sp.input_offset, sp.memory))))
         return rows
 
     def prefix(self, row: Row) -> PrefixKV | None:
@@ -193,7 +192,7 @@ class Engine:
         prefixes = [self.prefix(r) for r in rows]
         cache, pmask = batch_prefix(prefixes, model.config)
         ids, tmask = (t.to(self.device) for t in left_pad([r.ids for r in rows], self.pad_id))  # (B, maxT)
-        state = DecoderState(model, cache, pmask.to(self.device), self.tensor([r.n for r in rows]))
+        state = DecoderState(model, cache, pmask.to(self.device), self.tensor([r.n for r in rows]), *row_extras(model, rows))
         h = state.hidden(ids, tmask) if ids.shape[1] else None  # (B, maxT, H)
         last = [h[i, -1] if r.ids else prefixes[i].last for i, r in enumerate(rows)]
         return state, torch.stack(last)
@@ -209,6 +208,7 @@ class Engine:
         seqs = []
         for r in rows:
             x = embed(model, self.tensor(r.ids))  # (T, H)
+            x = x if r.offset is None else add_offset(x[None], r.offset.to(x.device))[0]
             seqs.append(x if r.emb is None else torch.cat([r.emb.to(x.device, x.dtype), x]))  # (N+T, H)
         L, H = max(s.shape[0] for s in seqs), seqs[0].shape[1]
         x = seqs[0].new_zeros(len(rows), L, H)
@@ -217,9 +217,10 @@ class Engine:
             x[i, L - s.shape[0] :], mask[i, L - s.shape[0] :] = s, 1
         pos = deep_n[:, None] + (mask.cumsum(1) - 1).clamp(min=0)  # 0 at the first virtual token
         full = torch.cat([pmask.to(self.device), mask], 1)  # (B, maxN_deep + L)
+        extras = row_extras(model, rows)  # (offsets, start, memory)
         out = model.base_model(inputs_embeds=x, attention_mask=full, position_ids=pos,
-                               **cache_kw(model.base_model, cache), use_cache=True)
-        state = DecoderState(model, returned_cache(out), full, deep_n + mask.sum(1))
+                               **cache_kw(model.base_model, cache), use_cache=True, **memory_kw(extras[2]))
+        state = DecoderState(model, returned_cache(out), full, deep_n + mask.sum(1), *extras)
         return state, out.last_hidden_state[:, -1]
 
     def start(self, rows: list[Row]):
@@ -376,8 +377,7 @@ class Engine:
                 "resident_deep_prompts": self.bank.resident_deep(),
                 "prefix_cache": {"entries": len(self.prefixes), "bytes": self.prefixes.nbytes,
                                  "max_bytes": self.prefixes.max_bytes, "hits": self.prefixes.hits,
-                                 "misses": self.prefixes.misses},
-                "model_bytes": model_bytes}
+                                 "misses": self.prefixes.misses}, "model_bytes": model_bytes}
 
 
 def _unflatten(flat: list[float], targets) -> list[list[float]]:
@@ -390,11 +390,11 @@ def _unflatten(flat: list[float], targets) -> list[list[float]]:
 
 @torch.no_grad()
 def generate(lm, prompt: torch.Tensor | None, text: str, cfg: GenerateConfig,
-             token_ids: list[int] | None = None) -> Generation:
+             token_ids: list[int] | None = None, sides: dict | None = None) -> Generation:
     """Generate a continuation of ``text`` (or of ``token_ids``, e.g. ``chat.encode_chat``'s)
-    under ``prompt`` (None = the plain model)."""
+    under ``prompt`` (None = the plain model) and its ``sides`` (a stored prompt's offset/memory)."""
     eng = Engine(lm)
     if prompt is not None:
-        eng.add_prompt(ANON, prompt)
+        eng.add_prompt(ANON, prompt, **(sides or {}))
     ids = tuple(token_ids) if token_ids is not None else None
     return eng.generate([GenerateRequest(text, ANON if prompt is not None else None, cfg, token_ids=ids)])[0]

@@ -9,6 +9,13 @@ Pads carry attention_mask 0 and positions are explicit (``next_pos``), so each r
 exactly ``[its prefix][its tokens]``: columns that are masked contribute nothing to attention,
 which makes padding, dropping rows (``DecoderState.take``) and stacking batches
 (``merge_states``) exact.
+
+A row whose prompt has DePT's input offset (``offset.py``) carries it, (T_max, H), in the
+state's per-row ``offsets`` (B, max T_max, H; zero rows for the others) with ``start``, the
+position of its first real token: every token fed at position p gets ``offset[p - start]``,
+in prefill and in every decode step, as target tokens got it in training. A row whose deep
+prompt has a PrefixMemory (``memory.py``) carries its (L, heads, d, d) memory in ``memory``
+(B, L, heads, d, d; zeros for the others, whose term is then exactly 0), handed to every forward.
 """
 
 from __future__ import annotations
@@ -17,9 +24,12 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from softprompt import memory as MEM
 from softprompt.compat import cache_kw, returned_cache
+from softprompt.config import UserError
 from softprompt.forward import embed, lm_logits
 from softprompt.inference.bank import PrefixKV
+from softprompt.offset import gather_offsets, stack_offsets
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,19 +63,56 @@ def batch_prefix(prefixes: list[PrefixKV | None], config) -> tuple[DynamicCache,
     return DynamicCache(ddp_cache_data=list(zip(keys.unbind(0), values.unbind(0))), config=config), mask
 
 
-class DecoderState:
-    """Cache, attention mask (B, L) and next position (B,) of a decoder-only batch."""
+def row_extras(model, rows) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """(the rows' DePT input offsets stacked, or None; each row's start: the position of its first
+    real token, ``row.n``; their PrefixMemory memories stacked, or None) for a ``DecoderState``;
+    ``rows`` are the engine's (``.offset``, ``.n``, ``.memory``)."""
+    w = model.get_input_embeddings().weight
+    return (stack_offsets([r.offset for r in rows], w), torch.tensor([r.n for r in rows], device=w.device),
+            stack_memories(model, [r.memory for r in rows]))
 
-    def __init__(self, model, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor):
+
+def stack_memories(model, memories: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Rows' (L, heads, d, d) memories as one (B, L, heads, d, d), zeros for rows without; None if none has one."""
+    if all(m is None for m in memories):
+        return None
+    shape = MEM.memory_shape(model)
+    bad = next((m for m in memories if m is not None and tuple(m.shape[:3]) != shape), None)
+    if bad is not None:
+        raise UserError(f"a prefix memory of shape {tuple(bad.shape)} does not fit this model ({(*shape, shape[2])})")
+    MEM.enable(model)
+    w = model.get_input_embeddings().weight
+    out = torch.zeros(len(memories), *shape, shape[2], device=w.device, dtype=w.dtype)
+    for i, m in enumerate(memories):
+        if m is not None:
+            out[i] = m.to(w.device, w.dtype)
+    return out
+
+
+def memory_kw(memory: torch.Tensor | None) -> dict:
+    return {} if memory is None else {"prefix_memory": memory}
+
+
+class DecoderState:
+    """Cache, attention mask (B, L) and next position (B,) of a decoder-only batch; per-row input
+    offsets (B, T_max, H) and their start positions (B,), or None (module docstring)."""
+
+    def __init__(self, model, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor,
+                 offsets: torch.Tensor | None = None, start: torch.Tensor | None = None,
+                 memory: torch.Tensor | None = None):
         self.model, self.cache, self.mask, self.next_pos = model, cache, mask, next_pos
+        self.offsets, self.start, self.memory = offsets, start, memory
 
     def hidden(self, ids: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:
         """Run (B, C) tokens after the cache (``tmask`` 0 = right padding); hidden (B, C, H)."""
         pos = self.next_pos[:, None] + (tmask.cumsum(1) - 1).clamp(min=0)  # (B, C); pads: any value
         self.mask = torch.cat([self.mask, tmask], 1)
-        out = self.model.base_model(inputs_embeds=embed(self.model, ids), attention_mask=self.mask,
+        x = embed(self.model, ids)
+        if self.offsets is not None:
+            x = x + gather_offsets(self.offsets, pos - self.start[:, None]).to(x.dtype)
+        out = self.model.base_model(inputs_embeds=x, attention_mask=self.mask,
                                     position_ids=pos, **cache_kw(self.model.base_model, self.cache),
-                                    use_cache=True)
+                                    use_cache=True, **memory_kw(self.memory))
         self.cache = returned_cache(out)
         self.next_pos = self.next_pos + tmask.sum(1)
         return out.last_hidden_state
@@ -88,6 +135,9 @@ class DecoderState:
         layers = [(ly.keys[idx][:, :, cols], ly.values[idx][:, :, cols]) for ly in self.cache.layers]
         self.cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
         self.mask, self.next_pos = mask[:, cols], self.next_pos[idx]
+        self.offsets = None if self.offsets is None else self.offsets[idx]
+        self.start = None if self.start is None else self.start[idx]
+        self.memory = None if self.memory is None else self.memory[idx]
 
 
 def merge_states(a: DecoderState, b: DecoderState) -> DecoderState:
@@ -105,4 +155,30 @@ def merge_states(a: DecoderState, b: DecoderState) -> DecoderState:
               for x, y in zip(a.cache.layers, b.cache.layers, strict=True)]
     mask = torch.cat([F.pad(a.mask, (L - La, 0)), F.pad(b.mask, (L - Lb, 0))])  # (Ba+Bb, L)
     cache = DynamicCache(ddp_cache_data=layers, config=a.model.config)
-    return DecoderState(a.model, cache, mask, torch.cat([a.next_pos, b.next_pos]))
+    offsets, start = _merge_offsets(a, b)
+    return DecoderState(a.model, cache, mask, torch.cat([a.next_pos, b.next_pos]), offsets, start, _merge_memory(a, b))
+
+
+def _merge_memory(a: DecoderState, b: DecoderState) -> torch.Tensor | None:
+    """Both batches' per-row memories stacked (zeros for rows without)."""
+    if a.memory is None and b.memory is None:
+        return None
+    ref = a.memory if a.memory is not None else b.memory
+    return torch.cat([s.memory if s.memory is not None else ref.new_zeros(s.next_pos.shape[0], *ref.shape[1:])
+                      for s in (a, b)])
+
+
+def _merge_offsets(a: DecoderState, b: DecoderState) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Both batches' per-row offsets stacked (zero-padded to the longer T_max; zeros for rows without)."""
+    if a.offsets is None and b.offsets is None:
+        return None, None
+    ref = a.offsets if a.offsets is not None else b.offsets
+    tm = max(s.offsets.shape[1] for s in (a, b) if s.offsets is not None)
+
+    def rows(s: DecoderState) -> torch.Tensor:
+        if s.offsets is None:
+            return ref.new_zeros(s.next_pos.shape[0], tm, ref.shape[2])
+        return F.pad(s.offsets, (0, 0, 0, tm - s.offsets.shape[1]))
+
+    start = torch.cat([s.start if s.start is not None else s.next_pos for s in (a, b)])
+    return torch.cat([rows(a), rows(b)]), start

@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- the app
 
 
-def create_app(engine, config: ServerConfig | None = None):
+def create_app(engine, config: ServerConfig | None = None, make_scheduler=None):
     """The FastAPI app over ``engine``; the worker thread starts and stops with the app's lifespan.
+    ``make_scheduler(engine, metrics, config)`` replaces the built-in ``Scheduler`` (the vLLM
+    engine's, ``softprompt.serve.vllm``).
 
     Over 60 lines: the route table, one line per route with its declared responses.
     """
@@ -66,7 +68,7 @@ def create_app(engine, config: ServerConfig | None = None):
 
     cfg = config or ServerConfig()
     metrics = Metrics()
-    sched = Scheduler(engine, metrics, cfg)
+    sched = (make_scheduler or Scheduler)(engine, metrics, cfg)
     ctx = Served(cfg, sched, metrics, cfg.model_id or str(engine.lm.name), engine.lm.fingerprint, engine.lm.name,
                  engine.cfg.force, engine.lm.kv_shape, int(time.time()), Path(__file__).resolve().parents[1] / "web",
                  chat.has_template(engine.lm.tokenizer), engine.store)
@@ -168,9 +170,11 @@ def build_engine(cfg: ServerConfig, model: str | None = None, force: bool = Fals
 
 
 def serve(cfg: ServerConfig, model: str | None = None, force: bool = False, device: str | None = None,
-          dtype: str | None = None, store: "Store | None" = None) -> None:
+          dtype: str | None = None, store: "Store | None" = None, engine: str = "native",
+          vllm_args: list[str] = ()) -> None:
     """Load the model once and serve ``store``'s prompts until SIGINT/SIGTERM (in-flight requests
-    finish first)."""
+    finish first). ``engine``: "native", "vllm" or "auto" (``softprompt.serve.engines``);
+    ``vllm_args``: vLLM's own engine flags, passed through."""
     try:
         import uvicorn
     except ImportError:
@@ -178,7 +182,17 @@ def serve(cfg: ServerConfig, model: str | None = None, force: bool = False, devi
     from softprompt.serve.gate import json_logging
 
     json_logging()
-    app = create_app(build_engine(cfg, model, force, device, dtype, store), cfg)
+    from softprompt.serve import engines
+
+    choice = engines.choose(engine, *engines.setup_facts(model, store))
+    log.info("engine", extra={"fields": {"engine": choice.engine, "why": choice.reason}})
+    eng = build_engine(cfg, model, force, device, dtype, store)
+    make = None
+    if choice.engine == "vllm":
+        from softprompt.serve.vllm.launch import scheduler_factory
+
+        make = scheduler_factory(eng, cfg, vllm_args)
+    app = create_app(eng, cfg, make)
     log.info("listening", extra={"fields": {"url": f"http://{cfg.host}:{cfg.port}/", "auth": bool(cfg.api_key)}})
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False,
                 timeout_graceful_shutdown=int(math.ceil(cfg.shutdown_timeout_s)))

@@ -20,7 +20,7 @@ from softprompt.serve.protocol import ApiError, bad
 from softprompt.serve.uploads import PROMPT_FILES, changed_meanwhile, install_prompt, prompt_info
 from softprompt.store import Store
 
-MAX_PARTS = 8  # parts of a multipart upload: a prompt directory has 3 files
+MAX_PARTS = 8  # parts of a multipart upload: a prompt directory has 3 files (4 with a side file)
 UPLOAD_BODY = {"requestBody": {"required": True, "description": "the prompt directory: a zip, or its files as parts",
                                "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}},
                                            "multipart/form-data": {"schema": {"type": "object"}}}}}

@@ -19,7 +19,8 @@ from softprompt.serve.protocol import ApiError, bad, without_paths
 if TYPE_CHECKING:
     from softprompt.store import Store
 
-PROMPT_FILES = ("adapter_config.json", "adapter_model.safetensors", "softprompt.json")
+PROMPT_FILES = ("adapter_config.json", "adapter_model.safetensors", "softprompt.json", "input_offset.safetensors",
+                "prefix_memory.safetensors")
 KNOWN_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 
@@ -45,7 +46,7 @@ def _unzip(data: bytes, dest: Path, limit: int) -> None:
         raise bad("the upload is not a zip archive of a prompt directory", "body", "invalid_upload") from None
     infos = [i for i in zf.infolist() if not i.is_dir()]
     if len(infos) > 32:
-        raise bad(f"the zip has {len(infos)} files; a prompt directory has 3", "body", "invalid_upload")
+        raise bad(f"the zip has {len(infos)} files; a prompt directory has 3 (4 with a side file)", "body", "invalid_upload")
     total = 0
     for info in infos:
         parts = PurePosixPath(info.filename).parts

@@ -36,13 +36,18 @@ def _load_opt_state(opt, tensors: dict[str, torch.Tensor]) -> None:
     opt.load_state_dict(sd)
 
 
-def restore(checkpoint: Path, method, opt, sched, cfg: TrainConfig, res) -> tuple[int, int, float | None, int]:
-    """Restore method, optimiser, scheduler and result from an epoch checkpoint."""
+def require(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The checkpoint ``--resume`` continues, or one line saying there is none."""
     loaded = load_checkpoint(checkpoint)
     if loaded is None:
         raise UserError(f"--resume: no checkpoint in {checkpoint}")
-    tensors, st = loaded
-    if st["config"] != cfg.to_dict():
+    return loaded
+
+
+def restore(checkpoint: Path, method, opt, sched, cfg: TrainConfig, res) -> tuple[int, int, float | None, int]:
+    """Restore method, optimiser, scheduler and result from an epoch checkpoint."""
+    tensors, st = require(checkpoint)
+    if TrainConfig.from_dict(st["config"]).to_dict() != cfg.to_dict():  # fields added since: their defaults
         raise UserError("--resume: the training options differ from the checkpoint's; use the same options")
     saved = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
     current = method.state()

@@ -7,7 +7,14 @@ evaluation.
 
 Determinism: the model stays in eval mode (no dropout) and the batch order of epoch ``e`` is a
 function of ``(seed, e)``; a checkpoint written after each epoch therefore resumes to exactly
-the run that was never interrupted.
+the run that was never interrupted. A method with its own training-time randomness (prefix
+dropout) has the optional ``set_step(step)`` hook: the loop calls it with the step before each
+optimiser step and with None before anything else runs (evaluation, saving), so the method draws
+from (seed, step) and is deterministic outside training.
+
+Optimiser: AdamW over the method's named ``param_groups()`` where it has them (``--group-lr
+NAME=LR`` sets a group's lr, the rest use ``--lr``); the lr warms up linearly (``warmup_steps``,
+else ``warmup_ratio``) and then decays linearly or along half a cosine to 0 (``schedule``).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Protocol
 import torch
 
 from softprompt import data as D
-from softprompt.config import TrainConfig
+from softprompt.config import TrainConfig, UserError
 from softprompt.training import distributed
 from softprompt.training.checkpoint import restore as _resume
 from softprompt.training.checkpoint import save as _save_ckpt
@@ -58,15 +65,47 @@ class FitResult:
         return self.epochs[-1]["train_loss"] if self.epochs else float("nan")
 
 
-def _schedule(opt, total: int, warmup_ratio: float):
-    warm = max(1, int(total * warmup_ratio)) if warmup_ratio > 0 else 0
+def warmup_steps(total: int, cfg: TrainConfig) -> int:
+    if cfg.warmup_steps is not None:
+        return min(cfg.warmup_steps, total)
+    return max(1, int(total * cfg.warmup_ratio)) if cfg.warmup_ratio > 0 else 0
 
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total - step) / max(1, total - warm))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+def lr_factor(step: int, total: int, warm: int, schedule: str) -> float:
+    """The lr multiplier at ``step``: linear warm-up over ``warm`` steps, then linear or cosine to 0."""
+    if step < warm:
+        return (step + 1) / warm
+    left = max(0.0, (total - step) / max(1, total - warm))  # 1 right after warm-up, 0 at the end
+    return left if schedule == "linear" else 0.5 * (1 - math.cos(math.pi * left))
+
+
+def _schedule(opt, total: int, cfg: TrainConfig):
+    warm = warmup_steps(total, cfg)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warm, cfg.schedule))
+
+
+def check_group_lrs(method, cfg: TrainConfig) -> list:
+    """The method's named parameter groups; one line when ``--group-lr`` names one it lacks."""
+    groups = method.param_groups() if hasattr(method, "param_groups") else [("all", method.parameters())]
+    unknown = sorted(set(cfg.group_lr or {}) - {name for name, _ in groups})
+    if unknown:
+        raise UserError(f"--group-lr: no parameter group {', '.join(unknown)} in this method "
+                        f"(its groups: {', '.join(name for name, _ in groups)})")
+    return groups
+
+
+def make_optimizer(method, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the method's named parameter groups (``--group-lr``), or all its parameters."""
+    groups = check_group_lrs(method, cfg)
+    lrs = dict(cfg.group_lr or {})
+    return torch.optim.AdamW([{"params": ps, "lr": lrs.get(name, cfg.lr), "name": name} for name, ps in groups],
+                             lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _set_step(method, step: int | None) -> None:
+    hook = getattr(method, "set_step", None)
+    if hook is not None:
+        hook(step)
 
 
 def plan_steps(n_batches: int, cfg: TrainConfig) -> tuple[int, int]:
@@ -97,11 +136,10 @@ def fit(
     ``dist``: data-parallel over a process group (``distributed.py``); each rank trains on its
     rows of every batch, the trainable gradients are summed, only rank 0 writes checkpoints.
     """
-    params = method.parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_batches = len(D.bucketed_batches(examples, cfg.batch_size, cfg.seed, 0))
-    total, n_epochs = plan_steps(n_batches, cfg)
-    sched = _schedule(opt, total, cfg.warmup_ratio)
+    params, opt = method.parameters(), make_optimizer(method, cfg)
+    total, n_epochs = plan_steps(len(D.bucketed_batches(examples, cfg.batch_size, cfg.seed, 0)), cfg)
+    sched = _schedule(opt, total, cfg)
+    _set_step(method, None)
     res = FitResult(state=method.state())
     start_epoch, step, best_score, bad = 0, 0, None, 0
     if resume and checkpoint is not None:
@@ -113,7 +151,10 @@ def fit(
         if step >= total or res.stopped != "completed":
             break
         t0, c0 = time.perf_counter(), time.process_time()
-        losses, step = _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist)
+        try:
+            losses, step = _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist)
+        finally:
+            _set_step(method, None)  # eval mode for evaluation, checkpoints and whoever gets the method next
         res.train_time_s += time.perf_counter() - t0
         res.train_cpu_s += time.process_time() - c0
         if res.stopped != "completed":
@@ -157,6 +198,7 @@ def _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, re
             break
         t0, tokens, step_loss = time.perf_counter(), 0, 0.0
         group = batches[g : g + cfg.grad_accum]
+        _set_step(method, step)
         for idx in group:
             rows, w = (idx, 1.0) if dist is None else dist.shard(examples, idx)
             batch = D.collate([examples[i] for i in rows], pad_id)

@@ -1,9 +1,8 @@
 """Every training method, as implementations of ``loop.Method``.
 
-* ``PromptMethod``: prompt tuning, the only trainable tensor is the (N, H) prompt, or with a
-  training-time reparameterisation (``reparam.py``) the module that computes it;
-* ``DeepPromptMethod``: the same for a deep prompt (per-layer keys/values, L x 2 x kv x N x d);
-* ``ProgressiveMethod``: a new task's prompt after the frozen prompts of earlier tasks;
+* ``PromptMethod``, ``DeepPromptMethod``, ``ProgressiveMethod``, ``OffsetPromptMethod``: the
+  prompt-tuning methods (shallow, deep, progressive, DePT) with P-tuning v2's levers, in
+  ``prompt_method.py`` (re-exported here);
 * ``MultitaskMethod``: one shared prompt modulated per task (``multitask.py``);
 * ``LoraMethod``: LoRA adapters (rank 8 on the attention projections) through ``peft``;
 * ``FullMethod``: every weight of the model trains;
@@ -36,124 +35,16 @@ from softprompt.forward import (
     naive_loss,
     plain_loss,
     prefix_cache,
-    prompt_loss,
     sequence_logprobs,
     supports_prefix,
 )
-from softprompt.precision import FrozenCasts, autocast
-
-
-class PromptMethod:
-    """Prompt tuning: the trainable tensor is the prompt, (N, H), or deep (L, 2, kv, N, d).
-
-    With ``reparam`` the trainable parameters are a reparameterisation module's
-    (``reparam.make_reparam``) and the prompt is what it computes (``current``); ``state``,
-    ``save`` and everything downstream see that plain, folded prompt (plus the module's weights
-    in ``state``, so a resumed run continues the same module).
-    """
-
-    def __init__(self, model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0,
-                 pack: bool = False, precision: str = "fp32"):
-        self.model = model
-        device = next(model.parameters()).device  # the prompt lives with the model, in float32
-        self.prompt = torch.nn.Parameter(prompt.detach().clone().float().to(device))
-        self.fast, self.pack = fast, pack
-        self.precision = precision  # "bf16": forward and backward under bf16 autocast (precision.py)
-        self.casts = FrozenCasts(model) if precision == "bf16" else None  # the frozen weights cast once
-        self.reparam_name = reparam
-        self.reparam = None
-        if reparam is not None:
-            from softprompt.training.reparam import make_reparam
-
-            std = float(model.get_input_embeddings().weight.float().std())
-            self.reparam = make_reparam(reparam, prompt, std, torch.Generator().manual_seed(seed)).to(device)
-            self.prompt.requires_grad_(False)  # the module's copy trains; this one is never used
-
-    def parameters(self):
-        return list(self.reparam.parameters()) if self.reparam is not None else [self.prompt]
-
-    def current(self) -> torch.Tensor:
-        """The prompt the model sees (float32)."""
-        return self.reparam() if self.reparam is not None else self.prompt
-
-    def _cast(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """The prompt in the model's dtype (autograd keeps the float32 master), the batch on its device."""
-        p = self.current()
-        p = p if self.model.dtype == p.dtype else p.to(self.model.dtype)
-        return p, {k: v.to(self.prompt.device) for k, v in batch.items()}
-
-    def loss(self, batch):
-        prompt, batch = self._cast(batch)
-        with autocast(self.precision, self.prompt.device, self.casts):
-            return prompt_loss(self.model, prompt, batch, fast=self.fast, pack=self.pack)
-
-    def state(self):
-        out = {"prompt": self.current().detach().cpu().clone()}
-        if self.reparam is not None:
-            out.update({f"reparam.{k}": v.detach().cpu().clone() for k, v in self.reparam.state_dict().items()})
-        return out
-
-    def load_state(self, state):
-        with torch.no_grad():
-            if self.reparam is not None:
-                self.reparam.load_state_dict({k[len("reparam."):]: v for k, v in state.items() if k.startswith("reparam.")})
-            else:
-                self.prompt.copy_(state["prompt"])
-
-    def score(self, batch) -> torch.Tensor:
-        with torch.no_grad():
-            prompt, batch = self._cast(batch)
-        with autocast(self.precision, self.prompt.device, self.casts):
-            return sequence_logprobs(self.model, prompt.detach(), **batch).float().cpu()
-
-    def trainable_parameters(self) -> int:
-        """Parameters trained (a reparameterisation's included; the saved prompt is smaller)."""
-        return sum(p.numel() for p in self.parameters())
-
-    def save(self, path, meta: dict | None = None) -> int:
-        """The folded prompt as a PEFT adapter directory (prompt tuning, or prefix tuning for a
-        deep prompt); bytes of its weights file."""
-        from softprompt.promptdir import save_prompt
-
-        cfg = self.model.config
-        with torch.no_grad():
-            prompt = self.current().detach()
-        d = save_prompt(path, prompt, meta or {}, getattr(cfg, "name_or_path", ""), cfg)
-        return (d / "adapter_model.safetensors").stat().st_size
-
-
-class DeepPromptMethod(PromptMethod):
-    """Deep prompt tuning (prefix tuning / P-tuning v2): keys and values at every layer train.
-
-    The prompt is a key/value prefix as it stands, so a step needs no prefix pass
-    (``forward.deep``); refused in one line on a model without a decoder-only key/value cache.
-    """
-
-    def __init__(self, model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0,
-                 pack: bool = False, precision: str = "fp32"):
-        from softprompt.prompt import check_deep, is_deep
-
-        check_deep(model)
-        if not is_deep(prompt):
-            raise UserError(f"a deep prompt is (layers, 2, kv heads, N, head dim), got {tuple(prompt.shape)}")
-        super().__init__(model, prompt, fast, reparam, seed, pack, precision)
-
-
-class ProgressiveMethod(PromptMethod):
-    """Progressive prompts: the new task's prompt (N, H) trains, placed after the frozen prompts
-    of earlier tasks (M, H); the model sees their concatenation (M+N, H)."""
-
-    def __init__(self, model, frozen: torch.Tensor | None, new: torch.Tensor, fast: bool = True):
-        super().__init__(model, new, fast)
-        self.frozen = None if frozen is None else frozen.detach().float().to(self.prompt.device)
-
-    def full_prompt(self) -> torch.Tensor:
-        return self.prompt if self.frozen is None else torch.cat([self.frozen, self.prompt])  # (M+N, H)
-
-    def _cast(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        p = self.full_prompt()
-        p = p if self.model.dtype == p.dtype else p.to(self.model.dtype)
-        return p, {k: v.to(self.prompt.device) for k, v in batch.items()}
+from softprompt.training.prompt_method import (  # noqa: F401  (re-exported: the methods live together here)
+    DeepPromptMethod,
+    MemoryPromptMethod,
+    OffsetPromptMethod,
+    ProgressiveMethod,
+    PromptMethod,
+)
 
 
 class MultitaskMethod:

@@ -33,6 +33,7 @@ from softprompt.config import DataConfig, MultitaskConfig, PromptConfig, TrainCo
 from softprompt.forward import sequence_logprobs
 from softprompt.store import Store, check_name
 from softprompt.training import tune as TR
+from softprompt.training.auto import method_kind
 from softprompt.training.loop import FitResult, fit
 from softprompt.training.methods import MultitaskMethod
 
@@ -130,9 +131,7 @@ def train_multitask(lm, mcfg: MultitaskConfig, prompt_cfg: PromptConfig, train_c
                     store: Store | None = None) -> MultitaskResult:
     """Train the shared prompt and the task modulations on a mix of tasks (files under the store's
     data root); store every prompt in ``store``."""
-    if prompt_cfg.kind != "shallow" or prompt_cfg.reparam is not None:
-        raise UserError("train-multitask trains shallow prompts only (one shared (N, H) prompt modulated per task); "
-                        "drop --kind deep / --reparam")
+    prompt_cfg = method_kind(prompt_cfg, "train-multitask")  # one shared (N, H) prompt modulated per task
     torch.manual_seed(train_cfg.seed)
     names = [recipes.task_name(t) for t in mcfg.tasks]
     for n in [name] + [f"{name}-{t}" for t in names]:

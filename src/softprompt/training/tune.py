@@ -16,9 +16,14 @@ from softprompt import precision, recipes
 from softprompt.config import Launch, TrainConfig, UserError
 from softprompt.prompt import check_deep
 from softprompt.store import Store, check_compatible, check_name
-from softprompt.training import distributed
-from softprompt.training.loop import FitResult, eval_loss, fit
-from softprompt.training.methods import DeepPromptMethod, PromptMethod
+from softprompt.training import auto, checkpoint, distributed
+from softprompt.training.loop import FitResult, check_group_lrs, eval_loss, fit
+from softprompt.training.methods import (
+    DeepPromptMethod,
+    MemoryPromptMethod,
+    OffsetPromptMethod,
+    PromptMethod,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +85,22 @@ def initial_prompt(lm, prompt_cfg, data_cfg, seed: int, force: bool = False, sto
 
 def prompt_method(lm, init: torch.Tensor, prompt_cfg, fast: bool, seed: int, pack: bool = False,
                   used: str = "fp32") -> PromptMethod:
-    """The training method for ``prompt_cfg``'s kind and reparameterisation; ``pack`` and the
-    precision ``used`` (``precision.resolve``) as ``TrainConfig`` asks."""
+    """The training method for ``prompt_cfg``'s kind, reparameterisation and levers (prefix
+    dropout, frozen first token, DePT's input offset); ``pack`` and the precision ``used``
+    (``precision.resolve``) as ``TrainConfig`` asks."""
+    levers = {"dropout": prompt_cfg.dropout, "freeze_first": prompt_cfg.freeze_first}
+    if prompt_cfg.offset_rank:
+        if pack:
+            raise UserError("--offset-rank does not go with --pack (the offset is per input position)")
+        return OffsetPromptMethod(lm.model, init, prompt_cfg.offset_rank, prompt_cfg.offset_length, fast=fast,
+                                  reparam=prompt_cfg.reparam, seed=seed, precision=used, **levers)
+    if prompt_cfg.memory:
+        if pack:
+            raise UserError("--prefix-memory does not go with --pack")
+        return MemoryPromptMethod(lm.model, init, fast=fast, reparam=prompt_cfg.reparam, seed=seed, precision=used,
+                                  **levers)
     cls = DeepPromptMethod if prompt_cfg.kind == "deep" else PromptMethod
-    return cls(lm.model, init, fast=fast, reparam=prompt_cfg.reparam, seed=seed, pack=pack, precision=used)
+    return cls(lm.model, init, fast=fast, reparam=prompt_cfg.reparam, seed=seed, pack=pack, precision=used, **levers)
 
 
 def prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, fit_res: FitResult, task: str | None) -> dict:
@@ -121,11 +138,30 @@ def needs_store(store: Store | None, what: str) -> Store:
     return store
 
 
+def tell_choice(method, prompt_cfg, train_cfg: TrainConfig, chosen: dict, resume_from: Path | None, say) -> None:
+    """``--kind auto``'s one line (to ``say``, default the log), after the one-line errors it could
+    hide: no checkpoint to resume from (``resume_from``), a ``--group-lr`` naming no group."""
+    if resume_from is not None:
+        checkpoint.require(resume_from)
+    check_group_lrs(method, train_cfg)
+    (say or log.info)(auto.line(prompt_cfg, train_cfg, chosen))
+
+
+def side_tensors(state: dict) -> dict:
+    """The side tensors in a method's state (``offset``, ``memory``: ``sides.py``), as ``save_prompt`` takes them."""
+    return {"offset": (state["offset_a"], state["offset_b"]) if "offset_a" in state else None,
+            "memory": state.get("memory")}
+
+
 def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = None, task: str | None = None,
           resume: bool = False, save: bool = True, progress: bool = False, force: bool = False,
-          fsdp: bool = False, store: Store | None = None, launch: Launch | None = None) -> TrainResult:
+          fsdp: bool = False, store: Store | None = None, launch: Launch | None = None,
+          given: set[str] | None = None, say=None) -> TrainResult:
     """Prompt tuning end to end: data -> init -> fit -> save. Nothing is written on bad input.
 
+    ``prompt_cfg.kind == "auto"`` resolves, once the data is read, into the settings of
+    ``auto.RULES``; the fields in ``given`` keep the caller's values (``auto.resolve``), and
+    ``say`` (default: the log) gets the one line that tells the choice as training starts.
     Under ``torchrun`` / ``accelerate launch`` this is one rank of a data-parallel run
     (``distributed.py``, ``launch`` read at the edge; ``fsdp`` shards the frozen model): only rank 0
     saves. ``store`` receives the prompt and the checkpoint (``save`` with a ``name``) and holds the
@@ -142,6 +178,10 @@ def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = N
     tok = lm.tokenizer
     root = store.data_root if store else None
     train_ex, eval_ex, data_cfg = recipes.train_dev(tok, data_cfg, task, train_cfg.seed, root)
+    chosen = None
+    if prompt_cfg.kind == "auto":
+        prompt_cfg, train_cfg, chosen = auto.resolve(auto.facts_of(lm, data_cfg, len(train_ex)), prompt_cfg,
+                                                     train_cfg, given)
     ranking = None
     if prompt_cfg.init == "transfer":  # SPoT-style: the stored prompt that suits this data best
         from softprompt.training.transfer import rank_sources
@@ -155,17 +195,21 @@ def train(lm, data_cfg, prompt_cfg, train_cfg: TrainConfig, name: str | None = N
     method = prompt_method(lm, init, prompt_cfg, fast, train_cfg.seed, train_cfg.pack, prec["used"])
     evaluator = make_evaluator(method, tok, eval_ex, data_cfg, train_cfg, tok.pad_token_id)
     ckpt = needs_store(store, "saving a prompt").run_dir(name) / "checkpoint" if (save and name) else None
+    if chosen is not None and main:
+        tell_choice(method, prompt_cfg, train_cfg, chosen, ckpt if resume else None, say)
     res = fit(method, train_ex, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress and main, dist)
     prompt = res.state["prompt"]
     meta = prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, res, task)
     meta["precision"] = prec  # what auto chose and why (softprompt.json, the training summary)
+    if chosen is not None:
+        meta["auto"] = chosen  # --kind auto: its choice, the user's overrides and why
     if ranking is not None:
         meta["transfer"] = {"source": ranking[0]["name"], "ranking": ranking}
     if dist is not None:
         meta["distributed"] = {"world_size": dist.world, "fsdp": dist.fsdp}
     path = None
     if save and name and main:
-        path = store.save_prompt(name, prompt, meta, str(lm.path), lm.model.config)
+        path = store.save_prompt(name, prompt, meta, str(lm.path), lm.model.config, **side_tensors(res.state))
     return TrainResult(name=name or "", prompt=prompt, path=path, history=res.history, epochs=res.epochs,
                        train_time_s=res.train_time_s, final_train_loss=res.final_train_loss, best=res.best,
                        stopped=res.stopped, n_train=len(train_ex), n_eval=len(eval_ex), meta=meta)

@@ -1,0 +1,106 @@
+"""Benchmark ablation: the deep prompt against each prompt lever on one task's dev set.
+
+Every arm trains through ``softprompt train``'s own path (``tune.train``) on the same rows,
+batches and budget (``--steps``, one seed), and is scored on the first ``--dev`` rows of the
+task's dev split (label accuracy and loss, the evaluator training uses). Arms:
+
+* ``deep``: the recommended deep prompt (``--kind deep --init labels --lr 0.03``), the baseline;
+* ``deep+dropout``, ``deep+sink``, ``deep+cosine``, ``deep+all``: P-tuning v2's levers on it
+  (prefix dropout 0.1, a frozen first virtual token, cosine decay after 10% warm-up, all three);
+* ``deep+memory``: PrefixMemory, the deep prompt plus the per-head memory (memory lr 1e-3);
+* ``shallow``: the shallow prompt with label init; ``dept``: DePT, a shorter shallow prompt
+  (N=10) plus a rank-8 input offset, prompt lr 0.1 and offset lr 1e-3 (two groups).
+
+Results (JSON + Markdown) go to benchmarks/results/ablation_<task>.{json,md}; every finished arm
+is written at once, and ``--resume`` skips the arms already there.
+
+    nice -n 19 python benchmarks/ablation.py --task trec --steps 200 --dev 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import common
+
+from softprompt.config import DataConfig, PromptConfig, TrainConfig
+
+ARMS = {  # name -> (PromptConfig fields, TrainConfig fields)
+    "deep": ({"kind": "deep", "init": "labels"}, {"lr": 0.03}),
+    "deep+dropout": ({"kind": "deep", "init": "labels", "dropout": 0.1}, {"lr": 0.03}),
+    "deep+sink": ({"kind": "deep", "init": "labels", "freeze_first": True}, {"lr": 0.03}),
+    "deep+cosine": ({"kind": "deep", "init": "labels"}, {"lr": 0.03, "schedule": "cosine", "warmup_ratio": 0.1}),
+    "deep+all": ({"kind": "deep", "init": "labels", "dropout": 0.1, "freeze_first": True},
+                 {"lr": 0.03, "schedule": "cosine", "warmup_ratio": 0.1}),
+    "deep+memory": ({"kind": "deep", "init": "labels", "memory": True}, {"lr": 0.03, "group_lr": {"memory": 1e-3}}),
+    "shallow": ({"kind": "shallow", "init": "labels"}, {"lr": 0.1}),
+    "dept": ({"kind": "shallow", "init": "labels", "num_virtual_tokens": 10, "offset_rank": 8},
+             {"lr": 0.1, "group_lr": {"offset": 1e-3}}),
+}
+
+
+def run_arm(lm, task: str, name: str, steps: int, dev: int, seed: int) -> dict:
+    from softprompt.training import tune as TR
+
+    pkw, tkw = ARMS[name]
+    pcfg = PromptConfig(**pkw)
+    tcfg = TrainConfig(steps=steps, seed=seed, patience=None, **tkw)
+    t0 = time.perf_counter()
+    res = TR.train(lm, DataConfig(eval_limit=dev), pcfg, tcfg, task=task, save=False, store=common.store())
+    best = res.best or {}
+    return {"arm": name, "prompt": pcfg.to_dict(), "training": tcfg.to_dict(), "dev_accuracy": best.get("accuracy"),
+            "dev_loss": best.get("loss"), "n_train": res.n_train, "n_dev": res.n_eval,
+            "train_time_s": res.train_time_s, "wall_s": time.perf_counter() - t0,
+            "final_train_loss": res.final_train_loss}
+
+
+def markdown(task: str, payload: dict) -> str:
+    rows = payload["arms"]
+    base = next((r["dev_accuracy"] for r in rows if r["arm"] == "deep"), None)
+    table = common.md_table(
+        ["arm", "dev accuracy", "vs deep (points)", "dev loss", "train s", "s/step"],
+        [[r["arm"], 100 * r["dev_accuracy"], "" if base is None else 100 * (r["dev_accuracy"] - base),
+          r["dev_loss"], r["train_time_s"], r["train_time_s"] / payload["steps"]] for r in rows])
+    n_dev = rows[0]["n_dev"] if rows else 0
+    se = 100 * (0.25 / max(1, n_dev)) ** 0.5  # the largest standard error of an accuracy on n_dev rows
+    return (f"# Prompt levers on {task} (dev set)\n\n{payload['steps']} steps, seed {payload['seed']}, batch 8, "
+            f"the first {n_dev} dev rows, the default model. One seed on {n_dev} rows: a difference under "
+            f"~{2 * se:.1f} points (two standard errors, at most {se:.1f} each) is noise.\n\n{table}\n"
+            + payload["load_note"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", default="trec")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--dev", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--tag", default="", help="suffix of the result name (a second process writes its own file)")
+    ap.add_argument("--resume", action="store_true", help="keep the arms already in the result file")
+    ap.add_argument("--merge", default="", help="comma-separated result names (in benchmarks/results) whose arms to add")
+    a = ap.parse_args()
+    common.setup_torch()
+    info = common.machine_info()
+    name = f"ablation_{a.task}{a.tag}"
+    done = []
+    path = common.RESULTS / f"{name}.json"
+    if a.resume and path.is_file():
+        done = json.loads(path.read_text())["arms"]
+    for other in filter(None, a.merge.split(",")):  # arms run by another process (--tag), kept in ARMS order
+        done += [r for r in json.loads((common.RESULTS / f"{other}.json").read_text())["arms"]
+                 if r["arm"] not in {d["arm"] for d in done}]
+    done.sort(key=lambda r: list(ARMS).index(r["arm"]))
+    lm = common.load_lm(False)
+    payload = {"task": a.task, "steps": a.steps, "seed": a.seed, "dev_rows": a.dev, "machine": info, "arms": done}
+    for arm in [x for x in a.arms.split(",") if x not in {r["arm"] for r in done}]:
+        payload["arms"].append(run_arm(lm, a.task, arm, a.steps, a.dev, a.seed))
+        payload["load_note"] = common.load_note(info, "arms").replace("arms ran interleaved", "arms ran one after another")
+        common.write_results(name, payload, markdown(a.task, payload))
+        print(json.dumps(payload["arms"][-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""What the prompt levers cost: a training step against LoRA's, a request against the plain model's.
+
+Training (SST-2, batch 16, target-only loss, length-bucketed batches): one AdamW step
+(``loop.make_optimizer``, forward, backward, update) of each method as ``softprompt train`` and
+``softprompt compare`` build it, in rounds on the same batch, order rotated, medians:
+
+* ``lora``: LoRA rank 8 on the attention projections (``methods.LoraMethod``), the anchor;
+* ``shallow N=20``, ``deep N=20``: the plain prompt kinds;
+* ``deep N=20 +levers``: prefix dropout 0.1 and a frozen first virtual token (in training mode);
+* ``deep N=20 +memory``: PrefixMemory, the deep prompt plus its per-head memory;
+* ``dept N=10 r=8``: DePT, a shallow prompt plus a rank-8 input offset over 256 positions.
+
+Serving (one request, batch 1, an SST-2 test sentence, greedy, 32 new tokens, EOS ignored):
+the plain model, a cached shallow prompt, a deep prompt, a PrefixMemory prompt and a DePT prompt (stored in a temporary
+store, served like any other), CPU time (process time), medians of rounds.
+
+Targets (issue): a step <= 1.1x LoRA's; a request <= 1.05x the plain model's.
+
+    python benchmarks/lever_cost.py            # default model
+    python benchmarks/lever_cost.py --quick    # tiny random Llama, seconds, results not written
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import torch  # noqa: E402
+from train_step import sst2_examples  # noqa: E402
+
+from softprompt.config import GenerateConfig, TrainConfig  # noqa: E402
+from softprompt.inference.engine import Engine, GenerateRequest  # noqa: E402
+from softprompt.memory import memory_shape  # noqa: E402
+from softprompt.offset import init_offset  # noqa: E402
+from softprompt.prompt import init_random, make_deep_prompt  # noqa: E402
+from softprompt.training import methods as M  # noqa: E402
+from softprompt.training.loop import make_optimizer  # noqa: E402
+
+BATCH, LR, NEW_TOKENS, N, RANK = 16, 5e-3, 32, 20, 8
+STEP_TARGET, REQUEST_TARGET = 1.1, 1.05
+
+
+def methods(lm) -> dict:
+    gen = torch.Generator().manual_seed(common.SEED)
+    deep = make_deep_prompt(lm.model, lm.tokenizer, N, "random", seed=common.SEED)
+    out = {"lora": M.LoraMethod(lm.model), "shallow N=20": M.PromptMethod(lm.model, init_random(lm.model, N, gen)),
+           "deep N=20": M.DeepPromptMethod(lm.model, deep),
+           "deep N=20 +levers": M.DeepPromptMethod(lm.model, deep, dropout=0.1, freeze_first=True),
+           "deep N=20 +memory": M.MemoryPromptMethod(lm.model, deep),
+           "dept N=10 r=8": M.OffsetPromptMethod(lm.model, init_random(lm.model, 10, gen), RANK, 256)}
+    return {k: (m, make_optimizer(m, TrainConfig(lr=LR))) for k, m in out.items()}
+
+
+def step(method, opt, batch: dict, k: int) -> None:
+    opt.zero_grad(set_to_none=True)
+    if hasattr(method, "set_step"):
+        method.set_step(k)  # training mode: dropout on
+    method.loss(batch).backward()
+    opt.step()
+    if hasattr(method, "set_step"):
+        method.set_step(None)
+
+
+def time_steps(lm, quick: bool, warmup: int, rounds: int) -> dict[str, list[float]]:
+    ms = methods(lm)
+    exs = sst2_examples(lm.tokenizer, quick)
+    data = [common.collate([exs[i] for i in b], lm.tokenizer.pad_token_id) for b in common.bucketed_batches(exs, BATCH)]
+    names, times = list(ms), {m: [] for m in ms}
+    for r in range(warmup + rounds):
+        batch = data[(r * 7) % len(data)]
+        for m in names[r % len(names):] + names[: r % len(names)]:
+            c = time.process_time()
+            step(*ms[m], batch, r)
+            if r >= warmup:
+                times[m].append(time.process_time() - c)
+        print("step round", r, {m: round(v[-1], 3) for m, v in times.items() if v}, flush=True)
+    return times
+
+
+def time_requests(lm, text: str, rounds: int, st) -> dict[str, list[float]]:
+    """Per-request CPU time of each prompt kind; the stored ones are written to the store ``st``."""
+    gen = torch.Generator().manual_seed(common.SEED + 1)
+    eng = Engine(lm, store=st)
+    eng.eos_id = -1  # equal work: EOS never ends a request
+    eng.add_prompt("shallow", init_random(lm.model, N, gen))
+    eng.add_prompt("deep", make_deep_prompt(lm.model, lm.tokenizer, N, "random", seed=common.SEED))
+    a, b = init_offset(256, RANK, lm.hidden_size, gen)
+    b = torch.randn(b.shape, generator=gen) * 0.01  # a trained offset is non-zero
+    st.save_prompt("dept", init_random(lm.model, 10, gen), {}, offset=(a, b))
+    L, h, d = memory_shape(lm.model)
+    st.save_prompt("memory", make_deep_prompt(lm.model, lm.tokenizer, N, "random"), {},
+                   memory=torch.randn(L, h, d, d, generator=gen) * 0.01)
+    names = {"plain": None, "shallow N=20": "shallow", "deep N=20": "deep", "deep N=20 +memory": "memory",
+             "dept N=10 r=8": "dept"}
+    times = {m: [] for m in names}
+    cfg = GenerateConfig(max_new_tokens=NEW_TOKENS)
+    for r in range(rounds + 1):
+        order = list(names)[r % len(names):] + list(names)[: r % len(names)]
+        for m in order:
+            c = time.process_time()
+            eng.generate([GenerateRequest(text, names[m], cfg)])
+            if r:  # round 0 warms up (and fills the prefix cache)
+                times[m].append(time.process_time() - c)
+        print("request round", r, {m: round(v[-1], 3) for m, v in times.items() if v}, flush=True)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny random model; results are not written")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=8)
+    a = ap.parse_args()
+    common.setup_torch(a.quick)
+    lm = common.load_lm(a.quick)
+    info = common.machine_info()
+    steps = time_steps(lm, a.quick, a.warmup, a.rounds)
+    path = common.data_root() / "sst2" / "test.txt"
+    text = "Review: " + (common.read_label_lines(path, 1)[0][1] if path.is_file() else "a fine film") + "\nSentiment:"
+    reqs = time_requests(lm, text, a.rounds, common.temp_store("sp-lever-cost-"))  # a temporary prompt store
+    report(a, info, lm, steps, reqs)
+
+
+def report(a, info, lm, steps: dict, reqs: dict) -> None:
+    s_med = {m: common.summary(v)["median"] for m, v in steps.items()}
+    r_med = {m: common.summary(v)["median"] for m, v in reqs.items()}
+    s_ratio = {m: v / s_med["lora"] for m, v in s_med.items()}
+    r_ratio = {m: v / r_med["plain"] for m, v in r_med.items()}
+    payload = {"benchmark": "lever_cost", "model": lm.name, "machine": info, "loadavg_at_end": os.getloadavg(),
+               "setup": {"batch": BATCH, "new_tokens": NEW_TOKENS, "rounds": a.rounds, "warmup": a.warmup},
+               "step_cpu_s": steps, "request_cpu_s": reqs, "step_over_lora": s_ratio, "request_over_plain": r_ratio,
+               "targets": {"step_over_lora": STEP_TARGET, "request_over_plain": REQUEST_TARGET}}
+    md = (f"# lever_cost\n\nModel `{lm.name}`, {info['torch_threads']} thread(s) on {info['cpu']}; CPU time "
+          f"(process time), medians of {a.rounds} interleaved rounds.\n\n## Training step (SST-2, batch {BATCH})\n\n"
+          + common.md_table(["method", "CPU s / step", "x LoRA", f"<= {STEP_TARGET}x LoRA"],
+                            [[m, s_med[m], s_ratio[m], "yes" if s_ratio[m] <= STEP_TARGET else "no"] for m in s_med])
+          + f"\n## One request ({NEW_TOKENS} new tokens, batch 1)\n\n"
+          + common.md_table(["prompt", "CPU s / request", "x plain", f"<= {REQUEST_TARGET}x plain"],
+                            [[m, r_med[m], r_ratio[m], "yes" if r_ratio[m] <= REQUEST_TARGET else "no"] for m in r_med])
+          + "\n" + common.load_note(info, "methods"))
+    print(md)
+    if not a.quick:
+        print("wrote", *common.write_results("lever_cost", payload, md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models built in-process (no network, ever) and an isolated store.
+"""Shared fixtures: tiny models built in-process (no network, ever) and an isolated store (``store``).
 
 ``tiny_model_dir(arch)`` writes a real transformers folder (config, weights, a byte-level BPE
 tokenizer trained here on a few sentences), so the same loading code as for real models runs.
@@ -56,18 +56,6 @@ def pytest_collection_modifyitems(config, items):
 def check_device(pytestconfig) -> torch.device:
     """The device the ``cuda``-marked checks run on: ``--check-device``, else cuda."""
     return torch.device(pytestconfig.getoption("--check-device") or "cuda")
-
-
-@pytest.fixture(autouse=True)
-def _keep_data_root():
-    """``--data-root`` sets $SOFTPROMPT_DATA for the CLI's process; a test that passes it must
-    not change where later tests find the real data sets."""
-    before = os.environ.get("SOFTPROMPT_DATA")
-    yield
-    if before is None:
-        os.environ.pop("SOFTPROMPT_DATA", None)
-    else:
-        os.environ["SOFTPROMPT_DATA"] = before
 
 
 SKIP_FRAMES = ("transformers", "torch", "logging", "warnings", "functools", "contextlib", "conftest")
@@ -209,15 +197,21 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def sp_home(tmp_path, monkeypatch):
-    """An empty $SOFTPROMPT_HOME for the test (the prompt store lives inside)."""
-    home = tmp_path / "home"
-    monkeypatch.setenv("SOFTPROMPT_HOME", str(home))
-    return home
+def sp_store(tmp_path):
+    """An empty store of the test's own; its data root is where the real data sets are."""
+    from softprompt.store import Store
+
+    return Store(tmp_path / "home", shared_data_root())
 
 
 @pytest.fixture
-def tiny_lm(tiny_model_dir, sp_home):
+def sp_home(sp_store) -> Path:
+    """The root of the test's store (``sp_store.home``)."""
+    return sp_store.home
+
+
+@pytest.fixture
+def tiny_lm(tiny_model_dir, sp_store):
     from softprompt import models
 
     return models.load(str(tiny_model_dir("llama")))
@@ -296,3 +290,18 @@ def interrupt_at_epoch(monkeypatch, epoch: int):
 
     monkeypatch.setattr(loop, "_run_epoch", stop)
     return lambda: monkeypatch.setattr(loop, "_run_epoch", real)
+
+
+def with_store(store, args: list[str]) -> list[str]:
+    """``args`` of a ``softprompt`` command line with ``--home`` and ``--data-root`` of ``store``
+    (put after the subcommand, so flags the test gives later win)."""
+    n = 2 if args[:1] == ["prompts"] else 1
+    return [*args[:n], "--home", str(store.home), "--data-root", str(store.data_root), *args[n:]]
+
+
+@pytest.fixture
+def cli_main(sp_store):
+    """``softprompt.cli.main`` on the test's store (``--home``/``--data-root``, no environment)."""
+    from softprompt import cli
+
+    return lambda args: cli.main(with_store(sp_store, list(args)))

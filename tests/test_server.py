@@ -32,6 +32,7 @@ from softprompt.inference.engine import (
     ScoreRequest,
     StepBatch,
 )
+from softprompt.store import Store
 
 TEXTS = ["the movie was", "a wonderful film with a great story", "who wrote the book", "positive negative"]
 TEMPLATE = "Review: {text}\nSentiment:"
@@ -84,49 +85,47 @@ def test_rows_joining_a_running_batch_equal_single_runs(tiny_model_dir, sp_home)
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """An isolated $SOFTPROMPT_HOME for the whole module (one server serves many tests)."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("serve-home")
-        mp.setenv("SOFTPROMPT_HOME", str(path))
-        yield path
+def home(tmp_path_factory) -> Store:
+    """A store of the module's own (one server serves many tests)."""
+    return Store(tmp_path_factory.mktemp("serve-home"))
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir, home):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    return save_prompts(models.load(str(tiny_model_dir("llama"))))
+    return save_prompts(models.load(str(tiny_model_dir("llama"))), home)
 
 
-def save_prompts(lm):
+def save_prompts(lm, store: Store):
     """PROMPTS (random, at the scale of the embeddings, with a task's template and verbalizer)
-    and an "lm-only" prompt, in the store; returns ``lm``."""
+    and an "lm-only" prompt, in ``store``; returns ``lm``."""
     g = torch.Generator().manual_seed(7)
     for name, n in PROMPTS.items():
         meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "task": "toy", "mode": "target",
                 "template": TEMPLATE, "target_column": "label", "verbalizer": VERBALIZER,
                 "metrics": {"best_eval": {"accuracy": 0.5}, "final_train_loss": 1.25}}
-        store.save_prompt(store.prompt_path(name), torch.randn(n, lm.hidden_size, generator=g), meta)
-    store.save_prompt(store.prompt_path("lm-only"), torch.randn(4, lm.hidden_size, generator=g),
+        store.save_prompt(name, torch.randn(n, lm.hidden_size, generator=g), meta)
+    store.save_prompt("lm-only", torch.randn(4, lm.hidden_size, generator=g),
                       {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "mode": "lm"})
     return lm
 
 
 @pytest.fixture(scope="module")
-def ref(lm):
+def ref(lm, home):
     """A separate engine for reference answers, one request at a time."""
-    return Engine(lm)
+    return Engine(lm, store=home)
 
 
 @contextlib.contextmanager
-def running(lm, **kw):
-    """A real uvicorn server in a thread on a free loopback port; yields (base_url, app, server)."""
+def running(lm, store: Store | None, **kw):
+    """A real uvicorn server over ``store``'s prompts in a thread on a free loopback port; yields
+    (base_url, app, server)."""
     import uvicorn
 
     from softprompt.serve.app import ServerConfig, create_app
 
-    app = create_app(Engine(lm, EngineConfig(max_batch_rows=kw.get("max_batch_rows", 32))),
+    app = create_app(Engine(lm, EngineConfig(max_batch_rows=kw.get("max_batch_rows", 32)), store),
                      ServerConfig(**{"model_id": "tiny", **kw}))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -146,8 +145,8 @@ def running(lm, **kw):
 
 
 @pytest.fixture(scope="module")
-def srv(lm):
-    with running(lm) as s:
+def srv(lm, home):
+    with running(lm, home) as s:
         yield s
 
 
@@ -321,8 +320,8 @@ def zipped(path: Path, folder: str = "") -> bytes:
     return buf.getvalue()
 
 
-def test_upload_use_replace_and_delete_a_prompt(srv, http, ref, tmp_path):
-    src = store.export_prompt("p0", tmp_path / "p0-export")
+def test_upload_use_replace_and_delete_a_prompt(srv, http, ref, tmp_path, home):
+    src = home.export_prompt("p0", tmp_path / "p0-export")
     assert http.get("/v1/prompts/up1").status_code == 404
     r = http.put("/v1/prompts/up1", content=zipped(src), headers={"content-type": "application/zip"})
     assert r.status_code == 201 and r.json()["num_virtual_tokens"] == PROMPTS["p0"]
@@ -330,7 +329,7 @@ def test_upload_use_replace_and_delete_a_prompt(srv, http, ref, tmp_path):
     body = {"model": "up1", "prompt": TEXTS[0], "max_tokens": 6, "temperature": 0}
     assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == single(ref, TEXTS[0], "p0", 6)
     # replace it (multipart, files in a folder inside the zip): the server sees the new tensor
-    src2 = store.export_prompt("p1", tmp_path / "p1-export")
+    src2 = home.export_prompt("p1", tmp_path / "p1-export")
     r = http.put("/v1/prompts/up1", files={"file": ("p1.zip", zipped(src2, "p1/"), "application/zip")})
     assert r.status_code == 200 and r.json()["replaced"] and r.json()["num_virtual_tokens"] == PROMPTS["p1"]
     assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == single(ref, TEXTS[0], "p1", 6)
@@ -344,8 +343,8 @@ def test_upload_use_replace_and_delete_a_prompt(srv, http, ref, tmp_path):
     assert http.delete("/v1/prompts/up1").status_code == 404
 
 
-def test_bad_uploads_are_refused_and_nothing_becomes_visible(srv, http, tmp_path):
-    src = store.export_prompt("p0", tmp_path / "ok")
+def test_bad_uploads_are_refused_and_nothing_becomes_visible(srv, http, tmp_path, home):
+    src = home.export_prompt("p0", tmp_path / "ok")
     wrong = tmp_path / "wrong"  # hidden size 32: trained for another model
     store.save_prompt(wrong, torch.randn(4, 32), {})
     evil = io.BytesIO()
@@ -361,16 +360,16 @@ def test_bad_uploads_are_refused_and_nothing_becomes_visible(srv, http, tmp_path
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert http.put("/v1/prompts/..bad", content=zipped(src)).status_code in (400, 404)
     assert http.put("/v1/prompts/tiny", content=zipped(src)).status_code == 400  # the plain model's id
-    assert "bad" not in store.list_prompts() and http.get("/v1/prompts/bad").status_code == 404
+    assert "bad" not in home.list_prompts() and http.get("/v1/prompts/bad").status_code == 404
 
 
 # ---------------------------------------------------------------- errors, limits, auth
 
 
-def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(lm, ref):
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(lm, ref, home):
     import httpx
 
-    with running(lm, max_body_bytes=4096, max_prompt_tokens=64, max_tokens=32) as (base, _, _):
+    with running(lm, home, max_body_bytes=4096, max_prompt_tokens=64, max_tokens=32) as (base, _, _):
         c = httpx.Client(base_url=base, timeout=60)
         ok = {"model": "p0", "prompt": TEXTS[0], "max_tokens": 4, "temperature": 0}
         cases = [
@@ -405,11 +404,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(lm, ref):
         assert errors >= 14
 
 
-def test_api_key_is_required_when_set(lm):
+def test_api_key_is_required_when_set(lm, home):
     import httpx
     import openai
 
-    with running(lm, api_key="s3cret") as (base, _, _):
+    with running(lm, home, api_key="s3cret") as (base, _, _):
         body = {"model": "p0", "prompt": "x", "max_tokens": 2}
         assert httpx.post(base + "/v1/completions", json=body).status_code == 401
         r = httpx.post(base + "/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
@@ -422,10 +421,10 @@ def test_api_key_is_required_when_set(lm):
             client(base, "wrong").models.list()
 
 
-def test_full_queue_answers_429_timeouts_504_then_serves_again(lm, ref):
+def test_full_queue_answers_429_timeouts_504_then_serves_again(lm, ref, home):
     import httpx
 
-    with running(lm, max_queue=2, max_batch_rows=1, request_timeout_s=3) as (base, app, _):
+    with running(lm, home, max_queue=2, max_batch_rows=1, request_timeout_s=3) as (base, app, _):
         body = {"model": "p1", "prompt": TEXTS[0], "max_tokens": 4, "temperature": 0}
         results = []
 
@@ -481,10 +480,10 @@ def test_metrics_are_prometheus_text(srv, http):
     assert 'le="+Inf"' in text and "# TYPE softprompt_request_latency_seconds histogram" in text
 
 
-def test_graceful_shutdown_finishes_in_flight_requests(lm, ref):
+def test_graceful_shutdown_finishes_in_flight_requests(lm, ref, home):
     import httpx
 
-    with running(lm) as (base, app, server):
+    with running(lm, home) as (base, app, server):
         body = {"model": "p2", "prompt": TEXTS[1], "max_tokens": 12, "temperature": 0}
         out = {}
         th = threading.Thread(target=lambda: out.setdefault("r", httpx.post(base + "/v1/completions", json=body, timeout=60)))
@@ -496,12 +495,13 @@ def test_graceful_shutdown_finishes_in_flight_requests(lm, ref):
         assert out["r"].json()["choices"][0]["text"] == single(ref, TEXTS[1], "p2", 12)
 
 
-def test_serve_command_wires_flags_model_and_json_logs(tiny_model_dir, home, monkeypatch, capsys):
+def test_serve_command_wires_flags_model_and_json_logs(tiny_model_dir, home, lm, monkeypatch, capsys):
     """``softprompt serve``: flags -> ServerConfig, the model loaded once, JSON log lines. uvicorn.run
     is replaced by an in-process client (a subprocess would spend ~10 s importing torch here)."""
     import logging
 
     import uvicorn
+    from conftest import with_store
     from starlette.testclient import TestClient
 
     from softprompt import cli
@@ -516,13 +516,13 @@ def test_serve_command_wires_flags_model_and_json_logs(tiny_model_dir, home, mon
                                 json={"model": "p0", "prompt": "x", "max_tokens": 2}).status_code
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
-    monkeypatch.setenv("SOFTPROMPT_API_KEY", "k")
+    monkeypatch.setenv("SOFTPROMPT_API_KEY", "k")  # the CLI reads it at its edge
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
         argv = ["serve", "--model", str(tiny_model_dir("llama")), "--port", "8123", "--max-batch-rows", "4",
                 "--max-wait-ms", "2.5"]
-        assert cli.main(argv) == 0
+        assert cli.main(with_store(home, argv)) == 0  # the module's store, through --home
     finally:
         root.handlers[:], root.level = handlers, level
     cfg = seen["cfg"]
@@ -531,10 +531,10 @@ def test_serve_command_wires_flags_model_and_json_logs(tiny_model_dir, home, mon
     logs = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     assert any(e["msg"] == "request" and e["path"] == "/v1/completions" and e["status"] == 200 for e in logs)
     assert {"ready", "stopped"} <= {e["msg"] for e in logs}
-    assert cli.main(["serve", "--max-batch-rows", "0"]) == 2  # a bad flag: one line, exit 2
+    assert cli.main(with_store(home, ["serve", "--max-batch-rows", "0"])) == 2  # a bad flag: one line, exit 2
 
 
-def test_deep_prompt_uploads_are_validated_served_and_shown(srv, http, ref, tmp_path, tiny_model_dir):
+def test_deep_prompt_uploads_are_validated_served_and_shown(srv, http, ref, tmp_path, tiny_model_dir, home):
     from safetensors.torch import save_file
 
     from softprompt.prompt import make_deep_prompt
@@ -552,7 +552,7 @@ def test_deep_prompt_uploads_are_validated_served_and_shown(srv, http, ref, tmp_
     for src, message in ((other, "another model"), (nan, "NaN")):
         r = http.put("/v1/prompts/deepbad", content=zipped(src))
         assert r.status_code == 422 and message in r.json()["error"]["message"], r.text
-    assert "deepbad" not in store.list_prompts()
+    assert "deepbad" not in home.list_prompts()
     r = http.put("/v1/prompts/deep1", content=zipped(good))
     assert r.status_code == 201 and r.json()["kind"] == "deep"
     kinds = {m["id"]: m.get("kind") for m in http.get("/v1/models").json()["data"]}

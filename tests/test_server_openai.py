@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_server import PROMPTS, TEXTS, client, home, lm, ref, running, single, srv  # noqa: F401 (fixtures)
 
-from softprompt import chat, models, store
+from softprompt import chat, models
 from softprompt.config import GenerateConfig
 from softprompt.inference.engine import Engine, GenerateRequest, PromptLogprobRow, ScoreRow
 
@@ -35,20 +35,20 @@ def chat_lm(tiny_model_dir, home):  # noqa: F811
     clm = models.load(str(tiny_model_dir("llama", chat=True)))
     g = torch.Generator().manual_seed(3)
     for name in ("c0", "c1"):
-        store.save_prompt(store.prompt_path(name), torch.randn(4, clm.hidden_size, generator=g),
+        home.save_prompt(name, torch.randn(4, clm.hidden_size, generator=g),
                           {"base_model": {"name": clm.name, "fingerprint": clm.fingerprint}, "mode": "lm"})
     return clm
 
 
 @pytest.fixture(scope="module")
-def chat_srv(chat_lm):
-    with running(chat_lm) as s:
+def chat_srv(chat_lm, home):  # noqa: F811
+    with running(chat_lm, home) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def chat_ref(chat_lm):
-    return Engine(chat_lm)
+def chat_ref(chat_lm, home):  # noqa: F811
+    return Engine(chat_lm, store=home)
 
 
 def engine_chat(eng: Engine, msgs, prompt: str | None, max_tokens: int, logprobs: int | None = None, **kw):

@@ -28,8 +28,8 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary
 
 
 @pytest.fixture(scope="module")
-def base(lm):  # noqa: F811
-    with running(lm) as (url, _, _):
+def base(lm, home):  # noqa: F811
+    with running(lm, home) as (url, _, _):
         yield url
 
 
@@ -47,10 +47,10 @@ def element_text(dom: str, element_id: str) -> str:
     return html.unescape(m.group(1))
 
 
-def test_page_and_assets_are_served_without_a_key(lm):  # noqa: F811
+def test_page_and_assets_are_served_without_a_key(lm, home):  # noqa: F811
     import httpx
 
-    with running(lm, api_key="k") as (url, _, _):
+    with running(lm, home, api_key="k") as (url, _, _):
         page = httpx.get(url + "/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         for element in ('id="prompt"', 'id="input"', 'id="out-base"', 'id="out-tuned"', 'id="prompts"'):

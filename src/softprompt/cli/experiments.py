@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from softprompt.cli.commands import load_model
 from softprompt.cli.flags import (
     EVAL_DATA,
     PROMPT_FLAGS,
@@ -82,7 +83,7 @@ def compare_config(a) -> CompareConfig:
 
 
 def cmd_compare(a) -> int:
-    from softprompt import models, recipes
+    from softprompt import recipes
     from softprompt.experiments import compare, compare_report
     from softprompt.provenance import write_json
 
@@ -106,11 +107,11 @@ def cmd_compare(a) -> int:
         if not a.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    lm = models.load(a.model)
+    lm = load_model(a)
     tag = a.tag or recipes.task_name(a.task, dcfg.path)
     journal = out / f"compare_{tag}.runs.jsonl"
     doc = compare.run(lm, dcfg, a.task, ccfg, tcfg, pcfg, progress=not a.quiet, say=say, journal=journal, resume=a.resume,
-                      label={"tag": tag, "command": command})
+                      label={"tag": tag, "command": command}, store=a.store)
     doc["tag"], doc["command"] = tag, command
     path = write_json(doc, out / f"compare_{tag}.json")
     journal.unlink()  # the result is written: the finished runs are in it
@@ -141,7 +142,6 @@ def add_multitask_parser(sub) -> None:
 
 
 def cmd_train_multitask(a) -> int:
-    from softprompt import models
     from softprompt.training import multitask as MT
 
     if not a.tasks:
@@ -149,7 +149,8 @@ def cmd_train_multitask(a) -> int:
     extra = {"per_task": _all_if_zero(a.per_task)} if a.per_task is not None else {}
     mcfg = from_args(MultitaskConfig, a, **extra)
     pcfg, tcfg = prompt_train_configs(a)
-    res = MT.train_multitask(models.load(a.model), mcfg, pcfg, tcfg, a.name, resume=a.resume, progress=not a.quiet)
+    res = MT.train_multitask(load_model(a), mcfg, pcfg, tcfg, a.name, resume=a.resume, progress=not a.quiet,
+                             store=a.store)
     print(f"\nmultitask   {', '.join(res.tasks)}  ({sum(res.n_train.values())} training rows, mixed batches)")
     print(f"training    {len(res.fit.history)} steps in {res.fit.train_time_s:.1f}s, {res.fit.stopped}")
     for e in res.fit.epochs:
@@ -177,7 +178,6 @@ def add_continual_parser(sub) -> None:
 
 
 def cmd_continual(a) -> int:
-    from softprompt import models
     from softprompt.experiments import continual as C
     from softprompt.provenance import write_json
     from softprompt.training.auto import method_kind
@@ -190,7 +190,7 @@ def cmd_continual(a) -> int:
     ccfg = from_args(ContinualConfig, a, **extra)
     pcfg = method_kind(from_args(PromptConfig, a, PROMPT_FLAGS), "continual")  # prompt, progressive: shallow
     tcfg = from_args(TrainConfig, a, ("lr", "epochs", "batch_size", "seed", "patience"))
-    doc = C.run(models.load(a.model), ccfg, pcfg, tcfg, say=(lambda m: None) if a.quiet else print)
+    doc = C.run(load_model(a), ccfg, pcfg, tcfg, say=(lambda m: None) if a.quiet else print, root=a.store.data_root)
     doc["command"] = command_line(a)
     stem = Path(a.out) / f"continual_{a.tag}"
     write_json(doc, stem.with_suffix(".json"))
@@ -241,15 +241,14 @@ def add_inspect_parser(sub) -> None:
 
 
 def cmd_inspect(a) -> int:
-    from softprompt import models
     from softprompt.experiments import interpret as I
     from softprompt.provenance import write_json
 
     cfg = from_args(InspectConfig, a)
     against = list(names(a.against, "--against")) if a.against else None
     data = data_given(a, EVAL_DATA)
-    report = I.inspect_prompt(models.load(a.model), a.name, against, cfg.top_k, cfg.eval_limit, cfg.importance,
-                              task=a.task, data=data)
+    report = I.inspect_prompt(load_model(a), a.name, against, cfg.top_k, cfg.eval_limit, cfg.importance,
+                              task=a.task, data=data, store=a.store)
     print("\n".join(I.table(report)))
     if a.out:
         out = Path(a.out)

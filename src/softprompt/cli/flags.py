@@ -12,7 +12,7 @@ import inspect
 import re
 from typing import Any
 
-from softprompt.config import UserError, parse_verbalizer
+from softprompt.config import UserError
 
 # ---------------------------------------------------------------- CLI flags from the configs
 
@@ -142,7 +142,15 @@ def add_device_flags(p, auto_dtype: bool = False) -> None:
 
 
 def add_data_root_flag(p) -> None:
-    p.add_argument("--data-root", help="where task recipes find their files (default $SOFTPROMPT_DATA or ../shared/data)")
+    p.add_argument("--data-root", help="where task recipes find their files (default $SOFTPROMPT_DATA, else <home>/data)")
+
+
+def add_store_flags(p) -> None:
+    """``--home`` and ``--data-root`` (where the command has no --data-root yet): the Store."""
+    p.add_argument("--home", help="the store: prompts, converted models, runs "
+                   "(default $SOFTPROMPT_HOME, else ~/.cache/softprompt)")
+    if "--data-root" not in p._option_string_actions:
+        add_data_root_flag(p)
 
 
 DATA_RENAME = {"path": "data", "eval_path": "eval-data"}
@@ -240,3 +248,16 @@ def command_line(a) -> str:
                 item = ",".join(f"{k}={w}" for k, w in item.items())
             parts += [act.option_strings[-1]] + ([] if item is True else [str(item)])
     return shlex.join(parts)
+
+
+def parse_verbalizer(text: str | None) -> dict[str, str] | None:
+    """``"0=negative,1=positive"`` -> ``{"0": "negative", "1": "positive"}``."""
+    if not text:
+        return None
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, word = part.partition("=")
+        if not (sep and key.strip() and word.strip()):
+            raise UserError(f"bad --verbalizer entry {part!r}; expected LABEL=WORD")
+        out[key.strip()] = word.strip()
+    return out

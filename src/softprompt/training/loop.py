@@ -165,15 +165,7 @@ def fit(
             res.state = method.state() if evaluate is None else res.state  # the failing step was not applied
             break
         row = {"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / max(1, len(losses))}
-        if evaluate is not None:
-            metrics = evaluate()
-            row.update({f"eval_{k}": v for k, v in metrics.items()})
-            if _better(metrics["score"], best_score):
-                best_score, bad, res.state, res.best = metrics["score"], 0, method.state(), metrics
-            else:
-                bad += 1
-        else:
-            res.state = method.state()
+        best_score, bad = _evaluate_epoch(method, evaluate, row, res, best_score, bad)
         res.epochs.append(row)
         log.info("epoch %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
         if res.stopped == "completed" and cfg.patience is not None and evaluate is not None and bad >= cfg.patience:
@@ -183,6 +175,21 @@ def fit(
     if bar is not None:
         bar.close()
     return res
+
+
+def _evaluate_epoch(method: Method, evaluate: Callable[[], dict] | None, row: dict, res: FitResult,
+                    best_score: float | None, bad: int) -> tuple[float | None, int]:
+    """Score the epoch just run into ``row``; keep the method's state when it is the best so far
+    (every epoch's state without an evaluator). (best score, epochs without improvement)."""
+    if evaluate is None:
+        res.state = method.state()
+        return best_score, bad
+    metrics = evaluate()
+    row.update({f"eval_{k}": v for k, v in metrics.items()})
+    if _better(metrics["score"], best_score):
+        res.state, res.best = method.state(), metrics
+        return metrics["score"], 0
+    return best_score, bad + 1
 
 
 def _progress(total: int, initial: int, enabled: bool):

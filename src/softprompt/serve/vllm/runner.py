@@ -29,6 +29,7 @@ import contextlib
 import logging
 import uuid
 
+from softprompt.serve.events import Admitted, Failed, RowUpdate, Tokens
 from softprompt.serve.protocol import ApiError, with_request_id
 from softprompt.serve.scheduler import Scheduler
 
@@ -92,7 +93,7 @@ class VllmScheduler(Scheduler):
                 job.fail(self._fault(e, "preparation", job))
                 continue
             rows += len(inputs)
-            job.put("admitted", job.info)
+            job.put(Admitted(job.info))
             asyncio.run_coroutine_threadsafe(self._run_job(job, inputs), job.loop)
         if rows:
             self.metrics.batch("prefill", rows)
@@ -118,12 +119,12 @@ class VllmScheduler(Scheduler):
                     self.metrics.generated(len(c.token_ids) - seen)
                     seen = len(c.token_ids)
                     finish = c.finish_reason if out.finished else None
-                    job.events.put_nowait(("tokens", [(k, c.text, seen, finish, pieces)]))
+                    job.events.put_nowait(Tokens([RowUpdate(k, c.text, seen, finish, pieces)]))
                     if job.cancelled:
                         break  # closing the stream aborts the request in vLLM
         except Exception as e:  # noqa: BLE001 - this row's job alone is failed
             job.cancelled = True
-            job.events.put_nowait(("error", with_request_id(self._vllm_fault(e, job), job.request_id)))
+            job.events.put_nowait(Failed(with_request_id(self._vllm_fault(e, job), job.request_id)))
         finally:
             self.live.pop(rid, None)
 

@@ -130,14 +130,12 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     dist: distributed.Dist | None = None,
-    horizon: int | None = None,
-    on_step: Callable[[int], bool] | None = None,
+    horizon: int | None = None, on_step: Callable[[int], bool] | None = None,
 ) -> FitResult:
     """Train ``method`` on ``examples``; evaluate and checkpoint after each epoch.
 
-    ``dist``: data-parallel (``distributed.py``; rank 0 writes checkpoints). ``horizon``: the
-    steps the lr schedule spans (default: the run's), so k steps under horizon H are the first k
-    of an H-step run. ``on_step(step)`` after each step, the method in eval mode: True stops it.
+    ``dist``: data-parallel (``distributed.py``). ``horizon``: the steps the lr schedule spans, so
+    k steps under horizon H are the first k of an H-step run; ``on_step(step)``: True stops it.
     """
     params, opt = method.parameters(), make_optimizer(method, cfg)
     total, n_epochs = plan_steps(len(D.bucketed_batches(examples, cfg.batch_size, cfg.seed, 0)), cfg)
@@ -155,8 +153,7 @@ def fit(
             break
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            losses, step = _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist,
-                                      on_step)
+            losses, step = _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist, on_step)
         finally:
             _set_step(method, None)  # eval mode for evaluation, checkpoints and whoever gets the method next
         res.train_time_s += time.perf_counter() - t0

@@ -31,9 +31,36 @@ if str(REPO / "src") not in sys.path:  # the package may not be pip-installed ye
 import torch  # noqa: E402
 
 from softprompt import data as D  # noqa: E402
-from softprompt.config import data_root  # noqa: E402,F401 (the benchmarks read their data sets through common)
+from softprompt.cli import environ  # noqa: E402 (a benchmark is an edge, like the CLI: it reads the environment)
 from softprompt.data import IGNORE  # noqa: E402
 from softprompt.provenance import atomic_write, write_json  # noqa: E402
+
+ENV = environ.read()
+DATA = ENV.data or REPO.parent / "shared" / "data"  # $SOFTPROMPT_DATA, else ../shared/data beside the repository
+
+
+def data_root() -> Path:
+    """Where the benchmarks' data sets are (their files, read through common)."""
+    return DATA
+
+
+def store(home: str | Path | None = None):
+    """A Store at ``home`` (default: $SOFTPROMPT_HOME or ~/.cache/softprompt) over the benchmarks' data."""
+    from softprompt.store import Store
+
+    return Store(Path(home) if home else ENV.home, DATA, hub_cache=ENV.hub_cache, offline=ENV.offline)
+
+
+def temp_store(prefix: str):
+    """A temporary store, removed at exit: the benchmark's prompts go there, never into the user's."""
+    import atexit
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, tmp, True)
+    return store(tmp)
+
 
 THREADS = 2
 SEED = 0
@@ -121,7 +148,7 @@ def load_lm(quick: bool):
     from softprompt import models
 
     if not quick:
-        return models.load(models.DEFAULT_MODEL)
+        return models.load(models.DEFAULT_MODEL, store=store())  # converted into the user's store once
     tok = byte_tokenizer()
     model = tiny_llama(len(tok))
     return models.LoadedModel(model=model, tokenizer=tok, name="tiny-llama", path=Path("tiny-llama-in-memory"),

@@ -55,12 +55,14 @@ def worker(a) -> None:
         return out
 
     distributed.Dist.all_reduce = timed
-    lm = models.load(a.model)
+    lm = models.load(a.model, store=common.store(), local_rank=common.ENV.launch.local_rank)
     dcfg = DataConfig(limit=a.rows, eval_limit=8)
     tcfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, seed=0, patience=None)
-    res = TR.train(lm, dcfg, PromptConfig(num_virtual_tokens=20), tcfg, task="sst2", save=False)
-    if distributed.is_main():
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = common.ENV.launch  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK, read at the edge
+    res = TR.train(lm, dcfg, PromptConfig(num_virtual_tokens=20), tcfg, task="sst2", save=False, store=common.store(),
+                   launch=launch)
+    if launch.is_main:
+        world = launch.world_size
         prompt = torch.nn.Parameter(res.prompt)
         with open(a.result, "a") as f:
             f.write(json.dumps({"world": world, "threads": a.threads, "steps": len(res.history),

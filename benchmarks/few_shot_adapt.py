@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 
 from softprompt import models  # noqa: E402
@@ -173,7 +174,7 @@ def main() -> int:
         a.per_task, a.mt_steps, a.shots, a.dev, a.test, a.steps = 16, 4, 8, 8, 8, 4
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    lm = models.load(None)
+    lm = models.load(None, store=common.store())
     pcfg = PromptConfig(num_virtual_tokens=a.n, init="vocab")
     say = lambda m: print(m, flush=True)  # noqa: E731
     mcfg = MT.MultitaskConfig(tasks=tuple(a.mix.split(",")), per_task=a.per_task, eval_per_task=a.dev)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +33,6 @@ import common  # noqa: E402
 import torch  # noqa: E402
 from train_step import sst2_examples  # noqa: E402
 
-from softprompt import store  # noqa: E402
 from softprompt.config import GenerateConfig, TrainConfig  # noqa: E402
 from softprompt.inference.engine import Engine, GenerateRequest  # noqa: E402
 from softprompt.memory import memory_shape  # noqa: E402
@@ -84,18 +82,19 @@ def time_steps(lm, quick: bool, warmup: int, rounds: int) -> dict[str, list[floa
     return times
 
 
-def time_requests(lm, text: str, rounds: int) -> dict[str, list[float]]:
+def time_requests(lm, text: str, rounds: int, st) -> dict[str, list[float]]:
+    """Per-request CPU time of each prompt kind; the stored ones are written to the store ``st``."""
     gen = torch.Generator().manual_seed(common.SEED + 1)
-    eng = Engine(lm)
+    eng = Engine(lm, store=st)
     eng.eos_id = -1  # equal work: EOS never ends a request
     eng.add_prompt("shallow", init_random(lm.model, N, gen))
     eng.add_prompt("deep", make_deep_prompt(lm.model, lm.tokenizer, N, "random", seed=common.SEED))
     a, b = init_offset(256, RANK, lm.hidden_size, gen)
     b = torch.randn(b.shape, generator=gen) * 0.01  # a trained offset is non-zero
-    store.save_prompt(store.prompt_path("dept"), init_random(lm.model, 10, gen), {}, offset=(a, b))
+    st.save_prompt("dept", init_random(lm.model, 10, gen), {}, offset=(a, b))
     L, h, d = memory_shape(lm.model)
-    store.save_prompt(store.prompt_path("memory"), make_deep_prompt(lm.model, lm.tokenizer, N, "random"), {},
-                      memory=torch.randn(L, h, d, d, generator=gen) * 0.01)
+    st.save_prompt("memory", make_deep_prompt(lm.model, lm.tokenizer, N, "random"), {},
+                   memory=torch.randn(L, h, d, d, generator=gen) * 0.01)
     names = {"plain": None, "shallow N=20": "shallow", "deep N=20": "deep", "deep N=20 +memory": "memory",
              "dept N=10 r=8": "dept"}
     times = {m: [] for m in names}
@@ -119,12 +118,11 @@ def main() -> None:
     a = ap.parse_args()
     common.setup_torch(a.quick)
     lm = common.load_lm(a.quick)
-    os.environ["SOFTPROMPT_HOME"] = tempfile.mkdtemp(prefix="sp-lever-cost-")  # a temporary prompt store
     info = common.machine_info()
     steps = time_steps(lm, a.quick, a.warmup, a.rounds)
     path = common.data_root() / "sst2" / "test.txt"
     text = "Review: " + (common.read_label_lines(path, 1)[0][1] if path.is_file() else "a fine film") + "\nSentiment:"
-    reqs = time_requests(lm, text, a.rounds)
+    reqs = time_requests(lm, text, a.rounds, common.temp_store("sp-lever-cost-"))  # a temporary prompt store
     report(a, info, lm, steps, reqs)
 
 

@@ -114,7 +114,7 @@ def run(rounds: int) -> dict:
     from softprompt.cli.quickstart import walkthrough_data
 
     common.setup_torch(threads=1)
-    lm = models.load()
+    lm = models.load(store=common.store())
     cfg = walkthrough_data(common.data_root())
     ex = D.load_file(lm.tokenizer, cfg, cfg.path, cfg.limit)
     prompt = torch.nn.Parameter(torch.randn(N_VIRTUAL, lm.hidden_size) * 0.05)

@@ -32,11 +32,8 @@ mixed batch's tokens are checked against the single-kind batches' for the same r
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-from softprompt import store  # noqa: E402
 from softprompt.chat import encode  # noqa: E402
 from softprompt.config import GenerateConfig  # noqa: E402
 from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest  # noqa: E402
@@ -62,14 +58,14 @@ def sentences(n: int, quick: bool) -> list[str]:
     return common.synthetic_sentences(n)
 
 
-def make_prompts(lm, n_tasks: int, n_tokens: int) -> list[Path]:
-    """Random-init prompts (embedding scale) saved under $SOFTPROMPT_HOME/prompts/task{k}."""
+def make_prompts(store, lm, n_tasks: int, n_tokens: int) -> list[Path]:
+    """Random-init prompts (embedding scale) saved in ``store`` as task{k}."""
     gen = torch.Generator().manual_seed(common.SEED)
     paths = []
     for k in range(n_tasks):
         emb = init_random(lm.model, n_tokens, gen)
         meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "task": f"task{k}"}
-        paths.append(store.save_prompt(store.prompt_path(f"task{k}"), emb, meta, str(lm.path), lm.model.config))
+        paths.append(store.save_prompt(f"task{k}", emb, meta, str(lm.path), lm.model.config))
     return paths
 
 
@@ -85,8 +81,8 @@ def peft_model(lm, paths: list[Path]):
 # ---------------------------------------------------------------- the three methods
 
 
-def run_softprompt(lm, requests, new_tokens: int, ignore_eos: bool, engine: Engine | None = None):
-    eng = engine or Engine(lm, EngineConfig())
+def run_softprompt(lm, requests, new_tokens: int, ignore_eos: bool, engine: Engine | None = None, store=None):
+    eng = engine or Engine(lm, EngineConfig(), store)
     if ignore_eos:
         eng.eos_id = -1  # equal work: every request produces exactly new_tokens tokens
     cfg = GenerateConfig(max_new_tokens=new_tokens)
@@ -230,9 +226,8 @@ def main() -> None:
     common.setup_torch(a.quick)
     if a.threads:
         torch.set_num_threads(a.threads)
-    lm = common.load_lm(a.quick)  # from the real $SOFTPROMPT_HOME (the converted model lives there)
-    os.environ["SOFTPROMPT_HOME"] = tmp = tempfile.mkdtemp(prefix="sp-mixed-")  # a temporary prompt store
-    atexit.register(shutil.rmtree, tmp, True)
+    lm = common.load_lm(a.quick)  # from the user's store (the converted model lives there)
+    st = common.temp_store("sp-mixed-")  # the prompts go into a temporary store
     if a.kinds:
         info = common.machine_info()
         a.rounds = max(a.rounds, 3)
@@ -246,13 +241,13 @@ def main() -> None:
     tasks, per_task, new_tokens = (TASKS, PER_TASK, NEW_TOKENS)
     texts = sentences(tasks * per_task, a.quick)
     requests = [(i % tasks, t) for i, t in enumerate(texts)]  # interleaved arrival
-    paths = make_prompts(lm, tasks, N)
+    paths = make_prompts(st, lm, tasks, N)
     pm = peft_model(lm, paths)
     info = common.machine_info()
 
     # correctness with ordinary EOS handling, CHECK_TOKENS per request (not timed)
     t0 = time.perf_counter()
-    ours_chk = run_softprompt(lm, requests, CHECK_TOKENS, ignore_eos=False)
+    ours_chk = run_softprompt(lm, requests, CHECK_TOKENS, ignore_eos=False, store=st)
     single_chk = run_peft_single(pm, tok, requests, CHECK_TOKENS, ignore_eos=False)
     grouped_chk = run_peft_grouped(pm, tok, requests, CHECK_TOKENS, ignore_eos=False)
     correctness = {
@@ -264,7 +259,7 @@ def main() -> None:
     print(f"correctness ({time.perf_counter() - t0:.0f}s)", correctness, flush=True)
 
     t0 = time.perf_counter()
-    eng = Engine(lm, EngineConfig())  # cold: loads 8 prompts from disk, computes 8 prefixes
+    eng = Engine(lm, EngineConfig(), st)  # cold: loads 8 prompts from disk, computes 8 prefixes
     run_softprompt(lm, requests, new_tokens, ignore_eos=True, engine=eng)
     cold = time.perf_counter() - t0
     methods = {

@@ -48,9 +48,10 @@ def setups(lm, quick: bool, steps: int, names: set[str]) -> dict[str, dict]:
     walk-through's LM rows."""
     out = {}
     if not quick and "sst2" in names:
-        data_cfg, recipe = recipes.task_data_config("sst2")
-        train, dev, data_cfg = recipes.train_dev(lm.tokenizer, data_cfg, "sst2", common.SEED)
-        test = recipes.named_split(lm.tokenizer, data_cfg, recipe, "sst2", "test")
+        root = common.data_root()
+        data_cfg, recipe = recipes.task_data_config("sst2", root)
+        train, dev, data_cfg = recipes.train_dev(lm.tokenizer, data_cfg, "sst2", common.SEED, root)
+        test = recipes.named_split(lm.tokenizer, data_cfg, recipe, "sst2", "test", root)
         out["sst2"] = {"train": train, "dev": dev[:200], "test": test, "data_cfg": data_cfg,
                        "pcfg": PromptConfig(num_virtual_tokens=20, init="random"),
                        "tcfg": TrainConfig(lr=0.03, steps=steps, batch_size=8, patience=None, seed=common.SEED)}

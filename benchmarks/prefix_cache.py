@@ -26,11 +26,8 @@ and the process's resident set size (``VmRSS``) before and after.
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-from softprompt import store  # noqa: E402
 from softprompt.config import GenerateConfig  # noqa: E402
 from softprompt.data import encode  # noqa: E402
 from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest  # noqa: E402
@@ -100,14 +96,14 @@ def time_latency(lm, text: str, rounds: int) -> dict[str, dict[str, dict[str, di
     return {c: {k: {m: common.summary(v) for m, v in d.items()} for k, d in kinds.items()} for c, kinds in res.items()}
 
 
-def memory(lm, text: str) -> dict:
+def memory(lm, text: str, store) -> dict:
     gen = torch.Generator().manual_seed(common.SEED + 1)
     for k in range(REGISTERED):
-        store.save_prompt(store.prompt_path(f"p{k:03d}"), init_random(lm.model, SIZES[0], gen),
+        store.save_prompt(f"p{k:03d}", init_random(lm.model, SIZES[0], gen),
                           {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}}, str(lm.path), lm.model.config)
     disk = sum(f.stat().st_size for f in store.prompts_dir().rglob("*") if f.is_file())
     before = rss_bytes()
-    eng = Engine(lm, EngineConfig(max_resident_prompts=HOT))
+    eng = Engine(lm, EngineConfig(max_resident_prompts=HOT), store)
     cfg = GenerateConfig(max_new_tokens=2)
     eng.generate([GenerateRequest(text, f"p{k:03d}", cfg) for k in range(0, REGISTERED, REGISTERED // HOT)])
     after = rss_bytes()
@@ -137,13 +133,12 @@ def main() -> None:
     common.setup_torch(a.quick)
     if a.threads:
         torch.set_num_threads(a.threads)
-    lm = common.load_lm(a.quick)  # from the real $SOFTPROMPT_HOME (the converted model lives there)
-    os.environ["SOFTPROMPT_HOME"] = tmp = tempfile.mkdtemp(prefix="sp-prefix-")  # a temporary prompt store
-    atexit.register(shutil.rmtree, tmp, True)
+    lm = common.load_lm(a.quick)  # from the user's store (the converted model lives there)
+    st = common.temp_store("sp-prefix-")  # the prompts go into a temporary store
     text = sentence(a.quick)
     info = common.machine_info()
     lat = time_latency(lm, text, a.rounds)
-    mem = memory(lm, text)
+    mem = memory(lm, text, st)
     print("memory", mem, flush=True)
     lat["peak_gflops"] = common.matmul_peaks()
     report(a, info, lm, text, lat, mem)

@@ -46,8 +46,8 @@ def deploy(model: str, replicas: int, home: Path, port: int) -> str:
     from softprompt.serve.ray_serve import APP, build_app
 
     cfg = ServerConfig(max_batch_rows=32, max_queue=4096, max_wait_ms=5)
-    serve.run(build_app(cfg, model, replicas=replicas, replica_cpus=1,
-                        env={"SOFTPROMPT_HOME": str(home), "OMP_NUM_THREADS": "1"}), name=APP, route_prefix="/")
+    serve.run(build_app(cfg, model, replicas=replicas, replica_cpus=1, env={"OMP_NUM_THREADS": "1"},
+                        store=common.store(home)), name=APP, route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 
@@ -88,9 +88,9 @@ def main() -> None:
     info, t_start = common.machine_info(), time.perf_counter()
     home, model = SL.temp_home(a.quick)
     texts = SL.sentences(200)
-    SL.make_prompts(model)
+    SL.make_prompts(model, home)
     results: dict[str, list[dict]] = {}
-    single = SL.Server(model, 32, 1, home / "server-single.log")
+    single = SL.Server(model, 32, 1, home / "server-single.log", home=home)
     try:
         single.wait_ready()
         warm(single.url, texts)
@@ -102,7 +102,7 @@ def main() -> None:
     agreement = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        ref = SL.Server(model, 32, 1, home / "server-ref.log")  # reference answers, idle during the load
+        ref = SL.Server(model, 32, 1, home / "server-ref.log", home=home)  # reference answers, idle during the load
         ref.wait_ready()
         for replicas in (1, 2):
             url = deploy(model, replicas, home, port)

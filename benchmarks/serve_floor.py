@@ -100,10 +100,10 @@ def main() -> None:
     peaks = common.matmul_peaks()
     home, model = serve_load.temp_home(a.quick)
     texts = serve_load.sentences(a.requests)
-    srv = serve_load.Server(model, a.concurrency, a.threads, home / "server.log")
+    srv = serve_load.Server(model, a.concurrency, a.threads, home / "server.log", home=home)
     try:
-        serve_load.make_prompts(model)
-        lm = models.load(model)
+        serve_load.make_prompts(model, home)
+        lm = models.load(model, store=common.store(home))
         srv.wait_ready()
         plain = httpx.get(srv.url + "/v1/models", timeout=60).json()["data"][0]["id"]
         sides = {"generate": None, "server_plain": lambda k: plain,

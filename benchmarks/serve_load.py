@@ -14,7 +14,7 @@ why the window is short and the request counts small. Request k of worker w uses
 * generation: ``POST /v1/completions`` continuing one SST-2 sentence, 32 new tokens, greedy.
 
 The 8 prompts are random-init (N = 20) in a temporary store; the model is the default one
-(read from ``$SOFTPROMPT_HOME``, /tmp/sphome by default); the server runs on 1 torch thread
+(read from the user's store, ``$SOFTPROMPT_HOME`` or ~/.cache/softprompt); the server runs on 1 torch thread
 (``--threads``: on 2 cores shared with other jobs, 2 threads measured 3-5x slower). Greedy decoding makes both servers
 produce the same tokens for the same request (checked on a sample), so they do equal work; a
 generation may end before 32 tokens on EOS, and the mean completion length is reported.
@@ -58,19 +58,18 @@ TARGET_SPEEDUP, TARGET_P99_OVER_P50 = 4.0, 2.0
 
 
 def sentences(n: int) -> list[str]:
-    from softprompt.config import data_root
-
-    path = data_root() / "sst2" / "test.txt"
+    path = common.data_root() / "sst2" / "test.txt"
     if path.is_file():
         return [s for _, s in common.read_label_lines(path, n)]
     return common.synthetic_sentences(n)
 
 
 def temp_home(quick: bool) -> tuple[Path, str]:
-    """A temp $SOFTPROMPT_HOME that shares the converted default model (symlink); (home, --model)."""
+    """A temporary store that shares the user's converted default model (symlink); (its root,
+    --model). The server runs with ``--home`` at that root."""
     from softprompt import models
 
-    real_home = Path(os.environ.get("SOFTPROMPT_HOME", "/tmp/sphome"))
+    real = common.store()
     tmp = Path(tempfile.mkdtemp(prefix="sp-serve-load-"))
     if quick:
         lm = common.load_lm(True)
@@ -78,40 +77,41 @@ def temp_home(quick: bool) -> tuple[Path, str]:
         lm.model.save_pretrained(model_arg)
         lm.tokenizer.save_pretrained(model_arg)
     else:
-        os.environ["SOFTPROMPT_HOME"] = str(real_home)
-        models.resolve(models.DEFAULT_MODEL)  # converts into the real home on first use only
-        (tmp / "models").symlink_to(real_home / "models", target_is_directory=True)
+        models.resolve(models.DEFAULT_MODEL, real)  # converts into the user's store on first use only
+        (tmp / "models").symlink_to(real.models, target_is_directory=True)
         model_arg = models.DEFAULT_MODEL
-    os.environ["SOFTPROMPT_HOME"] = str(tmp)
     return tmp, model_arg
 
 
-def make_prompts(model_arg: str) -> None:
+def make_prompts(model_arg: str, home: Path) -> None:
     """8 random-init prompts (embedding scale) with a classification template and verbalizer."""
     import torch
 
-    from softprompt import models, store
+    from softprompt import models
     from softprompt.prompt import init_random
 
-    lm = models.load(model_arg)
+    store = common.store(home)
+    lm = models.load(model_arg, store=store)
     gen = torch.Generator().manual_seed(common.SEED)
     for k in range(PROMPTS):
         meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "task": f"task{k}",
                 "mode": "target", "template": TEMPLATE, "target_column": "label", "verbalizer": VERBALIZER}
-        store.save_prompt(store.prompt_path(f"task{k}"), init_random(lm.model, N, gen), meta, str(lm.path),
+        store.save_prompt(f"task{k}", init_random(lm.model, N, gen), meta, str(lm.path),
                           lm.model.config)
 
 
 class Server:
     """``softprompt serve`` in a subprocess on a free loopback port."""
 
-    def __init__(self, model: str, max_batch_rows: int, threads: int, log: Path, src: Path = common.REPO / "src"):
+    def __init__(self, model: str, max_batch_rows: int, threads: int, log: Path, src: Path = common.REPO / "src",
+                 home: Path | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "softprompt", "serve", "--model", model, "--port", str(self.port),
                "--max-batch-rows", str(max_batch_rows), "--max-queue", "4096", "--max-wait-ms", "5",
+               *(["--home", str(home)] if home else []),
                "--dtype", "float32"]  # as the committed results were measured (serve's default is now auto)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(src)}
         self.log = log.open("w")
@@ -280,8 +280,8 @@ def main() -> None:
     try:
         urls = {}
         for name, (rows, tree) in servers.items():  # all start (import, load the model) while prompts are made
-            running[name] = Server(model, rows, a.threads, home / f"server-{name}.log", tree)
-        make_prompts(model)  # the servers read the store lazily
+            running[name] = Server(model, rows, a.threads, home / f"server-{name}.log", tree, home=home)
+        make_prompts(model, home)  # the servers read the store lazily
         for name, srv in running.items():
             srv.wait_ready()
             urls[name] = srv.url

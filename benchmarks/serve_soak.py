@@ -96,17 +96,17 @@ def upload_bodies(src: Path) -> dict[str, bytes]:
     }
 
 
-def plant_invalid(model: str) -> None:
+def plant_invalid(model: str, st) -> None:
     """Prompts that an older version let into the store (plain folders): NaN values; a string verbalizer."""
     import torch
     from safetensors.torch import save_file
 
     from softprompt import models, store
 
-    lm = models.load(model)
+    lm = models.load(model, store=st)
     base = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "template": "{text}"}
     for name, value, extra in (("planted-nan", float("nan"), {}), ("planted-verbalizer", 0.01, {"verbalizer": "ab"})):
-        d = store.prompts_dir() / name
+        d = st.prompts_dir() / name  # the server's store (--home)
         d.mkdir(parents=True)
         (d / store.CONFIG).write_text(json.dumps(store.adapter_config(4, lm.hidden_size, str(lm.path))))
         save_file({store.PROMPT_KEY: torch.full((4, lm.hidden_size), value)}, str(d / store.TENSORS))
@@ -224,15 +224,14 @@ def main() -> None:
         return main_mix(a)
     import httpx
 
-    from softprompt import store
 
     a.seconds = a.seconds or (4.0 if a.quick else 25.0)
     t_start = time.perf_counter()
     info, home, model, texts, srv = start(a)
     try:
-        SL.make_prompts(model)
-        plant_invalid(model)
-        bodies = upload_bodies(store.export_prompt("task0", home / "export"))
+        SL.make_prompts(model, home)
+        plant_invalid(model, common.store(home))
+        bodies = upload_bodies(common.store(home).export_prompt("task0", home / "export"))
         hostile = hostile_requests(bodies)
         warm_up(srv, texts)
         phases = run(a, srv.url, texts, hostile)
@@ -252,7 +251,7 @@ def start(a):
     """(machine info, temporary home, model, texts, the server starting)."""
     info = common.machine_info()
     home, model = SL.temp_home(a.quick)
-    return info, home, model, SL.sentences(200), SL.Server(model, 32, a.threads, home / "server.log")
+    return info, home, model, SL.sentences(200), SL.Server(model, 32, a.threads, home / "server.log", home=home)
 
 
 def warm_up(srv, texts: list[str]) -> None:

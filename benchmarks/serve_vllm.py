@@ -87,19 +87,18 @@ def make_home() -> tuple[Path, Path]:
     """A temp store linking the converted default model, with 8 prompts; (home, model folder)."""
     import torch
 
-    from softprompt import models, store
+    from softprompt import models
 
-    real = Path(os.environ.get("SOFTPROMPT_HOME", "~/.cache/softprompt")).expanduser()
-    _, path = models.resolve(None)
+    real = common.store()  # the user's store: its converted default model is linked, never written
+    _, path = models.resolve(None, real)
     home = Path(tempfile.mkdtemp(prefix="sp-serve-vllm-"))
-    (home / "models").symlink_to(real / "models", target_is_directory=True)
-    os.environ["SOFTPROMPT_HOME"] = str(home)
-    lm = models.load(None)
+    (home / "models").symlink_to(real.models, target_is_directory=True)
+    st = common.store(home)
+    lm = models.load(None, store=st)
     emb, g = lm.model.get_input_embeddings().weight, torch.Generator().manual_seed(common.SEED)
     for k in range(PROMPTS):
         rows = emb[torch.randint(0, emb.shape[0], (N,), generator=g)].detach().clone()
-        store.save_prompt(store.prompt_path(f"task{k}"), rows, {"base_model": {"name": lm.name,
-                                                                               "fingerprint": lm.fingerprint}})
+        st.save_prompt(f"task{k}", rows, {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}})
     return home, home / "models" / path.name
 
 
@@ -131,11 +130,13 @@ async def run_load(url: str, model_of, texts: list[str], requests: int = REQUEST
             "ttft_p50_s": pct([r[1] for r in ok if r[1] is not None], 0.5)}
 
 
-def servers(a, model_dir: Path, log_dir: Path) -> dict[str, Proc]:
+def servers(a, model_dir: Path, home: Path) -> dict[str, Proc]:
+    """The measured servers; softprompt's serve the store at ``home`` (their logs go there too)."""
+    log_dir = home
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     eager = [] if a.compile else ["--enforce-eager"]
     kv = ["--kv-cache-memory-bytes", str(1 << 30)]
-    sp = ["-m", "softprompt", "serve", "--max-queue", "4096"]
+    sp = ["-m", "softprompt", "serve", "--home", str(home), "--max-queue", "4096"]
     native_env = {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(common.REPO / "src")}
     return {
         "vllm plain": Proc("vllm plain", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",

@@ -21,7 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from softprompt import models  # noqa: E402
+import common  # noqa: E402
+
+from softprompt import models, recipes  # noqa: E402
 from softprompt.cli.quickstart import walkthrough_data  # noqa: E402
 from softprompt.config import DataConfig, PromptConfig, TrainConfig  # noqa: E402
 from softprompt.provenance import atomic_write, write_json  # noqa: E402
@@ -32,9 +34,7 @@ LM_GRID = [(20, "vocab", 0.1), (4, "random", 5e-3), (4, "random", 0.1), (20, "vo
 
 
 def sst2_config(train_rows: int, eval_rows: int) -> DataConfig:
-    from softprompt.data import task_data_config
-
-    cfg, _ = task_data_config("sst2")
+    cfg, _ = recipes.task_data_config("sst2", common.data_root())
     return DataConfig(**{**cfg.to_dict(), "limit": train_rows, "eval_limit": eval_rows,
                          "eval_path": str(Path(cfg.path).with_name("dev.txt"))})
 
@@ -115,7 +115,7 @@ def main() -> None:
     p.add_argument("--report-only", action="store_true", help="write the report from --rows without training")
     args = p.parse_args()
     torch.set_num_threads(2)
-    lm = None if args.report_only else models.load()
+    lm = None if args.report_only else models.load(store=common.store())
     rows_cls = (_done(args, "sst2") if args.report_only else run_cls(lm, args)) if args.only != "lm" else []
     rows_lm = (_done(args, "walkthrough-lm") if args.report_only else run_lm(lm, args)) if args.only != "cls" else []
     write(rows_cls, rows_lm, args)

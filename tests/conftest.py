@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models built in-process (no network, ever) and an isolated store.
+"""Shared fixtures: tiny models built in-process (no network, ever) and an isolated store (``store``).
 
 ``tiny_model_dir(arch)`` writes a real transformers folder (config, weights, a byte-level BPE
 tokenizer trained here on a few sentences), so the same loading code as for real models runs.
@@ -57,18 +57,6 @@ def pytest_collection_modifyitems(config, items):
 def check_device(pytestconfig) -> torch.device:
     """The device the ``cuda``-marked checks run on: ``--check-device``, else cuda."""
     return torch.device(pytestconfig.getoption("--check-device") or "cuda")
-
-
-@pytest.fixture(autouse=True)
-def _keep_data_root():
-    """``--data-root`` sets $SOFTPROMPT_DATA for the CLI's process; a test that passes it must
-    not change where later tests find the real data sets."""
-    before = os.environ.get("SOFTPROMPT_DATA")
-    yield
-    if before is None:
-        os.environ.pop("SOFTPROMPT_DATA", None)
-    else:
-        os.environ["SOFTPROMPT_DATA"] = before
 
 
 SKIP_FRAMES = ("transformers", "torch", "logging", "warnings", "functools", "contextlib", "conftest")
@@ -210,15 +198,21 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def sp_home(tmp_path, monkeypatch):
-    """An empty $SOFTPROMPT_HOME for the test (the prompt store lives inside)."""
-    home = tmp_path / "home"
-    monkeypatch.setenv("SOFTPROMPT_HOME", str(home))
-    return home
+def sp_store(tmp_path):
+    """An empty store of the test's own; its data root is where the real data sets are."""
+    from softprompt.store import Store
+
+    return Store(tmp_path / "home", shared_data_root())
 
 
 @pytest.fixture
-def tiny_lm(tiny_model_dir, sp_home):
+def sp_home(sp_store) -> Path:
+    """The root of the test's store (``sp_store.home``)."""
+    return sp_store.home
+
+
+@pytest.fixture
+def tiny_lm(tiny_model_dir, sp_store):
     from softprompt import models
 
     return models.load(str(tiny_model_dir("llama")))
@@ -296,6 +290,21 @@ def interrupt_at_epoch(monkeypatch, epoch: int):
     return lambda: monkeypatch.setattr(loop, "EPOCH_HOOKS", [h for h in loop.EPOCH_HOOKS if h is not stop])
 
 
+def with_store(store, args: list[str]) -> list[str]:
+    """``args`` of a ``softprompt`` command line with ``--home`` and ``--data-root`` of ``store``
+    (put after the subcommand, so flags the test gives later win)."""
+    n = 2 if args[:1] == ["prompts"] else 1
+    return [*args[:n], "--home", str(store.home), "--data-root", str(store.data_root), *args[n:]]
+
+
+@pytest.fixture
+def cli_main(sp_store):
+    """``softprompt.cli.main`` on the test's store (``--home``/``--data-root``, no environment)."""
+    from softprompt import cli
+
+    return lambda args: cli.main(with_store(sp_store, list(args)))
+
+
 # ---------------------------------------------------------------- threads
 
 
@@ -316,11 +325,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """An isolated $SOFTPROMPT_HOME for the whole module (one server serves many tests)."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("serve-home")
-        mp.setenv("SOFTPROMPT_HOME", str(path))
-        yield path
+    """A store of the module's own (one server serves many tests)."""
+    from softprompt.store import Store
+
+    return Store(tmp_path_factory.mktemp("serve-home"))
 
 
 @pytest.fixture(scope="module")
@@ -329,20 +337,20 @@ def lm(tiny_model_dir, home):
 
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    return save_prompts(models.load(str(tiny_model_dir("llama"))))
+    return save_prompts(models.load(str(tiny_model_dir("llama"))), home)
 
 
 @pytest.fixture(scope="module")
-def ref(lm):
+def ref(lm, home):
     """A separate engine for reference answers, one request at a time."""
     from softprompt.inference.engine import Engine
 
-    return Engine(lm)
+    return Engine(lm, store=home)
 
 
 @pytest.fixture(scope="module")
-def srv(lm):
-    with running(lm) as s:
+def srv(lm, home):
+    with running(lm, home) as s:
         yield s
 
 
@@ -357,25 +365,25 @@ def http(srv):
 @pytest.fixture(scope="module")
 def chat_lm(tiny_model_dir, home):
     """A tiny model whose tokenizer has ChatML markers and template, with two prompts stored."""
-    from softprompt import models, store
+    from softprompt import models
 
     pytest.importorskip("fastapi")
     clm = models.load(str(tiny_model_dir("llama", chat=True)))
     g = torch.Generator().manual_seed(3)
     for name in ("c0", "c1"):
-        store.save_prompt(store.prompt_path(name), torch.randn(4, clm.hidden_size, generator=g),
-                          {"base_model": {"name": clm.name, "fingerprint": clm.fingerprint}, "mode": "lm"})
+        home.save_prompt(name, torch.randn(4, clm.hidden_size, generator=g),
+                         {"base_model": {"name": clm.name, "fingerprint": clm.fingerprint}, "mode": "lm"})
     return clm
 
 
 @pytest.fixture(scope="module")
-def chat_srv(chat_lm):
-    with running(chat_lm) as s:
+def chat_srv(chat_lm, home):
+    with running(chat_lm, home) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def chat_ref(chat_lm):
+def chat_ref(chat_lm, home):
     from softprompt.inference.engine import Engine
 
-    return Engine(chat_lm)
+    return Engine(chat_lm, store=home)

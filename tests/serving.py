@@ -11,24 +11,31 @@ import threading
 import time
 
 import pytest
+import torch
 
 from softprompt import chat
 from softprompt.config import GenerateConfig
 from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest, ScoreRequest
+from softprompt.store import Store
 
 TEXTS = ["the movie was", "a wonderful film with a great story", "who wrote the book", "positive negative"]
+
 TEMPLATE = "Review: {text}\nSentiment:"
+
 VERBALIZER = {"0": "bad", "1": "good"}
+
 PROMPTS = {"p0": 3, "p1": 5, "p2": 8}  # name -> N
 
+
 @contextlib.contextmanager
-def running(lm, **kw):
-    """A real uvicorn server in a thread on a free loopback port; yields (base_url, app, server)."""
+def running(lm, store: Store | None, **kw):
+    """A real uvicorn server over ``store``'s prompts in a thread on a free loopback port; yields
+    (base_url, app, server)."""
     import uvicorn
 
     from softprompt.serve.app import ServerConfig, create_app
 
-    app = create_app(Engine(lm, EngineConfig(max_batch_rows=kw.get("max_batch_rows", 32))),
+    app = create_app(Engine(lm, EngineConfig(max_batch_rows=kw.get("max_batch_rows", 32)), store),
                      ServerConfig(**{"model_id": "tiny", **kw}))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -76,35 +83,16 @@ def metric(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
-# ---------------------------------------------------------------- OpenAI compatibility
-
-
-
-def engine_chat(eng: Engine, msgs, prompt: str | None, max_tokens: int, logprobs: int | None = None, **kw):
-    """The engine's answer to the chat template's tokens, up to the template's end-of-turn marker."""
-    tok = eng.lm.tokenizer
-    ids = chat.encode_chat(tok, msgs)
-    g = eng.generate([GenerateRequest("", prompt, GenerateConfig(max_new_tokens=max_tokens, **kw),
-                                      token_ids=tuple(ids), logprobs=logprobs)])[0]
-    stops = set(chat.stop_ids(tok))
-    cut = next((j for j, t in enumerate(g.token_ids) if t in stops), len(g.token_ids))
-    return ids, g.token_ids[:cut], (g.logprobs or [])[:cut]
-
-
-def save_prompts(lm):
+def save_prompts(lm, store: Store):
     """PROMPTS (random, at the scale of the embeddings, with a task's template and verbalizer)
-    and an "lm-only" prompt, in the store; returns ``lm``."""
-    import torch
-
-    from softprompt import store
-
+    and an "lm-only" prompt, in ``store``; returns ``lm``."""
     g = torch.Generator().manual_seed(7)
     for name, n in PROMPTS.items():
         meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "task": "toy", "mode": "target",
                 "template": TEMPLATE, "target_column": "label", "verbalizer": VERBALIZER,
                 "metrics": {"best_eval": {"accuracy": 0.5}, "final_train_loss": 1.25}}
-        store.save_prompt(store.prompt_path(name), torch.randn(n, lm.hidden_size, generator=g), meta)
-    store.save_prompt(store.prompt_path("lm-only"), torch.randn(4, lm.hidden_size, generator=g),
+        store.save_prompt(name, torch.randn(n, lm.hidden_size, generator=g), meta)
+    store.save_prompt("lm-only", torch.randn(4, lm.hidden_size, generator=g),
                       {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "mode": "lm"})
     return lm
 
@@ -153,3 +141,14 @@ def check_classification(ref, prompt: str, got: dict, texts=TEXTS, atol: float =
         if abs(w.logprobs[1] - w.logprobs[0]) > 2 * atol:  # not a tie within the tolerance
             assert d["label"] == ["0", "1"][int(w.logprobs[1] > w.logprobs[0])]
         assert sum(d["probabilities"].values()) == pytest.approx(1.0)
+
+
+def engine_chat(eng: Engine, msgs, prompt: str | None, max_tokens: int, logprobs: int | None = None, **kw):
+    """The engine's answer to the chat template's tokens, up to the template's end-of-turn marker."""
+    tok = eng.lm.tokenizer
+    ids = chat.encode_chat(tok, msgs)
+    g = eng.generate([GenerateRequest("", prompt, GenerateConfig(max_new_tokens=max_tokens, **kw),
+                                      token_ids=tuple(ids), logprobs=logprobs)])[0]
+    stops = set(chat.stop_ids(tok))
+    cut = next((j for j, t in enumerate(g.token_ids) if t in stops), len(g.token_ids))
+    return ids, g.token_ids[:cut], (g.logprobs or [])[:cut]

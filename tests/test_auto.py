@@ -14,7 +14,6 @@ import torch
 from conftest import write_toy_csv
 from test_cli import assert_user_error, run_cli
 
-from softprompt import store
 from softprompt.config import GenerateConfig, PromptConfig, TrainConfig, UserError
 from softprompt.training import auto as A
 
@@ -114,11 +113,11 @@ def test_methods_that_name_their_kind_take_auto_as_that_kind():
 # ---------------------------------------------------------------- softprompt train, end to end
 
 
-def test_no_method_flags_on_many_labelled_rows_trains_a_deep_prompt_that_serves(capsys, sp_home, tiny, tiny_lm,
-                                                                                 many_csv):
+def test_no_method_flags_on_many_labelled_rows_trains_a_deep_prompt_that_serves(capsys, cli_main, sp_store, sp_home,
+                                                                                 tiny, tiny_lm, many_csv):
     from softprompt.inference.engine import Engine, GenerateRequest
 
-    rc, out, err = run_cli(capsys, target_args(tiny, many_csv, "many", "--batch-size", "64"))  # 1 epoch: 9 steps
+    rc, out, err = run_cli(capsys, cli_main, target_args(tiny, many_csv, "many", "--batch-size", "64"))  # 1 epoch: 9 steps
     assert rc == 0, err
     want = "auto: deep prompt, init labels, lr 0.03, 20 virtual tokens, 1 epoch (task has label words; 540 training rows)"
     assert out.splitlines()[0] == want
@@ -128,10 +127,10 @@ def test_no_method_flags_on_many_labelled_rows_trains_a_deep_prompt_that_serves(
     assert meta["auto"]["chose"] == {"kind": "deep", "init": "labels", "lr": 0.03, "num_virtual_tokens": 20, "epochs": 1}
     assert meta["auto"]["why"] == "task has label words; 540 training rows" and meta["auto"]["yours"] == {}
     assert meta["auto"]["facts"]["rows"] == 540 and len(meta["epochs"]) == 1
-    sp = store.load_prompt("many")
+    sp = sp_store.load_prompt("many")
     assert sp.kind == "deep" and sp.tensor.shape[3] == 20
     # the stored prompt serves from the store, as the trained tensor does
-    eng = Engine(tiny_lm)
+    eng = Engine(tiny_lm, store=sp_store)
     req = GenerateRequest("Review: the movie was good\nSentiment:", "many", GenerateConfig(max_new_tokens=2))
     served = eng.generate([req], return_logits=True)[0]
     plain = eng.generate([GenerateRequest(req.text, None, req.config)], return_logits=True)[0]
@@ -142,21 +141,22 @@ def test_no_method_flags_on_many_labelled_rows_trains_a_deep_prompt_that_serves(
     torch.testing.assert_close(served.logits, direct.logits, rtol=0, atol=0)
 
 
-def test_few_labelled_rows_train_a_shallow_prompt(capsys, sp_home, tiny, toy_csv):
-    rc, out, err = run_cli(capsys, target_args(tiny, toy_csv, "few", "--steps", "3"))
+def test_few_labelled_rows_train_a_shallow_prompt(capsys, cli_main, sp_store, sp_home, tiny, toy_csv):
+    rc, out, err = run_cli(capsys, cli_main, target_args(tiny, toy_csv, "few", "--steps", "3"))
     assert rc == 0, err
     # 48 rows: 44 train; auto's budget (3 epochs of 6 steps < 50 steps: 50 steps) gives way to --steps
     assert out.splitlines()[0] == ("auto: shallow prompt, init random, lr 0.03, 20 virtual tokens, 3 steps "
                                    "(task has label words; 44 training rows, at most 512; yours: --steps 3)")
     meta = meta_of(sp_home, "few")
     assert meta["kind"] == "shallow" and meta["auto"]["chose"]["steps"] == 50 and meta["training"]["steps"] == 3
-    assert store.load_prompt("few").tensor.shape == (20, 64)
+    assert sp_store.load_prompt("few").tensor.shape == (20, 64)
 
 
-def test_language_modelling_trains_the_shallow_vocab_prompt_and_user_flags_win(capsys, sp_home, tiny, toy_csv):
+def test_language_modelling_trains_the_shallow_vocab_prompt_and_user_flags_win(capsys, cli_main, sp_store, sp_home, tiny,
+                                                                              toy_csv):
     args = ["train", "--model", tiny, "--data", str(toy_csv), "--text-column", "text", "--name", "lm", "--quiet",
             "--lr", "0.05", "--epochs", "1", "--num-virtual-tokens", "3"]
-    rc, out, err = run_cli(capsys, args)
+    rc, out, err = run_cli(capsys, cli_main, args)
     assert rc == 0, err
     assert out.splitlines()[0] == ("auto: shallow prompt, init vocab, lr 0.05, 3 virtual tokens, 1 epoch "
                                    "(no label words: language modelling; 44 training rows; "
@@ -165,11 +165,11 @@ def test_language_modelling_trains_the_shallow_vocab_prompt_and_user_flags_win(c
     assert meta["auto"]["chose"] == {"kind": "shallow", "init": "vocab", "lr": 0.1, "num_virtual_tokens": 20, "epochs": 5}
     assert meta["auto"]["yours"] == {"epochs": 1, "lr": 0.05, "num_virtual_tokens": 3}
     assert (meta["training"]["lr"], meta["training"]["epochs"], meta["prompt"]["num_virtual_tokens"]) == (0.05, 1, 3)
-    assert meta["prompt"]["init"] == "vocab" and store.load_prompt("lm").tensor.shape == (3, 64)
+    assert meta["prompt"]["init"] == "vocab" and sp_store.load_prompt("lm").tensor.shape == (3, 64)
 
 
-def test_an_explicit_kind_is_not_auto(capsys, sp_home, tiny, toy_csv):
-    rc, out, err = run_cli(capsys, target_args(tiny, toy_csv, "explicit", "--kind", "shallow", "--steps", "2"))
+def test_an_explicit_kind_is_not_auto(capsys, cli_main, sp_home, tiny, toy_csv):
+    rc, out, err = run_cli(capsys, cli_main, target_args(tiny, toy_csv, "explicit", "--kind", "shallow", "--steps", "2"))
     assert rc == 0, err
     assert "\nauto: " not in "\n" + out and "auto" not in meta_of(sp_home, "explicit")
     assert meta_of(sp_home, "explicit")["prompt"] == PromptConfig().to_dict()  # the library's defaults
@@ -183,7 +183,7 @@ def test_an_explicit_kind_is_not_auto(capsys, sp_home, tiny, toy_csv):
     ("continual deep", "continual trains shallow prompts only; drop --kind deep"),
     ("multitask reparam", "train-multitask trains shallow prompts only; drop --kind auto / --reparam mlp"),
 ])
-def test_bad_combinations_are_one_line(capsys, sp_home, tiny, tiny_model_dir, toy_csv, many_csv, case, match):
+def test_bad_combinations_are_one_line(capsys, cli_main, sp_home, tiny, tiny_model_dir, toy_csv, many_csv, case, match):
     args = {
         "reparam lstm, auto deep": target_args(tiny, many_csv, "x", "--reparam", "lstm"),
         "init labels, no label words": ["train", "--model", tiny, "--data", str(toy_csv), "--text-column", "text",
@@ -193,17 +193,17 @@ def test_bad_combinations_are_one_line(capsys, sp_home, tiny, tiny_model_dir, to
         "multitask reparam": ["train-multitask", "--model", tiny, "--tasks", "sst2,trec", "--kind", "auto",
                               "--reparam", "mlp"],
     }[case]
-    assert_user_error(capsys, sp_home, args, match)
+    assert_user_error(capsys, cli_main, sp_home, args, match)
 
 
-def test_resume_without_a_checkpoint_is_one_line_before_the_choice(capsys, sp_home, tiny, toy_csv):
-    assert_user_error(capsys, sp_home, target_args(tiny, toy_csv, "fresh", "--resume"), "--resume: no checkpoint")
+def test_resume_without_a_checkpoint_is_one_line_before_the_choice(capsys, cli_main, sp_home, tiny, toy_csv):
+    assert_user_error(capsys, cli_main, sp_home, target_args(tiny, toy_csv, "fresh", "--resume"), "--resume: no checkpoint")
 
 
 # ---------------------------------------------------------------- the walk-through
 
 
-def test_quickstart_first_run_keeps_the_seeds_settings_then_shows_auto(monkeypatch, tiny_lm):
+def test_quickstart_first_run_keeps_the_seeds_settings_then_shows_auto(monkeypatch, tiny_lm, sp_store):
     """The walk-through's runs (each cut to 2 steps here: the settings are what is checked)."""
     from softprompt import models
     from softprompt.cli import quickstart
@@ -219,7 +219,7 @@ def test_quickstart_first_run_keeps_the_seeds_settings_then_shows_auto(monkeypat
     monkeypatch.setattr(TR, "train", two_steps)
     monkeypatch.setattr(quickstart, "GEN", GenerateConfig(max_new_tokens=4))
     lines: list[str] = []
-    out = quickstart.run(print_fn=lines.append, recommended=True)
+    out = quickstart.run(sp_store, print_fn=lines.append, recommended=True)
     (classic, classic_t, _), (rec, rec_t, rec_given) = asked
     assert classic == PromptConfig(num_virtual_tokens=4, init="random", kind="shallow")
     assert (classic_t.lr, classic_t.epochs, classic_t.steps) == (5e-3, 5, None) and "auto" not in out["classic"].meta

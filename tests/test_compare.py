@@ -12,14 +12,12 @@ from conftest import needs_data, shared_data_root
 
 from softprompt import data as D
 from softprompt import models, recipes
-from softprompt.cli import main
 from softprompt.config import (
     COMPARE_METHODS,
     COMPARE_TRAINED,
     DataConfig,
     PromptConfig,
     UserError,
-    data_root,
 )
 from softprompt.experiments import compare, compare_plots
 from softprompt.experiments import compare_data as CD
@@ -153,7 +151,7 @@ def test_lora_and_full_counts_on_gpt2(tiny_model_dir, sp_home):
 
 
 @pytest.mark.slow
-def test_cli_compare_sizes_seeds_and_report(tiny_model_dir, sp_home, toy_csv, tmp_path):
+def test_cli_compare_sizes_seeds_and_report(tiny_model_dir, sp_home, toy_csv, tmp_path, cli_main):
     out = tmp_path / "out"
     args = [
         "compare",
@@ -180,7 +178,7 @@ def test_cli_compare_sizes_seeds_and_report(tiny_model_dir, sp_home, toy_csv, tm
         "--out",
         str(out),
     ]
-    assert main(args) == 0
+    assert cli_main(args) == 0
     doc = json.loads((out / "compare_toy.json").read_text())
     sizes = sorted({(r["method"], r["n_train"]) for r in doc["runs"]})
     assert sizes == [("prompt-tuning", 8), ("prompt-tuning", doc["data"]["pool"]), ("zero-shot", 0)]
@@ -190,7 +188,7 @@ def test_cli_compare_sizes_seeds_and_report(tiny_model_dir, sp_home, toy_csv, tm
     notes = tmp_path / "notes.md"
     notes.write_text("What we see.")
     assert (
-        main(
+        cli_main(
             [
                 "compare",
                 "--report",
@@ -216,7 +214,7 @@ def test_cli_compare_sizes_seeds_and_report(tiny_model_dir, sp_home, toy_csv, tm
         (["--train-sizes", "32,lots"], "not an integer"),
     ],
 )
-def test_cli_user_errors(tiny_model_dir, sp_home, toy_csv, tmp_path, capsys, bad, message):
+def test_cli_user_errors(tiny_model_dir, sp_home, toy_csv, tmp_path, capsys, bad, message, cli_main):
     args = [
         "compare",
         "--model",
@@ -233,7 +231,7 @@ def test_cli_user_errors(tiny_model_dir, sp_home, toy_csv, tmp_path, capsys, bad
         str(tmp_path),
         *bad,
     ]
-    assert main(args) == 2
+    assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -282,17 +280,17 @@ def test_compare_needs_a_verbalizer(tiny_lm, toy_csv):
 @needs_data("superglue-32shot")
 @pytest.mark.parametrize("task, n_labels", [("rte", 2), ("boolq", 2), ("cb", 3)])
 def test_superglue_recipes_match_their_files(tiny_lm, task, n_labels, monkeypatch):
-    monkeypatch.setenv("SOFTPROMPT_DATA", str(shared_data_root()))
-    cfg, recipe = recipes.task_data_config(task)
+    root = shared_data_root()
+    cfg, recipe = recipes.task_data_config(task, root)
     assert len(cfg.verbalizer) == n_labels
     for split in ("train", "eval", "test"):
-        rows = D.read_rows(data_root() / recipe[split]["path"])
+        rows = D.read_rows(root / recipe[split]["path"])
         assert {r["label"] for r in rows} == set(cfg.verbalizer), (
             task,
             split,
         )  # every label has a word
         assert all(f in rows[0] for f in D.template_fields(cfg.template))
-    train = recipes.load_split(tiny_lm.tokenizer, cfg, recipe["train"])
+    train = recipes.load_split(tiny_lm.tokenizer, cfg, recipe["train"], root)
     assert len(train) == 32 and all(len(e.input_ids) <= cfg.max_length for e in train)
 
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from softprompt import data as D
 from softprompt.cli import main
 from softprompt.config import CompareConfig, DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.experiments import compare as C
@@ -24,18 +25,20 @@ def toy_cfg(csv) -> DataConfig:
     return DataConfig(path=str(csv), template="{text}", target_column="label", verbalizer=VERB)
 
 
-def context(lm, csv, ccfg: CompareConfig) -> C.Context:
+def context(lm, csv, ccfg: CompareConfig, dropout: float = 0.0) -> C.Context:
     splits = CD.load_splits(lm.tokenizer, toy_cfg(csv), None, dev_sample=ccfg.dev_sample)
-    ctx = C.Context(lm, splits, ccfg, TrainConfig(batch_size=4), PromptConfig(num_virtual_tokens=4, init="labels"),
-                    lambda _: None)
+    pcfg = PromptConfig(num_virtual_tokens=4, init="labels", dropout=dropout)
+    ctx = C.Context(lm, splits, ccfg, TrainConfig(batch_size=4), pcfg, lambda _: None)
     ctx.hand_cfg = splits.cfg
     return ctx
 
 
-@pytest.mark.parametrize("method, lr", [("prompt-tuning", 0.3), ("deep-prompt", 0.03), ("lora", 3e-3)])
-def test_curve_point_equals_a_separate_run_of_that_many_steps(tiny_lm, toy_csv, method, lr):
-    ctx = context(tiny_lm, toy_csv, CompareConfig(methods=(method,), curve=(3, 8), lr_sweep={method: (lr,)}))
-    pool = ctx.splits.examples()[0]
+@pytest.mark.parametrize("method, lr, dropout", [("prompt-tuning", 0.3, 0.0), ("deep-prompt", 0.03, 0.0),
+                                                ("deep-prompt", 0.03, 0.5), ("lora", 3e-3, 0.0)])
+def test_curve_point_equals_a_separate_run_of_that_many_steps(tiny_lm, toy_csv, method, lr, dropout):
+    """With prefix dropout too: the curve's evaluations run in eval mode, as a finished run's do."""
+    ctx = context(tiny_lm, toy_csv, CompareConfig(methods=(method,), curve=(3, 8), lr_sweep={method: (lr,)}), dropout)
+    pool, dev = ctx.splits.examples()[:2]
     made, snaps = [], {}
     accuracy = ctx.accuracy
 
@@ -43,8 +46,10 @@ def test_curve_point_equals_a_separate_run_of_that_many_steps(tiny_lm, toy_csv, 
         made.append(C.make_method(c, m, seed))
         return made[-1]
 
-    def spy(score, examples, cfg):  # the state at each point, taken when it is evaluated
-        snaps.setdefault(len(snaps), {k: v.clone() for k, v in made[-1].state().items()})
+    def spy(score, examples, cfg):  # the state and dev scores at each point, taken when it is evaluated
+        with torch.no_grad():
+            snaps.setdefault(len(snaps), {**{k: v.clone() for k, v in made[-1].state().items()},
+                                          "dev scores": score(D.collate(dev[:4], ctx.pad))})
         return accuracy(score, examples, cfg)
 
     ctx.accuracy = spy
@@ -56,9 +61,10 @@ def test_curve_point_equals_a_separate_run_of_that_many_steps(tiny_lm, toy_csv, 
     for k, point in zip((3, 8), row["curve"], strict=True):
         m = C.make_method(ctx, method, 0)
         fit(m, pool, replace(ctx.tcfg, seed=0, steps=k, lr=lr), ctx.pad, None, progress=False, horizon=8)
-        state = m.state()
-        assert all(torch.equal(state[n], at[k][n]) for n in state)  # bit for bit
-        dev, test = ctx.splits.examples()[1:]
+        with torch.no_grad():
+            state = {**m.state(), "dev scores": m.score(D.collate(dev[:4], ctx.pad))}
+        assert all(torch.equal(state[n], at[k][n]) for n in state)  # bit for bit, scores in eval mode too
+        test = ctx.splits.examples()[2]
         assert point["dev_accuracy"] == ctx.accuracy(m.score, dev, ctx.splits.cfg)["accuracy"]
         assert point["test_accuracy"] == ctx.accuracy(m.score, test, ctx.splits.cfg)["accuracy"]
     # the schedule's horizon matters: a 3-step run planned for 3 steps (lr decayed) ends elsewhere

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from softprompt.cli import main
 from softprompt.config import PromptConfig, TrainConfig, UserError
 from softprompt.experiments import continual
 from softprompt.training import multitask as MT
@@ -19,11 +18,11 @@ def _tasks(toy_tasks):
 
 
 @pytest.mark.slow
-def test_prompt_methods_forget_nothing_bit_for_bit(tiny_lm, toy_tasks):
+def test_prompt_methods_forget_nothing_bit_for_bit(tiny_lm, toy_tasks, sp_store):
     before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     ccfg = continual.ContinualConfig(tasks=_tasks(toy_tasks), methods=("prompt", "progressive", "full"), per_task=16,
                              test_per_task=8, stage_steps=3, lr_full=1e-3)
-    doc = continual.run(tiny_lm, ccfg, PromptConfig(num_virtual_tokens=2), TrainConfig(lr=0.3))
+    doc = continual.run(tiny_lm, ccfg, PromptConfig(num_virtual_tokens=2), TrainConfig(lr=0.3), root=sp_store.data_root)
     by = {r["method"]: r for r in doc["results"]}
     for kind in ("prompt", "progressive"):
         r = by[kind]
@@ -39,7 +38,7 @@ def test_prompt_methods_forget_nothing_bit_for_bit(tiny_lm, toy_tasks):
         assert torch.equal(v, before[k]), k
 
 
-def test_the_bit_identity_check_can_fail(tiny_lm, toy_tasks, monkeypatch):
+def test_the_bit_identity_check_can_fail(tiny_lm, toy_tasks, monkeypatch, sp_store):
     """If stage i+1 disturbed task i's prompt, the run must say so."""
     real = continual._Learner.learn
 
@@ -51,13 +50,13 @@ def test_the_bit_identity_check_can_fail(tiny_lm, toy_tasks, monkeypatch):
 
     monkeypatch.setattr(continual._Learner, "learn", learn_and_disturb)
     ccfg = continual.ContinualConfig(tasks=_tasks(toy_tasks)[:2], methods=("prompt",), per_task=8, test_per_task=8, stage_steps=1)
-    r = continual.run(tiny_lm, ccfg, PromptConfig(num_virtual_tokens=2), TrainConfig())["results"][0]
+    r = continual.run(tiny_lm, ccfg, PromptConfig(num_virtual_tokens=2), TrainConfig(), root=sp_store.data_root)["results"][0]
     assert not r["bit_identical"] and r["max_abs_score_change"] > 0
 
 
-def test_progressive_serves_task_j_with_all_prompts_up_to_j(tiny_lm, toy_tasks):
+def test_progressive_serves_task_j_with_all_prompts_up_to_j(tiny_lm, toy_tasks, sp_store):
     ccfg = continual.ContinualConfig(tasks=_tasks(toy_tasks), methods=("progressive",), per_task=8, test_per_task=8, stage_steps=1)
-    tasks = [continual._Task(MT.load_task(tiny_lm.tokenizer, t, 8, 8, 0), []) for t in ccfg.tasks]
+    tasks = [continual._Task(MT.load_task(tiny_lm.tokenizer, t, 8, 8, 0, root=sp_store.data_root), []) for t in ccfg.tasks]
     learner = continual._Learner("progressive", tiny_lm, PromptConfig(num_virtual_tokens=2), TrainConfig(), ccfg)
     for i, t in enumerate(tasks):
         learner.learn(i, t)
@@ -78,11 +77,11 @@ def test_worst_drop_sees_a_fall_that_the_last_stage_hides():
     assert continual.worst_drop([[0.9]]) is None and continual.forgetting([[0.9]]) is None
 
 
-def test_continual_command_writes_json_markdown_png(tiny_model_dir, sp_home, toy_tasks, tmp_path):
+def test_continual_command_writes_json_markdown_png(tiny_model_dir, sp_home, toy_tasks, tmp_path, cli_main):
     out = tmp_path / "cl"
     args = ["continual", "--model", str(tiny_model_dir("llama")), "--tasks", ",".join(_tasks(toy_tasks)[:2]),
             "--per-task", "8", "--test-per-task", "8", "--stage-steps", "1", "--out", str(out), "--tag", "toy", "--quiet"]
-    assert main(args) == 0
+    assert cli_main(args) == 0
     doc = json.loads((out / "continual_toy.json").read_text())
     assert [r["method"] for r in doc["results"]] == ["prompt", "full"]
     assert "--stage-steps 1" in doc["command"]
@@ -91,11 +90,11 @@ def test_continual_command_writes_json_markdown_png(tiny_model_dir, sp_home, toy
     assert (out / "continual_toy.png").stat().st_size > 1000
     with pytest.raises(UserError, match="unknown"):
         continual.ContinualConfig(tasks=("a", "b"), methods=("lora",))
-    assert main(["continual", "--tasks", "sst2"]) == 2
-    assert main(["continual"]) == 2  # neither --tasks nor --report
+    assert cli_main(["continual", "--tasks", "sst2"]) == 2
+    assert cli_main(["continual"]) == 2  # neither --tasks nor --report
 
 
-def test_continual_report_renders_again_without_running(tmp_path):
+def test_continual_report_renders_again_without_running(tmp_path, cli_main):
     doc = {"tasks": ["a", "b"], "n_train": [8, 8], "n_test": [4, 4], "command": "softprompt continual --tasks a,b",
            "config": {"steps": 1, "lr_full": 1e-3}, "prompt_config": {"num_virtual_tokens": 2, "init": "vocab"},
            "train_config": {"lr": 0.1, "seed": 0}, "model": {"name": "toy"}, "git": {"revision": "abc"},
@@ -105,8 +104,8 @@ def test_continual_report_renders_again_without_running(tmp_path):
                         "trainable_parameters": 100}]}
     f = tmp_path / "continual_x.json"
     f.write_text(json.dumps(doc))
-    assert main(["continual", "--report", str(f)]) == 0
+    assert cli_main(["continual", "--report", str(f)]) == 0
     md = (tmp_path / "continual_x.md").read_text()
     assert "| full | 100 | 50.0 | 75.0 points | 75.0 points | no (max change 2) |" in md
     (tmp_path / "bad.json").write_text("{}")
-    assert main(["continual", "--report", str(tmp_path / "bad.json")]) == 2
+    assert cli_main(["continual", "--report", str(tmp_path / "bad.json")]) == 2

@@ -161,12 +161,12 @@ def test_engine_decode_equals_model_generate(tiny_model_dir, sp_home, check_devi
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_server_answers_a_mixed_burst(tiny_model_dir, sp_home, check_device, dtype):
+def test_server_answers_a_mixed_burst(tiny_model_dir, sp_store, check_device, dtype):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    lm = save_prompts(load(tiny_model_dir, check_device, dtype, sharp=False))
-    ref, classify = Engine(lm), ("p0", "p2")
-    with running(lm) as srv:
+    lm = save_prompts(load(tiny_model_dir, check_device, dtype, sharp=False), sp_store)
+    ref, classify = Engine(lm, store=sp_store), ("p0", "p2")
+    with running(lm, sp_store) as srv:
         answers = send_burst(srv, BURST, classify)  # every answer a 200, the decode steps batched
     for (text, prompt, m), a in zip(BURST, answers, strict=False):
         body = a.json()

@@ -258,17 +258,16 @@ def test_unknown_task_lists_known_tasks():
 
 @needs_data("sst2")
 def test_sst2_recipe_resolves(tok, monkeypatch):
-    monkeypatch.setenv("SOFTPROMPT_DATA", str(SHARED_DATA))
-    cfg, recipe = recipes.task_data_config("sst2")
+    cfg, recipe = recipes.task_data_config("sst2", SHARED_DATA)
     assert Path(cfg.path).is_file() and Path(cfg.path).is_relative_to(SHARED_DATA)
     assert cfg.mode == "target" and cfg.verbalizer == {"0": "negative", "1": "positive"}
-    train = recipes.load_split(tok, cfg, recipe["train"], limit=20)
-    ev = recipes.load_split(tok, cfg, recipe["eval"], limit=10)
+    train = recipes.load_split(tok, cfg, recipe["train"], SHARED_DATA, limit=20)
+    ev = recipes.load_split(tok, cfg, recipe["eval"], SHARED_DATA, limit=10)
     assert len(train) == 20 and len(ev) == 10
     assert {e.label for e in train} <= {"0", "1"} and len({e.label for e in train}) == 2
     for e in train:
         assert e.source_text.startswith("Review: ") and e.source_text.endswith("\nSentiment:")
         assert e.labels[e.source_len :] in (encode(tok, " negative"), encode(tok, " positive"))
     # a user option overrides the recipe
-    cfg2, _ = recipes.task_data_config("sst2", limit=5, max_length=64)
+    cfg2, _ = recipes.task_data_config("sst2", SHARED_DATA, limit=5, max_length=64)
     assert cfg2.limit == 5 and cfg2.max_length == 64

@@ -13,8 +13,8 @@ import json
 import pytest
 import torch
 
-from softprompt import cli, models, store
 from softprompt import forward as FW
+from softprompt import models, store
 from softprompt.config import GenerateConfig, UserError
 from softprompt.forward import deep
 from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest, ScoreRequest
@@ -102,7 +102,7 @@ def test_saved_deep_prompt_loads_in_peft_with_our_logits(lm, tmp_path):
     torch.testing.assert_close(ours[sel], theirs[sel], atol=1e-5, rtol=0)
 
 
-def test_peft_trained_prefix_imports_and_gives_peft_logits(lm, tmp_path, capsys):
+def test_peft_trained_prefix_imports_and_gives_peft_logits(lm, tmp_path, capsys, cli_main, sp_store):
     pytest.importorskip("peft")
     pm = peft_prefix_model(lm, 4, projection=True)  # PEFT stores the projected prefix
     opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
@@ -112,13 +112,13 @@ def test_peft_trained_prefix_imports_and_gives_peft_logits(lm, tmp_path, capsys)
         pm(**b).loss.backward()
         opt.step()
     pm.save_pretrained(str(tmp_path / "peft-prefix"))
-    code = cli.main(["prompts", "import", str(tmp_path / "peft-prefix"), "--name", "imp", "--model", str(lm.path)])
+    code = cli_main(["prompts", "import", str(tmp_path / "peft-prefix"), "--name", "imp", "--model", str(lm.path)])
     assert code == 0 and "deep" in capsys.readouterr().out
-    sp = store.load_prompt("imp")
+    sp = sp_store.load_prompt("imp")
     assert sp.kind == "deep" and sp.meta["reparam"] == "mlp" and sp.meta["base_model"]["fingerprint"] == lm.fingerprint
     with torch.no_grad():
         theirs = pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    eng = Engine(lm)
+    eng = Engine(lm, store=sp_store)
     sel = b["attention_mask"].bool()
     for i, text in enumerate(TEXTS[:3]):
         g = eng.generate([GenerateRequest(text, "imp", GenerateConfig(max_new_tokens=1))], return_logits=True)[0]
@@ -190,29 +190,29 @@ def test_deep_inits(tiny_lm):
     assert torch.equal(longer[:, :, :, :4], text) and longer.shape[3] == 6
 
 
-def test_t5_and_bad_shapes_are_refused_in_one_line(tiny_model_dir, sp_home, tiny_lm):
+def test_t5_and_bad_shapes_are_refused_in_one_line(tiny_model_dir, sp_home, tiny_lm, sp_store):
     t5 = models.load(str(tiny_model_dir("t5")))
     with pytest.raises(UserError, match="decoder-only"):
         make_deep_prompt(t5.model, t5.tokenizer, 4, "random")
     assert t5.kv_shape is None
     kv = make_deep_prompt(tiny_lm.model, tiny_lm.tokenizer, 4, "random")
     with pytest.raises(UserError, match="no decoder-only key/value cache"):
-        Engine(t5).add_prompt("d", kv)
+        Engine(t5, store=sp_store).add_prompt("d", kv)
     with pytest.raises(UserError, match="another model"):
-        Engine(tiny_lm).add_prompt("d", kv[:, :, :1])  # one kv head instead of two
+        Engine(tiny_lm, store=sp_store).add_prompt("d", kv[:, :, :1])  # one kv head instead of two
     with pytest.raises(UserError, match="deep prompt has no token"):
-        eng = Engine(tiny_lm)
+        eng = Engine(tiny_lm, store=sp_store)
         eng.add_prompt("d", kv)
         eng.generate([GenerateRequest("", "d")])
     with pytest.raises(UserError, match="encoder-decoder"):
         FW.prompt_loss(t5.model, kv, batch(tiny_lm))
 
 
-def test_deep_prompt_for_another_model_is_refused_on_import(tiny_model_dir, sp_home, tmp_path, capsys):
+def test_deep_prompt_for_another_model_is_refused_on_import(tiny_model_dir, sp_home, tmp_path, capsys, cli_main, sp_store):
     llama, gpt2 = (models.load(str(tiny_model_dir(a))) for a in ("llama", "gpt2"))
     path = store.save_prompt(tmp_path / "for-gpt2", make_deep_prompt(gpt2.model, gpt2.tokenizer, 4, "random"), {})
     capsys.readouterr()
-    code = cli.main(["prompts", "import", str(path), "--name", "x", "--model", str(llama.path)])
+    code = cli_main(["prompts", "import", str(path), "--name", "x", "--model", str(llama.path)])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "another model" in err
-    assert store.list_prompts() == []
+    assert sp_store.list_prompts() == []

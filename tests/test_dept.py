@@ -61,18 +61,18 @@ def test_fast_path_equals_naive_reference_in_loss_and_gradient(tiny_lm, toy_csv)
     assert abs(float(m0.loss(batch)) - float(losses[1])) > 1e-4  # the offset acts on the loss
 
 
-def test_training_moves_prompt_and_offset_only_and_saves_both(tiny_lm, toy_csv, tmp_path):
+def test_training_moves_prompt_and_offset_only_and_saves_both(tiny_lm, toy_csv, tmp_path, sp_store):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     before = {k: v.detach().clone() for k, v in tiny_lm.model.state_dict().items()}
     pcfg = PromptConfig(num_virtual_tokens=4, offset_rank=2, offset_length=16)
     tcfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, group_lr={"offset": 0.01})
-    res = TR.train(tiny_lm, target_cfg(toy_csv, limit=24), pcfg, tcfg, name="dept")
+    res = TR.train(tiny_lm, target_cfg(toy_csv, limit=24), pcfg, tcfg, name="dept", store=sp_store)
     for k, v in tiny_lm.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in tiny_lm.model.parameters())
-    sp = store.load_prompt("dept")
+    sp = sp_store.load_prompt("dept")
     a, b = sp.offset
     assert a.shape == (16, 2) and b.shape == (2, tiny_lm.hidden_size) and b.abs().sum() > 0  # B left zero
     assert torch.equal(sp.embeddings, res.prompt) and (sp.path / OFFSET_FILE).is_file()
@@ -81,24 +81,24 @@ def test_training_moves_prompt_and_offset_only_and_saves_both(tiny_lm, toy_csv, 
     assert torch.equal(peft_model.get_prompt_embedding_to_save("default").float(), res.prompt)  # PEFT loads the prompt part
 
 
-def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch):
+def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch, sp_store):
     cfg = target_cfg(toy_csv, limit=24)
     pcfg = PromptConfig(num_virtual_tokens=4, offset_rank=2, offset_length=16, dropout=0.1)
     tcfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, patience=None, group_lr={"offset": 0.01}, schedule="cosine")
-    uninterrupted_and_resumed(tiny_lm, cfg, pcfg, tcfg, monkeypatch)
-    for x, y in zip(store.load_prompt("part").offset, store.load_prompt("full").offset, strict=True):
+    uninterrupted_and_resumed(sp_store, tiny_lm, cfg, pcfg, tcfg, monkeypatch)
+    for x, y in zip(sp_store.load_prompt("part").offset, sp_store.load_prompt("full").offset, strict=True):
         assert torch.equal(x, y)
 
 
 # ---------------------------------------------------------------- serving
 
 
-def save_dept(lm, name: str, n: int, length: int, rank: int, seed: int, offset: bool = True):
+def save_dept(sp_store, lm, name: str, n: int, length: int, rank: int, seed: int, offset: bool = True):
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randn(n, lm.hidden_size, generator=g)
     off = (torch.randn(length, rank, generator=g), torch.randn(rank, lm.hidden_size, generator=g) * 0.5)
     meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}}
-    store.save_prompt(store.prompt_path(name), prompt, meta, offset=off if offset else None)
+    sp_store.save_prompt(name, prompt, meta, offset=off if offset else None)
     return prompt, (off[0] @ off[1] if offset else None)
 
 
@@ -115,12 +115,12 @@ def reference_greedy(lm, prompt, offset, ids: list[int], steps: int) -> tuple[li
     return toks[len(ids):], logits
 
 
-def test_save_load_gives_the_reference_logits_in_prefill_and_decode(tiny_lm):
-    prompt, offset = save_dept(tiny_lm, "d1", n=3, length=6, rank=2, seed=1)  # generation runs past T_max = 6
+def test_save_load_gives_the_reference_logits_in_prefill_and_decode(tiny_lm, sp_store):
+    prompt, offset = save_dept(sp_store, tiny_lm, "d1", n=3, length=6, rank=2, seed=1)  # generation runs past T_max = 6
     ids = tiny_lm.tokenizer.encode(TEXTS[0])
     want_ids, want_logits = reference_greedy(tiny_lm, prompt, offset, ids, 6)
     for cached in (True, False):
-        eng = Engine(tiny_lm, EngineConfig(use_prefix_cache=cached))
+        eng = Engine(tiny_lm, EngineConfig(use_prefix_cache=cached), sp_store)
         g = eng.generate([GenerateRequest(TEXTS[0], "d1", GenerateConfig(max_new_tokens=6))], return_logits=True)[0]
         assert g.token_ids == want_ids
         assert torch.allclose(g.logits, torch.stack(want_logits), atol=1e-4, rtol=1e-4)
@@ -128,14 +128,14 @@ def test_save_load_gives_the_reference_logits_in_prefill_and_decode(tiny_lm):
     assert plain_ids != want_ids  # the offset changes the answer
 
 
-def test_mixed_batch_equals_single_runs(tiny_lm):
-    save_dept(tiny_lm, "d1", n=3, length=6, rank=2, seed=1)
-    save_dept(tiny_lm, "d2", n=5, length=40, rank=3, seed=2)
-    save_dept(tiny_lm, "d1-plain", n=3, length=6, rank=2, seed=1, offset=False)  # d1's prompt, no offset
+def test_mixed_batch_equals_single_runs(tiny_lm, sp_store):
+    save_dept(sp_store, tiny_lm, "d1", n=3, length=6, rank=2, seed=1)
+    save_dept(sp_store, tiny_lm, "d2", n=5, length=40, rank=3, seed=2)
+    save_dept(sp_store, tiny_lm, "d1-plain", n=3, length=6, rank=2, seed=1, offset=False)  # d1's prompt, no offset
     deep = torch.randn(*tiny_lm.kv_shape[:1], 2, tiny_lm.kv_shape[1], 4, tiny_lm.kv_shape[2],
                        generator=torch.Generator().manual_seed(3))
-    store.save_prompt(store.prompt_path("deep"), deep, {"base_model": {"fingerprint": tiny_lm.fingerprint}})
-    eng = Engine(tiny_lm)
+    sp_store.save_prompt("deep", deep, {"base_model": {"fingerprint": tiny_lm.fingerprint}})
+    eng = Engine(tiny_lm, store=sp_store)
     names = ["d1", "d2", "d1-plain", "deep", None, "d1"]
     reqs = [GenerateRequest(TEXTS[i % 4], p, GenerateConfig(max_new_tokens=5 + i)) for i, p in enumerate(names)]
     single = [eng.generate([r], return_logits=True)[0] for r in reqs]
@@ -150,14 +150,14 @@ def test_mixed_batch_equals_single_runs(tiny_lm):
         assert m.logprobs == pytest.approx(a, abs=1e-5)
 
 
-def server_burst(lm, gens: list[tuple[str, str | None, int]]) -> list[str]:
+def server_burst(sp_store, lm, gens: list[tuple[str, str | None, int]]) -> list[str]:
     """Greedy completions of (text, prompt, max_tokens) sent at once to a paused server, so they
     meet in one batch; each answer is checked against the engine's single run and returned."""
     import httpx
 
-    ref = Engine(lm)
+    ref = Engine(lm, store=sp_store)
     want = [ref.generate([GenerateRequest(t, p, GenerateConfig(max_new_tokens=m))])[0].text for t, p, m in gens]
-    with running(lm) as (base, app, _):
+    with running(lm, sp_store) as (base, app, _):
         async def burst():
             async with httpx.AsyncClient(base_url=base, timeout=60) as c:
                 return await asyncio.gather(*[c.post("/v1/completions", json={
@@ -173,17 +173,17 @@ def server_burst(lm, gens: list[tuple[str, str | None, int]]) -> list[str]:
     return want
 
 
-def test_server_mixed_burst_equals_single_runs(tiny_lm):
-    save_dept(tiny_lm, "d1", n=3, length=6, rank=2, seed=1)
-    save_dept(tiny_lm, "d2", n=5, length=40, rank=3, seed=2)
-    want = server_burst(tiny_lm, [(TEXTS[i % 4], ["d1", "d2", None][i % 3], 4 + i) for i in range(6)])
-    assert want[0] != Engine(tiny_lm).generate([GenerateRequest(TEXTS[0], "d2", GenerateConfig(max_new_tokens=4))])[0].text
+def test_server_mixed_burst_equals_single_runs(tiny_lm, sp_store):
+    save_dept(sp_store, tiny_lm, "d1", n=3, length=6, rank=2, seed=1)
+    save_dept(sp_store, tiny_lm, "d2", n=5, length=40, rank=3, seed=2)
+    want = server_burst(sp_store, tiny_lm, [(TEXTS[i % 4], ["d1", "d2", None][i % 3], 4 + i) for i in range(6)])
+    assert want[0] != Engine(tiny_lm, store=sp_store).generate([GenerateRequest(TEXTS[0], "d2", GenerateConfig(max_new_tokens=4))])[0].text
 
 
 # ---------------------------------------------------------------- validation
 
 
-def test_offset_uploads_of_the_wrong_shape_get_422_naming_the_field(http, tiny_lm, tmp_path):  # noqa: F811
+def test_offset_uploads_of_the_wrong_shape_get_422_naming_the_field(http, tiny_lm, tmp_path, sp_store):  # noqa: F811
     H = tiny_lm.hidden_size
     cases = {
         f"{OFFSET_FILE}:offset_b": {"offset_a": torch.ones(8, 2), "offset_b": torch.ones(2, H + 1)},
@@ -200,7 +200,7 @@ def test_offset_uploads_of_the_wrong_shape_get_422_naming_the_field(http, tiny_l
     d = prompt_dir(tiny_lm, tmp_path / "ok")
     save_file({"offset_a": torch.ones(8, 2), "offset_b": torch.ones(2, H)}, str(d / OFFSET_FILE))
     assert http.put("/v1/prompts/good", content=zipped(d)).status_code == 201
-    assert store.load_prompt("good").offset[0].shape == (8, 2) and "bad" not in store.list_prompts()
+    assert sp_store.load_prompt("good").offset[0].shape == (8, 2) and "bad" not in sp_store.list_prompts()
 
 
 def test_an_offset_beside_a_deep_prompt_is_refused_naming_the_file(tiny_lm, tmp_path):

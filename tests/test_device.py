@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import cli, models
+from softprompt import models
 from softprompt.config import DataConfig, GenerateConfig, PromptConfig, TrainConfig
 from softprompt.inference.engine import Engine, GenerateRequest, ScoreRequest
 from softprompt.training import tune as TR
@@ -24,16 +24,16 @@ def bf16(tiny_model_dir, sp_home):
     return models.load(str(tiny_model_dir("llama")), "bfloat16")
 
 
-def test_bfloat16_model_keeps_a_float32_prompt(bf16, tiny_lm, toy_csv):
+def test_bfloat16_model_keeps_a_float32_prompt(bf16, tiny_lm, toy_csv, sp_store):
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
     assert bf16.fingerprint == tiny_lm.fingerprint  # fingerprinted before the cast
     before = {k: v.clone() for k, v in bf16.model.state_dict().items()}
     cfg = DataConfig(path=str(toy_csv), template="{text}", target_column="label", verbalizer=VERB, limit=24)
     tcfg = TrainConfig(epochs=2, batch_size=8, lr=0.3, patience=None)
-    res = TR.train(bf16, cfg, PromptConfig(num_virtual_tokens=4), tcfg, name="bf16")
-    ref = TR.train(tiny_lm, cfg, PromptConfig(num_virtual_tokens=4), tcfg, save=False)
+    res = TR.train(bf16, cfg, PromptConfig(num_virtual_tokens=4), tcfg, name="bf16", store=sp_store)
+    ref = TR.train(tiny_lm, cfg, PromptConfig(num_virtual_tokens=4), tcfg, save=False, store=sp_store)
     assert res.prompt.dtype == torch.float32 and res.path is not None
-    init = TR.initial_prompt(bf16, PromptConfig(num_virtual_tokens=4), cfg, 0)
+    init = TR.initial_prompt(bf16, PromptConfig(num_virtual_tokens=4), cfg, 0, store=sp_store)
     assert (res.prompt - init).abs().max() > 1e-3  # updates smaller than bfloat16's step still count
     for k, v in bf16.model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -42,8 +42,8 @@ def test_bfloat16_model_keeps_a_float32_prompt(bf16, tiny_lm, toy_csv):
         assert a["loss"] == pytest.approx(b["loss"], rel=3e-2)
 
 
-def test_engine_in_bfloat16(bf16, tiny_lm):
-    eng, ref = Engine(bf16), Engine(tiny_lm)
+def test_engine_in_bfloat16(bf16, tiny_lm, sp_store):
+    eng, ref = Engine(bf16, store=sp_store), Engine(tiny_lm, store=sp_store)
     text = "the movie was"
     cfg = GenerateConfig(max_new_tokens=8)
     ids = torch.tensor([eng.encode(text)])
@@ -61,17 +61,17 @@ def test_engine_in_bfloat16(bf16, tiny_lm):
     assert mixed[1].token_ids == got and len(mixed[0].token_ids) > 0
 
 
-def test_a_missing_gpu_is_a_user_error(capsys, tiny_model_dir, sp_home):
+def test_a_missing_gpu_is_a_user_error(capsys, tiny_model_dir, sp_home, cli_main):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    rc = cli.main(["generate", "--model", str(tiny_model_dir("llama")), "--device", "cuda", "hello"])
+    rc = cli_main(["generate", "--model", str(tiny_model_dir("llama")), "--device", "cuda", "hello"])
     err = capsys.readouterr().err
     assert rc == 2 and "no CUDA GPU" in err and len(err.strip().splitlines()) == 1
-    rc = cli.main(["generate", "--model", str(tiny_model_dir("llama")), "--device", "tpu", "hello"])
+    rc = cli_main(["generate", "--model", str(tiny_model_dir("llama")), "--device", "tpu", "hello"])
     assert rc == 2
 
 
-def test_cli_generate_in_bfloat16(capsys, tiny_model_dir, sp_home):
-    rc = cli.main(["generate", "--model", str(tiny_model_dir("llama")), "--dtype", "bfloat16",
+def test_cli_generate_in_bfloat16(capsys, tiny_model_dir, sp_home, cli_main):
+    rc = cli_main(["generate", "--model", str(tiny_model_dir("llama")), "--dtype", "bfloat16",
                    "--max-new-tokens", "4", "the movie was"])
     assert rc == 0 and capsys.readouterr().out.strip() != ""

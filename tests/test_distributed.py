@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from softprompt import store
+from softprompt.store import Store
 
 pytestmark = pytest.mark.slow  # torchrun and accelerate launch: several processes
 
@@ -53,16 +54,8 @@ def torchrun(nproc: int) -> list[str]:
 
 
 def stored(home) -> tuple[torch.Tensor, dict]:
-    old = os.environ.get("SOFTPROMPT_HOME")
-    os.environ["SOFTPROMPT_HOME"] = str(home)
-    try:
-        sp = store.load_prompt("toy")
-        return sp.embeddings, sp.meta
-    finally:
-        if old is None:
-            del os.environ["SOFTPROMPT_HOME"]
-        else:
-            os.environ["SOFTPROMPT_HOME"] = old
+    sp = Store(home).load_prompt("toy")
+    return sp.embeddings, sp.meta
 
 
 @pytest.fixture(scope="module")

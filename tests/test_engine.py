@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import forward, models, store
+from softprompt import forward, models
 from softprompt.config import GenerateConfig, UserError
 from softprompt.inference import bank, engine
 from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest, ScoreRequest
@@ -71,8 +71,8 @@ def test_cached_prefix_equals_uncached(lm):
     assert cached.stats()["prefix_cache"]["entries"] == 3 and naive.stats()["prefix_cache"]["entries"] == 0
 
 
-def test_left_padded_plain_batch_equals_unpadded_runs_and_hf_generate(lm):
-    eng = Engine(lm)
+def test_left_padded_plain_batch_equals_unpadded_runs_and_hf_generate(lm, sp_store):
+    eng = Engine(lm, store=sp_store)
     n = 6
     reqs = [GenerateRequest(t, None, GenerateConfig(max_new_tokens=n)) for t in TEXTS]
     batch = eng.generate(reqs, return_logits=True)
@@ -140,17 +140,17 @@ def test_prefix_cache_is_bounded_in_bytes_and_reused(tiny_lm):
     assert st["hits"] == 1 and st["misses"] == 3
 
 
-def test_bank_loads_lazily_keeps_an_lru_bound_and_sees_changes(tiny_lm):
+def test_bank_loads_lazily_keeps_an_lru_bound_and_sees_changes(tiny_lm, sp_store):
     g = torch.Generator().manual_seed(0)
     for k in range(3):
-        store.save_prompt(store.prompt_path(f"s{k}"), torch.randn(4, tiny_lm.hidden_size, generator=g),
+        sp_store.save_prompt((f"s{k}"), torch.randn(4, tiny_lm.hidden_size, generator=g),
                           {"base_model": {"fingerprint": tiny_lm.fingerprint}})
-    eng = Engine(tiny_lm, EngineConfig(max_resident_prompts=2))
+    eng = Engine(tiny_lm, EngineConfig(max_resident_prompts=2), store=sp_store)
     assert eng.bank.resident() == []
     cfg = GenerateConfig(max_new_tokens=2)
     before = eng.generate([GenerateRequest(TEXTS[0], f"s{k}", cfg) for k in range(3)], return_logits=True)
     assert len(eng.bank.resident()) == 2
-    store.save_prompt(store.prompt_path("s0"), torch.randn(6, tiny_lm.hidden_size, generator=g), {})
+    sp_store.save_prompt(("s0"), torch.randn(6, tiny_lm.hidden_size, generator=g), {})
     after = eng.generate([GenerateRequest(TEXTS[0], "s0", cfg)], return_logits=True)[0]
     assert after.virtual_tokens == 6 and not torch.allclose(after.logits[0], before[0].logits[0])
 

@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 
-from softprompt import cli, forward, metrics, store
 from softprompt import data as D
 from softprompt import evaluate as EV
+from softprompt import forward, metrics
 from softprompt.config import DataConfig, EvalConfig
 from softprompt.inference.engine import Engine
 
@@ -24,8 +24,8 @@ TEMPLATE = "Review: {text}\nSentiment:"
 VERB = {"0": "bad", "1": "good"}
 
 
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
+def run_cli(capsys, main, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -34,10 +34,10 @@ def last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def add_prompts(lm, names=("a", "b", "c"), **meta) -> None:
+def add_prompts(st, lm, names=("a", "b", "c"), **meta) -> None:
     g = torch.Generator().manual_seed(5)
     for k, name in enumerate(names):
-        store.save_prompt(store.prompt_path(name), torch.randn(3 + k, lm.hidden_size, generator=g),
+        st.save_prompt((name), torch.randn(3 + k, lm.hidden_size, generator=g),
                           {"base_model": {"fingerprint": lm.fingerprint}, **meta})
 
 
@@ -46,23 +46,23 @@ def examples(lm, toy_csv, limit=12):
     return D.load_file(lm.tokenizer, cfg, str(toy_csv), limit)
 
 
-def test_eval_cli_plain_and_prompt_with_stored_template(tiny_lm, toy_csv, capsys):
+def test_eval_cli_plain_and_prompt_with_stored_template(tiny_lm, toy_csv, capsys, cli_main, sp_store):
     base = ["eval", "--model", str(tiny_lm.path), "--data", str(toy_csv), "--limit", "10"]
-    code, out, _ = run_cli(capsys, *base, "--template", TEMPLATE, "--target-column", "label", "--verbalizer", "0=bad,1=good")
+    code, out, _ = run_cli(capsys, cli_main, *base, "--template", TEMPLATE, "--target-column", "label", "--verbalizer", "0=bad,1=good")
     res = last_json(out)
     assert code == 0 and res["n"] == 10 and res["prompts"] == ["plain"]
     assert sum(map(sum, res["confusion"])) == 10
     hits = sum(row[i] for i, row in enumerate(res["confusion"]))  # the confusion's diagonal
     assert res["accuracy"] == pytest.approx(hits / 10)
-    add_prompts(tiny_lm, ("a",), template=TEMPLATE, target_column="label", verbalizer=VERB)
-    code, out, _ = run_cli(capsys, *base, "--prompt", "a")  # template etc. from softprompt.json
+    add_prompts(sp_store, tiny_lm, ("a",), template=TEMPLATE, target_column="label", verbalizer=VERB)
+    code, out, _ = run_cli(capsys, cli_main, *base, "--prompt", "a")  # template etc. from softprompt.json
     res = last_json(out)
     assert code == 0 and res["template"] == TEMPLATE and res["prompts"] == ["a"] and res["labels"] == ["0", "1"]
 
 
-def test_engine_classification_agrees_with_training_scorer(tiny_lm, toy_csv):
-    add_prompts(tiny_lm, ("a",))
-    eng = Engine(tiny_lm)
+def test_engine_classification_agrees_with_training_scorer(tiny_lm, toy_csv, sp_store):
+    add_prompts(sp_store, tiny_lm, ("a",))
+    eng = Engine(tiny_lm, store=sp_store)
     exs = examples(tiny_lm, toy_csv)
     for name in ("a", None):
         scores = EV.engine_label_scores(eng, exs, list(VERB.values()), [name])[0]
@@ -76,16 +76,16 @@ def test_engine_classification_agrees_with_training_scorer(tiny_lm, toy_csv):
     torch.testing.assert_close(norm, raw / torch.tensor(n_tok, dtype=raw.dtype))
 
 
-def test_ensemble_is_the_mean_of_single_prompt_probabilities(tiny_lm, toy_csv, capsys):
-    add_prompts(tiny_lm)
-    eng = Engine(tiny_lm)
+def test_ensemble_is_the_mean_of_single_prompt_probabilities(tiny_lm, toy_csv, capsys, cli_main, sp_store):
+    add_prompts(sp_store, tiny_lm)
+    eng = Engine(tiny_lm, store=sp_store)
     exs = examples(tiny_lm, toy_csv)
     words = list(VERB.values())
     joint = EV.ensemble_probs(EV.engine_label_scores(eng, exs, words, ["a", "b", "c"]))  # one mixed batch
     singles = [EV.ensemble_probs(EV.engine_label_scores(eng, exs, words, [p]))[0] for p in ("a", "b", "c")]
     assert (singles[0] - singles[1]).abs().max() > 1e-3  # the members differ
     torch.testing.assert_close(joint.mean(0), torch.stack(singles).mean(0), atol=1e-6, rtol=0)
-    code, out, _ = run_cli(capsys, "eval", "--model", str(tiny_lm.path), "--prompt", "a,b,c", "--data", str(toy_csv),
+    code, out, _ = run_cli(capsys, cli_main, "eval", "--model", str(tiny_lm.path), "--prompt", "a,b,c", "--data", str(toy_csv),
                            "--limit", "12", "--template", TEMPLATE, "--target-column", "label", "--verbalizer", "0=bad,1=good")
     res = last_json(out)
     mean_pred = torch.stack(singles).mean(0).argmax(-1)
@@ -99,9 +99,9 @@ def test_ensemble_is_the_mean_of_single_prompt_probabilities(tiny_lm, toy_csv, c
     assert ens["mean_probability"]["accuracy"] == res["accuracy"]
 
 
-def test_generation_task_metrics(tiny_lm, toy_csv, capsys):
-    add_prompts(tiny_lm, ("a",))
-    code, out, _ = run_cli(capsys, "eval", "--model", str(tiny_lm.path), "--prompt", "a", "--data", str(toy_csv),
+def test_generation_task_metrics(tiny_lm, toy_csv, capsys, cli_main, sp_store):
+    add_prompts(sp_store, tiny_lm, ("a",))
+    code, out, _ = run_cli(capsys, cli_main, "eval", "--model", str(tiny_lm.path), "--prompt", "a", "--data", str(toy_csv),
                            "--limit", "6", "--template", TEMPLATE, "--target-column", "text", "--max-new-tokens", "4")
     res = last_json(out)
     assert code == 0 and {"n", "exact_match", "loss", "perplexity"} <= set(res) and res["n"] == 6
@@ -109,14 +109,14 @@ def test_generation_task_metrics(tiny_lm, toy_csv, capsys):
     cfg = DataConfig(path=str(toy_csv), template=TEMPLATE, target_column="text")
     exs = D.load_file(tiny_lm.tokenizer, cfg, str(toy_csv), 6)
     batch = D.collate(exs, tiny_lm.tokenizer.pad_token_id)
-    p = store.load_prompt("a").embeddings
+    p = sp_store.load_prompt("a").embeddings
     lp = forward.sequence_logprobs(tiny_lm.model, p, **batch)
     n_tok = int((batch["labels"] != -100).sum())
     assert res["loss"] == pytest.approx(float(-lp.sum() / n_tok), rel=1e-4)
     assert res["perplexity"] == pytest.approx(torch.exp(torch.tensor(res["loss"])).item(), rel=1e-5)
 
 
-def test_task_recipe_splits(tiny_lm, tmp_path, capsys):
+def test_task_recipe_splits(tiny_lm, tmp_path, capsys, cli_main):
     root = tmp_path / "data"
     root.mkdir()
     for split, n in (("train", 8), ("dev", 6), ("test", 4)):
@@ -127,13 +127,13 @@ def test_task_recipe_splits(tiny_lm, tmp_path, capsys):
               "template": TEMPLATE, "target_column": "label", "verbalizer": VERB, "max_length": 64}
     (tmp_path / "toy.json").write_text(json.dumps(recipe))
     base = ["eval", "--model", str(tiny_lm.path), "--task", str(tmp_path / "toy.json"), "--data-root", str(root)]
-    code, out, _ = run_cli(capsys, *base)
+    code, out, _ = run_cli(capsys, cli_main, *base)
     assert code == 0 and last_json(out)["n"] == 4 and last_json(out)["split"] == "test"
-    code, out, _ = run_cli(capsys, *base, "--split", "eval")
+    code, out, _ = run_cli(capsys, cli_main, *base, "--split", "eval")
     assert code == 0 and last_json(out)["n"] == 6
     del recipe["eval"]
     (tmp_path / "toy.json").write_text(json.dumps(recipe))
-    code, _, err = run_cli(capsys, *base, "--split", "eval")
+    code, _, err = run_cli(capsys, cli_main, *base, "--split", "eval")
     assert code == 2 and "no 'eval' split" in err
 
 
@@ -147,10 +147,10 @@ def test_task_recipe_splits(tiny_lm, tmp_path, capsys):
     (["--data", "missing.csv", "--template", TEMPLATE, "--target-column", "label"], "not found"),
     (["--task", "nosuchtask"], "unknown --task"),
 ])
-def test_eval_errors_are_one_line_exit_2(tiny_lm, toy_csv, capsys, extra, message):
-    add_prompts(tiny_lm, ("a", "b"))
+def test_eval_errors_are_one_line_exit_2(tiny_lm, toy_csv, capsys, extra, message, cli_main, sp_store):
+    add_prompts(sp_store, tiny_lm, ("a", "b"))
     extra = [str(toy_csv) if x == "DATA" else x for x in extra]
-    code, out, err = run_cli(capsys, "eval", "--model", str(tiny_lm.path), *extra)
+    code, out, err = run_cli(capsys, cli_main, "eval", "--model", str(tiny_lm.path), *extra)
     assert code == 2 and message in err and err.count("\n") == 1
 
 

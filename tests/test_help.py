@@ -15,7 +15,7 @@ from softprompt import config
 from softprompt.cli import build_parser, main
 from softprompt.cli.flags import _DeprecatedFlag
 
-CONFIGS = [c for c in vars(config).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
+CONFIGS = [c for c in vars(config).values() if isinstance(c, type) and dataclasses.is_dataclass(c) and hasattr(c, "from_dict")]
 FIELDS: dict[str, list[dataclasses.Field]] = {}
 for _cls in CONFIGS:
     for _f in dataclasses.fields(_cls):

@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from softprompt import recipes, store
-from softprompt.cli import main
+from softprompt import recipes
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.experiments import interpret
 from softprompt.prompt import encode, make_prompt
@@ -50,23 +49,23 @@ def test_importance_is_zero_for_a_token_already_at_the_fill_value(tiny_lm, toy_c
 
 
 @pytest.mark.slow
-def test_inspect_command_table_json_and_heatmap(tiny_lm, toy_csv, tmp_path, capsys, tiny_model_dir):
+def test_inspect_command_table_json_and_heatmap(tiny_lm, toy_csv, tmp_path, capsys, tiny_model_dir, sp_store, cli_main):
     cfg = DataConfig(path=str(toy_csv), template="{text}", target_column="label", verbalizer={"0": "negative", "1": "positive"})
     for name, init in (("a", "text"), ("b", "random")):
         TR.train(tiny_lm, cfg, PromptConfig(num_virtual_tokens=4, init=init, init_text=TEXT if init == "text" else None),
-                 TrainConfig(epochs=1, lr=0.01), name=name)
+                 TrainConfig(epochs=1, lr=0.01), name=name, store=sp_store)
     model = str(tiny_model_dir("llama"))
-    assert main(["inspect", "a", "--model", model, "--against", "b", "--eval-limit", "8", "--out", str(tmp_path / "out")]) == 0
+    assert cli_main(["inspect", "a", "--model", model, "--against", "b", "--eval-limit", "8", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "nearest vocabulary tokens" in out and "similarity" in out
     report = json.loads((tmp_path / "out" / "inspect_a.json").read_text())
     assert len(report["tokens"]) == 4 and len(report["importance"]["drop"]) == 4
     assert report["similarity"]["names"] == ["a", "b"]
     assert (tmp_path / "out" / "inspect_a.png").stat().st_size > 1000
-    assert main(["inspect", "nope", "--model", model]) == 2
+    assert cli_main(["inspect", "nope", "--model", model]) == 2
 
 
-def test_without_known_data_importance_is_skipped_with_a_note(tiny_lm, toy_csv, capsys, tiny_model_dir, tmp_path):
+def test_without_known_data_importance_is_skipped_with_a_note(tiny_lm, toy_csv, capsys, tiny_model_dir, tmp_path, sp_store, cli_main):
     """An imported PEFT prompt has no task or data in its metadata: inspect still reports, says
     why importance is missing, and measures it on data given with --data."""
     pytest.importorskip("peft")
@@ -78,24 +77,24 @@ def test_without_known_data_importance_is_skipped_with_a_note(tiny_lm, toy_csv, 
     model = str(tiny_model_dir("llama"))
     pm = get_peft_model(AutoModelForCausalLM.from_pretrained(model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     pm.save_pretrained(str(tmp_path / "adapter"))
-    assert main(["prompts", "import", str(tmp_path / "adapter"), "--name", "peft"]) == 0
+    assert cli_main(["prompts", "import", str(tmp_path / "adapter"), "--name", "peft"]) == 0
     capsys.readouterr()
-    assert main(["inspect", "peft", "--model", model]) == 0
+    assert cli_main(["inspect", "peft", "--model", model]) == 0
     out = capsys.readouterr().out
     assert "importance skipped: the prompt's metadata names no task or data file" in out and "drop" not in out
-    report = interpret.inspect_prompt(tiny_lm, "peft")
+    report = interpret.inspect_prompt(tiny_lm, "peft", store=sp_store)
     assert "importance" not in report and len(report["notes"]) == 1
     # --data supplies the rows: the same drops as importance() on those rows
     flags = ["--data", str(toy_csv), "--template", "Review: {text}", "--target-column", "label",
              "--verbalizer", "0=negative,1=positive"]
-    assert main(["inspect", "peft", "--model", model, *flags, "--eval-limit", "8", "--out", str(tmp_path / "o")]) == 0
+    assert cli_main(["inspect", "peft", "--model", model, *flags, "--eval-limit", "8", "--out", str(tmp_path / "o")]) == 0
     got = json.loads((tmp_path / "o" / "inspect_peft.json").read_text())["importance"]
     cfg = DataConfig(path=str(toy_csv), template="Review: {text}", target_column="label",
                      verbalizer={"0": "negative", "1": "positive"})
     rows = D.load_file(tiny_lm.tokenizer, cfg, str(toy_csv), 8)
-    metric, base, drops = interpret.importance(tiny_lm.model, tiny_lm.tokenizer, store.load_prompt("peft").embeddings, rows, cfg.verbalizer)
+    metric, base, drops = interpret.importance(tiny_lm.model, tiny_lm.tokenizer, sp_store.load_prompt("peft").embeddings, rows, cfg.verbalizer)
     assert got["metric"] == metric == "accuracy" and got["rows"] == 8
     assert got["full_prompt"] == pytest.approx(base) and got["drop"] == pytest.approx(drops)
-    assert "importance" not in interpret.inspect_prompt(tiny_lm, "peft", with_importance=False)
+    assert "importance" not in interpret.inspect_prompt(tiny_lm, "peft", with_importance=False, store=sp_store)
     with pytest.raises(UserError, match="say what to evaluate"):  # --data without a template: one line
-        interpret.inspect_prompt(tiny_lm, "peft", data={"path": str(toy_csv)})
+        interpret.inspect_prompt(tiny_lm, "peft", data={"path": str(toy_csv)}, store=sp_store)

@@ -15,7 +15,6 @@ from conftest import interrupt_at_epoch
 from test_cli import assert_user_error
 
 from softprompt import data as D
-from softprompt import store
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.training import loop
 from softprompt.training import tune as TR
@@ -42,11 +41,11 @@ def method_for(lm, csv, **pkw):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_levers_train_only_the_prompt_and_keep_the_first_token(tiny_lm, toy_csv, kind):
+def test_levers_train_only_the_prompt_and_keep_the_first_token(tiny_lm, toy_csv, kind, sp_store):
     before = {k: v.detach().clone() for k, v in tiny_lm.model.state_dict().items()}
     pcfg = PromptConfig(num_virtual_tokens=4, kind=kind, dropout=0.1, freeze_first=True)
     tcfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, weight_decay=0.1, schedule="cosine", warmup_steps=2)
-    res = TR.train(tiny_lm, target_cfg(toy_csv, limit=24), pcfg, tcfg, name="lev")
+    res = TR.train(tiny_lm, target_cfg(toy_csv, limit=24), pcfg, tcfg, name="lev", store=sp_store)
     for k, v in tiny_lm.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in tiny_lm.model.parameters())
@@ -55,8 +54,8 @@ def test_levers_train_only_the_prompt_and_keep_the_first_token(tiny_lm, toy_csv,
     first, rest = (lambda t: t.narrow(axis, 0, 1)), (lambda t: t.narrow(axis, 1, t.shape[axis] - 1))
     assert torch.equal(first(res.prompt), first(init))  # frozen, even under weight decay
     assert not torch.allclose(rest(res.prompt), rest(init))  # the others trained
-    assert torch.equal(store.load_prompt("lev").tensor, res.prompt)  # saved whole, sink in front, no dropout
-    assert store.load_prompt("lev").meta["prompt"]["freeze_first"] is True
+    assert torch.equal(sp_store.load_prompt("lev").tensor, res.prompt)  # saved whole, sink in front, no dropout
+    assert sp_store.load_prompt("lev").meta["prompt"]["freeze_first"] is True
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -108,33 +107,33 @@ def test_fit_leaves_the_method_in_eval_mode(tiny_lm, toy_csv):
     assert seen == [None, None] and method._step is None
 
 
-def uninterrupted_and_resumed(lm, cfg, pcfg, tcfg, monkeypatch):
+def uninterrupted_and_resumed(sp_store, lm, cfg, pcfg, tcfg, monkeypatch):
     """(a run named "full", the same run named "part" stopped by Ctrl-C at epoch 2, then resumed)."""
-    full = TR.train(lm, cfg, pcfg, tcfg, name="full")
+    full = TR.train(lm, cfg, pcfg, tcfg, name="full", store=sp_store)
     undo = interrupt_at_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
-        TR.train(lm, cfg, pcfg, tcfg, name="part")
+        TR.train(lm, cfg, pcfg, tcfg, name="part", store=sp_store)
     undo()
-    resumed = TR.train(lm, cfg, pcfg, tcfg, name="part", resume=True)
+    resumed = TR.train(lm, cfg, pcfg, tcfg, name="part", resume=True, store=sp_store)
     assert torch.equal(resumed.prompt, full.prompt) and resumed.history == full.history
     return full, resumed
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_resumed_equals_uninterrupted_with_every_lever(tiny_lm, toy_csv, monkeypatch, kind):
+def test_resumed_equals_uninterrupted_with_every_lever(tiny_lm, toy_csv, monkeypatch, kind, sp_store):
     cfg = target_cfg(toy_csv, limit=24)
     pcfg = PromptConfig(num_virtual_tokens=4, kind=kind, dropout=0.2, freeze_first=True)
     tcfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, patience=None, schedule="cosine", warmup_steps=3)
-    full, _ = uninterrupted_and_resumed(tiny_lm, cfg, pcfg, tcfg, monkeypatch)
-    nodrop = TR.train(tiny_lm, cfg, PromptConfig(num_virtual_tokens=4, kind=kind, freeze_first=True), tcfg, name="nd")
+    full, _ = uninterrupted_and_resumed(sp_store, tiny_lm, cfg, pcfg, tcfg, monkeypatch)
+    nodrop = TR.train(tiny_lm, cfg, PromptConfig(num_virtual_tokens=4, kind=kind, freeze_first=True), tcfg, name="nd", store=sp_store)
     assert not torch.equal(nodrop.prompt, full.prompt)  # the dropout did act in training
 
 
-def test_cosine_schedule_with_warmup_steps_follows_its_formula(tiny_lm, toy_csv):
+def test_cosine_schedule_with_warmup_steps_follows_its_formula(tiny_lm, toy_csv, sp_store):
     total, warm, lr = 9, 3, 0.05
     res = TR.train(tiny_lm, target_cfg(toy_csv, limit=24), PromptConfig(num_virtual_tokens=4),
                    TrainConfig(steps=total, batch_size=8, lr=lr, schedule="cosine", warmup_steps=warm, patience=None),
-                   save=False)
+                   save=False, store=sp_store)
     want = [lr * loop.lr_factor(s, total, warm, "cosine") for s in range(1, total + 1)]  # lr after each step
     assert [h["lr"] for h in res.history] == pytest.approx(want)
     assert loop.lr_factor(0, total, warm, "cosine") == pytest.approx(1 / 3)
@@ -162,36 +161,36 @@ def test_group_lr_sets_each_groups_lr_and_refuses_unknown_groups(tiny_lm, toy_cs
     (["--num-virtual-tokens", "1", "--freeze-first-token"], "--freeze-first-token needs at least 2 virtual tokens"),
     (["--kind", "deep", "--offset-rank", "4"], "--offset-rank (DePT's input offset) goes with --kind shallow"),
 ])
-def test_bad_lever_flags_are_one_line(capsys, sp_home, tiny_model_dir, toy_csv, extra, match):
+def test_bad_lever_flags_are_one_line(capsys, sp_home, tiny_model_dir, toy_csv, extra, match, cli_main):
     args = ["train", "--model", str(tiny_model_dir("llama")), "--quiet", "--data", str(toy_csv), "--template",
             "{text}", "--target-column", "label", "--name", "x", *extra]
-    assert_user_error(capsys, sp_home, args, match)
+    assert_user_error(capsys, cli_main, sp_home, args, match)
 
 
 @pytest.mark.parametrize("extra,side", [
     (["--offset-rank", "2", "--offset-length", "16", "--group-lr", "offset=0.01"], "input_offset.safetensors"),
     (["--kind", "deep", "--prefix-memory", "--group-lr", "memory=0.01"], "prefix_memory.safetensors"),
 ])
-def test_cli_trains_and_generates_with_side_tensors(capsys, sp_home, tiny_model_dir, toy_csv, extra, side):
+def test_cli_trains_and_generates_with_side_tensors(capsys, sp_home, tiny_model_dir, toy_csv, extra, side, cli_main, sp_store):
     from test_cli import run_cli
 
     tiny = str(tiny_model_dir("llama"))
-    rc, _, err = run_cli(capsys, ["train", "--model", tiny, "--quiet", "--data", str(toy_csv), "--template", "{text}",
+    rc, _, err = run_cli(capsys, cli_main, ["train", "--model", tiny, "--quiet", "--data", str(toy_csv), "--template", "{text}",
                                   "--target-column", "label", "--name", "lev", "--steps", "2", "--num-virtual-tokens",
                                   "3", "--prompt-dropout", "0.1", "--schedule", "cosine", "--warmup-steps", "1", *extra])
     assert rc == 0, err
-    sp = store.load_prompt("lev")
+    sp = sp_store.load_prompt("lev")
     assert (sp.path / side).is_file() and sp.meta["training"]["group_lr"]
     g = torch.Generator().manual_seed(0)  # the trained side tensors, scaled up: their effect must show
     sides = {"offset": (sp.offset[0], torch.randn(sp.offset[1].shape, generator=g))} if sp.offset else \
         {"memory": torch.randn(sp.memory.shape, generator=g) * 0.5}
-    store.save_prompt(store.prompt_path("lev2"), sp.tensor, sp.meta, **sides)
-    rc, out, err = run_cli(capsys, ["generate", "--model", tiny, "--prompt", "lev2", "--max-new-tokens", "6", "hello"])
+    sp_store.save_prompt("lev2", sp.tensor, sp.meta, **sides)
+    rc, out, err = run_cli(capsys, cli_main, ["generate", "--model", tiny, "--prompt", "lev2", "--max-new-tokens", "6", "hello"])
     from softprompt import models
     from softprompt.config import GenerateConfig
     from softprompt.inference.engine import Engine, GenerateRequest, generate
 
     lm = models.load(tiny)
-    want = Engine(lm).generate([GenerateRequest("hello", "lev2", GenerateConfig(max_new_tokens=6))])[0].text
+    want = Engine(lm, store=sp_store).generate([GenerateRequest("hello", "lev2", GenerateConfig(max_new_tokens=6))])[0].text
     assert rc == 0 and out == want + "\n", err  # the CLI serves the side tensor too
     assert generate(lm, sp.tensor, "hello", GenerateConfig(max_new_tokens=6)).text != want  # ... which matters

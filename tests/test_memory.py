@@ -82,30 +82,30 @@ def test_fast_path_equals_naive_reference_in_loss_and_gradient(tiny_lm, toy_csv)
         assert torch.equal(zero.loss(batch), plain.loss(batch)) and abs(float(plain.loss(batch)) - losses[0]) > 1e-4
 
 
-def test_training_moves_prompt_and_memory_only_and_saves_both(tiny_lm, toy_csv):
+def test_training_moves_prompt_and_memory_only_and_saves_both(tiny_lm, toy_csv, sp_store):
     before = {k: v.detach().clone() for k, v in tiny_lm.model.state_dict().items()}
     pcfg = PromptConfig(num_virtual_tokens=4, kind="deep", memory=True)
     res = TR.train(tiny_lm, target_cfg(toy_csv, limit=24), pcfg, TrainConfig(epochs=2, batch_size=8, lr=0.05,
-                   group_lr={"memory": 0.01}), name="mem")
+                   group_lr={"memory": 0.01}), name="mem", store=sp_store)
     for k, v in tiny_lm.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in tiny_lm.model.parameters())
-    sp = store.load_prompt("mem")
+    sp = sp_store.load_prompt("mem")
     assert sp.kind == "deep" and torch.equal(sp.kv, res.prompt) and (sp.path / MEM.MEMORY_FILE).is_file()
     assert sp.memory.shape == (*MEM.memory_shape(tiny_lm.model), 16) and sp.memory.abs().sum() > 0  # M left zero
 
 
-def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch):
+def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch, sp_store):
     cfg = target_cfg(toy_csv, limit=24)
     pcfg = PromptConfig(num_virtual_tokens=4, kind="deep", memory=True, dropout=0.1)
     tcfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, patience=None, group_lr={"memory": 0.01})
-    uninterrupted_and_resumed(tiny_lm, cfg, pcfg, tcfg, monkeypatch)
-    assert torch.equal(store.load_prompt("part").memory, store.load_prompt("full").memory)
+    uninterrupted_and_resumed(sp_store, tiny_lm, cfg, pcfg, tcfg, monkeypatch)
+    assert torch.equal(sp_store.load_prompt("part").memory, sp_store.load_prompt("full").memory)
 
 
-def save_memory(lm, name: str, n: int, seed: int, memory: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def save_memory(sp_store, lm, name: str, n: int, seed: int, memory: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     kv, mem = deep_prompt(lm, n, seed), random_memory(lm, seed + 100) if memory else None
-    store.save_prompt(store.prompt_path(name), kv, {"base_model": {"fingerprint": lm.fingerprint}}, memory=mem)
+    sp_store.save_prompt(name, kv, {"base_model": {"fingerprint": lm.fingerprint}}, memory=mem)
     return kv, mem
 
 
@@ -123,25 +123,25 @@ def reference_greedy(lm, kv, mem, ids: list[int], steps: int) -> tuple[list[int]
     return toks[len(ids):], logits
 
 
-def test_save_load_gives_the_reference_logits_in_prefill_and_decode(tiny_lm):
-    kv, mem = save_memory(tiny_lm, "m1", 3, seed=1)
+def test_save_load_gives_the_reference_logits_in_prefill_and_decode(tiny_lm, sp_store):
+    kv, mem = save_memory(sp_store, tiny_lm, "m1", 3, seed=1)
     MEM.enable(tiny_lm.model)
     ids = tiny_lm.tokenizer.encode(TEXTS[0])
     want_ids, want_logits = reference_greedy(tiny_lm, kv, mem, ids, 6)
     for cached in (True, False):
-        g = Engine(tiny_lm, EngineConfig(use_prefix_cache=cached)).generate(
+        g = Engine(tiny_lm, EngineConfig(use_prefix_cache=cached), sp_store).generate(
             [GenerateRequest(TEXTS[0], "m1", GenerateConfig(max_new_tokens=6))], return_logits=True)[0]
         assert g.token_ids == want_ids
         assert torch.allclose(g.logits, torch.stack(want_logits), atol=1e-4, rtol=1e-4)
     assert reference_greedy(tiny_lm, kv, None, ids, 6)[0] != want_ids  # the memory changes the answer
 
 
-def test_mixed_batch_equals_single_runs(tiny_lm):
-    save_memory(tiny_lm, "m1", 3, seed=1)
-    save_memory(tiny_lm, "m2", 5, seed=2)
-    save_memory(tiny_lm, "m1-plain", 3, seed=1, memory=False)  # m1's keys/values, no memory
-    save_dept(tiny_lm, "d1", n=3, length=6, rank=2, seed=1)
-    eng = Engine(tiny_lm)
+def test_mixed_batch_equals_single_runs(tiny_lm, sp_store):
+    save_memory(sp_store, tiny_lm, "m1", 3, seed=1)
+    save_memory(sp_store, tiny_lm, "m2", 5, seed=2)
+    save_memory(sp_store, tiny_lm, "m1-plain", 3, seed=1, memory=False)  # m1's keys/values, no memory
+    save_dept(sp_store, tiny_lm, "d1", n=3, length=6, rank=2, seed=1)
+    eng = Engine(tiny_lm, store=sp_store)
     names = ["m1", "m2", "m1-plain", "d1", None, "m1"]
     reqs = [GenerateRequest(TEXTS[i % 4], p, GenerateConfig(max_new_tokens=5 + i)) for i, p in enumerate(names)]
     single = [eng.generate([r], return_logits=True)[0] for r in reqs]
@@ -155,14 +155,14 @@ def test_mixed_batch_equals_single_runs(tiny_lm):
         assert m.logprobs == pytest.approx(a, abs=1e-5)
 
 
-def test_server_mixed_burst_equals_single_runs(tiny_lm):
-    save_memory(tiny_lm, "m1", 3, seed=1)
-    save_dept(tiny_lm, "d1", n=3, length=6, rank=2, seed=1)
-    want = server_burst(tiny_lm, [(TEXTS[i % 4], ["m1", "d1", None][i % 3], 4 + i) for i in range(6)])
-    assert want[0] != Engine(tiny_lm).generate([GenerateRequest(TEXTS[0], None, GenerateConfig(max_new_tokens=4))])[0].text
+def test_server_mixed_burst_equals_single_runs(tiny_lm, sp_store):
+    save_memory(sp_store, tiny_lm, "m1", 3, seed=1)
+    save_dept(sp_store, tiny_lm, "d1", n=3, length=6, rank=2, seed=1)
+    want = server_burst(sp_store, tiny_lm, [(TEXTS[i % 4], ["m1", "d1", None][i % 3], 4 + i) for i in range(6)])
+    assert want[0] != Engine(tiny_lm, store=sp_store).generate([GenerateRequest(TEXTS[0], None, GenerateConfig(max_new_tokens=4))])[0].text
 
 
-def test_memory_uploads_of_the_wrong_shape_get_422_naming_the_field(http, tiny_lm, tmp_path):  # noqa: F811
+def test_memory_uploads_of_the_wrong_shape_get_422_naming_the_field(http, tiny_lm, tmp_path, sp_store):  # noqa: F811
     L, h, d = MEM.memory_shape(tiny_lm.model)
     field = f"{MEM.MEMORY_FILE}:{MEM.MEMORY_KEY}"
     for i, bad in enumerate([torch.ones(L + 1, h, d, d), torch.ones(L, h, d, d + 1), torch.ones(L, h, d),
@@ -178,4 +178,4 @@ def test_memory_uploads_of_the_wrong_shape_get_422_naming_the_field(http, tiny_l
     ok = store.save_prompt(tmp_path / "ok", deep_prompt(tiny_lm, 3, 9), {})
     save_file({MEM.MEMORY_KEY: torch.ones(L, h, d, d) * 0.01}, str(ok / MEM.MEMORY_FILE))
     assert http.put("/v1/prompts/good", content=zipped(ok)).status_code == 201
-    assert store.load_prompt("good").memory.shape == (L, h, d, d) and "bad" not in store.list_prompts()
+    assert sp_store.load_prompt("good").memory.shape == (L, h, d, d) and "bad" not in sp_store.list_prompts()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -10,6 +11,7 @@ import torch
 
 from softprompt import models
 from softprompt.config import UserError
+from softprompt.store import Store
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 
@@ -25,15 +27,18 @@ def hub_cache(tmp_path, folder, repo_id: str):
 
 
 @pytest.fixture
-def offline_hub(tmp_path, tiny_model_dir, monkeypatch, sp_home):
-    cache = hub_cache(tmp_path, tiny_model_dir("llama"), "tiny-org/tiny-llama")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
+def offline_hub(tmp_path, tiny_model_dir):
+    return hub_cache(tmp_path, tiny_model_dir("llama"), "tiny-org/tiny-llama")
 
 
-def test_load_by_hub_id_from_the_cache_offline(offline_hub, tiny_model_dir):
-    lm = models.load("tiny-org/tiny-llama")
+@pytest.fixture
+def offline_store(offline_hub, sp_store) -> Store:
+    """The test's store, offline, with the hub cache built here."""
+    return dataclasses.replace(sp_store, hub_cache=offline_hub, offline=True)
+
+
+def test_load_by_hub_id_from_the_cache_offline(offline_hub, offline_store, tiny_model_dir):
+    lm = models.load("tiny-org/tiny-llama", store=offline_store)
     ref = models.load(str(tiny_model_dir("llama")))
     assert lm.name == "tiny-org/tiny-llama"
     assert lm.path == offline_hub / "models--tiny-org--tiny-llama" / "snapshots" / REV
@@ -42,23 +47,23 @@ def test_load_by_hub_id_from_the_cache_offline(offline_hub, tiny_model_dir):
     assert torch.equal(lm.model(ids).logits, ref.model(ids).logits)
 
 
-def test_offline_and_not_cached_is_one_line(offline_hub):
+def test_offline_and_not_cached_is_one_line(offline_store):
     with pytest.raises(UserError, match=r"--model tiny-org/other: not in the Hugging Face cache .* offline"):
-        models.load("tiny-org/other")
+        models.load("tiny-org/other", store=offline_store)
 
 
-def test_offline_flag_without_the_environment(offline_hub, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    assert models.load("tiny-org/tiny-llama", offline=True).name == "tiny-org/tiny-llama"
+def test_offline_argument_overrides_the_store(offline_store):
+    online = dataclasses.replace(offline_store, offline=False)
+    assert models.load("tiny-org/tiny-llama", offline=True, store=online).name == "tiny-org/tiny-llama"
     with pytest.raises(UserError, match="offline"):
-        models.load("tiny-org/other", offline=True)
+        models.load("tiny-org/other", offline=True, store=online)
 
 
-def test_pickle_only_snapshot_is_refused(offline_hub):
+def test_pickle_only_snapshot_is_refused(offline_hub, offline_store):
     snap = offline_hub / "models--tiny-org--tiny-llama" / "snapshots" / REV
     (snap / "model.safetensors").rename(snap / "pytorch_model.bin")
     with pytest.raises(UserError, match="no .safetensors weights"):
-        models.load("tiny-org/tiny-llama")
+        models.load("tiny-org/tiny-llama", store=offline_store)
 
 
 def test_not_a_model_name_lists_what_is_accepted(sp_home):
@@ -66,11 +71,11 @@ def test_not_a_model_name_lists_what_is_accepted(sp_home):
         models.load("no such model")
 
 
-def test_cli_offline_flag_lasts_one_command(offline_hub, monkeypatch, capsys):
-    from softprompt import cli
-
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    assert cli.main(["generate", "--model", "tiny-org/tiny-llama", "--offline", "--max-new-tokens", "3", "the movie"]) == 0
+def test_cli_offline_flag_lasts_one_command(offline_hub, monkeypatch, capsys, cli_main):
+    """The CLI's edge reads the hub cache from the environment; --offline changes no variable."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(offline_hub))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert cli_main(["generate", "--model", "tiny-org/tiny-llama", "--offline", "--max-new-tokens", "3", "the movie"]) == 0
     assert "HF_HUB_OFFLINE" not in os.environ
-    assert cli.main(["generate", "--model", "tiny-org/other", "--offline", "hi"]) == 2
+    assert cli_main(["generate", "--model", "tiny-org/other", "--offline", "hi"]) == 2
     assert "not in the Hugging Face cache" in capsys.readouterr().err

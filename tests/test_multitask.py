@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from softprompt import data as D
-from softprompt import models, store
+from softprompt import models
 from softprompt.config import PromptConfig, TrainConfig, UserError
 from softprompt.forward import mixed_prefix_loss, naive_loss, prefix_loss
 from softprompt.inference.engine import Engine, ScoreRequest
@@ -96,19 +96,19 @@ def test_method_loss_uses_the_task_ids_of_the_batch(tiny_lm):
 
 
 @pytest.mark.slow
-def test_train_multitask_stores_shared_and_per_task_prompts(tiny_lm, toy_tasks):
+def test_train_multitask_stores_shared_and_per_task_prompts(tiny_lm, toy_tasks, sp_store):
     before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     mcfg = MT.MultitaskConfig(tasks=(str(toy_tasks["mood"]), str(toy_tasks["pets"])), per_task=16, eval_per_task=8)
-    res = MT.train_multitask(tiny_lm, mcfg, PromptConfig(num_virtual_tokens=4), TrainConfig(epochs=2, lr=0.1), name="mt")
+    res = MT.train_multitask(tiny_lm, mcfg, PromptConfig(num_virtual_tokens=4), TrainConfig(epochs=2, lr=0.1), name="mt", store=sp_store)
     assert sorted(res.paths) == ["mt", "mt-mood", "mt-pets"]
     assert res.fit.best is not None and "eval_acc_mood" in res.fit.epochs[0]
-    mood = store.load_prompt("mt-mood")
+    mood = sp_store.load_prompt("mt-mood")
     assert mood.meta["task"] == "mood" and mood.meta["verbalizer"] == {"0": "negative", "1": "positive"}
     assert torch.equal(mood.embeddings, res.prompts["mood"])
     assert not torch.equal(res.prompts["mood"], res.prompts["pets"])  # each task got its own prompt
-    assert store.load_prompt("mt").meta["kind"] == "multitask-shared"
+    assert sp_store.load_prompt("mt").meta["kind"] == "multitask-shared"
     # served by the engine like any other prompt, from the store, in one mixed batch
-    eng = Engine(tiny_lm)
+    eng = Engine(tiny_lm, store=sp_store)
     reqs = [ScoreRequest("Review: fine\nSentiment:", ("negative", "positive"), "mt-mood"),
             ScoreRequest("Text: my cat\nAnimal:", ("dog", "cat"), "mt-pets")]
     mixed = eng.score(reqs)
@@ -121,7 +121,7 @@ def test_train_multitask_stores_shared_and_per_task_prompts(tiny_lm, toy_tasks):
     for k, v in tiny_lm.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     # the batches really mixed tasks: some training batch held rows of both
-    mix = [e for t in ("mood", "pets") for e in MT.load_task(tiny_lm.tokenizer, str(toy_tasks[t]), 16, 8, 0, 0 if t == "mood" else 1).train]
+    mix = [e for t in ("mood", "pets") for e in MT.load_task(tiny_lm.tokenizer, str(toy_tasks[t]), 16, 8, 0, 0 if t == "mood" else 1, root=sp_store.data_root).train]
     batches = D.bucketed_batches(mix, 8, 0, 0)
     assert any(len({mix[i].task for i in b}) == 2 for b in batches)
 

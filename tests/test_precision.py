@@ -11,7 +11,6 @@ import torch
 from conftest import sharpen
 
 from softprompt import precision
-from softprompt.cli import main
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.training import tune as TR
 
@@ -47,7 +46,7 @@ def test_bad_precision_is_a_user_error():
 
 
 @pytest.mark.slow
-def test_bf16_training_on_cpu_lowers_the_loss(tiny_lm, toy_csv, monkeypatch):
+def test_bf16_training_on_cpu_lowers_the_loss(tiny_lm, toy_csv, monkeypatch, sp_store):
     lm = sharpen(tiny_lm)
     cfg = DataConfig(path=str(toy_csv), template="{text}", target_column="label",
                      verbalizer={"0": "negative", "1": "positive"}, dev_fraction=0.0)
@@ -60,7 +59,7 @@ def test_bf16_training_on_cpu_lowers_the_loss(tiny_lm, toy_csv, monkeypatch):
         return real(self)
 
     monkeypatch.setattr(torch.autocast, "__enter__", spy)
-    res = TR.train(lm, cfg, PromptConfig(num_virtual_tokens=4, init="vocab"), tcfg, save=False)
+    res = TR.train(lm, cfg, PromptConfig(num_virtual_tokens=4, init="vocab"), tcfg, save=False, store=sp_store)
     losses = [e["train_loss"] for e in res.epochs]
     assert torch.bfloat16 in seen  # the steps did run under bf16 autocast
     assert res.meta["precision"]["used"] == "bf16"
@@ -68,9 +67,9 @@ def test_bf16_training_on_cpu_lowers_the_loss(tiny_lm, toy_csv, monkeypatch):
     assert losses[-1] < 0.8 * losses[0]
 
 
-def test_precision_choice_in_summary_and_softprompt_json(capsys, sp_home, tiny_model_dir, toy_csv):
+def test_precision_choice_in_summary_and_softprompt_json(capsys, sp_home, tiny_model_dir, toy_csv, cli_main):
     expected = precision.resolve("auto", CPU, torch.float32)
-    code = main(["train", "--model", str(tiny_model_dir("llama")), "--data", str(toy_csv), "--text-column", "text",
+    code = cli_main(["train", "--model", str(tiny_model_dir("llama")), "--data", str(toy_csv), "--text-column", "text",
                  "--limit", "16", "--epochs", "1", "--num-virtual-tokens", "2", "--name", "prec"])
     out = capsys.readouterr().out
     assert code == 0
@@ -123,7 +122,7 @@ def test_frozen_weights_cast_once_give_the_same_loss_and_gradient(tiny_model_dir
 @pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
 @pytest.mark.parametrize("command", ["generate", "eval", "serve"])
 def test_dtype_auto_follows_native_bf16_and_is_what_the_model_runs_in(
-        command, native, expected, monkeypatch, caplog, capsys, sp_home, tiny_model_dir, toy_csv):
+        command, native, expected, monkeypatch, caplog, capsys, cli_main, tiny_model_dir, toy_csv):
     """The default ``--dtype`` of serve, generate and eval is auto: bfloat16 where bf16 is native
     (detection patched both ways), float32 elsewhere; the model the command runs is in that dtype
     and the choice is logged once."""
@@ -144,7 +143,7 @@ def test_dtype_auto_follows_native_bf16_and_is_what_the_model_runs_in(
     handlers, level = root.handlers[:], root.level
     try:  # serve installs its JSON log handler on the root logger: put the test's back each time
         with caplog.at_level(logging.INFO, logger="softprompt.models"):
-            assert main(argv) == 0
+            assert cli_main(argv) == 0
         root.handlers[:], root.level = handlers, level
         assert len(loaded) == 1 and next(loaded[0].model.parameters()).dtype == expected
         json_lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]  # serve's
@@ -153,7 +152,7 @@ def test_dtype_auto_follows_native_bf16_and_is_what_the_model_runs_in(
         name = str(expected).removeprefix("torch.")
         assert said == [f"dtype auto: {name} (patched flags)"]
         loaded.clear()
-        assert main([*argv, "--dtype", "float32"]) == 0  # an explicit dtype is used as asked
+        assert cli_main([*argv, "--dtype", "float32"]) == 0  # an explicit dtype is used as asked
         assert next(loaded[0].model.parameters()).dtype == torch.float32
     finally:
         root.handlers[:], root.level = handlers, level

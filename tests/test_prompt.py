@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import store
 from softprompt.adapter import PromptKind
 from softprompt.config import DataConfig, PromptConfig, UserError
 from softprompt.prompt import COMMON_VOCAB, embedding_matrix, encode, make_prompt
@@ -71,69 +70,69 @@ def test_labels_init_starts_with_mean_label_word_embeddings(tiny_lm):
         make_prompt(tiny_lm.model, tok, 6, "labels", label_words=[])
 
 
-def test_labels_init_through_train_uses_the_verbalizer(tiny_lm, toy_csv):
+def test_labels_init_through_train_uses_the_verbalizer(tiny_lm, toy_csv, sp_store):
     d = DataConfig(
         path=str(toy_csv),
         template="{text}",
         target_column="label",
         verbalizer={"0": "bad", "1": "good"},
     )
-    p = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4, init="labels"), d, seed=0)
+    p = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4, init="labels"), d, seed=0, store=sp_store)
     emb = embedding_matrix(tiny_lm.model).float()
     assert torch.allclose(p[0], emb[encode(tiny_lm.tokenizer, " bad")].mean(0))
     assert torch.allclose(p[1], emb[encode(tiny_lm.tokenizer, " good")].mean(0))
 
 
-def _save(name: str, prompt: torch.Tensor, lm, fingerprint: dict | None = None) -> None:
+def _save(st, name: str, prompt: torch.Tensor, lm, fingerprint: dict | None = None) -> None:
     meta = {"base_model": {"name": lm.name, "fingerprint": fingerprint or lm.fingerprint}}
-    store.save_prompt(store.prompt_path(name), prompt, meta, str(lm.path), lm.model.config)
+    st.save_prompt((name), prompt, meta, str(lm.path), lm.model.config)
 
 
-def test_prompt_init_copies_a_stored_prompt(tiny_lm):
+def test_prompt_init_copies_a_stored_prompt(tiny_lm, sp_store):
     src = torch.randn(5, tiny_lm.hidden_size)
-    _save("source", src, tiny_lm)
+    _save(sp_store, "source", src, tiny_lm)
     same = TR.initial_prompt(
-        tiny_lm, PromptConfig(num_virtual_tokens=5, init="prompt:source"), DataConfig(), 0
+        tiny_lm, PromptConfig(num_virtual_tokens=5, init="prompt:source"), DataConfig(), 0, store=sp_store
     )
     assert torch.equal(same, src)
     same[0, 0] += 1  # a copy, not a view of the stored tensor
     again = TR.initial_prompt(
-        tiny_lm, PromptConfig(num_virtual_tokens=5, init="prompt:source"), DataConfig(), 0
+        tiny_lm, PromptConfig(num_virtual_tokens=5, init="prompt:source"), DataConfig(), 0, store=sp_store
     )
     assert torch.equal(again, src)
     shorter = TR.initial_prompt(
-        tiny_lm, PromptConfig(num_virtual_tokens=3, init="prompt:source"), DataConfig(), 0
+        tiny_lm, PromptConfig(num_virtual_tokens=3, init="prompt:source"), DataConfig(), 0, store=sp_store
     )
     assert torch.equal(shorter, src[:3])
     longer = TR.initial_prompt(
-        tiny_lm, PromptConfig(num_virtual_tokens=8, init="prompt:source"), DataConfig(), 0
+        tiny_lm, PromptConfig(num_virtual_tokens=8, init="prompt:source"), DataConfig(), 0, store=sp_store
     )
     assert longer.shape == (8, tiny_lm.hidden_size) and torch.equal(longer[:5], src)
 
 
-def test_prompt_init_refuses_other_models(tiny_lm):
-    _save("wide", torch.randn(4, tiny_lm.hidden_size + 1), tiny_lm)
+def test_prompt_init_refuses_other_models(tiny_lm, sp_store):
+    _save(sp_store, "wide", torch.randn(4, tiny_lm.hidden_size + 1), tiny_lm)
     with pytest.raises(UserError, match="hidden size"):
         TR.initial_prompt(
-            tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:wide"), DataConfig(), 0
+            tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:wide"), DataConfig(), 0, store=sp_store
         )
     other = {**tiny_lm.fingerprint, "embedding_sha256": "0" * 16}
-    _save("foreign", torch.randn(4, tiny_lm.hidden_size), tiny_lm, fingerprint=other)
+    _save(sp_store, "foreign", torch.randn(4, tiny_lm.hidden_size), tiny_lm, fingerprint=other)
     with pytest.raises(UserError, match="--force"):
         TR.initial_prompt(
-            tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:foreign"), DataConfig(), 0
+            tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:foreign"), DataConfig(), 0, store=sp_store
         )
     forced = TR.initial_prompt(
         tiny_lm,
         PromptConfig(num_virtual_tokens=4, init="prompt:foreign"),
         DataConfig(),
         0,
-        force=True,
+        force=True, store=sp_store
     )
-    assert torch.equal(forced, store.load_prompt("foreign").embeddings)
+    assert torch.equal(forced, sp_store.load_prompt("foreign").embeddings)
     with pytest.raises(UserError, match="not found"):
         TR.initial_prompt(
-            tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:missing"), DataConfig(), 0
+            tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:missing"), DataConfig(), 0, store=sp_store
         )
 
 

@@ -52,7 +52,7 @@ def cluster(one_thread, lm, home, tiny_model_dir):
     app = build_app(ServerConfig(model_id="tiny"), str(tiny_model_dir("llama")), replicas=2,
                     replica_cpus=1, isolated_store=True, max_ongoing_requests=2,
                     # how long Ray's router waits for a busy replica that has the prompt (default 1 s)
-                    env={"SOFTPROMPT_HOME": str(home), "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "0.1"})
+                    env={"RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "0.1"}, store=home)
     serve.run(app, name=APP, route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}"
@@ -62,8 +62,8 @@ def cluster(one_thread, lm, home, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def single(lm):
-    with running(lm) as (url, _, _):
+def single(lm, home):
+    with running(lm, home) as (url, _, _):
         yield url
 
 
@@ -73,7 +73,8 @@ def client(url: str) -> openai.OpenAI:
 
 def replica_stores(home) -> dict[str, object]:
     """Each live replica's private store (the directory name is its Ray replica id)."""
-    return {p.name: p / "prompts" for p in (home / "replicas").iterdir()} if (home / "replicas").is_dir() else {}
+    root = home.home / "replicas"
+    return {p.name: p / "prompts" for p in root.iterdir()} if root.is_dir() else {}
 
 
 def replica_pids() -> set[int]:

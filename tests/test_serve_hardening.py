@@ -26,13 +26,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 pytest.importorskip("fastapi")
 
 
-def put_prompt(lm, name: str, emb: torch.Tensor, **meta) -> None:
+def put_prompt(st, lm, name: str, emb: torch.Tensor, **meta) -> None:
     """Plant a prompt as an older version stored it: a plain folder, past the store's validator
-    (``store.save_prompt`` refuses these prompts)."""
+    (``st.save_prompt`` refuses these prompts)."""
     from safetensors.torch import save_file
 
     meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "mode": "target", **meta}
-    d = store.prompt_path(name)
+    d = st.prompt_path(name)
     d.mkdir(parents=True)
     (d / store.CONFIG).write_text(json.dumps(store.adapter_config(emb.shape[0], emb.shape[1], str(lm.path))))
     save_file({store.PROMPT_KEY: emb}, str(d / store.TENSORS))
@@ -40,14 +40,14 @@ def put_prompt(lm, name: str, emb: torch.Tensor, **meta) -> None:
 
 
 @pytest.fixture(scope="module")
-def poisoned(lm):
+def poisoned(lm, home):
     """Stored prompts that must not be served: N=0, NaN values, N above the limit, bad metadata."""
     H = lm.hidden_size
-    put_prompt(lm, "empty", torch.zeros(0, H))
-    put_prompt(lm, "nan", torch.full((4, H), float("nan")))
-    put_prompt(lm, "huge", torch.randn(70, H))
-    put_prompt(lm, "badverb", torch.randn(3, H), verbalizer="ab", template=TEMPLATE)
-    put_prompt(lm, "badtemplate", torch.randn(3, H), verbalizer=VERBALIZER, template=5)
+    put_prompt(home, lm, "empty", torch.zeros(0, H))
+    put_prompt(home, lm, "nan", torch.full((4, H), float("nan")))
+    put_prompt(home, lm, "huge", torch.randn(70, H))
+    put_prompt(home, lm, "badverb", torch.randn(3, H), verbalizer="ab", template=TEMPLATE)
+    put_prompt(home, lm, "badtemplate", torch.randn(3, H), verbalizer=VERBALIZER, template=5)
     return ["empty", "nan", "huge", "badverb", "badtemplate"]
 
 
@@ -77,7 +77,7 @@ HEALTHY = [("/v1/completions", {"model": "p0", "prompt": TEXTS[0], "max_tokens":
            ("/v1/classify", {"prompt": "p2", "inputs": TEXTS[:2]})]
 
 
-def test_poisoned_requests_fail_alone_and_healthy_answers_are_unchanged(lm, poisoned):
+def test_poisoned_requests_fail_alone_and_healthy_answers_are_unchanged(lm, poisoned, home):
     """The issue's triggers, sent in one batch with healthy requests (each failed every job in
     the batch with a 500 before): each gets its own 4xx; the healthy answers equal a run without them."""
     gen = {"prompt": TEXTS[0], "max_tokens": 3, "temperature": 0.7}
@@ -89,7 +89,7 @@ def test_poisoned_requests_fail_alone_and_healthy_answers_are_unchanged(lm, pois
            ("/v1/classify", {"prompt": "p0", "inputs": ["a \ud800"]}),
            ("/v1/classify", {"prompt": "p0", "inputs": ["a"], "verbalizer": {"x": "b\ud800"}}),
            ("/v1/completions", {"model": "p0", "prompt": "hi \udfff", "max_tokens": 2})]
-    with running(lm, max_prompt_tokens=64) as (base, app, _):
+    with running(lm, home, max_prompt_tokens=64) as (base, app, _):
         clean = run_burst(app, base, HEALTHY)
         mixed = run_burst(app, base, bad[:4] + HEALTHY + bad[4:], waiting=len(HEALTHY) + 5)  # text errors: no queue
         t0 = time.monotonic()
@@ -115,11 +115,11 @@ def test_poisoned_requests_fail_alone_and_healthy_answers_are_unchanged(lm, pois
     assert tiny.status_code == 200 and tiny.json()["choices"] == greedy.json()["choices"]
 
 
-def test_a_vanishing_temperature_among_healthy_requests_harms_none(lm, poisoned):
+def test_a_vanishing_temperature_among_healthy_requests_harms_none(lm, poisoned, home):
     """temperature 1e-300 (it once overflowed the sampler and failed its whole batch), sent in one
     burst with healthy requests: every answer is a 200 and the healthy ones equal a clean run."""
     tiny_t = ("/v1/completions", {"model": "p0", "prompt": TEXTS[0], "max_tokens": 3, "temperature": 1e-300})
-    with running(lm) as (base, app, _):
+    with running(lm, home) as (base, app, _):
         clean = run_burst(app, base, HEALTHY)
         mixed = run_burst(app, base, [tiny_t, *HEALTHY, tiny_t])
     assert [r.status_code for r in mixed] == [200] * (len(HEALTHY) + 2), [r.text for r in mixed]
@@ -127,7 +127,7 @@ def test_a_vanishing_temperature_among_healthy_requests_harms_none(lm, poisoned)
         [r.json().get("choices", r.json().get("data")) for r in clean]
 
 
-def test_a_row_that_breaks_the_decode_step_fails_alone(lm, monkeypatch, ref):
+def test_a_row_that_breaks_the_decode_step_fails_alone(lm, monkeypatch, ref, home):
     """The safety net behind the checks: a row whose token choice raises (injected here: sampling
     with seed 666 fails, as a NaN distribution makes torch.multinomial fail) breaks the shared
     step; the rows are retried apart, only its request fails (500 naming the step), and the
@@ -144,7 +144,7 @@ def test_a_row_that_breaks_the_decode_step_fails_alone(lm, monkeypatch, ref):
     monkeypatch.setattr(sampling, "pick_token", pick)
     calls = HEALTHY[:3] + [("/v1/completions", {"model": "p2", "prompt": TEXTS[0], "max_tokens": 3,
                                                  "temperature": 0.7, "seed": 666})]
-    with running(lm) as (base, app, _):
+    with running(lm, home) as (base, app, _):
         answers = run_burst(app, base, calls)
         assert httpx.get(base + "/healthz").json()["status"] == "ok"
     assert [r.status_code for r in answers] == [200, 200, 200, 500], [r.text for r in answers]
@@ -159,7 +159,7 @@ def test_a_row_that_breaks_the_decode_step_fails_alone(lm, monkeypatch, ref):
 # ---------------------------------------------------------------- cost limits
 
 
-def test_costly_requests_are_refused_before_any_model_work(lm, poisoned):
+def test_costly_requests_are_refused_before_any_model_work(lm, poisoned, home):
     long_word = " ".join(["good"] * 200)
     cases = [
         ({"prompt": "p0", "inputs": ["x"], "verbalizer": {"a": long_word, "b": "bad"}}, "label_too_long"),
@@ -168,7 +168,7 @@ def test_costly_requests_are_refused_before_any_model_work(lm, poisoned):
         ({"prompt": "p0", "inputs": ["x" * 300], "template": "{text}{text}"}, "input_too_long"),
         ({"prompt": "p0", "inputs": ["x"] * 9}, "invalid_value"),
     ]
-    with running(lm, max_labels=8, max_label_tokens=16, max_template_chars=500, max_rows=8,
+    with running(lm, home, max_labels=8, max_label_tokens=16, max_template_chars=500, max_rows=8,
                  max_request_tokens=200) as (base, _, _):
         before = httpx.get(base + "/metrics").text
         for body, code in cases:
@@ -187,10 +187,10 @@ def test_costly_requests_are_refused_before_any_model_work(lm, poisoned):
         assert ok.status_code == 200
 
 
-def test_a_long_request_delays_a_short_one_by_at_most_one_step(lm):
+def test_a_long_request_delays_a_short_one_by_at_most_one_step(lm, home):
     """With --join-every 1, a short completion sent while a long one decodes is admitted at the
     next step (measured: the worker's steps between submission and admission)."""
-    with running(lm, join_every=1) as (base, app, _):
+    with running(lm, home, join_every=1) as (base, app, _):
         long_body = {"model": "p2", "prompt": TEXTS[0], "max_tokens": 400, "temperature": 0.9, "seed": 1,
                      "stream": True}
         with httpx.stream("POST", base + "/v1/completions", json=long_body, timeout=120) as stream:
@@ -229,8 +229,8 @@ def test_openapi_documents_every_request_field(srv_plain):
 
 
 @pytest.fixture(scope="module")
-def srv_plain(lm):
-    with running(lm, max_body_bytes=1 << 20) as (base, app, _):
+def srv_plain(lm, home):
+    with running(lm, home, max_body_bytes=1 << 20) as (base, app, _):
         yield base, app
 
 
@@ -263,14 +263,14 @@ def test_malformed_requests_get_4xx_naming_the_field_before_any_work(srv_plain):
     assert metric(httpx.get(base + "/metrics").text, "softprompt_generated_tokens_total") == before
 
 
-def test_an_empty_prompt_is_the_same_400_naming_the_field_on_every_route(srv_plain, lm):
+def test_an_empty_prompt_is_the_same_400_naming_the_field_on_every_route(srv_plain, lm, home):
     """No token to continue from (the plain model, or a deep prompt, which has no token of its
     own) is one 400 naming the field, for completions and classify alike; a shallow prompt's
     virtual tokens are enough."""
     base, _ = srv_plain
     layers, kv, d = lm.kv_shape
     meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "mode": "lm"}
-    store.save_prompt(store.prompt_path("deep-e"), torch.randn(layers, 2, kv, 3, d), meta)
+    home.save_prompt("deep-e", torch.randn(layers, 2, kv, 3, d), meta)
     cases = [("/v1/completions", {"model": "tiny", "prompt": "", "max_tokens": 2}, "prompt"),
              ("/v1/completions", {"model": "deep-e", "prompt": "", "max_tokens": 2}, "prompt"),
              ("/v1/completions", {"model": "deep-e", "prompt": ["x", ""], "max_tokens": 2}, "prompt[1]"),
@@ -416,7 +416,7 @@ def test_ray_ingress_answers_413_before_reading_the_body():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_ray_replica_close_stops_the_worker(lm):
+def test_ray_replica_close_stops_the_worker(lm, home):
     pytest.importorskip("ray")
     from softprompt.config import ServerConfig
     from softprompt.inference.engine import Engine
@@ -425,7 +425,7 @@ def test_ray_replica_close_stops_the_worker(lm):
 
     rep = object.__new__(Replica)  # what Ray Serve builds, minus the cluster
     rep.cfg = ServerConfig(shutdown_timeout_s=10)
-    rep.app = create_app(Engine(lm), rep.cfg)
+    rep.app = create_app(Engine(lm, store=home), rep.cfg)
     rep.app.state.scheduler.start()
     rep._task = None
     assert rep.app.state.scheduler.thread.is_alive()

@@ -25,7 +25,7 @@ def model_counters(base: str) -> list[float]:
     return [metric(text, f'softprompt_batch_rows_count{{kind="{k}"}}') for k in ("score", "prefill", "decode")]
 
 
-def test_short_requests_sent_with_a_long_prompt_finish_before_it_is_read(lm):
+def test_short_requests_sent_with_a_long_prompt_finish_before_it_is_read(lm, home):
     """16 short greedy requests and one ~450-token prompt meet in one batch: with a 16-token
     prefill chunk the short ones decode while the long prompt is read a chunk per step, so all of
     them finish before the long one (which asks for one token)."""
@@ -37,7 +37,7 @@ def test_short_requests_sent_with_a_long_prompt_finish_before_it_is_read(lm):
              for k in range(16)]
     calls.append(("/v1/completions", {"model": "tiny", "prompt": long_text, "max_tokens": 1, "temperature": 0}))
     done = {}
-    with running(lm, prefill_chunk=16) as (base, app, _):
+    with running(lm, home, prefill_chunk=16) as (base, app, _):
         DecoderState.hidden = lambda self, ids, tmask: widths.append(ids.shape) or hidden(self, ids, tmask)
         try:
             with paused(app, waiting=len(calls)):
@@ -55,9 +55,9 @@ def test_short_requests_sent_with_a_long_prompt_finish_before_it_is_read(lm):
     assert sum(tuple(s) == (1, 16) for s in widths) >= 5, widths  # the long prompt, a chunk per step
 
 
-def test_a_request_over_the_memory_budget_is_413_before_any_model_work(lm):
+def test_a_request_over_the_memory_budget_is_413_before_any_model_work(lm, home):
     body = {"prompt": "tiny", "inputs": ["word " * 100] * 32, "verbalizer": [f"w{i}" for i in range(16)]}
-    with running(lm, max_request_mb=2) as (base, _, _):
+    with running(lm, home, max_request_mb=2) as (base, _, _):
         before = model_counters(base)
         r = httpx.post(base + "/v1/classify", json=body, timeout=60)
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
@@ -70,11 +70,11 @@ def test_a_request_over_the_memory_budget_is_413_before_any_model_work(lm):
         assert ok.status_code == 200, ok.text
 
 
-def test_prompt_virtual_and_completion_tokens_beyond_the_context_are_a_400_naming_them(lm):
+def test_prompt_virtual_and_completion_tokens_beyond_the_context_are_a_400_naming_them(lm, home):
     """The tiny model's context is 512 positions: 3 virtual tokens + the prompt + max_tokens over
     it is refused with vLLM's wording and the numbers; one token less is served."""
     text = "word " * 100
-    with running(lm, max_tokens=600) as (base, _, _):
+    with running(lm, home, max_tokens=600) as (base, _, _):
         n = httpx.post(base + "/v1/completions", json={"model": "p0", "prompt": text, "max_tokens": 1},
                        timeout=60).json()["usage"]["prompt_tokens"]
         before = model_counters(base)

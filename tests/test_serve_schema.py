@@ -17,7 +17,8 @@ import pytest
 import torch
 from serving import TEMPLATE, VERBALIZER, running
 
-from softprompt import models, store
+from softprompt import models
+from softprompt.store import Store
 
 pytestmark = pytest.mark.slow  # schemathesis against a live server
 
@@ -46,14 +47,13 @@ parameters = { "body.prompt" = { dictionary = "models", probability = 0.8 } }
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory):
     """A server over its own store (the run may upload and delete prompts)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SOFTPROMPT_HOME", str(tmp_path_factory.mktemp("schema-home")))
-        lm = models.load(str(tiny_model_dir("llama")))
-        meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "mode": "target",
-                "template": TEMPLATE, "verbalizer": VERBALIZER}
-        store.save_prompt(store.prompt_path("p0"), torch.randn(3, lm.hidden_size), meta)
-        with running(lm, max_tokens=8, max_rows=4, max_prompt_tokens=64, max_body_bytes=1 << 16) as (base, _, _):
-            yield base
+    store = Store(tmp_path_factory.mktemp("schema-home"))
+    lm = models.load(str(tiny_model_dir("llama")))
+    meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "mode": "target",
+            "template": TEMPLATE, "verbalizer": VERBALIZER}
+    store.save_prompt("p0", torch.randn(3, lm.hidden_size), meta)
+    with running(lm, store, max_tokens=8, max_rows=4, max_prompt_tokens=64, max_body_bytes=1 << 16) as (base, _, _):
+        yield base
 
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(served, tmp_path):

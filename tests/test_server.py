@@ -45,6 +45,10 @@ from softprompt.inference.engine import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
+# ---------------------------------------------------------------- the engine's step API
+
+
 def test_rows_joining_a_running_batch_equal_single_runs(tiny_model_dir, sp_home):
     """Continuous batching is exact: rows that join mid-way, or leave early, change nothing."""
     for arch in ("llama", "gpt2"):
@@ -79,6 +83,9 @@ def test_rows_joining_a_running_batch_equal_single_runs(tiny_model_dir, sp_home)
 
 
 # ---------------------------------------------------------------- fixtures: a real server
+
+
+# ---------------------------------------------------------------- OpenAI compatibility
 
 
 def test_openai_client_lists_models_and_completes_like_the_engine(srv, ref):
@@ -165,8 +172,8 @@ def zipped(path: Path, folder: str = "") -> bytes:
     return buf.getvalue()
 
 
-def test_upload_use_replace_and_delete_a_prompt(srv, http, ref, tmp_path):
-    src = store.export_prompt("p0", tmp_path / "p0-export")
+def test_upload_use_replace_and_delete_a_prompt(srv, http, ref, tmp_path, home):
+    src = home.export_prompt("p0", tmp_path / "p0-export")
     assert http.get("/v1/prompts/up1").status_code == 404
     r = http.put("/v1/prompts/up1", content=zipped(src), headers={"content-type": "application/zip"})
     assert r.status_code == 201 and r.json()["num_virtual_tokens"] == PROMPTS["p0"]
@@ -174,7 +181,7 @@ def test_upload_use_replace_and_delete_a_prompt(srv, http, ref, tmp_path):
     body = {"model": "up1", "prompt": TEXTS[0], "max_tokens": 6, "temperature": 0}
     assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == single(ref, TEXTS[0], "p0", 6)
     # replace it (multipart, files in a folder inside the zip): the server sees the new tensor
-    src2 = store.export_prompt("p1", tmp_path / "p1-export")
+    src2 = home.export_prompt("p1", tmp_path / "p1-export")
     r = http.put("/v1/prompts/up1", files={"file": ("p1.zip", zipped(src2, "p1/"), "application/zip")})
     assert r.status_code == 200 and r.json()["replaced"] and r.json()["num_virtual_tokens"] == PROMPTS["p1"]
     assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == single(ref, TEXTS[0], "p1", 6)
@@ -188,8 +195,8 @@ def test_upload_use_replace_and_delete_a_prompt(srv, http, ref, tmp_path):
     assert http.delete("/v1/prompts/up1").status_code == 404
 
 
-def test_bad_uploads_are_refused_and_nothing_becomes_visible(srv, http, tmp_path):
-    src = store.export_prompt("p0", tmp_path / "ok")
+def test_bad_uploads_are_refused_and_nothing_becomes_visible(srv, http, tmp_path, home):
+    src = home.export_prompt("p0", tmp_path / "ok")
     wrong = tmp_path / "wrong"  # hidden size 32: trained for another model
     store.save_prompt(wrong, torch.randn(4, 32), {})
     evil = io.BytesIO()
@@ -205,16 +212,16 @@ def test_bad_uploads_are_refused_and_nothing_becomes_visible(srv, http, tmp_path
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert http.put("/v1/prompts/..bad", content=zipped(src)).status_code in (400, 404)
     assert http.put("/v1/prompts/tiny", content=zipped(src)).status_code == 400  # the plain model's id
-    assert "bad" not in store.list_prompts() and http.get("/v1/prompts/bad").status_code == 404
+    assert "bad" not in home.list_prompts() and http.get("/v1/prompts/bad").status_code == 404
 
 
 # ---------------------------------------------------------------- errors, limits, auth
 
 
-def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(lm, ref):
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(lm, ref, home):
     import httpx
 
-    with running(lm, max_body_bytes=4096, max_prompt_tokens=64, max_tokens=32) as (base, _, _):
+    with running(lm, home, max_body_bytes=4096, max_prompt_tokens=64, max_tokens=32) as (base, _, _):
         c = httpx.Client(base_url=base, timeout=60)
         ok = {"model": "p0", "prompt": TEXTS[0], "max_tokens": 4, "temperature": 0}
         cases = [
@@ -249,11 +256,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(lm, ref):
         assert errors >= 14
 
 
-def test_api_key_is_required_when_set(lm):
+def test_api_key_is_required_when_set(lm, home):
     import httpx
     import openai
 
-    with running(lm, api_key="s3cret") as (base, _, _):
+    with running(lm, home, api_key="s3cret") as (base, _, _):
         body = {"model": "p0", "prompt": "x", "max_tokens": 2}
         assert httpx.post(base + "/v1/completions", json=body).status_code == 401
         r = httpx.post(base + "/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
@@ -266,10 +273,10 @@ def test_api_key_is_required_when_set(lm):
             client(base, "wrong").models.list()
 
 
-def test_full_queue_answers_429_timeouts_504_then_serves_again(lm, ref):
+def test_full_queue_answers_429_timeouts_504_then_serves_again(lm, ref, home):
     import httpx
 
-    with running(lm, max_queue=2, max_batch_rows=1, request_timeout_s=3) as (base, app, _):
+    with running(lm, home, max_queue=2, max_batch_rows=1, request_timeout_s=3) as (base, app, _):
         body = {"model": "p1", "prompt": TEXTS[0], "max_tokens": 4, "temperature": 0}
         results = []
 
@@ -325,10 +332,10 @@ def test_metrics_are_prometheus_text(srv, http):
     assert 'le="+Inf"' in text and "# TYPE softprompt_request_latency_seconds histogram" in text
 
 
-def test_graceful_shutdown_finishes_in_flight_requests(lm, ref):
+def test_graceful_shutdown_finishes_in_flight_requests(lm, ref, home):
     import httpx
 
-    with running(lm) as (base, app, server):
+    with running(lm, home) as (base, app, server):
         body = {"model": "p2", "prompt": TEXTS[1], "max_tokens": 12, "temperature": 0}
         out = {}
         th = threading.Thread(target=lambda: out.setdefault("r", httpx.post(base + "/v1/completions", json=body, timeout=60)))
@@ -340,12 +347,13 @@ def test_graceful_shutdown_finishes_in_flight_requests(lm, ref):
         assert out["r"].json()["choices"][0]["text"] == single(ref, TEXTS[1], "p2", 12)
 
 
-def test_serve_command_wires_flags_model_and_json_logs(tiny_model_dir, home, monkeypatch, capsys):
+def test_serve_command_wires_flags_model_and_json_logs(tiny_model_dir, home, lm, monkeypatch, capsys):
     """``softprompt serve``: flags -> ServerConfig, the model loaded once, JSON log lines. uvicorn.run
     is replaced by an in-process client (a subprocess would spend ~10 s importing torch here)."""
     import logging
 
     import uvicorn
+    from conftest import with_store
     from starlette.testclient import TestClient
 
     from softprompt import cli
@@ -360,13 +368,13 @@ def test_serve_command_wires_flags_model_and_json_logs(tiny_model_dir, home, mon
                                 json={"model": "p0", "prompt": "x", "max_tokens": 2}).status_code
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
-    monkeypatch.setenv("SOFTPROMPT_API_KEY", "k")
+    monkeypatch.setenv("SOFTPROMPT_API_KEY", "k")  # the CLI reads it at its edge
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
         argv = ["serve", "--model", str(tiny_model_dir("llama")), "--port", "8123", "--max-batch-rows", "4",
                 "--max-wait-ms", "2.5"]
-        assert cli.main(argv) == 0
+        assert cli.main(with_store(home, argv)) == 0  # the module's store, through --home
     finally:
         root.handlers[:], root.level = handlers, level
     cfg = seen["cfg"]
@@ -375,10 +383,10 @@ def test_serve_command_wires_flags_model_and_json_logs(tiny_model_dir, home, mon
     logs = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     assert any(e["msg"] == "request" and e["path"] == "/v1/completions" and e["status"] == 200 for e in logs)
     assert {"ready", "stopped"} <= {e["msg"] for e in logs}
-    assert cli.main(["serve", "--max-batch-rows", "0"]) == 2  # a bad flag: one line, exit 2
+    assert cli.main(with_store(home, ["serve", "--max-batch-rows", "0"])) == 2  # a bad flag: one line, exit 2
 
 
-def test_deep_prompt_uploads_are_validated_served_and_shown(srv, http, ref, tmp_path, tiny_model_dir):
+def test_deep_prompt_uploads_are_validated_served_and_shown(srv, http, ref, tmp_path, tiny_model_dir, home):
     from safetensors.torch import save_file
 
     from softprompt.prompt import make_deep_prompt
@@ -396,7 +404,7 @@ def test_deep_prompt_uploads_are_validated_served_and_shown(srv, http, ref, tmp_
     for src, message in ((other, "another model"), (nan, "NaN")):
         r = http.put("/v1/prompts/deepbad", content=zipped(src))
         assert r.status_code == 422 and message in r.json()["error"]["message"], r.text
-    assert "deepbad" not in store.list_prompts()
+    assert "deepbad" not in home.list_prompts()
     r = http.put("/v1/prompts/deep1", content=zipped(good))
     assert r.status_code == 201 and r.json()["kind"] == "deep"
     kinds = {m["id"]: m.get("kind") for m in http.get("/v1/models").json()["data"]}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from softprompt import forward as FW
-from softprompt import store
+from softprompt import promptdir, store
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.training import tune as TR
 
@@ -23,7 +23,7 @@ def naive_logits(model, prompt, input_ids, attention_mask):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_saved_prompt_loads_in_peft_with_same_logits(tiny_model_dir, sp_home, toy_csv, arch):
+def test_saved_prompt_loads_in_peft_with_same_logits(tiny_model_dir, sp_home, toy_csv, arch, sp_store):
     pytest.importorskip("peft")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -36,9 +36,9 @@ def test_saved_prompt_loads_in_peft_with_same_logits(tiny_model_dir, sp_home, to
         DataConfig(path=str(toy_csv), text_column="text", limit=8, dev_fraction=0.0),
         PromptConfig(num_virtual_tokens=3),
         TrainConfig(epochs=1, batch_size=4),
-        name=f"peft-{arch}",
+        name=f"peft-{arch}", store=sp_store
     )
-    assert res.path == store.prompt_path(f"peft-{arch}")
+    assert res.path == sp_store.prompt_path(f"peft-{arch}")
     assert {p.name for p in res.path.iterdir()} == {
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -92,16 +92,16 @@ def test_peft_saved_adapter_reads_as_a_prompt(tiny_model_dir, tmp_path):
     assert sp.meta == {}
 
 
-def test_store_names_and_listing(sp_home):
-    assert store.list_prompts() == []
-    store.save_prompt(store.prompt_path("b-2"), torch.zeros(2, 4), {})
-    store.save_prompt(store.prompt_path("a.1"), torch.zeros(2, 4), {})
-    assert store.list_prompts() == ["a.1", "b-2"]
+def test_store_names_and_listing(sp_home, sp_store):
+    assert sp_store.list_prompts() == []
+    sp_store.save_prompt(("b-2"), torch.zeros(2, 4), {})
+    sp_store.save_prompt(("a.1"), torch.zeros(2, 4), {})
+    assert sp_store.list_prompts() == ["a.1", "b-2"]
     for bad in ("", "../x", "a/b", ".hidden", "x" * 129, "a..b"):
         with pytest.raises(UserError, match="invalid prompt name"):
-            store.prompt_path(bad)
+            sp_store.prompt_path(bad)
     with pytest.raises(UserError, match="not found"):
-        store.load_prompt("nope")
+        sp_store.load_prompt("nope")
 
 
 def store_entries(root) -> tuple[list[str], list[str]]:
@@ -113,28 +113,28 @@ def store_entries(root) -> tuple[list[str], list[str]]:
                          and not p.name.endswith("@lock"))
 
 
-def test_overwrite_is_atomic_and_leaves_no_temporaries(sp_home):
-    path = store.prompt_path("p")
+def test_overwrite_is_atomic_and_leaves_no_temporaries(sp_home, sp_store):
+    path = sp_store.prompt_path("p")
     store.save_prompt(path, torch.ones(2, 4), {"v": 1})
     first = path.resolve()
     store.save_prompt(path, torch.full((3, 4), 2.0), {"v": 2})
-    sp = store.load_prompt("p")
+    sp = sp_store.load_prompt("p")
     assert sp.meta == {"v": 2} and torch.equal(sp.embeddings, torch.full((3, 4), 2.0))
     assert path.is_symlink() and path.resolve() != first and not first.exists()  # a new version, the old one gone
     assert store_entries(path.parent) == (["p"], [])
 
 
-def test_failed_write_keeps_the_old_prompt(sp_home, monkeypatch):
-    path = store.prompt_path("p")
+def test_failed_write_keeps_the_old_prompt(sp_home, monkeypatch, sp_store):
+    path = sp_store.prompt_path("p")
     store.save_prompt(path, torch.ones(2, 4), {"v": 1})
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store, "save_file", boom)
+    monkeypatch.setattr(promptdir, "save_file", boom)
     with pytest.raises(OSError):
         store.save_prompt(path, torch.zeros(2, 4), {"v": 2})
-    sp = store.load_prompt("p")
+    sp = sp_store.load_prompt("p")
     assert sp.meta == {"v": 1} and torch.equal(sp.embeddings, torch.ones(2, 4))
     assert store_entries(path.parent) == (["p"], [])
 

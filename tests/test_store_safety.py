@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
-from softprompt import cli, durable, store
+from softprompt import durable, store
 from softprompt.config import UserError
 
 H = 16
@@ -90,26 +90,26 @@ MALFORMED = [  # (damage, the field the error must name)
 
 
 @pytest.mark.parametrize("damage, field", MALFORMED, ids=[f"{i}-{f}" for i, (_, f) in enumerate(MALFORMED)])
-def test_malformed_prompts_are_refused_naming_the_field_and_nothing_enters(sp_home, tmp_path, damage, field):
+def test_malformed_prompts_are_refused_naming_the_field_and_nothing_enters(sp_home, tmp_path, damage, field, sp_store):
     src = good_dir(tmp_path / "src").resolve()
-    store.import_prompt(src, "ok", max_tokens=64)  # the undamaged prompt enters
+    sp_store.import_prompt(src, "ok", max_tokens=64)  # the undamaged prompt enters
     damage(src)
     with pytest.raises(store.InvalidPrompt) as e:
-        store.import_prompt(src, "bad", fingerprint=FP, max_tokens=64)
+        sp_store.import_prompt(src, "bad", fingerprint=FP, max_tokens=64)
     assert e.value.field == field and field in str(e.value) and "\n" not in str(e.value)
-    assert store.list_prompts() == ["ok"] and leftovers(store.prompts_dir()) == []
+    assert sp_store.list_prompts() == ["ok"] and leftovers(sp_store.prompts_dir()) == []
 
 
-def test_invalid_prompts_are_never_written(sp_home):
+def test_invalid_prompts_are_never_written(sp_home, sp_store):
     for emb in (torch.full((2, H), float("nan")), torch.zeros(0, H)):
         with pytest.raises(store.InvalidPrompt):
-            store.save_prompt(store.prompt_path("p"), emb, {})
+            sp_store.save_prompt(("p"), emb, {})
     with pytest.raises(store.InvalidPrompt, match="metrics"):
-        store.save_prompt(store.prompt_path("p"), torch.ones(2, H), {"metrics": "x"})
-    assert store.list_prompts() == [] and leftovers(store.prompts_dir()) == []
+        sp_store.save_prompt(("p"), torch.ones(2, H), {"metrics": "x"})
+    assert sp_store.list_prompts() == [] and leftovers(sp_store.prompts_dir()) == []
     # a diverged loss is no number: written as null (JSON has no NaN), the prompt itself is kept
-    store.save_prompt(store.prompt_path("p"), torch.ones(2, H), {"metrics": {"final_train_loss": float("nan")}})
-    assert store.load_prompt("p").meta == {"metrics": {"final_train_loss": None}}
+    sp_store.save_prompt(("p"), torch.ones(2, H), {"metrics": {"final_train_loss": float("nan")}})
+    assert sp_store.load_prompt("p").meta == {"metrics": {"final_train_loss": None}}
 
 
 def test_a_name_with_a_trailing_newline_is_refused(sp_home):
@@ -119,39 +119,39 @@ def test_a_name_with_a_trailing_newline_is_refused(sp_home):
     assert store.check_name("x") == "x"
 
 
-def plant_invalid(name: str, tmp_path: Path) -> None:
+def plant_invalid(st, name: str, tmp_path: Path) -> None:
     """Write an invalid prompt into the store behind the validator's back (as older versions did)."""
     d = good_dir(tmp_path / name)
     edit_json(store.META, meta_with(metrics="x"))(d.resolve())
-    store.prompt_path(name).symlink_to(d.resolve())
+    st.prompt_path(name).symlink_to(d.resolve())
 
 
-def test_one_invalid_entry_never_breaks_the_registry(sp_home, tmp_path, capsys):
-    good_dir(store.prompt_path("good"))
-    plant_invalid("bad", tmp_path)
-    assert store.list_prompts() == ["bad", "good"]
-    s = store.prompt_summary("bad")
+def test_one_invalid_entry_never_breaks_the_registry(sp_home, tmp_path, capsys, cli_main, sp_store):
+    good_dir(sp_store.prompt_path("good"))
+    plant_invalid(sp_store, "bad", tmp_path)
+    assert sp_store.list_prompts() == ["bad", "good"]
+    s = sp_store.prompt_summary("bad")
     assert s["status"] == "invalid" and "softprompt.json:metrics" in s["reason"]
-    assert store.prompt_summary("good")["status"] == "ok"
-    assert cli.main(["prompts", "list"]) == 0
+    assert sp_store.prompt_summary("good")["status"] == "ok"
+    assert cli_main(["prompts", "list"]) == 0
     out = capsys.readouterr().out
     assert "good " in out and "INVALID" in out and "metrics" in out
-    assert cli.main(["prompts", "rm", "bad"]) == 0 and store.list_prompts() == ["good"]
+    assert cli_main(["prompts", "rm", "bad"]) == 0 and sp_store.list_prompts() == ["good"]
 
 
-def test_legacy_plain_directories_and_their_leftovers(sp_home, tmp_path):
-    root = store.prompts_dir()
+def test_legacy_plain_directories_and_their_leftovers(sp_home, tmp_path, sp_store):
+    root = sp_store.prompts_dir()
     root.mkdir(parents=True)
     os.replace(good_dir(tmp_path / "x").resolve(), root / "old")  # a plain directory, as stored before versions
     for junk in (".old.tmp-abcd1234", ".old.old-12345", ".gone.rm-77"):
         (root / junk).mkdir()
         os.utime(root / junk, (time.time() - 3600, time.time() - 3600))
     store._SWEPT.clear()
-    assert store.list_prompts() == ["old"]
-    assert store.load_prompt("old").meta["value"] == 0.5 and not (root / "old").is_symlink()
+    assert sp_store.list_prompts() == ["old"]
+    assert sp_store.load_prompt("old").meta["value"] == 0.5 and not (root / "old").is_symlink()
     assert not any(j in os.listdir(root) for j in (".old.tmp-abcd1234", ".old.old-12345", ".gone.rm-77"))
     good_dir(root / "old", value=0.25)  # replacing it moves it into the versioned layout
-    assert (root / "old").is_symlink() and store.load_prompt("old").meta["value"] == 0.25
+    assert (root / "old").is_symlink() and sp_store.load_prompt("old").meta["value"] == 0.25
     assert leftovers(root) == []
 
 
@@ -179,7 +179,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- concurrency and crashes
 
 
-def test_ten_parallel_writes_of_one_name_each_succeed_or_are_busy(sp_home, tmp_path):
+def test_ten_parallel_writes_of_one_name_each_succeed_or_are_busy(sp_home, tmp_path, sp_store):
     srcs = [good_dir(tmp_path / f"s{i}", n=1 + i, value=float(i)).resolve() for i in range(10)]
     results: list = [None] * 10
     go = threading.Barrier(10)
@@ -187,7 +187,7 @@ def test_ten_parallel_writes_of_one_name_each_succeed_or_are_busy(sp_home, tmp_p
     def write(i):
         go.wait()
         try:
-            results[i] = store.import_prompt(srcs[i], "same", overwrite=True).meta["value"]
+            results[i] = sp_store.import_prompt(srcs[i], "same", overwrite=True).meta["value"]
         except durable.Busy as e:
             results[i] = e
 
@@ -197,20 +197,20 @@ def test_ten_parallel_writes_of_one_name_each_succeed_or_are_busy(sp_home, tmp_p
     for t in threads:
         t.join()
     assert all(isinstance(r, (float, durable.Busy)) for r in results), results
-    sp = store.load_prompt("same")
+    sp = sp_store.load_prompt("same")
     v = sp.meta["value"]
     assert v in [float(i) for i in range(10)] and sp.num_virtual_tokens == 1 + int(v)
     assert torch.equal(sp.embeddings, torch.full((1 + int(v), H), v))  # whole: tensor and metadata agree
-    assert leftovers(store.prompts_dir()) == []
+    assert leftovers(sp_store.prompts_dir()) == []
 
 
-def test_a_writer_that_cannot_get_the_lock_is_told_busy(sp_home, monkeypatch):
-    good_dir(store.prompt_path("p"))
+def test_a_writer_that_cannot_get_the_lock_is_told_busy(sp_home, monkeypatch, sp_store):
+    good_dir(sp_store.prompt_path("p"))
     monkeypatch.setattr(durable, "LOCK_WAIT_S", 0.05)
-    with durable.locked(store.prompt_path("p")):
+    with durable.locked(sp_store.prompt_path("p")):
         with pytest.raises(durable.Busy, match="try again"):
-            good_dir(store.prompt_path("p"), value=2.0)
-    assert store.load_prompt("p").meta["value"] == 0.5
+            good_dir(sp_store.prompt_path("p"), value=2.0)
+    assert sp_store.load_prompt("p").meta["value"] == 0.5
 
 
 WORKER = r"""
@@ -219,7 +219,8 @@ import torch
 from safetensors.torch import save
 from softprompt import store
 from softprompt.serve.uploads import install_prompt
-fp = json.loads(sys.argv[1])
+from softprompt.store import Store
+fp, ST = json.loads(sys.argv[1]), Store(sys.argv[2])
 def files(n, v):
     meta = {"base_model": {"name": "stub", "fingerprint": fp}, "value": v, "n": n}
     cfg = store.adapter_config(n, fp["hidden_size"], "stub")
@@ -230,12 +231,12 @@ def uploads(k):
     while True:
         n, v = rng.randint(1, 8), rng.randint(1, 1000) / 8
         try:
-            install_prompt(f"p{rng.randint(0, 2)}", files(n, v), fp, "stub", False, 10**7, 64)
+            install_prompt(ST, f"p{rng.randint(0, 2)}", files(n, v), fp, "stub", False, 10**7, 64)
         except Exception as e:  # only "busy" is acceptable
             if getattr(e, "status", None) != 409:
                 raise
 def checkpoints():
-    ckpt = store.home() / "runs" / "r" / "checkpoint"
+    ckpt = ST.home / "runs" / "r" / "checkpoint"
     while True:
         store.save_checkpoint(ckpt, {"w": torch.randn(64, 64)}, {"epoch": 1})
 threads = [threading.Thread(target=uploads, args=(k,), daemon=True) for k in range(4)]
@@ -249,11 +250,13 @@ for t in threads:
 
 CHECK = r"""
 import json, torch
-from softprompt import store
+import sys
+from softprompt.store import Store
+ST = Store(sys.argv[1])
 out = {}
-for name in store.list_prompts():
-    s = store.prompt_summary(name)
-    sp = store.load_prompt(name)
+for name in ST.list_prompts():
+    s = ST.prompt_summary(name)
+    sp = ST.load_prompt(name)
     out[name] = [s["status"], sp.meta["value"], sp.meta["n"], bool(torch.equal(sp.embeddings, torch.full((sp.meta["n"], 16), sp.meta["value"])))]
 print(json.dumps(out))
 """
@@ -261,11 +264,11 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_kill_9_during_parallel_writes_leaves_only_whole_prompts_and_no_leftovers(sp_home, tmp_path):
-    env = {**os.environ, "SOFTPROMPT_HOME": str(sp_home), "TMPDIR": str(tmp_path / "tmp")}
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
     staged = 0
     for _ in range(3):
-        procs = [subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(FP)], env=env, stdout=subprocess.PIPE,
+        procs = [subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(FP), str(sp_home)], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
         for p in procs:
             assert p.stdout.readline().strip() == "ready", p.stderr.read()
@@ -276,7 +279,7 @@ def test_kill_9_during_parallel_writes_leaves_only_whole_prompts_and_no_leftover
             p.wait()
         staged += len(os.listdir(tmp_path / "tmp"))
     assert staged > 0  # the kills did land mid-upload (the sweep below has work to do)
-    res = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", CHECK, str(sp_home)], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     listed = json.loads(res.stdout)
     assert listed and set(listed) <= {"p0", "p1", "p2"}
@@ -290,7 +293,8 @@ CONVERT = r"""
 import sys, time
 from pathlib import Path
 from softprompt import models
-tiny, log = sys.argv[1], sys.argv[2]
+from softprompt.store import Store
+tiny, log, home = sys.argv[1], sys.argv[2], sys.argv[3]
 def fake_dequantise(gguf):  # the real one reads a 100 MB GGUF; the lock and the publishing are what is tested
     with open(log, "a") as f:
         f.write("converted\n")
@@ -299,15 +303,14 @@ def fake_dequantise(gguf):  # the real one reads a 100 MB GGUF; the lock and the
     return AutoModelForCausalLM.from_pretrained(tiny), AutoTokenizer.from_pretrained(tiny)
 models._dequantise = fake_dequantise
 models._gguf_path = lambda name: Path(tiny) / "model.gguf"
-print(models.load("smollm2-135m").fingerprint["embedding_sha256"])
+print(models.load("smollm2-135m", store=Store(home)).fingerprint["embedding_sha256"])
 """
 
 
 @pytest.mark.slow
 def test_two_processes_converting_the_model_at_once_both_succeed(tiny_model_dir, sp_home, tmp_path):
-    env = {**os.environ, "SOFTPROMPT_HOME": str(sp_home)}
     log = tmp_path / "conversions.log"
-    procs = [subprocess.Popen([sys.executable, "-c", CONVERT, str(tiny_model_dir("llama")), str(log)], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", CONVERT, str(tiny_model_dir("llama")), str(log), str(sp_home)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
@@ -318,16 +321,16 @@ def test_two_processes_converting_the_model_at_once_both_succeed(tiny_model_dir,
 
 @pytest.mark.slow
 def test_two_processes_converting_the_real_default_model_both_succeed(tmp_path):
-    env = {**os.environ, "SOFTPROMPT_HOME": str(tmp_path / "home")}
-    code = "from softprompt import models; print(models.resolve(None)[1])"
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    code = ("import sys; from softprompt import models; from softprompt.store import Store; "
+            "print(models.resolve(None, Store(sys.argv[1]))[1])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "home")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     assert outs[0][0] == outs[1][0] and (Path(outs[0][0].strip()) / "config.json").is_file()
 
 
-def test_uploaded_bytes_are_refused_before_a_store_write(sp_home):
+def test_uploaded_bytes_are_refused_before_a_store_write(sp_home, sp_store):
     """A safetensors body with NaN, sent as files: no version directory is ever created."""
     from softprompt.serve.protocol import ApiError
     from softprompt.serve.uploads import install_prompt
@@ -335,6 +338,6 @@ def test_uploaded_bytes_are_refused_before_a_store_write(sp_home):
     files = {store.CONFIG: json.dumps(store.adapter_config(2, H, "m")).encode(),
              store.TENSORS: save({store.PROMPT_KEY: torch.full((2, H), float("nan"))})}
     with pytest.raises(ApiError) as e:
-        install_prompt("nan", files, FP, "m", False, 10**6, 64)
+        install_prompt(sp_store, "nan", files, FP, "m", False, 10**6, 64)
     assert e.value.status == 422 and e.value.param == "adapter_model.safetensors:prompt_embeddings"
-    assert store.list_prompts() == [] and leftovers(store.prompts_dir()) == []
+    assert sp_store.list_prompts() == [] and leftovers(sp_store.prompts_dir()) == []

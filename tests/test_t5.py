@@ -13,8 +13,8 @@ import json
 import pytest
 import torch
 
-from softprompt import cli, models, store
 from softprompt import data as D
+from softprompt import models
 from softprompt.config import DataConfig, GenerateConfig, PromptConfig, TrainConfig
 from softprompt.forward import prompt_loss, seq2seq, sequence_logprobs
 from softprompt.inference.engine import Engine, GenerateRequest, ScoreRequest
@@ -55,8 +55,8 @@ def test_loss_and_scores_equal_t5_on_each_row(t5, toy_csv):
     assert loss.item() == pytest.approx(total / count, abs=1e-5)
 
 
-def test_generation_equals_hf_generate_plain_and_prompted(t5):
-    eng = Engine(t5)
+def test_generation_equals_hf_generate_plain_and_prompted(t5, sp_store):
+    eng = Engine(t5, store=sp_store)
     p = rand_prompt(t5, 5)
     eng.add_prompt("p", p)
     text, n = "the movie was good", 6
@@ -73,8 +73,8 @@ def test_generation_equals_hf_generate_plain_and_prompted(t5):
     assert ours[1].token_ids == prompted[: len(ours[1].token_ids)]
 
 
-def test_mixed_batch_equals_single_runs(t5):
-    eng = Engine(t5)
+def test_mixed_batch_equals_single_runs(t5, sp_store):
+    eng = Engine(t5, store=sp_store)
     eng.add_prompt("a", rand_prompt(t5, 3, 1))
     eng.add_prompt("b", rand_prompt(t5, 7, 2))
     reqs = [GenerateRequest("the movie was", "a", GenerateConfig(max_new_tokens=3)),
@@ -92,19 +92,19 @@ def test_mixed_batch_equals_single_runs(t5):
         torch.testing.assert_close(torch.tensor(m.logprobs), torch.tensor(eng.score([r])[0].logprobs), atol=1e-5, rtol=0)
 
 
-def test_training_lowers_the_loss_and_eval_runs(t5, toy_csv, capsys):
+def test_training_lowers_the_loss_and_eval_runs(t5, toy_csv, capsys, cli_main, sp_store):
     dcfg = DataConfig(path=str(toy_csv), template=TEMPLATE, target_column="label", verbalizer={"0": "bad", "1": "good"})
     res = TR.train(t5, dcfg, PromptConfig(num_virtual_tokens=4, init="vocab"),
-                      TrainConfig(epochs=3, batch_size=8, lr=0.3, patience=None), name="t5toy")
+                      TrainConfig(epochs=3, batch_size=8, lr=0.3, patience=None), name="t5toy", store=sp_store)
     losses = [e["train_loss"] for e in res.epochs]
     assert losses[-1] < losses[0] and res.path is not None
-    code = cli.main(["eval", "--model", str(t5.path), "--prompt", "t5toy", "--data", str(toy_csv), "--limit", "8"])
+    code = cli_main(["eval", "--model", str(t5.path), "--prompt", "t5toy", "--data", str(toy_csv), "--limit", "8"])
     out = capsys.readouterr().out
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["n"] == 8
-    assert store.load_prompt("t5toy").meta["template"] == TEMPLATE
+    assert sp_store.load_prompt("t5toy").meta["template"] == TEMPLATE
 
 
-def test_saved_t5_prompt_is_a_seq2seq_peft_adapter_with_our_scores(t5, tiny_model_dir, toy_csv):
+def test_saved_t5_prompt_is_a_seq2seq_peft_adapter_with_our_scores(t5, tiny_model_dir, toy_csv, sp_store):
     """A T5 prompt is written as a SEQ_2_SEQ_LM adapter; PEFT puts it in front of the encoder
     input, as we do, so PEFT's loss on one row equals ours."""
     pytest.importorskip("peft")
@@ -112,7 +112,7 @@ def test_saved_t5_prompt_is_a_seq2seq_peft_adapter_with_our_scores(t5, tiny_mode
     from transformers import T5ForConditionalGeneration
 
     p = rand_prompt(t5, 4)
-    path = store.save_prompt(store.prompt_path("t5p"), p, {}, str(tiny_model_dir("t5")), t5.model.config)
+    path = sp_store.save_prompt(("t5p"), p, {}, str(tiny_model_dir("t5")), t5.model.config)
     cfg = json.loads((path / "adapter_config.json").read_text())
     assert cfg["task_type"] == "SEQ_2_SEQ_LM" and cfg["num_transformer_submodules"] == 1
     base = T5ForConditionalGeneration.from_pretrained(str(tiny_model_dir("t5")), local_files_only=True)

@@ -26,17 +26,17 @@ def target_cfg(csv, **kw) -> DataConfig:
     )
 
 
-def test_base_weights_unchanged_bit_for_bit(tiny_lm, toy_csv):
+def test_base_weights_unchanged_bit_for_bit(tiny_lm, toy_csv, sp_store):
     before = {k: v.detach().clone() for k, v in tiny_lm.model.state_dict().items()}
     res = TR.train(
         tiny_lm,
         target_cfg(toy_csv, limit=24),
         PromptConfig(num_virtual_tokens=4),
         TrainConfig(epochs=1, batch_size=8, lr=0.3),
-        name="weights",
+        name="weights", store=sp_store
     )
     assert res.stopped == "completed" and len(res.history) >= 2
-    init = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4), target_cfg(toy_csv), 0)
+    init = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4), target_cfg(toy_csv), 0, store=sp_store)
     assert not torch.equal(res.prompt, init)  # the prompt did move
     after = tiny_lm.model.state_dict()
     assert set(after) == set(before)
@@ -47,7 +47,7 @@ def test_base_weights_unchanged_bit_for_bit(tiny_lm, toy_csv):
 
 
 @pytest.mark.slow
-def test_loss_goes_down_and_accuracy_goes_up(tiny_lm, toy_csv):
+def test_loss_goes_down_and_accuracy_goes_up(tiny_lm, toy_csv, sp_store):
     lm = sharpen(tiny_lm)
     cfg = target_cfg(toy_csv, dev_fraction=0.0)
     # fp32: the same run on every machine (auto picks bf16 where the CPU has it; test_precision.py covers bf16)
@@ -67,8 +67,8 @@ def test_loss_goes_down_and_accuracy_goes_up(tiny_lm, toy_csv):
         acc = metrics.accuracy_report(scores, probe, list(VERB))["accuracy"]
         return float(margin), acc
 
-    before = quality(TR.initial_prompt(lm, pcfg, cfg, tcfg.seed))
-    res = TR.train(lm, cfg, pcfg, tcfg, save=False)
+    before = quality(TR.initial_prompt(lm, pcfg, cfg, tcfg.seed, store=sp_store))
+    res = TR.train(lm, cfg, pcfg, tcfg, save=False, store=sp_store)
     after = quality(res.prompt)
     losses = [e["train_loss"] for e in res.epochs]
     assert len(losses) == 5 and all(math.isfinite(v) for v in losses)
@@ -78,7 +78,7 @@ def test_loss_goes_down_and_accuracy_goes_up(tiny_lm, toy_csv):
     assert after[1] > before[1]
 
 
-def test_loss_goes_down_lm_mode_plain_tiny_model(tiny_lm, tmp_path):
+def test_loss_goes_down_lm_mode_plain_tiny_model(tiny_lm, tmp_path, sp_store):
     """LM mode on one repeated sentence with the unmodified tiny model."""
     p = tmp_path / "rep.csv"
     p.write_text("text\n" + "the movie was good and the actors were great\n" * 16)
@@ -87,7 +87,7 @@ def test_loss_goes_down_lm_mode_plain_tiny_model(tiny_lm, tmp_path):
         DataConfig(path=str(p), text_column="text", dev_fraction=0.0),
         PromptConfig(num_virtual_tokens=4),
         TrainConfig(epochs=4, batch_size=8, lr=0.3, patience=None),
-        save=False,
+        save=False, store=sp_store
     )
     losses = [e["train_loss"] for e in res.epochs]
     # near-uniform model (ln 320 = 5.77): the prompt can only move the loss a little; observed ~0.1
@@ -96,19 +96,19 @@ def test_loss_goes_down_lm_mode_plain_tiny_model(tiny_lm, tmp_path):
 
 
 @pytest.mark.slow
-def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch):
+def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch, sp_store):
     cfg = target_cfg(toy_csv, limit=24)  # 22 train rows, 2 dev rows (eval with accuracy each epoch)
     pcfg = PromptConfig(num_virtual_tokens=4)
     tcfg = TrainConfig(epochs=4, batch_size=8, lr=0.3, patience=2)
-    full = TR.train(tiny_lm, cfg, pcfg, tcfg, name="full")
+    full = TR.train(tiny_lm, cfg, pcfg, tcfg, name="full", store=sp_store)
     assert full.stopped == "completed" and len(full.epochs) == 4 and full.n_eval > 0
 
     undo = interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        TR.train(tiny_lm, cfg, pcfg, tcfg, name="part")
+        TR.train(tiny_lm, cfg, pcfg, tcfg, name="part", store=sp_store)
     undo()
-    assert "part" not in store.list_prompts()  # nothing half-written in the store
-    ckpt = store.load_checkpoint(TR.runs_dir("part") / "checkpoint")
+    assert "part" not in sp_store.list_prompts()  # nothing half-written in the store
+    ckpt = store.load_checkpoint(sp_store.run_dir("part") / "checkpoint")
     assert ckpt is not None and ckpt[1]["epoch"] == 2
 
     with pytest.raises(UserError, match="differ"):
@@ -118,19 +118,19 @@ def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch):
             pcfg,
             TrainConfig(epochs=4, batch_size=8, lr=0.2, patience=2),
             name="part",
-            resume=True,
+            resume=True, store=sp_store
         )
-    resumed = TR.train(tiny_lm, cfg, pcfg, tcfg, name="part", resume=True)
+    resumed = TR.train(tiny_lm, cfg, pcfg, tcfg, name="part", resume=True, store=sp_store)
 
     assert resumed.stopped == full.stopped
     assert torch.equal(resumed.prompt, full.prompt)
     assert resumed.history == full.history and len(full.history) == 4 * 3
     assert resumed.epochs == full.epochs
     assert resumed.best == full.best
-    assert torch.equal(store.load_prompt("part").embeddings, store.load_prompt("full").embeddings)
+    assert torch.equal(sp_store.load_prompt("part").embeddings, sp_store.load_prompt("full").embeddings)
 
 
-def test_resuming_an_early_stopped_run_changes_nothing(tiny_lm, toy_csv, monkeypatch):
+def test_resuming_an_early_stopped_run_changes_nothing(tiny_lm, toy_csv, monkeypatch, sp_store):
     def scripted_evaluator(*args, **kwargs):
         calls = {"n": 0}
 
@@ -143,14 +143,14 @@ def test_resuming_an_early_stopped_run_changes_nothing(tiny_lm, toy_csv, monkeyp
     monkeypatch.setattr(TR, "make_evaluator", scripted_evaluator)
     cfg, pcfg = target_cfg(toy_csv, limit=16), PromptConfig(num_virtual_tokens=4)
     tcfg = TrainConfig(epochs=4, batch_size=8, patience=1)
-    full = TR.train(tiny_lm, cfg, pcfg, tcfg, name="early")
+    full = TR.train(tiny_lm, cfg, pcfg, tcfg, name="early", store=sp_store)
     assert full.stopped == "early-stopped" and len(full.epochs) == 2
-    again = TR.train(tiny_lm, cfg, pcfg, tcfg, name="early", resume=True)
+    again = TR.train(tiny_lm, cfg, pcfg, tcfg, name="early", resume=True, store=sp_store)
     assert again.stopped is StopReason.EARLY_STOPPED  # read back from the checkpoint as the enum
     assert again.history == full.history and torch.equal(again.prompt, full.prompt)
 
 
-def test_resume_without_checkpoint_is_a_user_error(tiny_lm, toy_csv):
+def test_resume_without_checkpoint_is_a_user_error(tiny_lm, toy_csv, sp_store):
     with pytest.raises(UserError, match="no checkpoint"):
         TR.train(
             tiny_lm,
@@ -158,12 +158,12 @@ def test_resume_without_checkpoint_is_a_user_error(tiny_lm, toy_csv):
             PromptConfig(num_virtual_tokens=2),
             TrainConfig(epochs=1),
             name="never",
-            resume=True,
+            resume=True, store=sp_store
         )
-    assert store.list_prompts() == []
+    assert sp_store.list_prompts() == []
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_prompt(tiny_lm, toy_csv, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_prompt(tiny_lm, toy_csv, monkeypatch, sp_store):
     seen: list[torch.Tensor] = []
     real = methods.PromptMethod.loss
 
@@ -180,7 +180,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_prompt(tiny_lm, toy_csv, monk
         target_cfg(toy_csv, dev_fraction=0.0),
         PromptConfig(num_virtual_tokens=4),
         TrainConfig(epochs=2, batch_size=8, lr=0.3),
-        name="nan",
+        name="nan", store=sp_store
     )
     assert res.stopped == "non-finite loss"
     assert len(seen) == 3 and len(res.history) == 2
@@ -188,11 +188,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_prompt(tiny_lm, toy_csv, monk
     assert torch.isfinite(res.prompt).all()
     # the kept prompt is the state right before the failing step (after the 2 good steps)
     assert torch.equal(res.prompt, seen[2])
-    assert torch.equal(store.load_prompt("nan").embeddings, seen[2])
-    assert store.load_prompt("nan").meta["metrics"]["stopped"] == "non-finite loss"
+    assert torch.equal(sp_store.load_prompt("nan").embeddings, seen[2])
+    assert sp_store.load_prompt("nan").meta["metrics"]["stopped"] == "non-finite loss"
 
 
-def test_non_finite_loss_with_eval_keeps_the_best_evaluated_prompt(tiny_lm, toy_csv, monkeypatch):
+def test_non_finite_loss_with_eval_keeps_the_best_evaluated_prompt(tiny_lm, toy_csv, monkeypatch, sp_store):
     seen: list[torch.Tensor] = []
     real = methods.PromptMethod.loss
 
@@ -209,7 +209,7 @@ def test_non_finite_loss_with_eval_keeps_the_best_evaluated_prompt(tiny_lm, toy_
         target_cfg(toy_csv),
         PromptConfig(num_virtual_tokens=4),
         TrainConfig(epochs=3, batch_size=8, lr=0.3),
-        save=False,
+        save=False, store=sp_store
     )
     assert res.stopped == "non-finite loss" and res.n_eval == 4
     assert len(res.epochs) == 1 and res.best is not None and len(res.history) == 6
@@ -217,17 +217,17 @@ def test_non_finite_loss_with_eval_keeps_the_best_evaluated_prompt(tiny_lm, toy_
     assert torch.equal(res.prompt, seen[6])
 
 
-def test_fast_and_naive_forward_train_alike(tiny_lm, toy_csv):
+def test_fast_and_naive_forward_train_alike(tiny_lm, toy_csv, sp_store):
     """TrainConfig.fast_forward only changes speed: a few steps give the same prompt."""
     cfg = target_cfg(toy_csv, limit=16, dev_fraction=0.0)
     pcfg = PromptConfig(num_virtual_tokens=4)
     fast = TR.train(
-        tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, fast_forward=True, precision="fp32"), save=False
+        tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, fast_forward=True, precision="fp32"), save=False, store=sp_store
     )
     naive = TR.train(
-        tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, fast_forward=False, precision="fp32"), save=False
+        tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, fast_forward=False, precision="fp32"), save=False, store=sp_store
     )
-    init = TR.initial_prompt(tiny_lm, pcfg, cfg, 0)
+    init = TR.initial_prompt(tiny_lm, pcfg, cfg, 0, store=sp_store)
     moved = float((fast.prompt - init).norm())
     assert moved > 0
     assert float((fast.prompt - naive.prompt).norm()) < 1e-3 * moved
@@ -235,12 +235,12 @@ def test_fast_and_naive_forward_train_alike(tiny_lm, toy_csv):
         assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(b["loss"])
 
 
-def test_grad_accum_groups_micro_batches_into_one_step(tiny_lm, toy_csv):
+def test_grad_accum_groups_micro_batches_into_one_step(tiny_lm, toy_csv, sp_store):
     """grad_accum=2 halves the optimiser steps and each step sees both micro-batches' tokens."""
     cfg = target_cfg(toy_csv, limit=16, dev_fraction=0.0)
     pcfg = PromptConfig(num_virtual_tokens=4)
-    a = TR.train(tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, grad_accum=1), save=False)
-    b = TR.train(tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, grad_accum=2), save=False)
+    a = TR.train(tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, grad_accum=1), save=False, store=sp_store)
+    b = TR.train(tiny_lm, cfg, pcfg, TrainConfig(epochs=1, batch_size=4, grad_accum=2), save=False, store=sp_store)
     assert len(a.history) == 4 and len(b.history) == 2
     assert sum(h["tokens"] for h in a.history) == sum(h["tokens"] for h in b.history) > 0
     assert not torch.equal(a.prompt, b.prompt)

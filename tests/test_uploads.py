@@ -26,12 +26,12 @@ MAX_N = 16  # the server's --max-prompt-tokens in these tests
 
 
 @pytest.fixture
-def http(tiny_lm):
+def http(tiny_lm, sp_store):
     from fastapi.testclient import TestClient
 
     from softprompt.serve.app import ServerConfig, create_app
 
-    app = create_app(Engine(tiny_lm), ServerConfig(model_id="tiny", max_prompt_tokens=MAX_N))
+    app = create_app(Engine(tiny_lm, store=sp_store), ServerConfig(model_id="tiny", max_prompt_tokens=MAX_N))
     with TestClient(app) as c:
         yield c
 
@@ -84,7 +84,7 @@ def corrupt_member(data: bytes, stored: bool) -> bytes:
     return bytes(b)
 
 
-def test_malformed_uploads_get_422_naming_the_field(http, tiny_lm, tmp_path):
+def test_malformed_uploads_get_422_naming_the_field(http, tiny_lm, tmp_path, sp_store):
     H = tiny_lm.hidden_size
     fp = tiny_lm.fingerprint
     cases = {  # the reproducers, each -> the field the answer must name
@@ -110,10 +110,10 @@ def test_malformed_uploads_get_422_naming_the_field(http, tiny_lm, tmp_path):
         r = http.put("/v1/prompts/bad", content=zipped(d))
         assert r.status_code == 422 and r.json()["error"]["param"] == field, (field, r.text)
         assert field in r.json()["error"]["message"] and str(d) not in r.text
-    assert "bad" not in store.list_prompts() and http.get("/v1/prompts/bad").status_code == 404
+    assert "bad" not in sp_store.list_prompts() and http.get("/v1/prompts/bad").status_code == 404
 
 
-def test_damaged_zips_get_400_naming_the_member(http, tiny_lm, tmp_path):
+def test_damaged_zips_get_400_naming_the_member(http, tiny_lm, tmp_path, sp_store):
     src = prompt_dir(tiny_lm, tmp_path / "ok")
     stored = io.BytesIO()
     with zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as z:
@@ -129,20 +129,20 @@ def test_damaged_zips_get_400_naming_the_member(http, tiny_lm, tmp_path):
         r = http.put("/v1/prompts/bad", content=data)
         assert r.status_code == 400, (what, r.text)
         assert r.json()["error"]["code"] == "invalid_upload" and "adapter_" in r.json()["error"]["message"], what
-    assert "bad" not in store.list_prompts()
+    assert "bad" not in sp_store.list_prompts()
 
 
-def test_a_name_with_a_newline_is_refused(http, tiny_lm, tmp_path):
+def test_a_name_with_a_newline_is_refused(http, tiny_lm, tmp_path, sp_store):
     r = http.put("/v1/prompts/x%0A", content=zipped(prompt_dir(tiny_lm, tmp_path / "ok")))
     assert r.status_code == 400 and r.json()["error"]["param"] == "name"
-    assert store.list_prompts() == [] and not (store.prompts_dir() / "x\n").exists()
+    assert sp_store.list_prompts() == [] and not (sp_store.prompts_dir() / "x\n").exists()
 
 
-def test_an_invalid_entry_is_listed_and_the_rest_served(http, tiny_lm, tmp_path):
+def test_an_invalid_entry_is_listed_and_the_rest_served(http, tiny_lm, tmp_path, sp_store):
     http.put("/v1/prompts/good", content=zipped(prompt_dir(tiny_lm, tmp_path / "good")))
     bad = prompt_dir(tiny_lm, tmp_path / "bad")  # stored behind the validator's back, as before
     rewrite(bad, store.META, json.dumps({"metrics": "x"}))
-    store.prompt_path("bad").symlink_to(bad)
+    sp_store.prompt_path("bad").symlink_to(bad)
     r = http.get("/v1/prompts")
     assert r.status_code == 200
     entries = {e["id"]: e for e in r.json()["data"]}
@@ -151,7 +151,7 @@ def test_an_invalid_entry_is_listed_and_the_rest_served(http, tiny_lm, tmp_path)
     assert http.get("/v1/prompts/bad").json()["status"] == "invalid"
     nan = prompt_dir(tiny_lm, tmp_path / "nan")
     rewrite(nan, store.TENSORS, tensor=torch.full((3, tiny_lm.hidden_size), float("nan")))
-    store.prompt_path("nan").symlink_to(nan)
+    sp_store.prompt_path("nan").symlink_to(nan)
     assert http.get("/v1/prompts/nan").json()["status"] == "invalid"
     for name, temperature in (("bad", 0), ("nan", 1.0)):  # refused when loaded, before any model work
         body = {"model": name, "prompt": "the movie", "max_tokens": 2, "temperature": temperature}
@@ -164,7 +164,7 @@ def test_an_invalid_entry_is_listed_and_the_rest_served(http, tiny_lm, tmp_path)
     assert [e["id"] for e in http.get("/v1/prompts").json()["data"]] == ["good"]
 
 
-def test_ten_parallel_uploads_of_one_name_answer_2xx_or_409(http, tiny_lm, tmp_path):
+def test_ten_parallel_uploads_of_one_name_answer_2xx_or_409(http, tiny_lm, tmp_path, sp_store):
     bodies = [zipped(prompt_dir(tiny_lm, tmp_path / f"p{i}", n=1 + i, value=i / 10)) for i in range(10)]
     status: list[int] = [0] * 10
     go = threading.Barrier(10)
@@ -179,16 +179,16 @@ def test_ten_parallel_uploads_of_one_name_answer_2xx_or_409(http, tiny_lm, tmp_p
     for t in threads:
         t.join()
     assert set(status) <= {200, 201, 409} and 201 in status, status
-    sp = store.load_prompt("same")
+    sp = sp_store.load_prompt("same")
     i = round(sp.meta["value"] * 10)
     assert sp.num_virtual_tokens == 1 + i and torch.equal(sp.embeddings, torch.full((1 + i, tiny_lm.hidden_size), i / 10))
     assert http.put("/v1/prompts/same", content=bodies[0]).status_code == 200  # the name still takes uploads
 
 
-def test_an_upload_that_waits_too_long_for_the_name_gets_409(http, tiny_lm, tmp_path, monkeypatch):
+def test_an_upload_that_waits_too_long_for_the_name_gets_409(http, tiny_lm, tmp_path, monkeypatch, sp_store):
     body = zipped(prompt_dir(tiny_lm, tmp_path / "p"))
     monkeypatch.setattr(durable, "LOCK_WAIT_S", 0.05)
-    with durable.locked(store.prompt_path("held")):
+    with durable.locked(sp_store.prompt_path("held")):
         r = http.put("/v1/prompts/held", content=body)
     assert r.status_code == 409 and r.json()["error"]["code"] == "busy"
     assert http.put("/v1/prompts/held", content=body).status_code == 201
@@ -211,13 +211,13 @@ def no_path(text: str, home: Path) -> bool:
     return str(home) not in text and str(home.resolve()) not in text and "/prompts/" not in text
 
 
-def test_a_put_racing_a_delete_answers_2xx_or_409_and_names_no_path(http, tiny_lm, tmp_path, sp_home, monkeypatch):
+def test_a_put_racing_a_delete_answers_2xx_or_409_and_names_no_path(http, tiny_lm, tmp_path, sp_home, monkeypatch, sp_store):
     body = zipped(prompt_dir(tiny_lm, tmp_path / "p"))
     real = store.write_dir_atomic
 
     def deleted_right_after(target, *a, **kw):  # a DELETE lands between the write and the store's re-read
         out = real(target, *a, **kw)
-        store.remove_prompt(Path(target).name)
+        sp_store.remove_prompt(Path(target).name)
         return out
 
     monkeypatch.setattr(store, "write_dir_atomic", deleted_right_after)
@@ -249,14 +249,14 @@ def test_a_put_racing_a_delete_answers_2xx_or_409_and_names_no_path(http, tiny_l
     assert all(no_path(t, sp_home) for t in texts) and set(listed) <= {"ok"}, listed
 
 
-def test_a_prompt_being_deleted_is_listed_whole_or_not_at_all(http, tiny_lm, tmp_path, monkeypatch):
+def test_a_prompt_being_deleted_is_listed_whole_or_not_at_all(http, tiny_lm, tmp_path, monkeypatch, sp_store):
     for name in ("a", "gone"):
         assert http.put(f"/v1/prompts/{name}", content=zipped(prompt_dir(tiny_lm, tmp_path / name))).status_code == 201
     real = store.read_prompt_dir
 
     def deleted_while_read(path, name=None, *a, **kw):  # the DELETE runs while the listing reads the prompt
-        if name == "gone" and store.prompt_path("gone").is_dir():
-            store.remove_prompt("gone")
+        if name == "gone" and sp_store.prompt_path("gone").is_dir():
+            sp_store.remove_prompt("gone")
         return real(path, name, *a, **kw)
 
     monkeypatch.setattr(store, "read_prompt_dir", deleted_while_read)
@@ -266,11 +266,11 @@ def test_a_prompt_being_deleted_is_listed_whole_or_not_at_all(http, tiny_lm, tmp
     assert r.status_code == 404 and r.json()["error"]["code"] == "prompt_not_found", r.text
 
 
-def test_no_registry_error_names_a_server_path(http, tiny_lm, tmp_path, sp_home):
+def test_no_registry_error_names_a_server_path(http, tiny_lm, tmp_path, sp_home, sp_store):
     good = prompt_dir(tiny_lm, tmp_path / "good")
     broken = prompt_dir(tiny_lm, tmp_path / "broken")  # stored behind the validator's back, then damaged
-    store.prompts_dir().mkdir(parents=True, exist_ok=True)
-    store.prompt_path("broken").symlink_to(broken)
+    sp_store.prompts_dir().mkdir(parents=True, exist_ok=True)
+    sp_store.prompt_path("broken").symlink_to(broken)
     (broken / store.TENSORS).unlink()
     answers = [
         http.put("/v1/prompts/x", content=zipped(rewrite(prompt_dir(tiny_lm, tmp_path / "j"), store.META, "{"))),
@@ -290,14 +290,14 @@ def test_no_registry_error_names_a_server_path(http, tiny_lm, tmp_path, sp_home)
     assert http.put("/v1/prompts/good", content=zipped(good)).status_code == 201
 
 
-def test_registry_store_work_never_runs_on_the_event_loop(http, tiny_lm, monkeypatch):
+def test_registry_store_work_never_runs_on_the_event_loop(http, tiny_lm, monkeypatch, sp_store):
     """A 64 MB prompt's delete (or read) cannot stall /healthz: the store is touched only in the
     thread pool (a thread without a running event loop)."""
     import asyncio
 
     emb = torch.full((4096, tiny_lm.hidden_size), 0.5)  # 1 MB; what matters is where the work runs
     meta = {"base_model": {"name": tiny_lm.name, "fingerprint": tiny_lm.fingerprint}}
-    store.save_prompt(store.prompt_path("big"), emb, meta)
+    sp_store.save_prompt("big", emb, meta)
     on_loop: list[str] = []
 
     def spy(fn):

@@ -34,7 +34,7 @@ def test_walkthrough_data_ships_inside_the_package(monkeypatch, tmp_path, tiny_l
 
 
 @pytest.mark.slow
-def test_quickstart_runs_with_only_the_package(monkeypatch, tmp_path, tiny_lm):
+def test_quickstart_runs_with_only_the_package(monkeypatch, tmp_path, tiny_lm, sp_store):
     """The walk-through end to end (a tiny model in place of the default one), with the data
     root pointing nowhere: everything it reads ships with the package."""
     from softprompt import models
@@ -43,19 +43,66 @@ def test_quickstart_runs_with_only_the_package(monkeypatch, tmp_path, tiny_lm):
     monkeypatch.setenv("SOFTPROMPT_DATA", str(tmp_path / "nowhere"))
     monkeypatch.setattr(models, "load", lambda name=None, **kw: tiny_lm)
     lines: list[str] = []
-    out = quickstart.run(print_fn=lines.append, recommended=False)
+    out = quickstart.run(print_fn=lines.append, recommended=False, store=sp_store)
     assert out["classic"].path.is_dir() and len(out["classic"].history) == 35  # 5 epochs x ceil(50/8)
     assert any(line.startswith("saved ") for line in lines)
 
 
-def test_missing_recipe_files_say_where_to_put_them(monkeypatch, tmp_path, tiny_lm):
-    monkeypatch.setenv("SOFTPROMPT_DATA", str(tmp_path / "data"))
-    cfg, _ = recipes.task_data_config("sst2")
-    with pytest.raises(UserError, match=r"data file not found: .*sst2/train.txt; task recipes read their files "
-                                        r"under the data root .*: put sst2/train.txt there"):
-        D.load_train_eval(tiny_lm.tokenizer, cfg)
+def test_missing_recipe_files_say_where_to_put_them(tmp_path, tiny_lm):
+    root = tmp_path / "data"
+    with pytest.raises(UserError, match=r"data file not found: .*agnews/dev.tsv.*put agnews/dev.tsv under the data root "
+                                        r".* or run once with network access to fetch fancyzhx/ag_news into "):
+        recipes.train_dev(tiny_lm.tokenizer, DataConfig(), "agnews", 0, root)
+    with pytest.raises(UserError, match=r"data file not found: .*cr/all.txt; .*: put cr/all.txt there"):  # no hub id
+        recipes.train_dev(tiny_lm.tokenizer, DataConfig(), "cr", 0, root)
     with pytest.raises(UserError, match=r"^data file not found: \S+$"):  # a file of the user's own: no hint
         D.read_rows(tmp_path / "mine.csv")
+
+
+def hub_dataset_cache(cache: Path, repo_id: str, splits: dict[str, dict]) -> Path:
+    """The layout ``datasets`` writes when it downloads a hub data set (``<org>___<name>/<config>/
+    <version>/<hash>/`` with arrow files and dataset_info.json), written by the same builder
+    ``load_dataset`` uses for a parquet hub repository; ``load_dataset(repo_id)`` resolves it offline."""
+    import datasets
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    files = cache.parent / "parquet"
+    files.mkdir(parents=True, exist_ok=True)
+    data_files = {}
+    for split, cols in splits.items():
+        datasets.Dataset.from_dict(cols).to_parquet(str(files / f"{split}.parquet"))
+        data_files[split] = [str(files / f"{split}.parquet")]
+    org, name = repo_id.split("/")
+    Parquet(cache_dir=str(cache), dataset_name=name, config_name="default", hash="0123456789abcdef",
+            data_files=data_files).download_and_prepare()
+    # a download of org/name lands in <org>___<name>/default/: the builder refuses local data files
+    # under a repo_id and names the config after them, so it wrote <name>/default-<files hash>/
+    (built,) = (cache / name).iterdir()
+    (cache / f"{org}___{name}").mkdir()
+    built.rename(cache / f"{org}___{name}" / "default")
+    return cache
+
+
+def test_a_recipe_without_local_files_reads_its_hub_data_set_from_the_cache(tmp_path, tiny_lm, monkeypatch):
+    """trec with no local files: its hub id is resolved by ``datasets`` from a hub-style cache
+    under ``<data root>/hub``, offline; columns and label values become the recipe's."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network here: never try it
+    root = tmp_path / "data"
+    questions = [f"what is thing number {i} ?" for i in range(20)]
+    hub_dataset_cache(root / "hub", "CogComp/trec", {
+        "train": {"text": questions, "coarse_label": [i % 6 for i in range(20)], "fine_label": [0] * 20},
+        "test": {"text": questions[:6], "coarse_label": list(range(6)), "fine_label": [0] * 6}})
+    train, dev, cfg = recipes.train_dev(tiny_lm.tokenizer, DataConfig(), "trec", 0, root)
+    assert len(train) + len(dev) == 20 and len(dev) == int(20 * cfg.dev_fraction)
+    test = recipes.named_split(tiny_lm.tokenizer, cfg, recipes.load_task("trec"), "trec", "test", root)
+    # hub coarse labels ABBR, ENTY, DESC, HUM, LOC, NUM -> the recipe's 2, 1, 0, 3, 4, 5
+    assert [e.label for e in test] == ["2", "1", "0", "3", "4", "5"]
+    assert test[0].source_text == "Question: what is thing number 0 ?\nAnswer type:"
+    (root / "trec").mkdir()  # local files win over the hub
+    (root / "trec" / "test.txt").write_text("5 how far is it ?\n")
+    local = recipes.named_split(tiny_lm.tokenizer, cfg, recipes.load_task("trec"), "trec", "test", root)
+    assert [e.label for e in local] == ["5"]
 
 
 # ---------------------------------------------------------------- datasets

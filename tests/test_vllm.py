@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from softprompt import models, store
+from softprompt.cli import environ
 from softprompt.config import GenerateConfig
 from softprompt.inference.engine import Engine, GenerateRequest
 
@@ -56,34 +57,37 @@ def _prompt_meta(lm) -> dict:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """A store with the converted default model (linked from the usual store when there) and
+def st(tmp_path_factory) -> store.Store:
+    """A store with the converted default model (linked from the user's store when there) and
     3 shallow prompts made of real embedding rows, plus one deep prompt."""
     path = tmp_path_factory.mktemp("vllm-home")
-    usual = Path(os.environ.get("SOFTPROMPT_HOME", "~/.cache/softprompt")).expanduser() / "models"
+    usual = environ.read().home / "models"
     if usual.is_dir():
         (path / "models").symlink_to(usual)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SOFTPROMPT_HOME", str(path))
-        yield path
+    return environ.store(str(path))
 
 
 @pytest.fixture(scope="module")
-def lm(home):
-    lm = models.load(None, "float32")
+def home(st) -> Path:
+    return st.home
+
+
+@pytest.fixture(scope="module")
+def lm(st):
+    lm = models.load(None, "float32", store=st)
     g = torch.Generator().manual_seed(0)
     emb = lm.model.get_input_embeddings().weight
     for i, name in enumerate(PROMPTS):
         rows = emb[torch.randint(0, emb.shape[0], (6 + 2 * i,), generator=g)].detach().clone()
-        store.save_prompt(store.prompt_path(name), rows, _prompt_meta(lm))
+        st.save_prompt(name, rows, _prompt_meta(lm))
     layers, kv, d = lm.kv_shape
-    store.save_prompt(store.prompt_path("deep0"), torch.randn(layers, 2, kv, 4, d, generator=g) * 0.1, _prompt_meta(lm))
+    st.save_prompt("deep0", torch.randn(layers, 2, kv, 4, d, generator=g) * 0.1, _prompt_meta(lm))
     return lm
 
 
 @pytest.fixture(scope="module")
-def ref(lm):
-    return Engine(lm)
+def ref(lm, st):
+    return Engine(lm, store=st)
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +95,9 @@ def vllm_url(lm, home):
     """``softprompt serve --engine vllm`` in a subprocess (its log in the test's temp folder)."""
     port = _free_port()
     log = (home / "server.log").open("w")
-    env = {**os.environ, "SOFTPROMPT_HOME": str(home), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "softprompt", "serve", "--engine", "vllm", "--dtype", "float32",
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "softprompt", "serve", "--home", str(home), "--engine", "vllm",
+                             "--dtype", "float32",
                              "--port", str(port), "--vllm-arg=--enforce-eager"], stdout=log, stderr=subprocess.STDOUT,
                             env=env)
     url = f"http://127.0.0.1:{port}"
@@ -116,11 +121,11 @@ def vllm_url(lm, home):
 
 
 @pytest.fixture(scope="module")
-def native_url(lm):
+def native_url(lm, st):
     """The built-in server over the same store (for error bodies)."""
     from serving import running
 
-    with running(lm, model_id=BASE) as s:
+    with running(lm, st, model_id=BASE) as s:
         yield s[0]
 
 

@@ -22,13 +22,15 @@ from urllib.parse import urlencode
 import pytest
 from serving import PROMPTS, TEXTS, engine_chat, running, single
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (scripts/install_chromium.sh installs it)")
 
 
 @pytest.fixture(scope="module")
-def base(lm):
-    with running(lm) as (url, _, _):
+def base(lm, home):
+    with running(lm, home) as (url, _, _):
         yield url
 
 
@@ -46,10 +48,10 @@ def element_text(dom: str, element_id: str) -> str:
     return html.unescape(m.group(1))
 
 
-def test_page_and_assets_are_served_without_a_key(lm):
+def test_page_and_assets_are_served_without_a_key(lm, home):
     import httpx
 
-    with running(lm, api_key="k") as (url, _, _):
+    with running(lm, home, api_key="k") as (url, _, _):
         page = httpx.get(url + "/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         for element in ('id="prompt"', 'id="input"', 'id="out-base"', 'id="out-tuned"', 'id="prompts"'):
@@ -59,7 +61,6 @@ def test_page_and_assets_are_served_without_a_key(lm):
         assert httpx.get(url + "/v1/prompts").status_code == 401  # the data still needs the key
 
 
-@pytest.mark.slow
 @needs_chromium
 def test_browser_shows_plain_and_tuned_answers_side_by_side(base, ref, tmp_path):
     query = urlencode({"prompt": "p1", "input": TEXTS[0], "max_tokens": 8, "run": 1})
@@ -75,7 +76,6 @@ def test_browser_shows_plain_and_tuned_answers_side_by_side(base, ref, tmp_path)
         assert f"<td>{name}</td>" in table
 
 
-@pytest.mark.slow
 @needs_chromium
 def test_browser_screenshot_is_a_real_picture(base, tmp_path):
     query = urlencode({"prompt": "p2", "input": TEXTS[1], "max_tokens": 8, "run": 1})
@@ -106,7 +106,6 @@ def png_summary(data: bytes) -> tuple[int, int, int]:
         return width, height, len(im.convert("RGB").getcolors(1 << 24))
 
 
-@pytest.mark.slow
 @needs_chromium
 def test_browser_uses_chat_for_a_chat_model(chat_srv, chat_ref, tmp_path):
     """A chat model's page sends the input as one user message through /v1/chat/completions."""

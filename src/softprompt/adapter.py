@@ -9,7 +9,7 @@ deep prompt's flat layout.
   holds it as (L, 2, kv, N, d) (``prompt.is_deep``).
 
 ``StoredPrompt`` is a prompt as read from such a directory, and ``check_shape`` says whether it fits
-a model. Reading, validating and writing directories is ``store.py``.
+a model. Reading, validating and writing directories is ``promptdir.py``.
 """
 
 from __future__ import annotations

@@ -9,9 +9,7 @@ changed here changes everywhere and the CLI defines none of its own.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from softprompt.configio import JsonMixin as _JsonMixin
@@ -367,23 +365,17 @@ class InspectConfig(_JsonMixin):
         _positive(self, ("top_k", "eval_limit"))
 
 
-def home() -> Path:
-    """Root of caches and the prompt store: ``$SOFTPROMPT_HOME`` or ``~/.cache/softprompt``."""
-    return Path(os.environ.get("SOFTPROMPT_HOME", Path.home() / ".cache" / "softprompt"))
+@dataclass(frozen=True)
+class Launch:
+    """How this process was started: one rank of ``torchrun`` / ``accelerate launch`` (they set
+    RANK, WORLD_SIZE, LOCAL_RANK; read at the edge, ``cli/environ.py``), or a plain process."""
 
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0  # this rank's GPU on its machine (``--device cuda`` means cuda:local_rank)
+    launched: bool = False  # True under a launcher: training joins its process group
 
-def data_root() -> Path:
-    """Where task recipes find their files: ``$SOFTPROMPT_DATA`` or ``../shared/data``."""
-    return Path(os.environ.get("SOFTPROMPT_DATA", "../shared/data"))
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
-
-def parse_verbalizer(text: str | None) -> dict[str, str] | None:
-    """``"0=negative,1=positive"`` -> ``{"0": "negative", "1": "positive"}``."""
-    if not text:
-        return None
-    out: dict[str, str] = {}
-    for part in text.split(","):
-        key, sep, word = part.partition("=")
-        _check(bool(sep and key.strip() and word.strip()), f"bad --verbalizer entry {part!r}; expected LABEL=WORD")
-        out[key.strip()] = word.strip()
-    return out

@@ -28,7 +28,7 @@ import torch
 
 from softprompt import chat, hfdata
 from softprompt.chat import encode  # the one text -> token ids, re-exported for the data layer
-from softprompt.config import DataConfig, UserError, data_root
+from softprompt.config import DataConfig, UserError
 
 if TYPE_CHECKING:
     from softprompt.models import Tokenizer
@@ -53,15 +53,17 @@ class Example:
 # ---------------------------------------------------------------- readers
 
 
-def not_found(path: Path) -> UserError:
-    """A missing data file; under the data root (a task recipe's file) the line says where it goes."""
-    root = data_root()
+def not_found(path: Path, root: Path | None = None) -> UserError:
+    """A missing data file; under the data root ``root`` (a task recipe's file) the line says where it goes."""
+    if root is None:
+        return UserError(f"data file not found: {path}")
     try:
         rel = path.resolve().relative_to(root.resolve())
     except ValueError:
         return UserError(f"data file not found: {path}")
     return UserError(f"data file not found: {path}; task recipes read their files under the data root {root} "
-                     f"($SOFTPROMPT_DATA or --data-root): put {rel} there (docs/data.md lists where each comes from)")
+                     f"(--data-root or $SOFTPROMPT_DATA): put {rel} there (docs/data.md lists where each comes "
+                     "from; a recipe that names a hub data set fetches it where a network exists)")
 
 
 def _read_text(path: Path) -> str:

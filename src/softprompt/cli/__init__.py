@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from contextlib import contextmanager
 from typing import NoReturn
 
-from softprompt.cli import commands, experiments, flags
+from softprompt.cli import commands, environ, experiments
+from softprompt.cli.flags import add_store_flags, as_typed
 from softprompt.config import UserError
 
 
@@ -38,29 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_prompts_parser(sub)
     commands.add_serve_parser(sub)
     experiments.add_parsers(sub)
-    for command in sub.choices.values():
-        command.set_defaults(parser=command)  # messages name this command's flags (flags.as_typed)
+    for leaf in _leaves(p):
+        add_store_flags(leaf)
+        leaf.set_defaults(parser=leaf)  # messages name this command's flags (flags.as_typed)
     return p
 
 
-@contextmanager
-def environment(name: str, value: str | None):
-    """``$name`` set to ``value`` for the length of one command (not at all when ``value`` is
-    empty), restored afterwards: ``--data-root`` is ``$SOFTPROMPT_DATA``, ``--offline``
-    ``HF_HUB_OFFLINE=1`` (models and datasets)."""
-    old = os.environ.get(name)
-    if value:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if value and old is None:
-            os.environ.pop(name, None)
-        elif value:
-            os.environ[name] = old
+def _leaves(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that run a command (``prompts list`` rather than ``prompts``)."""
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [p]
+    return [leaf for s in subs for q in dict.fromkeys(s.choices.values()) for leaf in _leaves(q)]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, read the environment once (``environ.py``), build the Store once, run the command:
+    the command finds them as ``a.env`` and ``a.store``."""
     try:
         a = build_parser().parse_args(argv)
     except UserError as e:
@@ -69,11 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     try:
-        with environment("SOFTPROMPT_DATA", getattr(a, "data_root", None)), \
-                environment("HF_HUB_OFFLINE", "1" if getattr(a, "offline", False) else None):
+        a.env = environ.read()
+        a.store = environ.store_of(a, a.env)
+        with environ.offline_datasets(a.store.offline):
             return a.func(a)
     except UserError as e:
-        print(f"softprompt: error: {flags.as_typed(str(e), a.parser)}", file=sys.stderr)
+        print(f"softprompt: error: {as_typed(str(e), a.parser)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nsoftprompt: interrupted; the last epoch checkpoint is kept (continue with --resume)", file=sys.stderr)
@@ -81,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    environ.configure_libraries()
     for name in ("transformers", "accelerate", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:

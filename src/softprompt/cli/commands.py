@@ -66,28 +66,36 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from softprompt import models
     from softprompt.cli.flags import prompt_train_configs
     from softprompt.training import distributed
     from softprompt.training.loop import StopReason
     from softprompt.training.tune import train
 
-    if not distributed.is_main():  # one rank of torchrun / accelerate launch: rank 0 reports
+    launch = a.env.launch
+    if not launch.is_main:  # one rank of torchrun / accelerate launch: rank 0 reports
         logging.getLogger().setLevel(logging.WARNING)
         a.quiet = True
     dcfg = data_config(a)
     pcfg, tcfg = prompt_train_configs(a)
     yours = set(given(PromptConfig, a)) | set(given(TrainConfig, a))  # --kind auto keeps these
     name = a.name or (a.task if a.task else os.path.splitext(os.path.basename(a.path))[0])
-    lm = models.load(a.model, a.dtype, a.device)
+    lm = load_model(a)
     try:
         res = train(lm, dcfg, pcfg, tcfg, name=name, task=a.task, resume=a.resume, progress=not a.quiet,
-                    force=a.force, fsdp=a.fsdp, given=yours, say=print)
+                    force=a.force, fsdp=a.fsdp, store=a.store, launch=launch, given=yours, say=print)
     finally:
         distributed.teardown()
-    if distributed.is_main():
+    if launch.is_main:
         print_summary(res)
     return 1 if res.stopped is StopReason.NON_FINITE else 0
+
+
+def load_model(a: argparse.Namespace, name: str | None = None):
+    """The command's model (``--model`` or ``name``) through its Store, on its device."""
+    from softprompt import models
+
+    return models.load(name or a.model, getattr(a, "dtype", None), getattr(a, "device", None), store=a.store,
+                       local_rank=a.env.launch.local_rank)
 
 
 def print_summary(res) -> None:
@@ -126,15 +134,16 @@ CHAT_FIELDS = ("chat", "system")
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from softprompt import chat, models, store
+    from softprompt import chat
     from softprompt.inference import engine
+    from softprompt.store import check_compatible
 
     cfg = from_args(GenerateConfig, a)
-    lm = models.load(a.model, a.dtype, a.device)
+    lm = load_model(a)
     prompt, meta, sides = None, {}, None
     if a.prompt:
-        sp = store.load_prompt(a.prompt)
-        store.check_compatible(sp, lm.fingerprint, force=a.force, kv_shape=lm.kv_shape)
+        sp = a.store.load_prompt(a.prompt)
+        check_compatible(sp, lm.fingerprint, force=a.force, kv_shape=lm.kv_shape)
         prompt, meta, sides = sp.tensor, sp.meta, {"offset": sp.offset, "memory": sp.memory}
     form = {"chat": bool(meta.get("chat")), "system": meta.get("system")} | given(DataConfig, a, CHAT_FIELDS)
     ids = None
@@ -156,7 +165,7 @@ def add_quickstart_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_quickstart(a: argparse.Namespace) -> int:
     from softprompt.cli.quickstart import run
 
-    run(print_fn=print, recommended=not a.skip_recommended)
+    run(a.store, print_fn=print, recommended=not a.skip_recommended)
     return 0
 
 
@@ -179,17 +188,18 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from softprompt import evaluate, models, store
+    from softprompt import evaluate
     from softprompt.inference import engine
+    from softprompt.store import check_name
 
     ecfg = from_args(EvalConfig, a, task=a.task)
     for p in ecfg.prompts:
-        store.check_name(p)
+        check_name(p)
     overrides = {k: None for k in EVAL_DATA} | data_given(a, EVAL_DATA)
     if not a.task and not a.path:
         raise UserError("give --data PATH or --task NAME to evaluate on")
-    lm = models.load(a.model, a.dtype, a.device)
-    eng = engine.Engine(lm, EngineConfig(force=a.force, max_batch_rows=ecfg.max_batch_rows))
+    lm = load_model(a)
+    eng = engine.Engine(lm, EngineConfig(force=a.force, max_batch_rows=ecfg.max_batch_rows), a.store)
     print_eval(evaluate.evaluate(eng, ecfg, overrides))
     return 0
 
@@ -231,12 +241,13 @@ def add_prompts_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_prompts(a: argparse.Namespace) -> int:
-    from softprompt import store
+    from softprompt.store import check_name
 
+    store = a.store
     if a.action == "list":
         _list_prompts(store)
     elif a.action == "show":
-        store.check_name(a.name)
+        check_name(a.name)
         if not store.prompt_path(a.name).is_dir():
             raise UserError(f"prompt {a.name!r} not found ({store.prompt_path(a.name)})")
         print(json.dumps(store.prompt_summary(a.name), indent=2, sort_keys=True))
@@ -247,9 +258,7 @@ def cmd_prompts(a: argparse.Namespace) -> int:
     elif a.action == "import":
         fp, model_name, kv_shape = None, None, None
         if a.model:
-            from softprompt import models
-
-            lm = models.load(a.model)
+            lm = load_model(a)
             fp, model_name, kv_shape = lm.fingerprint, lm.name, lm.kv_shape
         sp = store.import_prompt(a.dir, name=a.name, fingerprint=fp, model_name=model_name, kv_shape=kv_shape)
         print(f"imported {sp.name} ({sp.kind}, {' x '.join(map(str, sp.tensor.shape))}) into {sp.path}")
@@ -300,7 +309,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(a: argparse.Namespace) -> int:
     from softprompt.serve import app as server
 
-    key = a.api_key if a.api_key is not None else os.environ.get("SOFTPROMPT_API_KEY")
+    key = a.api_key if a.api_key is not None else a.env.api_key
     cfg = from_args(ServerConfig, a, api_key=key)
     if a.ray:
         from softprompt.serve import ray_serve
@@ -310,8 +319,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                             "machines pass vLLM's own flags (--vllm-arg, docs/scaling.md)")
 
         ray_serve.serve_forever(cfg, a.model, replicas=a.replicas, address=a.ray_address, force=a.force,
-                                device=a.device, dtype=a.dtype)
+                                device=a.device, dtype=a.dtype, store=a.store, env=a.env.forwarded)
         return 0
-    server.serve(cfg, a.model, force=a.force, device=a.device, dtype=a.dtype, engine=a.engine,
+    server.serve(cfg, a.model, force=a.force, device=a.device, dtype=a.dtype, store=a.store, engine=a.engine,
                  vllm_args=a.vllm_arg)
     return 0

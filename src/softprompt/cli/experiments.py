@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from softprompt.cli.commands import load_model
 from softprompt.cli.flags import (
     EVAL_DATA,
     PROMPT_FLAGS,
@@ -90,7 +91,7 @@ def compare_config(a: argparse.Namespace) -> CompareConfig:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from softprompt import models, recipes
+    from softprompt import recipes
     from softprompt.experiments import compare, compare_report
     from softprompt.provenance import write_json
 
@@ -114,11 +115,11 @@ def cmd_compare(a: argparse.Namespace) -> int:
         if not a.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    lm = models.load(a.model)
+    lm = load_model(a)
     tag = a.tag or recipes.task_name(a.task, dcfg.path)
     journal = out / f"compare_{tag}.runs.jsonl"
     doc = compare.run(lm, dcfg, a.task, ccfg, tcfg, pcfg, progress=not a.quiet, say=say, journal=journal, resume=a.resume,
-                      label={"tag": tag, "command": command})
+                      label={"tag": tag, "command": command}, store=a.store)
     doc["tag"], doc["command"] = tag, command
     path = write_json(doc, out / f"compare_{tag}.json")
     journal.unlink()  # the result is written: the finished runs are in it
@@ -145,14 +146,14 @@ def add_multitask_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train_multitask(a: argparse.Namespace) -> int:
-    from softprompt import models
     from softprompt.training import multitask as MT
 
     if not a.tasks:
         raise UserError("train-multitask needs --tasks A,B,...")
     mcfg = from_args(MultitaskConfig, a)
     pcfg, tcfg = prompt_train_configs(a)
-    res = MT.train_multitask(models.load(a.model), mcfg, pcfg, tcfg, a.name, resume=a.resume, progress=not a.quiet)
+    res = MT.train_multitask(load_model(a), mcfg, pcfg, tcfg, a.name, resume=a.resume, progress=not a.quiet,
+                             store=a.store)
     print(f"\nmultitask   {', '.join(res.tasks)}  ({sum(res.n_train.values())} training rows, mixed batches)")
     print(f"training    {len(res.fit.history)} steps in {res.fit.train_time_s:.1f}s, {res.fit.stopped}")
     for e in res.fit.epochs:
@@ -180,7 +181,6 @@ def add_continual_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_continual(a: argparse.Namespace) -> int:
-    from softprompt import models
     from softprompt.experiments import continual
     from softprompt.provenance import write_json
     from softprompt.training.auto import method_kind
@@ -194,7 +194,7 @@ def cmd_continual(a: argparse.Namespace) -> int:
     ccfg = from_args(ContinualConfig, a)
     pcfg = method_kind(from_args(PromptConfig, a, PROMPT_FLAGS), "continual")  # prompt, progressive: shallow
     tcfg = from_args(TrainConfig, a, ("lr", "epochs", "batch_size", "seed", "patience"))
-    doc = continual.run(models.load(a.model), ccfg, pcfg, tcfg, say=(lambda m: None) if a.quiet else print)
+    doc = continual.run(load_model(a), ccfg, pcfg, tcfg, say=(lambda m: None) if a.quiet else print, root=a.store.data_root)
     doc["command"] = command_line(a)
     stem = Path(a.out) / f"continual_{a.tag}"
     write_json(doc, stem.with_suffix(".json"))
@@ -245,15 +245,14 @@ def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from softprompt import models
     from softprompt.experiments import interpret
     from softprompt.provenance import write_json
 
     cfg = from_args(InspectConfig, a)
     against = list(names(a.against, "--against")) if a.against else None
     data = data_given(a, EVAL_DATA)
-    report = interpret.inspect_prompt(models.load(a.model), a.name, against, cfg.top_k, cfg.eval_limit, cfg.importance,
-                              task=a.task, data=data)
+    report = interpret.inspect_prompt(load_model(a), a.name, against, cfg.top_k, cfg.eval_limit, cfg.importance,
+                              task=a.task, data=data, store=a.store)
     print("\n".join(interpret.table(report)))
     if a.out:
         out = Path(a.out)

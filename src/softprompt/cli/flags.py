@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from softprompt.config import UserError, parse_verbalizer
+from softprompt.config import UserError
 
 # ---------------------------------------------------------------- CLI flags from the configs
 
@@ -220,7 +220,15 @@ def add_device_flags(p: argparse._ActionsContainer, auto_dtype: bool = False) ->
 
 
 def add_data_root_flag(p: argparse._ActionsContainer) -> None:
-    p.add_argument("--data-root", help="where task recipes find their files (default $SOFTPROMPT_DATA or ../shared/data)")
+    p.add_argument("--data-root", help="where task recipes find their files (default $SOFTPROMPT_DATA, else <home>/data)")
+
+
+def add_store_flags(p: argparse._ActionsContainer) -> None:
+    """``--home`` and ``--data-root`` (where the command has no --data-root yet): the Store."""
+    p.add_argument("--home", help="the store: prompts, converted models, runs "
+                   "(default $SOFTPROMPT_HOME, else ~/.cache/softprompt)")
+    if "--data-root" not in p._option_string_actions:
+        add_data_root_flag(p)
 
 
 def add_data_flags(p: Any, only: tuple[str, ...], title: str = "data", helps: dict[str, str] | None = None,
@@ -329,3 +337,16 @@ def command_line(a: argparse.Namespace) -> str:
                 item = ",".join(f"{k}={w}" for k, w in item.items())
             parts += [act.option_strings[-1]] + ([] if item is True else [str(item)])
     return shlex.join(parts)
+
+
+def parse_verbalizer(text: str | None) -> dict[str, str] | None:
+    """``"0=negative,1=positive"`` -> ``{"0": "negative", "1": "positive"}``."""
+    if not text:
+        return None
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, word = part.partition("=")
+        if not (sep and key.strip() and word.strip()):
+            raise UserError(f"bad --verbalizer entry {part!r}; expected LABEL=WORD")
+        out[key.strip()] = word.strip()
+    return out

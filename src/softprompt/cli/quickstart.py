@@ -53,11 +53,11 @@ def sparkline(values: list[float], width: int = 60) -> str:
     return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in pts)
 
 
-def _tune(lm: LoadedModel, data, prompt_cfg: PromptConfig, train_cfg: TrainConfig, name, print_fn):
+def _tune(store, lm: LoadedModel, data, prompt_cfg: PromptConfig, train_cfg: TrainConfig, name, print_fn):
     from softprompt.inference import engine
     from softprompt.training.tune import train
 
-    res = train(lm, data, prompt_cfg, train_cfg, name=name, progress=True, given=set(), say=print_fn)
+    res = train(lm, data, prompt_cfg, train_cfg, name=name, progress=True, store=store, given=set(), say=print_fn)
     used, lr = res.meta["prompt"], res.meta["training"]["lr"]  # after --kind auto, what it chose
     losses = [h["loss"] for h in res.history]
     gen = engine.generate(lm, res.prompt, INPUT, GEN)
@@ -70,19 +70,21 @@ def _tune(lm: LoadedModel, data, prompt_cfg: PromptConfig, train_cfg: TrainConfi
     return res
 
 
-def run(print_fn=print, recommended: bool = True) -> dict:
+def run(store, print_fn=print, recommended: bool = True) -> dict:
+    """The walk-through on the default model (converted into ``store`` on first use); the tuned
+    prompts are saved in ``store``."""
     from softprompt import models
     from softprompt.inference import engine
 
     data = walkthrough_data()
-    lm = models.load(None)
+    lm = models.load(None, store=store)
     print_fn(f"model {lm.name}: {sum(p.numel() for p in lm.model.parameters()):,} frozen parameters ({lm.path})")
     base = engine.generate(lm, None, INPUT, GEN)
     print_fn(f"--- generation with the plain model ---\n{INPUT}{base.text}")
-    out = {"base": base.text, "classic": _tune(lm, data, *CLASSIC, "quickstart", print_fn)}
+    out = {"base": base.text, "classic": _tune(store, lm, data, *CLASSIC, "quickstart", print_fn)}
     if recommended:
         print_fn("\n== recommended settings: what `softprompt train` chooses by default (--kind auto)")
-        out["recommended"] = _tune(lm, data, *RECOMMENDED, "quickstart-recommended", print_fn)
+        out["recommended"] = _tune(store, lm, data, *RECOMMENDED, "quickstart-recommended", print_fn)
         a, b = out["classic"].final_train_loss, out["recommended"].final_train_loss
         print_fn(f"\nfinal training loss: walk-through settings {a:.3f}, recommended settings {b:.3f}")
     return out

@@ -46,6 +46,7 @@ from softprompt.experiments import compare_data as CD
 from softprompt.experiments.compare_runs import Journal
 from softprompt.experiments.measure import PeakMemory, latency_ms, weights_digest
 from softprompt.provenance import loadavg, write_json
+from softprompt.store import Store
 from softprompt.training import methods
 from softprompt.training import tune as TR
 from softprompt.training.loop import fit, plan_steps
@@ -85,6 +86,7 @@ class Context:
     hand_cfg: DataConfig | None = None  # the task's data settings with the best hand template
     tried: list[dict] = field(default_factory=list)  # every hand template's dev accuracy
     base_bytes: int = 0  # the shared model's weights file
+    store: Store | None = None  # the prompts --init prompt:NAME reads
 
     @property
     def pad(self) -> int:
@@ -183,7 +185,7 @@ def make_method(ctx: Context, method: str, seed: int):
     if method in COMPARE_PROMPT_KINDS:
         kind, reparam = COMPARE_PROMPT_KINDS[method]
         pcfg = replace(ctx.pcfg, kind=PromptKind(kind), reparam=reparam)
-        prompt = TR.initial_prompt(ctx.lm, pcfg, ctx.splits.cfg, seed)
+        prompt = TR.initial_prompt(ctx.lm, pcfg, ctx.splits.cfg, seed, store=ctx.store)
         return TR.prompt_method(ctx.lm, prompt, pcfg, ctx.tcfg.fast_forward, seed)
     if method == "lora":
         return methods.LoraMethod(ctx.lm.model)
@@ -346,18 +348,22 @@ def run(
     journal: Path | None = None,
     resume: bool = False,
     label: dict | None = None,
+    store: Store | None = None,
 ) -> dict:
     """Every method x train size x seed; the result document (``compare_report.document``).
     With ``journal``, finished runs are recorded there and, with ``resume``, taken from it; after
     each run, the document of the runs so far is written beside it (``partial_path``), with
-    ``label`` (tag, command) and ``"partial": {"finished", "planned"}``."""
+    ``label`` (tag, command) and ``"partial": {"finished", "planned"}``. ``store``: the data root
+    of ``task``'s files and the prompts ``--init prompt:NAME`` reads."""
     from softprompt.experiments import compare_report as R
 
     t_start = time.perf_counter()
     load_start = loadavg()
     splits = CD.load_splits(lm.tokenizer, data_cfg, task, dev_sample=ccfg.dev_sample, test_sample=ccfg.test_sample,
-                            dev_fraction=ccfg.dev_fraction, data_seed=ccfg.data_seed)
-    ctx = Context(lm, splits, ccfg, tcfg or TrainConfig(), pcfg or PromptConfig(), say or (lambda _: None), progress)
+                            dev_fraction=ccfg.dev_fraction, data_seed=ccfg.data_seed,
+                            root=store.data_root if store else None)
+    ctx = Context(lm, splits, ccfg, tcfg or TrainConfig(), pcfg or PromptConfig(), say or (lambda _: None), progress,
+                  store=store)
     before = weights_digest(lm.model)
     with tempfile.TemporaryDirectory() as tmp:
         ctx.base_bytes = methods.save_weights(lm.model, Path(tmp))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from softprompt import data as D
 from softprompt import recipes
-from softprompt.config import DataConfig, UserError, data_root
+from softprompt.config import DataConfig, UserError
 
 if TYPE_CHECKING:
     from softprompt.models import Tokenizer
@@ -44,13 +44,13 @@ class Source:
 
 
 def sources(
-    tokenizer: Tokenizer, cfg: DataConfig, recipe: dict
+    tokenizer: Tokenizer, cfg: DataConfig, recipe: dict, root: Path | None = None
 ) -> tuple[Source, Source | None, Source | None]:
-    """(train, dev, test) files of a recipe, or of --data/--eval-data (eval-data is the test set)."""
-    root = data_root()
+    """(train, dev, test) files of a recipe (under the data root ``root``), or of --data/--eval-data
+    (eval-data is the test set)."""
 
     def spec_source(spec: dict, limit: int | None = None) -> Source:
-        return Source(root / spec["path"], lambda c: recipes.load_split(tokenizer, c, spec, limit=limit))
+        return Source(root / spec["path"], lambda c: recipes.load_split(tokenizer, c, spec, root, limit=limit))
 
     def file_source(path: str, limit: int | None = None) -> Source:
         return Source(Path(path), lambda c: D.load_file(tokenizer, c, path, limit))
@@ -121,16 +121,20 @@ def load_splits(
     test_sample: int | None = None,
     dev_fraction: float = 0.1,
     data_seed: int = 0,
+    root: Path | None = None,
 ) -> Splits:
-    """The pool, dev and test of a task (recipe) or of user data (``data_cfg``)."""
+    """The pool, dev and test of a task (recipe, files under the data root ``root``) or of user
+    data (``data_cfg``)."""
     recipe: dict = {}
     if task:
-        data_cfg, recipe = recipes.task_data_config(task, **recipes.user_overrides(data_cfg))
+        if root is None:
+            raise UserError(f"--task {task}: no data root given (--data-root)")
+        data_cfg, recipe = recipes.task_data_config(task, root, **recipes.user_overrides(data_cfg))
     if not data_cfg.verbalizer:
         raise UserError(
             "compare needs a classification task: a --verbalizer (or a task recipe with one)"
         )
-    train, dev, test = sources(tokenizer, data_cfg, recipe)
+    train, dev, test = sources(tokenizer, data_cfg, recipe, root)
     n = len(train.load(data_cfg))
     order = list(range(n))
     random.Random(f"carve:{data_seed}").shuffle(order)

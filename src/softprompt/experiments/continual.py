@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -134,14 +135,16 @@ def run_method(kind: str, lm: LoadedModel, tasks: list[_Task], pcfg, tcfg, ccfg,
     }
 
 
-def run(lm: LoadedModel, ccfg: ContinualConfig, pcfg: PromptConfig, tcfg: TrainConfig, say=log.info) -> dict:
-    """Every method over the task sequence; the result document (see ``continual_report``)."""
+def run(lm: LoadedModel, ccfg: ContinualConfig, pcfg: PromptConfig, tcfg: TrainConfig, say=log.info,
+        root: Path | None = None) -> dict:
+    """Every method over the task sequence (files under the data root ``root``); the result
+    document (see ``continual_report``)."""
     from softprompt.experiments.compare import weights_digest
 
     tok = lm.tokenizer
     tasks = []
     for t in ccfg.tasks:
-        td = MT.load_task(tok, t, ccfg.per_task, ccfg.test_per_task or 200, tcfg.seed)
+        td = MT.load_task(tok, t, ccfg.per_task, ccfg.test_per_task or 200, tcfg.seed, root=root)
         tasks.append(_Task(td, MT.load_test(tok, td, ccfg.test_per_task, tcfg.seed)))
     before = weights_digest(lm.model)
     t0 = time.perf_counter()

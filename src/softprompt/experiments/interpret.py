@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from softprompt import data as D
-from softprompt import metrics, store
+from softprompt import metrics
 from softprompt.config import UserError
 from softprompt.forward import sequence_logprobs
 from softprompt.prompt import embedding_matrix
+from softprompt.store import Store, check_shape
 from softprompt.training.transfer import mean_loss
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ def importance(model: Model, tokenizer: Tokenizer, prompt: torch.Tensor, example
     return ("accuracy" if verbalizer else "-loss"), base, drops
 
 
-def eval_examples(tokenizer: Tokenizer, meta: dict, limit: int) -> tuple[list[D.Example], dict | None]:
+def eval_examples(tokenizer: Tokenizer, meta: dict, limit: int, root: Path | None = None) -> tuple[list[D.Example], dict | None]:
     """The evaluation rows a stored prompt's metadata points at (its task's dev split)."""
     from softprompt import recipes
     from softprompt.config import DataConfig
@@ -88,7 +89,7 @@ def eval_examples(tokenizer: Tokenizer, meta: dict, limit: int) -> tuple[list[D.
     data = meta.get("data") or {}
     if meta.get("task"):
         try:
-            _, dev, cfg = recipes.train_dev(tokenizer, DataConfig(), meta["task"], int(meta.get("seed") or 0))
+            _, dev, cfg = recipes.train_dev(tokenizer, DataConfig(), meta["task"], int(meta.get("seed") or 0), root)
         except UserError as e:
             raise UserError(f"importance: cannot load the prompt's task {meta['task']!r} ({e}); use --no-importance") from None
     elif data.get("path"):
@@ -102,41 +103,43 @@ def eval_examples(tokenizer: Tokenizer, meta: dict, limit: int) -> tuple[list[D.
 
 
 def user_examples(tokenizer: Tokenizer, name: str, meta: dict, task: str | None, user: dict,
-                  limit: int) -> tuple[list[D.Example], dict | None]:
+                  limit: int, root: Path | None = None) -> tuple[list[D.Example], dict | None]:
     """Importance rows from the user's data flags (``--data`` / ``--task``, settings the prompt's
     metadata lacks from the flags), as ``softprompt eval`` would read them."""
     from softprompt import evaluate
     from softprompt.config import EvalConfig
 
-    cfg, recipe = evaluate.merged_data_config({name: meta}, task, user)
+    cfg, recipe = evaluate.merged_data_config({name: meta}, task, user, root)
     split = "eval" if recipe and recipe.get("eval") and not user.get("path") else "test"
-    examples = evaluate.load_examples(tokenizer, cfg, recipe, EvalConfig(task=task, split=split, limit=limit), user.get("path"))
+    examples = evaluate.load_examples(tokenizer, cfg, recipe, EvalConfig(task=task, split=split, limit=limit),
+                                      user.get("path"), root)
     return examples, cfg.verbalizer
 
 
 def importance_rows(tokenizer: Tokenizer, name: str, meta: dict, task: str | None, user: dict | None,
-                    limit: int) -> tuple[list[D.Example] | None, dict | None, str | None]:
+                    limit: int, root: Path | None = None) -> tuple[list[D.Example] | None, dict | None, str | None]:
     """(rows, verbalizer, None), or (None, None, why) when no data is known for the prompt: then
     importance is skipped with that note instead of failing the whole report."""
     if task or (user or {}).get("path"):
-        return (*user_examples(tokenizer, name, meta, task, user or {}, limit), None)
+        return (*user_examples(tokenizer, name, meta, task, user or {}, limit, root), None)
     if not meta.get("task") and not (meta.get("data") or {}).get("path"):
         return None, None, ("importance skipped: the prompt's metadata names no task or data file "
                             "(an imported prompt?); give --data (and --template/--target-column or --text-column) or --task")
     try:
-        return (*eval_examples(tokenizer, meta, limit), None)
+        return (*eval_examples(tokenizer, meta, limit, root), None)
     except UserError as e:
         return None, None, f"importance skipped: {str(e).removeprefix('importance: ').removesuffix('; use --no-importance')}"
 
 
 def inspect_prompt(lm: LoadedModel, name: str, against: list[str] | None = None, top_k: int = 5, eval_limit: int = 64,
-                   with_importance: bool = True, task: str | None = None, data: dict | None = None) -> dict:
-    """The JSON report of one stored prompt (see the module docstring). Importance is measured
+                   with_importance: bool = True, task: str | None = None, data: dict | None = None, *,
+                   store: Store) -> dict:
+    """The JSON report of one prompt of ``store`` (see the module docstring). Importance is measured
     on ``task`` / ``data`` (DataConfig fields from the user) when given, else on the data the
     prompt's metadata names; without either it is skipped with a note (``report["notes"]``)."""
     sp = store.load_prompt(name)
     if sp.kind == "deep":
-        return inspect_deep(lm, sp, against)
+        return inspect_deep(lm, store, sp, against)
     prompt = sp.embeddings.float()
     if prompt.shape[1] != embedding_matrix(lm.model).shape[1]:
         raise UserError(f"prompt {name!r} has hidden size {prompt.shape[1]}, the model has {embedding_matrix(lm.model).shape[1]}")
@@ -152,7 +155,7 @@ def inspect_prompt(lm: LoadedModel, name: str, against: list[str] | None = None,
     if len(names) > 1:
         sims = similarity({n: store.load_prompt(n).shallow("similarity with a shallow prompt") for n in names})
         report["similarity"] = {"names": names, "matrix": sims.tolist()}
-    examples, verbalizer, note = (importance_rows(lm.tokenizer, name, sp.meta, task, data, eval_limit)
+    examples, verbalizer, note = (importance_rows(lm.tokenizer, name, sp.meta, task, data, eval_limit, store.data_root)
                                   if with_importance else (None, None, None))
     if note:
         report["notes"] = [note]
@@ -164,11 +167,11 @@ def inspect_prompt(lm: LoadedModel, name: str, against: list[str] | None = None,
     return report
 
 
-def inspect_deep(lm: LoadedModel, sp, against: list[str] | None) -> dict:
+def inspect_deep(lm: LoadedModel, store: Store, sp, against: list[str] | None) -> dict:
     """The report of a deep prompt: key/value norms per position against the model's, similarity."""
     from softprompt.prompt import KV_STATS_TOKENS, init_vocab, kv_of_embeddings
 
-    store.check_shape(sp, lm.hidden_size, lm.kv_shape)
+    check_shape(sp, lm.hidden_size, lm.kv_shape)
     kv = sp.kv.float()  # (L, 2, kv, N, d)
     per = kv.permute(3, 0, 1, 2, 4).flatten(3).norm(dim=-1).mean(1)  # (N, 2): mean over layers of |key|, |value|
     ref = kv_of_embeddings(lm.model, init_vocab(lm.model, KV_STATS_TOKENS, torch.Generator().manual_seed(0)))

@@ -1,7 +1,8 @@
 """The prompt bank and the per-prompt prefix cache, used by the inference engine.
 
-* ``PromptBank``: prompts by name. In-memory prompts (``add``) are pinned; store prompts are
-  loaded on first use, checked against the model's fingerprint (``store.check_compatible``),
+* ``PromptBank``: prompts by name. In-memory prompts (``add``) are pinned; prompts of its store
+  (``store.Store``; a bank without one holds in-memory prompts only) are loaded on first use,
+  checked against the model's fingerprint (``store.check_compatible``),
   kept in an LRU of at most ``max_resident`` entries, and re-read when their file changes on
   disk. A missing or broken prompt is a ``UserError`` naming the file; it never poisons the
   bank for the other prompts.
@@ -17,14 +18,22 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from softprompt import store
 from softprompt.config import UserError
 from softprompt.forward import prefix_cache
 from softprompt.prompt import is_deep
+from softprompt.store import (
+    Store,
+    StoredPrompt,
+    check_compatible,
+    check_name,
+    check_shape,
+    read_prompt_dir,
+)
 
 if TYPE_CHECKING:
     from softprompt.models import Model
@@ -60,6 +69,9 @@ def deep_prefix(kv: torch.Tensor, device, dtype) -> PrefixKV:
     return PrefixKV(kv[:, 0], kv[:, 1], None)
 
 
+IN_MEMORY = Path("<in memory>")  # the path of a prompt added by ``add``
+
+
 class PromptBank:
     """Prompts by name: pinned in-memory ones, plus store prompts loaded lazily (LRU-bounded).
 
@@ -69,11 +81,11 @@ class PromptBank:
     """
 
     def __init__(self, fingerprint: dict, max_resident: int = 64, force: bool = False,
-                 kv_shape: tuple[int, int, int] | None = None):
-        self.fingerprint, self.max_resident, self.force = fingerprint, max_resident, force
+                 kv_shape: tuple[int, int, int] | None = None, store: Store | None = None):
+        self.fingerprint, self.max_resident, self.force, self.store = fingerprint, max_resident, force, store
         self.kv_shape = kv_shape  # (layers, kv heads, head dim) a deep prompt must fit; None: no deep prompts
-        self._pinned: dict[str, tuple[store.StoredPrompt, tuple]] = {}
-        self._resident: OrderedDict[str, tuple[store.StoredPrompt, tuple]] = OrderedDict()
+        self._pinned: dict[str, tuple[StoredPrompt, tuple]] = {}
+        self._resident: OrderedDict[str, tuple[StoredPrompt, tuple]] = OrderedDict()
         self._adds = 0
 
     def add(self, name: str, embeddings: torch.Tensor, meta: dict | None = None, offset=None, memory=None) -> None:
@@ -82,28 +94,29 @@ class PromptBank:
         h = self.fingerprint["hidden_size"]
         t = embeddings.detach().float()
         if is_deep(t):
-            sp = store.StoredPrompt(name=name, path=store.prompts_dir(), embeddings=None, meta=meta or {}, kv=t,
-                                    memory=memory)
-            store.check_shape(sp, h, self.kv_shape)
+            sp = StoredPrompt(name=name, path=IN_MEMORY, embeddings=None, meta=meta or {}, kv=t, memory=memory)
+            check_shape(sp, h, self.kv_shape)
         elif t.dim() != 2 or t.shape[1] != h:
             raise UserError(f"prompt {name!r} has shape {tuple(t.shape)}; the model needs (N, {h})")
         else:
-            sp = store.StoredPrompt(name=name, path=store.prompts_dir(), embeddings=t, meta=meta or {}, offset=offset)
+            sp = StoredPrompt(name=name, path=IN_MEMORY, embeddings=t, meta=meta or {}, offset=offset)
         self._adds += 1
         self._pinned[name] = (sp, ("pinned", self._adds))
 
-    def get(self, name: str) -> tuple[store.StoredPrompt, tuple]:
+    def get(self, name: str) -> tuple[StoredPrompt, tuple]:
         if name in self._pinned:
             return self._pinned[name]
-        path = store.prompt_path(name)
+        if self.store is None:
+            raise UserError(f"prompt {check_name(name)!r} not found (no store: only prompts added in memory)")
+        path = self.store.prompt_path(name)
         stamp = _stamp(path)
         hit = self._resident.get(name)
         if hit is not None and hit[1] == stamp:
             self._resident.move_to_end(name)
             return hit
         self._resident.pop(name, None)
-        sp = store.read_prompt_dir(path, name)  # UserError naming the file if missing or broken
-        store.check_compatible(sp, self.fingerprint, force=self.force, kv_shape=self.kv_shape)
+        sp = read_prompt_dir(path, name)  # UserError naming the file if missing or broken
+        check_compatible(sp, self.fingerprint, force=self.force, kv_shape=self.kv_shape)
         if sp.offset is not None and self.kv_shape is None:
             raise UserError(f"prompt {name!r} has an input offset (DePT); it needs a decoder-only model")
         self._resident[name] = (sp, stamp)

@@ -1,13 +1,12 @@
 """Inference: one frozen model, a bank of soft prompts, mixed-task batches, our own decode loop.
 
-``Engine`` holds the model, a ``bank.PromptBank`` (prompts by name, loaded lazily from the store, an LRU
-bound on how many stay resident, fingerprint-checked) and a ``bank.PrefixCache`` (per-prompt keys/values,
-byte-bounded LRU). ``Engine.generate`` and ``Engine.score`` take lists of requests, each naming its prompt
-(or none) and, for generation, its own ``GenerateConfig``; all run as one batch (chunks of ``max_batch_rows``).
+``Engine`` holds the model, a ``bank.PromptBank`` (prompts by name, loaded lazily from its ``store.Store``,
+an LRU bound on how many stay resident, fingerprint-checked) and a ``bank.PrefixCache`` (per-prompt keys/values,
+byte-bounded LRU). ``Engine.generate``/``score`` take requests, each naming its prompt (or none) and, for
+generation, its own ``GenerateConfig``; all run as one batch (chunks of ``max_batch_rows``).
 
-The row API serves the decode loop (``steps.StepBatch``) and the server: ``request_rows`` resolves
-requests to ``Row``s (every prompt before any compute), ``start`` prefills rows and returns the batch
-state with the first logits; ``generate`` runs ``StepBatch`` to the end: one decode loop.
+Row API (the decode loop ``steps.StepBatch`` and the server): ``request_rows`` resolves requests to ``Row``s
+(every prompt first), ``start`` prefills them (state, first logits); ``generate`` runs ``StepBatch`` to the end.
 
 Decoder-only rows are laid out as ``kv.py`` describes: each row's prompt as a key/value prefix
 (computed once per prompt and reused by every request: causal attention, prompt first), then its
@@ -37,6 +36,7 @@ from softprompt.inference.kv import DecoderState, batch_prefix, left_pad, memory
 from softprompt.inference.logprobs import TokenLogprob
 from softprompt.inference.steps import StepBatch
 from softprompt.offset import add_offset
+from softprompt.store import Store
 
 __all__ = ["ANON", "Engine", "EngineConfig", "GenerateRequest", "Generation", "PromptLogprobRow", "Row",
            "ScoreRequest", "ScoreResult", "ScoreRow", "StepBatch", "generate", "stop_tokens"]
@@ -124,10 +124,10 @@ class Row:
 class Engine:
     """One frozen model (``models.LoadedModel``) serving many prompts in mixed batches."""
 
-    def __init__(self, lm, cfg: EngineConfig | None = None):
-        self.lm, self.cfg = lm, cfg or EngineConfig()
+    def __init__(self, lm, cfg: EngineConfig | None = None, store: Store | None = None):  # no store: in-memory only
+        self.lm, self.cfg, self.store = lm, cfg or EngineConfig(), store
         self.device = next(lm.model.parameters()).device  # inputs go here; sampling stays on the CPU
-        self.bank = PromptBank(lm.fingerprint, self.cfg.max_resident_prompts, self.cfg.force, lm.kv_shape)
+        self.bank = PromptBank(lm.fingerprint, self.cfg.max_resident_prompts, self.cfg.force, lm.kv_shape, store)
         self.prefixes = PrefixCache(int(self.cfg.prefix_cache_mb * 2**20))
         tok = lm.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -26,7 +26,6 @@ and the rest load inside functions.
 
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +34,7 @@ from softprompt.config import ServerConfig, UserError
 
 if TYPE_CHECKING:
     from softprompt.inference.engine import Engine
+    from softprompt.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def create_app(engine: "Engine", config: ServerConfig | None = None, make_schedu
     sched = (make_scheduler or Scheduler)(engine, metrics, cfg)
     ctx = Served(cfg, sched, metrics, cfg.model_id or str(engine.lm.name), engine.lm.fingerprint, engine.lm.name,
                  engine.cfg.force, engine.lm.kv_shape, int(time.time()), Path(__file__).resolve().parents[1] / "web",
-                 chat.has_template(engine.lm.tokenizer))
+                 chat.has_template(engine.lm.tokenizer), engine.store)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -161,20 +161,23 @@ def _pick(errors: dict, *codes: int) -> dict:
 
 
 def build_engine(cfg: ServerConfig, model: str | None = None, force: bool = False, device: str | None = None,
-                 dtype: str | None = None):
-    """The model loaded once, in an ``Engine`` sized for ``cfg`` (``serve`` and every Ray replica)."""
+                 dtype: str | None = None, store: "Store | None" = None):
+    """The model loaded once, in an ``Engine`` sized for ``cfg`` over ``store``'s prompts (``serve``
+    and every Ray replica)."""
     from softprompt import models
     from softprompt.config import EngineConfig
     from softprompt.inference.engine import Engine
 
-    return Engine(models.load(model, dtype, device), EngineConfig(max_batch_rows=cfg.max_batch_rows, force=force))
+    return Engine(models.load(model, dtype, device, store=store),
+                  EngineConfig(max_batch_rows=cfg.max_batch_rows, force=force), store)
 
 
 def serve(cfg: ServerConfig, model: str | None = None, force: bool = False, device: str | None = None,
-          dtype: str | None = None, engine: str = "native", vllm_args: list[str] = ()) -> None:
-    """Load the model once and serve until SIGINT/SIGTERM (in-flight requests finish first).
-    ``engine``: "native", "vllm" or "auto" (``softprompt.serve.engines``); ``vllm_args``: vLLM's
-    own engine flags, passed through."""
+          dtype: str | None = None, store: "Store | None" = None, engine: str = "native",
+          vllm_args: list[str] = ()) -> None:
+    """Load the model once and serve ``store``'s prompts until SIGINT/SIGTERM (in-flight requests
+    finish first). ``engine``: "native", "vllm" or "auto" (``softprompt.serve.engines``);
+    ``vllm_args``: vLLM's own engine flags, passed through."""
     try:
         import uvicorn
     except ImportError:
@@ -182,12 +185,11 @@ def serve(cfg: ServerConfig, model: str | None = None, force: bool = False, devi
     from softprompt.serve.gate import json_logging
 
     json_logging()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from softprompt.serve import engines
 
-    choice = engines.choose(engine, *engines.setup_facts(model))
+    choice = engines.choose(engine, *engines.setup_facts(model, store))
     log.info("engine", extra={"fields": {"engine": choice.engine, "why": choice.reason}})
-    eng = build_engine(cfg, model, force, device, dtype)
+    eng = build_engine(cfg, model, force, device, dtype, store)
     make = None
     if choice.engine == "vllm":
         from softprompt.serve.vllm.launch import scheduler_factory

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # annotations only: this module stays import-light (the gate 
     from softprompt.config import ServerConfig
     from softprompt.serve.prometheus import Metrics
     from softprompt.serve.scheduler import Scheduler
+    from softprompt.store import Store
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Served:
     started: int  # unix time the app was built (the plain model's "created")
     web: Path  # the web page's assets
     chat: bool = False  # the tokenizer has a chat template (/v1/chat/completions works; the page uses it)
+    store: Store | None = None  # the prompt registry (the engine's store); None: in-memory prompts only
 
 
 def served(request: Request) -> Served:

@@ -18,8 +18,12 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from softprompt.config import UserError
+
+if TYPE_CHECKING:
+    from softprompt.store import Store
 
 ENGINES = ("auto", "vllm", "native")
 # model_type values whose vLLM model reads ``inputs_embeds`` as the plain embedding lookup (no
@@ -61,13 +65,13 @@ def why_not_vllm(model_type: str | None, deep_prompts: list[str], ray: bool) -> 
     return None
 
 
-def setup_facts(model: str | None) -> tuple[str | None, list[str]]:
-    """(the model's ``model_type``, the stored deep prompts' names): what ``choose`` weighs."""
-    from softprompt import models, store
+def setup_facts(model: str | None, store: Store | None = None) -> tuple[str | None, list[str]]:
+    """(the model's ``model_type``, ``store``'s deep prompts' names): what ``choose`` weighs."""
+    from softprompt import models
 
-    _, path = models.resolve(model)
+    _, path = models.resolve(model, store)
     model_type = models.check_architecture(str(model), path)
-    return model_type, [n for n in store.list_prompts() if store.prompt_kind(n) == "deep"]
+    return model_type, [] if store is None else [n for n in store.list_prompts() if store.prompt_kind(n) == "deep"]
 
 
 def choose(requested: str, model_type: str | None, deep_prompts: list[str], ray: bool = False) -> Choice:

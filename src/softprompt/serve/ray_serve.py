@@ -45,6 +45,7 @@ from softprompt.serve.replicas import (
     is_stream,
     registry_write,
 )
+from softprompt.store import Store
 
 if TYPE_CHECKING:
     from softprompt.config import ServerConfig
@@ -67,7 +68,7 @@ class Replica:
 
     async def __init__(self, model: str | None, server_cfg: dict, prompt_log, force: bool = False,
                        device: str | None = None, dtype: str | None = None, threads: int = 1,
-                       isolated_store: bool = False, poll_s: float = 0.2):
+                       isolated_store: bool = False, store: Store | None = None, poll_s: float = 0.2):
         import torch
 
         from softprompt.config import ServerConfig
@@ -75,10 +76,11 @@ class Replica:
 
         torch.set_num_threads(max(1, threads))
         self.id = serve.get_replica_context().replica_id.unique_id
-        if isolated_store:  # a store of its own, as on a machine without a shared filesystem
-            _private_store(self.id)
+        if isolated_store and store is not None:  # a store of its own, as on a machine without a shared filesystem
+            store = _private_store(store, self.id)
+        self.store = store
         self.cfg = ServerConfig(**server_cfg)
-        self.app = create_app(build_engine(self.cfg, model, force, device, dtype), self.cfg)
+        self.app = create_app(build_engine(self.cfg, model, force, device, dtype, store), self.cfg)
         self.served = self.app.state.served
         self.app.state.scheduler.start()  # what the app's lifespan does under uvicorn
         self.log, self.poll_s = prompt_log, poll_s
@@ -127,7 +129,7 @@ class Replica:
 
     async def _publish(self, name: str, method: str) -> dict[str, str]:
         """Append the change to the log; the replicas that did not apply it in time, and why."""
-        files = None if method == "DELETE" else await asyncio.to_thread(_read_prompt, name)
+        files = None if method == "DELETE" else await asyncio.to_thread(_read_prompt, self.store, name)
         seq = await self.log.append.remote(name, files)
         behind = await self.log.wait_applied.remote(seq)
         if behind:
@@ -154,9 +156,11 @@ class Replica:
         self.close()
 
     def _apply(self, name: str, files: dict | None) -> None:
-        from softprompt import store
         from softprompt.serve.uploads import install_prompt
 
+        store = self.store
+        if store is None:
+            return
         path = store.prompt_path(name)
         if files is None:
             if path.is_dir():
@@ -165,33 +169,31 @@ class Replica:
         if path.is_dir() and all((path / f).is_file() and (path / f).read_bytes() == b for f, b in files.items()):
             return  # already here (this replica took the upload, or a shared filesystem)
         ctx = self.served
-        install_prompt(name, files, ctx.fingerprint, ctx.model_name, ctx.force, self.cfg.max_upload_bytes,
+        install_prompt(store, name, files, ctx.fingerprint, ctx.model_name, ctx.force, self.cfg.max_upload_bytes,
                        kv_shape=ctx.kv_shape, max_tokens=self.cfg.max_prompt_tokens)
 
 
-def _read_prompt(name: str) -> dict[str, bytes]:
-    from softprompt import store
+def _read_prompt(store: Store, name: str) -> dict[str, bytes]:
     from softprompt.serve.uploads import PROMPT_FILES
 
     path = store.prompt_path(name)
     return {f: (path / f).read_bytes() for f in PROMPT_FILES if (path / f).is_file()}
 
 
-def _private_store(replica_id: str) -> None:
-    """Point this process's store at a private copy of the shared one (test/isolated mode)."""
+def _private_store(store: Store, replica_id: str) -> Store:
+    """A private copy of the shared store for this replica (test/isolated mode)."""
+    import dataclasses
     import shutil
     from pathlib import Path
 
-    from softprompt.config import home
-
-    shared = home()
+    shared = store.home
     mine = shared / "replicas" / replica_id
     if (shared / "prompts").is_dir() and not (mine / "prompts").exists():
         shutil.copytree(shared / "prompts", mine / "prompts")
     if (shared / "models").is_dir() and not (mine / "models").exists():
         mine.mkdir(parents=True, exist_ok=True)
         os.symlink(Path(shared / "models").resolve(), mine / "models")  # converted models are shared
-    os.environ["SOFTPROMPT_HOME"] = str(mine)
+    return dataclasses.replace(store, home=mine)
 
 
 class Ingress:
@@ -278,14 +280,17 @@ async def _bodies(gen) -> AsyncIterator[bytes]:
 
 def build_app(server_cfg: ServerConfig | None = None, model: str | None = None, replicas: int = 1, force: bool = False,
               device: str | None = None, dtype: str | None = None, replica_cpus: float = 1.0,
-              max_ongoing_requests: int | None = None, isolated_store: bool = False, env: dict | None = None):
-    """The Serve application: ``serve.run(build_app(...))`` or ``softprompt serve --ray``."""
+              max_ongoing_requests: int | None = None, isolated_store: bool = False, env: dict | None = None,
+              store: Store | None = None):
+    """The Serve application: ``serve.run(build_app(...))`` or ``softprompt serve --ray``. Every
+    replica receives ``store`` (pickled: paths only); ``env`` are variables for the replicas'
+    processes (threading settings; the edge, ``cli/environ.py``, says which)."""
     import dataclasses
 
     from softprompt.config import ServerConfig
 
     cfg = server_cfg or ServerConfig()
-    env = {k: v for k, v in {**_forwarded_env(), **(env or {})}.items() if v is not None}
+    env = {k: v for k, v in (env or {}).items() if v is not None}
     opts = {"runtime_env": {"env_vars": env}} if env else {}
     log_app = serve.deployment(PromptLog, name="PromptLog", num_replicas=1, max_ongoing_requests=1000,
                                logging_config={"enable_access_log": False},  # polled 5x a second per replica
@@ -294,24 +299,10 @@ def build_app(server_cfg: ServerConfig | None = None, model: str | None = None, 
                            max_ongoing_requests=max_ongoing_requests or cfg.max_batch_rows,
                            ray_actor_options={"num_cpus": replica_cpus, **opts})
     rep_app = rep.bind(model, dataclasses.asdict(cfg), log_app, force, device, dtype,
-                       max(1, int(replica_cpus)), isolated_store)
+                       max(1, int(replica_cpus)), isolated_store, store)
     ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=10_000,
                                ray_actor_options={"num_cpus": 0, **opts})
     return ingress.bind(rep_app, cfg.max_body_bytes, cfg.max_upload_bytes)
-
-
-def app_builder(args: dict):
-    """For ``serve run softprompt.serve.ray_serve:app_builder model=... replicas=2`` on a cluster."""
-    from softprompt.config import ServerConfig
-
-    return build_app(ServerConfig(), args.get("model"), int(args.get("replicas", 1)),
-                     device=args.get("device"), dtype=args.get("dtype"),
-                     replica_cpus=float(args.get("replica_cpus", 1)))
-
-
-def _forwarded_env() -> dict:
-    keys = ("SOFTPROMPT_HOME", "SOFTPROMPT_DATA", "SOFTPROMPT_API_KEY", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM")
-    return {k: os.environ.get(k) for k in keys}
 
 
 def start(server_cfg: ServerConfig, address: str | None = None, **kw) -> None:
@@ -325,7 +316,8 @@ def start(server_cfg: ServerConfig, address: str | None = None, **kw) -> None:
 
 
 def serve_forever(server_cfg: ServerConfig, model: str | None = None, replicas: int = 1, address: str | None = None,
-                  force: bool = False, device: str | None = None, dtype: str | None = None) -> None:
+                  force: bool = False, device: str | None = None, dtype: str | None = None,
+                  store: Store | None = None, env: dict | None = None) -> None:
     """``softprompt serve --ray``: deploy, then wait; Ctrl-C or SIGTERM removes the app (and a Ray we started)."""
     import signal
 
@@ -333,7 +325,8 @@ def serve_forever(server_cfg: ServerConfig, model: str | None = None, replicas: 
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)  # SIGTERM (a service manager, kill) ends it like Ctrl-C
-    start(server_cfg, address, model=model, replicas=replicas, force=force, device=device, dtype=dtype)
+    start(server_cfg, address, model=model, replicas=replicas, force=force, device=device, dtype=dtype, store=store,
+          env=env)
     try:
         while True:
             time.sleep(3600)

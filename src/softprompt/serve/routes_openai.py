@@ -38,6 +38,7 @@ from softprompt.serve.protocol import (
 )
 from softprompt.serve.scheduler import Job, resolve_prompt
 from softprompt.serve.streams import ClientGone, EventReader
+from softprompt.store import Store
 
 if TYPE_CHECKING:
     from softprompt.inference.engine import Engine
@@ -50,11 +51,9 @@ def model_obj(mid: str, created: int, base_id: str) -> dict:
             "root": base_id, "parent": None if mid == base_id else base_id}
 
 
-def list_models(base_id: str, started: int) -> list[dict]:
-    from softprompt import store
-
+def list_models(store: Store | None, base_id: str, started: int) -> list[dict]:
     out = [model_obj(base_id, started, base_id)]
-    for name in store.list_prompts():
+    for name in store.list_prompts() if store else []:
         try:
             created = int(store.prompt_path(name).stat().st_mtime)
         except OSError:  # removed meanwhile
@@ -65,12 +64,12 @@ def list_models(base_id: str, started: int) -> list[dict]:
 
 async def models_list(request: Request):
     ctx = served(request)
-    return {"object": "list", "data": await run_in_threadpool(list_models, ctx.base_id, ctx.started)}
+    return {"object": "list", "data": await run_in_threadpool(list_models, ctx.store, ctx.base_id, ctx.started)}
 
 
 async def models_get(model_id: str, request: Request):
     ctx = served(request)
-    for m in await run_in_threadpool(list_models, ctx.base_id, ctx.started):
+    for m in await run_in_threadpool(list_models, ctx.store, ctx.base_id, ctx.started):
         if m["id"] == model_id:
             return m
     raise ApiError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")

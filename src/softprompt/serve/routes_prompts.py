@@ -18,6 +18,7 @@ from softprompt.config import UserError
 from softprompt.serve.context import served
 from softprompt.serve.protocol import ApiError, bad
 from softprompt.serve.uploads import PROMPT_FILES, changed_meanwhile, install_prompt, prompt_info
+from softprompt.store import Store
 
 MAX_PARTS = 8  # parts of a multipart upload: a prompt directory has 3 files (4 with a side file)
 UPLOAD_BODY = {"requestBody": {"required": True, "description": "the prompt directory: a zip, or its files as parts",
@@ -38,27 +39,35 @@ def not_found(name: str) -> ApiError:
     return ApiError(404, f"prompt {name!r} not found", param="name", code="prompt_not_found")
 
 
-def info_or_404(name: str) -> dict:
-    info = prompt_info(check_name(name))
+def registry(request: Request) -> Store:
+    """The served store (a server without one has an empty registry that takes no uploads)."""
+    store = served(request).store
+    if store is None:
+        raise ApiError(404, "this server has no prompt store", code="no_store")
+    return store
+
+
+def info_or_404(store: Store, name: str) -> dict:
+    info = prompt_info(store, check_name(name))
     if info is None:
         raise not_found(name)
     return info
 
 
-def listing() -> list[dict]:
-    from softprompt import store
-
-    return [info for info in map(prompt_info, store.list_prompts()) if info is not None]
+def listing(store: Store | None) -> list[dict]:
+    if store is None:
+        return []
+    return [info for info in (prompt_info(store, n) for n in store.list_prompts()) if info is not None]
 
 
 async def prompts_list(request: Request):
-    data = await run_in_threadpool(listing)
     ctx = served(request)
+    data = await run_in_threadpool(listing, ctx.store)
     return {"object": "list", "model": ctx.base_id, "chat": ctx.chat, "data": data}
 
 
-async def prompts_get(name: str):
-    return await run_in_threadpool(info_or_404, name)
+async def prompts_get(name: str, request: Request):
+    return await run_in_threadpool(info_or_404, registry(request), name)
 
 
 async def upload_files(request: Request, limit: int) -> dict[str, bytes]:
@@ -85,19 +94,21 @@ async def prompts_put(name: str, request: Request):
     if name == ctx.base_id:
         raise bad(f"{name!r} is the plain model's id; pick another name", "name", "invalid_name")
     files = await upload_files(request, ctx.cfg.max_upload_bytes)
-    replaced = await run_in_threadpool(install_prompt, name, files, ctx.fingerprint, ctx.model_name, ctx.force,
+    store = registry(request)
+    replaced = await run_in_threadpool(install_prompt, store, name, files, ctx.fingerprint, ctx.model_name, ctx.force,
                                        ctx.cfg.max_upload_bytes, ctx.kv_shape, ctx.cfg.max_prompt_tokens)
-    info = await run_in_threadpool(prompt_info, name)
+    info = await run_in_threadpool(prompt_info, store, name)
     if info is None:
         raise changed_meanwhile(name)
     return JSONResponse({**info, "replaced": replaced}, status_code=200 if replaced else 201)
 
 
-async def prompts_delete(name: str):
+async def prompts_delete(name: str, request: Request):
     """Remove the prompt in the thread pool (the name first, then its files): nothing is read or
     deleted on the event loop, however large the prompt."""
-    from softprompt import durable, store
+    from softprompt import durable
 
+    store = registry(request)
     check_name(name)
     try:
         await run_in_threadpool(store.remove_prompt, name)

@@ -81,13 +81,11 @@ class Job:
 def resolve_prompt(engine, name: str, max_tokens: int | None = None):
     """The prompt from the bank (the store's reader checks its files and values), with
     1 <= N <= ``max_tokens``; else a 404 (unknown name) or 422 (unusable here, saying why)."""
-    from softprompt import store
-
     try:
         sp = engine.bank.get(name)[0]
     except UserError as e:
         try:
-            exists = store.prompt_path(name).is_dir()
+            exists = engine.store is not None and engine.store.prompt_path(name).is_dir()
         except UserError:
             exists = False
         if not exists:

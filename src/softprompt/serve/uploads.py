@@ -11,9 +11,13 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from softprompt.config import UserError
 from softprompt.serve.protocol import ApiError, bad, without_paths
+
+if TYPE_CHECKING:
+    from softprompt.store import Store
 
 PROMPT_FILES = ("adapter_config.json", "adapter_model.safetensors", "softprompt.json", "input_offset.safetensors",
                 "prefix_memory.safetensors")
@@ -59,9 +63,9 @@ def _unzip(data: bytes, dest: Path, limit: int) -> None:
         (dest / parts[-1]).write_bytes(content)
 
 
-def install_prompt(name: str, files: dict[str, bytes], fingerprint: dict, model_name: str, force: bool,
+def install_prompt(store: "Store", name: str, files: dict[str, bytes], fingerprint: dict, model_name: str, force: bool,
                    limit: int, kv_shape: tuple[int, int, int] | None = None, max_tokens: int | None = None) -> bool:
-    """Validate an uploaded prompt (files or a zip) and move it into the store atomically.
+    """Validate an uploaded prompt (files or a zip) and move it into ``store`` atomically.
 
     Returns True if it replaced an existing prompt. Nothing becomes visible unless the directory
     passes the store's validator (``store.read_prompt_dir``: 422 naming the field), fits the
@@ -69,9 +73,10 @@ def install_prompt(name: str, files: dict[str, bytes], fingerprint: dict, model_
     write succeeds (409 while another upload of the name holds it too long). ``max_tokens``
     bounds N (the server's ``--max-prompt-tokens``).
     """
-    from softprompt import durable, store
+    from softprompt import durable
+    from softprompt.store import UPLOAD_PREFIX, InvalidPrompt, check_compatible, read_prompt_dir
 
-    with tempfile.TemporaryDirectory(prefix=f"{store.UPLOAD_PREFIX}{os.getpid()}-") as tmp:  # swept if we are killed
+    with tempfile.TemporaryDirectory(prefix=f"{UPLOAD_PREFIX}{os.getpid()}-") as tmp:  # swept if we are killed
         d = Path(tmp) / name
         d.mkdir()
         for fname, content in files.items():
@@ -83,10 +88,10 @@ def install_prompt(name: str, files: dict[str, bytes], fingerprint: dict, model_
                 raise bad(f"unexpected file {fname!r}: send a zip, or the files {', '.join(PROMPT_FILES)}",
                            "body", "invalid_upload")
         try:
-            sp = store.read_prompt_dir(d, name, max_tokens)
-            store.check_compatible(sp, fingerprint, force=force, kv_shape=kv_shape)
+            sp = read_prompt_dir(d, name, max_tokens)
+            check_compatible(sp, fingerprint, force=force, kv_shape=kv_shape)
         except UserError as e:
-            param = e.field if isinstance(e, store.InvalidPrompt) else "body"
+            param = e.field if isinstance(e, InvalidPrompt) else "body"
             raise ApiError(422, str(e).replace(str(d), "upload"), param=param, code="invalid_prompt") from None
         existed = store.prompt_path(name).is_dir()
         try:  # the upload is valid: what fails from here on is a race with another writer of the name
@@ -104,12 +109,10 @@ def changed_meanwhile(name: str) -> ApiError:
                     param="name", code="busy")
 
 
-def prompt_info(name: str) -> dict | None:
+def prompt_info(store: "Store", name: str) -> dict | None:
     """Registry entry for the API: the store summary minus server paths (an invalid prompt is
     listed with ``status: invalid`` and its reason, without paths); None when the name is gone
     (deleted meanwhile: a prompt being deleted is listed whole or not at all)."""
-    from softprompt import store
-
     s = store.prompt_summary(name)
     if s["status"] != "ok" and not store.prompt_path(name).is_dir():  # the delete unlinks the name first
         return None

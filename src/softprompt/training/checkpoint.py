@@ -1,7 +1,7 @@
 """The epoch checkpoint of the training loop (``loop.fit``): save it, and resume from it.
 
 A checkpoint is safetensors (the method's state, the kept "best" state, AdamW moments) plus JSON
-(options, scheduler, counters, history), written atomically by ``store.save_checkpoint``; a
+(options, scheduler, counters, history), written atomically by ``promptdir.save_checkpoint``; a
 Ctrl-C therefore leaves the last one intact, and a resumed run equals the uninterrupted one.
 Tensors are saved from the CPU, so a checkpoint written on a GPU resumes anywhere.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from softprompt import store
 from softprompt.config import TrainConfig, UserError
+from softprompt.promptdir import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _load_opt_state(opt, tensors: dict[str, torch.Tensor]) -> None:
 
 def require(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The checkpoint ``--resume`` continues, or one line saying there is none."""
-    loaded = store.load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint)
     if loaded is None:
         raise UserError(f"--resume: no checkpoint in {checkpoint}")
     return loaded
@@ -75,4 +75,4 @@ def save(path, method, opt, sched, res, cfg, epoch, step, best_score, bad):
         "best_score": best_score, "bad": bad, "best": res.best, "history": res.history,
         "epochs": res.epochs, "train_time_s": res.train_time_s, "stopped": res.stopped.value,
     }
-    store.save_checkpoint(path, tensors, state)
+    save_checkpoint(path, tensors, state)

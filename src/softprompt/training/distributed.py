@@ -20,13 +20,12 @@ stopping agrees without communication).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from softprompt.config import UserError
+from softprompt.config import Launch, UserError
 from softprompt.data import IGNORE
 
 if TYPE_CHECKING:
@@ -89,24 +88,17 @@ def _targets(example) -> int:
     return sum(1 for t in example.labels if t != IGNORE)
 
 
-def launched() -> bool:
-    """True inside ``torchrun`` / ``accelerate launch`` (they set WORLD_SIZE and RANK)."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
-def is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def setup(lm: LoadedModel, fsdp: bool = False) -> Dist | None:
-    """Join the process group the launcher described; shard the model if asked.
+def setup(lm: LoadedModel, fsdp: bool = False, launch: Launch | None = None) -> Dist | None:
+    """Join the process group the launcher described (``launch``, read at the edge); shard the
+    model if asked.
 
     Returns None for a plain single-process run (then nothing here is used). The backend is
     NCCL when the model is on a GPU, gloo otherwise.
     """
     import torch.distributed as td
 
-    if not launched():
+    launch = launch or Launch()
+    if not launch.launched:
         if fsdp:
             raise UserError("--fsdp needs several processes: launch with torchrun or accelerate launch")
         return None
@@ -116,7 +108,7 @@ def setup(lm: LoadedModel, fsdp: bool = False) -> Dist | None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         td.init_process_group(backend)
-    dist = Dist(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), fsdp)
+    dist = Dist(td.get_rank(), td.get_world_size(), launch.local_rank, fsdp)
     if fsdp:
         shard_model(lm.model)
     log.info("rank %d of %d (%s%s)", dist.rank, dist.world, td.get_backend(), ", FSDP" if fsdp else "")

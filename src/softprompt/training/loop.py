@@ -150,15 +150,12 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     dist: distributed.Dist | None = None,
-    horizon: int | None = None,
-    on_step: Callable[[int], bool] | None = None,
+    horizon: int | None = None, on_step: Callable[[int], bool] | None = None,
 ) -> FitResult:
     """Train ``method`` on ``examples``; evaluate and checkpoint after each epoch.
 
-    ``dist``: data-parallel (``distributed.py``; rank 0 writes checkpoints). ``horizon``: the
-    steps the lr schedule spans (default: the run's), so k steps under horizon H are the first k
-    of an H-step run. ``on_step(step)`` after each step, the method in eval mode: True stops it.
-    Over 60 lines: one epoch's steps in the order they happen (train, evaluate, keep, stop, save).
+    ``dist``: data-parallel (``distributed.py``). ``horizon``: the steps the lr schedule spans, so
+    k steps under horizon H are the first k of an H-step run; ``on_step(step)``: True stops it.
     """
     params, opt = method.parameters(), make_optimizer(method, cfg)
     total, n_epochs = plan_steps(len(D.bucketed_batches(examples, cfg.batch_size, cfg.seed, 0)), cfg)
@@ -176,8 +173,7 @@ def fit(
             break
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            losses, step = _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist,
-                                      on_step)
+            losses, step = _run_epoch(method, examples, cfg, pad_id, opt, sched, epoch, step, total, res, bar, dist, on_step)
         finally:
             _set_step(method, None)  # eval mode for evaluation, checkpoints and whoever gets the method next
         res.train_time_s += time.perf_counter() - t0
@@ -186,15 +182,7 @@ def fit(
             res.state = method.state() if evaluate is None else res.state  # the failing step was not applied
             break
         row = {"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / max(1, len(losses))}
-        if evaluate is not None:
-            metrics = evaluate()
-            row.update({f"eval_{k}": v for k, v in metrics.items()})
-            if _better(metrics["score"], best_score):
-                best_score, bad, res.state, res.best = metrics["score"], 0, method.state(), metrics
-            else:
-                bad += 1
-        else:
-            res.state = method.state()
+        best_score, bad = _evaluate_epoch(method, evaluate, row, res, best_score, bad)
         res.epochs.append(row)
         log.info("epoch %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
         if res.stopped is StopReason.COMPLETED and cfg.patience is not None and evaluate is not None and bad >= cfg.patience:
@@ -206,7 +194,22 @@ def fit(
     return res
 
 
-def _progress(total: int, initial: int, enabled: bool) -> Any:
+def _evaluate_epoch(method: Method, evaluate: Callable[[], dict] | None, row: dict, res: FitResult,
+                    best_score: float | None, bad: int) -> tuple[float | None, int]:
+    """Score the epoch just run into ``row``; keep the method's state when it is the best so far
+    (every epoch's state without an evaluator). (best score, epochs without improvement)."""
+    if evaluate is None:
+        res.state = method.state()
+        return best_score, bad
+    metrics = evaluate()
+    row.update({f"eval_{k}": v for k, v in metrics.items()})
+    if _better(metrics["score"], best_score):
+        res.state, res.best = method.state(), metrics
+        return metrics["score"], 0
+    return best_score, bad + 1
+
+
+def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
     from tqdm.auto import tqdm

@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from softprompt import data as D
-from softprompt import metrics, recipes, store
+from softprompt import metrics, recipes
 from softprompt.config import DataConfig, MultitaskConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import sequence_logprobs
+from softprompt.store import Store, check_name
 from softprompt.training import tune as TR
 from softprompt.training.auto import method_kind
 from softprompt.training.loop import FitResult, fit
@@ -52,6 +53,7 @@ class TaskData:
     train: list[D.Example]
     dev: list[D.Example]
     recipe: dict
+    root: Path | None = None  # the data root its files are under
 
 
 def sample(examples: list, n: int | None, seed: int) -> list:
@@ -62,9 +64,11 @@ def sample(examples: list, n: int | None, seed: int) -> list:
     return [examples[i] for i in keep]
 
 
-def load_task(tokenizer: Tokenizer, task: str, n_train: int | None, n_dev: int, seed: int, index: int | None = None) -> TaskData:
-    """A task's training sample and dev sample; examples tagged with ``index`` (their task id)."""
-    train, dev, cfg = recipes.train_dev(tokenizer, DataConfig(), task, seed)
+def load_task(tokenizer: Tokenizer, task: str, n_train: int | None, n_dev: int, seed: int, index: int | None = None,
+              root: Path | None = None) -> TaskData:
+    """A task's training sample and dev sample (files under the data root ``root``); examples
+    tagged with ``index`` (their task id)."""
+    train, dev, cfg = recipes.train_dev(tokenizer, DataConfig(), task, seed, root)
     if not cfg.verbalizer:
         raise UserError(f"task {task!r} has no verbalizer (label words); multitask and continual need classification tasks")
     train, dev = sample(train, n_train, seed), sample(dev, n_dev, seed)
@@ -72,7 +76,7 @@ def load_task(tokenizer: Tokenizer, task: str, n_train: int | None, n_dev: int, 
         raise UserError(f"task {task!r}: needs training and dev rows, got {len(train)} and {len(dev)}")
     if index is not None:
         train = [dataclasses.replace(e, task=index) for e in train]
-    return TaskData(recipes.task_name(task), cfg, train, dev, recipes.load_task(task))
+    return TaskData(recipes.task_name(task), cfg, train, dev, recipes.load_task(task), root)
 
 
 def load_test(tokenizer: Tokenizer, td: TaskData, limit: int | None, seed: int) -> list[D.Example]:
@@ -80,7 +84,7 @@ def load_test(tokenizer: Tokenizer, td: TaskData, limit: int | None, seed: int) 
     spec = recipes.test_spec(td.recipe)
     if spec is None:
         return td.dev
-    return sample(recipes.load_split(tokenizer, td.cfg, spec), limit, seed)
+    return sample(recipes.load_split(tokenizer, td.cfg, spec, td.root), limit, seed)
 
 
 def accuracy(model: Model, prompt: torch.Tensor | None, tokenizer: Tokenizer, examples, cfg: DataConfig, batch_size: int = 16,
@@ -126,39 +130,42 @@ class MultitaskResult:
 
 
 def train_multitask(lm: LoadedModel, mcfg: MultitaskConfig, prompt_cfg: PromptConfig, train_cfg: TrainConfig, name: str,
-                    resume: bool = False, progress: bool = False, save: bool = True, force: bool = False) -> MultitaskResult:
-    """Train the shared prompt and the task modulations on a mix of tasks; store every prompt."""
+                    resume: bool = False, progress: bool = False, save: bool = True, force: bool = False,
+                    store: Store | None = None) -> MultitaskResult:
+    """Train the shared prompt and the task modulations on a mix of tasks (files under the store's
+    data root); store every prompt in ``store``."""
     prompt_cfg = method_kind(prompt_cfg, "train-multitask")  # one shared (N, H) prompt modulated per task
     torch.manual_seed(train_cfg.seed)
     names = [recipes.task_name(t) for t in mcfg.tasks]
     for n in [name] + [f"{name}-{t}" for t in names]:
-        store.check_name(n)
+        check_name(n)
     tok = lm.tokenizer
-    tasks = [load_task(tok, t, mcfg.per_task, mcfg.eval_per_task, train_cfg.seed, k) for k, t in enumerate(mcfg.tasks)]
+    root = store.data_root if store else None
+    tasks = [load_task(tok, t, mcfg.per_task, mcfg.eval_per_task, train_cfg.seed, k, root) for k, t in enumerate(mcfg.tasks)]
     mix = [e for td in tasks for e in td.train]
     if prompt_cfg.init == "labels":
         raise UserError("--init labels needs one task's label words; use random, vocab, text or prompt:NAME for a mix")
-    shared = TR.initial_prompt(lm, prompt_cfg, DataConfig(), train_cfg.seed, force)
+    shared = TR.initial_prompt(lm, prompt_cfg, DataConfig(), train_cfg.seed, force, store)
     method = MultitaskMethod(lm.model, shared, len(tasks), fast=train_cfg.fast_forward)
     evaluator = make_evaluator(method, tok, tasks, train_cfg.eval_max_batch_rows)
-    ckpt = TR.runs_dir(name) / "checkpoint" if save else None
+    ckpt = TR.needs_store(store, "saving prompts").run_dir(name) / "checkpoint" if save else None
     res = fit(method, mix, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress)
     method.load_state(res.state)
     prompts = {td.name: p for td, p in zip(tasks, method.prompts().detach(), strict=True)}
-    paths = _save_all(lm, name, tasks, prompts, method.shared.detach(), prompt_cfg, train_cfg, res, mcfg) if save else {}
+    paths = _save_all(store, lm, name, tasks, prompts, method.shared.detach(), prompt_cfg, train_cfg, res, mcfg) if save else {}
     return MultitaskResult(name, names, method.shared.detach().clone(), prompts, paths, res,
                            {td.name: len(td.train) for td in tasks})
 
 
-def _save_all(lm: LoadedModel, name, tasks, prompts, shared, prompt_cfg: PromptConfig, train_cfg: TrainConfig, res, mcfg) -> dict[str, Path]:
+def _save_all(store: Store, lm: LoadedModel, name, tasks, prompts, shared, prompt_cfg: PromptConfig, train_cfg: TrainConfig, res, mcfg) -> dict[str, Path]:
     info = {"shared": name, "tasks": [td.name for td in tasks], "config": mcfg.to_dict(),
             "style": "MPT: P_k = P_shared * (u_k v_k^T)"}
     meta = TR.prompt_metadata(lm, DataConfig(), prompt_cfg, train_cfg, res, None)
     meta.update(kind="multitask-shared", multitask=info)
-    paths = {name: store.save_prompt(store.prompt_path(name), shared, meta, str(lm.path), lm.model.config)}
+    paths = {name: store.save_prompt(name, shared, meta, str(lm.path), lm.model.config)}
     for td in tasks:
         meta = TR.prompt_metadata(lm, td.cfg, prompt_cfg, train_cfg, res, td.name)
         meta.update(kind="multitask-task", multitask=info)
         pname = f"{name}-{td.name}"
-        paths[pname] = store.save_prompt(store.prompt_path(pname), prompts[td.name], meta, str(lm.path), lm.model.config)
+        paths[pname] = store.save_prompt(pname, prompts[td.name], meta, str(lm.path), lm.model.config)
     return paths

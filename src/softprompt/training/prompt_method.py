@@ -148,12 +148,12 @@ class PromptMethod:
     def save(self, path, meta: dict | None = None) -> int:
         """The folded prompt as a PEFT adapter directory (prompt tuning, or prefix tuning for a
         deep prompt); bytes of its weights file."""
-        from softprompt import store
+        from softprompt.promptdir import save_prompt
 
         cfg = self.model.config
         with torch.no_grad():
             prompt = self.current().detach()
-        d = store.save_prompt(path, prompt, meta or {}, getattr(cfg, "name_or_path", ""), cfg, **self._extra())
+        d = save_prompt(path, prompt, meta or {}, getattr(cfg, "name_or_path", ""), cfg, **self._extra())
         return (d / "adapter_model.safetensors").stat().st_size
 
     def _extra(self) -> dict:

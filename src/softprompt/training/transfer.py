@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from softprompt import data as D
-from softprompt import store
 from softprompt.config import UserError
+from softprompt.store import Store, check_compatible
 from softprompt.training.loop import eval_loss
 from softprompt.training.methods import PromptMethod
 
@@ -35,8 +35,9 @@ def mean_loss(model: Model, prompt: torch.Tensor, examples: list[D.Example], pad
     return eval_loss(PromptMethod(model, prompt), examples, pad_id, batch_size)
 
 
-def candidates(lm: LoadedModel, exclude: set[str] = frozenset(), force: bool = False, only: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Stored prompts usable on this model: name -> (N, H). Broken or foreign ones are skipped."""
+def candidates(lm: LoadedModel, exclude: set[str] = frozenset(), force: bool = False, only: list[str] | None = None, *,
+               store: Store) -> dict[str, torch.Tensor]:
+    """Prompts of ``store`` usable on this model: name -> (N, H). Broken or foreign ones are skipped."""
     H = lm.model.get_input_embeddings().weight.shape[1]
     out = {}
     for name in only if only is not None else store.list_prompts():
@@ -44,7 +45,7 @@ def candidates(lm: LoadedModel, exclude: set[str] = frozenset(), force: bool = F
             continue
         try:
             sp = store.load_prompt(name)
-            store.check_compatible(sp, lm.fingerprint, force=force, kv_shape=lm.kv_shape)
+            check_compatible(sp, lm.fingerprint, force=force, kv_shape=lm.kv_shape)
         except UserError as e:
             log.debug("transfer: skipping %s (%s)", name, e)
             continue
@@ -54,12 +55,12 @@ def candidates(lm: LoadedModel, exclude: set[str] = frozenset(), force: bool = F
 
 
 def rank_sources(lm: LoadedModel, examples: list[D.Example], exclude: set[str] = frozenset(), rows: int = RANK_ROWS,
-                 force: bool = False, only: list[str] | None = None) -> list[dict]:
+                 force: bool = False, only: list[str] | None = None, *, store: Store) -> list[dict]:
     """Stored prompts (all, or the names in ``only``) ordered best first: ``[{"name", "loss"}, ...]``,
     scored on the first ``rows`` examples."""
     if not examples:
         raise UserError("--init transfer: the new task has no training examples to rank prompts with")
-    pool = candidates(lm, exclude, force, only)
+    pool = candidates(lm, exclude, force, only, store=store)
     if not pool:
         raise UserError("--init transfer: no stored prompt for this base model to transfer from; "
                         "train one first or use another --init")

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from softprompt import precision, recipes, store
-from softprompt.config import TrainConfig, UserError
+from softprompt import precision, recipes
+from softprompt.config import Launch, TrainConfig, UserError
 from softprompt.prompt import check_deep
+from softprompt.store import Store, check_compatible, check_name
 from softprompt.training import auto, checkpoint, distributed
 from softprompt.training.loop import FitResult, StopReason, check_group_lrs, eval_loss, fit
 from softprompt.training.methods import (
@@ -71,14 +72,15 @@ def make_evaluator(method, tokenizer: Tokenizer, eval_examples, data_cfg: DataCo
     return run
 
 
-def initial_prompt(lm: LoadedModel, prompt_cfg: PromptConfig, data_cfg: DataConfig, seed: int, force: bool = False) -> torch.Tensor:
-    """The initial prompt of ``prompt_cfg.kind``: shallow (N, H) or deep (L, 2, kv, N, d)."""
+def initial_prompt(lm: LoadedModel, prompt_cfg: PromptConfig, data_cfg: DataConfig, seed: int, force: bool = False, store: Store | None = None) -> torch.Tensor:
+    """The initial prompt of ``prompt_cfg.kind``: shallow (N, H) or deep (L, 2, kv, N, d)
+    (``prompt:NAME`` reads NAME from ``store``)."""
     from softprompt.prompt import make_deep_prompt, make_prompt
 
     source = None
     if prompt_cfg.init.startswith("prompt:"):
-        stored = store.load_prompt(prompt_cfg.init.split(":", 1)[1])
-        store.check_compatible(stored, lm.fingerprint, force=force, kv_shape=lm.kv_shape)
+        stored = needs_store(store, "--init prompt:NAME").load_prompt(prompt_cfg.init.split(":", 1)[1])
+        check_compatible(stored, lm.fingerprint, force=force, kv_shape=lm.kv_shape)
         source = stored.tensor if prompt_cfg.kind == "deep" else stored.shallow("--init prompt:NAME for a shallow prompt")
     words = list((data_cfg.verbalizer or {}).values())
     make = make_deep_prompt if prompt_cfg.kind == "deep" else make_prompt
@@ -134,32 +136,53 @@ def prompt_metadata(lm: LoadedModel, data_cfg: DataConfig, prompt_cfg: PromptCon
     }
 
 
-def runs_dir(name: str) -> Path:
-    from softprompt.config import home
+def needs_store(store: Store | None, what: str) -> Store:
+    """``store``, or one line saying that ``what`` reads or writes a store."""
+    if store is None:
+        raise UserError(f"{what} needs a prompt store (--home)")
+    return store
 
-    return home() / "runs" / store.check_name(name)
+
+def tell_choice(method, prompt_cfg: PromptConfig, train_cfg: TrainConfig, chosen: dict, resume_from: Path | None, say) -> None:
+    """``--kind auto``'s one line (to ``say``, default the log), after the one-line errors it could
+    hide: no checkpoint to resume from (``resume_from``), a ``--group-lr`` naming no group."""
+    if resume_from is not None:
+        checkpoint.require(resume_from)
+    check_group_lrs(method, train_cfg)
+    (say or log.info)(auto.line(prompt_cfg, train_cfg, chosen))
+
+
+def side_tensors(state: dict) -> dict:
+    """The side tensors in a method's state (``offset``, ``memory``: ``sides.py``), as ``save_prompt`` takes them."""
+    return {"offset": (state["offset_a"], state["offset_b"]) if "offset_a" in state else None,
+            "memory": state.get("memory")}
 
 
 def train(lm: LoadedModel, data_cfg: DataConfig, prompt_cfg: PromptConfig, train_cfg: TrainConfig, name: str | None = None, task: str | None = None,
           resume: bool = False, save: bool = True, progress: bool = False, force: bool = False,
-          fsdp: bool = False, given: set[str] | None = None, say=None) -> TrainResult:
+          fsdp: bool = False, store: Store | None = None, launch: Launch | None = None,
+          given: set[str] | None = None, say=None) -> TrainResult:
     """Prompt tuning end to end: data -> init -> fit -> save. Nothing is written on bad input.
 
     ``prompt_cfg.kind == "auto"`` resolves, once the data is read, into the settings of
     ``auto.RULES``; the fields in ``given`` keep the caller's values (``auto.resolve``), and
     ``say`` (default: the log) gets the one line that tells the choice as training starts.
     Under ``torchrun`` / ``accelerate launch`` this is one rank of a data-parallel run
-    (``distributed.py``; ``fsdp`` shards the frozen model): only rank 0 saves.
+    (``distributed.py``, ``launch`` read at the edge; ``fsdp`` shards the frozen model): only rank 0
+    saves. ``store`` receives the prompt and the checkpoint (``save`` with a ``name``) and holds the
+    prompts that ``--init prompt:NAME`` / ``transfer`` read; ``data_cfg`` is resolved already
+    (``recipes.resolve``), ``task`` only names it in the metadata.
     """
     torch.manual_seed(train_cfg.seed)
-    dist = distributed.setup(lm, fsdp)  # None unless launched by torchrun / accelerate launch
+    dist = distributed.setup(lm, fsdp, launch)  # None unless launched by torchrun / accelerate launch
     main = dist is None or dist.is_main
     if name is not None:
-        store.check_name(name)
+        check_name(name)
     if prompt_cfg.kind == "deep":
         check_deep(lm.model)  # one line, before any data is read or anything written
     tok = lm.tokenizer
-    train_ex, eval_ex, data_cfg = recipes.train_dev(tok, data_cfg, task, train_cfg.seed)
+    root = store.data_root if store else None
+    train_ex, eval_ex, data_cfg = recipes.train_dev(tok, data_cfg, task, train_cfg.seed, root)
     chosen = None
     if prompt_cfg.kind == "auto":
         prompt_cfg, train_cfg, chosen = auto.resolve(auto.facts_of(lm, data_cfg, len(train_ex)), prompt_cfg,
@@ -168,23 +191,19 @@ def train(lm: LoadedModel, data_cfg: DataConfig, prompt_cfg: PromptConfig, train
     if prompt_cfg.init == "transfer":  # SPoT-style: the stored prompt that suits this data best
         from softprompt.training.transfer import rank_sources
 
-        ranking = rank_sources(lm, train_ex, exclude={name} if name else set(), force=force)
+        ranking = rank_sources(lm, train_ex, exclude={name} if name else set(), force=force,
+                               store=needs_store(store, "--init transfer"))
         prompt_cfg = replace(prompt_cfg, init=f"prompt:{ranking[0]['name']}")
     fast = train_cfg.fast_forward and not fsdp  # FSDP: one forward per layer (distributed.shard_model)
-    init = initial_prompt(lm, prompt_cfg, data_cfg, train_cfg.seed, force)
+    init = initial_prompt(lm, prompt_cfg, data_cfg, train_cfg.seed, force, store)
     prec = precision.resolve(train_cfg.precision, lm.model.device, lm.model.dtype)
     method = prompt_method(lm, init, prompt_cfg, fast, train_cfg.seed, train_cfg.pack, prec["used"])
     evaluator = make_evaluator(method, tok, eval_ex, data_cfg, train_cfg, tok.pad_token_id)
-    ckpt = runs_dir(name) / "checkpoint" if (save and name) else None
+    ckpt = needs_store(store, "saving a prompt").run_dir(name) / "checkpoint" if (save and name) else None
     if chosen is not None and main:
-        if resume and ckpt is not None:
-            checkpoint.require(ckpt)  # the one-line errors come before the choice is told
-        check_group_lrs(method, train_cfg)
-        (say or log.info)(auto.line(prompt_cfg, train_cfg, chosen))
+        tell_choice(method, prompt_cfg, train_cfg, chosen, ckpt if resume else None, say)
     res = fit(method, train_ex, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress and main, dist)
     prompt = res.state["prompt"]
-    sides = {"offset": (res.state["offset_a"], res.state["offset_b"]) if "offset_a" in res.state else None,
-             "memory": res.state.get("memory")}
     meta = prompt_metadata(lm, data_cfg, prompt_cfg, train_cfg, res, task)
     meta["precision"] = prec  # what auto chose and why (softprompt.json, the training summary)
     if chosen is not None:
@@ -195,7 +214,7 @@ def train(lm: LoadedModel, data_cfg: DataConfig, prompt_cfg: PromptConfig, train
         meta["distributed"] = {"world_size": dist.world, "fsdp": dist.fsdp}
     path = None
     if save and name and main:
-        path = store.save_prompt(store.prompt_path(name), prompt, meta, str(lm.path), lm.model.config, **sides)
+        path = store.save_prompt(name, prompt, meta, str(lm.path), lm.model.config, **side_tensors(res.state))
     return TrainResult(name=name or "", prompt=prompt, path=path, history=res.history, epochs=res.epochs,
                        train_time_s=res.train_time_s, final_train_loss=res.final_train_loss, best=res.best,
                        stopped=res.stopped, n_train=len(train_ex), n_eval=len(eval_ex), meta=meta)

@@ -61,6 +61,7 @@ def test_page_and_assets_are_served_without_a_key(lm, home):
         assert httpx.get(url + "/v1/prompts").status_code == 401  # the data still needs the key
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_browser_shows_plain_and_tuned_answers_side_by_side(base, ref, tmp_path):
     query = urlencode({"prompt": "p1", "input": TEXTS[0], "max_tokens": 8, "run": 1})
@@ -76,6 +77,7 @@ def test_browser_shows_plain_and_tuned_answers_side_by_side(base, ref, tmp_path)
         assert f"<td>{name}</td>" in table
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_browser_screenshot_is_a_real_picture(base, tmp_path):
     query = urlencode({"prompt": "p2", "input": TEXTS[1], "max_tokens": 8, "run": 1})
@@ -106,6 +108,7 @@ def png_summary(data: bytes) -> tuple[int, int, int]:
         return width, height, len(im.convert("RGB").getcolors(1 << 24))
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_browser_uses_chat_for_a_chat_model(chat_srv, chat_ref, tmp_path):
     """A chat model's page sends the input as one user message through /v1/chat/completions."""

@@ -115,16 +115,22 @@ class StoredPrompt:
     @property
     def tensor(self) -> torch.Tensor:
         """What the forward takes: (N, H) or (L, 2, kv, N, d)."""
-        return self.kv if self.kv is not None else self.embeddings
+        return self.kv if self.kv is not None else self.rows()
+
+    def rows(self) -> torch.Tensor:
+        """The (N, H) embeddings of a shallow prompt (a stored prompt holds these or keys/values)."""
+        if self.embeddings is None:
+            raise ValueError(f"prompt {self.name!r} holds neither embeddings nor keys/values")
+        return self.embeddings
 
     @property
     def peft_tensor(self) -> torch.Tensor:
         """The tensor as PEFT stores it: (N, H), or (N, L*2*kv*d)."""
-        return deep_to_peft(self.kv) if self.kv is not None else self.embeddings
+        return deep_to_peft(self.kv) if self.kv is not None else self.rows()
 
     @property
     def num_virtual_tokens(self) -> int:
-        return int(self.kv.shape[3]) if self.kv is not None else int(self.embeddings.shape[0])
+        return int(self.kv.shape[3]) if self.kv is not None else int(self.rows().shape[0])
 
     @property
     def nbytes(self) -> int:
@@ -136,15 +142,15 @@ class StoredPrompt:
         if self.kv is not None:
             raise UserError(f"prompt {self.name!r} is a deep prompt (per-layer keys/values): {what} needs a shallow "
                             "(N, H) prompt")
-        return self.embeddings
+        return self.rows()
 
 
 def check_shape(stored: StoredPrompt, hidden_size: int, kv_shape: tuple[int, int, int] | None) -> None:
     """One line if the prompt's shape does not fit the model: hidden size H for a shallow prompt,
     the key/value geometry (layers, kv heads, head dim; None: no decoder-only cache, as T5) for a deep one."""
     if stored.kv is None:
-        if stored.embeddings.shape[1] != hidden_size:
-            raise UserError(f"prompt {stored.name!r} has hidden size {stored.embeddings.shape[1]}, the model has "
+        if stored.rows().shape[1] != hidden_size:
+            raise UserError(f"prompt {stored.name!r} has hidden size {stored.rows().shape[1]}, the model has "
                             f"{hidden_size}; it was trained for another model")
         return
     theirs = tuple(int(stored.kv.shape[i]) for i in (0, 2, 4))

@@ -140,6 +140,8 @@ def run_hand(ctx: Context, method: str, train_idx: list[int], seed: int) -> dict
     """Zero-shot or few-shot with the chosen template; few-shot draws its demonstrations from
     the run's training set."""
     cfg = ctx.hand_cfg
+    if cfg is None:
+        raise RuntimeError("run_hand needs the hand template chosen first (choose_template)")
     pool, dev, test = ctx.splits.examples(cfg)
     out: dict = {"template": cfg.template, "n_train": 0}
     hp = methods.HandPrompt(ctx.lm.model)

@@ -5,6 +5,7 @@ prefix path equal to plain concatenation, and the SuperGLUE 32-shot recipes."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -341,15 +342,20 @@ def test_versus_lora_records_the_accuracy_gap_and_the_step_cost_of_each_prompt_k
 
 
 def test_peak_memory_sees_an_allocation():
-    """What the comparison records as peak memory grows by at least what the block allocates."""
-    import time
+    """What the comparison records as peak memory grows by at least what the block allocates
+    (in a fresh process: heap that other tests freed cannot hide the growth)."""
+    import os
+    import subprocess
+    import sys
 
-    from softprompt.experiments.measure import PeakMemory
-
-    with PeakMemory() as mem:
-        # 64 MiB: above glibc's largest mmap threshold (32 MiB), so fresh pages whatever earlier
-        # tests freed; every page written, so each is resident
-        block = bytearray(64 << 20)
-        block[::4096] = b"\1" * len(range(0, 64 << 20, 4096))
-        time.sleep(0.1)  # sampled every 10 ms, and once more on exit
-    assert len(block) == 64 << 20 and mem.delta_mb >= 60
+    code = ("import time\nfrom softprompt.experiments.measure import PeakMemory\n"
+            "with PeakMemory() as mem:\n"
+            "    block = bytearray(64 << 20)\n"
+            "    block[::4096] = bytes([1]) * len(range(0, 64 << 20, 4096))  # every page written: resident\n"
+            "    time.sleep(0.1)  # sampled every 10 ms, and once more on exit\n"
+            "print(len(block), mem.delta_mb)")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120)
+    size, delta = out.stdout.split()
+    assert int(size) == 64 << 20 and float(delta) >= 60

@@ -23,6 +23,7 @@ Targets (issue): a step <= 1.1x LoRA's; a request <= 1.05x the plain model's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -115,8 +116,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny random model; results are not written")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default 2, 1 for --quick; 1 when another job holds one of the 2 cores)")
+    ap.add_argument("--render", action="store_true", help="rebuild the Markdown from the JSON of the last run")
     a = ap.parse_args()
-    common.setup_torch(a.quick)
+    if a.render:
+        payload = json.loads((common.RESULTS / "lever_cost.json").read_text())
+        print("wrote", *common.write_results("lever_cost", payload, markdown(payload)))
+        return
+    common.setup_torch(a.quick, threads=a.threads)
     lm = common.load_lm(a.quick)
     info = common.machine_info()
     steps = time_steps(lm, a.quick, a.warmup, a.rounds)
@@ -129,23 +137,53 @@ def main() -> None:
 def report(a, info, lm, steps: dict, reqs: dict) -> None:
     s_med = {m: common.summary(v)["median"] for m, v in steps.items()}
     r_med = {m: common.summary(v)["median"] for m, v in reqs.items()}
-    s_ratio = {m: v / s_med["lora"] for m, v in s_med.items()}
-    r_ratio = {m: v / r_med["plain"] for m, v in r_med.items()}
     payload = {"benchmark": "lever_cost", "model": lm.name, "machine": info, "loadavg_at_end": os.getloadavg(),
                "setup": {"batch": BATCH, "new_tokens": NEW_TOKENS, "rounds": a.rounds, "warmup": a.warmup},
-               "step_cpu_s": steps, "request_cpu_s": reqs, "step_over_lora": s_ratio, "request_over_plain": r_ratio,
+               "step_cpu_s": steps, "request_cpu_s": reqs,
+               "step_over_lora": {m: v / s_med["lora"] for m, v in s_med.items()},
+               "request_over_plain": {m: v / r_med["plain"] for m, v in r_med.items()},
+               "step_over_lora_per_round": per_round(steps, "lora"),
+               "request_over_plain_per_round": per_round(reqs, "plain"),
                "targets": {"step_over_lora": STEP_TARGET, "request_over_plain": REQUEST_TARGET}}
-    md = (f"# lever_cost\n\nModel `{lm.name}`, {info['torch_threads']} thread(s) on {info['cpu']}; CPU time "
-          f"(process time), medians of {a.rounds} interleaved rounds.\n\n## Training step (SST-2, batch {BATCH})\n\n"
-          + common.md_table(["method", "CPU s / step", "x LoRA", f"<= {STEP_TARGET}x LoRA"],
-                            [[m, s_med[m], s_ratio[m], "yes" if s_ratio[m] <= STEP_TARGET else "no"] for m in s_med])
-          + f"\n## One request ({NEW_TOKENS} new tokens, batch 1)\n\n"
-          + common.md_table(["prompt", "CPU s / request", "x plain", f"<= {REQUEST_TARGET}x plain"],
-                            [[m, r_med[m], r_ratio[m], "yes" if r_ratio[m] <= REQUEST_TARGET else "no"] for m in r_med])
-          + "\n" + common.load_note(info, "methods"))
+    md = markdown(payload)
     print(md)
     if not a.quick:
         print("wrote", *common.write_results("lever_cost", payload, md))
+
+
+def per_round(times: dict[str, list[float]], anchor: str) -> dict[str, dict[str, float]]:
+    """Each method's time over the anchor's in the same round: median, min and max over the rounds."""
+    out = {}
+    for m, v in times.items():
+        s = common.summary([x / y for x, y in zip(v, times[anchor], strict=True)])
+        out[m] = {k: s[k] for k in ("median", "min", "max")}
+    return out
+
+
+def markdown(p: dict) -> str:
+    """The results tables from a payload (``--render`` rebuilds them from a run's JSON)."""
+    info, setup = p["machine"], p["setup"]
+
+    def table(what: str, anchor: str, target: float) -> str:
+        times, ratio, rounds = p[f"{what}_cpu_s"], p[f"{what}_over_{anchor}"], p[f"{what}_over_{anchor}_per_round"]
+        rows = [[m, common.summary(v)["median"], ratio[m], "{median:.2f} [{min:.2f}, {max:.2f}]".format(**rounds[m]),
+                 "yes" if ratio[m] <= target else "no"]
+                for m, v in sorted(times.items(), key=lambda kv: kv[0] != anchor)]  # the anchor first
+        return common.md_table(["method" if what == "step" else "prompt", f"CPU s / {what} (median)",
+                                f"x {anchor} (ratio of medians)", f"x {anchor}, same round: median [min, max]",
+                                f"<= {target}x {anchor}"], rows)
+
+    start, end = info["loadavg_at_start"][0], p["loadavg_at_end"][0]
+    busy = start > 0.5 or end > info["torch_threads"] + 1  # the start is read before this run is busy
+    return (f"# lever_cost\n\nModel `{p['model']}`, {info['torch_threads']} thread(s) on {info['cpu']}; CPU time "
+            f"(process time), medians of {setup['rounds']} interleaved rounds (order rotated each round, "
+            f"{setup['warmup']} warm-up rounds dropped).\n\n## Training step (SST-2, batch {setup['batch']})\n\n"
+            + table("step", "lora", STEP_TARGET)
+            + f"\n## One request ({setup['new_tokens']} new tokens, batch 1)\n\n"
+            + table("request", "plain", REQUEST_TARGET)
+            + f"\nLoad average (1 min) at start {start:.1f}, at end {end:.1f}, on {info['cores']} cores: "
+            + ("other jobs shared the machine, so absolute times are inflated; " if busy else "the machine was otherwise idle; ")
+            + "each ratio compares times taken in the same rounds.\n")
 
 
 if __name__ == "__main__":

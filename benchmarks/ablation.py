@@ -7,7 +7,8 @@ task's dev split (label accuracy and loss, the evaluator training uses). Arms:
 * ``deep``: the recommended deep prompt (``--kind deep --init labels --lr 0.03``), the baseline;
 * ``deep+dropout``, ``deep+sink``, ``deep+cosine``, ``deep+all``: P-tuning v2's levers on it
   (prefix dropout 0.1, a frozen first virtual token, cosine decay after 10% warm-up, all three);
-* ``deep+memory``: PrefixMemory, the deep prompt plus the per-head memory (memory lr 1e-3);
+* ``deep+memory``, ``deep+memory@1e-4``, ``deep+memory@1e-5``: PrefixMemory, the deep prompt
+  plus the per-head memory (memory lr 1e-3, 1e-4, 1e-5);
 * ``shallow``: the shallow prompt with label init; ``dept``: DePT, a shorter shallow prompt
   (N=10) plus a rank-8 input offset, prompt lr 0.1 and offset lr 1e-3 (two groups).
 
@@ -35,6 +36,10 @@ ARMS = {  # name -> (PromptConfig fields, TrainConfig fields)
     "deep+all": ({"kind": "deep", "init": "labels", "dropout": 0.1, "freeze_first": True},
                  {"lr": 0.03, "schedule": "cosine", "warmup_ratio": 0.1}),
     "deep+memory": ({"kind": "deep", "init": "labels", "memory": True}, {"lr": 0.03, "group_lr": {"memory": 1e-3}}),
+    "deep+memory@1e-4": ({"kind": "deep", "init": "labels", "memory": True},
+                         {"lr": 0.03, "group_lr": {"memory": 1e-4}}),
+    "deep+memory@1e-5": ({"kind": "deep", "init": "labels", "memory": True},
+                         {"lr": 0.03, "group_lr": {"memory": 1e-5}}),
     "shallow": ({"kind": "shallow", "init": "labels"}, {"lr": 0.1}),
     "dept": ({"kind": "shallow", "init": "labels", "num_virtual_tokens": 10, "offset_rank": 8},
              {"lr": 0.1, "group_lr": {"offset": 1e-3}}),
@@ -56,17 +61,27 @@ def run_arm(lm, task: str, name: str, steps: int, dev: int, seed: int) -> dict:
             "final_train_loss": res.final_train_loss}
 
 
+def settings(arm: str) -> str:
+    """The arm's flags in words (``ARMS``)."""
+    pkw, tkw = ARMS.get(arm, ({}, {}))
+    words = [f"{k.replace('_', '-')} {v}" for k, v in pkw.items() if v is not True] + [
+        k.replace("_", "-") for k, v in pkw.items() if v is True]
+    words += [f"{k.replace('_', '-')} " + (",".join(f"{g}={x:g}" for g, x in v.items()) if isinstance(v, dict) else f"{v:g}"
+              if isinstance(v, float) else str(v)) for k, v in tkw.items()]
+    return ", ".join(words)
+
+
 def markdown(task: str, payload: dict) -> str:
     rows = payload["arms"]
     base = next((r["dev_accuracy"] for r in rows if r["arm"] == "deep"), None)
     table = common.md_table(
-        ["arm", "dev accuracy", "vs deep (points)", "dev loss", "train s", "s/step"],
-        [[r["arm"], 100 * r["dev_accuracy"], "" if base is None else 100 * (r["dev_accuracy"] - base),
-          r["dev_loss"], r["train_time_s"], r["train_time_s"] / payload["steps"]] for r in rows])
+        ["arm", "settings", "dev accuracy", "vs deep (points)", "dev loss", "final train loss", "train s", "s/step"],
+        [[r["arm"], settings(r["arm"]), 100 * r["dev_accuracy"], "" if base is None else 100 * (r["dev_accuracy"] - base),
+          r["dev_loss"], r["final_train_loss"], r["train_time_s"], r["train_time_s"] / payload["steps"]] for r in rows])
     n_dev = rows[0]["n_dev"] if rows else 0
     se = 100 * (0.25 / max(1, n_dev)) ** 0.5  # the largest standard error of an accuracy on n_dev rows
     return (f"# Prompt levers on {task} (dev set)\n\n{payload['steps']} steps, seed {payload['seed']}, batch 8, "
-            f"the first {n_dev} dev rows, the default model. One seed on {n_dev} rows: a difference under "
+            f"the first {n_dev} dev rows, the default model, {payload.get('threads', common.THREADS)} torch thread(s) under `nice -n 19`. One seed on {n_dev} rows: a difference under "
             f"~{2 * se:.1f} points (two standard errors, at most {se:.1f} each) is noise.\n\n{table}\n"
             + payload["load_note"])
 
@@ -80,9 +95,11 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--tag", default="", help="suffix of the result name (a second process writes its own file)")
     ap.add_argument("--resume", action="store_true", help="keep the arms already in the result file")
+    ap.add_argument("--threads", type=int, default=common.THREADS,
+                    help="torch threads (1 when another job holds one of the 2 cores)")
     ap.add_argument("--merge", default="", help="comma-separated result names (in benchmarks/results) whose arms to add")
     a = ap.parse_args()
-    common.setup_torch()
+    common.setup_torch(threads=a.threads)
     info = common.machine_info()
     name = f"ablation_{a.task}{a.tag}"
     done = []
@@ -94,7 +111,7 @@ def main() -> None:
                  if r["arm"] not in {d["arm"] for d in done}]
     done.sort(key=lambda r: list(ARMS).index(r["arm"]))
     lm = common.load_lm(False)
-    payload = {"task": a.task, "steps": a.steps, "seed": a.seed, "dev_rows": a.dev, "machine": info, "arms": done}
+    payload = {"task": a.task, "steps": a.steps, "seed": a.seed, "dev_rows": a.dev, "threads": a.threads, "machine": info, "arms": done}
     for arm in [x for x in a.arms.split(",") if x not in {r["arm"] for r in done}]:
         payload["arms"].append(run_arm(lm, a.task, arm, a.steps, a.dev, a.seed))
         payload["load_note"] = common.load_note(info, "arms").replace("arms ran interleaved", "arms ran one after another")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import common
@@ -58,7 +59,7 @@ def run_arm(lm, task: str, name: str, steps: int, dev: int, seed: int) -> dict:
     return {"arm": name, "prompt": pcfg.to_dict(), "training": tcfg.to_dict(), "dev_accuracy": best.get("accuracy"),
             "dev_loss": best.get("loss"), "n_train": res.n_train, "n_dev": res.n_eval,
             "train_time_s": res.train_time_s, "wall_s": time.perf_counter() - t0,
-            "final_train_loss": res.final_train_loss}
+            "final_train_loss": res.final_train_loss, "loadavg_at_end": os.getloadavg()}
 
 
 def settings(arm: str) -> str:
@@ -83,7 +84,14 @@ def markdown(task: str, payload: dict) -> str:
     return (f"# Prompt levers on {task} (dev set)\n\n{payload['steps']} steps, seed {payload['seed']}, batch 8, "
             f"the first {n_dev} dev rows, the default model, {payload.get('threads', common.THREADS)} torch thread(s) under `nice -n 19`. One seed on {n_dev} rows: a difference under "
             f"~{2 * se:.1f} points (two standard errors, at most {se:.1f} each) is noise.\n\n{table}\n"
-            + payload["load_note"])
+            + payload["load_note"] + _arm_loads(rows))
+
+
+def _arm_loads(rows: list[dict]) -> str:
+    """The 1-minute load average at the end of each arm (recorded since resumed runs share a file)."""
+    loads = {r["arm"]: r["loadavg_at_end"][0] for r in rows if r.get("loadavg_at_end")}
+    return ("" if not loads else "Load average (1 min) at the end of each arm: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in loads.items()) + ".\n")
 
 
 def main() -> None:

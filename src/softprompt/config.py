@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from softprompt.configio import JsonMixin as _JsonMixin
+from softprompt.datafiles import DataFiles
 from softprompt.configio import flag, option
 
 
@@ -53,6 +54,15 @@ class DataConfig(_JsonMixin):
     data_config: str | None = option(None, 'a datasets data set on the hub: its configuration name', metavar="NAME")
     chat: bool = option(False, "chat form: the filled template is the user turn, the target the assistant reply (the model's chat template)")
     system: str | None = option(None, 'chat form: a system message before every row', metavar="TEXT")
+    hand_templates: tuple[str, ...] = ()  # a recipe's hand-written template candidates (compare)
+    # the files of train, dev and test, resolved where the command builds its config
+    # (``recipes.resolve``); None: the fields above name them (``splits.user_files``)
+    files: DataFiles | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataConfig:
+        files = data.get("files")
+        return super().from_dict({**data, "files": DataFiles.from_dict(files) if isinstance(files, dict) else None})
 
     def __post_init__(self) -> None:
         _check(self.limit is None or self.limit > 0, f"--limit must be positive, got {self.limit}")

@@ -106,7 +106,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         print(f"wrote {compare_report.write_report(docs, out, 'comparison', command, notes)}")
         return 0
     ccfg = compare_config(a)
-    dcfg = data_config(a)
+    dcfg = data_config(a, held_out=True)
     if dcfg.verbalizer is None and not a.task:
         raise UserError("compare needs a classification task: give --verbalizer (and --template, --target-column)")
     tcfg, pcfg = from_args(TrainConfig, a, ("epochs",)), from_args(PromptConfig, a, ("num_virtual_tokens", "init"))

@@ -16,10 +16,11 @@ import sys
 from dataclasses import replace
 
 import pytest
-from conftest import needs_data, shared_data_root, write_toy_csv, write_toy_task
+import torch
+from conftest import shared_data_root, write_toy_csv, write_toy_task
 
 from softprompt import evaluate, recipes, splits
-from softprompt.config import DataConfig, EvalConfig, UserError
+from softprompt.config import DataConfig, UserError
 from softprompt.experiments import compare_data as CD
 from softprompt.training import multitask as MT
 
@@ -187,3 +188,41 @@ def test_user_data_and_a_test_recipe_give_the_examples_the_old_path_gave(tiny_lm
     td = MT.load_task(tok, task, MT.task_config(task, tmp_path), 16, 8, 0, 0)
     got["toy_task/multitask"] = [dig(td.train), dig(td.dev), dig(MT.load_test(td, 5, 0))]
     assert json.loads(json.dumps(got)) == OLD_TOY
+
+
+class Spied(UserError):
+    """Raised by the spy: the command stops once it has asked for its data."""
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "compare", "inspect", "train-multitask", "continual"])
+def test_every_command_reads_its_data_through_load_splits(command, tiny_lm, toy_tasks, sp_store, cli_main, monkeypatch):
+    import importlib
+
+    for name in ("softprompt.training.tune", "softprompt.evaluate", "softprompt.experiments.compare_data",
+                 "softprompt.experiments.interpret", "softprompt.training.multitask", "softprompt.experiments.continual"):
+        importlib.import_module(name)
+    calls: list[DataConfig] = []
+
+    def spy(tokenizer, cfg, seed=0):
+        calls.append(cfg)
+        raise Spied("data asked for")
+
+    real = splits.load_splits
+    for mod in [m for n, m in sys.modules.items() if n.startswith("softprompt")]:
+        if getattr(mod, "load_splits", None) is real:
+            monkeypatch.setattr(mod, "load_splits", spy)
+    mood, pets = str(toy_tasks["mood"]), str(toy_tasks["pets"])
+    model = ["--model", str(tiny_lm.path)]
+    sp_store.save_prompt("p", torch.zeros(4, tiny_lm.hidden_size), {"base_model": {"name": tiny_lm.name,
+                         "fingerprint": tiny_lm.fingerprint}}, str(tiny_lm.path), tiny_lm.model.config)
+    csv = ["--data", mood.removesuffix(".json") + ".csv", "--template", "{text}", "--target-column", "label"]
+    argv = {"train": ["train", "--task", mood, "--quiet", "--name", "t"], "eval": ["eval", *csv],
+            "compare": ["compare", "--task", mood, "--quick", "--quiet", "--methods", "zero-shot"],
+            "inspect": ["inspect", "p", *csv], "train-multitask": ["train-multitask", "--tasks", f"{mood},{pets}"],
+            "continual": ["continual", "--tasks", f"{mood},{pets}", "--methods", "prompt"]}[command]
+    assert cli_main([*argv, *model]) == 2
+    assert calls, f"{command} read its data some other way"
+    files = calls[0].files
+    assert files is not None  # resolved once, before the data is read
+    read = files.test if command in ("eval", "inspect") else files.train
+    assert read is not None and read.path.endswith("mood.csv")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from softprompt.configio import JsonMixin as _JsonMixin
-from softprompt.datafiles import DataFiles
 from softprompt.configio import flag, option
+from softprompt.datafiles import DataFiles
 
 
 class UserError(ValueError):
@@ -54,10 +54,9 @@ class DataConfig(_JsonMixin):
     data_config: str | None = option(None, 'a datasets data set on the hub: its configuration name', metavar="NAME")
     chat: bool = option(False, "chat form: the filled template is the user turn, the target the assistant reply (the model's chat template)")
     system: str | None = option(None, 'chat form: a system message before every row', metavar="TEXT")
-    hand_templates: tuple[str, ...] = ()  # a recipe's hand-written template candidates (compare)
-    # the files of train, dev and test, resolved where the command builds its config
-    # (``recipes.resolve``); None: the fields above name them (``splits.user_files``)
-    files: DataFiles | None = None
+    hand_templates: tuple[str, ...] = option((), "a recipe's hand-written template candidates (compare)")
+    files: DataFiles | None = option(None, "the files of train, dev and test, resolved where the command builds its "
+                                     "config (recipes.resolve); None: the fields above name them")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataConfig:
@@ -368,7 +367,7 @@ class ContinualConfig(_JsonMixin):
 @dataclass(frozen=True)
 class InspectConfig(_JsonMixin):
     top_k: int = option(5, 'nearest vocabulary tokens per virtual token')
-    eval_limit: int = option(64, 'keep only the first K held-out rows for token importance')
+    eval_limit: int | None = option(64, 'keep only the first K dev rows for token importance', none="all")
     importance: bool = option(True, "the ablation of each virtual token (needs the prompt's task data)")
 
     def __post_init__(self) -> None:

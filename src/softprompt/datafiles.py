@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from softprompt.configio import JsonMixin
+from softprompt.configio import JsonMixin, option
 
 TRAIN_SPLITS = ("train",)  # a datasets data set read for training, without a split
 EVAL_SPLITS = ("validation", "test")  # a datasets data set read for evaluation, without a split
@@ -21,17 +21,17 @@ EVAL_SPLITS = ("validation", "test")  # a datasets data set read for evaluation,
 class DataFile(JsonMixin):
     """One file of a data set: csv, tsv, jsonl, ``<label> <text>`` lines, or a datasets data set."""
 
-    path: str  # a file, a datasets folder or a hub name
-    columns: tuple[str, ...] | None = None  # names for a headerless csv/tsv
-    derive: dict[str, str] | None = None  # extra columns built from templates of others
-    label_map: dict[str, str] | None = None  # target values rewritten before the verbalizer
-    split: str | None = None  # a datasets data set: the split to read (else the first of ``default`` it has)
-    config: str | None = None  # a datasets data set on the hub: its configuration name
-    default: tuple[str, ...] = TRAIN_SPLITS
-    carve: dict[str, Any] | None = None  # {"seed", "test_fraction", "part"}: a seeded part of a file with no split
-    hub: dict[str, Any] | None = None  # a recipe's file: the same rows on the hub, read where the file is missing
-    root: str | None = None  # a recipe's file: the data root it lies under (its hub cache is <root>/hub)
-    limit: int | None = None  # keep only the first K rows (after ``carve``)
+    path: str = option("", "a file, a datasets folder or a hub name")
+    columns: tuple[str, ...] | None = option(None, "names for a headerless csv/tsv")
+    derive: dict[str, str] | None = option(None, "extra columns built from templates of others")
+    label_map: dict[str, str] | None = option(None, "target values rewritten before the verbalizer")
+    split: str | None = option(None, "a datasets data set: the split to read (else the first of default it has)")
+    config: str | None = option(None, "a datasets data set on the hub: its configuration name")
+    default: tuple[str, ...] = option(TRAIN_SPLITS, "a datasets data set: the splits tried in order without split")
+    carve: dict[str, Any] | None = option(None, 'a seeded part of a file with no split: {"seed", "test_fraction", "part"}')
+    hub: dict[str, Any] | None = option(None, "a recipe's file: the same rows on the hub, read where the file is missing")
+    root: str | None = option(None, "a recipe's file: the data root it lies under (its hub cache is <root>/hub)")
+    limit: int | None = option(None, "keep only the first K rows (after carve)")
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,9 @@ class DataFiles(JsonMixin):
     """The files of the three splits; ``dev`` None: carved from train (``dev_fraction``); ``test``
     None: the data has no test set."""
 
-    train: DataFile | None = None
-    dev: DataFile | None = None
-    test: DataFile | None = None
+    train: DataFile | None = option(None, "the training file")
+    dev: DataFile | None = option(None, "the dev file (None: carved from train)")
+    test: DataFile | None = option(None, "the test file (None: none)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataFiles:

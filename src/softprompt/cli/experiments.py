@@ -230,14 +230,13 @@ def _continual_write(doc: dict, stem: Path) -> int:
 # ---------------------------------------------------------------- inspect
 
 
-
-
 def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("inspect", help="look inside a stored prompt: nearest tokens, norms, similarity, token importance")
     add_model_flags(i)
     i.add_argument("name", help="stored prompt")
     i.add_argument("--against", help="comma list of other stored prompts to compare with (similarity matrix)")
-    add_flags(i, InspectConfig)
+    # the first K dev rows, as --dev-limit is in train (it was --eval-limit)
+    add_flags(i, InspectConfig, rename={"eval_limit": "dev-limit"}, old={"eval_limit": "eval-limit"})
     add_data_flags(i, EVAL_DATA, "data for token importance (default: what the prompt's metadata names)",
                    helps={"path": "evaluation data for importance: a file or datasets data set"})
     i.add_argument("--out", help="folder for inspect_NAME.json and, with --against, inspect_NAME.png")

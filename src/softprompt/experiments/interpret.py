@@ -82,7 +82,7 @@ def importance(model: Model, tokenizer: Tokenizer, prompt: torch.Tensor, example
     return ("accuracy" if verbalizer else "-loss"), base, drops
 
 
-def eval_examples(tokenizer: Tokenizer, meta: dict, limit: int, root: Path | None = None) -> tuple[list[D.Example], dict | None]:
+def eval_examples(tokenizer: Tokenizer, meta: dict, limit: int | None, root: Path | None = None) -> tuple[list[D.Example], dict | None]:
     """The evaluation rows a stored prompt's metadata points at (its task's dev split)."""
     from softprompt import recipes
     from softprompt.config import DataConfig
@@ -105,7 +105,7 @@ def eval_examples(tokenizer: Tokenizer, meta: dict, limit: int, root: Path | Non
 
 
 def user_examples(tokenizer: Tokenizer, name: str, meta: dict, task: str | None, user: dict,
-                  limit: int, root: Path | None = None) -> tuple[list[D.Example], dict | None]:
+                  limit: int | None, root: Path | None = None) -> tuple[list[D.Example], dict | None]:
     """Importance rows from the user's data flags (``--data`` / ``--task``: its ``eval`` split,
     else its ``test`` split; settings the prompt's metadata lacks from the flags), as
     ``softprompt eval`` would read them."""
@@ -116,7 +116,7 @@ def user_examples(tokenizer: Tokenizer, name: str, meta: dict, task: str | None,
 
 
 def importance_rows(tokenizer: Tokenizer, name: str, meta: dict, task: str | None, user: dict | None,
-                    limit: int, root: Path | None = None) -> tuple[list[D.Example] | None, dict | None, str | None]:
+                    limit: int | None, root: Path | None = None) -> tuple[list[D.Example] | None, dict | None, str | None]:
     """(rows, verbalizer, None), or (None, None, why) when no data is known for the prompt: then
     importance is skipped with that note instead of failing the whole report."""
     if task or (user or {}).get("path"):
@@ -130,7 +130,7 @@ def importance_rows(tokenizer: Tokenizer, name: str, meta: dict, task: str | Non
         return None, None, f"importance skipped: {str(e).removeprefix('importance: ').removesuffix('; use --no-importance')}"
 
 
-def inspect_prompt(lm: LoadedModel, name: str, against: list[str] | None = None, top_k: int = 5, eval_limit: int = 64,
+def inspect_prompt(lm: LoadedModel, name: str, against: list[str] | None = None, top_k: int = 5, eval_limit: int | None = 64,
                    with_importance: bool = True, task: str | None = None, data: dict | None = None, *,
                    store: Store) -> dict:
     """The JSON report of one prompt of ``store`` (see the module docstring). Importance is measured

@@ -273,7 +273,7 @@ def main_mix(a) -> None:
         a.long_chars = min(a.long_chars, 300)
     info, home, model, texts, srv = start(a)
     try:
-        SL.make_prompts(model)
+        SL.make_prompts(model, home)
         warm_up(srv, texts)
         res = soak_mix.run_mix(a, srv, texts)
     finally:

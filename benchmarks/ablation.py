@@ -54,7 +54,10 @@ def run_arm(lm, task: str, name: str, steps: int, dev: int, seed: int) -> dict:
     pcfg = PromptConfig(**pkw)
     tcfg = TrainConfig(steps=steps, seed=seed, patience=None, **tkw)
     t0 = time.perf_counter()
-    res = TR.train(lm, DataConfig(eval_limit=dev), pcfg, tcfg, task=task, save=False, store=common.store())
+    from softprompt import recipes
+
+    dcfg = recipes.resolve(DataConfig(eval_limit=dev), task, common.data_root())
+    res = TR.train(lm, dcfg, pcfg, tcfg, task=task, save=False, store=common.store())
     best = res.best or {}
     return {"arm": name, "prompt": pcfg.to_dict(), "training": tcfg.to_dict(), "dev_accuracy": best.get("accuracy"),
             "dev_loss": best.get("loss"), "n_train": res.n_train, "n_dev": res.n_eval,

@@ -39,7 +39,7 @@ def worker(a) -> None:
     """One training run (one rank of it under torchrun); rank 0 appends a JSON line to --result."""
     import torch
 
-    from softprompt import models
+    from softprompt import models, recipes
     from softprompt.config import DataConfig, PromptConfig, TrainConfig
     from softprompt.training import distributed
     from softprompt.training import tune as TR
@@ -56,7 +56,7 @@ def worker(a) -> None:
 
     distributed.Dist.all_reduce = timed
     lm = models.load(a.model, store=common.store(), local_rank=common.ENV.launch.local_rank)
-    dcfg = DataConfig(limit=a.rows, eval_limit=8)
+    dcfg = recipes.resolve(DataConfig(limit=a.rows, eval_limit=8), "sst2", common.data_root())
     tcfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, seed=0, patience=None)
     launch = common.ENV.launch  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK, read at the edge
     res = TR.train(lm, dcfg, PromptConfig(num_virtual_tokens=20), tcfg, task="sst2", save=False, store=common.store(),

@@ -66,8 +66,8 @@ def first_reach(steps: list[int], accs: list[float], target: float) -> int | Non
 
 
 def adapt(lm, task: str, a, source: str, pcfg: PromptConfig, tcfg: TrainConfig, say) -> dict:
-    td = MT.load_task(lm.tokenizer, task, a.shots, a.dev, a.seed)
-    test = MT.load_test(lm.tokenizer, td, a.test, a.seed)
+    td = MT.load_task(lm.tokenizer, task, MT.task_config(task, common.data_root()), a.shots, a.dev, a.seed)
+    test = MT.load_test(td, a.test, a.seed)
     names = [source] + [f"{source}-{t}" for t in a.mix.split(",")]
     ranking = TF.rank_sources(lm, td.train, only=names)
     starts = {
@@ -179,7 +179,8 @@ def main() -> int:
     say = lambda m: print(m, flush=True)  # noqa: E731
     mcfg = MT.MultitaskConfig(tasks=tuple(a.mix.split(",")), per_task=a.per_task, eval_per_task=a.dev)
     say(f"multitask training on {a.mix} ...")
-    mt = MT.train_multitask(lm, mcfg, pcfg, TrainConfig(lr=a.lr, steps=a.mt_steps, seed=a.seed, patience=None), "bench-mt")
+    mt = MT.train_multitask(lm, mcfg, pcfg, TrainConfig(lr=a.lr, steps=a.mt_steps, seed=a.seed, patience=None), "bench-mt",
+                            store=common.store())
     say(f"  {len(mt.fit.history)} steps, {mt.fit.train_time_s:.0f} s, dev {mt.fit.best}")
     tcfg = TrainConfig(lr=a.lr, steps=a.steps, seed=a.seed, patience=None)
     tasks = [adapt(lm, t, a, "bench-mt", pcfg, tcfg, say) for t in a.held_out.split(",")]

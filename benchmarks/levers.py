@@ -28,6 +28,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,6 +40,7 @@ from softprompt import data as D  # noqa: E402
 from softprompt import forward as FW  # noqa: E402
 from softprompt.forward import packing  # noqa: E402
 from softprompt.precision import FrozenCasts, autocast  # noqa: E402
+from softprompt.splits import load_splits  # noqa: E402
 
 N_VIRTUAL, BATCH = 4, 8
 
@@ -116,7 +118,7 @@ def run(rounds: int) -> dict:
     common.setup_torch(threads=1)
     lm = models.load(store=common.store())
     cfg = walkthrough_data(common.data_root())
-    ex = D.load_file(lm.tokenizer, cfg, cfg.path, cfg.limit)
+    ex = load_splits(lm.tokenizer, replace(cfg, dev_fraction=0.0)).train
     prompt = torch.nn.Parameter(torch.randn(N_VIRTUAL, lm.hidden_size) * 0.05)
     peaks = common.matmul_peaks()
     out = {"benchmark": "levers", "model": lm.name, "machine": common.machine_info(), "peaks_gflops": peaks,

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from softprompt import data as D  # noqa: E402
 from softprompt import recipes  # noqa: E402
 from softprompt.config import DataConfig, PromptConfig, TrainConfig  # noqa: E402
+from softprompt.splits import load_splits  # noqa: E402
 from softprompt.training import tune as TR  # noqa: E402
 from softprompt.training.loop import eval_loss, fit  # noqa: E402
 
@@ -49,9 +50,9 @@ def setups(lm, quick: bool, steps: int, names: set[str]) -> dict[str, dict]:
     out = {}
     if not quick and "sst2" in names:
         root = common.data_root()
-        data_cfg, recipe = recipes.task_data_config("sst2", root)
-        train, dev, data_cfg = recipes.train_dev(lm.tokenizer, data_cfg, "sst2", common.SEED, root)
-        test = recipes.named_split(lm.tokenizer, data_cfg, recipe, "sst2", "test", root)
+        data_cfg = recipes.resolve(DataConfig(), "sst2", root, test=("test",), need_test=True)
+        splits = load_splits(lm.tokenizer, data_cfg, common.SEED)
+        train, dev, test = splits.train, splits.dev, splits.test
         out["sst2"] = {"train": train, "dev": dev[:200], "test": test, "data_cfg": data_cfg,
                        "pcfg": PromptConfig(num_virtual_tokens=20, init="random"),
                        "tcfg": TrainConfig(lr=0.03, steps=steps, batch_size=8, patience=None, seed=common.SEED)}
@@ -60,7 +61,7 @@ def setups(lm, quick: bool, steps: int, names: set[str]) -> dict[str, dict]:
     csv = Path(__import__("softprompt").__file__).parent / "assets" / "awesome-chatgpt-prompts.csv"
     lm_cfg = DataConfig(path=str(csv), text_column="prompt", limit=8 if quick else 50, max_length=256,
                         dev_fraction=0.0)
-    rows = D.load_train_eval(lm.tokenizer, lm_cfg, common.SEED)[0]
+    rows = load_splits(lm.tokenizer, lm_cfg, common.SEED).train
     out["walkthrough"] = {"train": rows, "dev": rows, "test": None, "data_cfg": lm_cfg,
                           "pcfg": PromptConfig(num_virtual_tokens=4, init="random"),
                           "tcfg": TrainConfig(lr=5e-3, epochs=1 if quick else 5, batch_size=8, patience=None,

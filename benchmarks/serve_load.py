@@ -104,15 +104,16 @@ class Server:
     """``softprompt serve`` in a subprocess on a free loopback port."""
 
     def __init__(self, model: str, max_batch_rows: int, threads: int, log: Path, src: Path = common.REPO / "src",
-                 home: Path | None = None):
+                 home: Path | None = None, extra: tuple[str, ...] = (), python: str = sys.executable,
+                 dtype: str = "float32"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "softprompt", "serve", "--model", model, "--port", str(self.port),
+        cmd = [python, "-m", "softprompt", "serve", "--model", model, "--port", str(self.port),
                "--max-batch-rows", str(max_batch_rows), "--max-queue", "4096", "--max-wait-ms", "5",
                *(["--home", str(home)] if home else []),
-               "--dtype", "float32"]  # as the committed results were measured (serve's default is now auto)
+               "--dtype", dtype, *extra]  # float32: as the committed results were measured (serve's default is auto)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(src)}
         self.log = log.open("w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)

@@ -219,6 +219,10 @@ def main() -> None:
     ap.add_argument("--mix", action="store_true", help="healthy streams beside the hostile mix (soak_mix.py)")
     ap.add_argument("--stream-tokens", type=int, default=24, help="--mix: tokens per healthy stream")
     ap.add_argument("--long-chars", type=int, default=8500, help="--mix: characters of the long prompt (quick: 300)")
+    ap.add_argument("--engine", default="native", help="--mix: the server's --engine (vllm: run with --server-python)")
+    ap.add_argument("--server-python", default=sys.executable, help="--mix: the Python that runs the server "
+                    "(--engine vllm: .venv-vllm/bin/python)")
+    ap.add_argument("--dtype", default="float32", help="--mix: the server's --dtype")
     a = ap.parse_args()
     if a.mix:
         return main_mix(a)
@@ -251,7 +255,10 @@ def start(a):
     """(machine info, temporary home, model, texts, the server starting)."""
     info = common.machine_info()
     home, model = SL.temp_home(a.quick)
-    return info, home, model, SL.sentences(200), SL.Server(model, 32, a.threads, home / "server.log", home=home)
+    extra = ("--engine", a.engine) if getattr(a, "engine", "native") != "native" else ()
+    srv = SL.Server(model, 32, a.threads, home / "server.log", home=home, extra=extra,
+                    python=getattr(a, "server_python", sys.executable), dtype=getattr(a, "dtype", "float32"))
+    return info, home, model, SL.sentences(200), srv
 
 
 def warm_up(srv, texts: list[str]) -> None:
@@ -273,7 +280,7 @@ def main_mix(a) -> None:
         a.long_chars = min(a.long_chars, 300)
     info, home, model, texts, srv = start(a)
     try:
-        SL.make_prompts(model)
+        SL.make_prompts(model, home)
         warm_up(srv, texts)
         res = soak_mix.run_mix(a, srv, texts)
     finally:
@@ -282,7 +289,8 @@ def main_mix(a) -> None:
     payload["server_code"] = server_code()
     print(md)
     if not a.quick or a.out:
-        print("wrote", *common.write_results("serve_soak_mix", payload, md, a.out or common.RESULTS))
+        name = "serve_soak_mix" if a.engine == "native" else f"serve_soak_mix_{a.engine}"
+        print("wrote", *common.write_results(name, payload, md, a.out or common.RESULTS))
     shutil.rmtree(home, ignore_errors=True)
 
 

@@ -3,9 +3,9 @@ and the long-prompt reproducer, on one ``softprompt serve`` subprocess.
 
 Healthy: 16 streamed greedy completions (``--stream-tokens`` tokens each) sent together; per
 stream the time to its first token (TTFT) and between its tokens (ITL). Hostile mix, looping
-while the healthy streams run: a ~1,500-token prompt, a classify request with 32 labels and 8
-inputs of 100 words, a stream the client drops after its first event, a chat request whose
-role is a list. Phases ``alone`` and ``mix`` alternate over rounds (so both see the same drift
+while the healthy streams run, one client per kind, so every kind is under way at once: a
+~1,500-token prompt, a classify request with 32 labels and 8 inputs of 100 words, a stream the
+client drops after its first event, a chat request whose role is a list. Phases ``alone`` and ``mix`` alternate over rounds (so both see the same drift
 of a shared machine); the server's peak resident set (``VmHWM``, reset through
 ``/proc/PID/clear_refs`` before each phase) is read after each phase.
 
@@ -92,7 +92,7 @@ async def streams_phase(url: str, texts: list[str], tokens: int, mix) -> dict:
 
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         stop, hostile = asyncio.Event(), []
-        loops = [asyncio.ensure_future(hostile_loop(client, mix, stop, hostile)) for _ in range(2 if mix else 0)]
+        loops = [asyncio.ensure_future(hostile_loop(client, [m], stop, hostile)) for m in mix]  # a client per kind
         if mix:
             await asyncio.sleep(1.0)  # the mix is under way when the healthy streams arrive
         t0 = time.perf_counter()
@@ -182,6 +182,7 @@ def mix_report(a, info, model, res: dict, max_request_mb: float) -> tuple[dict, 
         for m in ("ttft", "itl"):
             p.pop(m)
     payload = {"benchmark": "serve_soak_mix", "model": model, "machine": info, "setup": {
+        "engine": getattr(a, "engine", "native"), "dtype": getattr(a, "dtype", "float32"),
         "rounds": a.rounds, "stream_tokens": a.stream_tokens, "healthy_streams": HEALTHY, "threads": a.threads,
         "max_request_mb": max_request_mb}, **res, "p99": p99, "p99_ratio_mix_over_alone": ratio,
         "short_burst_ratio_long_over_alone": burst_ratio, "peak_rss": peak, "rss_bound": bound,
@@ -189,11 +190,13 @@ def mix_report(a, info, model, res: dict, max_request_mb: float) -> tuple[dict, 
     rows = [[p["round"], p["phase"], p["ttft_p50_s"], p["ttft_p99_s"], p["itl_p50_s"], p["itl_p99_s"],
              p["healthy_failures"], p["5xx"], round(p["peak_rss"] / 2**20), json.dumps(p["hostile_by_kind"])]
             for p in res["phases"]]
-    md = (f"# serve_soak --mix\n\n`softprompt serve` ({model}, {a.threads} torch thread, defaults: --prefill-chunk, "
+    engine = getattr(a, "engine", "native")
+    md = (f"# serve_soak --mix{'' if engine == 'native' else ' --engine ' + engine}\n\n`softprompt serve` ({model}, "
+          f"--engine {engine}, --dtype {getattr(a, 'dtype', 'float32')}, {a.threads} torch thread, defaults: --prefill-chunk, "
           f"--max-request-mb {max_request_mb:g}) on 127.0.0.1. {HEALTHY} healthy streamed greedy completions "
-          f"({a.stream_tokens} tokens) sent together, alone or while 2 clients loop over a hostile mix (a ~1,500-token "
-          f"prompt, classify with 32 labels x 8 inputs of 100 words, a stream dropped after its first event, a chat "
-          f"role that is a list); {a.rounds} rounds, order alternating. {info['cpu']} ({info['cores']} cores, shared "
+          f"({a.stream_tokens} tokens) sent together, alone or while 4 clients loop over a hostile mix, one kind each "
+          f"(a ~1,500-token prompt, classify with 32 labels x 8 inputs of 100 words, a stream dropped after its first "
+          f"event, a chat role that is a list); {a.rounds} rounds, order alternating. {info['cpu']} ({info['cores']} cores, shared "
           f"with other work: load average {info['loadavg_at_start'][0]:.1f} at start), so read the ratios.\n\n"
           + common.md_table(["round", "phase", "TTFT p50 s", "TTFT p99 s", "ITL p50 s", "ITL p99 s", "healthy failures",
                              "5xx", "peak RSS MiB", "hostile answers"], rows)

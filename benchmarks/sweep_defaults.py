@@ -34,9 +34,7 @@ LM_GRID = [(20, "vocab", 0.1), (4, "random", 5e-3), (4, "random", 0.1), (20, "vo
 
 
 def sst2_config(train_rows: int, eval_rows: int) -> DataConfig:
-    cfg, _ = recipes.task_data_config("sst2", common.data_root())
-    return DataConfig(**{**cfg.to_dict(), "limit": train_rows, "eval_limit": eval_rows,
-                         "eval_path": str(Path(cfg.path).with_name("dev.txt"))})
+    return recipes.resolve(DataConfig(limit=train_rows, eval_limit=eval_rows), "sst2", common.data_root())
 
 
 def _done(args, task: str) -> list[dict]:

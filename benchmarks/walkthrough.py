@@ -204,8 +204,9 @@ def softprompt_work(lm, data_cfg, train_cfg, epochs: int) -> dict:
     """FLOPs of softprompt's steps, from its batches (recomputed: deterministic in seed and epoch)."""
     from softprompt import data as D
     from softprompt.forward import packing
+    from softprompt.splits import load_splits
 
-    ex, _ = D.load_train_eval(lm.tokenizer, data_cfg, train_cfg.seed)
+    ex = load_splits(lm.tokenizer, data_cfg, train_cfg.seed).train
     flops, real, computed = 0.0, 0, 0
     for epoch in range(epochs):
         for idx in D.bucketed_batches(ex, train_cfg.batch_size, train_cfg.seed, epoch):

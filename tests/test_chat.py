@@ -9,6 +9,7 @@ import pytest
 
 from softprompt import chat
 from softprompt.config import GenerateConfig, UserError
+from softprompt.splits import load_splits
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_chat_rows_carry_the_loss_on_the_reply_only(chat_lm, toy_csv):
     cfg = DataConfig(path=str(toy_csv), template=TEMPLATE, target_column="label", verbalizer=VERB, chat=True,
                      system="classify the review", dev_fraction=0.0, limit=6)
     rows = D.read_rows(toy_csv)[:6]
-    for row, ex in zip(rows, D.load_train_eval(tok, cfg)[0]):
+    for row, ex in zip(rows, load_splits(tok, cfg).train):
         prompt = chat.encode_chat(tok, chat.messages_for(TEMPLATE.format_map(row), "classify the review"))
         reply = tok(VERB[row["label"]], add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
         assert ex.input_ids == prompt + reply and ex.source_len == len(prompt)
@@ -149,7 +150,7 @@ def test_train_eval_generate_in_chat_form(capsys, chat_lm, tiny_model_dir, toy_c
     assert meta["chat"] is True and meta["system"] == "be brief" and meta["data"]["chat"] is True
     # eval takes the chat form from the prompt's metadata
     eng = engine.Engine(chat_lm, store=sp_store)
-    cfg, _ = evaluate.data_config(eng, EvalConfig(prompts=("c",)), {"path": str(toy_csv)})
+    cfg = evaluate.data_config(eng, EvalConfig(prompts=("c",)), {"path": str(toy_csv)})
     assert cfg.chat and cfg.system == "be brief" and cfg.template == TEMPLATE
     assert cli_main(["eval", "--model", model, "--prompt", "c", "--data", str(toy_csv), "--limit", "8"]) == 0
     # generate: chat by default for a chat-trained prompt, plain with --no-chat

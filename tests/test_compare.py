@@ -5,11 +5,13 @@ prefix path equal to plain concatenation, and the SuperGLUE 32-shot recipes."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import needs_data, shared_data_root
+from helpers import file_examples
 
 from softprompt import data as D
 from softprompt import models, recipes
@@ -25,6 +27,7 @@ from softprompt.experiments import compare_data as CD
 from softprompt.experiments import compare_report as R
 from softprompt.forward import sequence_logprobs
 from softprompt.provenance import write_json
+from softprompt.splits import load_splits
 from softprompt.training import methods
 
 VERB = {"0": "negative", "1": "positive"}
@@ -238,15 +241,13 @@ def test_cli_user_errors(tiny_model_dir, sp_home, toy_csv, tmp_path, capsys, bad
 
 
 def test_splits_fixed_and_train_sets_nested(tiny_lm, toy_csv):
-    s = CD.load_splits(tiny_lm.tokenizer, toy_cfg(toy_csv), None)
+    s = CD.compare_splits(tiny_lm.tokenizer, toy_cfg(toy_csv))
     pool, dev, test = s.examples()
     assert len(pool) + len(dev) + len(test) == 48 and dev and test
     small, big = CD.train_indices(len(pool), 8, 3), CD.train_indices(len(pool), 16, 3)
     assert set(small) < set(big) and small != CD.train_indices(len(pool), 8, 4)
     # another template re-tokenises the same rows: same labels in the same order
-    _, dev2, test2 = s.examples(
-        DataConfig(**{**toy_cfg(toy_csv).to_dict(), "template": "Review: {text}"})
-    )
+    _, dev2, test2 = s.examples(replace(s.cfg, template="Review: {text}"))
     assert [e.label for e in dev2] == [e.label for e in dev] and [e.label for e in test2] == [
         e.label for e in test
     ]
@@ -255,7 +256,7 @@ def test_splits_fixed_and_train_sets_nested(tiny_lm, toy_csv):
 
 def test_few_shot_prefix_equals_concatenation(tiny_lm, toy_csv):
     cfg = toy_cfg(toy_csv)
-    ex = D.load_file(tiny_lm.tokenizer, cfg, str(toy_csv), None)
+    ex = file_examples(tiny_lm.tokenizer, cfg, str(toy_csv), None)
     ids, text, k = methods.choose_demos(tiny_lm.tokenizer, ex[:12], VERB, budget=60, seed=0, max_k=8)
     assert 2 <= k <= 8 and len(ids) <= 60 and text.count("\n\n") == k
     assert {"negative", "positive"} <= set(text.split())  # both classes shown
@@ -275,14 +276,14 @@ def test_few_shot_prefix_equals_concatenation(tiny_lm, toy_csv):
 def test_compare_needs_a_verbalizer(tiny_lm, toy_csv):
     cfg = DataConfig(path=str(toy_csv), template="{text}", target_column="label")
     with pytest.raises(UserError, match="verbalizer"):
-        CD.load_splits(tiny_lm.tokenizer, cfg, None)
+        CD.compare_splits(tiny_lm.tokenizer, cfg)
 
 
 @needs_data("superglue-32shot")
 @pytest.mark.parametrize("task, n_labels", [("rte", 2), ("boolq", 2), ("cb", 3)])
 def test_superglue_recipes_match_their_files(tiny_lm, task, n_labels, monkeypatch):
     root = shared_data_root()
-    cfg, recipe = recipes.task_data_config(task, root)
+    cfg, recipe = recipes.resolve(DataConfig(), task, root), recipes.load_task(task)
     assert len(cfg.verbalizer) == n_labels
     for split in ("train", "eval", "test"):
         rows = D.read_rows(root / recipe[split]["path"])
@@ -291,7 +292,7 @@ def test_superglue_recipes_match_their_files(tiny_lm, task, n_labels, monkeypatc
             split,
         )  # every label has a word
         assert all(f in rows[0] for f in D.template_fields(cfg.template))
-    train = recipes.load_split(tiny_lm.tokenizer, cfg, recipe["train"], root)
+    train = load_splits(tiny_lm.tokenizer, cfg).train
     assert len(train) == 32 and all(len(e.input_ids) <= cfg.max_length for e in train)
 
 

@@ -26,7 +26,7 @@ def toy_cfg(csv) -> DataConfig:
 
 
 def context(lm, csv, ccfg: CompareConfig, dropout: float = 0.0) -> C.Context:
-    splits = CD.load_splits(lm.tokenizer, toy_cfg(csv), None, dev_sample=ccfg.dev_sample)
+    splits = CD.compare_splits(lm.tokenizer, toy_cfg(csv), dev_sample=ccfg.dev_sample)
     pcfg = PromptConfig(num_virtual_tokens=4, init="labels", dropout=dropout)
     ctx = C.Context(lm, splits, ccfg, TrainConfig(batch_size=4), pcfg, lambda _: None)
     ctx.hand_cfg = splits.cfg

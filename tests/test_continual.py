@@ -56,7 +56,7 @@ def test_the_bit_identity_check_can_fail(tiny_lm, toy_tasks, monkeypatch, sp_sto
 
 def test_progressive_serves_task_j_with_all_prompts_up_to_j(tiny_lm, toy_tasks, sp_store):
     ccfg = continual.ContinualConfig(tasks=_tasks(toy_tasks), methods=("progressive",), per_task=8, test_per_task=8, stage_steps=1)
-    tasks = [continual._Task(MT.load_task(tiny_lm.tokenizer, t, 8, 8, 0, root=sp_store.data_root), []) for t in ccfg.tasks]
+    tasks = [continual._Task(MT.load_task(tiny_lm.tokenizer, t, MT.task_config(t, sp_store.data_root), 8, 8, 0), []) for t in ccfg.tasks]
     learner = continual._Learner("progressive", tiny_lm, PromptConfig(num_virtual_tokens=2), TrainConfig(), ccfg)
     for i, t in enumerate(tasks):
         learner.learn(i, t)

@@ -12,6 +12,7 @@ from conftest import needs_data, shared_data_root
 from softprompt import data as D
 from softprompt import recipes
 from softprompt.config import DataConfig, UserError
+from softprompt.splits import load_splits, split_dev
 
 ROWS = [
     {"text": "the movie was good", "label": "1"},
@@ -200,33 +201,27 @@ def test_no_truncation_no_warning(tok, caplog):
 def test_dev_split_is_seeded_and_disjoint():
     exs = [D.Example(input_ids=[i + 2], labels=[i + 2], source_len=0) for i in range(48)]
     cfg = DataConfig(text_column="text")
-    tr1, dev1 = D.split_dev(exs, cfg, seed=0)
-    tr2, dev2 = D.split_dev(exs, cfg, seed=0)
-    tr3, dev3 = D.split_dev(exs, cfg, seed=1)
+    tr1, dev1 = split_dev(exs, cfg, seed=0)
+    tr2, dev2 = split_dev(exs, cfg, seed=0)
+    tr3, dev3 = split_dev(exs, cfg, seed=1)
     key = lambda xs: [e.input_ids[0] for e in xs]  # noqa: E731
     assert len(dev1) == int(48 * cfg.dev_fraction) > 0
     assert sorted(key(tr1) + key(dev1)) == key(exs)  # a partition of train
     assert key(dev1) == key(dev2) and key(tr1) == key(tr2)
     assert key(dev1) != key(dev3)
     assert key(tr1) == sorted(key(tr1))  # training rows keep file order
-    assert D.split_dev(exs, DataConfig(text_column="text", dev_fraction=0.0), 0) == (exs, [])
+    assert split_dev(exs, DataConfig(text_column="text", dev_fraction=0.0), 0) == (exs, [])
 
 
 def test_limit_and_eval_file(tok, toy_csv):
-    tr, ev = D.load_train_eval(
-        tok, DataConfig(path=str(toy_csv), text_column="text", limit=10, dev_fraction=0.0)
-    )
-    assert len(tr) == 10 and ev == []
-    tr, ev = D.load_train_eval(
-        tok, DataConfig(path=str(toy_csv), eval_path=str(toy_csv), text_column="text", eval_limit=7)
-    )
-    assert len(tr) == 48 and len(ev) == 7
+    s = load_splits(tok, DataConfig(path=str(toy_csv), text_column="text", limit=10, dev_fraction=0.0))
+    assert len(s.train) == 10 and s.dev == [] and s.test == []
+    s = load_splits(tok, DataConfig(path=str(toy_csv), eval_path=str(toy_csv), text_column="text", eval_limit=7))
+    assert len(s.train) == 48 and len(s.dev) == 7
 
 
 def test_bucketed_batches_cover_every_row_once_and_are_deterministic(tok, toy_csv):
-    exs, _ = D.load_train_eval(
-        tok, DataConfig(path=str(toy_csv), text_column="text", dev_fraction=0.0)
-    )
+    exs = load_splits(tok, DataConfig(path=str(toy_csv), text_column="text", dev_fraction=0.0)).train
     b0 = D.bucketed_batches(exs, 5, seed=0, epoch=0)
     assert sorted(i for b in b0 for i in b) == list(range(len(exs)))
     assert all(len(b) <= 5 for b in b0)
@@ -258,16 +253,17 @@ def test_unknown_task_lists_known_tasks():
 
 @needs_data("sst2")
 def test_sst2_recipe_resolves(tok, monkeypatch):
-    cfg, recipe = recipes.task_data_config("sst2", SHARED_DATA)
+    cfg = recipes.resolve(DataConfig(limit=20, eval_limit=10), "sst2", SHARED_DATA)
     assert Path(cfg.path).is_file() and Path(cfg.path).is_relative_to(SHARED_DATA)
     assert cfg.mode == "target" and cfg.verbalizer == {"0": "negative", "1": "positive"}
-    train = recipes.load_split(tok, cfg, recipe["train"], SHARED_DATA, limit=20)
-    ev = recipes.load_split(tok, cfg, recipe["eval"], SHARED_DATA, limit=10)
+    assert [Path(f.path).name for f in (cfg.files.train, cfg.files.dev, cfg.files.test)] == ["train.txt", "dev.txt", "test.txt"]
+    s = load_splits(tok, cfg)
+    train, ev = s.train, s.dev
     assert len(train) == 20 and len(ev) == 10
     assert {e.label for e in train} <= {"0", "1"} and len({e.label for e in train}) == 2
     for e in train:
         assert e.source_text.startswith("Review: ") and e.source_text.endswith("\nSentiment:")
         assert e.labels[e.source_len :] in (encode(tok, " negative"), encode(tok, " positive"))
     # a user option overrides the recipe
-    cfg2, _ = recipes.task_data_config("sst2", SHARED_DATA, limit=5, max_length=64)
-    assert cfg2.limit == 5 and cfg2.max_length == 64
+    cfg2 = recipes.resolve(DataConfig(limit=5, max_length=64), "sst2", SHARED_DATA)
+    assert cfg2.limit == 5 and cfg2.max_length == 64 and cfg2.files.train.limit == 5

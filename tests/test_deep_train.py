@@ -10,9 +10,10 @@ from conftest import interrupt_at_epoch
 from test_cli import assert_user_error, store_entries
 
 from softprompt import data as D
-from softprompt import models, store
+from softprompt import models, recipes, store
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import prompt_loss
+from softprompt.splits import load_splits
 from softprompt.training import methods
 from softprompt.training import tune as TR
 
@@ -50,7 +51,7 @@ def test_folded_reparam_equals_unfolded(tiny_lm, toy_csv, tmp_path, kind, repara
     pcfg = PromptConfig(num_virtual_tokens=4, kind=kind, reparam=reparam)
     init = TR.initial_prompt(tiny_lm, pcfg, target_cfg(toy_csv), 0, store=sp_store)
     method = TR.prompt_method(tiny_lm, init, pcfg, fast=True, seed=0)
-    examples, _ = D.load_train_eval(tiny_lm.tokenizer, target_cfg(toy_csv, dev_fraction=0.0))
+    examples = load_splits(tiny_lm.tokenizer, target_cfg(toy_csv, dev_fraction=0.0)).train
     batch = D.collate(examples[:8], tiny_lm.tokenizer.pad_token_id)
     opt = torch.optim.AdamW(method.parameters(), lr=0.05)
     for _ in range(3):  # the module's output moves off the init: folding is not the identity
@@ -117,9 +118,10 @@ def test_transfer_multitask_and_inspect_with_deep_prompts(tiny_lm, toy_tasks, ca
     from softprompt.training import multitask as MT
 
     tcfg = TrainConfig(epochs=1, lr=0.1, patience=None)
+    task_cfg = lambda t: recipes.resolve(DataConfig(), str(toy_tasks[t]), sp_store.data_root)  # noqa: E731
     for t in ("mood", "pets"):
-        TR.train(tiny_lm, DataConfig(), PromptConfig(num_virtual_tokens=4), tcfg, name=f"{t}-src", task=str(toy_tasks[t]), store=sp_store)
-    deep = TR.train(tiny_lm, DataConfig(), PromptConfig(num_virtual_tokens=4, kind="deep", init="transfer"), tcfg,
+        TR.train(tiny_lm, task_cfg(t), PromptConfig(num_virtual_tokens=4), tcfg, name=f"{t}-src", task=str(toy_tasks[t]), store=sp_store)
+    deep = TR.train(tiny_lm, task_cfg("mood"), PromptConfig(num_virtual_tokens=4, kind="deep", init="transfer"), tcfg,
                     name="mood-deep", task=str(toy_tasks["mood"]), store=sp_store)
     src = deep.meta["transfer"]["source"]
     start = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4, kind="deep", init=f"prompt:{src}"), DataConfig(), 0, store=sp_store)
@@ -130,7 +132,7 @@ def test_transfer_multitask_and_inspect_with_deep_prompts(tiny_lm, toy_tasks, ca
     with pytest.raises(UserError, match="shallow prompts only"):
         MT.train_multitask(tiny_lm, mcfg, PromptConfig(num_virtual_tokens=4, kind="deep"), tcfg, name="mt", store=sp_store)
     assert "mt" not in sp_store.list_prompts()
-    TR.train(tiny_lm, DataConfig(), PromptConfig(num_virtual_tokens=4, kind="deep"), tcfg, name="pets-deep",
+    TR.train(tiny_lm, task_cfg("pets"), PromptConfig(num_virtual_tokens=4, kind="deep"), tcfg, name="pets-deep",
              task=str(toy_tasks["pets"]), store=sp_store)
     model = str(tiny_lm.path)
     capsys.readouterr()

@@ -23,6 +23,7 @@ from softprompt.config import DataConfig, EngineConfig, GenerateConfig, PromptCo
 from softprompt.forward import embed
 from softprompt.inference.engine import Engine, GenerateRequest, ScoreRow
 from softprompt.offset import OFFSET_FILE, add_offset
+from softprompt.splits import load_splits
 from softprompt.training import tune as TR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,7 +43,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_fast_path_equals_naive_reference_in_loss_and_gradient(tiny_lm, toy_csv):
     pcfg = PromptConfig(num_virtual_tokens=4, offset_rank=3, offset_length=7)  # rows are longer than 7 tokens
     init = TR.initial_prompt(tiny_lm, pcfg, target_cfg(toy_csv), 0)
-    examples, _ = D.load_train_eval(tiny_lm.tokenizer, target_cfg(toy_csv, dev_fraction=0.0))
+    examples = load_splits(tiny_lm.tokenizer, target_cfg(toy_csv, dev_fraction=0.0)).train
     batch = D.collate(examples[:8], tiny_lm.tokenizer.pad_token_id)
     assert batch["input_ids"].shape[1] > 7
     grads, losses = [], []

@@ -12,7 +12,7 @@ import torch
 
 from softprompt import forward, models
 from softprompt.config import GenerateConfig, UserError
-from softprompt.inference import bank, engine
+from softprompt.inference import bank, engine, steps
 from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest, ScoreRequest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -243,7 +243,7 @@ def test_chunked_prefill_equals_one_shot_and_single_runs(lm):
     greedy tokens and logits equal its one-shot single run (tasks differ: see the first test)."""
     eng = make_engine(lm)
     reqs = mixed_requests()
-    long = GenerateRequest(" ".join(TEXTS * 4), "p1", GenerateConfig(max_new_tokens=4))
+    long = GenerateRequest(" ".join(TEXTS * 10), "p1", GenerateConfig(max_new_tokens=4))
     joins = {0: reqs[:3], 2: [long, *reqs[3:5]], 5: reqs[5:]}
     single = {(s, k): eng.generate([r], return_logits=True)[0] for s, rs in joins.items() for k, r in enumerate(rs)}
     for chunk in (1, 4):
@@ -254,8 +254,9 @@ def test_chunked_prefill_equals_one_shot_and_single_runs(lm):
 
 
 def test_a_long_prompt_is_fed_a_chunk_per_step_while_short_rows_decode(lm):
-    """No forward is wider than the chunk, and short rows sent with a long prompt finish in the
-    same number of steps as alone (one-shot prefill padded them all to the long prompt)."""
+    """No forward is wider than the chunk, and short rows sent with a long prompt finish within
+    two steps of alone (the long row's piece takes its share of the 32 slots; one-shot prefill
+    padded them all to the long prompt)."""
     eng = make_engine(lm, EngineConfig(max_forward_tokens=32))  # also 32 slots while nothing decodes
     short = [GenerateRequest(TEXTS[k % 4], None, GenerateConfig(max_new_tokens=4)) for k in range(6)]
     long = GenerateRequest(" ".join(TEXTS * 6), None, GenerateConfig(max_new_tokens=2))
@@ -265,8 +266,63 @@ def test_a_long_prompt_is_fed_a_chunk_per_step_while_short_rows_decode(lm):
     together = run_steps(eng, 32, {0: [*short, long]}, widths)
     assert max(widths) <= 32
     for k in range(len(short)):
-        assert together[0, k][0] == alone[0, k][0] and together[0, k][2] <= alone[0, k][2] + 1
+        assert together[0, k][0] == alone[0, k][0] and together[0, k][2] <= alone[0, k][2] + 2
     assert together[0, len(short)][2] > max(alone[0, k][2] for k in range(len(short)))  # the long one came later
     one_shot = []
     run_steps(eng, None, {0: [*short, long]}, one_shot)
     assert max(one_shot) >= n_long  # what chunking removes: every row run as wide as the long prompt
+
+
+# ---------------------------------------------------------------- decode groups, the step budget
+
+
+def test_a_long_row_decodes_in_its_own_group_and_rows_equal_single_runs(lm, monkeypatch):
+    eng = make_engine(lm)
+    short = [GenerateRequest(TEXTS[k % 4], "p0" if k % 2 else None, GenerateConfig(max_new_tokens=64)) for k in range(4)]
+    long = GenerateRequest(" ".join(TEXTS * 6), "p1", GenerateConfig(max_new_tokens=4))
+    n_long = len(eng.encode(long.text))
+    assert n_long > 2 * max(len(eng.encode(r.text)) for r in short) + 64 + steps.GROUP_SLACK
+    seen: list[list[tuple[int, int]]] = []  # per decode step: (width, rows) of each group
+    decode = steps.StepBatch.decode
+    monkeypatch.setattr(steps.StepBatch, "decode",
+                        lambda self: seen.append(sorted((g.width, len(g.rows)) for g in self.groups)) or decode(self))
+    joins = {0: short, 1: [long]}
+    got = run_steps(eng, 16, joins)
+    together = [s for s in seen if len(s) == 2]
+    assert together, "the long row never decoded beside the short ones"
+    assert all(s[0][0] < n_long // 2 and s[0][1] == len(short) and s[1][1] == 1 for s in together)
+    assert len(seen[-1]) == 1  # the long row left: one group again
+    for s, rs in joins.items():
+        for k, r in enumerate(rs):
+            want = eng.generate([r], return_logits=True)[0]
+            assert got[s, k][0] == want.token_ids, (s, k)
+            torch.testing.assert_close(got[s, k][1], want.logits, atol=1e-5, rtol=0)
+
+
+def test_rows_join_the_group_that_fits_and_at_most_max_groups_form():
+    assert steps.fits(40, 20) and steps.fits(20, 40 + steps.GROUP_SLACK)
+    assert not steps.fits(20, 40 + steps.GROUP_SLACK + 1) and not steps.fits(1500, 60)
+
+
+def decoding_batch(eng, n: int, chunk: int = 128) -> steps.StepBatch:
+    batch = steps.StepBatch(eng, prefill_chunk=chunk)
+    batch.add([GenerateRequest(TEXTS[k % 4], None, GenerateConfig(max_new_tokens=50)) for k in range(n)])
+    while batch.pending:
+        batch.advance()
+    return batch
+
+
+def test_the_step_budget_follows_the_decode_step_cost(lm):
+    """Nothing decoding: ``max_forward_tokens``. While rows decode: at least MIN_SIDE_TOKENS, at
+    most the chunk, more beside more decoding rows, less for tokens over a longer context."""
+    eng = make_engine(lm, EngineConfig(max_forward_tokens=512))
+    assert steps.StepBatch(eng, prefill_chunk=128).budget() == 512
+    few, many = decoding_batch(eng, 1), decoding_batch(eng, 200, chunk=10**4)
+    assert few.budget(0) == steps.MIN_SIDE_TOKENS
+    assert steps.MIN_SIDE_TOKENS < many.budget(0) <= 10**4
+    assert many.budget(0) > many.budget(10**5) >= steps.MIN_SIDE_TOKENS
+    assert decoding_batch(eng, 200, chunk=64).budget(0) == 64
+    dims = eng.dims
+    want = int(steps.SIDE_SHARE * sum(len(g.rows) * dims.token_flops(g.width, head=True) for g in many.groups)) // dims.token_flops(0)
+    assert many.budget(0) == max(steps.MIN_SIDE_TOKENS, min(10**4, want))
+    assert many.budget(0, head=True) < many.budget(0)  # scoring's label tokens also pay the output head

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from helpers import file_examples
 
 from softprompt import data as D
 from softprompt import evaluate as EV
@@ -43,7 +44,7 @@ def add_prompts(st, lm, names=("a", "b", "c"), **meta) -> None:
 
 def examples(lm, toy_csv, limit=12):
     cfg = DataConfig(path=str(toy_csv), template=TEMPLATE, target_column="label", verbalizer=VERB)
-    return D.load_file(lm.tokenizer, cfg, str(toy_csv), limit)
+    return file_examples(lm.tokenizer, cfg, str(toy_csv), limit)
 
 
 def test_eval_cli_plain_and_prompt_with_stored_template(tiny_lm, toy_csv, capsys, cli_main, sp_store):
@@ -107,7 +108,7 @@ def test_generation_task_metrics(tiny_lm, toy_csv, capsys, cli_main, sp_store):
     assert code == 0 and {"n", "exact_match", "loss", "perplexity"} <= set(res) and res["n"] == 6
     # loss = -(sum of target log-likelihoods) / target tokens, by the training-time scorer
     cfg = DataConfig(path=str(toy_csv), template=TEMPLATE, target_column="text")
-    exs = D.load_file(tiny_lm.tokenizer, cfg, str(toy_csv), 6)
+    exs = file_examples(tiny_lm.tokenizer, cfg, str(toy_csv), 6)
     batch = D.collate(exs, tiny_lm.tokenizer.pad_token_id)
     p = sp_store.load_prompt("a").embeddings
     lp = forward.sequence_logprobs(tiny_lm.model, p, **batch)

@@ -88,9 +88,10 @@ def test_no_flag_means_two_things():
                 assert seen[flag][1:] == kind, f"{flag} is {seen[flag][1:]} in {seen[flag][0]}, {kind} in {name}"
             seen.setdefault(flag, (name, *kind))
     assert seen["--dev-data"][:2] == ("train", "eval_path") and seen["--test-data"][:2] == ("compare", "eval_path")
-    for old in ("--eval-data", "--eval-split", "--test-limit"):
+    for old in ("--eval-data", "--eval-split", "--test-limit", "--eval-limit"):
         assert old not in seen
-    assert seen["--eval-limit"][0] == "inspect"  # the first K held-out rows, as --dev-limit is in train
+    assert {name for name, parser in COMMANDS.items() for act in _flags(parser)
+            if act.option_strings[0] == "--dev-limit"} == {"train", "inspect"}  # the first K dev rows
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -105,13 +106,14 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     (["compare", "--test-limit", "9"], "--test-limit", "--test-sample", "test_sample", "9"),
     (["eval", "--batch-size", "4"], "--batch-size", "--max-batch-rows", "max_batch_rows", 4),
     (["compare", "--lr", "lora=1e-3"], "--lr", "--lr-sweep", "lr_sweep", ["lora=1e-3"]),
+    (["inspect", "p", "--eval-limit", "8"], "--eval-limit", "--dev-limit", "eval_limit", "8"),
 ])
 def test_old_spellings_work_with_a_deprecation_line(argv, old, new, dest, value, capsys):
     a = _parse(argv)
     assert getattr(a, dest) == value
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and old in err[0] and new in err[0] and "deprecated" in err[0]
-    assert getattr(_parse([argv[0], new, argv[-1]]), dest) == value
+    assert getattr(_parse([*argv[:-2], new, argv[-1]]), dest) == value
     assert capsys.readouterr().err == ""
 
 

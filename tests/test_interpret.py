@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
+from helpers import file_examples
 
-from softprompt import recipes
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.experiments import interpret
 from softprompt.prompt import encode, make_prompt
+from softprompt.splits import load_splits
 from softprompt.training import tune as TR
 
 TEXT = "classify the sentiment of this review"
@@ -37,7 +38,7 @@ def test_similarity_is_symmetric_with_unit_diagonal():
 
 def test_importance_is_zero_for_a_token_already_at_the_fill_value(tiny_lm, toy_csv):
     cfg = DataConfig(path=str(toy_csv), template="{text}", target_column="label", verbalizer={"0": "negative", "1": "positive"})
-    _, dev, _ = recipes.train_dev(tiny_lm.tokenizer, cfg, None, 0)
+    dev = load_splits(tiny_lm.tokenizer, cfg).dev
     p = torch.randn(3, tiny_lm.model.config.hidden_size) * 5
     p[1] = tiny_lm.model.get_input_embeddings().weight.float().mean(0)
     metric, base, drops = interpret.importance(tiny_lm.model, tiny_lm.tokenizer, p, dev, None)
@@ -55,7 +56,7 @@ def test_inspect_command_table_json_and_heatmap(tiny_lm, toy_csv, tmp_path, caps
         TR.train(tiny_lm, cfg, PromptConfig(num_virtual_tokens=4, init=init, init_text=TEXT if init == "text" else None),
                  TrainConfig(epochs=1, lr=0.01), name=name, store=sp_store)
     model = str(tiny_model_dir("llama"))
-    assert cli_main(["inspect", "a", "--model", model, "--against", "b", "--eval-limit", "8", "--out", str(tmp_path / "out")]) == 0
+    assert cli_main(["inspect", "a", "--model", model, "--against", "b", "--dev-limit", "8", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "nearest vocabulary tokens" in out and "similarity" in out
     report = json.loads((tmp_path / "out" / "inspect_a.json").read_text())
@@ -72,7 +73,6 @@ def test_without_known_data_importance_is_skipped_with_a_note(tiny_lm, toy_csv, 
     from peft import PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from softprompt import data as D
 
     model = str(tiny_model_dir("llama"))
     pm = get_peft_model(AutoModelForCausalLM.from_pretrained(model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
@@ -87,11 +87,11 @@ def test_without_known_data_importance_is_skipped_with_a_note(tiny_lm, toy_csv, 
     # --data supplies the rows: the same drops as importance() on those rows
     flags = ["--data", str(toy_csv), "--template", "Review: {text}", "--target-column", "label",
              "--verbalizer", "0=negative,1=positive"]
-    assert cli_main(["inspect", "peft", "--model", model, *flags, "--eval-limit", "8", "--out", str(tmp_path / "o")]) == 0
+    assert cli_main(["inspect", "peft", "--model", model, *flags, "--dev-limit", "8", "--out", str(tmp_path / "o")]) == 0
     got = json.loads((tmp_path / "o" / "inspect_peft.json").read_text())["importance"]
     cfg = DataConfig(path=str(toy_csv), template="Review: {text}", target_column="label",
                      verbalizer={"0": "negative", "1": "positive"})
-    rows = D.load_file(tiny_lm.tokenizer, cfg, str(toy_csv), 8)
+    rows = file_examples(tiny_lm.tokenizer, cfg, str(toy_csv), 8)
     metric, base, drops = interpret.importance(tiny_lm.model, tiny_lm.tokenizer, sp_store.load_prompt("peft").embeddings, rows, cfg.verbalizer)
     assert got["metric"] == metric == "accuracy" and got["rows"] == 8
     assert got["full_prompt"] == pytest.approx(base) and got["drop"] == pytest.approx(drops)

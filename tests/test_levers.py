@@ -16,6 +16,7 @@ from test_cli import assert_user_error
 
 from softprompt import data as D
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
+from softprompt.splits import load_splits
 from softprompt.training import loop
 from softprompt.training import tune as TR
 
@@ -30,7 +31,7 @@ def target_cfg(csv, **kw) -> DataConfig:
 
 
 def a_batch(lm, csv, rows: int = 8) -> dict:
-    examples, _ = D.load_train_eval(lm.tokenizer, target_cfg(csv, dev_fraction=0.0))
+    examples = load_splits(lm.tokenizer, target_cfg(csv, dev_fraction=0.0)).train
     return D.collate(examples[:rows], lm.tokenizer.pad_token_id)
 
 
@@ -99,7 +100,7 @@ def test_dropout_only_while_training_and_deterministic_per_step(tiny_lm, toy_csv
 
 def test_fit_leaves_the_method_in_eval_mode(tiny_lm, toy_csv):
     method, _ = method_for(tiny_lm, toy_csv, dropout=0.5)
-    examples, _ = D.load_train_eval(tiny_lm.tokenizer, target_cfg(toy_csv, dev_fraction=0.0, limit=16))
+    examples = load_splits(tiny_lm.tokenizer, target_cfg(toy_csv, dev_fraction=0.0, limit=16)).train
     seen = []
     evaluate = lambda: seen.append(method._step) or {"score": 0.0}  # noqa: E731
     loop.fit(method, examples, TrainConfig(epochs=2, batch_size=8), tiny_lm.tokenizer.pad_token_id, evaluate,

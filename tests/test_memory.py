@@ -23,6 +23,7 @@ from softprompt import store
 from softprompt.config import EngineConfig, GenerateConfig, PromptConfig, TrainConfig
 from softprompt.forward.deep import deep_cache, deep_forward_hidden
 from softprompt.inference.engine import Engine, GenerateRequest, ScoreRow
+from softprompt.splits import load_splits
 from softprompt.training import tune as TR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,7 +63,7 @@ def test_the_attention_term_is_its_formula_and_nothing_without_a_memory(tiny_lm)
 def test_fast_path_equals_naive_reference_in_loss_and_gradient(tiny_lm, toy_csv):
     pcfg = PromptConfig(num_virtual_tokens=4, kind="deep", memory=True)
     init = TR.initial_prompt(tiny_lm, pcfg, target_cfg(toy_csv), 0)
-    examples, _ = D.load_train_eval(tiny_lm.tokenizer, target_cfg(toy_csv, dev_fraction=0.0))
+    examples = load_splits(tiny_lm.tokenizer, target_cfg(toy_csv, dev_fraction=0.0)).train
     batch = D.collate(examples[:8], tiny_lm.tokenizer.pad_token_id)
     losses, grads = [], []
     for fast in (True, False):

@@ -121,7 +121,7 @@ def test_train_multitask_stores_shared_and_per_task_prompts(tiny_lm, toy_tasks, 
     for k, v in tiny_lm.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     # the batches really mixed tasks: some training batch held rows of both
-    mix = [e for t in ("mood", "pets") for e in MT.load_task(tiny_lm.tokenizer, str(toy_tasks[t]), 16, 8, 0, 0 if t == "mood" else 1, root=sp_store.data_root).train]
+    mix = [e for t in ("mood", "pets") for e in MT.load_task(tiny_lm.tokenizer, str(toy_tasks[t]), MT.task_config(str(toy_tasks[t]), sp_store.data_root), 16, 8, 0, 0 if t == "mood" else 1).train]
     batches = D.bucketed_batches(mix, 8, 0, 0)
     assert any(len({mix[i].task for i in b}) == 2 for b in batches)
 

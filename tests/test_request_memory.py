@@ -39,7 +39,7 @@ def test_estimates_bound_the_measured_peaks(tiny_model_dir, tmp_path):
         {"name": "generate", "kind": "generate", "text": "the movie was great " * 60, "rows": 8, "max_tokens": 30,
          "chunk": 64},
         {"name": "long generate", "kind": "generate", "text": "the movie was great " * 90, "rows": 1,
-         "max_tokens": 20, "chunk": 64, "prompt": "p"}]}
+         "max_tokens": 20, "chunk": 512, "prompt": "p"}]}
     for c in probe(tiny_model_dir("llama"), job, tmp_path):
         assert c["measured"] > MiB / 2, c  # a real measurement, above the noise
         assert c["measured"] <= c["estimate"] <= 3 * c["measured"] + MiB, c

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from helpers import file_examples
 
 from softprompt import data as D
 from softprompt import models
@@ -36,7 +37,7 @@ def rand_prompt(lm, n: int, seed: int = 0) -> torch.Tensor:
 
 def toy_batch(lm, toy_csv, n=6):
     cfg = DataConfig(path=str(toy_csv), template=TEMPLATE, target_column="label", verbalizer={"0": "bad", "1": "good"})
-    return D.collate(D.load_file(lm.tokenizer, cfg, str(toy_csv), n), lm.tokenizer.pad_token_id)
+    return D.collate(file_examples(lm.tokenizer, cfg, str(toy_csv), n), lm.tokenizer.pad_token_id)
 
 
 def test_loss_and_scores_equal_t5_on_each_row(t5, toy_csv):

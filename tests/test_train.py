@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import interrupt_at_epoch, sharpen
 
-from softprompt import data as D
 from softprompt import metrics, store
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import sequence_logprobs
+from softprompt.splits import load_splits
 from softprompt.training import methods
 from softprompt.training import tune as TR
 from softprompt.training.loop import StopReason
@@ -53,7 +53,7 @@ def test_loss_goes_down_and_accuracy_goes_up(tiny_lm, toy_csv, sp_store):
     # fp32: the same run on every machine (auto picks bf16 where the CPU has it; test_precision.py covers bf16)
     tcfg = TrainConfig(lr=0.3, epochs=5, batch_size=16, seed=0, patience=None, warmup_ratio=0.06, precision="fp32")
     pcfg = PromptConfig(num_virtual_tokens=4, init="vocab")
-    examples, _ = D.load_train_eval(lm.tokenizer, cfg)
+    examples = load_splits(lm.tokenizer, cfg).train
     probe = examples[:8]  # both classes (the toy file alternates them)
     assert {e.label for e in probe} == {"0", "1"}
 

@@ -8,12 +8,14 @@ from conftest import sharpen
 
 from softprompt import recipes
 from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
+from softprompt.splits import load_splits
 from softprompt.training import transfer as TF
 from softprompt.training import tune as TR
 
 
 def _train(st, lm, task, name, init="random", seed=0):
-    return TR.train(lm, DataConfig(), PromptConfig(num_virtual_tokens=4, init=init),
+    cfg = recipes.resolve(DataConfig(), str(task), st.data_root)
+    return TR.train(lm, cfg, PromptConfig(num_virtual_tokens=4, init=init),
                     TrainConfig(epochs=3, lr=0.3, seed=seed, patience=None), name=name, task=str(task), store=st)
 
 
@@ -33,7 +35,7 @@ def test_transfer_picks_the_prompt_trained_on_the_same_data(tiny_lm, toy_tasks, 
 
 def test_transfer_starts_from_the_chosen_prompt(tiny_lm, toy_tasks, sp_store):
     src = _train(sp_store, tiny_lm, toy_tasks["mood"], "src")
-    train_ex, _, _ = recipes.train_dev(tiny_lm.tokenizer, DataConfig(), str(toy_tasks["mood"]), 0, sp_store.data_root)
+    train_ex = load_splits(tiny_lm.tokenizer, recipes.resolve(DataConfig(), str(toy_tasks["mood"]), sp_store.data_root)).train
     assert TF.rank_sources(tiny_lm, train_ex, store=sp_store)[0]["name"] == "src"
     init = TR.initial_prompt(tiny_lm, PromptConfig(num_virtual_tokens=4, init="prompt:src"), DataConfig(), 0, store=sp_store)
     assert torch.equal(init, sp_store.load_prompt("src").embeddings.float())

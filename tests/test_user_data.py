@@ -15,6 +15,7 @@ from conftest import shared_data_root
 from softprompt import data as D
 from softprompt import recipes
 from softprompt.config import DataConfig, UserError
+from softprompt.splits import load_splits
 
 SHARED_COPY = shared_data_root() / "awesome-chatgpt-prompts" / "prompts.csv"
 
@@ -27,7 +28,8 @@ def test_walkthrough_data_ships_inside_the_package(monkeypatch, tmp_path, tiny_l
     assert Path(cfg.path) == D.WALKTHROUGH_CSV and D.WALKTHROUGH_CSV.is_relative_to(Path(D.__file__).parent)
     rows = D.read_rows(cfg.path)
     assert len(rows) == 171 and list(rows[0]) == ["act", "prompt"]  # SOURCE.md: 171 rows, act,prompt
-    train, dev = D.load_train_eval(tiny_lm.tokenizer, cfg)
+    s = load_splits(tiny_lm.tokenizer, cfg)
+    train, dev = s.train, s.dev
     assert len(train) == 50 and dev == []
     if SHARED_COPY.is_file():  # the shipped copy is the data set, unchanged
         assert D.WALKTHROUGH_CSV.read_bytes() == SHARED_COPY.read_bytes()
@@ -52,9 +54,9 @@ def test_missing_recipe_files_say_where_to_put_them(tmp_path, tiny_lm):
     root = tmp_path / "data"
     with pytest.raises(UserError, match=r"data file not found: .*agnews/dev.tsv.*put agnews/dev.tsv under the data root "
                                         r".* or run once with network access to fetch fancyzhx/ag_news into "):
-        recipes.train_dev(tiny_lm.tokenizer, DataConfig(), "agnews", 0, root)
+        _ = load_splits(tiny_lm.tokenizer, recipes.resolve(DataConfig(), "agnews", root)).train
     with pytest.raises(UserError, match=r"data file not found: .*cr/all.txt; .*: put cr/all.txt there"):  # no hub id
-        recipes.train_dev(tiny_lm.tokenizer, DataConfig(), "cr", 0, root)
+        _ = load_splits(tiny_lm.tokenizer, recipes.resolve(DataConfig(), "cr", root)).train
     with pytest.raises(UserError, match=r"^data file not found: \S+$"):  # a file of the user's own: no hint
         D.read_rows(tmp_path / "mine.csv")
 
@@ -93,15 +95,16 @@ def test_a_recipe_without_local_files_reads_its_hub_data_set_from_the_cache(tmp_
     hub_dataset_cache(root / "hub", "CogComp/trec", {
         "train": {"text": questions, "coarse_label": [i % 6 for i in range(20)], "fine_label": [0] * 20},
         "test": {"text": questions[:6], "coarse_label": list(range(6)), "fine_label": [0] * 6}})
-    train, dev, cfg = recipes.train_dev(tiny_lm.tokenizer, DataConfig(), "trec", 0, root)
-    assert len(train) + len(dev) == 20 and len(dev) == int(20 * cfg.dev_fraction)
-    test = recipes.named_split(tiny_lm.tokenizer, cfg, recipes.load_task("trec"), "trec", "test", root)
+    cfg = recipes.resolve(DataConfig(), "trec", root)
+    s = load_splits(tiny_lm.tokenizer, cfg)
+    assert len(s.train) + len(s.dev) == 20 and len(s.dev) == int(20 * cfg.dev_fraction)
+    test = s.test
     # hub coarse labels ABBR, ENTY, DESC, HUM, LOC, NUM -> the recipe's 2, 1, 0, 3, 4, 5
     assert [e.label for e in test] == ["2", "1", "0", "3", "4", "5"]
     assert test[0].source_text == "Question: what is thing number 0 ?\nAnswer type:"
     (root / "trec").mkdir()  # local files win over the hub
     (root / "trec" / "test.txt").write_text("5 how far is it ?\n")
-    local = recipes.named_split(tiny_lm.tokenizer, cfg, recipes.load_task("trec"), "trec", "test", root)
+    local = load_splits(tiny_lm.tokenizer, cfg).test
     assert [e.label for e in local] == ["5"]
 
 
@@ -135,7 +138,7 @@ def test_datasets_forms_read_like_the_csv(tmp_path, tiny_lm):
     cfg = DataConfig(path=str(tmp_path / "saved-dict"), template="{text}\nSentiment:", target_column="label",
                      verbalizer={"0": "negative", "1": "positive"}, dev_fraction=0.0)
     ref = DataConfig(**{**cfg.to_dict(), "path": str(tmp_path / "ref.csv")})
-    assert D.load_train_eval(tiny_lm.tokenizer, cfg)[0] == D.load_train_eval(tiny_lm.tokenizer, ref)[0]
+    assert load_splits(tiny_lm.tokenizer, cfg).train == load_splits(tiny_lm.tokenizer, ref).train
 
 
 def test_datasets_mistakes_are_one_line(tmp_path):

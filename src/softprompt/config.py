@@ -14,6 +14,7 @@ from typing import Any
 
 from softprompt.configio import JsonMixin as _JsonMixin
 from softprompt.configio import flag, option
+from softprompt.datafiles import DataFiles
 
 
 class UserError(ValueError):
@@ -53,6 +54,14 @@ class DataConfig(_JsonMixin):
     data_config: str | None = option(None, 'a datasets data set on the hub: its configuration name', metavar="NAME")
     chat: bool = option(False, "chat form: the filled template is the user turn, the target the assistant reply (the model's chat template)")
     system: str | None = option(None, 'chat form: a system message before every row', metavar="TEXT")
+    hand_templates: tuple[str, ...] = option((), "a recipe's hand-written template candidates (compare)")
+    files: DataFiles | None = option(None, "the files of train, dev and test, resolved where the command builds its "
+                                     "config (recipes.resolve); None: the fields above name them")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataConfig:
+        files = data.get("files")
+        return super().from_dict({**data, "files": DataFiles.from_dict(files) if isinstance(files, dict) else None})
 
     def __post_init__(self) -> None:
         _check(self.limit is None or self.limit > 0, f"--limit must be positive, got {self.limit}")
@@ -235,7 +244,8 @@ class ServerConfig(_JsonMixin):
     max_template_chars: int = option(32768, 'a classify input rendered through its template, in characters')
     max_request_tokens: int = option(65536, "one request's tokens: per row, N + input + max_tokens (or label tokens)")
     max_request_mb: float = option(1024.0, "one request's estimated working memory (cache + activations), MiB; over it: 413")
-    prefill_chunk: int = option(128, 'while rows decode, prompt/scoring tokens run per step beside them (chunked prefill)')
+    prefill_chunk: int = option(128, 'prompt tokens a row reads per forward, and the most slots a prefill/scoring forward beside decoding rows takes')
+    error_rate: float = option(20.0, "4xx answers per second one client address gets at once (a burst of twice that); beyond it each waits its turn at that rate; 0 = never wait")
     request_timeout_s: float = option(300.0, 'a request still running after this gets 504 and is cancelled')
     shutdown_timeout_s: float = option(30.0, 'graceful shutdown: time in-flight requests get to finish')
 
@@ -248,6 +258,7 @@ class ServerConfig(_JsonMixin):
         _positive(self, ("max_wait_ms", "shutdown_timeout_s"), minimum=0)
         _check(self.request_timeout_s > 0, f"--request-timeout-s must be positive, got {self.request_timeout_s}")
         _check(self.max_request_mb > 0, f"--max-request-mb must be positive, got {self.max_request_mb}")
+        _check(self.error_rate >= 0, f"--error-rate must be >= 0, got {self.error_rate}")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("--api-key must not be empty")
 
@@ -358,7 +369,7 @@ class ContinualConfig(_JsonMixin):
 @dataclass(frozen=True)
 class InspectConfig(_JsonMixin):
     top_k: int = option(5, 'nearest vocabulary tokens per virtual token')
-    eval_limit: int = option(64, 'keep only the first K held-out rows for token importance')
+    eval_limit: int | None = option(64, 'keep only the first K dev rows for token importance', none="all")
     importance: bool = option(True, "the ablation of each virtual token (needs the prompt's task data)")
 
     def __post_init__(self) -> None:

@@ -9,7 +9,8 @@ ids and labels. Two modes:
   labels (-100 elsewhere); with ``chat`` the two are a user turn and the assistant's reply in
   the model's chat template (``chat.py``).
 
-Every mistake in the data is a ``UserError`` naming the file, row or column.
+Every mistake in the data is a ``UserError`` naming the file, row or column. Which files make
+train, dev and test, and reading them, is ``splits.load_splits``'s (the one way in for data).
 """
 
 from __future__ import annotations
@@ -254,48 +255,6 @@ def build_examples(tokenizer: Tokenizer, rows, cfg: DataConfig, path="data") -> 
     if not out:
         raise UserError(f"{path}: no usable rows (all empty after tokenisation)")
     return out
-
-
-# ---------------------------------------------------------------- loading train / eval sets
-
-
-TRAIN_SPLITS = ("train",)
-EVAL_SPLITS = ("validation", "test")  # a datasets data set read for evaluation, without a split
-
-
-def load_file(tokenizer: Tokenizer, cfg: DataConfig, path: str, limit: int | None, split: str | None = None,
-              default: tuple[str, ...] = TRAIN_SPLITS) -> list[Example]:
-    """Examples of a data file or ``datasets`` data set (``split`` / ``default`` choose in it)."""
-    rows = derive_columns(read_rows(path, cfg.columns, split or None, cfg.data_config, default), cfg.derive)
-    if limit:
-        rows = rows[:limit]
-    return build_examples(tokenizer, rows, cfg, path)
-
-
-def load_train_eval(tokenizer: Tokenizer, cfg: DataConfig, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """Training examples and evaluation examples (eval file, or a seeded dev split of train)."""
-    if not cfg.path:
-        raise UserError("no training data: give --data PATH or --task NAME")
-    train = load_file(tokenizer, cfg, cfg.path, cfg.limit, cfg.data_split)
-    if cfg.eval_path:
-        return train, load_eval_file(tokenizer, cfg)
-    return split_dev(train, cfg, seed)
-
-
-def load_eval_file(tokenizer: Tokenizer, cfg: DataConfig) -> list[Example]:
-    return load_file(tokenizer, cfg, cfg.eval_path, cfg.eval_limit, cfg.eval_split, EVAL_SPLITS)
-
-
-def split_dev(train: list[Example], cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example]]:
-    """Carve a seeded dev split (``dev_fraction`` of train) off the training examples."""
-    n_dev = int(len(train) * cfg.dev_fraction)
-    if n_dev == 0 or len(train) - n_dev < 1:
-        return train, []
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    dev = [train[i] for i in order[:n_dev]]
-    keep = sorted(order[n_dev:])
-    return [train[i] for i in keep], dev[: cfg.eval_limit] if cfg.eval_limit else dev
 
 
 # ---------------------------------------------------------------- batches

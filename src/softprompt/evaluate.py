@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ import torch
 from softprompt import data as D
 from softprompt import metrics, recipes
 from softprompt.config import DataConfig, EvalConfig, GenerateConfig, UserError
+from softprompt.datafiles import DataFile, DataFiles
+from softprompt.splits import load_splits
 
 if TYPE_CHECKING:
     from softprompt.inference.engine import Engine
@@ -35,16 +38,19 @@ log = logging.getLogger(__name__)
 META_FIELDS = ("template", "target_column", "verbalizer", "text_column", "chat", "system")
 
 
-def data_config(engine: Engine, ecfg: EvalConfig, user: dict, root: Path | None = None) -> tuple[DataConfig, dict | None]:
-    """(DataConfig, recipe or None): user flags > first prompt's metadata > task recipe (files under ``root``)."""
+def data_config(engine: Engine, ecfg: EvalConfig, user: dict, root: Path | None = None) -> DataConfig:
+    """The DataConfig to evaluate with: user flags > first prompt's metadata > task recipe (files
+    under ``root``); its test file is what is evaluated."""
     metas = {p: engine.bank.get(p)[0].meta for p in ecfg.prompts}
-    return merged_data_config(metas, ecfg.task, user, root)
+    return merged_data_config(metas, ecfg.task, user, root, (ecfg.split,), ecfg.limit)
 
 
-def merged_data_config(metas: dict[str, dict], task: str | None, user: dict,
-                       root: Path | None = None) -> tuple[DataConfig, dict | None]:
-    """(DataConfig, recipe or None) from the user's data flags, then the metadata of the stored
-    prompts ``metas`` (name -> meta; the first one's settings are used), then ``task``'s recipe."""
+def merged_data_config(metas: dict[str, dict], task: str | None, user: dict, root: Path | None = None,
+                       splits: tuple[str, ...] = ("test",), limit: int | None = None) -> DataConfig:
+    """The DataConfig, resolved once, from the user's data flags, then the metadata of the stored
+    prompts ``metas`` (name -> meta; the first one's settings are used), then ``task``'s recipe:
+    its test file is ``--data`` (the first ``limit`` rows), else the first of the recipe's
+    ``splits`` it has."""
     user = {k: v for k, v in user.items() if v is not None}
     if not task and not user.get("path"):
         raise UserError("give --data PATH or --task NAME to evaluate on")
@@ -62,23 +68,24 @@ def merged_data_config(metas: dict[str, dict], task: str | None, user: dict,
                 log.warning("prompt %r was trained with other data settings than %r; using %r's", other,
                             names[0], names[0])
         user = {**stored, **user}
-    if task:
-        if root is None:
-            raise UserError(f"--task {task}: no data root given (--data-root)")
-        cfg, recipe = recipes.task_data_config(task, root, **user)
-        return cfg, recipe
-    if not user.get("template") and not user.get("text_column"):
+    if not task and not user.get("template") and not user.get("text_column"):
         raise UserError("say what to evaluate: --template TPL --target-column C (or --text-column C), "
                         "or a --prompt whose stored metadata has them")
-    return DataConfig(**user), None
+    path = user.get("path")
+    cfg = recipes.resolve(DataConfig(**user), task, root, test=() if path else splits, need_test=not path)
+    if path:  # the file is the test set; with a task, the recipe gives only settings
+        test = DataFile(path, cfg.columns, cfg.derive, cfg.label_map, cfg.data_split, cfg.data_config,
+                        ("test", "validation"), limit=limit)
+        return replace(cfg, files=DataFiles(test=test))
+    files = cfg.files or DataFiles()
+    return replace(cfg, files=replace(files, test=replace(files.test, limit=limit) if files.test else None))
 
 
-def load_examples(tokenizer: Tokenizer, cfg: DataConfig, recipe: dict | None, ecfg: EvalConfig,
-                  path: str | None = None, root: Path | None = None) -> list[D.Example]:
-    """The recipe's split, or ``path`` (a data file; with a task, the recipe gives only settings)."""
-    if recipe is None or path:
-        return D.load_file(tokenizer, cfg, path or cfg.path, ecfg.limit, cfg.data_split, ("test", "validation"))
-    return recipes.named_split(tokenizer, cfg, recipe, ecfg.task, ecfg.split, root, ecfg.limit)
+def shown_path(f: DataFile) -> str:
+    """A data file as the user knows it: a recipe's file relative to its data root."""
+    if f.root and Path(f.path).is_relative_to(f.root):
+        return str(Path(f.path).relative_to(f.root))
+    return f.path
 
 
 def engine_label_scores(engine: Engine, examples: list[D.Example], words: list[str], prompts: list[str | None],
@@ -172,10 +179,9 @@ def evaluate(engine: Engine, ecfg: EvalConfig, data_overrides: dict) -> dict:
     (a task's files are under the data root of the engine's store)."""
     t0 = time.perf_counter()
     root = engine.store.data_root if engine.store else None
-    cfg, recipe = data_config(engine, ecfg, data_overrides, root)
-    path = data_overrides.get("path")
-    examples = load_examples(engine.lm.tokenizer, cfg, recipe, ecfg, path, root)
-    recipe = None if path else recipe
+    cfg = data_config(engine, ecfg, data_overrides, root)
+    examples = load_splits(engine.lm.tokenizer, cfg).test
+    from_task = bool(ecfg.task) and not data_overrides.get("path")
     prompts: list[str | None] = list(ecfg.prompts) or [None]
     names = [p or "plain" for p in prompts]
     if cfg.verbalizer:
@@ -187,8 +193,8 @@ def evaluate(engine: Engine, ecfg: EvalConfig, data_overrides: dict) -> dict:
         if len(prompts) > 1:
             raise UserError("prompt ensembles need a classification task (a --verbalizer)")
         out = generation_report(engine, examples, prompts[0], ecfg.max_new_tokens)
-    out.update({"prompts": names, "task": ecfg.task, "split": ecfg.split if recipe else None,
-                "data": cfg.path if recipe is None else (recipe.get(ecfg.split) or {}).get("path"),
+    out.update({"prompts": names, "task": ecfg.task, "split": ecfg.split if from_task else None,
+                "data": shown_path(cfg.files.test) if cfg.files and cfg.files.test else None,
                 "template": cfg.template, "length_normalize": ecfg.length_normalize,
                 "seconds": round(time.perf_counter() - t0, 2)})
     return out

@@ -106,7 +106,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         print(f"wrote {compare_report.write_report(docs, out, 'comparison', command, notes)}")
         return 0
     ccfg = compare_config(a)
-    dcfg = data_config(a)
+    dcfg = data_config(a, held_out=True)
     if dcfg.verbalizer is None and not a.task:
         raise UserError("compare needs a classification task: give --verbalizer (and --template, --target-column)")
     tcfg, pcfg = from_args(TrainConfig, a, ("epochs",)), from_args(PromptConfig, a, ("num_virtual_tokens", "init"))
@@ -230,14 +230,13 @@ def _continual_write(doc: dict, stem: Path) -> int:
 # ---------------------------------------------------------------- inspect
 
 
-
-
 def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("inspect", help="look inside a stored prompt: nearest tokens, norms, similarity, token importance")
     add_model_flags(i)
     i.add_argument("name", help="stored prompt")
     i.add_argument("--against", help="comma list of other stored prompts to compare with (similarity matrix)")
-    add_flags(i, InspectConfig)
+    # the first K dev rows, as --dev-limit is in train (it was --eval-limit)
+    add_flags(i, InspectConfig, rename={"eval_limit": "dev-limit"}, old={"eval_limit": "eval-limit"})
     add_data_flags(i, EVAL_DATA, "data for token importance (default: what the prompt's metadata names)",
                    helps={"path": "evaluation data for importance: a file or datasets data set"})
     i.add_argument("--out", help="folder for inspect_NAME.json and, with --against, inspect_NAME.png")

@@ -275,8 +275,10 @@ def data_given(a: argparse.Namespace, only: tuple[str, ...] | None = None) -> di
     return kw
 
 
-def data_config(a: argparse.Namespace):
-    """The DataConfig of the user's data flags; with ``--task`` the recipe fills what was not given."""
+def data_config(a: argparse.Namespace, held_out: bool = False):
+    """The DataConfig of the user's data flags, resolved once (``recipes.resolve``): with ``--task``
+    the recipe fills what was not given and names the files (``held_out``: compare's policy)."""
+    from softprompt import recipes
     from softprompt.config import DataConfig
 
     if not a.task and not getattr(a, "path", None):
@@ -284,7 +286,7 @@ def data_config(a: argparse.Namespace):
     kw = data_given(a)
     if not a.task and not kw.get("text_column") and not kw.get("template"):
         raise UserError("say what to learn: --text-column C, or --template TPL --target-column C")
-    return DataConfig(**kw)
+    return recipes.resolve(DataConfig(**kw), a.task, a.store.data_root, held_out=held_out)
 
 
 PROMPT_FLAGS = ("num_virtual_tokens", "init", "init_text", "kind", "reparam", "dropout", "freeze_first", "offset_rank",

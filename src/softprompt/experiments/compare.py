@@ -77,7 +77,7 @@ def quick(cfg: CompareConfig) -> CompareConfig:
 @dataclass
 class Context:
     lm: LoadedModel  # the shared frozen model
-    splits: CD.Splits
+    splits: CD.CompareSplits
     ccfg: CompareConfig
     tcfg: TrainConfig
     pcfg: PromptConfig
@@ -355,15 +355,15 @@ def run(
     """Every method x train size x seed; the result document (``compare_report.document``).
     With ``journal``, finished runs are recorded there and, with ``resume``, taken from it; after
     each run, the document of the runs so far is written beside it (``partial_path``), with
-    ``label`` (tag, command) and ``"partial": {"finished", "planned"}``. ``store``: the data root
-    of ``task``'s files and the prompts ``--init prompt:NAME`` reads."""
+    ``label`` (tag, command) and ``"partial": {"finished", "planned"}``. ``data_cfg`` is resolved
+    with the held-out policy (``recipes.resolve(..., held_out=True)``; ``task`` names it in the
+    results); ``store`` holds the prompts ``--init prompt:NAME`` reads."""
     from softprompt.experiments import compare_report as R
 
     t_start = time.perf_counter()
     load_start = loadavg()
-    splits = CD.load_splits(lm.tokenizer, data_cfg, task, dev_sample=ccfg.dev_sample, test_sample=ccfg.test_sample,
-                            dev_fraction=ccfg.dev_fraction, data_seed=ccfg.data_seed,
-                            root=store.data_root if store else None)
+    splits = CD.compare_splits(lm.tokenizer, data_cfg, dev_sample=ccfg.dev_sample, test_sample=ccfg.test_sample,
+                               dev_fraction=ccfg.dev_fraction, data_seed=ccfg.data_seed)
     ctx = Context(lm, splits, ccfg, tcfg or TrainConfig(), pcfg or PromptConfig(), say or (lambda _: None), progress,
                   store=store)
     before = weights_digest(lm.model)

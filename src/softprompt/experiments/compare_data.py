@@ -1,70 +1,32 @@
 """The data of a comparison: one training pool, one dev set and one test set for every method.
 
-Dev and test come from the task's own files where the recipe has them (``eval`` is dev,
-``test`` is test; with only ``eval``, it serves as test), else they are carved from the
-training file with ``data_seed``; ``--eval-limit``/``--test-limit`` take seeded samples.
-None of this depends on the run seed, so all methods and seeds share dev and test. A run's
-training set is the first ``size`` examples of a seeded permutation of the pool, so for one
-seed the sets are nested across sizes. ``Splits.examples(cfg)`` re-tokenises the same rows
-under another template (for the hand-written template candidates).
+The files come from the DataConfig, resolved with the held-out policy (``recipes.resolve(...,
+held_out=True)``: a recipe's ``eval`` is dev when it has ``test``; with only ``eval``, that serves
+as test; ``--test-data`` is the test set of ``--data``) and read by ``splits.load_splits``. What
+has no file is carved from the training file with ``data_seed``; ``--dev-sample`` /
+``--test-sample`` take seeded samples. None of this depends on the run seed, so all methods and
+seeds share dev and test. A run's training set is the first ``size`` examples of a seeded
+permutation of the pool, so for one seed the sets are nested across sizes.
+``CompareSplits.examples(cfg)`` re-tokenises the same rows under another template (for the
+hand-written template candidates).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from softprompt import data as D
-from softprompt import recipes
 from softprompt.config import DataConfig, UserError
+from softprompt.datafiles import DataFiles
+from softprompt.splits import Splits, load_splits, user_files
 
 if TYPE_CHECKING:
     from softprompt.models import Tokenizer
 
 TEST_FRACTION = 0.2  # share of the training file carved out as test when there is no test file
-Loader = Callable[[DataConfig], list[D.Example]]
-
-
-@dataclass
-class Source:
-    path: Path
-    read: Loader  # DataConfig (template etc.) -> all examples of the file, in file order
-    _memo: dict = field(default_factory=dict)
-
-    def load(self, cfg: DataConfig) -> list[D.Example]:
-        key = json.dumps(cfg.to_dict(), sort_keys=True)
-        if key not in self._memo:
-            self._memo[key] = self.read(cfg)
-        return self._memo[key]
-
-
-def sources(
-    tokenizer: Tokenizer, cfg: DataConfig, recipe: dict, root: Path | None = None
-) -> tuple[Source, Source | None, Source | None]:
-    """(train, dev, test) files of a recipe (under the data root ``root``), or of --data/--eval-data
-    (eval-data is the test set)."""
-
-    def spec_source(spec: dict, limit: int | None = None) -> Source:
-        return Source(root / spec["path"], lambda c: recipes.load_split(tokenizer, c, spec, root, limit=limit))
-
-    def file_source(path: str, limit: int | None = None) -> Source:
-        return Source(Path(path), lambda c: D.load_file(tokenizer, c, path, limit))
-
-    if not recipe:
-        test = file_source(cfg.eval_path) if cfg.eval_path else None
-        return file_source(cfg.path, cfg.limit), None, test
-    train = spec_source(recipe["train"], cfg.limit)
-    test_spec, dev_spec = recipes.test_spec(recipe), recipes.dev_spec(recipe)
-    return (
-        train,
-        spec_source(dev_spec) if dev_spec else None,
-        spec_source(test_spec) if test_spec else None,
-    )
 
 
 def sha256(path: Path) -> str:
@@ -82,17 +44,22 @@ def _sample(n: int, limit: int | None, tag: str, seed: int) -> list[int]:
     return idx
 
 
+def files_of(tokenizer: Tokenizer, cfg: DataConfig) -> Splits:
+    """The files of ``cfg`` as they are: no dev carved off train (the comparison carves its own)."""
+    return load_splits(tokenizer, replace(cfg, dev_fraction=0.0))
+
+
 @dataclass
-class Splits:
-    cfg: DataConfig  # the task's data settings (template, verbalizer, ...)
-    train: Source
-    dev: Source | None  # None: carved from train (``dev_rows``)
-    test: Source | None  # None: carved from train (``test_rows``)
+class CompareSplits:
+    tokenizer: Tokenizer
+    cfg: DataConfig  # the task's data settings (template, verbalizer, files, ...)
+    has_dev: bool  # False: dev carved from train (``dev_rows``)
+    has_test: bool  # False: test carved from train (``test_rows``)
     pool_rows: list[int]  # rows of the training file that form the pool
     dev_rows: list[int]  # carved dev rows (empty when there is a dev file)
     test_rows: list[int]  # carved test rows (empty when there is a test file)
-    dev_pick: list[int]  # the sample of dev taken (``--eval-limit``)
-    test_pick: list[int]  # the sample of test taken (``--test-limit``)
+    dev_pick: list[int]  # the sample of dev taken (``--dev-sample``)
+    test_pick: list[int]  # the sample of test taken (``--test-sample``)
     info: dict  # files with sha256, where dev and test come from, sizes, data_seed
     candidates: list[str]  # hand-written templates: the recipe's first, then its "hand_templates"
     _cache: dict = field(default_factory=dict)
@@ -101,9 +68,10 @@ class Splits:
         """(pool, dev, test) under ``cfg`` (default: the task's own settings), cached per template."""
         cfg = cfg or self.cfg
         if cfg.template not in self._cache:
-            tr = self.train.load(cfg)
-            dev = self.dev.load(cfg) if self.dev else [tr[i] for i in self.dev_rows]
-            test = self.test.load(cfg) if self.test else [tr[i] for i in self.test_rows]
+            files = files_of(self.tokenizer, cfg)
+            tr = files.train
+            dev = files.dev if self.has_dev else [tr[i] for i in self.dev_rows]
+            test = files.test if self.has_test else [tr[i] for i in self.test_rows]
             self._cache[cfg.template] = (
                 [tr[i] for i in self.pool_rows],
                 [dev[i] for i in self.dev_pick],
@@ -112,66 +80,72 @@ class Splits:
         return self._cache[cfg.template]
 
 
-def load_splits(
+def compare_splits(
     tokenizer: Tokenizer,
     data_cfg: DataConfig,
-    task: str | None,
     *,
     dev_sample: int | None = None,
     test_sample: int | None = None,
     dev_fraction: float = 0.1,
     data_seed: int = 0,
-    root: Path | None = None,
-) -> Splits:
-    """The pool, dev and test of a task (recipe, files under the data root ``root``) or of user
-    data (``data_cfg``)."""
-    recipe: dict = {}
-    if task:
-        if root is None:
-            raise UserError(f"--task {task}: no data root given (--data-root)")
-        data_cfg, recipe = recipes.task_data_config(task, root, **recipes.user_overrides(data_cfg))
+) -> CompareSplits:
+    """The pool, dev and test of a comparison over ``data_cfg`` (resolved with
+    ``recipes.resolve(..., held_out=True)``; user data without ``files``: ``--test-data`` is test)."""
     if not data_cfg.verbalizer:
         raise UserError(
             "compare needs a classification task: a --verbalizer (or a task recipe with one)"
         )
-    train, dev, test = sources(tokenizer, data_cfg, recipe, root)
-    n = len(train.load(data_cfg))
+    if data_cfg.files is None:
+        data_cfg = replace(data_cfg, files=user_files(data_cfg, held_out=True))
+    files = files_of(tokenizer, data_cfg)
+    train_file = data_cfg.files.train  # type: ignore[union-attr]
+    n = len(files.train)
     order = list(range(n))
     random.Random(f"carve:{data_seed}").shuffle(order)
-    n_dev = 0 if dev else int(n * dev_fraction)
-    n_test = 0 if test else int(n * TEST_FRACTION)
+    has_dev, has_test = bool(files.dev), bool(files.test)
+    n_dev = 0 if has_dev else int(n * dev_fraction)
+    n_test = 0 if has_test else int(n * TEST_FRACTION)
     if n - n_dev - n_test < 1:
-        raise UserError(f"{train.path}: {n} rows are too few to carve dev and test sets from")
-    dev_rows, test_rows = order[:n_dev], order[n_dev : n_dev + n_test]
-    dev_total = len(dev.load(data_cfg)) if dev else n_dev
-    test_total = len(test.load(data_cfg)) if test else n_test
-    splits = Splits(
+        raise UserError(f"{train_file.path if train_file else 'data'}: {n} rows are too few to carve dev and test sets from")
+    dev_total = len(files.dev) if has_dev else n_dev
+    test_total = len(files.test) if has_test else n_test
+    splits = CompareSplits(
+        tokenizer=tokenizer,
         cfg=data_cfg,
-        train=train,
-        dev=dev,
-        test=test,
+        has_dev=has_dev,
+        has_test=has_test,
         pool_rows=sorted(order[n_dev + n_test :]),
-        dev_rows=dev_rows,
-        test_rows=test_rows,
+        dev_rows=order[:n_dev],
+        test_rows=order[n_dev : n_dev + n_test],
         dev_pick=_sample(dev_total, dev_sample, "dev", data_seed),
         test_pick=_sample(test_total, test_sample, "test", data_seed),
         info={},
-        candidates=[data_cfg.template]
-        + [t for t in recipe.get("hand_templates", []) if t != data_cfg.template],
+        candidates=[data_cfg.template or ""] + [t for t in data_cfg.hand_templates if t != data_cfg.template],
     )
+    splits.info = info(splits, data_cfg, dev_fraction, data_seed, dev_total, test_total)
+    return splits
+
+
+def info(splits: CompareSplits, cfg: DataConfig, dev_fraction: float, data_seed: int, dev_total: int,
+         test_total: int) -> dict:
+    """Where a comparison's data comes from: files with sha256, sizes, data_seed."""
+    files = cfg.files or DataFiles()
     carved = f"carved from train ({{:.0%}}, seed {data_seed})"
-    splits.info = {
-        "files": {str(s.path): sha256(s.path) for s in (train, dev, test) if s},
+    dev = str(Path(files.dev.path)) if splits.has_dev and files.dev else None
+    test = str(Path(files.test.path)) if splits.has_test and files.test else None
+    return {
+        "files": {str(Path(f.path)): sha256(Path(f.path)) for f in (files.train, files.dev if dev else None,
+                                                                    files.test if test else None)
+                  if f and Path(f.path).is_file()},
         "data_seed": data_seed,
         "pool": len(splits.pool_rows),
         "dev": len(splits.dev_pick),
         "dev_sampled_from": dev_total,
-        "dev_source": str(dev.path) if dev else carved.format(dev_fraction),
+        "dev_source": dev or carved.format(dev_fraction),
         "test": len(splits.test_pick),
         "test_sampled_from": test_total,
-        "test_source": str(test.path) if test else carved.format(TEST_FRACTION),
+        "test_source": test or carved.format(TEST_FRACTION),
     }
-    return splits
 
 
 def train_indices(n_pool: int, size: int | None, seed: int) -> list[int]:

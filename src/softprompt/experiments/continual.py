@@ -143,9 +143,9 @@ def run(lm: LoadedModel, ccfg: ContinualConfig, pcfg: PromptConfig, tcfg: TrainC
 
     tok = lm.tokenizer
     tasks = []
-    for t in ccfg.tasks:
-        td = MT.load_task(tok, t, ccfg.per_task, ccfg.test_per_task or 200, tcfg.seed, root=root)
-        tasks.append(_Task(td, MT.load_test(tok, td, ccfg.test_per_task, tcfg.seed)))
+    for t, cfg in zip(ccfg.tasks, [MT.task_config(t, root) for t in ccfg.tasks], strict=True):  # the recipes, once
+        td = MT.load_task(tok, t, cfg, ccfg.per_task, ccfg.test_per_task or 200, tcfg.seed)
+        tasks.append(_Task(td, MT.load_test(td, ccfg.test_per_task, tcfg.seed)))
     before = weights_digest(lm.model)
     t0 = time.perf_counter()
     results = [run_method(kind, lm, tasks, pcfg, tcfg, ccfg, say) for kind in ccfg.methods]

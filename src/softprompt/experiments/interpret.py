@@ -31,6 +31,7 @@ from softprompt import metrics
 from softprompt.config import UserError
 from softprompt.forward import sequence_logprobs
 from softprompt.prompt import embedding_matrix
+from softprompt.splits import load_splits
 from softprompt.store import Store, check_shape
 from softprompt.training.transfer import mean_loss
 
@@ -81,20 +82,21 @@ def importance(model: Model, tokenizer: Tokenizer, prompt: torch.Tensor, example
     return ("accuracy" if verbalizer else "-loss"), base, drops
 
 
-def eval_examples(tokenizer: Tokenizer, meta: dict, limit: int, root: Path | None = None) -> tuple[list[D.Example], dict | None]:
+def eval_examples(tokenizer: Tokenizer, meta: dict, limit: int | None, root: Path | None = None) -> tuple[list[D.Example], dict | None]:
     """The evaluation rows a stored prompt's metadata points at (its task's dev split)."""
     from softprompt import recipes
     from softprompt.config import DataConfig
 
-    data = meta.get("data") or {}
+    data, seed = meta.get("data") or {}, int(meta.get("seed") or 0)
     if meta.get("task"):
         try:
-            _, dev, cfg = recipes.train_dev(tokenizer, DataConfig(), meta["task"], int(meta.get("seed") or 0), root)
+            cfg = recipes.resolve(DataConfig(), meta["task"], root)
+            dev = load_splits(tokenizer, cfg, seed).dev
         except UserError as e:
             raise UserError(f"importance: cannot load the prompt's task {meta['task']!r} ({e}); use --no-importance") from None
     elif data.get("path"):
-        cfg = DataConfig.from_dict({**data, "columns": tuple(data["columns"]) if data.get("columns") else None})
-        _, dev = D.load_train_eval(tokenizer, cfg, int(meta.get("seed") or 0))
+        cfg = DataConfig.from_dict({**data, "files": None})
+        dev = load_splits(tokenizer, cfg, seed).dev
     else:
         raise UserError("importance: the prompt's metadata names no task or data file; use --no-importance")
     if not dev:
@@ -103,21 +105,18 @@ def eval_examples(tokenizer: Tokenizer, meta: dict, limit: int, root: Path | Non
 
 
 def user_examples(tokenizer: Tokenizer, name: str, meta: dict, task: str | None, user: dict,
-                  limit: int, root: Path | None = None) -> tuple[list[D.Example], dict | None]:
-    """Importance rows from the user's data flags (``--data`` / ``--task``, settings the prompt's
-    metadata lacks from the flags), as ``softprompt eval`` would read them."""
+                  limit: int | None, root: Path | None = None) -> tuple[list[D.Example], dict | None]:
+    """Importance rows from the user's data flags (``--data`` / ``--task``: its ``eval`` split,
+    else its ``test`` split; settings the prompt's metadata lacks from the flags), as
+    ``softprompt eval`` would read them."""
     from softprompt import evaluate
-    from softprompt.config import EvalConfig
 
-    cfg, recipe = evaluate.merged_data_config({name: meta}, task, user, root)
-    split = "eval" if recipe and recipe.get("eval") and not user.get("path") else "test"
-    examples = evaluate.load_examples(tokenizer, cfg, recipe, EvalConfig(task=task, split=split, limit=limit),
-                                      user.get("path"), root)
-    return examples, cfg.verbalizer
+    cfg = evaluate.merged_data_config({name: meta}, task, user, root, ("eval", "test"), limit)
+    return load_splits(tokenizer, cfg).test, cfg.verbalizer
 
 
 def importance_rows(tokenizer: Tokenizer, name: str, meta: dict, task: str | None, user: dict | None,
-                    limit: int, root: Path | None = None) -> tuple[list[D.Example] | None, dict | None, str | None]:
+                    limit: int | None, root: Path | None = None) -> tuple[list[D.Example] | None, dict | None, str | None]:
     """(rows, verbalizer, None), or (None, None, why) when no data is known for the prompt: then
     importance is skipped with that note instead of failing the whole report."""
     if task or (user or {}).get("path"):
@@ -131,7 +130,7 @@ def importance_rows(tokenizer: Tokenizer, name: str, meta: dict, task: str | Non
         return None, None, f"importance skipped: {str(e).removeprefix('importance: ').removesuffix('; use --no-importance')}"
 
 
-def inspect_prompt(lm: LoadedModel, name: str, against: list[str] | None = None, top_k: int = 5, eval_limit: int = 64,
+def inspect_prompt(lm: LoadedModel, name: str, against: list[str] | None = None, top_k: int = 5, eval_limit: int | None = 64,
                    with_importance: bool = True, task: str | None = None, data: dict | None = None, *,
                    store: Store) -> dict:
     """The JSON report of one prompt of ``store`` (see the module docstring). Importance is measured

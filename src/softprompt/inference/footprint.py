@@ -66,6 +66,13 @@ class Dims:
         repeated = 2 * rows * keys * self.heads * self.head_dim * self.dtype_bytes
         return act + attn + repeated + rows * keys * self.kv_token // self.layers
 
+    def token_flops(self, keys: int, head: bool = False) -> int:
+        """Multiply-adds x 2 of one token through every layer over ``keys`` cache columns (its
+        attention scores and weighted values), plus the output head when ``head``."""
+        per_layer = 2 * self.hidden * (self.heads + self.kv_heads) * self.head_dim + 3 * self.hidden * self.inter
+        attn = 2 * self.heads * self.head_dim * keys
+        return 2 * self.layers * (per_layer + attn) + (2 * self.hidden * self.vocab if head else 0)
+
     def logits(self, n: int) -> int:
         """``n`` rows of logits: raw, as float and as log-probabilities."""
         return 3 * n * self.vocab * 4

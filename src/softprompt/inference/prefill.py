@@ -1,12 +1,13 @@
 """Chunked prefill: rows whose prompts are fed a piece at a time, beside rows that decode.
 
 ``Filling`` holds the rows still being prefilled as one ``DecoderState`` (their prompt
-prefixes, then the tokens fed so far). ``advance(budget)`` feeds every such row its next piece
-in ONE forward of at most ``budget`` tokens (at most ``cap`` per row when rows share it): the
-rows with the least left to read take theirs first, so short prompts finish in the first step or two (and start decoding) while a long one
-goes on a chunk at a time; pieces are right-padded to the longest piece of the step (at most
-``budget``), never to another request's prompt. Rows whose prompt is consumed leave
-with their first next-token logits, to join the decoding batch (``steps.StepBatch``).
+prefixes, then the tokens fed so far). ``advance(budget, cap)`` feeds every such row its next
+piece in ONE forward of at most ``budget`` token slots. The pieces are as wide as the longest
+prompt left that fits ``cap``, so every short prompt finishes in this forward (and starts
+decoding) while a long one reads as much, and at most ``cap`` per row, even a lone row, so a
+request that arrives meanwhile waits for one piece, not a whole long prompt. No row is padded
+beyond the pieces' width, never to another request's prompt. Rows whose prompt is consumed
+leave with their first next-token logits, to join the decoding batch (``steps.StepBatch``).
 
 Exact: positions are explicit (``DecoderState``) and pad columns are masked, so a row's keys,
 values and logits equal a one-shot prefill's up to float rounding; ``tests/test_engine.py``
@@ -54,23 +55,28 @@ class Filling:
         self.fed += [0] * len(rows)
         self.last += [None if p is None else p.last for p in prefixes]
 
+    @property
+    def width(self) -> int:
+        """Cache columns the rows' next tokens attend to (their prompts and the tokens read so far)."""
+        return 0 if self.state is None else int(self.state.mask.shape[1])
+
     def remaining(self) -> list[int]:
         return [len(ids) - f for ids, f in zip(self.ids, self.fed, strict=True)]
 
     @torch.no_grad()
     def advance(self, budget: int, cap: int | None = None) -> tuple[list[int], DecoderState | None, torch.Tensor | None]:
-        """One forward of at most ``budget`` tokens, at most ``cap`` per row when several rows
-        share it; returns the rows (indices at call time) whose prompt is now consumed, their
-        state and their first next-token logits (B', V), and keeps the rest."""
+        """One forward of at most ``budget`` token slots (rows x the pieces' width; at least one
+        token per row), each row's piece at most ``cap`` tokens: as wide as the longest prompt
+        left that fits ``cap`` (so every such row finishes), else ``cap``. Returns the rows
+        (indices at call time) whose prompt is now consumed, their state and their first
+        next-token logits (B', V), and keeps the rest."""
         rem = self.remaining()
         if any(rem):
-            take, left = [0] * len(rem), max(1, budget)
-            cap = cap if cap and sum(r > 0 for r in rem) > 1 else left
-            for j in sorted((j for j, r in enumerate(rem) if r), key=lambda j: rem[j]):  # shortest first
-                take[j] = min(rem[j], left, cap)
-                left -= take[j]
-                if not left:
-                    break
+            cap = min(cap or budget, max(1, budget))
+            short = [r for r in rem if 0 < r <= cap]
+            width = max(short) if short else cap  # the short rows finish now; the long ones read as much
+            width = max(1, min(width, budget // len(rem)))  # every row is in the forward: slots = rows x width
+            take = [min(r, width) for r in rem]
             pieces = [ids[f : f + n] for ids, f, n in zip(self.ids, self.fed, take, strict=True)]
             C = max(len(p) for p in pieces)
             feed = torch.full((len(pieces), C), self.engine.pad_id, dtype=torch.long)

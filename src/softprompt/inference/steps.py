@@ -6,12 +6,24 @@
 config and seeded generator), so a row's tokens depend neither on when it joined nor on its
 neighbours.
 
-New decoder-only rows are prefilled and stacked onto the running cache (``kv.merge_states``):
+New decoder-only rows are prefilled and stacked onto a running cache (``kv.merge_states``):
 in one forward at ``add`` (``prefill_chunk=None``, what ``Engine.generate`` does), or chunked
 (``prefill_chunk=C``): ``add`` only queues them (``prefill.Filling``) and each ``advance`` feeds
-them at most C tokens while rows decode (``max_forward_tokens`` when none do), so a long
-prompt never stalls the decoding rows for more than one chunk per step; a row joins the
-decoding rows when its prompt is consumed. Encoder-decoder batches (T5: decoder positions are
+them a piece (``budget``), so a long prompt never stalls the decoding rows for more than one
+piece per step; a row joins the decoding rows when its prompt is consumed.
+
+Decode groups: decoding rows are kept in a few groups (at most ``MAX_GROUPS``), each one
+``DecoderState``, of rows whose caches have similar lengths (``fits``): a row is never padded
+to, nor copied beside, the cache of a much longer one, so one long request does not slow the
+decode step of short ones by its length. Groups whose widths come together again merge. Exact:
+each row's computation is its own whatever its group (``kv``).
+
+The step budget (``budget``): while rows decode, a prefill or scoring forward beside them may
+take as many token slots as cost ``SIDE_SHARE`` of what the decode step itself costs
+(``footprint.Dims.token_flops``: the decoding rows over their caches against the new tokens
+over the prompt read so far), at least ``MIN_SIDE_TOKENS`` and at most C, so a step costs
+about 1.5x a plain decode step however long the waiting prompts are; with no row decoding,
+``max_forward_tokens``, at most C per row. Encoder-decoder batches (T5: decoder positions are
 implicit) only take new rows while empty (``can_join``). Not thread-safe: one thread drives
 it. It talks to the engine through its public row API only (``request_rows``, ``start``,
 ``prefix``, ``tensor``, ``eos_id``, ``is_encoder_decoder``).
@@ -19,12 +31,12 @@ it. It talks to the engine through its public row API only (``request_rows``, ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from softprompt.config import GenerateConfig
-from softprompt.inference.kv import merge_states
+from softprompt.inference.kv import DecoderState, merge_states
 from softprompt.inference.logprobs import TokenLogprob, step_logprobs
 from softprompt.inference.prefill import Filling
 from softprompt.inference.sampling import pick_tokens
@@ -50,15 +62,50 @@ class _Live:
     stops: frozenset[int] = frozenset()  # tokens that end the row like EOS (EOS included)
 
 
+MAX_GROUPS = 4  # decode groups at most: each costs a forward per step
+GROUP_SLACK = 128  # cache columns a row may be padded by beyond its own length in a group
+SIDE_SHARE = 0.5  # a prefill or scoring forward beside decoding rows costs about this share of their step
+MIN_SIDE_TOKENS = 8  # ... and may always take this many token slots
+
+
+def fits(width: int, own: int) -> bool:
+    """Whether a row whose cache holds ``own`` columns decodes in a group ``width`` columns wide:
+    the padding it carries, or brings to the others, stays within its own length (or theirs,
+    the shorter) plus ``GROUP_SLACK``."""
+    return abs(width - own) <= min(width, own) + GROUP_SLACK
+
+
+@dataclass
+class _Group:
+    """Decoding rows with similar cache lengths: one state, their next-token logits (B, V)."""
+
+    rows: list[_Live]
+    state: DecoderState
+    logits: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        """Cache columns (an encoder-decoder state has no decoder cache mask: 0)."""
+        mask = getattr(self.state, "mask", None)
+        return 0 if mask is None else int(mask.shape[1])
+
+
+@dataclass
+class _Picks:
+    """One group's chosen tokens and log-probabilities, before anything changes."""
+
+    group: _Group
+    tokens: list[int]
+    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
+
+
 class StepBatch:
     """Rows that decode together; see the module docstring."""
 
     def __init__(self, engine, keep_logits: bool = False, prefill_chunk: int | None = None):
         self.engine = engine
         self.keep_logits = keep_logits  # each event carries its step's logits (float32 copy)
-        self.state = None
-        self.logits: torch.Tensor | None = None  # (B, V) next-token logits of the live rows
-        self.live: list[_Live] = []
+        self.groups: list[_Group] = []
         chunked = prefill_chunk is not None and not engine.is_encoder_decoder and engine.cfg.use_prefix_cache
         self.chunk = prefill_chunk if chunked else None
         self.filling = Filling(engine)  # rows being prefilled (chunked), aligned with ``pending``
@@ -70,8 +117,31 @@ class StepBatch:
         return len(self.live) + len(self.pending)
 
     @property
+    def live(self) -> list[_Live]:
+        """The decoding rows, group by group (the order of ``logits``)."""
+        return [r for g in self.groups for r in g.rows]
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        """(B, V) next-token logits of ``live``."""
+        return torch.cat([g.logits for g in self.groups]) if self.groups else None
+
+    @property
     def can_join(self) -> bool:
         return not len(self) or not self.engine.is_encoder_decoder
+
+    def budget(self, context: int | None = None, head: bool = False) -> int:
+        """Token slots the next prefill or scoring forward may take (module docstring);
+        ``context``: the cache columns its tokens attend to (default: the prompts being read);
+        ``head``: its tokens go through the output head too (scoring's label tokens)."""
+        chunk = self.chunk or self.engine.cfg.max_forward_tokens
+        if not self.groups:
+            return max(chunk, self.engine.cfg.max_forward_tokens)
+        dims = self.engine.dims
+        if context is None:
+            context = self.filling.width
+        step = sum(len(g.rows) * dims.token_flops(g.width, head=True) for g in self.groups)
+        return max(MIN_SIDE_TOKENS, min(chunk, int(SIDE_SHARE * step) // dims.token_flops(context, head)))
 
     @torch.no_grad()
     def add(self, requests) -> list[int]:
@@ -104,22 +174,57 @@ class StepBatch:
         return ids
 
     def _join(self, rows: list[_Live], state, logits: torch.Tensor) -> None:
-        """Prefilled rows start decoding."""
-        if self.live:
-            self.state, self.logits = merge_states(self.state, state), torch.cat([self.logits, logits])
-        else:
-            self.state, self.logits = state, logits
-        self.live += rows
+        """Prefilled rows start decoding, each in the group whose width fits its cache (``fits``),
+        else in a new group (the nearest one when there are ``MAX_GROUPS``). An encoder-decoder
+        batch (which takes rows only while empty) is one group."""
+        if getattr(state, "mask", None) is None:
+            self.groups.append(_Group(rows, state, logits))
+            return
+        own = state.mask.sum(1).tolist()
+        widths = [g.width for g in self.groups]
+        parts: dict[int, list[int]] = {}
+        for j in sorted(range(len(rows)), key=own.__getitem__):
+            near = sorted(range(len(widths)), key=lambda k: abs(widths[k] - own[j]))
+            k = next((k for k in near if fits(widths[k], own[j])), None)
+            if k is None and len(widths) < MAX_GROUPS:
+                k = len(widths)
+                widths.append(own[j])
+            k = near[0] if k is None else k
+            widths[k] = max(widths[k], own[j])
+            parts.setdefault(k, []).append(j)
+        for k, js in sorted(parts.items()):
+            js.sort()
+            part = state if len(js) == len(rows) else state.gather(js)
+            new = _Group([rows[j] for j in js], part, logits[js])
+            if k < len(self.groups):
+                self._merge(self.groups[k], new)
+            else:
+                self.groups.append(new)
+
+    @staticmethod
+    def _merge(g: _Group, other: _Group) -> None:
+        g.state, g.logits = merge_states(g.state, other.state), torch.cat([g.logits, other.logits])
+        g.rows += other.rows
+
+    def _regroup(self) -> None:
+        """Merge groups whose widths have come together (rows left, the others grew)."""
+        self.groups.sort(key=lambda g: g.width)
+        k = 1
+        while k < len(self.groups):
+            a, b = self.groups[k - 1], self.groups[k]
+            if fits(b.width, a.width):
+                self._merge(a, b)
+                del self.groups[k]
+            else:
+                k += 1
 
     @torch.no_grad()
     def advance(self) -> None:
-        """One prefill chunk for the rows still being prefilled (``prefill_chunk`` tokens while
-        rows decode; when none do, up to ``max_forward_tokens``, still at most ``prefill_chunk``
-        per row while several share the step); finished ones start decoding."""
+        """One prefill forward of at most ``budget()`` tokens (at most ``prefill_chunk`` per row)
+        for the rows still being prefilled; finished ones start decoding."""
         if not self.pending:
             return
-        budget = self.chunk if self.live else max(self.chunk, self.engine.cfg.max_forward_tokens)
-        done, state, logits = self.filling.advance(budget, self.chunk)
+        done, state, logits = self.filling.advance(self.budget(), self.chunk)
         if done:
             self._join([self.pending[j] for j in done], state, logits)
             self.pending = [r for j, r in enumerate(self.pending) if j not in set(done)]
@@ -131,47 +236,57 @@ class StepBatch:
 
     @torch.no_grad()
     def decode(self) -> list[StepEvent]:
-        """One token for every decoding row; finished rows leave; the rest advance one position."""
-        if not self.live:
-            return []
-        live = self.live
-        picks = pick_tokens(self.logits, [r.cfg for r in live], [r.seen for r in live], [r.gen for r in live])
-        asked = [j for j, (r, t) in enumerate(zip(live, picks, strict=True))
-                 if r.logprobs is not None and t not in r.stops]
-        lps = dict(zip(asked, step_logprobs(self.logits, asked, [picks[j] for j in asked],
-                                            [live[j].logprobs for j in asked]), strict=True))
+        """One token for every decoding row; finished rows leave; the rest advance one position.
+        Every group's tokens are chosen before any group changes, so a failure leaves the batch as it was."""
+        picks = [self._pick(g) for g in self.groups]
+        events = [e for p in picks for e in self._apply(p)]
+        self.groups = [g for g in self.groups if g.rows]
+        if len(self.groups) > 1:
+            self._regroup()
+        return events
+
+    def _pick(self, g: _Group) -> _Picks:
+        rows = g.rows
+        tokens = pick_tokens(g.logits, [r.cfg for r in rows], [r.seen for r in rows], [r.gen for r in rows])
+        asked = [j for j, (r, t) in enumerate(zip(rows, tokens, strict=True)) if r.logprobs is not None and t not in r.stops]
+        lps = step_logprobs(g.logits, asked, [tokens[j] for j in asked], [rows[j].logprobs for j in asked])
+        return _Picks(g, tokens, dict(zip(asked, lps, strict=True)))
+
+    def _apply(self, p: _Picks) -> list[StepEvent]:
+        g = p.group
         events, keep, feed = [], [], []
-        for j, (r, t) in enumerate(zip(live, picks, strict=True)):
-            logits = self.logits[j].float().clone() if self.keep_logits else None
+        for j, (r, t) in enumerate(zip(g.rows, p.tokens, strict=True)):
+            logits = g.logits[j].float().clone() if self.keep_logits else None
             if t in r.stops:
                 events.append(StepEvent(r.rid, None, "stop", logits))
                 continue
             r.seen.append(t)
             r.n_out += 1
             done = r.n_out >= r.cfg.max_new_tokens
-            events.append(StepEvent(r.rid, t, "length" if done else None, logits, lps.get(j)))
+            events.append(StepEvent(r.rid, t, "length" if done else None, logits, p.logprobs.get(j)))
             if not done:
                 keep.append(j)
                 feed.append(t)
-        self._keep(keep)
-        if self.live:
-            self.logits = self.state.step(self.engine.tensor(feed))
+        self._keep(g, keep)
+        if g.rows:
+            g.logits = g.state.step(self.engine.tensor(feed))
         return events
 
     def cancel(self, rids) -> None:
         """Drop rows (client gone, stop string hit); the others are unaffected."""
         drop = set(rids)
-        self._keep([j for j, r in enumerate(self.live) if r.rid not in drop])
+        for g in self.groups:
+            self._keep(g, [j for j, r in enumerate(g.rows) if r.rid not in drop])
+        self.groups = [g for g in self.groups if g.rows]
         kept = [j for j, r in enumerate(self.pending) if r.rid not in drop]
         self.filling.keep(kept)
         self.pending = [self.pending[j] for j in kept]
 
-    def _keep(self, keep: list[int]) -> None:
-        if len(keep) == len(self.live):
+    @staticmethod
+    def _keep(g: _Group, keep: list[int]) -> None:
+        if len(keep) == len(g.rows):
             return
-        self.live = [self.live[j] for j in keep]
+        g.rows = [g.rows[j] for j in keep]
         if keep:
-            self.state.take(keep)
-            self.logits = self.logits[keep]
-        else:
-            self.state = self.logits = None
+            g.state.take(keep)
+            g.logits = g.logits[keep]

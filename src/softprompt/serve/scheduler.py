@@ -162,10 +162,11 @@ class Scheduler:
         return StepBatch(self.engine, prefill_chunk=self.cfg.prefill_chunk)
 
     def budget(self) -> int:
-        """Token slots a prefill or scoring forward may take now: ``prefill_chunk`` while rows
-        decode, ``max_forward_tokens`` when none do."""
-        return self.cfg.prefill_chunk if self.batch.live else max(self.cfg.prefill_chunk,
-                                                                   self.engine.cfg.max_forward_tokens)
+        """Token slots a prefill or scoring forward may take now (``StepBatch.budget``: about a
+        decode step's cost while rows decode, ``max_forward_tokens`` when none do)."""
+        if self.scorer.busy and not self.batch.pending:
+            return self.batch.budget(0, head=True)  # scoring: every label token goes through the output head
+        return self.batch.budget()
 
     def start(self) -> None:
         self.thread.start()

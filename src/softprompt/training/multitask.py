@@ -31,6 +31,7 @@ from softprompt import data as D
 from softprompt import metrics, recipes
 from softprompt.config import DataConfig, MultitaskConfig, PromptConfig, TrainConfig, UserError
 from softprompt.forward import sequence_logprobs
+from softprompt.splits import Splits, load_splits
 from softprompt.store import Store, check_name
 from softprompt.training import tune as TR
 from softprompt.training.auto import method_kind
@@ -49,11 +50,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class TaskData:
     name: str  # short name (recipe file stem)
-    cfg: DataConfig  # the recipe's data settings (template, verbalizer, ...)
+    cfg: DataConfig  # the recipe's data settings (template, verbalizer, files, ...), resolved
     train: list[D.Example]
     dev: list[D.Example]
-    recipe: dict
-    root: Path | None = None  # the data root its files are under
+    splits: Splits  # where the test examples are read from (``load_test``)
 
 
 def sample(examples: list, n: int | None, seed: int) -> list:
@@ -64,27 +64,31 @@ def sample(examples: list, n: int | None, seed: int) -> list:
     return [examples[i] for i in keep]
 
 
-def load_task(tokenizer: Tokenizer, task: str, n_train: int | None, n_dev: int, seed: int, index: int | None = None,
-              root: Path | None = None) -> TaskData:
-    """A task's training sample and dev sample (files under the data root ``root``); examples
-    tagged with ``index`` (their task id)."""
-    train, dev, cfg = recipes.train_dev(tokenizer, DataConfig(), task, seed, root)
+def task_config(task: str, root: Path | None) -> DataConfig:
+    """A task recipe resolved once (``recipes.resolve``, files under the data root ``root``)."""
+    return recipes.resolve(DataConfig(), task, root)
+
+
+def load_task(tokenizer: Tokenizer, task: str, cfg: DataConfig, n_train: int | None, n_dev: int, seed: int,
+              index: int | None = None) -> TaskData:
+    """A task's training sample and dev sample (``cfg``: ``task_config``); examples tagged with
+    ``index`` (their task id)."""
     if not cfg.verbalizer:
         raise UserError(f"task {task!r} has no verbalizer (label words); multitask and continual need classification tasks")
-    train, dev = sample(train, n_train, seed), sample(dev, n_dev, seed)
+    splits = load_splits(tokenizer, cfg, seed)
+    train, dev = sample(splits.train, n_train, seed), sample(splits.dev, n_dev, seed)
     if not train or not dev:
         raise UserError(f"task {task!r}: needs training and dev rows, got {len(train)} and {len(dev)}")
     if index is not None:
         train = [dataclasses.replace(e, task=index) for e in train]
-    return TaskData(recipes.task_name(task), cfg, train, dev, recipes.load_task(task), root)
+    return TaskData(recipes.task_name(task), cfg, train, dev, splits)
 
 
-def load_test(tokenizer: Tokenizer, td: TaskData, limit: int | None, seed: int) -> list[D.Example]:
+def load_test(td: TaskData, limit: int | None, seed: int) -> list[D.Example]:
     """The task's test split (its dev split when it has none), a seeded sample of ``limit`` rows."""
-    spec = recipes.test_spec(td.recipe)
-    if spec is None:
+    if not td.splits.test:
         return td.dev
-    return sample(recipes.load_split(tokenizer, td.cfg, spec, td.root), limit, seed)
+    return sample(td.splits.test, limit, seed)
 
 
 def accuracy(model: Model, prompt: torch.Tensor | None, tokenizer: Tokenizer, examples, cfg: DataConfig, batch_size: int = 16,
@@ -140,8 +144,9 @@ def train_multitask(lm: LoadedModel, mcfg: MultitaskConfig, prompt_cfg: PromptCo
     for n in [name] + [f"{name}-{t}" for t in names]:
         check_name(n)
     tok = lm.tokenizer
-    root = store.data_root if store else None
-    tasks = [load_task(tok, t, mcfg.per_task, mcfg.eval_per_task, train_cfg.seed, k, root) for k, t in enumerate(mcfg.tasks)]
+    cfgs = [task_config(t, store.data_root if store else None) for t in mcfg.tasks]  # the recipes, once
+    tasks = [load_task(tok, t, c, mcfg.per_task, mcfg.eval_per_task, train_cfg.seed, k)
+             for k, (t, c) in enumerate(zip(mcfg.tasks, cfgs, strict=True))]
     mix = [e for td in tasks for e in td.train]
     if prompt_cfg.init == "labels":
         raise UserError("--init labels needs one task's label words; use random, vocab, text or prompt:NAME for a mix")

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from softprompt import precision, recipes
+from softprompt import precision
 from softprompt.config import Launch, TrainConfig, UserError
 from softprompt.prompt import check_deep
+from softprompt.splits import load_splits
 from softprompt.store import Store, check_compatible, check_name
 from softprompt.training import auto, checkpoint, distributed
 from softprompt.training.loop import FitResult, StopReason, check_group_lrs, eval_loss, fit
@@ -171,7 +172,7 @@ def train(lm: LoadedModel, data_cfg: DataConfig, prompt_cfg: PromptConfig, train
     (``distributed.py``, ``launch`` read at the edge; ``fsdp`` shards the frozen model): only rank 0
     saves. ``store`` receives the prompt and the checkpoint (``save`` with a ``name``) and holds the
     prompts that ``--init prompt:NAME`` / ``transfer`` read; ``data_cfg`` is resolved already
-    (``recipes.resolve``), ``task`` only names it in the metadata.
+    (``recipes.resolve``), read by ``splits.load_splits``; ``task`` only names it in the metadata.
     """
     torch.manual_seed(train_cfg.seed)
     dist = distributed.setup(lm, fsdp, launch)  # None unless launched by torchrun / accelerate launch
@@ -181,8 +182,8 @@ def train(lm: LoadedModel, data_cfg: DataConfig, prompt_cfg: PromptConfig, train
     if prompt_cfg.kind == "deep":
         check_deep(lm.model)  # one line, before any data is read or anything written
     tok = lm.tokenizer
-    root = store.data_root if store else None
-    train_ex, eval_ex, data_cfg = recipes.train_dev(tok, data_cfg, task, train_cfg.seed, root)
+    data = load_splits(tok, data_cfg, train_cfg.seed)
+    train_ex, eval_ex = data.train, data.dev
     chosen = None
     if prompt_cfg.kind == "auto":
         prompt_cfg, train_cfg, chosen = auto.resolve(auto.facts_of(lm, data_cfg, len(train_ex)), prompt_cfg,

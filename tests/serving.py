@@ -35,7 +35,7 @@ def running(lm, store: Store | None, **kw):
     from softprompt.serve.app import ServerConfig, create_app
 
     app = create_app(Engine(lm, EngineConfig(max_batch_rows=kw.get("max_batch_rows", 32)), store),
-                     ServerConfig(**{"model_id": "tiny", **kw}))
+                     ServerConfig(**{"model_id": "tiny", "error_rate": 0, **kw}))  # tests send bad requests by the thousand
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10))

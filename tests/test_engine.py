@@ -281,3 +281,4 @@ def test_the_step_budget_follows_the_decode_step_cost(lm):
     dims = eng.dims
     want = int(steps.SIDE_SHARE * sum(len(g.rows) * dims.token_flops(g.width, head=True) for g in many.groups)) // dims.token_flops(0)
     assert many.budget(0) == max(steps.MIN_SIDE_TOKENS, min(10**4, want))
+    assert many.budget(0, head=True) < many.budget(0)  # scoring's label tokens also pay the output head

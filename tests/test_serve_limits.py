@@ -88,3 +88,32 @@ def test_prompt_virtual_and_completion_tokens_beyond_the_context_are_a_400_namin
         r = httpx.post(base + "/v1/completions", json={"model": "p0", "prompt": text, "max_tokens": 512 - n - 3,
                                                        "temperature": 0}, timeout=120)
         assert r.status_code == 200, r.text
+
+
+def test_a_client_looping_over_bad_requests_is_paced_and_healthy_answers_are_not(lm, home):
+    """Past a burst of 2 x --error-rate, each further 4xx to one address waits its turn at that
+    rate, so a loop of malformed requests is slowed to it; a 2xx to the same address right
+    after is not held. With --error-rate 0 the same loop runs unpaced."""
+    from softprompt.serve.gate import Pace
+
+    bad = {"model": "p0", "messages": [{"role": ["user"], "content": "hi"}]}
+
+    def loop(base: str, n: int) -> tuple[float, float]:
+        with httpx.Client(base_url=base, timeout=60) as c:
+            t0 = time.perf_counter()
+            assert all(c.post("/v1/chat/completions", json=bad).status_code == 400 for _ in range(n))
+            looped = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            assert c.get("/v1/models").status_code == 200
+            return looped, time.perf_counter() - t1
+
+    with running(lm, home, error_rate=10) as (base, _, _):
+        paced, healthy = loop(base, 40)  # a burst of 20, then 20 at 10 a second: about 2 s
+    with running(lm, home, error_rate=0) as (base, _, _):
+        free, _ = loop(base, 40)
+    assert paced >= 1.8 > free and healthy < 0.5, (paced, free, healthy)
+    pace = Pace(10)  # the bucket itself: a burst of 20, then 0.1 s apart, at most Pace.MAX_WAIT
+    assert [pace.wait("a", 0.0) for _ in range(20)] == [0.0] * 20
+    assert pace.wait("a", 0.0) == pytest.approx(0.1) and pace.wait("b", 0.0) == 0.0
+    assert pace.wait("a", 0.0) == pytest.approx(0.2) and pace.wait("a", 0.3) == pytest.approx(0.0, abs=1e-9)
+    assert max(pace.wait("c", 0.0) for _ in range(1000)) == pytest.approx(Pace.MAX_WAIT)

@@ -128,9 +128,10 @@ class StepBatch:
     def can_join(self) -> bool:
         return not len(self) or not self.engine.is_encoder_decoder
 
-    def budget(self, context: int | None = None) -> int:
+    def budget(self, context: int | None = None, head: bool = False) -> int:
         """Token slots the next prefill or scoring forward may take (module docstring);
-        ``context``: the cache columns its tokens attend to (default: the prompts being read)."""
+        ``context``: the cache columns its tokens attend to (default: the prompts being read);
+        ``head``: its tokens go through the output head too (scoring's label tokens)."""
         chunk = self.chunk or self.engine.cfg.max_forward_tokens
         if not self.groups:
             return max(chunk, self.engine.cfg.max_forward_tokens)
@@ -138,7 +139,7 @@ class StepBatch:
         if context is None:
             context = self.filling.width
         step = sum(len(g.rows) * dims.token_flops(g.width, head=True) for g in self.groups)
-        return max(MIN_SIDE_TOKENS, min(chunk, int(SIDE_SHARE * step) // dims.token_flops(context)))
+        return max(MIN_SIDE_TOKENS, min(chunk, int(SIDE_SHARE * step) // dims.token_flops(context, head)))
 
     @torch.no_grad()
     def add(self, requests) -> list[int]:

@@ -87,7 +87,7 @@ def create_app(engine: "Engine", config: ServerConfig | None = None, make_schedu
                   strict_content_type=False)  # a JSON body without a Content-Type is still read as JSON
     app.state.scheduler, app.state.metrics, app.state.config, app.state.served = sched, metrics, cfg, ctx
     app.add_middleware(Gate, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
-                       max_upload_bytes=cfg.max_upload_bytes, metrics=metrics)
+                       max_upload_bytes=cfg.max_upload_bytes, metrics=metrics, error_rate=cfg.error_rate)
     install_error_handlers(app)
     if ctx.web.is_dir():
         app.mount("/web", StaticFiles(directory=ctx.web), name="web")

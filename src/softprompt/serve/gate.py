@@ -7,10 +7,18 @@ limit is checked on Content-Length before the body is read, and again while it i
 chunked body has no length), so the app only ever sees a whole body within its limit. An
 exception no handler answered is logged with the request id and answered as a 500 carrying
 that id, and counted under its real status; every other 5xx answer carries the id too.
+
+Error pacing (``Pace``): a client address that gets more than ``--error-rate`` 4xx answers a
+second (after a burst of twice that) has each further 4xx answer held back until its turn at
+that rate. A client looping over malformed requests then costs the event loop a few answers a
+second instead of a core, so it cannot starve the worker of the CPU and the interpreter that
+the healthy requests need; answers that are not 4xx (and 429, which already says when to come
+back) are never held.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -37,9 +45,11 @@ class Gate:
 
     OPEN = ("/", "/healthz", "/favicon.ico")
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, max_upload_bytes: int, metrics: Metrics):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, max_upload_bytes: int, metrics: Metrics,
+                 error_rate: float = 0.0):
         self.app, self.api_key, self.metrics = app, api_key, metrics
         self.max_body, self.max_upload = max_body_bytes, max_upload_bytes
+        self.pace = Pace(error_rate)
 
     async def __call__(self, scope, receive, send):
         """Refuse (key, size), buffer the body within its limit, run the app, count and log it.
@@ -55,6 +65,10 @@ class Gate:
         async def send_logged(msg):
             if msg["type"] == "http.response.start":
                 status[0] = msg["status"]
+                if 400 <= status[0] < 500 and status[0] != 429:
+                    wait = self.pace.wait((scope.get("client") or ("?",))[0], time.monotonic())
+                    if wait:
+                        await asyncio.sleep(wait)
                 msg = {**msg, "headers": [*msg.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(msg)
 
@@ -96,6 +110,29 @@ class Gate:
         except ApiError as e:
             return e
         return None
+
+
+class Pace:
+    """Per client address, a token bucket of 4xx answers: ``rate`` a second, a burst of twice
+    that; ``wait`` says how long an answer waits for its turn (0 within the rate), at most
+    ``MAX_WAIT`` seconds. Addresses whose bucket is full again are forgotten."""
+
+    MAX_WAIT = 5.0
+    MAX_CLIENTS = 4096
+
+    def __init__(self, rate: float):
+        self.rate, self.burst = rate, 2 * rate
+        self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens left, when)
+
+    def wait(self, client: str, now: float) -> float:
+        if self.rate <= 0:
+            return 0.0
+        tokens, then = self.buckets.get(client, (self.burst, now))
+        tokens = max(min(self.burst, tokens + (now - then) * self.rate) - 1, -self.MAX_WAIT * self.rate)
+        if len(self.buckets) >= self.MAX_CLIENTS and client not in self.buckets:
+            self.buckets = {c: (t, w) for c, (t, w) in self.buckets.items() if t + (now - w) * self.rate < self.burst}
+        self.buckets[client] = (tokens, now)
+        return 0.0 if tokens >= 0 else -tokens / self.rate
 
 
 async def buffered(receive, limit: int):

@@ -164,7 +164,9 @@ class Scheduler:
     def budget(self) -> int:
         """Token slots a prefill or scoring forward may take now (``StepBatch.budget``: about a
         decode step's cost while rows decode, ``max_forward_tokens`` when none do)."""
-        return self.batch.budget(0 if self.scorer.busy and not self.batch.pending else None)
+        if self.scorer.busy and not self.batch.pending:
+            return self.batch.budget(0, head=True)  # scoring: every label token goes through the output head
+        return self.batch.budget()
 
     def start(self) -> None:
         self.thread.start()

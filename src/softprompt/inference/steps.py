@@ -85,7 +85,9 @@ class _Group:
 
     @property
     def width(self) -> int:
-        return int(self.state.mask.shape[1])
+        """Cache columns (an encoder-decoder state has no decoder cache mask: 0)."""
+        mask = getattr(self.state, "mask", None)
+        return 0 if mask is None else int(mask.shape[1])
 
 
 @dataclass
@@ -173,7 +175,11 @@ class StepBatch:
 
     def _join(self, rows: list[_Live], state, logits: torch.Tensor) -> None:
         """Prefilled rows start decoding, each in the group whose width fits its cache (``fits``),
-        else in a new group (the nearest one when there are ``MAX_GROUPS``)."""
+        else in a new group (the nearest one when there are ``MAX_GROUPS``). An encoder-decoder
+        batch (which takes rows only while empty) is one group."""
+        if getattr(state, "mask", None) is None:
+            self.groups.append(_Group(rows, state, logits))
+            return
         own = state.mask.sum(1).tolist()
         widths = [g.width for g in self.groups]
         parts: dict[int, list[int]] = {}

@@ -93,7 +93,7 @@ def test_quick_benchmark_runs(command, tmp_path):
     there: mixed_batch (72 s), prefix_cache (68 s), serve_floor (92 s), serve_load (121 s),
     serve_soak without --mix (86 s), few_shot_adapt (246 s; 138 s on two small tasks: it reads
     whole task files), dist_train (271 s: torchrun workers; its quick run also writes
-    benchmarks/results/dist_train_tiny.* unless given --out), ray_serve_load (RAY s: a Ray cluster).
+    benchmarks/results/dist_train_tiny.* unless given --out), ray_serve_load (187 s: a Ray cluster).
     Without a quick mode, covered by ``--help`` only: ablation, levers, sweep_defaults (the
     default model, minutes), gpu_bench (its CPU dry run is tests/test_gpu_check.py), gpu_report
     (reads gpu_bench's results), serve_vllm (needs vLLM).

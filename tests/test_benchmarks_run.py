@@ -24,14 +24,17 @@ BENCH = REPO / "benchmarks"
 SCRIPTS = sorted(BENCH.glob("*.py"))
 LIBRARIES = {"common.py", "soak_mix.py"}  # imported by the scripts, no command line of their own
 
-QUICK = [  # script and extra flags; the wall time of its quick run measured on the 2-core machine
-    "deep_step.py",  # 20 s
-    "lever_cost.py",  # 26 s
-    "precision_quality.py",  # 10 s
-    "peft_generate_gap.py",  # 13 s
-    "train_step.py",  # 52 s
-    "walkthrough.py",  # 50 s
-    "serve_soak.py --mix",  # 50 s: a server subprocess, healthy streams beside the hostile mix
+QUICK = [  # script and extra flags; the wall time of its quick run on the shared 2-core machine (load 7)
+    "deep_step.py",  # 13 s
+    "lever_cost.py",  # 13 s
+    "mixed_batch.py",  # 27 s
+    "peft_generate_gap.py",  # 10 s
+    "precision_quality.py",  # 8 s
+    "prefix_cache.py",  # 26 s
+    "serve_floor.py",  # 58 s: two server subprocesses
+    "serve_soak.py --mix",  # 28 s: a server subprocess, healthy streams beside the hostile mix
+    "train_step.py",  # 26 s
+    "walkthrough.py",  # 11 s
 ]
 QUICK_TIMEOUT_S = 180
 
@@ -87,10 +90,10 @@ def test_every_benchmark_parses_help():
 def test_quick_benchmark_runs(command, tmp_path):
     """``--quick`` exits 0 and leaves benchmarks/results alone.
 
-    Covered (``QUICK``; times measured on the shared 2-core machine at load average 6 to 8, 3.5
-    minutes in all): deep_step, lever_cost, precision_quality, peft_generate_gap, train_step,
-    walkthrough, serve_soak --mix. Not covered, because their quick run takes over a minute
-    there: mixed_batch (72 s), prefix_cache (68 s), serve_floor (92 s), serve_load (121 s),
+    Covered (``QUICK``; times measured on the shared 2-core machine at load average about 7,
+    under 4 minutes in all): deep_step, lever_cost, mixed_batch, peft_generate_gap,
+    precision_quality, prefix_cache, serve_floor, serve_soak --mix, train_step, walkthrough.
+    Not covered, because their quick run takes over a minute there: serve_load (121 s),
     serve_soak without --mix (86 s), few_shot_adapt (246 s; 138 s on two small tasks: it reads
     whole task files), dist_train (271 s: torchrun workers; its quick run also writes
     benchmarks/results/dist_train_tiny.* unless given --out), ray_serve_load (187 s: a Ray cluster).

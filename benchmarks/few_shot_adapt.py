@@ -16,9 +16,10 @@
    reaches the best dev accuracy the vocab init ever reaches ("steps to vocab's best").
 
     python benchmarks/few_shot_adapt.py              # the committed run (default model)
-    python benchmarks/few_shot_adapt.py --quick      # smoke run, tiny numbers
+    python benchmarks/few_shot_adapt.py --quick      # smoke run: tiny random model, tiny numbers, results not written
 
-Writes benchmarks/results/few_shot_adapt.{json,md,png}.
+Writes benchmarks/results/few_shot_adapt.{json,md,png}. ``--quick`` keeps its prompts in a
+temporary store and its results in a temporary folder (or ``--out``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ sys.path.insert(0, str(REPO / "src"))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-from softprompt import models  # noqa: E402
 from softprompt.config import PromptConfig, TrainConfig  # noqa: E402
 from softprompt.provenance import atomic_write, save_figure, write_json  # noqa: E402
 from softprompt.training import loop as LP  # noqa: E402
@@ -45,7 +45,6 @@ from softprompt.training import multitask as MT  # noqa: E402
 from softprompt.training import transfer as TF  # noqa: E402
 from softprompt.training import tune as TR  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
 INITS = ("vocab", "multitask", "transfer")
 
 
@@ -65,15 +64,17 @@ def first_reach(steps: list[int], accs: list[float], target: float) -> int | Non
     return next((s for s, a in zip(steps, accs, strict=True) if a >= target - 1e-9), None)
 
 
-def adapt(lm, task: str, a, source: str, pcfg: PromptConfig, tcfg: TrainConfig, say) -> dict:
+def adapt(lm, task: str, a, source: str, pcfg: PromptConfig, tcfg: TrainConfig, say, store) -> dict:
+    """The three starts on one held-out task; ``store`` holds the multitask prompts (``source``...)."""
     td = MT.load_task(lm.tokenizer, task, MT.task_config(task, common.data_root()), a.shots, a.dev, a.seed)
     test = MT.load_test(td, a.test, a.seed)
     names = [source] + [f"{source}-{t}" for t in a.mix.split(",")]
-    ranking = TF.rank_sources(lm, td.train, only=names)
+    ranking = TF.rank_sources(lm, td.train, only=names, store=store)
     starts = {
         "vocab": TR.initial_prompt(lm, replace(pcfg, init="vocab"), td.cfg, a.seed),
-        "multitask": TR.initial_prompt(lm, replace(pcfg, init=f"prompt:{source}"), td.cfg, a.seed),
-        "transfer": TR.initial_prompt(lm, replace(pcfg, init=f"prompt:{ranking[0]['name']}"), td.cfg, a.seed),
+        "multitask": TR.initial_prompt(lm, replace(pcfg, init=f"prompt:{source}"), td.cfg, a.seed, store=store),
+        "transfer": TR.initial_prompt(lm, replace(pcfg, init=f"prompt:{ranking[0]['name']}"), td.cfg, a.seed,
+                                      store=store),
     }
     runs = {}
     for init in INITS:
@@ -167,23 +168,25 @@ def main() -> int:
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny numbers")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny random model, tiny numbers; results not written")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results folder (default benchmarks/results; a temp folder with --quick)")
     a = p.parse_args()
     if a.quick:
         a.per_task, a.mt_steps, a.shots, a.dev, a.test, a.steps = 16, 4, 8, 8, 8, 4
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    lm = models.load(None, store=common.store())
+    lm = common.load_lm(a.quick)
+    store = common.temp_store("sp-bench-fewshot-") if a.quick else common.store()  # quick: never the user's prompts
     pcfg = PromptConfig(num_virtual_tokens=a.n, init="vocab")
     say = lambda m: print(m, flush=True)  # noqa: E731
     mcfg = MT.MultitaskConfig(tasks=tuple(a.mix.split(",")), per_task=a.per_task, eval_per_task=a.dev)
     say(f"multitask training on {a.mix} ...")
     mt = MT.train_multitask(lm, mcfg, pcfg, TrainConfig(lr=a.lr, steps=a.mt_steps, seed=a.seed, patience=None), "bench-mt",
-                            store=common.store())
+                            store=store)
     say(f"  {len(mt.fit.history)} steps, {mt.fit.train_time_s:.0f} s, dev {mt.fit.best}")
     tcfg = TrainConfig(lr=a.lr, steps=a.steps, seed=a.seed, patience=None)
-    tasks = [adapt(lm, t, a, "bench-mt", pcfg, tcfg, say) for t in a.held_out.split(",")]
+    tasks = [adapt(lm, t, a, "bench-mt", pcfg, tcfg, say, store) for t in a.held_out.split(",")]
     doc = {
         "schema": "softprompt.few_shot_adapt/1", "command": "python benchmarks/few_shot_adapt.py " + " ".join(sys.argv[1:]),
         "args": vars(a), "model": lm.name, "mix": a.mix,
@@ -192,7 +195,7 @@ def main() -> int:
         "tasks": tasks, "summary": summarize(tasks), "total_time_s": time.perf_counter() - t0,
         "machine": f"{os.cpu_count()} CPUs, {a.threads} torch threads, load average at end {os.getloadavg()[0]:.1f}",
     }
-    out = Path(a.out)
+    out = common.out_dir(a.out, a.quick)
     out.mkdir(parents=True, exist_ok=True)
     stem = "few_shot_adapt" + ("_quick" if a.quick else "")
     write_json(doc, out / f"{stem}.json")

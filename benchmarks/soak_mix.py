@@ -6,7 +6,7 @@ stream the time to its first token (TTFT) and between its tokens (ITL). Hostile 
 while the healthy streams run, one client per kind, so every kind is under way at once: a
 ~1,500-token prompt, a classify request with 32 labels and 8 inputs of 100 words, a stream the
 client drops after its first event, a chat request whose role is a list. Phases ``alone`` and ``mix`` alternate over rounds (so both see the same drift
-of a shared machine); the server's peak resident set (``VmHWM``, reset through
+of a shared machine); the server's peak resident set (``VmHWM`` summed over its process tree, reset through
 ``/proc/PID/clear_refs`` before each phase) is read after each phase.
 
 Long-prompt reproducer: 16 short greedy requests (8 tokens) sent together, alone and with one
@@ -26,15 +26,39 @@ import serve_load as SL
 HEALTHY = 16
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (an engine may run its model in a child process)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return sorted(set(out))
+
+
 def vm(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    """``key`` (VmRSS, VmHWM) summed over the server's process tree, bytes (for VmHWM an upper
+    bound of the tree's peak: the processes' peaks need not coincide)."""
+    total = 0
+    for p in tree(pid):
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += next((int(ln.split()[1]) * 1024 for ln in lines if ln.startswith(key + ":")), 0)
+    return total
 
 
 def reset_peak(pid: int) -> None:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    for p in tree(pid):
+        try:
+            Path(f"/proc/{p}/clear_refs").write_text("5")
+        except OSError:
+            pass
 
 
 async def stream_one(client, model: str, text: str, tokens: int) -> dict:
@@ -203,7 +227,7 @@ def mix_report(a, info, model, res: dict, max_request_mb: float) -> tuple[dict, 
           + f"\nPooled p99: TTFT {p99['alone']['ttft']:.2f}s alone, {p99['mix']['ttft']:.2f}s with the mix: "
           f"**{ratio['ttft']:.2f}x**; ITL {p99['alone']['itl']:.3f}s alone, {p99['mix']['itl']:.3f}s with the mix: "
           f"**{ratio['itl']:.2f}x** (targets <= 2x). Healthy failures: {failures}. 5xx: {fives}. Server peak RSS "
-          f"{peak / 2**20:.0f} MiB; bound = idle RSS after warm-up ({res['idle_rss'] / 2**20:.0f} MiB: model, runtime) "
+          f"(its process tree) {peak / 2**20:.0f} MiB; bound = idle RSS after warm-up ({res['idle_rss'] / 2**20:.0f} MiB: model, runtime) "
           f"+ --max-request-mb = {bound / 2**20:.0f} MiB.\n\n"
           f"Long-prompt reproducer: 16 short requests (8 tokens) took "
           f"{', '.join(f'{x:.2f}' for x in burst['alone'])} s alone and {', '.join(f'{x:.2f}' for x in burst['long'])} s "

@@ -68,7 +68,7 @@ def run_cls(lm, args) -> list[dict]:
 
 
 def run_lm(lm, args) -> list[dict]:
-    data = walkthrough_data(ROOT.parent / "shared" / "data")
+    data = walkthrough_data(common.data_root())
     rows = _done(args, "walkthrough-lm")
     for n, init, lr in LM_GRID:
         if any(r["lr"] == lr and r["init"] == init and r["N"] == n for r in rows):

@@ -319,6 +319,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def app_http(tiny_lm, sp_store):
+    """A TestClient on an in-process app over ``tiny_lm`` and the test's store (prompts up to
+    ``upload_helpers.MAX_N`` tokens): each test gets a fresh one."""
+    from fastapi.testclient import TestClient
+    from upload_helpers import MAX_N
+
+    from softprompt.inference.engine import Engine
+    from softprompt.serve.app import ServerConfig, create_app
+
+    app = create_app(Engine(tiny_lm, store=sp_store), ServerConfig(model_id="tiny", max_prompt_tokens=MAX_N))
+    with TestClient(app) as c:
+        yield c
+
+
 # ---------------------------------------------------------------- the server tests' store and servers
 # (module-scoped: each server test module gets its own store, model and server; helpers in serving.py)
 

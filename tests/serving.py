@@ -12,13 +12,12 @@ import time
 
 import pytest
 import torch
+from helpers import TEXTS
 
 from softprompt import chat
 from softprompt.config import GenerateConfig
 from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest, ScoreRequest
 from softprompt.store import Store
-
-TEXTS = ["the movie was", "a wonderful film with a great story", "who wrote the book", "positive negative"]
 
 TEMPLATE = "Review: {text}\nSentiment:"
 
@@ -152,3 +151,26 @@ def engine_chat(eng: Engine, msgs, prompt: str | None, max_tokens: int, logprobs
     stops = set(chat.stop_ids(tok))
     cut = next((j for j, t in enumerate(g.token_ids) if t in stops), len(g.token_ids))
     return ids, g.token_ids[:cut], (g.logprobs or [])[:cut]
+
+
+def server_burst(sp_store, lm, gens: list[tuple[str, str | None, int]]) -> list[str]:
+    """Greedy completions of (text, prompt, max_tokens) sent at once to a paused server, so they
+    meet in one batch; each answer is checked against the engine's single run and returned."""
+    import httpx
+
+    ref = Engine(lm, store=sp_store)
+    want = [ref.generate([GenerateRequest(t, p, GenerateConfig(max_new_tokens=m))])[0].text for t, p, m in gens]
+    with running(lm, sp_store) as (base, app, _):
+        async def burst():
+            async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+                return await asyncio.gather(*[c.post("/v1/completions", json={
+                    "model": p or "tiny", "prompt": t, "max_tokens": m, "temperature": 0}) for t, p, m in gens])
+
+        out = {}
+        with paused(app, waiting=len(gens)):
+            th = threading.Thread(target=lambda: out.setdefault("r", asyncio.run(burst())))
+            th.start()
+        th.join(60)
+    assert [a.status_code for a in out["r"]] == [200] * len(gens)
+    assert [a.json()["choices"][0]["text"] for a in out["r"]] == want
+    return want

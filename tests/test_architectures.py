@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from batches import make_batch
 from conftest import build_tokenizer, sharpen
-from test_forward import make_batch, rel
+from helpers import rel
 
 from softprompt import forward as FW
 from softprompt import models, store

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_toy_csv
-from test_cli import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 
 from softprompt.config import GenerateConfig, PromptConfig, TrainConfig, UserError
 from softprompt.training import auto as A

@@ -10,41 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import interrupt_at_epoch
+from helpers import assert_user_error, run_cli
 
 from softprompt import store
 from softprompt.cli import environ
 from softprompt.training import methods
 
 OUTER_HOME = environ.read().home  # the user's store (only read, never written): its converted model is reused
-
-
-def store_entries(sp_home: Path) -> list[str]:
-    """Everything in the prompt store and the run checkpoints."""
-    out = []
-    for sub in ("prompts", "runs"):
-        d = sp_home / sub
-        if d.exists():
-            out += [str(p.relative_to(sp_home)) for p in d.rglob("*")]
-    return out
-
-
-def run_cli(capsys, main, args: list[str]) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop what fixtures printed (e.g. building the tiny model)
-    rc = main(args)
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def assert_user_error(capsys, main, sp_home, args, match: str) -> str:
-    rc, out, err = run_cli(capsys, main, args)
-    lines = err.strip("\n").splitlines()
-    assert rc == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith("softprompt: error:")
-    assert "Traceback" not in err and out == ""
-    assert match in lines[0], lines[0]
-    assert store_entries(sp_home) == []
-    return lines[0]
 
 
 @pytest.fixture

@@ -1,9 +1,10 @@
 """The suite's relational checks on a CUDA GPU, in bfloat16 and float32.
 
 Marked ``cuda``: they skip where torch sees no GPU, with the reason; ``pytest -m cuda
---check-device cpu`` runs them on the CPU (scripts/gpu_check.sh's dry run does). The checks and
-their helpers are those of tests/test_forward.py, test_deep.py, test_engine.py and
-test_server.py, with the model loaded on the device in the dtype under test:
+--check-device cpu`` runs them on the CPU (scripts/gpu_check.sh's dry run does). The checks are
+those of tests/test_forward.py, test_deep.py, test_engine.py and test_server.py (their helpers
+in tests/batches.py, engine_helpers.py and serving.py), with the model loaded on the device in the
+dtype under test:
 
 * the prefix fast path (as training runs it, packed and not) == PEFT's prompt tuning, which
   concatenates the prompt to every row: loss and prompt gradient;
@@ -24,12 +25,11 @@ import copy
 
 import pytest
 import torch
+from batches import deep_batch, make_batch, peft_prefix_model, scaled_prompt
 from conftest import sharpen
+from engine_helpers import make_mixed_engine, mixed_deep_requests
+from helpers import TEXTS, rel
 from serving import BURST, check_classification, running, save_prompts, send_burst, single
-from test_deep import batch as deep_batch
-from test_deep import make_mixed_engine, mixed_requests, peft_prefix_model
-from test_engine import TEXTS
-from test_forward import make_batch, rel, scaled_prompt
 
 from softprompt import models, store
 from softprompt.config import GenerateConfig
@@ -137,7 +137,7 @@ def test_mixed_batch_equals_single_runs(tiny_model_dir, sp_home, check_device, d
         for c in range(a + 1, len(firsts)):
             assert not close(firsts[a], firsts[c], 10 * tol)
     # sampled rows draw from the logits: bf16's differences may move a draw, so greedy rows only there
-    reqs = [r for r in mixed_requests() if dtype == "float32" or r.config.temperature == 0]
+    reqs = [r for r in mixed_deep_requests() if dtype == "float32" or r.config.temperature == 0]
     for r, m in zip(reqs, eng.generate(reqs, return_logits=True), strict=True):
         alone = eng.generate([r], return_logits=True)[0]
         assert_same_decode(m.token_ids, m.logits, alone.token_ids, alone.logits, tol)

@@ -7,11 +7,13 @@ single runs (after checking that the prompts differ), cached vs reference engine
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
+from batches import deep_batch, peft_prefix_model
+from engine_helpers import make_mixed_engine, mixed_deep_requests
+from helpers import TEXTS
 
 from softprompt import forward as FW
 from softprompt import models, store
@@ -22,27 +24,10 @@ from softprompt.prompt import kv_of_embeddings, make_deep_prompt, make_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TEXTS = ["the movie was", "a wonderful film with a great story", "who wrote the book", "positive negative"]
-
 
 @pytest.fixture(params=["llama", "gpt2"])
 def lm(request, tiny_model_dir, sp_home):
     return models.load(str(tiny_model_dir(request.param)))
-
-
-def batch(lm, texts=TEXTS[:3]):
-    """Right-padded rows of different lengths; labels on every real token but the first."""
-    enc = lm.tokenizer(texts, padding=True, padding_side="right", add_special_tokens=False, return_tensors="pt")
-    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    assert len(set(enc["attention_mask"].sum(1).tolist())) > 1  # padding really happens
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
-
-
-def peft_prefix_model(lm, n: int, projection: bool = False):
-    from peft import PrefixTuningConfig, TaskType, get_peft_model
-
-    cfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n, prefix_projection=projection)
-    return get_peft_model(copy.deepcopy(lm.model), cfg).eval()
 
 
 def test_kv_shape_respects_grouped_query_attention(tiny_model_dir, sp_home):
@@ -57,7 +42,7 @@ def test_fast_path_equals_peft_prefix_tuning_in_loss_and_gradient(lm):
     pytest.importorskip("peft")
     n = 4
     kv = make_deep_prompt(lm.model, lm.tokenizer, n, "random", seed=1).requires_grad_(True)
-    b = batch(lm)
+    b = deep_batch(lm)
     ours = FW.prompt_loss(lm.model, kv, b)
     ours.backward()
     pm = peft_prefix_model(lm, n)
@@ -75,7 +60,7 @@ def test_fast_path_equals_peft_prefix_tuning_in_loss_and_gradient(lm):
 
 def test_scoring_equals_the_loss_path(lm):
     kv = make_deep_prompt(lm.model, lm.tokenizer, 3, "random", seed=2)
-    b = batch(lm)
+    b = deep_batch(lm)
     lp = FW.sequence_logprobs(lm.model, kv, **b)  # (B,)
     count = (b["labels"][:, 1:] != -100).sum()
     assert abs(float(-lp.sum() / count) - float(FW.prompt_loss(lm.model, kv, b))) < 1e-5
@@ -94,7 +79,7 @@ def test_saved_deep_prompt_loads_in_peft_with_our_logits(lm, tmp_path):
     assert sp.kind == "deep" and torch.equal(sp.kv, kv) and sp.meta == {"kind": "deep", "reparam": None}
     base = AutoModelForCausalLM.from_pretrained(str(lm.path), local_files_only=True)
     pm = PeftModel.from_pretrained(base, str(path)).eval()
-    b = batch(lm)
+    b = deep_batch(lm)
     with torch.no_grad():
         theirs = pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         ours = lm.model.get_output_embeddings()(deep.deep_forward_hidden(lm.model, kv, b["input_ids"], b["attention_mask"]))
@@ -106,7 +91,7 @@ def test_peft_trained_prefix_imports_and_gives_peft_logits(lm, tmp_path, capsys,
     pytest.importorskip("peft")
     pm = peft_prefix_model(lm, 4, projection=True)  # PEFT stores the projected prefix
     opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
-    b = batch(lm)
+    b = deep_batch(lm)
     for _ in range(2):  # a trained prefix, not PEFT's init
         opt.zero_grad()
         pm(**b).loss.backward()
@@ -125,24 +110,6 @@ def test_peft_trained_prefix_imports_and_gives_peft_logits(lm, tmp_path, capsys,
         torch.testing.assert_close(g.logits[0], theirs[i][sel[i]][-1], atol=1e-5, rtol=0)
 
 
-def make_mixed_engine(lm, cfg: EngineConfig | None = None) -> Engine:
-    eng = Engine(lm, cfg)
-    g = torch.Generator().manual_seed(7)
-    for k, n in enumerate((3, 6)):
-        eng.add_prompt(f"s{k}", torch.randn(n, lm.hidden_size, generator=g))
-        eng.add_prompt(f"d{k}", make_deep_prompt(lm.model, lm.tokenizer, n + 1, "random", seed=k))
-    return eng
-
-
-def mixed_requests() -> list[GenerateRequest]:
-    greedy = [GenerateConfig(max_new_tokens=n) for n in (3, 7, 5, 9, 4)]
-    sample = GenerateConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3)
-    return [GenerateRequest(TEXTS[0], "d0", greedy[0]), GenerateRequest(TEXTS[1], "s1", greedy[1]),
-            GenerateRequest(TEXTS[2], None, greedy[2]), GenerateRequest(TEXTS[3], "d1", greedy[3]),
-            GenerateRequest(TEXTS[2], "d1", sample), GenerateRequest("", "s0", greedy[4]),
-            GenerateRequest(TEXTS[1], "s0", greedy[0])]
-
-
 def test_mixed_shallow_deep_and_plain_rows_equal_single_runs(lm):
     eng = make_mixed_engine(lm)
     same = [GenerateRequest(TEXTS[0], p, GenerateConfig(max_new_tokens=1)) for p in ("s0", "s1", "d0", "d1", None)]
@@ -150,7 +117,7 @@ def test_mixed_shallow_deep_and_plain_rows_equal_single_runs(lm):
     for a in range(len(firsts)):  # the prompts really differ
         for c in range(a + 1, len(firsts)):
             assert (firsts[a] - firsts[c]).abs().max() > 1e-2
-    reqs = mixed_requests()
+    reqs = mixed_deep_requests()
     mixed = eng.generate(reqs, return_logits=True)
     naive = make_mixed_engine(lm, EngineConfig(use_prefix_cache=False)).generate(reqs, return_logits=True)
     for r, m, nv in zip(reqs, mixed, naive, strict=True):
@@ -205,7 +172,7 @@ def test_t5_and_bad_shapes_are_refused_in_one_line(tiny_model_dir, sp_home, tiny
         eng.add_prompt("d", kv)
         eng.generate([GenerateRequest("", "d")])
     with pytest.raises(UserError, match="encoder-decoder"):
-        FW.prompt_loss(t5.model, kv, batch(tiny_lm))
+        FW.prompt_loss(t5.model, kv, deep_batch(tiny_lm))
 
 
 def test_deep_prompt_for_another_model_is_refused_on_import(tiny_model_dir, sp_home, tmp_path, capsys, cli_main, sp_store):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import interrupt_at_epoch
-from test_cli import assert_user_error, store_entries
+from helpers import assert_user_error, store_entries
 
 from softprompt import data as D
 from softprompt import models, recipes, store

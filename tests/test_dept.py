@@ -7,19 +7,16 @@ differ); uploads with an offset of the wrong shape get 422 naming the field."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import pytest
 import torch
+from helpers import TEXTS, rel, save_dept, target_cfg, uninterrupted_and_resumed
 from safetensors.torch import save_file
-from serving import paused, running
-from test_levers import uninterrupted_and_resumed
-from test_uploads import http, prompt_dir, zipped  # noqa: F401  (http: the TestClient fixture)
+from serving import server_burst
+from upload_helpers import prompt_dir, zipped
 
 from softprompt import data as D
 from softprompt import store
-from softprompt.config import DataConfig, EngineConfig, GenerateConfig, PromptConfig, TrainConfig
+from softprompt.config import EngineConfig, GenerateConfig, PromptConfig, TrainConfig
 from softprompt.forward import embed
 from softprompt.inference.engine import Engine, GenerateRequest, ScoreRow
 from softprompt.offset import OFFSET_FILE, add_offset
@@ -27,17 +24,6 @@ from softprompt.splits import load_splits
 from softprompt.training import tune as TR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-VERB = {"0": "negative", "1": "positive"}
-TEXTS = ["the movie was", "a wonderful film with a great story", "who wrote the book", "positive negative"]
-
-
-def target_cfg(csv, **kw) -> DataConfig:
-    return DataConfig(path=str(csv), template="{text}", target_column="label", verbalizer=VERB, **kw)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def test_fast_path_equals_naive_reference_in_loss_and_gradient(tiny_lm, toy_csv):
@@ -94,15 +80,6 @@ def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch, sp_store):
 # ---------------------------------------------------------------- serving
 
 
-def save_dept(sp_store, lm, name: str, n: int, length: int, rank: int, seed: int, offset: bool = True):
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randn(n, lm.hidden_size, generator=g)
-    off = (torch.randn(length, rank, generator=g), torch.randn(rank, lm.hidden_size, generator=g) * 0.5)
-    meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}}
-    sp_store.save_prompt(name, prompt, meta, offset=off if offset else None)
-    return prompt, (off[0] @ off[1] if offset else None)
-
-
 @torch.no_grad()
 def reference_greedy(lm, prompt, offset, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """[P][x + offset] recomputed from scratch for every new token: no cache, no batching."""
@@ -151,29 +128,6 @@ def test_mixed_batch_equals_single_runs(tiny_lm, sp_store):
         assert m.logprobs == pytest.approx(a, abs=1e-5)
 
 
-def server_burst(sp_store, lm, gens: list[tuple[str, str | None, int]]) -> list[str]:
-    """Greedy completions of (text, prompt, max_tokens) sent at once to a paused server, so they
-    meet in one batch; each answer is checked against the engine's single run and returned."""
-    import httpx
-
-    ref = Engine(lm, store=sp_store)
-    want = [ref.generate([GenerateRequest(t, p, GenerateConfig(max_new_tokens=m))])[0].text for t, p, m in gens]
-    with running(lm, sp_store) as (base, app, _):
-        async def burst():
-            async with httpx.AsyncClient(base_url=base, timeout=60) as c:
-                return await asyncio.gather(*[c.post("/v1/completions", json={
-                    "model": p or "tiny", "prompt": t, "max_tokens": m, "temperature": 0}) for t, p, m in gens])
-
-        out = {}
-        with paused(app, waiting=len(gens)):
-            th = threading.Thread(target=lambda: out.setdefault("r", asyncio.run(burst())))
-            th.start()
-        th.join(60)
-    assert [a.status_code for a in out["r"]] == [200] * len(gens)
-    assert [a.json()["choices"][0]["text"] for a in out["r"]] == want
-    return want
-
-
 def test_server_mixed_burst_equals_single_runs(tiny_lm, sp_store):
     save_dept(sp_store, tiny_lm, "d1", n=3, length=6, rank=2, seed=1)
     save_dept(sp_store, tiny_lm, "d2", n=5, length=40, rank=3, seed=2)
@@ -184,7 +138,7 @@ def test_server_mixed_burst_equals_single_runs(tiny_lm, sp_store):
 # ---------------------------------------------------------------- validation
 
 
-def test_offset_uploads_of_the_wrong_shape_get_422_naming_the_field(http, tiny_lm, tmp_path, sp_store):  # noqa: F811
+def test_offset_uploads_of_the_wrong_shape_get_422_naming_the_field(app_http, tiny_lm, tmp_path, sp_store):
     H = tiny_lm.hidden_size
     cases = {
         f"{OFFSET_FILE}:offset_b": {"offset_a": torch.ones(8, 2), "offset_b": torch.ones(2, H + 1)},
@@ -195,12 +149,12 @@ def test_offset_uploads_of_the_wrong_shape_get_422_naming_the_field(http, tiny_l
     for i, (field, tensors) in enumerate(cases.items()):
         d = prompt_dir(tiny_lm, tmp_path / f"o{i}")
         save_file(tensors, str(d / OFFSET_FILE))
-        r = http.put("/v1/prompts/bad", content=zipped(d))
+        r = app_http.put("/v1/prompts/bad", content=zipped(d))
         assert r.status_code == 422 and r.json()["error"]["param"] == field.strip(), (field, r.text)
         assert field.strip() in r.json()["error"]["message"]
     d = prompt_dir(tiny_lm, tmp_path / "ok")
     save_file({"offset_a": torch.ones(8, 2), "offset_b": torch.ones(2, H)}, str(d / OFFSET_FILE))
-    assert http.put("/v1/prompts/good", content=zipped(d)).status_code == 201
+    assert app_http.put("/v1/prompts/good", content=zipped(d)).status_code == 201
     assert sp_store.load_prompt("good").offset[0].shape == (8, 2) and "bad" not in sp_store.list_prompts()
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import make_engine, mixed_requests, run_steps
+from helpers import TEXTS
 
 from softprompt import forward, models
 from softprompt.config import GenerateConfig, UserError
@@ -16,26 +18,6 @@ from softprompt.inference import bank, engine, steps
 from softprompt.inference.engine import Engine, EngineConfig, GenerateRequest, ScoreRequest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TEXTS = ["the movie was", "a wonderful film with a great story", "who wrote the book", "positive negative"]
-
-
-def make_engine(lm, cfg: EngineConfig | None = None, sizes=(3, 5, 8)) -> Engine:
-    eng = Engine(lm, cfg)
-    g = torch.Generator().manual_seed(7)
-    for k, n in enumerate(sizes):  # prompts of different N, at the scale of the embeddings
-        eng.add_prompt(f"p{k}", torch.randn(n, lm.hidden_size, generator=g))
-    return eng
-
-
-def mixed_requests() -> list[GenerateRequest]:
-    greedy = [GenerateConfig(max_new_tokens=n) for n in (3, 7, 5, 9)]  # rows finish at different steps
-    sample = GenerateConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3)
-    penal = GenerateConfig(max_new_tokens=6, repetition_penalty=1.3)
-    return [GenerateRequest(TEXTS[0], "p0", greedy[0]), GenerateRequest(TEXTS[1], "p1", greedy[1]),
-            GenerateRequest(TEXTS[2], None, greedy[2]), GenerateRequest(TEXTS[3], "p2", greedy[3]),
-            GenerateRequest(TEXTS[2], "p2", sample), GenerateRequest(TEXTS[0], None, penal),
-            GenerateRequest("", "p1", greedy[1])]  # a prompt and no text at all
 
 
 @pytest.fixture(params=["llama", "gpt2"])
@@ -210,32 +192,6 @@ def test_scoring_in_slices_and_label_groups_equals_one_forward(lm, monkeypatch):
     echo = [PromptLogprobRow(ids, p, 2) for p in ("p1", None)]
     for x, y in zip(one.prompt_logprobs(echo), small.prompt_logprobs(echo), strict=True):
         assert [t.logprob for t in x[1:]] == pytest.approx([t.logprob for t in y[1:]], abs=1e-5)
-
-
-def run_steps(eng, chunk, joins: dict[int, list[GenerateRequest]], widths: list | None = None):
-    """``StepBatch`` with ``prefill_chunk=chunk``; ``joins``: decode step -> requests added then.
-    Returns {(step, index): (tokens, logits, the step its last token came)}."""
-    from softprompt.inference.kv import DecoderState
-    from softprompt.inference.steps import StepBatch
-
-    batch, out, where, step = StepBatch(eng, keep_logits=True, prefill_chunk=chunk), {}, {}, 0
-    hidden = DecoderState.hidden
-    if widths is not None:
-        DecoderState.hidden = lambda self, ids, tmask: widths.append(ids.shape[1]) or hidden(self, ids, tmask)
-    try:
-        while len(batch) or any(s >= step for s in joins):
-            for k, r in enumerate(joins.get(step, [])):
-                where[batch.add([r])[0]] = (step, k)
-                out[step, k] = ([], [], [])
-            for e in batch.step():
-                if e.token is not None:
-                    out[where[e.rid]][0].append(e.token)
-                out[where[e.rid]][1].append(e.logits)
-                out[where[e.rid]][2].append(step)
-            step += 1
-    finally:
-        DecoderState.hidden = hidden
-    return {k: (t, torch.stack(lg), s[-1]) for k, (t, lg, s) in out.items()}
 
 
 def test_chunked_prefill_equals_one_shot_and_single_runs(lm):

@@ -10,27 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from batches import make_batch, scaled_prompt
+from helpers import rel
 
 from softprompt import data as D
 from softprompt import forward as FW
 from softprompt import models
-from softprompt.prompt import make_prompt
 
 # ARCHITECTURE.md rule 4 asks ~1e-5; the issue's acceptance bound is 1e-4 (float32)
 TOL = 1e-4
-N = 5
-
-SENTENCES = [
-    "the movie was good and the actors were great",
-    "a terrible film",
-    "who wrote the book about the sea",
-    "what is the capital of france",
-    "a wonderful film with a great story",
-]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def sharpened(lm, factor: float = 10.0):
@@ -51,32 +39,6 @@ def lms(tiny_model_dir):
         out[arch] = models.load(str(tiny_model_dir(arch)))
         out[arch + "-sharp"] = sharpened(models.load(str(tiny_model_dir(arch))))
     return out
-
-
-def make_batch(tok, mode: str) -> dict[str, torch.Tensor]:
-    """Right-padded rows of different lengths; 'mixed' alternates LM rows and target rows."""
-    exs = []
-    for i, s in enumerate(SENTENCES):
-        ids = tok(s, add_special_tokens=False)["input_ids"]
-        lm_row = mode == "lm" or (mode == "mixed" and i % 2 == 0)
-        if lm_row:  # every token is a target, including position 0
-            exs.append(D.Example(input_ids=ids, labels=list(ids), source_len=0))
-        else:  # the last two tokens are the target, the rest is input
-            k = len(ids) - 2
-            exs.append(D.Example(input_ids=ids, labels=[D.IGNORE] * k + ids[k:], source_len=k))
-    batch = D.collate(exs, tok.pad_token_id)
-    lengths = batch["attention_mask"].sum(1)
-    assert len(set(lengths.tolist())) > 2, "the batch must have rows of different lengths"
-    has_first = batch["labels"][:, 0] != D.IGNORE
-    assert has_first.any() == (mode != "target")
-    if mode == "mixed":
-        assert not has_first.all()
-    return batch
-
-
-def scaled_prompt(lm, seed: int = 0) -> torch.Tensor:
-    # embedding-scaled random init, times 5 so the prompt visibly matters for the loss
-    return make_prompt(lm.model, lm.tokenizer, N, "random", seed=seed) * 5
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-sharp", "gpt2-sharp"])

@@ -1,6 +1,7 @@
 """The package's shape, checked: imports point downward (lazy imports included), no import cycles,
 no module over 400 lines, no function over 60 lines without a written reason, and the package
-data (task recipes, web page) ships inside the package.
+data (task recipes, web page) ships inside the package. And the tests' own shape: no test module
+imports another (shared fixtures live in ``conftest.py``, shared helpers in non-``test_`` modules).
 
 Layer order (docs/design.md): base -> forward -> training, inference -> evaluate ->
 experiments, serve -> cli. A module may import its own layer's base modules, any lower layer,
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "softprompt"
+TESTS = Path(__file__).resolve().parent
+SRC = TESTS.parent / "src" / "softprompt"
 BASE = {"__init__", "config", "configio", "models", "prompt", "adapter", "store", "promptdir", "durable", "data", "recipes", "metrics",
         "provenance", "chat", "hfdata", "compat", "precision", "offset", "memory", "sides", "datafiles", "splits"}
 LAYERS = {"base": 0, "forward": 1, "training": 2, "inference": 2, "evaluate": 3, "experiments": 4, "serve": 4,
@@ -129,3 +131,21 @@ def test_sizes():
                     long_functions.append(f"{rel}:{node.lineno} {node.name}: {n} lines")
     assert not long_modules, "modules over 400 lines:\n" + "\n".join(long_modules)
     assert not long_functions, f"functions over 60 lines without '{REASON} <why>' in the docstring:\n" + "\n".join(long_functions)
+
+
+def imported_test_modules(path: Path) -> list[str]:
+    """The ``test_*`` modules that ``path`` imports (function-level imports too)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        if any(n.split(".")[0].startswith("test_") for n in names):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_test_module_imports_another():
+    """A test module runs alone: what several modules share is a fixture in conftest.py or a
+    helper in a non-test module, never a name taken from another test module."""
+    bad = [f"{f.name} {hit}" for f in sorted(TESTS.glob("test_*.py")) for hit in imported_test_modules(f)]
+    assert not bad, "test modules importing test modules:\n" + "\n".join(bad)

@@ -11,23 +11,17 @@ import math
 
 import pytest
 import torch
-from conftest import interrupt_at_epoch
-from test_cli import assert_user_error
+from helpers import assert_user_error, run_cli, target_cfg, uninterrupted_and_resumed
 
 from softprompt import data as D
-from softprompt.config import DataConfig, PromptConfig, TrainConfig, UserError
+from softprompt.config import PromptConfig, TrainConfig, UserError
 from softprompt.splits import load_splits
 from softprompt.training import loop
 from softprompt.training import tune as TR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VERB = {"0": "negative", "1": "positive"}
 KINDS = ["shallow", "deep"]
-
-
-def target_cfg(csv, **kw) -> DataConfig:
-    return DataConfig(path=str(csv), template="{text}", target_column="label", verbalizer=VERB, **kw)
 
 
 def a_batch(lm, csv, rows: int = 8) -> dict:
@@ -108,18 +102,6 @@ def test_fit_leaves_the_method_in_eval_mode(tiny_lm, toy_csv):
     assert seen == [None, None] and method._step is None
 
 
-def uninterrupted_and_resumed(sp_store, lm, cfg, pcfg, tcfg, monkeypatch):
-    """(a run named "full", the same run named "part" stopped by Ctrl-C at epoch 2, then resumed)."""
-    full = TR.train(lm, cfg, pcfg, tcfg, name="full", store=sp_store)
-    undo = interrupt_at_epoch(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
-        TR.train(lm, cfg, pcfg, tcfg, name="part", store=sp_store)
-    undo()
-    resumed = TR.train(lm, cfg, pcfg, tcfg, name="part", resume=True, store=sp_store)
-    assert torch.equal(resumed.prompt, full.prompt) and resumed.history == full.history
-    return full, resumed
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_resumed_equals_uninterrupted_with_every_lever(tiny_lm, toy_csv, monkeypatch, kind, sp_store):
     cfg = target_cfg(toy_csv, limit=24)
@@ -173,8 +155,6 @@ def test_bad_lever_flags_are_one_line(capsys, sp_home, tiny_model_dir, toy_csv, 
     (["--kind", "deep", "--prefix-memory", "--group-lr", "memory=0.01"], "prefix_memory.safetensors"),
 ])
 def test_cli_trains_and_generates_with_side_tensors(capsys, sp_home, tiny_model_dir, toy_csv, extra, side, cli_main, sp_store):
-    from test_cli import run_cli
-
     tiny = str(tiny_model_dir("llama"))
     rc, _, err = run_cli(capsys, cli_main, ["train", "--model", tiny, "--quiet", "--data", str(toy_csv), "--template", "{text}",
                                   "--target-column", "label", "--name", "lev", "--steps", "2", "--num-virtual-tokens",

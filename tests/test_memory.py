@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TEXTS, rel, save_dept, target_cfg, uninterrupted_and_resumed
 from safetensors.torch import save_file
-from test_dept import TEXTS, rel, save_dept, server_burst, target_cfg
-from test_levers import uninterrupted_and_resumed
-from test_uploads import http, zipped  # noqa: F401  (http: the TestClient fixture)
+from serving import server_burst
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from upload_helpers import zipped
 
 from softprompt import data as D
 from softprompt import memory as MEM
@@ -163,20 +163,20 @@ def test_server_mixed_burst_equals_single_runs(tiny_lm, sp_store):
     assert want[0] != Engine(tiny_lm, store=sp_store).generate([GenerateRequest(TEXTS[0], None, GenerateConfig(max_new_tokens=4))])[0].text
 
 
-def test_memory_uploads_of_the_wrong_shape_get_422_naming_the_field(http, tiny_lm, tmp_path, sp_store):  # noqa: F811
+def test_memory_uploads_of_the_wrong_shape_get_422_naming_the_field(app_http, tiny_lm, tmp_path, sp_store):
     L, h, d = MEM.memory_shape(tiny_lm.model)
     field = f"{MEM.MEMORY_FILE}:{MEM.MEMORY_KEY}"
     for i, bad in enumerate([torch.ones(L + 1, h, d, d), torch.ones(L, h, d, d + 1), torch.ones(L, h, d),
                              torch.full((L, h, d, d), float("nan"))]):
         d_ = store.save_prompt(tmp_path / f"m{i}", deep_prompt(tiny_lm, 3, i), {})
         save_file({MEM.MEMORY_KEY: bad}, str(d_ / MEM.MEMORY_FILE))
-        r = http.put("/v1/prompts/bad", content=zipped(d_))
+        r = app_http.put("/v1/prompts/bad", content=zipped(d_))
         assert r.status_code == 422 and r.json()["error"]["param"] == field, (i, r.text)
     shallow = store.save_prompt(tmp_path / "s", torch.ones(3, tiny_lm.hidden_size), {})
     save_file({MEM.MEMORY_KEY: torch.ones(L, h, d, d)}, str(shallow / MEM.MEMORY_FILE))
-    r = http.put("/v1/prompts/bad", content=zipped(shallow))
+    r = app_http.put("/v1/prompts/bad", content=zipped(shallow))
     assert r.status_code == 422 and r.json()["error"]["param"] == MEM.MEMORY_FILE
     ok = store.save_prompt(tmp_path / "ok", deep_prompt(tiny_lm, 3, 9), {})
     save_file({MEM.MEMORY_KEY: torch.ones(L, h, d, d) * 0.01}, str(ok / MEM.MEMORY_FILE))
-    assert http.put("/v1/prompts/good", content=zipped(ok)).status_code == 201
+    assert app_http.put("/v1/prompts/good", content=zipped(ok)).status_code == 201
     assert sp_store.load_prompt("good").memory.shape == (L, h, d, d) and "bad" not in sp_store.list_prompts()

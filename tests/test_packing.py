@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_forward import SENTENCES as FORWARD_SENTENCES
-from test_forward import rel
+from batches import PACKING_SENTENCES, batch_of
+from helpers import rel
 
 from softprompt import data as D
 from softprompt import forward as FW
@@ -22,7 +22,6 @@ from softprompt.prompt import make_prompt
 
 TOL = 1e-4  # float32, as tests/test_forward.py
 N = 5
-SENTENCES = [*FORWARD_SENTENCES, "who", "no"]  # plus two short rows, so that rows share bins
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +29,6 @@ def lms(tiny_model_dir):
     from conftest import sharpen
 
     return {arch: sharpen(models.load(str(tiny_model_dir(arch)))) for arch in ("llama", "gpt2")}
-
-
-def batch_of(tok) -> dict[str, torch.Tensor]:
-    """LM rows (every token a target) and input -> target rows, right-padded, lengths differ."""
-    exs = []
-    for i, s in enumerate(SENTENCES):
-        ids = tok(s, add_special_tokens=False)["input_ids"]
-        if i % 2 == 0:
-            exs.append(D.Example(input_ids=ids, labels=list(ids), source_len=0))
-        else:
-            k = max(0, len(ids) - 2)
-            exs.append(D.Example(input_ids=ids, labels=[D.IGNORE] * k + ids[k:], source_len=k))
-    return D.collate(exs, tok.pad_token_id)
 
 
 def prompt_of(lm, seed: int = 0) -> torch.Tensor:
@@ -64,8 +50,8 @@ def test_packed_rows_equal_unpacked(lms, arch, capacity):
     batch = batch_of(lm.tokenizer)
     args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
     p = packing.pack(*args, capacity=capacity)
-    assert p.ids.shape[0] < len(SENTENCES), "the rows must actually share bins"
-    weights = torch.rand(len(SENTENCES), generator=torch.Generator().manual_seed(0)) + 0.5
+    assert p.ids.shape[0] < len(PACKING_SENTENCES), "the rows must actually share bins"
+    weights = torch.rand(len(PACKING_SENTENCES), generator=torch.Generator().manual_seed(0)) + 0.5
 
     prompt = prompt_of(lm)
     total, count = packing.packed_row_losses(lm.model, prompt, *args, capacity=capacity)
@@ -73,7 +59,7 @@ def test_packed_rows_equal_unpacked(lms, arch, capacity):
 
     ref_prompt = prompt_of(lm)
     ref_total, ref_count = [], []
-    for b in range(len(SENTENCES)):  # each row alone: no padding, no neighbours
+    for b in range(len(PACKING_SENTENCES)):  # each row alone: no padding, no neighbours
         n = int(batch["attention_mask"][b].sum())
         row = [a[b : b + 1, :n] for a in args]
         c = int((row[2][:, 1:] != D.IGNORE).sum() + (row[2][:, 0] != D.IGNORE).sum())

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from batches import batch_of
 from conftest import sharpen
 
 from softprompt import precision
@@ -85,7 +86,6 @@ def test_frozen_weights_cast_once_give_the_same_loss_and_gradient(tiny_model_dir
     """The bf16 copies swapped in (``FrozenCasts``) == autocast casting every product itself,
     bit for bit, in the loss and the prompt gradient; the model gets its own parameters back."""
     from conftest import sharpen
-    from test_packing import batch_of
 
     from softprompt import models
     from softprompt.prompt import make_deep_prompt, make_prompt

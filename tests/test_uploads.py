@@ -16,37 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from upload_helpers import MAX_N, prompt_dir, zipped
 
 from softprompt import durable, store
-from softprompt.inference.engine import Engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-MAX_N = 16  # the server's --max-prompt-tokens in these tests
-
-
-@pytest.fixture
-def http(tiny_lm, sp_store):
-    from fastapi.testclient import TestClient
-
-    from softprompt.serve.app import ServerConfig, create_app
-
-    app = create_app(Engine(tiny_lm, store=sp_store), ServerConfig(model_id="tiny", max_prompt_tokens=MAX_N))
-    with TestClient(app) as c:
-        yield c
-
-
-def prompt_dir(lm, path: Path, n: int = 3, value: float = 0.5, **meta) -> Path:
-    meta = {"base_model": {"name": lm.name, "fingerprint": lm.fingerprint}, "value": value, **meta}
-    return store.save_prompt(path, torch.full((n, lm.hidden_size), value), meta).resolve()
-
-
-def zipped(path: Path) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for f in sorted(path.iterdir()):
-            z.write(f, f.name)
-    return buf.getvalue()
 
 
 def rewrite(path: Path, fname: str, text: str | None = None, tensor: torch.Tensor | None = None) -> Path:
@@ -84,7 +58,7 @@ def corrupt_member(data: bytes, stored: bool) -> bytes:
     return bytes(b)
 
 
-def test_malformed_uploads_get_422_naming_the_field(http, tiny_lm, tmp_path, sp_store):
+def test_malformed_uploads_get_422_naming_the_field(app_http, tiny_lm, tmp_path, sp_store):
     H = tiny_lm.hidden_size
     fp = tiny_lm.fingerprint
     cases = {  # the reproducers, each -> the field the answer must name
@@ -107,13 +81,13 @@ def test_malformed_uploads_get_422_naming_the_field(http, tiny_lm, tmp_path, sp_
     uploads += [("adapter_model.safetensors:prompt_embeddings",
                  rewrite(prompt_dir(tiny_lm, tmp_path / f"t{i}"), store.TENSORS, tensor=t)) for i, t in enumerate(tensors)]
     for field, d in uploads:
-        r = http.put("/v1/prompts/bad", content=zipped(d))
+        r = app_http.put("/v1/prompts/bad", content=zipped(d))
         assert r.status_code == 422 and r.json()["error"]["param"] == field, (field, r.text)
         assert field in r.json()["error"]["message"] and str(d) not in r.text
-    assert "bad" not in sp_store.list_prompts() and http.get("/v1/prompts/bad").status_code == 404
+    assert "bad" not in sp_store.list_prompts() and app_http.get("/v1/prompts/bad").status_code == 404
 
 
-def test_damaged_zips_get_400_naming_the_member(http, tiny_lm, tmp_path, sp_store):
+def test_damaged_zips_get_400_naming_the_member(app_http, tiny_lm, tmp_path, sp_store):
     src = prompt_dir(tiny_lm, tmp_path / "ok")
     stored = io.BytesIO()
     with zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as z:
@@ -126,52 +100,52 @@ def test_damaged_zips_get_400_naming_the_member(http, tiny_lm, tmp_path, sp_stor
         "method 99": patch_headers(ok, method=99),
     }
     for what, data in cases.items():
-        r = http.put("/v1/prompts/bad", content=data)
+        r = app_http.put("/v1/prompts/bad", content=data)
         assert r.status_code == 400, (what, r.text)
         assert r.json()["error"]["code"] == "invalid_upload" and "adapter_" in r.json()["error"]["message"], what
     assert "bad" not in sp_store.list_prompts()
 
 
-def test_a_name_with_a_newline_is_refused(http, tiny_lm, tmp_path, sp_store):
-    r = http.put("/v1/prompts/x%0A", content=zipped(prompt_dir(tiny_lm, tmp_path / "ok")))
+def test_a_name_with_a_newline_is_refused(app_http, tiny_lm, tmp_path, sp_store):
+    r = app_http.put("/v1/prompts/x%0A", content=zipped(prompt_dir(tiny_lm, tmp_path / "ok")))
     assert r.status_code == 400 and r.json()["error"]["param"] == "name"
     assert sp_store.list_prompts() == [] and not (sp_store.prompts_dir() / "x\n").exists()
 
 
-def test_an_invalid_entry_is_listed_and_the_rest_served(http, tiny_lm, tmp_path, sp_store):
-    http.put("/v1/prompts/good", content=zipped(prompt_dir(tiny_lm, tmp_path / "good")))
+def test_an_invalid_entry_is_listed_and_the_rest_served(app_http, tiny_lm, tmp_path, sp_store):
+    app_http.put("/v1/prompts/good", content=zipped(prompt_dir(tiny_lm, tmp_path / "good")))
     bad = prompt_dir(tiny_lm, tmp_path / "bad")  # stored behind the validator's back, as before
     rewrite(bad, store.META, json.dumps({"metrics": "x"}))
     sp_store.prompt_path("bad").symlink_to(bad)
-    r = http.get("/v1/prompts")
+    r = app_http.get("/v1/prompts")
     assert r.status_code == 200
     entries = {e["id"]: e for e in r.json()["data"]}
     assert entries["good"]["status"] == "ok" and entries["bad"]["status"] == "invalid"
     assert "softprompt.json:metrics" in entries["bad"]["reason"]
-    assert http.get("/v1/prompts/bad").json()["status"] == "invalid"
+    assert app_http.get("/v1/prompts/bad").json()["status"] == "invalid"
     nan = prompt_dir(tiny_lm, tmp_path / "nan")
     rewrite(nan, store.TENSORS, tensor=torch.full((3, tiny_lm.hidden_size), float("nan")))
     sp_store.prompt_path("nan").symlink_to(nan)
-    assert http.get("/v1/prompts/nan").json()["status"] == "invalid"
+    assert app_http.get("/v1/prompts/nan").json()["status"] == "invalid"
     for name, temperature in (("bad", 0), ("nan", 1.0)):  # refused when loaded, before any model work
         body = {"model": name, "prompt": "the movie", "max_tokens": 2, "temperature": temperature}
-        r = http.post("/v1/completions", json=body)
+        r = app_http.post("/v1/completions", json=body)
         assert r.status_code == 422 and r.json()["error"]["code"] == "prompt_unusable", r.text
     body["model"] = "good"
-    assert http.post("/v1/completions", json=body).status_code == 200
+    assert app_http.post("/v1/completions", json=body).status_code == 200
     for name in ("bad", "nan"):
-        assert http.delete(f"/v1/prompts/{name}").json()["deleted"] is True
-    assert [e["id"] for e in http.get("/v1/prompts").json()["data"]] == ["good"]
+        assert app_http.delete(f"/v1/prompts/{name}").json()["deleted"] is True
+    assert [e["id"] for e in app_http.get("/v1/prompts").json()["data"]] == ["good"]
 
 
-def test_ten_parallel_uploads_of_one_name_answer_2xx_or_409(http, tiny_lm, tmp_path, sp_store):
+def test_ten_parallel_uploads_of_one_name_answer_2xx_or_409(app_http, tiny_lm, tmp_path, sp_store):
     bodies = [zipped(prompt_dir(tiny_lm, tmp_path / f"p{i}", n=1 + i, value=i / 10)) for i in range(10)]
     status: list[int] = [0] * 10
     go = threading.Barrier(10)
 
     def put(i):
         go.wait()
-        status[i] = http.put("/v1/prompts/same", content=bodies[i]).status_code
+        status[i] = app_http.put("/v1/prompts/same", content=bodies[i]).status_code
 
     threads = [threading.Thread(target=put, args=(i,)) for i in range(10)]
     for t in threads:
@@ -182,26 +156,26 @@ def test_ten_parallel_uploads_of_one_name_answer_2xx_or_409(http, tiny_lm, tmp_p
     sp = sp_store.load_prompt("same")
     i = round(sp.meta["value"] * 10)
     assert sp.num_virtual_tokens == 1 + i and torch.equal(sp.embeddings, torch.full((1 + i, tiny_lm.hidden_size), i / 10))
-    assert http.put("/v1/prompts/same", content=bodies[0]).status_code == 200  # the name still takes uploads
+    assert app_http.put("/v1/prompts/same", content=bodies[0]).status_code == 200  # the name still takes uploads
 
 
-def test_an_upload_that_waits_too_long_for_the_name_gets_409(http, tiny_lm, tmp_path, monkeypatch, sp_store):
+def test_an_upload_that_waits_too_long_for_the_name_gets_409(app_http, tiny_lm, tmp_path, monkeypatch, sp_store):
     body = zipped(prompt_dir(tiny_lm, tmp_path / "p"))
     monkeypatch.setattr(durable, "LOCK_WAIT_S", 0.05)
     with durable.locked(sp_store.prompt_path("held")):
-        r = http.put("/v1/prompts/held", content=body)
+        r = app_http.put("/v1/prompts/held", content=body)
     assert r.status_code == 409 and r.json()["error"]["code"] == "busy"
-    assert http.put("/v1/prompts/held", content=body).status_code == 201
+    assert app_http.put("/v1/prompts/held", content=body).status_code == 201
 
 
-def test_a_multipart_upload_with_too_many_parts_says_so(http, tiny_lm, tmp_path):
+def test_a_multipart_upload_with_too_many_parts_says_so(app_http, tiny_lm, tmp_path):
     d = prompt_dir(tiny_lm, tmp_path / "p")
     parts = [("f", (f.name, f.read_bytes())) for f in sorted(d.iterdir())]
-    r = http.put("/v1/prompts/nine", files=parts + [(f"x{i}", (f"x{i}.txt", b"x")) for i in range(6)])
+    r = app_http.put("/v1/prompts/nine", files=parts + [(f"x{i}", (f"x{i}.txt", b"x")) for i in range(6)])
     err = r.json()["error"]
     assert r.status_code == 400 and err["code"] == "invalid_upload" and err["param"] == "body", r.text
     assert "at most 8 parts" in err["message"] and "JSON" not in err["message"]
-    assert http.put("/v1/prompts/nine", files=parts).status_code == 201  # the same files alone are a prompt
+    assert app_http.put("/v1/prompts/nine", files=parts).status_code == 201  # the same files alone are a prompt
 
 
 # ---------------------------------------------------------------- registry races and what errors reveal
@@ -211,7 +185,7 @@ def no_path(text: str, home: Path) -> bool:
     return str(home) not in text and str(home.resolve()) not in text and "/prompts/" not in text
 
 
-def test_a_put_racing_a_delete_answers_2xx_or_409_and_names_no_path(http, tiny_lm, tmp_path, sp_home, monkeypatch, sp_store):
+def test_a_put_racing_a_delete_answers_2xx_or_409_and_names_no_path(app_http, tiny_lm, tmp_path, sp_home, monkeypatch, sp_store):
     body = zipped(prompt_dir(tiny_lm, tmp_path / "p"))
     real = store.write_dir_atomic
 
@@ -221,7 +195,7 @@ def test_a_put_racing_a_delete_answers_2xx_or_409_and_names_no_path(http, tiny_l
         return out
 
     monkeypatch.setattr(store, "write_dir_atomic", deleted_right_after)
-    r = http.put("/v1/prompts/race", content=body)
+    r = app_http.put("/v1/prompts/race", content=body)
     assert r.status_code == 409 and r.json()["error"]["code"] == "busy", r.text
     assert no_path(r.text, sp_home), r.text
     monkeypatch.setattr(store, "write_dir_atomic", real)
@@ -234,9 +208,9 @@ def test_a_put_racing_a_delete_answers_2xx_or_409_and_names_no_path(http, tiny_l
     def churn(kind: str):
         for _ in range(12):
             if kind == "list":  # a prompt being deleted is listed whole or not at all
-                listed.extend(e["status"] for e in http.get("/v1/prompts").json()["data"])
+                listed.extend(e["status"] for e in app_http.get("/v1/prompts").json()["data"])
                 continue
-            r = http.put("/v1/prompts/race", content=body) if kind == "put" else http.delete("/v1/prompts/race")
+            r = app_http.put("/v1/prompts/race", content=body) if kind == "put" else app_http.delete("/v1/prompts/race")
             status[kind].append(r.status_code)
             texts.append(r.text)
 
@@ -249,9 +223,9 @@ def test_a_put_racing_a_delete_answers_2xx_or_409_and_names_no_path(http, tiny_l
     assert all(no_path(t, sp_home) for t in texts) and set(listed) <= {"ok"}, listed
 
 
-def test_a_prompt_being_deleted_is_listed_whole_or_not_at_all(http, tiny_lm, tmp_path, monkeypatch, sp_store):
+def test_a_prompt_being_deleted_is_listed_whole_or_not_at_all(app_http, tiny_lm, tmp_path, monkeypatch, sp_store):
     for name in ("a", "gone"):
-        assert http.put(f"/v1/prompts/{name}", content=zipped(prompt_dir(tiny_lm, tmp_path / name))).status_code == 201
+        assert app_http.put(f"/v1/prompts/{name}", content=zipped(prompt_dir(tiny_lm, tmp_path / name))).status_code == 201
     real = store.read_prompt_dir
 
     def deleted_while_read(path, name=None, *a, **kw):  # the DELETE runs while the listing reads the prompt
@@ -260,37 +234,37 @@ def test_a_prompt_being_deleted_is_listed_whole_or_not_at_all(http, tiny_lm, tmp
         return real(path, name, *a, **kw)
 
     monkeypatch.setattr(store, "read_prompt_dir", deleted_while_read)
-    assert [(e["id"], e["status"]) for e in http.get("/v1/prompts").json()["data"]] == [("a", "ok")]
-    assert http.put("/v1/prompts/gone", content=zipped(tmp_path / "gone")).status_code in (200, 201, 409)
-    r = http.get("/v1/prompts/gone")  # removed while GET read it: not found, not 'invalid'
+    assert [(e["id"], e["status"]) for e in app_http.get("/v1/prompts").json()["data"]] == [("a", "ok")]
+    assert app_http.put("/v1/prompts/gone", content=zipped(tmp_path / "gone")).status_code in (200, 201, 409)
+    r = app_http.get("/v1/prompts/gone")  # removed while GET read it: not found, not 'invalid'
     assert r.status_code == 404 and r.json()["error"]["code"] == "prompt_not_found", r.text
 
 
-def test_no_registry_error_names_a_server_path(http, tiny_lm, tmp_path, sp_home, sp_store):
+def test_no_registry_error_names_a_server_path(app_http, tiny_lm, tmp_path, sp_home, sp_store):
     good = prompt_dir(tiny_lm, tmp_path / "good")
     broken = prompt_dir(tiny_lm, tmp_path / "broken")  # stored behind the validator's back, then damaged
     sp_store.prompts_dir().mkdir(parents=True, exist_ok=True)
     sp_store.prompt_path("broken").symlink_to(broken)
     (broken / store.TENSORS).unlink()
     answers = [
-        http.put("/v1/prompts/x", content=zipped(rewrite(prompt_dir(tiny_lm, tmp_path / "j"), store.META, "{"))),
-        http.put("/v1/prompts/x", content=zipped(rewrite(prompt_dir(tiny_lm, tmp_path / "n"), store.TENSORS,
+        app_http.put("/v1/prompts/x", content=zipped(rewrite(prompt_dir(tiny_lm, tmp_path / "j"), store.META, "{"))),
+        app_http.put("/v1/prompts/x", content=zipped(rewrite(prompt_dir(tiny_lm, tmp_path / "n"), store.TENSORS,
                                                          tensor=torch.full((3, tiny_lm.hidden_size), float("nan"))))),
-        http.put("/v1/prompts/x", content=b"PK\x03\x04 not a zip"),
-        http.get("/v1/prompts/missing"), http.delete("/v1/prompts/missing"),
-        http.post("/v1/completions", json={"model": "broken", "prompt": "the movie", "max_tokens": 2}),
-        http.post("/v1/classify", json={"prompt": "broken", "inputs": ["x"], "verbalizer": ["a", "b"]}),
+        app_http.put("/v1/prompts/x", content=b"PK\x03\x04 not a zip"),
+        app_http.get("/v1/prompts/missing"), app_http.delete("/v1/prompts/missing"),
+        app_http.post("/v1/completions", json={"model": "broken", "prompt": "the movie", "max_tokens": 2}),
+        app_http.post("/v1/classify", json={"prompt": "broken", "inputs": ["x"], "verbalizer": ["a", "b"]}),
     ]
     assert [r.status_code for r in answers] == [422, 422, 400, 404, 404, 422, 422], [r.text for r in answers]
-    entry = http.get("/v1/prompts/broken").json()
+    entry = app_http.get("/v1/prompts/broken").json()
     assert entry["status"] == "invalid" and "adapter_model.safetensors" in entry["reason"]
-    listed = http.get("/v1/prompts").text
+    listed = app_http.get("/v1/prompts").text
     for text in [r.text for r in answers] + [json.dumps(entry), listed]:
         assert no_path(text, sp_home) and str(tmp_path) not in text, text
-    assert http.put("/v1/prompts/good", content=zipped(good)).status_code == 201
+    assert app_http.put("/v1/prompts/good", content=zipped(good)).status_code == 201
 
 
-def test_registry_store_work_never_runs_on_the_event_loop(http, tiny_lm, monkeypatch, sp_store):
+def test_registry_store_work_never_runs_on_the_event_loop(app_http, tiny_lm, monkeypatch, sp_store):
     """A 64 MB prompt's delete (or read) cannot stall /healthz: the store is touched only in the
     thread pool (a thread without a running event loop)."""
     import asyncio
@@ -312,8 +286,8 @@ def test_registry_store_work_never_runs_on_the_event_loop(http, tiny_lm, monkeyp
 
     monkeypatch.setattr(store, "read_prompt_dir", spy(store.read_prompt_dir))
     monkeypatch.setattr(durable, "remove_dir", spy(durable.remove_dir))
-    assert http.get("/v1/prompts/big").json()["num_virtual_tokens"] == 4096
-    assert [e["id"] for e in http.get("/v1/prompts").json()["data"]] == ["big"]
-    assert http.delete("/v1/prompts/big").json()["deleted"] is True
-    assert http.delete("/v1/prompts/big").status_code == 404
+    assert app_http.get("/v1/prompts/big").json()["num_virtual_tokens"] == 4096
+    assert [e["id"] for e in app_http.get("/v1/prompts").json()["data"]] == ["big"]
+    assert app_http.delete("/v1/prompts/big").json()["deleted"] is True
+    assert app_http.delete("/v1/prompts/big").status_code == 404
     assert on_loop == []

@@ -96,6 +96,19 @@ def test_training_moves_prompt_and_memory_only_and_saves_both(tiny_lm, toy_csv, 
     assert sp.memory.shape == (*MEM.memory_shape(tiny_lm.model), 16) and sp.memory.abs().sum() > 0  # M left zero
 
 
+def test_the_memory_trains_at_its_own_default_lr_unless_one_is_given(tiny_lm):
+    """Without ``--group-lr memory=LR`` the memory's group gets the method's default (1e-4: at a
+    deep prompt's lr it collapsed on TREC), the prompt ``--lr``; a given group lr wins."""
+    from softprompt.training.loop import make_optimizer
+
+    init = deep_prompt(tiny_lm, 4, 0)
+    method = TR.prompt_method(tiny_lm, init, PromptConfig(num_virtual_tokens=4, kind="deep", memory=True), fast=True, seed=0)
+    lrs = {g["name"]: g["lr"] for g in make_optimizer(method, TrainConfig(lr=0.03)).param_groups}
+    assert lrs == {"prompt": 0.03, "memory": 1e-4}
+    given = make_optimizer(method, TrainConfig(lr=0.03, group_lr={"memory": 5e-3})).param_groups
+    assert {g["name"]: g["lr"] for g in given} == {"prompt": 0.03, "memory": 5e-3}
+
+
 def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch, sp_store):
     cfg = target_cfg(toy_csv, limit=24)
     pcfg = PromptConfig(num_virtual_tokens=4, kind="deep", memory=True, dropout=0.1)

@@ -115,9 +115,10 @@ def check_group_lrs(method, cfg: TrainConfig) -> list:
 
 
 def make_optimizer(method, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the method's named parameter groups (``--group-lr``), or all its parameters."""
+    """AdamW over the method's named parameter groups, or all its parameters; a group's lr is
+    ``--group-lr``'s, else the method's default for it (``default_lrs``), else ``--lr``."""
     groups = check_group_lrs(method, cfg)
-    lrs = dict(cfg.group_lr or {})
+    lrs = {**getattr(method, "default_lrs", {}), **(cfg.group_lr or {})}
     return torch.optim.AdamW([{"params": ps, "lr": lrs.get(name, cfg.lr), "name": name} for name, ps in groups],
                              lr=cfg.lr, weight_decay=cfg.weight_decay)
 

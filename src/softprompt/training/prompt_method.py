@@ -257,6 +257,8 @@ class MemoryPromptMethod(DeepPromptMethod):
     def parameters(self):
         return super().parameters() + [self.memory]
 
+    default_lrs = {"memory": 1e-4}  # without --group-lr memory=LR: at a deep prompt's 0.03 (and at 1e-3) it collapsed on TREC
+
     def param_groups(self):
         return [("prompt", super().parameters()), ("memory", [self.memory])]
 

@@ -146,7 +146,7 @@ class TrainConfig(_JsonMixin):
     warmup_ratio: float = option(0.06, 'share of steps with linear warm-up')
     warmup_steps: int | None = option(None, 'steps of linear warm-up; overrides --warmup-ratio')
     schedule: str = option("linear", 'lr after warm-up: linear (decay to 0) or cosine (half a cosine to 0)', choices=SCHEDULES)
-    group_lr: dict[str, float] | None = option(None, 'lr per parameter group, e.g. offset=1e-3 (DePT: groups prompt, offset); others use --lr')
+    group_lr: dict[str, float] | None = option(None, 'lr per parameter group, e.g. offset=1e-3 (DePT: groups prompt, offset; PrefixMemory: prompt, memory); others use --lr, the memory 1e-4')
     weight_decay: float = option(0.0, 'AdamW weight decay on the prompt')
     max_grad_norm: float = option(1.0, 'gradient clipping; 0 disables')
     seed: int = option(0, 'seeds data order, init and sampling')

@@ -383,12 +383,12 @@ class Scheduler:
 
         from softprompt.inference.sampling import pick_token
 
-        culprits = set()
+        culprits, logits = set(), self.batch.logits  # the groups' logits, concatenated once
         for j, r in enumerate(self.batch.live):
             gen = torch.Generator().manual_seed(0)
             gen.set_state(r.gen.get_state())
             try:
-                pick_token(self.batch.logits[j].cpu(), torch.tensor(r.seen, dtype=torch.long), r.cfg, gen)
+                pick_token(logits[j].cpu(), torch.tensor(r.seen, dtype=torch.long), r.cfg, gen)
             except Exception:  # noqa: BLE001 - this row is a culprit
                 culprits.add(r.rid)
         if not culprits:

@@ -33,13 +33,15 @@ def mixed_requests() -> list[GenerateRequest]:
 def run_steps(eng, chunk, joins: dict[int, list[GenerateRequest]], widths: list | None = None):
     """``StepBatch`` with ``prefill_chunk=chunk``; ``joins``: decode step -> requests added then.
     Returns {(step, index): (tokens, logits, the step its last token came)}."""
+    from softprompt.inference import fused
     from softprompt.inference.kv import DecoderState
     from softprompt.inference.steps import StepBatch
 
     batch, out, where, step = StepBatch(eng, keep_logits=True, prefill_chunk=chunk), {}, {}, 0
-    hidden = DecoderState.hidden
-    if widths is not None:
+    hidden, run = DecoderState.hidden, fused.run
+    if widths is not None:  # every forward's width, run alone or fused into the decode step's forward
         DecoderState.hidden = lambda self, ids, tmask: widths.append(ids.shape[1]) or hidden(self, ids, tmask)
+        fused.run = lambda model, fwds: widths.extend(f.ids.shape[1] for f in fwds) or run(model, fwds)
     try:
         while len(batch) or any(s >= step for s in joins):
             for k, r in enumerate(joins.get(step, [])):
@@ -52,12 +54,12 @@ def run_steps(eng, chunk, joins: dict[int, list[GenerateRequest]], widths: list 
                 out[where[e.rid]][2].append(step)
             step += 1
     finally:
-        DecoderState.hidden = hidden
+        DecoderState.hidden, fused.run = hidden, run
     return {k: (t, torch.stack(lg), s[-1]) for k, (t, lg, s) in out.items()}
 
 
-def make_mixed_engine(lm, cfg: EngineConfig | None = None) -> Engine:
-    eng = Engine(lm, cfg)
+def make_mixed_engine(lm, cfg: EngineConfig | None = None, store=None) -> Engine:
+    eng = Engine(lm, cfg, store=store)
     g = torch.Generator().manual_seed(7)
     for k, n in enumerate((3, 6)):
         eng.add_prompt(f"s{k}", torch.randn(n, lm.hidden_size, generator=g))

@@ -60,6 +60,24 @@ def save_dept(sp_store, lm, name: str, n: int, length: int, rank: int, seed: int
     return prompt, (off[0] @ off[1] if offset else None)
 
 
+def random_memory(lm, seed: int, scale: float = 0.3) -> torch.Tensor:
+    from softprompt import memory as MEM
+
+    L, h, d = MEM.memory_shape(lm.model)
+    return torch.randn(L, h, d, d, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def deep_prompt(lm, n: int, seed: int) -> torch.Tensor:
+    L, kv, d = lm.kv_shape
+    return torch.randn(L, 2, kv, n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def save_memory(sp_store, lm, name: str, n: int, seed: int, memory: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    kv, mem = deep_prompt(lm, n, seed), random_memory(lm, seed + 100) if memory else None
+    sp_store.save_prompt(name, kv, {"base_model": {"fingerprint": lm.fingerprint}}, memory=mem)
+    return kv, mem
+
+
 # ---------------------------------------------------------------- the command line, run in-process
 
 

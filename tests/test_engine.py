@@ -211,8 +211,8 @@ def test_chunked_prefill_equals_one_shot_and_single_runs(lm):
 
 def test_a_long_prompt_is_fed_a_chunk_per_step_while_short_rows_decode(lm):
     """No forward is wider than the chunk, and short rows sent with a long prompt finish within
-    two steps of alone (the long row's piece takes its share of the 32 slots; one-shot prefill
-    padded them all to the long prompt)."""
+    three steps of alone (the long row's piece takes its share of the slots every step; one-shot
+    prefill padded them all to the long prompt, about 8 steps of 32 tokens)."""
     eng = make_engine(lm, EngineConfig(max_forward_tokens=32))  # also 32 slots while nothing decodes
     short = [GenerateRequest(TEXTS[k % 4], None, GenerateConfig(max_new_tokens=4)) for k in range(6)]
     long = GenerateRequest(" ".join(TEXTS * 6), None, GenerateConfig(max_new_tokens=2))
@@ -222,7 +222,7 @@ def test_a_long_prompt_is_fed_a_chunk_per_step_while_short_rows_decode(lm):
     together = run_steps(eng, 32, {0: [*short, long]}, widths)
     assert max(widths) <= 32
     for k in range(len(short)):
-        assert together[0, k][0] == alone[0, k][0] and together[0, k][2] <= alone[0, k][2] + 2
+        assert together[0, k][0] == alone[0, k][0] and together[0, k][2] <= alone[0, k][2] + 3
     assert together[0, len(short)][2] > max(alone[0, k][2] for k in range(len(short)))  # the long one came later
     one_shot = []
     run_steps(eng, None, {0: [*short, long]}, one_shot)
@@ -239,9 +239,9 @@ def test_a_long_row_decodes_in_its_own_group_and_rows_equal_single_runs(lm, monk
     n_long = len(eng.encode(long.text))
     assert n_long > 2 * max(len(eng.encode(r.text)) for r in short) + 64 + steps.GROUP_SLACK
     seen: list[list[tuple[int, int]]] = []  # per decode step: (width, rows) of each group
-    decode = steps.StepBatch.decode
-    monkeypatch.setattr(steps.StepBatch, "decode",
-                        lambda self: seen.append(sorted((g.width, len(g.rows)) for g in self.groups)) or decode(self))
+    step = steps.StepBatch.step
+    monkeypatch.setattr(steps.StepBatch, "step", lambda self, *a, **k: seen.append(
+        sorted((g.width, len(g.rows)) for g in self.groups)) or step(self, *a, **k))
     joins = {0: short, 1: [long]}
     got = run_steps(eng, 16, joins)
     together = [s for s in seen if len(s) == 2]

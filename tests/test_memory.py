@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TEXTS, rel, save_dept, target_cfg, uninterrupted_and_resumed
+from helpers import (
+    TEXTS,
+    deep_prompt,
+    random_memory,
+    rel,
+    save_dept,
+    save_memory,
+    target_cfg,
+    uninterrupted_and_resumed,
+)
 from safetensors.torch import save_file
 from serving import server_burst
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -27,16 +36,6 @@ from softprompt.splits import load_splits
 from softprompt.training import tune as TR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def random_memory(lm, seed: int, scale: float = 0.3) -> torch.Tensor:
-    L, h, d = MEM.memory_shape(lm.model)
-    return torch.randn(L, h, d, d, generator=torch.Generator().manual_seed(seed)) * scale
-
-
-def deep_prompt(lm, n: int, seed: int) -> torch.Tensor:
-    L, kv, d = lm.kv_shape
-    return torch.randn(L, 2, kv, n, d, generator=torch.Generator().manual_seed(seed))
 
 
 def test_the_attention_term_is_its_formula_and_nothing_without_a_memory(tiny_lm):
@@ -115,12 +114,6 @@ def test_resumed_equals_uninterrupted(tiny_lm, toy_csv, monkeypatch, sp_store):
     tcfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, patience=None, group_lr={"memory": 0.01})
     uninterrupted_and_resumed(sp_store, tiny_lm, cfg, pcfg, tcfg, monkeypatch)
     assert torch.equal(sp_store.load_prompt("part").memory, sp_store.load_prompt("full").memory)
-
-
-def save_memory(sp_store, lm, name: str, n: int, seed: int, memory: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    kv, mem = deep_prompt(lm, n, seed), random_memory(lm, seed + 100) if memory else None
-    sp_store.save_prompt(name, kv, {"base_model": {"fingerprint": lm.fingerprint}}, memory=mem)
-    return kv, mem
 
 
 @torch.no_grad()

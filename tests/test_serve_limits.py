@@ -29,16 +29,16 @@ def test_short_requests_sent_with_a_long_prompt_finish_before_it_is_read(lm, hom
     """16 short greedy requests and one ~450-token prompt meet in one batch: with a 16-token
     prefill chunk the short ones decode while the long prompt is read a chunk per step, so all of
     them finish before the long one (which asks for one token)."""
-    from softprompt.inference.kv import DecoderState
+    from softprompt.inference import fused
 
     long_text = " ".join(TEXTS * 12)
-    widths, hidden = [], DecoderState.hidden
+    widths, run = [], fused.run
     calls = [("/v1/completions", {"model": "tiny", "prompt": TEXTS[k % 4], "max_tokens": 8, "temperature": 0})
              for k in range(16)]
     calls.append(("/v1/completions", {"model": "tiny", "prompt": long_text, "max_tokens": 1, "temperature": 0}))
     done = {}
     with running(lm, home, prefill_chunk=16) as (base, app, _):
-        DecoderState.hidden = lambda self, ids, tmask: widths.append(ids.shape) or hidden(self, ids, tmask)
+        fused.run = lambda model, fwds: widths.extend(f.ids.shape for f in fwds) or run(model, fwds)  # every forward
         try:
             with paused(app, waiting=len(calls)):
                 threads = [threading.Thread(target=lambda k=k, c=c: done.setdefault(k, (httpx.post(
@@ -48,7 +48,7 @@ def test_short_requests_sent_with_a_long_prompt_finish_before_it_is_read(lm, hom
             for t in threads:
                 t.join(120)
         finally:
-            DecoderState.hidden = hidden
+            fused.run = run
     assert all(r.status_code == 200 for r, _ in done.values()), [r.text for r, _ in done.values() if r.status_code != 200]
     assert done[16][0].json()["usage"]["prompt_tokens"] > 300
     assert max(t for k, (_, t) in done.items() if k < 16) < done[16][1]

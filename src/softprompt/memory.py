@@ -35,6 +35,7 @@ MEMORY_FILE = "prefix_memory.safetensors"
 MEMORY_KEY = "memory"
 ATTN = "softprompt_prefix_memory"  # the attention implementation's registered name
 MAX_ABS = 1e4
+COMPATIBLE: set[str] = {ATTN}  # attention implementations that handle ``prefix_memory`` (``inference/fused.py`` adds its own)
 
 
 def phi(q: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,7 @@ def enable(model: Model) -> None:
     from softprompt.config import UserError
 
     impl = getattr(model.config, "_attn_implementation", None)
-    if impl == ATTN:
+    if impl in COMPATIBLE:
         return
     if impl != "sdpa":
         raise UserError(f"--prefix-memory needs SDPA attention; this {model.config.model_type} model runs {impl!r}")

@@ -111,14 +111,14 @@ class DecoderState:
     def hidden(self, ids: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:
         """Run (B, C) tokens after the cache (``tmask`` 0 = right padding); hidden (B, C, H)."""
         pos = self.next_pos[:, None] + (tmask.cumsum(1) - 1).clamp(min=0)  # (B, C); pads: any value
-        self.mask = torch.cat([self.mask, tmask], 1)
+        mask = torch.cat([self.mask, tmask], 1)
         x = embed(self.model, ids)
         if self.offsets is not None:
             x = x + gather_offsets(self.offsets, pos - self.start[:, None]).to(x.dtype)
-        out = self.model.base_model(inputs_embeds=x, attention_mask=self.mask,
+        out = self.model.base_model(inputs_embeds=x, attention_mask=mask,
                                     position_ids=pos, **cache_kw(self.model.base_model, self.cache),
                                     use_cache=True, **memory_kw(self.memory))
-        self.cache = returned_cache(out)
+        self.cache, self.mask = returned_cache(out), mask
         self.next_pos = self.next_pos + tmask.sum(1)
         return out.last_hidden_state
 

@@ -1,8 +1,10 @@
 """Chunked prefill: rows whose prompts are fed a piece at a time, beside rows that decode.
 
 ``Filling`` holds the rows still being prefilled as one ``DecoderState`` (their prompt
-prefixes, then the tokens fed so far). ``advance(budget, cap)`` feeds every such row its next
-piece in ONE forward of at most ``budget`` token slots. The pieces are as wide as the longest
+prefixes, then the tokens fed so far). ``plan(budget, cap)`` gives every such row its next
+piece as ONE forward (``fused.Forward``) of at most ``budget`` token slots, which the caller
+runs (alone, or inside the decode step's forward: ``fused.run``), and ``finish`` takes its
+result; ``advance`` does the three. The pieces are as wide as the longest
 prompt left that fits ``cap``, so every short prompt finishes in this forward (and starts
 decoding) while a long one reads as much, and at most ``cap`` per row, even a lone row, so a
 request that arrives meanwhile waits for one piece, not a whole long prompt. No row is padded
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from softprompt.forward import lm_logits
+from softprompt.inference.fused import Forward
 from softprompt.inference.kv import (
     DecoderState,
     batch_prefix,
@@ -65,30 +68,45 @@ class Filling:
 
     @torch.no_grad()
     def advance(self, budget: int, cap: int | None = None) -> tuple[list[int], DecoderState | None, torch.Tensor | None]:
-        """One forward of at most ``budget`` token slots (rows x the pieces' width; at least one
-        token per row), each row's piece at most ``cap`` tokens: as wide as the longest prompt
-        left that fits ``cap`` (so every such row finishes), else ``cap``. Returns the rows
+        """``plan`` one forward of at most ``budget`` token slots, run it alone and ``finish`` it."""
+        fwd = self.plan(budget, cap)
+        if fwd is not None:
+            fwd.run()
+        return self.finish(fwd)
+
+    def plan(self, budget: int, cap: int | None = None) -> Forward | None:
+        """The next forward (None if no row has tokens left to read): at most ``budget`` token
+        slots (rows x the pieces' width; at least one token per row), each row's piece at most
+        ``cap`` tokens: as wide as the longest prompt left that fits ``cap`` (so every such row
+        finishes), else ``cap``. Nothing changes until ``finish``."""
+        rem = self.remaining()
+        if not any(rem):
+            return None
+        cap = min(cap or budget, max(1, budget))
+        short = [r for r in rem if 0 < r <= cap]
+        width = max(short) if short else cap  # the short rows finish now; the long ones read as much
+        width = max(1, min(width, budget // len(rem)))  # every row is in the forward: slots = rows x width
+        take = [min(r, width) for r in rem]
+        pieces = [ids[f : f + n] for ids, f, n in zip(self.ids, self.fed, take, strict=True)]
+        C = max(len(p) for p in pieces)
+        feed = torch.full((len(pieces), C), self.engine.pad_id, dtype=torch.long)
+        fmask = torch.zeros(len(pieces), C, dtype=torch.long)
+        for j, p in enumerate(pieces):
+            if p:
+                feed[j, : len(p)], fmask[j, : len(p)] = torch.tensor(p), 1
+        return Forward(self.state, feed.to(self.engine.device), fmask.to(self.engine.device))
+
+    @torch.no_grad()
+    def finish(self, fwd: Forward | None) -> tuple[list[int], DecoderState | None, torch.Tensor | None]:
+        """After ``plan``'s forward ran (``fwd.out``; None: there was none): returns the rows
         (indices at call time) whose prompt is now consumed, their state and their first
         next-token logits (B', V), and keeps the rest."""
-        rem = self.remaining()
-        if any(rem):
-            cap = min(cap or budget, max(1, budget))
-            short = [r for r in rem if 0 < r <= cap]
-            width = max(short) if short else cap  # the short rows finish now; the long ones read as much
-            width = max(1, min(width, budget // len(rem)))  # every row is in the forward: slots = rows x width
-            take = [min(r, width) for r in rem]
-            pieces = [ids[f : f + n] for ids, f, n in zip(self.ids, self.fed, take, strict=True)]
-            C = max(len(p) for p in pieces)
-            feed = torch.full((len(pieces), C), self.engine.pad_id, dtype=torch.long)
-            fmask = torch.zeros(len(pieces), C, dtype=torch.long)
-            for j, p in enumerate(pieces):
-                if p:
-                    feed[j, : len(p)], fmask[j, : len(p)] = torch.tensor(p), 1
-            h = self.state.hidden(feed.to(self.engine.device), fmask.to(self.engine.device))  # (P, C, H)
-            for j, p in enumerate(pieces):
-                if p:
-                    self.fed[j] += len(p)
-                    self.last[j] = h[j, len(p) - 1]
+        if fwd is not None:
+            h = fwd.out  # (P, C, H)
+            for j, n in enumerate(fwd.tmask.sum(1).tolist()):
+                if n:
+                    self.fed[j] += n
+                    self.last[j] = h[j, n - 1]
         done = [j for j, r in enumerate(self.remaining()) if r == 0]
         if not done:
             return [], None, None

@@ -1,4 +1,4 @@
-"""Decoder-only scoring in bounded memory, as generators that pause after every forward.
+"""Decoder-only scoring in bounded memory, as generators that pause at every forward.
 
 ``prefill_steps`` runs rows' ``[prompt][context]`` in forwards of at most ``budget()`` token
 slots (column slices of the left-padded block). ``target_steps`` scores targets after it: each
@@ -7,6 +7,9 @@ a copy of its row's cache, in groups of (row, target) pairs whose copies and for
 ``group_bytes`` and whose tokens fit ``budget()`` (at least one pair per group): the cache is
 never copied once per input x label at once. A scheduler advances one forward per step (with
 ``budget`` the tokens it may spend beside decoding rows); ``run`` drives one to the end.
+Each pause yields the forward it needs (``fused.Forward``, or None when the step ran its own)
+and is resumed with its hidden states, so a scheduler can run it inside its decode step's
+forward (``fused.run``).
 
 Exact: positions are explicit and masked columns contribute nothing, so slicing the prefill
 and grouping the pairs change batch shapes only (results equal the one-shot path to float
@@ -21,19 +24,23 @@ import torch
 import torch.nn.functional as F
 
 from softprompt.forward import lm_logits
+from softprompt.inference.fused import Forward
 from softprompt.inference.kv import DecoderState, batch_prefix, left_pad, row_extras
 from softprompt.inference.logprobs import pick_logprobs
 
-Steps = Generator[None, None, object]
+Steps = Generator[Forward | None, torch.Tensor | None, object]
 
 
 def run(steps: Steps):
-    """Drive a generator of this module to its end; its return value."""
+    """Drive a generator of this module to its end, each forward it asks for run on its own; its
+    return value."""
+    reply = None
     while True:
         try:
-            next(steps)
+            want = steps.send(reply)
         except StopIteration as done:
             return done.value
+        reply = None if want is None else want.run()
 
 
 def prefill_steps(engine, rows: list, budget: Callable[[], int]):
@@ -51,9 +58,8 @@ def prefill_steps(engine, rows: list, budget: Callable[[], int]):
     T, s, h = ids.shape[1], 0, None
     while s < T:
         w = max(1, budget() // len(rows))
-        h = state.hidden(ids[:, s : s + w], tmask[:, s : s + w])  # left pads in a slice: masked columns
+        h = yield Forward(state, ids[:, s : s + w], tmask[:, s : s + w])  # left pads in a slice: masked columns
         s += w
-        yield
     last = [h[i, -1] if r.ids else prefixes[i].last for i, r in enumerate(rows)]
     return state, torch.stack(last)
 
@@ -85,14 +91,13 @@ def target_steps(engine, rows: list, targets: list[tuple[tuple[int, ...], ...]],
             group.append((i, k))
             used, tokens = used + cost, tokens + rest
         todo = todo[len(group) :]
-        _score_rest(engine, state.gather([i for i, _ in group]), group, targets, scores, toks, top_k)
-        yield
+        yield from _score_rest(engine, state.gather([i for i, _ in group]), group, targets, scores, toks, top_k)
     return scores, toks
 
 
 def _score_rest(engine, state: DecoderState, pairs: list[tuple[int, int]], targets, scores, toks, top_k) -> None:
-    """The later tokens of ``pairs``' targets on ``state`` (one row per pair), added into ``scores``
-    (and ``toks``)."""
+    """Generator: the later tokens of ``pairs``' targets on ``state`` (one row per pair), added into
+    ``scores`` (and ``toks``)."""
     rest = [list(targets[i][k]) for i, k in pairs]
     C = max(len(t) for t in rest) - 1
     feed = torch.full((len(rest), C), engine.pad_id, dtype=torch.long)
@@ -100,7 +105,7 @@ def _score_rest(engine, state: DecoderState, pairs: list[tuple[int, int]], targe
     for j, t in enumerate(rest):
         feed[j, : len(t) - 1], fmask[j, : len(t) - 1] = torch.tensor(t[:-1]), 1
     feed, fmask = feed.to(engine.device), fmask.to(engine.device)
-    h = state.hidden(feed, fmask)  # (M, C, H); position c predicts token c+1
+    h = yield Forward(state, feed, fmask)  # (M, C, H); position c predicts token c+1
     sel = fmask.bool()
     gold = [tok for t in rest for tok in t[1:]]
     logp = F.log_softmax(lm_logits(engine.model, h[sel]).float(), -1)  # (S, V), rows in target order

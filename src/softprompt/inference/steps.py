@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 import torch
 
 from softprompt.config import GenerateConfig
+from softprompt.forward import lm_logits
+from softprompt.inference import fused
+from softprompt.inference.fused import Forward
 from softprompt.inference.kv import DecoderState, merge_states
 from softprompt.inference.logprobs import TokenLogprob, step_logprobs
 from softprompt.inference.prefill import Filling
@@ -97,13 +100,16 @@ class _Picks:
     group: _Group
     tokens: list[int]
     logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
+    feed: list[int] = field(default_factory=list)  # the tokens its remaining rows run next
 
 
 class StepBatch:
     """Rows that decode together; see the module docstring."""
 
-    def __init__(self, engine, keep_logits: bool = False, prefill_chunk: int | None = None):
+    def __init__(self, engine, keep_logits: bool = False, prefill_chunk: int | None = None, strict: bool = True):
         self.engine = engine
+        self.strict = strict  # a failed prefill piece raises (else ``fill_error``: ``step``)
+        self.touched, self.fill_error = False, None
         self.keep_logits = keep_logits  # each event carries its step's logits (float32 copy)
         self.groups: list[_Group] = []
         chunked = prefill_chunk is not None and not engine.is_encoder_decoder and engine.cfg.use_prefix_cache
@@ -220,30 +226,60 @@ class StepBatch:
 
     @torch.no_grad()
     def advance(self) -> None:
-        """One prefill forward of at most ``budget()`` tokens (at most ``prefill_chunk`` per row)
-        for the rows still being prefilled; finished ones start decoding."""
-        if not self.pending:
-            return
-        done, state, logits = self.filling.advance(self.budget(), self.chunk)
+        """One prefill forward of its own, of at most ``budget()`` tokens (at most ``prefill_chunk``
+        per row), for the rows still being prefilled; finished ones start decoding."""
+        if self.pending:
+            self._joined(self.filling.advance(self.budget(), self.chunk))
+
+    def _joined(self, finished) -> None:
+        done, state, logits = finished
         if done:
             self._join([self.pending[j] for j in done], state, logits)
             self.pending = [r for j, r in enumerate(self.pending) if j not in set(done)]
 
-    def step(self) -> list[StepEvent]:
-        """``advance`` then ``decode``."""
-        self.advance()
-        return self.decode()
-
     @torch.no_grad()
-    def decode(self) -> list[StepEvent]:
+    def step(self, side: Forward | None = None, fill: bool = True) -> list[StepEvent]:
         """One token for every decoding row; finished rows leave; the rest advance one position.
-        Every group's tokens are chosen before any group changes, so a failure leaves the batch as it was."""
+        In the same forward (``fused.run``): with ``fill``, the next prefill piece of the rows
+        being prefilled (those whose prompt is consumed start decoding, their first token at the
+        next step), and ``side``, a forward of the caller's (a scoring slice: it gets its
+        ``out`` or ``error``). Every group's tokens are chosen before anything changes
+        (``touched`` stays False), so a failure there leaves the batch as it was. A failed
+        prefill piece is raised, or with ``strict=False`` kept in ``fill_error`` while the
+        decoding rows go on."""
+        self.touched, self.fill_error = False, None
         picks = [self._pick(g) for g in self.groups]
-        events = [e for p in picks for e in self._apply(p)]
+        self.touched = True
+        piece = self.filling.plan(self.budget(), self.chunk) if fill and self.pending else None
+        events, decoding = [], []
+        for p in picks:
+            events += self._apply(p)
+            g = p.group
+            if g.rows and not isinstance(g.state, DecoderState):  # encoder-decoder: its own step
+                g.logits = g.state.step(self.engine.tensor(p.feed))
+            elif g.rows:
+                decoding.append((g, Forward(g.state, self.engine.tensor(p.feed)[:, None],
+                                            torch.ones(len(p.feed), 1, dtype=torch.long, device=self.engine.device))))
+        fused.run(self.engine.model, [f for f in (piece, side) if f is not None] + [f for _, f in decoding])
+        for g, f in decoding:
+            if f.error is not None:
+                raise f.error
+            g.logits = lm_logits(self.engine.model, f.out[:, -1])
         self.groups = [g for g in self.groups if g.rows]
+        if fill and self.pending:
+            if piece is not None and piece.error is not None:
+                self.fill_error = piece.error
+                if self.strict:
+                    raise piece.error
+            else:
+                self._joined(self.filling.finish(piece))
         if len(self.groups) > 1:
             self._regroup()
         return events
+
+    def decode(self) -> list[StepEvent]:
+        """``step`` without prefilling."""
+        return self.step(fill=False)
 
     def _pick(self, g: _Group) -> _Picks:
         rows = g.rows
@@ -253,8 +289,9 @@ class StepBatch:
         return _Picks(g, tokens, dict(zip(asked, lps, strict=True)))
 
     def _apply(self, p: _Picks) -> list[StepEvent]:
+        """The group's events; its finished rows leave; ``p.feed``: the tokens the rest run next."""
         g = p.group
-        events, keep, feed = [], [], []
+        events, keep = [], []
         for j, (r, t) in enumerate(zip(g.rows, p.tokens, strict=True)):
             logits = g.logits[j].float().clone() if self.keep_logits else None
             if t in r.stops:
@@ -266,10 +303,8 @@ class StepBatch:
             events.append(StepEvent(r.rid, t, "length" if done else None, logits, p.logprobs.get(j)))
             if not done:
                 keep.append(j)
-                feed.append(t)
+                p.feed.append(t)
         self._keep(g, keep)
-        if g.rows:
-            g.logits = g.state.step(self.engine.tensor(feed))
         return events
 
     def cancel(self, rids) -> None:

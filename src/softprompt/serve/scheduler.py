@@ -12,16 +12,16 @@ is a 429 with Retry-After. The worker thread is the only code that touches the `
    checks its context length (400) and estimated working memory (413, ``limits``), so a bad
    or oversized request fails only its own job, before any model work;
 3. scoring: the taken scoring rows, whatever their prompts, become ONE mixed scoring task
-   (``scorer``) that runs one forward per iteration;
+   (``scorer``) that needs one forward per iteration;
 4. new generation rows join the ``StepBatch``, are prefilled a chunk per iteration (chunked
    prefill) and start decoding when their prompt is consumed (continuous batching);
-5. drops the rows of cancelled jobs (client gone, timeout) and decodes ONE step for all
-   decoding rows; each row's text is decoded here (``streams.RowText``), a stop string ends its
-   row, and finished rows leave the batch at once.
+5. drops the rows of cancelled jobs and decodes ONE step for all decoding rows, with either the
+   scoring slice or the prefill chunk (turn about when both wait; each within the step budget)
+   in the same forward (``inference/fused.py``); each row's text is decoded here
+   (``streams.RowText``), a stop string ends its row, finished rows leave the batch at once.
 
-While rows decode, one iteration runs either a scoring forward or a prefill chunk (turn about
-when both wait) beside the decode step, each of at most ``prefill_chunk`` tokens: no
-request's prompt or labels stall the decoding rows by more than that per step. Results travel
+So no request's prompt or labels stall the decoding rows by more than the step budget's
+tokens in their forward. Results travel
 back to the event loop with ``loop.call_soon_threadsafe`` as typed events (``events``) on the
 job's asyncio queue. After each iteration the worker publishes ``snapshot`` (engine statistics)
 for ``/metrics``. An unexpected exception fails the jobs in the batch, and the worker goes on.
@@ -159,7 +159,7 @@ class Scheduler:
     def _new_batch(self):
         from softprompt.inference.steps import StepBatch
 
-        return StepBatch(self.engine, prefill_chunk=self.cfg.prefill_chunk)
+        return StepBatch(self.engine, prefill_chunk=self.cfg.prefill_chunk, strict=False)
 
     def budget(self) -> int:
         """Token slots a prefill or scoring forward may take now (``StepBatch.budget``: about a
@@ -267,13 +267,13 @@ class Scheduler:
         prefilling, scoring = bool(self.batch.pending), self.scorer.busy
         self.turn += prefilling and scoring
         t1 = time.perf_counter()
-        if scoring and not (prefilling and self.turn % 2):
-            self.scorer.step(self.budget)
+        side = self.scorer.plan(self.budget) if scoring and not (prefilling and self.turn % 2) else None
+        fill = prefilling and not (scoring and not self.turn % 2)
         t2 = time.perf_counter()
-        if prefilling and not (scoring and not self.turn % 2):
-            self._advance()
         if len(self.batch):
-            self._step()
+            self._step(side, fill)  # one forward: the decoding rows, the prefill piece, the scoring slice
+        if side is not None:
+            self.scorer.done(side)  # run on its own first if nothing decodes
         t3 = time.perf_counter()
         for phase, dt in (("score", t2 - t1), ("join", t1 - t0), ("decode", t3 - t2)):
             if dt > 1e-4:
@@ -319,16 +319,13 @@ class Scheduler:
             job.put(Admitted(job.info))
         self.metrics.batch("prefill", sum(len(ids) for _, ids in placed))
 
-    def _advance(self) -> None:
-        """One prefill chunk; if it fails, the jobs of the rows being prefilled fail (the decoding rows go on)."""
-        try:
-            self.batch.advance()
-        except Exception as e:  # noqa: BLE001 - the rows being prefilled are the culprits
-            jobs = {self.rows[r.rid][0] for r in self.batch.pending}
-            for job in jobs:
-                job.fail(self._fault(e, "prefill", job))
-                job.cancelled = True
-            self._drop([rid for rid, (job, _, _) in self.rows.items() if job in jobs])
+    def _fill_failed(self, e: Exception) -> None:
+        """A prefill piece failed: the jobs of the rows being prefilled fail (the decoding rows go on)."""
+        jobs = {self.rows[r.rid][0] for r in self.batch.pending}
+        for job in jobs:
+            job.fail(self._fault(e, "prefill", job))
+            job.cancelled = True
+        self._drop([rid for rid, (job, _, _) in self.rows.items() if job in jobs])
 
     def _fault(self, e: Exception, phase: str, job: Job) -> ApiError:
         """The error one job gets when its own rows failed: 422 for a user error, else a 500 logged
@@ -347,19 +344,23 @@ class Scheduler:
             for rid in rids:
                 del self.rows[rid]
 
-    def _step(self) -> None:
-        """One decode step; each row's text grows here, and a stop string ends its row."""
+    def _step(self, side=None, fill: bool = False) -> None:
+        """One decode step (``StepBatch.step``); each row's text grows here, a stop string ends its row."""
         self.steps += 1
         self.metrics.batch("decode", len(self.batch.live))
         live = list(self.batch.live)
         states = [r.gen.get_state() for r in live]  # a failed step may have drawn from some rows' generators
         try:
-            events = self.batch.decode()
+            events = self.batch.step(side, fill)
         except Exception as e:  # noqa: BLE001 - find the rows that break it, fail their jobs, go on
+            if self.batch.touched:  # past the token choice: not one row's fault
+                raise
             for r, state in zip(live, states, strict=True):
                 r.gen.set_state(state)
             self._fail_culprits(e)
-            events = self.batch.decode()
+            events = self.batch.step(side, fill)
+        if self.batch.fill_error is not None:
+            self._fill_failed(self.batch.fill_error)
         self.metrics.generated(sum(e.token is not None for e in events))
         out: dict[Job, list[RowUpdate]] = defaultdict(list)
         stopped = []

@@ -2,8 +2,9 @@
 
 Prepared scoring jobs wait in ``ready``; when no task runs, the next ones whose estimated
 working memory fits ``max_request_mb`` together (at least one) become ONE task
-(``Engine.score_task`` over all their rows, whatever their prompts). ``step(budget)`` runs one
-forward of at most ``budget()`` token slots, so scoring shares the worker with decoding rows a
+(``Engine.score_task`` over all their rows, whatever their prompts). ``plan(budget)`` gives its
+next forward of at most ``budget()`` token slots, which the scheduler runs inside its decode
+step's forward and hands back (``done``), so scoring shares the worker with decoding rows a
 slice at a time. When the task ends each job gets its ``Scores``; when it fails, each job is
 scored apart so that only the culprit fails; a task whose jobs were all cancelled is dropped.
 Runs in the worker thread only.
@@ -15,7 +16,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from softprompt.inference import fused
 from softprompt.inference.footprint import MiB
+from softprompt.inference.fused import Forward
 from softprompt.serve.events import Scores
 from softprompt.serve.limits import group_bytes
 
@@ -29,6 +32,7 @@ class Scorer:
         self.ready: deque = deque()  # prepared scoring jobs, in arrival order
         self.jobs: list = []  # the running task's jobs
         self.task = None
+        self.reply = None  # the hidden states that resume the task (``done``)
 
     @property
     def busy(self) -> bool:
@@ -47,32 +51,46 @@ class Scorer:
             self.task = self.engine.score_task([r for j in self.jobs for r in j.rows], budget,
                                                group_bytes(self.engine, self.cfg))
 
-    def step(self, budget: Callable[[], int]) -> None:
-        """One forward of the running task (started from ``ready`` if none runs)."""
+    def plan(self, budget: Callable[[], int]) -> Forward | None:
+        """Resume the running task (started from ``ready`` if none runs) up to the next forward
+        it needs, of at most ``budget()`` token slots: the caller runs it (in its decode step:
+        ``StepBatch.step(side=...)``) and hands it back to ``done``. None: nothing to run now
+        (the task ended, failed, ran its own forward, or no task)."""
         if self.task is None:
             self._start(budget)
             if self.task is None:
-                return
+                return None
         if all(j.cancelled for j in self.jobs):  # every client left: its work is dropped
-            self.task, self.jobs = None, []
-            return
+            self.task, self.jobs, self.reply = None, [], None
+            return None
+        reply, self.reply = self.reply, None
         try:
-            next(self.task)
-            return
+            return self.task.send(reply)
         except StopIteration as done:
             results = done.value
         except Exception:  # noqa: BLE001 - retried apart below; a real fault is logged there
             self._apart()
-            return
+            return None
         self.metrics.batch("score", sum(len(j.rows) for j in self.jobs))
         s = 0
         for job in self.jobs:
             job.put(Scores(results[s : s + len(job.rows)], job.info))
             s += len(job.rows)
         self.task, self.jobs = None, []
+        return None
+
+    def done(self, fwd: Forward) -> None:
+        """``plan``'s forward has run (else it runs now, on its own): its hidden states resume the
+        task at the next ``plan``; if it failed, each job is scored apart."""
+        if fwd.out is None and fwd.error is None:
+            fused.run(self.engine.model, [fwd])
+        if fwd.error is not None:
+            self._apart()
+        else:
+            self.reply = fwd.out
 
     def _apart(self) -> None:
-        jobs, self.task, self.jobs = self.jobs, None, []
+        jobs, self.task, self.jobs, self.reply = self.jobs, None, [], None
         for job in jobs:
             try:
                 job.put(Scores(self.engine.score_rows(job.rows), job.info))

@@ -167,6 +167,10 @@ def run_mix(a, srv, texts: list[str]) -> dict:
     pid, mix = srv.proc.pid, mix_requests(texts, a.long_chars)
     idle_rss = vm(pid, "VmRSS")
     long_text = " ".join(texts)[: a.long_chars]  # ~1,950 tokens at the default 8,500
+    # Warm-up, not measured: one pass of each phase, so that shapes an engine compiles on first
+    # sight (vLLM's torch.compile on a CPU) are compiled before the first measured round.
+    asyncio.run(streams_phase(srv.url, texts, a.stream_tokens, mix))
+    asyncio.run(short_burst(srv.url, texts, long_text))
     phases, bursts = [], []
     for rnd in range(a.rounds):
         order = ("alone", "mix") if rnd % 2 == 0 else ("mix", "alone")
@@ -220,7 +224,7 @@ def mix_report(a, info, model, res: dict, max_request_mb: float) -> tuple[dict, 
           f"--max-request-mb {max_request_mb:g}) on 127.0.0.1. {HEALTHY} healthy streamed greedy completions "
           f"({a.stream_tokens} tokens) sent together, alone or while 4 clients loop over a hostile mix, one kind each "
           f"(a ~1,500-token prompt, classify with 32 labels x 8 inputs of 100 words, a stream dropped after its first "
-          f"event, a chat role that is a list); {a.rounds} rounds, order alternating. {info['cpu']} ({info['cores']} cores, shared "
+          f"event, a chat role that is a list); {a.rounds} rounds, order alternating, after one unmeasured warm-up pass of the mix and of the long-prompt burst. {info['cpu']} ({info['cores']} cores, shared "
           f"with other work: load average {info['loadavg_at_start'][0]:.1f} at start), so read the ratios.\n\n"
           + common.md_table(["round", "phase", "TTFT p50 s", "TTFT p99 s", "ITL p50 s", "ITL p99 s", "healthy failures",
                              "5xx", "peak RSS MiB", "hostile answers"], rows)

@@ -51,3 +51,26 @@ def test_explicit_vllm_serves_with_deep_prompts_stored(with_vllm):
 def test_choosing_imports_nothing_of_vllm(without_vllm):
     engines.choose("auto", "llama", [])
     assert not any(m == "vllm" or m.startswith(("vllm.", "softprompt.serve.vllm")) for m in sys.modules)
+
+
+def test_the_cpus_are_split_between_vllms_worker_and_this_process(monkeypatch):
+    """vLLM's model worker gets every allowed CPU but the last, this process's worker thread the
+    last; a bind the user set is kept and ours goes where it leaves room; one CPU: no split."""
+    import os
+
+    from softprompt.serve.vllm.launch import split_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert split_cpus({}) == ("0,1,2", {3})
+    assert split_cpus({"VLLM_CPU_OMP_THREADS_BIND": "0-1"}) == (None, {2, 3})
+    assert split_cpus({"VLLM_CPU_OMP_THREADS_BIND": "0-3"}) == (None, None)
+    assert split_cpus({"VLLM_CPU_OMP_THREADS_BIND": "auto"}) == (None, None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
+    assert split_cpus({}) == (None, None)
+
+
+def test_vllms_step_budget_follows_the_servers_flags():
+    from softprompt.config import ServerConfig
+    from softprompt.serve.vllm.launch import step_tokens
+
+    assert step_tokens(ServerConfig(max_batch_rows=8, prefill_chunk=32)) == 40

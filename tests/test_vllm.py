@@ -191,6 +191,29 @@ def test_a_poisoned_request_fails_alone(vllm_url, ref):
     assert [g[1]["choices"][0]["text"] for g in got[1:-1]] == [w.text for w in want]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU vLLM keeps its own step budget")
+def test_vllms_step_budget_on_a_cpu_is_the_servers_and_a_vllm_arg_wins(lm):
+    from softprompt.config import ServerConfig
+    from softprompt.serve.vllm.launch import engine_args, step_tokens
+
+    cfg = ServerConfig(max_batch_rows=8, prefill_chunk=32)
+    assert engine_args(str(lm.path), "float32", cfg).max_num_batched_tokens == step_tokens(cfg) == 40
+    assert engine_args(str(lm.path), "float32", cfg, ["--max-num-batched-tokens 512"]).max_num_batched_tokens == 512
+
+
+def test_seeded_sampling_of_prompts_read_over_several_steps_keeps_the_engine_alive(vllm_url):
+    """Sampled requests with seeds whose prompts are longer than vLLM's step budget (so they are
+    read over several steps) beside greedy ones: all answer 200 and the engine still serves.
+    Before, vLLM's CPU runner died rewinding a CPU generator and every request failed."""
+    long = " ".join(TEXTS * 60)  # ~600 tokens: more than the 160-token step budget
+    sampled = [{"model": m, "prompt": long, "max_tokens": 4, "temperature": 1.0, "seed": 7} for m in (BASE, "p0")]
+    greedy = [{"model": "p1", "prompt": TEXTS[k], "max_tokens": 6, "temperature": 0} for k in range(3)]
+    with cf.ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(lambda b: post(vllm_url, "/v1/completions", b), [*sampled, *greedy, *sampled]))
+    assert [g[0] for g in got] == [200] * len(got), [g[1] for g in got if g[0] != 200][:1]
+    assert post(vllm_url, "/v1/completions", greedy[0])[0] == 200
+
+
 def test_a_deep_prompt_is_refused_naming_the_builtin_engine(vllm_url):
     status, body = post(vllm_url, "/v1/completions", {"model": "deep0", "prompt": "x", "max_tokens": 2})
     assert status == 422 and "--engine native" in body["error"]["message"]

@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import uuid
 from typing import TYPE_CHECKING
 
@@ -48,8 +50,15 @@ def deep_refusal(name: str) -> ApiError:
 class VllmScheduler(Scheduler):
     """The built-in scheduler's queue, preparation and scoring; generation on vLLM's ``llm``."""
 
-    def __init__(self, engine: Engine, metrics, cfg, llm, loop_tokenizer):
+    def __init__(self, engine: Engine, metrics, cfg, llm, loop_tokenizer, cpus: set[int] | None = None):
         super().__init__(engine, metrics, cfg)
+        self.cpus = cpus  # where the worker thread runs (``launch.split_cpus``); None: anywhere
+        # vLLM's CPU runner cannot rewind a CPU random generator when a seeded request's prompt is
+        # read over several steps (chunked prefill): its engine dies ("CPU Generator does not use
+        # offset") and every request with it. So on a CPU vLLM samples without the request's seed.
+        import torch
+
+        self.on_cpu = not torch.cuda.is_available()
         self.llm = llm  # vllm AsyncLLM, driven from the event loop
         self.loop_tok = loop_tokenizer  # a tokenizer used only on the event loop (log-prob pieces)
         self.live: dict[str, object] = {}  # vLLM request id -> job (event loop side)
@@ -63,6 +72,11 @@ class VllmScheduler(Scheduler):
         super().stop(timeout)
         self.llm.shutdown()
 
+    def _run(self) -> None:
+        if self.cpus:  # this thread only: the event loop and the rest of the process stay where they are
+            os.sched_setaffinity(threading.get_native_id(), self.cpus)
+        super()._run()
+
     # ------------------------------------------------ worker side
 
     def vllm_input(self, request, stops: list[str]) -> tuple[dict, object]:
@@ -74,8 +88,9 @@ class VllmScheduler(Scheduler):
         if row.deep is not None:
             raise deep_refusal(row.prompt)
         g = request.config
+        seeded = g.temperature > 0 and not self.on_cpu  # on_cpu: see __init__
         params = SamplingParams(max_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                                repetition_penalty=g.repetition_penalty, seed=g.seed if g.temperature > 0 else None,
+                                repetition_penalty=g.repetition_penalty, seed=g.seed if seeded else None,
                                 logprobs=request.logprobs, stop=stops or None, skip_special_tokens=True,
                                 stop_token_ids=sorted(set(self.engine.stop_ids) | set(request.stop_ids)))
         if row.emb is None:

@@ -7,7 +7,8 @@
 # shallow prompt races 0.03 against 0.3 on dev at step 200.
 #
 #   benchmarks/suite.sh run       # every task in turn; rerun to continue (--resume), finished tasks are skipped
-#   benchmarks/suite.sh report    # docs/comparison.md and its plots from every result, partial ones included
+#   benchmarks/suite.sh report    # docs/comparison.md and its plots from every result, partial ones included,
+#                                 # and README.md's suite table (benchmarks/suite_readme.py)
 #
 # Results: benchmarks/results/compare_suite_<task>.json/.md/.png; while a task runs, its
 # finished runs are in compare_suite_<task>.runs.jsonl and compare_suite_<task>.partial.json.
@@ -42,6 +43,7 @@ report() {
   done
   list=$(IFS=,; echo "${files[*]}")
   "$PY" -m softprompt compare --out docs --notes docs/comparison-notes.md --report "$list"
+  "$PY" benchmarks/suite_readme.py --readme README.md --results "$OUT"  # the suite table between its markers
 }
 
 case "${1:-}" in

@@ -99,7 +99,8 @@ def test_quick_benchmark_runs(command, tmp_path):
     benchmarks/results/dist_train_tiny.* unless given --out), ray_serve_load (187 s: a Ray cluster).
     Without a quick mode, covered by ``--help`` only: ablation, levers, sweep_defaults (the
     default model, minutes), gpu_bench (its CPU dry run is tests/test_gpu_check.py), gpu_report
-    (reads gpu_bench's results), serve_vllm (needs vLLM).
+    (reads gpu_bench's results), serve_vllm (needs vLLM), suite_readme (no model; its own tests are
+    tests/test_suite_table.py).
     """
     before = results()
     script, *flags = command.split()

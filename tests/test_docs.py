@@ -1,6 +1,7 @@
 """The docs are true to the tree: every file path and ``softprompt`` module the README and
 ``docs/*.md`` name in backticks exists, and every ratio the README quotes next to a cited results
-file (``benchmarks/results/...``) is written in that file."""
+file (``benchmarks/results/...``) is written in that file, and the README's suite table is what its
+result files render."""
 
 from __future__ import annotations
 
@@ -94,3 +95,14 @@ def test_the_figure_check_would_catch_a_drifted_number():
     text = (REPO / "benchmarks/results/serve_load.md").read_text()
     figure = re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)x\b", para)[0]
     assert not re.search(FIGURE.format(re.escape(figure)), text)
+
+
+def test_readme_suite_table_is_what_the_committed_results_render():
+    """The README's six-task suite table is generated (``benchmarks/suite.sh report``): it cannot
+    drift from ``benchmarks/results/compare_suite_<task>[.partial].json``."""
+    from softprompt.experiments import suite_table
+
+    block = suite_table.generated_block((REPO / "README.md").read_text())
+    assert block is not None, f"README.md lost its {suite_table.START} ... {suite_table.END} markers"
+    assert block == suite_table.render(suite_table.load(REPO / "benchmarks" / "results")), \
+        "README.md's suite table is stale: run benchmarks/suite.sh report"

@@ -1,0 +1,151 @@
+"""The six-task suite's summary table (``benchmarks/suite.sh``), rendered from its result files.
+
+One Markdown table, one row per task: the test accuracy of the deep prompt, LoRA and the
+shallow prompt at the curve's last step (600), mean ± sample sd over the seeds that finished,
+the seeds per cell, the test set's standard error and the best prompt kind minus LoRA in points;
+then the means over the tasks that have LoRA and a prompt kind, and one sentence saying which
+results are partial. Invariants: every number comes from a result file
+(``compare_suite_<task>.json``, else the runs so far in ``compare_suite_<task>.partial.json``);
+a cell with no finished run says "running", never a number; the same files give the same text
+(no dates), so a test can hold README.md to it. ``write_readme`` replaces only the text between
+the two markers, whole or not at all, and leaves the file as it was when a marker is missing.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from softprompt.config import UserError
+from softprompt.experiments import compare_curve, compare_report
+from softprompt.provenance import atomic_write
+
+TASKS = {"sst2": "SST-2", "trec": "TREC", "mr": "MR", "subj": "Subj", "mpqa": "MPQA", "agnews": "AG News"}
+METHODS = {"deep-prompt": "deep prompt", "lora": "LoRA", "prompt-tuning": "shallow prompt"}
+PROMPTS = ("deep-prompt", "prompt-tuning")
+STEP = 600  # the suite's last curve point
+START, END = "<!-- suite-table:start -->", "<!-- suite-table:end -->"
+
+
+def result_file(results: Path, task: str) -> Path | None:
+    """The task's finished result, else its runs so far, else None (no run has finished)."""
+    for name in (f"compare_suite_{task}.json", f"compare_suite_{task}.partial.json"):
+        if (results / name).is_file():
+            return results / name
+    return None
+
+
+def load(results: Path) -> dict[str, dict | None]:
+    """Every suite task's result document (None: no file yet), in the suite's task order."""
+    return {t: (compare_report.read_json(p) if (p := result_file(results, t)) else None) for t in TASKS}
+
+
+def cells(doc: dict) -> dict[str, dict]:
+    """Per method that has finished runs: its curve's last point summarised over seeds
+    (``compare_curve.summarize``: steps, seeds, test_mean, test_std, test_se)."""
+    out = {}
+    for method in METHODS:
+        runs = [r for r in doc["runs"] if r["method"] == method]
+        curve = compare_curve.summarize(runs, doc["data"]["test"])
+        if curve:
+            out[method] = curve[-1]
+    return out
+
+
+def _acc(c: dict | None, running: bool) -> str:
+    if c is None:
+        return "running" if running else "-"
+    text = f"{100 * c['test_mean']:.1f}" + (f" ± {100 * c['test_std']:.1f}" if c["seeds"] > 1 else "")
+    return text if c["steps"] == STEP else f"{text} (at {c['steps']} steps)"
+
+
+def _gap(cs: dict[str, dict]) -> tuple[float, str] | None:
+    """The best prompt kind's mean minus LoRA's, in points, and that kind; None without both."""
+    kinds = [m for m in PROMPTS if m in cs]
+    if "lora" not in cs or not kinds:
+        return None
+    best = max(kinds, key=lambda m: cs[m]["test_mean"])
+    return 100 * (cs[best]["test_mean"] - cs["lora"]["test_mean"]), METHODS[best]
+
+
+def _row(task: str, doc: dict | None) -> tuple[str, dict[str, dict]]:
+    """One task's table row and its cells (empty when no run has finished)."""
+    if doc is None:
+        return f"| {TASKS[task]} | running | running | running | - | - | - |", {}
+    cs, n = cells(doc), doc["data"]["test"]
+    running = bool(doc.get("partial"))
+    seeds = " / ".join(str(cs[m]["seeds"]) if m in cs else "0" for m in METHODS)
+    se = compare_curve.binomial_se(statistics.mean(c["test_mean"] for c in cs.values()), n) if cs else None
+    size = f"{n:,}" + (f" of {doc['data']['test_sampled_from']:,}" if n < doc["data"].get("test_sampled_from", n) else "")
+    gap = _gap(cs)
+    return (f"| {TASKS[task]} | {' | '.join(_acc(cs.get(m), running) for m in METHODS)} | {seeds} "
+            f"| {'-' if se is None else f'{100 * se:.1f}'} ({size} rows) "
+            f"| {'-' if gap is None else f'{gap[0]:+.1f} ({gap[1]})'} |"), cs
+
+
+def _mean_row(tasks: list[dict[str, dict]]) -> str:
+    """Means over the tasks with LoRA and a prompt kind; a method's count when it has fewer."""
+    both = [cs for cs in tasks if _gap(cs) is not None]
+    if not both:
+        return f"| mean | {' | '.join('-' for _ in METHODS)} | - | - | - |"
+    out = []
+    for m in METHODS:
+        accs = [cs[m]["test_mean"] for cs in both if m in cs]
+        note = "" if len(accs) == len(both) else f" ({len(accs)} of {len(both)} tasks)"
+        out.append(f"{100 * statistics.mean(accs):.1f}{note}" if accs else "-")
+    gaps = [g[0] for cs in both if (g := _gap(cs))]
+    return f"| mean of {len(both)} task{'s' if len(both) > 1 else ''} | {' | '.join(out)} | - | - | {statistics.mean(gaps):+.1f} |"
+
+
+def _status(docs: dict[str, dict | None]) -> str:
+    """The generated sentence: which tasks are finished, partial (runs so far) or without a run."""
+    done = [f"{TASKS[t]} ({len(d['runs'])} runs)" for t, d in docs.items() if d is not None and not d.get("partial")]
+    part = [f"{TASKS[t]} ({d['partial']['finished']} of {d['partial']['planned']} runs)"
+            for t, d in docs.items() if d is not None and d.get("partial")]
+    none = [TASKS[t] for t, d in docs.items() if d is None]
+    said = [f"Finished: {', '.join(done)}." if done else "No task has finished yet.",
+            f"Partial, with runs still to come: {', '.join(part)}." if part else "",
+            f"No run finished yet: {', '.join(none)}." if none else ""]
+    return " ".join(s for s in said if s)
+
+
+def render(docs: dict[str, dict | None]) -> str:
+    """The table and the status sentence (Markdown, no trailing newline)."""
+    rows = [_row(t, docs.get(t)) for t in TASKS]
+    head = [
+        "| task | deep prompt | LoRA | shallow prompt | seeds (deep / LoRA / shallow) | test SE | best prompt minus LoRA |",
+        "|---|---:|---:|---:|:---:|---:|---:|",
+    ]
+    return "\n".join([
+        "<!-- generated by benchmarks/suite.sh report from benchmarks/results/compare_suite_<task>.json "
+        "(else .partial.json); do not edit by hand -->",
+        f"Test accuracy (%) at step {STEP}, mean ± sd over the seeds that finished (one seed: its value); "
+        "test SE: the test set's binomial standard error at the row's mean accuracy; the last column in "
+        "points; \"running\": no run of that method has finished yet.",
+        "",
+        *head,
+        *[r for r, _ in rows],
+        _mean_row([cs for _, cs in rows]),
+        "",
+        _status(docs),
+    ])
+
+
+def replace_block(text: str, block: str, name: str = "README.md") -> str:
+    """``text`` with everything between START and END replaced by ``block``."""
+    i, j = text.find(START), text.find(END)
+    if i < 0 or j < i:
+        raise UserError(f"{name}: no {START} ... {END} markers; nothing written")
+    return f"{text[:i]}{START}\n{block}\n{text[j:]}"
+
+
+def generated_block(text: str) -> str | None:
+    """What sits between the markers now (None without them)."""
+    i, j = text.find(START), text.find(END)
+    return text[i + len(START):j].strip("\n") if 0 <= i < j else None
+
+
+def write_readme(readme: Path, results: Path) -> Path:
+    """Rewrite ``readme``'s suite block from the result files in ``results`` (atomic)."""
+    text = readme.read_text(encoding="utf-8")
+    return atomic_write(readme, replace_block(text, render(load(results)), readme.name))

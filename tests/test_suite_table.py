@@ -1,0 +1,111 @@
+"""The six-task suite's README table (``softprompt.experiments.suite_table``): rendered from
+synthetic result files, its numbers are the step-600 test accuracies' mean, sd and gap computed
+here independently; partial and missing tasks say so; the README is rewritten only between its
+markers, whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from softprompt.config import UserError
+from softprompt.experiments import compare_report
+from softprompt.experiments import suite_table as ST
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import suite_readme  # noqa: E402  (benchmarks/suite_readme.py)
+
+# (method, seed) -> test accuracy at steps 200 and 600 (step 200 differs, so a wrong point shows;
+# every figure the test rounds is clear of a rounding boundary)
+TREC = {("deep-prompt", 0): (0.50, 0.962), ("deep-prompt", 1): (0.52, 0.946),
+        ("lora", 0): (0.40, 0.972), ("lora", 1): (0.45, 0.964),
+        ("prompt-tuning", 0): (0.30, 0.934), ("prompt-tuning", 1): (0.31, 0.910)}
+SST2 = {("deep-prompt", 0): (0.60, 0.912), ("lora", 0): (0.61, 0.9283)}
+
+
+def doc(task: str, accs: dict, n_test: int, partial: dict | None = None) -> dict:
+    runs = [{"method": m, "seed": s, "n_train": 100, "test_accuracy": a600,
+             "curve": [{"steps": 200, "dev_accuracy": 0.5, "test_accuracy": a200},
+                       {"steps": 600, "dev_accuracy": 0.6, "test_accuracy": a600}]}
+            for (m, s), (a200, a600) in accs.items()]
+    d = {"schema": compare_report.SCHEMA, "task": task, "tag": f"suite_{task}", "runs": runs,
+         "data": {"test": n_test, "test_sampled_from": n_test}}
+    return {**d, "partial": partial} if partial else d
+
+
+@pytest.fixture
+def results(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "compare_suite_trec.json").write_text(json.dumps(doc("trec", TREC, 500)))
+    stale = doc("trec", {("lora", 0): (0.1, 0.1)}, 500, {"finished": 1, "planned": 6})
+    (out / "compare_suite_trec.partial.json").write_text(json.dumps(stale))  # the finished file wins
+    (out / "compare_suite_sst2.partial.json").write_text(
+        json.dumps(doc("sst2", SST2, 1821, {"finished": 2, "planned": 6})))
+    return out
+
+
+def cells(text: str) -> dict[str, list[str]]:
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| task")]
+    return {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows}
+
+
+def pts(method: str, accs: dict) -> list[float]:
+    return [100 * a600 for (m, _), (_, a600) in accs.items() if m == method]
+
+
+def test_table_numbers_are_the_step_600_means_sds_and_gaps(results):
+    text = ST.render(ST.load(results))
+    table = cells(text)
+    assert list(table)[:6] == list(ST.TASKS.values())
+    trec, sst2, mr = table["TREC"], table["SST-2"], table["MR"]
+    for col, method in enumerate(ST.METHODS):  # two seeds: mean ± sample sd of the step-600 points
+        a = pts(method, TREC)
+        assert trec[col] == f"{statistics.mean(a):.1f} ± {statistics.stdev(a):.1f}"
+    assert trec[3] == "2 / 2 / 2"
+    best = max(statistics.mean(pts(m, TREC)) for m in ST.PROMPTS)
+    gap_trec = best - statistics.mean(pts("lora", TREC))
+    assert trec[5] == f"{gap_trec:+.1f} (deep prompt)" and gap_trec < 0
+    # the SE column: the binomial SE at the row's mean accuracy, on the task's test rows
+    p = statistics.mean(statistics.mean(pts(m, TREC)) for m in ST.METHODS) / 100
+    assert trec[4] == f"{100 * (p * (1 - p) / 500) ** 0.5:.1f} (500 rows)"
+    # partial, one seed: the value alone; the method without a finished run says so
+    assert sst2[:3] == [f"{pts('deep-prompt', SST2)[0]:.1f}", f"{pts('lora', SST2)[0]:.1f}", "running"]
+    assert sst2[3] == "1 / 1 / 0" and "1,821 rows" in sst2[4]
+    gap_sst2 = pts("deep-prompt", SST2)[0] - pts("lora", SST2)[0]
+    assert sst2[5] == f"{gap_sst2:+.1f} (deep prompt)"
+    assert mr[:3] == ["running"] * 3 and not any(ch.isdigit() for c in mr for ch in c)
+    # the mean row: over the two tasks with LoRA and a prompt kind; the shallow prompt has one
+    mean = table["mean of 2 tasks"]
+    assert mean[0] == f"{statistics.mean([statistics.mean(pts('deep-prompt', TREC)), pts('deep-prompt', SST2)[0]]):.1f}"
+    assert mean[2].endswith("(1 of 2 tasks)")
+    assert mean[5] == f"{statistics.mean([gap_trec, gap_sst2]):+.1f}"
+    status = text.splitlines()[-1]
+    assert "Finished: TREC (6 runs)" in status and "SST-2 (2 of 6 runs)" in status and "MR" in status
+
+
+def test_readme_block_is_replaced_only_between_the_markers(results, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# top\n\nbefore\n\n{ST.START}\nold table\n{ST.END}\n\nafter\n")
+    ST.write_readme(readme, results)
+    text = readme.read_text()
+    assert text.startswith("# top\n\nbefore\n\n") and text.endswith(f"{ST.END}\n\nafter\n")
+    assert "old table" not in text and ST.generated_block(text) == ST.render(ST.load(results))
+    ST.write_readme(readme, results)
+    assert readme.read_text() == text  # idempotent
+
+
+@pytest.mark.parametrize("body", ["no markers at all\n", f"{ST.END}\nreversed\n{ST.START}\n"])
+def test_without_markers_the_readme_is_left_as_it_was(results, tmp_path, body, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(body)
+    with pytest.raises(UserError, match="suite-table:start"):
+        ST.write_readme(readme, results)
+    assert readme.read_text() == body and sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "results"]
+    assert suite_readme.main(["--readme", str(readme), "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "README.md" in err and readme.read_text() == body

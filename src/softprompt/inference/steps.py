@@ -18,12 +18,13 @@ to, nor copied beside, the cache of a much longer one, so one long request does 
 decode step of short ones by its length. Groups whose widths come together again merge. Exact:
 each row's computation is its own whatever its group (``kv``).
 
-The step budget (``budget``): while rows decode, a prefill or scoring forward beside them may
-take as many token slots as cost ``SIDE_SHARE`` of what the decode step itself costs
-(``footprint.Dims.token_flops``: the decoding rows over their caches against the new tokens
-over the prompt read so far), at least ``MIN_SIDE_TOKENS`` and at most C, so a step costs
-about 1.5x a plain decode step however long the waiting prompts are; with no row decoding,
-``max_forward_tokens``, at most C per row. Encoder-decoder batches (T5: decoder positions are
+The step budget (``budget``): while rows decode, the prefill piece or a caller's side forward
+(a scoring slice) runs inside the decode step's own forward (``fused.run``: one pass over the
+weights) and may take as many token slots as cost ``SIDE_SHARE`` of what the decode step
+itself costs (``footprint.Dims.token_flops``: the decoding rows over their caches against the
+new tokens over the prompt read so far), at least ``MIN_SIDE_TOKENS`` and at most C, so a step
+costs about 1.4x a plain decode step however long the waiting prompts are; with no row
+decoding, ``max_forward_tokens``, at most C per row. Encoder-decoder batches (T5: decoder positions are
 implicit) only take new rows while empty (``can_join``). Not thread-safe: one thread drives
 it. It talks to the engine through its public row API only (``request_rows``, ``start``,
 ``prefix``, ``tensor``, ``eos_id``, ``is_encoder_decoder``).
@@ -67,7 +68,7 @@ class _Live:
 
 MAX_GROUPS = 4  # decode groups at most: each costs a forward per step
 GROUP_SLACK = 128  # cache columns a row may be padded by beyond its own length in a group
-SIDE_SHARE = 0.5  # a prefill or scoring forward beside decoding rows costs about this share of their step
+SIDE_SHARE = 0.42  # the prefill or scoring tokens in a decode step cost about this share of the step
 MIN_SIDE_TOKENS = 8  # ... and may always take this many token slots
 
 

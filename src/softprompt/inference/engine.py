@@ -32,6 +32,7 @@ from softprompt.forward import embed, lm_logits, seq2seq
 from softprompt.inference import footprint, scoring
 from softprompt.inference.bank import PrefixCache, PrefixKV, PromptBank, compute_prefix, deep_prefix
 from softprompt.inference.footprint import MiB
+from softprompt.inference.fused import Forward
 from softprompt.inference.kv import DecoderState, batch_prefix, left_pad, memory_kw, row_extras
 from softprompt.inference.logprobs import TokenLogprob
 from softprompt.inference.steps import StepBatch
@@ -301,7 +302,7 @@ class Engine:
 
     @torch.no_grad()
     def score_task(self, requests: list[ScoreRow], budget, group_bytes: int | None = None
-                   ) -> Generator[None, None, list[ScoreResult]]:
+                   ) -> Generator[Forward | None, torch.Tensor | None, list[ScoreResult]]:
         """``score_rows`` as a generator that pauses after every forward, each of at most
         ``budget()`` token slots (a scheduler's step), label groups of at most ``group_bytes``
         (default ``score_group_mb``); returns the results."""
@@ -318,7 +319,7 @@ class Engine:
                 idx = [i for i, ts in enumerate(targets) for _ in ts]
                 flat = [list(t) for ts in targets for t in ts]
                 lps = _unflatten(seq2seq.target_logprobs(self.model, hidden[idx], mask[idx], flat).tolist(), targets)
-                yield
+                yield None
             else:
                 lps = (yield from scoring.target_steps(self, crows, targets, None, budget, group_bytes))[0]
             for i, lp in zip(chunk, lps):

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -71,6 +71,13 @@ class Forward:
             _fused(self.state.model, [self])
         else:
             self.out = self.state.hidden(self.ids, self.tmask)
+        return self.hidden
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """``out``, once run."""
+        if self.out is None:
+            raise RuntimeError("this forward has not run")
         return self.out
 
 
@@ -109,7 +116,7 @@ def attention(module, query, key, value, attention_mask, **kwargs):
         st, (B, C) = part.fwd.state, part.fwd.ids.shape
         sl = slice(at, at + B * C)
         q, k, v = (t[0, :, sl].unflatten(1, (B, C)).transpose(0, 1) for t in (query, key, value))  # (B, h, C, d)
-        past = st.cache.layers[layer]
+        past: Any = st.cache.layers[layer]
         if not past.is_initialized:
             past.lazy_initialization(k, v)
         part.before.append(past.keys.shape[2] if past.keys.dim() == 4 else 0)
@@ -170,7 +177,7 @@ def _fused(model, forwards: list[Forward]) -> None:
         st, (B, C) = f.state, f.ids.shape
         pos = st.next_pos[:, None] + (f.tmask.cumsum(1) - 1).clamp(min=0)  # as ``DecoderState.hidden``
         x = embed(model, f.ids)
-        if st.offsets is not None:
+        if st.offsets is not None and st.start is not None:
             x = x + gather_offsets(st.offsets, pos - st.start[:, None]).to(x.dtype)
         L, dev = st.mask.shape[1], f.ids.device
         keys = torch.cat([st.mask, f.tmask], 1).bool()  # (B, L + C)
@@ -209,5 +216,6 @@ def _fused(model, forwards: list[Forward]) -> None:
 def _undo(parts: list[_Part]) -> None:
     """Cut every cache layer a failed forward reached back to its columns before it."""
     for p in parts:
-        for layer, n in zip(p.fwd.state.cache.layers, p.before, strict=False):
+        layers: list[Any] = list(p.fwd.state.cache.layers)
+        for layer, n in zip(layers, p.before, strict=False):
             layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]

@@ -94,6 +94,7 @@ class Filling:
         for j, p in enumerate(pieces):
             if p:
                 feed[j, : len(p)], fmask[j, : len(p)] = torch.tensor(p), 1
+        assert self.state is not None  # rows are waiting, so there is a state
         return Forward(self.state, feed.to(self.engine.device), fmask.to(self.engine.device))
 
     @torch.no_grad()
@@ -102,7 +103,7 @@ class Filling:
         (indices at call time) whose prompt is now consumed, their state and their first
         next-token logits (B', V), and keeps the rest."""
         if fwd is not None:
-            h = fwd.out  # (P, C, H)
+            h = fwd.hidden  # (P, C, H)
             for j, n in enumerate(fwd.tmask.sum(1).tolist()):
                 if n:
                     self.fed[j] += n

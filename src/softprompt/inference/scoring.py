@@ -48,19 +48,20 @@ def prefill_steps(engine, rows: list, budget: Callable[[], int]):
     ``budget()`` token slots per forward (one forward on the reference path)."""
     if not engine.cfg.use_prefix_cache:
         out = engine.prefill(rows)
-        yield
+        yield None
         return out
     model = engine.model
     prefixes = [engine.prefix(r) for r in rows]
     cache, pmask = batch_prefix(prefixes, model.config)
     ids, tmask = (t.to(engine.device) for t in left_pad([r.ids for r in rows], engine.pad_id))  # (B, maxT)
     state = DecoderState(model, cache, pmask.to(engine.device), engine.tensor([r.n for r in rows]), *row_extras(model, rows))
-    T, s, h = ids.shape[1], 0, None
+    T, s = ids.shape[1], 0
+    h: torch.Tensor | None = None
     while s < T:
         w = max(1, budget() // len(rows))
         h = yield Forward(state, ids[:, s : s + w], tmask[:, s : s + w])  # left pads in a slice: masked columns
         s += w
-    last = [h[i, -1] if r.ids else prefixes[i].last for i, r in enumerate(rows)]
+    last = [h[i, -1] if r.ids and h is not None else prefixes[i].last for i, r in enumerate(rows)]
     return state, torch.stack(last)
 
 
@@ -95,7 +96,8 @@ def target_steps(engine, rows: list, targets: list[tuple[tuple[int, ...], ...]],
     return scores, toks
 
 
-def _score_rest(engine, state: DecoderState, pairs: list[tuple[int, int]], targets, scores, toks, top_k) -> None:
+def _score_rest(engine, state: DecoderState, pairs: list[tuple[int, int]], targets, scores, toks, top_k
+                ) -> Generator[Forward, torch.Tensor, None]:
     """Generator: the later tokens of ``pairs``' targets on ``state`` (one row per pair), added into
     ``scores`` (and ``toks``)."""
     rest = [list(targets[i][k]) for i, k in pairs]

@@ -110,7 +110,8 @@ class StepBatch:
     def __init__(self, engine, keep_logits: bool = False, prefill_chunk: int | None = None, strict: bool = True):
         self.engine = engine
         self.strict = strict  # a failed prefill piece raises (else ``fill_error``: ``step``)
-        self.touched, self.fill_error = False, None
+        self.touched = False  # ``step``: past the token choice
+        self.fill_error: BaseException | None = None  # ``step``: the prefill piece that failed (strict=False)
         self.keep_logits = keep_logits  # each event carries its step's logits (float32 copy)
         self.groups: list[_Group] = []
         chunked = prefill_chunk is not None and not engine.is_encoder_decoder and engine.cfg.use_prefix_cache
@@ -265,7 +266,7 @@ class StepBatch:
         for g, f in decoding:
             if f.error is not None:
                 raise f.error
-            g.logits = lm_logits(self.engine.model, f.out[:, -1])
+            g.logits = lm_logits(self.engine.model, f.hidden[:, -1])
         self.groups = [g for g in self.groups if g.rows]
         if fill and self.pending:
             if piece is not None and piece.error is not None:

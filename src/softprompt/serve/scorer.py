@@ -13,7 +13,7 @@ Runs in the worker thread only.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING
 
 from softprompt.inference import fused
@@ -23,6 +23,8 @@ from softprompt.serve.events import Scores
 from softprompt.serve.limits import group_bytes
 
 if TYPE_CHECKING:
+    import torch
+
     from softprompt.inference.engine import Engine
 
 
@@ -31,8 +33,8 @@ class Scorer:
         self.engine, self.metrics, self.cfg, self.fault = engine, metrics, cfg, fault
         self.ready: deque = deque()  # prepared scoring jobs, in arrival order
         self.jobs: list = []  # the running task's jobs
-        self.task = None
-        self.reply = None  # the hidden states that resume the task (``done``)
+        self.task: Generator[Forward | None, torch.Tensor | None, list] | None = None
+        self.reply: torch.Tensor | None = None  # the hidden states that resume the task (``done``)
 
     @property
     def busy(self) -> bool:

@@ -61,12 +61,12 @@ def test_the_cpus_are_split_between_vllms_worker_and_this_process(monkeypatch):
     from softprompt.serve.vllm.launch import split_cpus
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    assert split_cpus({}) == ("0,1,2", {3})
-    assert split_cpus({"VLLM_CPU_OMP_THREADS_BIND": "0-1"}) == (None, {2, 3})
-    assert split_cpus({"VLLM_CPU_OMP_THREADS_BIND": "0-3"}) == (None, None)
-    assert split_cpus({"VLLM_CPU_OMP_THREADS_BIND": "auto"}) == (None, None)
+    assert split_cpus(None) == ("0,1,2", {3})
+    assert split_cpus("0-1") == (None, {2, 3})
+    assert split_cpus("0-3") == (None, None)
+    assert split_cpus("auto") == (None, None)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
-    assert split_cpus({}) == (None, None)
+    assert split_cpus(None) == (None, None)
 
 
 def test_vllms_step_budget_follows_the_servers_flags():

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 
+from softprompt.cli import environ
 from softprompt.cli.flags import (
     EVAL_DATA,
     add_data_flags,
@@ -322,5 +323,5 @@ def cmd_serve(a: argparse.Namespace) -> int:
                                 device=a.device, dtype=a.dtype, store=a.store, env=a.env.forwarded)
         return 0
     server.serve(cfg, a.model, force=a.force, device=a.device, dtype=a.dtype, store=a.store, engine=a.engine,
-                 vllm_args=a.vllm_arg)
+                 vllm_args=a.vllm_arg, vllm_cpus=(a.env.vllm_cpu_bind, environ.bind_vllm_cpus))
     return 0

@@ -31,6 +31,7 @@ from softprompt.store import Store
 TRUE = ("1", "true", "yes", "on")
 # what a Ray replica's process needs of ours beyond the Store it receives (threading settings)
 FORWARDED = ("OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM")
+VLLM_BIND = "VLLM_CPU_OMP_THREADS_BIND"  # the CPUs of vLLM's model worker; vLLM reads it only from the environment
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Environ:
     hub_cache: Path | None
     launch: Launch
     forwarded: dict[str, str]  # what a Ray replica's process inherits
+    vllm_cpu_bind: str | None = None  # $VLLM_CPU_OMP_THREADS_BIND as the user set it (``--engine vllm`` on a CPU)
 
 
 def read(env: Mapping[str, str] | None = None) -> Environ:
@@ -61,6 +63,7 @@ def read(env: Mapping[str, str] | None = None) -> Environ:
         hub_cache=Path(hub) if hub else None,
         launch=launch,
         forwarded={k: env[k] for k in FORWARDED if k in env},
+        vllm_cpu_bind=env.get(VLLM_BIND) or None,
     )
 
 
@@ -89,6 +92,12 @@ def configure_libraries() -> None:
     sets the ``datasets`` library's own switch for one command.)
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def bind_vllm_cpus(cpus: str) -> None:
+    """Set the CPUs vLLM's model worker binds to (``serve/vllm/launch.split_cpus``) before vLLM
+    starts its engine process, which reads them only from this variable."""
+    os.environ[VLLM_BIND] = cpus
 
 
 @contextmanager

@@ -303,9 +303,8 @@ class Engine:
     @torch.no_grad()
     def score_task(self, requests: list[ScoreRow], budget, group_bytes: int | None = None
                    ) -> Generator[Forward | None, torch.Tensor | None, list[ScoreResult]]:
-        """``score_rows`` as a generator that pauses after every forward, each of at most
-        ``budget()`` token slots (a scheduler's step), label groups of at most ``group_bytes``
-        (default ``score_group_mb``); returns the results."""
+        """``score_rows`` as a generator that yields every forward it needs (``scoring``), each of at most
+        ``budget()`` slots, label groups of at most ``group_bytes`` (default ``score_group_mb``)."""
         group_bytes = group_bytes or int(self.cfg.score_group_mb * MiB)
         for r in requests:
             if not r.targets or any(len(t) == 0 for t in r.targets):

@@ -174,10 +174,11 @@ def build_engine(cfg: ServerConfig, model: str | None = None, force: bool = Fals
 
 def serve(cfg: ServerConfig, model: str | None = None, force: bool = False, device: str | None = None,
           dtype: str | None = None, store: "Store | None" = None, engine: str = "native",
-          vllm_args: list[str] = ()) -> None:
+          vllm_args: list[str] = (), vllm_cpus: tuple = (None, None)) -> None:
     """Load the model once and serve ``store``'s prompts until SIGINT/SIGTERM (in-flight requests
     finish first). ``engine``: "native", "vllm" or "auto" (``softprompt.serve.engines``);
-    ``vllm_args``: vLLM's own engine flags, passed through."""
+    ``vllm_args``: vLLM's own engine flags, passed through; ``vllm_cpus``: (the CPU bind the
+    user set for vLLM's worker, the function that sets one), from the process's edge."""
     try:
         import uvicorn
     except ImportError:
@@ -194,7 +195,7 @@ def serve(cfg: ServerConfig, model: str | None = None, force: bool = False, devi
     if choice.engine == "vllm":
         from softprompt.serve.vllm.launch import scheduler_factory
 
-        make = scheduler_factory(eng, cfg, vllm_args)
+        make = scheduler_factory(eng, cfg, vllm_args, *vllm_cpus)
     app = create_app(eng, cfg, make)
     log.info("listening", extra={"fields": {"url": f"http://{cfg.host}:{cfg.port}/", "auth": bool(cfg.api_key)}})
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False,

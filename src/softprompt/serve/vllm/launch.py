@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def engine_args(path: str, dtype: str, cfg, extra: list[str] = ()):
     return args
 
 
-def split_cpus(env: dict) -> tuple[str | None, set[int] | None]:
+def split_cpus(given: str | None) -> tuple[str | None, set[int] | None]:
     """On a CPU-only machine: (the ``VLLM_CPU_OMP_THREADS_BIND`` to set, the CPUs left for this
     process's own work). vLLM binds its model worker to the machine's cores but one, the one it
     reserves for its scheduler and the API process; the built-in engine's work here (classify,
@@ -67,7 +68,6 @@ def split_cpus(env: dict) -> tuple[str | None, set[int] | None]:
     process's worker the last. A bind the user set is kept (ours then goes where it leaves
     room, if it is a plain list); with one CPU there is nothing to split: (None, None)."""
     cpus = sorted(os.sched_getaffinity(0))
-    given = env.get("VLLM_CPU_OMP_THREADS_BIND")
     if given:
         try:
             used = {int(x) for part in given.split(",") for x in _span(part)}
@@ -85,10 +85,13 @@ def _span(part: str) -> range:
     return range(int(a), int(b or a) + 1)
 
 
-def scheduler_factory(engine: Engine, cfg, extra: list[str] = ()):
+def scheduler_factory(engine: Engine, cfg, extra: list[str] = (), cpu_bind: str | None = None,
+                      set_bind: Callable[[str], None] | None = None):
     """Start vLLM on ``engine``'s model folder in ``engine``'s dtype (so both engines agree), and
     return what ``create_app`` calls to build the ``VllmScheduler`` over both. Start-up compiles
-    unless ``--enforce-eager`` is among ``extra`` (about a minute on CPU either way)."""
+    unless ``--enforce-eager`` is among ``extra`` (about a minute on CPU either way). On a CPU,
+    ``cpu_bind`` (the user's ``VLLM_CPU_OMP_THREADS_BIND``) and ``set_bind`` (the process's edge
+    that sets it) split the cores (``split_cpus``); without ``set_bind`` nothing is split."""
     import torch
     from transformers import AutoTokenizer
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -97,11 +100,10 @@ def scheduler_factory(engine: Engine, cfg, extra: list[str] = ()):
 
     dtype = str(engine.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     path = str(engine.lm.path)
-    bind, own = split_cpus(dict(os.environ)) if not torch.cuda.is_available() else (None, None)
-    if bind is not None:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind  # read by vLLM's engine process when it starts
-    log.info("cpu split", extra={"fields": {"vllm_worker": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
-                                            "this_process_worker": sorted(own) if own else None}})
+    bind, own = split_cpus(cpu_bind) if not torch.cuda.is_available() and set_bind else (None, None)
+    if bind is not None and set_bind is not None:
+        set_bind(bind)  # read by vLLM's engine process when it starts
+    log.info("cpu split", extra={"fields": {"vllm_worker": bind or cpu_bind, "this_process_worker": sorted(own) if own else None}})
     llm = AsyncLLM.from_engine_args(engine_args(path, dtype, cfg, extra))
     loop_tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return lambda eng, metrics, config: VllmScheduler(eng, metrics, config, llm, loop_tok, own)

@@ -122,6 +122,8 @@ def attention(module, query, key, value, attention_mask, **kwargs):
         part.before.append(past.keys.shape[2] if past.keys.dim() == 4 else 0)
         if part.before[-1]:
             k, v = torch.cat([past.keys, k], 2), torch.cat([past.values, v], 2)
+        else:  # its own copy: a view would keep the whole step's keys alive in this cache
+            k, v = k.contiguous(), v.contiguous()
         past.keys, past.values = k, v  # the old tensors go now (peak memory as an ordinary forward); undone on failure
         out, _ = sdpa_attention_forward(module, q, k, v, part.allowed, **kwargs)  # (B, C, h, d)
         if st.memory is not None:

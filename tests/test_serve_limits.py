@@ -55,6 +55,31 @@ def test_short_requests_sent_with_a_long_prompt_finish_before_it_is_read(lm, hom
     assert sum(tuple(s) == (1, 16) for s in widths) >= 5, widths  # the long prompt, a chunk per step
 
 
+def test_a_classify_request_alone_runs_in_slices_of_at_most_the_prefill_chunk(lm, home):
+    """With nothing decoding, a scoring task still takes at most ``--prefill-chunk`` token slots per
+    forward, so a request arriving meanwhile waits for one slice; the scores equal the same
+    request's on a server whose chunk lets it run in one forward."""
+    from softprompt.inference import fused
+
+    body = {"prompt": "tiny", "inputs": [TEXTS[k % 4] * 3 for k in range(8)], "verbalizer": ["w1", "w2", "w3"]}
+    shapes, run = [], fused.run
+    fused.run = lambda model, fwds: shapes.extend(tuple(f.ids.shape) for f in fwds) or run(model, fwds)
+    try:
+        with running(lm, home, prefill_chunk=16) as (base, _, _):
+            small = httpx.post(base + "/v1/classify", json=body, timeout=60)
+        sliced = list(shapes)
+        with running(lm, home, prefill_chunk=4096) as (base, _, _):
+            whole = httpx.post(base + "/v1/classify", json=body, timeout=60)
+    finally:
+        fused.run = run
+    assert small.status_code == whole.status_code == 200, small.text
+    assert len(sliced) > 4 and max(b * c for b, c in sliced) <= 16, sliced
+    assert len(shapes) - len(sliced) < len(sliced)  # the big chunk took fewer forwards
+    for a, b in zip(small.json()["data"], whole.json()["data"], strict=True):
+        assert a["label"] == b["label"]
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
+
+
 def test_a_request_over_the_memory_budget_is_413_before_any_model_work(lm, home):
     body = {"prompt": "tiny", "inputs": ["word " * 100] * 32, "verbalizer": [f"w{i}" for i in range(16)]}
     with running(lm, home, max_request_mb=2) as (base, _, _):

@@ -162,11 +162,11 @@ class Scheduler:
         return StepBatch(self.engine, prefill_chunk=self.cfg.prefill_chunk, strict=False)
 
     def budget(self) -> int:
-        """Token slots a prefill or scoring forward may take now (``StepBatch.budget``: about a
-        decode step's cost while rows decode, ``max_forward_tokens`` when none do)."""
-        if self.scorer.busy and not self.batch.pending:
-            return self.batch.budget(0, head=True)  # scoring: every label token goes through the output head
-        return self.batch.budget()
+        """Token slots the scoring slice may take now (``StepBatch.budget``), at most ``prefill_chunk``
+        even with nothing decoding: a request arriving meanwhile waits for one slice at most."""
+        if self.scorer.busy and not self.batch.pending:  # every label token goes through the output head
+            return min(self.batch.budget(0, head=True), self.cfg.prefill_chunk)
+        return min(self.batch.budget(), self.cfg.prefill_chunk)
 
     def start(self) -> None:
         self.thread.start()

@@ -244,7 +244,7 @@ class ServerConfig(_JsonMixin):
     max_template_chars: int = option(32768, 'a classify input rendered through its template, in characters')
     max_request_tokens: int = option(65536, "one request's tokens: per row, N + input + max_tokens (or label tokens)")
     max_request_mb: float = option(1024.0, "one request's estimated working memory (cache + activations), MiB; over it: 413")
-    prefill_chunk: int = option(128, 'prompt tokens a row reads per forward, and the most slots a prefill/scoring forward beside decoding rows takes')
+    prefill_chunk: int = option(128, 'prompt tokens a row reads per forward, and the most slots a prefill piece or scoring slice takes beside decoding rows (a scoring slice even alone)')
     error_rate: float = option(20.0, "4xx answers per second one client address gets at once (a burst of twice that); beyond it each waits its turn at that rate; 0 = never wait")
     request_timeout_s: float = option(300.0, 'a request still running after this gets 504 and is cancelled')
     shutdown_timeout_s: float = option(30.0, 'graceful shutdown: time in-flight requests get to finish')

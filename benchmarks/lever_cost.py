@@ -14,6 +14,10 @@ Serving (one request, batch 1, an SST-2 test sentence, greedy, 32 new tokens, EO
 the plain model, a cached shallow prompt, a deep prompt, a PrefixMemory prompt and a DePT prompt (stored in a temporary
 store, served like any other), CPU time (process time), medians of rounds.
 
+Sizes: each method's trainable parameters and the bytes of the tensor files it saves
+(``method.save``: PEFT's adapter layout, plus our files for the memory and the offset; float32),
+all in one table with the two costs.
+
 Targets (issue): a step <= 1.1x LoRA's; a request <= 1.05x the plain model's.
 
     python benchmarks/lever_cost.py            # default model
@@ -67,8 +71,24 @@ def step(method, opt, batch: dict, k: int) -> None:
         method.set_step(None)
 
 
-def time_steps(lm, quick: bool, warmup: int, rounds: int) -> dict[str, list[float]]:
+def sizes(ms: dict) -> dict[str, dict[str, int]]:
+    """Trainable parameters and saved bytes (its ``.safetensors`` files) of each method, saved to a temp folder."""
+    import tempfile
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="sp-lever-sizes-") as tmp:
+        for name, (m, _) in ms.items():
+            folder = Path(tmp) / name.replace(" ", "_").replace("=", "")
+            m.save(folder)
+            out[name] = {"trainable_params": m.trainable_parameters(),  # every tensor file it wrote
+                         "saved_bytes": sum(f.stat().st_size for f in folder.rglob("*.safetensors")),
+                         "files": sorted(f.name for f in folder.rglob("*.safetensors"))}
+    return out
+
+
+def time_steps(lm, quick: bool, warmup: int, rounds: int) -> tuple[dict[str, list[float]], dict]:
     ms = methods(lm)
+    size = sizes(ms)
     exs = sst2_examples(lm.tokenizer, quick)
     data = [common.collate([exs[i] for i in b], lm.tokenizer.pad_token_id) for b in common.bucketed_batches(exs, BATCH)]
     names, times = list(ms), {m: [] for m in ms}
@@ -80,7 +100,7 @@ def time_steps(lm, quick: bool, warmup: int, rounds: int) -> dict[str, list[floa
             if r >= warmup:
                 times[m].append(time.process_time() - c)
         print("step round", r, {m: round(v[-1], 3) for m, v in times.items() if v}, flush=True)
-    return times
+    return times, size
 
 
 def time_requests(lm, text: str, rounds: int, st) -> dict[str, list[float]]:
@@ -127,19 +147,19 @@ def main() -> None:
     common.setup_torch(a.quick, threads=a.threads)
     lm = common.load_lm(a.quick)
     info = common.machine_info()
-    steps = time_steps(lm, a.quick, a.warmup, a.rounds)
+    steps, size = time_steps(lm, a.quick, a.warmup, a.rounds)
     path = common.data_root() / "sst2" / "test.txt"
     text = "Review: " + (common.read_label_lines(path, 1)[0][1] if path.is_file() else "a fine film") + "\nSentiment:"
     reqs = time_requests(lm, text, a.rounds, common.temp_store("sp-lever-cost-"))  # a temporary prompt store
-    report(a, info, lm, steps, reqs)
+    report(a, info, lm, steps, reqs, size)
 
 
-def report(a, info, lm, steps: dict, reqs: dict) -> None:
+def report(a, info, lm, steps: dict, reqs: dict, size: dict) -> None:
     s_med = {m: common.summary(v)["median"] for m, v in steps.items()}
     r_med = {m: common.summary(v)["median"] for m, v in reqs.items()}
     payload = {"benchmark": "lever_cost", "model": lm.name, "machine": info, "loadavg_at_end": os.getloadavg(),
                "setup": {"batch": BATCH, "new_tokens": NEW_TOKENS, "rounds": a.rounds, "warmup": a.warmup},
-               "step_cpu_s": steps, "request_cpu_s": reqs,
+               "step_cpu_s": steps, "request_cpu_s": reqs, "sizes": size,
                "step_over_lora": {m: v / s_med["lora"] for m, v in s_med.items()},
                "request_over_plain": {m: v / r_med["plain"] for m, v in r_med.items()},
                "step_over_lora_per_round": per_round(steps, "lora"),
@@ -181,9 +201,25 @@ def markdown(p: dict) -> str:
             + table("step", "lora", STEP_TARGET)
             + f"\n## One request ({setup['new_tokens']} new tokens, batch 1)\n\n"
             + table("request", "plain", REQUEST_TARGET)
+            + ("\n## Every kind: size and cost\n\n" + together(p) if "sizes" in p else "")
             + f"\nLoad average (1 min) at start {start:.1f}, at end {end:.1f}, on {info['cores']} cores: "
             + ("other jobs shared the machine, so absolute times are inflated; " if busy else "the machine was otherwise idle; ")
             + "each ratio compares times taken in the same rounds.\n")
+
+
+SERVED_AS = {"lora": "plain", "deep N=20 +levers": "deep N=20"}  # LoRA: no prompt rows; the levers act in training only
+
+
+def together(p: dict) -> str:
+    """Trainable parameters, bytes per task, step time vs LoRA and request cost vs the plain model,
+    one row per method (a request of LoRA is not measured: it is not served beside the prompts)."""
+    rows = []
+    for m, sz in p["sizes"].items():
+        req = p["request_over_plain"].get(SERVED_AS.get(m, m)) if m != "lora" else None
+        rows.append([m, f"{sz['trainable_params']:,}", f"{sz['saved_bytes'] / 1e3:,.1f} kB", f"{p['step_over_lora'][m]:.2f}",
+                     "-" if req is None else f"{req:.2f}" + (" (as deep N=20)" if m in SERVED_AS else "")])
+    return common.md_table(["method", "trainable params", "bytes per task (tensor files)", "step x lora",
+                            "request x plain"], rows)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ QUICK = [  # script and extra flags; the wall time of its quick run on the share
     "deep_step.py",  # 13 s
     "lever_cost.py",  # 13 s
     "mixed_batch.py",  # 27 s
+    "new_user.py",  # 24 s: softprompt train, eval and compare as subprocesses on a tiny model folder
     "peft_generate_gap.py",  # 10 s
     "precision_quality.py",  # 8 s
     "prefix_cache.py",  # 26 s
@@ -91,7 +92,7 @@ def test_quick_benchmark_runs(command, tmp_path):
     """``--quick`` exits 0 and leaves benchmarks/results alone.
 
     Covered (``QUICK``; times measured on the shared 2-core machine at load average about 7,
-    under 4 minutes in all): deep_step, lever_cost, mixed_batch, peft_generate_gap,
+    under 4 minutes in all): deep_step, lever_cost, mixed_batch, new_user, peft_generate_gap,
     precision_quality, prefix_cache, serve_floor, serve_soak --mix, train_step, walkthrough.
     Not covered, because their quick run takes over a minute there: serve_load (121 s),
     serve_soak without --mix (86 s), few_shot_adapt (246 s; 138 s on two small tasks: it reads

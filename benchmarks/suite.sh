@@ -11,7 +11,9 @@
 #                                 # and README.md's suite table (benchmarks/suite_readme.py)
 #
 # Results: benchmarks/results/compare_suite_<task>.json/.md/.png; while a task runs, its
-# finished runs are in compare_suite_<task>.runs.jsonl and compare_suite_<task>.partial.json.
+# finished runs are in compare_suite_<task>.runs.jsonl (the journal --resume reads) and
+# compare_suite_<task>.partial.json. Commit both as runs finish: a fresh clone then resumes where the
+# last run stopped instead of training the finished runs again (.gitignore keeps journals here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/results

@@ -125,7 +125,8 @@ def run_defaults(seed: int, pool: Path, dev: Path, test: Path, model_args: list[
         raise SystemExit(f"new_user: no accuracy in softprompt eval's output:\n{ev}")
     line = next((ln for ln in out.splitlines() if ln.startswith("auto:")), "")
     return {"seed": seed, "test_acc": 100 * float(acc.group(1)), "train_s": round(train_s, 1),
-            "auto": meta.get("auto", {}), "auto_line": line, "steps": meta.get("training", {}).get("steps")}
+            "auto": meta.get("auto", {}), "auto_line": line,
+            "steps": meta["epochs"][-1]["step"] if meta.get("epochs") else meta.get("training", {}).get("steps")}
 
 
 def run_lora(train: Path, test: Path, seeds: list[int], lrs: str, model_args: list[str], env: dict,
@@ -149,7 +150,12 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1", help="run seeds (default %(default)s)")
     ap.add_argument("--lora-lrs", default="1e-3/3e-3", help="LoRA's lr sweep (default %(default)s)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; temp with --quick)")
+    ap.add_argument("--render", action="store_true", help="rebuild the Markdown from the JSON of the last run")
     a = ap.parse_args()
+    if a.render:
+        res = json.loads((common.RESULTS / "new_user.json").read_text())
+        print("wrote", *common.write_results("new_user", res, markdown(res)))
+        return
     if a.quick:
         a.rows, a.test_rows, a.seeds = 48, 16, "0"
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -194,9 +200,17 @@ def main() -> None:
     print(f"wrote {js} and {md}")
 
 
+def steps_of(r: dict) -> str:
+    """Optimiser steps run; a result written before they were recorded shows auto's budget."""
+    if r.get("steps"):
+        return str(r["steps"])
+    chose = r.get("auto", {}).get("chose", {})
+    return f"{chose['epochs']} epochs" if "epochs" in chose else "-"
+
+
 def markdown(res: dict) -> str:
     d, lo = res["defaults"], res["lora"]
-    rows = [[f"defaults (`--kind auto`), seed {r['seed']}", f"{r['test_acc']:.1f}", r["steps"], r["train_s"],
+    rows = [[f"defaults (`--kind auto`), seed {r['seed']}", f"{r['test_acc']:.1f}", steps_of(r), r["train_s"],
              r["auto_line"].replace("|", "/")] for r in d]
     rows += [[f"LoRA, seed {r['seed']}", f"{100 * r['test_accuracy']:.1f}",
               r.get("steps", ""), round(r.get("train_time_s", 0.0), 1), f"lr {r.get('lr')} (raced on dev)"] for r in lo]
@@ -208,8 +222,8 @@ CR (`{res['data']}`, not a suite task), shuffled with data seed 0: a training fi
 (compare carves {res['dev']} dev rows, leaving a pool of {res['pool']}: both sides train on that pool and
 choose on that dev set), {res['test_rows']} test rows; template `{res['template']!r}`, verbalizer
 `{res['verbalizer']}`; seeds {', '.join(map(str, res['seeds']))}; test accuracy scored in float32.
-Load average (1 min) at start {res['machine']['loadavg_at_start'][0]:.1f}: accuracy does not depend on
-load; the seconds do (compare's LoRA time includes its lr sweep).
+Load average (1 min) at start {res['machine']['loadavg_at_start'][0]:.1f}, with other jobs running: accuracy does not
+depend on load, the seconds do (LoRA's are its chosen run's; its lr sweep trained one run per lr).
 
 {common.md_table(['run', 'test acc. %', 'steps', 'train s', 'settings'], rows)}
 

@@ -47,8 +47,16 @@ def meta_of(sp_home: Path, name: str) -> dict:
     (A.Facts(True, 6920, True), {"kind": "deep", "init": "labels", "lr": 0.03, "num_virtual_tokens": 20, "epochs": 1}),
     (A.Facts(True, 120_000, True), {"kind": "deep", "init": "labels", "lr": 0.03, "num_virtual_tokens": 20,
                                     "steps": 1500}),
-    (A.Facts(True, 300, True), {"kind": "shallow", "init": "random", "lr": 0.03, "num_virtual_tokens": 20, "epochs": 3}),
-    (A.Facts(True, 32, True), {"kind": "shallow", "init": "random", "lr": 0.03, "num_virtual_tokens": 20, "steps": 50}),
+    (A.Facts(True, 300, True, labels=2), {"kind": "shallow", "init": "random", "lr": 0.03, "num_virtual_tokens": 20,
+                                          "epochs": 3}),
+    (A.Facts(True, 32, True, labels=2), {"kind": "shallow", "init": "random", "lr": 0.03, "num_virtual_tokens": 20,
+                                         "steps": 50}),
+    (A.Facts(True, 300, True, labels=6), {"kind": "deep", "init": "labels", "lr": 0.03, "num_virtual_tokens": 20,
+                                          "epochs": 3}),
+    (A.Facts(True, 32, True, labels=3), {"kind": "deep", "init": "labels", "lr": 0.03, "num_virtual_tokens": 20,
+                                         "steps": 50}),
+    (A.Facts(True, 300, False, model="t5", labels=6), {"kind": "shallow", "init": "random", "lr": 0.03,
+                                                       "num_virtual_tokens": 20, "epochs": 3}),
     (A.Facts(True, 900, False, model="t5"), {"kind": "shallow", "init": "random", "lr": 0.03,
                                              "num_virtual_tokens": 20, "epochs": 3}),
     (A.Facts(True, 6920, False, model="t5"), {"kind": "shallow", "init": "random", "lr": 0.03,
@@ -64,15 +72,22 @@ def test_the_table_chooses_from_the_facts(facts, want):
     got = {"kind": pcfg.kind, "init": pcfg.init, "lr": tcfg.lr, "num_virtual_tokens": pcfg.num_virtual_tokens}
     assert got == {k: want[k] for k in got}
     assert (tcfg.steps, tcfg.epochs) == (want.get("steps"), want.get("epochs", TrainConfig.epochs))
-    assert rec["evidence"] and all(Path(A.__file__).parents[3].joinpath(f).is_file() for f in rec["evidence"])
+    # each row names committed results; a comparison still running has its partial document there
+    files = [Path(A.__file__).parents[3] / f for f in rec["evidence"]]
+    assert files and all(f.is_file() or f.with_suffix(".partial.json").is_file() for f in files), files
 
 
 def test_the_line_says_what_and_why():
     pcfg, tcfg, rec = A.resolve(A.Facts(True, 6920, True), PromptConfig(kind="auto"), TrainConfig(), given=set())
     assert A.line(pcfg, tcfg, rec) == ("auto: deep prompt, init labels, lr 0.03, 20 virtual tokens, 1 epoch "
                                        "(task has label words; 6,920 training rows)")
-    pcfg, tcfg, rec = A.resolve(A.Facts(True, 300, True), PromptConfig(kind="auto"), TrainConfig(), given=set())
-    assert "(task has label words; 300 training rows, at most 512)" in A.line(pcfg, tcfg, rec)
+    pcfg, tcfg, rec = A.resolve(A.Facts(True, 300, True, labels=2), PromptConfig(kind="auto"), TrainConfig(),
+                                given=set())
+    assert "(task has label words; 300 training rows, at most 512; 2 label words)" in A.line(pcfg, tcfg, rec)
+    pcfg, tcfg, rec = A.resolve(A.Facts(True, 300, True, labels=6), PromptConfig(kind="auto"), TrainConfig(),
+                                given=set())
+    assert A.line(pcfg, tcfg, rec) == ("auto: deep prompt, init labels, lr 0.03, 20 virtual tokens, 3 epochs "
+                                       "(task has label words; 300 training rows, at most 512; 6 label words)")
     pcfg, tcfg, rec = A.resolve(A.Facts(True, 900, False, model="t5"), PromptConfig(kind="auto"), TrainConfig(),
                                 given=set())
     assert A.line(pcfg, tcfg, rec).endswith("(task has label words; 900 training rows; t5 takes no deep prompts)")
@@ -146,10 +161,28 @@ def test_few_labelled_rows_train_a_shallow_prompt(capsys, cli_main, sp_store, sp
     assert rc == 0, err
     # 48 rows: 44 train; auto's budget (3 epochs of 6 steps < 50 steps: 50 steps) gives way to --steps
     assert out.splitlines()[0] == ("auto: shallow prompt, init random, lr 0.03, 20 virtual tokens, 3 steps "
-                                   "(task has label words; 44 training rows, at most 512; yours: --steps 3)")
+                                   "(task has label words; 44 training rows, at most 512; 2 label words; "
+                                   "yours: --steps 3)")
     meta = meta_of(sp_home, "few")
     assert meta["kind"] == "shallow" and meta["auto"]["chose"]["steps"] == 50 and meta["training"]["steps"] == 3
     assert sp_store.load_prompt("few").tensor.shape == (20, 64)
+
+
+def test_few_rows_of_a_task_with_more_than_two_label_words_train_a_deep_prompt(capsys, cli_main, sp_store, sp_home,
+                                                                               tiny, tmp_path):
+    rows = tmp_path / "three.csv"
+    words = {"0": "bad and boring", "1": "good and great", "2": "long and slow"}
+    rows.write_text("text,label\n" + "".join(f"the movie was {words[str(i % 3)]},{i % 3}\n" for i in range(48)))
+    args = target_args(tiny, rows, "three", "--steps", "3")
+    args[args.index(VERB)] = "0=negative,1=positive,2=neutral"
+    rc, out, err = run_cli(capsys, cli_main, args)
+    assert rc == 0, err
+    assert out.splitlines()[0] == ("auto: deep prompt, init labels, lr 0.03, 20 virtual tokens, 3 steps (task has "
+                                   "label words; 44 training rows, at most 512; 3 label words; yours: --steps 3)")
+    meta = meta_of(sp_home, "three")
+    assert meta["kind"] == "deep" and meta["prompt"]["init"] == "labels" and meta["auto"]["facts"]["labels"] == 3
+    assert meta["auto"]["rule"] == 1 and meta["auto"]["chose"]["steps"] == 50
+    assert sp_store.load_prompt("three").kind == "deep"
 
 
 def test_language_modelling_trains_the_shallow_vocab_prompt_and_user_flags_win(capsys, cli_main, sp_store, sp_home, tiny,

@@ -1,7 +1,7 @@
 """``--kind auto``: the prompt settings ``softprompt train`` chooses from the data and the model.
 
 One decision table, ``RULES``: the first row whose conditions hold on the run's ``Facts`` (does the
-task have label words, how many training rows, can the model take a deep prompt) chooses the
+task have label words and how many, how many training rows, can the model take a deep prompt) chooses the
 prompt kind, init, learning rate, number of virtual tokens and training budget. Each row names
 the committed measurements behind it (``benchmarks/results/``); the table is data, so later
 results change a row, not the code. The table and its evidence are explained in docs/tuning.md.
@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 RESULTS = "benchmarks/results/"
 
 # The decision table: first match wins. "if": conditions on Facts (label_words, deep: the model
-# takes deep prompts, rows_over: more training rows than this). "budget": epochs, bounded below
-# by min_steps and above by max_steps optimiser steps (the bounds turn the budget into --steps).
+# takes deep prompts, rows_over: more training rows than this, labels_over: more distinct label
+# words than this). "budget": epochs, bounded below by min_steps and above by max_steps optimiser
+# steps (the bounds turn the budget into --steps).
 RULES: tuple[dict, ...] = (
     {   # classification with enough rows: the most accurate prompt kind measured
         "if": {"label_words": True, "deep": True, "rows_over": 512},
@@ -42,11 +43,17 @@ RULES: tuple[dict, ...] = (
         "budget": {"epochs": 1, "max_steps": 1500},
         "evidence": ("compare_trec-deep-labels.md", "compare_sst2-deep-labels.md", "deep_trec_sweep.md"),
     },
-    {   # classification on a few hundred rows, or a model without deep prompts (encoder-decoder)
+    {   # a few hundred rows of a task with more than two label words: deep still wins (TREC)
+        "if": {"label_words": True, "deep": True, "labels_over": 2},
+        "kind": "deep", "init": "labels", "lr": 0.03, "num_virtual_tokens": 20,
+        "budget": {"epochs": 3, "min_steps": 50, "max_steps": 1500},
+        "evidence": ("compare_small_trec.json", "compare_small_sst2.json"),
+    },
+    {   # a few hundred rows of a two-way task, or a model without deep prompts (encoder-decoder)
         "if": {"label_words": True},
         "kind": "shallow", "init": "random", "lr": 0.03, "num_virtual_tokens": 20,
         "budget": {"epochs": 3, "min_steps": 50, "max_steps": 1500},
-        "evidence": ("compare_sst2-sizes.md", "sweep_defaults.md", "compare_sst2-full.md"),
+        "evidence": ("compare_small_sst2.json", "compare_sst2-sizes.md", "sweep_defaults.md", "compare_sst2-full.md"),
     },
     {   # language modelling or free-text targets: no label words to start from or score
         "if": {},
@@ -68,19 +75,22 @@ class Facts:
     deep: bool  # the model can take a deep prompt (decoder-only)
     mode: str = "target"  # lm (one text column) | target (input -> target rows)
     model: str = ""  # the model's type, for the printed reason
+    labels: int = 0  # distinct label words (0: none, or not known)
 
 
 def facts_of(lm: LoadedModel, data_cfg: DataConfig, rows: int) -> Facts:
     from softprompt.prompt import takes_deep
 
-    return Facts(bool(data_cfg.verbalizer), rows, takes_deep(lm.model), data_cfg.mode,
-                 str(getattr(lm.model.config, "model_type", "")))
+    words = data_cfg.verbalizer or {}
+    return Facts(bool(words), rows, takes_deep(lm.model), data_cfg.mode,
+                 str(getattr(lm.model.config, "model_type", "")), len(set(words.values())))
 
 
 CONDITIONS = {
     "label_words": lambda f, v: f.label_words == v,
     "deep": lambda f, v: f.deep == v,
     "rows_over": lambda f, v: f.rows > v,
+    "labels_over": lambda f, v: f.labels > v,
 }
 
 
@@ -117,12 +127,17 @@ def why(facts: Facts, index: int) -> str:
     else:
         parts = [f"no label words: {'language modelling' if facts.mode == 'lm' else 'free-text targets'}"]
     parts.append(f"{facts.rows:,} training rows")
+    count = "labels_over" in RULES[index]["if"]  # the label count decided: say it
     for rule in RULES[:index]:
         failed = [(k, v) for k, v in rule["if"].items() if not CONDITIONS[k](facts, v)]
         if failed == [("deep", True)]:
             parts.append(f"{facts.model or 'the model'} takes no deep prompts")
         elif len(failed) == 1 and failed[0][0] == "rows_over":
             parts[-1] += f", at most {failed[0][1]}"
+        elif len(failed) == 1 and failed[0][0] == "labels_over":
+            count = True
+    if count:
+        parts.append(f"{facts.labels} label words")
     return "; ".join(parts)
 
 

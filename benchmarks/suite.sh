@@ -7,6 +7,8 @@
 # shallow prompt races 0.03 against 0.3 on dev at step 200.
 #
 #   benchmarks/suite.sh run       # every task in turn; rerun to continue (--resume), finished tasks are skipped
+#   benchmarks/suite.sh small     # small training sets (256 and 512 rows, 3 epochs, the budget --kind auto
+#                                 # gives them) on SMALL_TASKS (default sst2 trec): compare_small_<task>.*
 #   benchmarks/suite.sh report    # docs/comparison.md and its plots from every result, partial ones included,
 #                                 # and README.md's suite table (benchmarks/suite_readme.py)
 #
@@ -33,6 +35,17 @@ run() {
   done
 }
 
+small() {
+  for t in ${SMALL_TASKS:-sst2 trec}; do
+    if [ -f "$OUT/compare_small_$t.json" ]; then echo "== small $t: done"; continue; fi
+    echo "== small $t: start $(date -Is)"
+    "$PY" -m softprompt compare --task "$t" --methods deep-prompt,lora,prompt-tuning \
+      --train-sizes 256,512 --epochs 3 --min-steps 50 --seeds 0,1 \
+      --lr-sweep deep-prompt=0.03 --lr-sweep lora=3e-3 --lr-sweep prompt-tuning=0.03 --init labels \
+      --out "$OUT" --tag "small_$t" --resume
+  done
+}
+
 report() {
   files=()
   for t in sst2 trec mr subj mpqa agnews; do  # the finished result, else the runs so far
@@ -50,6 +63,7 @@ report() {
 
 case "${1:-}" in
   run) run ;;
+  small) small ;;
   report) report ;;
-  *) echo "usage: benchmarks/suite.sh run|report" >&2; exit 2 ;;
+  *) echo "usage: benchmarks/suite.sh run|small|report" >&2; exit 2 ;;
 esac

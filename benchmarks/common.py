@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import os
 import platform
 import random
@@ -155,6 +156,14 @@ def load_lm(quick: bool):
                               fingerprint=models.fingerprint(model))
 
 
+def tiny_folder(folder: Path) -> Path:
+    """The --quick model saved as a transformers folder (``--model`` of a CLI run, other processes)."""
+    lm = load_lm(True)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
 def separate_copy(model: torch.nn.Module) -> torch.nn.Module:
     """An independent copy (PEFT wraps the model it is given; keep that away from ours)."""
     return copy.deepcopy(model)
@@ -212,6 +221,12 @@ def load_note(info: dict, what: str = "methods") -> str:
             + ("other jobs shared the cores, so absolute times are inflated; " if busy
                else "the machine was otherwise idle; ")
             + f"{what} ran interleaved.\n")
+
+
+def render(name: str, markdown) -> None:
+    """``--render``: rebuild ``<name>.md`` from the committed ``<name>.json`` with ``markdown(payload)``."""
+    payload = json.loads((RESULTS / f"{name}.json").read_text())
+    print("wrote", *write_results(name, payload, markdown(payload)))
 
 
 def write_results(name: str, payload: dict, markdown: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:

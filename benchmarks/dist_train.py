@@ -90,11 +90,7 @@ def launch(model: str, world: int, threads: int, a, result: Path) -> None:
 
 def tiny_folder() -> str:
     """The --quick model: the benchmarks' tiny Llama saved as a folder every process can load."""
-    out = Path(tempfile.mkdtemp(prefix="sp-dist-tiny-"))
-    lm = common.load_lm(True)
-    lm.model.save_pretrained(out)
-    lm.tokenizer.save_pretrained(out)
-    return str(out)
+    return str(common.tiny_folder(Path(tempfile.mkdtemp(prefix="sp-dist-tiny-"))))
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ Targets (issue): a step <= 1.1x LoRA's; a request <= 1.05x the plain model's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -141,9 +140,7 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="rebuild the Markdown from the JSON of the last run")
     a = ap.parse_args()
     if a.render:
-        payload = json.loads((common.RESULTS / "lever_cost.json").read_text())
-        print("wrote", *common.write_results("lever_cost", payload, markdown(payload)))
-        return
+        return common.render("lever_cost", markdown)
     common.setup_torch(a.quick, threads=a.threads)
     lm = common.load_lm(a.quick)
     info = common.machine_info()

@@ -153,9 +153,7 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="rebuild the Markdown from the JSON of the last run")
     a = ap.parse_args()
     if a.render:
-        res = json.loads((common.RESULTS / "new_user.json").read_text())
-        print("wrote", *common.write_results("new_user", res, markdown(res)))
-        return
+        return common.render("new_user", markdown)
     if a.quick:
         a.rows, a.test_rows, a.seeds = 48, 16, "0"
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -165,11 +163,7 @@ def main() -> None:
     home.mkdir()
     model_args: list[str] = []
     if a.quick:
-        tiny = folder / "tiny"
-        lm = common.load_lm(True)
-        lm.model.save_pretrained(tiny)
-        lm.tokenizer.save_pretrained(tiny)
-        model_args = ["--model", str(tiny)]
+        model_args = ["--model", str(common.tiny_folder(folder / "tiny"))]
     else:
         (home / "models").symlink_to(common.store().models, target_is_directory=True)  # never written
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.REPO / "src"), os.environ.get("PYTHONPATH")])),

@@ -81,8 +81,7 @@ def same_rows(train: Path, test: Path, model_args: list[str], home: Path, folder
     from softprompt.config import DataConfig
     from softprompt.experiments.compare_data import compare_splits
 
-    tok = (models.load(model_args[1], store=common.store(home)).tokenizer if model_args
-           else models.load(models.DEFAULT_MODEL, store=common.store(home)).tokenizer)
+    tok = models.load(model_args[1] if model_args else models.DEFAULT_MODEL, store=common.store(home)).tokenizer
     cfg = DataConfig(path=str(train), eval_path=str(test), template=TEMPLATE, target_column="label",
                      verbalizer=dict(kv.split("=") for kv in VERBALIZER.split(",")))
     sp = compare_splits(tok, cfg)  # compare's defaults: dev 10 % carved with data seed 0

@@ -63,6 +63,22 @@ def temp_store(prefix: str):
     return store(tmp)
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of a ``softprompt`` child process: this checkout's sources, the benchmarks' data."""
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", "SOFTPROMPT_DATA": str(DATA)}
+
+
+def cli(args: list[str], env: dict) -> str:
+    """Run ``softprompt ARGS`` as a user does; its standard output (its stderr on failure, then exit)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "softprompt", *args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"softprompt {' '.join(args[:3])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
 THREADS = 2
 SEED = 0
 Example = tuple[list[int], list[int]]  # (input_ids, labels with IGNORE where no target)
@@ -221,6 +237,12 @@ def load_note(info: dict, what: str = "methods") -> str:
             + ("other jobs shared the cores, so absolute times are inflated; " if busy
                else "the machine was otherwise idle; ")
             + f"{what} ran interleaved.\n")
+
+
+def output_flags(ap) -> None:
+    """``--out`` (results folder) and ``--render`` (the Markdown again from the committed JSON)."""
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; temp with --quick)")
+    ap.add_argument("--render", action="store_true", help="rebuild the Markdown from the JSON of the last run")
 
 
 def render(name: str, markdown) -> None:

@@ -31,12 +31,10 @@ import argparse
 import atexit
 import csv
 import json
-import os
 import random
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,14 +62,6 @@ def rows_of(quick: bool, n: int) -> list[str]:
     if len(lines) < n:
         raise SystemExit(f"new_user: {path} has {len(lines)} rows, {n} needed")
     return lines[:n]
-
-
-def cli(args: list[str], env: dict) -> str:
-    """Run ``softprompt ARGS``; its standard output (stderr shown on failure)."""
-    done = subprocess.run([sys.executable, "-m", "softprompt", *args], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"softprompt {' '.join(args[:3])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return done.stdout
 
 
 def same_rows(train: Path, test: Path, model_args: list[str], home: Path, folder: Path) -> tuple[Path, Path]:
@@ -113,11 +103,11 @@ def run_defaults(seed: int, pool: Path, dev: Path, test: Path, model_args: list[
     name = f"cr-s{seed}"
     data = DATA_FLAGS
     t0 = time.time()
-    out = cli(["train", *model_args, "--data", str(pool), "--dev-data", str(dev), *data, "--name", name,
+    out = common.cli(["train", *model_args, "--data", str(pool), "--dev-data", str(dev), *data, "--name", name,
                "--seed", str(seed), "--home", str(home), "--quiet"], env)
     train_s = time.time() - t0
     meta = json.loads((home / "prompts" / name / "softprompt.json").read_text())
-    ev = cli(["eval", *model_args, "--prompt", name, "--data", str(test), *data, "--dtype", "float32",
+    ev = common.cli(["eval", *model_args, "--prompt", name, "--data", str(test), *data, "--dtype", "float32",
               "--home", str(home)], env)
     acc = re.search(r"^accuracy\s+([0-9.]+)", ev, re.M)
     if not acc:
@@ -130,7 +120,7 @@ def run_defaults(seed: int, pool: Path, dev: Path, test: Path, model_args: list[
 
 def run_lora(train: Path, test: Path, seeds: list[int], lrs: str, model_args: list[str], env: dict,
              home: Path, folder: Path) -> dict:
-    cli(["compare", *model_args, "--data", str(train), "--test-data", str(test), *DATA_FLAGS, "--methods", "zero-shot,lora", "--seeds", ",".join(map(str, seeds)),
+    common.cli(["compare", *model_args, "--data", str(train), "--test-data", str(test), *DATA_FLAGS, "--methods", "zero-shot,lora", "--seeds", ",".join(map(str, seeds)),
          "--lr-sweep", f"lora={lrs}", "--dev-sample", "all", "--out", str(folder), "--tag", "cr", "--quiet",
          "--home", str(home)], env)
     return json.loads((folder / "compare_cr.json").read_text())
@@ -148,8 +138,7 @@ def main() -> None:
     ap.add_argument("--test-rows", type=int, default=400, help="test rows (default %(default)s)")
     ap.add_argument("--seeds", default="0,1", help="run seeds (default %(default)s)")
     ap.add_argument("--lora-lrs", default="1e-3/3e-3", help="LoRA's lr sweep (default %(default)s)")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; temp with --quick)")
-    ap.add_argument("--render", action="store_true", help="rebuild the Markdown from the JSON of the last run")
+    common.output_flags(ap)
     a = ap.parse_args()
     if a.render:
         return common.render("new_user", markdown)
@@ -165,8 +154,7 @@ def main() -> None:
         model_args = ["--model", str(common.tiny_folder(folder / "tiny"))]
     else:
         (home / "models").symlink_to(common.store().models, target_is_directory=True)  # never written
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.REPO / "src"), os.environ.get("PYTHONPATH")])),
-           "TOKENIZERS_PARALLELISM": "false", "SOFTPROMPT_DATA": str(common.data_root())}
+    env = common.cli_env()
     lines = rows_of(a.quick, a.rows + a.test_rows)
     train, test = folder / "train.csv", folder / "test.csv"
     write_csv(train, lines[: a.rows])

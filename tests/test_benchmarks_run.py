@@ -25,6 +25,7 @@ SCRIPTS = sorted(BENCH.glob("*.py"))
 LIBRARIES = {"common.py", "soak_mix.py"}  # imported by the scripts, no command line of their own
 
 QUICK = [  # script and extra flags; the wall time of its quick run on the shared 2-core machine (load 7)
+    "auto_suite.py",  # 25 s: compare --quick for a synthetic suite, softprompt train as a subprocess
     "deep_step.py",  # 13 s
     "lever_cost.py",  # 13 s
     "mixed_batch.py",  # 27 s
@@ -92,7 +93,7 @@ def test_quick_benchmark_runs(command, tmp_path):
     """``--quick`` exits 0 and leaves benchmarks/results alone.
 
     Covered (``QUICK``; times measured on the shared 2-core machine at load average about 7,
-    under 4 minutes in all): deep_step, lever_cost, mixed_batch, new_user, peft_generate_gap,
+    under 4 minutes in all): auto_suite, deep_step, lever_cost, mixed_batch, new_user, peft_generate_gap,
     precision_quality, prefix_cache, serve_floor, serve_soak --mix, train_step, walkthrough.
     Not covered, because their quick run takes over a minute there: serve_load (121 s),
     serve_soak without --mix (86 s), few_shot_adapt (246 s; 138 s on two small tasks: it reads

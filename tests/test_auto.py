@@ -44,9 +44,12 @@ def meta_of(sp_home: Path, name: str) -> dict:
 
 
 @pytest.mark.parametrize("facts, want", [
-    (A.Facts(True, 6920, True), {"kind": "deep", "init": "labels", "lr": 0.03, "num_virtual_tokens": 20, "epochs": 1}),
+    (A.Facts(True, 4000, True), {"kind": "deep", "init": "labels", "lr": 0.03, "num_virtual_tokens": 20, "epochs": 1}),
+    (A.Facts(True, 6920, True), {"kind": "deep", "init": "labels", "lr": 0.03, "num_virtual_tokens": 20, "steps": 600}),
     (A.Facts(True, 120_000, True), {"kind": "deep", "init": "labels", "lr": 0.03, "num_virtual_tokens": 20,
-                                    "steps": 1500}),
+                                    "steps": 600}),
+    (A.Facts(True, 513, True, labels=2), {"kind": "deep", "init": "labels", "lr": 0.03, "num_virtual_tokens": 20,
+                                          "steps": 200}),
     (A.Facts(True, 300, True, labels=2), {"kind": "shallow", "init": "random", "lr": 0.03, "num_virtual_tokens": 20,
                                           "epochs": 3}),
     (A.Facts(True, 32, True, labels=2), {"kind": "shallow", "init": "random", "lr": 0.03, "num_virtual_tokens": 20,
@@ -79,7 +82,7 @@ def test_the_table_chooses_from_the_facts(facts, want):
 
 def test_the_line_says_what_and_why():
     pcfg, tcfg, rec = A.resolve(A.Facts(True, 6920, True), PromptConfig(kind="auto"), TrainConfig(), given=set())
-    assert A.line(pcfg, tcfg, rec) == ("auto: deep prompt, init labels, lr 0.03, 20 virtual tokens, 1 epoch "
+    assert A.line(pcfg, tcfg, rec) == ("auto: deep prompt, init labels, lr 0.03, 20 virtual tokens, 600 steps "
                                        "(task has label words; 6,920 training rows)")
     pcfg, tcfg, rec = A.resolve(A.Facts(True, 300, True, labels=2), PromptConfig(kind="auto"), TrainConfig(),
                                 given=set())
@@ -132,16 +135,16 @@ def test_no_method_flags_on_many_labelled_rows_trains_a_deep_prompt_that_serves(
                                                                                  tiny, tiny_lm, many_csv):
     from softprompt.inference.engine import Engine, GenerateRequest
 
-    rc, out, err = run_cli(capsys, cli_main, target_args(tiny, many_csv, "many", "--batch-size", "64"))  # 1 epoch: 9 steps
+    rc, out, err = run_cli(capsys, cli_main, target_args(tiny, many_csv, "many", "--batch-size", "64"))  # 1 epoch: 9 steps < 200
     assert rc == 0, err
-    want = "auto: deep prompt, init labels, lr 0.03, 20 virtual tokens, 1 epoch (task has label words; 540 training rows)"
+    want = "auto: deep prompt, init labels, lr 0.03, 20 virtual tokens, 200 steps (task has label words; 540 training rows)"
     assert out.splitlines()[0] == want
     meta = meta_of(sp_home, "many")
     assert meta["kind"] == "deep" and meta["prompt"]["kind"] == "deep" and meta["prompt"]["init"] == "labels"
-    assert meta["training"]["lr"] == 0.03 and meta["training"]["epochs"] == 1 and meta["training"]["steps"] is None
-    assert meta["auto"]["chose"] == {"kind": "deep", "init": "labels", "lr": 0.03, "num_virtual_tokens": 20, "epochs": 1}
+    assert meta["training"]["lr"] == 0.03 and meta["training"]["steps"] == 200
+    assert meta["auto"]["chose"] == {"kind": "deep", "init": "labels", "lr": 0.03, "num_virtual_tokens": 20, "steps": 200}
     assert meta["auto"]["why"] == "task has label words; 540 training rows" and meta["auto"]["yours"] == {}
-    assert meta["auto"]["facts"]["rows"] == 540 and len(meta["epochs"]) == 1
+    assert meta["auto"]["facts"]["rows"] == 540 and meta["epochs"][-1]["step"] == 200
     sp = sp_store.load_prompt("many")
     assert sp.kind == "deep" and sp.tensor.shape[3] == 20
     # the stored prompt serves from the store, as the trained tensor does

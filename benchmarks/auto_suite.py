@@ -113,8 +113,7 @@ def summarize(rows: list[dict], results: Path, tasks: list[str]) -> list[dict]:
         if not mine or doc is None:
             continue
         cs = suite_table.cells(doc)
-        kinds = [m for m in suite_table.PROMPTS if m in cs]
-        best = max(kinds, key=lambda m: cs[m]["test_mean"]) if kinds else None
+        best = suite_table.best_prompt(cs)
         accs = [100 * r["test_accuracy"] for r in mine]
         row = {"task": task, "auto_mean": statistics.fmean(accs),
                "auto_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0, "auto_seeds": [r["seed"] for r in mine],

@@ -88,6 +88,29 @@ def test_table_numbers_are_the_step_600_means_sds_and_gaps(results):
     assert "Finished: TREC (6 runs)" in status and "SST-2 (2 of 6 runs)" in status and "MR" in status
 
 
+AUTO = {"trec": [95.0, 96.4], "agnews": [90.0]}  # auto_suite's test accuracies per task (%)
+
+
+def test_the_defaults_column_is_auto_suites_mean_minus_the_best_prompt_kind(results):
+    (results / "auto_suite.json").write_text(json.dumps({"summary": [
+        {"task": t, "auto_mean": statistics.mean(a), "auto_sd": statistics.stdev(a) if len(a) > 1 else 0.0,
+         "auto_seeds": list(range(len(a)))} for t, a in AUTO.items()]}))
+    table = cells(ST.render(ST.load(results), ST.load_auto(results)))
+    best = max(statistics.mean(pts(m, TREC)) for m in ST.PROMPTS)
+    diff = statistics.mean(AUTO["trec"]) - best
+    a = AUTO["trec"]
+    assert table["TREC"][6] == f"{statistics.mean(a):.1f} ± {statistics.stdev(a):.1f} (2 seeds), {diff:+.1f}"
+    assert table["SST-2"][6] == "not run" and table["MR"][6] == "not run"
+    assert table["AG News"][6] == "90.0 (1 seed)"  # no suite run to compare with: no difference
+    assert table["mean of 2 tasks"][6] == f"{diff:+.1f} (1 task)"
+    # without auto_suite.json the column says so on every row, and the README block is the same call
+    assert all(row[6] in ("not run", "-") for row in cells(ST.render(ST.load(results))).values())
+    readme = results.parent / "README.md"
+    readme.write_text(f"{ST.START}\n{ST.END}\n")
+    ST.write_readme(readme, results)
+    assert ST.generated_block(readme.read_text()) == ST.render(ST.load(results), ST.load_auto(results))
+
+
 def test_readme_block_is_replaced_only_between_the_markers(results, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# top\n\nbefore\n\n{ST.START}\nold table\n{ST.END}\n\nafter\n")

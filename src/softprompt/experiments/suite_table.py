@@ -2,9 +2,10 @@
 
 One Markdown table, one row per task: the test accuracy of the deep prompt, LoRA and the
 shallow prompt at the curve's last step (600), mean ± sample sd over the seeds that finished,
-the seeds per cell, the test set's standard error and the best prompt kind minus LoRA in points;
-then the means over the tasks that have LoRA and a prompt kind, and one sentence saying which
-results are partial. Invariants: every number comes from a result file
+the seeds per cell, the test set's standard error, the best prompt kind minus LoRA in points, and
+what ``softprompt train`` with no method flags (``--kind auto``) scored on the same test rows
+(``benchmarks/auto_suite.py``: ``auto_suite.json``) minus that best prompt kind; then the means
+over the tasks that have LoRA and a prompt kind, and one sentence saying which results are partial. Invariants: every number comes from a result file
 (``compare_suite_<task>.json``, else the runs so far in ``compare_suite_<task>.partial.json``);
 a cell with no finished run says "running", never a number; the same files give the same text
 (no dates), so a test can hold README.md to it. ``write_readme`` replaces only the text between
@@ -13,6 +14,7 @@ the two markers, whole or not at all, and leaves the file as it was when a marke
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -40,6 +42,12 @@ def load(results: Path) -> dict[str, dict | None]:
     return {t: (compare_report.read_json(p) if (p := result_file(results, t)) else None) for t in TASKS}
 
 
+def load_auto(results: Path) -> dict[str, dict]:
+    """auto_suite's summary per task (``auto_mean``, ``auto_sd``, ``auto_seeds``); {} before its first run."""
+    path = results / "auto_suite.json"
+    return {s["task"]: s for s in json.loads(path.read_text())["summary"]} if path.is_file() else {}
+
+
 def cells(doc: dict) -> dict[str, dict]:
     """Per method that has finished runs: its curve's last point summarised over seeds
     (``compare_curve.summarize``: steps, seeds, test_mean, test_std, test_se)."""
@@ -59,19 +67,37 @@ def _acc(c: dict | None, running: bool) -> str:
     return text if c["steps"] == STEP else f"{text} (at {c['steps']} steps)"
 
 
+def best_prompt(cs: dict[str, dict]) -> str | None:
+    """The prompt kind with the highest mean test accuracy among ``cells``; None without one."""
+    kinds = [m for m in PROMPTS if m in cs]
+    return max(kinds, key=lambda m: cs[m]["test_mean"]) if kinds else None
+
+
 def _gap(cs: dict[str, dict]) -> tuple[float, str] | None:
     """The best prompt kind's mean minus LoRA's, in points, and that kind; None without both."""
-    kinds = [m for m in PROMPTS if m in cs]
-    if "lora" not in cs or not kinds:
+    best = best_prompt(cs)
+    if "lora" not in cs or best is None:
         return None
-    best = max(kinds, key=lambda m: cs[m]["test_mean"])
     return 100 * (cs[best]["test_mean"] - cs["lora"]["test_mean"]), METHODS[best]
 
 
-def _row(task: str, doc: dict | None) -> tuple[str, dict[str, dict]]:
+def _auto(a: dict | None, cs: dict[str, dict]) -> tuple[str, float | None]:
+    """The auto cell (mean ± sd over its seeds, minus the best prompt kind) and that difference."""
+    if a is None:
+        return "not run", None
+    n = len(a["auto_seeds"])
+    text = f"{a['auto_mean']:.1f}" + (f" ± {a['auto_sd']:.1f}" if n > 1 else "") + f" ({n} seed{'s' if n > 1 else ''})"
+    best = best_prompt(cs)
+    if best is None:
+        return text, None
+    diff = a["auto_mean"] - 100 * cs[best]["test_mean"]
+    return f"{text}, {diff:+.1f}", diff
+
+
+def _row(task: str, doc: dict | None, auto: dict | None = None) -> tuple[str, dict[str, dict]]:
     """One task's table row and its cells (empty when no run has finished)."""
     if doc is None:
-        return f"| {TASKS[task]} | running | running | running | - | - | - |", {}
+        return f"| {TASKS[task]} | running | running | running | - | - | - | {_auto(auto, {})[0]} |", {}
     cs, n = cells(doc), doc["data"]["test"]
     running = bool(doc.get("partial"))
     seeds = " / ".join(str(cs[m]["seeds"]) if m in cs else "0" for m in METHODS)
@@ -80,21 +106,24 @@ def _row(task: str, doc: dict | None) -> tuple[str, dict[str, dict]]:
     gap = _gap(cs)
     return (f"| {TASKS[task]} | {' | '.join(_acc(cs.get(m), running) for m in METHODS)} | {seeds} "
             f"| {'-' if se is None else f'{100 * se:.1f}'} ({size} rows) "
-            f"| {'-' if gap is None else f'{gap[0]:+.1f} ({gap[1]})'} |"), cs
+            f"| {'-' if gap is None else f'{gap[0]:+.1f} ({gap[1]})'} | {_auto(auto, cs)[0]} |"), cs
 
 
-def _mean_row(tasks: list[dict[str, dict]]) -> str:
-    """Means over the tasks with LoRA and a prompt kind; a method's count when it has fewer."""
+def _mean_row(tasks: list[dict[str, dict]], autos: list[float]) -> str:
+    """Means over the tasks with LoRA and a prompt kind; a method's count when it has fewer; auto's
+    mean difference over the tasks it ran on."""
     both = [cs for cs in tasks if _gap(cs) is not None]
+    auto = f"{statistics.mean(autos):+.1f} ({len(autos)} task{'s' if len(autos) > 1 else ''})" if autos else "-"
     if not both:
-        return f"| mean | {' | '.join('-' for _ in METHODS)} | - | - | - |"
+        return f"| mean | {' | '.join('-' for _ in METHODS)} | - | - | - | {auto} |"
     out = []
     for m in METHODS:
         accs = [cs[m]["test_mean"] for cs in both if m in cs]
         note = "" if len(accs) == len(both) else f" ({len(accs)} of {len(both)} tasks)"
         out.append(f"{100 * statistics.mean(accs):.1f}{note}" if accs else "-")
     gaps = [g[0] for cs in both if (g := _gap(cs))]
-    return f"| mean of {len(both)} task{'s' if len(both) > 1 else ''} | {' | '.join(out)} | - | - | {statistics.mean(gaps):+.1f} |"
+    return (f"| mean of {len(both)} task{'s' if len(both) > 1 else ''} | {' | '.join(out)} | - | - "
+            f"| {statistics.mean(gaps):+.1f} | {auto} |")
 
 
 def _status(docs: dict[str, dict | None]) -> str:
@@ -109,23 +138,28 @@ def _status(docs: dict[str, dict | None]) -> str:
     return " ".join(s for s in said if s)
 
 
-def render(docs: dict[str, dict | None]) -> str:
-    """The table and the status sentence (Markdown, no trailing newline)."""
-    rows = [_row(t, docs.get(t)) for t in TASKS]
+def render(docs: dict[str, dict | None], auto: dict[str, dict] | None = None) -> str:
+    """The table and the status sentence (Markdown, no trailing newline); ``auto``: ``load_auto``."""
+    auto = auto or {}
+    rows = [_row(t, docs.get(t), auto.get(t)) for t in TASKS]
+    diffs = [d for t, (_, cs) in zip(TASKS, rows) if (d := _auto(auto.get(t), cs)[1]) is not None]
     head = [
-        "| task | deep prompt | LoRA | shallow prompt | seeds (deep / LoRA / shallow) | test SE | best prompt minus LoRA |",
-        "|---|---:|---:|---:|:---:|---:|---:|",
+        "| task | deep prompt | LoRA | shallow prompt | seeds (deep / LoRA / shallow) | test SE | best prompt minus LoRA "
+        "| defaults (`--kind auto`), minus best prompt |",
+        "|---|---:|---:|---:|:---:|---:|---:|---:|",
     ]
     return "\n".join([
         "<!-- generated by benchmarks/suite.sh report from benchmarks/results/compare_suite_<task>.json "
-        "(else .partial.json); do not edit by hand -->",
+        "(else .partial.json) and auto_suite.json; do not edit by hand -->",
         f"Test accuracy (%) at step {STEP}, mean ± sd over the seeds that finished (one seed: its value); "
-        "test SE: the test set's binomial standard error at the row's mean accuracy; the last column in "
-        "points; \"running\": no run of that method has finished yet.",
+        "test SE: the test set's binomial standard error at the row's mean accuracy; differences in "
+        "points; \"running\": no run of that method has finished yet. Defaults: `softprompt train --task T` "
+        "with no method flags (bf16 where the CPU has it), scored on the same test rows "
+        "(`benchmarks/auto_suite.py`); \"not run\": not measured yet.",
         "",
         *head,
         *[r for r, _ in rows],
-        _mean_row([cs for _, cs in rows]),
+        _mean_row([cs for _, cs in rows], diffs),
         "",
         _status(docs),
     ])
@@ -148,4 +182,4 @@ def generated_block(text: str) -> str | None:
 def write_readme(readme: Path, results: Path) -> Path:
     """Rewrite ``readme``'s suite block from the result files in ``results`` (atomic)."""
     text = readme.read_text(encoding="utf-8")
-    return atomic_write(readme, replace_block(text, render(load(results)), readme.name))
+    return atomic_write(readme, replace_block(text, render(load(results), load_auto(results)), readme.name))

@@ -203,13 +203,18 @@ def main() -> None:
             with open(journal, "a", encoding="utf-8") as f:
                 f.write(json.dumps(run) + "\n")
             print(f"auto_suite: {task} seed {seed}: {100 * run['test_accuracy']:.1f} ({run['auto_line']})")
-            write(out, rows, results, list(tasks), a.quick, machine, started)
-    js, md = write(out, rows, results, list(tasks), a.quick, machine, started)
+            write(out, journal, results, a.quick, machine, started)
+    js, md = write(out, journal, results, a.quick, machine, started)
     print(f"wrote {js} and {md}")
 
 
-def write(out: Path, rows: list[dict], results: Path, tasks: list[str], quick: bool, machine: dict,
-          started: float) -> tuple[Path, Path]:
+def write(out: Path, journal: Path, results: Path, quick: bool, machine: dict, started: float) -> tuple[Path, Path]:
+    """The JSON and Markdown from every run in the journal (another process's included), the
+    suite's tasks in its order."""
+    from softprompt.experiments import suite_table
+
+    rows = journal_rows(journal)
+    tasks = sorted({r["task"] for r in rows}, key=lambda t: (list(suite_table.TASKS) + [t]).index(t))
     res = {"benchmark": NAME, "quick": quick, "margin": MARGIN, "runs": rows,
            "summary": summarize(rows, results, tasks), "machine": machine,
            "machine_note": (f"Load average (1 min) at the start of the last session {machine['loadavg_at_start'][0]:.1f} "

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
-import os
 import random
 import shutil
 import statistics
@@ -242,5 +241,4 @@ def quick_suite(folder: Path, model_args: list[str], env: dict, home: Path) -> t
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -70,14 +70,13 @@ def test_rows(lm, task: str, root: Path, doc: dict) -> tuple[object, list]:
     return cfg, test
 
 
-def score(lm, store, name: str, cfg, test: list) -> float:
-    """Test accuracy of the stored prompt ``name``, scored as ``softprompt compare`` scores a method."""
+def score(lm, store, name: str, kind: str, cfg, test: list) -> float:
+    """Test accuracy of the stored prompt ``name`` (of ``kind``), scored as ``softprompt compare`` scores a method."""
     from softprompt import metrics
     from softprompt.config import PromptConfig, TrainConfig
     from softprompt.training import tune as TR
 
-    meta = json.loads((store.prompts_dir() / name / "softprompt.json").read_text())
-    pcfg = PromptConfig(kind=meta["kind"], init=f"prompt:{name}")
+    pcfg = PromptConfig(kind=kind, init=f"prompt:{name}")
     m = TR.prompt_method(lm, TR.initial_prompt(lm, pcfg, cfg, 0, store=store), pcfg, True, 0)
     pad = lm.tokenizer.pad_token_id
     return metrics.classify_metrics(m.score, lm.tokenizer, test, cfg.verbalizer, pad,
@@ -196,7 +195,7 @@ def main() -> None:
                 continue
             run = run_one(task, arg, seed, model_args, extra, env, home)
             t0 = time.time()
-            run["test_accuracy"] = score(lm, store, run["name"], cfg, test)
+            run["test_accuracy"] = score(lm, store, run["name"], run["kind"], cfg, test)
             run["eval_s"] = round(time.time() - t0, 1)
             rows.append(run)
             with open(journal, "a", encoding="utf-8") as f:

@@ -18,6 +18,11 @@ rerun continues where the last one stopped; the JSON and Markdown are rewritten 
     python benchmarks/auto_suite.py --tasks trec --seeds 0
     python benchmarks/auto_suite.py --quick              # tiny model, a synthetic task, seconds
     python benchmarks/auto_suite.py --render             # the Markdown from the committed JSON
+    python benchmarks/auto_suite.py --tasks subj --precision fp32   # the same, trained in float32 as the
+                                                         # suite trains: auto_suite_fp32.json/.md
+
+``--precision`` separates auto's own settings from the defaults' bf16: its runs go to a journal and
+results of their own (``auto_suite_<precision>``), never mixed with what the defaults score.
 """
 
 from __future__ import annotations
@@ -140,9 +145,10 @@ def markdown(res: dict) -> str:
              cell(s, "deep-prompt"), cell(s, "prompt-tuning"), cell(s, "lora"),
              f"{s['minus_best']:+.1f} ({suite_table.METHODS[s['best']]})" if "best" in s else "-",
              ("met" if s["met"] else "not met") if "best" in s else "-"] for s in res["summary"]]
-    return f"""# auto_suite: `softprompt train` with no method flags on the suite's tasks{' (--quick)' if res['quick'] else ''}
+    flags = "".join(f" {f}" for f in res.get("flags", []))
+    return f"""# {res['benchmark']}: `softprompt train` with no method flags{flags and ' but' + flags} on the suite's tasks{' (--quick)' if res['quick'] else ''}
 
-Each run is `softprompt train --task T --name T-sS --seed S` (`--kind auto`, its own budget and
+Each run is `softprompt train --task T --name T-sS --seed S{flags}` (`--kind auto`, its own budget and
 precision: {', '.join(sorted({str(r['precision']) for r in res['runs']}))}), scored as the suite scores its
 methods (the suite's test rows, float32). The suite's cells are its methods at its last step, mean ±
 sd over seeds (the count in brackets), float32 training. {res['machine_note']}
@@ -159,10 +165,13 @@ def main() -> None:
     ap.add_argument("--tasks", default="trec,sst2,mr,subj,mpqa,agnews", help="suite tasks (default %(default)s)")
     ap.add_argument("--seeds", default="0,1", help="run seeds (default %(default)s)")
     ap.add_argument("--quick", action="store_true", help="tiny random Llama on a synthetic task and suite, 3 steps")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                    help="train at this precision instead of the defaults' (results: auto_suite_<precision>.*)")
     common.output_flags(ap)
     a = ap.parse_args()
+    name, flags = (NAME, []) if a.precision is None else (f"{NAME}_{a.precision}", ["--precision", a.precision])
     if a.render:
-        return common.render(NAME, markdown)
+        return common.render(name, markdown)
     from softprompt import models
 
     folder = Path(tempfile.mkdtemp(prefix="sp-auto-suite-"))
@@ -170,17 +179,17 @@ def main() -> None:
     home, out = folder / "home", common.out_dir(a.out, a.quick)
     home.mkdir()
     tasks, seeds = {t: t for t in a.tasks.split(",")}, [int(s) for s in a.seeds.split(",")]
-    model_args, extra, root, results = [], [], common.data_root(), common.RESULTS
+    model_args, extra, root, results = [], list(flags), common.data_root(), common.RESULTS
     env = common.cli_env()
     if a.quick:
-        model_args, extra = ["--model", str(common.tiny_folder(folder / "tiny"))], ["--steps", "3"]
+        model_args, extra = ["--model", str(common.tiny_folder(folder / "tiny"))], ["--steps", "3", *flags]
         root, results, tasks, seeds = quick_suite(folder, model_args, env, home)
         env["SOFTPROMPT_DATA"] = str(root)
     else:
         (home / "models").symlink_to(common.store().models, target_is_directory=True)  # never written
     store = common.store(home)
     lm = models.load(model_args[1] if model_args else models.DEFAULT_MODEL, "float32", store=store)
-    journal = out / f"{NAME}.runs.jsonl"
+    journal = out / f"{name}.runs.jsonl"
     rows, started = journal_rows(journal), time.time()
     machine = common.machine_info()
     for task, arg in tasks.items():
@@ -201,24 +210,25 @@ def main() -> None:
             with open(journal, "a", encoding="utf-8") as f:
                 f.write(json.dumps(run) + "\n")
             print(f"auto_suite: {task} seed {seed}: {100 * run['test_accuracy']:.1f} ({run['auto_line']})")
-            write(out, journal, results, a.quick, machine, started)
-    js, md = write(out, journal, results, a.quick, machine, started)
+            write(name, flags, out, journal, results, a.quick, machine, started)
+    js, md = write(name, flags, out, journal, results, a.quick, machine, started)
     print(f"wrote {js} and {md}")
 
 
-def write(out: Path, journal: Path, results: Path, quick: bool, machine: dict, started: float) -> tuple[Path, Path]:
+def write(name: str, flags: list[str], out: Path, journal: Path, results: Path, quick: bool, machine: dict,
+          started: float) -> tuple[Path, Path]:
     """The JSON and Markdown from every run in the journal (another process's included), the
     suite's tasks in its order."""
     from softprompt.experiments import suite_table
 
     rows = journal_rows(journal)
     tasks = sorted({r["task"] for r in rows}, key=lambda t: (list(suite_table.TASKS) + [t]).index(t))
-    res = {"benchmark": NAME, "quick": quick, "margin": MARGIN, "runs": rows,
+    res = {"benchmark": name, "flags": flags, "quick": quick, "margin": MARGIN, "runs": rows,
            "summary": summarize(rows, results, tasks), "machine": machine,
            "machine_note": (f"Load average (1 min) at the start of the last session {machine['loadavg_at_start'][0]:.1f} "
                             f"on {machine['cores']} cores: accuracy does not depend on load, the seconds do."),
            "session_s": round(time.time() - started, 1)}
-    return common.write_results(NAME, res, markdown(res), out)
+    return common.write_results(name, res, markdown(res), out)
 
 
 def quick_suite(folder: Path, model_args: list[str], env: dict, home: Path) -> tuple[Path, Path, dict, list[int]]:

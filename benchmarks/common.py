@@ -464,6 +464,7 @@ class QuietGate:
 def out_dir(requested: Path | None, quick: bool) -> Path:
     """Where results go: as asked, else the results folder, or a temp folder for ``--quick``."""
     if requested is not None:
+        requested.mkdir(parents=True, exist_ok=True)  # journals are appended to before the first result
         return requested
     return Path(tempfile.mkdtemp(prefix="sp-bench-quick-")) if quick else RESULTS
 

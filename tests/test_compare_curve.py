@@ -117,6 +117,9 @@ def test_curve_report_resumed_equals_uninterrupted(tiny_lm, toy_csv, tmp_path, m
     calls.clear()
     resumed = C.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal, resume=True)
     assert calls == [("prompt-tuning", 1), ("lora", 1)]
+    earlier = [r["wall_s"] for r in resumed["runs"] if r["seed"] == 0]  # the two runs from the journal
+    assert resumed["journal_runs"] == 2 and resumed["total_time_s"] > sum(earlier) > 0
+    assert resumed["total_time_s"] > sum(r["wall_s"] for r in resumed["runs"]) and "journal_runs" not in whole
     curves = lambda doc: [(r["method"], r["n_train"], r["curve"]) for r in doc["summary"]]  # noqa: E731
     assert curves(resumed) == curves(whole) and [p["steps"] for p in whole["summary"][0]["curve"]] == [2, 4]
     point = whole["summary"][0]["curve"][-1]

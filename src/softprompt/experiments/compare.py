@@ -382,12 +382,19 @@ def run(
         if book.done:
             ctx.say(f"resuming: {len(book.done)} finished runs taken from {journal}")
 
+    def document(runs: list[dict], unchanged: bool) -> dict:
+        """The result document; its time counts the runs taken from the journal at the time they took."""
+        earlier = [r for r in runs if book is not None and book.done.get(Journal.key(r["train_size"], r["seed"], r["method"])) is r]
+        doc = R.document(ctx, task, runs, time.perf_counter() - t_start + sum(r["wall_s"] for r in earlier), load_start,
+                         unchanged)
+        return {**doc, "journal_runs": len(earlier)} if earlier else doc
+
     def finished(runs: list[dict], planned: int) -> None:
-        doc = R.document(ctx, task, runs, time.perf_counter() - t_start, load_start, weights_digest(lm.model) == before)
+        doc = document(runs, weights_digest(lm.model) == before)
         write_json({**doc, **(label or {}), "partial": {"finished": len(runs), "planned": planned}}, partial_path(journal))
 
     runs = run_all(ctx, book, t_start, finished if journal is not None else None)
     unchanged = weights_digest(lm.model) == before
     if not unchanged:  # a bug, never a user error: the comparison would be unfair
         raise RuntimeError("the shared base model changed during the comparison")
-    return R.document(ctx, task, runs, time.perf_counter() - t_start, load_start, unchanged)
+    return document(runs, unchanged)

@@ -342,7 +342,9 @@ def section(doc: dict) -> list[str]:
         f"git {str(doc['git']['revision'])[:10]}{' (dirty)' if doc['git']['dirty'] else ''}; {doc['created']}",
         f"- machine: {doc['machine']['cpus']} CPUs, {doc['machine']['torch_threads']} torch threads, load average "
         f"at start {', '.join(f'{x:.1f}' for x in load) if load else '?'} (shared machine); whole run "
-        f"{doc['total_time_s'] / 60:.1f} min",
+        f"{doc['total_time_s'] / 60:.1f} min"
+        + (f" ({doc['journal_runs']} of its runs taken from the journal, counted at the time they took)"
+           if doc.get("journal_runs") else ""),
         f"- data: {files}",
         f"- training pool {d['pool']} rows; dev {d['dev']} rows ({d['dev_source']}); test {d['test']} rows "
         f"({d['test_source']}{', seeded sample of ' + str(d['test_sampled_from']) if d['test'] < d['test_sampled_from'] else ''}); "

@@ -44,7 +44,7 @@ RULES: tuple[dict, ...] = (
         "kind": "deep", "init": "labels", "lr": 0.03, "num_virtual_tokens": 20,
         "budget": {"epochs": 1, "min_steps": 200, "max_steps": 600},
         "evidence": ("compare_suite_trec.md", "compare_suite_sst2.md", "compare_suite_mr.md", "compare_suite_mpqa.md",
-                     "compare_suite_subj.md", "auto_suite.md", "compare_trec-deep-labels.md", "compare_sst2-deep-labels.md",
+                     "compare_suite_subj.md", "compare_suite_agnews.md", "auto_suite.md", "compare_trec-deep-labels.md", "compare_sst2-deep-labels.md",
                      "deep_trec_sweep.md"),
     },
     {   # a few hundred rows of a task with more than two label words: deep still wins (TREC)

@@ -58,7 +58,7 @@ RULES: tuple[dict, ...] = (
         "kind": "shallow", "init": "random", "lr": 0.03, "num_virtual_tokens": 20,
         "budget": {"epochs": 3, "min_steps": 50, "max_steps": 1500},
         "evidence": ("compare_small_sst2.json", "compare_small_mpqa.json", "compare_small_mr.json",
-                     "compare_sst2-sizes.md", "sweep_defaults.md", "compare_sst2-full.md"),
+                     "compare_small_subj.json", "compare_sst2-sizes.md", "sweep_defaults.md", "compare_sst2-full.md"),
     },
     {   # language modelling or free-text targets: no label words to start from or score
         "if": {},

@@ -10,7 +10,9 @@ task's dev split (label accuracy and loss, the evaluator training uses). Arms:
 * ``deep+memory``, ``deep+memory@1e-4``, ``deep+memory@1e-5``: PrefixMemory, the deep prompt
   plus the per-head memory (memory lr 1e-3, 1e-4, 1e-5);
 * ``shallow``: the shallow prompt with label init; ``dept``: DePT, a shorter shallow prompt
-  (N=10) plus a rank-8 input offset, prompt lr 0.1 and offset lr 1e-3 (two groups).
+  (N=10) plus a rank-8 input offset, prompt lr 0.1 and offset lr 1e-3 (two groups);
+* ``deep@N10``, ``deep@N40``, ``deep@N100``: P-tuning v2's prefix length, the deep prompt with
+  10, 40 or 100 virtual tokens instead of 20.
 
 Results (JSON + Markdown) go to benchmarks/results/ablation_<task>.{json,md}; every finished arm
 is written at once, and ``--resume`` skips the arms already there.
@@ -44,6 +46,9 @@ ARMS = {  # name -> (PromptConfig fields, TrainConfig fields)
     "shallow": ({"kind": "shallow", "init": "labels"}, {"lr": 0.1}),
     "dept": ({"kind": "shallow", "init": "labels", "num_virtual_tokens": 10, "offset_rank": 8},
              {"lr": 0.1, "group_lr": {"offset": 1e-3}}),
+    "deep@N10": ({"kind": "deep", "init": "labels", "num_virtual_tokens": 10}, {"lr": 0.03}),
+    "deep@N40": ({"kind": "deep", "init": "labels", "num_virtual_tokens": 40}, {"lr": 0.03}),
+    "deep@N100": ({"kind": "deep", "init": "labels", "num_virtual_tokens": 100}, {"lr": 0.03}),
 }
 
 
@@ -113,21 +118,34 @@ def main() -> None:
     common.setup_torch(threads=a.threads)
     info = common.machine_info()
     name = f"ablation_{a.task}{a.tag}"
-    done = []
+    machine = info
+    done, earlier = [], ""  # arms kept from the result file, and its note on the load they ran under
     path = common.RESULTS / f"{name}.json"
     if a.resume and path.is_file():
-        done = json.loads(path.read_text())["arms"]
+        kept = json.loads(path.read_text())
+        done, earlier = kept["arms"], kept.get("load_note", "")
+        machine = kept.get("machine", info)
     for other in filter(None, a.merge.split(",")):  # arms run by another process (--tag), kept in ARMS order
         done += [r for r in json.loads((common.RESULTS / f"{other}.json").read_text())["arms"]
                  if r["arm"] not in {d["arm"] for d in done}]
     done.sort(key=lambda r: list(ARMS).index(r["arm"]))
-    lm = common.load_lm(False)
-    payload = {"task": a.task, "steps": a.steps, "seed": a.seed, "dev_rows": a.dev, "threads": a.threads, "machine": info, "arms": done}
-    for arm in [x for x in a.arms.split(",") if x not in {r["arm"] for r in done}]:
+    todo = [x for x in a.arms.split(",") if x not in {r["arm"] for r in done}]
+    lm = common.load_lm(False) if todo else None
+    payload = {"task": a.task, "steps": a.steps, "seed": a.seed, "dev_rows": a.dev, "threads": a.threads,
+               "machine": info if todo else machine, "arms": done}  # a merge only keeps the file's machine
+
+    def note() -> str:  # the earlier runs' note, then this run's
+        now = common.load_note(info, "arms").replace("arms ran interleaved", "arms ran one after another")
+        return earlier + (f"This run ({', '.join(todo)}): " if earlier else "") + now
+
+    for arm in todo:
         payload["arms"].append(run_arm(lm, a.task, arm, a.steps, a.dev, a.seed))
-        payload["load_note"] = common.load_note(info, "arms").replace("arms ran interleaved", "arms ran one after another")
+        payload["load_note"] = note()
         common.write_results(name, payload, markdown(a.task, payload))
         print(json.dumps(payload["arms"][-1]), flush=True)
+    if not todo and a.merge:  # only arms of other files to add (their loads are listed per arm)
+        payload["load_note"] = earlier
+        common.write_results(name, payload, markdown(a.task, payload))
 
 
 if __name__ == "__main__":

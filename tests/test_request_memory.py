@@ -31,14 +31,16 @@ def probe(model_dir: Path, job: dict, home: Path) -> list[dict]:
 @pytest.mark.slow
 def test_estimates_bound_the_measured_peaks(tiny_model_dir, tmp_path):
     """Each estimate is at least the measured peak, and at most 3x it (+1 MiB): scoring many
-    inputs x labels, a long input under a prompt, a batch of generations, one long generation."""
+    inputs x labels, a long input under a prompt, a batch of generations, long generations in one
+    prefill chunk. (Two of them: one alone peaked at 0.4-1.7 MiB over six probes, as freed memory
+    still resident was reused, too close to the noise floor below; two measure 2.6-3.1 MiB.)"""
     job = {"kind": "engine", "group_mb": 4, "cases": [
         {"name": "classify", "kind": "score", "text": "word " * 100, "rows": 64, "labels": 32},
         {"name": "long input", "kind": "score", "text": "the movie was great " * 90, "rows": 4, "labels": 8,
          "prompt": "p"},
         {"name": "generate", "kind": "generate", "text": "the movie was great " * 60, "rows": 8, "max_tokens": 30,
          "chunk": 64},
-        {"name": "long generate", "kind": "generate", "text": "the movie was great " * 90, "rows": 1,
+        {"name": "long generate", "kind": "generate", "text": "the movie was great " * 90, "rows": 2,
          "max_tokens": 20, "chunk": 512, "prompt": "p"}]}
     for c in probe(tiny_model_dir("llama"), job, tmp_path):
         assert c["measured"] > MiB / 2, c  # a real measurement, above the noise

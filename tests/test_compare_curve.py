@@ -114,6 +114,17 @@ def test_curve_report_resumed_equals_uninterrupted(tiny_lm, toy_csv, tmp_path, m
 
     md = R.write_report([part], tmp_path / "docs", "comparison", "test").read_text()
     assert "## toy (partial: 2 of 4 runs finished; the others still to run)" in md
+    C.partial_path(journal).unlink()  # resuming writes it from the journal before training anything
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(C, "run_one", stop)
+    with pytest.raises(KeyboardInterrupt):
+        C.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal, resume=True, label={"tag": "toy"})
+    again = json.loads(C.partial_path(journal).read_text())
+    assert again["partial"] == part["partial"] and again["summary"] == part["summary"]
+    monkeypatch.setattr(C, "run_one", run_one)
     calls.clear()
     resumed = C.run(tiny_lm, cfg, None, ccfg, pcfg=pcfg, journal=journal, resume=True)
     assert calls == [("prompt-tuning", 1), ("lora", 1)]

@@ -353,8 +353,8 @@ def run(
     store: Store | None = None,
 ) -> dict:
     """Every method x train size x seed; the result document (``compare_report.document``).
-    With ``journal``, finished runs are recorded there and, with ``resume``, taken from it; after
-    each run, the document of the runs so far is written beside it (``partial_path``), with
+    With ``journal``, finished runs are recorded there and, with ``resume``, taken from it; on
+    resuming and after each run, the document of the runs so far is written beside it (``partial_path``), with
     ``label`` (tag, command) and ``"partial": {"finished", "planned"}``. ``data_cfg`` is resolved
     with the held-out policy (``recipes.resolve(..., held_out=True)``; ``task`` names it in the
     results); ``store`` holds the prompts ``--init prompt:NAME`` reads."""
@@ -393,6 +393,9 @@ def run(
         doc = document(runs, weights_digest(lm.model) == before)
         write_json({**doc, **(label or {}), "partial": {"finished": len(runs), "planned": planned}}, partial_path(journal))
 
+    if book is not None and book.done:  # the journal's runs at once, not after the next run (hours on a CPU)
+        keys = [Journal.key(*job) for job in plan(ccfg)]
+        finished([book.done[k] for k in keys if k in book.done], len(keys))
     runs = run_all(ctx, book, t_start, finished if journal is not None else None)
     unchanged = weights_digest(lm.model) == before
     if not unchanged:  # a bug, never a user error: the comparison would be unfair

@@ -47,11 +47,12 @@ RULES: tuple[dict, ...] = (
                      "compare_suite_subj.md", "compare_suite_agnews.md", "auto_suite.md", "compare_trec-deep-labels.md", "compare_sst2-deep-labels.md",
                      "deep_trec_sweep.md"),
     },
-    {   # a few hundred rows of a task with more than two label words: deep still wins (TREC)
+    {   # a few hundred rows of a task with more than two label words: deep wins on TREC (by 15 and 7
+        # points on 256 and 512 rows), ties and then leads on AG News (-1.05 and +2.4)
         "if": {"label_words": True, "deep": True, "labels_over": 2},
         "kind": "deep", "init": "labels", "lr": 0.03, "num_virtual_tokens": 20,
         "budget": {"epochs": 3, "min_steps": 50, "max_steps": 1500},
-        "evidence": ("compare_small_trec.json", "compare_small_sst2.json"),
+        "evidence": ("compare_small_trec.json", "compare_small_agnews.json", "compare_small_sst2.json"),
     },
     {   # a few hundred rows of a two-way task, or a model without deep prompts (encoder-decoder)
         "if": {"label_words": True},

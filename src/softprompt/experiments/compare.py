@@ -353,11 +353,10 @@ def run(
     store: Store | None = None,
 ) -> dict:
     """Every method x train size x seed; the result document (``compare_report.document``).
-    With ``journal``, finished runs are recorded there and, with ``resume``, taken from it; on
-    resuming and after each run, the document of the runs so far is written beside it (``partial_path``), with
-    ``label`` (tag, command) and ``"partial": {"finished", "planned"}``. ``data_cfg`` is resolved
-    with the held-out policy (``recipes.resolve(..., held_out=True)``; ``task`` names it in the
-    results); ``store`` holds the prompts ``--init prompt:NAME`` reads."""
+    With ``journal``, finished runs are recorded there and, with ``resume``, taken from it; on resuming and
+    after each run, the document of the runs so far is written beside it (``partial_path``), with ``label``
+    (tag, command) and ``"partial": {"finished", "planned"}``. ``data_cfg`` is resolved with the held-out
+    policy (``recipes.resolve(..., held_out=True)``; ``task`` names it); ``store`` holds ``--init prompt:NAME``'s prompts."""
     from softprompt.experiments import compare_report as R
 
     t_start = time.perf_counter()
@@ -379,8 +378,6 @@ def run(
         defaults = {"data": DataConfig().to_dict(), "compare": CompareConfig().to_dict(),
                     "train": TrainConfig().to_dict(), "prompt": PromptConfig().to_dict()}
         book = Journal(journal, settings, resume, defaults)
-        if book.done:
-            ctx.say(f"resuming: {len(book.done)} finished runs taken from {journal}")
 
     def document(runs: list[dict], unchanged: bool) -> dict:
         """The result document; its time counts the runs taken from the journal at the time they took."""
@@ -393,9 +390,9 @@ def run(
         doc = document(runs, weights_digest(lm.model) == before)
         write_json({**doc, **(label or {}), "partial": {"finished": len(runs), "planned": planned}}, partial_path(journal))
 
-    if book is not None and book.done:  # the journal's runs at once, not after the next run (hours on a CPU)
-        keys = [Journal.key(*job) for job in plan(ccfg)]
-        finished([book.done[k] for k in keys if k in book.done], len(keys))
+    if book is not None and book.done:  # their document at once, not after the next run (hours on a CPU)
+        ctx.say(f"resuming: {len(book.done)} finished runs taken from {journal}")
+        finished(book.in_plan(plan(ccfg)), len(plan(ccfg)))
     runs = run_all(ctx, book, t_start, finished if journal is not None else None)
     unchanged = weights_digest(lm.model) == before
     if not unchanged:  # a bug, never a user error: the comparison would be unfair

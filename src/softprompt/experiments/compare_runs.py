@@ -71,6 +71,10 @@ class Journal:
     def key(n: int | None, seed: int | None, method: str) -> str:
         return f"{method}/{n}/{None if method == 'zero-shot' else seed}"
 
+    def in_plan(self, jobs: list[tuple[int | None, int, str]]) -> list[dict]:
+        """The finished runs among ``jobs`` ((size, seed, method)), in their order."""
+        return [self.done[k] for k in (self.key(*job) for job in jobs) if k in self.done]
+
     def add(self, r: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(r, sort_keys=True, default=str) + "\n")

@@ -392,7 +392,7 @@ def run(
 
     if book is not None and book.done:  # their document at once, not after the next run (hours on a CPU)
         ctx.say(f"resuming: {len(book.done)} finished runs taken from {journal}")
-        finished(book.in_plan(plan(ccfg)), len(plan(ccfg)))
+        finished(book.in_plan(jobs := plan(ccfg)), len(jobs))
     runs = run_all(ctx, book, t_start, finished if journal is not None else None)
     unchanged = weights_digest(lm.model) == before
     if not unchanged:  # a bug, never a user error: the comparison would be unfair

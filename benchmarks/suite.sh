@@ -9,6 +9,10 @@
 #   benchmarks/suite.sh run       # every task in turn; rerun to continue (--resume), finished tasks are skipped
 #   benchmarks/suite.sh small     # small training sets (256 and 512 rows, 3 epochs, the budget --kind auto
 #                                 # gives them) on SMALL_TASKS (default sst2 trec): compare_small_<task>.*
+#   benchmarks/suite.sh length    # the deep prompt with 40 virtual tokens at the suite's budget on LENGTH_TASKS
+#                                 # (default trec agnews, the many-way tasks): compare_suite_<task>_n40.*
+#   benchmarks/suite.sh full      # full fine-tuning at the suite's budget (lr 3e-5, the 200-step runs' lr) on
+#                                 # FULL_TASKS (default trec sst2): compare_suite_<task>_full.*
 #   benchmarks/suite.sh report    # docs/comparison.md and its plots from every result, partial ones included,
 #                                 # and README.md's suite table (benchmarks/suite_readme.py)
 #
@@ -48,12 +52,36 @@ small() {
   done
 }
 
+length() {  # prefix length, P-tuning v2's first lever: N=40 led the ablation on TREC's dev (200 steps)
+  for t in ${LENGTH_TASKS:-trec agnews}; do
+    if [ -f "$OUT/compare_suite_${t}_n40.json" ]; then echo "== $t, N=40: done"; continue; fi
+    extra=()
+    [ "$t" = agnews ] && extra=(--test-sample 1000)
+    echo "== $t, N=40: start $(date -Is)"
+    "$PY" -m softprompt compare --task "$t" --methods deep-prompt --curve 200,600 --epochs 1 --seeds 0,1 \
+      --lr-sweep deep-prompt=0.03 --init labels --num-virtual-tokens 40 \
+      --out "$OUT" --tag "suite_${t}_n40" --resume "${extra[@]}"
+  done
+}
+
+full() {  # the stretch target's anchor: full fine-tuning, the same budget, curve and seeds
+  for t in ${FULL_TASKS:-trec sst2}; do
+    if [ -f "$OUT/compare_suite_${t}_full.json" ]; then echo "== $t, full: done"; continue; fi
+    echo "== $t, full: start $(date -Is)"
+    "$PY" -m softprompt compare --task "$t" --methods full --curve 200,600 --epochs 1 --seeds 0,1 \
+      --lr-sweep full=3e-5 --out "$OUT" --tag "suite_${t}_full" --resume
+  done
+}
+
 report() {
   files=()
   for t in sst2 trec mr subj mpqa agnews; do  # the finished result, else the runs so far
     for f in "$OUT/compare_suite_$t.json" "$OUT/compare_suite_$t.partial.json"; do
       if [ -f "$f" ]; then files+=("$f"); break; fi
     done
+  done
+  for f in "$OUT"/compare_suite_*_n40.json "$OUT"/compare_suite_*_full.json; do  # levers and anchors, where run
+    if [ -f "$f" ]; then files+=("$f"); fi
   done
   for f in sst2-full sst2-deep-labels trec-full trec-deep-labels trec-deep trec-residual rte sst2-sizes; do
     files+=("$OUT/compare_$f.json")
@@ -66,6 +94,8 @@ report() {
 case "${1:-}" in
   run) run ;;
   small) small ;;
+  length) length ;;
+  full) full ;;
   report) report ;;
-  *) echo "usage: benchmarks/suite.sh run|small|report" >&2; exit 2 ;;
+  *) echo "usage: benchmarks/suite.sh run|small|length|full|report" >&2; exit 2 ;;
 esac

@@ -122,6 +122,25 @@ def test_readme_block_is_replaced_only_between_the_markers(results, tmp_path):
     assert readme.read_text() == text  # idempotent
 
 
+FULL = {("full", 0): (0.55, 0.968), ("full", 1): (0.56, 0.952)}  # full fine-tuning on TREC
+
+
+def test_full_fine_tuning_sentence_gives_its_mean_and_the_best_prompt_kinds_on_the_same_tasks(results):
+    """The stretch target: full fine-tuning (``compare_suite_<task>_full.json``) where it ran, and
+    the best prompt kind's mean against it over those tasks only; no file, no sentence."""
+    assert "Full fine-tuning" not in ST.render(ST.load(results), {}, ST.load_full(results))
+    (results / "compare_suite_trec_full.json").write_text(json.dumps({**doc("trec", FULL, 500), "tag": "suite_trec_full"}))
+    line = next(x for x in ST.render(ST.load(results), {}, ST.load_full(results)).splitlines() if "Full fine" in x)
+    a, best = pts("full", FULL), max(statistics.mean(pts(m, TREC)) for m in ST.PROMPTS)
+    assert f"TREC {statistics.mean(a):.1f} ± {statistics.stdev(a):.1f}" in line and "SST-2" not in line
+    assert line.endswith(f"mean over TREC: best prompt kind {best:.1f}, full fine-tuning {statistics.mean(a):.1f} "
+                         f"({best - statistics.mean(a):+.1f}).")
+    readme = results.parent / "README.md"  # the README block is the same call
+    readme.write_text(f"{ST.START}\n{ST.END}\n")
+    ST.write_readme(readme, results)
+    assert line in readme.read_text()
+
+
 @pytest.mark.parametrize("body", ["no markers at all\n", f"{ST.END}\nreversed\n{ST.START}\n"])
 def test_without_markers_the_readme_is_left_as_it_was(results, tmp_path, body, capsys):
     readme = tmp_path / "README.md"

@@ -8,7 +8,9 @@ what ``softprompt train`` with no method flags (``--kind auto``) scored on the s
 over the tasks that have LoRA and a prompt kind, and one sentence saying which results are partial. Invariants: every number comes from a result file
 (``compare_suite_<task>.json``, else the runs so far in ``compare_suite_<task>.partial.json``);
 a cell with no finished run says "running", never a number; the same files give the same text
-(no dates), so a test can hold README.md to it. ``write_readme`` replaces only the text between
+(no dates), so a test can hold README.md to it. Under the table, where ``benchmarks/suite.sh full``
+has run, one sentence gives full fine-tuning at the same budget and the best prompt kind's mean
+against it over those tasks (the stretch target). ``write_readme`` replaces only the text between
 the two markers, whole or not at all, and leaves the file as it was when a marker is missing.
 """
 
@@ -42,17 +44,24 @@ def load(results: Path) -> dict[str, dict | None]:
     return {t: (compare_report.read_json(p) if (p := result_file(results, t)) else None) for t in TASKS}
 
 
+def load_full(results: Path) -> dict[str, dict]:
+    """Full fine-tuning at the suite's budget (``compare_suite_<task>_full.json``, else its
+    ``.partial.json``: ``benchmarks/suite.sh full``), per task where it ran."""
+    found = {t: result_file(results, f"{t}_full") for t in TASKS}
+    return {t: compare_report.read_json(p) for t, p in found.items() if p is not None}
+
+
 def load_auto(results: Path) -> dict[str, dict]:
     """auto_suite's summary per task (``auto_mean``, ``auto_sd``, ``auto_seeds``); {} before its first run."""
     path = results / "auto_suite.json"
     return {s["task"]: s for s in json.loads(path.read_text())["summary"]} if path.is_file() else {}
 
 
-def cells(doc: dict) -> dict[str, dict]:
+def cells(doc: dict, methods: tuple[str, ...] = tuple(METHODS)) -> dict[str, dict]:
     """Per method that has finished runs: its curve's last point summarised over seeds
     (``compare_curve.summarize``: steps, seeds, test_mean, test_std, test_se)."""
     out = {}
-    for method in METHODS:
+    for method in methods:
         runs = [r for r in doc["runs"] if r["method"] == method]
         curve = compare_curve.summarize(runs, doc["data"]["test"])
         if curve:
@@ -126,6 +135,24 @@ def _mean_row(tasks: list[dict[str, dict]], autos: list[float]) -> str:
             f"| {statistics.mean(gaps):+.1f} | {auto} |")
 
 
+def _full_line(full: dict[str, dict], tasks: dict[str, dict[str, dict]]) -> str:
+    """The stretch target's sentence: full fine-tuning's step-600 mean ± sd on the tasks where it
+    ran, and the best prompt kind's mean against full fine-tuning's over those tasks ("" if none)."""
+    got = {t: c["full"] for t, d in full.items() if "full" in (c := cells(d, ("full",)))}
+    if not got:
+        return ""
+    said = ", ".join(f"{TASKS[t]} {_acc(c, bool(full[t].get('partial')))}" for t, c in got.items())
+    best = {t: tasks[t][m]["test_mean"] for t in got if (m := best_prompt(tasks.get(t, {})))}
+    head = f"Full fine-tuning, the same budget, curve and seeds (`compare_suite_<task>_full.json`): {said}"
+    if not best:
+        return head + "."
+    ours = statistics.mean(100 * a for a in best.values())
+    theirs = statistics.mean(100 * got[t]["test_mean"] for t in best)
+    return (f"{head}; "
+            f"mean over {', '.join(TASKS[t] for t in best)}: best prompt kind {ours:.1f}, full fine-tuning "
+            f"{theirs:.1f} ({ours - theirs:+.1f}).")
+
+
 def _status(docs: dict[str, dict | None]) -> str:
     """The generated sentence: which tasks are finished, partial (runs so far) or without a run."""
     done = [f"{TASKS[t]} ({len(d['runs'])} runs)" for t, d in docs.items() if d is not None and not d.get("partial")]
@@ -138,8 +165,10 @@ def _status(docs: dict[str, dict | None]) -> str:
     return " ".join(s for s in said if s)
 
 
-def render(docs: dict[str, dict | None], auto: dict[str, dict] | None = None) -> str:
-    """The table and the status sentence (Markdown, no trailing newline); ``auto``: ``load_auto``."""
+def render(docs: dict[str, dict | None], auto: dict[str, dict] | None = None,
+           full: dict[str, dict] | None = None) -> str:
+    """The table, the full fine-tuning sentence where it ran, and the status sentence (Markdown, no
+    trailing newline); ``auto``: ``load_auto``; ``full``: ``load_full``."""
     auto = auto or {}
     rows = [_row(t, docs.get(t), auto.get(t)) for t in TASKS]
     diffs = [d for t, (_, cs) in zip(TASKS, rows) if (d := _auto(auto.get(t), cs)[1]) is not None]
@@ -161,6 +190,7 @@ def render(docs: dict[str, dict | None], auto: dict[str, dict] | None = None) ->
         *[r for r, _ in rows],
         _mean_row([cs for _, cs in rows], diffs),
         "",
+        *([line, ""] if (line := _full_line(full or {}, dict(zip(TASKS, (cs for _, cs in rows))))) else []),
         _status(docs),
     ])
 
@@ -182,4 +212,5 @@ def generated_block(text: str) -> str | None:
 def write_readme(readme: Path, results: Path) -> Path:
     """Rewrite ``readme``'s suite block from the result files in ``results`` (atomic)."""
     text = readme.read_text(encoding="utf-8")
-    return atomic_write(readme, replace_block(text, render(load(results), load_auto(results)), readme.name))
+    return atomic_write(readme, replace_block(text, render(load(results), load_auto(results), load_full(results)),
+                                                        readme.name))

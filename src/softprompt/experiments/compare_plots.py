@@ -32,6 +32,7 @@ COLORS = {
     "full": "tab:red",
 }
 SE_NOTE = "error bars: the test set's standard error"
+MARKERS = ("o", "s", "^", "D", "v")  # a method's first, second, ... line in one panel (same colour)
 
 
 def doc_name(doc: dict) -> str:
@@ -139,7 +140,9 @@ def _bars(plt, tasks: dict[str, list[dict]], out: Path, stem: str, made: list) -
 
 
 def _curves(plt, tasks: dict[str, list[dict]], out: Path, stem: str, made: list) -> None:
-    """Learning curves: test (solid, with SE) and dev (dashed) accuracy against steps."""
+    """Learning curves: test (solid, with SE) and dev (dashed) accuracy against steps; a method's
+    later lines in one panel (another run of it: ``--num-virtual-tokens 40``, say) keep its colour
+    with another marker, test dash-dotted and dev dotted."""
     lines = {}
     for task, ds in tasks.items():
         with_curve = [(d, r) for d in ds for r in d["summary"] if r.get("curve")]
@@ -154,13 +157,16 @@ def _curves(plt, tasks: dict[str, list[dict]], out: Path, stem: str, made: list)
     for ax, (task, ls) in zip(axes, lines.items()):
         several_docs = len({id(d) for d, _ in ls}) > 1
         several_n = len({r["n_train"] for _, r in ls}) > 1
+        seen: dict[str, int] = {}
         for d, r in ls:
             xs = [p["steps"] for p in r["curve"]]
             name = r["method"] + (f" n={r['n_train']}" if several_n else "") + (f" ({doc_name(d)})" if several_docs else "")
-            color = COLORS[r["method"]]
+            color, k = COLORS[r["method"]], seen.setdefault(r["method"], 0)
+            seen[r["method"]] += 1
             ax.errorbar(xs, [100 * p["test_mean"] for p in r["curve"]], yerr=[100 * p["test_se"] for p in r["curve"]],
-                        marker="o", capsize=3, color=color, label=f"{name}, test")
-            ax.plot(xs, [100 * p["dev_mean"] for p in r["curve"]], ls="--", marker=".", color=color, alpha=0.6,
+                        marker=MARKERS[k % len(MARKERS)], ls="-" if k == 0 else "-.", capsize=3, color=color,
+                        label=f"{name}, test")
+            ax.plot(xs, [100 * p["dev_mean"] for p in r["curve"]], ls="--" if k == 0 else ":", marker=".", color=color, alpha=0.6,
                     label=f"{name}, dev")
         ax.set_ylim(lo, hi)
         ax.set_xlabel("optimiser steps (batch 8)")

@@ -99,12 +99,11 @@ def test_the_figure_check_would_catch_a_drifted_number():
 
 def test_readme_suite_table_is_what_the_committed_results_render():
     """The README's six-task suite table is generated (``benchmarks/suite.sh report``): it cannot
-    drift from ``benchmarks/results/compare_suite_<task>[.partial].json`` and ``auto_suite.json``."""
+    drift from ``benchmarks/results/compare_suite_<task>[_full][.partial].json`` and ``auto_suite.json``."""
     from softprompt.experiments import suite_table
 
     block = suite_table.generated_block((REPO / "README.md").read_text())
     assert block is not None, f"README.md lost its {suite_table.START} ... {suite_table.END} markers"
     results = REPO / "benchmarks" / "results"
-    assert block == suite_table.render(suite_table.load(results), suite_table.load_auto(results),
-                                      suite_table.load_full(results)), \
+    assert block == suite_table.block(results), \
         "README.md's suite table is stale: run benchmarks/suite.sh report"

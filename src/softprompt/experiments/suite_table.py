@@ -39,16 +39,16 @@ def result_file(results: Path, task: str) -> Path | None:
     return None
 
 
-def load(results: Path) -> dict[str, dict | None]:
-    """Every suite task's result document (None: no file yet), in the suite's task order."""
-    return {t: (compare_report.read_json(p) if (p := result_file(results, t)) else None) for t in TASKS}
+def load(results: Path, suffix: str = "") -> dict[str, dict | None]:
+    """Every suite task's result document (None: no file yet), in the suite's task order; ``suffix``
+    names another run of the task (``compare_suite_<task><suffix>.json``)."""
+    return {t: (compare_report.read_json(p) if (p := result_file(results, t + suffix)) else None) for t in TASKS}
 
 
 def load_full(results: Path) -> dict[str, dict]:
-    """Full fine-tuning at the suite's budget (``compare_suite_<task>_full.json``, else its
-    ``.partial.json``: ``benchmarks/suite.sh full``), per task where it ran."""
-    found = {t: result_file(results, f"{t}_full") for t in TASKS}
-    return {t: compare_report.read_json(p) for t, p in found.items() if p is not None}
+    """Full fine-tuning at the suite's budget (``compare_suite_<task>_full[.partial].json``:
+    ``benchmarks/suite.sh full``), per task where it ran."""
+    return {t: d for t, d in load(results, "_full").items() if d is not None}
 
 
 def load_auto(results: Path) -> dict[str, dict]:
@@ -141,7 +141,7 @@ def _full_line(full: dict[str, dict], tasks: dict[str, dict[str, dict]]) -> str:
     got = {t: c["full"] for t, d in full.items() if "full" in (c := cells(d, ("full",)))}
     if not got:
         return ""
-    said = ", ".join(f"{TASKS[t]} {_acc(c, bool(full[t].get('partial')))}" for t, c in got.items())
+    said = ", ".join(f"{TASKS[t]} {_acc(c, False)}" for t, c in got.items())
     best = {t: tasks[t][m]["test_mean"] for t in got if (m := best_prompt(tasks.get(t, {})))}
     head = f"Full fine-tuning, the same budget, curve and seeds (`compare_suite_<task>_full.json`): {said}"
     if not best:
@@ -209,8 +209,12 @@ def generated_block(text: str) -> str | None:
     return text[i + len(START):j].strip("\n") if 0 <= i < j else None
 
 
+def block(results: Path) -> str:
+    """The README block the result files in ``results`` give (``render`` of every loader)."""
+    return render(load(results), load_auto(results), load_full(results))
+
+
 def write_readme(readme: Path, results: Path) -> Path:
     """Rewrite ``readme``'s suite block from the result files in ``results`` (atomic)."""
     text = readme.read_text(encoding="utf-8")
-    return atomic_write(readme, replace_block(text, render(load(results), load_auto(results), load_full(results)),
-                                                        readme.name))
+    return atomic_write(readme, replace_block(text, block(results), readme.name))

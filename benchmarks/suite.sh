@@ -11,6 +11,8 @@
 #                                 # gives them) on SMALL_TASKS (default sst2 trec): compare_small_<task>.*
 #   benchmarks/suite.sh length    # the deep prompt with 40 virtual tokens at the suite's budget on LENGTH_TASKS
 #                                 # (default trec agnews, the many-way tasks): compare_suite_<task>_n40.*
+#   benchmarks/suite.sh levers    # the deep prompt with one lever at the suite's budget, each of LEVERS (default
+#                                 # first memory cosine) on LEVER_TASKS (default trec): compare_suite_<task>_<lever>.*
 #   benchmarks/suite.sh full      # full fine-tuning at the suite's budget (lr 3e-5, the 200-step runs' lr) on
 #                                 # FULL_TASKS (default trec sst2): compare_suite_<task>_full.*
 #   benchmarks/suite.sh report    # docs/comparison.md and its plots from every result, partial ones included,
@@ -73,6 +75,26 @@ full() {  # the stretch target's anchor: full fine-tuning, the same budget, curv
   done
 }
 
+levers() {  # the ablation's arms ahead of the plain deep prompt on TREC's dev at 200 steps, at the suite's budget
+  for arm in ${LEVERS:-first memory cosine}; do
+    case "$arm" in
+      first) flags=(--freeze-first-token) ;;                   # a frozen first virtual token (an attention sink)
+      memory) flags=(--prefix-memory) ;;                       # PrefixMemory, its memory at lr 1e-4
+      cosine) flags=(--schedule cosine --warmup-ratio 0.1) ;;  # cosine decay after 10% warm-up
+      *) echo "LEVERS: unknown arm $arm (first, memory, cosine)" >&2; exit 2 ;;
+    esac
+    for t in ${LEVER_TASKS:-trec}; do
+      if [ -f "$OUT/compare_suite_${t}_$arm.json" ]; then echo "== $t, $arm: done"; continue; fi
+      extra=()
+      [ "$t" = agnews ] && extra=(--test-sample 1000)
+      echo "== $t, $arm: start $(date -Is)"
+      "$PY" -m softprompt compare --task "$t" --methods deep-prompt --curve 200,600 --epochs 1 --seeds 0,1 \
+        --lr-sweep deep-prompt=0.03 --init labels "${flags[@]}" \
+        --out "$OUT" --tag "suite_${t}_$arm" --resume "${extra[@]}"
+    done
+  done
+}
+
 report() {
   files=()
   for t in sst2 trec mr subj mpqa agnews; do  # the finished result, else the runs so far
@@ -80,7 +102,7 @@ report() {
       if [ -f "$f" ]; then files+=("$f"); break; fi
     done
   done
-  for f in "$OUT"/compare_suite_*_n40.json "$OUT"/compare_suite_*_full.json; do  # levers and anchors, where run
+  for f in "$OUT"/compare_suite_*_{n40,first,memory,cosine}.json "$OUT"/compare_suite_*_full.json; do  # levers and anchors, where run
     if [ -f "$f" ]; then files+=("$f"); fi
   done
   for f in sst2-full sst2-deep-labels trec-full trec-deep-labels trec-deep trec-residual rte sst2-sizes; do
@@ -95,7 +117,8 @@ case "${1:-}" in
   run) run ;;
   small) small ;;
   length) length ;;
+  levers) levers ;;
   full) full ;;
   report) report ;;
-  *) echo "usage: benchmarks/suite.sh run|small|length|full|report" >&2; exit 2 ;;
+  *) echo "usage: benchmarks/suite.sh run|small|length|levers|full|report" >&2; exit 2 ;;
 esac

@@ -216,6 +216,7 @@ def test_cli_compare_sizes_seeds_and_report(tiny_model_dir, sp_home, toy_csv, tm
         (["--methods", "zero-shot,magic"], "unknown magic"),
         (["--lr-sweep", "lora:1e-3"], "METHOD=LR"),
         (["--train-sizes", "32,lots"], "not an integer"),
+        (["--methods", "deep-prompt,prompt-tuning", "--prefix-memory"], "--methods prompt-tuning: --prefix-memory goes with"),
     ],
 )
 def test_cli_user_errors(tiny_model_dir, sp_home, toy_csv, tmp_path, capsys, bad, message, cli_main):
@@ -235,9 +236,38 @@ def test_cli_user_errors(tiny_model_dir, sp_home, toy_csv, tmp_path, capsys, bad
         str(tmp_path),
         *bad,
     ]
+    capsys.readouterr()  # the tiny model's files, written on first use, print progress
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("compare_*"))  # stopped before any run: no journal, no result
+
+
+def test_a_lever_one_prompt_method_cannot_take_stops_the_library_call_before_any_run(tiny_lm, toy_csv, tmp_path):
+    ccfg = compare.CompareConfig(methods=("deep-prompt", "prompt-tuning"))
+    with pytest.raises(UserError, match="--methods prompt-tuning: --prefix-memory goes with --kind deep"):
+        compare.run(tiny_lm, toy_cfg(toy_csv), None, ccfg, pcfg=PromptConfig(kind="deep", memory=True),
+                    journal=tmp_path / "out" / "compare_x.runs.jsonl")
+    assert not (tmp_path / "out").exists()  # no journal was started
+
+
+@pytest.mark.slow
+def test_cli_prompt_levers_and_schedule_reach_the_runs(tiny_model_dir, sp_home, toy_csv, tmp_path, cli_main):
+    """compare's lever flags train what ``train``'s do: recorded in the result, and PrefixMemory's
+    memory counted among the deep prompt's trainable parameters (the same run without it has fewer)."""
+    docs = {}
+    for name, levers in {"plain": [], "levers": ["--prefix-memory", "--freeze-first-token", "--prompt-dropout", "0.1",
+                                                 "--schedule", "cosine", "--warmup-ratio", "0.2"]}.items():
+        args = ["compare", "--model", str(tiny_model_dir("llama")), "--data", str(toy_csv), "--template", "{text}",
+                "--target-column", "label", "--verbalizer", "0=negative,1=positive", "--methods", "deep-prompt",
+                "--num-virtual-tokens", str(N), "--quick", "--quiet", "--out", str(tmp_path), "--tag", name, *levers]
+        assert cli_main(args) == 0
+        docs[name] = json.loads((tmp_path / f"compare_{name}.json").read_text())
+    p, t = docs["levers"]["prompt_config"], docs["levers"]["train_config"]
+    assert (p["memory"], p["freeze_first"], p["dropout"], t["schedule"], t["warmup_ratio"]) == (True, True, 0.1, "cosine", 0.2)
+    assert not docs["plain"]["prompt_config"]["memory"] and docs["plain"]["train_config"]["schedule"] == "linear"
+    params = {k: d["runs"][0]["trainable_params"] for k, d in docs.items()}
+    assert params["levers"] > params["plain"] > 0
 
 
 def test_splits_fixed_and_train_sets_nested(tiny_lm, toy_csv):

@@ -16,6 +16,7 @@ from softprompt.cli.commands import load_model
 from softprompt.cli.flags import (
     EVAL_DATA,
     PROMPT_FLAGS,
+    PROMPT_RENAME,
     add_data_flags,
     add_flags,
     add_model_flags,
@@ -25,10 +26,12 @@ from softprompt.cli.flags import (
     data_config,
     data_given,
     from_args,
+    given,
     names,
     prompt_train_configs,
 )
 from softprompt.config import (
+    COMPARE_PROMPT_KINDS,
     CompareConfig,
     ContinualConfig,
     InspectConfig,
@@ -43,6 +46,8 @@ from softprompt.config import (
 REPORT_METAVAR = "FILE[,FILE...]"  # --report means the same in compare and continual: re-render result files
 
 COMPARE_DATA = ("path", "eval_path", "template", "target_column", "verbalizer", "max_length", "limit")
+COMPARE_TRAIN = ("epochs", "schedule", "warmup_ratio")  # every trained method's, so the budgets stay the same
+COMPARE_PROMPT = ("num_virtual_tokens", "init", "dropout", "freeze_first", "memory")  # the prompt methods' levers
 
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,8 +64,8 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
                    help="learning rates to sweep for a method (repeatable); "
                    + "; ".join(f"{k} {'/'.join(f'{v:g}' for v in vs)}" for k, vs in sweep.items()) + " by default")
     add_old_flag(r, "--lr", "--lr-sweep", "lr_sweep", append=True)
-    add_flags(r, TrainConfig, only=("epochs",), helps={"epochs": "epochs per run without --budget"})
-    add_flags(r, PromptConfig, only=("num_virtual_tokens", "init"))
+    add_flags(r, TrainConfig, only=COMPARE_TRAIN, helps={"epochs": "epochs per run without --budget"})
+    add_flags(r, PromptConfig, only=COMPARE_PROMPT, rename=PROMPT_RENAME)
     r.add_argument("--quick", action="store_true", help="smoke test: one lr per method, 3 steps, a few rows")
     o = c.add_argument_group("output")
     o.add_argument("--out", default="compare-results", help="folder for compare_<tag>.json/.md/.png (default %(default)s)")
@@ -109,7 +114,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
     dcfg = data_config(a, held_out=True)
     if dcfg.verbalizer is None and not a.task:
         raise UserError("compare needs a classification task: give --verbalizer (and --template, --target-column)")
-    tcfg, pcfg = from_args(TrainConfig, a, ("epochs",)), from_args(PromptConfig, a, ("num_virtual_tokens", "init"))
+    tcfg, levers = from_args(TrainConfig, a, COMPARE_TRAIN), given(PromptConfig, a, COMPARE_PROMPT)
+    first = next((m for m in ccfg.methods if m in COMPARE_PROMPT_KINDS), None)  # levers such as --prefix-memory
+    pcfg = compare.method_prompt(levers, first) if first else PromptConfig(**levers)  # need a kind that takes them
 
     def say(msg: str) -> None:
         if not a.quiet:

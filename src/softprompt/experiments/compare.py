@@ -37,6 +37,7 @@ from softprompt.config import (
     DataConfig,
     PromptConfig,
     TrainConfig,
+    UserError,
 )
 from softprompt.config import (
     COMPARE_TRAINED as TRAINED,
@@ -120,20 +121,9 @@ def choose_template(ctx: Context) -> None:
 def few_shot_budget(ctx: Context, examples, cfg: DataConfig) -> int:
     """Tokens left for demonstrations: the context minus the longest query and label word."""
     mc, tok = ctx.lm.model.config, ctx.lm.tokenizer
-    ctx_len = (
-        getattr(mc, "max_position_embeddings", None)
-        or getattr(mc, "n_positions", None)
-        or ctx.ccfg.few_shot_tokens
-    )
-    words = [
-        len(D.encode(tok, " " + w)) for w in cfg.verbalizer.values()
-    ]
-    return (
-        min(ctx.ccfg.few_shot_tokens, ctx_len)
-        - max(e.source_len for e in examples)
-        - max(words)
-        - 1
-    )
+    ctx_len = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None) or ctx.ccfg.few_shot_tokens
+    words = [len(D.encode(tok, " " + w)) for w in cfg.verbalizer.values()]
+    return min(ctx.ccfg.few_shot_tokens, ctx_len) - max(e.source_len for e in examples) - max(words) - 1
 
 
 def run_hand(ctx: Context, method: str, train_idx: list[int], seed: int) -> dict:
@@ -182,11 +172,20 @@ def run_hand(ctx: Context, method: str, train_idx: list[int], seed: int) -> dict
 # ---------------------------------------------------------------- trained methods
 
 
+def method_prompt(fields: PromptConfig | dict, method: str) -> PromptConfig:
+    """A prompt method's config: the run's prompt fields with the method's kind; one line naming the method
+    when a lever does not go with its kind (``run`` checks every method before the first run)."""
+    kind, reparam = COMPARE_PROMPT_KINDS[method]
+    try:
+        return PromptConfig(**{**(fields if isinstance(fields, dict) else fields.to_dict()), "kind": PromptKind(kind), "reparam": reparam})
+    except UserError as e:
+        raise UserError(f"--methods {method}: {e}") from None
+
+
 def make_method(ctx: Context, method: str, seed: int):
     torch.manual_seed(seed)
     if method in COMPARE_PROMPT_KINDS:
-        kind, reparam = COMPARE_PROMPT_KINDS[method]
-        pcfg = replace(ctx.pcfg, kind=PromptKind(kind), reparam=reparam)
+        pcfg = method_prompt(ctx.pcfg, method)
         prompt = TR.initial_prompt(ctx.lm, pcfg, ctx.splits.cfg, seed, store=ctx.store)
         return TR.prompt_method(ctx.lm, prompt, pcfg, ctx.tcfg.fast_forward, seed)
     if method == "lora":
@@ -359,8 +358,8 @@ def run(
     policy (``recipes.resolve(..., held_out=True)``; ``task`` names it); ``store`` holds ``--init prompt:NAME``'s prompts."""
     from softprompt.experiments import compare_report as R
 
-    t_start = time.perf_counter()
-    load_start = loadavg()
+    [method_prompt(pcfg or PromptConfig(), m) for m in ccfg.methods if m in COMPARE_PROMPT_KINDS]  # a bad lever: no run
+    t_start, load_start = time.perf_counter(), loadavg()
     splits = CD.compare_splits(lm.tokenizer, data_cfg, dev_sample=ccfg.dev_sample, test_sample=ccfg.test_sample,
                                dev_fraction=ccfg.dev_fraction, data_seed=ccfg.data_seed)
     ctx = Context(lm, splits, ccfg, tcfg or TrainConfig(), pcfg or PromptConfig(), say or (lambda _: None), progress,

@@ -95,6 +95,16 @@ def test_training_moves_prompt_and_memory_only_and_saves_both(tiny_lm, toy_csv, 
     assert sp.memory.shape == (*MEM.memory_shape(tiny_lm.model), 16) and sp.memory.abs().sum() > 0  # M left zero
 
 
+def test_a_tasks_bytes_count_the_memory_file(tiny_lm, tmp_path):
+    """What ``compare`` reports as bytes per task is the saved folder's tensor files, memory included."""
+    init = deep_prompt(tiny_lm, 4, 0)
+    plain = TR.prompt_method(tiny_lm, init, PromptConfig(num_virtual_tokens=4, kind="deep"), fast=True, seed=0)
+    mem = TR.prompt_method(tiny_lm, init, PromptConfig(num_virtual_tokens=4, kind="deep", memory=True), fast=True, seed=0)
+    n_plain, n_mem = plain.save(tmp_path / "plain"), mem.save(tmp_path / "mem")
+    assert n_plain == (tmp_path / "plain" / "adapter_model.safetensors").stat().st_size
+    assert n_mem == n_plain + (tmp_path / "mem" / MEM.MEMORY_FILE).stat().st_size > n_plain + 4 * mem.memory.numel()
+
+
 def test_the_memory_trains_at_its_own_default_lr_unless_one_is_given(tiny_lm):
     """Without ``--group-lr memory=LR`` the memory's group gets the method's default (1e-4: at a
     deep prompt's lr it collapsed on TREC), the prompt ``--lr``; a given group lr wins."""

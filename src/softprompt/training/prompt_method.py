@@ -147,14 +147,15 @@ class PromptMethod:
 
     def save(self, path, meta: dict | None = None) -> int:
         """The folded prompt as a PEFT adapter directory (prompt tuning, or prefix tuning for a
-        deep prompt); bytes of its weights file."""
+        deep prompt), with its side files (DePT's offset, PrefixMemory's memory); bytes of its
+        tensor files, the side files' included (what a task costs on disk)."""
         from softprompt.promptdir import save_prompt
 
         cfg = self.model.config
         with torch.no_grad():
             prompt = self.current().detach()
         d = save_prompt(path, prompt, meta or {}, getattr(cfg, "name_or_path", ""), cfg, **self._extra())
-        return (d / "adapter_model.safetensors").stat().st_size
+        return sum(f.stat().st_size for f in d.glob("*.safetensors"))
 
     def _extra(self) -> dict:
         return {}

@@ -13,6 +13,8 @@
 #                                 # (default trec agnews, the many-way tasks): compare_suite_<task>_n40.*
 #   benchmarks/suite.sh levers    # the deep prompt with one lever at the suite's budget, each of LEVERS (default
 #                                 # first memory cosine) on LEVER_TASKS (default trec): compare_suite_<task>_<lever>.*
+#   benchmarks/suite.sh epoch     # the deep prompt and LoRA with a third curve point at one epoch (at most 1,500
+#                                 # steps; the schedule spans it) on EPOCH_TASKS (default sst2): compare_suite_<task>_epoch.*
 #   benchmarks/suite.sh full      # full fine-tuning at the suite's budget (lr 3e-5, the 200-step runs' lr) on
 #                                 # FULL_TASKS (default trec sst2): compare_suite_<task>_full.*
 #   benchmarks/suite.sh report    # docs/comparison.md and its plots from every result, partial ones included,
@@ -66,6 +68,18 @@ length() {  # prefix length, P-tuning v2's first lever: N=40 led the ablation on
   done
 }
 
+epoch() {  # the learning curve's third point: a whole epoch (at most 1,500 steps) for the deep prompt and LoRA
+  for t in ${EPOCH_TASKS:-sst2}; do
+    if [ -f "$OUT/compare_suite_${t}_epoch.json" ]; then echo "== $t, one epoch: done"; continue; fi
+    extra=()
+    [ "$t" = agnews ] && extra=(--test-sample 1000)
+    echo "== $t, one epoch: start $(date -Is)"
+    "$PY" -m softprompt compare --task "$t" --methods deep-prompt,lora --curve 200,600,1500 --epochs 1 --seeds 0,1 \
+      --lr-sweep deep-prompt=0.03 --lr-sweep lora=3e-3 --init labels \
+      --out "$OUT" --tag "suite_${t}_epoch" --resume "${extra[@]}"
+  done
+}
+
 full() {  # the stretch target's anchor: full fine-tuning, the same budget, curve and seeds
   for t in ${FULL_TASKS:-trec sst2}; do
     if [ -f "$OUT/compare_suite_${t}_full.json" ]; then echo "== $t, full: done"; continue; fi
@@ -102,7 +116,7 @@ report() {
       if [ -f "$f" ]; then files+=("$f"); break; fi
     done
   done
-  for f in "$OUT"/compare_suite_*_{n40,first,memory,cosine}.json "$OUT"/compare_suite_*_full.json; do  # levers and anchors, where run
+  for f in "$OUT"/compare_suite_*_{n40,first,memory,cosine,epoch}.json "$OUT"/compare_suite_*_full.json; do  # levers and anchors, where run
     if [ -f "$f" ]; then files+=("$f"); fi
   done
   for f in sst2-full sst2-deep-labels trec-full trec-deep-labels trec-deep trec-residual rte sst2-sizes; do
@@ -118,7 +132,8 @@ case "${1:-}" in
   small) small ;;
   length) length ;;
   levers) levers ;;
+  epoch) epoch ;;
   full) full ;;
   report) report ;;
-  *) echo "usage: benchmarks/suite.sh run|small|length|levers|full|report" >&2; exit 2 ;;
+  *) echo "usage: benchmarks/suite.sh run|small|length|levers|epoch|full|report" >&2; exit 2 ;;
 esac

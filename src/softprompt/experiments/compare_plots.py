@@ -173,7 +173,7 @@ def _curves(plt, tasks: dict[str, list[dict]], out: Path, stem: str, made: list)
         ax.set_ylabel("accuracy (%), mean over seeds")
         ax.set_title(task)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7 if len(ls) <= 4 else 5, framealpha=0.5)  # a crowded panel: smaller, see-through
     _save(plt, fig, out, f"{stem}_curves.png", f"learning curves ({SE_NOTE}; dev dashed)", made)
 
 

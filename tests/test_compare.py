@@ -217,6 +217,8 @@ def test_cli_compare_sizes_seeds_and_report(tiny_model_dir, sp_home, toy_csv, tm
         (["--lr-sweep", "lora:1e-3"], "METHOD=LR"),
         (["--train-sizes", "32,lots"], "not an integer"),
         (["--methods", "deep-prompt,prompt-tuning", "--prefix-memory"], "--methods prompt-tuning: --prefix-memory goes with"),
+        (["--methods", "prompt-tuning,deep-prompt", "--prefix-memory"], "--methods prompt-tuning: --prefix-memory goes with"),
+        (["--methods", "lora", "--prefix-memory"], "--methods lora: no prompt method to take the prompt flags"),
     ],
 )
 def test_cli_user_errors(tiny_model_dir, sp_home, toy_csv, tmp_path, capsys, bad, message, cli_main):
@@ -266,6 +268,7 @@ def test_cli_prompt_levers_and_schedule_reach_the_runs(tiny_model_dir, sp_home, 
     p, t = docs["levers"]["prompt_config"], docs["levers"]["train_config"]
     assert (p["memory"], p["freeze_first"], p["dropout"], t["schedule"], t["warmup_ratio"]) == (True, True, 0.1, "cosine", 0.2)
     assert not docs["plain"]["prompt_config"]["memory"] and docs["plain"]["train_config"]["schedule"] == "linear"
+    assert docs["plain"]["prompt_config"]["kind"] == PromptConfig().kind  # recorded as before: journals still resume
     params = {k: d["runs"][0]["trainable_params"] for k, d in docs.items()}
     assert params["levers"] > params["plain"] > 0
 

@@ -115,8 +115,13 @@ def cmd_compare(a: argparse.Namespace) -> int:
     if dcfg.verbalizer is None and not a.task:
         raise UserError("compare needs a classification task: give --verbalizer (and --template, --target-column)")
     tcfg, levers = from_args(TrainConfig, a, COMPARE_TRAIN), given(PromptConfig, a, COMPARE_PROMPT)
-    first = next((m for m in ccfg.methods if m in COMPARE_PROMPT_KINDS), None)  # levers such as --prefix-memory
-    pcfg = compare.method_prompt(levers, first) if first else PromptConfig(**levers)  # need a kind that takes them
+    try:  # the prompt methods' shared fields (each method sets its kind), recorded with the default kind ...
+        pcfg = PromptConfig(**levers)
+    except UserError as e:  # ... unless a lever needs another (--prefix-memory: deep): the first prompt method's
+        first = next((m for m in ccfg.methods if m in COMPARE_PROMPT_KINDS), None)
+        if first is None:
+            raise UserError(f"--methods {','.join(ccfg.methods)}: no prompt method to take the prompt flags ({e})") from None
+        pcfg = compare.method_prompt(levers, first)
 
     def say(msg: str) -> None:
         if not a.quiet:

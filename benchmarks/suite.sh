@@ -30,62 +30,40 @@ OUT=benchmarks/results
 TASKS=${TASKS:-"trec sst2 mr subj mpqa agnews"}  # the most informative first
 PY=${PYTHON:-python}
 
+run_compare() {  # $1 task, $2 result tag, then compare's flags; skipped when compare_<tag>.json exists, else --resume
+  local t=$1 tag=$2 extra=()
+  shift 2
+  if [ -f "$OUT/compare_$tag.json" ]; then echo "== $tag: done"; return; fi
+  [ "$t" = agnews ] && extra=(--test-sample 1000)  # the suite's seeded 1,000-row sample of AG News' 7,600 test rows
+  echo "== $tag: start $(date -Is)"
+  "$PY" -m softprompt compare --task "$t" "$@" --out "$OUT" --tag "$tag" --resume "${extra[@]}"
+}
+
 run() {
   for t in $TASKS; do
-    if [ -f "$OUT/compare_suite_$t.json" ]; then echo "== $t: done"; continue; fi
-    extra=()
-    [ "$t" = agnews ] && extra=(--test-sample 1000)
-    echo "== $t: start $(date -Is)"
-    "$PY" -m softprompt compare --task "$t" \
-      --methods deep-prompt,lora,prompt-tuning --curve 200,600 --epochs 1 --seeds 0,1 \
-      --lr-sweep prompt-tuning=0.03/0.3 --lr-sweep deep-prompt=0.03 --lr-sweep lora=3e-3 --init labels \
-      --out "$OUT" --tag "suite_$t" --resume "${extra[@]}"
+    run_compare "$t" "suite_$t" --methods deep-prompt,lora,prompt-tuning --curve 200,600 --epochs 1 --seeds 0,1 \
+      --lr-sweep prompt-tuning=0.03/0.3 --lr-sweep deep-prompt=0.03 --lr-sweep lora=3e-3 --init labels
   done
 }
 
 small() {
   for t in ${SMALL_TASKS:-sst2 trec}; do
-    if [ -f "$OUT/compare_small_$t.json" ]; then echo "== small $t: done"; continue; fi
-    extra=()
-    [ "$t" = agnews ] && extra=(--test-sample 1000)  # the suite's sample of AG News' 7,600 test rows
-    echo "== small $t: start $(date -Is)"
-    "$PY" -m softprompt compare --task "$t" --methods deep-prompt,lora,prompt-tuning \
-      --train-sizes 256,512 --epochs 3 --min-steps 50 --seeds 0,1 \
-      --lr-sweep deep-prompt=0.03 --lr-sweep lora=3e-3 --lr-sweep prompt-tuning=0.03 --init labels \
-      --out "$OUT" --tag "small_$t" --resume "${extra[@]}"
+    run_compare "$t" "small_$t" --methods deep-prompt,lora,prompt-tuning --train-sizes 256,512 --epochs 3 --min-steps 50 \
+      --seeds 0,1 --lr-sweep deep-prompt=0.03 --lr-sweep lora=3e-3 --lr-sweep prompt-tuning=0.03 --init labels
   done
 }
 
 length() {  # prefix length, P-tuning v2's first lever: N=40 led the ablation on TREC's dev (200 steps)
   for t in ${LENGTH_TASKS:-trec agnews}; do
-    if [ -f "$OUT/compare_suite_${t}_n40.json" ]; then echo "== $t, N=40: done"; continue; fi
-    extra=()
-    [ "$t" = agnews ] && extra=(--test-sample 1000)
-    echo "== $t, N=40: start $(date -Is)"
-    "$PY" -m softprompt compare --task "$t" --methods deep-prompt --curve 200,600 --epochs 1 --seeds 0,1 \
-      --lr-sweep deep-prompt=0.03 --init labels --num-virtual-tokens 40 \
-      --out "$OUT" --tag "suite_${t}_n40" --resume "${extra[@]}"
+    run_compare "$t" "suite_${t}_n40" --methods deep-prompt --curve 200,600 --epochs 1 --seeds 0,1 \
+      --lr-sweep deep-prompt=0.03 --init labels --num-virtual-tokens 40
   done
 }
 
 epoch() {  # the learning curve's third point: a whole epoch (at most 1,500 steps) for the deep prompt and LoRA
   for t in ${EPOCH_TASKS:-sst2}; do
-    if [ -f "$OUT/compare_suite_${t}_epoch.json" ]; then echo "== $t, one epoch: done"; continue; fi
-    extra=()
-    [ "$t" = agnews ] && extra=(--test-sample 1000)
-    echo "== $t, one epoch: start $(date -Is)"
-    "$PY" -m softprompt compare --task "$t" --methods deep-prompt,lora --curve 200,600,1500 --epochs 1 --seeds 0,1 \
-      --lr-sweep deep-prompt=0.03 --lr-sweep lora=3e-3 --init labels \
-      --out "$OUT" --tag "suite_${t}_epoch" --resume "${extra[@]}"
-  done
-}
-
-full() {  # the stretch target's anchor: full fine-tuning, the same budget, curve and seeds
-  for t in ${FULL_TASKS:-trec sst2}; do
-    if [ -f "$OUT/compare_suite_${t}_full.json" ]; then echo "== $t, full: done"; continue; fi
-    echo "== $t, full: start $(date -Is)"
-    "$PY" -m softprompt compare --task "$t" --methods full --curve 200,600 --epochs 1 --seeds 0,1 \
-      --lr-sweep full=3e-5 --out "$OUT" --tag "suite_${t}_full" --resume
+    run_compare "$t" "suite_${t}_epoch" --methods deep-prompt,lora --curve 200,600,1500 --epochs 1 --seeds 0,1 \
+      --lr-sweep deep-prompt=0.03 --lr-sweep lora=3e-3 --init labels
   done
 }
 
@@ -98,14 +76,18 @@ levers() {  # the ablation's arms ahead of the plain deep prompt on TREC's dev a
       *) echo "LEVERS: unknown arm $arm (first, memory, cosine)" >&2; exit 2 ;;
     esac
     for t in ${LEVER_TASKS:-trec}; do
-      if [ -f "$OUT/compare_suite_${t}_$arm.json" ]; then echo "== $t, $arm: done"; continue; fi
-      extra=()
-      [ "$t" = agnews ] && extra=(--test-sample 1000)
-      echo "== $t, $arm: start $(date -Is)"
-      "$PY" -m softprompt compare --task "$t" --methods deep-prompt --curve 200,600 --epochs 1 --seeds 0,1 \
-        --lr-sweep deep-prompt=0.03 --init labels "${flags[@]}" \
-        --out "$OUT" --tag "suite_${t}_$arm" --resume "${extra[@]}"
+      run_compare "$t" "suite_${t}_$arm" --methods deep-prompt --curve 200,600 --epochs 1 --seeds 0,1 \
+        --lr-sweep deep-prompt=0.03 --init labels "${flags[@]}"
     done
+  done
+}
+
+full() {  # the stretch target's anchor: full fine-tuning, the same budget, curve and seeds
+  for t in ${FULL_TASKS:-trec sst2}; do
+    if [ -f "$OUT/compare_suite_${t}_full.json" ]; then echo "== $t, full: done"; continue; fi
+    echo "== $t, full: start $(date -Is)"
+    "$PY" -m softprompt compare --task "$t" --methods full --curve 200,600 --epochs 1 --seeds 0,1 \
+      --lr-sweep full=3e-5 --out "$OUT" --tag "suite_${t}_full" --resume
   done
 }
 

@@ -12,7 +12,11 @@ task's dev split (label accuracy and loss, the evaluator training uses). Arms:
 * ``shallow``: the shallow prompt with label init; ``dept``: DePT, a shorter shallow prompt
   (N=10) plus a rank-8 input offset, prompt lr 0.1 and offset lr 1e-3 (two groups);
 * ``deep@N10``, ``deep@N40``, ``deep@N100``: P-tuning v2's prefix length, the deep prompt with
-  10, 40 or 100 virtual tokens instead of 20.
+  10, 40 or 100 virtual tokens instead of 20;
+* ``deep@lr0.1``: the deep prompt at lr 0.1 (its sweep stops at 0.03 from the label init);
+* ``deep+mlp@1e-3``, ``deep+mlp@3e-4``, ``deep+mlp@1e-4``: prefix tuning's MLP
+  reparameterisation of the deep prompt (``--reparam mlp``, folded before saving) at lower lrs than
+  the 0.01 that did not learn.
 
 Results (JSON + Markdown) go to benchmarks/results/ablation_<task>.{json,md}; every finished arm
 is written at once, and ``--resume`` skips the arms already there.
@@ -49,6 +53,10 @@ ARMS = {  # name -> (PromptConfig fields, TrainConfig fields)
     "deep@N10": ({"kind": "deep", "init": "labels", "num_virtual_tokens": 10}, {"lr": 0.03}),
     "deep@N40": ({"kind": "deep", "init": "labels", "num_virtual_tokens": 40}, {"lr": 0.03}),
     "deep@N100": ({"kind": "deep", "init": "labels", "num_virtual_tokens": 100}, {"lr": 0.03}),
+    "deep@lr0.1": ({"kind": "deep", "init": "labels"}, {"lr": 0.1}),
+    "deep+mlp@1e-3": ({"kind": "deep", "init": "labels", "reparam": "mlp"}, {"lr": 1e-3}),
+    "deep+mlp@3e-4": ({"kind": "deep", "init": "labels", "reparam": "mlp"}, {"lr": 3e-4}),
+    "deep+mlp@1e-4": ({"kind": "deep", "init": "labels", "reparam": "mlp"}, {"lr": 1e-4}),
 }
 
 

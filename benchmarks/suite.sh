@@ -14,7 +14,8 @@
 #   benchmarks/suite.sh levers    # the deep prompt with one lever at the suite's budget, each of LEVERS (default
 #                                 # first memory cosine) on LEVER_TASKS (default trec): compare_suite_<task>_<lever>.*
 #   benchmarks/suite.sh epoch     # the deep prompt and LoRA with a third curve point at one epoch (at most 1,500
-#                                 # steps; the schedule spans it) on EPOCH_TASKS (default sst2): compare_suite_<task>_epoch.*
+#                                 # steps; the schedule spans it) on EPOCH_TASKS (default sst2): compare_suite_<task>_epoch.*;
+#                                 # EPOCHS=2 makes it two epochs (at most 1,500 steps): compare_suite_<task>_epoch2.*
 #   benchmarks/suite.sh full      # full fine-tuning at the suite's budget (lr 3e-5, the 200-step runs' lr) on
 #                                 # FULL_TASKS (default trec sst2): compare_suite_<task>_full.*
 #   benchmarks/suite.sh report    # docs/comparison.md and its plots from every result, partial ones included,
@@ -61,8 +62,10 @@ length() {  # prefix length, P-tuning v2's first lever: N=40 led the ablation on
 }
 
 epoch() {  # the learning curve's third point: a whole epoch (at most 1,500 steps) for the deep prompt and LoRA
+  local n=${EPOCHS:-1} tag
   for t in ${EPOCH_TASKS:-sst2}; do
-    run_compare "$t" "suite_${t}_epoch" --methods deep-prompt,lora --curve 200,600,1500 --epochs 1 --seeds 0,1 \
+    tag="suite_${t}_epoch"; [ "$n" = 1 ] || tag+="$n"
+    run_compare "$t" "$tag" --methods deep-prompt,lora --curve 200,600,1500 --epochs "$n" --seeds 0,1 \
       --lr-sweep deep-prompt=0.03 --lr-sweep lora=3e-3 --init labels
   done
 }
@@ -98,7 +101,7 @@ report() {
       if [ -f "$f" ]; then files+=("$f"); break; fi
     done
   done
-  for f in "$OUT"/compare_suite_*_{n40,first,memory,cosine,epoch}.json "$OUT"/compare_suite_*_full.json; do  # levers and anchors, where run
+  for f in "$OUT"/compare_suite_*_{n40,first,memory,cosine,epoch,epoch2}.json "$OUT"/compare_suite_*_full.json; do  # levers and anchors, where run
     if [ -f "$f" ]; then files+=("$f"); fi
   done
   for f in sst2-full sst2-deep-labels trec-full trec-deep-labels trec-deep trec-residual rte sst2-sizes; do

@@ -134,8 +134,11 @@ def main() -> None:
         done, earlier = kept["arms"], kept.get("load_note", "")
         machine = kept.get("machine", info)
     for other in filter(None, a.merge.split(",")):  # arms run by another process (--tag), kept in ARMS order
-        done += [r for r in json.loads((common.RESULTS / f"{other}.json").read_text())["arms"]
-                 if r["arm"] not in {d["arm"] for d in done}]
+        kept = json.loads((common.RESULTS / f"{other}.json").read_text())
+        new = [r for r in kept["arms"] if r["arm"] not in {d["arm"] for d in done}]
+        done += new
+        if new:  # their load, as that process saw it
+            earlier += f" Arms from {other} ({', '.join(r['arm'] for r in new)}): {kept.get('load_note', '')}"
     done.sort(key=lambda r: list(ARMS).index(r["arm"]))
     todo = [x for x in a.arms.split(",") if x not in {r["arm"] for r in done}]
     lm = common.load_lm(False) if todo else None

@@ -98,7 +98,13 @@ def run_one(task: str, arg: str, seed: int, model_args: list[str], extra: list[s
     return {"task": task, "seed": seed, "name": name, "train_s": round(time.time() - t0, 1),
             "auto_line": next((ln for ln in out.splitlines() if ln.startswith("auto:")), ""),
             "auto": meta.get("auto", {}), "steps": meta["epochs"][-1]["step"] if meta.get("epochs") else None,
-            "precision": meta.get("precision", {}).get("used"), "kind": meta["kind"]}
+            "precision": meta.get("precision", {}).get("used"), "logits": meta.get("precision", {}).get("logits"),
+            "cpu": cpu_of(common.machine_info()), "kind": meta["kind"]}
+
+
+def cpu_of(machine: dict) -> str:
+    """The CPU a run trained on, with its bf16 flags: bf16 results differ between CPUs."""
+    return f"{machine['cpu']} ({machine['cpu_bf16_detail']})"
 
 
 def journal_rows(path: Path) -> list[dict]:
@@ -129,11 +135,17 @@ def summarize(rows: list[dict], results: Path, tasks: list[str]) -> list[dict]:
     return out
 
 
+def precision_cell(run: dict) -> str:
+    """``bf16, fp32 logits``: the precision and, under bf16, the loss's logits (``precision.logits_context``);
+    runs from before the float32 logits record none and took autocast's bf16 ones."""
+    return run["precision"] if run["precision"] != "bf16" else f"bf16, {run.get('logits') or 'bf16'} logits"
+
+
 def markdown(res: dict) -> str:
     from softprompt.experiments import suite_table
 
     runs = [[suite_table.TASKS.get(r["task"], r["task"]), r["seed"], f"{100 * r['test_accuracy']:.1f}", r["steps"],
-             r["precision"], r["train_s"], r["auto_line"].replace("|", "/")] for r in res["runs"]]
+             precision_cell(r), r.get("cpu") or "-", r["train_s"], r["auto_line"].replace("|", "/")] for r in res["runs"]]
 
     def cell(s: dict, m: str) -> str:
         c = s["suite"].get(m)
@@ -157,7 +169,7 @@ sd over seeds (the count in brackets), float32 training. {res['machine_note']}
                   'auto minus best prompt', f'within {MARGIN:g}'], rows)}
 Runs:
 
-{common.md_table(['task', 'seed', 'test acc. %', 'steps', 'precision', 'train s', 'auto chose'], runs)}"""
+{common.md_table(['task', 'seed', 'test acc. %', 'steps', 'precision', 'CPU', 'train s', 'auto chose'], runs)}"""
 
 
 def main() -> None:

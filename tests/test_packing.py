@@ -129,20 +129,61 @@ def test_chunked_ce_trainable_head_equals_full():
     assert all(rel(a, b) < 1e-5 for a, b in zip(grads, ref, strict=True))
 
 
-def test_chunked_ce_under_autocast_casts_the_head_once_with_the_same_result():
-    """Under bf16 autocast the frozen head is cast once per call (``autocast_once``); the result
-    equals letting autocast cast it at every chunk's product, bit for bit."""
+def test_chunked_ce_under_autocast_takes_float32_logits():
+    """Under bf16 autocast the loss's logits are float32 products of the float32 head: the
+    per-token losses and the hidden-state gradient equal the float32 computation, where the bf16
+    product autocast would run rounds them (its result, checked here, is measurably off)."""
+    torch.manual_seed(0)
+    H, V, M = 64, 300, 9
+    head = torch.nn.Linear(H, V, bias=False).requires_grad_(False)
+    head.weight.mul_(8.0)  # logits of this model's magnitudes (tens), where bf16 steps are 0.125
+    hidden = torch.randn(M, H, requires_grad=True)
+    targets = torch.randint(0, V, (M,))
+    up = torch.rand(M)
+    full = F.cross_entropy(head(hidden), targets, reduction="none")  # float32 reference
+    (g_full,) = torch.autograd.grad((full * up).sum(), hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = linear_cross_entropy(hidden, head, targets, rows=2)
+        rounded = F.cross_entropy(head(hidden).float(), targets, reduction="none")  # autocast's bf16 product
+    (g_chunked,) = torch.autograd.grad((chunked * up).sum(), hidden)
+    assert chunked.dtype == torch.float32
+    assert torch.allclose(chunked, full, rtol=1e-5, atol=1e-5) and rel(g_chunked, g_full) < 1e-5
+    assert (rounded - full).abs().max() > 1e-2  # bf16 logits would have moved the loss
+
+
+def test_chunked_ce_with_bf16_logits_casts_the_head_once_with_the_same_result():
+    """With bf16 logits (LM mode) the frozen head is cast once per call (``autocast_once``); the
+    result equals letting autocast cast it at every chunk's product, bit for bit."""
+    from softprompt import precision
     from softprompt.forward.chunked_ce import _FrozenHeadCE
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 37, bias=False).requires_grad_(False)
     hidden = torch.randn(9, 16, requires_grad=True)
     targets = torch.randint(0, 37, (9,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with precision.autocast("bf16", torch.device("cpu"), logits="bf16"):
         once = linear_cross_entropy(hidden, head, targets, rows=2)
-        (g_once,) = torch.autograd.grad(once.sum(), hidden)
         every = _FrozenHeadCE.apply(hidden, head.weight, None, targets, 2)  # autocast casts per product
-        (g_every,) = torch.autograd.grad(every.sum(), hidden)
+    (g_once,) = torch.autograd.grad(once.sum(), hidden)
+    (g_every,) = torch.autograd.grad(every.sum(), hidden)
     assert torch.equal(once, every) and torch.equal(g_once, g_every)
     full = F.cross_entropy(head(hidden), targets, reduction="none")  # float32: bf16 did round
     assert not torch.equal(once, full) and torch.allclose(once, full, atol=0.1)
+
+
+def test_chunked_ce_trainable_head_under_autocast_takes_float32_logits():
+    """The trainable-head path (LoRA on the output layer) computes float32 logits under autocast
+    too: losses and every gradient equal the float32 computation."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 300)
+    with torch.no_grad():
+        head.weight.mul_(8.0)
+    hidden = torch.randn(9, 64, requires_grad=True)
+    targets = torch.randint(0, 300, (9,))
+    full = F.cross_entropy(head(hidden), targets)
+    ref = torch.autograd.grad(full, [hidden, head.weight, head.bias])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the forward, as training runs it
+        chunked = linear_cross_entropy(hidden, head, targets, rows=2).mean()
+    grads = torch.autograd.grad(chunked, [hidden, head.weight, head.bias])  # backward outside, as training
+    assert abs(chunked.item() - full.item()) < 1e-5
+    assert all(rel(a, b) < 1e-5 for a, b in zip(grads, ref, strict=True))

@@ -64,17 +64,20 @@ def test_bf16_training_on_cpu_lowers_the_loss(tiny_lm, toy_csv, monkeypatch, sp_
     losses = [e["train_loss"] for e in res.epochs]
     assert torch.bfloat16 in seen  # the steps did run under bf16 autocast
     assert res.meta["precision"]["used"] == "bf16"
+    assert res.meta["precision"]["logits"] == "fp32"  # label words: the loss takes float32 logits
     assert res.prompt.dtype == torch.float32  # the master prompt stays float32
     assert losses[-1] < 0.8 * losses[0]
 
 
 def test_precision_choice_in_summary_and_softprompt_json(capsys, sp_home, tiny_model_dir, toy_csv, cli_main):
     expected = precision.resolve("auto", CPU, torch.float32)
+    expected["logits"] = "bf16" if expected["used"] == "bf16" else "fp32"  # LM mode keeps autocast's logits
     code = cli_main(["train", "--model", str(tiny_model_dir("llama")), "--data", str(toy_csv), "--text-column", "text",
                  "--limit", "16", "--epochs", "1", "--num-virtual-tokens", "2", "--name", "prec"])
     out = capsys.readouterr().out
     assert code == 0
-    assert f"precision   {expected['used']} (asked auto: {expected['reason']})" in out
+    logits = "; loss logits bf16" if expected["used"] == "bf16" else ""
+    assert f"precision   {expected['used']} (asked auto: {expected['reason']}){logits}\n" in out
     meta = json.loads((sp_home / "prompts" / "prec" / "softprompt.json").read_text())
     assert meta["precision"] == expected
     assert meta["training"]["precision"] == "auto"
@@ -162,3 +165,34 @@ def test_model_dtype_auto_from_cpu_flags():
     assert precision.model_dtype("auto", CPU, {"avx512_bf16"}) == ("bfloat16", "cpu flags avx512_bf16")
     assert precision.model_dtype("auto", CPU, {"avx2"})[0] == "float32"
     assert precision.model_dtype("float16", CPU, {"avx512_bf16"}) == ("float16", "asked for")
+
+
+def test_loss_logits_are_the_float32_logits_under_autocast(tiny_lm):
+    """The logits every loss and log-probability takes (``loss_logits``) are, under bf16 autocast,
+    the float32 model's own logits bit for bit; the head's product under autocast rounds them."""
+    from softprompt.forward.decoder import lm_logits, loss_logits
+
+    torch.manual_seed(0)
+    hidden = torch.randn(5, tiny_lm.model.config.hidden_size) * 8
+    ref = lm_logits(tiny_lm.model, hidden).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss_logits(tiny_lm.model, hidden)
+        rounded = lm_logits(tiny_lm.model, hidden).float()
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+    assert not torch.equal(rounded, ref)
+
+
+def test_bad_logits_choice_is_refused():
+    with pytest.raises(ValueError, match="logits 'fp16'"):
+        precision.autocast("bf16", CPU, logits="fp16")
+
+
+@pytest.mark.parametrize(("mode", "used", "logits"), [("lm", "bf16", "bf16"), ("target", "bf16", "fp32"),
+                                                      ("lm", "fp32", "fp32"), ("target", "fp32", "fp32")])
+def test_logits_follow_the_data_mode(mode, used, logits, toy_csv):
+    """LM mode (every token a target) keeps autocast's bf16 logits; input -> target data takes
+    float32 ones; float32 training has nothing to choose."""
+    cfg = DataConfig(path=str(toy_csv), text_column="text") if mode == "lm" else \
+        DataConfig(path=str(toy_csv), template="{text}", target_column="label")
+    assert cfg.mode == mode
+    assert TR.with_logits({"used": used}, cfg) == {"used": used, "logits": logits}

@@ -4,7 +4,8 @@
 supports it, or a CPU whose flags (``/proc/cpuinfo``) include ``amx_bf16`` (Intel AMX) or
 ``avx512_bf16`` (AVX512-BF16, e.g. AMD EPYC Zen 4). Elsewhere bf16 is emulated and slower than
 float32, so ``auto`` keeps float32. Autocast runs the matrix products in bf16 and keeps norms,
-softmax and the loss in float32; the prompt (the master copy) and the optimiser state stay
+softmax and the loss in float32; the loss's vocabulary logits are float32 products too, except
+in language-modelling mode (``logits_context``); the prompt (the master copy) and the optimiser state stay
 float32 whatever the precision. A model loaded in bf16/fp16 (``--dtype``) is used as it is:
 ``auto`` then adds nothing. The choice and its reason are written into the training summary
 and ``softprompt.json`` (``describe``).
@@ -16,6 +17,7 @@ and ``softprompt.json`` (``describe``).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from pathlib import Path
 
 import torch
@@ -85,16 +87,54 @@ def model_dtype(requested: str, device: torch.device, flags: set[str] | None = N
     return ("bfloat16" if native else "float32"), why
 
 
-def autocast(used: str, device: torch.device, casts: FrozenCasts | None = None):
+LOGITS = ("fp32", "bf16")  # the loss's vocabulary logits under bf16 autocast (``autocast``)
+_BF16_LOGITS: contextvars.ContextVar[bool] = contextvars.ContextVar("softprompt_bf16_logits", default=False)
+
+
+def autocast(used: str, device: torch.device, casts: FrozenCasts | None = None, logits: str = "fp32"):
     """The context to run a forward in: bf16 autocast for ``used == "bf16"`` (with ``casts``'
-    weights swapped in), else nothing."""
+    weights swapped in), else nothing. ``logits``: how the loss's vocabulary logits are computed
+    under it (``logits_context``): ``fp32``, the head's float32 product, or ``bf16``, autocast's."""
+    if logits not in LOGITS:
+        raise ValueError(f"logits {logits!r}: choose one of {', '.join(LOGITS)}")
     if used != "bf16":
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
     if casts is not None:
         stack.enter_context(casts.swapped())
+    if logits == "bf16":
+        stack.enter_context(_bf16_logits())
     return stack
+
+
+@contextlib.contextmanager
+def _bf16_logits():
+    token = _BF16_LOGITS.set(True)
+    try:
+        yield
+    finally:
+        _BF16_LOGITS.reset(token)
+
+
+def float32_logits() -> bool:
+    """Whether a loss computed here takes float32 vocabulary logits (``logits_context``)."""
+    return not _BF16_LOGITS.get()
+
+
+def logits_context(device: torch.device):
+    """The context a loss computes its vocabulary logits in (``forward.chunked_ce``,
+    ``forward.decoder.loss_logits``): autocast off, so the head's product runs in the head's own
+    dtype (float32 for the float32 model that bf16 autocast trains), unless the forward runs
+    under ``autocast(..., logits="bf16")``, which leaves the product to autocast.
+
+    Autocast's bf16 product rounds every logit to bf16: 0.125 apart at the default model's logit
+    magnitudes (16 to 32), and the loss and its gradient are then those of the rounded logits.
+    Only the labelled positions get logits, so where targets are a few tokens a row
+    (classification by label words, input -> target data) the float32 product costs a few rows'
+    worth; in language-modelling mode every token is a target and it costs about 15% of a bf16
+    step on the walk-through, so LM mode keeps autocast's (``docs/tuning.md``)."""
+    return contextlib.nullcontext() if _BF16_LOGITS.get() else torch.autocast(device.type, enabled=False)
 
 
 class FrozenCasts:
@@ -109,7 +149,8 @@ class FrozenCasts:
 
     Swapped: the ``weight`` of every ``nn.Linear`` and GPT-2 ``Conv1D`` that is frozen float32
     and not shared with an embedding (a lookup is no autocast op: a tied output layer keeps its
-    float32 table; the chunked loss casts it once per call). The swap puts plain tensors in the
+    float32 table: the loss takes float32 logits from it, or with bf16 logits casts it once
+    per call). The swap puts plain tensors in the
     modules' parameter slots, as ``torch.func.functional_call`` does, and puts the parameters
     back on exit; autograd keeps the bf16 tensors it saved, so backward after the exit is
     unchanged. Costs one bf16 copy of those weights (half the float32 model) while training.

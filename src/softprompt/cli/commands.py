@@ -105,7 +105,8 @@ def print_summary(res) -> None:
     print(f"training    {len(res.history)} steps in {res.train_time_s:.1f}s, {res.stopped}")
     prec = res.meta.get("precision")
     if prec:
-        print(f"precision   {prec['used']} (asked {prec['requested']}: {prec['reason']})")
+        logits = f"; loss logits {prec['logits']}" if prec["used"] == "bf16" and "logits" in prec else ""
+        print(f"precision   {prec['used']} (asked {prec['requested']}: {prec['reason']}){logits}")
     for e in res.epochs:
         extra = "".join(f"  {k[5:]} {v:.4f}" for k, v in e.items() if k.startswith("eval_") and k != "eval_score")
         print(f"  epoch {e['epoch']:>3}  train loss {e['train_loss']:.4f}{extra}")

@@ -13,12 +13,18 @@ of them scales each row of the stored (M, H) gradient: the result is exact (test
 output layer, full fine-tuning) needs its weight gradient, which depends on the upstream
 weights; that case runs each chunk under autograd with checkpointing (its logits are recomputed in the
 backward pass; the result is the same).
+
+Under bf16 autocast the logits are computed in ``precision.logits_context``: float32 products of
+the float32 head, not autocast's bf16 ones, unless the training asked for bf16 logits (LM mode;
+``precision.logits_context`` says why and what each costs).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from softprompt.precision import float32_logits, logits_context
 
 CHUNK_BYTES = 32 * 2**20  # float32 logits held at once (one chunk)
 
@@ -36,15 +42,16 @@ class _FrozenHeadCE(torch.autograd.Function):
         M = hidden.shape[0]
         losses = torch.empty(M, dtype=torch.float32, device=hidden.device)  # (M,)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # (M, H)
-        for s in range(0, M, rows):
-            h, t = hidden[s : s + rows], targets[s : s + rows]
-            logits = F.linear(h, weight, bias).float()  # (C, V), the only vocabulary-sized block
-            lse = logits.logsumexp(-1)  # (C,)
-            losses[s : s + rows] = lse - logits.gather(1, t[:, None])[:, 0]
-            if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                grad[s : s + rows] = probs.to(weight.dtype) @ weight  # (C, H)
+        with logits_context(hidden.device):
+            for s in range(0, M, rows):
+                h, t = hidden[s : s + rows].to(weight.dtype), targets[s : s + rows]
+                logits = F.linear(h, weight, bias).float()  # (C, V), the only vocabulary-sized block
+                lse = logits.logsumexp(-1)  # (C,)
+                losses[s : s + rows] = lse - logits.gather(1, t[:, None])[:, 0]
+                if grad is not None:
+                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                    grad[s : s + rows] = probs.to(weight.dtype) @ weight  # (C, H)
         ctx.save_for_backward(grad)
         return losses
 
@@ -56,10 +63,11 @@ class _FrozenHeadCE(torch.autograd.Function):
 
 
 def autocast_once(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``weight`` in autocast's dtype when autocast is on (else as it is): cast once here, the
+    """``weight`` in autocast's dtype when autocast is on and the logits are autocast's (bf16
+    logits, ``precision.logits_context``), else as it is: cast once here, the
     chunk loop's products see it already cast, where autocast would cast a frozen weight again
     at every product (it caches casts of trainable leaves only). The values are the same."""
-    if torch.is_autocast_enabled(device.type) and weight.is_floating_point():
+    if torch.is_autocast_enabled(device.type) and weight.is_floating_point() and not float32_logits():
         return weight.to(torch.get_autocast_dtype(device.type))
     return weight
 
@@ -78,7 +86,8 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: t
     from torch.utils.checkpoint import checkpoint
 
     def chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(h).float(), t, reduction="none")  # (C,)
+        with logits_context(h.device):
+            return F.cross_entropy(head(h.to(weight.dtype)).float(), t, reduction="none")  # (C,)
 
     # trainable head: its weight gradient needs the upstream weights, so autograd runs per chunk;
     # checkpointing recomputes each chunk's logits in the backward instead of keeping them all

@@ -27,6 +27,7 @@ from softprompt.compat import cache_kw, returned_cache
 from softprompt.data import IGNORE
 from softprompt.forward.chunked_ce import linear_cross_entropy
 from softprompt.offset import add_offset
+from softprompt.precision import logits_context
 
 if TYPE_CHECKING:
     from softprompt.models import Model
@@ -42,6 +43,15 @@ def lm_logits(model: Model, hidden: torch.Tensor) -> torch.Tensor:
     logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def loss_logits(model: Model, hidden: torch.Tensor) -> torch.Tensor:
+    """``lm_logits`` as losses and log-probabilities take them, float32: under bf16 autocast the
+    head's float32 product unless the forward asked for bf16 logits (``precision.logits_context``).
+    Outside autocast, the same as ``lm_logits(...).float()``."""
+    head = model.get_output_embeddings()
+    with logits_context(hidden.device):
+        return lm_logits(model, hidden.to(head.weight.dtype)).float()
 
 
 def naive_loss(model: Model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -110,7 +120,7 @@ def _shifted_ce_sum(model: Model, hidden: torch.Tensor, labels: torch.Tensor) ->
     sel = tgt != IGNORE
     h = hidden[:, :-1][sel]  # (M, H): only positions with a target get logits, in chunks
     if getattr(model.config, "final_logit_softcapping", None):  # Gemma: the soft-cap needs whole logits
-        total = F.cross_entropy(lm_logits(model, h).float(), tgt[sel], reduction="sum")
+        total = F.cross_entropy(loss_logits(model, h), tgt[sel], reduction="sum")
     else:
         total = linear_cross_entropy(h, model.get_output_embeddings(), tgt[sel]).sum()
     return total, sel.sum()
@@ -124,7 +134,7 @@ def prefix_loss(model: Model, prompt: torch.Tensor, input_ids: torch.Tensor, att
     first = labels[:, 0]  # (B,) predicted by the last virtual token
     has_first = first != IGNORE
     if has_first.any():
-        logp = F.log_softmax(lm_logits(model, last).float(), dim=-1)  # (V,), once for all rows
+        logp = F.log_softmax(loss_logits(model, last), dim=-1)  # (V,), once for all rows
         total = total - logp[first[has_first]].sum()
         count = count + has_first.sum()
     return total / count.clamp(min=1)
@@ -159,7 +169,7 @@ def mixed_prefix_loss(model: Model, prompts: torch.Tensor, task_ids: torch.Tenso
     first = labels[:, 0]
     has = first != IGNORE
     if has.any():
-        logp = F.log_softmax(lm_logits(model, out.last_hidden_state[:, -1]).float(), dim=-1)  # (K, V)
+        logp = F.log_softmax(loss_logits(model, out.last_hidden_state[:, -1]), dim=-1)  # (K, V)
         total = total - logp[task_ids[has], first[has]].sum()
         count = count + has.sum()
     return total if reduction == "sum" else total / count.clamp(min=1)
@@ -172,7 +182,7 @@ def plain_loss(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tens
     ).last_hidden_state
     tgt = labels[:, 1:]
     sel = tgt != IGNORE
-    return F.cross_entropy(lm_logits(model, hidden[:, :-1][sel]).float(), tgt[sel])
+    return F.cross_entropy(loss_logits(model, hidden[:, :-1][sel]), tgt[sel])
 
 
 def prompt_loss(model: Model, prompt, batch: dict, fast: bool = True, offset=None) -> torch.Tensor:
@@ -188,7 +198,7 @@ def labelled_logprobs(model: Model, hidden: torch.Tensor, labels: torch.Tensor, 
     tgt = labels[:, 1:]
     sel = tgt != IGNORE
     rows = sel.nonzero()[:, 0]
-    logp = F.log_softmax(lm_logits(model, hidden[:, :-1][sel]).float(), dim=-1)  # (M, V)
+    logp = F.log_softmax(loss_logits(model, hidden[:, :-1][sel]), dim=-1)  # (M, V)
     if choices is not None:
         return choice_logprobs(logp, rows, choices)
     out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -222,7 +232,7 @@ def sequence_logprobs(model: Model, prompt: torch.Tensor | None, input_ids: torc
     else:
         cache, last = prefix if prefix is not None else prefix_cache(model, prompt)
         hidden = prefix_forward_hidden(model, prompt, input_ids, attention_mask, cache, offset)
-        first_lp = F.log_softmax(lm_logits(model, last).float(), dim=-1)  # (V,)
+        first_lp = F.log_softmax(loss_logits(model, last), dim=-1)  # (V,)
     out = labelled_logprobs(model, hidden, labels, choices)
     if choices is not None:
         return out

@@ -67,6 +67,7 @@ class PromptMethod:
         self.dropout, self._step, self._micro = dropout, None, 0  # _step None: eval mode (no dropout)
         self.precision = precision  # "bf16": forward and backward under bf16 autocast (precision.py)
         self.casts = FrozenCasts(model) if precision == "bf16" else None  # the frozen weights cast once
+        self.logits = "fp32"  # the loss's logits under bf16: "bf16" leaves them to autocast (LM mode; tune.prompt_method)
         self.reparam_name = reparam
         self.reparam = None
         if reparam is not None:
@@ -115,7 +116,7 @@ class PromptMethod:
 
     def loss(self, batch: dict[str, torch.Tensor]):
         prompt, batch = self._cast(batch)
-        with autocast(self.precision, self.prompt.device, self.casts):
+        with autocast(self.precision, self.prompt.device, self.casts, self.logits):
             return prompt_loss(self.model, prompt, batch, fast=self.fast, pack=self.pack, kind=self.kind)
 
     def state(self):
@@ -138,7 +139,7 @@ class PromptMethod:
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             prompt, batch = self._cast(batch)
-        with autocast(self.precision, self.prompt.device, self.casts):
+        with autocast(self.precision, self.prompt.device, self.casts, self.logits):
             return sequence_logprobs(self.model, prompt.detach(), **batch, kind=self.kind).float().cpu()
 
     def trainable_parameters(self) -> int:
@@ -219,13 +220,13 @@ class OffsetPromptMethod(PromptMethod):
 
     def loss(self, batch: dict[str, torch.Tensor]):
         prompt, batch = self._cast(batch)
-        with autocast(self.precision, self.prompt.device, self.casts):
+        with autocast(self.precision, self.prompt.device, self.casts, self.logits):
             return prompt_loss(self.model, prompt, batch, fast=self.fast, offset=self.offset(), kind=self.kind)
 
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             prompt, batch = self._cast(batch)
-            with autocast(self.precision, self.prompt.device, self.casts):
+            with autocast(self.precision, self.prompt.device, self.casts, self.logits):
                 return sequence_logprobs(self.model, prompt, **batch, offset=self.offset(), kind=self.kind).float().cpu()
 
     def state(self):
@@ -265,13 +266,13 @@ class MemoryPromptMethod(DeepPromptMethod):
 
     def loss(self, batch: dict[str, torch.Tensor]):
         prompt, batch = self._cast(batch)
-        with autocast(self.precision, self.prompt.device, self.casts):
+        with autocast(self.precision, self.prompt.device, self.casts, self.logits):
             return prompt_loss(self.model, prompt, batch, fast=self.fast, memory=self.memory, kind=self.kind)
 
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             prompt, batch = self._cast(batch)
-            with autocast(self.precision, self.prompt.device, self.casts):
+            with autocast(self.precision, self.prompt.device, self.casts, self.logits):
                 return sequence_logprobs(self.model, prompt, **batch, memory=self.memory, kind=self.kind).float().cpu()
 
     def state(self):

@@ -90,10 +90,24 @@ def initial_prompt(lm: LoadedModel, prompt_cfg: PromptConfig, data_cfg: DataConf
 
 
 def prompt_method(lm: LoadedModel, init: torch.Tensor, prompt_cfg: PromptConfig, fast: bool, seed: int, pack: bool = False,
-                  used: str = "fp32") -> PromptMethod:
+                  used: str = "fp32", logits: str = "fp32") -> PromptMethod:
     """The training method for ``prompt_cfg``'s kind, reparameterisation and levers (prefix
     dropout, frozen first token, DePT's input offset); ``pack`` and the precision ``used``
-    (``precision.resolve``) as ``TrainConfig`` asks."""
+    (``precision.resolve``) as ``TrainConfig`` asks; ``logits`` as ``with_logits`` chooses."""
+    method = _prompt_method(lm, init, prompt_cfg, fast, seed, pack, used)
+    method.logits = logits
+    return method
+
+
+def with_logits(prec: dict, data_cfg: DataConfig) -> dict:
+    """``prec`` (``precision.resolve``) with ``logits``, how the loss's vocabulary logits are
+    computed (``precision.logits_context``): ``fp32``, except under bf16 in language-modelling
+    mode, where every token is a target and the float32 head would cost about 15% of a step."""
+    return {**prec, "logits": "bf16" if prec["used"] == "bf16" and data_cfg.mode == "lm" else "fp32"}
+
+
+def _prompt_method(lm: LoadedModel, init: torch.Tensor, prompt_cfg: PromptConfig, fast: bool, seed: int, pack: bool,
+                   used: str) -> PromptMethod:
     levers = {"dropout": prompt_cfg.dropout, "freeze_first": prompt_cfg.freeze_first}
     if prompt_cfg.offset_rank:
         if pack:
@@ -197,8 +211,8 @@ def train(lm: LoadedModel, data_cfg: DataConfig, prompt_cfg: PromptConfig, train
         prompt_cfg = replace(prompt_cfg, init=f"prompt:{ranking[0]['name']}")
     fast = train_cfg.fast_forward and not fsdp  # FSDP: one forward per layer (distributed.shard_model)
     init = initial_prompt(lm, prompt_cfg, data_cfg, train_cfg.seed, force, store)
-    prec = precision.resolve(train_cfg.precision, lm.model.device, lm.model.dtype)
-    method = prompt_method(lm, init, prompt_cfg, fast, train_cfg.seed, train_cfg.pack, prec["used"])
+    prec = with_logits(precision.resolve(train_cfg.precision, lm.model.device, lm.model.dtype), data_cfg)
+    method = prompt_method(lm, init, prompt_cfg, fast, train_cfg.seed, train_cfg.pack, prec["used"], prec["logits"])
     evaluator = make_evaluator(method, tok, eval_ex, data_cfg, train_cfg, tok.pad_token_id)
     ckpt = needs_store(store, "saving a prompt").run_dir(name) / "checkpoint" if (save and name) else None
     if chosen is not None and main:

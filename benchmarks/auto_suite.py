@@ -163,7 +163,9 @@ def markdown(res: dict) -> str:
 Each run is `softprompt train --task T --name T-sS --seed S{flags}` (`--kind auto`, its own budget and
 precision: {', '.join(sorted({str(r['precision']) for r in res['runs']}))}), scored as the suite scores its
 methods (the suite's test rows, float32). The suite's cells are its methods at its last step, mean ±
-sd over seeds (the count in brackets), float32 training. {res['machine_note']}
+sd over seeds (the count in brackets), float32 training. Under bf16 the loss takes float32
+vocabulary logits (``precision.logits_context``); runs from before took autocast's bf16 ones: the
+runs table gives each run's logits and CPU. {res['machine_note']}
 
 {common.md_table(['task', 'auto', 'deep prompt (suite)', 'shallow prompt (suite)', 'LoRA (suite)',
                   'auto minus best prompt', f'within {MARGIN:g}'], rows)}

@@ -12,7 +12,11 @@ our time slices away but does not add CPU seconds to our process):
 * ``prefix_bf16_recast``: bf16 autocast as torch does it, every frozen weight cast again at
   every product (the precision lever);
 * ``prefix_bf16`` / ``packed_bf16``: bf16 autocast with the frozen weights cast once
-  (``precision.FrozenCasts``, what training runs; the cast-once lever against the one above);
+  (``precision.FrozenCasts``, what training runs; the cast-once lever against the one above),
+  the loss's logits left to autocast (bf16), as LM mode trains;
+* ``prefix_bf16_fp32logits``: the same with float32 logits (``precision.logits_context``), as
+  training on input -> target data runs: what they would cost in LM mode, where every token
+  is a target;
 
 on length-bucketed batches (softprompt's batches) and on random batches (the Trainer's). Each
 variant's FLOPs are counted from the model's shapes (``common.train_flops``) and set against
@@ -59,7 +63,8 @@ def fullce_prefix_loss(model, prompt, input_ids, attention_mask, labels) -> torc
     return total / (sel.sum() + has.sum())
 
 
-VARIANTS = {  # name: (loss function, precision: fp32 | bf16 autocast | bf16 autocast with the frozen weights cast once)
+VARIANTS = {  # name: (loss function, precision: fp32 | bf16 autocast | bf16 autocast with the frozen weights cast once,
+    # bf16 logits unless _fp32logits)
     "naive_fp32": (FW.naive_loss, "fp32"),
     "prefix_fp32": (FW.prefix_loss, "fp32"),
     "prefix_fullce_fp32": (fullce_prefix_loss, "fp32"),
@@ -67,17 +72,20 @@ VARIANTS = {  # name: (loss function, precision: fp32 | bf16 autocast | bf16 aut
     "prefix_bf16_recast": (FW.prefix_loss, "bf16_recast"),
     "prefix_bf16": (FW.prefix_loss, "bf16"),
     "packed_bf16": (packing.packed_loss, "bf16"),
+    "prefix_bf16_fp32logits": (FW.prefix_loss, "bf16_fp32logits"),
 }
 CASTS: dict[int, FrozenCasts] = {}  # id(model) -> its frozen weights cast once (precision.FrozenCasts)
 
 
 def step_cpu(name: str, model, prompt, batch) -> tuple[float, float]:
     fn, mode = VARIANTS[name]
-    if mode == "bf16" and id(model) not in CASTS:
+    cast_once = mode in ("bf16", "bf16_fp32logits")
+    if cast_once and id(model) not in CASTS:
         CASTS[id(model)] = FrozenCasts(model)
-    casts = CASTS.get(id(model)) if mode == "bf16" else None
+    casts = CASTS.get(id(model)) if cast_once else None
+    logits = "fp32" if mode == "bf16_fp32logits" else "bf16"  # LM mode's own: autocast's logits
     t = time.process_time()
-    with autocast("bf16" if mode.startswith("bf16") else "fp32", torch.device("cpu"), casts):
+    with autocast("bf16" if mode.startswith("bf16") else "fp32", torch.device("cpu"), casts, logits):
         loss = fn(model, prompt, **batch)
     loss.backward()
     prompt.grad = None

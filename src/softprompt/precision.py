@@ -128,12 +128,14 @@ def logits_context(device: torch.device):
     dtype (float32 for the float32 model that bf16 autocast trains), unless the forward runs
     under ``autocast(..., logits="bf16")``, which leaves the product to autocast.
 
-    Autocast's bf16 product rounds every logit to bf16: 0.125 apart at the default model's logit
-    magnitudes (16 to 32), and the loss and its gradient are then those of the rounded logits.
+    Autocast's bf16 product rounds every logit to bf16, 8 significant bits: between 16 and 32,
+    where the default model's largest logits lie (18 to 31 on Subj's rows), values are 0.125
+    apart, and the loss and its gradient are then those of the rounded logits.
     Only the labelled positions get logits, so where targets are a few tokens a row
     (classification by label words, input -> target data) the float32 product costs a few rows'
-    worth; in language-modelling mode every token is a target and it costs about 15% of a bf16
-    step on the walk-through, so LM mode keeps autocast's (``docs/tuning.md``)."""
+    worth; in language-modelling mode every token is a target and it costs 13-15% of a bf16
+    step on the walk-through, so LM mode keeps autocast's (``docs/benchmarks.md``: ``levers``,
+    ``auto_suite``)."""
     return contextlib.nullcontext() if _BF16_LOGITS.get() else torch.autocast(device.type, enabled=False)
 
 
@@ -143,7 +145,7 @@ class FrozenCasts:
     Autocast casts a weight to bf16 at every product that uses it and caches the cast only for
     trainable leaves, so a frozen model's weights are cast again at every step: for the default
     model that is 134M values read and written per forward (measured gain on walk-through batches:
-    up to 7% of a CPU training step, ``benchmarks/results/levers.md``). The cast is
+    6-8% of a CPU training step, ``benchmarks/results/levers.md``). The cast is
     deterministic and autocast skips a weight already in bf16, so swapping in the same cast, made
     once, gives bit-identical losses and gradients (tests/test_precision.py).
 

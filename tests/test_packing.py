@@ -187,3 +187,22 @@ def test_chunked_ce_trainable_head_under_autocast_takes_float32_logits():
     grads = torch.autograd.grad(chunked, [hidden, head.weight, head.bias])  # backward outside, as training
     assert abs(chunked.item() - full.item()) < 1e-5
     assert all(rel(a, b) < 1e-5 for a, b in zip(grads, ref, strict=True))
+
+
+def test_chunked_ce_trainable_head_with_bf16_logits_recomputes_as_it_ran():
+    """With bf16 logits the trainable-head path's checkpointed chunks are recomputed in the
+    backward, outside the forward's context, as the forward ran them (bf16): the gradients equal
+    autograd's through the same autocast forward without checkpointing."""
+    from softprompt import precision
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 300)
+    hidden = torch.randn(9, 64, requires_grad=True)
+    targets = torch.randint(0, 300, (9,))
+    with precision.autocast("bf16", torch.device("cpu"), logits="bf16"):
+        chunked = linear_cross_entropy(hidden, head, targets, rows=2).sum()
+        direct = F.cross_entropy(head(hidden).float(), targets, reduction="sum")  # autocast's bf16 product
+    grads = torch.autograd.grad(chunked, [hidden, head.weight, head.bias])
+    ref = torch.autograd.grad(direct, [hidden, head.weight, head.bias])
+    assert abs(chunked.item() - direct.item()) < 1e-4
+    assert all(rel(a, b) < 1e-2 for a, b in zip(grads, ref, strict=True))  # bf16 weight gradients, summed per chunk

@@ -122,11 +122,13 @@ def float32_logits() -> bool:
     return not _BF16_LOGITS.get()
 
 
-def logits_context(device: torch.device):
+def logits_context(device: torch.device, float32: bool | None = None):
     """The context a loss computes its vocabulary logits in (``forward.chunked_ce``,
     ``forward.decoder.loss_logits``): autocast off, so the head's product runs in the head's own
     dtype (float32 for the float32 model that bf16 autocast trains), unless the forward runs
-    under ``autocast(..., logits="bf16")``, which leaves the product to autocast.
+    under ``autocast(..., logits="bf16")``, which leaves the product to autocast. ``float32``
+    given: that choice, made where the forward ran (a checkpoint's recompute runs in backward,
+    outside the forward's context).
 
     Autocast's bf16 product rounds every logit to bf16, 8 significant bits: between 16 and 32,
     where the default model's largest logits lie (18 to 31 on Subj's rows), values are 0.125
@@ -136,7 +138,8 @@ def logits_context(device: torch.device):
     worth; in language-modelling mode every token is a target and it costs 13-15% of a bf16
     step on the walk-through, so LM mode keeps autocast's (``docs/benchmarks.md``: ``levers``,
     ``auto_suite``)."""
-    return contextlib.nullcontext() if _BF16_LOGITS.get() else torch.autocast(device.type, enabled=False)
+    float32 = float32_logits() if float32 is None else float32  # given: decided by a caller earlier
+    return torch.autocast(device.type, enabled=False) if float32 else contextlib.nullcontext()
 
 
 class FrozenCasts:

@@ -85,8 +85,10 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: t
         return _FrozenHeadCE.apply(hidden, weight, bias, targets, rows)
     from torch.utils.checkpoint import checkpoint
 
+    float32 = float32_logits()  # decided here: checkpointing recomputes chunks in backward, outside this context
+
     def chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with logits_context(h.device):
+        with logits_context(h.device, float32):
             return F.cross_entropy(head(h.to(weight.dtype)).float(), t, reduction="none")  # (C,)
 
     # trainable head: its weight gradient needs the upstream weights, so autograd runs per chunk;

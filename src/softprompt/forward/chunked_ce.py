@@ -86,10 +86,11 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: t
     from torch.utils.checkpoint import checkpoint
 
     float32 = float32_logits()  # decided here: checkpointing recomputes chunks in backward, outside this context
+    dtype: torch.dtype = head.weight.dtype  # type: ignore[assignment]  # a Linear's weight: a tensor
 
     def chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with logits_context(h.device, float32):
-            return F.cross_entropy(head(h.to(weight.dtype)).float(), t, reduction="none")  # (C,)
+            return F.cross_entropy(head(h.to(dtype)).float(), t, reduction="none")  # (C,)
 
     # trainable head: its weight gradient needs the upstream weights, so autograd runs per chunk;
     # checkpointing recomputes each chunk's logits in the backward instead of keeping them all

@@ -99,11 +99,11 @@ def run_one(task: str, arg: str, seed: int, model_args: list[str], extra: list[s
             "auto_line": next((ln for ln in out.splitlines() if ln.startswith("auto:")), ""),
             "auto": meta.get("auto", {}), "steps": meta["epochs"][-1]["step"] if meta.get("epochs") else None,
             "precision": meta.get("precision", {}).get("used"), "logits": meta.get("precision", {}).get("logits"),
-            "cpu": cpu_of(common.machine_info()), "kind": meta["kind"]}
+            "kind": meta["kind"]}
 
 
 def cpu_of(machine: dict) -> str:
-    """The CPU a run trained on, with its bf16 flags: bf16 results differ between CPUs."""
+    """The CPU the runs train on, with its bf16 flags (``common.machine_info``, read once)."""
     return f"{machine['cpu']} ({machine['cpu_bf16_detail']})"
 
 
@@ -217,6 +217,7 @@ def main() -> None:
                 print(f"auto_suite: {task} seed {seed}: from the journal")
                 continue
             run = run_one(task, arg, seed, model_args, extra, env, home)
+            run["cpu"] = cpu_of(machine)  # bf16 results differ between CPUs
             t0 = time.time()
             run["test_accuracy"] = score(lm, store, run["name"], run["kind"], cfg, test)
             run["eval_s"] = round(time.time() - t0, 1)

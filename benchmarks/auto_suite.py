@@ -102,6 +102,27 @@ def run_one(task: str, arg: str, seed: int, model_args: list[str], extra: list[s
             "kind": meta["kind"]}
 
 
+def eval_cli(arg: str, name: str, model_args: list[str], env: dict, home: Path, limit: list[str]) -> dict:
+    """The stored prompt scored by ``softprompt eval --task ARG --prompt NAME`` as a user runs it: at
+    its default ``--dtype auto`` (bfloat16 where the CPU computes bf16 natively) and at float32, on
+    the same rows (the recipe's test split; ``limit``: its first rows)."""
+    out = {}
+    for dtype in ("auto", "float32"):
+        text = common.cli(["eval", *model_args, "--task", arg, "--prompt", name, "--home", str(home),
+                           "--dtype", dtype, *limit], env)
+        res = json.loads(text.strip().splitlines()[-1])
+        out[dtype] = {k: res[k] for k in ("dtype", "accuracy", "n", "seconds")}
+    return out
+
+
+def eval_cell(run: dict) -> str:
+    """``91.2 (bfloat16) / 91.4``: ``softprompt eval`` at --dtype auto / float32 (``eval_cli``)."""
+    e = run.get("eval_cli")
+    if not e:
+        return "-"
+    return f"{100 * e['auto']['accuracy']:.1f} ({e['auto']['dtype']}) / {100 * e['float32']['accuracy']:.1f} (n {e['auto']['n']})"
+
+
 def cpu_of(machine: dict) -> str:
     """The CPU the runs train on, with its bf16 flags (``common.machine_info``, read once)."""
     return f"{machine['cpu']} ({machine['cpu_bf16_detail']})"
@@ -145,7 +166,8 @@ def markdown(res: dict) -> str:
     from softprompt.experiments import suite_table
 
     runs = [[suite_table.TASKS.get(r["task"], r["task"]), r["seed"], f"{100 * r['test_accuracy']:.1f}", r["steps"],
-             precision_cell(r), r.get("cpu") or "-", r["train_s"], r["auto_line"].replace("|", "/")] for r in res["runs"]]
+             precision_cell(r), r.get("cpu") or "-", r["train_s"], eval_cell(r), r["auto_line"].replace("|", "/")]
+            for r in res["runs"]]
 
     def cell(s: dict, m: str) -> str:
         c = s["suite"].get(m)
@@ -165,19 +187,25 @@ precision: {', '.join(sorted({str(r['precision']) for r in res['runs']}))}), sco
 methods (the suite's test rows, float32). The suite's cells are its methods at its last step, mean ±
 sd over seeds (the count in brackets), float32 training. Under bf16 the loss takes float32
 vocabulary logits (``precision.logits_context``); runs from before took autocast's bf16 ones: the
-runs table gives each run's logits and CPU. {res['machine_note']}
+runs table gives each run's logits and CPU. Its `softprompt eval` column is what a user sees: the
+stored prompt scored by `softprompt eval --task T` at its default `--dtype auto` (the model in the
+dtype shown) and at `--dtype float32`, on the recipe's test split (AG News: its first 1,000 rows;
+n rows); runs from before it have none. {res['machine_note']}
 
 {common.md_table(['task', 'auto', 'deep prompt (suite)', 'shallow prompt (suite)', 'LoRA (suite)',
                   'auto minus best prompt', f'within {MARGIN:g}'], rows)}
 Runs:
 
-{common.md_table(['task', 'seed', 'test acc. %', 'steps', 'precision', 'CPU', 'train s', 'auto chose'], runs)}"""
+{common.md_table(['task', 'seed', 'test acc. %', 'steps', 'precision', 'CPU', 'train s',
+                  'softprompt eval: auto / float32', 'auto chose'], runs)}"""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", default="trec,sst2,mr,subj,mpqa,agnews", help="suite tasks (default %(default)s)")
     ap.add_argument("--seeds", default="0,1", help="run seeds (default %(default)s)")
+    ap.add_argument("--no-eval-check", dest="eval_check", action="store_false",
+                    help="skip scoring each prompt with softprompt eval at --dtype auto and float32 (eval_cli)")
     ap.add_argument("--quick", action="store_true", help="tiny random Llama on a synthetic task and suite, 3 steps")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                     help="train at this precision instead of the defaults' (results: auto_suite_<precision>.*)")
@@ -221,6 +249,9 @@ def main() -> None:
             t0 = time.time()
             run["test_accuracy"] = score(lm, store, run["name"], run["kind"], cfg, test)
             run["eval_s"] = round(time.time() - t0, 1)
+            if a.eval_check:
+                run["eval_cli"] = eval_cli(arg, run["name"], model_args, env, home,
+                                           ["--limit", "1000"] if task == "agnews" else [])
             rows.append(run)
             with open(journal, "a", encoding="utf-8") as f:
                 f.write(json.dumps(run) + "\n")

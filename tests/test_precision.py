@@ -149,11 +149,14 @@ def test_dtype_auto_follows_native_bf16_and_is_what_the_model_runs_in(
             assert cli_main(argv) == 0
         root.handlers[:], root.level = handlers, level
         assert len(loaded) == 1 and next(loaded[0].model.parameters()).dtype == expected
-        json_lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]  # serve's
+        printed = capsys.readouterr()
+        json_lines = [json.loads(x) for x in printed.err.splitlines() if x.startswith("{")]  # serve's
         said = [m for m in [r.getMessage() for r in caplog.records] + [e["msg"] for e in json_lines]
                 if m.startswith("dtype auto:")]
         name = str(expected).removeprefix("torch.")
         assert said == [f"dtype auto: {name} (patched flags)"]
+        if command == "eval":  # eval's result names the dtype its scores were computed in
+            assert json.loads(printed.out.splitlines()[-1])["dtype"] == name and f"model in {name}" in printed.out
         loaded.clear()
         assert cli_main([*argv, "--dtype", "float32"]) == 0  # an explicit dtype is used as asked
         assert next(loaded[0].model.parameters()).dtype == torch.float32

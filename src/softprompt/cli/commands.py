@@ -207,7 +207,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def print_eval(res: dict) -> None:
-    print(f"evaluated   {', '.join(res['prompts'])} on {res['data']} ({res['n']} examples, {res['seconds']}s)")
+    print(f"evaluated   {', '.join(res['prompts'])} on {res['data']} ({res['n']} examples, {res['seconds']}s, "
+          f"model in {res['dtype']})")
     for key in ("accuracy", "exact_match", "loss", "perplexity"):
         if key in res:
             print(f"{key:<11} {res[key]:.4f}")

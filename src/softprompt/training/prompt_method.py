@@ -32,7 +32,7 @@ from softprompt.adapter import PromptKind
 from softprompt.config import UserError
 from softprompt.forward import prompt_loss, sequence_logprobs
 from softprompt.offset import init_offset, offset_of
-from softprompt.precision import FrozenCasts, autocast
+from softprompt.precision import LOGITS, FrozenCasts, autocast
 from softprompt.prompt import check_deep, is_deep, kind_of
 
 if TYPE_CHECKING:
@@ -52,7 +52,10 @@ class PromptMethod:
     """
 
     def __init__(self, model: Model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0,
-                 pack: bool = False, precision: str = "fp32", dropout: float = 0.0, freeze_first: bool = False):
+                 pack: bool = False, precision: str = "fp32", dropout: float = 0.0, freeze_first: bool = False,
+                 logits: str = "fp32"):
+        if logits not in LOGITS:
+            raise ValueError(f"logits {logits!r}: choose one of {', '.join(LOGITS)}")
         self.model = model
         device = next(model.parameters()).device  # the prompt lives with the model, in float32
         full = prompt.detach().clone().float().to(device)
@@ -67,7 +70,7 @@ class PromptMethod:
         self.dropout, self._step, self._micro = dropout, None, 0  # _step None: eval mode (no dropout)
         self.precision = precision  # "bf16": forward and backward under bf16 autocast (precision.py)
         self.casts = FrozenCasts(model) if precision == "bf16" else None  # the frozen weights cast once
-        self.logits = "fp32"  # the loss's logits under bf16: "bf16" leaves them to autocast (LM mode; tune.prompt_method)
+        self.logits = logits  # the loss's logits under bf16: "bf16" leaves them to autocast (LM mode; tune.with_logits)
         self.reparam_name = reparam
         self.reparam = None
         if reparam is not None:
@@ -170,11 +173,12 @@ class DeepPromptMethod(PromptMethod):
     """
 
     def __init__(self, model: Model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0,
-                 pack: bool = False, precision: str = "fp32", dropout: float = 0.0, freeze_first: bool = False):
+                 pack: bool = False, precision: str = "fp32", dropout: float = 0.0, freeze_first: bool = False,
+                 logits: str = "fp32"):
         check_deep(model)
         if not is_deep(prompt):
             raise UserError(f"a deep prompt is (layers, 2, kv heads, N, head dim), got {tuple(prompt.shape)}")
-        super().__init__(model, prompt, fast, reparam, seed, pack, precision, dropout, freeze_first)
+        super().__init__(model, prompt, fast, reparam, seed, pack, precision, dropout, freeze_first, logits)
 
 
 class ProgressiveMethod(PromptMethod):
@@ -201,10 +205,10 @@ class OffsetPromptMethod(PromptMethod):
 
     def __init__(self, model: Model, prompt: torch.Tensor, rank: int, length: int, fast: bool = True,
                  reparam: str | None = None, seed: int = 0, precision: str = "fp32", dropout: float = 0.0,
-                 freeze_first: bool = False):
+                 freeze_first: bool = False, logits: str = "fp32"):
         if is_deep(prompt) or getattr(model.config, "is_encoder_decoder", False):
             raise UserError("--offset-rank goes with a shallow prompt (--kind shallow) on a decoder-only model")
-        super().__init__(model, prompt, fast, reparam, seed, False, precision, dropout, freeze_first)
+        super().__init__(model, prompt, fast, reparam, seed, False, precision, dropout, freeze_first, logits)
         a, b = init_offset(length, rank, prompt.shape[1], torch.Generator().manual_seed(seed + 1))
         self.offset_a = torch.nn.Parameter(a.to(self.prompt.device))  # (T_max, r)
         self.offset_b = torch.nn.Parameter(b.to(self.prompt.device))  # (r, H)
@@ -250,8 +254,8 @@ class MemoryPromptMethod(DeepPromptMethod):
     attention for every call without a memory."""
 
     def __init__(self, model: Model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0,
-                 precision: str = "fp32", dropout: float = 0.0, freeze_first: bool = False):
-        super().__init__(model, prompt, fast, reparam, seed, False, precision, dropout, freeze_first)
+                 precision: str = "fp32", dropout: float = 0.0, freeze_first: bool = False, logits: str = "fp32"):
+        super().__init__(model, prompt, fast, reparam, seed, False, precision, dropout, freeze_first, logits)
         memory.enable(model)
         self.memory = torch.nn.Parameter(torch.zeros(*memory.memory_shape(model), memory.memory_shape(model)[2],
                                                      device=self.prompt.device))  # (L, heads, d, d)

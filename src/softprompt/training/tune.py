@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 
@@ -89,26 +89,20 @@ def initial_prompt(lm: LoadedModel, prompt_cfg: PromptConfig, data_cfg: DataConf
                 seed=seed, text=prompt_cfg.init_text, label_words=words, source=source)
 
 
+class Levers(TypedDict):
+    """The keyword arguments every ``PromptMethod`` kind takes beside its own."""
+
+    dropout: float
+    freeze_first: bool
+    logits: str
+
+
 def prompt_method(lm: LoadedModel, init: torch.Tensor, prompt_cfg: PromptConfig, fast: bool, seed: int, pack: bool = False,
                   used: str = "fp32", logits: str = "fp32") -> PromptMethod:
     """The training method for ``prompt_cfg``'s kind, reparameterisation and levers (prefix
     dropout, frozen first token, DePT's input offset); ``pack`` and the precision ``used``
     (``precision.resolve``) as ``TrainConfig`` asks; ``logits`` as ``with_logits`` chooses."""
-    method = _prompt_method(lm, init, prompt_cfg, fast, seed, pack, used)
-    method.logits = logits
-    return method
-
-
-def with_logits(prec: dict, data_cfg: DataConfig) -> dict:
-    """``prec`` (``precision.resolve``) with ``logits``, how the loss's vocabulary logits are
-    computed (``precision.logits_context``): ``fp32``, except under bf16 in language-modelling
-    mode, where every token is a target and the float32 head would cost 13-15% of a step (``levers``)."""
-    return {**prec, "logits": "bf16" if prec["used"] == "bf16" and data_cfg.mode == "lm" else "fp32"}
-
-
-def _prompt_method(lm: LoadedModel, init: torch.Tensor, prompt_cfg: PromptConfig, fast: bool, seed: int, pack: bool,
-                   used: str) -> PromptMethod:
-    levers = {"dropout": prompt_cfg.dropout, "freeze_first": prompt_cfg.freeze_first}
+    levers = Levers(dropout=prompt_cfg.dropout, freeze_first=prompt_cfg.freeze_first, logits=logits)
     if prompt_cfg.offset_rank:
         if pack:
             raise UserError("--offset-rank does not go with --pack (the offset is per input position)")
@@ -121,6 +115,14 @@ def _prompt_method(lm: LoadedModel, init: torch.Tensor, prompt_cfg: PromptConfig
                                   **levers)
     cls = DeepPromptMethod if prompt_cfg.kind == "deep" else PromptMethod
     return cls(lm.model, init, fast=fast, reparam=prompt_cfg.reparam, seed=seed, pack=pack, precision=used, **levers)
+
+
+def with_logits(prec: dict, data_cfg: DataConfig) -> dict:
+    """``prec`` (``precision.resolve``) with ``logits``, how the loss's vocabulary logits are
+    computed (``precision.logits_context``): ``fp32``, except under bf16 in language-modelling
+    mode, where every token is a target and the float32 head would cost 13-15% of a step (``levers``)."""
+    return {**prec, "logits": "bf16" if prec["used"] == "bf16" and data_cfg.mode == "lm" else "fp32"}
+
 
 
 def prompt_metadata(lm: LoadedModel, data_cfg: DataConfig, prompt_cfg: PromptConfig, train_cfg: TrainConfig, fit_res: FitResult, task: str | None) -> dict:

@@ -25,8 +25,9 @@ SCRIPTS = sorted(BENCH.glob("*.py"))
 LIBRARIES = {"common.py", "soak_mix.py"}  # imported by the scripts, no command line of their own
 
 QUICK = [  # script and extra flags; the wall time of its quick run on the shared 2-core machine (load 7)
-    "auto_suite.py --precision fp32",  # 25 s: compare --quick for a synthetic suite, softprompt train as a
-    # subprocess; --precision covers the flags passed through and the results' own name
+    "auto_suite.py --precision fp32",  # 25 s (40 s at load 2 since each run adds softprompt eval twice): compare
+    # --quick for a synthetic suite, softprompt train and eval as subprocesses; --precision covers the flags
+    # passed through and the results' own name
     "deep_step.py",  # 13 s
     "lever_cost.py",  # 13 s
     "mixed_batch.py",  # 27 s

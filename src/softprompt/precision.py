@@ -91,12 +91,18 @@ LOGITS = ("fp32", "bf16")  # the loss's vocabulary logits under bf16 autocast (`
 _BF16_LOGITS: contextvars.ContextVar[bool] = contextvars.ContextVar("softprompt_bf16_logits", default=False)
 
 
+def check_logits(logits: str) -> str:
+    """``logits`` if it is one of ``LOGITS``, else a ValueError naming it."""
+    if logits not in LOGITS:
+        raise ValueError(f"logits {logits!r}: choose one of {', '.join(LOGITS)}")
+    return logits
+
+
 def autocast(used: str, device: torch.device, casts: FrozenCasts | None = None, logits: str = "fp32"):
     """The context to run a forward in: bf16 autocast for ``used == "bf16"`` (with ``casts``'
     weights swapped in), else nothing. ``logits``: how the loss's vocabulary logits are computed
     under it (``logits_context``): ``fp32``, the head's float32 product, or ``bf16``, autocast's."""
-    if logits not in LOGITS:
-        raise ValueError(f"logits {logits!r}: choose one of {', '.join(LOGITS)}")
+    check_logits(logits)
     if used != "bf16":
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()

@@ -32,7 +32,7 @@ from softprompt.adapter import PromptKind
 from softprompt.config import UserError
 from softprompt.forward import prompt_loss, sequence_logprobs
 from softprompt.offset import init_offset, offset_of
-from softprompt.precision import LOGITS, FrozenCasts, autocast
+from softprompt.precision import FrozenCasts, autocast, check_logits
 from softprompt.prompt import check_deep, is_deep, kind_of
 
 if TYPE_CHECKING:
@@ -54,8 +54,6 @@ class PromptMethod:
     def __init__(self, model: Model, prompt: torch.Tensor, fast: bool = True, reparam: str | None = None, seed: int = 0,
                  pack: bool = False, precision: str = "fp32", dropout: float = 0.0, freeze_first: bool = False,
                  logits: str = "fp32"):
-        if logits not in LOGITS:
-            raise ValueError(f"logits {logits!r}: choose one of {', '.join(LOGITS)}")
         self.model = model
         device = next(model.parameters()).device  # the prompt lives with the model, in float32
         full = prompt.detach().clone().float().to(device)
@@ -70,7 +68,7 @@ class PromptMethod:
         self.dropout, self._step, self._micro = dropout, None, 0  # _step None: eval mode (no dropout)
         self.precision = precision  # "bf16": forward and backward under bf16 autocast (precision.py)
         self.casts = FrozenCasts(model) if precision == "bf16" else None  # the frozen weights cast once
-        self.logits = logits  # the loss's logits under bf16: "bf16" leaves them to autocast (LM mode; tune.with_logits)
+        self.logits = check_logits(logits)  # the loss's logits under bf16: "bf16" leaves them to autocast (LM mode; tune.with_logits)
         self.reparam_name = reparam
         self.reparam = None
         if reparam is not None:

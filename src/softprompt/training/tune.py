@@ -124,7 +124,6 @@ def with_logits(prec: dict, data_cfg: DataConfig) -> dict:
     return {**prec, "logits": "bf16" if prec["used"] == "bf16" and data_cfg.mode == "lm" else "fp32"}
 
 
-
 def prompt_metadata(lm: LoadedModel, data_cfg: DataConfig, prompt_cfg: PromptConfig, train_cfg: TrainConfig, fit_res: FitResult, task: str | None) -> dict:
     from softprompt.provenance import stamp, versions
 

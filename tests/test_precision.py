@@ -192,15 +192,20 @@ def test_bad_logits_choice_is_refused():
 
 @pytest.mark.parametrize("levers", [{"kind": "shallow"}, {"kind": "deep"}, {"kind": "deep", "memory": True},
                                     {"kind": "shallow", "offset_rank": 2}])
-def test_every_method_is_built_with_the_logits_choice(levers, tiny_lm):
+def test_every_method_is_built_with_the_logits_choice(levers, tiny_lm, monkeypatch):
     """``prompt_method`` hands the logits choice to the constructor of every kind and lever (the
-    forward reads it from there); a choice outside ``precision.LOGITS`` is refused there."""
+    forward reads it from there); a choice outside ``precision.LOGITS`` is refused there, before
+    the frozen weights are cast."""
+    from softprompt.training import prompt_method as PM
     cfg = PromptConfig(num_virtual_tokens=4, **levers)
     init = TR.initial_prompt(tiny_lm, cfg, DataConfig(), 0)
     for logits in precision.LOGITS:
         assert TR.prompt_method(tiny_lm, init, cfg, True, 0, used="bf16", logits=logits).logits == logits
+    casts = []
+    monkeypatch.setattr(PM, "FrozenCasts", lambda model: casts.append(model))
     with pytest.raises(ValueError, match="logits 'fp16'"):
         TR.prompt_method(tiny_lm, init, cfg, True, 0, used="bf16", logits="fp16")
+    assert casts == []
 
 
 @pytest.mark.parametrize(("mode", "used", "logits"), [("lm", "bf16", "bf16"), ("target", "bf16", "fp32"),

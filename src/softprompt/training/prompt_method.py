@@ -55,6 +55,7 @@ class PromptMethod:
                  pack: bool = False, precision: str = "fp32", dropout: float = 0.0, freeze_first: bool = False,
                  logits: str = "fp32"):
         self.model = model
+        self.logits = check_logits(logits)  # the loss's logits under bf16: "bf16" leaves them to autocast (LM mode; tune.with_logits)
         device = next(model.parameters()).device  # the prompt lives with the model, in float32
         full = prompt.detach().clone().float().to(device)
         self.kind = kind_of(full)  # decided once, here; the forward pass is told it
@@ -67,8 +68,7 @@ class PromptMethod:
         self.fast, self.pack, self.seed = fast, pack, seed
         self.dropout, self._step, self._micro = dropout, None, 0  # _step None: eval mode (no dropout)
         self.precision = precision  # "bf16": forward and backward under bf16 autocast (precision.py)
-        self.casts = FrozenCasts(model) if precision == "bf16" else None  # the frozen weights cast once
-        self.logits = check_logits(logits)  # the loss's logits under bf16: "bf16" leaves them to autocast (LM mode; tune.with_logits)
+        self.casts = FrozenCasts(model) if precision == "bf16" else None  # the frozen weights cast once (after every check)
         self.reparam_name = reparam
         self.reparam = None
         if reparam is not None:

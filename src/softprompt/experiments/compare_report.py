@@ -104,7 +104,7 @@ def targets(summary: list[dict], total_s: float, task: str | None = None) -> lis
     out += versus_lora(summary, LORA_MARGIN.get(task or "", 1.0))
     out.append(
         {
-            "target": "this run's wall time < 2 hours (seconds; the goal is for the whole SST-2 comparison)",
+            "target": "this run's time < 2 hours (seconds: its runs' times added up, those taken from the journal included, even where they ran side by side; the goal is for the whole SST-2 comparison)",
             "value": round(total_s, 1),
             "met": total_s < 7200,
         }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -169,21 +170,25 @@ class FrozenCasts:
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
         tables = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-        self.slots = [m for m in model.modules()
-                      if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
-                      and isinstance(m._parameters.get("weight"), torch.nn.Parameter)
-                      and not m.weight.requires_grad and m.weight.dtype == torch.float32
-                      and m.weight.data_ptr() not in tables]
-        self.dtype, self.cast = dtype, None
+
+        def frozen_matrix(m: torch.nn.Module) -> bool:
+            w = m._parameters.get("weight")
+            return ((isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+                    and isinstance(w, torch.nn.Parameter) and not w.requires_grad and w.dtype == torch.float32
+                    and w.data_ptr() not in tables)
+
+        self.slots = [m for m in model.modules() if frozen_matrix(m)]
+        self.dtype = dtype
+        self.cast: list[torch.Tensor] | None = None
 
     @contextlib.contextmanager
     def swapped(self):
         if self.cast is None:
-            self.cast = [m.weight.detach().to(self.dtype) for m in self.slots]
+            self.cast = [cast(torch.Tensor, m._parameters["weight"]).detach().to(self.dtype) for m in self.slots]
         saved = [m._parameters["weight"] for m in self.slots]
         try:
             for m, w in zip(self.slots, self.cast):
-                m._parameters["weight"] = w
+                m._parameters["weight"] = cast(torch.nn.Parameter, w)  # a plain tensor in the slot, on purpose
             yield
         finally:
             for m, p in zip(self.slots, saved):

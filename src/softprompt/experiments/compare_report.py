@@ -365,7 +365,7 @@ def section(doc: dict) -> list[str]:
     return out + [""]
 
 
-def markdown(docs: list[dict], command: str, notes: str | None, plots: list[str]) -> str:
+def markdown(docs: list[dict], command: str, notes: str | None, plots: list[tuple[str, str]]) -> str:
     out = [
         "# Prompt engineering vs prompt tuning vs LoRA vs full fine-tuning",
         "",

@@ -66,7 +66,8 @@ class PromptMethod:
         trained = full.narrow(self.axis, 1, full.shape[self.axis] - 1) if freeze_first else full
         self.prompt = torch.nn.Parameter(trained.clone())
         self.fast, self.pack, self.seed = fast, pack, seed
-        self.dropout, self._step, self._micro = dropout, None, 0  # _step None: eval mode (no dropout)
+        self.dropout, self._micro = dropout, 0
+        self._step: int | None = None  # None: eval mode (no dropout)
         self.precision = precision  # "bf16": forward and backward under bf16 autocast (precision.py)
         self.casts = FrozenCasts(model) if precision == "bf16" else None  # the frozen weights cast once (after every check)
         self.reparam_name = reparam

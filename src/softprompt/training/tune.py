@@ -230,7 +230,7 @@ def train(lm: LoadedModel, data_cfg: DataConfig, prompt_cfg: PromptConfig, train
         meta["distributed"] = {"world_size": dist.world, "fsdp": dist.fsdp}
     path = None
     if save and name and main:
-        path = store.save_prompt(name, prompt, meta, str(lm.path), lm.model.config, **side_tensors(res.state))
+        path = needs_store(store, "saving a prompt").save_prompt(name, prompt, meta, str(lm.path), lm.model.config, **side_tensors(res.state))
     return TrainResult(name=name or "", prompt=prompt, path=path, history=res.history, epochs=res.epochs,
                        train_time_s=res.train_time_s, final_train_loss=res.final_train_loss, best=res.best,
                        stopped=res.stopped, n_train=len(train_ex), n_eval=len(eval_ex), meta=meta)

@@ -141,6 +141,40 @@ def test_full_fine_tuning_sentence_gives_its_mean_and_the_best_prompt_kinds_on_t
     assert line in readme.read_text()
 
 
+# the deep prompt and LoRA on Subj, a third curve point at one epoch (900 steps)
+EPOCH = {("deep-prompt", 0): 0.956, ("deep-prompt", 1): 0.946, ("lora", 0): 0.962, ("lora", 1): 0.952}
+
+
+def epoch_doc(task: str, accs: dict, n_test: int) -> dict:
+    runs = [{"method": m, "seed": s, "n_train": 100, "test_accuracy": a,
+             "curve": [{"steps": 200, "dev_accuracy": 0.5, "test_accuracy": 0.5},
+                       {"steps": 600, "dev_accuracy": 0.6, "test_accuracy": 0.6},
+                       {"steps": 900, "dev_accuracy": 0.7, "test_accuracy": a}]}
+            for (m, s), a in accs.items()]
+    return {"schema": compare_report.SCHEMA, "task": task, "tag": f"suite_{task}_epoch", "runs": runs,
+            "data": {"test": n_test, "test_sampled_from": n_test}}
+
+
+def test_one_epoch_sentence_gives_the_deep_prompt_and_lora_at_the_epoch_and_their_mean_gap(results):
+    """``compare_suite_<task>_epoch.json`` where it ran: both methods' last point (the epoch, its
+    steps named), their difference, its mean over those tasks; the other tasks named, with their
+    epoch's steps where the suite's document gives pool and batch; no file, no sentence."""
+    assert "One epoch" not in ST.render(ST.load(results), {}, {}, ST.load_epoch(results))
+    (results / "compare_suite_subj_epoch.json").write_text(json.dumps(epoch_doc("subj", EPOCH, 2000)))
+    trec = {**doc("trec", TREC, 500), "train_config": {"batch_size": 8}}
+    trec["data"]["pool"] = 4907
+    (results / "compare_suite_trec.json").write_text(json.dumps(trec))
+    line = next(x for x in ST.render(ST.load(results), {}, {}, ST.load_epoch(results)).splitlines() if "One epoch" in x)
+    d = [100 * EPOCH[("deep-prompt", s)] for s in (0, 1)]
+    lo = [100 * EPOCH[("lora", s)] for s in (0, 1)]
+    gap = statistics.mean(d) - statistics.mean(lo)
+    assert (f"Subj (900 steps) {statistics.mean(d):.1f} ± {statistics.stdev(d):.1f} against "
+            f"{statistics.mean(lo):.1f} ± {statistics.stdev(lo):.1f} ({gap:+.1f})") in line
+    assert f"mean over 1 task: {gap:+.1f}." in line
+    assert "No one-epoch run: SST-2, TREC (one epoch: 614 steps), MR, MPQA, AG News." in line
+    assert line in ST.block(results)  # the README block is the same call
+
+
 @pytest.mark.parametrize("body", ["no markers at all\n", f"{ST.END}\nreversed\n{ST.START}\n"])
 def test_without_markers_the_readme_is_left_as_it_was(results, tmp_path, body, capsys):
     readme = tmp_path / "README.md"

@@ -10,7 +10,8 @@ over the tasks that have LoRA and a prompt kind, and one sentence saying which r
 a cell with no finished run says "running", never a number; the same files give the same text
 (no dates), so a test can hold README.md to it. Under the table, where ``benchmarks/suite.sh full``
 has run, one sentence gives full fine-tuning at the same budget and the best prompt kind's mean
-against it over those tasks (the stretch target). ``write_readme`` replaces only the text between
+against it over those tasks (the stretch target); where ``benchmarks/suite.sh epoch`` has run,
+one sentence gives the deep prompt and LoRA at one epoch and their mean difference. ``write_readme`` replaces only the text between
 the two markers, whole or not at all, and leaves the file as it was when a marker is missing.
 """
 
@@ -51,6 +52,12 @@ def load_full(results: Path) -> dict[str, dict]:
     return {t: d for t, d in load(results, "_full").items() if d is not None}
 
 
+def load_epoch(results: Path) -> dict[str, dict]:
+    """The deep prompt and LoRA trained for one whole epoch (``compare_suite_<task>_epoch[.partial].json``:
+    ``benchmarks/suite.sh epoch``), per task where it ran."""
+    return {t: d for t, d in load(results, "_epoch").items() if d is not None}
+
+
 def load_auto(results: Path) -> dict[str, dict]:
     """auto_suite's summary per task (``auto_mean``, ``auto_sd``, ``auto_seeds``); {} before its first run."""
     path = results / "auto_suite.json"
@@ -69,11 +76,14 @@ def cells(doc: dict, methods: tuple[str, ...] = tuple(METHODS)) -> dict[str, dic
     return out
 
 
+def _mean_sd(c: dict) -> str:
+    return f"{100 * c['test_mean']:.1f}" + (f" ± {100 * c['test_std']:.1f}" if c["seeds"] > 1 else "")
+
+
 def _acc(c: dict | None, running: bool) -> str:
     if c is None:
         return "running" if running else "-"
-    text = f"{100 * c['test_mean']:.1f}" + (f" ± {100 * c['test_std']:.1f}" if c["seeds"] > 1 else "")
-    return text if c["steps"] == STEP else f"{text} (at {c['steps']} steps)"
+    return _mean_sd(c) if c["steps"] == STEP else f"{_mean_sd(c)} (at {c['steps']} steps)"
 
 
 def best_prompt(cs: dict[str, dict]) -> str | None:
@@ -153,6 +163,30 @@ def _full_line(full: dict[str, dict], tasks: dict[str, dict[str, dict]]) -> str:
             f"{theirs:.1f} ({ours - theirs:+.1f}).")
 
 
+def _epoch_steps(doc: dict | None) -> int | None:
+    """Optimiser steps in one epoch of the task's training pool (None when the document lacks it)."""
+    pool, batch = (doc or {}).get("data", {}).get("pool"), (doc or {}).get("train_config", {}).get("batch_size")
+    return -(-pool // batch) if pool and batch else None
+
+
+def _epoch_line(epoch: dict[str, dict], docs: dict[str, dict | None]) -> str:
+    """The learning curve's third point: the deep prompt and LoRA at one epoch where that ran, the
+    deep prompt's mean minus LoRA's over those tasks, and the tasks without it ("" if none ran)."""
+    got = {t: cs for t, d in epoch.items() if len(cs := cells(d, ("deep-prompt", "lora"))) == 2}
+    if not got:
+        return ""
+    said = "; ".join(f"{TASKS[t]} ({cs['lora']['steps']:,} steps) {_mean_sd(cs['deep-prompt'])} against "
+                     f"{_mean_sd(cs['lora'])} ({100 * (cs['deep-prompt']['test_mean'] - cs['lora']['test_mean']):+.1f})"
+                     for t, cs in got.items())
+    gap = statistics.mean(100 * (cs["deep-prompt"]["test_mean"] - cs["lora"]["test_mean"]) for cs in got.values())
+    rest = [TASKS[t] + (f" (one epoch: {n:,} steps)" if (n := _epoch_steps(docs.get(t))) else "")
+            for t in TASKS if t not in got]
+    return (f"One epoch, the deep prompt against LoRA (`compare_suite_<task>_epoch.json`: the schedule spans the "
+            f"epoch; the same seeds and test rows): {said}. The deep prompt minus LoRA, mean over "
+            f"{len(got)} task{'s' if len(got) > 1 else ''}: {gap:+.1f}."
+            + (f" No one-epoch run: {', '.join(rest)}." if rest else ""))
+
+
 def _status(docs: dict[str, dict | None]) -> str:
     """The generated sentence: which tasks are finished, partial (runs so far) or without a run."""
     done = [f"{TASKS[t]} ({len(d['runs'])} runs)" for t, d in docs.items() if d is not None and not d.get("partial")]
@@ -166,9 +200,10 @@ def _status(docs: dict[str, dict | None]) -> str:
 
 
 def render(docs: dict[str, dict | None], auto: dict[str, dict] | None = None,
-           full: dict[str, dict] | None = None) -> str:
-    """The table, the full fine-tuning sentence where it ran, and the status sentence (Markdown, no
-    trailing newline); ``auto``: ``load_auto``; ``full``: ``load_full``."""
+           full: dict[str, dict] | None = None, epoch: dict[str, dict] | None = None) -> str:
+    """The table, the full fine-tuning and one-epoch sentences where they ran, and the status
+    sentence (Markdown, no trailing newline); ``auto``: ``load_auto``; ``full``: ``load_full``;
+    ``epoch``: ``load_epoch``."""
     auto = auto or {}
     rows = [_row(t, docs.get(t), auto.get(t)) for t in TASKS]
     diffs = [d for t, (_, cs) in zip(TASKS, rows) if (d := _auto(auto.get(t), cs)[1]) is not None]
@@ -179,7 +214,8 @@ def render(docs: dict[str, dict | None], auto: dict[str, dict] | None = None,
     ]
     return "\n".join([
         "<!-- generated by benchmarks/suite.sh report from benchmarks/results/compare_suite_<task>.json "
-        "(else .partial.json), compare_suite_<task>_full.json and auto_suite.json; do not edit by hand -->",
+        "(else .partial.json), compare_suite_<task>_full.json, compare_suite_<task>_epoch.json and auto_suite.json; "
+        "do not edit by hand -->",
         f"Test accuracy (%) at step {STEP}, mean ± sd over the seeds that finished (one seed: its value); "
         "test SE: the test set's binomial standard error at the row's mean accuracy; differences in "
         "points; \"running\": no run of that method has finished yet. Defaults: `softprompt train --task T` "
@@ -191,6 +227,7 @@ def render(docs: dict[str, dict | None], auto: dict[str, dict] | None = None,
         _mean_row([cs for _, cs in rows], diffs),
         "",
         *([line, ""] if (line := _full_line(full or {}, dict(zip(TASKS, (cs for _, cs in rows))))) else []),
+        *([line, ""] if (line := _epoch_line(epoch or {}, docs)) else []),
         _status(docs),
     ])
 
@@ -211,7 +248,7 @@ def generated_block(text: str) -> str | None:
 
 def block(results: Path) -> str:
     """The README block the result files in ``results`` give (``render`` of every loader)."""
-    return render(load(results), load_auto(results), load_full(results))
+    return render(load(results), load_auto(results), load_full(results), load_epoch(results))
 
 
 def write_readme(readme: Path, results: Path) -> Path:

@@ -46,11 +46,11 @@ def test_curve_point_equals_a_separate_run_of_that_many_steps(tiny_lm, toy_csv, 
         made.append(C.make_method(c, m, seed))
         return made[-1]
 
-    def spy(score, examples, cfg):  # the state and dev scores at each point, taken when it is evaluated
+    def spy(score, examples):  # the state and dev scores at each point, taken when it is evaluated
         with torch.no_grad():
             snaps.setdefault(len(snaps), {**{k: v.clone() for k, v in made[-1].state().items()},
                                           "dev scores": score(D.collate(dev[:4], ctx.pad))})
-        return accuracy(score, examples, cfg)
+        return accuracy(score, examples)
 
     ctx.accuracy = spy
     _, row, _ = CC.race(ctx, method, pool, 0, make)
@@ -65,8 +65,8 @@ def test_curve_point_equals_a_separate_run_of_that_many_steps(tiny_lm, toy_csv, 
             state = {**m.state(), "dev scores": m.score(D.collate(dev[:4], ctx.pad))}
         assert all(torch.equal(state[n], at[k][n]) for n in state)  # bit for bit, scores in eval mode too
         test = ctx.splits.examples()[2]
-        assert point["dev_accuracy"] == ctx.accuracy(m.score, dev, ctx.splits.cfg)["accuracy"]
-        assert point["test_accuracy"] == ctx.accuracy(m.score, test, ctx.splits.cfg)["accuracy"]
+        assert point["dev_accuracy"] == ctx.accuracy(m.score, dev)["accuracy"]
+        assert point["test_accuracy"] == ctx.accuracy(m.score, test)["accuracy"]
     # the schedule's horizon matters: a 3-step run planned for 3 steps (lr decayed) ends elsewhere
     m = C.make_method(ctx, method, 0)
     fit(m, pool, replace(ctx.tcfg, seed=0, steps=3, lr=lr), ctx.pad, None, progress=False)

@@ -15,6 +15,7 @@ and plots.
 
 from __future__ import annotations
 
+import functools
 import gc
 import tempfile
 import time
@@ -93,13 +94,13 @@ class Context:
     def pad(self) -> int:
         return self.lm.tokenizer.pad_token_id
 
-    def accuracy(self, score, examples, cfg: DataConfig) -> dict:
+    def accuracy(self, score, examples) -> dict:
         tok, bs = self.lm.tokenizer, self.tcfg.eval_max_batch_rows
-        return metrics.classify_metrics(score, tok, examples, cfg.verbalizer, self.pad, bs)
+        return metrics.classify_metrics(score, tok, examples, self.splits.words, self.pad, bs)
 
-    def latency(self, score, test, cfg: DataConfig) -> dict[str, float]:
+    def latency(self, score, test) -> dict[str, float]:
         n = self.ccfg.latency_requests
-        return latency_ms(score, self.lm.tokenizer, test, cfg.verbalizer, self.pad, n)
+        return latency_ms(score, self.lm.tokenizer, test, self.splits.words, self.pad, n)
 
 
 # ---------------------------------------------------------------- hand-written prompts
@@ -111,18 +112,18 @@ def choose_template(ctx: Context) -> None:
     for tpl in ctx.splits.candidates:
         cfg = replace(ctx.splits.cfg, template=tpl)
         dev = ctx.splits.examples(cfg)[1]
-        acc = ctx.accuracy(scorer, dev, cfg)["accuracy"] if dev else 0.0
+        acc = ctx.accuracy(scorer, dev)["accuracy"] if dev else 0.0
         ctx.say(f"template {tpl!r}: zero-shot dev accuracy {acc:.4f}")
         ctx.tried.append({"template": tpl, "dev_accuracy": acc})
     best = max(ctx.tried, key=lambda t: t["dev_accuracy"])
     ctx.hand_cfg = replace(ctx.splits.cfg, template=best["template"])
 
 
-def few_shot_budget(ctx: Context, examples, cfg: DataConfig) -> int:
+def few_shot_budget(ctx: Context, examples) -> int:
     """Tokens left for demonstrations: the context minus the longest query and label word."""
     mc, tok = ctx.lm.model.config, ctx.lm.tokenizer
     ctx_len = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None) or ctx.ccfg.few_shot_tokens
-    words = [len(D.encode(tok, " " + w)) for w in cfg.verbalizer.values()]
+    words = [len(D.encode(tok, " " + w)) for w in ctx.splits.words.values()]
     return min(ctx.ccfg.few_shot_tokens, ctx_len) - max(e.source_len for e in examples) - max(words) - 1
 
 
@@ -136,10 +137,10 @@ def run_hand(ctx: Context, method: str, train_idx: list[int], seed: int) -> dict
     out: dict = {"template": cfg.template, "n_train": 0}
     hp = methods.HandPrompt(ctx.lm.model)
     if method == "few-shot":
-        budget = max(0, few_shot_budget(ctx, dev + test, cfg))
+        budget = max(0, few_shot_budget(ctx, dev + test))
         demos = [pool[i] for i in train_idx]
         ids, text, k = methods.choose_demos(
-            ctx.lm.tokenizer, demos, cfg.verbalizer, budget, seed, ctx.ccfg.few_shot_max_k
+            ctx.lm.tokenizer, demos, ctx.splits.words, budget, seed, ctx.ccfg.few_shot_max_k
         )
         hp = methods.HandPrompt(ctx.lm.model, ids, text)
         out.update(
@@ -151,7 +152,7 @@ def run_hand(ctx: Context, method: str, train_idx: list[int], seed: int) -> dict
             }
         )
     with PeakMemory() as mem:
-        res = ctx.accuracy(hp.score, test, cfg)
+        res = ctx.accuracy(hp.score, test)
     dev_acc = next(t["dev_accuracy"] for t in ctx.tried if t["template"] == cfg.template)
     dev_acc = dev_acc if method == "zero-shot" else None  # few-shot makes no choice on dev
     out.update(
@@ -162,8 +163,8 @@ def run_hand(ctx: Context, method: str, train_idx: list[int], seed: int) -> dict
             "trainable_params": 0,
             "train_time_s": 0.0,
             "peak_mem_mb": mem.delta_mb,
-            "task_bytes": len((cfg.template + hp.text + str(cfg.verbalizer)).encode()),
-            **ctx.latency(hp.score, test, cfg),
+            "task_bytes": len(((cfg.template or "") + hp.text + str(cfg.verbalizer)).encode()),
+            **ctx.latency(hp.score, test),
         }
     )
     return out
@@ -229,6 +230,8 @@ def sweep_lr(ctx: Context, method: str, train, seed: int):
             best = (score, m, res.state, row)
         del m, ev, res
         gc.collect()
+    if best is None:
+        raise UserError(f"--lr-sweep gives {method} no learning rate to try")
     _, m, state, row = best
     m.load_state(state)
     return m, row, rows
@@ -242,7 +245,7 @@ def run_trained(ctx: Context, method: str, train, seed: int) -> dict:
         res = row["test"]
     else:
         m, row, rows = sweep_lr(ctx, method, train, seed)
-        res = ctx.accuracy(m.score, test, ctx.splits.cfg)
+        res = ctx.accuracy(m.score, test)
     with tempfile.TemporaryDirectory() as tmp:
         task_bytes = m.save(Path(tmp) / "artifact")  # bytes of the real saved artifact of one task
     out = {
@@ -262,7 +265,7 @@ def run_trained(ctx: Context, method: str, train, seed: int) -> dict:
         "peak_mem_mb": row["peak_mem_mb"],
         "steps": row["steps"],
         "stopped": row["stopped"],
-        **ctx.latency(m.score, test, ctx.splits.cfg),
+        **ctx.latency(m.score, test),
     }
     if ctx.ccfg.curve:
         out["curve"] = row["curve"]
@@ -309,6 +312,11 @@ def run_one(ctx: Context, n: int | None, seed: int, method: str) -> dict:
     return r
 
 
+def prefixed(say: Callable[[str], None], head: str, msg: str) -> None:
+    """``say(msg)`` under the run's heading."""
+    say(f"{head}: {msg}")
+
+
 def run_all(ctx: Context, book: Journal | None, t_start: float,
             finished: Callable[[list[dict], int], None] | None = None) -> list[dict]:
     """Every (size, seed, method) of the plan in order; finished ones come from the journal.
@@ -316,7 +324,7 @@ def run_all(ctx: Context, book: Journal | None, t_start: float,
     runs, jobs, outer = [], plan(ctx.ccfg), ctx.say
     for i, (n, seed, method) in enumerate(jobs, 1):
         head = f"[{i}/{len(jobs)} {time.perf_counter() - t_start:.0f}s] {method} n={n or 'all'} seed={seed}"
-        ctx.say = lambda msg, head=head: outer(f"{head}: {msg}")
+        ctx.say = functools.partial(prefixed, outer, head)
         done = book.done.get(Journal.key(n, seed, method)) if book else None
         if done is None:
             ctx.say("start")

@@ -44,10 +44,10 @@ def _curve_run(ctx, m, lr: float, train, seed: int, pts: list[int], rival: float
         if step not in pts:
             return False
         t0, c0 = time.perf_counter(), time.process_time()
-        point = {"steps": step, "dev_accuracy": ctx.accuracy(m.score, dev, ctx.splits.cfg)["accuracy"]}
+        point = {"steps": step, "dev_accuracy": ctx.accuracy(m.score, dev)["accuracy"]}
         drop = step == pts[0] and rival is not None and not point["dev_accuracy"] > rival + 1e-12
         if not drop:
-            row["test"] = ctx.accuracy(m.score, test, ctx.splits.cfg)
+            row["test"] = ctx.accuracy(m.score, test)
             point["test_accuracy"] = row["test"]["accuracy"]
         row["curve"].append(point)
         row["eval_s"] += time.perf_counter() - t0
@@ -87,7 +87,7 @@ def race(ctx, method: str, train, seed: int, make):
         gc.collect()  # a LoRA or full method holds a private copy of the model
     _, m, row = best
     if "test" not in row:  # diverged before the first point: the last good state is scored
-        row["test"] = ctx.accuracy(m.score, ctx.splits.examples()[2], ctx.splits.cfg)
+        row["test"] = ctx.accuracy(m.score, ctx.splits.examples()[2])
     kept = row.pop("test")
     for r in rows:
         r.pop("test", None)

@@ -62,6 +62,7 @@ class CompareSplits:
     test_pick: list[int]  # the sample of test taken (``--test-sample``)
     info: dict  # files with sha256, where dev and test come from, sizes, data_seed
     candidates: list[str]  # hand-written templates: the recipe's first, then its "hand_templates"
+    words: dict[str, str]  # the label words (label -> word): every template of the comparison shares them
     _cache: dict = field(default_factory=dict)
 
     def examples(self, cfg: DataConfig | None = None):
@@ -91,7 +92,8 @@ def compare_splits(
 ) -> CompareSplits:
     """The pool, dev and test of a comparison over ``data_cfg`` (resolved with
     ``recipes.resolve(..., held_out=True)``; user data without ``files``: ``--test-data`` is test)."""
-    if not data_cfg.verbalizer:
+    words = data_cfg.verbalizer
+    if not words:
         raise UserError(
             "compare needs a classification task: a --verbalizer (or a task recipe with one)"
         )
@@ -121,6 +123,7 @@ def compare_splits(
         test_pick=_sample(test_total, test_sample, "test", data_seed),
         info={},
         candidates=[data_cfg.template or ""] + [t for t in data_cfg.hand_templates if t != data_cfg.template],
+        words=dict(words),
     )
     splits.info = info(splits, data_cfg, dev_fraction, data_seed, dev_total, test_total)
     return splits

@@ -393,14 +393,18 @@ def run(
                          unchanged)
         return {**doc, "journal_runs": len(earlier)} if earlier else doc
 
+    partial = partial_path(journal) if journal is not None else None
+
     def finished(runs: list[dict], planned: int) -> None:
+        if partial is None:  # no journal, no partial document
+            return
         doc = document(runs, weights_digest(lm.model) == before)
-        write_json({**doc, **(label or {}), "partial": {"finished": len(runs), "planned": planned}}, partial_path(journal))
+        write_json({**doc, **(label or {}), "partial": {"finished": len(runs), "planned": planned}}, partial)
 
     if book is not None and book.done:  # their document at once, not after the next run (hours on a CPU)
         ctx.say(f"resuming: {len(book.done)} finished runs taken from {journal}")
         finished(book.in_plan(jobs := plan(ccfg)), len(jobs))
-    runs = run_all(ctx, book, t_start, finished if journal is not None else None)
+    runs = run_all(ctx, book, t_start, finished if partial is not None else None)
     unchanged = weights_digest(lm.model) == before
     if not unchanged:  # a bug, never a user error: the comparison would be unfair
         raise RuntimeError("the shared base model changed during the comparison")

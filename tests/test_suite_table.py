@@ -175,6 +175,24 @@ def test_one_epoch_sentence_gives_the_deep_prompt_and_lora_at_the_epoch_and_thei
     assert line in ST.block(results)  # the README block is the same call
 
 
+def test_a_run_that_collapsed_to_one_label_is_named_and_left_out_of_the_second_mean(results):
+    """A LoRA run that predicted one label for every test row (a diverged run) is named with its
+    seed and accuracy, and the mean difference is also given over the tasks without one."""
+    (results / "compare_suite_subj_epoch.json").write_text(json.dumps(epoch_doc("subj", EPOCH, 2000)))
+    broken = {**EPOCH, ("lora", 1): 0.52}
+    mpqa = epoch_doc("mpqa", broken, 2000)
+    for r in mpqa["runs"]:  # rows: true labels; the collapsed run predicts label 0 only
+        r["confusion"] = [[520, 0], [480, 0]] if (r["method"], r["seed"]) == ("lora", 1) else [[480, 20], [30, 470]]
+    (results / "compare_suite_mpqa_epoch.json").write_text(json.dumps(mpqa))
+    line = next(x for x in ST.block(results).splitlines() if "One epoch" in x)
+    assert [r["seed"] for r in ST.collapsed(mpqa, "lora")] == [1] and ST.collapsed(mpqa, "deep-prompt") == []
+    subj = statistics.mean(100 * EPOCH[("deep-prompt", s)] - 100 * EPOCH[("lora", s)] for s in (0, 1))
+    both = statistics.mean(100 * broken[("deep-prompt", s)] - 100 * broken[("lora", s)] for s in (0, 1))
+    assert "predicted one label for every test row: LoRA seed 1 (52.0))" in line
+    assert line.count("predicted one label") == 1  # Subj's runs have no confusion matrix here; MPQA's others are fine
+    assert f"mean over 2 tasks: {statistics.mean([subj, both]):+.1f}; over the 1 without a collapsed run: {subj:+.1f}." in line
+
+
 @pytest.mark.parametrize("body", ["no markers at all\n", f"{ST.END}\nreversed\n{ST.START}\n"])
 def test_without_markers_the_readme_is_left_as_it_was(results, tmp_path, body, capsys):
     readme = tmp_path / "README.md"

@@ -169,21 +169,38 @@ def _epoch_steps(doc: dict | None) -> int | None:
     return -(-pool // batch) if pool and batch else None
 
 
+def collapsed(doc: dict, method: str) -> list[dict]:
+    """The method's runs that predicted one label for every test row (their test confusion
+    matrix, rows the true labels, has one non-zero column): a run that diverged."""
+    return [r for r in doc["runs"] if r["method"] == method and r.get("confusion")
+            and sum(any(row[j] for row in r["confusion"]) for j in range(len(r["confusion"][0]))) == 1]
+
+
 def _epoch_line(epoch: dict[str, dict], docs: dict[str, dict | None]) -> str:
     """The learning curve's third point: the deep prompt and LoRA at one epoch where that ran, the
-    deep prompt's mean minus LoRA's over those tasks, and the tasks without it ("" if none ran)."""
+    runs that collapsed to one label named, the deep prompt's mean minus LoRA's over those tasks
+    (and over the tasks without a collapsed run, where some have one), and the tasks without it
+    ("" if none ran)."""
     got = {t: cs for t, d in epoch.items() if len(cs := cells(d, ("deep-prompt", "lora"))) == 2}
     if not got:
         return ""
+    gaps = {t: 100 * (cs["deep-prompt"]["test_mean"] - cs["lora"]["test_mean"]) for t, cs in got.items()}
+    broke = {t: [f"{METHODS[m]} seed {r['seed']} ({100 * r['test_accuracy']:.1f})"
+                 for m in ("deep-prompt", "lora") for r in collapsed(epoch[t], m)] for t in got}
     said = "; ".join(f"{TASKS[t]} ({cs['lora']['steps']:,} steps) {_mean_sd(cs['deep-prompt'])} against "
-                     f"{_mean_sd(cs['lora'])} ({100 * (cs['deep-prompt']['test_mean'] - cs['lora']['test_mean']):+.1f})"
+                     f"{_mean_sd(cs['lora'])} ({gaps[t]:+.1f}"
+                     + (f"; predicted one label for every test row: {', '.join(broke[t])}" if broke[t] else "") + ")"
                      for t, cs in got.items())
-    gap = statistics.mean(100 * (cs["deep-prompt"]["test_mean"] - cs["lora"]["test_mean"]) for cs in got.values())
+    clean = [g for t, g in gaps.items() if not broke[t]]
+    mean = (f"The deep prompt minus LoRA, mean over {len(got)} task{'s' if len(got) > 1 else ''}: "
+            f"{statistics.mean(gaps.values()):+.1f}")
+    if len(clean) < len(got):
+        mean += (f"; over the {len(clean)} without a collapsed run: {statistics.mean(clean):+.1f}" if clean
+                 else "; every task has a collapsed run")
     rest = [TASKS[t] + (f" (one epoch: {n:,} steps)" if (n := _epoch_steps(docs.get(t))) else "")
             for t in TASKS if t not in got]
     return (f"One epoch, the deep prompt against LoRA (`compare_suite_<task>_epoch.json`: the schedule spans the "
-            f"epoch; the same seeds and test rows): {said}. The deep prompt minus LoRA, mean over "
-            f"{len(got)} task{'s' if len(got) > 1 else ''}: {gap:+.1f}."
+            f"epoch; the same seeds and test rows): {said}. {mean}."
             + (f" No one-epoch run: {', '.join(rest)}." if rest else ""))
 
 

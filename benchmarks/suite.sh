@@ -101,7 +101,7 @@ report() {
       if [ -f "$f" ]; then files+=("$f"); break; fi
     done
   done
-  for f in "$OUT"/compare_suite_*_{n40,first,memory,cosine,epoch,epoch2,seeds}.json "$OUT"/compare_suite_*_full.json; do  # levers and anchors, where run
+  for f in "$OUT"/compare_suite_*_{n40,first,memory,cosine,epoch,epoch2,epoch_lora1e3,seeds}.json "$OUT"/compare_suite_*_full.json; do  # levers and anchors, where run
     if [ -f "$f" ]; then files+=("$f"); fi
   done
   for f in sst2-full sst2-deep-labels trec-full trec-deep-labels trec-deep trec-residual rte sst2-sizes; do

@@ -45,7 +45,7 @@ from softprompt.config import (
 )
 from softprompt.experiments import compare_curve as CC
 from softprompt.experiments import compare_data as CD
-from softprompt.experiments.compare_runs import Journal
+from softprompt.experiments.compare_runs import Journal, partial_path
 from softprompt.experiments.measure import PeakMemory, latency_ms, weights_digest
 from softprompt.provenance import loadavg, write_json
 from softprompt.store import Store
@@ -143,14 +143,7 @@ def run_hand(ctx: Context, method: str, train_idx: list[int], seed: int) -> dict
             ctx.lm.tokenizer, demos, ctx.splits.words, budget, seed, ctx.ccfg.few_shot_max_k
         )
         hp = methods.HandPrompt(ctx.lm.model, ids, text)
-        out.update(
-            {
-                "k": k,
-                "demo_tokens": len(ids),
-                "demo_budget_tokens": budget,
-                "n_train": len(train_idx),
-            }
-        )
+        out.update({"k": k, "demo_tokens": len(ids), "demo_budget_tokens": budget, "n_train": len(train_idx)})
     with PeakMemory() as mem:
         res = ctx.accuracy(hp.score, test)
     dev_acc = next(t["dev_accuracy"] for t in ctx.tried if t["template"] == cfg.template)
@@ -340,11 +333,6 @@ def run_all(ctx: Context, book: Journal | None, t_start: float,
     return runs
 
 
-def partial_path(journal: Path) -> Path:
-    """Where a comparison in progress keeps the document of its finished runs."""
-    return journal.parent / (journal.name.removesuffix(".runs.jsonl") + ".partial.json")
-
-
 def run(
     lm: LoadedModel,
     data_cfg: DataConfig,
@@ -393,18 +381,14 @@ def run(
                          unchanged)
         return {**doc, "journal_runs": len(earlier)} if earlier else doc
 
-    partial = partial_path(journal) if journal is not None else None
-
     def finished(runs: list[dict], planned: int) -> None:
-        if partial is None:  # no journal, no partial document
-            return
         doc = document(runs, weights_digest(lm.model) == before)
-        write_json({**doc, **(label or {}), "partial": {"finished": len(runs), "planned": planned}}, partial)
+        write_json({**doc, **(label or {}), "partial": {"finished": len(runs), "planned": planned}}, partial_path(journal))
 
     if book is not None and book.done:  # their document at once, not after the next run (hours on a CPU)
         ctx.say(f"resuming: {len(book.done)} finished runs taken from {journal}")
         finished(book.in_plan(jobs := plan(ccfg)), len(jobs))
-    runs = run_all(ctx, book, t_start, finished if partial is not None else None)
+    runs = run_all(ctx, book, t_start, finished if journal is not None else None)
     unchanged = weights_digest(lm.model) == before
     if not unchanged:  # a bug, never a user error: the comparison would be unfair
         raise RuntimeError("the shared base model changed during the comparison")

@@ -80,3 +80,8 @@ class Journal:
             f.write(json.dumps(r, sort_keys=True, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def partial_path(journal: Path) -> Path:
+    """Where a comparison in progress keeps the document of its finished runs."""
+    return journal.parent / (journal.name.removesuffix(".runs.jsonl") + ".partial.json")

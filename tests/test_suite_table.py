@@ -193,6 +193,27 @@ def test_a_run_that_collapsed_to_one_label_is_named_and_left_out_of_the_second_m
     assert f"mean over 2 tasks: {statistics.mean([subj, both]):+.1f}; over the 1 without a collapsed run: {subj:+.1f}." in line
 
 
+def test_loras_lr_at_one_epoch_is_the_one_ahead_on_dev(results):
+    """Where LoRA also ran at lr 1e-3 over the epoch (``compare_suite_<task>_epoch_lora1e3.json``),
+    its cell is the lr with the higher mean dev accuracy, named; lower on dev, the epoch file's stays."""
+    base = epoch_doc("subj", EPOCH, 2000)
+    for r in base["runs"]:
+        r["lr"] = 0.03 if r["method"] == "deep-prompt" else 0.003
+    (results / "compare_suite_subj_epoch.json").write_text(json.dumps(base))
+    better = {("lora", 0): 0.982, ("lora", 1): 0.972}
+    for dev, chosen in ((0.8, True), (0.6, False)):
+        alt = epoch_doc("subj", better, 2000)
+        for r in alt["runs"]:
+            r["lr"], r["curve"][-1]["dev_accuracy"] = 0.001, dev
+        (results / "compare_suite_subj_epoch_lora1e3.json").write_text(json.dumps(alt))
+        line = next(x for x in ST.block(results).splitlines() if "One epoch" in x)
+        lora = [100 * (better if chosen else EPOCH)[("lora", s)] for s in (0, 1)]
+        gap = statistics.mean(100 * EPOCH[("deep-prompt", s)] for s in (0, 1)) - statistics.mean(lora)
+        assert f"against {statistics.mean(lora):.1f} ± {statistics.stdev(lora):.1f} (" in line
+        assert ("LoRA at lr 0.001, ahead of 0.003 on dev; " in line) == chosen
+        assert f"mean over 1 task: {gap:+.1f}." in line
+
+
 @pytest.mark.parametrize("body", ["no markers at all\n", f"{ST.END}\nreversed\n{ST.START}\n"])
 def test_without_markers_the_readme_is_left_as_it_was(results, tmp_path, body, capsys):
     readme = tmp_path / "README.md"

@@ -11,7 +11,8 @@ a cell with no finished run says "running", never a number; the same files give 
 (no dates), so a test can hold README.md to it. Under the table, where ``benchmarks/suite.sh full``
 has run, one sentence gives full fine-tuning at the same budget and the best prompt kind's mean
 against it over those tasks (the stretch target); where ``benchmarks/suite.sh epoch`` has run,
-one sentence gives the deep prompt and LoRA at one epoch and their mean difference. ``write_readme`` replaces only the text between
+one sentence gives the deep prompt and LoRA at one epoch (LoRA at the lr ahead on dev where a second lr ran)
+and their mean difference. ``write_readme`` replaces only the text between
 the two markers, whole or not at all, and leaves the file as it was when a marker is missing.
 """
 
@@ -54,8 +55,24 @@ def load_full(results: Path) -> dict[str, dict]:
 
 def load_epoch(results: Path) -> dict[str, dict]:
     """The deep prompt and LoRA trained for one whole epoch (``compare_suite_<task>_epoch[.partial].json``:
-    ``benchmarks/suite.sh epoch``), per task where it ran."""
-    return {t: d for t, d in load(results, "_epoch").items() if d is not None}
+    ``benchmarks/suite.sh epoch``), per task where it ran; where LoRA also ran at lr 1e-3 over the epoch
+    (``compare_suite_<task>_epoch_lora1e3.json``), that document rides along as ``"lora_runs"``."""
+    out = {t: d for t, d in load(results, "_epoch").items() if d is not None}
+    for t, alt in load(results, "_epoch_lora1e3").items():
+        if t in out and alt is not None:
+            out[t] = {**out[t], "lora_runs": alt}
+    return out
+
+
+def _lora_on_dev(doc: dict) -> tuple[dict, dict | None]:
+    """The epoch document's LoRA cell, or the other lr's (``"lora_runs"``) where its mean dev accuracy
+    at the last point is higher: LoRA's lr chosen on dev; the second item is the other document when chosen."""
+    alt = doc.get("lora_runs")
+    own = cells(doc, ("lora",)).get("lora")
+    other = cells(alt, ("lora",)).get("lora") if alt else None
+    if own is None or other is None or other["dev_mean"] <= own["dev_mean"]:
+        return (own or {}), None
+    return other, alt
 
 
 def load_auto(results: Path) -> dict[str, dict]:
@@ -181,14 +198,21 @@ def _epoch_line(epoch: dict[str, dict], docs: dict[str, dict | None]) -> str:
     runs that collapsed to one label named, the deep prompt's mean minus LoRA's over those tasks
     (and over the tasks without a collapsed run, where some have one), and the tasks without it
     ("" if none ran)."""
-    got = {t: cs for t, d in epoch.items() if len(cs := cells(d, ("deep-prompt", "lora"))) == 2}
+    got, lora_doc, chose = {}, {}, {}
+    for t, d in epoch.items():
+        if len(cs := cells(d, ("deep-prompt", "lora"))) == 2:
+            cs["lora"], alt = _lora_on_dev(d)
+            got[t], lora_doc[t] = cs, alt or d
+            if alt is not None:
+                lrs = [sorted({r["lr"] for r in x["runs"] if r["method"] == "lora"}) for x in (alt, d)]
+                chose[t] = f"LoRA at lr {'/'.join(f'{x:g}' for x in lrs[0])}, ahead of {'/'.join(f'{x:g}' for x in lrs[1])} on dev; "
     if not got:
         return ""
     gaps = {t: 100 * (cs["deep-prompt"]["test_mean"] - cs["lora"]["test_mean"]) for t, cs in got.items()}
-    broke = {t: [f"{METHODS[m]} seed {r['seed']} ({100 * r['test_accuracy']:.1f})"
-                 for m in ("deep-prompt", "lora") for r in collapsed(epoch[t], m)] for t in got}
+    broke = {t: [f"{METHODS['deep-prompt']} seed {r['seed']} ({100 * r['test_accuracy']:.1f})" for r in collapsed(epoch[t], "deep-prompt")]
+             + [f"LoRA seed {r['seed']} ({100 * r['test_accuracy']:.1f})" for r in collapsed(lora_doc[t], "lora")] for t in got}
     said = "; ".join(f"{TASKS[t]} ({cs['lora']['steps']:,} steps) {_mean_sd(cs['deep-prompt'])} against "
-                     f"{_mean_sd(cs['lora'])} ({gaps[t]:+.1f}"
+                     f"{_mean_sd(cs['lora'])} ({chose.get(t, '')}{gaps[t]:+.1f}"
                      + (f"; predicted one label for every test row: {', '.join(broke[t])}" if broke[t] else "") + ")"
                      for t, cs in got.items())
     clean = [g for t, g in gaps.items() if not broke[t]]

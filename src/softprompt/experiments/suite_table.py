@@ -64,14 +64,13 @@ def load_epoch(results: Path) -> dict[str, dict]:
     return out
 
 
-def _lora_on_dev(doc: dict) -> tuple[dict, dict | None]:
-    """The epoch document's LoRA cell, or the other lr's (``"lora_runs"``) where its mean dev accuracy
-    at the last point is higher: LoRA's lr chosen on dev; the second item is the other document when chosen."""
+def _lora_on_dev(doc: dict, own: dict) -> tuple[dict, dict | None]:
+    """``own`` (the epoch document's LoRA cell), or the other lr's (``"lora_runs"``) where its mean dev
+    accuracy at the last point is higher: LoRA's lr chosen on dev; the second item is the other document when chosen."""
     alt = doc.get("lora_runs")
-    own = cells(doc, ("lora",)).get("lora")
     other = cells(alt, ("lora",)).get("lora") if alt else None
-    if own is None or other is None or other["dev_mean"] <= own["dev_mean"]:
-        return (own or {}), None
+    if other is None or other["dev_mean"] <= own["dev_mean"]:
+        return own, None
     return other, alt
 
 
@@ -201,7 +200,7 @@ def _epoch_line(epoch: dict[str, dict], docs: dict[str, dict | None]) -> str:
     got, lora_doc, chose = {}, {}, {}
     for t, d in epoch.items():
         if len(cs := cells(d, ("deep-prompt", "lora"))) == 2:
-            cs["lora"], alt = _lora_on_dev(d)
+            cs["lora"], alt = _lora_on_dev(d, cs["lora"])
             got[t], lora_doc[t] = cs, alt or d
             if alt is not None:
                 lrs = [sorted({r["lr"] for r in x["runs"] if r["method"] == "lora"}) for x in (alt, d)]
@@ -209,8 +208,8 @@ def _epoch_line(epoch: dict[str, dict], docs: dict[str, dict | None]) -> str:
     if not got:
         return ""
     gaps = {t: 100 * (cs["deep-prompt"]["test_mean"] - cs["lora"]["test_mean"]) for t, cs in got.items()}
-    broke = {t: [f"{METHODS['deep-prompt']} seed {r['seed']} ({100 * r['test_accuracy']:.1f})" for r in collapsed(epoch[t], "deep-prompt")]
-             + [f"LoRA seed {r['seed']} ({100 * r['test_accuracy']:.1f})" for r in collapsed(lora_doc[t], "lora")] for t in got}
+    broke = {t: [f"{METHODS[m]} seed {r['seed']} ({100 * r['test_accuracy']:.1f})"
+                 for m, doc in (("deep-prompt", epoch[t]), ("lora", lora_doc[t])) for r in collapsed(doc, m)] for t in got}
     said = "; ".join(f"{TASKS[t]} ({cs['lora']['steps']:,} steps) {_mean_sd(cs['deep-prompt'])} against "
                      f"{_mean_sd(cs['lora'])} ({chose.get(t, '')}{gaps[t]:+.1f}"
                      + (f"; predicted one label for every test row: {', '.join(broke[t])}" if broke[t] else "") + ")"

@@ -16,6 +16,8 @@
 #   benchmarks/suite.sh epoch     # the deep prompt and LoRA with a third curve point at one epoch (at most 1,500
 #                                 # steps; the schedule spans it) on EPOCH_TASKS (default sst2): compare_suite_<task>_epoch.*;
 #                                 # EPOCHS=2 makes it two epochs (at most 1,500 steps): compare_suite_<task>_epoch2.*
+#   benchmarks/suite.sh epoch-lr  # the same epoch at another lr per method (EPOCH_LRS, default "lora=1e-3"; e.g.
+#                                 # "deep-prompt=1e-2 lora=1e-3"): compare_suite_<task>_epoch_<method><lr>.*, e.g. _epoch_deep1e2
 #   benchmarks/suite.sh full      # full fine-tuning at the suite's budget (lr 3e-5, the 200-step runs' lr) on
 #                                 # FULL_TASKS (default trec sst2): compare_suite_<task>_full.*
 #   benchmarks/suite.sh report    # docs/comparison.md and its plots from every result, partial ones included,
@@ -70,6 +72,20 @@ epoch() {  # the learning curve's third point: a whole epoch (at most 1,500 step
   done
 }
 
+epoch_lr() {  # the one-epoch point at other lrs, one method each (EPOCH_LRS, default lora=1e-3): the README's
+  # one-epoch sentence takes each method's lr ahead on dev; tag compare_suite_<task>_epoch_<method><lr>
+  # (deep-prompt=1e-2 -> suite_<task>_epoch_deep1e2)
+  local m lr tag
+  for t in ${EPOCH_TASKS:-sst2}; do
+    for item in ${EPOCH_LRS:-lora=1e-3}; do
+      m=${item%%=*}; lr=${item#*=}
+      case "$m" in deep-prompt|lora) ;; *) echo "EPOCH_LRS: $item: the method is deep-prompt or lora" >&2; exit 2 ;; esac
+      tag="suite_${t}_epoch_${m%%-*}${lr//-/}"
+      run_compare "$t" "$tag" --methods "$m" --curve 200,600,1500 --epochs 1 --seeds 0,1 --lr-sweep "$m=$lr" --init labels
+    done
+  done
+}
+
 levers() {  # the ablation's arms ahead of the plain deep prompt on TREC's dev at 200 steps, at the suite's budget
   for arm in ${LEVERS:-first memory cosine}; do
     case "$arm" in
@@ -101,7 +117,7 @@ report() {
       if [ -f "$f" ]; then files+=("$f"); break; fi
     done
   done
-  for f in "$OUT"/compare_suite_*_{n40,first,memory,cosine,epoch,epoch2,epoch_lora1e3,seeds}.json "$OUT"/compare_suite_*_full.json; do  # levers and anchors, where run
+  for f in "$OUT"/compare_suite_*_{n40,first,memory,cosine,epoch,epoch2,seeds}.json "$OUT"/compare_suite_*_epoch_*[0-9].json "$OUT"/compare_suite_*_full.json; do  # levers and anchors, where run
     if [ -f "$f" ]; then files+=("$f"); fi
   done
   for f in sst2-full sst2-deep-labels trec-full trec-deep-labels trec-deep trec-residual rte sst2-sizes; do
@@ -118,7 +134,8 @@ case "${1:-}" in
   length) length ;;
   levers) levers ;;
   epoch) epoch ;;
+  epoch-lr) epoch_lr ;;
   full) full ;;
   report) report ;;
-  *) echo "usage: benchmarks/suite.sh run|small|length|levers|epoch|full|report" >&2; exit 2 ;;
+  *) echo "usage: benchmarks/suite.sh run|small|length|levers|epoch|epoch-lr|full|report" >&2; exit 2 ;;
 esac

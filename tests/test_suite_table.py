@@ -193,9 +193,10 @@ def test_a_run_that_collapsed_to_one_label_is_named_and_left_out_of_the_second_m
     assert f"mean over 2 tasks: {statistics.mean([subj, both]):+.1f}; over the 1 without a collapsed run: {subj:+.1f}." in line
 
 
-def test_loras_lr_at_one_epoch_is_the_one_ahead_on_dev(results):
-    """Where LoRA also ran at lr 1e-3 over the epoch (``compare_suite_<task>_epoch_lora1e3.json``),
-    its cell is the lr with the higher mean dev accuracy, named; lower on dev, the epoch file's stays."""
+def test_each_methods_lr_at_one_epoch_is_the_one_ahead_on_dev(results):
+    """Where a method also ran over the epoch at another lr (``compare_suite_<task>_epoch_<method><lr>.json``),
+    its cell is the lr with the higher mean dev accuracy, and the choice is named either way; a
+    partial file at another lr is not a candidate."""
     base = epoch_doc("subj", EPOCH, 2000)
     for r in base["runs"]:
         r["lr"] = 0.03 if r["method"] == "deep-prompt" else 0.003
@@ -210,8 +211,19 @@ def test_loras_lr_at_one_epoch_is_the_one_ahead_on_dev(results):
         lora = [100 * (better if chosen else EPOCH)[("lora", s)] for s in (0, 1)]
         gap = statistics.mean(100 * EPOCH[("deep-prompt", s)] for s in (0, 1)) - statistics.mean(lora)
         assert f"against {statistics.mean(lora):.1f} ± {statistics.stdev(lora):.1f} (" in line
-        assert ("LoRA at lr 0.001, ahead of 0.003 on dev; " in line) == chosen
+        said = "LoRA at lr 0.001, ahead of 0.003 on dev; " if chosen else "LoRA at lr 0.003, ahead of 0.001 on dev; "
+        assert said in line and "deep prompt at lr" not in line
         assert f"mean over 1 task: {gap:+.1f}." in line
+    deep = epoch_doc("subj", {("deep-prompt", 0): 0.990, ("deep-prompt", 1): 0.980}, 2000)
+    for r in deep["runs"]:
+        r["lr"], r["curve"][-1]["dev_accuracy"] = 0.01, 0.9
+    (results / "compare_suite_subj_epoch_deep1e2.partial.json").write_text(json.dumps(deep))
+    assert "deep prompt at lr" not in next(x for x in ST.block(results).splitlines() if "One epoch" in x)
+    (results / "compare_suite_subj_epoch_deep1e2.json").write_text(json.dumps(deep))
+    line = next(x for x in ST.block(results).splitlines() if "One epoch" in x)
+    gap = statistics.mean([99.0, 98.0]) - statistics.mean(100 * EPOCH[("lora", s)] for s in (0, 1))
+    assert "Subj (900 steps) 98.5 ± 0.7 against " in line
+    assert f"(deep prompt at lr 0.01, ahead of 0.03 on dev; LoRA at lr 0.003, ahead of 0.001 on dev; {gap:+.1f})" in line
 
 
 @pytest.mark.parametrize("body", ["no markers at all\n", f"{ST.END}\nreversed\n{ST.START}\n"])

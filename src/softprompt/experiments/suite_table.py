@@ -11,8 +11,8 @@ a cell with no finished run says "running", never a number; the same files give 
 (no dates), so a test can hold README.md to it. Under the table, where ``benchmarks/suite.sh full``
 has run, one sentence gives full fine-tuning at the same budget and the best prompt kind's mean
 against it over those tasks (the stretch target); where ``benchmarks/suite.sh epoch`` has run,
-one sentence gives the deep prompt and LoRA at one epoch (LoRA at the lr ahead on dev where a second lr ran)
-and their mean difference. ``write_readme`` replaces only the text between
+one sentence gives the deep prompt and LoRA at one epoch (each at its lr ahead on dev where another lr
+ran: ``benchmarks/suite.sh epoch-lr``) and their mean difference. ``write_readme`` replaces only the text between
 the two markers, whole or not at all, and leaves the file as it was when a marker is missing.
 """
 
@@ -30,6 +30,7 @@ TASKS = {"sst2": "SST-2", "trec": "TREC", "mr": "MR", "subj": "Subj", "mpqa": "M
 METHODS = {"deep-prompt": "deep prompt", "lora": "LoRA", "prompt-tuning": "shallow prompt"}
 PROMPTS = ("deep-prompt", "prompt-tuning")
 STEP = 600  # the suite's last curve point
+EPOCH_METHODS = ("deep-prompt", "lora")  # the one-epoch point's methods
 START, END = "<!-- suite-table:start -->", "<!-- suite-table:end -->"
 
 
@@ -55,23 +56,31 @@ def load_full(results: Path) -> dict[str, dict]:
 
 def load_epoch(results: Path) -> dict[str, dict]:
     """The deep prompt and LoRA trained for one whole epoch (``compare_suite_<task>_epoch[.partial].json``:
-    ``benchmarks/suite.sh epoch``), per task where it ran; where LoRA also ran at lr 1e-3 over the epoch
-    (``compare_suite_<task>_epoch_lora1e3.json``), that document rides along as ``"lora_runs"``."""
+    ``benchmarks/suite.sh epoch``), per task where it ran; the same epoch at other lrs
+    (``compare_suite_<task>_epoch_<method><lr>.json``: ``benchmarks/suite.sh epoch-lr``) ride along,
+    finished ones only, as ``"other_lrs"``."""
     out = {t: d for t, d in load(results, "_epoch").items() if d is not None}
-    for t, alt in load(results, "_epoch_lora1e3").items():
-        if t in out and alt is not None:
-            out[t] = {**out[t], "lora_runs": alt}
+    for t in out:
+        others = [compare_report.read_json(p) for p in sorted(results.glob(f"compare_suite_{t}_epoch_*.json"))
+                  if not p.name.endswith(".partial.json")]
+        out[t] = {**out[t], "other_lrs": others}
     return out
 
 
-def _lora_on_dev(doc: dict, own: dict) -> tuple[dict, dict | None]:
-    """``own`` (the epoch document's LoRA cell), or the other lr's (``"lora_runs"``) where its mean dev
-    accuracy at the last point is higher: LoRA's lr chosen on dev; the second item is the other document when chosen."""
-    alt = doc.get("lora_runs")
-    other = cells(alt, ("lora",)).get("lora") if alt else None
-    if other is None or other["dev_mean"] <= own["dev_mean"]:
-        return own, None
-    return other, alt
+def _lrs(doc: dict, method: str) -> str:
+    return "/".join(f"{x:g}" for x in sorted({r["lr"] for r in doc["runs"] if r["method"] == method}))
+
+
+def on_dev(doc: dict, method: str) -> tuple[dict, dict, str]:
+    """The method's one-epoch cell at the lr with the highest mean dev accuracy at the last point,
+    among the epoch document and its ``"other_lrs"`` (the epoch document's on a tie), the document it
+    came from, and the choice in words ("" where one lr ran): its lr chosen on dev."""
+    found = [(c, d) for d in (doc, *doc.get("other_lrs", ())) if (c := cells(d, (method,)).get(method))]
+    cell, chosen = max(found, key=lambda x: x[0]["dev_mean"])  # max keeps the first of equals
+    if len(found) == 1:
+        return cell, chosen, ""
+    rest = ", ".join(_lrs(d, method) for _, d in found if d is not chosen)
+    return cell, chosen, f"{METHODS[method]} at lr {_lrs(chosen, method)}, ahead of {rest} on dev; "
 
 
 def load_auto(results: Path) -> dict[str, dict]:
@@ -197,21 +206,19 @@ def _epoch_line(epoch: dict[str, dict], docs: dict[str, dict | None]) -> str:
     runs that collapsed to one label named, the deep prompt's mean minus LoRA's over those tasks
     (and over the tasks without a collapsed run, where some have one), and the tasks without it
     ("" if none ran)."""
-    got, lora_doc, chose = {}, {}, {}
+    got, chosen, why = {}, {}, {}
     for t, d in epoch.items():
-        if len(cs := cells(d, ("deep-prompt", "lora"))) == 2:
-            cs["lora"], alt = _lora_on_dev(d, cs["lora"])
-            got[t], lora_doc[t] = cs, alt or d
-            if alt is not None:
-                lrs = [sorted({r["lr"] for r in x["runs"] if r["method"] == "lora"}) for x in (alt, d)]
-                chose[t] = f"LoRA at lr {'/'.join(f'{x:g}' for x in lrs[0])}, ahead of {'/'.join(f'{x:g}' for x in lrs[1])} on dev; "
+        if all(cells(d, (m,)) for m in EPOCH_METHODS):
+            picks = {m: on_dev(d, m) for m in EPOCH_METHODS}
+            got[t] = {m: p[0] for m, p in picks.items()}
+            chosen[t], why[t] = {m: p[1] for m, p in picks.items()}, "".join(p[2] for p in picks.values())
     if not got:
         return ""
     gaps = {t: 100 * (cs["deep-prompt"]["test_mean"] - cs["lora"]["test_mean"]) for t, cs in got.items()}
     broke = {t: [f"{METHODS[m]} seed {r['seed']} ({100 * r['test_accuracy']:.1f})"
-                 for m, doc in (("deep-prompt", epoch[t]), ("lora", lora_doc[t])) for r in collapsed(doc, m)] for t in got}
+                 for m, doc in chosen[t].items() for r in collapsed(doc, m)] for t in got}
     said = "; ".join(f"{TASKS[t]} ({cs['lora']['steps']:,} steps) {_mean_sd(cs['deep-prompt'])} against "
-                     f"{_mean_sd(cs['lora'])} ({chose.get(t, '')}{gaps[t]:+.1f}"
+                     f"{_mean_sd(cs['lora'])} ({why[t]}{gaps[t]:+.1f}"
                      + (f"; predicted one label for every test row: {', '.join(broke[t])}" if broke[t] else "") + ")"
                      for t, cs in got.items())
     clean = [g for t, g in gaps.items() if not broke[t]]

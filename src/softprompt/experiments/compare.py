@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -333,6 +333,15 @@ def run_all(ctx: Context, book: Journal | None, t_start: float,
     return runs
 
 
+def open_journal(path: Path, resume: bool, ctx: Context, task: str | None, data_cfg: DataConfig) -> Journal:
+    """The comparison's journal at ``path``, for these settings (model, task, data, compare, train, prompt)."""
+    settings = {"model": ctx.lm.fingerprint, "task": task, "data": data_cfg.to_dict(), "compare": ctx.ccfg.to_dict(),
+                "train": ctx.tcfg.to_dict(), "prompt": ctx.pcfg.to_dict()}
+    defaults = {"data": DataConfig().to_dict(), "compare": CompareConfig().to_dict(),
+                "train": TrainConfig().to_dict(), "prompt": PromptConfig().to_dict()}
+    return Journal(path, settings, resume, defaults)
+
+
 def run(
     lm: LoadedModel,
     data_cfg: DataConfig,
@@ -366,13 +375,7 @@ def run(
     ctx.hand_cfg = splits.cfg
     if {"zero-shot", "few-shot"} & set(ccfg.methods):
         choose_template(ctx)
-    book = None
-    if journal is not None:
-        settings = {"model": lm.fingerprint, "task": task, "data": data_cfg.to_dict(), "compare": ccfg.to_dict(),
-                    "train": ctx.tcfg.to_dict(), "prompt": ctx.pcfg.to_dict()}
-        defaults = {"data": DataConfig().to_dict(), "compare": CompareConfig().to_dict(),
-                    "train": TrainConfig().to_dict(), "prompt": PromptConfig().to_dict()}
-        book = Journal(journal, settings, resume, defaults)
+    book = open_journal(journal, resume, ctx, task, data_cfg) if journal is not None else None
 
     def document(runs: list[dict], unchanged: bool) -> dict:
         """The result document; its time counts the runs taken from the journal at the time they took."""
@@ -381,9 +384,10 @@ def run(
                          unchanged)
         return {**doc, "journal_runs": len(earlier)} if earlier else doc
 
-    def finished(runs: list[dict], planned: int) -> None:
+    def finished(runs: list[dict], planned: int) -> None:  # called only with a journal
         doc = document(runs, weights_digest(lm.model) == before)
-        write_json({**doc, **(label or {}), "partial": {"finished": len(runs), "planned": planned}}, partial_path(journal))
+        write_json({**doc, **(label or {}), "partial": {"finished": len(runs), "planned": planned}},
+                   partial_path(cast(Path, journal)))
 
     if book is not None and book.done:  # their document at once, not after the next run (hours on a CPU)
         ctx.say(f"resuming: {len(book.done)} finished runs taken from {journal}")

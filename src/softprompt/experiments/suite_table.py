@@ -73,14 +73,17 @@ def _lrs(doc: dict, method: str) -> str:
 
 def on_dev(doc: dict, method: str) -> tuple[dict, dict, str]:
     """The method's one-epoch cell at the lr with the highest mean dev accuracy at the last point,
-    among the epoch document and its ``"other_lrs"`` (the epoch document's on a tie), the document it
-    came from, and the choice in words ("" where one lr ran): its lr chosen on dev."""
+    among the epoch document and its ``"other_lrs"`` (the epoch document's on a tie, said so), the
+    document it came from, and the choice in words ("" where one lr ran): its lr chosen on dev."""
     found = [(c, d) for d in (doc, *doc.get("other_lrs", ())) if (c := cells(d, (method,)).get(method))]
-    cell, chosen = max(found, key=lambda x: x[0]["dev_mean"])  # max keeps the first of equals
+    cell, chosen = max(found, key=lambda x: round(x[0]["dev_mean"], 9))  # max keeps the first of equals
     if len(found) == 1:
         return cell, chosen, ""
-    rest = ", ".join(_lrs(d, method) for _, d in found if d is not chosen)
-    return cell, chosen, f"{METHODS[method]} at lr {_lrs(chosen, method)}, ahead of {rest} on dev; "
+    others = [(abs(c["dev_mean"] - cell["dev_mean"]) < 1e-9, _lrs(d, method)) for c, d in found if d is not chosen]
+    ahead, tied = ([lr for t, lr in others if t == want] for want in (False, True))
+    said = " and ".join([f"ahead of {', '.join(ahead)}"] * bool(ahead) + [f"tied with {', '.join(tied)}"] * bool(tied))
+    kept = " (the epoch run's lr kept on a tie)" if tied else ""
+    return cell, chosen, f"{METHODS[method]} at lr {_lrs(chosen, method)}, {said} on dev{kept}; "
 
 
 def load_auto(results: Path) -> dict[str, dict]:

@@ -228,7 +228,7 @@ def test_each_methods_lr_at_one_epoch_is_the_one_ahead_on_dev(results):
         r["curve"][-1]["dev_accuracy"] = 0.75 if r["seed"] == 0 else 0.65
     (results / "compare_suite_subj_epoch_deep1e2.json").write_text(json.dumps(deep))
     line = next(x for x in ST.block(results).splitlines() if "One epoch" in x)
-    assert "deep prompt at lr 0.03, tied with 0.01 on dev (the epoch run's lr kept on a tie); " in line
+    assert "deep prompt at lr 0.03, tied with 0.01 on dev, the epoch run's lr kept; " in line
     assert f"Subj (900 steps) {statistics.mean(100 * EPOCH[('deep-prompt', s)] for s in (0, 1)):.1f} ± " in line
 
 

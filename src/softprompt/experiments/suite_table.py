@@ -82,7 +82,7 @@ def on_dev(doc: dict, method: str) -> tuple[dict, dict, str]:
     others = [(abs(c["dev_mean"] - cell["dev_mean"]) < 1e-9, _lrs(d, method)) for c, d in found if d is not chosen]
     ahead, tied = ([lr for t, lr in others if t == want] for want in (False, True))
     said = " and ".join([f"ahead of {', '.join(ahead)}"] * bool(ahead) + [f"tied with {', '.join(tied)}"] * bool(tied))
-    kept = " (the epoch run's lr kept on a tie)" if tied else ""
+    kept = ", the epoch run's lr kept" if tied else ""
     return cell, chosen, f"{METHODS[method]} at lr {_lrs(chosen, method)}, {said} on dev{kept}; "
 
 

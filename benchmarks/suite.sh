@@ -13,6 +13,9 @@
 #                                 # (default trec agnews, the many-way tasks): compare_suite_<task>_n40.*
 #   benchmarks/suite.sh levers    # the deep prompt with one lever at the suite's budget, each of LEVERS (default
 #                                 # first memory cosine) on LEVER_TASKS (default trec): compare_suite_<task>_<lever>.*
+#   benchmarks/suite.sh lr        # the suite's budget at another lr per method (LRS, default "deep-prompt=1e-2 lora=1e-3")
+#                                 # on LR_TASKS (default trec): compare_suite_<task>_lr_<method><lr>.*; the README's
+#                                 # table takes each method's lr ahead on dev
 #   benchmarks/suite.sh epoch     # the deep prompt and LoRA with a third curve point at one epoch (at most 1,500
 #                                 # steps; the schedule spans it) on EPOCH_TASKS (default sst2): compare_suite_<task>_epoch.*;
 #                                 # EPOCHS=2 makes it two epochs (at most 1,500 steps): compare_suite_<task>_epoch2.*
@@ -72,6 +75,19 @@ epoch() {  # the learning curve's third point: a whole epoch (at most 1,500 step
   done
 }
 
+lr() {  # the suite's budget at other lrs, one method each (LRS, default "deep-prompt=1e-2 lora=1e-3") on LR_TASKS
+  # (default trec): the README's table takes each method's lr ahead on dev; tag compare_suite_<task>_lr_<method><lr>
+  local m lr tag
+  for t in ${LR_TASKS:-trec}; do
+    for item in ${LRS:-deep-prompt=1e-2 lora=1e-3}; do
+      m=${item%%=*}; lr=${item#*=}
+      case "$m" in deep-prompt|lora|prompt-tuning) ;; *) echo "LRS: $item: the method is deep-prompt, lora or prompt-tuning" >&2; exit 2 ;; esac
+      tag="suite_${t}_lr_${m%%-*}${lr//-/}"
+      run_compare "$t" "$tag" --methods "$m" --curve 200,600 --epochs 1 --seeds 0,1 --lr-sweep "$m=$lr" --init labels
+    done
+  done
+}
+
 epoch_lr() {  # the one-epoch point at other lrs, one method each (EPOCH_LRS, default lora=1e-3): the README's
   # one-epoch sentence takes each method's lr ahead on dev; tag compare_suite_<task>_epoch_<method><lr>
   # (deep-prompt=1e-2 -> suite_<task>_epoch_deep1e2)
@@ -117,7 +133,7 @@ report() {
       if [ -f "$f" ]; then files+=("$f"); break; fi
     done
   done
-  for f in "$OUT"/compare_suite_*_{n40,first,memory,cosine,epoch,epoch2,seeds}.json "$OUT"/compare_suite_*_epoch_*[0-9].json "$OUT"/compare_suite_*_full.json; do  # levers and anchors, where run
+  for f in "$OUT"/compare_suite_*_{n40,first,memory,cosine,epoch,epoch2,seeds}.json "$OUT"/compare_suite_*_epoch_*[0-9].json "$OUT"/compare_suite_*_lr_*[0-9].json "$OUT"/compare_suite_*_full.json; do  # levers and anchors, where run
     if [ -f "$f" ]; then files+=("$f"); fi
   done
   for f in sst2-full sst2-deep-labels trec-full trec-deep-labels trec-deep trec-residual rte sst2-sizes; do
@@ -135,7 +151,8 @@ case "${1:-}" in
   levers) levers ;;
   epoch) epoch ;;
   epoch-lr) epoch_lr ;;
+  lr) lr ;;
   full) full ;;
   report) report ;;
-  *) echo "usage: benchmarks/suite.sh run|small|length|levers|epoch|epoch-lr|full|report" >&2; exit 2 ;;
+  *) echo "usage: benchmarks/suite.sh run|small|length|levers|lr|epoch|epoch-lr|full|report" >&2; exit 2 ;;
 esac

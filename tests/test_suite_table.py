@@ -232,6 +232,31 @@ def test_each_methods_lr_at_one_epoch_is_the_one_ahead_on_dev(results):
     assert f"Subj (900 steps) {statistics.mean(100 * EPOCH[('deep-prompt', s)] for s in (0, 1)):.1f} ± " in line
 
 
+def test_the_tables_cells_take_each_methods_lr_ahead_on_dev_at_step_600(results):
+    """Where a method also ran the suite's budget at another lr (``compare_suite_<task>_lr_<method><lr>.json``),
+    its cell, the gap and the means take the lr with the higher mean dev accuracy at step 600, and
+    one sentence names every choice; lower on dev, the cell stays and the sentence says so."""
+    base = json.loads((results / "compare_suite_trec.json").read_text())
+    for r in base["runs"]:
+        r["lr"] = {"deep-prompt": 0.03, "lora": 0.003, "prompt-tuning": 0.3}[r["method"]]
+    (results / "compare_suite_trec.json").write_text(json.dumps(base))
+    assert "Learning rates at step 600" not in ST.block(results)
+    alt = doc("trec", {("deep-prompt", 0): (0.5, 0.974), ("deep-prompt", 1): (0.5, 0.968)}, 500)
+    for dev, chosen in ((0.7, True), (0.5, False)):
+        for r in alt["runs"]:
+            r["lr"], r["curve"][-1]["dev_accuracy"] = 0.01, dev
+        (results / "compare_suite_trec_lr_deep1e2.json").write_text(json.dumps(alt))
+        text = ST.block(results)
+        deep = [97.4, 96.8] if chosen else pts("deep-prompt", TREC)
+        row = cells(text)["TREC"]
+        assert row[0] == f"{statistics.mean(deep):.1f} ± {statistics.stdev(deep):.1f}"
+        assert row[5] == f"{statistics.mean(deep) - statistics.mean(pts('lora', TREC)):+.1f} (deep prompt)"
+        said = "deep prompt at lr 0.01, ahead of 0.03 on dev" if chosen else "deep prompt at lr 0.03, ahead of 0.01 on dev"
+        assert f"(`compare_suite_<task>_lr_<method><lr>.json`; the cells above take the choice): TREC: {said}." in text
+    (results / "compare_suite_trec_lr_lora1e3.partial.json").write_text(json.dumps(alt))  # unfinished: no candidate
+    assert "LoRA at lr" not in ST.block(results)
+
+
 @pytest.mark.parametrize("body", ["no markers at all\n", f"{ST.END}\nreversed\n{ST.START}\n"])
 def test_without_markers_the_readme_is_left_as_it_was(results, tmp_path, body, capsys):
     readme = tmp_path / "README.md"

@@ -10,7 +10,8 @@ over the tasks that have LoRA and a prompt kind, and one sentence saying which r
 a cell with no finished run says "running", never a number; the same files give the same text
 (no dates), so a test can hold README.md to it. Under the table, where ``benchmarks/suite.sh full``
 has run, one sentence gives full fine-tuning at the same budget and the best prompt kind's mean
-against it over those tasks (the stretch target); where ``benchmarks/suite.sh epoch`` has run,
+against it over those tasks (the stretch target); where ``benchmarks/suite.sh lr`` ran a method
+at another lr, its cell takes the lr ahead on dev and one sentence names the choices; where ``benchmarks/suite.sh epoch`` has run,
 one sentence gives the deep prompt and LoRA at one epoch (each at its lr ahead on dev where another lr
 ran: ``benchmarks/suite.sh epoch-lr``) and their mean difference. ``write_readme`` replaces only the text between
 the two markers, whole or not at all, and leaves the file as it was when a marker is missing.
@@ -54,35 +55,43 @@ def load_full(results: Path) -> dict[str, dict]:
     return {t: d for t, d in load(results, "_full").items() if d is not None}
 
 
+def other_lrs(results: Path, stem: str) -> list[dict]:
+    """The finished documents of a suite run's task at other lrs (``compare_<stem>_<method><lr>.json``), sorted by name."""
+    return [compare_report.read_json(p) for p in sorted(results.glob(f"compare_{stem}_*.json"))
+            if not p.name.endswith(".partial.json")]
+
+
+def load_lrs(results: Path) -> dict[str, list[dict]]:
+    """Per task, the suite's budget at other lrs, one method each (``compare_suite_<task>_lr_<method><lr>.json``:
+    ``benchmarks/suite.sh lr``): the table takes each method's lr ahead on dev."""
+    return {t: others for t in TASKS if (others := other_lrs(results, f"suite_{t}_lr"))}
+
+
 def load_epoch(results: Path) -> dict[str, dict]:
     """The deep prompt and LoRA trained for one whole epoch (``compare_suite_<task>_epoch[.partial].json``:
     ``benchmarks/suite.sh epoch``), per task where it ran; the same epoch at other lrs
     (``compare_suite_<task>_epoch_<method><lr>.json``: ``benchmarks/suite.sh epoch-lr``) ride along,
     finished ones only, as ``"other_lrs"``."""
-    out = {t: d for t, d in load(results, "_epoch").items() if d is not None}
-    for t in out:
-        others = [compare_report.read_json(p) for p in sorted(results.glob(f"compare_suite_{t}_epoch_*.json"))
-                  if not p.name.endswith(".partial.json")]
-        out[t] = {**out[t], "other_lrs": others}
-    return out
+    return {t: {**d, "other_lrs": other_lrs(results, f"suite_{t}_epoch")}
+            for t, d in load(results, "_epoch").items() if d is not None}
 
 
 def _lrs(doc: dict, method: str) -> str:
     return "/".join(f"{x:g}" for x in sorted({r["lr"] for r in doc["runs"] if r["method"] == method}))
 
 
-def on_dev(doc: dict, method: str) -> tuple[dict, dict, str]:
-    """The method's one-epoch cell at the lr with the highest mean dev accuracy at the last point,
-    among the epoch document and its ``"other_lrs"`` (the epoch document's on a tie, said so), the
-    document it came from, and the choice in words ("" where one lr ran): its lr chosen on dev."""
-    found = [(c, d) for d in (doc, *doc.get("other_lrs", ())) if (c := cells(d, (method,)).get(method))]
+def on_dev(docs: list[dict], method: str, base: str) -> tuple[dict, dict, str]:
+    """The method's cell at the lr with the highest mean dev accuracy at the last point among
+    ``docs`` (the first, ``base``'s, on a tie, said so), the document it came from, and the choice
+    in words ("" where one lr ran): its lr chosen on dev."""
+    found = [(c, d) for d in docs if (c := cells(d, (method,)).get(method))]
     cell, chosen = max(found, key=lambda x: round(x[0]["dev_mean"], 9))  # max keeps the first of equals
     if len(found) == 1:
         return cell, chosen, ""
     others = [(abs(c["dev_mean"] - cell["dev_mean"]) < 1e-9, _lrs(d, method)) for c, d in found if d is not chosen]
     ahead, tied = ([lr for t, lr in others if t == want] for want in (False, True))
     said = " and ".join([f"ahead of {', '.join(ahead)}"] * bool(ahead) + [f"tied with {', '.join(tied)}"] * bool(tied))
-    kept = ", the epoch run's lr kept" if tied else ""
+    kept = f", {base}'s lr kept" if tied else ""
     return cell, chosen, f"{METHODS[method]} at lr {_lrs(chosen, method)}, {said} on dev{kept}; "
 
 
@@ -141,11 +150,22 @@ def _auto(a: dict | None, cs: dict[str, dict]) -> tuple[str, float | None]:
     return f"{text}, {diff:+.1f}", diff
 
 
-def _row(task: str, doc: dict | None, auto: dict | None = None) -> tuple[str, dict[str, dict]]:
+def suite_cells(doc: dict, others: list[dict]) -> tuple[dict[str, dict], str]:
+    """The suite run's cells, each method's at its lr ahead on dev where ``others`` (``load_lrs``)
+    ran it at another, and those choices in words ("" where none ran)."""
+    cs, said = cells(doc), ""
+    for m in [m for m in METHODS if m in cs and any(r["method"] == m for o in others for r in o["runs"])]:
+        cs[m], _, words = on_dev([doc, *others], m, "the suite run")
+        said += words
+    return cs, said
+
+
+def _row(task: str, doc: dict | None, auto: dict | None = None, others: list[dict] | None = None
+         ) -> tuple[str, dict[str, dict]]:
     """One task's table row and its cells (empty when no run has finished)."""
     if doc is None:
         return f"| {TASKS[task]} | running | running | running | - | - | - | {_auto(auto, {})[0]} |", {}
-    cs, n = cells(doc), doc["data"]["test"]
+    cs, n = suite_cells(doc, others or [])[0], doc["data"]["test"]
     running = bool(doc.get("partial"))
     seeds = " / ".join(str(cs[m]["seeds"]) if m in cs else "0" for m in METHODS)
     se = compare_curve.binomial_se(statistics.mean(c["test_mean"] for c in cs.values()), n) if cs else None
@@ -212,7 +232,7 @@ def _epoch_line(epoch: dict[str, dict], docs: dict[str, dict | None]) -> str:
     got, chosen, why = {}, {}, {}
     for t, d in epoch.items():
         if all(cells(d, (m,)) for m in EPOCH_METHODS):
-            picks = {m: on_dev(d, m) for m in EPOCH_METHODS}
+            picks = {m: on_dev([d, *d["other_lrs"]], m, "the epoch run") for m in EPOCH_METHODS}
             got[t] = {m: p[0] for m, p in picks.items()}
             chosen[t], why[t] = {m: p[1] for m, p in picks.items()}, "".join(p[2] for p in picks.values())
     if not got:
@@ -237,6 +257,16 @@ def _epoch_line(epoch: dict[str, dict], docs: dict[str, dict | None]) -> str:
             + (f" No one-epoch run: {', '.join(rest)}." if rest else ""))
 
 
+def _lr_line(docs: dict[str, dict | None], lrs: dict[str, list[dict]]) -> str:
+    """Which lr each method's cell took where another lr ran at the suite's budget ("" where none did)."""
+    said = {t: words for t, d in docs.items() if d is not None and (words := suite_cells(d, lrs.get(t, []))[1])}
+    if not said:
+        return ""
+    return (f"Learning rates at step {STEP} chosen on dev where a method also ran at another lr "
+            f"(`compare_suite_<task>_lr_<method><lr>.json`; the cells above take the choice): "
+            + "; ".join(f"{TASKS[t]}: {w.removesuffix('; ')}" for t, w in said.items()) + ".")
+
+
 def _status(docs: dict[str, dict | None]) -> str:
     """The generated sentence: which tasks are finished, partial (runs so far) or without a run."""
     done = [f"{TASKS[t]} ({len(d['runs'])} runs)" for t, d in docs.items() if d is not None and not d.get("partial")]
@@ -250,12 +280,13 @@ def _status(docs: dict[str, dict | None]) -> str:
 
 
 def render(docs: dict[str, dict | None], auto: dict[str, dict] | None = None,
-           full: dict[str, dict] | None = None, epoch: dict[str, dict] | None = None) -> str:
-    """The table, the full fine-tuning and one-epoch sentences where they ran, and the status
+           full: dict[str, dict] | None = None, epoch: dict[str, dict] | None = None,
+           lrs: dict[str, list[dict]] | None = None) -> str:
+    """The table, the lr, full fine-tuning and one-epoch sentences where they ran, and the status
     sentence (Markdown, no trailing newline); ``auto``: ``load_auto``; ``full``: ``load_full``;
-    ``epoch``: ``load_epoch``."""
-    auto = auto or {}
-    rows = [_row(t, docs.get(t), auto.get(t)) for t in TASKS]
+    ``epoch``: ``load_epoch``; ``lrs``: ``load_lrs``."""
+    auto, lrs = auto or {}, lrs or {}
+    rows = [_row(t, docs.get(t), auto.get(t), lrs.get(t)) for t in TASKS]
     diffs = [d for t, (_, cs) in zip(TASKS, rows) if (d := _auto(auto.get(t), cs)[1]) is not None]
     head = [
         "| task | deep prompt | LoRA | shallow prompt | seeds (deep / LoRA / shallow) | test SE | best prompt minus LoRA "
@@ -264,7 +295,8 @@ def render(docs: dict[str, dict | None], auto: dict[str, dict] | None = None,
     ]
     return "\n".join([
         "<!-- generated by benchmarks/suite.sh report from benchmarks/results/compare_suite_<task>.json "
-        "(else .partial.json), compare_suite_<task>_full.json, compare_suite_<task>_epoch[_<method><lr>].json and auto_suite.json; "
+        "(else .partial.json) and _lr_<method><lr>.json, compare_suite_<task>_full.json, "
+        "compare_suite_<task>_epoch[_<method><lr>].json and auto_suite.json; "
         "do not edit by hand -->",
         f"Test accuracy (%) at step {STEP}, mean ± sd over the seeds that finished (one seed: its value); "
         "test SE: the test set's binomial standard error at the row's mean accuracy; differences in "
@@ -276,6 +308,7 @@ def render(docs: dict[str, dict | None], auto: dict[str, dict] | None = None,
         *[r for r, _ in rows],
         _mean_row([cs for _, cs in rows], diffs),
         "",
+        *([line, ""] if (line := _lr_line(docs, lrs)) else []),
         *([line, ""] if (line := _full_line(full or {}, dict(zip(TASKS, (cs for _, cs in rows))))) else []),
         *([line, ""] if (line := _epoch_line(epoch or {}, docs)) else []),
         _status(docs),
@@ -298,7 +331,7 @@ def generated_block(text: str) -> str | None:
 
 def block(results: Path) -> str:
     """The README block the result files in ``results`` give (``render`` of every loader)."""
-    return render(load(results), load_auto(results), load_full(results), load_epoch(results))
+    return render(load(results), load_auto(results), load_full(results), load_epoch(results), load_lrs(results))
 
 
 def write_readme(readme: Path, results: Path) -> Path:

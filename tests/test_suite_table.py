@@ -255,6 +255,11 @@ def test_the_tables_cells_take_each_methods_lr_ahead_on_dev_at_step_600(results)
         assert f"(`compare_suite_<task>_lr_<method><lr>.json`; the cells above take the choice): TREC: {said}." in text
     (results / "compare_suite_trec_lr_lora1e3.partial.json").write_text(json.dumps(alt))  # unfinished: no candidate
     assert "LoRA at lr" not in ST.block(results)
+    short = doc("trec", {("lora", 0): (0.99, 0.99), ("lora", 1): (0.99, 0.99)}, 500)
+    for r in short["runs"]:  # a higher dev accuracy, but its last point is step 400: another budget
+        r["lr"], r["curve"] = 0.001, [{**r["curve"][0], "steps": 400, "dev_accuracy": 0.9}]
+    (results / "compare_suite_trec_lr_lora1e3.json").write_text(json.dumps(short))
+    assert "LoRA at lr" not in ST.block(results) and cells(ST.block(results))["TREC"][1] == "96.8 ± 0.6"
 
 
 @pytest.mark.parametrize("body", ["no markers at all\n", f"{ST.END}\nreversed\n{ST.START}\n"])

@@ -82,9 +82,11 @@ def _lrs(doc: dict, method: str) -> str:
 
 def on_dev(docs: list[dict], method: str, base: str) -> tuple[dict, dict, str]:
     """The method's cell at the lr with the highest mean dev accuracy at the last point among
-    ``docs`` (the first, ``base``'s, on a tie, said so), the document it came from, and the choice
-    in words ("" where one lr ran): its lr chosen on dev."""
+    ``docs`` (the first, ``base``'s, on a tie, said so; a document whose last point is at another
+    step count is no candidate), the document it came from, and the choice in words ("" where one
+    lr ran): its lr chosen on dev."""
     found = [(c, d) for d in docs if (c := cells(d, (method,)).get(method))]
+    found = [(c, d) for c, d in found if c["steps"] == found[0][0]["steps"]]
     cell, chosen = max(found, key=lambda x: round(x[0]["dev_mean"], 9))  # max keeps the first of equals
     if len(found) == 1:
         return cell, chosen, ""
@@ -232,7 +234,7 @@ def _epoch_line(epoch: dict[str, dict], docs: dict[str, dict | None]) -> str:
     got, chosen, why = {}, {}, {}
     for t, d in epoch.items():
         if all(cells(d, (m,)) for m in EPOCH_METHODS):
-            picks = {m: on_dev([d, *d["other_lrs"]], m, "the epoch run") for m in EPOCH_METHODS}
+            picks = {m: on_dev([d, *d.get("other_lrs", ())], m, "the epoch run") for m in EPOCH_METHODS}
             got[t] = {m: p[0] for m, p in picks.items()}
             chosen[t], why[t] = {m: p[1] for m, p in picks.items()}, "".join(p[2] for p in picks.values())
     if not got:

@@ -75,31 +75,26 @@ epoch() {  # the learning curve's third point: a whole epoch (at most 1,500 step
   done
 }
 
-lr() {  # the suite's budget at other lrs, one method each (LRS, default "deep-prompt=1e-2 lora=1e-3") on LR_TASKS
-  # (default trec): the README's table takes each method's lr ahead on dev; tag compare_suite_<task>_lr_<method><lr>
-  local m lr tag
-  for t in ${LR_TASKS:-trec}; do
-    for item in ${LRS:-deep-prompt=1e-2 lora=1e-3}; do
+other_lrs() {  # $1 tag infix (lr, epoch), $2 tasks, $3 "method=lr" items, $4 the variable's name, $5 its methods, then compare's
+  # budget flags: each method again at each lr, tag compare_suite_<task>_<infix>_<method><lr>
+  # (deep-prompt=1e-2 -> suite_<task>_<infix>_deep1e2); the README takes each method's lr ahead on dev
+  local infix=$1 tasks=$2 items=$3 var=$4 methods=$5 m lr
+  shift 5
+  for t in $tasks; do
+    for item in $items; do
       m=${item%%=*}; lr=${item#*=}
-      case "$m" in deep-prompt|lora|prompt-tuning) ;; *) echo "LRS: $item: the method is deep-prompt, lora or prompt-tuning" >&2; exit 2 ;; esac
-      tag="suite_${t}_lr_${m%%-*}${lr//-/}"
-      run_compare "$t" "$tag" --methods "$m" --curve 200,600 --epochs 1 --seeds 0,1 --lr-sweep "$m=$lr" --init labels
+      if [[ " $methods " != *" $m "* ]]; then echo "$var: $item: the method is one of: $methods" >&2; exit 2; fi
+      run_compare "$t" "suite_${t}_${infix}_${m%%-*}${lr//-/}" --methods "$m" "$@" --seeds 0,1 --lr-sweep "$m=$lr" --init labels
     done
   done
 }
 
-epoch_lr() {  # the one-epoch point at other lrs, one method each (EPOCH_LRS, default lora=1e-3): the README's
-  # one-epoch sentence takes each method's lr ahead on dev; tag compare_suite_<task>_epoch_<method><lr>
-  # (deep-prompt=1e-2 -> suite_<task>_epoch_deep1e2)
-  local m lr tag
-  for t in ${EPOCH_TASKS:-sst2}; do
-    for item in ${EPOCH_LRS:-lora=1e-3}; do
-      m=${item%%=*}; lr=${item#*=}
-      case "$m" in deep-prompt|lora) ;; *) echo "EPOCH_LRS: $item: the method is deep-prompt or lora" >&2; exit 2 ;; esac
-      tag="suite_${t}_epoch_${m%%-*}${lr//-/}"
-      run_compare "$t" "$tag" --methods "$m" --curve 200,600,1500 --epochs 1 --seeds 0,1 --lr-sweep "$m=$lr" --init labels
-    done
-  done
+lr() {  # the suite's budget at other lrs (LRS, default "deep-prompt=1e-2 lora=1e-3") on LR_TASKS (default trec)
+  other_lrs lr "${LR_TASKS:-trec}" "${LRS:-deep-prompt=1e-2 lora=1e-3}" LRS "deep-prompt lora prompt-tuning" --curve 200,600 --epochs 1
+}
+
+epoch_lr() {  # the one-epoch point at other lrs (EPOCH_LRS, default lora=1e-3) on EPOCH_TASKS (default sst2)
+  other_lrs epoch "${EPOCH_TASKS:-sst2}" "${EPOCH_LRS:-lora=1e-3}" EPOCH_LRS "deep-prompt lora" --curve 200,600,1500 --epochs 1
 }
 
 levers() {  # the ablation's arms ahead of the plain deep prompt on TREC's dev at 200 steps, at the suite's budget

@@ -87,10 +87,13 @@ def on_dev(docs: list[dict], method: str, base: str) -> tuple[dict, dict, str]:
     lr ran): its lr chosen on dev."""
     found = [(c, d) for d in docs if (c := cells(d, (method,)).get(method))]
     found = [(c, d) for c, d in found if c["steps"] == found[0][0]["steps"]]
-    cell, chosen = max(found, key=lambda x: round(x[0]["dev_mean"], 9))  # max keeps the first of equals
+    def dev(c: dict) -> float:  # one rounding for the choice and the tie, so they cannot disagree
+        return round(c["dev_mean"], 9)
+
+    cell, chosen = max(found, key=lambda x: dev(x[0]))  # max keeps the first of equals
     if len(found) == 1:
         return cell, chosen, ""
-    others = [(abs(c["dev_mean"] - cell["dev_mean"]) < 1e-9, _lrs(d, method)) for c, d in found if d is not chosen]
+    others = [(dev(c) == dev(cell), _lrs(d, method)) for c, d in found if d is not chosen]
     ahead, tied = ([lr for t, lr in others if t == want] for want in (False, True))
     said = " and ".join([f"ahead of {', '.join(ahead)}"] * bool(ahead) + [f"tied with {', '.join(tied)}"] * bool(tied))
     kept = f", {base}'s lr kept" if tied else ""
@@ -162,12 +165,13 @@ def suite_cells(doc: dict, others: list[dict]) -> tuple[dict[str, dict], str]:
     return cs, said
 
 
-def _row(task: str, doc: dict | None, auto: dict | None = None, others: list[dict] | None = None
+def _row(task: str, doc: dict | None, auto: dict | None = None, cs: dict[str, dict] | None = None
          ) -> tuple[str, dict[str, dict]]:
-    """One task's table row and its cells (empty when no run has finished)."""
+    """One task's table row and its cells (empty when no run has finished); ``cs``: the cells
+    (``suite_cells``), else the document's own."""
     if doc is None:
         return f"| {TASKS[task]} | running | running | running | - | - | - | {_auto(auto, {})[0]} |", {}
-    cs, n = suite_cells(doc, others or [])[0], doc["data"]["test"]
+    cs, n = cells(doc) if cs is None else cs, doc["data"]["test"]
     running = bool(doc.get("partial"))
     seeds = " / ".join(str(cs[m]["seeds"]) if m in cs else "0" for m in METHODS)
     se = compare_curve.binomial_se(statistics.mean(c["test_mean"] for c in cs.values()), n) if cs else None
@@ -259,9 +263,10 @@ def _epoch_line(epoch: dict[str, dict], docs: dict[str, dict | None]) -> str:
             + (f" No one-epoch run: {', '.join(rest)}." if rest else ""))
 
 
-def _lr_line(docs: dict[str, dict | None], lrs: dict[str, list[dict]]) -> str:
-    """Which lr each method's cell took where another lr ran at the suite's budget ("" where none did)."""
-    said = {t: words for t, d in docs.items() if d is not None and (words := suite_cells(d, lrs.get(t, []))[1])}
+def _lr_line(said: dict[str, str]) -> str:
+    """Which lr each method's cell took where another lr ran at the suite's budget (``suite_cells``'
+    words per task; "" where none did)."""
+    said = {t: w for t, w in said.items() if w}
     if not said:
         return ""
     return (f"Learning rates at step {STEP} chosen on dev where a method also ran at another lr "
@@ -288,7 +293,8 @@ def render(docs: dict[str, dict | None], auto: dict[str, dict] | None = None,
     sentence (Markdown, no trailing newline); ``auto``: ``load_auto``; ``full``: ``load_full``;
     ``epoch``: ``load_epoch``; ``lrs``: ``load_lrs``."""
     auto, lrs = auto or {}, lrs or {}
-    rows = [_row(t, docs.get(t), auto.get(t), lrs.get(t)) for t in TASKS]
+    picked = {t: suite_cells(d, lrs.get(t, [])) for t, d in docs.items() if d is not None}
+    rows = [_row(t, docs.get(t), auto.get(t), picked[t][0] if t in picked else None) for t in TASKS]
     diffs = [d for t, (_, cs) in zip(TASKS, rows) if (d := _auto(auto.get(t), cs)[1]) is not None]
     head = [
         "| task | deep prompt | LoRA | shallow prompt | seeds (deep / LoRA / shallow) | test SE | best prompt minus LoRA "
@@ -310,7 +316,7 @@ def render(docs: dict[str, dict | None], auto: dict[str, dict] | None = None,
         *[r for r, _ in rows],
         _mean_row([cs for _, cs in rows], diffs),
         "",
-        *([line, ""] if (line := _lr_line(docs, lrs)) else []),
+        *([line, ""] if (line := _lr_line({t: p[1] for t, p in picked.items()})) else []),
         *([line, ""] if (line := _full_line(full or {}, dict(zip(TASKS, (cs for _, cs in rows))))) else []),
         *([line, ""] if (line := _epoch_line(epoch or {}, docs)) else []),
         _status(docs),

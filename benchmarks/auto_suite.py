@@ -17,7 +17,8 @@ rerun continues where the last one stopped; the JSON and Markdown are rewritten 
     python benchmarks/auto_suite.py                      # every suite task with a result, seeds 0,1
     python benchmarks/auto_suite.py --tasks trec --seeds 0
     python benchmarks/auto_suite.py --quick              # tiny model, a synthetic task, seconds
-    python benchmarks/auto_suite.py --render             # the Markdown from the committed JSON
+    python benchmarks/auto_suite.py --render             # the committed runs against the suite's cells now:
+                                                         # JSON and Markdown (benchmarks/suite.sh report)
     python benchmarks/auto_suite.py --tasks subj --precision fp32   # the same, trained in float32 as the
                                                          # suite trains: auto_suite_fp32.json/.md
 
@@ -133,21 +134,22 @@ def journal_rows(path: Path) -> list[dict]:
 
 
 def summarize(rows: list[dict], results: Path, tasks: list[str]) -> list[dict]:
-    """Per task: auto's runs against the suite's cells at its last step (``suite_table.cells``)."""
+    """Per task: auto's runs against the suite's cells at its last step, each method's at its lr
+    chosen on dev where the suite ran another (``suite_table.suite_cells``: the README's cells)."""
     from softprompt.experiments import suite_table
 
-    out = []
+    out, lrs = [], suite_table.load_lrs(results)
     for task in tasks:
         mine = [r for r in rows if r["task"] == task]
         doc = suite_doc(results, task)
         if not mine or doc is None:
             continue
-        cs = suite_table.cells(doc)
+        cs, lr_choice = suite_table.suite_cells(doc, lrs.get(task, []))
         best = suite_table.best_prompt(cs)
         accs = [100 * r["test_accuracy"] for r in mine]
         row = {"task": task, "auto_mean": statistics.fmean(accs),
                "auto_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0, "auto_seeds": [r["seed"] for r in mine],
-               "suite_partial": bool(doc.get("partial")), "suite": {m: {k: cs[m][k] for k in ("test_mean", "test_std", "seeds", "steps")}
+               "suite_partial": bool(doc.get("partial")), "lr_choice": lr_choice.rstrip("; "), "suite": {m: {k: cs[m][k] for k in ("test_mean", "test_std", "seeds", "steps")}
                                                                      for m in cs}}
         if best is not None:
             gap = row["auto_mean"] - 100 * cs[best]["test_mean"]
@@ -180,12 +182,15 @@ def markdown(res: dict) -> str:
              f"{s['minus_best']:+.1f} ({suite_table.METHODS[s['best']]})" if "best" in s else "-",
              ("met" if s["met"] else "not met") if "best" in s else "-"] for s in res["summary"]]
     flags = "".join(f" {f}" for f in res.get("flags", []))
+    chosen = [f"{suite_table.TASKS.get(s['task'], s['task'])}: {s['lr_choice']}" for s in res["summary"] if s.get("lr_choice")]
+    lr_words = f": {'; '.join(chosen)}" if chosen else ""
     return f"""# {res['benchmark']}: `softprompt train` with no method flags{flags and ' but' + flags} on the suite's tasks{' (--quick)' if res['quick'] else ''}
 
 Each run is `softprompt train --task T --name T-sS --seed S{flags}` (`--kind auto`, its own budget and
 precision: {', '.join(sorted({str(r['precision']) for r in res['runs']}))}), scored as the suite scores its
-methods (the suite's test rows, float32). The suite's cells are its methods at its last step, mean ±
-sd over seeds (the count in brackets), float32 training. Under bf16 the loss takes float32
+methods (the suite's test rows, float32). The suite's cells are its methods at its last step, each at
+its lr chosen on dev where the suite ran it at another (the README's cells{lr_words}), mean ± sd over
+seeds (the count in brackets), float32 training. Under bf16 the loss takes float32
 vocabulary logits (``precision.logits_context``); runs from before took autocast's bf16 ones: the
 runs table gives each run's logits and CPU. Its `softprompt eval` column is what a user sees: the
 stored prompt scored by `softprompt eval --task T` at its default `--dtype auto` (the model in the
@@ -212,8 +217,11 @@ def main() -> None:
     common.output_flags(ap)
     a = ap.parse_args()
     name, flags = (NAME, []) if a.precision is None else (f"{NAME}_{a.precision}", ["--precision", a.precision])
-    if a.render:
-        return common.render(name, markdown)
+    if a.render:  # the recorded runs against the suite's cells now (its lr runs arrive later), JSON and Markdown
+        res = json.loads((common.RESULTS / f"{name}.json").read_text())
+        res["summary"] = summarize(res["runs"], common.RESULTS, [s["task"] for s in res["summary"]])
+        print("wrote", *common.write_results(name, res, markdown(res)))
+        return
     from softprompt import models
 
     folder = Path(tempfile.mkdtemp(prefix="sp-auto-suite-"))

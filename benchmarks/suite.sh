@@ -24,6 +24,7 @@
 #   benchmarks/suite.sh full      # full fine-tuning at the suite's budget (lr 3e-5, the 200-step runs' lr) on
 #                                 # FULL_TASKS (default trec sst2): compare_suite_<task>_full.*
 #   benchmarks/suite.sh report    # docs/comparison.md and its plots from every result, partial ones included,
+#                                 # auto_suite's differences against the cells (auto_suite.py --render)
 #                                 # and README.md's suite table (benchmarks/suite_readme.py)
 #
 # Results: benchmarks/results/compare_suite_<task>.json/.md/.png; while a task runs, its
@@ -136,6 +137,7 @@ report() {
   done
   list=$(IFS=,; echo "${files[*]}")
   "$PY" -m softprompt compare --out docs --notes docs/comparison-notes.md --report "$list"
+  if [ -f "$OUT/auto_suite.json" ]; then "$PY" benchmarks/auto_suite.py --render; fi  # its differences against today's cells
   "$PY" benchmarks/suite_readme.py --readme README.md --results "$OUT"  # the suite table between its markers
 }
 

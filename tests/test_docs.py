@@ -107,3 +107,19 @@ def test_readme_suite_table_is_what_the_committed_results_render():
     results = REPO / "benchmarks" / "results"
     assert block == suite_table.block(results), \
         "README.md's suite table is stale: run benchmarks/suite.sh report"
+
+
+def test_auto_suites_differences_are_against_the_committed_suite_cells(monkeypatch):
+    """``auto_suite.json``/``.md`` measure auto against the suite's cells as the committed results
+    give them today (``auto_suite.py --render``, run by ``benchmarks/suite.sh report``), so a later
+    lr run that changes a cell cannot leave them stale."""
+    import json
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import auto_suite  # noqa: PLC0415  (benchmarks/auto_suite.py)
+
+    results = REPO / "benchmarks" / "results"
+    res = json.loads((results / "auto_suite.json").read_text())
+    now = auto_suite.summarize(res["runs"], results, [s["task"] for s in res["summary"]])
+    assert json.loads(json.dumps(now)) == res["summary"], "auto_suite.json is stale: run benchmarks/suite.sh report"
+    assert (results / "auto_suite.md").read_text() == auto_suite.markdown(res)

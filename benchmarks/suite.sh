@@ -138,6 +138,7 @@ report() {
   list=$(IFS=,; echo "${files[*]}")
   "$PY" -m softprompt compare --out docs --notes docs/comparison-notes.md --report "$list"
   if [ -f "$OUT/auto_suite.json" ]; then "$PY" benchmarks/auto_suite.py --render; fi  # its differences against today's cells
+  if [ -f "$OUT/auto_suite_fp32.json" ]; then "$PY" benchmarks/auto_suite.py --render --precision fp32; fi
   "$PY" benchmarks/suite_readme.py --readme README.md --results "$OUT"  # the suite table between its markers
 }
 

@@ -119,7 +119,8 @@ def test_auto_suites_differences_are_against_the_committed_suite_cells(monkeypat
     import auto_suite  # noqa: PLC0415  (benchmarks/auto_suite.py)
 
     results = REPO / "benchmarks" / "results"
-    res = json.loads((results / "auto_suite.json").read_text())
-    now = auto_suite.summarize(res["runs"], results, [s["task"] for s in res["summary"]])
-    assert json.loads(json.dumps(now)) == res["summary"], "auto_suite.json is stale: run benchmarks/suite.sh report"
-    assert (results / "auto_suite.md").read_text() == auto_suite.markdown(res)
+    for path in sorted(results.glob("auto_suite*.json")):  # the defaults' and --precision fp32's
+        res = json.loads(path.read_text())
+        now = auto_suite.summarize(res["runs"], results, [s["task"] for s in res["summary"]])
+        assert json.loads(json.dumps(now)) == res["summary"], f"{path.name} is stale: run benchmarks/suite.sh report"
+        assert path.with_suffix(".md").read_text() == auto_suite.markdown(res)

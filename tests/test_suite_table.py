@@ -58,6 +58,14 @@ def pts(method: str, accs: dict) -> list[float]:
     return [100 * a600 for (m, _), (_, a600) in accs.items() if m == method]
 
 
+def suite_lrs(results: Path) -> None:
+    """The suite run's lrs on TREC's runs (0.03, 3e-3, 0.3), so another lr's file can be told apart."""
+    base = json.loads((results / "compare_suite_trec.json").read_text())
+    for r in base["runs"]:
+        r["lr"] = {"deep-prompt": 0.03, "lora": 0.003, "prompt-tuning": 0.3}[r["method"]]
+    (results / "compare_suite_trec.json").write_text(json.dumps(base))
+
+
 def test_table_numbers_are_the_step_600_means_sds_and_gaps(results):
     text = ST.render(ST.load(results))
     table = cells(text)
@@ -236,10 +244,7 @@ def test_the_tables_cells_take_each_methods_lr_ahead_on_dev_at_step_600(results)
     """Where a method also ran the suite's budget at another lr (``compare_suite_<task>_lr_<method><lr>.json``),
     its cell, the gap and the means take the lr with the higher mean dev accuracy at step 600, and
     one sentence names every choice; lower on dev, the cell stays and the sentence says so."""
-    base = json.loads((results / "compare_suite_trec.json").read_text())
-    for r in base["runs"]:
-        r["lr"] = {"deep-prompt": 0.03, "lora": 0.003, "prompt-tuning": 0.3}[r["method"]]
-    (results / "compare_suite_trec.json").write_text(json.dumps(base))
+    suite_lrs(results)
     assert "Learning rates at step 600" not in ST.block(results)
     alt = doc("trec", {("deep-prompt", 0): (0.5, 0.974), ("deep-prompt", 1): (0.5, 0.968)}, 500)
     for dev, chosen in ((0.7, True), (0.5, False)):
@@ -294,10 +299,7 @@ def test_auto_suite_measures_against_the_readmes_cells_with_lrs_chosen_on_dev(re
     difference is against that cell, the README's, not the suite run's own; its Markdown names the choice."""
     import auto_suite  # noqa: PLC0415  (benchmarks/auto_suite.py)
 
-    base = json.loads((results / "compare_suite_trec.json").read_text())
-    for r in base["runs"]:
-        r["lr"] = {"deep-prompt": 0.03, "lora": 0.003, "prompt-tuning": 0.3}[r["method"]]
-    (results / "compare_suite_trec.json").write_text(json.dumps(base))
+    suite_lrs(results)
     alt = doc("trec", {("deep-prompt", 0): (0.5, 0.974), ("deep-prompt", 1): (0.5, 0.968)}, 500)
     for r in alt["runs"]:
         r["lr"], r["curve"][-1]["dev_accuracy"] = 0.01, 0.7  # ahead of the suite run's 0.6 on dev

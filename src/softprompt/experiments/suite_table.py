@@ -165,13 +165,11 @@ def suite_cells(doc: dict, others: list[dict]) -> tuple[dict[str, dict], str]:
     return cs, said
 
 
-def _row(task: str, doc: dict | None, auto: dict | None = None, cs: dict[str, dict] | None = None
-         ) -> tuple[str, dict[str, dict]]:
-    """One task's table row and its cells (empty when no run has finished); ``cs``: the cells
-    (``suite_cells``), else the document's own."""
+def _row(task: str, doc: dict | None, auto: dict | None, cs: dict[str, dict]) -> tuple[str, dict[str, dict]]:
+    """One task's table row and its cells (``suite_cells``; empty when no run has finished)."""
     if doc is None:
         return f"| {TASKS[task]} | running | running | running | - | - | - | {_auto(auto, {})[0]} |", {}
-    cs, n = cells(doc) if cs is None else cs, doc["data"]["test"]
+    n = doc["data"]["test"]
     running = bool(doc.get("partial"))
     seeds = " / ".join(str(cs[m]["seeds"]) if m in cs else "0" for m in METHODS)
     se = compare_curve.binomial_se(statistics.mean(c["test_mean"] for c in cs.values()), n) if cs else None
@@ -294,7 +292,7 @@ def render(docs: dict[str, dict | None], auto: dict[str, dict] | None = None,
     ``epoch``: ``load_epoch``; ``lrs``: ``load_lrs``."""
     auto, lrs = auto or {}, lrs or {}
     picked = {t: suite_cells(d, lrs.get(t, [])) for t, d in docs.items() if d is not None}
-    rows = [_row(t, docs.get(t), auto.get(t), picked[t][0] if t in picked else None) for t in TASKS]
+    rows = [_row(t, docs.get(t), auto.get(t), picked[t][0] if t in picked else {}) for t in TASKS]
     diffs = [d for t, (_, cs) in zip(TASKS, rows) if (d := _auto(auto.get(t), cs)[1]) is not None]
     head = [
         "| task | deep prompt | LoRA | shallow prompt | seeds (deep / LoRA / shallow) | test SE | best prompt minus LoRA "

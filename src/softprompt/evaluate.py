@@ -193,7 +193,7 @@ def evaluate(engine: Engine, ecfg: EvalConfig, data_overrides: dict) -> dict:
         if len(prompts) > 1:
             raise UserError("prompt ensembles need a classification task (a --verbalizer)")
         out = generation_report(engine, examples, prompts[0], ecfg.max_new_tokens)
-    dtype = str(next(engine.lm.model.parameters()).dtype).removeprefix("torch.")  # --dtype auto's pick shows here
+    dtype = str(engine.lm.model.dtype).removeprefix("torch.")  # --dtype auto's pick shows here
     out.update({"prompts": names, "task": ecfg.task, "dtype": dtype, "split": ecfg.split if from_task else None,
                 "data": shown_path(cfg.files.test) if cfg.files and cfg.files.test else None,
                 "template": cfg.template, "length_normalize": ecfg.length_normalize,

@@ -215,7 +215,8 @@ def train(lm: LoadedModel, data_cfg: DataConfig, prompt_cfg: PromptConfig, train
     prec = with_logits(precision.resolve(train_cfg.precision, lm.model.device, lm.model.dtype), data_cfg)
     method = prompt_method(lm, init, prompt_cfg, fast, train_cfg.seed, train_cfg.pack, prec["used"], prec["logits"])
     evaluator = make_evaluator(method, tok, eval_ex, data_cfg, train_cfg, tok.pad_token_id)
-    ckpt = needs_store(store, "saving a prompt").run_dir(name) / "checkpoint" if (save and name) else None
+    dest = needs_store(store, "saving a prompt") if (save and name) else None
+    ckpt = dest.run_dir(name) / "checkpoint" if dest is not None and name else None
     if chosen is not None and main:
         tell_choice(method, prompt_cfg, train_cfg, chosen, ckpt if resume else None, say)
     res = fit(method, train_ex, train_cfg, tok.pad_token_id, evaluator, ckpt, resume, progress and main, dist)
@@ -228,9 +229,8 @@ def train(lm: LoadedModel, data_cfg: DataConfig, prompt_cfg: PromptConfig, train
         meta["transfer"] = {"source": ranking[0]["name"], "ranking": ranking}
     if dist is not None:
         meta["distributed"] = {"world_size": dist.world, "fsdp": dist.fsdp}
-    path = None
-    if save and name and main:
-        path = needs_store(store, "saving a prompt").save_prompt(name, prompt, meta, str(lm.path), lm.model.config, **side_tensors(res.state))
+    path = (dest.save_prompt(name, prompt, meta, str(lm.path), lm.model.config, **side_tensors(res.state))
+            if dest is not None and name and main else None)
     return TrainResult(name=name or "", prompt=prompt, path=path, history=res.history, epochs=res.epochs,
                        train_time_s=res.train_time_s, final_train_loss=res.final_train_loss, best=res.best,
                        stopped=res.stopped, n_train=len(train_ex), n_eval=len(eval_ex), meta=meta)

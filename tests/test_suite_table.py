@@ -183,6 +183,19 @@ def test_one_epoch_sentence_gives_the_deep_prompt_and_lora_at_the_epoch_and_thei
     assert line in ST.block(results)  # the README block is the same call
 
 
+def test_an_epoch_run_still_running_is_named_partial_with_its_runs_so_far(results):
+    """``compare_suite_<task>_epoch.partial.json`` (some seeds finished): its cells are the finished
+    runs, and the sentence says how many of the planned runs they are; a finished file says nothing."""
+    (results / "compare_suite_subj_epoch.json").write_text(json.dumps(epoch_doc("subj", EPOCH, 2000)))
+    seed0 = {k: v for k, v in EPOCH.items() if k[1] == 0}
+    part = {**epoch_doc("agnews", seed0, 1000), "partial": {"finished": 2, "planned": 4}}
+    (results / "compare_suite_agnews_epoch.partial.json").write_text(json.dumps(part))
+    line = next(x for x in ST.block(results).splitlines() if "One epoch" in x)
+    assert (f"AG News (900 steps; partial: 2 of 4 runs) {100 * seed0[('deep-prompt', 0)]:.1f} against "
+            f"{100 * seed0[('lora', 0)]:.1f}") in line
+    assert "Subj (900 steps) " in line and line.count("partial") == 1
+
+
 def test_a_run_that_collapsed_to_one_label_is_named_and_left_out_of_the_second_mean(results):
     """A LoRA run that predicted one label for every test row (a diverged run) is named with its
     seed and accuracy, and the mean difference is also given over the tasks without one."""

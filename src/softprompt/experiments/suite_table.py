@@ -231,8 +231,8 @@ def collapsed(doc: dict, method: str) -> list[dict]:
 def _epoch_line(epoch: dict[str, dict], docs: dict[str, dict | None]) -> str:
     """The learning curve's third point: the deep prompt and LoRA at one epoch where that ran, the
     runs that collapsed to one label named, the deep prompt's mean minus LoRA's over those tasks
-    (and over the tasks without a collapsed run, where some have one), and the tasks without it
-    ("" if none ran)."""
+    (and over the tasks without a collapsed run, where some have one), a task whose runs are not all
+    finished named as partial, and the tasks without it ("" if none ran)."""
     got, chosen, why = {}, {}, {}
     for t, d in epoch.items():
         if all(cells(d, (m,)) for m in EPOCH_METHODS):
@@ -244,7 +244,8 @@ def _epoch_line(epoch: dict[str, dict], docs: dict[str, dict | None]) -> str:
     gaps = {t: 100 * (cs["deep-prompt"]["test_mean"] - cs["lora"]["test_mean"]) for t, cs in got.items()}
     broke = {t: [f"{METHODS[m]} seed {r['seed']} ({100 * r['test_accuracy']:.1f})"
                  for m, doc in chosen[t].items() for r in collapsed(doc, m)] for t in got}
-    said = "; ".join(f"{TASKS[t]} ({cs['lora']['steps']:,} steps) {_mean_sd(cs['deep-prompt'])} against "
+    part = {t: f"; partial: {p['finished']} of {p['planned']} runs" if (p := epoch[t].get("partial")) else "" for t in got}
+    said = "; ".join(f"{TASKS[t]} ({cs['lora']['steps']:,} steps{part[t]}) {_mean_sd(cs['deep-prompt'])} against "
                      f"{_mean_sd(cs['lora'])} ({why[t]}{gaps[t]:+.1f}"
                      + (f"; predicted one label for every test row: {', '.join(broke[t])}" if broke[t] else "") + ")"
                      for t, cs in got.items())

@@ -244,7 +244,7 @@ def _epoch_line(epoch: dict[str, dict], docs: dict[str, dict | None]) -> str:
     gaps = {t: 100 * (cs["deep-prompt"]["test_mean"] - cs["lora"]["test_mean"]) for t, cs in got.items()}
     broke = {t: [f"{METHODS[m]} seed {r['seed']} ({100 * r['test_accuracy']:.1f})"
                  for m, doc in chosen[t].items() for r in collapsed(doc, m)] for t in got}
-    part = {t: f"; partial: {p['finished']} of {p['planned']} runs" if (p := epoch[t].get("partial")) else "" for t in got}
+    part = {t: f"; partial: {_so_far(epoch[t])}" if epoch[t].get("partial") else "" for t in got}
     said = "; ".join(f"{TASKS[t]} ({cs['lora']['steps']:,} steps{part[t]}) {_mean_sd(cs['deep-prompt'])} against "
                      f"{_mean_sd(cs['lora'])} ({why[t]}{gaps[t]:+.1f}"
                      + (f"; predicted one label for every test row: {', '.join(broke[t])}" if broke[t] else "") + ")"
@@ -273,10 +273,15 @@ def _lr_line(said: dict[str, str]) -> str:
             + "; ".join(f"{TASKS[t]}: {w.removesuffix('; ')}" for t, w in said.items()) + ".")
 
 
+def _so_far(doc: dict) -> str:
+    """A partial document's runs so far: "2 of 4 runs"."""
+    return f"{doc['partial']['finished']} of {doc['partial']['planned']} runs"
+
+
 def _status(docs: dict[str, dict | None]) -> str:
     """The generated sentence: which tasks are finished, partial (runs so far) or without a run."""
     done = [f"{TASKS[t]} ({len(d['runs'])} runs)" for t, d in docs.items() if d is not None and not d.get("partial")]
-    part = [f"{TASKS[t]} ({d['partial']['finished']} of {d['partial']['planned']} runs)"
+    part = [f"{TASKS[t]} ({_so_far(d)})"
             for t, d in docs.items() if d is not None and d.get("partial")]
     none = [TASKS[t] for t, d in docs.items() if d is None]
     said = [f"Finished: {', '.join(done)}." if done else "No task has finished yet.",

@@ -1,7 +1,7 @@
 """The docs are true to the tree: every file path and ``softprompt`` module the README and
 ``docs/*.md`` name in backticks exists, and every ratio the README quotes next to a cited results
 file (``benchmarks/results/...``) is written in that file, and the README's suite table is what its
-result files render."""
+result files render, and docs/comparison.md carries today's comparison-notes.md."""
 
 from __future__ import annotations
 
@@ -124,3 +124,10 @@ def test_auto_suites_differences_are_against_the_committed_suite_cells(monkeypat
         now = auto_suite.summarize(res["runs"], results, [s["task"] for s in res["summary"]])
         assert json.loads(json.dumps(now)) == res["summary"], f"{path.name} is stale: run benchmarks/suite.sh report"
         assert path.with_suffix(".md").read_text() == auto_suite.markdown(res)
+
+
+def test_comparison_md_carries_todays_notes():
+    """``docs/comparison.md`` embeds ``docs/comparison-notes.md`` when ``benchmarks/suite.sh report``
+    writes it: notes edited after the last report leave it stale."""
+    notes = (REPO / "docs" / "comparison-notes.md").read_text().strip()
+    assert notes in (REPO / "docs" / "comparison.md").read_text(), "docs/comparison.md is stale: run benchmarks/suite.sh report"
